@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs what vmweb needs on a fresh Debian machine: the Debian packages (only when missing)
+# and a virtualenv in .venv with the project and its test tools. Safe to run again; quick when done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev)
+# EXTRA_DEB_PKGS lets a tier ask for more (the real-QEMU tier needs libvirt-daemon and qemu).
+read -r -a EXTRA <<<"${EXTRA_DEB_PKGS:-}"
+missing=()
+for p in "${DEB_PKGS[@]}" "${EXTRA[@]}"; do
+  [ -n "$p" ] || continue
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bootstrap: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+PY=${PYTHON:-python3}
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
