@@ -1,0 +1,92 @@
+"""Compatibility fixes that make spyne 2.14.0 (its last release, 2019) serve over current Twisted.
+
+Call :func:`apply` once before importing ``spyne.server.twisted``; it is cheap and idempotent, so
+every module that builds a spyne resource may call it. Each fix below was found by serving a spyne
+``Application`` through ``spyne.server.twisted.TwistedWebResource`` on a loopback port and calling
+it with zeep (``tests/test_soap_stack.py`` keeps doing that):
+
+1. ``twisted.python.constants`` was split out of Twisted into the ``constantly`` package (Twisted
+   22.x removed the alias). ``spyne.server.twisted`` imports ``spyne.util._twisted_ws``, which does
+   ``from twisted.python.constants import Flags, FlagConstant``, so the import fails with
+   ``ModuleNotFoundError``. Fix: alias the module name to ``constantly`` (same API).
+
+2. ``spyne.server.twisted.http._reconstruct_url`` (used for ``GET ?wsdl``) joins ``str`` with the
+   ``bytes`` that Twisted returns on Python 3 (``request.uri``, header values), so every WSDL
+   request fails with ``TypeError: sequence item 3: expected str instance, bytes found`` (HTTP
+   500). Fix: a replacement that decodes first (and compares ``X-Forwarded-Proto`` as text).
+
+3. ``TwistedHttpTransportContext.get_request_method`` / ``get_request_content_type`` return
+   ``bytes`` (``b"POST"``), but ``Soap11.create_in_document`` compares the verb with ``"POST"`` and
+   feeds the content type to ``cgi.parse_header``; every SOAP call is refused with HTTP 405
+   ``Client.RequestNotAllowed``. Fix: return them decoded as ``str``.
+
+Not fixed because nothing breaks on Python 3.11: spyne imports the deprecated ``cgi`` module
+(removed in 3.13) and its bundled ``six`` importer triggers ``ImportWarning``s (its
+``find_module`` fallback is gone in 3.12). Both must be revisited before moving past 3.11.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_applied = False
+
+
+def apply() -> None:
+    """Install the fixes above; safe to call any number of times, from any module."""
+    global _applied
+    if _applied:
+        return
+    _alias_twisted_constants()
+    # Import only after the alias exists: this import is what fix 1 repairs.
+    from spyne.server.twisted import http as spyne_http
+
+    spyne_http._reconstruct_url = _reconstruct_url
+    ctx_cls = spyne_http.TwistedHttpTransportContext
+    ctx_cls.get_request_method = _get_request_method
+    ctx_cls.get_request_content_type = _get_request_content_type
+    _applied = True
+
+
+def _alias_twisted_constants() -> None:
+    try:
+        import twisted.python.constants  # noqa: F401  (an older Twisted still ships it)
+    except ImportError:
+        import constantly
+
+        sys.modules["twisted.python.constants"] = constantly
+
+
+def _text(value: bytes | str | None) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+def _reconstruct_url(request) -> str:
+    """The URL the client used, honouring X-Forwarded-{Host,Port,Proto} like spyne meant to."""
+    server_name = _text(request.getHeader(b"x-forwarded-host"))
+    server_port = _text(request.getHeader(b"x-forwarded-port"))
+    if server_port is not None:
+        try:
+            server_port = int(server_port)
+        except ValueError:
+            server_port = None
+    proto = _text(request.getHeader(b"x-forwarded-proto"))
+    is_secure = proto == "https" if proto is not None else bool(request.isSecure())
+    if server_name is None:
+        server_name = _text(request.getRequestHostname())
+    if server_port is None:
+        server_port = request.getHost().port
+    if (is_secure, server_port) not in ((True, 443), (False, 80)):
+        server_name = f"{server_name}:{server_port}"
+    scheme = "https" if is_secure else "http"
+    return f"{scheme}://{server_name}{_text(request.uri)}"
+
+
+def _get_request_method(self) -> str:
+    return _text(self.req.method)
+
+
+def _get_request_content_type(self) -> str | None:
+    return _text(self.req.getHeader(b"content-type"))

@@ -1,0 +1,314 @@
+"""The cluster DOM: one XML document, replicated on every host, with typed access by id.
+
+Each entity element carries a version per part (see :mod:`vmwebd.dom.records`). The merge of two
+states of an entity keeps, part by part, the one with the greater version (ties broken by the
+canonical bytes, so the result never depends on who merges first). It is therefore commutative,
+associative and idempotent — a state-based CRDT — and deletions are tombstones that merge like any
+other write. ``tests/test_dom_merge.py`` checks those laws with hypothesis.
+
+The live document is an lxml tree; a dict index maps (kind, id) to its element, so no lookup ever
+runs XPath. This module does no I/O: :mod:`vmwebd.dom.persist` makes it durable.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from importlib import resources
+from typing import Iterable, Iterator, TypeVar
+
+from lxml import etree
+
+from vmwebd.dom.hlc import HybridClock, Version
+from vmwebd.dom.records import CONTAINERS, NS, PARTS, RECORD_TYPES, Record
+from vmwebd.errors import MalformedRequest
+
+R = TypeVar("R", bound=Record)
+_Q = "{%s}" % NS
+_MAX_ENTITY_BYTES = 256 * 1024
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
+                          remove_blank_text=True, load_dtd=False)
+_SCHEMA = None
+
+
+def schema() -> etree.RelaxNG:
+    global _SCHEMA
+    if _SCHEMA is None:
+        text = resources.files("vmwebd.dom").joinpath("schema.rng").read_bytes()
+        _SCHEMA = etree.RelaxNG(etree.fromstring(text, _PARSER))
+    return _SCHEMA
+
+
+def parse_xml(data: bytes, what: str, limit: int) -> etree._Element:
+    """Parses XML from outside: no DTD, no entities, no network, bounded size."""
+    if len(data) > limit:
+        raise MalformedRequest(f"{what}: {len(data)} bytes is over the limit of {limit}")
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as e:
+        raise MalformedRequest(f"{what}: not well-formed XML: {e}") from None
+    if root.getroottree().docinfo.doctype:
+        raise MalformedRequest(f"{what}: a DOCTYPE is not allowed")
+    return root
+
+
+def _version(el: etree._Element) -> Version:
+    return Version.parse(el.get("v"))
+
+
+def _part_children(el: etree._Element) -> dict[str, etree._Element]:
+    names = PARTS[etree.QName(el).localname]
+    return {etree.QName(c).localname: c for c in el if etree.QName(c).localname in names
+            and etree.QName(c).namespace == NS}
+
+
+def _canon(el: etree._Element, skip=()) -> bytes:
+    """Canonical bytes of an element: independent of namespace prefixes and attribute order."""
+    q = etree.QName(el)
+    kids = b"".join(_canon(c) for c in el if c not in skip and isinstance(c.tag, str))
+    attrs = repr(sorted(el.attrib.items()))
+    return repr((q.namespace, q.localname, attrs, (el.text or "").strip())).encode() + b"[" + kids + b"]"
+
+
+def _main_bytes(el: etree._Element) -> bytes:
+    """Canonical bytes of an entity's main part (attributes + body, without sub-parts)."""
+    return _canon(el, skip=tuple(_part_children(el).values()))
+
+
+def _newer(remote: etree._Element, local: etree._Element, main: bool) -> bool:
+    rv, lv = _version(remote), _version(local)
+    if rv != lv:
+        return rv > lv
+    if main:  # same version, different content: only after a broken clock; pick deterministically
+        return _main_bytes(remote) > _main_bytes(local)
+    return _canon(remote) > _canon(local)
+
+
+class Dom:
+    """One replica of the cluster DOM."""
+
+    def __init__(self, clock: HybridClock):
+        self.clock = clock
+        self.root = etree.Element(_Q + "dom", nsmap={None: NS})
+        self.root.set("schema", "1")
+        self._containers = {}
+        for kind, cname in CONTAINERS.items():
+            self._containers[kind] = etree.SubElement(self.root, _Q + cname)
+        self._index: dict[str, dict[str, etree._Element]] = {k: {} for k in CONTAINERS}
+        self._listeners = []
+
+    # -- typed reads -----------------------------------------------------------------------
+    def get(self, cls: type[R], id_: str) -> R | None:
+        """The live record of that kind and id (None if absent, deleted, or the part unset)."""
+        el = self._index[cls.KIND].get(id_)
+        if el is None or el.get("deleted") == "true":
+            return None
+        return self._decode(cls, el)
+
+    def all(self, cls: type[R]) -> list[R]:
+        out = []
+        for id_, el in self._index[cls.KIND].items():
+            if el.get("deleted") != "true":
+                rec = self._decode(cls, el)
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+    def ids(self, kind: str) -> list[str]:
+        return [i for i, el in self._index[kind].items() if el.get("deleted") != "true"]
+
+    def version_of(self, kind: str, id_: str, part: str = "") -> Version | None:
+        el = self._index[kind].get(id_)
+        if el is None:
+            return None
+        if part:
+            el = _part_children(el).get(part)
+            if el is None:
+                return None
+        return _version(el)
+
+    @staticmethod
+    def _decode(cls, el):
+        if cls.PART:
+            el = _part_children(el).get(cls.PART)
+            if el is None:
+                return None
+            return cls.from_attrs(el.getparent().get("id"), dict(el.attrib))
+        body = [c for c in el if etree.QName(c).localname not in PARTS[cls.KIND]
+                or etree.QName(c).namespace != NS]
+        return cls.from_attrs(el.get("id"), dict(el.attrib), body)
+
+    # -- writes (local) -------------------------------------------------------------------
+    def put(self, rec: Record) -> etree._Element:
+        """Writes a record as a new version; returns the entity as it now stands (to persist and
+        spread). A sub-part (``PART``) is written only onto an existing, live entity."""
+        v = self.clock.tick()
+        kind = rec.KIND
+        if rec.PART:
+            el = self._index[kind].get(rec.id)
+            if el is None or el.get("deleted") == "true":
+                raise KeyError(f"{kind} {rec.id!r} does not exist")
+            part = etree.Element(_Q + rec.PART)
+            part.set("v", str(v))
+            for k, val in rec.to_attrs().items():
+                part.set(k, val)
+            old = _part_children(el).get(rec.PART)
+            if old is not None:
+                el.replace(old, part)
+            else:
+                el.append(part)
+            self._notify(kind, rec.id)
+            return copy.deepcopy(el)
+        new = etree.Element(_Q + kind)
+        new.set("id", rec.id)
+        new.set("v", str(v))
+        for k, val in rec.to_attrs().items():
+            new.set(k, val)
+        for child in rec.to_body():
+            new.append(copy.deepcopy(child))
+        return self._apply(new)
+
+    def delete(self, kind: str, id_: str) -> etree._Element | None:
+        """Replaces an entity's main part with a tombstone; None if there is nothing to delete."""
+        el = self._index[kind].get(id_)
+        if el is None or el.get("deleted") == "true":
+            return None
+        tomb = etree.Element(_Q + kind)
+        tomb.set("id", id_)
+        tomb.set("v", str(self.clock.tick()))
+        tomb.set("deleted", "true")
+        return self._apply(tomb)
+
+    def _apply(self, remote: etree._Element) -> etree._Element:
+        self.merge(remote, validate=False)
+        return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id")])
+
+    # -- replication ----------------------------------------------------------------------
+    def merge(self, remote: etree._Element, validate: bool = True) -> bool:
+        """Merges one entity state received from anywhere; returns True if the replica changed."""
+        kind = etree.QName(remote).localname
+        if etree.QName(remote).namespace != NS or kind not in CONTAINERS:
+            raise MalformedRequest(f"not a DOM entity: {remote.tag}")
+        if validate:
+            self.validate_entity(remote)
+        id_ = remote.get("id")
+        for el in [remote, *_part_children(remote).values()]:
+            self.clock.observe(_version(el))
+        local = self._index[kind].get(id_)
+        if local is None:
+            el = copy.deepcopy(remote)
+            self._containers[kind].append(el)
+            self._index[kind][id_] = el
+            self._notify(kind, id_)
+            return True
+        changed = False
+        rparts, lparts = _part_children(remote), _part_children(local)
+        if _newer(remote, local, main=True):
+            for k in list(local.attrib):
+                del local.attrib[k]
+            for k, val in remote.attrib.items():
+                local.set(k, val)
+            for c in list(local):
+                if c not in lparts.values():
+                    local.remove(c)
+            body = [c for c in remote if c not in rparts.values()]
+            for i, c in enumerate(body):
+                local.insert(i, copy.deepcopy(c))
+            changed = True
+        for name, rp in rparts.items():
+            lp = lparts.get(name)
+            if lp is None:
+                local.append(copy.deepcopy(rp))
+                changed = True
+            elif _newer(rp, lp, main=False):
+                local.replace(lp, copy.deepcopy(rp))
+                changed = True
+        if changed:
+            self._notify(kind, id_)
+        return changed
+
+    def validate_entity(self, el: etree._Element) -> None:
+        kind = etree.QName(el).localname
+        wrapper = etree.Element(_Q + "dom", nsmap={None: NS})
+        for k, cname in CONTAINERS.items():
+            c = etree.SubElement(wrapper, _Q + cname)
+            if k == kind:
+                c.append(copy.deepcopy(el))
+        s = schema()
+        if not s.validate(wrapper):
+            err = s.error_log.last_error
+            raise MalformedRequest(f"{kind} {el.get('id')!r}: does not match the DOM schema: {err.message}")
+
+    def entities(self) -> Iterator[etree._Element]:
+        for kind in CONTAINERS:
+            yield from self._index[kind].values()
+
+    def version_vector(self) -> dict[str, tuple[int, int]]:
+        """For each origin host, the newest version of any part it wrote (anti-entropy digest)."""
+        vv: dict[str, tuple[int, int]] = {}
+        for el in self.entities():
+            for part in [el, *_part_children(el).values()]:
+                v = _version(part)
+                if v.stamp > vv.get(v.origin, (-1, -1)):
+                    vv[v.origin] = v.stamp
+        return vv
+
+    def newer_than(self, vv: dict[str, tuple[int, int]]) -> list[etree._Element]:
+        """Entities with a part newer than what ``vv`` says the other side has."""
+        out = []
+        for el in self.entities():
+            for part in [el, *_part_children(el).values()]:
+                v = _version(part)
+                if v.stamp > vv.get(v.origin, (-1, -1)):
+                    out.append(copy.deepcopy(el))
+                    break
+        return out
+
+    def canonical_digest(self) -> str:
+        """A hash of the replica's content, independent of the order things arrived in."""
+        h = hashlib.sha256()
+        for kind in CONTAINERS:
+            for id_ in sorted(self._index[kind]):
+                el = self._index[kind][id_]
+                h.update(_canonical_entity(el))
+        return h.hexdigest()
+
+    # -- whole document -------------------------------------------------------------------
+    def to_xml(self, pretty: bool = True) -> bytes:
+        return etree.tostring(self.root, xml_declaration=True, encoding="UTF-8", pretty_print=pretty)
+
+    def load_xml(self, data: bytes, what: str = "DOM snapshot") -> None:
+        """Merges a whole document (a snapshot) into this replica, validating it first."""
+        root = parse_xml(data, what, limit=1 << 31)
+        s = schema()
+        if not s.validate(root):
+            raise MalformedRequest(f"{what}: does not match the DOM schema: {s.error_log.last_error}")
+        for container in root:
+            for el in container:
+                self.merge(el, validate=False)
+
+    # -- change listeners -----------------------------------------------------------------
+    def subscribe(self, fn) -> None:
+        """Calls ``fn(kind, id)`` after every change, local or merged."""
+        self._listeners.append(fn)
+
+    def _notify(self, kind: str, id_: str) -> None:
+        for fn in list(self._listeners):
+            fn(kind, id_)
+
+
+def _canonical_entity(el: etree._Element) -> bytes:
+    parts = _part_children(el)
+    main = _main_bytes(el)
+    rest = b"".join(_canon(parts[n]) for n in sorted(parts))
+    return main + rest
+
+
+def entity_bytes(el: etree._Element) -> bytes:
+    return etree.tostring(el)
+
+
+def entity_from_bytes(data: bytes, what: str = "entity") -> etree._Element:
+    return parse_xml(data, what, limit=_MAX_ENTITY_BYTES)
+
+
+__all__ = ["Dom", "parse_xml", "entity_bytes", "entity_from_bytes", "RECORD_TYPES"]

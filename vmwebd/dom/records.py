@@ -1,0 +1,232 @@
+"""Typed records for the entities of the cluster DOM.
+
+A record is a frozen dataclass; its fields map one-to-one to XML attributes (``memory_mib`` is the
+attribute ``memory-mib``). ``KIND`` names the entity element; ``PART`` is empty for an entity's main
+part, or the name of a sub-part with its own version and its own single writer (a VM's ``status`` is
+written only by the host that runs it, its main part by whoever handles the user's request).
+
+Records never hold versions: the :class:`~vmwebd.dom.document.Dom` stamps them on write.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lxml import etree
+
+NS = "urn:vmweb:dom:1"
+
+# kind -> container element name, in document order
+CONTAINERS: dict[str, str] = {
+    "host": "hosts",
+    "user": "users",
+    "image": "images",
+    "template": "templates",
+    "setting": "settings",
+    "vcluster": "vclusters",
+    "vm": "vms",
+    "lease": "leases",
+    "migration": "migrations",
+}
+# kind -> names of sub-parts (child elements with their own version)
+PARTS: dict[str, tuple[str, ...]] = {kind: () for kind in CONTAINERS}
+PARTS["vm"] = ("status",)
+
+
+def attr_name(field: str) -> str:
+    return field.replace("_", "-")
+
+
+class Record:
+    """Base of typed DOM records (dataclasses)."""
+
+    KIND: ClassVar[str]
+    PART: ClassVar[str] = ""
+    id: str
+
+    def to_attrs(self) -> dict[str, str]:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("id", "body"):
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            out[attr_name(f.name)] = str(value)
+        return out
+
+    def to_body(self) -> list[etree._Element]:
+        """Child elements of the main part (opaque payload), e.g. a template's roles."""
+        return []
+
+    @classmethod
+    def from_attrs(cls, id_: str, attrs: dict[str, str], body=()) -> "Record":
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "id":
+                continue
+            if f.name == "body":
+                kwargs["body"] = tuple(body)
+                continue
+            raw = attrs.get(attr_name(f.name))
+            if raw is None:
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                    continue
+                raise ValueError(f"{cls.KIND} {id_!r}: missing attribute {attr_name(f.name)!r}")
+            kwargs[f.name] = _convert(hints[f.name], raw)
+        return cls(id=id_, **kwargs)
+
+
+def _convert(hint, raw: str):
+    if hint in (str, "str"):
+        return raw
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType" or origin is not None and type(None) in typing.get_args(hint):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
+        return _convert(inner, raw)
+    if hint is bool:
+        return raw == "true"
+    if hint is int:
+        return int(raw)
+    if hint is float:
+        return float(raw)
+    return raw
+
+
+@dataclass(frozen=True)
+class HostRec(Record):
+    """A physical host; written only by that host."""
+
+    KIND: ClassVar[str] = "host"
+    id: str
+    api: str = ""
+    peer: str = ""
+    liveness: str = "alive"          # alive | suspect | dead | left
+    incarnation: int = 0
+    cpus: int = 0
+    memory_mib: int = 0
+    free_memory_mib: int = 0
+    load1: float = 0.0
+    vms: int = 0
+    started_at: int = 0              # ms since epoch
+
+
+@dataclass(frozen=True)
+class UserRec(Record):
+    KIND: ClassVar[str] = "user"
+    id: str
+    role: str = "user"               # admin | user
+    password_hash: str = ""
+    quota_vms: int = 16
+
+
+@dataclass(frozen=True)
+class ImageRec(Record):
+    KIND: ClassVar[str] = "image"
+    id: str
+    file: str = ""
+    format: str = "qcow2"
+    size_mib: int = 0
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class TemplateRec(Record):
+    """A scenario template; ``body`` holds the template's own XML element."""
+
+    KIND: ClassVar[str] = "template"
+    id: str
+    description: str = ""
+    body: tuple = ()
+
+    def to_body(self):
+        return list(self.body)
+
+
+@dataclass(frozen=True)
+class SettingRec(Record):
+    KIND: ClassVar[str] = "setting"
+    id: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class VClusterRec(Record):
+    """A virtual cluster: desired state written by the host that took the user's request."""
+
+    KIND: ClassVar[str] = "vcluster"
+    id: str
+    owner: str = ""
+    template: str = ""
+    count: int = 0
+    vni: int = 0
+    network: str = ""                # libvirt network name
+    bridge: str = ""
+    state: str = "active"            # creating | active | destroying
+    created_at: int = 0
+
+
+@dataclass(frozen=True)
+class VmRec(Record):
+    """A VM's desired state; id is ``CLUSTER/NAME``."""
+
+    KIND: ClassVar[str] = "vm"
+    id: str
+    cluster: str = ""
+    name: str = ""
+    role: str = ""
+    host: str = ""
+    vcpus: int = 1
+    memory_mib: int = 512
+    image: str = ""
+    ip: str = ""
+    mac: str = ""
+    desired: str = "running"         # running | stopped | absent
+
+
+@dataclass(frozen=True)
+class VmStatus(Record):
+    """A VM's observed state; written only by the host that runs it."""
+
+    KIND: ClassVar[str] = "vm"
+    PART: ClassVar[str] = "status"
+    id: str
+    host: str = ""
+    state: str = "pending"           # pending | running | shutoff | paused | crashed | missing | error | absent
+    detail: str = ""
+    restarts: int = 0
+    observed_at: int = 0
+
+
+@dataclass(frozen=True)
+class LeaseRec(Record):
+    """A unique thing (address, name, network id) and who holds it."""
+
+    KIND: ClassVar[str] = "lease"
+    id: str                          # e.g. ip/lab/10.77.1.5, mac/52:54:00:.., name/vcluster/c1, vni/100
+    holder: str = ""
+    granted_at: int = 0
+
+
+@dataclass(frozen=True)
+class MigrationRec(Record):
+    KIND: ClassVar[str] = "migration"
+    id: str
+    vm: str = ""
+    source: str = ""
+    dest: str = ""
+    phase: str = ""
+    mode: str = ""
+    bytes: int = 0
+    total_ms: int = 0
+    downtime_ms: int = 0
+    error: str = ""
+
+
+RECORD_TYPES: list[type[Record]] = [HostRec, UserRec, ImageRec, TemplateRec, SettingRec,
+                                    VClusterRec, VmRec, VmStatus, LeaseRec, MigrationRec]
