@@ -74,14 +74,16 @@ class DomainSpec:
         if not isinstance(self.memory_mib, int) or self.memory_mib < 1:
             raise InvalidArgument("memory_mib", f"domain {self.name!r}: must be a positive integer")
         if not _MAC_RE.match(self.mac or ""):
-            raise InvalidArgument("mac", f"domain {self.name!r}: {self.mac!r} is not a lower-case MAC")
+            raise InvalidArgument("mac", f"domain {self.name!r}: {self.mac!r} is not a "
+                                         "lower-case MAC")
         if not self.disk_path:
             raise InvalidArgument("disk_path", f"domain {self.name!r}: must not be empty")
         if not self.network:
             raise InvalidArgument("network", f"domain {self.name!r}: must not be empty")
         for key in self.metadata:
             if not isinstance(key, str) or not key:
-                raise InvalidArgument("metadata", f"domain {self.name!r}: key {key!r} is not a name")
+                raise InvalidArgument("metadata",
+                                      f"domain {self.name!r}: key {key!r} is not a name")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""A cluster's whole life on one host, through the real SOAP API (zeep) and the libvirt test driver."""
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from vmwebd.client import ApiFault
+from vmwebd.dom.records import LeaseRec, VmRec
+from vmwebd.reconcile import domain_name
+
+
+def running(cluster):
+    return [v for v in cluster["vms"] if v["state"] == "running"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_create_scale_destroy_round_trip(start_node):
+    """Create boots every VM with unique addresses; scale grows and shrinks; destroy gives all back."""
+    h = yield start_node()
+    node = h.node
+    dom = node.domsvc.dom
+    before_leases = len(dom.all(LeaseRec))
+    c = yield h.call("CreateCluster", "lab1", "hpc", "alice", 4)
+    assert c["name"] == "lab1" and c["count"] == 4
+    assert sorted(v["name"] for v in c["vms"]) == ["compute0", "compute1", "compute2", "head0"]
+    yield node.reconciler.settled()
+    c = yield h.call("GetCluster", "lab1")
+    assert len(running(c)) == 4, c
+    ips = [v["ip"] for v in c["vms"]]
+    macs = [v["mac"] for v in c["vms"]]
+    assert len(set(ips)) == 4 and len(set(macs)) == 4
+    domains = {d.name: d.state for d in (yield node.driver.list_domains())}
+    assert all(domains[domain_name(f"lab1/{v['name']}")] == "running" for v in c["vms"])
+    assert "vmweb-lab1" in (yield node.driver.list_networks())
+    vols = yield node.driver.list_volumes("vmweb")
+    assert sum(1 for v in vols if v.startswith("vmweb-lab1-")) == 4
+
+    c = yield h.call("ScaleCluster", "lab1", 6)
+    yield node.reconciler.settled()
+    c = yield h.call("GetCluster", "lab1")
+    assert len(running(c)) == 6 and c["count"] == 6
+
+    c = yield h.call("ScaleCluster", "lab1", 2)
+    assert sorted(v["name"] for v in c["vms"]) == ["compute0", "head0"]
+    kept_ips = {v["ip"] for v in c["vms"]}
+    leased_ips = {l.id.split("/")[-1] for l in dom.all(LeaseRec) if l.id.startswith("ip/")}
+    assert leased_ips == kept_ips
+    domains = {d.name for d in (yield node.driver.list_domains())}
+    assert domains == {domain_name("lab1/head0"), domain_name("lab1/compute0")}
+
+    state = yield h.call("DestroyCluster", "lab1")
+    assert state == "destroyed"
+    assert (yield node.driver.list_domains()) == []
+    assert "vmweb-lab1" not in (yield node.driver.list_networks())
+    assert [v for v in (yield node.driver.list_volumes("vmweb")) if v.startswith("vmweb-")] == []
+    assert len(dom.all(LeaseRec)) == before_leases == 0
+    assert dom.all(VmRec) == []
+    with pytest.raises(ApiFault) as e:
+        yield h.call("GetCluster", "lab1")
+    assert e.value.code == "Client.NoSuchCluster" and "lab1" in e.value.message
+
+
+@pytest_twisted.inlineCallbacks
+def test_name_is_free_again_after_destroy(start_node):
+    """A destroyed cluster's name and addresses can be used again by a new cluster."""
+    h = yield start_node()
+    c1 = yield h.call("CreateCluster", "again", "lab", "bob", 2)
+    yield h.call("DestroyCluster", "again")
+    c2 = yield h.call("CreateCluster", "again", "lab", "bob", 2)
+    assert {v["ip"] for v in c2["vms"]} == {v["ip"] for v in c1["vms"]}
+
+
+@pytest_twisted.inlineCallbacks
+def test_vm_destroyed_behind_our_back_is_restarted_and_recorded(start_node):
+    """A VM killed directly in libvirt shows up in the DOM as a restart and runs again."""
+    h = yield start_node()
+    node = h.node
+    yield h.call("CreateCluster", "web", "webtier", "carol", 3)
+    yield node.reconciler.settled()
+    victim = domain_name("web/worker0")
+    yield node.driver.destroy(victim)
+    yield node.reconciler.settled()
+    c = yield h.call("GetCluster", "web")
+    vm = next(v for v in c["vms"] if v["name"] == "worker0")
+    assert vm["restarts"] == 1 and "restarted" in vm["detail"]
+    assert (yield node.driver.state(victim)).state == "running"
+
+
+@pytest_twisted.inlineCallbacks
+def test_orphan_domain_is_removed(start_node):
+    """A vmweb domain the DOM does not know (left from a crash) is destroyed and undefined."""
+    from vmwebd.hv.driver import DomainSpec
+    h = yield start_node()
+    node = h.node
+    yield node.driver.define_network("vmweb-ghost", "vmbr9")
+    yield node.driver.define(DomainSpec(name="vmweb-ghost-node0", vcpus=1, memory_mib=128,
+                                        disk_path="/nonexistent.qcow2", network="vmweb-ghost",
+                                        mac="52:54:00:00:00:01"))
+    yield node.driver.start("vmweb-ghost-node0")
+    yield node.reconciler.settled()
+    assert (yield node.driver.state("vmweb-ghost-node0")).state == "missing"
+    assert "vmweb-ghost" not in (yield node.driver.list_networks())
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_and_start_vm(start_node):
+    """StopVm shuts a VM off and StartVm brings it back, each reported in the VM's state."""
+    h = yield start_node()
+    yield h.call("CreateCluster", "pw", "lab", "dave", 2)
+    yield h.node.reconciler.settled()
+    vm = yield h.call("StopVm", "pw", "pc0")
+    assert vm["state"] == "shutoff" and vm["desired"] == "stopped"
+    assert (yield h.node.driver.state(domain_name("pw/pc0"))).state == "shutoff"
+    vm = yield h.call("StartVm", "pw", "pc0")
+    assert vm["state"] == "running"
+
+
+@pytest_twisted.inlineCallbacks
+def test_listings_settings_and_dom(start_node):
+    """ListTemplates, ListHosts, ListClusters(owner), Get/SetSetting and GetDom answer consistently."""
+    h = yield start_node(cpus=12, memory_mib=24576)
+    ts = yield h.call("ListTemplates")
+    assert {"hpc", "webtier", "lab"} <= {t["name"] for t in ts}
+    hosts = yield h.call("ListHosts")
+    assert [(x["id"], x["cpus"], x["memory_mib"], x["liveness"]) for x in hosts] == [("host1", 12, 24576, "alive")]
+    yield h.call("CreateCluster", "a1", "lab", "alice", 1)
+    yield h.call("CreateCluster", "b1", "lab", "bob", 1)
+    assert [c["name"] for c in (yield h.call("ListClusters", "alice"))] == ["a1"]
+    assert [c["name"] for c in (yield h.call("ListClusters", None))] == ["a1", "b1"]
+    s = yield h.call("SetSetting", "placement", "pack")
+    assert s["value"] == "pack"
+    assert {x["key"]: x["value"] for x in (yield h.call("GetSettings"))}["placement"] == "pack"
+    dom = yield h.call("GetDom")
+    assert '<vcluster id="a1"' in dom and 'owner="bob"' in dom
+
+
+BAD_CALLS = [
+    (("CreateCluster", "x1", "nosuch", "alice", 2), "Client.NoSuchTemplate", "nosuch"),
+    (("CreateCluster", "x1", "hpc", "alice", 0), "Client.InvalidArgument", "count"),
+    (("CreateCluster", "x1", "hpc", "alice", -3), "Client.InvalidArgument", "count"),
+    (("CreateCluster", "x1", "hpc", "alice", 100000), "Client.InvalidArgument", "count"),
+    (("CreateCluster", "Bad Name!", "hpc", "alice", 2), "Client.InvalidArgument", "name"),
+    (("CreateCluster", "x1", "hpc", "", 2), "Client.InvalidArgument", "owner"),
+    (("CreateCluster", "x1", "hpc", "alice", None), "Client.InvalidArgument", "count"),
+    (("ScaleCluster", "nosuch", 3), "Client.NoSuchCluster", "nosuch"),
+    (("DestroyCluster", "nosuch"), "Client.NoSuchCluster", "nosuch"),
+    (("StartVm", "nosuch", "node0"), "Client.NoSuchCluster", "nosuch"),
+    (("SetSetting", "placement", "random"), "Client.InvalidArgument", "placement"),
+    (("SetSetting", "colour", "red"), "Client.NoSuchSetting", "colour"),
+]
+
+
+@pytest_twisted.inlineCallbacks
+def test_bad_requests_get_specific_faults_and_change_nothing(start_node):
+    """Each bad request gets its specific faultcode naming the field, and the DOM is unchanged."""
+    h = yield start_node()
+    yield h.call("CreateCluster", "taken", "lab", "alice", 1)
+    yield h.node.reconciler.settled()
+    before = h.node.domsvc.dom.canonical_digest()
+    for args, code, needle in BAD_CALLS + [(("CreateCluster", "taken", "lab", "bob", 1), "Client.NameTaken", "taken"),
+                                           (("StopVm", "taken", "nosuch"), "Client.NoSuchVm", "nosuch")]:
+        with pytest.raises(ApiFault) as e:
+            yield h.call(*args)
+        assert e.value.code == code, (args, e.value)
+        assert needle in e.value.message, (args, e.value)
+    assert h.node.domsvc.dom.canonical_digest() == before
+
+
+@pytest_twisted.inlineCallbacks
+def test_pool_exhausted_leaks_nothing(start_node):
+    """A cluster bigger than the address pool fails with Server.PoolExhausted and leases nothing."""
+    h = yield start_node(pool_cidr="10.9.0.0/29", reserve="")  # 6 usable addresses
+    yield h.call("CreateCluster", "small", "lab", "alice", 4)
+    before = h.node.domsvc.dom.canonical_digest()
+    with pytest.raises(ApiFault) as e:
+        yield h.call("CreateCluster", "big", "lab", "alice", 3)
+    assert e.value.code == "Server.PoolExhausted" and "'lab'" in e.value.message
+    assert h.node.domsvc.dom.canonical_digest() == before
+    with pytest.raises(ApiFault) as e:
+        yield h.call("ScaleCluster", "small", 7)
+    assert e.value.code == "Server.PoolExhausted"
+    c = yield h.call("ScaleCluster", "small", 6)
+    assert len({v["ip"] for v in c["vms"]}) == 6

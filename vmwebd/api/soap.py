@@ -1,0 +1,289 @@
+"""The hardened SOAP 1.1 stack every vmweb SOAP endpoint is built with.
+
+:func:`build_soap_resource` turns spyne services into a ``twisted.web`` resource that
+
+* answers ``GET …?wsdl`` with the WSDL, its ``soap:address`` being the URL the client used;
+* screens every ``POST`` before spyne sees it: bodies over ``max_body_bytes`` get
+  ``Client.RequestTooLarge`` (HTTP 413); DOCTYPE / entity declarations (XXE, billion laughs),
+  non-XML and XML that is not a SOAP 1.1 envelope get ``Client.MalformedRequest``.
+  The screening parser never loads a DTD, never resolves an entity, never touches the network
+  and keeps libxml2's size limits (``huge_tree=False``); spyne's own parser is set the same way;
+* validates arguments against the schema (spyne's ``lxml`` validator): a wrong type is a
+  ``Client.SchemaValidationError`` fault naming the element;
+* answers faults with HTTP 500, as SOAP 1.1 (section 6.2) requires and spyne does, except 413
+  for an oversized body and 405 for a method other than POST or GET ?wsdl (zeep reads the
+  fault in every case);
+* maps errors so that service authors just raise: a :class:`vmwebd.errors.VmwebError` (raised,
+  or failing a returned Deferred) becomes a fault with its ``faultcode`` and ``message``; any
+  other exception becomes ``Server.Internal`` with a generic message and an incident id, and the
+  traceback goes to the log under that id, never to the caller;
+* lets operations return a Deferred (or be ``async def``): the reactor is never blocked waiting.
+
+Fault codes on the wire are QNames in the SOAP envelope namespace, as SOAP 1.1 requires
+(``soap11env:Client.NameTaken``); clients compare :func:`local_faultcode` of what they read.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import re
+import uuid
+from typing import Sequence
+
+from lxml import etree
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from vmwebd.api import compat
+from vmwebd.errors import MalformedRequest, RequestTooLarge, VmwebError
+
+compat.apply()
+
+from spyne import Application, Service  # noqa: E402  (after compat.apply)
+from spyne.protocol.xml import SchemaValidationError  # noqa: E402
+from spyne.model.fault import Fault  # noqa: E402
+from spyne.protocol.soap import Soap11  # noqa: E402
+from spyne.server.twisted import TwistedWebResource  # noqa: E402
+
+__all__ = [
+    "SOAP11_ENV_NS",
+    "build_soap_resource",
+    "fault_from_exception",
+    "local_faultcode",
+    "screen_soap_body",
+]
+
+SOAP11_ENV_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+_ENV_PREFIX = "soap11env"  # the prefix spyne uses, so all our faults look alike
+_ENVELOPE_TAG = f"{{{SOAP11_ENV_NS}}}Envelope"
+
+# Placeholder the WSDL is built with once; each GET ?wsdl substitutes the URL the client used, so
+# a grid host reached as 10.0.0.7:8470 never advertises the name the first caller happened to use.
+_ADDRESS_PLACEHOLDER = "http://vmweb-soap-address.invalid/soap"
+_HOST_RE = re.compile(rb"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::(?P<port>\d{1,5}))?$")
+
+# XML keywords are case-sensitive, so these byte strings catch every UTF-8/ASCII DOCTYPE or entity
+# declaration before any parser runs; other encodings are caught after the (non-resolving) parse.
+_FORBIDDEN_MARKUP = (b"<!DOCTYPE", b"<!ENTITY")
+
+# Parser settings shared by the screen and spyne: no DTD, no entity resolution, no network,
+# libxml2's default limits on depth and text size kept.
+_PARSER_KWARGS = dict(
+    resolve_entities=False,
+    no_network=True,
+    huge_tree=False,
+    load_dtd=False,
+    dtd_validation=False,
+)
+
+_NS_URI_RE = re.compile(r"\{[^}]*\}")
+
+log = Logger()
+
+
+def local_faultcode(code: str) -> str:
+    """The faultcode without its namespace prefix: ``soap11env:Client.NameTaken`` → ``Client.NameTaken``."""
+    return code.rpartition(":")[2]
+
+
+def fault_from_exception(exc: BaseException, operation: str = "?", failure: Failure | None = None) -> Fault:
+    """The spyne Fault to send for ``exc`` raised by ``operation``.
+
+    spyne Faults pass unchanged, VmwebErrors keep their faultcode and message; anything else is a
+    bug of ours: it is logged with its traceback under a fresh incident id, and the caller only
+    gets ``Server.Internal`` with that id.
+    """
+    if isinstance(exc, Fault):
+        return exc
+    if isinstance(exc, VmwebError):
+        if exc.faultcode.startswith("Server"):
+            log.warn("SOAP {operation} failed: {faultcode}: {message}",
+                     operation=operation, faultcode=exc.faultcode, message=exc.message)
+        else:
+            log.info("SOAP {operation} refused: {faultcode}: {message}",
+                     operation=operation, faultcode=exc.faultcode, message=exc.message)
+        return Fault(exc.faultcode, exc.message)
+    incident = uuid.uuid4().hex[:12]
+    log.failure("SOAP {operation} crashed (incident {incident})",
+                failure=failure if failure is not None else Failure(exc),
+                operation=operation, incident=incident)
+    return Fault("Server.Internal",
+                 f"internal error in {operation} (incident {incident}); see the daemon log")
+
+
+def _operation_name(ctx) -> str:
+    descriptor = getattr(ctx, "descriptor", None)
+    return getattr(descriptor, "name", None) or str(ctx.method_request_string)
+
+
+class _VmwebApplication(Application):
+    """A spyne Application whose ``call_wrapper`` maps exceptions, sync or via a Deferred, to faults."""
+
+    def call_wrapper(self, ctx):
+        operation = _operation_name(ctx)
+        try:
+            result = super().call_wrapper(ctx)
+        except Exception as exc:
+            raise fault_from_exception(exc, operation, Failure()) from None
+        if inspect.iscoroutine(result):
+            result = Deferred.fromCoroutine(result)
+        if isinstance(result, Deferred):
+            result.addErrback(lambda f: Failure(fault_from_exception(f.value, operation, f)))
+        return result
+
+
+class _SafeSoap11(Soap11):
+    """Soap11 with the safe parser settings pinned and readable schema validation messages."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**{**_PARSER_KWARGS, **kwargs})
+
+    def validate_body(self, ctx, message):
+        try:
+            super().validate_body(ctx, message)
+        except SchemaValidationError:
+            # spyne's text is bytes (a Python 2 leftover) prefixed with libxml2 codes; keep
+            # libxml2's sentence, which names the element, without namespace URIs.
+            last = self.validation_schema.error_log.last_error
+            text = _NS_URI_RE.sub("", last.message) if last is not None else "invalid request"
+            raise SchemaValidationError(text) from None
+
+
+def _fault_body(faultcode: str, message: str) -> bytes:
+    envelope = etree.Element(_ENVELOPE_TAG, nsmap={_ENV_PREFIX: SOAP11_ENV_NS})
+    body = etree.SubElement(envelope, f"{{{SOAP11_ENV_NS}}}Body")
+    fault = etree.SubElement(body, f"{{{SOAP11_ENV_NS}}}Fault")
+    etree.SubElement(fault, "faultcode").text = f"{_ENV_PREFIX}:{faultcode}"
+    etree.SubElement(fault, "faultstring").text = message
+    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+
+
+def screen_soap_body(body: bytes) -> None:
+    """Raise :class:`MalformedRequest` unless ``body`` is a plain XML SOAP 1.1 envelope.
+
+    Plain means: no DOCTYPE and no entity declaration, anywhere, in any encoding. Nothing is
+    resolved or fetched while checking.
+    """
+    if not body.strip():
+        raise MalformedRequest("empty request body; expected a SOAP 1.1 envelope")
+    for marker in _FORBIDDEN_MARKUP:
+        if marker in body:
+            raise MalformedRequest("DOCTYPE and entity declarations are not allowed in requests")
+    parser = etree.XMLParser(**_PARSER_KWARGS)
+    try:
+        root = etree.fromstring(body, parser)
+    except etree.XMLSyntaxError as exc:
+        raise MalformedRequest(f"request body is not well-formed XML: {exc}") from None
+    except ValueError as exc:  # e.g. lxml refusing some encodings
+        raise MalformedRequest(f"request body is not usable XML: {exc}") from None
+    docinfo = root.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise MalformedRequest("DOCTYPE and entity declarations are not allowed in requests")
+    if root.tag != _ENVELOPE_TAG:
+        raise MalformedRequest(f"root element {str(root.tag)[:100]!r} is not a SOAP 1.1 Envelope")
+
+
+class _SoapResource(Resource):
+    """Screens requests, serves the WSDL, and hands good SOAP calls to spyne's Twisted transport."""
+
+    isLeaf = True
+
+    def __init__(self, spyne_resource: TwistedWebResource, max_body_bytes: int):
+        super().__init__()
+        self._spyne = spyne_resource
+        self.max_body_bytes = max_body_bytes
+        wsdl11 = spyne_resource.http_transport.doc.wsdl11
+        wsdl11.build_interface_document(_ADDRESS_PLACEHOLDER)
+        self._wsdl = wsdl11.get_interface_document()
+        self._placeholder = html.escape(_ADDRESS_PLACEHOLDER, quote=True).encode("ascii")
+
+    def render(self, request: Request):
+        if request.method in (b"GET", b"HEAD") and _wants_wsdl(request):
+            return self._render_wsdl(request)
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"GET, HEAD, POST")
+            return self._refuse(request, 405, MalformedRequest(
+                "SOAP calls are POSTed; GET only serves the WSDL at ?wsdl"))
+        declared = request.getHeader(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return self._refuse(request, 413, self._too_large(int(declared)))
+        content = request.content
+        content.seek(0, 2)
+        size = content.tell()
+        if size > self.max_body_bytes:  # chunked bodies have no Content-Length
+            return self._refuse(request, 413, self._too_large(size))
+        content.seek(0)
+        body = content.read()
+        content.seek(0)
+        try:
+            screen_soap_body(body)
+        except MalformedRequest as exc:
+            return self._refuse(request, 500, exc)
+        return self._spyne.render(request)
+
+    def _too_large(self, size: int) -> RequestTooLarge:
+        return RequestTooLarge(
+            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes")
+
+    def _refuse(self, request: Request, code: int, exc: VmwebError) -> bytes:
+        log.info("SOAP request from {peer} refused: {faultcode}: {message}",
+                 peer=_peer(request), faultcode=exc.faultcode, message=exc.message)
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
+        return _fault_body(exc.faultcode, exc.message)
+
+    def _render_wsdl(self, request: Request) -> bytes:
+        url = html.escape(_request_url(request), quote=True).encode("ascii", "xmlcharrefreplace")
+        request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
+        return self._wsdl.replace(self._placeholder, url)
+
+
+def _wants_wsdl(request: Request) -> bool:
+    # request.args drops a bare "?wsdl" (no "="), so read the query string itself.
+    query = request.uri.partition(b"?")[2]
+    return any(item.partition(b"=")[0].lower() == b"wsdl" for item in re.split(rb"[&;]", query))
+
+
+def _peer(request: Request) -> str:
+    peer = request.getClientAddress()
+    return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+
+def _request_url(request: Request) -> str:
+    """The endpoint URL as the client addressed it (Host header if sane, else the local address)."""
+    scheme = "https" if request.isSecure() else "http"
+    default_port = 443 if request.isSecure() else 80
+    local = request.getHost()
+    host, port = getattr(local, "host", "localhost"), getattr(local, "port", default_port)
+    if ":" in host:
+        host = f"[{host}]"
+    match = _HOST_RE.match(request.getHeader(b"host") or b"")
+    if match:
+        host = match.group("host").decode("ascii")
+        port = int(match.group("port")) if match.group("port") else default_port
+    netloc = host if port == default_port else f"{host}:{port}"
+    path = "/" + "/".join(seg.decode("utf-8", "replace") for seg in request.prepath)
+    return f"{scheme}://{netloc}{path}"
+
+
+def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
+                        max_body_bytes: int = 1 << 20) -> Resource:
+    """A twisted.web resource serving ``services`` as SOAP 1.1 (POST) with the WSDL at ``?wsdl``.
+
+    Mount it where the endpoint lives (``root.putChild(b"soap", resource)``); it is a leaf.
+    ``tns`` is the target namespace, ``name`` the WSDL service name. See the module docstring
+    for what is refused and how errors become faults.
+    """
+    if max_body_bytes <= 0:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    app = _VmwebApplication(
+        list(services), tns=tns, name=name,
+        in_protocol=_SafeSoap11(validator="lxml"),
+        out_protocol=Soap11(),
+    )
+    spyne_resource = TwistedWebResource(app, max_content_length=max_body_bytes)
+    return _SoapResource(spyne_resource, max_body_bytes)

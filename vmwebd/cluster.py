@@ -1,0 +1,271 @@
+"""Virtual-cluster lifecycle: what a request at any host does to the DOM.
+
+:class:`ClusterManager` validates a request, places the VMs, leases unique things through the
+allocator, and writes the desired state into the DOM (durably, before answering). The hosts'
+reconcilers then make it so. Reads answer from the local replica.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, VmStatus
+from vmwebd.errors import (InvalidArgument, NoSuchCluster, NoSuchHost, NoSuchTemplate, NoSuchVm,
+                           NameTaken, ServerError)
+from vmwebd.placement import HostLoad, place
+from vmwebd.reconcile import bridge_name, network_name
+from vmwebd.settings import get_setting
+from vmwebd.templates import Template, expand, plan_scale
+
+log = Logger()
+CLUSTER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+OWNER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    role: str
+    host: str
+    state: str
+    desired: str
+    ip: str
+    mac: str
+    vcpus: int
+    memory_mib: int
+    detail: str = ""
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    name: str
+    owner: str
+    template: str
+    count: int
+    state: str
+    vni: int
+    network: str
+    bridge: str
+    vms: list[VmView] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HostView:
+    id: str
+    liveness: str
+    api: str
+    cpus: int
+    memory_mib: int
+    free_memory_mib: int
+    load1: float
+    vms: int
+    used_vcpus: int
+    used_memory_mib: int
+
+
+def _check_name(name, field_="name") -> str:
+    if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
+        raise InvalidArgument(field_, f"{name!r} is not a valid cluster name "
+                              "(lower-case letter, then up to 23 of a-z 0-9 -)")
+    return name
+
+
+class ClusterManager:
+    def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0):
+        self.host_id = host_id
+        self.domsvc = domsvc
+        self.dom = domsvc.dom
+        self.allocator = allocator
+        self.limits = limits
+        self.now_ms = now_ms
+        self.wait_timeout = wait_timeout
+        self.reconcile_kick = lambda: None
+
+    # -- templates ------------------------------------------------------------------------
+    def templates(self) -> dict[str, Template]:
+        out = {}
+        for rec in self.dom.all(TemplateRec):
+            if rec.body:
+                out[rec.id] = Template.from_xml(rec.body[0], source=f"DOM template {rec.id!r}")
+        return out
+
+    def template(self, name: str) -> Template:
+        ts = self.templates()
+        if not isinstance(name, str) or name not in ts:
+            raise NoSuchTemplate(str(name), ts)
+        return ts[name]
+
+    # -- reads ----------------------------------------------------------------------------
+    def cluster(self, name: str) -> ClusterView:
+        c = self.dom.get(VClusterRec, name) if isinstance(name, str) else None
+        if c is None:
+            raise NoSuchCluster(str(name))
+        vms = []
+        for vm in sorted(self._vms_of(name), key=lambda v: _natural(v.name)):
+            st = self.dom.get(VmStatus, vm.id)
+            vms.append(VmView(vm.name, vm.role, vm.host, st.state if st else "pending", vm.desired,
+                              vm.ip, vm.mac, vm.vcpus, vm.memory_mib,
+                              st.detail if st else "", st.restarts if st else 0))
+        return ClusterView(c.id, c.owner, c.template, c.count, _cluster_state(c, vms), c.vni,
+                           c.network, c.bridge, vms)
+
+    def clusters(self, owner: str | None = None) -> list[ClusterView]:
+        names = sorted(c.id for c in self.dom.all(VClusterRec) if not owner or c.owner == owner)
+        return [self.cluster(n) for n in names]
+
+    def hosts(self) -> list[HostView]:
+        out = []
+        loads = self._loads()
+        for h in sorted(self.dom.all(HostRec), key=lambda h: h.id):
+            load = loads.get(h.id)
+            out.append(HostView(h.id, h.liveness, h.api, h.cpus, h.memory_mib, h.free_memory_mib,
+                                h.load1, sum(1 for v in self.dom.all(VmRec) if v.host == h.id),
+                                load.used_vcpus if load else 0, load.used_memory_mib if load else 0))
+        return out
+
+    def _vms_of(self, cluster: str) -> list[VmRec]:
+        return [vm for vm in self.dom.all(VmRec) if vm.cluster == cluster]
+
+    def _loads(self) -> dict[str, HostLoad]:
+        loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in self.dom.all(HostRec)
+                 if h.liveness == "alive"}
+        for vm in self.dom.all(VmRec):
+            if vm.host in loads and vm.desired != "absent":
+                loads[vm.host].used_vcpus += vm.vcpus
+                loads[vm.host].used_memory_mib += vm.memory_mib
+        return loads
+
+    def _place(self, vms: list[tuple[str, int, int]]) -> dict[str, str]:
+        return place(list(self._loads().values()), vms, get_setting(self.dom, "placement"),
+                     float(get_setting(self.dom, "cpu_overcommit")))
+
+    # -- writes ---------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def create(self, name, template, owner, count) -> ClusterView:
+        """Leases addresses, places VMs and records the new cluster; VMs boot in the background."""
+        _check_name(name)
+        if not isinstance(owner, str) or not OWNER_RE.match(owner):
+            raise InvalidArgument("owner", f"{owner!r} is not a valid user name")
+        t = self.template(template)
+        if self.dom.get(VClusterRec, name) is not None:
+            raise NameTaken("virtual cluster", name)
+        if len(self.dom.ids("vcluster")) >= self.limits.max_clusters:
+            raise InvalidArgument("name", f"the grid already has {self.limits.max_clusters} clusters (the limit)")
+        planned = expand(t, count, self.limits.max_vms_per_cluster)
+        vm_ids = [f"{name}/{vm}" for vm, _ in planned]
+        hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned])
+        vni, addrs = yield self.allocator.allocate_cluster(name, vm_ids, t.network.pool)
+        cluster = VClusterRec(id=name, owner=owner, template=t.name, count=count, vni=vni,
+                              network=network_name(name), bridge=bridge_name(vni), state="active",
+                              created_at=int(self.now_ms()))
+        recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
+                            for vm, role in planned]
+        yield self.domsvc.put(*recs)
+        log.info("cluster {name} created for {owner}: {n} VMs of {template}",
+                 name=name, owner=owner, n=count, template=t.name)
+        self.reconcile_kick()
+        return self.cluster(name)
+
+    @staticmethod
+    def _vm_rec(cluster, vm, role, host, addr) -> VmRec:
+        return VmRec(id=f"{cluster}/{vm}", cluster=cluster, name=vm, role=role.name, host=host,
+                     vcpus=role.vcpus, memory_mib=role.memory_mib, image=role.image,
+                     ip=addr.ip, mac=addr.mac, desired="running")
+
+    @defer.inlineCallbacks
+    def scale(self, name, count) -> ClusterView:
+        """Adds VMs (new addresses) or removes surplus ones (addresses given back once gone)."""
+        _check_name(name)
+        c = self.dom.get(VClusterRec, name)
+        if c is None:
+            raise NoSuchCluster(name)
+        if c.state == "destroying":
+            raise InvalidArgument("name", f"cluster {name!r} is being destroyed")
+        t = self.template(c.template)
+        existing = [vm for vm in self._vms_of(name) if vm.desired != "absent"]
+        to_add, to_remove = plan_scale(t, [vm.name for vm in existing], count,
+                                       self.limits.max_vms_per_cluster)
+        recs = []
+        if to_add:
+            vm_ids = [f"{name}/{vm}" for vm, _ in to_add]
+            hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add])
+            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool)
+            recs += [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
+                     for vm, role in to_add]
+        removed_ids = [f"{name}/{vm}" for vm in to_remove]
+        for vm in existing:
+            if vm.id in removed_ids:
+                recs.append(_replace(vm, desired="absent"))
+        recs.append(_replace(c, count=count))
+        yield self.domsvc.put(*recs)
+        log.info("cluster {name} scaled to {count} (+{a} -{r})", name=name, count=count,
+                 a=len(to_add), r=len(to_remove))
+        self.reconcile_kick()
+        if removed_ids:
+            yield self.domsvc.wait_for(
+                lambda: not any(self.dom.get(VmRec, i) for i in removed_ids), self.wait_timeout)
+        return self.cluster(name)
+
+    @defer.inlineCallbacks
+    def destroy(self, name) -> bool:
+        """Marks the cluster for destruction and waits (bounded) until every host gave back
+        its VMs, volumes, network and addresses; returns True if that finished in time."""
+        _check_name(name)
+        c = self.dom.get(VClusterRec, name)
+        if c is None:
+            raise NoSuchCluster(name)
+        recs = [_replace(c, state="destroying")]
+        recs += [_replace(vm, desired="absent") for vm in self._vms_of(name) if vm.desired != "absent"]
+        yield self.domsvc.put(*recs)
+        log.info("cluster {name} being destroyed", name=name)
+        self.reconcile_kick()
+        done = yield self.domsvc.wait_for(lambda: self.dom.get(VClusterRec, name) is None,
+                                          self.wait_timeout)
+        return done
+
+    @defer.inlineCallbacks
+    def set_vm_power(self, cluster, vm, desired: str) -> VmView:
+        """Sets a VM's desired power state and waits (bounded) until its host reports it."""
+        _check_name(cluster, "cluster")
+        if self.dom.get(VClusterRec, cluster) is None:
+            raise NoSuchCluster(cluster)
+        rec = self.dom.get(VmRec, f"{cluster}/{vm}") if isinstance(vm, str) else None
+        if rec is None or rec.desired == "absent":
+            raise NoSuchVm(cluster, str(vm))
+        if rec.desired != desired:
+            yield self.domsvc.put(_replace(rec, desired=desired))
+            self.reconcile_kick()
+        want = "running" if desired == "running" else "shutoff"
+
+        def reached():
+            st = self.dom.get(VmStatus, rec.id)
+            return st is not None and st.state in (want, "error")
+        yield self.domsvc.wait_for(reached, self.wait_timeout)
+        return next(v for v in self.cluster(cluster).vms if v.name == vm)
+
+
+def _replace(rec, **changes):
+    import dataclasses
+    return dataclasses.replace(rec, **changes)
+
+
+def _natural(name: str):
+    m = re.match(r"^(.*?)(\d+)$", name)
+    return (m.group(1), int(m.group(2))) if m else (name, -1)
+
+
+def _cluster_state(c: VClusterRec, vms: list[VmView]) -> str:
+    if c.state == "destroying":
+        return "destroying"
+    states = [v.state for v in vms if v.desired != "absent"]
+    if any(s == "error" for s in states):
+        return "degraded"
+    if any(s == "pending" for s in states):
+        return "creating"
+    if any(v.desired == "absent" for v in vms):
+        return "scaling"
+    return "active"

@@ -1,0 +1,75 @@
+"""``vmwebd --config PATH``: the daemon's entry point (the only place that touches the global reactor).
+
+It validates the config before anything starts (a ConfigError names file, line and field and the
+daemon exits 2 without starting half-configured), then runs a :class:`~vmwebd.node.Node`, telling
+systemd READY / STATUS / WATCHDOG / STOPPING over ``NOTIFY_SOCKET`` when it is set.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twisted.internet import defer, task
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver, LogLevel, \
+    FilteringLogObserver, LogLevelFilterPredicate
+
+from vmwebd.config import load_config
+from vmwebd.errors import ConfigError, VmwebError
+
+log = Logger()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vmwebd", description="vmweb daemon: one per physical host")
+    ap.add_argument("--config", default="/etc/vmwebd/vmwebd.xml", help="path to vmwebd.xml")
+    ap.add_argument("--no-fsync", action="store_true",
+                    help="skip fsync of the DOM journal (throw-away demos and tests only)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"vmwebd: configuration error: {e}", file=sys.stderr)
+        return 2
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(args.log_level))
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])], redirectStandardIO=False)
+
+    from twisted.internet import reactor
+    from vmwebd.node import Node
+    from vmwebd.sdnotify import Notifier
+
+    notifier = Notifier()
+    node = Node(config, reactor, fsync=not args.no_fsync)
+    exit_code = [0]
+
+    def started(_):
+        notifier.status(f"serving {config.host.id} on {node.api_address}")
+        notifier.ready()
+        interval = notifier.watchdog_interval()
+        if interval:
+            wd = task.LoopingCall(notifier.watchdog)
+            wd.clock = reactor
+            wd.start(interval / 2, now=True)
+
+    def failed(f):
+        if f.check(VmwebError):
+            print(f"vmwebd: cannot start host {config.host.id}: {f.value}", file=sys.stderr)
+        else:
+            log.failure("vmwebd failed to start", failure=f)
+        exit_code[0] = 1
+        reactor.stop()
+
+    @defer.inlineCallbacks
+    def shutdown():
+        notifier.stopping()
+        yield node.stop()
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    reactor.callWhenRunning(lambda: node.start().addCallbacks(started, failed))
+    reactor.run()
+    return exit_code[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""``make demo``: simulated hosts on libvirt's test driver, serving the user API on loopback.
+
+Each simulated host gets its own directory under ``.demo/`` with a ``vmwebd.xml``, a libvirt
+test-driver node file (its CPUs and memory; hosts differ, so placement has something to do) and
+its state directory, and runs as its own ``vmwebd`` process. The demo runs until interrupted.
+Until the peer layer lands, it starts one host (``--hosts`` can start more, but they do not yet
+share their DOM).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vmwebd.hv.testhost import write_test_host
+
+REPO = Path(__file__).resolve().parent.parent
+# (cpus, memory MiB) of the simulated hosts: heterogeneous on purpose.
+HOST_SIZES = [(16, 32768), (8, 16384), (4, 8192), (8, 16384), (16, 32768)]
+
+
+def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: int,
+                      cpus: int, memory_mib: int, templates_dir: Path = REPO / "conf" / "templates",
+                      pool_cidr: str = "10.77.0.0/16", reserve: str = "10.77.0.0/24",
+                      reconcile_interval: float = 2.0, max_vms: int = 256,
+                      extra: str = "") -> Path:
+    """Writes a complete host directory (config, test-driver node, state dir); returns the config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    uri = write_test_host(directory / "node.xml", cpus, memory_mib)
+    reserve_attr = f' reserve="{reserve}"' if reserve else ""
+    cfg = directory / "vmwebd.xml"
+    cfg.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
+<vmwebd>
+  <host id="{host_id}"/>
+  <listen api="127.0.0.1:{api_port}" peer="127.0.0.1:{peer_port}"/>
+  <state dir="{directory / 'state'}"/>
+  <libvirt uri="{uri}"/>
+  <storage pool="vmweb" dir="{directory / 'images'}"/>
+  <images>
+    <image name="debian-12" file="debian-12.qcow2" size-mib="2048" format="qcow2"/>
+  </images>
+  <pools>
+    <ip name="lab" cidr="{pool_cidr}"{reserve_attr}/>
+    <mac prefix="52:54:00"/>
+    <vni first="100" last="4095"/>
+  </pools>
+  <limits max-vms-per-cluster="{max_vms}" max-request-bytes="1048576" max-clusters="1000"/>
+  <templates dir="{templates_dir}"/>
+  <reconcile interval="{reconcile_interval}"/>
+  {extra}
+</vmwebd>
+""")
+    return cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="vmweb-demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=1)
+    ap.add_argument("--dir", default=str(REPO / ".demo"))
+    ap.add_argument("--first-port", type=int, default=8471)
+    args = ap.parse_args(argv)
+    base = Path(args.dir)
+    procs = []
+    venv_bin = Path(sys.executable).parent
+    vmwebd = venv_bin / "vmwebd"
+    for i in range(args.hosts):
+        cpus, mem = HOST_SIZES[i % len(HOST_SIZES)]
+        hid = f"host{i + 1}"
+        cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem)
+        log = open(base / hid / "vmwebd.log", "ab")
+        cmd = [str(vmwebd) if vmwebd.exists() else sys.executable, *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
+               "--config", str(cfg)]
+        procs.append((hid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
+        print(f"{hid}: {cpus} CPUs, {mem} MiB — user API http://127.0.0.1:{args.first_port + i}/soap "
+              f"(log {base / hid / 'vmwebd.log'})")
+    print()
+    print("Try, in another terminal (the venv's vmweb; default host 127.0.0.1:8471):")
+    print("  .venv/bin/vmweb templates")
+    print("  .venv/bin/vmweb cluster create lab1 --template hpc --owner alice --count 4")
+    print("  .venv/bin/vmweb cluster show lab1")
+    print("  .venv/bin/vmweb cluster scale lab1 6")
+    print("  .venv/bin/vmweb dom")
+    print("  .venv/bin/vmweb cluster destroy lab1")
+    print("\nRunning until Ctrl-C.", flush=True)
+    stopping = []
+
+    def stop(*_):
+        stopping.append(1)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping:
+            for hid, p in procs:
+                if p.poll() is not None:
+                    print(f"{hid} exited with {p.returncode}; see {base / hid / 'vmwebd.log'}")
+                    stopping.append(1)
+            time.sleep(0.5)
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _, p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    print("demo stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

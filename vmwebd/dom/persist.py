@@ -1,0 +1,124 @@
+"""Making the cluster DOM durable, and the one place that orders "persist, then speak".
+
+:class:`DomService` owns a :class:`~vmwebd.dom.document.Dom` and a
+:class:`~vmwebd.dom.store.DurableStore`. Every change, local or merged from a peer, is applied in
+memory on the reactor thread and appended to the journal on a dedicated single-thread pool (so
+journal order equals change order); :meth:`DomService.commit` returns a Deferred that fires only
+once the records are on disk. Callers acknowledge a request, or send a message that depends on a
+change, only after that Deferred fires.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lxml import etree
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from vmwebd.dom.document import Dom, entity_bytes, entity_from_bytes
+from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.store import DurableStore
+
+log = Logger()
+
+
+def load_dom(directory: str | Path, clock: HybridClock, fsync: bool = True) -> tuple[Dom, DurableStore, int]:
+    """Opens the store in ``directory`` and rebuilds the replica from snapshot + journal (blocking).
+
+    Returns the replica, the open store and the number of journal records after the snapshot."""
+    store = DurableStore(directory, fsync=fsync)
+    snapshot, records = store.load()
+    dom = Dom(clock)
+    if snapshot is not None:
+        dom.load_xml(snapshot, what=f"DOM snapshot in {directory}")
+    for i, rec in enumerate(records):
+        dom.merge(entity_from_bytes(rec, what=f"journal record {i} in {directory}"), validate=False)
+    return dom, store, len(records)
+
+
+class DomService:
+    """The replica plus its durable store, driven from the reactor thread."""
+
+    def __init__(self, dom: Dom, store: DurableStore, reactor, compact_every: int = 4096,
+                 journal_records: int = 0):
+        self.dom = dom
+        self.store = store
+        self.reactor = reactor
+        self.compact_every = compact_every
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-dom-store")
+        self._pool.start()
+        self._since_snapshot = journal_records
+        self._waiters: list = []
+        self._waiter_check = None
+        dom.subscribe(self._check_waiters)
+
+    def commit(self, entities: list[etree._Element | None]) -> defer.Deferred:
+        """Persists entity states already applied to the replica; fires when they are durable."""
+        records = [entity_bytes(e) for e in entities if e is not None]
+        if not records:
+            return defer.succeed(None)
+        self._since_snapshot += len(records)
+        snapshot = None
+        if self._since_snapshot >= self.compact_every:
+            # Serialise now, on the reactor thread, so the snapshot matches the journal order.
+            snapshot = self.dom.to_xml(pretty=False)
+            self._since_snapshot = 0
+        return deferToThreadPool(self.reactor, self._pool, self._write, records, snapshot)
+
+    def _write(self, records: list[bytes], snapshot: bytes | None) -> None:
+        self.store.append_many(records)
+        if snapshot is not None:
+            self.store.compact(snapshot)
+
+    def put(self, *recs) -> defer.Deferred:
+        """Writes records (see Dom.put) and fires when they are durable."""
+        return self.commit([self.dom.put(r) for r in recs])
+
+    def delete(self, *keys: tuple[str, str]) -> defer.Deferred:
+        return self.commit([self.dom.delete(kind, id_) for kind, id_ in keys])
+
+    def merge(self, entities: list[etree._Element]) -> defer.Deferred:
+        """Merges entities from a peer; persists those that changed the replica."""
+        changed = []
+        for el in entities:
+            if self.dom.merge(el):
+                changed.append(self.dom._index[etree.QName(el).localname][el.get("id")])
+        return self.commit(changed)
+
+    def wait_for(self, predicate, timeout: float) -> defer.Deferred:
+        """Fires True as soon as ``predicate()`` holds (re-checked after every change to the
+        replica), or False after ``timeout`` seconds: every wait is bounded."""
+        if predicate():
+            return defer.succeed(True)
+        d = defer.Deferred()
+        entry = [predicate, d, None]
+
+        def expire():
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+                d.callback(False)
+        entry[2] = self.reactor.callLater(timeout, expire)
+        self._waiters.append(entry)
+        return d
+
+    def _check_waiters(self, kind: str, id_: str) -> None:
+        if self._waiters and (self._waiter_check is None or not self._waiter_check.active()):
+            # Checked on the next turn: the change that woke us may be one of several in a commit.
+            self._waiter_check = self.reactor.callLater(0, self._run_waiters)
+
+    def _run_waiters(self) -> None:
+        for entry in list(self._waiters):
+            predicate, d, timer = entry
+            if predicate():
+                self._waiters.remove(entry)
+                timer.cancel()
+                d.callback(True)
+
+    def close(self) -> None:
+        for _, d, timer in self._waiters:
+            timer.cancel()
+        self._waiters.clear()
+        self._pool.stop()
+        self.store.close()

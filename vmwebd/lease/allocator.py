@@ -1,0 +1,134 @@
+"""The one allocator of unique things: cluster names, network ids, IP and MAC addresses.
+
+It proposes candidates from the local replica and claims them, all or nothing, through a
+:class:`~vmwebd.lease.table.LeaseTable`. When a candidate turns out to be taken (someone else won
+it meanwhile), it retries with other candidates, at most ``max_rounds`` times: the bound is visible
+and a test reaches it.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from twisted.internet import defer
+
+from vmwebd.errors import InvalidArgument, NameTaken, PoolExhausted, ServerError
+from vmwebd.config import IpPool, MacPool, VniRange
+from vmwebd.lease.pools import (ip_candidates, ip_key, mac_candidates, mac_key, name_key,
+                               vni_candidates, vni_key)
+from vmwebd.lease.table import LeaseConflict, LeaseTable
+
+
+@dataclass(frozen=True)
+class VmAddress:
+    ip: str
+    mac: str
+
+
+class AllocationContended(ServerError):
+    faultcode = "Server.AllocationContended"
+
+
+def vm_holder(vm_id: str) -> str:
+    return f"vm:{vm_id}"
+
+
+def cluster_holder(name: str) -> str:
+    return f"vcluster:{name}"
+
+
+class Allocator:
+    def __init__(self, table: LeaseTable, ip_pools: dict[str, IpPool], mac_pool: MacPool,
+                 vni_pool: VniRange, rng: random.Random, max_rounds: int = 8):
+        self.table = table
+        self.ip_pools = ip_pools
+        self.mac_pool = mac_pool
+        self.vni_pool = vni_pool
+        self.rng = rng
+        self.max_rounds = max_rounds
+
+    def _taken(self, key: str) -> bool:
+        return self.table.holder(key) is not None
+
+    def _pool(self, name: str) -> IpPool:
+        try:
+            return self.ip_pools[name]
+        except KeyError:
+            raise InvalidArgument("pool", f"no address pool named {name!r}") from None
+
+    @defer.inlineCallbacks
+    def allocate_cluster(self, name: str, vm_ids: list[str], pool: str):
+        """Leases the cluster's name, a network id and one address pair per VM.
+
+        Returns ``(vni, {vm_id: VmAddress})``; fails with NameTaken or PoolExhausted, having
+        leased nothing.
+        """
+        result = yield self._allocate(vm_ids, pool, cluster=name)
+        return result
+
+    @defer.inlineCallbacks
+    def allocate_vms(self, vm_ids: list[str], pool: str):
+        """Leases one address pair per new VM of an existing cluster: ``{vm_id: VmAddress}``."""
+        _, addrs = yield self._allocate(vm_ids, pool, cluster=None)
+        return addrs
+
+    @defer.inlineCallbacks
+    def _allocate(self, vm_ids, pool_name, cluster):
+        pool = self._pool(pool_name)
+        bad_ips: set[str] = set()
+        bad_macs: set[str] = set()
+        bad_vnis: set[int] = set()
+        for _round in range(self.max_rounds):
+            claims: dict[str, str] = {}
+            vni = None
+            if cluster is not None:
+                claims[name_key("vcluster", cluster)] = cluster_holder(cluster)
+                vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis)
+                if not vnis:
+                    raise PoolExhausted("vni", 1, 0)
+                vni = vnis[0]
+                claims[vni_key(vni)] = cluster_holder(cluster)
+            ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips)
+            if len(ips) < len(vm_ids):
+                raise PoolExhausted(pool_name, len(vm_ids), len(ips))
+            macs = mac_candidates(self.mac_pool, self._taken, len(vm_ids), self.rng, exclude=bad_macs)
+            if len(macs) < len(vm_ids):
+                raise PoolExhausted("mac", len(vm_ids), len(macs))
+            addrs = {}
+            for vm_id, ip, mac in zip(vm_ids, ips, macs):
+                claims[ip_key(pool_name, ip)] = vm_holder(vm_id)
+                claims[mac_key(mac)] = vm_holder(vm_id)
+                addrs[vm_id] = VmAddress(ip, mac)
+            try:
+                yield self.table.acquire(claims)
+            except LeaseConflict as c:
+                if cluster is not None and c.key == name_key("vcluster", cluster):
+                    raise NameTaken("virtual cluster", cluster) from None
+                kind, _, rest = c.key.partition("/")
+                if kind == "ip":
+                    bad_ips.add(rest.split("/", 1)[1])
+                elif kind == "mac":
+                    bad_macs.add(rest)
+                elif kind == "vni":
+                    bad_vnis.add(int(rest))
+                continue
+            return vni, addrs
+        raise AllocationContended(
+            f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "
+            f"candidates kept being taken, gave up after {self.max_rounds} rounds")
+
+    def vm_keys(self, vm) -> list[str]:
+        """Lease keys held by a VM record (its IP and MAC)."""
+        keys = []
+        for pool in self.ip_pools.values():
+            if vm.ip and self.table.holder(ip_key(pool.name, vm.ip)) == vm_holder(vm.id):
+                keys.append(ip_key(pool.name, vm.ip))
+        if vm.mac:
+            keys.append(mac_key(vm.mac))
+        return keys
+
+    def release_vm(self, vm) -> defer.Deferred:
+        return self.table.release(self.vm_keys(vm))
+
+    def release_cluster(self, name: str, vni: int) -> defer.Deferred:
+        return self.table.release([name_key("vcluster", name), vni_key(vni)])

@@ -1,0 +1,154 @@
+"""One vmweb daemon's parts, wired together: the object tests start in-process and ``vmwebd`` runs.
+
+:class:`Node` takes a validated :class:`~vmwebd.config.Config` and a reactor, and on
+:meth:`Node.start`: rebuilds the DOM replica from its store (off the reactor thread), opens the
+hypervisor driver, makes sure the storage pool and base images exist, publishes the templates,
+images and this host's record into the DOM, starts the reconciler and the host heartbeat, and
+listens for the user API.
+"""
+from __future__ import annotations
+
+import random
+
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from vmwebd.cluster import ClusterManager
+from vmwebd.config import Config
+from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.persist import DomService, load_dom
+from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
+from vmwebd.hv import open_driver
+from vmwebd.lease.allocator import Allocator
+from vmwebd.lease.table import LocalLeaseTable
+from vmwebd.reconcile import Reconciler, StorageLayout
+from vmwebd.templates import load_templates
+
+log = Logger()
+HEARTBEAT_SECONDS = 10.0
+
+
+class Node:
+    def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None):
+        self.config = config
+        self.reactor = reactor
+        self.fsync = fsync
+        self.host_id = config.host.id
+        self.driver = driver
+        self.rng = rng or random.Random()
+        self.port = None
+        self.domsvc = None
+        self.manager = None
+        self.reconciler = None
+        self._heartbeat = None
+
+    def now_ms(self) -> int:
+        return int(self.reactor.seconds() * 1000)
+
+    @defer.inlineCallbacks
+    def start(self):
+        cfg = self.config
+        clock = HybridClock(self.host_id, self.now_ms)
+        state = cfg.state_dir / "dom"
+        dom, store, n = yield threads.deferToThread(load_dom, state, clock, self.fsync)
+        self.domsvc = DomService(dom, store, self.reactor, journal_records=n)
+        if self.driver is None:
+            self.driver = open_driver(cfg.libvirt_uri, reactor=self.reactor)
+        base_images = yield self._ensure_storage()
+        yield self._publish_static()
+        table = LocalLeaseTable(self.domsvc, self.now_ms)
+        self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
+        self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms)
+        self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
+                                     StorageLayout(cfg.storage.pool, base_images),
+                                     self.reactor, self.now_ms, cfg.reconcile_interval)
+        self.manager.reconcile_kick = self.reconciler.kick
+        yield self.heartbeat()
+        self._heartbeat = task.LoopingCall(self.heartbeat)
+        self._heartbeat.clock = self.reactor
+        self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
+        self.reconciler.start()
+        self.listen()
+        log.info("host {host} serving the user API on {port}", host=self.host_id, port=self.api_port)
+
+    @defer.inlineCallbacks
+    def _ensure_storage(self):
+        cfg = self.config
+        yield self.driver.ensure_pool(cfg.storage.pool, str(cfg.storage.dir))
+        base = {}
+        for img in cfg.images:
+            path = yield self.driver.create_base_volume(cfg.storage.pool, img.file, img.size_mib, img.format)
+            base[img.name] = (path, img.size_mib)
+        return base
+
+    def _publish_static(self):
+        """Writes templates and images from the config into the DOM where they differ."""
+        cfg = self.config
+        dom = self.domsvc.dom
+        templates = load_templates(cfg.templates_dir, cfg.image_names, cfg.ip_pool_names)
+        recs = []
+        for name, t in sorted(templates.items()):
+            rec = TemplateRec(id=name, description=t.description, body=(t.to_xml(),))
+            cur = dom.get(TemplateRec, name)
+            if cur is None or cur.description != rec.description or \
+                    [_xml(b) for b in cur.body] != [_xml(b) for b in rec.body]:
+                recs.append(rec)
+        for img in cfg.images:
+            rec = ImageRec(id=img.name, file=img.file, format=img.format, size_mib=img.size_mib)
+            if dom.get(ImageRec, img.name) != rec:
+                recs.append(rec)
+        return self.domsvc.put(*recs)
+
+    @defer.inlineCallbacks
+    def heartbeat(self):
+        """Writes this host's record (capacity, load, VM count); only this host writes it."""
+        facts = yield self.driver.host_facts()
+        cfg = self.config
+        from vmwebd.dom.records import VmRec
+        prev = self.domsvc.dom.get(HostRec, self.host_id)
+        rec = HostRec(
+            id=self.host_id, api=str(cfg.listen.api if self.port is None else self.api_address),
+            peer=str(cfg.listen.peer), liveness="alive",
+            incarnation=prev.incarnation if prev else 0,
+            cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
+            free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
+            vms=sum(1 for v in self.domsvc.dom.all(VmRec) if v.host == self.host_id),
+            started_at=prev.started_at if prev else self.now_ms())
+        yield self.domsvc.put(rec)
+
+    def listen(self):
+        from vmwebd.api.service import build_user_api
+        root = Resource()
+        root.putChild(b"soap", build_user_api(self, self.config.limits.max_request_bytes))
+        self.site = Site(root)
+        self.site.displayTracebacks = False
+        addr = self.config.listen.api
+        self.port = self.reactor.listenTCP(addr.port, self.site, interface=addr.host)
+
+    @property
+    def api_port(self) -> int:
+        return self.port.getHost().port
+
+    @property
+    def api_address(self) -> str:
+        return f"{self.config.listen.api.host}:{self.api_port}"
+
+    @defer.inlineCallbacks
+    def stop(self):
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        if self.reconciler is not None:
+            self.reconciler.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+        if self.driver is not None:
+            yield self.driver.close()
+        if self.domsvc is not None:
+            self.domsvc.close()
+
+
+def _xml(el) -> bytes:
+    from lxml import etree
+    return etree.tostring(el, method="c14n")

@@ -1,0 +1,230 @@
+"""Each host converges its hypervisor to the DOM, for the VMs the DOM assigns to it.
+
+The DOM holds desired state (a VM's host and desired power state, written by whoever took the
+request) and observed state (a VM's ``status`` part, written only by the host that runs it). One
+pass of :class:`Reconciler`:
+
+1. ensures the network of every cluster with VMs here, and removes networks no VM here needs;
+2. for each VM assigned here: creates its overlay and domain and starts it (``running``), shuts it
+   down (``stopped``), or destroys it, deletes its overlay, gives back its addresses and deletes it
+   from the DOM (``absent``); a VM found stopped or missing behind our back is started again and
+   the restart is counted in its status;
+3. destroys domains of ours that the DOM no longer knows (orphans), and
+4. deletes clusters being destroyed once no VM of theirs is left, giving back name and network id.
+
+Passes never overlap; a kick during a pass schedules one more. All hypervisor calls go through the
+driver, which runs them off the reactor thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from vmwebd.dom.records import VClusterRec, VmRec, VmStatus
+from vmwebd.errors import VmwebError
+from vmwebd.hv.driver import DomainSpec
+
+log = Logger()
+PREFIX = "vmweb-"
+
+
+def domain_name(vm_id: str) -> str:
+    cluster, _, name = vm_id.partition("/")
+    return f"{PREFIX}{cluster}-{name}"
+
+
+def volume_name(vm_id: str) -> str:
+    return domain_name(vm_id) + ".qcow2"
+
+
+def network_name(cluster: str) -> str:
+    return f"{PREFIX}{cluster}"
+
+
+def bridge_name(vni: int) -> str:
+    return f"vmbr{vni}"
+
+
+@dataclass(frozen=True)
+class StorageLayout:
+    pool: str                      # libvirt storage pool holding base images and overlays
+    base_images: dict              # image name -> (path of its base volume here, size in MiB)
+
+
+class Reconciler:
+    def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
+                 clock, now_ms, interval: float = 5.0):
+        self.host_id = host_id
+        self.domsvc = domsvc
+        self.dom = domsvc.dom
+        self.driver = driver
+        self.allocator = allocator
+        self.storage = storage
+        self.clock = clock
+        self.now_ms = now_ms
+        self.interval = interval
+        self._running = False
+        self._again = False
+        self._scheduled = None
+        self._loop = None
+        self.passes = 0
+        self._idle_waiters: list[defer.Deferred] = []
+
+    # -- scheduling -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = task.LoopingCall(self.kick)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+        self.dom.subscribe(self._on_change)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+
+    def _on_change(self, kind: str, id_: str) -> None:
+        if kind in ("vm", "vcluster"):
+            self.kick()
+
+    def kick(self) -> None:
+        """Asks for a pass soon (coalesced with other kicks)."""
+        if self._running:
+            self._again = True
+            return
+        if self._scheduled is None or not self._scheduled.active():
+            self._scheduled = self.clock.callLater(0, self._run)
+
+    def settled(self) -> defer.Deferred:
+        """Fires after the next complete pass that started after this call."""
+        d = defer.Deferred()
+        self._idle_waiters.append(d)
+        self.kick()
+        return d
+
+    @defer.inlineCallbacks
+    def _run(self):
+        self._running = True
+        waiters, self._idle_waiters = self._idle_waiters, []
+        try:
+            while True:
+                self._again = False
+                try:
+                    yield self.run_once()
+                except Exception:
+                    log.failure("reconcile pass on {host} failed", host=self.host_id)
+                if not self._again:
+                    break
+                waiters += self._idle_waiters
+                self._idle_waiters = []
+        finally:
+            self._running = False
+        for d in waiters:
+            d.callback(None)
+
+    # -- one pass -------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def run_once(self):
+        self.passes += 1
+        mine = [vm for vm in self.dom.all(VmRec) if vm.host == self.host_id]
+        clusters = {c.id: c for c in self.dom.all(VClusterRec)}
+        domains = {d.name: d for d in (yield self.driver.list_domains())}
+
+        # 1. networks
+        want_nets = {}
+        for vm in mine:
+            c = clusters.get(vm.cluster)
+            if c is not None and vm.desired != "absent":
+                want_nets[network_name(c.id)] = bridge_name(c.vni)
+        have_nets = set((yield self.driver.list_networks()))
+        for net, bridge in sorted(want_nets.items()):
+            if net not in have_nets:
+                yield self._guard(f"network {net}", self.driver.define_network(net, bridge))
+
+        # 2. VMs assigned here
+        for vm in mine:
+            yield self._reconcile_vm(vm, domains.get(domain_name(vm.id)), clusters.get(vm.cluster))
+
+        # 3. orphans
+        known = {domain_name(vm.id) for vm in mine}
+        for name in sorted(domains):
+            if name.startswith(PREFIX) and name not in known:
+                log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
+                yield self._guard(f"orphan {name}", self._remove_domain(name))
+        for net in sorted(have_nets):
+            if net.startswith(PREFIX) and net not in want_nets:
+                yield self._guard(f"network {net}", self.driver.destroy_network(net))
+
+        # 4. finished cluster destructions
+        live_vm_clusters = {vm.cluster for vm in self.dom.all(VmRec)}
+        for c in clusters.values():
+            if c.state == "destroying" and c.id not in live_vm_clusters:
+                yield self.domsvc.delete(("vcluster", c.id))
+                yield self.allocator.release_cluster(c.id, c.vni)
+                log.info("cluster {name} destroyed", name=c.id)
+
+    @defer.inlineCallbacks
+    def _guard(self, what, d):
+        try:
+            yield d
+        except VmwebError as e:
+            log.warn("{what} on {host}: {err}", what=what, host=self.host_id, err=e)
+
+    @defer.inlineCallbacks
+    def _remove_domain(self, name: str):
+        yield self.driver.destroy(name)
+        yield self.driver.undefine(name)
+        yield self.driver.delete_volume(self.storage.pool, name + ".qcow2")
+
+    @defer.inlineCallbacks
+    def _reconcile_vm(self, vm: VmRec, dom_info, cluster: VClusterRec | None):
+        prev = self.dom.get(VmStatus, vm.id)
+        name = domain_name(vm.id)
+        state = dom_info.state if dom_info is not None else "missing"
+        restarts = prev.restarts if prev else 0
+        detail = prev.detail if prev else ""
+        try:
+            if vm.desired == "absent":
+                yield self._remove_domain(name)
+                yield self.allocator.release_vm(vm)
+                yield self.domsvc.delete(("vm", vm.id))
+                log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
+                return
+            if vm.desired == "running":
+                if state != "running":
+                    if prev is not None and prev.state == "running":
+                        restarts += 1
+                        detail = f"found {state} behind our back; restarted"
+                    else:
+                        detail = ""
+                    if state == "missing":
+                        yield self._create(vm, cluster)
+                    yield self.driver.start(name)
+                    state = "running"
+            elif vm.desired == "stopped":
+                if state == "running":
+                    yield self.driver.destroy(name)
+                    state = "shutoff"
+                detail = ""
+        except VmwebError as e:
+            state, detail = "error", str(e)
+            log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=e)
+        if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
+            yield self.domsvc.put(VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
+                                           restarts=restarts, observed_at=int(self.now_ms())))
+
+    @defer.inlineCallbacks
+    def _create(self, vm: VmRec, cluster: VClusterRec | None):
+        if cluster is None:
+            raise VmwebError(f"VM {vm.id}: its cluster {vm.cluster!r} is not in the DOM")
+        base = self.storage.base_images.get(vm.image)
+        if base is None:
+            raise VmwebError(f"VM {vm.id}: base image {vm.image!r} is not on host {self.host_id}")
+        path, size_mib = base
+        disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), path, size_mib)
+        yield self.driver.define(DomainSpec(
+            name=domain_name(vm.id), vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_path=disk,
+            network=network_name(cluster.id), mac=vm.mac, ip=vm.ip,
+            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner}))

@@ -1,0 +1,74 @@
+"""System settings: grid-wide knobs kept in the DOM as ``setting`` entities.
+
+Each known key has a default, a validator and a description; SetSetting refuses unknown keys and
+bad values with an error naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from vmwebd.dom.records import SettingRec
+from vmwebd.errors import InvalidArgument, NoSuchSetting
+
+
+def _choice(*options):
+    def check(v: str) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return v
+    return check
+
+
+def _float_range(lo, hi):
+    def check(v: str) -> str:
+        try:
+            f = float(v)
+        except ValueError:
+            raise ValueError("must be a number") from None
+        if not lo <= f <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return repr(f)
+    return check
+
+
+@dataclass(frozen=True)
+class SettingDef:
+    key: str
+    default: str
+    check: Callable[[str], str]
+    description: str
+
+
+SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
+    SettingDef("placement", "spread", _choice("spread", "pack"),
+               "How new VMs are placed: spread (by free capacity, per host) or pack (fill hosts)"),
+    SettingDef("cpu_overcommit", "4.0", _float_range(1.0, 32.0),
+               "vCPUs a host may carry per physical CPU"),
+    SettingDef("restart_stopped", "true", _choice("true", "false"),
+               "Start again a VM found stopped behind vmweb's back"),
+]}
+
+
+def get_setting(dom, key: str) -> str:
+    if key not in SETTINGS:
+        raise NoSuchSetting(key, SETTINGS)
+    rec = dom.get(SettingRec, key)
+    return rec.value if rec is not None else SETTINGS[key].default
+
+
+def all_settings(dom) -> dict[str, str]:
+    return {k: get_setting(dom, k) for k in SETTINGS}
+
+
+def checked_setting(key: str, value: str) -> SettingRec:
+    """The record to write for ``key = value``; raises NoSuchSetting / InvalidArgument."""
+    if key not in SETTINGS:
+        raise NoSuchSetting(key, SETTINGS)
+    if not isinstance(value, str):
+        raise InvalidArgument(key, "value must be a string")
+    try:
+        value = SETTINGS[key].check(value.strip())
+    except ValueError as e:
+        raise InvalidArgument(key, f"{value!r}: {e}") from None
+    return SettingRec(id=key, value=value)
