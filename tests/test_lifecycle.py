@@ -170,6 +170,7 @@ def test_pool_exhausted_leaks_nothing(start_node):
     """A cluster bigger than the address pool fails with Server.PoolExhausted and leases nothing."""
     h = yield start_node(pool_cidr="10.9.0.0/29", reserve="")  # 6 usable addresses
     yield h.call("CreateCluster", "small", "lab", "alice", 4)
+    yield h.node.reconciler.settled()
     before = h.node.domsvc.dom.canonical_digest()
     with pytest.raises(ApiFault) as e:
         yield h.call("CreateCluster", "big", "lab", "alice", 3)

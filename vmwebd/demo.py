@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         print(f"{hid}: {cpus} CPUs, {mem} MiB — user API http://127.0.0.1:{args.first_port + i}/soap "
               f"(log {base / hid / 'vmwebd.log'})")
     print()
-    print("Try, in another terminal (the venv's vmweb; default host 127.0.0.1:8471):")
+    print("Try, in another terminal:")
+    print(f"  export VMWEB_HOST=127.0.0.1:{args.first_port}")
     print("  .venv/bin/vmweb templates")
     print("  .venv/bin/vmweb cluster create lab1 --template hpc --owner alice --count 4")
     print("  .venv/bin/vmweb cluster show lab1")

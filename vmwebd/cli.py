@@ -1,0 +1,178 @@
+"""``vmweb``: the command line for users and scripts, talking SOAP to any host's user API.
+
+Readable tables by default, ``--json`` for scripts. A fault prints one line
+(``vmweb: Client.NoSuchCluster: no virtual cluster named 'x'``) and exits 1; an unreachable host
+exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_HOST = "127.0.0.1:8470"
+
+
+def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    """Formats rows as an aligned text table with the given (key, heading) columns."""
+    cells = [[h for _, h in cols]] + [["" if r.get(k) is None else str(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+VM_COLS = [("name", "VM"), ("role", "ROLE"), ("host", "HOST"), ("state", "STATE"), ("ip", "IP"),
+           ("mac", "MAC"), ("vcpus", "VCPUS"), ("memory_mib", "MEM(MiB)"), ("detail", "DETAIL")]
+CLUSTER_COLS = [("name", "CLUSTER"), ("owner", "OWNER"), ("template", "TEMPLATE"), ("count", "VMS"),
+                ("state", "STATE"), ("network", "NETWORK"), ("bridge", "BRIDGE")]
+HOST_COLS = [("id", "HOST"), ("liveness", "LIVENESS"), ("cpus", "CPUS"), ("memory_mib", "MEM(MiB)"),
+             ("used_vcpus", "USED VCPUS"), ("used_memory_mib", "USED MEM"), ("load1", "LOAD"),
+             ("vms", "VMS"), ("api", "API")]
+
+
+def show_cluster(c: dict) -> str:
+    head = (f"cluster {c['name']}  owner {c['owner']}  template {c['template']}  "
+            f"{c['count']} VMs  state {c['state']}  network {c['network']} ({c['bridge']}, id {c['vni']})")
+    return head + "\n" + table(c.get("vms") or [], VM_COLS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vmweb", description="Manage virtual clusters on a vmweb grid.")
+    ap.add_argument("--host", default=os.environ.get("VMWEB_HOST", DEFAULT_HOST),
+                    help=f"any vmweb host's user API, HOST:PORT (default $VMWEB_HOST or {DEFAULT_HOST})")
+    ap.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("templates", help="list scenario templates")
+    cl = sub.add_parser("cluster", help="create, scale, destroy or show a cluster")
+    csub = cl.add_subparsers(dest="action", required=True)
+    c = csub.add_parser("create", help="create a cluster from a template")
+    c.add_argument("name")
+    c.add_argument("--template", required=True)
+    c.add_argument("--owner", required=True)
+    c.add_argument("--count", required=True, type=int)
+    c.add_argument("--no-wait", action="store_true", help="return once recorded, without waiting for boot")
+    c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the VMs (default 300)")
+    s = csub.add_parser("scale", help="grow or shrink a running cluster")
+    s.add_argument("name")
+    s.add_argument("count", type=int)
+    s.add_argument("--no-wait", action="store_true")
+    s.add_argument("--timeout", type=float, default=300.0)
+    d = csub.add_parser("destroy", help="destroy a cluster and give everything back")
+    d.add_argument("name")
+    sh = csub.add_parser("show", help="show a cluster and its VMs")
+    sh.add_argument("name")
+    ls = sub.add_parser("clusters", help="list clusters")
+    ls.add_argument("--owner")
+    sub.add_parser("hosts", help="list physical hosts")
+    sub.add_parser("dom", help="print the cluster DOM (XML)")
+    sub.add_parser("settings", help="list system settings")
+    st = sub.add_parser("set", help="change a system setting")
+    st.add_argument("key")
+    st.add_argument("value")
+    vm = sub.add_parser("vm", help="start or stop a VM")
+    vsub = vm.add_subparsers(dest="action", required=True)
+    for verb in ("start", "stop"):
+        v = vsub.add_parser(verb)
+        v.add_argument("cluster")
+        v.add_argument("vm")
+    return ap
+
+
+def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr) -> dict:
+    """Polls the cluster until no VM is pending, showing progress; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    tty = out.isatty()
+    last = None
+    while True:
+        c = client.call("GetCluster", name)
+        vms = [v for v in c["vms"] or [] if v["desired"] != "absent"]
+        up = sum(1 for v in vms if v["state"] == "running")
+        err = sum(1 for v in vms if v["state"] == "error")
+        line = f"{name}: {up}/{len(vms)} VMs running" + (f", {err} failed" if err else "")
+        if not quiet and line != last:
+            out.write(("\r" + line) if tty else line + "\n")
+            out.flush()
+            last = line
+        if all(v["state"] not in ("pending",) for v in vms) and c["state"] != "scaling":
+            if not quiet and tty:
+                out.write("\n")
+            return c
+        if time.monotonic() > deadline:
+            if not quiet and tty:
+                out.write("\n")
+            out.write(f"vmweb: gave up waiting after {timeout:.0f} s; the cluster keeps coming up\n")
+            return c
+        time.sleep(0.3)
+
+
+def run(args, client, out=sys.stdout) -> int:
+    def emit(obj, text):
+        out.write((json.dumps(obj, indent=2, default=str) if args.json else text) + "\n")
+
+    if args.cmd == "templates":
+        ts = client.call("ListTemplates")
+        rows = [{**t, "roles": ", ".join(f"{r['name']}×{r['count']} ({r['vcpus']} vCPU, {r['memory_mib']} MiB)"
+                                         for r in t["roles"])} for t in ts]
+        emit(ts, table(rows, [("name", "TEMPLATE"), ("min_count", "MIN"), ("pool", "POOL"),
+                              ("roles", "ROLES"), ("description", "DESCRIPTION")]))
+    elif args.cmd == "cluster":
+        if args.action == "create":
+            c = client.call("CreateCluster", args.name, args.template, args.owner, args.count)
+            if not args.no_wait:
+                c = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
+            emit(c, show_cluster(c))
+        elif args.action == "scale":
+            c = client.call("ScaleCluster", args.name, args.count)
+            if not args.no_wait:
+                c = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
+            emit(c, show_cluster(c))
+        elif args.action == "destroy":
+            state = client.call("DestroyCluster", args.name)
+            emit({"name": args.name, "state": state}, f"cluster {args.name} {state}")
+        elif args.action == "show":
+            c = client.call("GetCluster", args.name)
+            emit(c, show_cluster(c))
+    elif args.cmd == "clusters":
+        cs = client.call("ListClusters", args.owner) or []
+        emit(cs, table(cs, CLUSTER_COLS))
+    elif args.cmd == "hosts":
+        hs = client.call("ListHosts") or []
+        emit(hs, table(hs, HOST_COLS))
+    elif args.cmd == "dom":
+        xml = client.call("GetDom")
+        emit({"dom": xml}, xml.rstrip())
+    elif args.cmd == "settings":
+        ss = client.call("GetSettings") or []
+        emit(ss, table(ss, [("key", "KEY"), ("value", "VALUE"), ("description", "DESCRIPTION")]))
+    elif args.cmd == "set":
+        s = client.call("SetSetting", args.key, args.value)
+        emit(s, f"{s['key']} = {s['value']}")
+    elif args.cmd == "vm":
+        op = "StartVm" if args.action == "start" else "StopVm"
+        v = client.call(op, args.cluster, args.vm)
+        emit(v, table([v], VM_COLS))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from vmwebd.client import ApiClient, ApiFault
+    import requests
+    try:
+        client = ApiClient(args.host)
+        return run(args, client)
+    except ApiFault as f:
+        print(f"vmweb: {f.code}: {f.message}", file=sys.stderr)
+        return 1
+    except requests.exceptions.RequestException as e:
+        print(f"vmweb: cannot reach vmwebd at {args.host} ({type(e).__name__}); "
+              f"give --host HOST:PORT or set VMWEB_HOST", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
