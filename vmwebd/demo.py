@@ -27,8 +27,11 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
                       cpus: int, memory_mib: int, templates_dir: Path = REPO / "conf" / "templates",
                       pool_cidr: str = "10.77.0.0/16", reserve: str = "10.77.0.0/24",
                       reconcile_interval: float = 2.0, max_vms: int = 256,
-                      extra: str = "") -> Path:
-    """Writes a complete host directory (config, test-driver node, state dir); returns the config."""
+                      extra: str = "", image_mib: int = 256) -> Path:
+    """Writes a complete host directory (config, test-driver node, state dir); returns the config.
+
+    The base image is small by default: the test driver's storage pool holds 100 GiB, and every
+    overlay counts its full virtual size against it."""
     directory.mkdir(parents=True, exist_ok=True)
     uri = write_test_host(directory / "node.xml", cpus, memory_mib)
     reserve_attr = f' reserve="{reserve}"' if reserve else ""
@@ -41,7 +44,7 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
   <libvirt uri="{uri}"/>
   <storage pool="vmweb" dir="{directory / 'images'}"/>
   <images>
-    <image name="debian-12" file="debian-12.qcow2" size-mib="2048" format="qcow2"/>
+    <image name="debian-12" file="debian-12.qcow2" size-mib="{image_mib}" format="qcow2"/>
   </images>
   <pools>
     <ip name="lab" cidr="{pool_cidr}"{reserve_attr}/>

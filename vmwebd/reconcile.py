@@ -65,6 +65,7 @@ class Reconciler:
         self.clock = clock
         self.now_ms = now_ms
         self.interval = interval
+        self.status_batch = 16
         self._running = False
         self._again = False
         self._scheduled = None
@@ -143,9 +144,16 @@ class Reconciler:
             if net not in have_nets:
                 yield self._guard(f"network {net}", self.driver.define_network(net, bridge))
 
-        # 2. VMs assigned here
+        # 2. VMs assigned here; status writes are committed in groups (one fsync each)
+        pending = []
         for vm in mine:
-            yield self._reconcile_vm(vm, domains.get(domain_name(vm.id)), clusters.get(vm.cluster))
+            status = yield self._reconcile_vm(vm, domains.get(domain_name(vm.id)), clusters.get(vm.cluster))
+            if status is not None:
+                pending.append(status)
+            if len(pending) >= self.status_batch:
+                yield self._write_statuses(pending)
+                pending = []
+        yield self._write_statuses(pending)
 
         # 3. orphans
         known = {domain_name(vm.id) for vm in mine}
@@ -164,6 +172,11 @@ class Reconciler:
                 yield self.domsvc.delete(("vcluster", c.id))
                 yield self.allocator.release_cluster(c.id, c.vni)
                 log.info("cluster {name} destroyed", name=c.id)
+
+    def _write_statuses(self, statuses):
+        # A VM may have been deleted meanwhile (e.g. by a destroy on another host): skip it.
+        live = [st for st in statuses if self.dom.get(VmRec, st.id) is not None]
+        return self.domsvc.put(*live)
 
     @defer.inlineCallbacks
     def _guard(self, what, d):
@@ -191,7 +204,7 @@ class Reconciler:
                 yield self.allocator.release_vm(vm)
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
-                return
+                return None
             if vm.desired == "running":
                 if state != "running":
                     if prev is not None and prev.state == "running":
@@ -212,8 +225,9 @@ class Reconciler:
             state, detail = "error", str(e)
             log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=e)
         if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
-            yield self.domsvc.put(VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
-                                           restarts=restarts, observed_at=int(self.now_ms())))
+            return VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
+                            restarts=restarts, observed_at=int(self.now_ms()))
+        return None
 
     @defer.inlineCallbacks
     def _create(self, vm: VmRec, cluster: VClusterRec | None):
