@@ -31,6 +31,10 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"vmwebd: configuration error: {e}", file=sys.stderr)
         return 2
+    # spyne logs every fault through the stdlib at ERROR; our SOAP stack already logs them once,
+    # with the right level, through twisted.logger.
+    import logging
+    logging.getLogger("spyne").setLevel(logging.CRITICAL)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(args.log_level))
     globalLogBeginner.beginLoggingTo(
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])], redirectStandardIO=False)
