@@ -263,6 +263,48 @@ class Dom:
                     break
         return out
 
+    def delta(self, theirs: dict[str, tuple[int, int]], mine_complete: dict[str, tuple[int, int]],
+              budget_bytes: int) -> tuple[list[etree._Element], dict[str, tuple[int, int]]]:
+        """What another replica lacks, within a size budget, and how far it may then count itself
+        complete (Scuttlebutt-style anti-entropy).
+
+        ``theirs`` is the other side's complete version vector, ``mine_complete`` ours. Entities
+        are chosen by the stamp of their newest-unknown part, oldest first, until the budget is
+        spent; ``claims[o]`` is the highest stamp from origin ``o`` up to which the other side
+        holds everything after merging them (never more than what we are complete up to).
+        """
+        cands: list[tuple[tuple[int, int], str, str, str]] = []
+        for kind in CONTAINERS:
+            for id_, el in self._index[kind].items():
+                for part in [el, *_part_children(el).values()]:
+                    v = _version(part)
+                    if v.stamp > theirs.get(v.origin, (-1, -1)):
+                        cands.append((v.stamp, v.origin, kind, id_))
+        cands.sort()
+        chosen: dict[tuple[str, str], etree._Element] = {}
+        claims = dict(mine_complete)
+        size = 0
+        blocked: set[str] = set()
+        for stamp, origin, kind, id_ in cands:
+            if origin in blocked:
+                continue
+            key = (kind, id_)
+            if key not in chosen:
+                el = self._index[kind][id_]
+                n = len(entity_bytes(el))
+                if chosen and size + n > budget_bytes:
+                    # Everything from this origin below this stamp is in; nothing above may be claimed.
+                    if origin in claims:
+                        claims[origin] = min(claims[origin], _before(stamp))
+                    blocked.add(origin)
+                    continue
+                chosen[key] = copy.deepcopy(el)
+                size += n
+        for origin in list(claims):
+            if origin in theirs and claims[origin] < theirs[origin]:
+                claims[origin] = theirs[origin]
+        return list(chosen.values()), claims
+
     def canonical_digest(self) -> str:
         """A hash of the replica's content, independent of the order things arrived in."""
         h = hashlib.sha256()
@@ -296,11 +338,26 @@ class Dom:
             fn(kind, id_)
 
 
+def _before(stamp: tuple[int, int]) -> tuple[int, int]:
+    """The greatest stamp strictly below ``stamp``."""
+    wall, counter = stamp
+    return (wall, counter - 1) if counter > 0 else (wall - 1, 10**9)
+
+
 def _canonical_entity(el: etree._Element) -> bytes:
     parts = _part_children(el)
     main = _main_bytes(el)
     rest = b"".join(_canon(parts[n]) for n in sorted(parts))
     return main + rest
+
+
+def part_versions(el: etree._Element) -> list[Version]:
+    """The versions of an entity's parts (main part first)."""
+    return [_version(p) for p in [el, *_part_children(el).values()]]
+
+
+def entity_key(el: etree._Element) -> tuple[str, str]:
+    return (etree.QName(el).localname, el.get("id"))
 
 
 def entity_bytes(el: etree._Element) -> bytes:

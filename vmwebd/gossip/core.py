@@ -1,0 +1,372 @@
+"""The peer protocol core: SWIM membership plus DOM dissemination, as a plain object.
+
+:class:`GossipCore` keeps no reactor, socket or libvirt handle. It is fed envelopes
+(:meth:`receive`) and clock readings (:meth:`tick`), is told of local DOM changes
+(:meth:`local_changes`), and returns an :class:`Output`: what to persist (entities merged from
+peers) and what to send. The Twisted layer persists first, then sends; the simulator does the
+same in memory. Randomness comes from the injected ``random.Random``.
+
+Membership (SWIM with suspicion and incarnations):
+  every ``probe_interval`` ping the next member (round robin over a shuffled list); no Ack within
+  ``probe_timeout`` → ask ``indirect_checks`` others to ping it (PingReq); no Ack by the end of the
+  period → *suspect*; still suspect after ``suspicion_mult * max(1, log10 n) * probe_interval`` →
+  *dead*. A host that hears itself suspected or declared dead refutes with a higher incarnation.
+  A clean stop spreads *left*. Membership states travel as rumors piggybacked on every message.
+Dissemination:
+  a local change is sent at once to ``fanout`` random live peers and queued as a rumor; every
+  ``gossip_interval`` queued rumors go to ``fanout`` random live peers; a host that learns
+  something new from a rumor queues it in turn. Every ``sync_interval`` a push-pull anti-entropy
+  round with one peer exchanges complete version vectors and then only what differs, bounded by
+  ``max_sync_bytes`` per message (Scuttlebutt-style; see :meth:`vmwebd.dom.document.Dom.delta`).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vmwebd.gossip.broadcast import BroadcastQueue
+from vmwebd.gossip.messages import (PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState, Ping,
+                                    PingReq, Sync, SyncDelta, SyncReply)
+
+ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
+_RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """Protocol timing and sizes (seconds, bytes). Presets below; the defaults are LAN."""
+
+    probe_interval: float = 1.0      # memberlist LAN: 1 s
+    probe_timeout: float = 0.5       # memberlist LAN: 500 ms
+    indirect_checks: int = 3
+    suspicion_mult: int = 4          # memberlist LAN: 4
+    gossip_interval: float = 0.2     # memberlist LAN: 200 ms
+    fanout: int = 3                  # memberlist LAN: 3 (GossipNodes)
+    retransmit_mult: int = 4         # memberlist LAN: 4
+    sync_interval: float = 10.0      # memberlist LAN push-pull: 30 s; ours is shorter
+    dead_sync_every: int = 3         # every Nth sync goes to a dead (not left) host, to heal partitions
+    max_gossip_bytes: int = 64 * 1024
+    max_sync_bytes: int = 1024 * 1024
+
+    def suspicion_timeout(self, n: int) -> float:
+        return self.suspicion_mult * max(1.0, math.log10(max(n, 1))) * self.probe_interval
+
+
+LAN = GossipConfig()
+LOCAL_TEST = GossipConfig(probe_interval=0.5, probe_timeout=0.2, suspicion_mult=3,
+                          gossip_interval=0.1, sync_interval=2.0)
+
+
+class DomPort(Protocol):
+    """What the core needs of the DOM; the core knows nothing of the schema."""
+
+    def merge(self, entities) -> list: ...            # in memory; returns the changed entities' new state
+    def delta(self, theirs, mine_complete, budget) -> tuple[list, dict]: ...
+    def size_of(self, entity) -> int: ...
+    def key_of(self, entity) -> tuple: ...
+    def stamps_of(self, entity) -> list[tuple[str, tuple[int, int]]]: ...
+
+
+@dataclass
+class Member:
+    node: str
+    addr: str
+    incarnation: int
+    status: str
+    since: float
+
+    def state(self) -> MemberState:
+        return MemberState(self.node, self.addr, self.incarnation, self.status)
+
+
+@dataclass
+class Send:
+    dst: str | None
+    addr: str
+    envelope: Envelope
+
+
+@dataclass
+class Output:
+    sends: list[Send] = field(default_factory=list)
+    persist: list = field(default_factory=list)      # entities merged from peers (durable before sends)
+    changes: list[tuple[str, str, str]] = field(default_factory=list)  # (node, old, new) status
+
+    def extend(self, other: "Output") -> "Output":
+        self.sends += other.sends
+        self.persist += other.persist
+        self.changes += other.changes
+        return self
+
+
+@dataclass
+class _Probe:
+    seq: int
+    target: str
+    started: float
+    indirect: bool = False
+    acked: bool = False
+
+
+class GossipCore:
+    def __init__(self, me: str, addr: str, config: GossipConfig, rng: random.Random, dom: DomPort,
+                 now: float, incarnation: int = 0, cvv: dict | None = None,
+                 seeds: tuple[str, ...] = (), known: tuple[tuple[str, str], ...] = ()):
+        self.me = me
+        self.addr = addr
+        self.cfg = config
+        self.rng = rng
+        self.dom = dom
+        self.members: dict[str, Member] = {me: Member(me, addr, incarnation, ALIVE, now)}
+        for node, a in known:  # from the durable DOM: hosts we knew before a restart
+            if node != me:
+                # incarnation -1: any live rumor about it, even incarnation 0, is newer
+                self.members[node] = Member(node, a, -1, DEAD, now)
+        self.seeds = tuple(s for s in seeds if s != addr)
+        self.cvv: dict[str, tuple[int, int]] = dict(cvv or {})
+        self.queue = BroadcastQueue(config.retransmit_mult)
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._order: list[str] = []
+        self._relays: dict[int, tuple[str, str, int, str, float]] = {}
+        self._next_probe = now + rng.random() * config.probe_interval
+        self._next_gossip = now + rng.random() * config.gossip_interval
+        self._next_sync = now
+        self._syncs = 0
+        self._out = Output()
+        self.queue.put(("m", me), self.members[me].state(), 64)
+
+    # -- views ----------------------------------------------------------------------------
+    def alive(self) -> list[str]:
+        return sorted(n for n, m in self.members.items() if m.status in (ALIVE, SUSPECT))
+
+    def status_of(self, node: str) -> str | None:
+        m = self.members.get(node)
+        return m.status if m else None
+
+    def member_states(self) -> tuple[MemberState, ...]:
+        return tuple(m.state() for m in sorted(self.members.values(), key=lambda m: m.node))
+
+    @property
+    def incarnation(self) -> int:
+        return self.members[self.me].incarnation
+
+    # -- inputs ---------------------------------------------------------------------------
+    def local_changes(self, entities, now: float) -> Output:
+        """Local DOM writes: raise our own complete vector, push at once, queue as rumors."""
+        for el in entities:
+            for origin, stamp in self.dom.stamps_of(el):
+                if origin == self.me and stamp > self.cvv.get(self.me, (-1, -1)):
+                    self.cvv[self.me] = stamp
+            self.queue.put(("e",) + self.dom.key_of(el), el, self.dom.size_of(el))
+        for peer in self._random_peers(self.cfg.fanout):
+            self._send(peer, Gossip())
+        return self._flush()
+
+    def receive(self, env: Envelope, now: float) -> Output:
+        if env.version > PROTOCOL_VERSION or (env.dst is not None and env.dst != self.me):
+            return self._flush()   # a newer protocol, or meant for a host that was here before
+        for ms in env.members:
+            self._apply_member(ms, now)
+        self._merge(env.entities)
+        msg = env.msg
+        if isinstance(msg, Ping):
+            if msg.target == self.me:
+                self._send_to(env.src, env.src_addr, Ack(msg.seq, self.me))
+        elif isinstance(msg, Ack):
+            if self._probe is not None and msg.seq == self._probe.seq and msg.target == self._probe.target:
+                self._probe.acked = True
+            elif msg.seq in self._relays:
+                src, src_addr, orig_seq, target, _ = self._relays.pop(msg.seq)
+                if target == msg.target:
+                    self._send_to(src, src_addr, Ack(orig_seq, target))
+        elif isinstance(msg, PingReq):
+            self._seq += 1
+            self._relays[self._seq] = (env.src, env.src_addr, msg.seq, msg.target, now + self.cfg.probe_interval)
+            self._send_to(msg.target, msg.target_addr, Ping(self._seq, msg.target))
+        elif isinstance(msg, Sync):
+            for ms in msg.members:
+                self._apply_member(ms, now)
+            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes)
+            self._send_to(env.src, env.src_addr,
+                          SyncReply(tuple(ents), claims, dict(self.cvv), self.member_states()), rumors=False)
+        elif isinstance(msg, SyncReply):
+            for ms in msg.members:
+                self._apply_member(ms, now)
+            self._merge(msg.entities)
+            self._claim(msg.claims)
+            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes)
+            if ents:
+                self._send_to(env.src, env.src_addr, SyncDelta(tuple(ents), claims), rumors=False)
+        elif isinstance(msg, SyncDelta):
+            self._merge(msg.entities)
+            self._claim(msg.claims)
+        return self._flush()
+
+    def tick(self, now: float) -> Output:
+        cfg = self.cfg
+        n = len(self.members)
+        # probe in progress
+        p = self._probe
+        if p is not None and not p.acked:
+            if not p.indirect and now >= p.started + cfg.probe_timeout:
+                p.indirect = True
+                target = self.members.get(p.target)
+                helpers = [x for x in self._random_peers(cfg.indirect_checks + 1) if x != p.target]
+                for h in helpers[:cfg.indirect_checks]:
+                    self._send(h, PingReq(p.seq, p.target, target.addr if target else ""))
+            if now >= p.started + cfg.probe_interval:
+                self._suspect(p.target, now)
+                self._probe = None
+        elif p is not None and p.acked:
+            self._probe = None
+        if self._probe is None and now >= self._next_probe:
+            self._next_probe = now + cfg.probe_interval
+            target = self._next_probe_target()
+            if target is not None:
+                self._seq += 1
+                self._probe = _Probe(self._seq, target, now)
+                self._send(target, Ping(self._seq, target))
+        # suspicion timeouts
+        timeout = cfg.suspicion_timeout(n)
+        for m in list(self.members.values()):
+            if m.status == SUSPECT and now >= m.since + timeout:
+                self._set(m, DEAD, m.incarnation, now)
+                self.queue.put(("m", m.node), m.state(), 64)
+        # stale relays
+        for seq, relay in list(self._relays.items()):
+            if now >= relay[4]:
+                del self._relays[seq]
+        # rumors
+        if now >= self._next_gossip:
+            self._next_gossip = now + cfg.gossip_interval
+            if len(self.queue):
+                for peer in self._random_peers(cfg.fanout):
+                    self._send(peer, Gossip())
+        # anti-entropy (and joining through seeds while alone)
+        if now >= self._next_sync:
+            self._next_sync = now + cfg.sync_interval * (0.5 + self.rng.random())
+            self._syncs += 1
+            self._start_sync()
+        return self._flush()
+
+    def leave(self, now: float) -> Output:
+        """A clean stop: spread that we left (to several peers at once)."""
+        me = self.members[self.me]
+        self._set(me, LEFT, me.incarnation + 1, now)
+        self.queue.put(("m", self.me), me.state(), 64)
+        for peer in self._random_peers(max(self.cfg.fanout, 3)):
+            self._send(peer, Gossip())
+        return self._flush()
+
+    # -- internals ------------------------------------------------------------------------
+    def _start_sync(self):
+        live = [n for n in self.alive() if n != self.me]
+        dead = [n for n, m in self.members.items() if m.status == DEAD]
+        sync = Sync(dict(self.cvv), self.member_states())
+        if not live:
+            targets = [(None, a) for a in self.seeds] + [(n, self.members[n].addr) for n in dead]
+            if targets:
+                dst, addr = self.rng.choice(targets)
+                self._send_to(dst, addr, sync, rumors=False)
+            return
+        if dead and self._syncs % self.cfg.dead_sync_every == 0:
+            self._send(self.rng.choice(sorted(dead)), sync, rumors=False)
+        else:
+            self._send(self.rng.choice(live), sync, rumors=False)
+
+    def _next_probe_target(self) -> str | None:
+        candidates = [n for n in self.alive() if n != self.me]
+        if not candidates:
+            return None
+        while self._order and self._order[0] not in candidates:
+            self._order.pop(0)
+        if not self._order:
+            self._order = list(candidates)
+            self.rng.shuffle(self._order)
+        return self._order.pop(0)
+
+    def _random_peers(self, k: int) -> list[str]:
+        peers = [n for n in self.alive() if n != self.me]
+        self.rng.shuffle(peers)
+        return peers[:k]
+
+    def _claim(self, claims: dict):
+        for origin, stamp in claims.items():
+            stamp = tuple(stamp)
+            if stamp > self.cvv.get(origin, (-1, -1)):
+                self.cvv[origin] = stamp
+
+    def _merge(self, entities):
+        if not entities:
+            return
+        changed = self.dom.merge(entities)
+        for el in changed:
+            self.queue.put(("e",) + self.dom.key_of(el), el, self.dom.size_of(el))
+        self._out.persist.extend(changed)
+
+    def _set(self, m: Member, status: str, incarnation: int, now: float):
+        if m.status != status:
+            self._out.changes.append((m.node, m.status, status))
+            m.since = now
+        m.status = status
+        m.incarnation = incarnation
+
+    def _suspect(self, node: str, now: float):
+        m = self.members.get(node)
+        if m is not None and m.status == ALIVE:
+            self._set(m, SUSPECT, m.incarnation, now)
+            self.queue.put(("m", node), m.state(), 64)
+
+    def _apply_member(self, ms: MemberState, now: float):
+        """SWIM's rules for a rumor about a member (including ourselves: refute)."""
+        if ms.node == self.me:
+            me = self.members[self.me]
+            if me.status == LEFT:
+                return
+            if ms.status in (SUSPECT, DEAD, LEFT) and ms.incarnation >= me.incarnation:
+                self._set(me, ALIVE, ms.incarnation + 1, now)
+                self.queue.put(("m", self.me), me.state(), 64)
+            return
+        m = self.members.get(ms.node)
+        if m is None:
+            if ms.status in (ALIVE, SUSPECT):
+                m = Member(ms.node, ms.addr, ms.incarnation, ms.status, now)
+                self.members[ms.node] = m
+                self._out.changes.append((ms.node, "unknown", ms.status))
+                self.queue.put(("m", ms.node), m.state(), 64)
+            elif ms.status in (DEAD, LEFT):
+                self.members[ms.node] = Member(ms.node, ms.addr, ms.incarnation, ms.status, now)
+            return
+        newer = ms.incarnation > m.incarnation
+        same = ms.incarnation == m.incarnation
+        if ms.status == ALIVE:
+            accept = newer
+        elif ms.status == SUSPECT:
+            accept = newer or (same and m.status == ALIVE)
+        else:  # dead / left override alive and suspect at the same incarnation
+            accept = newer or (same and _RANK[m.status] < _RANK[ms.status])
+        if accept:
+            if ms.addr:
+                m.addr = ms.addr
+            self._set(m, ms.status, ms.incarnation, now)
+            self.queue.put(("m", ms.node), m.state(), 64)
+
+    def _send(self, node: str, msg, rumors: bool = True):
+        m = self.members.get(node)
+        if m is not None:
+            self._send_to(node, m.addr, msg, rumors)
+
+    def _send_to(self, node: str | None, addr: str, msg, rumors: bool = True):
+        members, entities = (), ()
+        if rumors:
+            items = self.queue.take(self.cfg.max_gossip_bytes, len(self.members))
+            members = tuple(i for i in items if isinstance(i, MemberState))
+            entities = tuple(i for i in items if not isinstance(i, MemberState))
+        self._out.sends.append(Send(node, addr, Envelope(self.me, self.addr, node, msg, members, entities)))
+
+    def _flush(self) -> Output:
+        out, self._out = self._out, Output()
+        return out

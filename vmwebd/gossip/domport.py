@@ -1,0 +1,49 @@
+"""The DOM as the gossip core sees it: merge, delta, sizes and versions — nothing of the schema."""
+from __future__ import annotations
+
+import copy
+
+from twisted.logger import Logger
+
+from vmwebd.dom.document import Dom, entity_bytes, entity_key, part_versions
+from vmwebd.errors import MalformedRequest
+
+log = Logger()
+
+
+class DomPortAdapter:
+    """Adapts a :class:`~vmwebd.dom.document.Dom` to :class:`vmwebd.gossip.core.DomPort`.
+
+    ``validate`` checks every entity from a peer against the schema (the daemon does; the
+    simulator, whose entities are made by its own cores, may skip it for speed).
+    """
+
+    def __init__(self, dom: Dom, validate: bool = True):
+        self.dom = dom
+        self.validate = validate
+        self.rejected = 0
+
+    def merge(self, entities) -> list:
+        changed = []
+        for el in entities:
+            try:
+                if self.dom.merge(el, validate=self.validate):
+                    kind, id_ = entity_key(el)
+                    changed.append(copy.deepcopy(self.dom._index[kind][id_]))
+            except (MalformedRequest, ValueError) as e:
+                self.rejected += 1
+                log.warn("refused an entity from a peer: {err}", err=e)
+        return changed
+
+    def delta(self, theirs, mine_complete, budget):
+        theirs = {o: tuple(s) for o, s in theirs.items()}
+        return self.dom.delta(theirs, mine_complete, budget)
+
+    def size_of(self, el) -> int:
+        return len(entity_bytes(el))
+
+    def key_of(self, el) -> tuple:
+        return entity_key(el)
+
+    def stamps_of(self, el) -> list:
+        return [(v.origin, v.stamp) for v in part_versions(el)]

@@ -1,0 +1,106 @@
+"""The peer wire protocol: every message kind, declared once, versioned. ONLY APPEND TO THIS FILE.
+
+A message travels in an :class:`Envelope` that also carries piggybacked rumors: membership states
+(SWIM's alive/suspect/dead, "left" for a clean leave) and DOM entity states. Kinds keep their
+numeric code forever; a new field gets a default so older peers' messages still decode; a kind
+that is no longer sent stays listed (deprecated), never reused. See docs/gossip.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+
+Stamp = tuple[int, int]  # (wall ms, counter) of a hybrid logical clock
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What one host claims about a member: SWIM's (status, incarnation) plus its address."""
+
+    node: str
+    addr: str
+    incarnation: int
+    status: str  # alive | suspect | dead | left
+
+
+# -- message kinds (code, name): ONLY APPEND ---------------------------------------------------
+@dataclass(frozen=True)
+class Ping:
+    """Are you there? ``target`` is who the sender thinks it is talking to."""
+
+    CODE = 1
+    seq: int
+    target: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Answer to a Ping (or forwarded answer to a PingReq): ``target`` was reached."""
+
+    CODE = 2
+    seq: int
+    target: str
+
+
+@dataclass(frozen=True)
+class PingReq:
+    """Please ping ``target`` for me and forward its Ack (SWIM's indirect probe)."""
+
+    CODE = 3
+    seq: int
+    target: str
+    target_addr: str
+
+
+@dataclass(frozen=True)
+class Gossip:
+    """Nothing but the envelope's piggybacked rumors."""
+
+    CODE = 4
+
+
+@dataclass(frozen=True)
+class Sync:
+    """Anti-entropy, first leg: my complete version vector and my member list."""
+
+    CODE = 5
+    cvv: dict = field(default_factory=dict)
+    members: tuple = ()
+
+
+@dataclass(frozen=True)
+class SyncReply:
+    """Anti-entropy, second leg: what you lack (bounded), how far you are then complete, my
+    complete version vector and my member list."""
+
+    CODE = 6
+    entities: tuple = ()
+    claims: dict = field(default_factory=dict)
+    cvv: dict = field(default_factory=dict)
+    members: tuple = ()
+
+
+@dataclass(frozen=True)
+class SyncDelta:
+    """Anti-entropy, third leg: what the replier lacks (bounded) and its claims."""
+
+    CODE = 7
+    entities: tuple = ()
+    claims: dict = field(default_factory=dict)
+
+
+KINDS: dict[int, type] = {k.CODE: k for k in (Ping, Ack, PingReq, Gossip, Sync, SyncReply, SyncDelta)}
+NAMES: dict[type, str] = {Ping: "ping", Ack: "ack", PingReq: "ping-req", Gossip: "gossip",
+                          Sync: "sync", SyncReply: "sync-reply", SyncDelta: "sync-delta"}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    src: str
+    src_addr: str
+    dst: str | None          # None: the sender does not know who listens there (a seed)
+    msg: object
+    members: tuple = ()      # piggybacked MemberState rumors
+    entities: tuple = ()     # piggybacked DOM entity states (lxml elements)
+    version: int = PROTOCOL_VERSION
