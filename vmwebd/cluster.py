@@ -75,7 +75,8 @@ def _check_name(name, field_="name") -> str:
 
 
 class ClusterManager:
-    def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0):
+    def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0,
+                 live_hosts=None, liveness=None):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -84,6 +85,9 @@ class ClusterManager:
         self.now_ms = now_ms
         self.wait_timeout = wait_timeout
         self.reconcile_kick = lambda: None
+        # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
+        self.live_hosts = live_hosts or (lambda: {host_id})
+        self.liveness = liveness or (lambda h: "alive" if h == host_id else "unknown")
 
     # -- templates ------------------------------------------------------------------------
     def templates(self) -> dict[str, Template]:
@@ -122,7 +126,7 @@ class ClusterManager:
         loads = self._loads()
         for h in sorted(self.dom.all(HostRec), key=lambda h: h.id):
             load = loads.get(h.id)
-            out.append(HostView(h.id, h.liveness, h.api, h.cpus, h.memory_mib, h.free_memory_mib,
+            out.append(HostView(h.id, self.liveness(h.id) if h.liveness != "left" else "left", h.api, h.cpus, h.memory_mib, h.free_memory_mib,
                                 h.load1, sum(1 for v in self.dom.all(VmRec) if v.host == h.id),
                                 load.used_vcpus if load else 0, load.used_memory_mib if load else 0))
         return out
@@ -131,8 +135,9 @@ class ClusterManager:
         return [vm for vm in self.dom.all(VmRec) if vm.cluster == cluster]
 
     def _loads(self) -> dict[str, HostLoad]:
+        live = self.live_hosts()
         loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in self.dom.all(HostRec)
-                 if h.liveness == "alive"}
+                 if h.id in live and h.liveness == "alive"}
         for vm in self.dom.all(VmRec):
             if vm.host in loads and vm.desired != "absent":
                 loads[vm.host].used_vcpus += vm.vcpus

@@ -31,7 +31,8 @@ HEARTBEAT_SECONDS = 10.0
 
 
 class Node:
-    def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None):
+    def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None,
+                 gossip_config=None):
         self.config = config
         self.reactor = reactor
         self.fsync = fsync
@@ -43,6 +44,9 @@ class Node:
         self.manager = None
         self.reconciler = None
         self._heartbeat = None
+        self.gossip = None
+        self.peer_port = None
+        self.gossip_config = gossip_config
 
     def now_ms(self) -> int:
         return int(self.reactor.seconds() * 1000)
@@ -60,11 +64,13 @@ class Node:
         yield self._publish_static()
         table = LocalLeaseTable(self.domsvc, self.now_ms)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
-        self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms)
+        self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
+                                      live_hosts=self.live_hosts, liveness=self.liveness)
         self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
                                      StorageLayout(cfg.storage.pool, base_images),
                                      self.reactor, self.now_ms, cfg.reconcile_interval)
         self.manager.reconcile_kick = self.reconciler.kick
+        yield self._start_peers()
         yield self.heartbeat()
         self._heartbeat = task.LoopingCall(self.heartbeat)
         self._heartbeat.clock = self.reactor
@@ -72,6 +78,77 @@ class Node:
         self.reconciler.start()
         self.listen()
         log.info("host {host} serving the user API on {port}", host=self.host_id, port=self.api_port)
+
+    # -- peers ----------------------------------------------------------------------------
+    def _start_peers(self):
+        """Starts the peer endpoint and gossip when this host has a cluster certificate."""
+        cert_dir = getattr(self.config.peers, "cert_dir", None) or (self.config.state_dir / "pki")
+        if not (cert_dir / "host.crt").exists():
+            log.warn("no cluster certificate in {dir}: host {host} runs alone, without peers "
+                     "(create one with `vmweb init` or `vmweb host add`)", dir=str(cert_dir), host=self.host_id)
+            return defer.succeed(None)
+        from vmwebd.gossip.pki import load_host_credentials
+        creds = load_host_credentials(cert_dir)
+        if creds.host_id != self.host_id:
+            from vmwebd.errors import ConfigError
+            raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
+                              f"is for host {creds.host_id!r}, but this host is {self.host_id!r}")
+        return self._start_gossip(creds)
+
+    def _start_gossip(self, creds):
+        from vmwebd.api.peer import build_peer_api
+        from vmwebd.gossip import tls
+        from vmwebd.gossip.core import LAN, GossipCore
+        from vmwebd.gossip.domport import DomPortAdapter
+        from vmwebd.gossip.service import GossipService, PeerClient, load_state
+        cfg = self.config
+        gcfg = self.gossip_config or LAN
+        holder = {}
+
+        class _Late:
+            """Peer requests may arrive before the service object exists; drop them until then."""
+            def receive(self, env):
+                if "svc" in holder:
+                    holder["svc"].receive(env)
+        root = Resource()
+        root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
+                                              require_identity=True, identity_of=tls.peer_host_id))
+        site = Site(root)
+        site.displayTracebacks = False
+        addr = cfg.listen.peer
+        self.peer_port = tls.listen_tls(self.reactor, addr.port, site, creds, addr.host)
+        peer_addr = f"{addr.host}:{self.peer_port.getHost().port}"
+        self.peer_address = peer_addr
+        state_file = cfg.state_dir / "gossip-state.json"
+        cvv, incarnation = load_state(state_file)
+        own = self.domsvc.dom.version_vector().get(self.host_id)
+        if own is not None:
+            cvv[self.host_id] = max(own, tuple(cvv.get(self.host_id, (-1, -1))))
+        known = tuple((h.id, h.peer) for h in self.domsvc.dom.all(HostRec) if h.id != self.host_id and h.peer)
+        core = GossipCore(self.host_id, peer_addr, gcfg, random.Random(self.rng.random()),
+                          DomPortAdapter(self.domsvc.dom), self.reactor.seconds(),
+                          incarnation=incarnation, cvv=cvv,
+                          seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
+        client = PeerClient(self.reactor, tls.client_policy(creds))
+        self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
+        holder["svc"] = self.gossip
+        self.gossip.start()
+        log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id, addr=peer_addr,
+                 seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
+        return defer.succeed(None)
+
+    def live_hosts(self) -> set[str]:
+        """Hosts this host currently believes alive (itself always)."""
+        if self.gossip is None:
+            return {self.host_id}
+        return set(self.gossip.core.alive()) | {self.host_id}
+
+    def liveness(self, host_id: str) -> str:
+        if host_id == self.host_id:
+            return "alive"
+        if self.gossip is None:
+            return "unknown"
+        return self.gossip.core.status_of(host_id) or "unknown"
 
     @defer.inlineCallbacks
     def _ensure_storage(self):
@@ -110,7 +187,7 @@ class Node:
         prev = self.domsvc.dom.get(HostRec, self.host_id)
         rec = HostRec(
             id=self.host_id, api=str(cfg.listen.api if self.port is None else self.api_address),
-            peer=str(cfg.listen.peer), liveness="alive",
+            peer=getattr(self, "peer_address", str(cfg.listen.peer)), liveness="alive",
             incarnation=prev.incarnation if prev else 0,
             cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
             free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
@@ -136,7 +213,11 @@ class Node:
         return f"{self.config.listen.api.host}:{self.api_port}"
 
     @defer.inlineCallbacks
-    def stop(self):
+    def stop(self, leave: bool = True):
+        if self.gossip is not None:
+            yield self.gossip.stop(leave=leave)
+        if self.peer_port is not None:
+            yield self.peer_port.stopListening()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         if self.reconciler is not None:

@@ -51,6 +51,7 @@ class DomService:
         self._pool.start()
         self._since_snapshot = journal_records
         self._waiters: list = []
+        self.on_local_commit: list = []   # fn(entities) after local writes are durable
         self._waiter_check = None
         dom.subscribe(self._check_waiters)
 
@@ -73,11 +74,21 @@ class DomService:
             self.store.compact(snapshot)
 
     def put(self, *recs) -> defer.Deferred:
-        """Writes records (see Dom.put) and fires when they are durable."""
-        return self.commit([self.dom.put(r) for r in recs])
+        """Writes records (see Dom.put) and fires when they are durable (and handed to gossip)."""
+        return self._commit_local([self.dom.put(r) for r in recs])
 
     def delete(self, *keys: tuple[str, str]) -> defer.Deferred:
-        return self.commit([self.dom.delete(kind, id_) for kind, id_ in keys])
+        return self._commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
+
+    def _commit_local(self, entities) -> defer.Deferred:
+        entities = [e for e in entities if e is not None]
+
+        def spread(result):
+            # Only once durable: a peer never learns of a change we could still lose.
+            for fn in list(self.on_local_commit):
+                fn(entities)
+            return result
+        return self.commit(entities).addCallback(spread)
 
     def merge(self, entities: list[etree._Element]) -> defer.Deferred:
         """Merges entities from a peer; persists those that changed the replica."""

@@ -1,0 +1,165 @@
+"""Peer envelopes as XML (namespace ``urn:vmweb:peer:1``), carried inside SOAP by the peer endpoint.
+
+```
+<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="10.0.0.1:8570" dst="h2">
+  <ping seq="7" target="h2"/>                      one message element, named after its kind
+  <member node="h3" addr="…" inc="2" status="suspect"/>   piggybacked membership rumors
+  <rumors><vm xmlns="urn:vmweb:dom:1" …/></rumors>        piggybacked DOM entity states
+</env>
+```
+Decoding is strict: unknown kinds, missing or malformed attributes raise
+:class:`~vmwebd.errors.MalformedRequest` naming the field.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+from lxml import etree
+
+from vmwebd.errors import MalformedRequest
+from vmwebd.gossip.messages import (NAMES, PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState,
+                                    Ping, PingReq, Sync, SyncDelta, SyncReply)
+
+NS = "urn:vmweb:peer:1"
+_Q = "{%s}" % NS
+_BY_NAME = {name: kind for kind, name in NAMES.items()}
+_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_STATUSES = {"alive", "suspect", "dead", "left"}
+
+
+def _stamp(s: tuple[int, int]) -> str:
+    return f"{s[0]}.{s[1]}"
+
+
+def _parse_stamp(text: str, field: str) -> tuple[int, int]:
+    try:
+        a, b = text.split(".")
+        return (int(a), int(b))
+    except (ValueError, AttributeError):
+        raise MalformedRequest(f"peer envelope: {field}: {text!r} is not a stamp WALLMS.COUNTER") from None
+
+
+def _vv(parent, tag: str, vv: dict):
+    for origin in sorted(vv):
+        etree.SubElement(parent, _Q + tag, origin=origin, stamp=_stamp(vv[origin]))
+
+
+def _members(parent, members):
+    for m in members:
+        etree.SubElement(parent, _Q + "member", node=m.node, addr=m.addr, inc=str(m.incarnation),
+                         status=m.status)
+
+
+def _entities(parent, tag: str, entities):
+    if entities:
+        box = etree.SubElement(parent, _Q + tag)
+        for e in entities:
+            box.append(copy.deepcopy(e))
+
+
+def encode(env: Envelope) -> etree._Element:
+    root = etree.Element(_Q + "env", nsmap={None: NS})
+    root.set("v", str(env.version))
+    root.set("src", env.src)
+    root.set("src-addr", env.src_addr)
+    if env.dst is not None:
+        root.set("dst", env.dst)
+    msg = env.msg
+    el = etree.SubElement(root, _Q + NAMES[type(msg)])
+    if isinstance(msg, (Ping, Ack)):
+        el.set("seq", str(msg.seq))
+        el.set("target", msg.target)
+    elif isinstance(msg, PingReq):
+        el.set("seq", str(msg.seq))
+        el.set("target", msg.target)
+        el.set("target-addr", msg.target_addr)
+    elif isinstance(msg, Sync):
+        _vv(el, "cvv", msg.cvv)
+        _members(el, msg.members)
+    elif isinstance(msg, SyncReply):
+        _vv(el, "cvv", msg.cvv)
+        _vv(el, "claim", msg.claims)
+        _members(el, msg.members)
+        _entities(el, "entities", msg.entities)
+    elif isinstance(msg, SyncDelta):
+        _vv(el, "claim", msg.claims)
+        _entities(el, "entities", msg.entities)
+    _members(root, env.members)
+    _entities(root, "rumors", env.entities)
+    return root
+
+
+def _attr(el, name: str, what: str) -> str:
+    v = el.get(name)
+    if v is None:
+        raise MalformedRequest(f"peer envelope: {what}/@{name} is missing")
+    return v
+
+
+def _int(el, name: str, what: str) -> int:
+    v = _attr(el, name, what)
+    try:
+        return int(v)
+    except ValueError:
+        raise MalformedRequest(f"peer envelope: {what}/@{name}: {v!r} is not an integer") from None
+
+
+def _children(el, tag):
+    return [c for c in el if c.tag == _Q + tag]
+
+
+def _read_vv(el, tag) -> dict:
+    return {_attr(c, "origin", tag): _parse_stamp(_attr(c, "stamp", tag), f"{tag}/@stamp")
+            for c in _children(el, tag)}
+
+
+def _read_members(el) -> tuple:
+    out = []
+    for c in _children(el, "member"):
+        node = _attr(c, "node", "member")
+        status = _attr(c, "status", "member")
+        if not _ID_RE.match(node):
+            raise MalformedRequest(f"peer envelope: member/@node: {node!r} is not a host id")
+        if status not in _STATUSES:
+            raise MalformedRequest(f"peer envelope: member/@status: {status!r} is not a member status")
+        out.append(MemberState(node, _attr(c, "addr", "member"), _int(c, "inc", "member"), status))
+    return tuple(out)
+
+
+def _read_entities(el, tag) -> tuple:
+    out = []
+    for box in _children(el, tag):
+        out.extend(c for c in box if isinstance(c.tag, str))
+    return tuple(out)
+
+
+def decode(root: etree._Element) -> Envelope:
+    if root.tag != _Q + "env":
+        raise MalformedRequest(f"peer envelope: expected {{{NS}}}env, got {root.tag}")
+    version = _int(root, "v", "env")
+    src = _attr(root, "src", "env")
+    if not _ID_RE.match(src):
+        raise MalformedRequest(f"peer envelope: env/@src: {src!r} is not a host id")
+    kinds = [c for c in root if isinstance(c.tag, str) and c.tag.startswith(_Q)
+             and etree.QName(c).localname in _BY_NAME]
+    if len(kinds) != 1:
+        raise MalformedRequest(f"peer envelope from {src}: expected one message, found {len(kinds)}")
+    el = kinds[0]
+    kind = _BY_NAME[etree.QName(el).localname]
+    if kind in (Ping, Ack):
+        msg = kind(_int(el, "seq", kind.__name__), _attr(el, "target", kind.__name__))
+    elif kind is PingReq:
+        msg = PingReq(_int(el, "seq", "ping-req"), _attr(el, "target", "ping-req"),
+                      _attr(el, "target-addr", "ping-req"))
+    elif kind is Gossip:
+        msg = Gossip()
+    elif kind is Sync:
+        msg = Sync(_read_vv(el, "cvv"), _read_members(el))
+    elif kind is SyncReply:
+        msg = SyncReply(_read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"),
+                        _read_members(el))
+    else:
+        msg = SyncDelta(_read_entities(el, "entities"), _read_vv(el, "claim"))
+    return Envelope(src, _attr(root, "src-addr", "env"), root.get("dst"), msg,
+                    _read_members(root), _read_entities(root, "rumors"), version)

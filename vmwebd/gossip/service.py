@@ -1,0 +1,178 @@
+"""The Twisted layer of the peer protocol: carries out what the core decides.
+
+:class:`GossipService` ticks the :class:`~vmwebd.gossip.core.GossipCore` on the injected clock,
+feeds it envelopes from the peer endpoint and the DOM's local commits, and carries out its
+outputs — persisting merged entities first, then sending (style rule: persist before you speak).
+:class:`PeerClient` posts envelopes as SOAP to other daemons' peer endpoints (HTTPS with mutual
+TLS when credentials are configured). A failed send is just a lost message: SWIM copes.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lxml import etree
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.internet.threads import deferToThread
+
+from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
+from vmwebd.gossip.core import GossipCore
+
+log = Logger()
+SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+def soap_body(env_el: etree._Element) -> bytes:
+    envelope = etree.Element(f"{{{SOAP_NS}}}Envelope", nsmap={"soap": SOAP_NS, "p": PEER_NS})
+    body = etree.SubElement(envelope, f"{{{SOAP_NS}}}Body")
+    op = etree.SubElement(body, f"{{{PEER_NS}}}Deliver")
+    arg = etree.SubElement(op, f"{{{PEER_NS}}}envelope")
+    arg.append(env_el)
+    return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
+
+
+class PeerClient:
+    """Sends envelopes to peers' ``/peer`` SOAP endpoint over persistent connections."""
+
+    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0):
+        from twisted.internet.defer import Deferred  # noqa: F401
+        self.reactor = reactor
+        self.scheme = "https" if tls_policy is not None else "http"
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 2
+        self.pool.retryAutomatically = False
+        kw = {"contextFactory": tls_policy} if tls_policy is not None else {}
+        self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout, **kw)
+        self.timeout = timeout
+        self.sent = 0
+        self.failed = 0
+
+    def send(self, addr: str, env_el: etree._Element) -> defer.Deferred:
+        from twisted.web.client import FileBodyProducer
+        from io import BytesIO
+        url = f"{self.scheme}://{addr}/peer".encode()
+        d = self.agent.request(b"POST", url, Headers({b"Content-Type": [b"text/xml; charset=utf-8"],
+                                                       b"SOAPAction": [b'"Deliver"']}),
+                               FileBodyProducer(BytesIO(soap_body(env_el))))
+        d.addTimeout(self.timeout, self.reactor)
+
+        def got(response):
+            return readBody(response).addCallback(lambda body: (response.code, body))
+
+        def check(result):
+            code, body = result
+            if code != 200:
+                raise IOError(f"peer {addr} answered HTTP {code}: {body[:200]!r}")
+            self.sent += 1
+
+        def failed(f):
+            self.failed += 1
+            log.debug("send to {addr} failed: {err}", addr=addr, err=f.getErrorMessage())
+
+        return d.addCallback(got).addCallback(check).addErrback(failed)
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
+
+
+class GossipService:
+    def __init__(self, core: GossipCore, domsvc, client: PeerClient, reactor,
+                 state_file: Path | None = None, tick_interval: float = 0.05):
+        self.core = core
+        self.domsvc = domsvc
+        self.client = client
+        self.reactor = reactor
+        self.state_file = state_file
+        self.tick_interval = tick_interval
+        self._loop = None
+        self._saved_cvv = None
+        self._save_loop = None
+        self.listeners = []   # fn(node, old, new) on membership changes
+
+    def now(self) -> float:
+        return self.reactor.seconds()
+
+    def start(self) -> None:
+        self.domsvc.on_local_commit.append(self._local)
+        self._loop = task.LoopingCall(self._tick)
+        self._loop.clock = self.reactor
+        self._loop.start(self.tick_interval, now=True)
+        if self.state_file is not None:
+            self._save_loop = task.LoopingCall(self._save_state)
+            self._save_loop.clock = self.reactor
+            self._save_loop.start(self.core.cfg.sync_interval, now=False)
+
+    def _tick(self):
+        self._carry(self.core.tick(self.now()))
+
+    def _local(self, entities):
+        self._carry(self.core.local_changes(entities, self.now()))
+
+    def receive(self, env) -> None:
+        self._carry(self.core.receive(env, self.now()))
+
+    def _carry(self, out) -> defer.Deferred:
+        for node, old, new in out.changes:
+            if new != old:
+                log.info("host {node}: {old} -> {new}", node=node, old=old, new=new)
+            for fn in self.listeners:
+                fn(node, old, new)
+        if not out.sends and not out.persist:
+            return defer.succeed(None)
+        d = self.domsvc.commit(out.persist) if out.persist else defer.succeed(None)
+
+        def send(_):
+            return defer.DeferredList([self.client.send(s.addr, encode(s.envelope)) for s in out.sends],
+                                      consumeErrors=True)
+        return d.addCallback(send)
+
+    @defer.inlineCallbacks
+    def stop(self, leave: bool = True):
+        """Stops ticking; on a clean stop first tells peers we leave (bounded by the client timeout)."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        if self._save_loop is not None and self._save_loop.running:
+            self._save_loop.stop()
+        if self._local in self.domsvc.on_local_commit:
+            self.domsvc.on_local_commit.remove(self._local)
+        if leave:
+            yield self._carry(self.core.leave(self.now()))
+        yield self._save_state()
+        yield self.client.close()
+
+    def _save_state(self):
+        if self.state_file is None:
+            return defer.succeed(None)
+        state = {"cvv": {o: list(s) for o, s in self.core.cvv.items()},
+                 "incarnation": self.core.incarnation}
+        if state == self._saved_cvv:
+            return defer.succeed(None)
+        self._saved_cvv = state
+        return deferToThread(_write_json, self.state_file, state)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> tuple[dict, int]:
+    """The complete version vector and incarnation saved by a previous run (empty if none).
+
+    A stale vector is safe: it only makes the next anti-entropy round send more."""
+    try:
+        obj = json.loads(path.read_text())
+        return {o: tuple(s) for o, s in obj.get("cvv", {}).items()}, int(obj.get("incarnation", 0))
+    except FileNotFoundError:
+        return {}, 0
+    except (ValueError, TypeError, AttributeError) as e:
+        log.warn("ignoring unreadable gossip state {path}: {err}", path=str(path), err=e)
+        return {}, 0
