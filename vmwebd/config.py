@@ -254,6 +254,11 @@ class PeersConfig:
     seeds: tuple[Address, ...] = ()
     #: Peers a change is pushed to at once; default 3.
     fanout: int = DEFAULT_FANOUT
+    #: This host's cluster certificate, key and the CA certificate; default ``<state dir>/pki``.
+    cert_dir: Path | None = None
+    #: Protocol timing preset: ``lan`` (memberlist's LAN intervals, default) or ``local``
+    #: (faster, for tests and demos on one machine).
+    timing: str = "lan"
 
 
 @dataclass(frozen=True, slots=True)
@@ -717,12 +722,16 @@ class _Loader(ElementReader):
         if el is None:
             return PeersConfig()
         self.children(el, "peers")
-        a = self.attrs(el, "peers", optional=("seeds", "fanout"))
+        a = self.attrs(el, "peers", optional=("seeds", "fanout", "cert-dir", "timing"))
         seeds = tuple(
             self._address(el, "peers/@seeds", s) for s in a.get("seeds", "").replace(",", " ").split()
         )
         fanout = self.integer(el, "peers/@fanout", a["fanout"], 1, 64) if "fanout" in a else DEFAULT_FANOUT
-        return PeersConfig(seeds, fanout)
+        cert_dir = self._path(a["cert-dir"]) if a.get("cert-dir") else None
+        timing = a.get("timing", "lan")
+        if timing not in ("lan", "local"):
+            raise self.error(el, "peers/@timing", f"{timing!r} is not a timing preset (lan, local)")
+        return PeersConfig(seeds, fanout, cert_dir, timing)
 
 
 def _normpath(p: Path) -> str:

@@ -98,11 +98,13 @@ class Node:
     def _start_gossip(self, creds):
         from vmwebd.api.peer import build_peer_api
         from vmwebd.gossip import tls
-        from vmwebd.gossip.core import LAN, GossipCore
+        import dataclasses
+        from vmwebd.gossip.core import LAN, LOCAL_TEST, GossipCore
         from vmwebd.gossip.domport import DomPortAdapter
         from vmwebd.gossip.service import GossipService, PeerClient, load_state
         cfg = self.config
-        gcfg = self.gossip_config or LAN
+        gcfg = self.gossip_config or (LOCAL_TEST if cfg.peers.timing == "local" else LAN)
+        gcfg = dataclasses.replace(gcfg, fanout=cfg.peers.fanout)
         holder = {}
 
         class _Late:
