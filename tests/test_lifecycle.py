@@ -181,3 +181,19 @@ def test_pool_exhausted_leaks_nothing(start_node):
     assert e.value.code == "Server.PoolExhausted"
     c = yield h.call("ScaleCluster", "small", 6)
     assert len({v["ip"] for v in c["vms"]}) == 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_leases_without_holder_are_released_after_grace(start_node):
+    """Leases taken by a request that died before recording its cluster are given back later."""
+    h = yield start_node()
+    node = h.node
+    yield node.allocator.allocate_cluster("ghost", ["ghost/pc0", "ghost/pc1"], "lab")
+    assert len(node.domsvc.dom.all(LeaseRec)) == 6  # name, vni, 2 IPs, 2 MACs
+    yield node.reconciler.settled()
+    assert len(node.domsvc.dom.all(LeaseRec)) == 6  # still inside the grace period
+    node.reconciler.lease_grace_s = 0
+    yield node.reconciler.settled()
+    assert node.domsvc.dom.all(LeaseRec) == []
+    c = yield h.call("CreateCluster", "ghost", "lab", "alice", 2)
+    assert c["name"] == "ghost"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from vmwebd.dom.records import VClusterRec, VmRec, VmStatus
+from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec, VmStatus
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 
@@ -66,6 +66,8 @@ class Reconciler:
         self.now_ms = now_ms
         self.interval = interval
         self.status_batch = 16
+        # Longer than any request takes between leasing and recording what the leases are for.
+        self.lease_grace_s = 300.0
         self._running = False
         self._again = False
         self._scheduled = None
@@ -172,6 +174,26 @@ class Reconciler:
                 yield self.domsvc.delete(("vcluster", c.id))
                 yield self.allocator.release_cluster(c.id, c.vni)
                 log.info("cluster {name} destroyed", name=c.id)
+
+        # 5. leases whose holder never came to be (a crash between taking the leases and
+        #    recording the cluster) or is gone: give them back after a grace period
+        yield self._release_orphan_leases()
+
+    def _release_orphan_leases(self):
+        now = self.now_ms()
+        stale = []
+        for lease in self.dom.all(LeaseRec):
+            if now - lease.granted_at < self.lease_grace_s * 1000:
+                continue
+            kind, _, ref = lease.holder.partition(":")
+            if (kind == "vm" and self.dom.get(VmRec, ref) is None) or \
+                    (kind == "vcluster" and self.dom.get(VClusterRec, ref) is None):
+                stale.append(lease.id)
+        if not stale:
+            return defer.succeed(None)
+        log.info("releasing {n} leases whose holders do not exist: {keys}", n=len(stale),
+                 keys=", ".join(sorted(stale)[:10]))
+        return self.allocator.table.release(stale)
 
     def _write_statuses(self, statuses):
         # A VM may have been deleted meanwhile (e.g. by a destroy on another host): skip it.

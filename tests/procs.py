@@ -1,0 +1,167 @@
+"""Real ``vmwebd`` processes for tests: free ports, a systemd notify socket, bounded waits.
+
+:class:`Daemon` starts ``python -m vmwebd.daemon --config PATH`` with ``NOTIFY_SOCKET`` pointing
+at a datagram socket the test owns, so readiness is the daemon's own ``READY=1`` (no sleeps, no
+polling of the port). Every wait has a visible deadline; the daemon's log goes to a file next to
+its config so a failing test can show it.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+READY_TIMEOUT = 60.0
+_serial = itertools.count(1)
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (bound to port 0, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child python: this one, the repo importable, plus ``extra``."""
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)  # never let a child notify whatever started the tests
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+class NotifySocket:
+    """A bound AF_UNIX datagram socket playing systemd's side of sd_notify(3).
+
+    Bound in ``directory`` unless that path is too long for ``sun_path``, then in a short
+    temporary directory (removed by :meth:`close`).
+    """
+
+    def __init__(self, directory: Path):
+        self._short = None
+        name = f"notify-{next(_serial)}.sock"  # unique: a restarted daemon gets a fresh socket
+        path = Path(directory) / name
+        if len(str(path)) > SUN_PATH_MAX:
+            self._short = tempfile.mkdtemp(prefix="vmwn")
+            path = Path(self._short) / name
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = READY_TIMEOUT,
+                 alive=lambda: True) -> dict[str, str]:
+        """Receives datagrams until one assigns ``key`` (= ``value`` if given); returns it.
+
+        Raises TimeoutError after ``timeout`` seconds, or RuntimeError as soon as ``alive()`` is
+        false (the sender exited, so nothing more will come)."""
+        for msg in self.messages:
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {key} notification within {timeout} s; got {self.messages}")
+            # A short slice, so a sender that died is noticed promptly instead of at the deadline.
+            self.sock.settimeout(min(left, 0.25))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                if not alive():
+                    raise RuntimeError(f"the sender exited before {key}; got {self.messages}") from None
+                continue
+            msg = dict(line.partition("=")[::2] for line in data.decode().splitlines() if line)
+            self.messages.append(msg)
+            if key in msg and (value is None or msg[key] == value):
+                return msg
+
+    def close(self) -> None:
+        self.sock.close()
+        if self._short:
+            shutil.rmtree(self._short, ignore_errors=True)
+        else:
+            Path(self.path).unlink(missing_ok=True)
+
+
+class Daemon:
+    """One ``vmwebd`` process on ``config``, started by :meth:`start`, always ended by :meth:`close`."""
+
+    def __init__(self, config: Path, fsync: bool = False, api_port: int | None = None):
+        self.config = Path(config)
+        self.fsync = fsync
+        self.api_port = api_port
+        self.log_path = self.config.parent / "vmwebd.log"
+        self.proc: subprocess.Popen | None = None
+        self.notify: NotifySocket | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.api_port}"
+
+    def start(self, wait: bool = True) -> "Daemon":
+        """Starts the process; with ``wait``, returns once it has sent READY=1."""
+        self.notify = NotifySocket(self.config.parent)
+        cmd = [sys.executable, "-m", "vmwebd.daemon", "--config", str(self.config)]
+        if not self.fsync:
+            cmd.append("--no-fsync")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                         env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> dict[str, str]:
+        """Waits (bounded) for READY=1; fails with the daemon's log if it exits first."""
+        try:
+            return self.notify.wait_for("READY", "1", timeout, alive=self.alive)
+        except (TimeoutError, RuntimeError) as e:
+            raise AssertionError(f"{e}\n--- {self.log_path} ---\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then waits (bounded) for the exit; returns the exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a power cut of this process."""
+        self.proc.kill()
+        self.proc.wait(STOP_TIMEOUT)
+
+    def close(self) -> None:
+        """Kills the process if it still runs and closes the notify socket (idempotent)."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+        finally:
+            if self.notify is not None:
+                self.notify.close()
+                self.notify = None
+
+
+def host_config(directory: Path, host_id: str = "host1", cpus: int = 16, memory_mib: int = 32768,
+                **kw) -> tuple[Path, int]:
+    """Writes a host directory (see vmwebd.demo.write_host_config) on free ports; (config, api port)."""
+    from vmwebd.demo import write_host_config
+    api_port = free_port()
+    cfg = write_host_config(Path(directory), host_id, api_port, free_port(), cpus, memory_mib, **kw)
+    return cfg, api_port
