@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("set", help="change a system setting")
     st.add_argument("key")
     st.add_argument("value")
+    ini = sub.add_parser("init", help="create the grid's CA and the first host's certificate (local files)")
+    ini.add_argument("--ca-dir", required=True, help="where the CA key and certificate go (keep it safe)")
+    ini.add_argument("--host-id", required=True, help="the first host's id, as in its vmwebd.xml")
+    ini.add_argument("--cert-dir", required=True, help="the host's certificate directory (its peers/@cert-dir)")
+    ini.add_argument("--address", action="append", default=[], help="an IP address of the host (repeatable)")
+    ini.add_argument("--grid-name", default="vmweb")
+    host = sub.add_parser("host", help="add a host to the grid (issue its certificate)")
+    hsub = host.add_subparsers(dest="action", required=True)
+    ha = hsub.add_parser("add", help="issue a cluster certificate for a new host (local files)")
+    ha.add_argument("host_id")
+    ha.add_argument("--ca-dir", required=True)
+    ha.add_argument("--cert-dir", required=True, help="where the new host's certificate goes")
+    ha.add_argument("--address", action="append", default=[])
     vm = sub.add_parser("vm", help="start or stop a VM")
     vsub = vm.add_subparsers(dest="action", required=True)
     for verb in ("start", "stop"):
@@ -105,6 +118,24 @@ def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr
             out.write(f"vmweb: gave up waiting after {timeout:.0f} s; the cluster keeps coming up\n")
             return c
         time.sleep(0.3)
+
+
+LOCAL_COMMANDS = ("init", "host")
+
+
+def run_local(args, out=sys.stdout) -> int:
+    """Commands that work on local files, not on a daemon (certificates)."""
+    from vmwebd.gossip import pki
+    if args.cmd == "init":
+        ca = pki.init_ca(args.ca_dir, grid_name=args.grid_name)
+        host = pki.issue_host_cert(ca.directory, args.host_id, args.cert_dir, args.address)
+        out.write(f"created the grid CA in {ca.directory} and host {args.host_id}'s certificate in "
+                  f"{host.directory}\n")
+    elif args.cmd == "host" and args.action == "add":
+        host = pki.issue_host_cert(args.ca_dir, args.host_id, args.cert_dir, args.address)
+        out.write(f"issued host {args.host_id}'s certificate in {host.directory}; copy that directory "
+                  f"to the host and point its peers/@cert-dir at it\n")
+    return 0
 
 
 def run(args, client, out=sys.stdout) -> int:
@@ -158,6 +189,13 @@ def run(args, client, out=sys.stdout) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd in LOCAL_COMMANDS:
+        from vmwebd.errors import VmwebError
+        try:
+            return run_local(args)
+        except VmwebError as e:
+            print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
+            return 1
     from vmwebd.client import ApiClient, ApiFault
     import requests
     try:

@@ -3,8 +3,8 @@
 Each simulated host gets its own directory under ``.demo/`` with a ``vmwebd.xml``, a libvirt
 test-driver node file (its CPUs and memory; hosts differ, so placement has something to do) and
 its state directory, and runs as its own ``vmwebd`` process. The demo runs until interrupted.
-Until the peer layer lands, it starts one host (``--hosts`` can start more, but they do not yet
-share their DOM).
+It starts three hosts by default (``--hosts N``), each with a certificate from the demo's own
+grid CA (``.demo/ca``), joining through host1's peer endpoint.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vmweb-demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--hosts", type=int, default=1)
+    ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--dir", default=str(REPO / ".demo"))
     ap.add_argument("--first-port", type=int, default=8471)
     args = ap.parse_args(argv)
@@ -70,10 +70,20 @@ def main(argv=None) -> int:
     procs = []
     venv_bin = Path(sys.executable).parent
     vmwebd = venv_bin / "vmwebd"
+    from vmwebd.gossip import pki
+    ca_dir = base / "ca"
+    if not (ca_dir / "ca.crt").exists():
+        pki.init_ca(ca_dir, grid_name="vmweb-demo")
+    seed = f"127.0.0.1:{args.first_port + 100}"
     for i in range(args.hosts):
         cpus, mem = HOST_SIZES[i % len(HOST_SIZES)]
         hid = f"host{i + 1}"
-        cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem)
+        cert_dir = base / hid / "pki"
+        if not (cert_dir / "host.crt").exists():
+            pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1"])
+        peers = f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local"/>'
+        cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem,
+                                extra=peers)
         log = open(base / hid / "vmwebd.log", "ab")
         cmd = [str(vmwebd) if vmwebd.exists() else sys.executable, *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
                "--config", str(cfg)]

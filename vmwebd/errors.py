@@ -139,3 +139,14 @@ class ConfigError(VmwebError):
         where = f"{path}:{line}" if line else str(path)
         super().__init__(f"{where}: {field}: {message}")
         self.path, self.line, self.field = path, line, field
+
+
+class CertificateError(VmwebError):
+    """A cluster CA or host credential file is missing, unreadable, expired, not issued by the
+    cluster CA, or would be overwritten; the message names the file."""
+
+    faultcode = "Server.Certificate"
+
+    def __init__(self, path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)

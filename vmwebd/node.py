@@ -30,6 +30,15 @@ log = Logger()
 HEARTBEAT_SECONDS = 10.0
 
 
+class QuietSite(Site):
+    """A Site whose access log goes to debug level: peers and pollers call many times a second."""
+
+    def log(self, request):
+        log.debug("{method} {uri} {code} from {peer}", method=request.method.decode("ascii", "replace"),
+                  uri=request.uri.decode("ascii", "replace"), code=request.code,
+                  peer=getattr(request.getClientAddress(), "host", "?"))
+
+
 class Node:
     def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None,
                  gossip_config=None):
@@ -115,7 +124,7 @@ class Node:
         root = Resource()
         root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
                                               require_identity=True, identity_of=tls.peer_host_id))
-        site = Site(root)
+        site = QuietSite(root)
         site.displayTracebacks = False
         addr = cfg.listen.peer
         self.peer_port = tls.listen_tls(self.reactor, addr.port, site, creds, addr.host)
@@ -201,7 +210,7 @@ class Node:
         from vmwebd.api.service import build_user_api
         root = Resource()
         root.putChild(b"soap", build_user_api(self, self.config.limits.max_request_bytes))
-        self.site = Site(root)
+        self.site = QuietSite(root)
         self.site.displayTracebacks = False
         addr = self.config.listen.api
         self.port = self.reactor.listenTCP(addr.port, self.site, interface=addr.host)

@@ -15,7 +15,7 @@ from pathlib import Path
 from lxml import etree
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.internet.threads import deferToThread
 
@@ -23,6 +23,8 @@ from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
 from vmwebd.gossip.core import GossipCore
 
 log = Logger()
+# Every pooled connection would otherwise log "Starting/Stopping factory" at info level.
+_HTTP11ClientFactory.noisy = False
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 
 

@@ -1,0 +1,122 @@
+"""Several real vmwebd processes on loopback forming one grid with no master (mutual TLS, gossip)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from lxml import etree
+
+from tests.procs import Daemon, free_port
+from vmwebd.client import ApiClient
+from vmwebd.demo import write_host_config
+from vmwebd.gossip import pki
+
+SIZES = [(16, 32768), (8, 16384), (4, 8192)]
+
+
+def wait_until(pred, timeout: float, what: str, every: float = 0.2):
+    """Polls ``pred`` until it returns a true value; fails naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+            if last:
+                return last
+        except Exception as e:  # a host may be restarting
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+class Grid:
+    def __init__(self, base: Path, n: int):
+        self.base = base
+        ca = base / "ca"
+        pki.init_ca(ca, grid_name="test-grid")
+        self.api = [free_port() for _ in range(n)]
+        self.peer = [free_port() for _ in range(n)]
+        self.daemons = []
+        for i in range(n):
+            hid = f"host{i + 1}"
+            cert = base / hid / "pki"
+            pki.issue_host_cert(ca, hid, cert, ["127.0.0.1"])
+            cpus, mem = SIZES[i % len(SIZES)]
+            cfg = write_host_config(base / hid, hid, self.api[i], self.peer[i], cpus, mem,
+                                    reconcile_interval=0.5,
+                                    extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" timing="local"/>')
+            self.daemons.append(Daemon(cfg, api_port=self.api[i]))
+        for d in self.daemons:
+            d.start()
+        self.clients = [ApiClient(d.address) for d in self.daemons]
+
+    def client(self, i) -> ApiClient:
+        return ApiClient(self.daemons[i].address)
+
+    def liveness(self, i) -> dict:
+        return {h["id"]: h["liveness"] for h in self.client(i).call("ListHosts")}
+
+    def close(self):
+        for d in self.daemons:
+            d.close()
+
+
+@pytest.fixture
+def grid(tmp_path):
+    g = Grid(tmp_path, 3)
+    try:
+        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 3
+                               for i in range(3)), 30, "three hosts to see each other alive")
+        yield g
+    finally:
+        g.close()
+
+
+def all_running(client, name, n):
+    c = client.call("GetCluster", name)
+    vms = [v for v in c["vms"] if v["state"] == "running"]
+    return c if len(vms) == n else None
+
+
+@pytest.mark.slow
+def test_cluster_created_at_one_host_runs_on_several_and_reads_the_same_everywhere(grid):
+    """A cluster created at host2 is placed on several hosts, each runs its VMs, all hosts agree."""
+    grid.client(1).call("CreateCluster", "spread1", "hpc", "alice", 7)
+    views = [wait_until(lambda i=i: all_running(grid.client(i), "spread1", 7), 30, f"spread1 running at host{i + 1}")
+             for i in range(3)]
+    assert views[0] == views[1] == views[2]
+    hosts = {v["host"] for v in views[0]["vms"]}
+    assert len(hosts) >= 2, hosts
+    ips = [v["ip"] for v in views[0]["vms"]]
+    assert len(set(ips)) == 7
+    # destroy at a third host: every host gives back its VMs, and the name is free again everywhere
+    assert grid.client(2).call("DestroyCluster", "spread1") == "destroyed"
+    for i in range(3):
+        wait_until(lambda i=i: grid.client(i).call("ListClusters", None) in ([], None), 20,
+                   f"spread1 gone at host{i + 1}")
+    dom = etree.fromstring(grid.client(0).call("GetDom").encode())
+    live_leases = [e for e in dom.iter("{urn:vmweb:dom:1}lease") if e.get("deleted") != "true"]
+    assert live_leases == []
+
+
+@pytest.mark.slow
+def test_killed_host_is_declared_dead_then_rejoins_and_catches_up(grid):
+    """kill -9 of a host: the others mark it dead; restarted, it rejoins and gets what it missed."""
+    grid.daemons[2].kill()
+    for i in (0, 1):
+        wait_until(lambda i=i: grid.liveness(i).get("host3") == "dead", 30, f"host{i + 1} to see host3 dead")
+    c = grid.client(0).call("CreateCluster", "missed", "lab", "bob", 4)
+    assert "host3" not in {v["host"] for v in c["vms"]}   # no VM placed on a dead host
+    grid.daemons[2].start()
+    wait_until(lambda: all(grid.liveness(i).get("host3") == "alive" for i in (0, 1)), 30,
+               "host3 seen alive again")
+    caught_up = wait_until(lambda: all_running(grid.client(2), "missed", 4), 30, "host3 to learn of 'missed'")
+    assert caught_up["owner"] == "bob"
+
+
+@pytest.mark.slow
+def test_cleanly_stopped_host_is_seen_as_left(grid):
+    """A host stopped with SIGTERM tells the others it left (not dead)."""
+    assert grid.daemons[1].terminate() == 0
+    wait_until(lambda: grid.liveness(0).get("host2") == "left", 20, "host1 to see host2 left")
