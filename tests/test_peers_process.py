@@ -120,3 +120,18 @@ def test_cleanly_stopped_host_is_seen_as_left(grid):
     """A host stopped with SIGTERM tells the others it left (not dead)."""
     assert grid.daemons[1].terminate() == 0
     wait_until(lambda: grid.liveness(0).get("host2") == "left", 20, "host1 to see host2 left")
+
+
+@pytest.mark.slow
+def test_host_killed_right_after_acknowledging_leaves_no_half_made_cluster(grid):
+    """The host that took a request dies right after answering: the other hosts still build their part."""
+    c = grid.client(0).call("CreateCluster", "orphaned", "lab", "carol", 6)
+    grid.daemons[0].kill()
+    elsewhere = [v["name"] for v in c["vms"] if v["host"] != "host1"]
+    assert elsewhere, "placement put every VM on the requesting host"
+
+    def others_built():
+        cl = grid.client(1).call("GetCluster", "orphaned")
+        states = {v["name"]: v["state"] for v in cl["vms"]}
+        return all(states.get(n) == "running" for n in elsewhere) and len(states) == 6
+    wait_until(others_built, 30, "host2 and host3 to run their VMs of 'orphaned'")

@@ -120,7 +120,8 @@ class Node:
             """Peer requests may arrive before the service object exists; drop them until then."""
             def receive(self, env):
                 if "svc" in holder:
-                    holder["svc"].receive(env)
+                    return holder["svc"].receive(env)
+                return defer.succeed(None)
         root = Resource()
         root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
                                               require_identity=True, identity_of=tls.peer_host_id))

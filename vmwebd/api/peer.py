@@ -31,8 +31,7 @@ def make_peer_service(gossip, require_identity: bool, identity_of):
                 if who != env.src:
                     raise NotAuthorized(f"envelope claims to come from {env.src!r} but the "
                                         f"connection's certificate is {who!r}")
-            gossip.receive(env)
-            return "ok"
+            return gossip.receive(env).addCallback(lambda _: "ok")
     return VmwebPeer
 
 

@@ -84,10 +84,14 @@ class DomService:
         entities = [e for e in entities if e is not None]
 
         def spread(result):
-            # Only once durable: a peer never learns of a change we could still lose.
-            for fn in list(self.on_local_commit):
-                fn(entities)
-            return result
+            # Only once durable: a peer never learns of a change we could still lose. The caller
+            # (and so the user's acknowledgement) waits until the first push round is answered:
+            # an acknowledged change is on disk here and at the live peers it was pushed to.
+            ds = [fn(entities) for fn in list(self.on_local_commit)]
+            ds = [d for d in ds if isinstance(d, defer.Deferred)]
+            if not ds:
+                return result
+            return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: result)
         return self.commit(entities).addCallback(spread)
 
     def merge(self, entities: list[etree._Element]) -> defer.Deferred:

@@ -70,10 +70,12 @@ class PeerClient:
             if code != 200:
                 raise IOError(f"peer {addr} answered HTTP {code}: {body[:200]!r}")
             self.sent += 1
+            return True
 
         def failed(f):
             self.failed += 1
             log.debug("send to {addr} failed: {err}", addr=addr, err=f.getErrorMessage())
+            return False
 
         return d.addCallback(got).addCallback(check).addErrback(failed)
 
@@ -111,26 +113,37 @@ class GossipService:
     def _tick(self):
         self._carry(self.core.tick(self.now()))
 
-    def _local(self, entities):
-        self._carry(self.core.local_changes(entities, self.now()))
+    def _local(self, entities) -> defer.Deferred:
+        """Pushes local changes at once; fires with how many peers acknowledged receipt."""
+        _, sent = self._carry(self.core.local_changes(entities, self.now()))
+        return sent
 
-    def receive(self, env) -> None:
-        self._carry(self.core.receive(env, self.now()))
+    def receive(self, env) -> defer.Deferred:
+        """Feeds an envelope to the core; fires once what it merged is durable (the peer
+        endpoint answers only then, so a sender's "delivered" means "on disk here")."""
+        persisted, _ = self._carry(self.core.receive(env, self.now()))
+        return persisted
 
-    def _carry(self, out) -> defer.Deferred:
+    def _carry(self, out) -> tuple[defer.Deferred, defer.Deferred]:
+        """Persists, then sends. Returns (persisted, sent); ``sent`` fires with the number of
+        envelopes the peers accepted (a failed send is a lost message, never an error)."""
         for node, old, new in out.changes:
             if new != old:
                 log.info("host {node}: {old} -> {new}", node=node, old=old, new=new)
             for fn in self.listeners:
                 fn(node, old, new)
-        if not out.sends and not out.persist:
-            return defer.succeed(None)
-        d = self.domsvc.commit(out.persist) if out.persist else defer.succeed(None)
+        persisted = self.domsvc.commit(out.persist) if out.persist else defer.succeed(None)
+        if not out.sends:
+            return persisted, persisted.addCallback(lambda _: 0)
+        sent = defer.Deferred()
 
         def send(_):
-            return defer.DeferredList([self.client.send(s.addr, encode(s.envelope)) for s in out.sends],
-                                      consumeErrors=True)
-        return d.addCallback(send)
+            ds = [self.client.send(s.addr, encode(s.envelope)) for s in out.sends]
+            defer.DeferredList(ds, consumeErrors=True).addCallback(
+                lambda results: sent.callback(sum(1 for ok, v in results if ok and v)))
+            return _
+        persisted.addCallback(send)
+        return persisted, sent
 
     @defer.inlineCallbacks
     def stop(self, leave: bool = True):
@@ -142,7 +155,7 @@ class GossipService:
         if self._local in self.domsvc.on_local_commit:
             self.domsvc.on_local_commit.remove(self._local)
         if leave:
-            yield self._carry(self.core.leave(self.now()))
+            yield self._carry(self.core.leave(self.now()))[1]
         yield self._save_state()
         yield self.client.close()
 
