@@ -148,7 +148,7 @@ def decode(root: etree._Element) -> Envelope:
     el = kinds[0]
     kind = _BY_NAME[etree.QName(el).localname]
     if kind in (Ping, Ack):
-        msg = kind(_int(el, "seq", kind.__name__), _attr(el, "target", kind.__name__))
+        msg = kind(_int(el, "seq", NAMES[kind]), _attr(el, "target", NAMES[kind]))
     elif kind is PingReq:
         msg = PingReq(_int(el, "seq", "ping-req"), _attr(el, "target", "ping-req"),
                       _attr(el, "target-addr", "ping-req"))

@@ -1,0 +1,102 @@
+"""The peer endpoint and its wire format: strict decoding, identity bound to the TLS certificate."""
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+import pytest_twisted
+from lxml import etree
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+
+from vmwebd.dom.document import Dom
+from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.records import VClusterRec
+from vmwebd.errors import MalformedRequest
+from vmwebd.gossip import pki, tls
+from vmwebd.gossip.codec import decode, encode
+from vmwebd.gossip.messages import (Ack, Envelope, Gossip, MemberState, Ping, PingReq, Sync,
+                                    SyncDelta, SyncReply)
+from vmwebd.gossip.service import soap_body
+
+
+def _entity():
+    d = Dom(HybridClock("h1", lambda: 5))
+    return d.put(VClusterRec(id="c", owner="o"))
+
+
+@pytest.mark.parametrize("msg", [
+    Ping(1, "h2"), Ack(2, "h3"), PingReq(3, "h4", "10.0.0.4:8570"), Gossip(),
+    Sync({"h1": (5, 0)}, (MemberState("h1", "a:1", 0, "alive"),)),
+    SyncReply((_entity(),), {"h1": (5, 0)}, {"h2": (1, 1)}, ()), SyncDelta((_entity(),), {"h1": (9, 2)}),
+])
+def test_every_message_kind_round_trips(msg):
+    """Each message kind, with piggybacked rumors, decodes to what was encoded."""
+    env = Envelope("h1", "127.0.0.1:1", "h2", msg, (MemberState("h9", "b:2", 3, "dead"),), (_entity(),))
+    back = decode(etree.fromstring(etree.tostring(encode(env))))
+    assert (back.src, back.src_addr, back.dst, back.members, back.version) == \
+        (env.src, env.src_addr, env.dst, env.members, env.version)
+    assert type(back.msg) is type(msg)
+    assert [e.get("id") for e in back.entities] == ["c"]
+    if not hasattr(msg, "entities"):
+        assert back.msg == msg
+
+
+@pytest.mark.parametrize("xml, field", [
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="x" target="h2"/></env>', "ping/@seq"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="1"/></env>', "@target"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="H 1" src-addr="a:1"><gossip/></env>', "env/@src"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"></env>', "one message"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><gossip/><member node="h2" addr="x" inc="0" status="zombie"/></env>', "member/@status"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><sync><cvv origin="h1" stamp="12"/></sync></env>', "cvv/@stamp"),
+    ('<other xmlns="urn:vmweb:peer:1"/>', "expected"),
+])
+def test_malformed_envelopes_name_the_field(xml, field):
+    """A malformed envelope is refused with MalformedRequest naming the faulty field."""
+    with pytest.raises(MalformedRequest, match=field.replace("/", ".").replace("@", ".")):
+        decode(etree.fromstring(xml))
+
+
+@pytest.fixture
+def pki_dir(tmp_path):
+    ca = tmp_path / "ca"
+    pki.init_ca(ca)
+    for hid in ("host1", "host2"):
+        pki.issue_host_cert(ca, hid, tmp_path / hid / "pki", ["127.0.0.1"])
+    return tmp_path
+
+
+def _post(creds, port, body: bytes):
+    from twisted.internet import reactor
+    agent = Agent(reactor, contextFactory=tls.client_policy(creds))
+    d = agent.request(b"POST", f"https://127.0.0.1:{port}/peer".encode(),
+                      Headers({b"Content-Type": [b"text/xml"]}), FileBodyProducer(BytesIO(body)))
+    return d.addCallback(lambda r: readBody(r).addCallback(lambda b: (r.code, b)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_envelope_claiming_another_host_is_refused(start_node, pki_dir):
+    """host2's certificate cannot deliver an envelope that claims to come from host1."""
+    h = yield start_node(extra=f'<peers cert-dir="{pki_dir / "host1" / "pki"}" timing="local"/>')
+    port = h.node.peer_port.getHost().port
+    creds2 = pki.load_host_credentials(pki_dir / "host2" / "pki")
+    forged = Envelope("host1", "127.0.0.1:1", "host1", Gossip())
+    code, body = yield _post(creds2, port, soap_body(encode(forged)))
+    assert code == 500 and b"Client.NotAuthorized" in body and b"host2" in body
+    honest = Envelope("host2", "127.0.0.1:1", "host1", Gossip())
+    code, body = yield _post(creds2, port, soap_body(encode(honest)))
+    assert code == 200, body
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_envelope_gets_malformed_request_and_changes_nothing(start_node, pki_dir):
+    """A well-authenticated peer sending a malformed envelope gets Client.MalformedRequest."""
+    h = yield start_node(extra=f'<peers cert-dir="{pki_dir / "host1" / "pki"}" timing="local"/>')
+    yield h.node.reconciler.settled()
+    before = h.node.domsvc.dom.canonical_digest()
+    port = h.node.peer_port.getHost().port
+    creds2 = pki.load_host_credentials(pki_dir / "host2" / "pki")
+    bad = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1"><ping seq="x" target="host1"/></env>')
+    code, body = yield _post(creds2, port, soap_body(bad))
+    assert code == 500 and b"Client.MalformedRequest" in body and b"seq" in body
+    assert h.node.domsvc.dom.canonical_digest() == before
