@@ -17,6 +17,7 @@ import re
 
 from lxml import etree
 
+from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
 from vmwebd.gossip.messages import (NAMES, PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState,
                                     Ping, PingReq, Sync, SyncDelta, SyncReply)
@@ -85,9 +86,74 @@ def encode(env: Envelope) -> etree._Element:
     elif isinstance(msg, SyncDelta):
         _vv(el, "claim", msg.claims)
         _entities(el, "entities", msg.entities)
+    elif type(msg).__module__ == "vmwebd.lease.paxos":
+        _encode_paxos(el, msg)
     _members(root, env.members)
     _entities(root, "rumors", env.entities)
     return root
+
+
+def _encode_paxos(el, msg) -> None:
+    from vmwebd.lease import paxos
+    if hasattr(msg, "op"):
+        el.set("op", msg.op)
+    el.set("ballot", str(msg.ballot))
+    if isinstance(msg, paxos.Prepare):
+        for k in msg.keys:
+            etree.SubElement(el, _Q + "key", k=k)
+    elif isinstance(msg, paxos.Promise):
+        for k, (ab, av, cb, cv) in sorted(msg.entries.items()):
+            e = etree.SubElement(el, _Q + "entry", k=k)
+            if ab is not None:
+                e.set("acc-ballot", str(ab))
+                if av is not None:
+                    e.set("acc-holder", av)
+            if cb is not None:
+                e.set("com-ballot", str(cb))
+                if cv is not None:
+                    e.set("com-holder", cv)
+    elif isinstance(msg, (paxos.Accept, paxos.Commit)):
+        for k, v in sorted(msg.values.items()):
+            e = etree.SubElement(el, _Q + "value", k=k)
+            if v is not None:
+                e.set("holder", v)
+    elif isinstance(msg, paxos.Nack):
+        el.set("promised", str(msg.promised))
+
+
+def _ballot(el, name: str, what: str, optional: bool = False):
+    v = el.get(name)
+    if v is None:
+        if optional:
+            return None
+        raise MalformedRequest(f"peer envelope: {what}/@{name} is missing")
+    try:
+        return Version.parse(v)
+    except ValueError as e:
+        raise MalformedRequest(f"peer envelope: {what}/@{name}: {e}") from None
+
+
+def _decode_paxos(kind, el):
+    from vmwebd.lease import paxos
+    name = NAMES[kind]
+    ballot = _ballot(el, "ballot", name)
+    if kind is paxos.Prepare:
+        return paxos.Prepare(_attr(el, "op", name), ballot,
+                             tuple(_attr(c, "k", "key") for c in _children(el, "key")))
+    if kind is paxos.Promise:
+        entries = {}
+        for c in _children(el, "entry"):
+            entries[_attr(c, "k", "entry")] = (_ballot(c, "acc-ballot", "entry", True), c.get("acc-holder"),
+                                               _ballot(c, "com-ballot", "entry", True), c.get("com-holder"))
+        return paxos.Promise(_attr(el, "op", name), ballot, entries)
+    if kind in (paxos.Accept, paxos.Commit):
+        values = {_attr(c, "k", "value"): c.get("holder") for c in _children(el, "value")}
+        if kind is paxos.Accept:
+            return paxos.Accept(_attr(el, "op", name), ballot, values)
+        return paxos.Commit(ballot, values)
+    if kind is paxos.Accepted:
+        return paxos.Accepted(_attr(el, "op", name), ballot)
+    return paxos.Nack(_attr(el, "op", name), ballot, _ballot(el, "promised", name))
 
 
 def _attr(el, name: str, what: str) -> str:
@@ -156,10 +222,12 @@ def decode(root: etree._Element) -> Envelope:
         msg = Gossip()
     elif kind is Sync:
         msg = Sync(_read_vv(el, "cvv"), _read_members(el))
+    elif getattr(kind, "__module__", "") == "vmwebd.lease.paxos":
+        msg = _decode_paxos(kind, el)
     elif kind is SyncReply:
         msg = SyncReply(_read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"),
                         _read_members(el))
-    else:
+    elif kind is SyncDelta:
         msg = SyncDelta(_read_entities(el, "entities"), _read_vv(el, "claim"))
     return Envelope(src, _attr(root, "src-addr", "env"), root.get("dst"), msg,
                     _read_members(root), _read_entities(root, "rumors"), version)

@@ -104,3 +104,18 @@ class Envelope:
     members: tuple = ()      # piggybacked MemberState rumors
     entities: tuple = ()     # piggybacked DOM entity states (lxml elements)
     version: int = PROTOCOL_VERSION
+
+
+# -- consensus leases (vmwebd/lease/paxos.py), appended in protocol version 1 ---------------------
+# The message classes live with the Paxos core; their codes are fixed here.
+def _register_paxos_kinds():
+    from vmwebd.lease import paxos
+    for code, cls, name in ((8, paxos.Prepare, "prepare"), (9, paxos.Promise, "promise"),
+                            (10, paxos.Accept, "accept"), (11, paxos.Accepted, "accepted"),
+                            (12, paxos.Commit, "commit"), (13, paxos.Nack, "nack")):
+        cls.CODE = code
+        KINDS[code] = cls
+        NAMES[cls] = name
+
+
+_register_paxos_kinds()
