@@ -155,9 +155,11 @@ def check_recovered(client: ApiClient, model: Model) -> None:
     assert len(set(macs)) == len(macs), f"duplicate MACs: {sorted(macs)}"
     leases = {el.get("id"): el.get("holder") for el in dom.findall(f"{{{DOM_NS}}}leases/{{{DOM_NS}}}lease")
               if el.get("deleted") != "true"}
+    tokens = {c.get("id"): c.get("token") for c in dom.findall(f"{{{DOM_NS}}}vclusters/{{{DOM_NS}}}vcluster")
+              if c.get("deleted") != "true"}
     for vm in vms:
         if vm.get("desired") != "absent":  # an absent VM gives its leases back before it goes
-            holder = f"vm:{vm.get('id')}"
+            holder = f"vm:{vm.get('id')}#{tokens[vm.get('cluster')]}"
             assert leases.get(f"ip/lab/{vm.get('ip')}") == holder, (vm.attrib, holder)
             assert leases.get(f"mac/{vm.get('mac')}") == holder, (vm.attrib, holder)
 

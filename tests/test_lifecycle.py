@@ -188,7 +188,7 @@ def test_leases_without_holder_are_released_after_grace(start_node):
     """Leases taken by a request that died before recording its cluster are given back later."""
     h = yield start_node()
     node = h.node
-    yield node.allocator.allocate_cluster("ghost", ["ghost/pc0", "ghost/pc1"], "lab")
+    yield node.allocator.allocate_cluster("ghost", "t0ken", ["ghost/pc0", "ghost/pc1"], "lab")
     assert len(node.domsvc.dom.all(LeaseRec)) == 6  # name, vni, 2 IPs, 2 MACs
     yield node.reconciler.settled()
     assert len(node.domsvc.dom.all(LeaseRec)) == 6  # still inside the grace period

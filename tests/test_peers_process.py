@@ -38,6 +38,7 @@ class Grid:
         self.api = [free_port() for _ in range(n)]
         self.peer = [free_port() for _ in range(n)]
         self.daemons = []
+        members = " ".join(f"host{i + 1}" for i in range(n))
         for i in range(n):
             hid = f"host{i + 1}"
             cert = base / hid / "pki"
@@ -45,7 +46,8 @@ class Grid:
             cpus, mem = SIZES[i % len(SIZES)]
             cfg = write_host_config(base / hid, hid, self.api[i], self.peer[i], cpus, mem,
                                     reconcile_interval=0.5,
-                                    extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" timing="local"/>')
+                                    extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" '
+                                          f'timing="local" members="{members}"/>')
             self.daemons.append(Daemon(cfg, api_port=self.api[i]))
         for d in self.daemons:
             d.start()

@@ -85,6 +85,7 @@ class ClusterManager:
         self.now_ms = now_ms
         self.wait_timeout = wait_timeout
         self.reconcile_kick = lambda: None
+        self.new_token = lambda: __import__("secrets").token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
         self.liveness = liveness or (lambda h: "alive" if h == host_id else "unknown")
@@ -163,10 +164,11 @@ class ClusterManager:
         planned = expand(t, count, self.limits.max_vms_per_cluster)
         vm_ids = [f"{name}/{vm}" for vm, _ in planned]
         hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned])
-        vni, addrs = yield self.allocator.allocate_cluster(name, vm_ids, t.network.pool)
+        token = self.new_token()
+        vni, addrs = yield self.allocator.allocate_cluster(name, token, vm_ids, t.network.pool)
         cluster = VClusterRec(id=name, owner=owner, template=t.name, count=count, vni=vni,
                               network=network_name(name), bridge=bridge_name(vni), state="active",
-                              created_at=int(self.now_ms()))
+                              created_at=int(self.now_ms()), token=token)
         recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
                             for vm, role in planned]
         yield self.domsvc.put(*recs)
@@ -198,7 +200,7 @@ class ClusterManager:
         if to_add:
             vm_ids = [f"{name}/{vm}" for vm, _ in to_add]
             hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add])
-            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool)
+            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool, c.token)
             recs += [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
                      for vm, role in to_add]
         removed_ids = [f"{name}/{vm}" for vm in to_remove]

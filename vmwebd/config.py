@@ -256,6 +256,10 @@ class PeersConfig:
     fanout: int = DEFAULT_FANOUT
     #: This host's cluster certificate, key and the CA certificate; default ``<state dir>/pki``.
     cert_dir: Path | None = None
+    #: Host ids of the consensus members (Paxos acceptors) when the grid starts; default: this
+    #: host alone. Every host of a grid must list the same ones; later changes go through
+    #: consensus (AddHost / RemoveHost).
+    members: tuple[str, ...] = ()
     #: Protocol timing preset: ``lan`` (memberlist's LAN intervals, default) or ``local``
     #: (faster, for tests and demos on one machine).
     timing: str = "lan"
@@ -722,7 +726,7 @@ class _Loader(ElementReader):
         if el is None:
             return PeersConfig()
         self.children(el, "peers")
-        a = self.attrs(el, "peers", optional=("seeds", "fanout", "cert-dir", "timing"))
+        a = self.attrs(el, "peers", optional=("seeds", "fanout", "cert-dir", "timing", "members"))
         seeds = tuple(
             self._address(el, "peers/@seeds", s) for s in a.get("seeds", "").replace(",", " ").split()
         )
@@ -731,7 +735,13 @@ class _Loader(ElementReader):
         timing = a.get("timing", "lan")
         if timing not in ("lan", "local"):
             raise self.error(el, "peers/@timing", f"{timing!r} is not a timing preset (lan, local)")
-        return PeersConfig(seeds, fanout, cert_dir, timing)
+        members = tuple(a.get("members", "").replace(",", " ").split())
+        for m in members:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", m):
+                raise self.error(el, "peers/@members", f"{m!r} is not a host id")
+        if len(set(members)) != len(members):
+            raise self.error(el, "peers/@members", "lists a host twice")
+        return PeersConfig(seeds, fanout, cert_dir, members, timing)
 
 
 def _normpath(p: Path) -> str:

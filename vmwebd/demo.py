@@ -75,13 +75,15 @@ def main(argv=None) -> int:
     if not (ca_dir / "ca.crt").exists():
         pki.init_ca(ca_dir, grid_name="vmweb-demo")
     seed = f"127.0.0.1:{args.first_port + 100}"
+    members = " ".join(f"host{i + 1}" for i in range(args.hosts))
     for i in range(args.hosts):
         cpus, mem = HOST_SIZES[i % len(HOST_SIZES)]
         hid = f"host{i + 1}"
         cert_dir = base / hid / "pki"
         if not (cert_dir / "host.crt").exists():
             pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1"])
-        peers = f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local"/>'
+        peers = (f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local" '
+                 f'members="{members}"/>')
         cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem,
                                 extra=peers)
         log = open(base / hid / "vmwebd.log", "ab")

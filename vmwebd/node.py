@@ -21,12 +21,14 @@ from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
 from vmwebd.hv import open_driver
+from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
-from vmwebd.lease.table import LocalLeaseTable
+from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.reconcile import Reconciler, StorageLayout
 from vmwebd.templates import load_templates
 
 log = Logger()
+PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
 HEARTBEAT_SECONDS = 10.0
 
 
@@ -71,7 +73,12 @@ class Node:
             self.driver = open_driver(cfg.libvirt_uri, reactor=self.reactor)
         base_images = yield self._ensure_storage()
         yield self._publish_static()
-        table = LocalLeaseTable(self.domsvc, self.now_ms)
+        self.leases = LeaseService(
+            self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
+            random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
+            fsync=self.fsync)
+        yield self.leases.start()
+        table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       live_hosts=self.live_hosts, liveness=self.liveness)
@@ -119,9 +126,12 @@ class Node:
         class _Late:
             """Peer requests may arrive before the service object exists; drop them until then."""
             def receive(self, env):
+                if isinstance(env.msg, PAXOS_KINDS):
+                    return node.leases.receive(env.src, env.msg)
                 if "svc" in holder:
                     return holder["svc"].receive(env)
                 return defer.succeed(None)
+        node = self
         root = Resource()
         root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
                                               require_identity=True, identity_of=tls.peer_host_id))
@@ -148,6 +158,20 @@ class Node:
         log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id, addr=peer_addr,
                  seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
         return defer.succeed(None)
+
+    def send_peer(self, dst: str, msg) -> defer.Deferred:
+        """Sends one message to host ``dst``'s peer endpoint (dropped if we do not know where it is)."""
+        if self.gossip is None:
+            return defer.succeed(False)
+        from vmwebd.gossip.codec import encode
+        from vmwebd.gossip.messages import Envelope
+        m = self.gossip.core.members.get(dst)
+        addr = m.addr if m is not None else next(
+            (h.peer for h in self.domsvc.dom.all(HostRec) if h.id == dst and h.peer), None)
+        if addr is None:
+            return defer.succeed(False)
+        env = Envelope(self.host_id, self.peer_address, dst, msg)
+        return self.gossip.client.send(addr, encode(env))
 
     def live_hosts(self) -> set[str]:
         """Hosts this host currently believes alive (itself always)."""
@@ -238,6 +262,8 @@ class Node:
             yield self.port.stopListening()
         if self.driver is not None:
             yield self.driver.close()
+        if getattr(self, "leases", None) is not None:
+            self.leases.stop()
         if self.domsvc is not None:
             self.domsvc.close()
 

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec, VmStatus
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
+from vmwebd.lease.allocator import parse_holder
 
 log = Logger()
 PREFIX = "vmweb-"
@@ -172,7 +173,7 @@ class Reconciler:
         for c in clusters.values():
             if c.state == "destroying" and c.id not in live_vm_clusters:
                 yield self.domsvc.delete(("vcluster", c.id))
-                yield self.allocator.release_cluster(c.id, c.vni)
+                yield self.allocator.release_cluster(c.id, c.vni, c.token)
                 log.info("cluster {name} destroyed", name=c.id)
 
         # 5. leases whose holder never came to be (a crash between taking the leases and
@@ -181,14 +182,20 @@ class Reconciler:
 
     def _release_orphan_leases(self):
         now = self.now_ms()
-        stale = []
+        stale = {}
         for lease in self.dom.all(LeaseRec):
             if now - lease.granted_at < self.lease_grace_s * 1000:
                 continue
-            kind, _, ref = lease.holder.partition(":")
-            if (kind == "vm" and self.dom.get(VmRec, ref) is None) or \
-                    (kind == "vcluster" and self.dom.get(VClusterRec, ref) is None):
-                stale.append(lease.id)
+            kind, ref, token = parse_holder(lease.holder)
+            if kind == "vm":
+                vm = self.dom.get(VmRec, ref)
+                c = self.dom.get(VClusterRec, vm.cluster) if vm else None
+                if c is None or c.token != token:
+                    stale[lease.id] = lease.holder
+            elif kind == "vcluster":
+                c = self.dom.get(VClusterRec, ref)
+                if c is None or c.token != token:
+                    stale[lease.id] = lease.holder
         if not stale:
             return defer.succeed(None)
         log.info("releasing {n} leases whose holders do not exist: {keys}", n=len(stale),
@@ -223,7 +230,7 @@ class Reconciler:
         try:
             if vm.desired == "absent":
                 yield self._remove_domain(name)
-                yield self.allocator.release_vm(vm)
+                yield self.allocator.release_vm(vm, cluster.token if cluster else "")
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
                 return None

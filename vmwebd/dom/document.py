@@ -138,10 +138,15 @@ class Dom:
         return cls.from_attrs(el.get("id"), dict(el.attrib), body)
 
     # -- writes (local) -------------------------------------------------------------------
-    def put(self, rec: Record) -> etree._Element:
+    def put(self, rec: Record, version: Version | None = None) -> etree._Element:
         """Writes a record as a new version; returns the entity as it now stands (to persist and
-        spread). A sub-part (``PART``) is written only onto an existing, live entity."""
-        v = self.clock.tick()
+        spread). A sub-part (``PART``) is written only onto an existing, live entity.
+
+        ``version`` is for records whose order is decided elsewhere (a lease carries the Paxos
+        ballot that decided it); by default the clock ticks."""
+        if version is not None:
+            self.clock.observe(version)
+        v = version or self.clock.tick()
         kind = rec.KIND
         if rec.PART:
             el = self._index[kind].get(rec.id)
@@ -167,14 +172,18 @@ class Dom:
             new.append(copy.deepcopy(child))
         return self._apply(new)
 
-    def delete(self, kind: str, id_: str) -> etree._Element | None:
-        """Replaces an entity's main part with a tombstone; None if there is nothing to delete."""
+    def delete(self, kind: str, id_: str, version: Version | None = None) -> etree._Element | None:
+        """Replaces an entity's main part with a tombstone; None if there is nothing to delete
+        (with an explicit ``version``, the tombstone is written even for an unknown entity, so
+        that it orders correctly against a record still on its way)."""
         el = self._index[kind].get(id_)
-        if el is None or el.get("deleted") == "true":
+        if version is None and (el is None or el.get("deleted") == "true"):
             return None
+        if version is not None:
+            self.clock.observe(version)
         tomb = etree.Element(_Q + kind)
         tomb.set("id", id_)
-        tomb.set("v", str(self.clock.tick()))
+        tomb.set("v", str(version or self.clock.tick()))
         tomb.set("deleted", "true")
         return self._apply(tomb)
 
@@ -269,9 +278,10 @@ class Dom:
         complete (Scuttlebutt-style anti-entropy).
 
         ``theirs`` is the other side's complete version vector, ``mine_complete`` ours. Entities
-        are chosen by the stamp of their newest-unknown part, oldest first, until the budget is
-        spent; ``claims[o]`` is the highest stamp from origin ``o`` up to which the other side
-        holds everything after merging them (never more than what we are complete up to).
+        are chosen by the stamp of their unknown parts, oldest first (parts we can claim before
+        parts above our complete vector), until the budget is spent; ``claims[o]`` is the highest
+        stamp from origin ``o`` up to which the other side holds everything after merging them
+        (never more than what we are complete up to).
         """
         cands: list[tuple[tuple[int, int], str, str, str]] = []
         for kind in CONTAINERS:
@@ -280,7 +290,10 @@ class Dom:
                     v = _version(part)
                     if v.stamp > theirs.get(v.origin, (-1, -1)):
                         cands.append((v.stamp, v.origin, kind, id_))
-        cands.sort()
+        # Parts we can claim (up to our complete vector) go first: each round then moves the other
+        # side's vector forward. Parts above it (heard by rumor; the other side may hold them too)
+        # come after, so they can never starve the claimable ones.
+        cands.sort(key=lambda c: (c[0] > mine_complete.get(c[1], (-1, -1)), c))
         chosen: dict[tuple[str, str], etree._Element] = {}
         claims = dict(mine_complete)
         size = 0

@@ -75,12 +75,13 @@ class DomService:
 
     def put(self, *recs) -> defer.Deferred:
         """Writes records (see Dom.put) and fires when they are durable (and handed to gossip)."""
-        return self._commit_local([self.dom.put(r) for r in recs])
+        return self.commit_local([self.dom.put(r) for r in recs])
 
     def delete(self, *keys: tuple[str, str]) -> defer.Deferred:
-        return self._commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
+        return self.commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
 
-    def _commit_local(self, entities) -> defer.Deferred:
+    def commit_local(self, entities) -> defer.Deferred:
+        """Persists local writes already applied to the replica, then hands them to gossip."""
         entities = [e for e in entities if e is not None]
 
         def spread(result):

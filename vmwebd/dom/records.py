@@ -169,6 +169,7 @@ class VClusterRec(Record):
     bridge: str = ""
     state: str = "active"            # creating | active | destroying
     created_at: int = 0
+    token: str = ""                  # unique per creation: lease holders carry it
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
-from vmwebd.gossip.core import ALIVE, DEAD, LEFT, GossipConfig, GossipCore, Output
+from vmwebd.gossip.core import ALIVE, DEAD, LEFT, SUSPECT, GossipConfig, GossipCore, Output
 from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import Envelope
 
@@ -37,6 +37,7 @@ class SimHost:
     core: GossipCore | None
     crashed: bool = False
     detected_dead_at: dict = field(default_factory=dict)   # node -> first time we saw it dead
+    suspects: dict = field(default_factory=dict)           # node -> since when this core suspects it
 
 
 class Simulation:
@@ -48,6 +49,9 @@ class Simulation:
         self.drop, self.dup, self.delay = drop, dup, delay
         self.tick_step = tick
         self.validate = validate
+        # Tick only the cores that have something due at this tick (see _due); the runs are the
+        # same as ticking every core every time (tests/test_gossip_sim.py checks it), only faster.
+        self.lazy_ticks = True
         self.now = start_at
         self.stats = NetStats()
         self._queue: list = []
@@ -72,6 +76,7 @@ class Simulation:
                             DomPortAdapter(h.dom, validate=self.validate), self.now,
                             seeds=tuple(seeds), known=tuple(known))
         h.crashed = False
+        h.suspects = {}
 
     def _reachable(self, a: str, b: str) -> bool:
         if frozenset((a, b)) in self._cut:
@@ -87,6 +92,10 @@ class Simulation:
                 h.detected_dead_at[node] = self.now
             if new == ALIVE:
                 h.detected_dead_at.pop(node, None)
+            if new == SUSPECT:
+                h.suspects[node] = self.now
+            else:
+                h.suspects.pop(node, None)
         for s in out.sends:
             dst = s.addr
             size = ENVELOPE_OVERHEAD + sum(h.core.dom.size_of(e) for e in _entities(s.envelope))
@@ -117,7 +126,7 @@ class Simulation:
                 continue
             self.now = next_tick
             for hid, h in self.hosts.items():
-                if not h.crashed:
+                if not h.crashed and (not self.lazy_ticks or _due(h, self.now)):
                     self._carry(hid, h.core.tick(self.now))
             next_tick = self.now + self.tick_step
         return until() if until is not None else False
@@ -172,6 +181,33 @@ class Simulation:
             if v is not None and (version is None or v >= version):
                 n += 1
         return n
+
+
+def _due(h: SimHost, now: float) -> bool:
+    """Whether ``h.core.tick(now)`` would do anything. Mirrors the conditions of
+    :meth:`GossipCore.tick`; the only thing a tick does when none holds is move the gossip timer
+    on (its queue being empty), which we do here so the timer keeps the same phase."""
+    c = h.core
+    cfg = c.cfg
+    p = c._probe
+    if p is not None:
+        if p.acked or now >= p.started + cfg.probe_interval or (not p.indirect and now >= p.started + cfg.probe_timeout):
+            return True
+    elif now >= c._next_probe:
+        return True
+    if now >= c._next_sync:
+        return True
+    if h.suspects:
+        timeout = cfg.suspicion_timeout(len(c.members))
+        if any(now >= since + timeout for since in h.suspects.values()):
+            return True
+    if c._relays and any(now >= r[4] for r in c._relays.values()):
+        return True
+    if now >= c._next_gossip:
+        if len(c.queue):
+            return True
+        c._next_gossip = now + cfg.gossip_interval
+    return False
 
 
 def _entities(env: Envelope):

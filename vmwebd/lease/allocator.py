@@ -29,12 +29,22 @@ class AllocationContended(ServerError):
     faultcode = "Server.AllocationContended"
 
 
-def vm_holder(vm_id: str) -> str:
-    return f"vm:{vm_id}"
+def vm_holder(vm_id: str, token: str) -> str:
+    """The holder of a VM's addresses: the VM, in the creation of its cluster named by ``token``
+    (a cluster made again under the same name has another token, so old leases never pass as
+    the new cluster's)."""
+    return f"vm:{vm_id}#{token}"
 
 
-def cluster_holder(name: str) -> str:
-    return f"vcluster:{name}"
+def cluster_holder(name: str, token: str) -> str:
+    return f"vcluster:{name}#{token}"
+
+
+def parse_holder(holder: str) -> tuple[str, str, str]:
+    """``vm:lab1/pc0#1a2b`` → ``("vm", "lab1/pc0", "1a2b")``."""
+    kind, _, rest = holder.partition(":")
+    ref, _, token = rest.rpartition("#")
+    return kind, ref, token
 
 
 class Allocator:
@@ -57,23 +67,23 @@ class Allocator:
             raise InvalidArgument("pool", f"no address pool named {name!r}") from None
 
     @defer.inlineCallbacks
-    def allocate_cluster(self, name: str, vm_ids: list[str], pool: str):
+    def allocate_cluster(self, name: str, token: str, vm_ids: list[str], pool: str):
         """Leases the cluster's name, a network id and one address pair per VM.
 
         Returns ``(vni, {vm_id: VmAddress})``; fails with NameTaken or PoolExhausted, having
         leased nothing.
         """
-        result = yield self._allocate(vm_ids, pool, cluster=name)
+        result = yield self._allocate(vm_ids, pool, token, cluster=name)
         return result
 
     @defer.inlineCallbacks
-    def allocate_vms(self, vm_ids: list[str], pool: str):
+    def allocate_vms(self, vm_ids: list[str], pool: str, token: str):
         """Leases one address pair per new VM of an existing cluster: ``{vm_id: VmAddress}``."""
-        _, addrs = yield self._allocate(vm_ids, pool, cluster=None)
+        _, addrs = yield self._allocate(vm_ids, pool, token, cluster=None)
         return addrs
 
     @defer.inlineCallbacks
-    def _allocate(self, vm_ids, pool_name, cluster):
+    def _allocate(self, vm_ids, pool_name, token, cluster):
         pool = self._pool(pool_name)
         bad_ips: set[str] = set()
         bad_macs: set[str] = set()
@@ -82,12 +92,12 @@ class Allocator:
             claims: dict[str, str] = {}
             vni = None
             if cluster is not None:
-                claims[name_key("vcluster", cluster)] = cluster_holder(cluster)
+                claims[name_key("vcluster", cluster)] = cluster_holder(cluster, token)
                 vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis)
                 if not vnis:
                     raise PoolExhausted("vni", 1, 0)
                 vni = vnis[0]
-                claims[vni_key(vni)] = cluster_holder(cluster)
+                claims[vni_key(vni)] = cluster_holder(cluster, token)
             ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips)
             if len(ips) < len(vm_ids):
                 raise PoolExhausted(pool_name, len(vm_ids), len(ips))
@@ -96,8 +106,8 @@ class Allocator:
                 raise PoolExhausted("mac", len(vm_ids), len(macs))
             addrs = {}
             for vm_id, ip, mac in zip(vm_ids, ips, macs):
-                claims[ip_key(pool_name, ip)] = vm_holder(vm_id)
-                claims[mac_key(mac)] = vm_holder(vm_id)
+                claims[ip_key(pool_name, ip)] = vm_holder(vm_id, token)
+                claims[mac_key(mac)] = vm_holder(vm_id, token)
                 addrs[vm_id] = VmAddress(ip, mac)
             try:
                 yield self.table.acquire(claims)
@@ -117,18 +127,16 @@ class Allocator:
             f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "
             f"candidates kept being taken, gave up after {self.max_rounds} rounds")
 
-    def vm_keys(self, vm) -> list[str]:
-        """Lease keys held by a VM record (its IP and MAC)."""
-        keys = []
-        for pool in self.ip_pools.values():
-            if vm.ip and self.table.holder(ip_key(pool.name, vm.ip)) == vm_holder(vm.id):
-                keys.append(ip_key(pool.name, vm.ip))
-        if vm.mac:
-            keys.append(mac_key(vm.mac))
-        return keys
+    def vm_keys(self, vm, token: str) -> dict[str, str]:
+        """Lease keys held by a VM (its IP and MAC), with their holder."""
+        holder = vm_holder(vm.id, token)
+        keys = [ip_key(p.name, vm.ip) for p in self.ip_pools.values() if vm.ip] + \
+               ([mac_key(vm.mac)] if vm.mac else [])
+        return {k: holder for k in keys if self.table.holder(k) == holder}
 
-    def release_vm(self, vm) -> defer.Deferred:
-        return self.table.release(self.vm_keys(vm))
+    def release_vm(self, vm, token: str) -> defer.Deferred:
+        return self.table.release(self.vm_keys(vm, token))
 
-    def release_cluster(self, name: str, vni: int) -> defer.Deferred:
-        return self.table.release([name_key("vcluster", name), vni_key(vni)])
+    def release_cluster(self, name: str, vni: int, token: str) -> defer.Deferred:
+        holder = cluster_holder(name, token)
+        return self.table.release({name_key("vcluster", name): holder, vni_key(vni): holder})

@@ -1,0 +1,186 @@
+"""The Twisted layer of the consensus leases, and the lease table built on it.
+
+:class:`LeaseService` drives a :class:`~vmwebd.lease.paxos.PaxosCore`: it persists acceptor
+records (its own durable store, ``<state dir>/paxos``) on a dedicated thread BEFORE sending any
+message that depends on them, delivers messages to itself directly and to peers through the peer
+transport, ticks the core on the injected clock, and records every commit it learns as a lease
+entity in the DOM, versioned with the deciding ballot.
+
+:class:`PaxosLeaseTable` is the allocator's lease table on top of it.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+
+from twisted.internet import defer, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from vmwebd.dom.hlc import Version
+from vmwebd.dom.records import LeaseRec
+from vmwebd.dom.store import DurableStore
+from vmwebd.errors import NoQuorum
+from vmwebd.lease import paxos
+from vmwebd.lease.table import LeaseConflict
+
+log = Logger()
+
+
+def _encode(rec) -> bytes:
+    kind, key, ballot, value = rec
+    return json.dumps([kind, key, str(ballot), value]).encode()
+
+
+def _decode(data: bytes):
+    kind, key, ballot, value = json.loads(data)
+    return (kind, key, Version.parse(ballot), value)
+
+
+class LeaseService:
+    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send,
+                 fsync: bool = True, deadline: float = 3.0, tick_interval: float = 0.05,
+                 compact_every: int = 20000):
+        self.me = me
+        self.domsvc = domsvc
+        self.reactor = reactor
+        self.send = send            # send(dst_host, msg) -> Deferred (a lost message is fine)
+        self.store = DurableStore(store_dir, fsync=fsync)
+        self.core = paxos.PaxosCore(me, clock, rng, members, deadline=deadline)
+        self.tick_interval = tick_interval
+        self.compact_every = compact_every
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-paxos-store")
+        self._pending: dict[str, defer.Deferred] = {}
+        self._ids = itertools.count(1)
+        self._loop = None
+        self._since_compact = 0
+
+    @defer.inlineCallbacks
+    def start(self):
+        self._pool.start()
+        _, records = yield deferToThreadPool(self.reactor, self._pool, self.store.load)
+        self.core.restore(_decode(r) for r in records)
+        self._since_compact = len(records)
+        self._loop = task.LoopingCall(lambda: self._carry(self.core.tick(self.reactor.seconds())))
+        self._loop.clock = self.reactor
+        self._loop.start(self.tick_interval, now=False)
+
+    def stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        for d in list(self._pending.values()):
+            d.errback(NoQuorum("the daemon is stopping"))
+        self._pending.clear()
+        self._pool.stop()
+        self.store.close()
+
+    # -- proposals ------------------------------------------------------------------------
+    def propose(self, cas: dict) -> defer.Deferred:
+        """Runs one all-or-nothing CAS; fires with Decided or Conflict, fails with NoQuorum."""
+        op_id = f"{self.me}-{next(self._ids)}-{int(self.reactor.seconds() * 1000)}"
+        d = defer.Deferred()
+        self._pending[op_id] = d
+        self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
+        return d
+
+    def receive(self, src: str, msg) -> defer.Deferred:
+        """A Paxos message from a peer (or ourselves); fires once its effects are durable."""
+        return self._carry(self.core.receive(src, msg, self.reactor.seconds()))
+
+    # -- carrying out the core's output --------------------------------------------------------
+    def _carry(self, out: paxos.Output) -> defer.Deferred:
+        if out.persist:
+            self._since_compact += len(out.persist)
+            d = deferToThreadPool(self.reactor, self._pool, self.store.append_many,
+                                  [_encode(r) for r in out.persist])
+        else:
+            d = defer.succeed(None)
+        # Persist before you speak: nothing below runs until the records are durable.
+        d.addCallback(lambda _: self._after_persist(out))
+        d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
+        return d
+
+    def _after_persist(self, out: paxos.Output):
+        for dst, msg in out.sends:
+            if dst == self.me:
+                self.reactor.callLater(0, self.receive, self.me, msg)
+            else:
+                self.send(dst, msg)
+        recorded = self._record_commits(out.commits) if out.commits else defer.succeed(None)
+        for result in out.results:
+            d = self._pending.pop(result.op, None)
+            if d is None:
+                continue
+            if isinstance(result, paxos.NoQuorum):
+                d.errback(NoQuorum(
+                    f"cannot lease without a majority: {result.reachable} of {result.members} "
+                    f"member hosts answered, {result.needed} needed"))
+            else:
+                # Our own commit reaches our acceptor through the loopback above; the caller
+                # sees the lease in the DOM as soon as the commit is recorded here.
+                d.callback(result)
+        return recorded
+
+    def _record_commits(self, commits) -> defer.Deferred:
+        dom = self.domsvc.dom
+        entities = []
+        for c in commits:
+            for key, holder in c.values.items():
+                have = dom.version_of("lease", key)
+                if have is not None and have >= c.ballot:
+                    continue
+                if holder is None:
+                    entities.append(dom.delete("lease", key, version=c.ballot))
+                else:
+                    entities.append(dom.put(LeaseRec(id=key, holder=holder, granted_at=c.ballot.wall_ms),
+                                             version=c.ballot))
+        return self.domsvc.commit_local(entities)
+
+
+class PaxosLeaseTable:
+    """Leases decided by Paxos among the member hosts; the DOM holds what was decided."""
+
+    def __init__(self, service: LeaseService, max_release_rounds: int = 4):
+        self.service = service
+        self.max_release_rounds = max_release_rounds
+
+    def holder(self, key: str) -> str | None:
+        rec = self.service.domsvc.dom.get(LeaseRec, key)
+        return rec.holder if rec else None
+
+    @defer.inlineCallbacks
+    def acquire(self, claims: dict[str, str]):
+        result = yield self.service.propose({k: (None, h) for k, h in claims.items()})
+        if isinstance(result, paxos.Conflict):
+            raise LeaseConflict(result.key, result.holder or "nobody")
+        yield self._seen(result)
+        return result
+
+    @defer.inlineCallbacks
+    def release(self, holders: dict[str, str]):
+        todo = dict(holders)
+        for _ in range(self.max_release_rounds):
+            if not todo:
+                return
+            result = yield self.service.propose({k: (h, None) for k, h in todo.items()})
+            if isinstance(result, paxos.Conflict):
+                # Someone else holds it now (or it is free already): not ours to release.
+                todo.pop(result.key, None)
+                continue
+            yield self._seen(result)
+            return
+        log.warn("gave up releasing {n} leases after {r} rounds", n=len(todo), r=self.max_release_rounds)
+
+    def _seen(self, result) -> defer.Deferred:
+        """Waits (bounded) until the decided values are recorded in the local DOM, so that the
+        caller's next read of the lease table sees them."""
+        if not isinstance(result, paxos.Decided) or result.ballot is None:
+            return defer.succeed(None)
+        dom = self.service.domsvc.dom
+        keys = list(result.values)
+
+        def recorded():
+            versions = [dom.version_of("lease", k) for k in keys]
+            return all(v is not None and v >= result.ballot for v in versions)
+        return self.service.domsvc.wait_for(recorded, 5.0)
