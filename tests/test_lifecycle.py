@@ -197,3 +197,23 @@ def test_leases_without_holder_are_released_after_grace(start_node):
     assert node.domsvc.dom.all(LeaseRec) == []
     c = yield h.call("CreateCluster", "ghost", "lab", "alice", 2)
     assert c["name"] == "ghost"
+
+
+@pytest_twisted.inlineCallbacks
+def test_adding_an_unreachable_member_costs_the_quorum(start_node):
+    """After AddHost of a host that never answers, leases need 2 of 2 members: NoQuorum, reads work."""
+    h = yield start_node()
+    assert (yield h.call("AddHost", "host2")) == ["host1", "host2"]
+    hosts = yield h.call("ListHosts")
+    assert [x["member"] for x in hosts] == [True]
+    with pytest.raises(ApiFault) as e:
+        yield h.call("CreateCluster", "nq", "lab", "alice", 1)
+    assert e.value.code == "Server.NoQuorum"
+    assert "1 of 2 member hosts answered, 2 needed" in e.value.message
+    assert (yield h.call("ListClusters", None)) in (None, [])
+    with pytest.raises(ApiFault) as e:
+        yield h.call("AddHost", "host1")
+    assert e.value.code == "Client.InvalidArgument" and "already" in e.value.message
+    with pytest.raises(ApiFault) as e:
+        yield h.call("RemoveHost", "host9")
+    assert e.value.code == "Client.NoSuchHost"

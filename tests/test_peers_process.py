@@ -137,3 +137,25 @@ def test_host_killed_right_after_acknowledging_leaves_no_half_made_cluster(grid)
         states = {v["name"]: v["state"] for v in cl["vms"]}
         return all(states.get(n) == "running" for n in elsewhere) and len(states) == 6
     wait_until(others_built, 30, "host2 and host3 to run their VMs of 'orphaned'")
+
+
+@pytest.mark.slow
+def test_membership_changes_through_consensus_one_host_at_a_time(grid):
+    """RemoveHost/AddHost change the consensus members at every host; quorum follows the members."""
+    assert grid.client(0).call("RemoveHost", "host3") == ["host1", "host2"]
+    for i in range(3):
+        wait_until(lambda i=i: {h["id"]: h["member"] for h in grid.client(i).call("ListHosts")}
+                   == {"host1": True, "host2": True, "host3": False}, 20, f"host{i + 1} to see 2 members")
+    grid.daemons[2].kill()      # not a member: leases go on with 2 of 2
+    grid.client(1).call("CreateCluster", "after-remove", "lab", "dave", 2)
+    grid.daemons[1].kill()      # now 1 of 2 members: no quorum, a clear error, reads keep working
+    with pytest.raises(Exception) as e:
+        grid.client(0).call("CreateCluster", "no-quorum", "lab", "dave", 1)
+    assert getattr(e.value, "code", "") == "Server.NoQuorum", e.value
+    assert "2 needed" in e.value.message
+    assert [c["name"] for c in grid.client(0).call("ListClusters", None)] == ["after-remove"]
+    grid.daemons[1].start()
+    wait_until(lambda: grid.client(0).call("CreateCluster", "resumed", "lab", "dave", 1), 30,
+               "leases to resume once host2 is back")
+    grid.daemons[2].start()
+    assert grid.client(0).call("AddHost", "host3") == ["host1", "host2", "host3"]

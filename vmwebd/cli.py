@@ -29,7 +29,7 @@ CLUSTER_COLS = [("name", "CLUSTER"), ("owner", "OWNER"), ("template", "TEMPLATE"
                 ("state", "STATE"), ("network", "NETWORK"), ("bridge", "BRIDGE")]
 HOST_COLS = [("id", "HOST"), ("liveness", "LIVENESS"), ("cpus", "CPUS"), ("memory_mib", "MEM(MiB)"),
              ("used_vcpus", "USED VCPUS"), ("used_memory_mib", "USED MEM"), ("load1", "LOAD"),
-             ("vms", "VMS"), ("api", "API")]
+             ("vms", "VMS"), ("member", "MEMBER"), ("api", "API")]
 
 
 def show_cluster(c: dict) -> str:
@@ -79,11 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--grid-name", default="vmweb")
     host = sub.add_parser("host", help="add a host to the grid (issue its certificate)")
     hsub = host.add_subparsers(dest="action", required=True)
-    ha = hsub.add_parser("add", help="issue a cluster certificate for a new host (local files)")
+    ha = hsub.add_parser("add", help="issue a new host's certificate (with --ca-dir) and/or make it a "
+                                     "consensus member (with --member)")
     ha.add_argument("host_id")
-    ha.add_argument("--ca-dir", required=True)
-    ha.add_argument("--cert-dir", required=True, help="where the new host's certificate goes")
+    ha.add_argument("--ca-dir", help="the grid CA (from `vmweb init`): issue the host's certificate")
+    ha.add_argument("--cert-dir", help="where the new host's certificate goes")
     ha.add_argument("--address", action="append", default=[])
+    ha.add_argument("--member", action="store_true",
+                    help="ask the grid (at --host) to add it to the consensus members")
+    hr = hsub.add_parser("remove", help="remove a host from the consensus members")
+    hr.add_argument("host_id")
     vm = sub.add_parser("vm", help="start or stop a VM")
     vsub = vm.add_subparsers(dest="action", required=True)
     for verb in ("start", "stop"):
@@ -120,7 +125,11 @@ def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr
         time.sleep(0.3)
 
 
-LOCAL_COMMANDS = ("init", "host")
+LOCAL_COMMANDS = ("init",)
+
+
+def _is_local(args) -> bool:
+    return args.cmd in LOCAL_COMMANDS or (args.cmd == "host" and args.action == "add" and not args.member)
 
 
 def run_local(args, out=sys.stdout) -> int:
@@ -132,6 +141,9 @@ def run_local(args, out=sys.stdout) -> int:
         out.write(f"created the grid CA in {ca.directory} and host {args.host_id}'s certificate in "
                   f"{host.directory}\n")
     elif args.cmd == "host" and args.action == "add":
+        if not args.ca_dir or not args.cert_dir:
+            from vmwebd.errors import InvalidArgument
+            raise InvalidArgument("--ca-dir/--cert-dir", "both are needed to issue a certificate")
         host = pki.issue_host_cert(args.ca_dir, args.host_id, args.cert_dir, args.address)
         out.write(f"issued host {args.host_id}'s certificate in {host.directory}; copy that directory "
                   f"to the host and point its peers/@cert-dir at it\n")
@@ -180,6 +192,10 @@ def run(args, client, out=sys.stdout) -> int:
     elif args.cmd == "set":
         s = client.call("SetSetting", args.key, args.value)
         emit(s, f"{s['key']} = {s['value']}")
+    elif args.cmd == "host":
+        op = "AddHost" if args.action == "add" else "RemoveHost"
+        members = client.call(op, args.host_id) or []
+        emit(members, "consensus members: " + ", ".join(members))
     elif args.cmd == "vm":
         op = "StartVm" if args.action == "start" else "StopVm"
         v = client.call(op, args.cluster, args.vm)
@@ -189,7 +205,14 @@ def run(args, client, out=sys.stdout) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd in LOCAL_COMMANDS:
+    if args.cmd == "host" and args.action == "add" and args.member and args.ca_dir:
+        from vmwebd.errors import VmwebError
+        try:
+            run_local(args)
+        except VmwebError as e:
+            print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
+            return 1
+    if _is_local(args):
         from vmwebd.errors import VmwebError
         try:
             return run_local(args)

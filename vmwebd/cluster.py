@@ -65,6 +65,7 @@ class HostView:
     vms: int
     used_vcpus: int
     used_memory_mib: int
+    member: bool = False
 
 
 def _check_name(name, field_="name") -> str:
@@ -88,6 +89,7 @@ class ClusterManager:
         self.new_token = lambda: __import__("secrets").token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
+        self.members = lambda: (host_id,)
         self.liveness = liveness or (lambda h: "alive" if h == host_id else "unknown")
 
     # -- templates ------------------------------------------------------------------------
@@ -129,7 +131,8 @@ class ClusterManager:
             load = loads.get(h.id)
             out.append(HostView(h.id, self.liveness(h.id) if h.liveness != "left" else "left", h.api, h.cpus, h.memory_mib, h.free_memory_mib,
                                 h.load1, sum(1 for v in self.dom.all(VmRec) if v.host == h.id),
-                                load.used_vcpus if load else 0, load.used_memory_mib if load else 0))
+                                load.used_vcpus if load else 0, load.used_memory_mib if load else 0,
+                                h.id in self.members()))
         return out
 
     def _vms_of(self, cluster: str) -> list[VmRec]:

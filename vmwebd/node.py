@@ -86,6 +86,7 @@ class Node:
                                      StorageLayout(cfg.storage.pool, base_images),
                                      self.reactor, self.now_ms, cfg.reconcile_interval)
         self.manager.reconcile_kick = self.reconciler.kick
+        self.manager.members = self.leases.members
         yield self._start_peers()
         yield self.heartbeat()
         self._heartbeat = task.LoopingCall(self.heartbeat)

@@ -6,7 +6,7 @@ which the SOAP stack turns into faults with specific faultcodes.
 """
 from __future__ import annotations
 
-from spyne import Array, ComplexModel, Float, Integer, Service, Unicode, rpc
+from spyne import Array, Boolean, ComplexModel, Float, Integer, Service, Unicode, rpc
 from twisted.internet import defer
 
 from vmwebd.api import compat
@@ -81,6 +81,7 @@ class HostInfo(ComplexModel):
     vms = Integer
     used_vcpus = Integer
     used_memory_mib = Integer
+    member = Boolean
 
 
 class SettingInfo(ComplexModel):
@@ -177,6 +178,23 @@ def make_user_service(node) -> type[Service]:
                 yield node.domsvc.put(rec)
                 return SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description)
             return write()
+
+        @rpc(Unicode, _returns=Array(Unicode))
+        def AddHost(ctx, host):
+            """Makes a host a consensus member (one host at a time, decided by the members)."""
+            _required(host, "host")
+            from vmwebd.gossip.pki import check_host_id
+            try:
+                check_host_id(host)
+            except Exception:
+                raise InvalidArgument("host", f"{host!r} is not a host id") from None
+            return node.leases.change_members(add=host).addCallback(list)
+
+        @rpc(Unicode, _returns=Array(Unicode))
+        def RemoveHost(ctx, host):
+            """Removes a host from the consensus members (one host at a time)."""
+            _required(host, "host")
+            return node.leases.change_members(remove=host).addCallback(list)
 
     return VmwebApi
 

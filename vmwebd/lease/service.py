@@ -26,6 +26,7 @@ from vmwebd.lease import paxos
 from vmwebd.lease.table import LeaseConflict
 
 log = Logger()
+MEMBERS_KEY = "config/members"   # the consensus members, itself decided by consensus
 
 
 def _encode(rec) -> bytes:
@@ -61,6 +62,9 @@ class LeaseService:
         self._pool.start()
         _, records = yield deferToThreadPool(self.reactor, self._pool, self.store.load)
         self.core.restore(_decode(r) for r in records)
+        self._adopt_members()
+        self.domsvc.dom.subscribe(lambda kind, id_: kind == "lease" and id_ == MEMBERS_KEY
+                                  and self._adopt_members())
         self._since_compact = len(records)
         self._loop = task.LoopingCall(lambda: self._carry(self.core.tick(self.reactor.seconds())))
         self._loop.clock = self.reactor
@@ -74,6 +78,49 @@ class LeaseService:
         self._pending.clear()
         self._pool.stop()
         self.store.close()
+
+    # -- membership ------------------------------------------------------------------------
+    def members(self) -> tuple[str, ...]:
+        return self.core.members
+
+    def _adopt_members(self) -> None:
+        """Uses the newest decided member list we know (our acceptor's or the DOM's record)."""
+        best_ballot, best = self.core.committed(MEMBERS_KEY)
+        rec_v = self.domsvc.dom.version_of("lease", MEMBERS_KEY)
+        rec = self.domsvc.dom.get(LeaseRec, MEMBERS_KEY)
+        if rec is not None and rec_v is not None and (best_ballot is None or rec_v > best_ballot):
+            best = rec.holder
+        if best:
+            members = tuple(sorted(best.split(",")))
+            if members != self.core.members:
+                log.info("consensus members are now {members}", members=", ".join(members))
+                self.core.set_members(members)
+
+    @defer.inlineCallbacks
+    def change_members(self, add: str | None = None, remove: str | None = None):
+        """Adds or removes one member, decided by the current members (so quorums overlap)."""
+        from vmwebd.errors import InvalidArgument, NoSuchHost
+        current = tuple(self.core.members)
+        if add is not None:
+            if add in current:
+                raise InvalidArgument("host", f"{add!r} is already a consensus member")
+            new = tuple(sorted(current + (add,)))
+        else:
+            if remove not in current:
+                raise NoSuchHost(remove)
+            if len(current) == 1:
+                raise InvalidArgument("host", f"{remove!r} is the last consensus member")
+            new = tuple(m for m in current if m != remove)
+        result = yield self.propose({MEMBERS_KEY: (",".join(current) if self._members_recorded() else None,
+                                                   ",".join(new))})
+        if isinstance(result, paxos.Conflict):
+            raise InvalidArgument("host", f"the member list changed meanwhile (now {result.holder}); try again")
+        self.core.set_members(new)
+        return new
+
+    def _members_recorded(self) -> bool:
+        return self.core.committed(MEMBERS_KEY)[0] is not None or \
+            self.domsvc.dom.get(LeaseRec, MEMBERS_KEY) is not None
 
     # -- proposals ------------------------------------------------------------------------
     def propose(self, cas: dict) -> defer.Deferred:
@@ -135,6 +182,8 @@ class LeaseService:
                 else:
                     entities.append(dom.put(LeaseRec(id=key, holder=holder, granted_at=c.ballot.wall_ms),
                                              version=c.ballot))
+        if any(MEMBERS_KEY in c.values for c in commits):
+            self._adopt_members()
         return self.domsvc.commit_local(entities)
 
 
