@@ -16,6 +16,7 @@ test: bootstrap
 bench: bootstrap
 	@$(PY) bench/provision.py
 	@$(PY) bench/soap.py
+	@$(PY) bench/gossip_sim.py
 
 clean:
 	rm -rf .demo .pytest_cache
