@@ -109,11 +109,16 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        reported = set()
         while not stopping:
             for hid, p in procs:
-                if p.poll() is not None:
-                    print(f"{hid} exited with {p.returncode}; see {base / hid / 'vmwebd.log'}")
-                    stopping.append(1)
+                if p.poll() is not None and hid not in reported:
+                    # Killing a host is a fine experiment: the others carry on and mark it dead.
+                    print(f"{hid} exited with {p.returncode} (see {base / hid / 'vmwebd.log'}); "
+                          f"the other hosts carry on", flush=True)
+                    reported.add(hid)
+            if len(reported) == len(procs):
+                break
             time.sleep(0.5)
     finally:
         for _, p in procs:
