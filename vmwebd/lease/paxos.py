@@ -164,8 +164,10 @@ class PaxosCore:
 
     def _apply_record(self, rec) -> None:
         kind, key, ballot, value = rec
-        st = self.keys.setdefault(key, KeyState())
         self.clock.observe(ballot)
+        if kind == "ballot":        # one of our own ballots (see _prepare): only the clock needs it
+            return
+        st = self.keys.setdefault(key, KeyState())
         if kind == "promise":
             if _gt(ballot, st.promised):
                 st.promised = ballot
@@ -233,14 +235,25 @@ class PaxosCore:
 
     def _prepare(self, op: _Op, now: float):
         op.ballot = self.clock.tick()
+        # The ballot is durable before a message carrying it leaves: our own promise may not be
+        # (the loopback can come after the remote ones), and a restart with a clock reading earlier
+        # would then reuse the ballot for other values. Restoring this record moves the clock past it.
+        self._record(("ballot", self.me, op.ballot, None))
         op.phase = "prepare"
         # ``heard`` is kept across attempts: it is what NoQuorum reports as reachable.
         op.promises, op.accepted, op.values, op.repair = {}, set(), {}, False
         op.attempts += 1
-        op.retry_at = now + self.retry_after * (1 + self.rng.random())
+        self._arm(op, now)
         msg = Prepare(op.id, op.ballot, tuple(sorted(op.cas)))
         for m in self.members:
             self._out.sends.append((m, msg))
+
+    def _arm(self, op: _Op, now: float) -> None:
+        """(Re)sets the timer after which a round with no progress is retried with a new ballot.
+        It grows with the attempts (a slow majority must not be overtaken by our own retries)
+        and is pushed back by every answer that moves the round forward."""
+        backoff = self.retry_after * min(2 ** (op.attempts - 1), 8)
+        op.retry_at = now + backoff * (1 + self.rng.random())
 
     def _finish(self, op: _Op, result) -> None:
         self.ops.pop(op.id, None)
@@ -252,6 +265,7 @@ class PaxosCore:
             return
         op.heard.add(src)
         op.promises[src] = m.entries
+        self._arm(op, now)
         if len(op.promises) < self.majority:
             return
         inflight, current = {}, {}
@@ -294,6 +308,7 @@ class PaxosCore:
             return
         op.heard.add(src)
         op.accepted.add(src)
+        self._arm(op, now)
         if len(op.accepted) < self.majority:
             return
         commit = Commit(op.ballot, dict(op.values))

@@ -1,0 +1,271 @@
+"""The Paxos core on the deterministic simulator: safety under random faulty schedules, liveness in
+benign conditions, batching, and durable promises across restarts."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vmwebd.dom.hlc import Version
+from vmwebd.lease import paxos
+from vmwebd.lease.paxos_sim import PaxosSim
+
+KEYS = ("ip/lab/10.0.0.1", "ip/lab/10.0.0.2", "mac/52:54:00:00:00:01")
+HOLDERS = ("vm:a", "vm:b", "vm:c")
+GRID = 0.01         # schedule times are multiples of 10 ms, so ballots of different incarnations can meet
+FAULTS = ("crash", "restart", "rewind", "partition", "heal")
+WINDOW = 0.8        # faults and operations happen in the first 0.8 s
+
+
+# -- random schedules ------------------------------------------------------------------------------
+def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCore) -> PaxosSim:
+    """Plays one schedule, then heals, restarts everyone and probes every key; checks safety."""
+    sim = PaxosSim(n, seed, drop=drop, dup=dup, delay=(0.001, max_delay), core_factory=core)
+    extra = 6 - len(ops)                # at most 6 operations in all (before the probes)
+    for i, (step, host, keys, holder, kind) in enumerate(ops):
+        # kind 0: a release; 1: an acquisition the holder releases again 50-250 ms later (while
+        # there is room); else an acquisition it keeps.
+        cas = {KEYS[k]: ((holder, None) if kind == 0 else (None, holder)) for k in keys}
+        sim.at(step * GRID, sim.propose, sim.hosts[host % n], f"op{i}", cas)
+        if kind == 1 and extra > 0:
+            extra -= 1
+            back = {k: (holder, None) for k in cas}
+            sim.at((step + 5 + 5 * (i + host) % 25) * GRID, sim.propose, sim.hosts[(host + 1) % n],
+                   f"op{i}-release", back)
+    for step, kind, host, arg in faults:
+        h, t = sim.hosts[host % n], step * GRID
+        if kind == "crash":
+            sim.at(t, sim.crash, h)
+        elif kind == "restart":
+            sim.at(t, sim.restart, h, arg * GRID)          # the new clock reads arg*10 ms behind
+        elif kind == "rewind":
+            # Restarts with a clock reading the time some operation was proposed at again.
+            sim.at(t, sim.restart, h, max(0, step - ops[arg % len(ops)][0]) * GRID)
+        elif kind == "partition":
+            side = {x for j, x in enumerate(sim.hosts) if arg >> j & 1}
+            sim.at(t, sim.partition, side, set(sim.hosts) - side)
+        else:
+            sim.at(t, sim.heal)
+    sim.run_until(WINDOW)
+    sim.heal()
+    for h in sim.hosts:
+        sim.restart(h)
+    sim.run_until_idle(limit=sim.deadline + 1)
+    # Probes after the faults: every key is read (and maybe taken) on top of whatever was left.
+    for i, key in enumerate(KEYS):
+        sim.propose(sim.hosts[sim.rng.randrange(n)], f"probe{i}", {key: (None, "vm:p")})
+    sim.run_until_idle(limit=sim.deadline + 1)
+    sim.check_safety()
+    return sim
+
+
+def op_strategy():
+    # (step, host, key indexes, holder, kind) — releases are by a named holder, which may or may
+    # not hold the keys; acquisitions of the same free key by different holders race.
+    return st.tuples(st.integers(0, 40), st.integers(0, 4),
+                     st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=3, unique=True),
+                     st.sampled_from(HOLDERS), st.integers(0, 3))
+
+
+def fault_strategy():
+    # (step, kind, host, arg): arg is the restart clock lag in steps, or the partition's bit mask.
+    return st.tuples(st.integers(0, 70), st.sampled_from(FAULTS), st.integers(0, 4),
+                     st.integers(0, 31))
+
+
+schedules = st.tuples(st.sampled_from([3, 5]), st.integers(0, 2**32 - 1),
+                      st.sampled_from([0.0, 0.05, 0.2]), st.sampled_from([0.0, 0.1, 0.3]),
+                      st.sampled_from([0.005, 0.03, 0.2]),
+                      st.lists(op_strategy(), min_size=2, max_size=6),
+                      st.lists(fault_strategy(), max_size=8))
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules)
+def test_random_faulty_schedules_are_safe(schedule):
+    """1,000 random schedules with drops, duplicates, reordering, partitions, crashes and restarts
+    (with clocks reading earlier) and concurrent proposers on the same keys never break safety."""
+    run_schedule(*schedule)
+
+
+def random_schedule(rng: random.Random):
+    """The same shape of schedule as the hypothesis strategy, from a plain RNG."""
+    n = rng.choice([3, 5])
+    ops = [(rng.randint(0, 40), rng.randint(0, 4), rng.sample(range(len(KEYS)), rng.randint(1, 3)),
+            rng.choice(HOLDERS), rng.randint(0, 3)) for _ in range(rng.randint(2, 6))]
+    faults = [(rng.randint(0, 70), rng.choice(FAULTS),
+               rng.randint(0, 4), rng.randint(0, 31)) for _ in range(rng.randint(0, 8))]
+    return (n, rng.getrandbits(32), rng.choice([0.0, 0.05, 0.2]), rng.choice([0.0, 0.1, 0.3]),
+            rng.choice([0.005, 0.03, 0.2]), ops, faults)
+
+
+class _NoRepair(paxos.PaxosCore):
+    """Mutant: ignores values accepted but not committed (no in-flight repair)."""
+
+    def _on_promise(self, src, m, now):
+        entries = {k: (None, None, cb, cv) for k, (ab, av, cb, cv) in m.entries.items()}
+        super()._on_promise(src, paxos.Promise(m.op, m.ballot, entries), now)
+
+
+class _AcceptBelowPromise(paxos.PaxosCore):
+    """Mutant: an acceptor accepts whatever ballot it is sent."""
+
+    def _on_accept(self, src, m):
+        for k, v in m.values.items():
+            self._out.persist.append(("accept", k, m.ballot, v))
+            st_ = self.keys.setdefault(k, paxos.KeyState())
+            st_.acc_ballot, st_.acc_value = m.ballot, v
+        self._out.sends.append((src, paxos.Accepted(m.op, m.ballot)))
+
+
+@pytest.mark.parametrize("mutant", [_NoRepair, _AcceptBelowPromise])
+def test_the_checker_catches_broken_cores(mutant):
+    """A core without in-flight repair, or whose acceptors ignore promises, fails the safety checks
+    within a few hundred random schedules (the checks are not vacuous)."""
+    rng = random.Random(7)
+    for _ in range(600):
+        try:
+            run_schedule(*random_schedule(rng), core=mutant)
+        except AssertionError:
+            return
+    pytest.fail(f"{mutant.__name__} survived 600 schedules")
+
+
+# -- targeted schedules ---------------------------------------------------------------------------
+def test_restart_with_an_earlier_clock_never_reuses_a_ballot():
+    """A proposer that crashes after sending an Accept, and restarts with a clock reading earlier,
+    never proposes another value at the same ballot (which let a later round overwrite a decided
+    lease with the other value, without a release)."""
+    sim = PaxosSim(3, seed=1, delay=(0.005, 0.005))
+    k = KEYS[0]
+    # h0's own store is slow: its loopback Prepare is still queued when the remote promises come.
+    sim.hold(lambda src, dst, m: src == dst == "h0")
+    # Its Accept(vm:a) reaches only h1 before it crashes.
+    sim.hold(lambda src, dst, m: src == "h0" and dst == "h2" and isinstance(m, paxos.Accept))
+    sim.run_until(0.1)
+    sim.propose("h0", "a", {k: (None, "vm:a")})
+    sim.run_until(0.125)
+    assert sim.accepts[(k, sim.ops["a"].ballots[0], "vm:a")] == {"h1"}
+    sim.crash("h0")
+    sim.stop_holding()
+    sim.drop_held()
+    # h0 comes back 100 ms later with a clock that reads 100 ms behind: the same milliseconds again.
+    sim.run_until(0.2)
+    sim.restart("h0", clock_back=0.1)
+    sim.partition({"h0", "h2"}, {"h1"})
+    sim.hold(lambda src, dst, m: isinstance(m, paxos.Commit))      # its commits get lost
+    sim.propose("h0", "b", {k: (None, "vm:b")})
+    assert sim.run_until_done(["b"], limit=1.0)
+    assert isinstance(sim.result("b"), paxos.Decided)
+    sim.stop_holding()
+    sim.drop_held()
+    # A later round by h1 gathers its promises from h1 (which accepted vm:a) and h2 (vm:b).
+    sim.partition({"h1", "h2"}, {"h0"})
+    sim.run_until(sim.now + 0.1)
+    sim.propose("h1", "c", {k: (None, "vm:c")})
+    assert sim.run_until_done(["c"], limit=3.0)
+    sim.check_safety()
+    assert sim.result("c") == paxos.Conflict("c", k, "vm:b")
+
+
+def test_restarted_acceptor_keeps_its_promises():
+    """An acceptor restarted from its records (with a clock reading earlier) refuses a Prepare or
+    an Accept below the ballot it promised before the crash, and still reports what it accepted."""
+    sim = PaxosSim(3, seed=2)
+    high, low = Version(5000, 0, "h2"), Version(4000, 0, "h1")
+    sim.inject("h2", "h0", paxos.Accept("x", Version(3000, 0, "h2"), {"k": "vm:a"}))
+    sim.inject("h2", "h0", paxos.Prepare("p", high, ("k",)))
+    sim.crash("h0")
+    sim.restart("h0", clock_back=10.0)
+    # Restoring observed every recorded ballot: its own next ballot is above them.
+    assert sim.cores["h0"].clock.tick() > high
+    sim.hold(lambda src, dst, m: src == "h0")
+    sim.inject("h1", "h0", paxos.Prepare("q", low, ("k",)))
+    sim.inject("h1", "h0", paxos.Accept("q", low, {"k": "vm:b"}))
+    sim.inject("h2", "h0", paxos.Prepare("r", Version(6000, 0, "h2"), ("k",)))
+    replies = [m for _, _, m in sim.held]
+    assert [type(m) for m in replies] == [paxos.Nack, paxos.Nack, paxos.Promise]
+    assert replies[0].promised == high and replies[1].promised == high
+    assert replies[2].entries["k"][:2] == (Version(3000, 0, "h2"), "vm:a")
+
+
+# -- liveness in benign conditions ----------------------------------------------------------------
+@pytest.mark.parametrize("n", [3, 5])
+def test_without_faults_every_operation_completes(n):
+    """Without faults, concurrent acquisitions and releases of the same keys from every host all
+    end in Decided or Conflict within the deadline, and exactly one acquirer of a free key wins."""
+    for seed in range(30):
+        sim = PaxosSim(n, seed, delay=(0.001, 0.02))
+        rng = random.Random(seed)
+        for i, h in enumerate(sim.hosts):
+            sim.propose(h, f"acq{i}", {KEYS[0]: (None, HOLDERS[i % 3] + f"/{i}")})
+        sim.at(0.01, sim.propose, sim.hosts[0], "batch", {k: (None, "vm:a") for k in KEYS[1:]})
+        sim.at(rng.uniform(0, 0.05), sim.propose, sim.hosts[-1], "rel", {KEYS[1]: ("vm:a", None)})
+        start = sim.now
+        assert sim.run_until_done([f"acq{i}" for i in range(n)] + ["batch", "rel"], limit=sim.deadline)
+        sim.check_safety()
+        kinds = {op: type(sim.result(op)) for op in sim.ops}
+        assert set(kinds.values()) <= {paxos.Decided, paxos.Conflict}, kinds
+        assert max(t for rs in sim.results.values() for t, _ in rs) - start < sim.deadline
+        winners = [op for op in sim.ops if op.startswith("acq") and kinds[op] is paxos.Decided]
+        assert len(winners) == 1, kinds
+        holder = sim.result(winners[0]).values[KEYS[0]]
+        for op in sim.ops:
+            if op.startswith("acq") and op not in winners:
+                assert sim.result(op) == paxos.Conflict(op, KEYS[0], holder)
+
+
+@pytest.mark.parametrize("n,down", [(3, ["h2"]), (5, ["h3", "h4"]), (5, ["h0", "h4"])])
+def test_a_minority_crashed_still_decides(n, down):
+    """With a minority of the acceptors crashed, operations from the live hosts still decide."""
+    sim = PaxosSim(n, seed=3, drop=0.05, dup=0.1, delay=(0.001, 0.02))
+    for h in down:
+        sim.crash(h)
+    live = [h for h in sim.hosts if h not in down]
+    for i, h in enumerate(live):
+        sim.propose(h, f"op{i}", {f"ip/lab/10.0.2.{i}": (None, f"vm:{h}")})
+    assert sim.run_until_done(limit=sim.deadline)
+    assert all(isinstance(sim.result(op), paxos.Decided) for op in sim.ops)
+    sim.check_safety()
+
+
+@pytest.mark.parametrize("how", ["partition", "crash"])
+@pytest.mark.parametrize("n", [3, 5])
+def test_without_a_majority_an_operation_fails_with_noquorum_in_time(n, how):
+    """With a majority unreachable, an operation fails with NoQuorum within the deadline, saying
+    how many acceptors answered (the proposer and the hosts on its side) and how many are needed."""
+    sim = PaxosSim(n, seed=4, delay=(0.001, 0.02))
+    side = sim.hosts[: (n - 1) // 2]                # h0 (and h1 of 5): a minority
+    if how == "partition":
+        sim.partition(side, set(sim.hosts) - set(side))
+    else:
+        for h in sim.hosts[len(side):]:
+            sim.crash(h)
+    sim.run_until(0.3)
+    start = sim.now
+    sim.propose("h0", "op", {KEYS[0]: (None, "vm:a")})
+    assert sim.run_until_done(limit=sim.deadline + sim.tick_interval)
+    (t, r), = sim.results["op"]
+    assert r == paxos.NoQuorum("op", reachable=len(side), needed=n // 2 + 1, members=n)
+    assert sim.deadline <= t - start <= sim.deadline + sim.tick_interval
+    sim.check_safety()
+
+
+# -- batching ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [3, 5])
+def test_sixty_four_keys_decide_in_one_round(n):
+    """One operation over 64 keys is decided with one Prepare and one Accept per acceptor, and
+    every acceptor then has all 64 committed."""
+    sim = PaxosSim(n, seed=5, delay=(0.001, 0.02))
+    keys = [f"ip/lab/10.0.1.{i}" for i in range(64)]
+    sim.propose("h0", "batch", {k: (None, "vm:x") for k in keys})
+    assert sim.run_until_done(limit=sim.deadline)
+    r = sim.result("batch")
+    assert isinstance(r, paxos.Decided) and r.values == {k: "vm:x" for k in keys}
+    assert sim.rounds("batch") == 1
+    assert sim.sent["Prepare"] == n and sim.sent["Accept"] == n
+    sim.run_until(sim.now + 0.1)
+    for h in sim.hosts:
+        assert all(sim.cores[h].committed(k) == (r.ballot, "vm:x") for k in keys)
+    sim.check_safety()
