@@ -57,6 +57,8 @@ def time_direct(tmp: Path) -> float:
 
 def time_vmweb(tmp: Path, port: int) -> float:
     cfg = write_host_config(tmp / "host1", "host1", port, port + 100, 64, 262144, reconcile_interval=30.0)
+    from vmwebd.auth import write_bootstrap_admin
+    write_bootstrap_admin(tmp / "host1" / "state", "admin", "bench-admin-password")
     log = open(tmp / "vmwebd.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(cfg)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
@@ -64,12 +66,13 @@ def time_vmweb(tmp: Path, port: int) -> float:
         client = None
         for _ in range(200):  # bounded wait for the daemon to listen
             try:
-                client = ApiClient(f"127.0.0.1:{port}")
+                client = ApiClient(f"127.0.0.1:{port}", user="admin", password="bench-admin-password")
                 break
             except Exception:
                 if proc.poll() is not None:
                     raise SystemExit(f"vmwebd exited; see {tmp / 'vmwebd.log'}")
                 time.sleep(0.05)
+        client.call("CreateUser", "bench", "bench-user-password", "user", N)
         t0 = time.perf_counter()
         client.call("CreateCluster", "bench", "lab", "bench", N)
         t_ack = time.perf_counter() - t0

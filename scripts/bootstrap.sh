@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev)
+# chromium + chromium-driver: the web pages are tested in a real headless browser (Selenium).
+DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev chromium chromium-driver fonts-dejavu-core)
 # EXTRA_DEB_PKGS lets a tier ask for more (the real-QEMU tier needs libvirt-daemon and qemu).
 read -r -a EXTRA <<<"${EXTRA_DEB_PKGS:-}"
 missing=()

@@ -7,6 +7,7 @@ its config so a failing test can show it.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
@@ -160,8 +161,57 @@ class Daemon:
 
 def host_config(directory: Path, host_id: str = "host1", cpus: int = 16, memory_mib: int = 32768,
                 **kw) -> tuple[Path, int]:
-    """Writes a host directory (see vmwebd.demo.write_host_config) on free ports; (config, api port)."""
+    """Writes a host directory (see vmwebd.demo.write_host_config) on free ports, with the test
+    admin's bootstrap file in its state dir; returns (config, api port)."""
     from vmwebd.demo import write_host_config
     api_port = free_port()
     cfg = write_host_config(Path(directory), host_id, api_port, free_port(), cpus, memory_mib, **kw)
+    bootstrap_admin(Path(directory) / "state")
     return cfg, api_port
+
+
+# -- users for tests ------------------------------------------------------------------------------
+ADMIN = ("admin", "admin-test-password")
+#: Accounts the tests create clusters for; each one's password is ``password_of(name)``.
+TEST_USERS = ("alice", "bob", "carol", "dave")
+
+
+def password_of(name: str) -> str:
+    return f"{name}-test-password"
+
+
+@functools.lru_cache(maxsize=None)
+def password_hash(password: str) -> str:
+    """scrypt is slow on purpose: hash each test password once per test run."""
+    from vmwebd.auth import hash_password
+    return hash_password(password)
+
+
+def bootstrap_admin(state_dir: Path) -> Path:
+    """Writes ``<state_dir>/bootstrap-admin`` for the test admin (what `vmweb user bootstrap` does)."""
+    from vmwebd.auth import BOOTSTRAP_FILE
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / BOOTSTRAP_FILE
+    path.write_text(f"{ADMIN[0]}:{password_hash(ADMIN[1])}\n")
+    path.chmod(0o600)
+    return path
+
+
+def admin_client(address: str, **kw):
+    """A zeep client on ``address`` logged in as the test admin."""
+    from vmwebd.client import ApiClient
+    return ApiClient(address, user=ADMIN[0], password=ADMIN[1], **kw)
+
+
+def user_client(address: str, name: str, **kw):
+    from vmwebd.client import ApiClient
+    return ApiClient(address, user=name, password=password_of(name), **kw)
+
+
+def create_users(client, names=TEST_USERS, quota: int = 256) -> None:
+    """Creates the accounts ``names`` (role user) through ``client`` (an admin's), unless they exist."""
+    have = {u["name"] for u in client.call("ListUsers") or []}
+    for name in names:
+        if name not in have:
+            client.call("CreateUser", name, password_of(name), "user", quota)

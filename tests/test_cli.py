@@ -13,7 +13,7 @@ import sys
 import pytest
 from lxml import etree
 
-from procs import REPO, Daemon, child_env, free_port, host_config
+from procs import ADMIN, REPO, Daemon, admin_client, child_env, create_users, free_port, host_config
 from vmwebd.client import ApiClient, ApiFault
 
 pytestmark = pytest.mark.slow
@@ -27,22 +27,25 @@ def daemon(tmp_path_factory):
     config, port = host_config(tmp_path_factory.mktemp("cli") / "host1", cpus=16, memory_mib=32768)
     d = Daemon(config, api_port=port)
     try:
-        yield d.start()
+        d.start()
+        create_users(admin_client(d.address), ("alice", "bob"))
+        yield d
     finally:
         d.close()
 
 
 @pytest.fixture(scope="module")
 def api(daemon) -> ApiClient:
-    return ApiClient(daemon.address)
+    return admin_client(daemon.address)
 
 
 def vmweb(daemon_or_host, *args: str) -> subprocess.CompletedProcess:
-    """Runs ``vmweb --host H ARGS`` to completion (bounded) and returns its output."""
+    """Runs ``vmweb --host H ARGS`` to completion (bounded), as the test admin (credentials in
+    the environment), and returns its output."""
     host = daemon_or_host if isinstance(daemon_or_host, str) else daemon_or_host.address
     return subprocess.run([sys.executable, "-m", "vmwebd.cli", "--host", host, *args],
                           capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO,
-                          env=child_env())
+                          env=child_env(VMWEB_USER=ADMIN[0], VMWEB_PASSWORD=ADMIN[1]))
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:

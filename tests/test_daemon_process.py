@@ -5,6 +5,7 @@ loopback ports, and knows the daemon serves when it sends READY=1 over ``NOTIFY_
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import random
 import subprocess
@@ -14,7 +15,7 @@ import threading
 import pytest
 from lxml import etree
 
-from procs import Daemon, NotifySocket, child_env, host_config, REPO
+from procs import ADMIN, Daemon, NotifySocket, admin_client, child_env, create_users, host_config, REPO
 from vmwebd.client import ApiClient, ApiFault
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def test_notifies_ready_status_and_stopping(daemons, tmp_path):
     status = d.notify.wait_for("STATUS", timeout=5)["STATUS"]
     assert "alpha7" in status and str(d.api_port) in status, status
     # READY came after the port was listening: a call works straight away.
-    assert [h["id"] for h in ApiClient(d.address).call("ListHosts")] == ["alpha7"]
+    assert [h["id"] for h in admin_client(d.address).call("ListHosts")] == ["alpha7"]
     assert d.terminate() == 0, d.log()
     d.notify.wait_for("STOPPING", "1", timeout=5)
     keys = [k for msg in d.notify.messages for k in msg]
@@ -174,7 +175,8 @@ def test_acknowledged_changes_survive_sigkill(daemons, tmp_path, seed):
     rng = random.Random(seed)
     config, port = host_config(tmp_path / "h1", cpus=32, memory_mib=65536)
     d = daemons(fsync=True, config=config, api_port=port)
-    client = ApiClient(d.address)
+    client = admin_client(d.address)
+    create_users(client, ("alice",))
     model = Model()
     for i in range(3):
         op = ("CreateCluster", f"base{i}", "lab", "alice", rng.randint(1, 4))
@@ -195,7 +197,7 @@ def test_acknowledged_changes_survive_sigkill(daemons, tmp_path, seed):
     assert model.acks >= kill_after
 
     d2 = daemons(fsync=True, config=config, api_port=port)
-    check_recovered(ApiClient(d2.address), model)
+    check_recovered(admin_client(d2.address), model)
     assert d2.terminate() == 0, d2.log()
 
 
@@ -239,8 +241,10 @@ def create_body(name: str, owner: str = "alice") -> str:
 def post(port: int, body: bytes) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
+        auth = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
         conn.request("POST", "/soap", body, {"Content-Type": "text/xml; charset=utf-8",
-                                             "SOAPAction": '"CreateCluster"'})
+                                             "SOAPAction": '"CreateCluster"',
+                                             "Authorization": f"Basic {auth}"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -263,7 +267,8 @@ def dom_without_hosts(client: ApiClient) -> bytes:
 def test_hostile_bodies_get_faults_and_change_nothing(daemons, tmp_path):
     """Billion laughs, XXE and an oversized body at CreateCluster each get their Client fault and leave the DOM as it was."""
     d = daemons(tmp_path / "h1")
-    client = ApiClient(d.address)
+    client = admin_client(d.address)
+    create_users(client, ("alice", "bob"))
     client.call("CreateCluster", "keep", "lab", "bob", 1)
     # StartVm answers once the VM runs: from then on nothing changes the DOM but the heartbeat.
     assert client.call("StartVm", "keep", "pc0")["state"] == "running"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from tests.procs import Daemon, free_port
+from tests.procs import Daemon, admin_client, bootstrap_admin, create_users, free_port
 from vmwebd.client import ApiClient
 from vmwebd.demo import write_host_config
 from vmwebd.gossip import pki
@@ -48,13 +48,15 @@ class Grid:
                                     reconcile_interval=0.5,
                                     extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" '
                                           f'timing="local" members="{members}"/>')
+            bootstrap_admin(base / hid / "state")
             self.daemons.append(Daemon(cfg, api_port=self.api[i]))
         for d in self.daemons:
             d.start()
-        self.clients = [ApiClient(d.address) for d in self.daemons]
+        self.clients = [admin_client(d.address) for d in self.daemons]
 
     def client(self, i) -> ApiClient:
-        return ApiClient(self.daemons[i].address)
+        """A client of host ``i`` logged in as the test admin."""
+        return admin_client(self.daemons[i].address)
 
     def liveness(self, i) -> dict:
         return {h["id"]: h["liveness"] for h in self.client(i).call("ListHosts")}
@@ -70,6 +72,7 @@ def grid(tmp_path):
     try:
         wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 3
                                for i in range(3)), 30, "three hosts to see each other alive")
+        create_users(g.client(0))   # acknowledged once the other hosts have the accounts too
         yield g
     finally:
         g.close()

@@ -3,6 +3,10 @@
 Readable tables by default, ``--json`` for scripts. A fault prints one line
 (``vmweb: Client.NoSuchCluster: no virtual cluster named 'x'``) and exits 1; an unreachable host
 exits 2.
+
+Credentials (HTTP Basic), first found wins: ``--user``/``--password``; ``$VMWEB_USER`` and
+``$VMWEB_PASSWORD``; a file of one line ``user:password`` named by ``--credentials`` or
+``$VMWEB_CREDENTIALS``; with only a user name on a terminal, the password is asked for.
 """
 from __future__ import annotations
 
@@ -43,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default=os.environ.get("VMWEB_HOST", DEFAULT_HOST),
                     help=f"any vmweb host's user API, HOST:PORT (default $VMWEB_HOST or {DEFAULT_HOST})")
     ap.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ap.add_argument("--user", help="user name (default $VMWEB_USER, or from --credentials)")
+    ap.add_argument("--password", help="password (visible to other local users in the process "
+                                       "list: prefer $VMWEB_PASSWORD or --credentials)")
+    ap.add_argument("--credentials", metavar="FILE",
+                    help="a file of one line user:password (default $VMWEB_CREDENTIALS)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("templates", help="list scenario templates")
     cl = sub.add_parser("cluster", help="create, scale, destroy or show a cluster")
@@ -77,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--cert-dir", required=True, help="the host's certificate directory (its peers/@cert-dir)")
     ini.add_argument("--address", action="append", default=[], help="an IP address of the host (repeatable)")
     ini.add_argument("--grid-name", default="vmweb")
+    ini.add_argument("--admin", metavar="NAME", help="also make NAME the grid's first admin (with "
+                                                     "--state-dir; prints a generated password)")
+    ini.add_argument("--state-dir", help="the first host's state directory (for --admin)")
     host = sub.add_parser("host", help="add a host to the grid (issue its certificate)")
     hsub = host.add_subparsers(dest="action", required=True)
     ha = hsub.add_parser("add", help="issue a new host's certificate (with --ca-dir) and/or make it a "
@@ -89,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ask the grid (at --host) to add it to the consensus members")
     hr = hsub.add_parser("remove", help="remove a host from the consensus members")
     hr.add_argument("host_id")
+    us = sub.add_parser("user", help="user accounts: list, create, delete, passwd, quota, bootstrap")
+    usub = us.add_subparsers(dest="action", required=True)
+    usub.add_parser("list", help="accounts (an admin sees all, a user their own)")
+    uc = usub.add_parser("create", help="create an account (admins); prints the password if generated")
+    uc.add_argument("name")
+    uc.add_argument("--role", choices=["user", "admin"], default="user")
+    uc.add_argument("--quota", type=int, default=16, help="VMs the user's clusters may hold (default 16)")
+    uc.add_argument("--password-stdin", action="store_true",
+                    help="read the new password from standard input (default: generate one)")
+    ud = usub.add_parser("delete", help="delete an account that owns no cluster (admins)")
+    ud.add_argument("name")
+    up = usub.add_parser("passwd", help="set a password (one's own, or anyone's for an admin)")
+    up.add_argument("name")
+    up.add_argument("--password-stdin", action="store_true",
+                    help="read the new password from standard input (default: generate one)")
+    uq = usub.add_parser("quota", help="change a user's quota of VMs (admins)")
+    uq.add_argument("name")
+    uq.add_argument("quota", type=int)
+    ub = usub.add_parser("bootstrap", help="local: make NAME an admin at the daemon's next start "
+                                           "(creates it or resets its password)")
+    ub.add_argument("name")
+    ub.add_argument("--state-dir", required=True, help="the daemon's state directory (state/@dir)")
+    ub.add_argument("--password-stdin", action="store_true",
+                    help="read the password from standard input (default: generate one)")
     vm = sub.add_parser("vm", help="start or stop a VM")
     vsub = vm.add_subparsers(dest="action", required=True)
     for verb in ("start", "stop"):
@@ -129,7 +165,39 @@ LOCAL_COMMANDS = ("init",)
 
 
 def _is_local(args) -> bool:
-    return args.cmd in LOCAL_COMMANDS or (args.cmd == "host" and args.action == "add" and not args.member)
+    return (args.cmd in LOCAL_COMMANDS or (args.cmd == "host" and args.action == "add" and not args.member)
+            or (args.cmd == "user" and args.action == "bootstrap"))
+
+
+def new_password(from_stdin: bool, stdin=None) -> tuple[str, bool]:
+    """(password, generated): the first line of standard input, or a fresh random one."""
+    if from_stdin:
+        return (stdin or sys.stdin).readline().rstrip("\r\n"), False
+    from vmwebd.auth import generate_password
+    return generate_password(), True
+
+
+def credentials(args, env=None, stdin_tty=None) -> tuple[str | None, str | None]:
+    """(user, password) from the options, the environment or a credentials file (see the module)."""
+    env = os.environ if env is None else env
+    user = args.user or env.get("VMWEB_USER")
+    password = args.password if args.password is not None else env.get("VMWEB_PASSWORD")
+    path = args.credentials or env.get("VMWEB_CREDENTIALS")
+    if (user is None or password is None) and path:
+        from vmwebd.errors import InvalidArgument
+        try:
+            line = open(path, encoding="utf-8").readline().rstrip("\r\n")
+        except OSError as e:
+            raise InvalidArgument("--credentials", f"cannot read {path}: {e.strerror}") from None
+        f_user, sep, f_password = line.partition(":")
+        if not sep:
+            raise InvalidArgument("--credentials", f"{path}: expected one line user:password")
+        if user is None or user == f_user:
+            user, password = f_user, password if password is not None else f_password
+    if user is not None and password is None and (sys.stdin.isatty() if stdin_tty is None else stdin_tty):
+        import getpass
+        password = getpass.getpass(f"password for {user}: ")
+    return user, password
 
 
 def run_local(args, out=sys.stdout) -> int:
@@ -140,6 +208,13 @@ def run_local(args, out=sys.stdout) -> int:
         host = pki.issue_host_cert(ca.directory, args.host_id, args.cert_dir, args.address)
         out.write(f"created the grid CA in {ca.directory} and host {args.host_id}'s certificate in "
                   f"{host.directory}\n")
+        if args.admin:
+            if not args.state_dir:
+                from vmwebd.errors import InvalidArgument
+                raise InvalidArgument("--state-dir", "is needed with --admin")
+            _bootstrap(args.admin, args.state_dir, False, out)
+    elif args.cmd == "user" and args.action == "bootstrap":
+        _bootstrap(args.name, args.state_dir, args.password_stdin, out)
     elif args.cmd == "host" and args.action == "add":
         if not args.ca_dir or not args.cert_dir:
             from vmwebd.errors import InvalidArgument
@@ -148,6 +223,18 @@ def run_local(args, out=sys.stdout) -> int:
         out.write(f"issued host {args.host_id}'s certificate in {host.directory}; copy that directory "
                   f"to the host and point its peers/@cert-dir at it\n")
     return 0
+
+
+def _bootstrap(name: str, state_dir: str, from_stdin: bool, out) -> None:
+    from vmwebd.auth import write_bootstrap_admin
+    password, generated = new_password(from_stdin)
+    path = write_bootstrap_admin(state_dir, name, password)
+    out.write(f"wrote {path}: at its next start the daemon makes {name} an admin"
+              + (f" with the password {password}\n" if generated else "\n"))
+
+
+USER_COLS = [("name", "USER"), ("role", "ROLE"), ("quota_vms", "QUOTA"), ("used_vms", "VMS"),
+             ("used_vcpus", "VCPUS"), ("used_memory_mib", "MEM(MiB)"), ("clusters", "CLUSTERS")]
 
 
 def run(args, client, out=sys.stdout) -> int:
@@ -196,6 +283,26 @@ def run(args, client, out=sys.stdout) -> int:
         op = "AddHost" if args.action == "add" else "RemoveHost"
         members = client.call(op, args.host_id) or []
         emit(members, "consensus members: " + ", ".join(members))
+    elif args.cmd == "user":
+        if args.action == "list":
+            us = client.call("ListUsers") or []
+            emit(us, table(us, USER_COLS))
+        elif args.action == "create":
+            password, generated = new_password(args.password_stdin)
+            u = client.call("CreateUser", args.name, password, args.role, args.quota)
+            shown = {**u, "password": password} if generated else u
+            emit(shown, table([u], USER_COLS) + (f"\npassword: {password}" if generated else ""))
+        elif args.action == "delete":
+            client.call("DeleteUser", args.name)
+            emit({"name": args.name, "deleted": True}, f"user {args.name} deleted")
+        elif args.action == "passwd":
+            password, generated = new_password(args.password_stdin)
+            client.call("SetPassword", args.name, password)
+            emit({"name": args.name, **({"password": password} if generated else {})},
+                 f"password of {args.name} changed" + (f": {password}" if generated else ""))
+        elif args.action == "quota":
+            u = client.call("SetQuota", args.name, args.quota)
+            emit(u, table([u], USER_COLS))
     elif args.cmd == "vm":
         op = "StartVm" if args.action == "start" else "StopVm"
         v = client.call(op, args.cluster, args.vm)
@@ -221,11 +328,19 @@ def main(argv=None) -> int:
             return 1
     from vmwebd.client import ApiClient, ApiFault
     import requests
+    from vmwebd.errors import VmwebError
     try:
-        client = ApiClient(args.host)
+        user, password = credentials(args)
+    except VmwebError as e:
+        print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
+        return 1
+    try:
+        client = ApiClient(args.host, user=user, password=password)
         return run(args, client)
     except ApiFault as f:
-        print(f"vmweb: {f.code}: {f.message}", file=sys.stderr)
+        hint = ("; give --user, or set VMWEB_USER and VMWEB_PASSWORD, or VMWEB_CREDENTIALS"
+                if f.code == "Client.NotAuthorized" and user is None else "")
+        print(f"vmweb: {f.code}: {f.message}{hint}", file=sys.stderr)
         return 1
     except requests.exceptions.RequestException as e:
         print(f"vmweb: cannot reach vmwebd at {args.host} ({type(e).__name__}); "

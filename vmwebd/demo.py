@@ -5,6 +5,10 @@ test-driver node file (its CPUs and memory; hosts differ, so placement has somet
 its state directory, and runs as its own ``vmwebd`` process. The demo runs until interrupted.
 It starts three hosts by default (``--hosts N``), each with a certificate from the demo's own
 grid CA (``.demo/ca``), joining through host1's peer endpoint.
+
+At every start the demo gives the admin account ``admin`` a fresh random password (through
+host1's ``bootstrap-admin`` file), prints it, and writes ``.demo/admin-credentials`` (one line,
+``user:password``, mode 0600) for scripts: ``export VMWEB_CREDENTIALS=.demo/admin-credentials``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from pathlib import Path
 from vmwebd.hv.testhost import write_test_host
 
 REPO = Path(__file__).resolve().parent.parent
+DEMO_ADMIN = "admin"
 # (cpus, memory MiB) of the simulated hosts: heterogeneous on purpose.
 HOST_SIZES = [(16, 32768), (8, 16384), (4, 8192), (8, 16384), (16, 32768)]
 
@@ -74,6 +79,20 @@ def main(argv=None) -> int:
     ca_dir = base / "ca"
     if not (ca_dir / "ca.crt").exists():
         pki.init_ca(ca_dir, grid_name="vmweb-demo")
+    from vmwebd.auth import generate_password, write_bootstrap_admin
+    admin_password = generate_password()
+    # Every host makes (or resets) the admin at its start, from the same hash, so each one
+    # accepts the password at once, before gossip has run.
+    first = write_bootstrap_admin(base / "host1" / "state", DEMO_ADMIN, admin_password)
+    for i in range(1, args.hosts):
+        other = base / f"host{i + 1}" / "state" / first.name
+        other.parent.mkdir(parents=True, exist_ok=True)
+        other.write_bytes(first.read_bytes())
+        other.chmod(0o600)
+    creds = base / "admin-credentials"
+    fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{DEMO_ADMIN}:{admin_password}\n")
     seed = f"127.0.0.1:{args.first_port + 100}"
     members = " ".join(f"host{i + 1}" for i in range(args.hosts))
     for i in range(args.hosts):
@@ -90,12 +109,15 @@ def main(argv=None) -> int:
         cmd = [str(vmwebd) if vmwebd.exists() else sys.executable, *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
                "--config", str(cfg)]
         procs.append((hid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
-        print(f"{hid}: {cpus} CPUs, {mem} MiB — user API http://127.0.0.1:{args.first_port + i}/soap "
-              f"(log {base / hid / 'vmwebd.log'})")
+        print(f"{hid}: {cpus} CPUs, {mem} MiB — web pages http://127.0.0.1:{args.first_port + i}/ , "
+              f"user API http://127.0.0.1:{args.first_port + i}/soap (log {base / hid / 'vmwebd.log'})")
+    print()
+    print(f"Admin user: {DEMO_ADMIN}   password: {admin_password}   (also in {creds})")
     print()
     print("Try, in another terminal:")
-    print(f"  export VMWEB_HOST=127.0.0.1:{args.first_port}")
+    print(f"  export VMWEB_HOST=127.0.0.1:{args.first_port} VMWEB_CREDENTIALS={creds}")
     print("  .venv/bin/vmweb templates")
+    print("  .venv/bin/vmweb user create alice --quota 16      # prints alice's password: log in with it")
     print("  .venv/bin/vmweb cluster create lab1 --template hpc --owner alice --count 4")
     print("  .venv/bin/vmweb cluster show lab1")
     print("  .venv/bin/vmweb cluster scale lab1 6")

@@ -233,9 +233,19 @@ class Node:
         yield self.domsvc.put(rec)
 
     def listen(self):
+        """Serves the user API: the web pages at ``/`` and SOAP at ``/soap`` (HTTP Basic), after
+        making the user in ``<state dir>/bootstrap-admin`` an admin if that file exists."""
         from vmwebd.api.service import build_user_api
-        root = Resource()
-        root.putChild(b"soap", build_user_api(self, self.config.limits.max_request_bytes))
+        from vmwebd.auth import Access, Authenticator, BasicAuthGuard, apply_bootstrap_admin
+        from vmwebd.web.site import WebRoot
+        # The replica has the admin at once; the file goes once that is durable.
+        apply_bootstrap_admin(self.domsvc, self.config.state_dir).addErrback(
+            lambda f: log.failure("could not record the bootstrap admin", failure=f))
+        self.authn = Authenticator(self.domsvc.dom, self.reactor)
+        self.access = Access(self)
+        root = WebRoot(self)
+        root.putChild(b"soap", BasicAuthGuard(build_user_api(self, self.config.limits.max_request_bytes),
+                                              self.authn))
         self.site = QuietSite(root)
         self.site.displayTracebacks = False
         addr = self.config.listen.api

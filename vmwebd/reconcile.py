@@ -172,8 +172,9 @@ class Reconciler:
         live_vm_clusters = {vm.cluster for vm in self.dom.all(VmRec)}
         for c in clusters.values():
             if c.state == "destroying" and c.id not in live_vm_clusters:
-                yield self.domsvc.delete(("vcluster", c.id))
+                # Leases first: once the cluster is gone from the DOM, its destroy is done.
                 yield self.allocator.release_cluster(c.id, c.vni, c.token)
+                yield self.domsvc.delete(("vcluster", c.id))
                 log.info("cluster {name} destroyed", name=c.id)
 
         # 5. leases whose holder never came to be (a crash between taking the leases and

@@ -1,21 +1,23 @@
 """The user SOAP API (``urn:vmweb:api:1``): the contract other programs and the CLI rely on.
 
 Operation names and arguments are fixed by the design (append only; never rename). Each
-operation delegates to the :class:`~vmwebd.cluster.ClusterManager`; errors are VmwebErrors,
-which the SOAP stack turns into faults with specific faultcodes.
+operation delegates to the :class:`~vmwebd.cluster.ClusterManager` through
+:class:`vmwebd.auth.Access`, which checks what the caller (authenticated by HTTP Basic in front
+of this service, see :class:`vmwebd.auth.BasicAuthGuard`) may see and do; errors are
+VmwebErrors, which the SOAP stack turns into faults with specific faultcodes.
 """
 from __future__ import annotations
 
 from spyne import Array, Boolean, ComplexModel, Float, Integer, Service, Unicode, rpc
-from twisted.internet import defer
 
 from vmwebd.api import compat
 
 compat.apply()
 
 from vmwebd.api.soap import build_soap_resource  # noqa: E402
+from vmwebd.auth import principal_of  # noqa: E402
 from vmwebd.errors import InvalidArgument  # noqa: E402
-from vmwebd.settings import SETTINGS, all_settings, checked_setting  # noqa: E402
+from vmwebd.settings import SETTINGS, all_settings  # noqa: E402
 from vmwebd.templates import min_count  # noqa: E402
 
 TNS = "urn:vmweb:api:1"
@@ -91,6 +93,18 @@ class SettingInfo(ComplexModel):
     description = Unicode
 
 
+class UserInfo(ComplexModel):
+    """A user account as callers see it: never the password hash."""
+    __namespace__ = TNS
+    name = Unicode
+    role = Unicode
+    quota_vms = Integer
+    used_vms = Integer
+    used_vcpus = Integer
+    used_memory_mib = Integer
+    clusters = Integer
+
+
 def template_info(t) -> TemplateInfo:
     return TemplateInfo(
         name=t.name, description=t.description, min_count=min_count(t), pool=t.network.pool,
@@ -111,77 +125,83 @@ def _required(value, field):
     return value
 
 
+def _caller(ctx):
+    """The authenticated caller of this SOAP request."""
+    return principal_of(ctx.transport.req)
+
+
 def make_user_service(node) -> type[Service]:
-    """The user API bound to one daemon's ``node`` (manager, DOM)."""
+    """The user API bound to one daemon's ``node`` (manager, DOM, access checks)."""
     mgr = node.manager
 
     class VmwebApi(Service):
         @rpc(_returns=Array(TemplateInfo))
         def ListTemplates(ctx):
+            _caller(ctx)
             return [template_info(t) for _, t in sorted(mgr.templates().items())]
 
         @rpc(Unicode, Unicode, Unicode, Integer, _returns=ClusterInfo)
         def CreateCluster(ctx, name, template, owner, count):
             _required(name, "name"), _required(template, "template"), _required(owner, "owner")
             _required(count, "count")
-            return mgr.create(name, template, owner, count).addCallback(cluster_info)
+            return node.access.create_cluster(_caller(ctx), name, template, owner, count) \
+                .addCallback(cluster_info)
 
         @rpc(Unicode, Integer, _returns=ClusterInfo)
         def ScaleCluster(ctx, name, count):
             _required(name, "name"), _required(count, "count")
-            return mgr.scale(name, count).addCallback(cluster_info)
+            return node.access.scale_cluster(_caller(ctx), name, count).addCallback(cluster_info)
 
         @rpc(Unicode, _returns=Unicode)
         def DestroyCluster(ctx, name):
             _required(name, "name")
-            return mgr.destroy(name).addCallback(lambda done: "destroyed" if done else "destroying")
+            return node.access.destroy_cluster(_caller(ctx), name).addCallback(lambda done: "destroyed" if done else "destroying")
 
         @rpc(Unicode, _returns=ClusterInfo)
         def GetCluster(ctx, name):
             _required(name, "name")
-            return cluster_info(mgr.cluster(name))
+            return cluster_info(node.access.cluster(_caller(ctx), name))
 
         @rpc(Unicode, _returns=Array(ClusterInfo))
         def ListClusters(ctx, owner):
-            return [cluster_info(c) for c in mgr.clusters(owner or None)]
+            return [cluster_info(c) for c in node.access.clusters(_caller(ctx), owner or None)]
 
         @rpc(Unicode, Unicode, _returns=VmInfo)
         def StartVm(ctx, cluster, vm):
             _required(cluster, "cluster"), _required(vm, "vm")
-            return mgr.set_vm_power(cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
+            return node.access.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
 
         @rpc(Unicode, Unicode, _returns=VmInfo)
         def StopVm(ctx, cluster, vm):
             _required(cluster, "cluster"), _required(vm, "vm")
-            return mgr.set_vm_power(cluster, vm, "stopped").addCallback(lambda v: VmInfo(**vars(v)))
+            return node.access.set_vm_power(_caller(ctx), cluster, vm, "stopped").addCallback(lambda v: VmInfo(**vars(v)))
 
         @rpc(_returns=Array(HostInfo))
         def ListHosts(ctx):
+            _caller(ctx)
             return [HostInfo(**vars(h)) for h in mgr.hosts()]
 
         @rpc(_returns=Unicode)
         def GetDom(ctx):
-            return node.domsvc.dom.to_xml().decode("utf-8")
+            """The DOM as the caller may see it: password hashes always taken out."""
+            return node.access.dom_xml(_caller(ctx)).decode("utf-8")
 
         @rpc(_returns=Array(SettingInfo))
         def GetSettings(ctx):
+            _caller(ctx)
             return [SettingInfo(key=k, value=v, description=SETTINGS[k].description)
                     for k, v in all_settings(node.domsvc.dom).items()]
 
         @rpc(Unicode, Unicode, _returns=SettingInfo)
         def SetSetting(ctx, key, value):
             _required(key, "key")
-            rec = checked_setting(key, value if value is not None else "")
-
-            @defer.inlineCallbacks
-            def write():
-                yield node.domsvc.put(rec)
-                return SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description)
-            return write()
+            return node.access.set_setting(_caller(ctx), key, value).addCallback(
+                lambda rec: SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description))
 
         @rpc(Unicode, _returns=Array(Unicode))
         def AddHost(ctx, host):
             """Makes a host a consensus member (one host at a time, decided by the members)."""
+            node.access.require_admin(_caller(ctx), "adding hosts")
             _required(host, "host")
             from vmwebd.gossip.pki import check_host_id
             try:
@@ -193,8 +213,40 @@ def make_user_service(node) -> type[Service]:
         @rpc(Unicode, _returns=Array(Unicode))
         def RemoveHost(ctx, host):
             """Removes a host from the consensus members (one host at a time)."""
+            node.access.require_admin(_caller(ctx), "removing hosts")
             _required(host, "host")
             return node.leases.change_members(remove=host).addCallback(list)
+
+        # -- users (issue 6) --------------------------------------------------------------
+        @rpc(Unicode, Unicode, Unicode, Integer, _returns=UserInfo)
+        def CreateUser(ctx, name, password, role, quota):
+            """Creates a user account (admins only); role admin or user (default), quota in VMs."""
+            _required(name, "name"), _required(password, "password")
+            return node.access.create_user(_caller(ctx), name, password, role, quota) \
+                .addCallback(lambda u: UserInfo(**vars(u)))
+
+        @rpc(Unicode, _returns=Boolean)
+        def DeleteUser(ctx, name):
+            """Deletes a user account that owns no cluster (admins only)."""
+            _required(name, "name")
+            return node.access.delete_user(_caller(ctx), name)
+
+        @rpc(Unicode, Unicode, _returns=Boolean)
+        def SetPassword(ctx, name, password):
+            """Changes a password: one's own, or anyone's for an admin."""
+            _required(name, "name"), _required(password, "password")
+            return node.access.set_password(_caller(ctx), name, password)
+
+        @rpc(_returns=Array(UserInfo))
+        def ListUsers(ctx):
+            """Every account for an admin; a user gets their own."""
+            return [UserInfo(**vars(u)) for u in node.access.users(_caller(ctx))]
+
+        @rpc(Unicode, Integer, _returns=UserInfo)
+        def SetQuota(ctx, name, quota):
+            """Changes a user's quota of VMs (admins only)."""
+            _required(name, "name"), _required(quota, "quota")
+            return node.access.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
 
     return VmwebApi
 

@@ -118,6 +118,9 @@ class HostRec(Record):
 
 @dataclass(frozen=True)
 class UserRec(Record):
+    """A user account; id is the user name. Only its hash of the password is kept
+    (``scrypt$N$r$p$SALT$HASH``, see :mod:`vmwebd.auth`), and no view given to a caller shows it."""
+
     KIND: ClassVar[str] = "user"
     id: str
     role: str = "user"               # admin | user

@@ -1,0 +1,179 @@
+"""The web layer without a browser: the escaping HTML builder, hostile text from the DOM on the
+pages, the login and session rules over plain HTTP, and the `vmweb user` commands (in-process node)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest_twisted
+import requests
+from twisted.internet import threads
+
+from procs import ADMIN, REPO, child_env, password_of
+from vmwebd.web.html import Markup, el, esc, frag
+from vmwebd.web.views import highlight_xml
+
+HOSTILE = '<script>alert("x")</script>&\'"'
+
+
+def test_builder_escapes_text_and_attributes_and_keeps_markup():
+    """Text and attribute values are escaped, Markup built by el() is not escaped twice."""
+    html = el("p", HOSTILE, el("b", "ok"), title=HOSTILE, class_="c", data_k="a:b", hidden=True, alt=None)
+    assert html == ('<p title="&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#x27;&quot;" class="c" '
+                    'data-k="a:b" hidden>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#x27;&quot;'
+                    '<b>ok</b></p>')
+    assert esc(Markup("<i>")) == "<i>" and esc("<i>") == "&lt;i&gt;"
+    assert frag("<a>", None, ["<b>", el("br")]) == "&lt;a&gt;&lt;b&gt;<br>"
+
+
+def test_dom_highlighting_keeps_every_character_escaped():
+    """The DOM view's highlighter wraps tokens in spans, and the text a reader sees is the XML exactly."""
+    xml = '<?xml version="1.0"?>\n<dom a="1&amp;2">\n  <t description="&lt;script&gt;"/>\n</dom>'
+    html = highlight_xml(xml)
+    assert "<script" not in html
+    assert re.sub(r"<[^>]+>", "", html).replace("&lt;", "<").replace("&gt;", ">").replace(
+        "&quot;", '"').replace("&#x27;", "'").replace("&amp;", "&") == xml
+
+
+def write_hostile_template(directory: Path) -> Path:
+    """A templates dir whose one template has markup in its description."""
+    directory.mkdir(parents=True, exist_ok=True)
+    src = (REPO / "conf" / "templates" / "lab.xml").read_text()
+    text = re.sub(r'description="[^"]*"', 'description="&lt;script&gt;window.pwned=1&lt;/script&gt; &amp; more"',
+                  src, count=1)
+    (directory / "lab.xml").write_text(text)
+    return directory
+
+
+class Browserless:
+    """A requests session logged in on a node's pages (blocking: call from a thread)."""
+
+    def __init__(self, address: str):
+        self.base = f"http://{address}"
+        self.s = requests.Session()
+
+    def login(self, name: str, password: str) -> requests.Response:
+        page = self.s.get(self.base + "/login", timeout=10)
+        token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        return self.s.post(self.base + "/login", data={"csrf": token, "name": name, "password": password},
+                           allow_redirects=False, timeout=10)
+
+    def csrf(self) -> str:
+        page = self.s.get(self.base + "/owner", timeout=10)
+        return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_template_description_with_markup_is_shown_as_text(start_node, tmp_path):
+    """A template description holding a script tag appears on the owner view as text, in the select and the table."""
+    h = yield start_node(templates_dir=write_hostile_template(tmp_path / "templates"))
+
+    def fetch():
+        b = Browserless(h.node.api_address)
+        assert b.login("alice", password_of("alice")).status_code == 303
+        return b.s.get(b.base + "/owner", timeout=10)
+    page = yield threads.deferToThread(fetch)
+    assert page.status_code == 200
+    assert "<script>window.pwned" not in page.text
+    assert page.text.count("&lt;script&gt;window.pwned=1&lt;/script&gt; &amp; more") == 2
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Frame-Options"] == "DENY"
+
+
+@pytest_twisted.inlineCallbacks
+def test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session(start_node):
+    """Login gives a fresh HttpOnly SameSite=Strict session cookie; logout (with its token) ends it server-side."""
+    h = yield start_node()
+
+    def story():
+        b = Browserless(h.node.api_address)
+        before = b.s.cookies.get("vmweb-session-host1")
+        r = b.login("bob", password_of("bob"))
+        assert (r.status_code, r.headers["Location"]) == (303, "/owner")
+        cookie = [c for c in r.headers["Set-Cookie"].split(", ") if c.startswith("vmweb-session-host1=")][0]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+        token = b.s.cookies.get("vmweb-session-host1")
+        assert token and token != before
+        stolen = dict(b.s.cookies)
+        r = b.s.post(b.base + "/logout", data={"csrf": b.csrf()}, allow_redirects=False, timeout=10)
+        assert (r.status_code, r.headers["Location"]) == (303, "/login")
+        # The old cookie is worthless now, even replayed.
+        r = requests.get(b.base + "/owner", cookies=stolen, allow_redirects=False, timeout=10)
+        assert (r.status_code, r.headers["Location"]) == (303, "/login")
+        # A login form posted without the login page's own token is refused.
+        r = requests.post(b.base + "/login", data={"name": "bob", "password": password_of("bob")},
+                          allow_redirects=False, timeout=10)
+        assert r.status_code == 403 and "vmweb-session" not in r.headers.get("Set-Cookie", "")
+    yield threads.deferToThread(story)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_password_change_ends_the_users_other_sessions(start_node):
+    """Once carol's password changes (here by an admin over SOAP), her open web session is over."""
+    h = yield start_node()
+    b = Browserless(h.node.api_address)
+    yield threads.deferToThread(b.login, "carol", password_of("carol"))
+    yield h.call("SetPassword", "carol", "carols-new-password")
+    r = yield threads.deferToThread(b.s.get, b.base + "/state.json", timeout=10)
+    assert r.status_code == 401
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_user_changes_their_own_password_on_the_page(start_node):
+    """Dave's own password form works (the new password logs in over SOAP); his form for alice's password is refused."""
+    h = yield start_node()
+
+    def story():
+        b = Browserless(h.node.api_address)
+        b.login("dave", password_of("dave"))
+        page = b.s.post(b.base + "/action/user/password", timeout=10,
+                        data={"csrf": b.csrf(), "name": "dave", "password": "daves-new-password", "back": "/owner"})
+        assert "Password of dave changed." in page.text and page.url.endswith("/owner")  # still logged in
+        b2 = Browserless(h.node.api_address)
+        b2.login("dave", "daves-new-password")
+        page = b2.s.post(b2.base + "/action/user/password", timeout=10,
+                         data={"csrf": b2.csrf(), "name": "alice", "password": "hijack-attempt", "back": "/owner"})
+        assert "may only change their own password" in page.text
+    yield threads.deferToThread(story)
+    assert (yield h.as_user("dave", "daves-new-password").call("ListUsers"))[0]["name"] == "dave"
+    assert (yield h.as_user("alice").call("ListUsers"))[0]["name"] == "alice"
+
+
+def vmweb(address: str, *args: str, env=None, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmwebd.cli", "--host", address, *args], input=stdin,
+                          capture_output=True, text=True, timeout=60, cwd=REPO, env=child_env(**(env or {})))
+
+
+@pytest_twisted.inlineCallbacks
+def test_cli_user_commands_and_credentials(start_node, tmp_path):
+    """`vmweb user create/list/passwd/quota/delete` work for an admin, from env, a credentials file or options."""
+    h = yield start_node()
+    addr = h.node.api_address
+    creds = tmp_path / "creds"
+    creds.write_text(f"{ADMIN[0]}:{ADMIN[1]}\n")
+
+    def story():
+        made = vmweb(addr, "--credentials", str(creds), "user", "create", "erin", "--quota", "3")
+        assert made.returncode == 0, made.stderr
+        password = made.stdout.strip().splitlines()[-1].removeprefix("password: ")
+        assert len(password) >= 16
+        listed = vmweb(addr, "user", "list", env={"VMWEB_CREDENTIALS": str(creds)})
+        assert [line.split()[:3] for line in listed.stdout.splitlines()][-1] == ["erin", "user", "3"]
+        own = vmweb(addr, "--user", "erin", "--password", password, "user", "list")
+        assert own.returncode == 0 and len(own.stdout.splitlines()) == 2, own
+        changed = vmweb(addr, "user", "passwd", "erin", "--password-stdin", stdin="erins-own-password\n",
+                        env={"VMWEB_USER": "erin", "VMWEB_PASSWORD": password})
+        assert changed.returncode == 0, changed.stderr
+        refused = vmweb(addr, "user", "quota", "erin", "99", env={"VMWEB_USER": "erin",
+                                                                "VMWEB_PASSWORD": "erins-own-password"})
+        assert refused.returncode == 1 and refused.stderr.startswith("vmweb: Client.NotAuthorized:")
+        assert vmweb(addr, "--credentials", str(creds), "user", "quota", "erin", "5").returncode == 0
+        assert vmweb(addr, "--credentials", str(creds), "user", "delete", "erin").returncode == 0
+        anonymous = vmweb(addr, "clusters")
+        assert anonymous.returncode == 1 and "VMWEB_CREDENTIALS" in anonymous.stderr
+        boot = vmweb(addr, "user", "bootstrap", "root", "--state-dir", str(tmp_path / "state"))
+        assert boot.returncode == 0 and (tmp_path / "state" / "bootstrap-admin").exists()
+        assert boot.stdout.split("password ")[-1].strip() not in (tmp_path / "state" / "bootstrap-admin").read_text()
+    yield threads.deferToThread(story)

@@ -1,0 +1,440 @@
+"""The web pages of one host, on the user API's port, next to ``/soap``.
+
+Routes (every page needs a session but ``/login`` and ``/static/*``):
+
+==========================  =====================================================================
+``GET  /``                  to ``/owner``
+``GET|POST /login``         the login form; a successful POST starts a session
+``POST /logout``            ends it
+``GET  /owner``             Owner view: users, their clusters, VMs and resources used; actions
+``GET  /hosts``             Host view: liveness, capacity, load and VMs of each host
+``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
+``GET  /settings``          System settings (admins only)
+``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
+``POST /action/NAME``       create, scale, destroy, vm, setting, user/create|delete|password|quota
+==========================  =====================================================================
+
+Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), its name carries
+the host id; every POST needs the form's CSRF token (the session's; for the login form, a
+double-submit cookie) and, when the browser sends one, an Origin of this very host; all text is
+escaped (:mod:`vmwebd.web.html`) and a Content-Security-Policy allows no inline script or style.
+Permissions are the SOAP API's (:class:`vmwebd.auth.Access`): a page or an action never does
+more than the same user could do over SOAP.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from vmwebd.auth import Principal, client_address
+from vmwebd.dom.records import UserRec
+from vmwebd.errors import InvalidArgument, NotAuthorized, VmwebError
+from vmwebd.web import views
+from vmwebd.web.session import Session, SessionStore, hash_digest
+
+log = Logger()
+
+CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+MAX_FORM_BYTES = 64 * 1024
+ACTION_GRACE_SECONDS = 2.0      # an action slower than this answers "on its way"; the page follows it
+PAGES = ("owner", "hosts", "dom", "settings")
+_STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8"}
+
+
+@dataclass
+class Ctx:
+    """What a view needs for one request of a logged-in user."""
+
+    principal: Principal
+    session: Session
+    access: object
+    mgr: object
+    dom: object
+    host_id: str
+
+    @property
+    def csrf(self) -> str:
+        return self.session.csrf
+
+
+def _load_static() -> dict[str, tuple[bytes, bytes]]:
+    out = {}
+    for entry in resources.files("vmwebd.web").joinpath("static").iterdir():
+        ext = entry.name.rpartition(".")[2]
+        if ext in _STATIC_TYPES:
+            out[entry.name] = (_STATIC_TYPES[ext], entry.read_bytes())
+    return out
+
+
+class WebRoot(Resource):
+    """The root resource of the user API port: pages here, ``/soap`` put beside them."""
+
+    def __init__(self, node, grace: float = ACTION_GRACE_SECONDS):
+        super().__init__()
+        self.node = node
+        self.grace = grace
+        self.sessions = SessionStore(node.reactor)
+        self.cookie = f"vmweb-session-{node.host_id}".encode()
+        self.login_cookie = f"vmweb-login-{node.host_id}".encode()
+        self.static = _load_static()
+
+    def getChild(self, path: bytes, request):
+        return _Page(self, path)
+
+
+class _Page(Resource):
+    isLeaf = True
+
+    def __init__(self, root: WebRoot, name: bytes):
+        super().__init__()
+        self.root = root
+        self.name = name.decode("utf-8", "replace")
+
+    # -- plumbing --------------------------------------------------------------------------
+    def render(self, request):
+        request.setHeader(b"Content-Security-Policy", CSP)
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Referrer-Policy", b"same-origin")
+        request.setHeader(b"X-Frame-Options", b"DENY")
+        rest = [p.decode("utf-8", "replace") for p in request.postpath]
+        method = request.method
+        if method == b"HEAD":
+            method = b"GET"
+        try:
+            if method == b"GET":
+                return self._get(request, rest)
+            if method == b"POST":
+                return self._post(request, rest)
+        except _Refused as r:
+            return self._refused(request, r)
+        request.setHeader(b"Allow", b"GET, HEAD, POST")
+        return self._plain(request, 405, "method not allowed")
+
+    def _get(self, request, rest):
+        name = self.name
+        if name == "" and not rest:
+            return self._redirect(request, "/owner")
+        if name == "static" and len(rest) == 1 and rest[0] in self.root.static:
+            ctype, body = self.root.static[rest[0]]
+            request.setHeader(b"Content-Type", ctype)
+            request.setHeader(b"Cache-Control", b"no-cache")
+            return body
+        if name == "login" and not rest:
+            return self._login_page(request)
+        if name in PAGES and not rest:
+            ctx = self._ctx(request)
+            if ctx is None:
+                return self._redirect(request, "/login")
+            return self._view(request, ctx)
+        if name == "dom.xml" and not rest:
+            ctx = self._need_ctx(request)
+            request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
+            request.setHeader(b"Content-Disposition",
+                              f'attachment; filename="vmweb-dom-{self.root.node.host_id}.xml"'.encode())
+            request.setHeader(b"Cache-Control", b"no-store")
+            return ctx.access.dom_xml(ctx.principal)
+        if name == "state.json" and not rest:
+            ctx = self._ctx(request)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            if ctx is None:
+                request.setResponseCode(401)
+                return b'{"error": "not logged in"}'
+            return json.dumps(views.live_state(ctx)).encode()
+        return self._plain(request, 404, "no such page")
+
+    def _post(self, request, rest):
+        size = request.content.seek(0, 2)
+        request.content.seek(0)
+        if size > MAX_FORM_BYTES:
+            raise _Refused(413, "This form is too large.")
+        self._check_origin(request)
+        name = self.name
+        if name == "login" and not rest:
+            return self._login(request)
+        ctx = self._need_ctx(request)
+        if not ctx.session.csrf_ok(_field(request, "csrf")):
+            log.info("web: {what} by {user} refused: missing or wrong CSRF token", what=request.path,
+                     user=ctx.principal.name)
+            raise _Refused(403, "This form was not sent from this page (its security token is "
+                                "missing or out of date). Reload the page and try again.")
+        if name == "logout" and not rest:
+            self.root.sessions.drop(ctx.session.token)
+            request.addCookie(self.root.cookie, b"", path=b"/", max_age=b"0", httpOnly=True,
+                              sameSite="strict", secure=request.isSecure())
+            return self._redirect(request, "/login")
+        if name == "action" and rest:
+            return self._action(request, ctx, "/".join(rest))
+        return self._plain(request, 404, "no such action")
+
+    def _check_origin(self, request) -> None:
+        origin = request.getHeader(b"origin")
+        if origin is None:
+            return
+        host = request.getHeader(b"host") or b""
+        scheme = b"https" if request.isSecure() else b"http"
+        if origin != scheme + b"://" + host:
+            raise _Refused(403, "This form was sent from another site.")
+
+    def _ctx(self, request) -> Ctx | None:
+        """The logged-in user of this request, or None (no cookie, expired, password changed)."""
+        root = self.root
+        token = request.getCookie(root.cookie)
+        session = root.sessions.get(token.decode("ascii", "replace") if token else None)
+        if session is None:
+            return None
+        node = root.node
+        rec = node.domsvc.dom.get(UserRec, session.user)
+        if rec is None or hash_digest(rec.password_hash) != session.hash_digest:
+            root.sessions.drop(session.token)
+            return None
+        return Ctx(Principal(rec.id, rec.role), session, node.access, node.manager, node.domsvc.dom,
+                   node.host_id)
+
+    def _need_ctx(self, request) -> Ctx:
+        ctx = self._ctx(request)
+        if ctx is None:
+            raise _Refused(403, "You are not logged in (or your session ended). Log in again.", login=True)
+        return ctx
+
+    def _html(self, request, markup, code: int = 200) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return markup.encode("utf-8")
+
+    def _plain(self, request, code: int, text: str) -> bytes:
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return (text + "\n").encode()
+
+    def _redirect(self, request, location: str) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"Location", location.encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        return b""
+
+    def _refused(self, request, r: "_Refused") -> bytes:
+        body = views.forbidden_view(r.text)
+        if r.login:
+            from vmwebd.web.html import el, frag
+            body = frag(body, el("p", el("a", "Log in", href="/login", class_="button")))
+        return self._html(request, views.page("Refused", self.root.node.host_id, body), r.code)
+
+    # -- pages -----------------------------------------------------------------------------
+    def _view(self, request, ctx: Ctx):
+        partial = request.getHeader(b"x-vmweb-partial") is not None
+        flashes = [] if partial else ctx.session.take_flashes()
+        name = self.name
+        if name == "settings" and not ctx.principal.is_admin:
+            body = views.forbidden_view(f"System settings are for admins; user {ctx.principal.name!r} is not one.")
+            html = views.page("System settings", ctx.host_id, body, ctx.principal, ctx.csrf, "/settings", flashes)
+            return self._html(request, html, 403)
+        if name == "owner":
+            title, body = "Owners", views.owner_view(ctx)
+        elif name == "hosts":
+            title, body = "Hosts", views.host_view(ctx)
+        elif name == "dom":
+            title, body = "Cluster DOM", views.dom_view(ctx, ctx.access.dom_xml(ctx.principal))
+        else:
+            title, body = "System settings", views.settings_view(ctx, self.root.node)
+        live = name in ("owner", "hosts")
+        return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf,
+                                              f"/{name}", flashes, live=live))
+
+    def _login_page(self, request, name: str = "", flashes=(), code: int = 200):
+        import secrets
+        token = secrets.token_urlsafe(24)
+        request.addCookie(self.root.login_cookie, token.encode(), path=b"/login", max_age=b"3600",
+                          httpOnly=True, sameSite="strict", secure=request.isSecure())
+        return self._html(request, views.login_page(self.root.node.host_id, token, name, flashes), code)
+
+    def _login(self, request):
+        cookie = request.getCookie(self.root.login_cookie)
+        sent = _field(request, "csrf")
+        name, password = _field(request, "name"), _field(request, "password")
+        if not cookie or not sent or not _same(cookie.decode("ascii", "replace"), sent):
+            return self._login_page(request, name, [("error", "The login form was out of date; try again.")], 403)
+        d = self.root.node.authn.authenticate(name, password, client_address(request))
+
+        def ok(principal: Principal):
+            rec = self.root.node.domsvc.dom.get(UserRec, principal.name)
+            session = self.root.sessions.create(principal.name, rec.password_hash)
+            request.addCookie(self.root.cookie, session.token.encode(), path=b"/", httpOnly=True,
+                              sameSite="strict", secure=request.isSecure())
+            request.addCookie(self.root.login_cookie, b"", path=b"/login", max_age=b"0", httpOnly=True,
+                              sameSite="strict", secure=request.isSecure())
+            log.info("web: user {user} logged in from {client}", user=principal.name,
+                     client=client_address(request))
+            return self._redirect(request, "/owner")
+
+        def refused(f):
+            f.trap(NotAuthorized)
+            return self._login_page(request, name, [("error", f.value.message)], 200)
+        d.addCallbacks(ok, refused)
+        return _deliver(request, d)
+
+    # -- actions ---------------------------------------------------------------------------
+    def _action(self, request, ctx: Ctx, action: str):
+        back = _field(request, "back")
+        back = back if back in {f"/{p}" for p in PAGES} else "/owner"
+        a, p = ctx.access, ctx.principal
+        f = lambda k: _field(request, k)  # noqa: E731
+        if action == "create":
+            name = f("name")
+            call = lambda: a.create_cluster(p, name, f("template"), f("owner"), _int(f("count"), "count"))  # noqa: E731
+            done = lambda c: f"Cluster {c.name} recorded: {len(c.vms)} VMs are booting."  # noqa: E731
+            slow = f"Creating cluster {name}…"
+        elif action == "scale":
+            name, count = f("cluster"), f("count")
+            call = lambda: a.scale_cluster(p, name, _int(count, "count"))  # noqa: E731
+            done = lambda c: f"Cluster {c.name} scaled to {c.count} VMs."  # noqa: E731
+            slow = f"Scaling cluster {name} to {count} VMs…"
+        elif action == "destroy":
+            name = f("cluster")
+            call = lambda: a.destroy_cluster(p, name)  # noqa: E731
+            done = lambda ok: f"Cluster {name} destroyed." if ok else f"Cluster {name} is being destroyed."  # noqa: E731
+            slow = f"Destroying cluster {name}…"
+        elif action == "vm":
+            cluster, vm, op = f("cluster"), f("vm"), f("op")
+            if op not in ("start", "stop"):
+                op = "start"
+            call = lambda: a.set_vm_power(p, cluster, vm, "running" if op == "start" else "stopped")  # noqa: E731
+            done = lambda v: f"VM {vm} of {cluster} is {v.state}."  # noqa: E731
+            slow = f"{'Starting' if op == 'start' else 'Stopping'} VM {vm} of {cluster}…"
+        elif action == "setting":
+            key = f("key")
+            call = lambda: a.set_setting(p, key, f("value"))  # noqa: E731
+            done = lambda rec: f"Setting {rec.id} is now {rec.value}."  # noqa: E731
+            slow = f"Saving setting {key}…"
+        elif action == "user/create":
+            name = f("name")
+            call = lambda: a.create_user(p, name, f("password"), f("role") or "user",  # noqa: E731
+                                         _int(f("quota") or "16", "quota"))
+            done = lambda u: f"User {u.name} created ({u.role}, quota {u.quota_vms} VMs)."  # noqa: E731
+            slow = f"Creating user {name}…"
+        elif action == "user/delete":
+            name = f("name")
+            call = lambda: a.delete_user(p, name)  # noqa: E731
+            done = lambda _: f"User {name} deleted."  # noqa: E731
+            slow = f"Deleting user {name}…"
+        elif action == "user/password":
+            name = f("name")
+            call = lambda: a.set_password(p, name, f("password"))  # noqa: E731
+
+            def done(_):
+                if name == p.name:    # this session goes on; the user's other sessions end
+                    rec = ctx.dom.get(UserRec, name)
+                    if rec is not None:
+                        ctx.session.hash_digest = hash_digest(rec.password_hash)
+                return f"Password of {name} changed."
+            slow = f"Changing the password of {name}…"
+        elif action == "user/quota":
+            name = f("name")
+            call = lambda: a.set_quota(p, name, _int(f("quota"), "quota"))  # noqa: E731
+            done = lambda u: f"Quota of {u.name} is now {u.quota_vms} VMs."  # noqa: E731
+            slow = f"Changing the quota of {name}…"
+        else:
+            return self._plain(request, 404, "no such action")
+        log.info("web: {user} asks {action}", user=p.name, action=action)
+        return self._run(request, ctx, defer.maybeDeferred(call), done, slow, back)
+
+    def _run(self, request, ctx: Ctx, d: defer.Deferred, done, slow: str, back: str):
+        """Answers with a redirect to ``back`` once ``d`` fires, or after a short grace with
+        "on its way" (the page then follows the change live); the outcome lands in the session's
+        flash messages either way."""
+        answered = []
+        gone = []
+        request.notifyFinish().addBoth(gone.append)
+        session = ctx.session
+
+        def answer():
+            if not answered and not gone:
+                answered.append(1)
+                request.write(self._redirect(request, back))
+                request.finish()
+
+        def slow_answer():
+            if not answered:
+                session.flash("ok", slow)
+                answer()
+        timer = self.root.node.reactor.callLater(self.root.grace, slow_answer)
+
+        def ok(result):
+            session.flash("ok", done(result))
+            if timer.active():
+                timer.cancel()
+            answer()
+
+        def failed(f):
+            session.flash("error", _error_text(f))
+            if timer.active():
+                timer.cancel()
+            answer()
+        d.addCallbacks(ok, failed)
+        return NOT_DONE_YET
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, text: str, login: bool = False):
+        super().__init__(text)
+        self.code, self.text, self.login = code, text, login
+
+
+def _field(request, name: str) -> str:
+    values = request.args.get(name.encode()) if request.args else None
+    if not values:
+        return ""
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(name, "is not UTF-8 text") from None
+
+
+def _int(text: str, field: str) -> int:
+    try:
+        return int(text.strip())
+    except (ValueError, AttributeError):
+        raise InvalidArgument(field, f"{text!r} is not a whole number") from None
+
+
+def _same(a: str, b: str) -> bool:
+    import hmac
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _error_text(f) -> str:
+    if isinstance(f.value, VmwebError):
+        return f.value.message
+    incident = uuid.uuid4().hex[:12]
+    log.failure("web action crashed (incident {incident})", failure=f, incident=incident)
+    return f"Internal error (incident {incident}); see the daemon log."
+
+
+def _deliver(request, d: defer.Deferred):
+    """Writes what ``d`` fires with (bytes) as the response, unless the client went away."""
+    gone = []
+    request.notifyFinish().addBoth(gone.append)
+
+    def write(body):
+        if not gone:
+            request.write(body)
+            request.finish()
+
+    def crashed(f):
+        incident = uuid.uuid4().hex[:12]
+        log.failure("web request crashed (incident {incident})", failure=f, incident=incident)
+        if not gone:
+            request.setResponseCode(500)
+            request.write(f"internal error (incident {incident})\n".encode())
+            request.finish()
+    d.addCallback(write).addErrback(crashed)
+    return NOT_DONE_YET
