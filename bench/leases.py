@@ -21,7 +21,7 @@ Plus one ``os.fsync`` of a small write on this disk, measured in the same run. T
 next to the figures: single-key p50 within 2.5 peer round trips plus one fsync (Cassandra's LWT
 needs 4 round trips). Runtime is bounded: a few rounds of each, about two minutes in all.
 
-    .venv/bin/python bench/leases.py [--sizes 3 5] [--rounds 40] [--creates 20]
+    .venv/bin/python bench/leases.py [--sizes 3 5] [--rounds 20] [--creates 12]
 """
 from __future__ import annotations
 
@@ -269,8 +269,8 @@ def report(sizes, daemons: dict, inproc: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--rounds", type=int, default=40, help="in-process proposals of each kind")
-    ap.add_argument("--creates", type=int, default=20, help="CreateCluster calls at the daemons")
+    ap.add_argument("--rounds", type=int, default=20, help="in-process proposals of each kind")
+    ap.add_argument("--creates", type=int, default=12, help="CreateCluster calls at the daemons")
     ap.add_argument("--skip-daemons", action="store_true")
     args = ap.parse_args()
     daemons, inproc = {}, {}

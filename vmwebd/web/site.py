@@ -251,8 +251,13 @@ class _Page(Resource):
                                               f"/{name}", flashes, live=live))
 
     def _login_page(self, request, name: str = "", flashes=(), code: int = 200):
+        import re
         import secrets
-        token = secrets.token_urlsafe(24)
+        # Reuse the browser's current login token when it has one: a browser may load the login
+        # page twice (a prerender, a reload in another tab) and must not be left showing a form
+        # whose token no longer matches its cookie.
+        have = (request.getCookie(self.root.login_cookie) or b"").decode("ascii", "replace")
+        token = have if re.fullmatch(r"[A-Za-z0-9_-]{32}", have) else secrets.token_urlsafe(24)
         request.addCookie(self.root.login_cookie, token.encode(), path=b"/login", max_age=b"3600",
                           httpOnly=True, sameSite="strict", secure=request.isSecure())
         return self._html(request, views.login_page(self.root.node.host_id, token, name, flashes), code)
