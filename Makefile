@@ -17,6 +17,7 @@ bench: bootstrap
 	@$(PY) bench/provision.py
 	@$(PY) bench/soap.py
 	@$(PY) bench/gossip_sim.py
+	@$(PY) bench/leases.py
 
 clean:
 	rm -rf .demo .pytest_cache
