@@ -93,12 +93,17 @@ class Allocator:
             vni = None
             if cluster is not None:
                 claims[name_key("vcluster", cluster)] = cluster_holder(cluster, token)
-                vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis)
+                # After a conflict, draw among more free candidates: hosts racing for the lowest
+                # free values at the same moment would otherwise keep colliding.
+                spread = 8 * _round
+                vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis,
+                                      rng=self.rng if _round else None, spread=spread)
                 if not vnis:
                     raise PoolExhausted("vni", 1, 0)
                 vni = vnis[0]
                 claims[vni_key(vni)] = cluster_holder(cluster, token)
-            ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips)
+            ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips,
+                                rng=self.rng if _round else None, spread=8 * _round)
             if len(ips) < len(vm_ids):
                 raise PoolExhausted(pool_name, len(vm_ids), len(ips))
             macs = mac_candidates(self.mac_pool, self._taken, len(vm_ids), self.rng, exclude=bad_macs)

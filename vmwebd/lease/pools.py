@@ -30,17 +30,23 @@ def name_key(kind: str, name: str) -> str:
 
 
 def ip_candidates(pool: IpPool, taken: Callable[[str], bool], n: int,
-                  exclude: set[str] = frozenset()) -> list[str]:
-    """The first ``n`` free addresses in pool order (lowest first: readable for lab users)."""
+                  exclude: set[str] = frozenset(), rng: random.Random | None = None,
+                  spread: int = 0) -> list[str]:
+    """``n`` free addresses: the lowest ones (readable for lab users), or — with ``rng`` and
+    ``spread`` > 0, after a conflict — ``n`` drawn at random among the first ``n + spread`` free
+    ones, so that hosts allocating at the same moment stop competing for the same addresses."""
     out = []
+    want = n + (spread if rng is not None else 0)
     for addr in pool.addresses():
         a = str(addr)
         if a in exclude or taken(ip_key(pool.name, a)):
             continue
         out.append(a)
-        if len(out) == n:
+        if len(out) == want:
             break
-    return out
+    if rng is not None and spread and len(out) > n:
+        out = sorted(rng.sample(out, n), key=lambda a: tuple(int(x) for x in a.split(".")))
+    return out[:n]
 
 
 def mac_candidates(pool: MacPool, taken: Callable[[str], bool], n: int, rng: random.Random,
@@ -59,12 +65,17 @@ def mac_candidates(pool: MacPool, taken: Callable[[str], bool], n: int, rng: ran
 
 
 def vni_candidates(pool: VniRange, taken: Callable[[str], bool], n: int,
-                   exclude: set[int] = frozenset()) -> list[int]:
+                   exclude: set[int] = frozenset(), rng: random.Random | None = None,
+                   spread: int = 0) -> list[int]:
+    """Like :func:`ip_candidates`, for network ids."""
     out = []
+    want = n + (spread if rng is not None else 0)
     for v in range(pool.first, pool.last + 1):
         if v in exclude or taken(vni_key(v)):
             continue
         out.append(v)
-        if len(out) == n:
+        if len(out) == want:
             break
-    return out
+    if rng is not None and spread and len(out) > n:
+        out = sorted(rng.sample(out, n))
+    return out[:n]

@@ -1,0 +1,82 @@
+"""The allocator's retry loop: conflicts are retried with other candidates, within a visible bound."""
+import ipaddress
+import random
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer
+
+from vmwebd.config import IpPool, MacPool, VniRange
+from vmwebd.errors import NameTaken, PoolExhausted
+from vmwebd.lease.allocator import AllocationContended, Allocator
+from vmwebd.lease.table import LeaseConflict
+
+
+class RacingTable:
+    """A lease table where another host wins the first ``lose`` IP claims it sees (as under contention)."""
+
+    def __init__(self, lose: int):
+        self.held = {}
+        self.lose = lose
+        self.claims = []
+
+    def holder(self, key):
+        return self.held.get(key)
+
+    def acquire(self, claims):
+        self.claims.append(dict(claims))
+        for k, h in claims.items():
+            if k in self.held and self.held[k] != h:
+                return defer.fail(LeaseConflict(k, self.held[k]))
+        if self.lose:
+            self.lose -= 1
+            k = next(k for k in claims if k.startswith("ip/"))
+            self.held[k] = "vm:someone-else#x"
+            return defer.fail(LeaseConflict(k, self.held[k]))
+        self.held.update(claims)
+        return defer.succeed(None)
+
+    def release(self, holders):
+        for k, h in holders.items():
+            if self.held.get(k) == h:
+                del self.held[k]
+        return defer.succeed(None)
+
+
+def allocator(table, cidr="10.0.0.0/24"):
+    pools = {"lab": IpPool("lab", ipaddress.ip_network(cidr))}
+    return Allocator(table, pools, MacPool(), VniRange(100, 200), random.Random(1), max_rounds=4)
+
+
+@pytest_twisted.inlineCallbacks
+def test_conflicts_are_retried_with_other_candidates():
+    """After losing addresses to another host, the allocator retries elsewhere and succeeds."""
+    t = RacingTable(lose=2)
+    vni, addrs = yield allocator(t).allocate_cluster("c1", "tok", ["c1/a", "c1/b"], "lab")
+    assert len(t.claims) == 3
+    ips = {a.ip for a in addrs.values()}
+    assert len(ips) == 2 and not any(t.held.get(f"ip/lab/{ip}", "").startswith("vm:someone") for ip in ips)
+
+
+@pytest_twisted.inlineCallbacks
+def test_retry_bound_is_reached_and_named():
+    """When every round loses, the allocator gives up after max_rounds with a clear error."""
+    t = RacingTable(lose=100)
+    with pytest.raises(AllocationContended, match="gave up after 4 rounds"):
+        yield allocator(t).allocate_cluster("c1", "tok", ["c1/a"], "lab")
+    assert len(t.claims) == 4
+    # later rounds draw among more candidates instead of the next lowest ones
+    firsts = [min(k for k in c if k.startswith("ip/")) for c in t.claims]
+    assert len(set(firsts)) == 4
+
+
+@pytest_twisted.inlineCallbacks
+def test_name_conflict_is_name_taken_and_pool_exhaustion_is_reported():
+    """A held cluster name is NameTaken; a pool too small is PoolExhausted naming the pool."""
+    t = RacingTable(lose=0)
+    a = allocator(t, cidr="10.0.0.0/29")
+    yield a.allocate_cluster("c1", "tok", ["c1/a"], "lab")
+    with pytest.raises(NameTaken):
+        yield a.allocate_cluster("c1", "other", ["c1/b"], "lab")
+    with pytest.raises(PoolExhausted, match="'lab'"):
+        yield a.allocate_cluster("c2", "tok2", [f"c2/n{i}" for i in range(9)], "lab")
