@@ -6,15 +6,16 @@ reconcilers then make it so. Reads answer from the local replica.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import secrets
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, VmStatus
-from vmwebd.errors import (InvalidArgument, NoSuchCluster, NoSuchHost, NoSuchTemplate, NoSuchVm,
-                           NameTaken, ServerError)
+from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.placement import HostLoad, place
 from vmwebd.reconcile import bridge_name, network_name
 from vmwebd.settings import get_setting
@@ -86,7 +87,7 @@ class ClusterManager:
         self.now_ms = now_ms
         self.wait_timeout = wait_timeout
         self.reconcile_kick = lambda: None
-        self.new_token = lambda: __import__("secrets").token_hex(6)
+        self.new_token = lambda: secrets.token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
         self.members = lambda: (host_id,)
@@ -259,7 +260,6 @@ class ClusterManager:
 
 
 def _replace(rec, **changes):
-    import dataclasses
     return dataclasses.replace(rec, **changes)
 
 

@@ -8,8 +8,10 @@ listens for the user API.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
+from lxml import etree
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -19,7 +21,15 @@ from vmwebd.cluster import ClusterManager
 from vmwebd.config import Config
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
-from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
+from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
+from vmwebd.errors import ConfigError
+from vmwebd.gossip import tls
+from vmwebd.gossip.codec import encode
+from vmwebd.gossip.core import LAN, LOCAL_TEST, GossipCore
+from vmwebd.gossip.domport import DomPortAdapter
+from vmwebd.gossip.messages import Envelope
+from vmwebd.gossip.pki import load_host_credentials
+from vmwebd.gossip.service import GossipService, PeerClient, load_state
 from vmwebd.hv import open_driver
 from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
@@ -104,21 +114,13 @@ class Node:
             log.warn("no cluster certificate in {dir}: host {host} runs alone, without peers "
                      "(create one with `vmweb init` or `vmweb host add`)", dir=str(cert_dir), host=self.host_id)
             return defer.succeed(None)
-        from vmwebd.gossip.pki import load_host_credentials
         creds = load_host_credentials(cert_dir)
         if creds.host_id != self.host_id:
-            from vmwebd.errors import ConfigError
             raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
                               f"is for host {creds.host_id!r}, but this host is {self.host_id!r}")
         return self._start_gossip(creds)
 
     def _start_gossip(self, creds):
-        from vmwebd.api.peer import build_peer_api
-        from vmwebd.gossip import tls
-        import dataclasses
-        from vmwebd.gossip.core import LAN, LOCAL_TEST, GossipCore
-        from vmwebd.gossip.domport import DomPortAdapter
-        from vmwebd.gossip.service import GossipService, PeerClient, load_state
         cfg = self.config
         gcfg = self.gossip_config or (LOCAL_TEST if cfg.peers.timing == "local" else LAN)
         gcfg = dataclasses.replace(gcfg, fanout=cfg.peers.fanout)
@@ -133,6 +135,7 @@ class Node:
                     return holder["svc"].receive(env)
                 return defer.succeed(None)
         node = self
+        from vmwebd.api.peer import build_peer_api
         root = Resource()
         root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
                                               require_identity=True, identity_of=tls.peer_host_id))
@@ -164,8 +167,6 @@ class Node:
         """Sends one message to host ``dst``'s peer endpoint (dropped if we do not know where it is)."""
         if self.gossip is None:
             return defer.succeed(False)
-        from vmwebd.gossip.codec import encode
-        from vmwebd.gossip.messages import Envelope
         m = self.gossip.core.members.get(dst)
         addr = m.addr if m is not None else next(
             (h.peer for h in self.domsvc.dom.all(HostRec) if h.id == dst and h.peer), None)
@@ -220,7 +221,6 @@ class Node:
         """Writes this host's record (capacity, load, VM count); only this host writes it."""
         facts = yield self.driver.host_facts()
         cfg = self.config
-        from vmwebd.dom.records import VmRec
         prev = self.domsvc.dom.get(HostRec, self.host_id)
         rec = HostRec(
             id=self.host_id, api=str(cfg.listen.api if self.port is None else self.api_address),
@@ -280,5 +280,4 @@ class Node:
 
 
 def _xml(el) -> bytes:
-    from lxml import etree
     return etree.tostring(el, method="c14n")

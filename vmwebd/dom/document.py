@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from importlib import resources
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterator, TypeVar
 
 from lxml import etree
 

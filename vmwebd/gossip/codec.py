@@ -19,7 +19,7 @@ from lxml import etree
 
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
-from vmwebd.gossip.messages import (NAMES, PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState,
+from vmwebd.gossip.messages import (NAMES, Ack, Envelope, Gossip, MemberState,
                                     Ping, PingReq, Sync, SyncDelta, SyncReply)
 
 NS = "urn:vmweb:peer:1"

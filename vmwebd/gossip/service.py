@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+from io import BytesIO
 from pathlib import Path
 
 from lxml import etree
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory,
+                                readBody)
 from twisted.web.http_headers import Headers
 from twisted.internet.threads import deferToThread
 
-from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
+from vmwebd.gossip.codec import NS as PEER_NS, encode
 from vmwebd.gossip.core import GossipCore
 
 log = Logger()
@@ -41,7 +43,6 @@ class PeerClient:
     """Sends envelopes to peers' ``/peer`` SOAP endpoint over persistent connections."""
 
     def __init__(self, reactor, tls_policy=None, timeout: float = 5.0):
-        from twisted.internet.defer import Deferred  # noqa: F401
         self.reactor = reactor
         self.scheme = "https" if tls_policy is not None else "http"
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -54,8 +55,6 @@ class PeerClient:
         self.failed = 0
 
     def send(self, addr: str, env_el: etree._Element) -> defer.Deferred:
-        from twisted.web.client import FileBodyProducer
-        from io import BytesIO
         url = f"{self.scheme}://{addr}/peer".encode()
         d = self.agent.request(b"POST", url, Headers({b"Content-Type": [b"text/xml; charset=utf-8"],
                                                        b"SOAPAction": [b'"Deliver"']}),
