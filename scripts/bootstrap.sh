@@ -6,6 +6,11 @@ cd "$(dirname "$0")/.."
 
 # chromium + chromium-driver: the web pages are tested in a real headless browser (Selenium).
 DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev chromium chromium-driver fonts-dejavu-core)
+# The real-host tier (tests/lab, tests/test_realhosts.py, bench/migrate.py): several libvirtd
+# daemons in network namespaces running real TCG guests. Not libvirt-daemon-system: it pulls systemd.
+# busybox-static is the guest's userland; iproute2 makes the namespaces, veths and bridges.
+DEB_PKGS+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
+           busybox-static iproute2 util-linux xz-utils)
 # EXTRA_DEB_PKGS lets a tier ask for more (the real-QEMU tier needs libvirt-daemon and qemu).
 read -r -a EXTRA <<<"${EXTRA_DEB_PKGS:-}"
 missing=()
@@ -18,6 +23,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# libvirtd resolves the user libvirt-qemu before it reads qemu.conf (which says root): make it.
+if ! getent passwd libvirt-qemu >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  getent group kvm >/dev/null || $SUDO groupadd -r kvm 2>/dev/null || true
+  $SUDO useradd -r -M -d /var/lib/libvirt -s /usr/sbin/nologin -g kvm libvirt-qemu 2>/dev/null \
+    || $SUDO useradd -r -M -s /usr/sbin/nologin libvirt-qemu
 fi
 
 PY=${PYTHON:-python3}
