@@ -467,6 +467,31 @@ class Access:
         self._owned(p, cluster)
         return self.mgr.set_vm_power(cluster, vm, desired)
 
+    # -- migrations ------------------------------------------------------------------------
+    def migrate_vm(self, p: Principal, cluster, vm, dest=None) -> defer.Deferred:
+        """Owners move their own VMs (an admin any); ``dest`` None lets vmweb choose."""
+        self._owned(p, cluster)
+        return self.node.migrations.request(cluster, vm, dest or None, requested_by=p.name)
+
+    def migration(self, p: Principal, mid):
+        m = self.node.migrations.get(mid)
+        self._owned(p, m.vm.partition("/")[0]) if not p.is_admin else None
+        return m
+
+    def migrations(self, p: Principal) -> list:
+        from vmwebd.dom.records import MigrationRec
+        out = []
+        for m in self.dom.all(MigrationRec):
+            c = self.dom.get(VClusterRec, m.vm.partition("/")[0])
+            if p.is_admin or (c is not None and c.owner == p.name):
+                out.append(m)
+        return sorted(out, key=lambda m: (m.started_at, m.id))
+
+    def add_image(self, p: Principal, name, path, fmt, kernel, initrd, cmdline) -> defer.Deferred:
+        self.require_admin(p, "adding base images")
+        return self.node.images.add(name, path, fmt or "qcow2", kernel or "", initrd or "",
+                                    cmdline or "")
+
     # -- grid --------------------------------------------------------------------------------
     def set_setting(self, p: Principal, key, value) -> defer.Deferred:
         self.require_admin(p, "changing system settings")

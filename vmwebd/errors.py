@@ -95,6 +95,27 @@ class NotAuthorized(ClientError):
     faultcode = "Client.NotAuthorized"
 
 
+class NoSuchImage(ClientError):
+    faultcode = "Client.NoSuchImage"
+
+    def __init__(self, name: str):
+        super().__init__(f"no base image named {name!r}")
+        self.name = name
+
+
+class NoSuchMigration(ClientError):
+    faultcode = "Client.NoSuchMigration"
+
+    def __init__(self, mid: str):
+        super().__init__(f"no migration {mid!r}")
+
+
+class MigrationBusy(ClientError):
+    """The VM is already being moved (its ``migration/<vm>`` lease is held)."""
+
+    faultcode = "Client.MigrationBusy"
+
+
 # -- our side ----------------------------------------------------------------------------------
 class ServerError(VmwebError):
     faultcode = "Server"
@@ -124,6 +145,22 @@ class HypervisorError(ServerError):
 
 class NoSuchDomain(HypervisorError):
     faultcode = "Server.Hypervisor.NoSuchDomain"
+
+
+class ImageUnavailable(ServerError):
+    """A host needs a base image that no live host can give it, or a copy failed its hash."""
+
+    faultcode = "Server.ImageUnavailable"
+
+
+class MigrationFailed(ServerError):
+    """A migration failed; the VM keeps running at its source. The message names the phase."""
+
+    faultcode = "Server.MigrationFailed"
+
+    def __init__(self, vm: str, phase: str, message: str):
+        super().__init__(f"migration of VM {vm!r} failed in phase {phase!r}: {message}")
+        self.vm, self.phase = vm, phase
 
 
 class StoreError(ServerError):

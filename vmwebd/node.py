@@ -17,8 +17,9 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
-from vmwebd.config import Config
+from vmwebd.config import Address, Config
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
@@ -31,15 +32,19 @@ from vmwebd.gossip.messages import Envelope
 from vmwebd.gossip.pki import load_host_credentials
 from vmwebd.gossip.service import GossipService, PeerClient, load_state
 from vmwebd.hv import open_driver
+from vmwebd.hv.images import FileResource, ImageStore, image_resolver
 from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
+from vmwebd.migrate.manager import MigrationManager
 from vmwebd.reconcile import Reconciler, StorageLayout
+from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates
 
 log = Logger()
 PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
 HEARTBEAT_SECONDS = 10.0
+SWEEP_SECONDS = 15.0
 
 
 class QuietSite(Site):
@@ -81,8 +86,14 @@ class Node:
         self.domsvc = DomService(dom, store, self.reactor, journal_records=n)
         if self.driver is None:
             self.driver = open_driver(cfg.libvirt_uri, reactor=self.reactor)
-        base_images = yield self._ensure_storage()
+        yield self._ensure_storage()
         yield self._publish_static()
+        self.cert_dir = getattr(cfg.peers, "cert_dir", None) or (cfg.state_dir / "pki")
+        self.images = ImageStore(self.host_id, self.domsvc, self.driver, cfg.storage.pool,
+                                 cfg.storage.dir, self.cert_dir, self.reactor, self.live_hosts,
+                                 self.peer_address_of)
+        self.images.publish = self.heartbeat
+        yield self.images.scan()
         self.leases = LeaseService(
             self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
             random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
@@ -92,19 +103,32 @@ class Node:
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       live_hosts=self.live_hosts, liveness=self.liveness)
+        storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
         self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
-                                     StorageLayout(cfg.storage.pool, base_images),
-                                     self.reactor, self.now_ms, cfg.reconcile_interval)
+                                     storage, self.reactor, self.now_ms, cfg.reconcile_interval,
+                                     images=self.images, ip_pools=cfg.ip_pools)
         self.manager.reconcile_kick = self.reconciler.kick
         self.manager.members = self.leases.members
+        self.migrations = MigrationManager(
+            self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,
+            self.now_ms, self.live_hosts, self.peer_address_of, self.cert_dir,
+            overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")))
+        if cfg.migrate_uri and self.driver.supports_live_migration:
+            self.migrations.migrate_uri = cfg.migrate_uri
+        if cfg.storage.console_dir and self.driver.runs_guests:
+            yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
         yield self._start_peers()
         yield self.heartbeat()
         self._heartbeat = task.LoopingCall(self.heartbeat)
         self._heartbeat.clock = self.reactor
         self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
         self.reconciler.start()
+        self.migrations.start()
+        self._sweeper = task.LoopingCall(self.migrations.sweep)
+        self._sweeper.clock = self.reactor
+        self._sweeper.start(SWEEP_SECONDS, now=False)
         self.listen()
-        log.info("host {host} serving the user API on {port}", host=self.host_id, port=self.api_port)
+        log.info("host {host} serving the user API on {url}", host=self.host_id, url=self.api_url)
 
     # -- peers ----------------------------------------------------------------------------
     def _start_peers(self):
@@ -139,6 +163,9 @@ class Node:
         root = Resource()
         root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
                                               require_identity=True, identity_of=tls.peer_host_id))
+        # Files peers pull from here: content images, and a cold migration's disk and memory.
+        root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
+        root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
         site = QuietSite(root)
         site.displayTracebacks = False
         addr = cfg.listen.peer
@@ -167,13 +194,18 @@ class Node:
         """Sends one message to host ``dst``'s peer endpoint (dropped if we do not know where it is)."""
         if self.gossip is None:
             return defer.succeed(False)
-        m = self.gossip.core.members.get(dst)
-        addr = m.addr if m is not None else next(
-            (h.peer for h in self.domsvc.dom.all(HostRec) if h.id == dst and h.peer), None)
+        addr = self.peer_address_of(dst)
         if addr is None:
             return defer.succeed(False)
         env = Envelope(self.host_id, self.peer_address, dst, msg)
         return self.gossip.client.send(addr, encode(env))
+
+    def peer_address_of(self, host_id: str) -> str | None:
+        """Where host ``host_id``'s peer endpoint is (from gossip, else from its DOM record)."""
+        m = self.gossip.core.members.get(host_id) if self.gossip is not None else None
+        if m is not None:
+            return m.addr
+        return next((h.peer for h in self.domsvc.dom.all(HostRec) if h.id == host_id and h.peer), None)
 
     def live_hosts(self) -> set[str]:
         """Hosts this host currently believes alive (itself always)."""
@@ -192,11 +224,8 @@ class Node:
     def _ensure_storage(self):
         cfg = self.config
         yield self.driver.ensure_pool(cfg.storage.pool, str(cfg.storage.dir))
-        base = {}
-        for img in cfg.images:
-            path = yield self.driver.create_base_volume(cfg.storage.pool, img.file, img.size_mib, img.format)
-            base[img.name] = (path, img.size_mib)
-        return base
+        for img in cfg.images:  # blank images: every host makes its own, empty
+            yield self.driver.create_base_volume(cfg.storage.pool, img.file, img.size_mib, img.format)
 
     def _publish_static(self):
         """Writes templates and images from the config into the DOM where they differ."""
@@ -212,7 +241,12 @@ class Node:
                 recs.append(rec)
         for img in cfg.images:
             rec = ImageRec(id=img.name, file=img.file, format=img.format, size_mib=img.size_mib)
-            if dom.get(ImageRec, img.name) != rec:
+            cur = dom.get(ImageRec, img.name)
+            if cur is not None and cur.sha256:
+                # Registered by content (`vmweb image add`): that one wins over a blank image.
+                log.warn("image {name} of the config is a content image in the grid; the config's "
+                         "blank image is not used", name=img.name)
+            elif cur != rec:
                 recs.append(rec)
         return self.domsvc.put(*recs)
 
@@ -223,13 +257,15 @@ class Node:
         cfg = self.config
         prev = self.domsvc.dom.get(HostRec, self.host_id)
         rec = HostRec(
-            id=self.host_id, api=str(cfg.listen.api if self.port is None else self.api_address),
+            id=self.host_id, api=self.advertised_api,
             peer=getattr(self, "peer_address", str(cfg.listen.peer)), liveness="alive",
             incarnation=prev.incarnation if prev else 0,
             cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
             free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
             vms=sum(1 for v in self.domsvc.dom.all(VmRec) if v.host == self.host_id),
-            started_at=prev.started_at if prev else self.now_ms())
+            started_at=prev.started_at if prev else self.now_ms(),
+            images=self.images.images_attr() if getattr(self, "images", None) else "",
+            migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "")
         yield self.domsvc.put(rec)
 
     def listen(self):
@@ -249,11 +285,34 @@ class Node:
         self.site = QuietSite(root)
         self.site.displayTracebacks = False
         addr = self.config.listen.api
-        self.port = self.reactor.listenTCP(addr.port, self.site, interface=addr.host)
+        tls_options = apitls.server_options(self.config)    # None: api-tls="off"
+        if tls_options is not None:
+            self.port = self.reactor.listenSSL(addr.port, self.site, tls_options, interface=addr.host)
+        else:
+            if not apitls.is_loopback(addr.host):
+                log.warn("the user API on {addr} is plain HTTP: passwords and session cookies cross the "
+                         "network in clear (set listen/@api-tls to grid or files)", addr=str(addr))
+            self.port = self.reactor.listenTCP(addr.port, self.site, interface=addr.host)
 
     @property
     def api_port(self) -> int:
         return self.port.getHost().port
+
+    @property
+    def api_scheme(self) -> str:
+        return "http" if self.config.listen.api_tls == "off" else "https"
+
+    @property
+    def api_url(self) -> str:
+        """``https://host:port`` (or ``http://``): what clients and the web pages' links use."""
+        return f"{self.api_scheme}://{Address(self.config.listen.api.host, self.api_port)}"
+
+    @property
+    def advertised_api(self) -> str:
+        """This host's API in its DOM record: ``host:port`` over HTTP, ``https://host:port`` over TLS."""
+        addr = self.config.listen.api if self.port is None else \
+            Address(self.config.listen.api.host, self.api_port)
+        return str(addr) if self.api_scheme == "http" else f"https://{addr}"
 
     @property
     def api_address(self) -> str:
@@ -267,6 +326,8 @@ class Node:
             yield self.peer_port.stopListening()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if getattr(self, "_sweeper", None) is not None and self._sweeper.running:
+            self._sweeper.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
         if self.port is not None:

@@ -17,15 +17,18 @@ driver, which runs them off the reactor thread.
 """
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec, VmStatus
+from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.lease.allocator import parse_holder
+from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
 
 log = Logger()
 PREFIX = "vmweb-"
@@ -51,13 +54,21 @@ def bridge_name(vni: int) -> str:
 @dataclass(frozen=True)
 class StorageLayout:
     pool: str                      # libvirt storage pool holding base images and overlays
-    base_images: dict              # image name -> (path of its base volume here, size in MiB)
+    dir: str = ""                  # its directory
+    console_dir: str = ""          # where guests' serial consoles are logged (real guests only)
+
+
+def guest_token(vm_id: str) -> str:
+    """A per-VM value handed to the guest on its kernel command line (tests find it on disk)."""
+    return hashlib.sha256(vm_id.encode()).hexdigest()[:16]
 
 
 class Reconciler:
     def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
-                 clock, now_ms, interval: float = 5.0):
+                 clock, now_ms, interval: float = 5.0, images=None, ip_pools=()):
         self.host_id = host_id
+        self.images = images
+        self.ip_pools = tuple(ip_pools)
         self.domsvc = domsvc
         self.dom = domsvc.dom
         self.driver = driver
@@ -90,7 +101,7 @@ class Reconciler:
             self._scheduled.cancel()
 
     def _on_change(self, kind: str, id_: str) -> None:
-        if kind in ("vm", "vcluster"):
+        if kind in ("vm", "vcluster", "migration"):
             self.kick()
 
     def kick(self) -> None:
@@ -132,7 +143,11 @@ class Reconciler:
     @defer.inlineCallbacks
     def run_once(self):
         self.passes += 1
-        mine = [vm for vm in self.dom.all(VmRec) if vm.host == self.host_id]
+        # VMs being moved belong to their migration until it ends: leave them (and their
+        # domains, here as source or destination) alone.
+        moving = in_flight(self.dom, self.now_ms())
+        moving_domains = {domain_name(v) for v in moving}
+        mine = [vm for vm in self.dom.all(VmRec) if vm.host == self.host_id and vm.id not in moving]
         clusters = {c.id: c for c in self.dom.all(VClusterRec)}
         domains = {d.name: d for d in (yield self.driver.list_domains())}
 
@@ -161,7 +176,7 @@ class Reconciler:
         # 3. orphans
         known = {domain_name(vm.id) for vm in mine}
         for name in sorted(domains):
-            if name.startswith(PREFIX) and name not in known:
+            if name.startswith(PREFIX) and name not in known and name not in moving_domains:
                 log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
                 yield self._guard(f"orphan {name}", self._remove_domain(name))
         for net in sorted(have_nets):
@@ -196,6 +211,10 @@ class Reconciler:
             elif kind == "vcluster":
                 c = self.dom.get(VClusterRec, ref)
                 if c is None or c.token != token:
+                    stale[lease.id] = lease.holder
+            elif kind == "migration":
+                m = self.dom.get(MigrationRec, token)
+                if m is None or m.phase in TERMINAL or now - m.started_at >= STALE_MS:
                     stale[lease.id] = lease.holder
         if not stale:
             return defer.succeed(None)
@@ -263,12 +282,33 @@ class Reconciler:
     def _create(self, vm: VmRec, cluster: VClusterRec | None):
         if cluster is None:
             raise VmwebError(f"VM {vm.id}: its cluster {vm.cluster!r} is not in the DOM")
-        base = self.storage.base_images.get(vm.image)
-        if base is None:
-            raise VmwebError(f"VM {vm.id}: base image {vm.image!r} is not on host {self.host_id}")
-        path, size_mib = base
-        disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), path, size_mib)
-        yield self.driver.define(DomainSpec(
-            name=domain_name(vm.id), vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_path=disk,
+        image = yield self.images.ensure(vm.image)
+        disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), image.path,
+                                                image.size_mib, image.format)
+        yield self.driver.define(self.spec_for(vm, cluster, image, disk))
+
+    def _prefix_of(self, ip: str) -> int:
+        try:
+            addr = ipaddress.IPv4Address(ip)
+        except ValueError:
+            return 24
+        return next((p.cidr.prefixlen for p in self.ip_pools if addr in p.cidr), 24)
+
+    def spec_for(self, vm: VmRec, cluster: VClusterRec, image, disk: str) -> DomainSpec:
+        """The domain of ``vm`` on this host, over overlay ``disk`` (also used by migrations)."""
+        rec = image.record
+        name = domain_name(vm.id)
+        cmdline = None
+        if rec.kernel:
+            cmdline = " ".join(x for x in (
+                rec.cmdline, f"vmweb.name={name}", f"vmweb.token={guest_token(vm.id)}",
+                f"guestip={vm.ip}/{self._prefix_of(vm.ip)}" if vm.ip else "") if x)
+        serial = None
+        if self.driver.runs_guests and self.storage.console_dir:
+            serial = f"{self.storage.console_dir}/{name}.log"
+        return DomainSpec(
+            name=name, vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_path=disk,
             network=network_name(cluster.id), mac=vm.mac, ip=vm.ip,
-            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner}))
+            kernel=rec.kernel or None, initrd=rec.initrd or None, cmdline=cmdline,
+            serial_log=serial,
+            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner})

@@ -105,6 +105,56 @@ class UserInfo(ComplexModel):
     clusters = Integer
 
 
+class MigrationInfo(ComplexModel):
+    """One move of a VM: phase prepare → ready → migrating (live) or saved → restored (cold)
+    → done | failed; sizes in bytes, times in ms (downtime as QEMU reports it)."""
+    __namespace__ = TNS
+    id = Unicode
+    vm = Unicode
+    source = Unicode
+    dest = Unicode
+    phase = Unicode
+    mode = Unicode
+    requested_by = Unicode
+    started_at = Integer
+    finished_at = Integer
+    bytes = Integer
+    disk_bytes = Integer
+    total_ms = Integer
+    downtime_ms = Integer
+    error = Unicode
+
+
+class ImageInfo(ComplexModel):
+    __namespace__ = TNS
+    name = Unicode
+    file = Unicode
+    format = Unicode
+    size_mib = Integer
+    sha256 = Unicode
+    bytes = Integer
+    kernel = Unicode
+    initrd = Unicode
+    cmdline = Unicode
+    hosts = Array(Unicode)
+
+
+def migration_info(m) -> MigrationInfo:
+    return MigrationInfo(id=m.id, vm=m.vm, source=m.source, dest=m.dest, phase=m.phase,
+                         mode=m.mode, requested_by=m.requested_by, started_at=m.started_at,
+                         finished_at=m.finished_at, bytes=m.bytes, disk_bytes=m.disk_bytes,
+                         total_ms=m.total_ms, downtime_ms=m.downtime_ms, error=m.error)
+
+
+def image_info(rec, dom) -> ImageInfo:
+    from vmwebd.dom.records import HostRec
+    hosts = sorted(h.id for h in dom.all(HostRec) if rec.id in h.images.split()) if rec.sha256 \
+        else ["(blank: every host)"]
+    return ImageInfo(name=rec.id, file=rec.file, format=rec.format, size_mib=rec.size_mib,
+                     sha256=rec.sha256, bytes=rec.bytes, kernel=rec.kernel, initrd=rec.initrd,
+                     cmdline=rec.cmdline, hosts=hosts)
+
+
 def template_info(t) -> TemplateInfo:
     return TemplateInfo(
         name=t.name, description=t.description, min_count=min_count(t), pool=t.network.pool,
@@ -247,6 +297,39 @@ def make_user_service(node) -> type[Service]:
             """Changes a user's quota of VMs (admins only)."""
             _required(name, "name"), _required(quota, "quota")
             return node.access.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
+
+        # -- migration and images (issue 5) -----------------------------------------------
+        @rpc(Unicode, Unicode, Unicode, _returns=MigrationInfo)
+        def MigrateVm(ctx, cluster, vm, to):
+            """Starts moving a VM to host ``to`` (empty: the least loaded host that fits).
+            Answers once the move is reserved (its lease held); follow it with GetMigration."""
+            _required(cluster, "cluster"), _required(vm, "vm")
+            return node.access.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
+                migration_info)
+
+        @rpc(Unicode, _returns=MigrationInfo)
+        def GetMigration(ctx, id):
+            _required(id, "id")
+            return migration_info(node.access.migration(_caller(ctx), id))
+
+        @rpc(_returns=Array(MigrationInfo))
+        def ListMigrations(ctx):
+            return [migration_info(m) for m in node.access.migrations(_caller(ctx))]
+
+        @rpc(Unicode, Unicode, Unicode, Unicode, Unicode, Unicode, _returns=ImageInfo)
+        def AddImage(ctx, name, file, format, kernel, initrd, cmdline):
+            """Registers a base image by content from ``file``, a path on the host that takes
+            this call (admins only); other hosts fetch it from there when they need it."""
+            _required(name, "name"), _required(file, "file")
+            return node.access.add_image(_caller(ctx), name, file, format, kernel, initrd,
+                                         cmdline).addCallback(lambda r: image_info(r, node.domsvc.dom))
+
+        @rpc(_returns=Array(ImageInfo))
+        def ListImages(ctx):
+            _caller(ctx)
+            from vmwebd.dom.records import ImageRec
+            dom = node.domsvc.dom
+            return [image_info(r, dom) for r in sorted(dom.all(ImageRec), key=lambda r: r.id)]
 
     return VmwebApi
 

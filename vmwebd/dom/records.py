@@ -114,6 +114,8 @@ class HostRec(Record):
     load1: float = 0.0
     vms: int = 0
     started_at: int = 0              # ms since epoch
+    images: str = ""                 # names of the content images held here, space-separated
+    migrate_uri: str = ""            # libvirt URI other hosts' libvirtd use to live-migrate here
 
 
 @dataclass(frozen=True)
@@ -130,12 +132,24 @@ class UserRec(Record):
 
 @dataclass(frozen=True)
 class ImageRec(Record):
+    """A base image VMs are cloned from (copy-on-write overlays on top of it).
+
+    ``size_mib`` is the virtual disk size. With ``sha256`` the image is a content image: its file
+    (``bytes`` long) is the same on every host, hosts that lack it fetch it from a host that holds
+    it (``HostRec.images``) and check the hash before use. Without one it is a blank image every
+    host creates empty. ``kernel``/``initrd``/``cmdline`` boot guests directly (files that must be
+    at that path on every host)."""
+
     KIND: ClassVar[str] = "image"
     id: str
     file: str = ""
     format: str = "qcow2"
     size_mib: int = 0
     sha256: str = ""
+    bytes: int = 0
+    kernel: str = ""
+    initrd: str = ""
+    cmdline: str = ""
 
 
 @dataclass(frozen=True)
@@ -219,16 +233,26 @@ class LeaseRec(Record):
 
 @dataclass(frozen=True)
 class MigrationRec(Record):
+    """One move of a VM between hosts; id is a fresh token. Written in turn by the host that took
+    the request (phase ``prepare``), the destination (``ready``, and ``restored`` for cold moves)
+    and the source (the others); see docs/migration.md for the state diagram."""
+
     KIND: ClassVar[str] = "migration"
     id: str
     vm: str = ""
     source: str = ""
     dest: str = ""
-    phase: str = ""
-    mode: str = ""
-    bytes: int = 0
+    phase: str = ""                  # prepare ready migrating saved restored done failed
+    mode: str = ""                   # live | cold
+    requested_by: str = ""           # user name, or "balancer"
+    started_at: int = 0
+    finished_at: int = 0
+    bytes: int = 0                   # disk + memory bytes moved
+    disk_bytes: int = 0
     total_ms: int = 0
     downtime_ms: int = 0
+    dest_disk: str = ""              # where the destination put the overlay
+    dest_console: str = ""           # and the serial log
     error: str = ""
 
 

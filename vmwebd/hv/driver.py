@@ -102,6 +102,16 @@ class DomainInfo:
         return cls(name=name, state="missing", vcpus=0, memory_mib=0, cpu_time_ns=0)
 
 
+@dataclass(frozen=True)
+class MigrationStats:
+    """What a finished live migration moved and cost, as the hypervisor reports it."""
+
+    total_ms: int
+    downtime_ms: int
+    memory_bytes: int
+    disk_bytes: int
+
+
 class Driver(abc.ABC):
     """A hypervisor on one host, behind the operations vmweb needs and nothing more.
 
@@ -169,7 +179,7 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def create_overlay(self, pool: str, name: str, backing_path: str,
-                       capacity_mib: int) -> Deferred:
+                       capacity_mib: int, backing_format: str = "qcow2") -> Deferred:
         """Create a qcow2 overlay backed by ``backing_path`` (or keep it); fires with its path."""
 
     @abc.abstractmethod
@@ -192,6 +202,33 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def list_networks(self) -> Deferred:
         """Fire with the sorted ``list[str]`` of network names."""
+
+    # -- moving domains between hosts --------------------------------------------------------
+    def volume_allocation(self, pool: str, name: str) -> Deferred:
+        """Fire with the bytes a volume really uses on disk (0 when it is not on disk)."""
+        raise NotImplementedError
+
+    def migrate_live(self, name: str, dest_uri: str, dest_xml: str | None,
+                     full_disk: bool = False) -> Deferred:
+        """Live-migrate running domain ``name`` to the libvirt at ``dest_uri`` (peer to peer).
+
+        ``full_disk`` False copies only the top image (the overlay, pre-created at the
+        destination over its own copy of the base); True copies the whole disk chain flattened.
+        Fires with a ``MigrationStats``. On failure the domain keeps running here."""
+        raise NotImplementedError
+
+    def save(self, name: str, path: str) -> Deferred:
+        """Stop domain ``name`` and write its memory state to ``path`` (cold migration)."""
+        raise NotImplementedError
+
+    def restore(self, path: str, xml: str | None = None) -> Deferred:
+        """Start a domain from a state file written by ``save`` (with its XML replaced by
+        ``xml`` if given)."""
+        raise NotImplementedError
+
+    def domain_xml(self, name: str) -> Deferred:
+        """Fire with the domain's definition as XML (migratable form)."""
+        raise NotImplementedError
 
     # -- host ------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -11,18 +11,19 @@ everything else ``HypervisorError``; both messages name the operation, the objec
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import libvirt
 import psutil
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from vmwebd.errors import HypervisorError, NoSuchDomain
 from vmwebd.hv import xmlgen
-from vmwebd.hv.driver import DomainInfo, Driver, DomainSpec, HostFacts
+from vmwebd.hv.driver import DomainInfo, Driver, DomainSpec, HostFacts, MigrationStats
 
 
 def _ignore_libvirt_error(_ctx, _err):
@@ -375,8 +376,9 @@ class LibvirtDriver(Driver):
                                    xmlgen.volume_xml(name, capacity_mib, fmt), None)
 
     def create_overlay(self, pool: str, name: str, backing_path: str,
-                       capacity_mib: int) -> Deferred:
-        xml = xmlgen.volume_xml(name, capacity_mib, "qcow2", backing_path=backing_path)
+                       capacity_mib: int, backing_format: str = "qcow2") -> Deferred:
+        xml = xmlgen.volume_xml(name, capacity_mib, "qcow2", backing_path=backing_path,
+                                backing_fmt=backing_format)
         return self._create_volume("create overlay", pool, name, xml, backing_path)
 
     def delete_volume(self, pool: str, name: str) -> Deferred:
@@ -441,6 +443,100 @@ class LibvirtDriver(Driver):
     def list_networks(self) -> Deferred:
         return self._run("list", "networks",
                          lambda conn: sorted(n.name() for n in conn.listAllNetworks(0)))
+
+    # -- moving domains between hosts --------------------------------------------------------
+    def volume_allocation(self, pool: str, name: str) -> Deferred:
+        def allocation(conn):
+            p = conn.storagePoolLookupByName(pool)
+            vol = self._find_volume(p, name)
+            return 0 if vol is None else vol.info()[2]
+
+        return self._run("get allocation of", f"volume {name!r}", allocation)
+
+    def domain_xml(self, name: str) -> Deferred:
+        return self._run("get XML of", f"domain {name!r}",
+                         lambda conn: conn.lookupByName(name).XMLDesc(
+                             libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+
+    def migrate_live(self, name: str, dest_uri: str, dest_xml: str | None,
+                     full_disk: bool = False) -> Deferred:
+        if not self.supports_live_migration:
+            return fail(HypervisorError(f"migrate domain {name!r} from {self.uri}: this driver "
+                                        "cannot migrate live (use a cold migration)"))
+        if self._closed:
+            return fail(HypervisorError(f"migrate domain {name!r} on {self.uri}: driver is closed"))
+        # Its own connection and thread: a migration takes seconds to minutes, and the host's
+        # other calls (the reconciler, status) must not wait behind it.
+        return deferToThread(self._migrate_blocking, name, dest_uri, dest_xml, full_disk)
+
+    def _migrate_blocking(self, name, dest_uri, dest_xml, full_disk):  # a reactor pool thread
+        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+                 | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if full_disk
+                    else libvirt.VIR_MIGRATE_NON_SHARED_INC))
+        params = {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"]}
+        if dest_xml:
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
+        op = f"migrate domain {name!r} from {self.uri} to {dest_uri}"
+        try:
+            conn = self._open_connection(self.uri)
+        except libvirt.libvirtError as e:
+            raise HypervisorError(f"{op}: {e.get_error_message() or e}") from e
+        try:
+            dom = conn.lookupByName(name)
+            started = time.monotonic()
+            dom.migrateToURI3(dest_uri, params, flags)
+            total_ms = int((time.monotonic() - started) * 1000)
+            stats = self._completed_stats(dom, dest_uri, name)
+            return MigrationStats(
+                total_ms=int(stats.get("time_elapsed", total_ms)) or total_ms,
+                downtime_ms=int(stats.get("downtime", 0)),
+                memory_bytes=int(stats.get("memory_processed", stats.get("memory_total", 0))),
+                disk_bytes=int(stats.get("disk_processed", 0)))
+        except libvirt.libvirtError as e:
+            err = NoSuchDomain if _code(e) == libvirt.VIR_ERR_NO_DOMAIN else HypervisorError
+            raise err(f"{op}: {e.get_error_message() or e}") from e
+        finally:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+
+    def _completed_stats(self, dom, dest_uri, name) -> dict:
+        """QEMU's own figures for the finished job: from the source's handle, else from the
+        destination (the source domain may already be gone with UNDEFINE_SOURCE)."""
+        try:
+            return dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            pass
+        try:
+            dconn = self._open_connection(dest_uri)
+        except libvirt.libvirtError:
+            return {}
+        try:
+            return dconn.lookupByName(name).jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        except libvirt.libvirtError:
+            return {}
+        finally:
+            dconn.close()
+
+    def save(self, name: str, path: str) -> Deferred:
+        def save(conn):
+            dom = conn.lookupByName(name)
+            if not dom.isActive():
+                dom.create()  # a defined but stopped VM: save needs a running domain
+            dom.save(path)
+
+        return self._run("save", f"domain {name!r} to {path!r}", save)
+
+    def restore(self, path: str, xml: str | None = None) -> Deferred:
+        def restore(conn):
+            if xml:
+                conn.restoreFlags(path, xml, 0)
+            else:
+                conn.restore(path)
+
+        return self._run("restore", f"domain from {path!r}", restore)
 
     # -- host ------------------------------------------------------------------------------
     def host_facts(self) -> Deferred:

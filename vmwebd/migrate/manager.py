@@ -1,0 +1,430 @@
+"""Moving a VM between hosts, in phases recorded in the DOM (see docs/migration.md).
+
+Any host takes the request (:meth:`MigrationManager.request`): it checks the VM and the
+destination's capacity, takes the VM's ``migration/<vm>`` lease by consensus (so no VM is moved by
+two hosts at once), and writes a migration entity in phase ``prepare``. From there the two hosts
+concerned drive it by reacting to that entity as it reaches them through gossip:
+
+- the **destination**, on ``prepare``: makes sure it holds the base image (fetching it from a peer
+  and checking its hash), the cluster's network and an empty overlay over its own base, then
+  writes ``ready`` (with the paths it chose);
+- the **source**, on ``ready``: *live* mode (``LIVE | PEER2PEER | NON_SHARED_INC | PERSIST_DEST |
+  UNDEFINE_SOURCE``: libvirt copies the overlay, then the memory) writes ``migrating``, then the VM's
+  new host and ``done``; *cold* mode (drivers without live migration, or a stopped VM) saves the
+  VM's memory to a file and writes ``saved``;
+- the destination, on ``saved`` (cold only): copies the state file and the overlay from the source,
+  defines the domain and restores it, writes ``restored``;
+- the source, on ``restored``: records the VM's new host, removes its copy, writes ``done``.
+
+Whoever writes ``done`` or ``failed`` gives the lease back. A failure in any phase writes
+``failed`` naming the phase; the VM keeps running at the source (a cold move restores it there).
+While a migration is in flight both hosts' reconcilers leave that VM alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from pathlib import Path
+
+from lxml import etree
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec, VmStatus
+from vmwebd.errors import (HypervisorError, InvalidArgument, MigrationBusy, NoCapacity,
+                           NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
+from vmwebd.hv.images import fetch_file
+from vmwebd.lease.table import LeaseConflict
+from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight, lease_holder, lease_key
+from vmwebd.placement import HostLoad
+from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
+
+log = Logger()
+#: How long a migration may stay in ``prepare`` (the destination silent) before it is failed.
+PREPARE_TIMEOUT_S = 180.0
+
+
+def _replace(rec, **kw):
+    return dataclasses.replace(rec, **kw)
+
+
+class MigrationManager:
+    """The migration side of one host. ``reconciler`` builds domain specs the same way it does
+    for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
+
+    def __init__(self, host_id, domsvc, driver, images, reconciler, table, storage, now_ms,
+                 live_hosts, peer_address_of, cert_dir, overcommit=lambda: 4.0):
+        self.host_id = host_id
+        self.domsvc = domsvc
+        self.dom = domsvc.dom
+        self.driver = driver
+        self.images = images
+        self.reconciler = reconciler
+        self.table = table
+        self.storage = storage
+        self.now_ms = now_ms
+        self.live_hosts = live_hosts
+        self.peer_address_of = peer_address_of
+        self.cert_dir = cert_dir
+        self.overcommit = overcommit
+        self.migrate_uri = ""        # what this host publishes for live migrations to it
+        self._working: set[str] = set()
+        self._again: set[str] = set()
+        self.new_id = lambda: secrets.token_hex(6)
+        self.completed = 0
+
+    # -- requests (any host) ---------------------------------------------------------------
+    def _vm(self, cluster: str, vm: str) -> VmRec:
+        rec = self.dom.get(VmRec, f"{cluster}/{vm}") if isinstance(vm, str) else None
+        if rec is None or rec.desired == "absent":
+            raise NoSuchVm(str(cluster), str(vm))
+        c = self.dom.get(VClusterRec, cluster)
+        if c is None or c.state == "destroying":
+            raise InvalidArgument("cluster", f"cluster {cluster!r} is being destroyed")
+        return rec
+
+    def _loads(self, exclude: str) -> dict[str, HostLoad]:
+        live = self.live_hosts()
+        loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in self.dom.all(HostRec)
+                 if h.id in live and h.liveness == "alive" and h.id != exclude}
+        for vm in self.dom.all(VmRec):
+            if vm.host in loads and vm.desired != "absent":
+                loads[vm.host].used_vcpus += vm.vcpus
+                loads[vm.host].used_memory_mib += vm.memory_mib
+        # Capacity already promised to migrations under way counts as used.
+        for m in in_flight(self.dom, self.now_ms()).values():
+            vm = self.dom.get(VmRec, m.vm)
+            if vm is not None and m.dest in loads:
+                loads[m.dest].used_vcpus += vm.vcpus
+                loads[m.dest].used_memory_mib += vm.memory_mib
+        return loads
+
+    def choose_dest(self, vm: VmRec, dest: str | None) -> str:
+        oc = self.overcommit()
+        loads = self._loads(exclude=vm.host)
+        if dest:
+            if self.dom.get(HostRec, dest) is None:
+                raise NoSuchHost(dest)
+            if dest == vm.host:
+                raise InvalidArgument("to", f"VM {vm.id!r} is already on host {dest!r}")
+            if dest not in loads:
+                raise NoCapacity(f"host {dest!r} is not alive, so VM {vm.id!r} cannot move there")
+            if not loads[dest].fits(oc, vm.vcpus, vm.memory_mib):
+                h = loads[dest]
+                raise NoCapacity(f"host {dest!r} cannot take VM {vm.id!r} ({vm.vcpus} vCPUs, "
+                                 f"{vm.memory_mib} MiB): {h.memory_mib - h.used_memory_mib} MiB free")
+            return dest
+        fitting = [h for h in loads.values() if h.fits(oc, vm.vcpus, vm.memory_mib)]
+        if not fitting:
+            raise NoCapacity(f"no other live host can take VM {vm.id!r} ({vm.vcpus} vCPUs, "
+                             f"{vm.memory_mib} MiB)")
+        return min(fitting, key=lambda h: (h.utilisation(oc, vm.vcpus, vm.memory_mib), h.host)).host
+
+    def mode_for(self, vm: VmRec, dest: str) -> str:
+        src, dst = self.dom.get(HostRec, vm.host), self.dom.get(HostRec, dest)
+        st = self.dom.get(VmStatus, vm.id)
+        running = st is not None and st.state == "running"
+        if running and src is not None and dst is not None and src.migrate_uri and dst.migrate_uri:
+            return "live"
+        return "cold"
+
+    @defer.inlineCallbacks
+    def request(self, cluster: str, vm: str, dest: str | None = None,
+                requested_by: str = "") -> MigrationRec:
+        """Starts moving ``cluster/vm`` (to ``dest``, or the least loaded host that fits);
+        fires with the migration entity once its lease is held and the request is durable."""
+        rec = self._vm(cluster, vm)
+        if rec.id in in_flight(self.dom, self.now_ms()):
+            raise MigrationBusy(f"VM {rec.id!r} is already being moved")
+        if self.dom.get(HostRec, rec.host) is None or rec.host not in self.live_hosts():
+            raise NoCapacity(f"VM {rec.id!r} is on host {rec.host!r}, which is not alive: it "
+                             "cannot be migrated from there")
+        dest = self.choose_dest(rec, dest)
+        mid = self.new_id()
+        try:
+            yield self.table.acquire({lease_key(rec.id): lease_holder(rec.id, mid)})
+        except LeaseConflict as e:
+            raise MigrationBusy(f"VM {rec.id!r} is already being moved ({e.holder})") from None
+        m = MigrationRec(id=mid, vm=rec.id, source=rec.host, dest=dest, phase="prepare",
+                         mode=self.mode_for(rec, dest), requested_by=requested_by or "",
+                         started_at=int(self.now_ms()))
+        try:
+            yield self.domsvc.put(m)
+        except Exception:
+            yield self._release(m)
+            raise
+        log.info("migration {mid}: {vm} {src} -> {dst} ({mode}) requested by {who}", mid=mid,
+                 vm=rec.id, src=rec.host, dst=dest, mode=m.mode, who=requested_by or "?")
+        return m
+
+    def get(self, mid: str) -> MigrationRec:
+        m = self.dom.get(MigrationRec, mid) if isinstance(mid, str) else None
+        if m is None:
+            raise NoSuchMigration(str(mid))
+        return m
+
+    def wait(self, mid: str, timeout: float) -> defer.Deferred:
+        """Fires with the migration once it is done or failed (or as it is after ``timeout``)."""
+        def finished():
+            m = self.dom.get(MigrationRec, mid)
+            return m is None or m.phase in TERMINAL
+        return self.domsvc.wait_for(finished, timeout).addCallback(lambda _: self.get(mid))
+
+    # -- reacting to the DOM ---------------------------------------------------------------
+    def start(self) -> None:
+        self.dom.subscribe(self._on_change)
+        self.resume()
+
+    def resume(self) -> None:
+        """After a restart: migrations this host was in the middle of cannot be trusted."""
+        now = self.now_ms()
+        for m in self.dom.all(MigrationRec):
+            if m.phase in TERMINAL or now - m.started_at >= STALE_MS:
+                continue
+            if m.source == self.host_id and m.phase in ("migrating", "saved"):
+                self._fail(m, m.phase, f"host {self.host_id} restarted during phase {m.phase!r}")
+            else:
+                self.kick(m.id)
+
+    def sweep(self) -> defer.Deferred:
+        """Fails migrations stuck on a host that is gone or silent (run every few seconds)."""
+        now = self.now_ms()
+        live = self.live_hosts()
+        ds = []
+        for m in self.dom.all(MigrationRec):
+            if m.phase in TERMINAL or now - m.started_at >= STALE_MS:
+                continue
+            waiting_on = m.dest if m.phase in ("prepare", "saved") else m.source
+            involved = self.host_id in (m.source, m.dest)
+            if involved and waiting_on != self.host_id and waiting_on not in live:
+                ds.append(self._fail(m, m.phase, f"host {waiting_on} is not alive"))
+            elif m.source == self.host_id and m.phase == "prepare" and \
+                    now - m.started_at > PREPARE_TIMEOUT_S * 1000:
+                ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
+                                     f"{PREPARE_TIMEOUT_S:.0f} s"))
+        return defer.DeferredList(ds, consumeErrors=True)
+
+    def resolve_file(self, peer: str, parts: list[str]) -> Path | None:
+        """The files of a cold migration its destination may pull: ``MID/state``, ``MID/disk``."""
+        if len(parts) != 2 or parts[1] not in ("state", "disk"):
+            return None
+        m = self.dom.get(MigrationRec, parts[0])
+        if m is None or m.source != self.host_id or m.dest != peer or m.phase != "saved":
+            return None
+        if parts[1] == "state":
+            return self._state_path(m)
+        return Path(self.storage.dir) / volume_name(m.vm)
+
+    def _on_change(self, kind: str, id_: str) -> None:
+        if kind == "migration":
+            self.kick(id_)
+
+    def kick(self, mid: str) -> None:
+        if mid in self._working:
+            self._again.add(mid)
+            return
+        self._working.add(mid)
+        d = defer.maybeDeferred(self._step, mid)
+        d.addErrback(lambda f: log.failure("migration {mid} step on {host}", failure=f, mid=mid,
+                                           host=self.host_id))
+
+        def done(_):
+            self._working.discard(mid)
+            if mid in self._again:
+                self._again.discard(mid)
+                self.kick(mid)
+        d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _step(self, mid: str):
+        m = self.dom.get(MigrationRec, mid)
+        if m is None or self.now_ms() - m.started_at >= STALE_MS and m.phase not in TERMINAL:
+            return
+        me = self.host_id
+        try:
+            if m.phase == "prepare" and m.dest == me:
+                yield self._prepare(m)
+            elif m.phase == "ready" and m.source == me:
+                yield (self._live(m) if m.mode == "live" else self._save(m))
+            elif m.phase == "saved" and m.dest == me:
+                yield self._restore(m)
+            elif m.phase == "restored" and m.source == me:
+                yield self._finish_cold(m)
+            elif m.phase == "failed":
+                yield self._cleanup_failed(m)
+        except VmwebError as e:
+            cur = self.dom.get(MigrationRec, mid)
+            if cur is not None and cur.phase not in TERMINAL:
+                yield self._fail(cur, m.phase, f"on host {me}: {e}")
+
+    def _vm_rec(self, m: MigrationRec) -> VmRec:
+        vm = self.dom.get(VmRec, m.vm)
+        if vm is None or vm.desired == "absent":
+            raise VmwebError(f"VM {m.vm!r} is gone")
+        return vm
+
+    # -- destination -----------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _prepare(self, m: MigrationRec):
+        vm = self._vm_rec(m)
+        cluster = self.dom.get(VClusterRec, vm.cluster)
+        if cluster is None:
+            raise VmwebError(f"cluster {vm.cluster!r} is gone")
+        image = yield self.images.ensure(vm.image)
+        yield self.driver.define_network(network_name(cluster.id), bridge_name(cluster.vni))
+        vol = volume_name(vm.id)
+        # A leftover overlay (an earlier failed move) must not be mirrored into: start empty.
+        yield self.driver.destroy(domain_name(vm.id))
+        yield self.driver.undefine(domain_name(vm.id))
+        yield self.driver.delete_volume(self.storage.pool, vol)
+        disk = yield self.driver.create_overlay(self.storage.pool, vol, image.path, image.size_mib,
+                                                image.format)
+        spec = self.reconciler.spec_for(vm, cluster, image, disk)
+        yield self._advance(m, "ready", dest_disk=disk, dest_console=spec.serial_log or "")
+
+    @defer.inlineCallbacks
+    def _restore(self, m: MigrationRec):
+        vm = self._vm_rec(m)
+        cluster = self.dom.get(VClusterRec, vm.cluster)
+        image = yield self.images.ensure(vm.image)
+        src_addr = self.peer_address_of(m.source)
+        work = Path(self.storage.dir)
+        state = None
+        if m.disk_bytes and self.driver.volumes_on_disk:
+            yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/disk",
+                                        Path(m.dest_disk), self.cert_dir, m.source)
+        if m.bytes > m.disk_bytes:  # a memory state was saved
+            state = work / f".migrate-{m.id}.state"
+            yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/state", state,
+                                        self.cert_dir, m.source)
+        spec = self.reconciler.spec_for(vm, cluster, image, m.dest_disk)
+        yield self.driver.define(spec)
+        if state is not None:
+            try:
+                yield self.driver.restore(str(state))
+            finally:
+                yield threads.deferToThread(_unlink, state)
+        yield self._advance(m, "restored")
+
+    # -- source ----------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _live(self, m: MigrationRec):
+        vm = self._vm_rec(m)
+        name = domain_name(vm.id)
+        dest = self.dom.get(HostRec, m.dest)
+        if dest is None or not dest.migrate_uri:
+            raise HypervisorError(f"host {m.dest!r} publishes no migration URI")
+        overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
+        xml = yield self.driver.domain_xml(name)
+        dest_xml = retarget_xml(xml, m.dest_disk, m.dest_console)
+        m = yield self._advance(m, "migrating", disk_bytes=overlay)
+        stats = yield self.driver.migrate_live(name, dest.migrate_uri, dest_xml)
+        moved = stats.memory_bytes + max(stats.disk_bytes, overlay)
+        yield self._done(m, vm, bytes=moved, total_ms=stats.total_ms, downtime_ms=stats.downtime_ms)
+        yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
+
+    @defer.inlineCallbacks
+    def _save(self, m: MigrationRec):
+        vm = self._vm_rec(m)
+        name = domain_name(vm.id)
+        info = yield self.driver.state(name)
+        overlay = 0
+        if self.driver.volumes_on_disk:
+            overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
+            overlay = max(overlay, 1)  # says "a disk file follows" even for an empty overlay
+        state_bytes = 0
+        if info.state in ("running", "paused"):
+            path = self._state_path(m)
+            yield self.driver.save(name, str(path))
+            state_bytes = yield threads.deferToThread(lambda: os.path.getsize(path))
+        yield self._advance(m, "saved", disk_bytes=overlay, bytes=overlay + state_bytes)
+
+    @defer.inlineCallbacks
+    def _finish_cold(self, m: MigrationRec):
+        vm = self._vm_rec(m)
+        name = domain_name(vm.id)
+        yield self._done(m, vm, total_ms=int(self.now_ms() - m.started_at), downtime_ms=int(
+            self.now_ms() - m.started_at))
+        yield self.driver.undefine(name)
+        yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
+        yield threads.deferToThread(_unlink, self._state_path(m))
+
+    def _state_path(self, m: MigrationRec) -> Path:
+        return Path(self.storage.dir) / f".migrate-{m.id}.state"
+
+    @defer.inlineCallbacks
+    def _done(self, m: MigrationRec, vm: VmRec, **stats):
+        # The VM's new host first, then the migration's end (versions in this order): a host
+        # that sees the migration finished already knows where the VM now runs.
+        now = int(self.now_ms())
+        done = _replace(m, phase="done", finished_at=now, **stats)
+        yield self.domsvc.put(_replace(vm, host=m.dest), done)
+        self.completed += 1
+        log.info("migration {mid}: {vm} now on {dst} ({mode}, {ms} ms, downtime {dt} ms, "
+                 "{b} bytes)", mid=m.id, vm=vm.id, dst=m.dest, mode=m.mode, ms=done.total_ms,
+                 dt=done.downtime_ms, b=done.bytes)
+        self.reconciler.kick()
+        yield self._release(m)
+
+    # -- either side -----------------------------------------------------------------------
+    def _advance(self, m: MigrationRec, phase: str, **kw) -> defer.Deferred:
+        new = _replace(m, phase=phase, **kw)
+        return self.domsvc.put(new).addCallback(lambda _: new)
+
+    @defer.inlineCallbacks
+    def _fail(self, m: MigrationRec, phase: str, message: str):
+        log.warn("migration {mid} of {vm} failed in phase {phase}: {msg}", mid=m.id, vm=m.vm,
+                 phase=phase, msg=message)
+        yield self._advance(m, "failed", error=f"phase {phase}: {message}"[:4000],
+                            finished_at=int(self.now_ms()))
+        yield self._release(m)
+
+    def _release(self, m: MigrationRec) -> defer.Deferred:
+        d = self.table.release({lease_key(m.vm): lease_holder(m.vm, m.id)})
+        d.addErrback(lambda f: log.warn("migration {mid}: lease not given back now ({err}); the "
+                                        "reconciler will", mid=m.id, err=f.getErrorMessage()))
+        return d
+
+    @defer.inlineCallbacks
+    def _cleanup_failed(self, m: MigrationRec):
+        vm = self.dom.get(VmRec, m.vm)
+        if m.dest == self.host_id and (vm is None or vm.host != self.host_id):
+            yield self.driver.destroy(domain_name(m.vm))
+            yield self.driver.undefine(domain_name(m.vm))
+            yield self.driver.delete_volume(self.storage.pool, volume_name(m.vm))
+        if m.source == self.host_id:
+            state = self._state_path(m)
+            exists = yield threads.deferToThread(state.exists)
+            if exists and vm is not None and vm.host == self.host_id:
+                # A cold move failed after the save: bring the VM back as it was.
+                try:
+                    yield self.driver.restore(str(state))
+                except VmwebError as e:
+                    log.warn("migration {mid}: restoring {vm} here failed ({err}); the reconciler "
+                             "will boot it", mid=m.id, vm=m.vm, err=e)
+            yield threads.deferToThread(_unlink, state)
+            self.reconciler.kick()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def retarget_xml(xml: str, disk: str, console: str) -> str:
+    """The domain XML with the disk and serial log paths the destination chose."""
+    root = etree.fromstring(xml.encode())
+    if disk:
+        for src in root.iterfind("devices/disk/source"):
+            if src.get("file") is not None:
+                src.set("file", disk)
+                break
+    for dev in ("serial", "console"):
+        for el in root.iterfind(f"devices/{dev}"):
+            src = el.find("source")
+            if el.get("type") == "file" and src is not None and console:
+                src.set("path", console)
+    return etree.tostring(root, encoding="unicode")
