@@ -7,6 +7,11 @@ exits 2.
 Credentials (HTTP Basic), first found wins: ``--user``/``--password``; ``$VMWEB_USER`` and
 ``$VMWEB_PASSWORD``; a file of one line ``user:password`` named by ``--credentials`` or
 ``$VMWEB_CREDENTIALS``; with only a user name on a terminal, the password is asked for.
+
+TLS: ``--host https://HOST:PORT`` (a bare ``HOST:PORT`` is plain HTTP) checks the host's
+certificate against ``--ca FILE`` or ``$VMWEB_CA`` (the grid's ``ca.crt`` for ``api-tls="grid"``),
+else the system's trust store; a certificate that does not verify exits 2 with one line naming
+the host.
 """
 from __future__ import annotations
 
@@ -45,7 +50,11 @@ def show_cluster(c: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vmweb", description="Manage virtual clusters on a vmweb grid.")
     ap.add_argument("--host", default=os.environ.get("VMWEB_HOST", DEFAULT_HOST),
-                    help=f"any vmweb host's user API, HOST:PORT (default $VMWEB_HOST or {DEFAULT_HOST})")
+                    help=f"any vmweb host's user API: https://HOST:PORT, or HOST:PORT for plain HTTP "
+                         f"(default $VMWEB_HOST or {DEFAULT_HOST})")
+    ap.add_argument("--ca", metavar="FILE", default=os.environ.get("VMWEB_CA"),
+                    help="CA certificate(s) to check an https host against, e.g. the grid's ca.crt "
+                         "(default $VMWEB_CA, else the system's trust store)")
     ap.add_argument("--json", action="store_true", help="print JSON for scripts")
     ap.add_argument("--user", help="user name (default $VMWEB_USER, or from --credentials)")
     ap.add_argument("--password", help="password (visible to other local users in the process "
@@ -326,7 +335,7 @@ def main(argv=None) -> int:
         except VmwebError as e:
             print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
             return 1
-    from vmwebd.client import ApiClient, ApiFault
+    from vmwebd.client import ApiClient, ApiFault, ApiTlsError
     import requests
     from vmwebd.errors import VmwebError
     try:
@@ -335,16 +344,26 @@ def main(argv=None) -> int:
         print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
         return 1
     try:
-        client = ApiClient(args.host, user=user, password=password)
+        try:
+            client = ApiClient(args.host, user=user, password=password, ca=args.ca or None)
+        except (ValueError, FileNotFoundError) as e:    # a malformed --host, a missing --ca file
+            print(f"vmweb: {e}", file=sys.stderr)
+            return 2
         return run(args, client)
+    except ApiTlsError as e:
+        hint = ("; give --ca FILE or set VMWEB_CA to the CA that issued it (a grid's ca.crt)"
+                if e.certificate else "; does the host serve https on that port?")
+        print(f"vmweb: {e}{hint}", file=sys.stderr)
+        return 2
     except ApiFault as f:
         hint = ("; give --user, or set VMWEB_USER and VMWEB_PASSWORD, or VMWEB_CREDENTIALS"
                 if f.code == "Client.NotAuthorized" and user is None else "")
         print(f"vmweb: {f.code}: {f.message}{hint}", file=sys.stderr)
         return 1
     except requests.exceptions.RequestException as e:
+        tls_hint = "" if args.host.startswith("https://") else " (https://HOST:PORT if it serves TLS)"
         print(f"vmweb: cannot reach vmwebd at {args.host} ({type(e).__name__}); "
-              f"give --host HOST:PORT or set VMWEB_HOST", file=sys.stderr)
+              f"give --host HOST:PORT{tls_hint} or set VMWEB_HOST", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

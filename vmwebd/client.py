@@ -1,7 +1,16 @@
-"""A thin zeep client for the user API, used by the CLI, the tests and the benchmarks."""
+"""A thin zeep client for the user API, used by the CLI, the tests and the benchmarks.
+
+Addresses: ``https://host:port`` (TLS), ``http://host:port`` or a bare ``host:port`` (plain HTTP).
+Over TLS the server's certificate must chain to ``ca`` (a PEM file: the grid's ``ca.crt`` for a
+host serving ``api-tls="grid"``) or, without one, to the system's trust store, and must name the
+host dialled; a failure raises :class:`ApiTlsError` naming the host.
+"""
 from __future__ import annotations
 
+import re
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 import requests
 import requests.auth
@@ -23,28 +32,89 @@ class ApiFault(Exception):
         return f"{self.code}: {self.message}"
 
 
+@dataclass
+class ApiTlsError(Exception):
+    """TLS with a host failed: most often its certificate is not trusted (``reason`` says why)."""
+
+    host: str
+    reason: str
+    #: True when the certificate itself was refused (untrusted CA, wrong name, expired).
+    certificate: bool = True
+
+    def __str__(self) -> str:
+        what = "cannot verify the TLS certificate of" if self.certificate else "TLS failed with"
+        return f"{what} {self.host}: {self.reason}"
+
+
+def base_url(address: str) -> str:
+    """``scheme://host:port`` from ``https://host:port``, ``http://host:port`` or ``host:port``."""
+    address = address.strip().rstrip("/")
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        return f"http://{address}"
+    if scheme.lower() not in ("http", "https") or not rest:
+        raise ValueError(f"{address!r}: give host:port, http://host:port or https://host:port")
+    return f"{scheme.lower()}://{rest}"
+
+
+def default_ca_file() -> str | bool:
+    """The system's trust store (``$SSL_CERT_FILE`` or OpenSSL's default file), else requests' own."""
+    cafile = ssl.get_default_verify_paths().cafile
+    return cafile if cafile and Path(cafile).is_file() else True
+
+
+def _tls_error(url: str, e: Exception) -> ApiTlsError:
+    text = str(e)
+    m = re.search(r"certificate verify failed: ([^(']+)", text)
+    if m:
+        return ApiTlsError(url, "certificate verify failed: " + m.group(1).strip())
+    m = re.search(r"\[SSL: ([A-Z_]+)\] ([^(']+)", text)
+    return ApiTlsError(url, m.group(2).strip() if m else text, certificate=False)
+
+
+class _Session(requests.Session):
+    """A session whose ``verify`` wins: requests would let ``$REQUESTS_CA_BUNDLE`` replace it."""
+
+    def merge_environment_settings(self, url, proxies, stream, verify, cert):
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        settings["verify"] = self.verify if verify is None else verify
+        return settings
+
+
 class ApiClient:
     """Calls a host's user API; results come back as plain dicts and lists."""
 
     def __init__(self, address: str, timeout: float = 180.0, user: str | None = None,
-                 password: str | None = None):
-        """``user``/``password``: HTTP Basic credentials sent with every call (the WSDL is public)."""
-        base = address if address.startswith("http") else f"http://{address}"
-        self.url = base.rstrip("/") + "/soap"
+                 password: str | None = None, ca: str | Path | None = None):
+        """``user``/``password``: HTTP Basic credentials sent with every call (the WSDL is public).
+        ``ca``: a PEM file of the CA(s) to trust over TLS (default: the system's trust store)."""
+        self.base = base_url(address)
+        self.url = self.base + "/soap"
         self.user = user
-        session = requests.Session()
+        session = _Session()
+        if ca is not None:
+            if not Path(ca).is_file():
+                raise FileNotFoundError(f"CA file {str(ca)!r} does not exist")
+            session.verify = str(ca)
+        else:
+            session.verify = default_ca_file()
         if user is not None:
             session.auth = requests.auth.HTTPBasicAuth(user, password or "")
         transport = Transport(session=session, timeout=10, operation_timeout=timeout)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True,
                                  forbid_entities=True, forbid_external=True)
-        self._client = zeep.Client(self.url + "?wsdl", transport=transport, settings=settings)
+        try:
+            self._client = zeep.Client(self.url + "?wsdl", transport=transport, settings=settings)
+        except requests.exceptions.SSLError as e:
+            raise _tls_error(self.base, e) from None
         # The WSDL names the address the client used; bind explicitly anyway.
         self._service = self._client.service
 
     def call(self, operation: str, *args):
         try:
             result = getattr(self._service, operation)(*args)
+        except requests.exceptions.SSLError as e:
+            raise _tls_error(self.base, e) from None
         except zeep.exceptions.Fault as f:
             raise ApiFault(local_faultcode(f.code or "Server"), f.message or "") from None
         except zeep.exceptions.TransportError as e:

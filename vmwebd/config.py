@@ -10,7 +10,7 @@ Format (every element but ``host`` is optional; defaults are documented on each 
 
     <vmwebd>
       <host id="host1" cpus="8" memory-mib="16384"/>
-      <listen api="127.0.0.1:8470" peer="127.0.0.1:8570"/>
+      <listen api="127.0.0.1:8470" peer="127.0.0.1:8570" api-tls="off"/>
       <state dir="/var/lib/vmwebd"/>
       <libvirt uri="qemu:///system"/>
       <storage pool="vmweb" dir="/var/lib/vmwebd/images"/>
@@ -26,7 +26,12 @@ Format (every element but ``host`` is optional; defaults are documented on each 
       <peers seeds="10.0.0.2:8570 10.0.0.3:8570" fanout="3"/>
     </vmwebd>
 
-Relative paths (state dir, storage dir, templates dir, ``test:`` URIs) are resolved against the
+``listen/@api-tls`` is ``off`` (plain HTTP, default), ``grid`` (the host's grid certificate from
+``peers/@cert-dir``) or ``files`` (``listen/@api-cert`` and ``listen/@api-key``); see
+:mod:`vmwebd.apitls`.
+
+Relative paths (state dir, storage dir, templates dir, ``test:`` URIs, API certificate and key) are
+resolved against the
 directory of the configuration file, so a config works wherever its directory is moved to.
 
 The safe XML reader used here (:func:`parse_xml`, :func:`read_xml_file`) is shared with
@@ -45,7 +50,8 @@ from typing import Iterator
 
 from lxml import etree
 
-from vmwebd.errors import ConfigError
+from vmwebd.apitls import TLS_MODES, check_cert_files
+from vmwebd.errors import CertificateError, ConfigError
 
 # -- defaults (each one documented) ------------------------------------------------------------
 
@@ -158,6 +164,13 @@ class ListenConfig:
     api: Address = Address(DEFAULT_LISTEN_HOST, DEFAULT_API_PORT)
     #: Peer SOAP endpoint; default ``127.0.0.1:8570``.
     peer: Address = Address(DEFAULT_LISTEN_HOST, DEFAULT_PEER_PORT)
+    #: TLS on the user API port: ``off`` (plain HTTP, default), ``grid`` (the host's grid
+    #: certificate) or ``files`` (``api_cert``/``api_key``). See :mod:`vmwebd.apitls`.
+    api_tls: str = "off"
+    #: With ``files``: the server certificate, PEM, optionally followed by intermediate CAs.
+    api_cert: Path | None = None
+    #: With ``files``: its unencrypted PEM private key.
+    api_key: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +518,13 @@ class _Loader(ElementReader):
         if listen.api.port and listen.api == listen.peer:
             raise self.error(one("listen"), "listen/@peer",
                              f"is the same address as listen/@api ({listen.api})")
+        if listen.api_tls == "grid":
+            cert_dir = peers.cert_dir or state_dir / "pki"
+            if not (cert_dir / "host.crt").is_file():
+                raise self.error(one("listen"), "listen/@api-tls",
+                                 f"'grid' serves the host's grid certificate, but {cert_dir / 'host.crt'} "
+                                 "does not exist (make it with `vmweb init` or `vmweb host add`, or set "
+                                 "peers/@cert-dir)")
         return Config(
             host=host, templates_dir=templates_dir, listen=listen, state_dir=state_dir,
             libvirt_uri=libvirt_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
@@ -532,11 +552,32 @@ class _Loader(ElementReader):
         if el is None:
             return ListenConfig()
         self.children(el, "listen")
-        a = self.attrs(el, "listen", optional=("api", "peer"))
+        a = self.attrs(el, "listen", optional=("api", "peer", "api-tls", "api-cert", "api-key"))
         d = ListenConfig()
         api = self._address(el, "listen/@api", a["api"], True) if "api" in a else d.api
         peer = self._address(el, "listen/@peer", a["peer"], True) if "peer" in a else d.peer
-        return ListenConfig(api, peer)
+        tls = a.get("api-tls", d.api_tls)
+        if tls not in TLS_MODES:
+            raise self.error(el, "listen/@api-tls", f"{tls!r} is not one of {', '.join(TLS_MODES)}")
+        files = {}
+        for name in ("api-cert", "api-key"):
+            field = f"listen/@{name}"
+            if tls != "files":
+                if name in a:
+                    raise self.error(el, field, f'is only used with api-tls="files" (here {tls!r})')
+                continue
+            if not a.get(name, "").strip():
+                raise self.error(el, field, 'is required with api-tls="files"')
+            files[name] = self._path(a[name])
+            if not files[name].is_file():
+                raise self.error(el, field, f"file {str(files[name])!r} does not exist")
+        if files:
+            try:
+                check_cert_files(files["api-cert"], files["api-key"])
+            except CertificateError as e:
+                field = "listen/@api-key" if e.path == str(files["api-key"]) else "listen/@api-cert"
+                raise self.error(el, field, str(e)) from None
+        return ListenConfig(api, peer, tls, files.get("api-cert"), files.get("api-key"))
 
     def _state(self, el) -> Path:
         if el is None:

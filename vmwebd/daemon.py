@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     exit_code = [0]
 
     def started(_):
-        notifier.status(f"serving {config.host.id} on {node.api_address}")
+        notifier.status(f"serving {config.host.id} on {node.api_url}")
         notifier.ready()
         interval = notifier.watchdog_interval()
         if interval:

@@ -4,7 +4,9 @@ Each simulated host gets its own directory under ``.demo/`` with a ``vmwebd.xml`
 test-driver node file (its CPUs and memory; hosts differ, so placement has something to do) and
 its state directory, and runs as its own ``vmwebd`` process. The demo runs until interrupted.
 It starts three hosts by default (``--hosts N``), each with a certificate from the demo's own
-grid CA (``.demo/ca``), joining through host1's peer endpoint.
+grid CA (``.demo/ca``), joining through host1's peer endpoint. Each host serves its user API and
+web pages over TLS with that certificate (``api-tls="grid"``): clients trust the demo CA with
+``VMWEB_CA=.demo/ca/ca.crt`` (``--api-tls off`` serves plain HTTP instead).
 
 At every start the demo gives the admin account ``admin`` a fresh random password (through
 host1's ``bootstrap-admin`` file), prints it, and writes ``.demo/admin-credentials`` (one line,
@@ -32,8 +34,11 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
                       cpus: int, memory_mib: int, templates_dir: Path = REPO / "conf" / "templates",
                       pool_cidr: str = "10.77.0.0/16", reserve: str = "10.77.0.0/24",
                       reconcile_interval: float = 2.0, max_vms: int = 256,
-                      extra: str = "", image_mib: int = 256) -> Path:
+                      extra: str = "", image_mib: int = 256, api_tls: str = "off") -> Path:
     """Writes a complete host directory (config, test-driver node, state dir); returns the config.
+
+    ``api_tls``: ``listen/@api-tls`` (``grid`` needs the host's certificate in ``extra``'s
+    ``peers/@cert-dir``, or in ``<directory>/state/pki``).
 
     The base image is small by default: the test driver's storage pool holds 100 GiB, and every
     overlay counts its full virtual size against it."""
@@ -44,7 +49,7 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
     cfg.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
 <vmwebd>
   <host id="{host_id}"/>
-  <listen api="127.0.0.1:{api_port}" peer="127.0.0.1:{peer_port}"/>
+  <listen api="127.0.0.1:{api_port}" peer="127.0.0.1:{peer_port}" api-tls="{api_tls}"/>
   <state dir="{directory / 'state'}"/>
   <libvirt uri="{uri}"/>
   <storage pool="vmweb" dir="{directory / 'images'}"/>
@@ -65,11 +70,22 @@ def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: i
     return cfg
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the current directory when it is below it (what one types), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vmweb-demo", description=__doc__.splitlines()[0])
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--dir", default=str(REPO / ".demo"))
     ap.add_argument("--first-port", type=int, default=8471)
+    ap.add_argument("--api-tls", choices=["grid", "off"], default="grid",
+                    help="serve the user API over TLS with the demo CA's host certificates (grid, "
+                         "default) or plain HTTP (off)")
     args = ap.parse_args(argv)
     base = Path(args.dir)
     procs = []
@@ -93,6 +109,8 @@ def main(argv=None) -> int:
     fd = os.open(creds, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(f"{DEMO_ADMIN}:{admin_password}\n")
+    tls = args.api_tls != "off"
+    scheme = "https" if tls else "http"
     seed = f"127.0.0.1:{args.first_port + 100}"
     members = " ".join(f"host{i + 1}" for i in range(args.hosts))
     for i in range(args.hosts):
@@ -100,22 +118,28 @@ def main(argv=None) -> int:
         hid = f"host{i + 1}"
         cert_dir = base / hid / "pki"
         if not (cert_dir / "host.crt").exists():
-            pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1"])
+            pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1", "localhost"])
         peers = (f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local" '
                  f'members="{members}"/>')
         cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem,
-                                extra=peers)
+                                extra=peers, api_tls=args.api_tls)
         log = open(base / hid / "vmwebd.log", "ab")
         cmd = [str(vmwebd) if vmwebd.exists() else sys.executable, *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
                "--config", str(cfg)]
         procs.append((hid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
-        print(f"{hid}: {cpus} CPUs, {mem} MiB — web pages http://127.0.0.1:{args.first_port + i}/ , "
-              f"user API http://127.0.0.1:{args.first_port + i}/soap (log {base / hid / 'vmwebd.log'})")
+        site = f"{scheme}://127.0.0.1:{args.first_port + i}"
+        print(f"{hid}: {cpus} CPUs, {mem} MiB — web pages {site}/ , "
+              f"user API {site}/soap (log {_shown(base / hid / 'vmwebd.log')})")
     print()
-    print(f"Admin user: {DEMO_ADMIN}   password: {admin_password}   (also in {creds})")
+    print(f"Admin user: {DEMO_ADMIN}   password: {admin_password}   (also in {_shown(creds)})")
+    if tls:
+        print(f"TLS: the hosts' certificates come from the demo CA {_shown(ca_dir / 'ca.crt')}; let your "
+              "browser trust it (or accept its warning) for the web pages.")
     print()
     print("Try, in another terminal:")
-    print(f"  export VMWEB_HOST=127.0.0.1:{args.first_port} VMWEB_CREDENTIALS={creds}")
+    host = f"{scheme}://127.0.0.1:{args.first_port}" if tls else f"127.0.0.1:{args.first_port}"
+    print(f"  export VMWEB_HOST={host} VMWEB_CREDENTIALS={_shown(creds)}"
+          + (f" VMWEB_CA={_shown(ca_dir / 'ca.crt')}" if tls else ""))
     print("  .venv/bin/vmweb templates")
     print("  .venv/bin/vmweb user create alice --quota 16      # prints alice's password: log in with it")
     print("  .venv/bin/vmweb cluster create lab1 --template hpc --owner alice --count 4")

@@ -20,6 +20,12 @@ NAV = [("/owner", "Owners"), ("/hosts", "Hosts"), ("/dom", "DOM"), ("/settings",
 MIGRATE_NOTE = "live migration comes with the migration feature (issue 5); not available yet."
 
 
+def api_url(api: str) -> str:
+    """A host's base URL from its DOM record's ``api``: ``https://host:port`` as is (TLS), a bare
+    ``host:port`` is plain HTTP."""
+    return api if api.startswith(("https://", "http://")) else f"http://{api}"
+
+
 def _mib(n) -> str:
     n = int(n or 0)
     return f"{n / 1024:.1f} GiB" if n >= 1024 else f"{n} MiB"
@@ -301,7 +307,7 @@ def host_view(ctx) -> Markup:
                  for v in shown]
         if hidden:
             chips.append(el("li", f"+{hidden} VMs of other users", class_="meta"))
-        link = el("a", "open this host's pages", href=f"http://{h.api}/hosts") if h.api and h.id != ctx.host_id else \
+        link = el("a", "open this host's pages", href=f"{api_url(h.api)}/hosts") if h.api and h.id != ctx.host_id else \
             (el("span", "this host", class_="meta") if h.id == ctx.host_id else None)
         cards.append(el(
             "article",
