@@ -217,6 +217,21 @@ BAD = [
     ("seeds-port-zero", cfg('<peers seeds="10.0.0.1:0"/>'), 3, "peers/@seeds", "not a valid host:port"),
     ("fanout-zero", cfg('<peers fanout="0"/>'), 3, "peers/@fanout", "out of range"),
     ("not-well-formed", cfg('<listen api="x"\n'), 5, "xml", "not well-formed"),
+    ("api-tls-value", cfg('<listen api-tls="on"/>'), 3, "listen/@api-tls", "'on' is not one of off, grid, files"),
+    ("api-tls-case", cfg('<listen api-tls="GRID"/>'), 3, "listen/@api-tls", "'GRID' is not one of"),
+    ("api-tls-empty", cfg('<listen api-tls=""/>'), 3, "listen/@api-tls", "'' is not one of"),
+    ("api-cert-without-files", cfg('<listen api-cert="c.pem"/>'), 3, "listen/@api-cert",
+     'only used with api-tls="files" (here \'off\')'),
+    ("api-key-with-grid", cfg('<listen api-tls="grid" api-key="k.pem"/>'), 3, "listen/@api-key",
+     'only used with api-tls="files" (here \'grid\')'),
+    ("api-files-no-cert", cfg('<listen api-tls="files" api-key="k.pem"/>'), 3, "listen/@api-cert",
+     'is required with api-tls="files"'),
+    ("api-files-no-key", cfg('<listen api-tls="files" api-cert="c.pem"/>'), 3, "listen/@api-key",
+     'is required with api-tls="files"'),
+    ("api-files-missing", cfg('<listen api-tls="files" api-cert="nope.pem" api-key="nope.key"/>'), 3,
+     "listen/@api-cert", "nope.pem' does not exist"),
+    ("api-tls-grid-no-cert", cfg('<listen api-tls="grid"/>\n<state dir="st"/>'), 3, "listen/@api-tls",
+     "st/pki/host.crt does not exist"),
 ]
 
 
@@ -310,3 +325,98 @@ def test_doctype_in_utf16_document_is_refused():
     with pytest.raises(ConfigError) as info:
         parse_xml(data, "u16.xml")
     assert info.value.field == "DOCTYPE"
+
+
+# -- TLS on the user API port (listen/@api-tls) ----------------------------------------------------
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """A grid CA with host h1's certificate in tmp/pki, and a server certificate from another CA
+    (as an admin would get from a public CA) in tmp/web."""
+    from vmwebd.gossip import pki
+    pki.init_ca(tmp_path / "ca", grid_name="cfg-test")
+    pki.issue_host_cert(tmp_path / "ca", "h1", tmp_path / "pki", ["127.0.0.1"])
+    pki.init_ca(tmp_path / "public-ca", grid_name="public")
+    pki.issue_host_cert(tmp_path / "public-ca", "www", tmp_path / "web", ["www.example.org"])
+    return tmp_path
+
+
+def test_api_tls_defaults_to_off(tmp_path):
+    """Without api-tls the user API is plain HTTP, with no certificate files."""
+    c = load_config(write(tmp_path, cfg()))
+    assert (c.listen.api_tls, c.listen.api_cert, c.listen.api_key) == ("off", None, None)
+
+
+def test_api_tls_grid_uses_the_peers_cert_dir(certs):
+    """api-tls="grid" loads when the host certificate is in peers/@cert-dir (relative paths resolved)."""
+    c = load_config(write(certs, cfg('<listen api-tls="grid"/>\n<peers cert-dir="pki"/>')))
+    assert c.listen.api_tls == "grid" and c.peers.cert_dir == certs / "pki"
+
+
+def test_api_tls_grid_defaults_to_state_dir_pki(certs):
+    """Without peers/@cert-dir, grid looks in <state dir>/pki."""
+    c = load_config(write(certs, cfg('<listen api-tls="grid"/>\n<state dir="."/>')))
+    assert c.listen.api_tls == "grid" and c.state_dir == certs
+
+
+def test_api_tls_files_with_a_chain(certs):
+    """api-tls="files" takes a certificate followed by its CA (a chain file) and its key."""
+    chain = certs / "chain.pem"
+    chain.write_bytes((certs / "web" / "host.crt").read_bytes() + (certs / "public-ca" / "ca.crt").read_bytes())
+    c = load_config(write(certs, cfg('<listen api-tls="files" api-cert="chain.pem" api-key="web/host.key"/>')))
+    assert (c.listen.api_tls, c.listen.api_cert, c.listen.api_key) == ("files", chain, certs / "web" / "host.key")
+
+
+def test_api_tls_files_one_file_with_key_and_certificate(certs):
+    """The key and the certificate may be one file (api-cert and api-key naming it both)."""
+    both = certs / "both.pem"
+    both.write_bytes((certs / "web" / "host.key").read_bytes() + (certs / "web" / "host.crt").read_bytes())
+    c = load_config(_files(certs, "both.pem", "both.pem"))
+    assert c.listen.api_cert == c.listen.api_key == both
+
+
+def _files(certs, cert, key):
+    return write(certs, cfg(f'<listen api-tls="files" api-cert="{cert}" api-key="{key}"/>'))
+
+
+def test_api_tls_files_key_of_another_certificate(certs):
+    """A key that is not the certificate's is refused, naming the key file."""
+    e = expect_error(_files(certs, "web/host.crt", "pki/host.key"), 3, "listen/@api-key", "is not the key of")
+    assert "pki/host.key" in str(e)
+
+
+def test_api_tls_files_not_pem(certs):
+    """A certificate file that is not PEM (here: a key) and a key file that is not one are refused."""
+    (certs / "key-only.pem").write_bytes((certs / "web" / "host.key").read_bytes())
+    expect_error(_files(certs, "key-only.pem", "web/host.key"), 3, "listen/@api-cert", "is not a PEM certificate")
+    expect_error(_files(certs, "web/host.crt", "web/host.crt"), 3, "listen/@api-key", "is not a PEM private key")
+
+
+def test_api_tls_files_encrypted_key(certs):
+    """An encrypted key is refused with a message saying so (the daemon cannot ask for a passphrase)."""
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key((certs / "web" / "host.key").read_bytes(), None)
+    (certs / "enc.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    expect_error(_files(certs, "web/host.crt", "enc.key"), 3, "listen/@api-key", "is an encrypted key")
+
+
+def test_api_tls_files_expired_certificate(certs):
+    """An expired certificate is refused with its end date."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old.example.org")])
+    when = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(when).not_valid_after(when + datetime.timedelta(days=90))
+            .sign(key, hashes.SHA256()))
+    (certs / "old.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (certs / "old.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    expect_error(_files(certs, "old.crt", "old.key"), 3, "listen/@api-cert", "expired on 2020-03-31")

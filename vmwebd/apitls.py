@@ -28,6 +28,14 @@ from vmwebd.errors import CertificateError, ConfigError
 TLS_MODES = ("off", "grid", "files")
 
 
+class CertFileError(CertificateError):
+    """A problem with the API's certificate (``role`` ``"cert"``) or key (``"key"``) file."""
+
+    def __init__(self, path, message: str, role: str):
+        super().__init__(path, message)
+        self.role = role
+
+
 def is_loopback(host: str) -> bool:
     """Whether a listen host only accepts connections from this machine."""
     if host.lower() == "localhost":
@@ -43,44 +51,47 @@ def grid_cert_dir(config) -> Path:
     return config.peers.cert_dir or (config.state_dir / "pki")
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, role: str) -> bytes:
+    what = "certificate" if role == "cert" else "key"
     try:
         return Path(path).read_bytes()
     except FileNotFoundError:
-        raise CertificateError(path, f"the {what} does not exist") from None
+        raise CertFileError(path, f"the {what} does not exist", role) from None
     except OSError as e:
-        raise CertificateError(path, f"cannot read the {what}: {e.strerror}") from None
+        raise CertFileError(path, f"cannot read the {what}: {e.strerror}", role) from None
 
 
 def load_cert_files(cert_path, key_path):
     """Reads and checks an admin-provided certificate (chain) and key; returns them as
     ``(certificates, key)`` (``cryptography`` objects, the server's own certificate first).
 
-    Raises :class:`CertificateError` naming the file: missing or unreadable, not PEM, an encrypted
-    key, a key that is not the certificate's, a certificate expired or not yet valid.
+    Raises :class:`CertFileError` naming the file: missing or unreadable, not PEM, an encrypted
+    key, a key that is not the certificate's, a certificate expired or not yet valid. The two may
+    be one file holding both.
     """
     cert_path, key_path = Path(cert_path), Path(key_path)
-    cert_data, key_data = _read(cert_path, "certificate"), _read(key_path, "key")
+    cert_data, key_data = _read(cert_path, "cert"), _read(key_path, "key")
     try:
         certs = x509.load_pem_x509_certificates(cert_data)
     except ValueError:
-        raise CertificateError(cert_path, "is not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+        raise CertFileError(cert_path, "is not a PEM certificate (-----BEGIN CERTIFICATE-----)", "cert") from None
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError:
-        raise CertificateError(key_path, "is an encrypted key: the daemon needs it unencrypted "
-                                         "(readable by its user only)") from None
+        raise CertFileError(key_path, "is an encrypted key: the daemon needs it unencrypted "
+                                      "(readable by its user only)", "key") from None
     except (ValueError, UnsupportedAlgorithm):
-        raise CertificateError(key_path, "is not a PEM private key") from None
+        raise CertFileError(key_path, "is not a PEM private key", "key") from None
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(*fmt) != certs[0].public_key().public_bytes(*fmt):
-        raise CertificateError(key_path, f"is not the key of the certificate {cert_path}")
+        raise CertFileError(key_path, f"is not the key of the certificate {cert_path}", "key")
     now = datetime.datetime.now(datetime.timezone.utc)
     leaf = certs[0]
     if leaf.not_valid_after_utc <= now:
-        raise CertificateError(cert_path, f"expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        raise CertFileError(cert_path, f"expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", "cert")
     if leaf.not_valid_before_utc > now:
-        raise CertificateError(cert_path, f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+        raise CertFileError(cert_path, f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
+                            "cert")
     return certs, key
 
 

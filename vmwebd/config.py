@@ -50,8 +50,8 @@ from typing import Iterator
 
 from lxml import etree
 
-from vmwebd.apitls import TLS_MODES, check_cert_files
-from vmwebd.errors import CertificateError, ConfigError
+from vmwebd.apitls import TLS_MODES, CertFileError, check_cert_files
+from vmwebd.errors import ConfigError
 
 # -- defaults (each one documented) ------------------------------------------------------------
 
@@ -569,14 +569,14 @@ class _Loader(ElementReader):
             if not a.get(name, "").strip():
                 raise self.error(el, field, 'is required with api-tls="files"')
             files[name] = self._path(a[name])
-            if not files[name].is_file():
-                raise self.error(el, field, f"file {str(files[name])!r} does not exist")
+        for name, path in files.items():
+            if not path.is_file():
+                raise self.error(el, f"listen/@{name}", f"file {str(path)!r} does not exist")
         if files:
             try:
                 check_cert_files(files["api-cert"], files["api-key"])
-            except CertificateError as e:
-                field = "listen/@api-key" if e.path == str(files["api-key"]) else "listen/@api-cert"
-                raise self.error(el, field, str(e)) from None
+            except CertFileError as e:
+                raise self.error(el, f"listen/@api-{e.role}", str(e)) from None
         return ListenConfig(api, peer, tls, files.get("api-cert"), files.get("api-key"))
 
     def _state(self, el) -> Path:
