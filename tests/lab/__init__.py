@@ -13,3 +13,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Polls ``predicate()`` until it returns something truthy, and returns that; after ``timeout``
+    seconds raises TimeoutError naming ``what`` (the deadline is the assertion, never a sleep)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} after {timeout:.0f} s")
+        time.sleep(interval)
