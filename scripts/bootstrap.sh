@@ -25,12 +25,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# libvirtd resolves the user libvirt-qemu before it reads qemu.conf (which says root): make it.
-if ! getent passwd libvirt-qemu >/dev/null; then
+# libvirtd resolves the user and the group libvirt-qemu (its built-in defaults) before it reads
+# qemu.conf (which says root): make both.
+if ! getent group libvirt-qemu >/dev/null || ! getent passwd libvirt-qemu >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  getent group kvm >/dev/null || $SUDO groupadd -r kvm 2>/dev/null || true
-  $SUDO useradd -r -M -d /var/lib/libvirt -s /usr/sbin/nologin -g kvm libvirt-qemu 2>/dev/null \
-    || $SUDO useradd -r -M -s /usr/sbin/nologin libvirt-qemu
+  getent group libvirt-qemu >/dev/null || $SUDO groupadd -r libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null \
+    || $SUDO useradd -r -M -d /var/lib/libvirt -s /usr/sbin/nologin -g libvirt-qemu libvirt-qemu
 fi
 
 PY=${PYTHON:-python3}
