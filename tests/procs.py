@@ -99,10 +99,12 @@ class NotifySocket:
 class Daemon:
     """One ``vmwebd`` process on ``config``, started by :meth:`start`, always ended by :meth:`close`."""
 
-    def __init__(self, config: Path, fsync: bool = False, api_port: int | None = None):
+    def __init__(self, config: Path, fsync: bool = False, api_port: int | None = None,
+                 scheme: str = "http"):
         self.config = Path(config)
         self.fsync = fsync
         self.api_port = api_port
+        self.scheme = scheme    # "https" when the config says api-tls="grid" or "files"
         self.log_path = self.config.parent / "vmwebd.log"
         self.proc: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
@@ -110,6 +112,11 @@ class Daemon:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.api_port}"
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``, or ``https://`` for a daemon serving its API over TLS."""
+        return f"{self.scheme}://{self.address}"
 
     def start(self, wait: bool = True) -> "Daemon":
         """Starts the process; with ``wait``, returns once it has sent READY=1."""

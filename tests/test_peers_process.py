@@ -31,10 +31,14 @@ def wait_until(pred, timeout: float, what: str, every: float = 0.2):
 
 
 class Grid:
-    def __init__(self, base: Path, n: int):
+    def __init__(self, base: Path, n: int, api_tls: str = "off"):
+        """``n`` hosts; ``api_tls="grid"`` serves their user APIs over TLS with their grid
+        certificates (clients trust ``self.ca``)."""
         self.base = base
         ca = base / "ca"
         pki.init_ca(ca, grid_name="test-grid")
+        self.ca = ca / "ca.crt"
+        scheme = "http" if api_tls == "off" else "https"
         self.api = [free_port() for _ in range(n)]
         self.peer = [free_port() for _ in range(n)]
         self.daemons = []
@@ -45,18 +49,18 @@ class Grid:
             pki.issue_host_cert(ca, hid, cert, ["127.0.0.1"])
             cpus, mem = SIZES[i % len(SIZES)]
             cfg = write_host_config(base / hid, hid, self.api[i], self.peer[i], cpus, mem,
-                                    reconcile_interval=0.5,
+                                    reconcile_interval=0.5, api_tls=api_tls,
                                     extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" '
                                           f'timing="local" members="{members}"/>')
             bootstrap_admin(base / hid / "state")
-            self.daemons.append(Daemon(cfg, api_port=self.api[i]))
+            self.daemons.append(Daemon(cfg, api_port=self.api[i], scheme=scheme))
         for d in self.daemons:
             d.start()
-        self.clients = [admin_client(d.address) for d in self.daemons]
+        self.clients = [admin_client(d.url, ca=self.ca) for d in self.daemons]
 
     def client(self, i) -> ApiClient:
         """A client of host ``i`` logged in as the test admin."""
-        return admin_client(self.daemons[i].address)
+        return admin_client(self.daemons[i].url, ca=self.ca)
 
     def liveness(self, i) -> dict:
         return {h["id"]: h["liveness"] for h in self.client(i).call("ListHosts")}

@@ -63,13 +63,29 @@ def default_ca_file() -> str | bool:
     return cafile if cafile and Path(cafile).is_file() else True
 
 
+def _ssl_error_in(e: BaseException) -> ssl.SSLError | None:
+    """The ``ssl.SSLError`` behind a requests exception (wrapped in urllib3's), if any."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, ssl.SSLError):
+            return x
+        todo.extend(a for a in getattr(x, "args", ()) if isinstance(a, BaseException))
+        todo.extend(v for v in (getattr(x, "reason", None), x.__cause__, x.__context__)
+                    if isinstance(v, BaseException))
+    return None
+
+
 def _tls_error(url: str, e: Exception) -> ApiTlsError:
-    text = str(e)
-    m = re.search(r"certificate verify failed: ([^(']+)", text)
-    if m:
-        return ApiTlsError(url, "certificate verify failed: " + m.group(1).strip())
-    m = re.search(r"\[SSL: ([A-Z_]+)\] ([^(']+)", text)
-    return ApiTlsError(url, m.group(2).strip() if m else text, certificate=False)
+    err = _ssl_error_in(e)
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return ApiTlsError(url, f"certificate verify failed: {err.verify_message}".rstrip("."))
+    text = str(err if err is not None else e)
+    m = re.search(r"\[SSL: [A-Z0-9_]+\] (.+?)(?: \(_ssl\.c:\d+\))?$", text)
+    return ApiTlsError(url, m.group(1) if m else text, certificate=False)
 
 
 class _Session(requests.Session):
