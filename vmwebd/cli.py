@@ -134,13 +134,58 @@ def build_parser() -> argparse.ArgumentParser:
     ub.add_argument("--state-dir", required=True, help="the daemon's state directory (state/@dir)")
     ub.add_argument("--password-stdin", action="store_true",
                     help="read the password from standard input (default: generate one)")
-    vm = sub.add_parser("vm", help="start or stop a VM")
+    vm = sub.add_parser("vm", help="start, stop or migrate a VM")
     vsub = vm.add_subparsers(dest="action", required=True)
     for verb in ("start", "stop"):
         v = vsub.add_parser(verb)
         v.add_argument("cluster")
         v.add_argument("vm")
+    vmig = vsub.add_parser("migrate", help="move a VM to another host (live where the hosts can)")
+    vmig.add_argument("cluster")
+    vmig.add_argument("vm")
+    vmig.add_argument("--to", dest="to", default="", help="destination host (default: the least "
+                                                          "loaded host that fits)")
+    vmig.add_argument("--no-wait", action="store_true", help="answer once the move is reserved")
+    vmig.add_argument("--timeout", type=float, default=600.0, help="seconds to follow it (600)")
+    sub.add_parser("migrations", help="list migrations (phase, bytes moved, time, downtime)")
+    im = sub.add_parser("image", help="base images: add one by content, list them")
+    isub = im.add_subparsers(dest="action", required=True)
+    isub.add_parser("list", help="images, their hash and the hosts holding them")
+    ia = isub.add_parser("add", help="register FILE (a path on the host --host names) as image NAME; "
+                                     "other hosts fetch it from there and check its hash")
+    ia.add_argument("name")
+    ia.add_argument("file")
+    ia.add_argument("--format", default="qcow2", choices=("qcow2", "raw"))
+    ia.add_argument("--kernel", default="", help="boot guests with this kernel (a path on every host)")
+    ia.add_argument("--initrd", default="", help="and this initramfs")
+    ia.add_argument("--cmdline", default="", help="and this kernel command line")
     return ap
+
+
+MIGRATION_COLS = [("id", "ID"), ("vm", "VM"), ("source", "FROM"), ("dest", "TO"), ("mode", "MODE"),
+                  ("phase", "PHASE"), ("bytes", "BYTES"), ("total_ms", "TIME MS"),
+                  ("downtime_ms", "DOWNTIME MS"), ("error", "ERROR")]
+IMAGE_COLS = [("name", "IMAGE"), ("format", "FORMAT"), ("size_mib", "SIZE MIB"), ("sha", "SHA256"),
+              ("holders", "HOSTS")]
+
+
+def follow_migration(client, m: dict, timeout: float, quiet: bool, out=sys.stderr) -> dict:
+    """Polls a migration until it is done or failed, printing each phase; bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        if not quiet and m["phase"] != last:
+            out.write(f"{m['vm']}: {m['source']} -> {m['dest']} ({m['mode']}): {m['phase']}\n")
+            out.flush()
+            last = m["phase"]
+        if m["phase"] in ("done", "failed"):
+            return m
+        if time.monotonic() > deadline:
+            out.write(f"vmweb: stopped following after {timeout:.0f} s; the migration goes on "
+                      f"(vmweb migrations)\n")
+            return m
+        time.sleep(0.2)
+        m = client.call("GetMigration", m["id"])
 
 
 def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr) -> dict:
@@ -312,10 +357,36 @@ def run(args, client, out=sys.stdout) -> int:
         elif args.action == "quota":
             u = client.call("SetQuota", args.name, args.quota)
             emit(u, table([u], USER_COLS))
+    elif args.cmd == "vm" and args.action == "migrate":
+        m = client.call("MigrateVm", args.cluster, args.vm, args.to)
+        if not args.no_wait:
+            m = follow_migration(client, m, args.timeout, quiet=args.json)
+        text = table([m], MIGRATION_COLS)
+        if m["phase"] == "failed":
+            emit(m, text)
+            out.flush()
+            print(f"vmweb: Server.MigrationFailed: {m['vm']} stays on {m['source']}: {m['error']}",
+                  file=sys.stderr)
+            return 1
+        emit(m, text)
     elif args.cmd == "vm":
         op = "StartVm" if args.action == "start" else "StopVm"
         v = client.call(op, args.cluster, args.vm)
         emit(v, table([v], VM_COLS))
+    elif args.cmd == "migrations":
+        ms = client.call("ListMigrations") or []
+        emit(ms, table(ms, MIGRATION_COLS))
+    elif args.cmd == "image":
+        if args.action == "add":
+            path = os.path.abspath(args.file)
+            i = client.call("AddImage", args.name, path, args.format, args.kernel, args.initrd,
+                            args.cmdline)
+            items = [i]
+        else:
+            items = client.call("ListImages") or []
+        rows = [{**i, "sha": (i["sha256"] or "")[:16] or "(blank)",
+                 "holders": ", ".join(i["hosts"] or [])} for i in items]
+        emit(items[0] if args.action == "add" else items, table(rows, IMAGE_COLS))
     return 0
 
 

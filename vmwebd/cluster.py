@@ -19,7 +19,7 @@ from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTempl
 from vmwebd.placement import HostLoad, place
 from vmwebd.reconcile import bridge_name, network_name
 from vmwebd.settings import get_setting
-from vmwebd.templates import Template, expand, plan_scale
+from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 
 log = Logger()
 CLUSTER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -98,7 +98,7 @@ class ClusterManager:
         out = {}
         for rec in self.dom.all(TemplateRec):
             if rec.body:
-                out[rec.id] = Template.from_xml(rec.body[0], source=f"DOM template {rec.id!r}")
+                out[rec.id] = from_dom_body(rec.body[0], f"DOM template {rec.id!r}")
         return out
 
     def template(self, name: str) -> Template:

@@ -181,6 +181,8 @@ class StorageConfig:
     pool: str = DEFAULT_STORAGE_POOL
     #: Directory backing the pool; default ``<state dir>/images``.
     dir: Path = DEFAULT_STATE_DIR / "images"
+    #: Where real guests' serial consoles are logged; default ``<state dir>/console``.
+    console_dir: Path = DEFAULT_STATE_DIR / "console"
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +292,8 @@ class Config:
     state_dir: Path = DEFAULT_STATE_DIR
     #: Any libvirt URI; relative ``test:`` paths are made absolute. Default ``qemu:///system``.
     libvirt_uri: str = DEFAULT_LIBVIRT_URI
+    #: How other hosts reach this host's libvirt for live migration; empty: cold moves only.
+    migrate_uri: str = ""
     storage: StorageConfig = StorageConfig()
     images: tuple[ImageConfig, ...] = ()
     ip_pools: tuple[IpPool, ...] = ()
@@ -508,6 +512,7 @@ class _Loader(ElementReader):
         listen = self._listen(one("listen"))
         state_dir = self._state(one("state"))
         libvirt_uri = self._libvirt(one("libvirt"))
+        migrate_uri = self._migrate_uri(one("libvirt"))
         storage = self._storage(one("storage"), state_dir)
         images = self._images(one("images"))
         ip_pools, mac, vni = self._pools(one("pools"))
@@ -527,7 +532,7 @@ class _Loader(ElementReader):
                                  "peers/@cert-dir)")
         return Config(
             host=host, templates_dir=templates_dir, listen=listen, state_dir=state_dir,
-            libvirt_uri=libvirt_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
+            libvirt_uri=libvirt_uri, migrate_uri=migrate_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
             vni=vni, limits=limits, reconcile_interval=reconcile, peers=peers, source=source,
         )
 
@@ -588,11 +593,24 @@ class _Loader(ElementReader):
             raise self.error(el, "state/@dir", "is empty")
         return self._path(a["dir"])
 
+    def _migrate_uri(self, el) -> str:
+        """``<libvirt migrate-uri=...>``: the URI other hosts' libvirtd use to reach this one for
+        live migrations (peer to peer), e.g. ``qemu+tls://host7.lab/system``. Empty: VMs come
+        here by cold migration only."""
+        if el is None:
+            return ""
+        uri = el.get("migrate-uri", "")
+        if uri and (not _URI_SCHEME_RE.match(uri) or any(c.isspace() for c in uri)
+                    or uri.startswith("test:")):
+            raise self.error(el, "libvirt/@migrate-uri", f"{uri!r} is not a libvirt URI another "
+                             "host can reach (e.g. qemu+tls://host7.lab/system)")
+        return uri
+
     def _libvirt(self, el) -> str:
         if el is None:
             return DEFAULT_LIBVIRT_URI
         self.children(el, "libvirt")
-        uri = self.attrs(el, "libvirt", required=("uri",))["uri"]
+        uri = self.attrs(el, "libvirt", required=("uri",), optional=("migrate-uri",))["uri"]
         if not _URI_SCHEME_RE.match(uri) or any(c.isspace() for c in uri):
             raise self.error(el, "libvirt/@uri", f"{uri!r} is not a libvirt URI (e.g. qemu:///system)")
         # test:relative/host.xml -> test:///ABSOLUTE/host.xml, so each simulated host is its own
@@ -611,15 +629,18 @@ class _Loader(ElementReader):
 
     def _storage(self, el, state_dir: Path) -> StorageConfig:
         default_dir = state_dir / "images"
+        default_console = state_dir / "console"
         if el is None:
-            return StorageConfig(DEFAULT_STORAGE_POOL, default_dir)
+            return StorageConfig(DEFAULT_STORAGE_POOL, default_dir, default_console)
         self.children(el, "storage")
-        a = self.attrs(el, "storage", optional=("pool", "dir"))
+        a = self.attrs(el, "storage", optional=("pool", "dir", "console-dir"))
         pool = self.matching(el, "storage/@pool", a.get("pool", DEFAULT_STORAGE_POOL), _LIBVIRT_POOL_RE,
                              "libvirt pool name")
-        if "dir" in a and not a["dir"].strip():
-            raise self.error(el, "storage/@dir", "is empty")
-        return StorageConfig(pool, self._path(a["dir"]) if "dir" in a else default_dir)
+        for key in ("dir", "console-dir"):
+            if key in a and not a[key].strip():
+                raise self.error(el, f"storage/@{key}", "is empty")
+        return StorageConfig(pool, self._path(a["dir"]) if "dir" in a else default_dir,
+                             self._path(a["console-dir"]) if "console-dir" in a else default_console)
 
     def _images(self, el) -> tuple[ImageConfig, ...]:
         if el is None:

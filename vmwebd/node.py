@@ -39,7 +39,7 @@ from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.migrate.manager import MigrationManager
 from vmwebd.reconcile import Reconciler, StorageLayout
 from vmwebd.settings import get_setting
-from vmwebd.templates import load_templates
+from vmwebd.templates import load_templates, to_dom_body
 
 log = Logger()
 PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
@@ -234,7 +234,7 @@ class Node:
         templates = load_templates(cfg.templates_dir, cfg.image_names, cfg.ip_pool_names)
         recs = []
         for name, t in sorted(templates.items()):
-            rec = TemplateRec(id=name, description=t.description, body=(t.to_xml(),))
+            rec = TemplateRec(id=name, description=t.description, body=(to_dom_body(t),))
             cur = dom.get(TemplateRec, name)
             if cur is None or cur.description != rec.description or \
                     [_xml(b) for b in cur.body] != [_xml(b) for b in rec.body]:

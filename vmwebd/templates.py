@@ -22,6 +22,7 @@ addresses, places VMs and writes the DOM.
 """
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -203,6 +204,31 @@ class _TemplateReader(ElementReader):
             raise self.error(el, "template/role/@image",
                              f"no image named {image!r} in the config (known: {_known(self.known_images)})")
         return Role(name, count, vcpus, memory, image)
+
+
+#: Namespace of a template's body inside the cluster DOM. A body without a namespace lost its
+#: ``xmlns=""`` on the way through the peer SOAP stack and arrived in the DOM's namespace, where
+#: the schema (rightly) refuses it; a namespace of its own survives every serialisation.
+DOM_BODY_NS = "urn:vmweb:template:1"
+
+
+def to_dom_body(t: Template) -> etree._Element:
+    """The template as the body of its DOM entity (in :data:`DOM_BODY_NS`)."""
+    el = t.to_xml()
+    for e in el.iter():
+        e.tag = f"{{{DOM_BODY_NS}}}{etree.QName(e).localname}"
+    etree.cleanup_namespaces(el, top_nsmap={"t": DOM_BODY_NS})
+    return el
+
+
+def from_dom_body(el: etree._Element, source: str) -> Template:
+    """The template stored by :func:`to_dom_body` (or by an older host, without a namespace)."""
+    el = copy.deepcopy(el)
+    for e in el.iter():
+        if isinstance(e.tag, str):
+            e.tag = etree.QName(e).localname
+    etree.cleanup_namespaces(el)
+    return Template.from_xml(el, source=source)
 
 
 def _known(names: Iterable[str]) -> str:

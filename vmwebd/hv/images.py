@@ -281,7 +281,8 @@ class ImageStore:
         file_name, nbytes, virtual, sha = yield threads.deferToThread(
             import_file, src, self.dir, name, fmt)
         cur = self.dom.get(ImageRec, name)
-        if cur is not None and cur.sha256 != sha:
+        if cur is not None and cur.sha256 and cur.sha256 != sha:
+            # Overlays elsewhere are built on the registered content: never swap it under them.
             raise NameTaken("image", name)
         rec = ImageRec(id=name, file=file_name, format=fmt, size_mib=max(1, -(-virtual // (1 << 20))),
                        sha256=sha, bytes=nbytes, kernel=kernel or "", initrd=initrd or "",

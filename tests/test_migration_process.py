@@ -1,0 +1,156 @@
+"""Migration and base images across three real vmwebd processes (libvirt test driver, mutual TLS).
+
+The test driver has no migration API, so these moves are cold (save, move, restore); the live
+path runs against real libvirtd hosts in tests/test_realhosts_vmweb.py.
+"""
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from lxml import etree
+
+from tests.procs import user_client
+from tests.test_peers_process import grid, wait_until  # noqa: F401  (grid is a fixture)
+from vmwebd.client import ApiFault
+
+NS = "{urn:vmweb:dom:1}"
+
+
+def finished(client, mid):
+    m = client.call("GetMigration", mid)
+    return m if m["phase"] in ("done", "failed") else None
+
+
+def vm_of(client, cluster, name):
+    return next(v for v in client.call("GetCluster", cluster)["vms"] if v["name"] == name)
+
+
+def migration_leases(client):
+    dom = etree.fromstring(client.call("GetDom").encode())
+    return [e.get("id") for e in dom.iter(f"{NS}lease")
+            if e.get("deleted") != "true" and e.get("id", "").startswith("migration/")]
+
+
+def running_everywhere(grid, cluster, n):
+    def check():
+        views = [grid.client(i).call("GetCluster", cluster) for i in range(3)]
+        return all(sum(v["state"] == "running" for v in c["vms"]) == n for c in views) and views
+    return wait_until(check, 30, f"{cluster}: {n} VMs running, seen at every host")
+
+
+def write_qcow2(path, virtual_bytes: int, payload: bytes) -> None:
+    """A minimal file that passes as qcow2 (header magic and size), followed by payload."""
+    header = b"QFI\xfb" + struct.pack(">I", 3) + b"\0" * 16 + struct.pack(">Q", virtual_bytes)
+    path.write_bytes(header + payload)
+
+
+@pytest.mark.slow
+def test_cold_migration_requested_at_a_third_host_moves_the_vm_and_every_host_agrees(grid):
+    c = grid.client(0).call("CreateCluster", "mig1", "lab", "alice", 3)
+    running_everywhere(grid, "mig1", 3)
+    vm = c["vms"][0]
+    src = vm["host"]
+    dest = next(h for h in ("host1", "host2", "host3") if h != src)
+    third = next(i for i, h in enumerate(("host1", "host2", "host3")) if h not in (src, dest))
+    m = grid.client(third).call("MigrateVm", "mig1", vm["name"], dest)
+    assert (m["source"], m["dest"], m["mode"]) == (src, dest, "cold")
+    m = wait_until(lambda: finished(grid.client(third), m["id"]), 60, "the migration to end")
+    assert m["phase"] == "done", m["error"]
+    assert m["bytes"] > 0 and m["total_ms"] >= 0
+    for i in range(3):
+        moved = wait_until(lambda i=i: (v := vm_of(grid.client(i), "mig1", vm["name"]))["host"] == dest
+                           and v["state"] == "running" and v, 30, f"host{i + 1} to see the VM on {dest}")
+        assert moved["ip"] == vm["ip"] and moved["mac"] == vm["mac"]   # addresses move with it
+    wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the migration lease given back")
+    # The VM keeps being looked after at its new host: stop and start it there.
+    assert grid.client(0).call("StopVm", "mig1", vm["name"])["state"] == "shutoff"
+    assert grid.client(1).call("StartVm", "mig1", vm["name"])["state"] == "running"
+    # And it can move again (the lease is free), back where it came from.
+    m2 = grid.client(0).call("MigrateVm", "mig1", vm["name"], src)
+    m2 = wait_until(lambda: finished(grid.client(0), m2["id"]), 60, "the second migration")
+    assert m2["phase"] == "done", m2["error"]
+    wait_until(lambda: vm_of(grid.client(2), "mig1", vm["name"])["host"] == src, 30, "VM back")
+
+
+@pytest.mark.slow
+def test_bad_migration_requests_get_specific_faults_and_change_nothing(grid):
+    c = grid.client(0).call("CreateCluster", "mig2", "lab", "bob", 2)
+    running_everywhere(grid, "mig2", 2)
+    vm = c["vms"][0]
+    cases = [
+        (("nosuch", vm["name"], ""), "Client.NoSuchCluster"),
+        (("mig2", "pc99", ""), "Client.NoSuchVm"),
+        (("mig2", vm["name"], "host9"), "Client.NoSuchHost"),
+        (("mig2", vm["name"], vm["host"]), "Client.InvalidArgument"),
+    ]
+    for args, code in cases:
+        with pytest.raises(ApiFault) as e:
+            grid.client(1).call("MigrateVm", *args)
+        assert e.value.code == code, (args, e.value)
+    # another user's VM: not visible to carol
+    with pytest.raises(ApiFault) as e:
+        user_client(grid.daemons[1].address, "carol").call("MigrateVm", "mig2", vm["name"], "")
+    assert e.value.code == "Client.NotAuthorized"
+    # two moves of one VM at once: the second finds the lease taken
+    first = grid.client(0).call("MigrateVm", "mig2", vm["name"], "")
+    with pytest.raises(ApiFault) as e:
+        grid.client(2).call("MigrateVm", "mig2", vm["name"], "")
+    assert e.value.code == "Client.MigrationBusy"
+    done = wait_until(lambda: finished(grid.client(0), first["id"]), 60, "the first migration")
+    assert done["phase"] == "done"
+
+
+@pytest.mark.slow
+def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refused(grid, tmp_path):
+    c = grid.client(0).call("CreateCluster", "mig3", "lab", "alice", 3)
+    running_everywhere(grid, "mig3", 3)
+    # Register debian-12 by content at host1 (it was a blank image until now).
+    src_file = tmp_path / "upload.qcow2"
+    write_qcow2(src_file, 256 << 20, os.urandom(300_000))
+    img = grid.client(0).call("AddImage", "debian-12", str(src_file), "qcow2", "", "", "")
+    assert img["hosts"] == ["host1"] and len(img["sha256"]) == 64
+    with pytest.raises(ApiFault) as e:   # not an admin
+        user_client(grid.daemons[0].address, "alice").call("AddImage", "other", str(src_file), "qcow2", "", "", "")
+    assert e.value.code == "Client.NotAuthorized"
+    # A VM moving to a host without the image: the destination fetches it from host1 first.
+    vm = next(v for v in c["vms"] if v["host"] != "host1")
+    dest = next(h for h in ("host2", "host3") if h != vm["host"])
+    m = grid.client(0).call("MigrateVm", "mig3", vm["name"], dest)
+    m = wait_until(lambda: finished(grid.client(0), m["id"]), 60, "the migration")
+    assert m["phase"] == "done", m["error"]
+    holders = wait_until(lambda: set(next(i for i in grid.client(0).call("ListImages")
+                                          if i["name"] == "debian-12")["hosts"]) >= {"host1", dest} and True,
+                         30, f"{dest} to report it holds the image")
+    assert holders
+    fetched = grid.base / dest / "images" / img["file"]
+    assert fetched.read_bytes() == src_file.read_bytes()
+    # Corrupt host1's copy behind its back: the next host to fetch refuses it (hash), the move
+    # fails naming its phase, and the VM stays where it was, running.
+    other = next(h for h in ("host2", "host3") if h != dest)
+    held = grid.base / "host1" / "images" / img["file"]
+    data = bytearray(held.read_bytes())
+    data[-1] ^= 0xFF
+    st = held.stat()
+    held.write_bytes(bytes(data))
+    os.utime(held, ns=(st.st_atime_ns, st.st_mtime_ns))
+    vm2 = next((v for v in grid.client(0).call("GetCluster", "mig3")["vms"] if v["host"] == dest), None)
+    if vm2 is None:
+        pytest.skip("placement left no VM on the fetching host")
+    # Leave host1's corrupt copy as the only one served: dest's copy is hidden (its server then
+    # answers 404 although the DOM says it holds the image).
+    hidden = fetched.with_suffix(".hidden")
+    fetched.rename(hidden)   # dest still claims it in the DOM; its server now answers 404
+    m = grid.client(1).call("MigrateVm", "mig3", vm2["name"], other)
+    m = wait_until(lambda: finished(grid.client(1), m["id"]), 60, "the failing migration")
+    assert m["phase"] == "failed"
+    assert m["error"].startswith("phase prepare"), m["error"]
+    assert "debian-12" in m["error"] or "image" in m["error"], m["error"]
+    for i in range(3):
+        v = wait_until(lambda i=i: vm_of(grid.client(i), "mig3", vm2["name"]), 10, "vm view")
+        assert v["host"] == dest
+    wait_until(lambda: vm_of(grid.client(0), "mig3", vm2["name"])["state"] == "running", 20,
+               "the VM running at its source")
+    wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the lease given back")
+    assert not (grid.base / other / "images" / img["file"]).exists()
