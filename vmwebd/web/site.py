@@ -315,6 +315,11 @@ class _Page(Resource):
             call = lambda: a.set_vm_power(p, cluster, vm, "running" if op == "start" else "stopped")  # noqa: E731
             done = lambda v: f"VM {vm} of {cluster} is {v.state}."  # noqa: E731
             slow = f"{'Starting' if op == 'start' else 'Stopping'} VM {vm} of {cluster}…"
+        elif action == "migrate":
+            cluster, vm = f("cluster"), f("vm")
+            call = lambda: a.migrate_vm(p, cluster, vm, f("to") or None)  # noqa: E731
+            done = lambda m: f"VM {vm} of {cluster} is moving from {m.source} to {m.dest} ({m.mode})."  # noqa: E731
+            slow = f"Reserving a move of VM {vm} of {cluster}…"
         elif action == "setting":
             key = f("key")
             call = lambda: a.set_setting(p, key, f("value"))  # noqa: E731

@@ -17,7 +17,6 @@ from vmwebd.templates import min_count
 from vmwebd.web.html import Markup, el, frag
 
 NAV = [("/owner", "Owners"), ("/hosts", "Hosts"), ("/dom", "DOM"), ("/settings", "Settings")]
-MIGRATE_NOTE = "live migration comes with the migration feature (issue 5); not available yet."
 
 
 def api_url(api: str) -> str:
@@ -136,7 +135,6 @@ def owner_view(ctx) -> Markup:
     body = [
         _create_form(templates, users, p, csrf),
         el("div", *sections, id="live", data_shape=shape_of(ctx)),
-        el("p", "Migrate buttons are greyed out: ", MIGRATE_NOTE, class_="meta note"),
         _template_table(templates),
     ]
     if p.is_admin:
@@ -229,7 +227,11 @@ def _vm_row(cluster: str, v, csrf) -> Markup:
                       el("input", type="hidden", name="vm", value=v.name),
                       el("input", type="hidden", name="op", value=op),
                       el("button", op.capitalize(), type="submit", class_="small"), back="/owner"),
-            el("button", "Migrate", type="button", class_="small", disabled=True, title=MIGRATE_NOTE))
+            post_form("/action/migrate", csrf, el("input", type="hidden", name="cluster", value=cluster),
+                      el("input", type="hidden", name="vm", value=v.name),
+                      el("button", "Migrate", type="submit", class_="small",
+                         title="move this VM to the least loaded host that can take it"),
+                      back="/owner"))
     return el("tr",
               el("td", v.name, data_label="VM"), el("td", v.role, data_label="Role"),
               el("td", v.host, data_k=f"{k}:host", data_label="Host"),
