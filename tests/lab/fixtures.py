@@ -22,9 +22,10 @@ def guest_artifacts():
     return build_guest()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab2(tmp_path_factory):
-    """Two real libvirt hosts (h1, h2), up for the whole session."""
+    """Two real libvirt hosts (h1, h2), up for the tests of one module (stopped after it, so
+    later modules do not share the machine with two idle libvirtd)."""
     ok, why = lab_available()
     if not ok:
         pytest.skip(why)
