@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# chromium + chromium-driver: the web pages are tested in a real headless browser (Selenium).
-DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev chromium chromium-driver fonts-dejavu-core)
+# chromium + chromium-driver: the web pages are tested in a real headless browser (Selenium);
+# libnss3-tools (certutil) makes that browser trust a test grid's CA for the pages over https.
+DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev chromium chromium-driver fonts-dejavu-core
+          libnss3-tools)
 # The real-host tier (tests/lab, tests/test_realhosts.py, bench/migrate.py): several libvirtd
 # daemons in network namespaces running real TCG guests. Not libvirt-daemon-system: it pulls systemd.
 # busybox-static is the guest's userland; iproute2 makes the namespaces, veths and bridges.

@@ -4,10 +4,13 @@ against a grid of two real vmwebd processes.
 A user logs in on host A's page, creates a cluster there, watches it come up without a reload,
 sees it on host B's page, scales it there, and destroys it; the views are saved as screenshots
 under ``tests/.screenshots/`` (laptop and phone sizes). The security tests use the same browser.
+A second grid serves its pages over https (``api-tls="grid"``) to a browser that trusts its CA.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -44,22 +47,29 @@ def grid(tmp_path_factory):
         g.close()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium for the module, with a fresh profile."""
+def _chromium(profile: str, env: dict | None = None):
+    """A headless Chromium on a fresh profile directory (``env``: chromedriver's and so the
+    browser's environment)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("chromium and chromium-driver are needed (scripts/bootstrap.sh installs them)")
-    profile = tempfile.mkdtemp(prefix="vmweb-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
         opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER, env=env), options=opts)
     driver.set_page_load_timeout(WAIT)
     screen(driver)
     SHOTS.mkdir(exist_ok=True)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module, with a fresh profile."""
+    profile = tempfile.mkdtemp(prefix="vmweb-chromium-")
+    driver = _chromium(profile)
     try:
         yield driver
     finally:
@@ -382,3 +392,69 @@ def test_no_password_reaches_a_log(grid):
         log = daemon.log()
         for secret in (ADMIN[1], password_of("alice"), password_of("bob"), "scrypt$"):
             assert secret not in log, (daemon.log_path, secret)
+
+
+# -- over TLS ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tls_grid(tmp_path_factory):
+    """Two vmwebd processes serving their pages over https with their grid certificates."""
+    g = Grid(tmp_path_factory.mktemp("webgrid-tls"), 2, api_tls="grid")
+    try:
+        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2
+                               for i in range(2)), 30, "two TLS hosts to see each other alive")
+        create_users(g.client(0), ("alice",), quota=6)
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture(scope="module")
+def tls_browser(tls_grid):
+    """A headless Chromium that trusts the TLS grid's CA the way a user's browser would: the CA is
+    an authority in the NSS database of the browser's home (no flag to ignore certificate errors)."""
+    certutil = shutil.which("certutil")
+    if certutil is None:
+        pytest.fail("certutil is needed to make Chromium trust the test CA (Debian's libnss3-tools; "
+                    "scripts/bootstrap.sh installs it)")
+    home = tempfile.mkdtemp(prefix="vmweb-chromium-home-")
+    nssdb = Path(home) / ".pki" / "nssdb"
+    nssdb.mkdir(parents=True)
+    for args in (["-N", "--empty-password"],
+                 ["-A", "-t", "C,,", "-n", "vmweb test grid CA", "-i", str(tls_grid.ca)]):
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", *args], check=True, capture_output=True, timeout=30)
+    driver = _chromium(str(Path(home) / "profile"), env={**os.environ, "HOME": home})
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_login_and_pages_over_https(tls_grid, tls_browser):
+    """Over https, with the grid CA trusted: alice logs in, her session cookie is Secure and
+    HttpOnly, the host view links the other host by its https URL, and her actions work."""
+    d = tls_browser
+    base = [tls_grid.daemons[i].url for i in range(2)]
+    assert all(b.startswith("https://") for b in base)
+    d.get(base[0] + "/login")
+    assert css(d, "#login-name"), d.page_source[:300]    # the page itself, not a certificate warning
+    css(d, "#login-name")[0].send_keys("alice")
+    css(d, "#login-password")[0].send_keys(password_of("alice"))
+    css(d, "#login-submit")[0].click()
+    wait_for(d, lambda d: d.current_url == base[0] + "/owner", "the owner view over https")
+    assert css(d, ".who .user")[0].text == "alice"
+    cookie = next(c for c in d.get_cookies() if c["name"] == "vmweb-session-host1")
+    assert cookie["secure"] and cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
+    # A form posted over https passes the CSRF and Origin checks and reaches the grid.
+    submit(d, "form[action='/action/create']", name="tls1", template="lab", count=1)
+    wait_for(d, lambda d: all_running(d, "tls1", 1), "tls1's VM running on the https page")
+    shot(d, "owner-view-https")
+    d.get(base[0] + "/hosts")
+    wait_for(d, lambda d: len(css(d, "article.host")) == 2, "both hosts on the https host view")
+    links = [a.get_attribute("href") for a in css(d, "article.host .host-head a")]
+    assert links == [base[1] + "/hosts"], links
+    css(d, "article.host .host-head a")[0].click()
+    wait_for(d, lambda d: d.current_url == base[1] + "/login", "host2's https login page (another session)")
+    assert css(d, "#login-name")
+    assert tls_grid.client(0).call("DestroyCluster", "tls1") == "destroyed"
