@@ -43,6 +43,9 @@ from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
 log = Logger()
 #: How long a migration may stay in ``prepare`` (the destination silent) before it is failed.
 PREPARE_TIMEOUT_S = 180.0
+#: How long the other host must stay out of the failure detector's live set before a migration
+#: waiting on it is failed: a loaded host flaps to "dead" for a few seconds and comes back.
+HOST_DOWN_GRACE_S = 60.0
 
 
 def _replace(rec, **kw):
@@ -73,6 +76,7 @@ class MigrationManager:
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
         self.completed = 0
+        self._down_since: dict[str, int] = {}
 
     # -- requests (any host) ---------------------------------------------------------------
     def _vm(self, cluster: str, vm: str) -> VmRec:
@@ -188,19 +192,27 @@ class MigrationManager:
                 self.kick(m.id)
 
     def sweep(self) -> defer.Deferred:
-        """Fails migrations stuck on a host that is gone or silent (run every few seconds)."""
+        """The source fails its migrations stuck on a destination that is gone or silent.
+
+        Only the source does: it alone knows whether libvirt moved the VM, so a destination that
+        gave up on a source it believed dead could destroy a guest that had just arrived. A dead
+        source's migration is abandoned by everyone after STALE_MS instead."""
         now = self.now_ms()
         live = self.live_hosts()
+        for h in list(self._down_since):
+            if h in live:
+                del self._down_since[h]
         ds = []
         for m in self.dom.all(MigrationRec):
-            if m.phase in TERMINAL or now - m.started_at >= STALE_MS:
+            if m.source != self.host_id or m.phase not in ("prepare", "saved") or \
+                    now - m.started_at >= STALE_MS:
                 continue
-            waiting_on = m.dest if m.phase in ("prepare", "saved") else m.source
-            involved = self.host_id in (m.source, m.dest)
-            if involved and waiting_on != self.host_id and waiting_on not in live:
-                ds.append(self._fail(m, m.phase, f"host {waiting_on} is not alive"))
-            elif m.source == self.host_id and m.phase == "prepare" and \
-                    now - m.started_at > PREPARE_TIMEOUT_S * 1000:
+            if m.dest not in live:
+                since = self._down_since.setdefault(m.dest, now)
+                if now - since >= HOST_DOWN_GRACE_S * 1000:
+                    ds.append(self._fail(m, m.phase, f"host {m.dest} has not been alive for "
+                                         f"{(now - since) / 1000:.0f} s"))
+            elif m.phase == "prepare" and now - m.started_at > PREPARE_TIMEOUT_S * 1000:
                 ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
                                      f"{PREPARE_TIMEOUT_S:.0f} s"))
         return defer.DeferredList(ds, consumeErrors=True)
@@ -242,6 +254,11 @@ class MigrationManager:
         if m is None or self.now_ms() - m.started_at >= STALE_MS and m.phase not in TERMINAL:
             return
         me = self.host_id
+        acting = ((m.phase in ("prepare", "saved") and m.dest == me)
+                  or (m.phase in ("ready", "restored") and m.source == me))
+        if acting:
+            log.info("migration {mid} of {vm}: host {host} acts on phase {phase}", mid=m.id,
+                     vm=m.vm, host=me, phase=m.phase)
         try:
             if m.phase == "prepare" and m.dest == me:
                 yield self._prepare(m)
@@ -318,6 +335,9 @@ class MigrationManager:
         overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
         xml = yield self.driver.domain_xml(name)
         dest_xml = retarget_xml(xml, m.dest_disk, m.dest_console)
+        cur = self.dom.get(MigrationRec, m.id)
+        if cur is None or cur.phase != "ready":
+            return  # failed (or abandoned) while we looked at the domain: do not start
         m = yield self._advance(m, "migrating", disk_bytes=overlay)
         stats = yield self.driver.migrate_live(name, dest.migrate_uri, dest_xml)
         moved = stats.memory_bytes + max(stats.disk_bytes, overlay)
@@ -374,6 +394,10 @@ class MigrationManager:
 
     @defer.inlineCallbacks
     def _fail(self, m: MigrationRec, phase: str, message: str):
+        vm = self.dom.get(VmRec, m.vm)
+        cur = self.dom.get(MigrationRec, m.id)
+        if (vm is not None and vm.host == m.dest) or (cur is not None and cur.phase in TERMINAL):
+            return  # it ended (the source records the VM's new host first): nothing to fail
         log.warn("migration {mid} of {vm} failed in phase {phase}: {msg}", mid=m.id, vm=m.vm,
                  phase=phase, msg=message)
         yield self._advance(m, "failed", error=f"phase {phase}: {message}"[:4000],
