@@ -45,6 +45,7 @@ log = Logger()
 PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
 HEARTBEAT_SECONDS = 10.0
 SWEEP_SECONDS = 15.0
+BALANCE_TICK_SECONDS = 1.0
 
 
 class QuietSite(Site):
@@ -127,6 +128,9 @@ class Node:
         self._sweeper = task.LoopingCall(self.migrations.sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_SECONDS, now=False)
+        self._balancer = task.LoopingCall(self.balance_tick)
+        self._balancer.clock = self.reactor
+        self._balancer.start(BALANCE_TICK_SECONDS, now=False)
         self.listen()
         log.info("host {host} serving the user API on {url}", host=self.host_id, url=self.api_url)
 
@@ -186,6 +190,7 @@ class Node:
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
         holder["svc"] = self.gossip
         self.gossip.start()
+        self.migrations.push_to = lambda hosts: self.gossip.push_to(hosts)
         log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id, addr=peer_addr,
                  seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
         return defer.succeed(None)
@@ -199,6 +204,23 @@ class Node:
             return defer.succeed(False)
         env = Envelope(self.host_id, self.peer_address, dst, msg)
         return self.gossip.client.send(addr, encode(env))
+
+    def balance_tick(self):
+        """Every few seconds: when the balancer is on and its interval has passed, one look."""
+        from vmwebd.migrate.balancer import policy_from_settings
+        from vmwebd.settings import all_settings
+        try:
+            policy = policy_from_settings(all_settings(self.domsvc.dom))
+        except Exception as e:   # a bad value that reached the DOM: say so, do nothing
+            log.warn("balancer settings: {err}", err=e)
+            return None
+        now = self.now_ms()
+        if not policy.enabled or now - getattr(self, "_last_balance", 0) < policy.interval_ms:
+            return None
+        self._last_balance = now
+        d = self.migrations.balance(policy)
+        d.addErrback(lambda f: log.failure("balancer on {host}", failure=f, host=self.host_id))
+        return d
 
     def peer_address_of(self, host_id: str) -> str | None:
         """Where host ``host_id``'s peer endpoint is (from gossip, else from its DOM record)."""
@@ -326,8 +348,9 @@ class Node:
             yield self.peer_port.stopListening()
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
-        if getattr(self, "_sweeper", None) is not None and self._sweeper.running:
-            self._sweeper.stop()
+        for loop in (getattr(self, "_sweeper", None), getattr(self, "_balancer", None)):
+            if loop is not None and loop.running:
+                loop.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
         if self.port is not None:

@@ -165,6 +165,16 @@ class GossipCore:
             self._send(peer, Gossip())
         return self._flush()
 
+    def push_to(self, nodes, now: float) -> Output:
+        """Sends queued rumors to ``nodes`` now, whatever the failure detector thinks of them
+        (not to hosts that left): for a change that one host is waiting on, such as a migration's
+        next phase, a loaded host wrongly marked dead must not wait for anti-entropy."""
+        for node in sorted(set(nodes)):
+            m = self.members.get(node)
+            if node != self.me and m is not None and m.status != LEFT:
+                self._send(node, Gossip())
+        return self._flush()
+
     def receive(self, env: Envelope, now: float) -> Output:
         if env.version > PROTOCOL_VERSION or (env.dst is not None and env.dst != self.me):
             return self._flush()   # a newer protocol, or meant for a host that was here before

@@ -117,6 +117,11 @@ class GossipService:
         _, sent = self._carry(self.core.local_changes(entities, self.now()))
         return sent
 
+    def push_to(self, hosts) -> defer.Deferred:
+        """Sends what is queued to ``hosts`` at once (see GossipCore.push_to)."""
+        _, sent = self._carry(self.core.push_to(hosts, self.now()))
+        return sent
+
     def receive(self, env) -> defer.Deferred:
         """Feeds an envelope to the core; fires once what it merged is durable (the peer
         endpoint answers only then, so a sender's "delivered" means "on disk here")."""

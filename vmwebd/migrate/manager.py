@@ -76,6 +76,7 @@ class MigrationManager:
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
         self.completed = 0
+        self.push_to = lambda hosts: None   # the node wires gossip's direct push here
         self._down_since: dict[str, int] = {}
 
     # -- requests (any host) ---------------------------------------------------------------
@@ -155,6 +156,7 @@ class MigrationManager:
                          started_at=int(self.now_ms()))
         try:
             yield self.domsvc.put(m)
+            self.push_to([dest, rec.host])
         except Exception:
             yield self._release(m)
             raise
@@ -216,6 +218,87 @@ class MigrationManager:
                 ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
                                      f"{PREPARE_TIMEOUT_S:.0f} s"))
         return defer.DeferredList(ds, consumeErrors=True)
+
+    # -- the load balancer (docs/balancer.md) ---------------------------------------------
+    def balancer_inputs(self):
+        """Hosts and VMs as this replica sees them, in the balancer's terms."""
+        from vmwebd.migrate import balancer as bal
+        live = self.live_hosts()
+        hosts = {h.id: h for h in self.dom.all(HostRec) if h.liveness != "left" and h.cpus > 0}
+        used = {h: [0, 0] for h in hosts}
+        last_moved: dict[str, int] = {}
+        for m in self.dom.all(MigrationRec):
+            if m.phase == "done":
+                last_moved[m.vm] = max(last_moved.get(m.vm, 0), m.finished_at)
+        vms = []
+        for vm in self.dom.all(VmRec):
+            if vm.desired == "absent" or vm.host not in hosts:
+                continue
+            used[vm.host][0] += vm.vcpus
+            used[vm.host][1] += vm.memory_mib
+            vms.append(bal.VmLoad(vm.id, vm.host, vm.vcpus, vm.memory_mib, 0, last_moved.get(vm.id)))
+        loads = [bal.HostLoad(h.id, h.cpus, h.memory_mib, used[h.id][0], used[h.id][1],
+                              live=h.id in live and h.liveness == "alive")
+                 for h in hosts.values()]
+        flying = [bal.Move(m.vm, m.source, m.dest, 0.0, 0, "in flight")
+                  for m in in_flight(self.dom, self.now_ms()).values()]
+        return loads, vms, flying
+
+    @defer.inlineCallbacks
+    def balance(self, policy):
+        """One look of this host at its load; starts at most one migration. Fires with the
+        migration started, or None."""
+        from vmwebd.migrate import balancer as bal
+        if not policy.enabled:
+            return None
+        now = int(self.now_ms())
+        hosts, vms, flying = self.balancer_inputs()
+        move = bal.choose_move(self.host_id, hosts, vms, policy, now, flying)
+        if move is None:
+            return None
+        # Costs of our own VMs for real (overlay bytes on disk) before choosing among them.
+        mine = []
+        for v in vms:
+            if v.host_id == self.host_id:
+                size = yield self.driver.volume_allocation(self.storage.pool, volume_name(v.vm_id)) \
+                    if self.driver.volumes_on_disk else defer.succeed(0)
+                v = dataclasses.replace(v, overlay_bytes=size)
+            mine.append(v)
+        move = bal.choose_move(self.host_id, hosts, mine, policy, now, flying)
+        if move is None:
+            return None
+        cluster, _, name = move.vm_id.partition("/")
+        log.info("balancer on {host}: moving {vm} to {dst}: {why}", host=self.host_id,
+                 vm=move.vm_id, dst=move.dst, why=move.reason)
+        try:
+            m = yield self.request(cluster, name, move.dst, requested_by="balancer")
+        except VmwebError as e:
+            log.info("balancer on {host}: {vm} not moved now: {err}", host=self.host_id,
+                     vm=move.vm_id, err=e)
+            return None
+        return m
+
+    def _check_balancer_move(self, m: MigrationRec, vm: VmRec) -> None:
+        """The destination's own look at a balancer's proposal, with its own fresh load."""
+        from vmwebd.migrate import balancer as bal
+        from vmwebd.settings import all_settings
+        policy = bal.policy_from_settings(all_settings(self.dom))
+        hosts, vms, flying = self.balancer_inputs()
+        flying = [f for f in flying if f.vm_id != m.vm]
+        by_id = {h.host_id: h for h in hosts}
+        vm_load = next((v for v in vms if v.vm_id == vm.id), None)
+        if vm_load is None or m.source not in by_id or m.dest not in by_id:
+            return
+        for f in flying:
+            v = next((x for x in vms if x.vm_id == f.vm_id), None)
+            if v is not None and f.src in by_id and f.dst in by_id:
+                by_id[f.src], by_id[f.dst] = by_id[f.src].minus(v), by_id[f.dst].plus(v)
+        ideal = bal.grid_load(list(by_id.values()), policy.cpu_overcommit)
+        # Judge by the state before this move (the VM still at its source).
+        verdict = bal.assess(vm_load, by_id[m.source], by_id[m.dest], ideal, policy,
+                             int(self.now_ms()))
+        if not isinstance(verdict, bal.Move):
+            raise VmwebError(f"host {self.host_id} declines the balancer's move: {verdict}")
 
     def resolve_file(self, peer: str, parts: list[str]) -> Path | None:
         """The files of a cold migration its destination may pull: ``MID/state``, ``MID/disk``."""
@@ -285,6 +368,8 @@ class MigrationManager:
     @defer.inlineCallbacks
     def _prepare(self, m: MigrationRec):
         vm = self._vm_rec(m)
+        if m.requested_by == "balancer":
+            self._check_balancer_move(m, vm)
         cluster = self.dom.get(VClusterRec, vm.cluster)
         if cluster is None:
             raise VmwebError(f"cluster {vm.cluster!r} is gone")
@@ -380,6 +465,7 @@ class MigrationManager:
         now = int(self.now_ms())
         done = _replace(m, phase="done", finished_at=now, **stats)
         yield self.domsvc.put(_replace(vm, host=m.dest), done)
+        self._nudge(None, done)
         self.completed += 1
         log.info("migration {mid}: {vm} now on {dst} ({mode}, {ms} ms, downtime {dt} ms, "
                  "{b} bytes)", mid=m.id, vm=vm.id, dst=m.dest, mode=m.mode, ms=done.total_ms,
@@ -390,7 +476,13 @@ class MigrationManager:
     # -- either side -----------------------------------------------------------------------
     def _advance(self, m: MigrationRec, phase: str, **kw) -> defer.Deferred:
         new = _replace(m, phase=phase, **kw)
-        return self.domsvc.put(new).addCallback(lambda _: new)
+        return self.domsvc.put(new).addCallback(self._nudge, new).addCallback(lambda _: new)
+
+    def _nudge(self, _, m: MigrationRec):
+        """The other host acts next: send it the change now, even if our failure detector
+        currently thinks it dead (a loaded host flaps)."""
+        others = [h for h in (m.source, m.dest) if h != self.host_id]
+        self.push_to(others)
 
     @defer.inlineCallbacks
     def _fail(self, m: MigrationRec, phase: str, message: str):
