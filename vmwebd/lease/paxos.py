@@ -122,6 +122,7 @@ class _Op:
     id: str
     cas: dict               # key -> (expected, new)
     deadline: float
+    hard_deadline: float = 0.0  # with a majority answering, retries go on until this time
     ballot: Version | None = None
     phase: str = "prepare"  # prepare | accept
     promises: dict = field(default_factory=dict)
@@ -141,13 +142,14 @@ class PaxosCore:
     """Acceptor for every key, and proposer for the operations started here."""
 
     def __init__(self, me: str, clock: HybridClock, rng: random.Random, members,
-                 retry_after: float = 0.5, deadline: float = 3.0):
+                 retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0):
         self.me = me
         self.clock = clock
         self.rng = rng
         self.members: tuple[str, ...] = tuple(sorted(members))
         self.retry_after = retry_after
         self.deadline = deadline
+        self.contended_factor = contended_factor
         self.keys: dict[str, KeyState] = {}
         self.ops: dict[str, _Op] = {}
         self._out = Output()
@@ -228,7 +230,8 @@ class PaxosCore:
     # -- proposer ---------------------------------------------------------------------------
     def propose(self, op_id: str, cas: dict, now: float) -> Output:
         """Starts an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``."""
-        op = _Op(op_id, dict(cas), now + self.deadline)
+        op = _Op(op_id, dict(cas), now + self.deadline,
+                 hard_deadline=now + self.deadline * self.contended_factor)
         self.ops[op_id] = op
         self._prepare(op, now)
         return self._flush()
@@ -348,7 +351,10 @@ class PaxosCore:
 
     def tick(self, now: float) -> Output:
         for op in list(self.ops.values()):
-            if now >= op.deadline:
+            # No majority heard within the deadline: fail fast. A majority answering but the
+            # round not done (proposers pre-empting each other, a slow host): go on, bounded.
+            contended = len(op.heard) >= self.majority
+            if now >= (op.hard_deadline if contended else op.deadline):
                 self._finish(op, NoQuorum(op.id, len(op.heard), self.majority, len(self.members)))
             elif now >= op.retry_at:
                 self._prepare(op, now)

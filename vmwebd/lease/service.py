@@ -159,7 +159,12 @@ class LeaseService:
             d = self._pending.pop(result.op, None)
             if d is None:
                 continue
-            if isinstance(result, paxos.NoQuorum):
+            if isinstance(result, paxos.NoQuorum) and result.reachable >= result.needed:
+                d.errback(NoQuorum(
+                    f"could not decide a lease in time: {result.reachable} of {result.members} "
+                    "member hosts answered but the round did not complete (contention or slow "
+                    "hosts); try again"))
+            elif isinstance(result, paxos.NoQuorum):
                 d.errback(NoQuorum(
                     f"cannot lease without a majority: {result.reachable} of {result.members} "
                     f"member hosts answered, {result.needed} needed"))
