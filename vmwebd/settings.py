@@ -47,6 +47,16 @@ SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
                "vCPUs a host may carry per physical CPU"),
     SettingDef("restart_stopped", "true", _choice("true", "false"),
                "Start again a VM found stopped behind vmweb's back"),
+    # The load balancer (vmwebd/migrate/balancer.py, docs/balancer.md). Off by default: a move
+    # costs bandwidth and a pause, and on a driver without live migration it restarts the VM.
+    SettingDef("balancer.enabled", "false", _choice("true", "false"),
+               "Move VMs away from hosts loaded well above the grid's load (live migration)"),
+    SettingDef("balancer.threshold", "0.2", _float_range(0.0, 1.0),
+               "How far above the grid's load (0..1, share of capacity) a host must be before it moves a VM"),
+    SettingDef("balancer.interval", "60.0", _float_range(1.0, 86400.0),
+               "Seconds between two looks of a host at its load"),
+    SettingDef("balancer.min-residence", "1800.0", _float_range(0.0, 604800.0),
+               "Seconds a VM stays where the balancer put it before it may move again"),
 ]}
 
 
