@@ -154,3 +154,47 @@ def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refus
                "the VM running at its source")
     wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the lease given back")
     assert not (grid.base / other / "images" / img["file"]).exists()
+
+
+def host_loads(client) -> dict[str, float]:
+    hs = client.call("ListHosts")
+    return {h["id"]: max(h["used_vcpus"] / (h["cpus"] * 4.0), h["used_memory_mib"] / h["memory_mib"])
+            for h in hs}
+
+
+@pytest.mark.slow
+def test_balancer_spreads_a_packed_grid_without_moving_any_vm_back(grid):
+    """All VMs packed onto host1; with the balancer on, hosts move VMs (cold here) until host1 is
+    within the threshold of the grid's load, and no VM ever returns to a host it left."""
+    admin = grid.client(0)
+    admin.call("SetSetting", "placement", "pack")
+    c = admin.call("CreateCluster", "bal", "lab", "alice", 12)
+    assert {v["host"] for v in c["vms"]} == {"host1"}
+    running_everywhere(grid, "bal", 12)
+    hs = admin.call("ListHosts")
+    ideal = max(sum(h["used_vcpus"] for h in hs) / (sum(h["cpus"] for h in hs) * 4.0),
+                sum(h["used_memory_mib"] for h in hs) / sum(h["memory_mib"] for h in hs))
+    threshold = 0.05
+    for key, value in (("balancer.threshold", str(threshold)), ("balancer.interval", "1"),
+                       ("balancer.min-residence", "3600"), ("balancer.enabled", "true")):
+        admin.call("SetSetting", key, value)
+
+    def balanced():
+        loads = host_loads(grid.client(1))
+        busy = [m for m in grid.client(1).call("ListMigrations") or [] if m["phase"] not in ("done", "failed")]
+        return not busy and loads["host1"] <= ideal + threshold and loads
+    loads = wait_until(balanced, 120, "host1 to shed VMs down to the grid load + threshold")
+    admin.call("SetSetting", "balancer.enabled", "false")
+    migrations = admin.call("ListMigrations") or []
+    done = [m for m in migrations if m["phase"] == "done"]
+    assert done and all(m["requested_by"] == "balancer" for m in migrations)
+    # Bounded: no more moves than VMs, and no VM went back to a host it left.
+    assert len(done) <= 12
+    visited: dict[str, list[str]] = {}
+    for m in sorted(done, key=lambda m: m["finished_at"]):
+        path = visited.setdefault(m["vm"], [m["source"]])
+        assert m["source"] == path[-1]
+        assert m["dest"] not in path, (m["vm"], path, m["dest"])
+        path.append(m["dest"])
+    assert max(loads.values()) <= ideal + threshold + 1e-9, loads
+    running_everywhere(grid, "bal", 12)

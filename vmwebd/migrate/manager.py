@@ -285,6 +285,10 @@ class MigrationManager:
         policy = bal.policy_from_settings(all_settings(self.dom))
         hosts, vms, flying = self.balancer_inputs()
         flying = [f for f in flying if f.vm_id != m.vm]
+        busy = sum(1 for f in flying if m.dest in (f.src, f.dst))
+        if busy >= policy.max_concurrent:
+            raise VmwebError(f"host {self.host_id} declines the balancer's move: already in "
+                             f"{busy} migration(s) (balancer max {policy.max_concurrent})")
         by_id = {h.host_id: h for h in hosts}
         vm_load = next((v for v in vms if v.vm_id == vm.id), None)
         if vm_load is None or m.source not in by_id or m.dest not in by_id:
