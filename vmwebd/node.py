@@ -113,7 +113,8 @@ class Node:
         self.migrations = MigrationManager(
             self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,
             self.now_ms, self.live_hosts, self.peer_address_of, self.cert_dir,
-            overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")))
+            overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")),
+            clock=self.reactor)
         if cfg.migrate_uri and self.driver.supports_live_migration:
             self.migrations.migrate_uri = cfg.migrate_uri
         if cfg.storage.console_dir and self.driver.runs_guests:

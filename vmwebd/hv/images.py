@@ -397,13 +397,17 @@ def image_resolver(store: ImageStore):
 
 
 class _FileSender:
-    """Pull producer: reads the next chunk on a thread each time the transport wants more."""
+    """Push producer: reads chunks on a thread and writes them until the transport says pause.
+
+    (Not a pull producer: over TLS, Twisted drives a pull producer from a cooperator that calls
+    resumeProducing again and again, a busy loop while our read runs on its thread.)"""
 
     def __init__(self, request, path: Path):
         self.request = request
         self.path = path
         self.f = None
         self.done = False
+        self.paused = False
         self.reading = False
         request.notifyFinish().addErrback(lambda _: self._close())
 
@@ -418,10 +422,11 @@ class _FileSender:
             return
         self.request.setHeader(b"content-type", b"application/octet-stream")
         self.request.setHeader(b"content-length", str(size).encode())
-        self.request.registerProducer(self, False)
+        self.request.registerProducer(self, True)
+        self._next()
 
-    def resumeProducing(self):
-        if self.done or self.reading or self.f is None:
+    def _next(self):
+        if self.done or self.paused or self.reading or self.f is None:
             return
         self.reading = True
         threads.deferToThread(self.f.read, CHUNK).addCallbacks(self._got, self._failed)
@@ -436,22 +441,27 @@ class _FileSender:
             self.request.finish()
             self._close()
             return
-        self.request.write(chunk)
+        self.request.write(chunk)   # may call pauseProducing before it returns
+        self._next()
 
     def _failed(self, failure):
         self.reading = False
-        log.failure("reading image {path}", failure=failure, path=str(self.path))
+        log.failure("reading {path}", failure=failure, path=str(self.path))
         self.done = True
         self.request.unregisterProducer()
         self.request.channel.loseConnection()  # the client sees a short body and refuses it
         self._close()
 
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+        self._next()
+
     def stopProducing(self):
         self.done = True
         self._close()
-
-    def pauseProducing(self):
-        pass
 
     def _close(self):
         self.done = True

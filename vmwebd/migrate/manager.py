@@ -57,7 +57,10 @@ class MigrationManager:
     for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
 
     def __init__(self, host_id, domsvc, driver, images, reconciler, table, storage, now_ms,
-                 live_hosts, peer_address_of, cert_dir, overcommit=lambda: 4.0):
+                 live_hosts, peer_address_of, cert_dir, overcommit=lambda: 4.0, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -316,8 +319,10 @@ class MigrationManager:
         return Path(self.storage.dir) / volume_name(m.vm)
 
     def _on_change(self, kind: str, id_: str) -> None:
+        # Called in the middle of a DOM merge (a peer's delivery being processed): act in a
+        # later reactor turn, never re-entering gossip or the DOM from inside their own call.
         if kind == "migration":
-            self.kick(id_)
+            self.clock.callLater(0, self.kick, id_)
 
     def kick(self, mid: str) -> None:
         if mid in self._working:
@@ -445,6 +450,7 @@ class MigrationManager:
         state_bytes = 0
         if info.state in ("running", "paused"):
             path = self._state_path(m)
+            yield threads.deferToThread(path.parent.mkdir, parents=True, exist_ok=True)
             yield self.driver.save(name, str(path))
             state_bytes = yield threads.deferToThread(lambda: os.path.getsize(path))
         yield self._advance(m, "saved", disk_bytes=overlay, bytes=overlay + state_bytes)
