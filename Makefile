@@ -18,6 +18,7 @@ bench: bootstrap
 	@$(PY) bench/soap.py
 	@$(PY) bench/gossip_sim.py
 	@$(PY) bench/leases.py
+	@$(PY) bench/validate.py
 	@$(PY) bench/migrate.py
 
 clean:
