@@ -153,6 +153,13 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
     images, _ = vmweb(h2, creds, "image", "list")
     assert sorted(next(i for i in images if i["name"] == "tiny")["hosts"]) == ["h1", "h2"]
 
+    # Both real guests booted (their marker on the serial console, each at its own host).
+    for host_name, v in by_host.items():
+        host = h1 if host_name == "h1" else h2
+        log = console(host, f"rg/{v['name']}")
+        wait_for(lambda log=log: any(line.startswith("VMWEB-GUEST-UP") for line in read_serial(log)),
+                 90, f"the guest on {host_name} to boot")
+
     vm = by_host["h1"]
     vm_id = f"rg/{vm['name']}"
     token = guest_token(vm_id)
