@@ -64,9 +64,24 @@ def test_name_is_free_again_after_destroy(start_node):
     """A destroyed cluster's name and addresses can be used again by a new cluster."""
     h = yield start_node()
     c1 = yield h.call("CreateCluster", "again", "lab", "bob", 2)
+    yield h.node.reconciler.settled()
+    c1 = yield h.call("GetCluster", "again")
+    assert [v["state"] for v in c1["vms"]] == ["running", "running"]
     yield h.call("DestroyCluster", "again")
     c2 = yield h.call("CreateCluster", "again", "lab", "bob", 2)
     assert {v["ip"] for v in c2["vms"]} == {v["ip"] for v in c1["vms"]}
+    # The new VMs are new: not "pending" with the old ones' status, nor "restarted" because
+    # the old status said running (a deleted VM's status part outlives its tombstone).
+    assert [v["state"] for v in c2["vms"]] == ["pending", "pending"]
+    yield h.node.reconciler.settled()
+    c2 = yield h.call("GetCluster", "again")
+    assert [(v["state"], v["restarts"], v["detail"] or "") for v in c2["vms"]] == [("running", 0, "")] * 2
+    # Same after a scale down and up again (the name pc1 comes back within one cluster).
+    yield h.call("ScaleCluster", "again", 1)
+    yield h.call("ScaleCluster", "again", 2)
+    yield h.node.reconciler.settled()
+    c2 = yield h.call("GetCluster", "again")
+    assert [(v["state"], v["restarts"], v["detail"] or "") for v in c2["vms"]] == [("running", 0, "")] * 2
 
 
 @pytest_twisted.inlineCallbacks

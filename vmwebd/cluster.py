@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, VmStatus
+from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.placement import HostLoad, place
 from vmwebd.reconcile import bridge_name, network_name
@@ -114,7 +114,7 @@ class ClusterManager:
             raise NoSuchCluster(str(name))
         vms = []
         for vm in sorted(self._vms_of(name), key=lambda v: _natural(v.name)):
-            st = self.dom.get(VmStatus, vm.id)
+            st = status_of(self.dom, vm)
             vms.append(VmView(vm.name, vm.role, vm.host, st.state if st else "pending", vm.desired,
                               vm.ip, vm.mac, vm.vcpus, vm.memory_mib,
                               st.detail if st else "", st.restarts if st else 0))
@@ -181,11 +181,10 @@ class ClusterManager:
         self.reconcile_kick()
         return self.cluster(name)
 
-    @staticmethod
-    def _vm_rec(cluster, vm, role, host, addr) -> VmRec:
+    def _vm_rec(self, cluster, vm, role, host, addr) -> VmRec:
         return VmRec(id=f"{cluster}/{vm}", cluster=cluster, name=vm, role=role.name, host=host,
                      vcpus=role.vcpus, memory_mib=role.memory_mib, image=role.image,
-                     ip=addr.ip, mac=addr.mac, desired="running")
+                     ip=addr.ip, mac=addr.mac, desired="running", token=secrets.token_hex(4))
 
     @defer.inlineCallbacks
     def scale(self, name, count) -> ClusterView:
@@ -253,7 +252,8 @@ class ClusterManager:
         want = "running" if desired == "running" else "shutoff"
 
         def reached():
-            st = self.dom.get(VmStatus, rec.id)
+            cur = self.dom.get(VmRec, rec.id)
+            st = status_of(self.dom, cur) if cur is not None else None
             return st is not None and st.state in (want, "error")
         yield self.domsvc.wait_for(reached, self.wait_timeout)
         return next(v for v in self.cluster(cluster).vms if v.name == vm)

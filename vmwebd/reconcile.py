@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus
+from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus, status_of
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.lease.allocator import parse_holder
@@ -242,7 +242,7 @@ class Reconciler:
 
     @defer.inlineCallbacks
     def _reconcile_vm(self, vm: VmRec, dom_info, cluster: VClusterRec | None):
-        prev = self.dom.get(VmStatus, vm.id)
+        prev = status_of(self.dom, vm)
         name = domain_name(vm.id)
         state = dom_info.state if dom_info is not None else "missing"
         restarts = prev.restarts if prev else 0
@@ -275,7 +275,7 @@ class Reconciler:
             log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=e)
         if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
             return VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
-                            restarts=restarts, observed_at=int(self.now_ms()))
+                            restarts=restarts, observed_at=int(self.now_ms()), token=vm.token)
         return None
 
     @defer.inlineCallbacks

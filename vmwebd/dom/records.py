@@ -205,6 +205,7 @@ class VmRec(Record):
     ip: str = ""
     mac: str = ""
     desired: str = "running"         # running | stopped | absent
+    token: str = ""                  # unique per creation of this VM (a name can come back)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ class VmStatus(Record):
     detail: str = ""
     restarts: int = 0
     observed_at: int = 0
+    token: str = ""                  # the VmRec token it was observed for
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,14 @@ class MigrationRec(Record):
     dest_disk: str = ""              # where the destination put the overlay
     dest_console: str = ""           # and the serial log
     error: str = ""
+
+
+def status_of(dom, vm: VmRec) -> VmStatus | None:
+    """The observed state of this creation of ``vm``. A VM deleted and created again under the
+    same name (a cluster destroyed and re-made, a scale down then up) keeps its old status part
+    in the DOM (parts outlive a tombstone in the merge); its token tells the two apart."""
+    st = dom.get(VmStatus, vm.id)
+    return st if st is not None and st.token == vm.token else None
 
 
 RECORD_TYPES: list[type[Record]] = [HostRec, UserRec, ImageRec, TemplateRec, SettingRec,

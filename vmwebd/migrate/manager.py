@@ -31,7 +31,7 @@ from lxml import etree
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec, VmStatus
+from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import (HypervisorError, InvalidArgument, MigrationBusy, NoCapacity,
                            NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
 from vmwebd.hv.images import fetch_file
@@ -131,7 +131,7 @@ class MigrationManager:
 
     def mode_for(self, vm: VmRec, dest: str) -> str:
         src, dst = self.dom.get(HostRec, vm.host), self.dom.get(HostRec, dest)
-        st = self.dom.get(VmStatus, vm.id)
+        st = status_of(self.dom, vm)
         running = st is not None and st.state == "running"
         if running and src is not None and dst is not None and src.migrate_uri and dst.migrate_uri:
             return "live"

@@ -331,8 +331,8 @@ def host_view(ctx) -> Markup:
 
 
 def _vm_state(ctx, vm) -> str:
-    from vmwebd.dom.records import VmStatus
-    st = ctx.dom.get(VmStatus, vm.id)
+    from vmwebd.dom.records import status_of
+    st = status_of(ctx.dom, vm)
     return st.state if st else "pending"
 
 
@@ -484,9 +484,9 @@ def live_state(ctx) -> dict:
         cells[f"{k}:load"] = f"{h.load1:.2f}"
         cells[f"{k}:vms"] = str(h.vms)
     if p.is_admin:
-        from vmwebd.dom.records import VmStatus
+        from vmwebd.dom.records import status_of
         for vm in ctx.dom.all(VmRec):
-            st = ctx.dom.get(VmStatus, vm.id)
+            st = status_of(ctx.dom, vm)
             cells.setdefault(f"v:{vm.id}:state", st.state if st else "pending")
     return {"shape": shape_of(ctx), "cells": cells}
 
