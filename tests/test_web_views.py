@@ -177,3 +177,27 @@ def test_cli_user_commands_and_credentials(start_node, tmp_path):
         assert boot.returncode == 0 and (tmp_path / "state" / "bootstrap-admin").exists()
         assert boot.stdout.split("password ")[-1].strip() not in (tmp_path / "state" / "bootstrap-admin").read_text()
     yield threads.deferToThread(story)
+
+
+@pytest_twisted.inlineCallbacks
+def test_host_view_lists_migrations_escaped_and_only_the_users_own(start_node):
+    """The host view shows migrations (phase, bytes, downtime); a user sees only their clusters'
+    moves, and an error text holding markup is shown as text."""
+    from vmwebd.dom.records import MigrationRec, VClusterRec
+    h = yield start_node()
+    yield h.node.domsvc.put(VClusterRec(id="bobs", owner="bob"), VClusterRec(id="alices", owner="alice"))
+    yield h.node.domsvc.put(
+        MigrationRec(id="m1", vm="bobs/pc0", source="host1", dest="host2", phase="done", mode="live",
+                     bytes=70 << 20, total_ms=950, downtime_ms=257, started_at=1),
+        MigrationRec(id="m2", vm="alices/pc0", source="host1", dest="host2", phase="failed",
+                     mode="cold", error="phase prepare: <img src=x onerror=alert(1)>", started_at=2))
+
+    def fetch(user):
+        b = Browserless(h.node.api_address)
+        assert b.login(user, password_of(user) if user != "admin" else ADMIN[1]).status_code == 303
+        return b.s.get(b.base + "/hosts", timeout=10).text
+    bob = yield threads.deferToThread(fetch, "bob")
+    assert "bobs/pc0" in bob and "257 ms" in bob and "alices/pc0" not in bob
+    admin = yield threads.deferToThread(fetch, "admin")
+    assert "alices/pc0" in admin and "bobs/pc0" in admin
+    assert "<img src=x" not in admin and "&lt;img src=x onerror=alert(1)&gt;" in admin

@@ -327,7 +327,30 @@ def host_view(ctx) -> Markup:
                class_="facts"),
             el("ul", *chips, class_="chips") if chips else el("p", "No VMs.", class_="empty"),
             class_="host card", data_host=h.id))
-    return el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts")
+    return frag(el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
+                _migrations_table(ctx))
+
+
+def _migrations_table(ctx, limit: int = 20) -> Markup:
+    """The latest migrations the viewer may see: who moved what where, how, and what it cost."""
+    ms = ctx.access.migrations(ctx.principal)[-limit:][::-1]
+    if not ms:
+        return el("section", el("h2", "Migrations"), el("p", "No VM has moved yet.", class_="empty"),
+                  class_="card migrations")
+    rows = [el("tr", el("td", m.vm, data_label="VM"), el("td", m.source, data_label="From"),
+               el("td", m.dest, data_label="To"), el("td", m.mode, data_label="Mode"),
+               el("td", badge(m.phase, f"m:{m.id}:phase"), data_label="Phase"),
+               el("td", _mib(m.bytes // (1 << 20)) if m.bytes else "", data_label="Moved"),
+               el("td", f"{m.total_ms} ms" if m.total_ms else "", data_label="Time"),
+               el("td", f"{m.downtime_ms} ms" if m.downtime_ms else "", data_label="Downtime"),
+               el("td", m.error, class_="detail", data_label="Error"),
+               data_migration=m.id)
+            for m in ms]
+    head = el("tr", *[el("th", t, scope="col") for t in ("VM", "From", "To", "Mode", "Phase", "Moved",
+                                                          "Time", "Downtime", "Error")])
+    return el("section", el("h2", "Migrations"),
+              el("div", el("table", el("thead", head), el("tbody", *rows), class_="vms"), class_="scroll"),
+              class_="card migrations")
 
 
 def _vm_state(ctx, vm) -> str:
@@ -378,7 +401,7 @@ def settings_view(ctx, node) -> Markup:
         if key == "placement":
             field = el("select", *[el("option", o, value=o, selected=o == value) for o in ("spread", "pack")],
                        name="value", id=f"setting-{key}")
-        elif key == "restart_stopped":
+        elif key in ("restart_stopped", "balancer.enabled"):
             field = el("select", *[el("option", o, value=o, selected=o == value) for o in ("true", "false")],
                        name="value", id=f"setting-{key}")
         else:
