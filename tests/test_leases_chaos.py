@@ -283,11 +283,12 @@ def grid5(tmp_path):
         g.close()
 
 
-# The 5-daemon chaos run needs the machine to itself: under other load, hosts flap between
-# suspect and alive and the run's liveness waits (not its safety checks) time out. It runs when
-# VMWEB_CHAOS=1 (`VMWEB_CHAOS=1 make test`), not in every CI run.
-chaos = pytest.mark.skipif(os.environ.get("VMWEB_CHAOS") != "1",
-                           reason="5-daemon chaos run: set VMWEB_CHAOS=1 to run it")
+# The 5-daemon chaos run (about a minute). It used to need the machine to itself: hosts flapped
+# between suspect and alive because every delivery was schema-checked by libxml2's RelaxNG, which
+# is exponential in optional attributes (vmwebd/dom/validate.py). With the linear validator it
+# passed 3 runs of 3 here, so it runs in CI; VMWEB_CHAOS=0 skips it on a slow machine.
+chaos = pytest.mark.skipif(os.environ.get("VMWEB_CHAOS") == "0",
+                           reason="5-daemon chaos run skipped: VMWEB_CHAOS=0")
 
 
 @chaos
