@@ -69,6 +69,18 @@ class HostView:
     member: bool = False
 
 
+def host_loads(dom, live: set[str], exclude: str | None = None) -> dict[str, HostLoad]:
+    """The load of every live host (``exclude`` left out): its capacity and the vCPUs and memory
+    of the VMs the DOM assigns to it."""
+    loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in dom.all(HostRec)
+             if h.id in live and h.liveness == "alive" and h.id != exclude}
+    for vm in dom.all(VmRec):
+        if vm.host in loads and vm.desired != "absent":
+            loads[vm.host].used_vcpus += vm.vcpus
+            loads[vm.host].used_memory_mib += vm.memory_mib
+    return loads
+
+
 def _check_name(name, field_="name") -> str:
     if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
         raise InvalidArgument(field_, f"{name!r} is not a valid cluster name "
@@ -140,14 +152,7 @@ class ClusterManager:
         return [vm for vm in self.dom.all(VmRec) if vm.cluster == cluster]
 
     def _loads(self) -> dict[str, HostLoad]:
-        live = self.live_hosts()
-        loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in self.dom.all(HostRec)
-                 if h.id in live and h.liveness == "alive"}
-        for vm in self.dom.all(VmRec):
-            if vm.host in loads and vm.desired != "absent":
-                loads[vm.host].used_vcpus += vm.vcpus
-                loads[vm.host].used_memory_mib += vm.memory_mib
-        return loads
+        return host_loads(self.dom, self.live_hosts())
 
     def _place(self, vms: list[tuple[str, int, int]]) -> dict[str, str]:
         return place(list(self._loads().values()), vms, get_setting(self.dom, "placement"),

@@ -153,16 +153,6 @@ class ImageUnavailable(ServerError):
     faultcode = "Server.ImageUnavailable"
 
 
-class MigrationFailed(ServerError):
-    """A migration failed; the VM keeps running at its source. The message names the phase."""
-
-    faultcode = "Server.MigrationFailed"
-
-    def __init__(self, vm: str, phase: str, message: str):
-        super().__init__(f"migration of VM {vm!r} failed in phase {phase!r}: {message}")
-        self.vm, self.phase = vm, phase
-
-
 class StoreError(ServerError):
     faultcode = "Server.Store"
 

@@ -221,7 +221,6 @@ class ImageStore:
         self.held: set[str] = set()          # image names whose file here matches the record
         self.publish = lambda: defer.succeed(None)
         self._fetching: dict[str, list[defer.Deferred]] = {}
-        self.fetches = 0
 
     # -- what is here -----------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -354,7 +353,6 @@ class ImageStore:
                 log.warn("{err}", err=e)
                 errors.append(str(e))
                 continue
-            self.fetches += 1
             yield self.driver.ensure_pool(self.pool, str(self.dir))
             self.held.add(rec.id)
             yield self.publish()

@@ -240,6 +240,21 @@ def assess(vm: VmLoad, src: HostLoad, dst: HostLoad, ideal: float, policy: Balan
                 f"{why}; {dst.host_id} goes {ld:.3f} -> {ld2:.3f}, {src.host_id} {ls:.3f} -> {ls2:.3f}")
 
 
+def loads_after(hosts: Sequence[HostLoad], vms: Sequence[VmLoad],
+                in_flight: Sequence[Move]) -> dict[str, HostLoad]:
+    """Host id -> load, counting each migration in flight as done (source less the VM,
+    destination plus it); moves naming an unknown VM or host are left out."""
+    by_id = {h.host_id: h for h in hosts}
+    vm_by_id = {v.vm_id: v for v in vms}
+    for m in in_flight:
+        v = vm_by_id.get(m.vm_id)
+        if v is None or m.src not in by_id or m.dst not in by_id:
+            continue
+        by_id[m.src] = by_id[m.src].minus(v)
+        by_id[m.dst] = by_id[m.dst].plus(v)
+    return by_id
+
+
 def choose_move(me: str, hosts: Sequence[HostLoad], vms: Sequence[VmLoad], policy: BalancerPolicy,
                 now_ms: int, in_flight: Sequence[Move] = (), skip: Collection[str] = ()) -> Move | None:
     """The move host ``me`` should start now, or None (disabled, balanced, busy, nothing allowed).
@@ -256,18 +271,10 @@ def choose_move(me: str, hosts: Sequence[HostLoad], vms: Sequence[VmLoad], polic
         return None
     if sum(1 for m in in_flight if me in (m.src, m.dst)) >= policy.max_concurrent:
         return None
-    by_id = {h.host_id: h for h in hosts}
+    by_id = loads_after(hosts, vms, in_flight)
     if me not in by_id:
         return None
-    vm_by_id = {v.vm_id: v for v in vms}
-    moving = set(skip)
-    for m in in_flight:
-        v = vm_by_id.get(m.vm_id)
-        moving.add(m.vm_id)
-        if v is None or m.src not in by_id or m.dst not in by_id:
-            continue
-        by_id[m.src] = by_id[m.src].minus(v)
-        by_id[m.dst] = by_id[m.dst].plus(v)
+    moving = set(skip) | {m.vm_id for m in in_flight}
     oc = policy.cpu_overcommit
     ideal = grid_load(list(by_id.values()), oc)
     mine = by_id[me]

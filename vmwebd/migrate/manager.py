@@ -37,6 +37,7 @@ from vmwebd.errors import (HypervisorError, InvalidArgument, MigrationBusy, NoCa
 from vmwebd.hv.images import fetch_file
 from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight, lease_holder, lease_key
+from vmwebd.cluster import host_loads
 from vmwebd.placement import HostLoad
 from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
 
@@ -78,7 +79,6 @@ class MigrationManager:
         self._working: set[str] = set()
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
-        self.completed = 0
         self.push_to = lambda hosts: None   # the node wires gossip's direct push here
         self._down_since: dict[str, int] = {}
 
@@ -93,13 +93,7 @@ class MigrationManager:
         return rec
 
     def _loads(self, exclude: str) -> dict[str, HostLoad]:
-        live = self.live_hosts()
-        loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in self.dom.all(HostRec)
-                 if h.id in live and h.liveness == "alive" and h.id != exclude}
-        for vm in self.dom.all(VmRec):
-            if vm.host in loads and vm.desired != "absent":
-                loads[vm.host].used_vcpus += vm.vcpus
-                loads[vm.host].used_memory_mib += vm.memory_mib
+        loads = host_loads(self.dom, self.live_hosts(), exclude)
         # Capacity already promised to migrations under way counts as used.
         for m in in_flight(self.dom, self.now_ms()).values():
             vm = self.dom.get(VmRec, m.vm)
@@ -292,14 +286,10 @@ class MigrationManager:
         if busy >= policy.max_concurrent:
             raise VmwebError(f"host {self.host_id} declines the balancer's move: already in "
                              f"{busy} migration(s) (balancer max {policy.max_concurrent})")
-        by_id = {h.host_id: h for h in hosts}
+        by_id = bal.loads_after(hosts, vms, flying)
         vm_load = next((v for v in vms if v.vm_id == vm.id), None)
         if vm_load is None or m.source not in by_id or m.dest not in by_id:
             return
-        for f in flying:
-            v = next((x for x in vms if x.vm_id == f.vm_id), None)
-            if v is not None and f.src in by_id and f.dst in by_id:
-                by_id[f.src], by_id[f.dst] = by_id[f.src].minus(v), by_id[f.dst].plus(v)
         ideal = bal.grid_load(list(by_id.values()), policy.cpu_overcommit)
         # Judge by the state before this move (the VM still at its source).
         verdict = bal.assess(vm_load, by_id[m.source], by_id[m.dest], ideal, policy,
@@ -476,7 +466,6 @@ class MigrationManager:
         done = _replace(m, phase="done", finished_at=now, **stats)
         yield self.domsvc.put(_replace(vm, host=m.dest), done)
         self._nudge(None, done)
-        self.completed += 1
         log.info("migration {mid}: {vm} now on {dst} ({mode}, {ms} ms, downtime {dt} ms, "
                  "{b} bytes)", mid=m.id, vm=vm.id, dst=m.dest, mode=m.mode, ms=done.total_ms,
                  dt=done.downtime_ms, b=done.bytes)

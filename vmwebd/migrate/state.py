@@ -4,7 +4,6 @@ from __future__ import annotations
 from vmwebd.dom.records import MigrationRec
 
 TERMINAL = ("done", "failed")
-PHASES = ("prepare", "ready", "migrating", "saved", "restored", "done", "failed")
 #: A migration not finished after this long is abandoned by everyone (its hosts crashed).
 STALE_MS = 15 * 60 * 1000
 
