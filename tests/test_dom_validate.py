@@ -1,4 +1,4 @@
-"""The fast entity validator agrees with libxml2's RelaxNG on schema.rng, and is fast.
+"""The linear entity validator agrees with libxml2's RelaxNG on schema.rng.
 
 RelaxNG (libxml2) is the reference; it is exponential in the number of optional attributes present,
 so the generated entities carry at most a handful of them. Entities of every kind are generated,
@@ -8,7 +8,6 @@ unknown attribute, a value of the wrong type or out of range, text, a stray chil
 from __future__ import annotations
 
 import copy
-import time
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from lxml import etree
@@ -71,7 +70,7 @@ def test_fast_validator_agrees_with_relaxng(el):
     assert (entity_error(el) is None) == relaxng_valid(el), (etree.tostring(el)[:300], entity_error(el))
 
 
-def test_records_as_written_are_valid_and_checked_fast():
+def test_records_as_written_are_valid_and_a_misplaced_entity_is_refused():
     dom = Dom(HybridClock("h1", lambda: 1000))
     recs = [MigrationRec(id="m1", vm="c/pc0", source="h1", dest="h2", phase="done", mode="live",
                          requested_by="alice", started_at=1, finished_at=2, bytes=3, disk_bytes=4,
@@ -80,14 +79,7 @@ def test_records_as_written_are_valid_and_checked_fast():
             VmRec(id="c/pc0", cluster="c", name="pc0", host="h1")]
     for rec in recs:
         el = dom.put(rec)
-        assert entity_error(el) is None
-        started = time.perf_counter()
-        for _ in range(200):
-            entity_error(el)
-        per_call = (time.perf_counter() - started) / 200
-        # A migration entity took 6 s in libxml2's RelaxNG; linear checking is microseconds.
-        # (Loose bound: this is a complexity check, not a benchmark.)
-        assert per_call < 0.01, (rec.KIND, per_call)
+        assert entity_error(el) is None   # (how fast: bench/validate.py, not a test)
     doc = etree.fromstring(dom.to_xml())
     assert document_error(doc, CONTAINERS) is None
     bad = copy.deepcopy(doc)
