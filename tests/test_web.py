@@ -83,10 +83,16 @@ def url(grid, i: int, path: str) -> str:
 
 def wait_for(driver, pred, what: str, timeout: float = WAIT):
     """Waits (bounded) until ``pred(driver)`` is true; fails naming ``what``."""
+    from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
+                                            TimeoutException)
     from selenium.webdriver.support.ui import WebDriverWait
+    # A page that is being replaced (a form just posted, a live update) can drop an element between
+    # finding it and reading it: that is "not yet", not a failure, so the wait polls again.
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
     try:
-        return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: pred(d))
-    except Exception as e:
+        return wait.until(lambda d: pred(d))
+    except TimeoutException as e:
         raise AssertionError(f"timed out after {timeout} s waiting for {what} (at {driver.current_url})") from e
 
 
