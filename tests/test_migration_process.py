@@ -198,3 +198,76 @@ def test_balancer_spreads_a_packed_grid_without_moving_any_vm_back(grid):
         path.append(m["dest"])
     assert max(loads.values()) <= ideal + threshold + 1e-9, loads
     running_everywhere(grid, "bal", 12)
+
+
+@pytest.mark.slow
+def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid):
+    """host3 stops answering (SIGSTOP): its VMs cannot be migrated; an admin's EvacuateHost at
+    host2 re-places them on live hosts with their addresses, finishes a destroy that was waiting
+    on host3, and when host3 comes back it removes its old copies."""
+    import signal
+    import threading
+    keep = grid.client(0).call("CreateCluster", "evac", "lab", "alice", 7)
+    doomed = grid.client(0).call("CreateCluster", "evac2", "lab", "bob", 7)
+    running_everywhere(grid, "evac", 7)
+    running_everywhere(grid, "evac2", 7)
+    on3 = {v["name"]: v for v in keep["vms"] if v["host"] == "host3"}
+    doomed_on3 = [v["name"] for v in doomed["vms"] if v["host"] == "host3"]
+    assert on3 and doomed_on3, "spread placement puts VMs of both clusters on host3"
+    # A live host is not evacuated; nor by a user; nor a host that does not exist.
+    for client, host, code in [(grid.client(1), "host3", "Client.HostAlive"),
+                               (grid.client(1), "host2", "Client.HostAlive"),
+                               (grid.client(1), "host9", "Client.NoSuchHost"),
+                               (user_client(grid.daemons[1].address, "alice"), "host3",
+                                "Client.NotAuthorized")]:
+        with pytest.raises(ApiFault) as e:
+            client.call("EvacuateHost", host)
+        assert e.value.code == code, (host, e.value)
+    host3 = grid.daemons[2].proc
+    host3.send_signal(signal.SIGSTOP)
+    try:
+        for i in (0, 1):
+            wait_until(lambda i=i: grid.liveness(i).get("host3") == "dead", 30, f"host{i + 1} to see host3 dead")
+        # Its VMs cannot be migrated away, and a destroy cannot finish while one of them is there.
+        with pytest.raises(ApiFault) as e:
+            grid.client(0).call("MigrateVm", "evac", next(iter(on3)), "")
+        assert e.value.code == "Server.NoCapacity" and "not alive" in e.value.message
+        destroyed = {}
+        t = threading.Thread(target=lambda: destroyed.setdefault(
+            "answer", grid.client(0).call("DestroyCluster", "evac2")), daemon=True)
+        t.start()
+        wait_until(lambda: grid.client(1).call("GetCluster", "evac2")["state"] == "destroying"
+                   and {v["name"] for v in grid.client(1).call("GetCluster", "evac2")["vms"]}
+                   == set(doomed_on3), 30, "evac2 destroyed but for its VMs on host3")
+        moves = grid.client(1).call("EvacuateHost", "host3")
+        assert sorted(m["vm"] for m in moves) == sorted(f"evac/{n}" for n in on3)
+        assert {m["mode"] for m in moves} == {"evacuate"} and {m["source"] for m in moves} == {"host3"}
+        assert {m["dest"] for m in moves} <= {"host1", "host2"}
+        for i in (0, 1):
+            c = running_everywhere_of(grid, i, "evac", 7)
+            for v in c["vms"]:
+                assert v["host"] != "host3", v
+                if v["name"] in on3:   # same addresses, a fresh VM
+                    assert (v["ip"], v["mac"]) == (on3[v["name"]]["ip"], on3[v["name"]]["mac"])
+                    assert v["restarts"] == 0 and not v["detail"], v
+        t.join(60)
+        assert destroyed.get("answer") == "destroyed", destroyed
+        assert all(m["phase"] == "done" for m in grid.client(0).call("ListMigrations")
+                   if m["mode"] == "evacuate")
+        wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the evacuation's leases given back")
+    finally:
+        host3.send_signal(signal.SIGCONT)
+    # host3 is back: it learns where its VMs went and removes its own copies (orphans).
+    wait_until(lambda: all(grid.liveness(i).get("host3") == "alive" for i in range(3)), 30, "host3 alive again")
+    running_everywhere(grid, "evac", 7)
+    gone = [f"vmweb-evac-{n}" for n in on3] + [f"vmweb-evac2-{n}" for n in doomed_on3]
+    wait_until(lambda: all(f"removing orphan domain {d} on host3" in grid.daemons[2].log() for d in gone),
+               30, f"host3 to remove {gone}")
+    assert {v["host"] for v in grid.client(2).call("GetCluster", "evac")["vms"]} <= {"host1", "host2"}
+    assert grid.client(2).call("ListClusters", "bob") in ([], None)
+
+
+def running_everywhere_of(grid, i, cluster, n):
+    return wait_until(lambda: (c := grid.client(i).call("GetCluster", cluster)) and
+                      sum(v["state"] == "running" for v in c["vms"]) == n and c, 30,
+                      f"{cluster}: {n} VMs running at host{i + 1}")

@@ -473,6 +473,12 @@ class Access:
         self._owned(p, cluster)
         return self.node.migrations.request(cluster, vm, dest or None, requested_by=p.name)
 
+    def evacuate_host(self, p: Principal, host) -> defer.Deferred:
+        """Re-places a dead host's VMs on live hosts (admins only: it is a judgement that the
+        host is really gone)."""
+        self.require_admin(p, "evacuating hosts")
+        return self.node.migrations.evacuate(host, requested_by=p.name)
+
     def migration(self, p: Principal, mid):
         m = self.node.migrations.get(mid)
         self._owned(p, m.vm.partition("/")[0]) if not p.is_admin else None

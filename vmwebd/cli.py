@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ask the grid (at --host) to add it to the consensus members")
     hr = hsub.add_parser("remove", help="remove a host from the consensus members")
     hr.add_argument("host_id")
+    he = hsub.add_parser("evacuate", help="re-place a dead host's VMs on live hosts (admins): they "
+                                          "boot afresh from their base image, same addresses")
+    he.add_argument("host_id")
     us = sub.add_parser("user", help="user accounts: list, create, delete, passwd, quota, bootstrap")
     usub = us.add_subparsers(dest="action", required=True)
     usub.add_parser("list", help="accounts (an admin sees all, a user their own)")
@@ -333,6 +336,10 @@ def run(args, client, out=sys.stdout) -> int:
     elif args.cmd == "set":
         s = client.call("SetSetting", args.key, args.value)
         emit(s, f"{s['key']} = {s['value']}")
+    elif args.cmd == "host" and args.action == "evacuate":
+        ms = client.call("EvacuateHost", args.host_id) or []
+        lines = [f"{m['vm']}: now on {m['dest']}, booting afresh from its base image" for m in ms]
+        emit(ms, "\n".join(lines) if lines else f"host {args.host_id} had no VMs to re-place")
     elif args.cmd == "host":
         op = "AddHost" if args.action == "add" else "RemoveHost"
         members = client.call(op, args.host_id) or []

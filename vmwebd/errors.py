@@ -116,6 +116,12 @@ class MigrationBusy(ClientError):
     faultcode = "Client.MigrationBusy"
 
 
+class HostAlive(ClientError):
+    """Evacuating a host that this host does not believe dead (its VMs may still run there)."""
+
+    faultcode = "Client.HostAlive"
+
+
 # -- our side ----------------------------------------------------------------------------------
 class ServerError(VmwebError):
     faultcode = "Server"

@@ -115,6 +115,9 @@ class Node:
             self.now_ms, self.live_hosts, self.peer_address_of, self.cert_dir,
             overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")),
             clock=self.reactor)
+        self.migrations.liveness = self.liveness
+        self.migrations.allocator = self.allocator
+        self.migrations.placement = lambda: get_setting(self.domsvc.dom, "placement")
         if cfg.migrate_uri and self.driver.supports_live_migration:
             self.migrations.migrate_uri = cfg.migrate_uri
         if cfg.storage.console_dir and self.driver.runs_guests:

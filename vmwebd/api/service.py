@@ -307,6 +307,14 @@ def make_user_service(node) -> type[Service]:
             return node.access.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
                 migration_info)
 
+        @rpc(Unicode, _returns=Array(MigrationInfo))
+        def EvacuateHost(ctx, host):
+            """Re-places every VM of a dead host on live hosts, booted afresh from its base image
+            with the same addresses (admins only); answers with one ``evacuate`` move per VM."""
+            _required(host, "host")
+            return node.access.evacuate_host(_caller(ctx), host).addCallback(
+                lambda ms: [migration_info(m) for m in ms])
+
         @rpc(Unicode, _returns=MigrationInfo)
         def GetMigration(ctx, id):
             _required(id, "id")

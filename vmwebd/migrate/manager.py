@@ -19,6 +19,10 @@ concerned drive it by reacting to that entity as it reaches them through gossip:
 Whoever writes ``done`` or ``failed`` gives the lease back. A failure in any phase writes
 ``failed`` naming the phase; the VM keeps running at the source (a cold move restores it there).
 While a migration is in flight both hosts' reconcilers leave that VM alone.
+
+A dead host's VMs cannot be migrated (nobody can read their memory or overlay). An admin's
+:meth:`MigrationManager.evacuate` re-places them on live hosts instead, booted afresh from their
+base image with the same addresses, each recorded as a migration of mode ``evacuate``.
 """
 from __future__ import annotations
 
@@ -32,13 +36,13 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec, status_of
-from vmwebd.errors import (HypervisorError, InvalidArgument, MigrationBusy, NoCapacity,
-                           NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
+from vmwebd.errors import (HostAlive, HypervisorError, InvalidArgument, MigrationBusy,
+                           NoCapacity, NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
 from vmwebd.hv.images import fetch_file
 from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight, lease_holder, lease_key
 from vmwebd.cluster import host_loads
-from vmwebd.placement import HostLoad
+from vmwebd.placement import HostLoad, place
 from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
 
 log = Logger()
@@ -80,6 +84,9 @@ class MigrationManager:
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
         self.push_to = lambda hosts: None   # the node wires gossip's direct push here
+        self.liveness = lambda host: "unknown"   # the failure detector's word on a host
+        self.allocator = None               # gives back addresses of VMs deleted by evacuate
+        self.placement = lambda: "spread"
         self._down_since: dict[str, int] = {}
 
     # -- requests (any host) ---------------------------------------------------------------
@@ -160,6 +167,73 @@ class MigrationManager:
         log.info("migration {mid}: {vm} {src} -> {dst} ({mode}) requested by {who}", mid=mid,
                  vm=rec.id, src=rec.host, dst=dest, mode=m.mode, who=requested_by or "?")
         return m
+
+    # -- evacuation of a dead host (an admin's call) ------------------------------------------
+    @defer.inlineCallbacks
+    def evacuate(self, host: str, requested_by: str = "") -> list[MigrationRec]:
+        """Gives the VMs of dead ``host`` to live hosts: each keeps its name and addresses and
+        boots afresh from its base image at its new host (its disk writes stayed on ``host``).
+
+        Only for a host the failure detector here calls dead or left: a host that is merely slow
+        may still run its VMs, and two copies of a VM would share an address. Moves from ``host``
+        still in flight are failed first (their source cannot finish them); VMs that were being
+        removed are deleted and their addresses given back (their host cannot do it any more).
+        Each re-placed VM is recorded as a migration of mode ``evacuate``, under its migration
+        lease. Should ``host`` come back, its reconciler removes its old copies (orphans)."""
+        if not isinstance(host, str) or self.dom.get(HostRec, host) is None:
+            raise NoSuchHost(str(host))
+        state = self.liveness(host)
+        if host == self.host_id or state not in ("dead", "left"):
+            raise HostAlive(f"host {host!r} is {'this host' if host == self.host_id else state} "
+                            f"as host {self.host_id} sees it: only a dead host is evacuated (move "
+                            "the VMs of a live host with vm migrate)")
+        now = int(self.now_ms())
+        on_host = sorted((vm for vm in self.dom.all(VmRec) if vm.host == host), key=lambda v: v.id)
+        flying = in_flight(self.dom, now)
+        for vm in on_host:
+            m = flying.get(vm.id)
+            if m is not None and m.source == host:
+                yield self._fail(m, m.phase, f"its source host {host} was evacuated")
+        keep = [vm for vm in on_host if vm.desired != "absent"]
+        gone = [vm for vm in on_host if vm.desired == "absent"]
+        plan = place(list(self._loads(exclude=host).values()),
+                     [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep], self.placement(),
+                     self.overcommit()) if keep else {}
+        mids = {vm.id: self.new_id() for vm in keep}
+        claims = {lease_key(vm.id): lease_holder(vm.id, mids[vm.id]) for vm in keep}
+        if claims:
+            try:
+                yield self.table.acquire(claims)
+            except LeaseConflict as e:
+                raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
+                                    "again once that move has ended") from None
+        moves, recs = [], []
+        for vm in keep:
+            moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
+                                      phase="done", mode="evacuate", requested_by=requested_by,
+                                      started_at=now, finished_at=now))
+            # A new token: the status its dead host wrote is not this creation's.
+            recs.append(_replace(vm, host=plan[vm.id], token=secrets.token_hex(4)))
+        try:
+            if recs:
+                # The VMs' new hosts first, then the records of the moves (as _done does).
+                yield self.domsvc.put(*recs, *moves)
+        finally:
+            if claims:
+                yield self.table.release(claims).addErrback(
+                    lambda f: log.warn("evacuation of {host}: leases not given back now ({err}); "
+                                       "the reconciler will", host=host, err=f.getErrorMessage()))
+        for vm in gone:
+            c = self.dom.get(VClusterRec, vm.cluster)
+            if self.allocator is not None:
+                yield self.allocator.release_vm(vm, c.token if c else "")
+            yield self.domsvc.delete(("vm", vm.id))
+        self.push_to(sorted(set(plan.values())))
+        self.reconciler.kick()
+        log.info("host {host} evacuated by {who}: {n} VMs re-placed ({where}), {g} being removed "
+                 "deleted", host=host, who=requested_by or "?", n=len(moves),
+                 where=", ".join(f"{m.vm}->{m.dest}" for m in moves) or "none", g=len(gone))
+        return moves
 
     def get(self, mid: str) -> MigrationRec:
         m = self.dom.get(MigrationRec, mid) if isinstance(mid, str) else None
