@@ -201,3 +201,36 @@ def test_host_view_lists_migrations_escaped_and_only_the_users_own(start_node):
     admin = yield threads.deferToThread(fetch, "admin")
     assert "alices/pc0" in admin and "bobs/pc0" in admin
     assert "<img src=x" not in admin and "&lt;img src=x onerror=alert(1)&gt;" in admin
+
+
+@pytest_twisted.inlineCallbacks
+def test_admin_evacuates_a_host_that_left_from_the_host_view(start_node):
+    """A host that left still holds a VM: only an admin's host view offers to evacuate it, and the
+    button (with its CSRF token) puts the VM back on a live host, where it runs again."""
+    import dataclasses
+    from vmwebd.dom.records import HostRec, VmRec, status_of
+    h = yield start_node()
+    node = h.node
+    yield node.manager.create("evw", "lab", "bob", 1)
+    vm = next(v for v in node.domsvc.dom.all(VmRec) if v.cluster == "evw")
+    yield node.domsvc.put(HostRec(id="host9", liveness="left", cpus=4, memory_mib=8192),
+                          dataclasses.replace(vm, host="host9"))
+
+    def page(user):
+        b = Browserless(node.api_address)
+        assert b.login(user, password_of(user) if user != "admin" else ADMIN[1]).status_code == 303
+        return b, b.s.get(b.base + "/hosts", timeout=10).text
+    _, bob = yield threads.deferToThread(page, "bob")
+    assert "evw/pc0" in bob and "/action/evacuate" not in bob
+    admin, text = yield threads.deferToThread(page, "admin")
+    form = re.search(r'<form[^>]*action="/action/evacuate".*?</form>', text, re.S).group(0)
+    assert 'value="host9"' in form and "Evacuate its 1 VMs" in form
+    token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    r = yield threads.deferToThread(admin.s.post, admin.base + "/action/evacuate",
+                                    data={"csrf": token, "host": "host9", "back": "/hosts"}, timeout=30)
+    assert r.status_code == 200 and "1 VMs re-placed" in r.text, r.text[:2000]
+    moved = node.domsvc.dom.get(VmRec, vm.id)
+    assert moved.host == "host1" and (moved.ip, moved.mac) == (vm.ip, vm.mac)
+    yield node.domsvc.wait_for(lambda: (st := status_of(node.domsvc.dom, node.domsvc.dom.get(VmRec, vm.id)))
+                               is not None and st.state == "running", 30)
+    assert status_of(node.domsvc.dom, node.domsvc.dom.get(VmRec, vm.id)).state == "running"

@@ -180,9 +180,10 @@ class MigrationManager:
         removed are deleted and their addresses given back (their host cannot do it any more).
         Each re-placed VM is recorded as a migration of mode ``evacuate``, under its migration
         lease. Should ``host`` come back, its reconciler removes its old copies (orphans)."""
-        if not isinstance(host, str) or self.dom.get(HostRec, host) is None:
+        rec = self.dom.get(HostRec, host) if isinstance(host, str) else None
+        if rec is None:
             raise NoSuchHost(str(host))
-        state = self.liveness(host)
+        state = "left" if rec.liveness == "left" else self.liveness(host)
         if host == self.host_id or state not in ("dead", "left"):
             raise HostAlive(f"host {host!r} is {'this host' if host == self.host_id else state} "
                             f"as host {self.host_id} sees it: only a dead host is evacuated (move "

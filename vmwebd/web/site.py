@@ -11,7 +11,7 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
 ``GET  /settings``          System settings (admins only)
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
-``POST /action/NAME``       create, scale, destroy, vm, setting, user/create|delete|password|quota
+``POST /action/NAME``       create, scale, destroy, vm, migrate, evacuate, setting, user/...   
 ==========================  =====================================================================
 
 Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), its name carries
@@ -320,6 +320,12 @@ class _Page(Resource):
             call = lambda: a.migrate_vm(p, cluster, vm, f("to") or None)  # noqa: E731
             done = lambda m: f"VM {vm} of {cluster} is moving from {m.source} to {m.dest} ({m.mode})."  # noqa: E731
             slow = f"Reserving a move of VM {vm} of {cluster}…"
+        elif action == "evacuate":
+            host = f("host")
+            call = lambda: a.evacuate_host(p, host)  # noqa: E731
+            done = lambda ms: (f"Host {host}: {len(ms)} VMs re-placed on live hosts, booting afresh."  # noqa: E731
+                               if ms else f"Host {host} had no VMs to re-place.")
+            slow = f"Evacuating host {host}…"
         elif action == "setting":
             key = f("key")
             call = lambda: a.set_setting(p, key, f("value"))  # noqa: E731

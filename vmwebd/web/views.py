@@ -311,6 +311,14 @@ def host_view(ctx) -> Markup:
             chips.append(el("li", f"+{hidden} VMs of other users", class_="meta"))
         link = el("a", "open this host's pages", href=f"{api_url(h.api)}/hosts") if h.api and h.id != ctx.host_id else \
             (el("span", "this host", class_="meta") if h.id == ctx.host_id else None)
+        evacuate = None
+        if p.is_admin and vms and h.liveness in ("dead", "left"):
+            evacuate = post_form("/action/evacuate", ctx.csrf,
+                                 el("input", type="hidden", name="host", value=h.id),
+                                 el("button", f"Evacuate its {len(vms)} VMs", type="submit", class_="small danger",
+                                    title="re-place them on live hosts, same addresses; they boot afresh "
+                                          "from their base image (their disk writes stay on this host)"),
+                                 back="/hosts")
         cards.append(el(
             "article",
             el("div", el("h2", h.id), badge(h.liveness, f"{k}:liveness"),
@@ -326,6 +334,7 @@ def host_view(ctx) -> Markup:
                el("dt", "API"), el("dd", h.api or "?", class_="mac"),
                class_="facts"),
             el("ul", *chips, class_="chips") if chips else el("p", "No VMs.", class_="empty"),
+            evacuate,
             class_="host card", data_host=h.id))
     return frag(el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
                 _migrations_table(ctx))
@@ -470,7 +479,7 @@ def shape_of(ctx) -> str:
         items.append(f"c {c.name} {c.count}")
         items += [f"v {c.name}/{v.name} {v.desired} {v.host}" for v in c.vms]
     for h in ctx.mgr.hosts():
-        items.append(f"h {h.id}")
+        items.append(f"h {h.id} {h.liveness in ('dead', 'left')}")
     for u in ctx.access.users(p):
         items.append(f"u {u.name} {u.role} {u.quota_vms}")
     if p.is_admin:
