@@ -191,6 +191,24 @@ def follow_migration(client, m: dict, timeout: float, quiet: bool, out=sys.stder
         m = client.call("GetMigration", m["id"])
 
 
+def waiting_on(client, name: str) -> str:
+    """What a destroy still waits for: VMs on hosts that are not alive, and how to free them."""
+    from vmwebd.client import ApiFault
+    try:
+        vms = client.call("GetCluster", name)["vms"] or []
+    except ApiFault:
+        return ""   # gone meanwhile
+    liveness = {h["id"]: h["liveness"] for h in client.call("ListHosts") or []}
+    stuck: dict[str, list[str]] = {}
+    for v in vms:
+        if liveness.get(v["host"], "unknown") not in ("alive", "suspect"):
+            stuck.setdefault(v["host"], []).append(v["name"])
+    if not stuck:
+        return " (its hosts are still removing its VMs)"
+    return "".join(f"\n  waiting for host {h} ({liveness.get(h, 'unknown')}): {', '.join(vs)}; if it is "
+                   f"gone for good, an admin can run: vmweb host evacuate {h}" for h, vs in sorted(stuck.items()))
+
+
 def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr) -> dict:
     """Polls the cluster until no VM is pending, showing progress; bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -317,7 +335,8 @@ def run(args, client, out=sys.stdout) -> int:
             emit(c, show_cluster(c))
         elif args.action == "destroy":
             state = client.call("DestroyCluster", args.name)
-            emit({"name": args.name, "state": state}, f"cluster {args.name} {state}")
+            emit({"name": args.name, "state": state}, f"cluster {args.name} {state}"
+                 + (waiting_on(client, args.name) if state != "destroyed" else ""))
         elif args.action == "show":
             c = client.call("GetCluster", args.name)
             emit(c, show_cluster(c))

@@ -221,14 +221,21 @@ class ClusterManager:
                  a=len(to_add), r=len(to_remove))
         self.reconcile_kick()
         if removed_ids:
-            yield self.domsvc.wait_for(
-                lambda: not any(self.dom.get(VmRec, i) for i in removed_ids), self.wait_timeout)
+            yield self.domsvc.wait_for(lambda: self._only_on_dead_hosts(removed_ids), self.wait_timeout)
         return self.cluster(name)
+
+    def _only_on_dead_hosts(self, vm_ids) -> bool:
+        """True once none of ``vm_ids`` is left on a live host: the rest (if any) wait for a host
+        that cannot act now, so a request stops waiting on them (``vmweb host evacuate``)."""
+        live = self.live_hosts()
+        return not any(vm.host in live for vm in (self.dom.get(VmRec, i) for i in vm_ids) if vm)
 
     @defer.inlineCallbacks
     def destroy(self, name) -> bool:
         """Marks the cluster for destruction and waits (bounded) until every host gave back
-        its VMs, volumes, network and addresses; returns True if that finished in time."""
+        its VMs, volumes, network and addresses; returns True if that finished in time (False at
+        once when its last VMs are on hosts that are not alive: they wait for those hosts, or for
+        an admin's evacuation)."""
         _check_name(name)
         c = self.dom.get(VClusterRec, name)
         if c is None:
@@ -238,9 +245,10 @@ class ClusterManager:
         yield self.domsvc.put(*recs)
         log.info("cluster {name} being destroyed", name=name)
         self.reconcile_kick()
-        done = yield self.domsvc.wait_for(lambda: self.dom.get(VClusterRec, name) is None,
-                                          self.wait_timeout)
-        return done
+        ids = [vm.id for vm in self._vms_of(name)]
+        yield self.domsvc.wait_for(lambda: self.dom.get(VClusterRec, name) is None or (
+            any(self.dom.get(VmRec, i) for i in ids) and self._only_on_dead_hosts(ids)), self.wait_timeout)
+        return self.dom.get(VClusterRec, name) is None
 
     @defer.inlineCallbacks
     def set_vm_power(self, cluster, vm, desired: str) -> VmView:
