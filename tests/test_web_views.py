@@ -234,3 +234,29 @@ def test_admin_evacuates_a_host_that_left_from_the_host_view(start_node):
     yield node.domsvc.wait_for(lambda: (st := status_of(node.domsvc.dom, node.domsvc.dom.get(VmRec, vm.id)))
                                is not None and st.state == "running", 30)
     assert status_of(node.domsvc.dom, node.domsvc.dom.get(VmRec, vm.id)).state == "running"
+
+
+@pytest_twisted.inlineCallbacks
+def test_destroy_waiting_on_a_departed_host_says_so_and_evacuation_finishes_it(start_node):
+    """A cluster whose VM is on a host that left: its destroy answers at once naming that host;
+    evacuating the host deletes the VM (its addresses given back) and the cluster goes."""
+    import dataclasses
+    from vmwebd.dom.records import HostRec, LeaseRec, VClusterRec, VmRec
+    h = yield start_node()
+    node = h.node
+    yield node.manager.create("evd", "lab", "bob", 2)
+    vm = sorted((v for v in node.domsvc.dom.all(VmRec) if v.cluster == "evd"), key=lambda v: v.id)[0]
+    yield node.domsvc.put(HostRec(id="host9", liveness="left", cpus=4, memory_mib=8192),
+                          dataclasses.replace(vm, host="host9"))
+    b = Browserless(node.api_address)
+    assert (yield threads.deferToThread(b.login, "bob", password_of("bob"))).status_code == 303
+    token = yield threads.deferToThread(b.csrf)
+    r = yield threads.deferToThread(b.s.post, b.base + "/action/destroy",
+                                    data={"csrf": token, "cluster": "evd", "back": "/owner"}, timeout=60)
+    assert r.status_code == 200 and "waits for host(s) host9, not alive" in r.text, r.text[:3000]
+    assert node.domsvc.dom.get(VClusterRec, "evd").state == "destroying"
+    moves = yield node.migrations.evacuate("host9", requested_by="admin")
+    assert moves == []   # nothing to re-place: its one VM was being removed
+    yield node.domsvc.wait_for(lambda: node.domsvc.dom.get(VClusterRec, "evd") is None, 30)
+    assert node.domsvc.dom.get(VClusterRec, "evd") is None
+    assert not [lease.id for lease in node.domsvc.dom.all(LeaseRec) if vm.ip in lease.id or vm.mac in lease.id]

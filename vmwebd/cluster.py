@@ -224,6 +224,11 @@ class ClusterManager:
             yield self.domsvc.wait_for(lambda: self._only_on_dead_hosts(removed_ids), self.wait_timeout)
         return self.cluster(name)
 
+    def hosts_not_alive(self, cluster: str) -> list[str]:
+        """The hosts holding VMs of ``cluster`` that are not alive (what its destroy waits for)."""
+        live = self.live_hosts()
+        return sorted({vm.host for vm in self._vms_of(cluster) if vm.host not in live})
+
     def _only_on_dead_hosts(self, vm_ids) -> bool:
         """True once none of ``vm_ids`` is left on a live host: the rest (if any) wait for a host
         that cannot act now, so a request stops waiting on them (``vmweb host evacuate``)."""

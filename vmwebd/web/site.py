@@ -306,7 +306,10 @@ class _Page(Resource):
         elif action == "destroy":
             name = f("cluster")
             call = lambda: a.destroy_cluster(p, name)  # noqa: E731
-            done = lambda ok: f"Cluster {name} destroyed." if ok else f"Cluster {name} is being destroyed."  # noqa: E731
+            done = lambda ok: f"Cluster {name} destroyed." if ok else (  # noqa: E731
+                f"Cluster {name} is being destroyed" + (
+                    f"; it waits for host(s) {', '.join(w)}, not alive (an admin can evacuate them "
+                    "on the host view)." if (w := self.root.node.manager.hosts_not_alive(name)) else "."))
             slow = f"Destroying cluster {name}…"
         elif action == "vm":
             cluster, vm, op = f("cluster"), f("vm"), f("op")
