@@ -277,3 +277,39 @@ def running_everywhere_of(grid, i, cluster, n):
     return wait_until(lambda: (c := grid.client(i).call("GetCluster", cluster)) and
                       sum(v["state"] == "running" for v in c["vms"]) == n and c, 30,
                       f"{cluster}: {n} VMs running at host{i + 1}")
+
+
+@pytest.mark.slow
+def test_draining_a_host_moves_its_vms_away_and_keeps_new_ones_off_until_undrained(grid):
+    c = grid.client(0).call("CreateCluster", "drn", "lab", "alice", 7)
+    running_everywhere(grid, "drn", 7)
+    on1 = sorted(f"drn/{v['name']}" for v in c["vms"] if v["host"] == "host1")
+    assert on1, "spread placement puts VMs on host1"
+    for client, host, code in [(user_client(grid.daemons[1].address, "alice"), "host1", "Client.NotAuthorized"),
+                               (grid.client(1), "host9", "Client.NoSuchHost")]:
+        with pytest.raises(ApiFault) as e:
+            client.call("DrainHost", host)
+        assert e.value.code == code, (host, e.value)
+    ms = grid.client(1).call("DrainHost", "host1")      # asked at host2
+    assert sorted(m["vm"] for m in ms) == on1 and all(m["id"] and m["source"] == "host1" for m in ms)
+    assert all(m["dest"] in ("host2", "host3") for m in ms)
+    for m in ms:
+        done = wait_until(lambda m=m: finished(grid.client(1), m["id"]), 60, f"the move of {m['vm']}")
+        assert done["phase"] == "done", done["error"]
+    running_everywhere(grid, "drn", 7)
+    for i in range(3):
+        wait_until(lambda i=i: not any(v["host"] == "host1" for v in grid.client(i).call("GetCluster", "drn")["vms"])
+                   and next(h for h in grid.client(i).call("ListHosts") if h["id"] == "host1")["draining"],
+                   30, f"host{i + 1} to see host1 drained and draining")
+    # No new VM goes to a draining host, not even when asked there or by name.
+    new = grid.client(0).call("CreateCluster", "drn2", "lab", "bob", 3)
+    assert "host1" not in {v["host"] for v in new["vms"]}
+    with pytest.raises(ApiFault) as e:
+        grid.client(2).call("MigrateVm", "drn", on1[0].partition("/")[2], "host1")
+    assert e.value.code == "Server.NoCapacity" and "drained" in e.value.message
+    # Undrained, host1 (the biggest, now empty) takes new VMs again.
+    assert grid.client(2).call("UndrainHost", "host1") is True
+    wait_until(lambda: not next(h for h in grid.client(0).call("ListHosts") if h["id"] == "host1")["draining"],
+               30, "host1 to see its drain ended")
+    again = grid.client(0).call("CreateCluster", "drn3", "lab", "bob", 4)
+    assert "host1" in {v["host"] for v in again["vms"]}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 import requests
 from twisted.internet import threads
@@ -260,3 +261,36 @@ def test_destroy_waiting_on_a_departed_host_says_so_and_evacuation_finishes_it(s
     yield node.domsvc.wait_for(lambda: node.domsvc.dom.get(VClusterRec, "evd") is None, 30)
     assert node.domsvc.dom.get(VClusterRec, "evd") is None
     assert not [lease.id for lease in node.domsvc.dom.all(LeaseRec) if vm.ip in lease.id or vm.mac in lease.id]
+
+
+@pytest_twisted.inlineCallbacks
+def test_admin_drains_and_undrains_a_host_from_the_host_view(start_node):
+    """Only an admin's host view offers Drain; on a grid of one host its VM has nowhere to go, and
+    the answer says so; the host is shown draining, takes no new VM, and Undrain ends that."""
+    from vmwebd.errors import NoCapacity
+    h = yield start_node()
+    node = h.node
+    yield node.manager.create("drw", "lab", "bob", 1)
+
+    def login(user):
+        b = Browserless(node.api_address)
+        assert b.login(user, password_of(user) if user != "admin" else ADMIN[1]).status_code == 303
+        return b
+    bob = yield threads.deferToThread(login, "bob")
+    text = (yield threads.deferToThread(bob.s.get, bob.base + "/hosts", timeout=10)).text
+    assert "/action/drain" not in text
+    admin = yield threads.deferToThread(login, "admin")
+    text = (yield threads.deferToThread(admin.s.get, admin.base + "/hosts", timeout=10)).text
+    form = re.search(r'<form[^>]*action="/action/drain".*?</form>', text, re.S).group(0)
+    token = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+    r = yield threads.deferToThread(admin.s.post, admin.base + "/action/drain",
+                                    data={"csrf": token, "host": "host1", "back": "/hosts"}, timeout=30)
+    assert "Host host1 is draining: 0 VMs moving away; not movable now: drw/pc0: " in r.text, r.text[:3000]
+    assert 'data-state="draining"' in r.text and "/action/undrain" in r.text
+    with pytest.raises(NoCapacity):
+        yield node.manager.create("drw2", "lab", "bob", 1)
+    r = yield threads.deferToThread(admin.s.post, admin.base + "/action/undrain",
+                                    data={"csrf": token, "host": "host1", "back": "/hosts"}, timeout=30)
+    assert "Host host1 takes new VMs again." in r.text and 'data-state="draining"' not in r.text
+    c = yield node.manager.create("drw2", "lab", "bob", 1)
+    assert [v.host for v in c.vms] == ["host1"]

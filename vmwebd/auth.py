@@ -479,6 +479,14 @@ class Access:
         self.require_admin(p, "evacuating hosts")
         return self.node.migrations.evacuate(host, requested_by=p.name)
 
+    def drain_host(self, p: Principal, host) -> defer.Deferred:
+        self.require_admin(p, "draining hosts")
+        return self.node.migrations.drain(host, requested_by=p.name)
+
+    def undrain_host(self, p: Principal, host) -> defer.Deferred:
+        self.require_admin(p, "draining hosts")
+        return self.node.migrations.undrain(host)
+
     def migration(self, p: Principal, mid):
         m = self.node.migrations.get(mid)
         self._owned(p, m.vm.partition("/")[0]) if not p.is_admin else None

@@ -38,7 +38,7 @@ CLUSTER_COLS = [("name", "CLUSTER"), ("owner", "OWNER"), ("template", "TEMPLATE"
                 ("state", "STATE"), ("network", "NETWORK"), ("bridge", "BRIDGE")]
 HOST_COLS = [("id", "HOST"), ("liveness", "LIVENESS"), ("cpus", "CPUS"), ("memory_mib", "MEM(MiB)"),
              ("used_vcpus", "USED VCPUS"), ("used_memory_mib", "USED MEM"), ("load1", "LOAD"),
-             ("vms", "VMS"), ("member", "MEMBER"), ("api", "API")]
+             ("vms", "VMS"), ("member", "MEMBER"), ("draining", "DRAINING"), ("api", "API")]
 
 
 def show_cluster(c: dict) -> str:
@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ask the grid (at --host) to add it to the consensus members")
     hr = hsub.add_parser("remove", help="remove a host from the consensus members")
     hr.add_argument("host_id")
+    hd = hsub.add_parser("drain", help="move every VM off a live host and place no new ones there "
+                                        "(admins; for maintenance)")
+    hd.add_argument("host_id")
+    hd.add_argument("--no-wait", action="store_true", help="return once the moves are reserved")
+    hd.add_argument("--timeout", type=float, default=600.0)
+    hu = hsub.add_parser("undrain", help="let a drained host take new VMs again (admins)")
+    hu.add_argument("host_id")
     he = hsub.add_parser("evacuate", help="re-place a dead host's VMs on live hosts (admins): they "
                                           "boot afresh from their base image, same addresses")
     he.add_argument("host_id")
@@ -355,6 +362,23 @@ def run(args, client, out=sys.stdout) -> int:
     elif args.cmd == "set":
         s = client.call("SetSetting", args.key, args.value)
         emit(s, f"{s['key']} = {s['value']}")
+    elif args.cmd == "host" and args.action == "drain":
+        ms = client.call("DrainHost", args.host_id) or []
+        started = [m for m in ms if m["id"]]
+        if not args.no_wait:
+            started = [follow_migration(client, m, args.timeout, quiet=args.json) for m in started]
+        refused = [m for m in ms if not m["id"]]
+        lines = [f"host {args.host_id} is draining: no new VMs go there (vmweb host undrain "
+                 f"{args.host_id} ends it)"]
+        lines += [f"{m['vm']}: {m['phase']} to {m['dest']}" + (f" ({m['error']})" if m["error"] else "")
+                  for m in started]
+        lines += [f"{m['vm']}: not moved now: {m['error']}" for m in refused]
+        emit(started + refused, "\n".join(lines))
+        if refused or (not args.no_wait and any(m["phase"] != "done" for m in started)):
+            return 1
+    elif args.cmd == "host" and args.action == "undrain":
+        client.call("UndrainHost", args.host_id)
+        emit({"host": args.host_id, "draining": False}, f"host {args.host_id} takes new VMs again")
     elif args.cmd == "host" and args.action == "evacuate":
         ms = client.call("EvacuateHost", args.host_id) or []
         lines = [f"{m['vm']}: now on {m['dest']}, booting afresh from its base image" for m in ms]

@@ -18,7 +18,7 @@ from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, status_
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.placement import HostLoad, place
 from vmwebd.reconcile import bridge_name, network_name
-from vmwebd.settings import get_setting
+from vmwebd.settings import drained_hosts, get_setting
 from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 
 log = Logger()
@@ -67,13 +67,16 @@ class HostView:
     used_vcpus: int
     used_memory_mib: int
     member: bool = False
+    draining: bool = False
 
 
-def host_loads(dom, live: set[str], exclude: str | None = None) -> dict[str, HostLoad]:
-    """The load of every live host (``exclude`` left out): its capacity and the vCPUs and memory
-    of the VMs the DOM assigns to it."""
+def host_loads(dom, live: set[str], exclude: str | None = None,
+               placing: bool = False) -> dict[str, HostLoad]:
+    """The load of every live host (``exclude`` left out; with ``placing``, the hosts being
+    drained too): its capacity and the vCPUs and memory of the VMs the DOM assigns to it."""
+    skip = drained_hosts(dom) if placing else set()
     loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in dom.all(HostRec)
-             if h.id in live and h.liveness == "alive" and h.id != exclude}
+             if h.id in live and h.liveness == "alive" and h.id != exclude and h.id not in skip}
     for vm in dom.all(VmRec):
         if vm.host in loads and vm.desired != "absent":
             loads[vm.host].used_vcpus += vm.vcpus
@@ -140,12 +143,13 @@ class ClusterManager:
     def hosts(self) -> list[HostView]:
         out = []
         loads = self._loads()
+        drained = drained_hosts(self.dom)
         for h in sorted(self.dom.all(HostRec), key=lambda h: h.id):
             load = loads.get(h.id)
             out.append(HostView(h.id, self.liveness(h.id) if h.liveness != "left" else "left", h.api, h.cpus, h.memory_mib, h.free_memory_mib,
                                 h.load1, sum(1 for v in self.dom.all(VmRec) if v.host == h.id),
                                 load.used_vcpus if load else 0, load.used_memory_mib if load else 0,
-                                h.id in self.members()))
+                                h.id in self.members(), h.id in drained))
         return out
 
     def _vms_of(self, cluster: str) -> list[VmRec]:
@@ -155,7 +159,7 @@ class ClusterManager:
         return host_loads(self.dom, self.live_hosts())
 
     def _place(self, vms: list[tuple[str, int, int]]) -> dict[str, str]:
-        return place(list(self._loads().values()), vms, get_setting(self.dom, "placement"),
+        return place(list(host_loads(self.dom, self.live_hosts(), placing=True).values()), vms, get_setting(self.dom, "placement"),
                      float(get_setting(self.dom, "cpu_overcommit")))
 
     # -- writes ---------------------------------------------------------------------------

@@ -60,6 +60,21 @@ SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
 ]}
 
 
+#: A host being drained for maintenance has a setting entity ``drain/<host>`` = ``true`` (one
+#: entity per host, so drains of two hosts asked at two hosts never overwrite each other).
+DRAIN_PREFIX = "drain/"
+
+
+def drained_hosts(dom) -> set[str]:
+    """Hosts an admin is draining: no new VMs are placed there, the balancer moves none there."""
+    return {r.id[len(DRAIN_PREFIX):] for r in dom.all(SettingRec)
+            if r.id.startswith(DRAIN_PREFIX) and r.value == "true"}
+
+
+def drain_record(host: str, on: bool) -> SettingRec:
+    return SettingRec(id=DRAIN_PREFIX + host, value="true" if on else "false")
+
+
 def get_setting(dom, key: str) -> str:
     if key not in SETTINGS:
         raise NoSuchSetting(key, SETTINGS)

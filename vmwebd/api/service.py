@@ -84,6 +84,7 @@ class HostInfo(ComplexModel):
     used_vcpus = Integer
     used_memory_mib = Integer
     member = Boolean
+    draining = Boolean
 
 
 class SettingInfo(ComplexModel):
@@ -314,6 +315,26 @@ def make_user_service(node) -> type[Service]:
             _required(host, "host")
             return node.access.evacuate_host(_caller(ctx), host).addCallback(
                 lambda ms: [migration_info(m) for m in ms])
+
+        @rpc(Unicode, _returns=Array(MigrationInfo))
+        def DrainHost(ctx, host):
+            """Stops placing VMs on a live host and starts moving each of its VMs away (admins
+            only). Answers with the moves started; a VM that cannot move now comes back as a
+            ``failed`` entry with no id and the reason (drain again to retry it)."""
+            _required(host, "host")
+
+            def answer(result):
+                started, refused = result
+                return [migration_info(m) for m in started] + [
+                    MigrationInfo(id="", vm=vm, source=host, dest="", phase="failed", mode="",
+                                  error=reason) for vm, reason in refused]
+            return node.access.drain_host(_caller(ctx), host).addCallback(answer)
+
+        @rpc(Unicode, _returns=Boolean)
+        def UndrainHost(ctx, host):
+            """Lets a drained host take new VMs again (admins only)."""
+            _required(host, "host")
+            return node.access.undrain_host(_caller(ctx), host).addCallback(lambda _: True)
 
         @rpc(Unicode, _returns=MigrationInfo)
         def GetMigration(ctx, id):

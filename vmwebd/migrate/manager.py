@@ -43,6 +43,7 @@ from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight, lease_holder, lease_key
 from vmwebd.cluster import host_loads
 from vmwebd.placement import HostLoad, place
+from vmwebd.settings import drain_record, drained_hosts
 from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
 
 log = Logger()
@@ -100,7 +101,7 @@ class MigrationManager:
         return rec
 
     def _loads(self, exclude: str) -> dict[str, HostLoad]:
-        loads = host_loads(self.dom, self.live_hosts(), exclude)
+        loads = host_loads(self.dom, self.live_hosts(), exclude, placing=True)
         # Capacity already promised to migrations under way counts as used.
         for m in in_flight(self.dom, self.now_ms()).values():
             vm = self.dom.get(VmRec, m.vm)
@@ -117,6 +118,8 @@ class MigrationManager:
                 raise NoSuchHost(dest)
             if dest == vm.host:
                 raise InvalidArgument("to", f"VM {vm.id!r} is already on host {dest!r}")
+            if dest in drained_hosts(self.dom):
+                raise NoCapacity(f"host {dest!r} is being drained, so VM {vm.id!r} cannot move there")
             if dest not in loads:
                 raise NoCapacity(f"host {dest!r} is not alive, so VM {vm.id!r} cannot move there")
             if not loads[dest].fits(oc, vm.vcpus, vm.memory_mib):
@@ -167,6 +170,43 @@ class MigrationManager:
         log.info("migration {mid}: {vm} {src} -> {dst} ({mode}) requested by {who}", mid=mid,
                  vm=rec.id, src=rec.host, dst=dest, mode=m.mode, who=requested_by or "?")
         return m
+
+    # -- draining a live host for maintenance (an admin's call) ------------------------------
+    @defer.inlineCallbacks
+    def drain(self, host: str, requested_by: str = ""):
+        """Marks ``host`` as draining (no new VMs, no balancer moves to it) and starts moving each
+        of its VMs to the least loaded host that fits. Fires with ``(started, refused)``: the
+        migrations started, and ``(vm id, reason)`` for VMs that could not be moved now (no
+        capacity, already moving); drain again to retry them. ``undrain`` ends it."""
+        rec = self.dom.get(HostRec, host) if isinstance(host, str) else None
+        if rec is None:
+            raise NoSuchHost(str(host))
+        if host not in self.live_hosts():
+            raise InvalidArgument("host", f"host {host!r} is not alive: its VMs cannot be migrated "
+                                          "(vmweb host evacuate re-places the VMs of a dead host)")
+        yield self.domsvc.put(drain_record(host, True))
+        started, refused = [], []
+        flying = in_flight(self.dom, self.now_ms())
+        for vm in sorted((v for v in self.dom.all(VmRec) if v.host == host and v.desired != "absent"),
+                         key=lambda v: v.id):
+            m = flying.get(vm.id)
+            if m is not None:
+                refused.append((vm.id, f"already moving to {m.dest}"))
+                continue
+            cluster, _, name = vm.id.partition("/")
+            try:
+                started.append((yield self.request(cluster, name, None, requested_by=requested_by)))
+            except VmwebError as e:
+                refused.append((vm.id, str(e)))
+        log.info("host {host} draining ({who}): {n} moves started, {r} VMs not movable now",
+                 host=host, who=requested_by or "?", n=len(started), r=len(refused))
+        return started, refused
+
+    def undrain(self, host: str) -> defer.Deferred:
+        """``host`` takes new VMs again (VMs moved away stay where they are)."""
+        if not isinstance(host, str) or self.dom.get(HostRec, host) is None:
+            raise NoSuchHost(str(host))
+        return self.domsvc.put(drain_record(host, False))
 
     # -- evacuation of a dead host (an admin's call) ------------------------------------------
     @defer.inlineCallbacks
@@ -309,8 +349,9 @@ class MigrationManager:
             used[vm.host][0] += vm.vcpus
             used[vm.host][1] += vm.memory_mib
             vms.append(bal.VmLoad(vm.id, vm.host, vm.vcpus, vm.memory_mib, 0, last_moved.get(vm.id)))
+        drained = drained_hosts(self.dom)
         loads = [bal.HostLoad(h.id, h.cpus, h.memory_mib, used[h.id][0], used[h.id][1],
-                              live=h.id in live and h.liveness == "alive")
+                              live=h.id in live and h.liveness == "alive" and h.id not in drained)
                  for h in hosts.values()]
         flying = [bal.Move(m.vm, m.source, m.dest, 0.0, 0, "in flight")
                   for m in in_flight(self.dom, self.now_ms()).values()]

@@ -11,7 +11,7 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
 ``GET  /settings``          System settings (admins only)
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
-``POST /action/NAME``       create, scale, destroy, vm, migrate, evacuate, setting, user/...   
+``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, ...
 ==========================  =====================================================================
 
 Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), its name carries
@@ -323,6 +323,18 @@ class _Page(Resource):
             call = lambda: a.migrate_vm(p, cluster, vm, f("to") or None)  # noqa: E731
             done = lambda m: f"VM {vm} of {cluster} is moving from {m.source} to {m.dest} ({m.mode})."  # noqa: E731
             slow = f"Reserving a move of VM {vm} of {cluster}…"
+        elif action in ("drain", "undrain"):
+            host = f("host")
+            if action == "drain":
+                call = lambda: a.drain_host(p, host)  # noqa: E731
+                done = lambda r: (f"Host {host} is draining: {len(r[0])} VMs moving away"  # noqa: E731
+                                  + (f"; not movable now: {'; '.join(f'{vm}: {why}' for vm, why in r[1])}"
+                                     if r[1] else "") + ".")
+                slow = f"Draining host {host}…"
+            else:
+                call = lambda: a.undrain_host(p, host)  # noqa: E731
+                done = lambda _: f"Host {host} takes new VMs again."  # noqa: E731
+                slow = f"Ending the drain of host {host}…"
         elif action == "evacuate":
             host = f("host")
             call = lambda: a.evacuate_host(p, host)  # noqa: E731

@@ -312,6 +312,15 @@ def host_view(ctx) -> Markup:
         link = el("a", "open this host's pages", href=f"{api_url(h.api)}/hosts") if h.api and h.id != ctx.host_id else \
             (el("span", "this host", class_="meta") if h.id == ctx.host_id else None)
         evacuate = None
+        if p.is_admin and h.liveness in ("alive", "suspect"):
+            op = "undrain" if h.draining else "drain"
+            evacuate = post_form(f"/action/{op}", ctx.csrf,
+                                 el("input", type="hidden", name="host", value=h.id),
+                                 el("button", "Take new VMs again" if h.draining else "Drain for maintenance",
+                                    type="submit", class_="small",
+                                    title="move every VM off this host (live where possible) and place no "
+                                          "new ones here" if not h.draining else "place new VMs here again"),
+                                 back="/hosts")
         if p.is_admin and vms and h.liveness in ("dead", "left"):
             evacuate = post_form("/action/evacuate", ctx.csrf,
                                  el("input", type="hidden", name="host", value=h.id),
@@ -322,6 +331,7 @@ def host_view(ctx) -> Markup:
         cards.append(el(
             "article",
             el("div", el("h2", h.id), badge(h.liveness, f"{k}:liveness"),
+               badge("draining") if h.draining else None,
                el("span", "consensus member" if h.member else "not a member", class_="meta"), link,
                class_="host-head"),
             el("dl",
@@ -479,7 +489,7 @@ def shape_of(ctx) -> str:
         items.append(f"c {c.name} {c.count}")
         items += [f"v {c.name}/{v.name} {v.desired} {v.host}" for v in c.vms]
     for h in ctx.mgr.hosts():
-        items.append(f"h {h.id} {h.liveness in ('dead', 'left')}")
+        items.append(f"h {h.id} {h.liveness in ('dead', 'left')} {h.draining}")
     for u in ctx.access.users(p):
         items.append(f"u {u.name} {u.role} {u.quota_vms}")
     if p.is_admin:
