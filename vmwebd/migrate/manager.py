@@ -248,6 +248,10 @@ class MigrationManager:
             except LeaseConflict as e:
                 raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
                                     "again once that move has ended") from None
+        # Under the leases, what our replica says now: a VM another evacuation (at another host)
+        # has already re-placed is not re-placed twice.
+        keep = [cur for vm in keep if (cur := self.dom.get(VmRec, vm.id)) is not None
+                and cur.host == host and cur.token == vm.token]
         moves, recs = [], []
         for vm in keep:
             moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
