@@ -20,6 +20,7 @@ from twisted.web.server import Site
 from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
+from vmwebd.dom.gc import collectable, format_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
@@ -72,6 +73,8 @@ class Node:
         self.reconciler = None
         self._heartbeat = None
         self.gossip = None
+        self._cvv_published: dict = {}
+        self.tombstones_collected = 0
         self.peer_port = None
         self.gossip_config = gossip_config
 
@@ -182,14 +185,18 @@ class Node:
         self.peer_address = peer_addr
         state_file = cfg.state_dir / "gossip-state.json"
         cvv, incarnation = load_state(state_file)
+        if not any(True for _ in self.domsvc.dom.entities()):
+            cvv = {}   # a replica started afresh holds nothing, whatever an old vector says
         own = self.domsvc.dom.version_vector().get(self.host_id)
         if own is not None:
             cvv[self.host_id] = max(own, tuple(cvv.get(self.host_id, (-1, -1))))
         known = tuple((h.id, h.peer) for h in self.domsvc.dom.all(HostRec) if h.id != self.host_id and h.peer)
+        port = DomPortAdapter(self.domsvc.dom)
         core = GossipCore(self.host_id, peer_addr, gcfg, random.Random(self.rng.random()),
-                          DomPortAdapter(self.domsvc.dom), self.reactor.seconds(),
+                          port, self.reactor.seconds(),
                           incarnation=incarnation, cvv=cvv,
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
+        port.complete = lambda: core.cvv
         client = PeerClient(self.reactor, tls.client_policy(creds))
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
         holder["svc"] = self.gossip
@@ -291,8 +298,34 @@ class Node:
             vms=sum(1 for v in self.domsvc.dom.all(VmRec) if v.host == self.host_id),
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr() if getattr(self, "images", None) else "",
-            migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "")
+            migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",
+            # What we held one heartbeat ago: all of it is on disk by now (vmwebd/dom/gc.py).
+            cvv=format_cvv(self._cvv_published))
+        self._cvv_published = dict(self.complete_vector())
         yield self.domsvc.put(rec)
+        yield self.collect_tombstones()
+
+    def complete_vector(self) -> dict:
+        """Up to where this replica holds everything, per origin (the gossip core's vector; a
+        host without peers holds all it ever wrote)."""
+        if self.gossip is None:
+            return self.domsvc.dom.version_vector()
+        return self.gossip.core.cvv
+
+    def collect_tombstones(self) -> defer.Deferred:
+        """Forgets the tombstones every host is known to hold (vmwebd/dom/gc.py)."""
+        settle_ms = int(float(get_setting(self.domsvc.dom, "dom.tombstone-settle")) * 1000)
+        members = tuple(self.gossip.core.members) if self.gossip is not None else ()
+        keys = collectable(self.domsvc.dom, self.complete_vector(), int(self.now_ms()), settle_ms, members)
+        if not keys:
+            return defer.succeed(0)
+
+        def done(n):
+            if n:
+                log.info("collected {n} tombstones every host holds", n=n)
+            self.tombstones_collected += n
+            return n
+        return self.domsvc.forget(keys).addCallback(done)
 
     def listen(self):
         """Serves the user API: the web pages at ``/`` and SOAP at ``/soap`` (HTTP Basic), after

@@ -55,6 +55,8 @@ SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
                "How far above the grid's load (0..1, share of capacity) a host must be before it moves a VM"),
     SettingDef("balancer.interval", "60.0", _float_range(1.0, 86400.0),
                "Seconds between two looks of a host at its load"),
+    SettingDef("dom.tombstone-settle", "600.0", _float_range(0.0, 604800.0),
+               "Seconds a deletion's tombstone is kept at least, even once every host holds it"),
     SettingDef("balancer.min-residence", "1800.0", _float_range(0.0, 604800.0),
                "Seconds a VM stays where the balancer put it before it may move again"),
 ]}

@@ -201,6 +201,16 @@ class Dom:
         tomb.set("deleted", "true")
         return self._apply(tomb)
 
+    def forget(self, kind: str, id_: str) -> bool:
+        """Removes a tombstoned entity from this replica altogether (see vmwebd/dom/gc.py for
+        when that is safe); False if it is not here or not deleted."""
+        el = self._index[kind].get(id_)
+        if el is None or el.get("deleted") != "true":
+            return False
+        del self._index[kind][id_]
+        self._containers[kind].remove(el)
+        return True
+
     def _apply(self, remote: etree._Element) -> etree._Element:
         self.merge(remote, validate=False)
         return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id")])

@@ -95,6 +95,18 @@ class DomService:
             return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: result)
         return self.commit(entities).addCallback(spread)
 
+    def forget(self, keys) -> defer.Deferred:
+        """Removes collected tombstones (vmwebd/dom/gc.py) and writes a snapshot without them; fires
+        with how many went. Should the daemon stop before the snapshot is down, the journal brings
+        the tombstones back at the next start, and they are collected again."""
+        n = sum(1 for kind, id_ in keys if self.dom.forget(kind, id_))
+        if not n:
+            return defer.succeed(0)
+        snapshot = self.dom.to_xml(pretty=False)
+        self._since_snapshot = 0
+        return deferToThreadPool(self.reactor, self._pool, self.store.compact, snapshot).addCallback(
+            lambda _: n)
+
     def merge(self, entities: list[etree._Element]) -> defer.Deferred:
         """Merges entities from a peer; persists those that changed the replica."""
         changed = []

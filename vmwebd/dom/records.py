@@ -116,6 +116,7 @@ class HostRec(Record):
     started_at: int = 0              # ms since epoch
     images: str = ""                 # names of the content images held here, space-separated
     migrate_uri: str = ""            # libvirt URI other hosts' libvirtd use to live-migrate here
+    cvv: str = ""                    # what this host holds of the DOM (see vmwebd/dom/gc.py)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import copy
 from twisted.logger import Logger
 
 from vmwebd.dom.document import Dom, entity_bytes, entity_key, part_versions
+from vmwebd.dom.gc import forgotten
 from vmwebd.errors import MalformedRequest
 
 log = Logger()
@@ -22,11 +23,18 @@ class DomPortAdapter:
         self.dom = dom
         self.validate = validate
         self.rejected = 0
+        # This host's complete version vector (the gossip core's), once the core exists: states
+        # of entities collected here are dropped (vmwebd/dom/gc.py).
+        self.complete = None
+        self.forgotten = 0
 
     def merge(self, entities) -> list:
         changed = []
         for el in entities:
             try:
+                if self.complete is not None and forgotten(self.dom, self.complete(), el):
+                    self.forgotten += 1
+                    continue
                 if self.dom.merge(el, validate=self.validate):
                     kind, id_ = entity_key(el)
                     changed.append(copy.deepcopy(self.dom._index[kind][id_]))

@@ -72,9 +72,11 @@ class Simulation:
 
     def _boot(self, hid: str, seeds, known):
         h = self.hosts[hid]
+        port = DomPortAdapter(h.dom, validate=self.validate)
         h.core = GossipCore(hid, hid, self.cfg, random.Random(self.rng.random()),
-                            DomPortAdapter(h.dom, validate=self.validate), self.now,
-                            seeds=tuple(seeds), known=tuple(known))
+                            port, self.now, seeds=tuple(seeds), known=tuple(known))
+        core = h.core
+        port.complete = lambda: core.cvv   # as the daemon wires it (vmwebd/dom/gc.py)
         h.crashed = False
         h.suspects = {}
 
