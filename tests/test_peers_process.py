@@ -166,3 +166,33 @@ def test_membership_changes_through_consensus_one_host_at_a_time(grid):
                "leases to resume once host2 is back")
     grid.daemons[2].start()
     assert grid.client(0).call("AddHost", "host3") == ["host1", "host2", "host3"]
+
+
+def traces(client, prefix: str) -> list[str]:
+    """Entities (live or tombstones) whose id names ``prefix``, in a host's DOM."""
+    dom = etree.fromstring(client.call("GetDom").encode())
+    return [f"{etree.QName(e).localname}:{e.get('id')}{' (deleted)' if e.get('deleted') == 'true' else ''}"
+            for c in dom for e in c if prefix in (e.get("id") or "")]
+
+
+@pytest.mark.slow
+def test_tombstones_of_a_destroyed_cluster_are_collected_everywhere_and_stay_gone_after_kill_9(grid):
+    """With the settle time at 0, a destroyed cluster leaves no tombstone at any host once every
+    host holds them; a host killed with -9 and restarted does not bring them (or the cluster) back."""
+    grid.client(0).call("SetSetting", "dom.tombstone-settle", "0")
+    grid.client(1).call("CreateCluster", "gcme", "lab", "alice", 4)
+    for i in range(3):
+        wait_until(lambda i=i: all_running(grid.client(i), "gcme", 4), 30, f"gcme running at host{i + 1}")
+    assert grid.client(2).call("DestroyCluster", "gcme") == "destroyed"
+    assert any("(deleted)" in t for t in traces(grid.client(0), "gcme"))
+    for i in range(3):
+        wait_until(lambda i=i: traces(grid.client(i), "gcme") == [], 90, f"no trace of gcme at host{i + 1}")
+    grid.daemons[2].kill()
+    grid.daemons[2].start()
+    wait_until(lambda: all(grid.liveness(i).get("host3") == "alive" for i in (0, 1)), 30, "host3 back")
+    assert traces(grid.client(2), "gcme") == []
+    for i in range(3):
+        assert grid.client(i).call("ListClusters", None) in ([], None)
+    # The name is free again and a new cluster under it works.
+    grid.client(2).call("CreateCluster", "gcme", "lab", "bob", 2)
+    wait_until(lambda: all_running(grid.client(0), "gcme", 2), 30, "the new gcme running")
