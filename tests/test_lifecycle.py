@@ -232,3 +232,28 @@ def test_adding_an_unreachable_member_costs_the_quorum(start_node):
     with pytest.raises(ApiFault) as e:
         yield h.call("RemoveHost", "host9")
     assert e.value.code == "Client.NoSuchHost"
+
+
+@pytest_twisted.inlineCallbacks
+def test_ended_migrations_are_deleted_after_the_history_period_by_their_source(start_node):
+    """The source host deletes its ended migrations once older than the history period (an
+    evacuation's by its destination); newer ones, other hosts' and moves under way stay."""
+    from vmwebd.dom.records import MigrationRec
+    from vmwebd.migrate.state import HISTORY_MS
+    h = yield start_node()
+    node = h.node
+    now = int(node.now_ms())
+    old = now - HISTORY_MS - 1000
+    yield node.domsvc.put(
+        MigrationRec(id="old", vm="c/pc0", source="host1", dest="host2", phase="done", mode="cold",
+                     started_at=old, finished_at=old),
+        MigrationRec(id="oldevac", vm="c/pc1", source="host2", dest="host1", phase="done",
+                     mode="evacuate", started_at=old, finished_at=old),
+        MigrationRec(id="recent", vm="c/pc0", source="host1", dest="host2", phase="failed", mode="cold",
+                     started_at=now - 1000, finished_at=now - 500),
+        MigrationRec(id="others", vm="c/pc2", source="host2", dest="host3", phase="done", mode="cold",
+                     started_at=old, finished_at=old))
+    yield node.migrations.sweep()
+    left = sorted(m.id for m in node.domsvc.dom.all(MigrationRec))
+    assert left == ["others", "recent"]
+    assert node.domsvc.dom.version_of("migration", "old") is not None   # a tombstone, for now

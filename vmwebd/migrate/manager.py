@@ -40,7 +40,7 @@ from vmwebd.errors import (HostAlive, HypervisorError, InvalidArgument, Migratio
                            NoCapacity, NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
 from vmwebd.hv.images import fetch_file
 from vmwebd.lease.table import LeaseConflict
-from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight, lease_holder, lease_key
+from vmwebd.migrate.state import STALE_MS, TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.cluster import host_loads
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import drain_record, drained_hosts
@@ -310,7 +310,8 @@ class MigrationManager:
                 self.kick(m.id)
 
     def sweep(self) -> defer.Deferred:
-        """The source fails its migrations stuck on a destination that is gone or silent.
+        """The source fails its migrations stuck on a destination that is gone or silent, and
+        deletes its ended migrations older than HISTORY_MS (their tombstones are collected later).
 
         Only the source does: it alone knows whether libvirt moved the VM, so a destination that
         gave up on a source it believed dead could destroy a guest that had just arrived. A dead
@@ -333,6 +334,9 @@ class MigrationManager:
             elif m.phase == "prepare" and now - m.started_at > PREPARE_TIMEOUT_S * 1000:
                 ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
                                      f"{PREPARE_TIMEOUT_S:.0f} s"))
+        old = expired(self.dom, self.host_id, now)
+        if old:
+            ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
         return defer.DeferredList(ds, consumeErrors=True)
 
     # -- the load balancer (docs/balancer.md) ---------------------------------------------

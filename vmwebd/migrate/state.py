@@ -6,6 +6,21 @@ from vmwebd.dom.records import MigrationRec
 TERMINAL = ("done", "failed")
 #: A migration not finished after this long is abandoned by everyone (its hosts crashed).
 STALE_MS = 15 * 60 * 1000
+#: Ended migrations are kept this long (the web and `vmweb migrations` show them, the balancer's
+#: min-residence reads them: its setting is at most 7 days), then deleted by their source host.
+HISTORY_MS = 8 * 24 * 3600 * 1000
+
+
+def expired(dom, host_id: str, now_ms: int) -> list[MigrationRec]:
+    """The ended migrations older than HISTORY_MS that ``host_id`` deletes: the source's, or, for
+    an evacuation (its source is dead), the destination's; abandoned ones by their source too."""
+    out = []
+    for m in dom.all(MigrationRec):
+        ended = m.phase in TERMINAL or now_ms - m.started_at >= STALE_MS
+        owner = m.dest if m.mode == "evacuate" else m.source
+        if ended and owner == host_id and now_ms - max(m.finished_at, m.started_at) >= HISTORY_MS:
+            out.append(m)
+    return out
 
 
 def lease_key(vm_id: str) -> str:
