@@ -182,3 +182,21 @@ def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(n,
     for h in sim.live():
         assert h.core.dom.merge([copy.deepcopy(states[v]) for v in sorted(gone)]) == []
         assert all(h.dom.version_of("vm", v) is None for v in gone)
+
+
+def test_a_late_paxos_commit_of_a_collected_lease_is_not_written_again():
+    """A lease decided long ago, released and collected here, is not brought back by its commit
+    arriving late (it is written with its deciding ballot, which our vector covers)."""
+    from vmwebd.dom.gc import forgotten_version
+    from vmwebd.dom.hlc import Version
+    from vmwebd.dom.records import LeaseRec
+    dom = replica("h1")
+    granted = Version(1_000, 0, "h2")
+    dom.put(LeaseRec(id="ip/lab/10.0.0.5", holder="vm:c/pc0#t"), version=granted)
+    dom.delete("lease", "ip/lab/10.0.0.5", version=Version(2_000, 0, "h3"))
+    mine = {"h1": (3_000, 0), "h2": (3_000, 0), "h3": (3_000, 0)}
+    assert not forgotten_version(dom, mine, "lease", "ip/lab/10.0.0.5", granted)   # still here
+    dom.forget("lease", "ip/lab/10.0.0.5")
+    assert forgotten_version(dom, mine, "lease", "ip/lab/10.0.0.5", granted)
+    assert not forgotten_version(dom, mine, "lease", "ip/lab/10.0.0.5", Version(4_000, 0, "h2"))  # a new grant
+    assert not forgotten_version(dom, {}, "lease", "ip/lab/10.0.0.5", granted)    # never held: write it

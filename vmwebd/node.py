@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
-from vmwebd.dom.gc import collectable, format_cvv
+from vmwebd.dom.gc import collectable, format_cvv, forgotten_version
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
@@ -197,6 +197,8 @@ class Node:
                           incarnation=incarnation, cvv=cvv,
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
         port.complete = lambda: core.cvv
+        self.leases.forgotten = lambda key, ballot: forgotten_version(
+            self.domsvc.dom, core.cvv, "lease", key, ballot)
         client = PeerClient(self.reactor, tls.client_policy(creds))
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
         holder["svc"] = self.gossip

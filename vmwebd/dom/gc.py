@@ -98,7 +98,10 @@ def forgotten(dom: Dom, own_cvv: Vector, el) -> bool:
     kind, id_ = entity_key(el)
     if kind not in dom._index:
         return False     # not an entity at all: the merge refuses it with the reason
-    if dom._index[kind].get(id_) is not None:
-        return False
-    main = part_versions(el)[0]
-    return main.stamp <= own_cvv.get(main.origin, (-1, -1))
+    return forgotten_version(dom, own_cvv, kind, id_, part_versions(el)[0])
+
+
+def forgotten_version(dom: Dom, own_cvv: Vector, kind: str, id_: str, version) -> bool:
+    """Would writing ``kind``/``id_`` at ``version`` bring back an entity collected here? (A Paxos
+    commit learnt very late is written with the ballot that decided it.)"""
+    return dom._index[kind].get(id_) is None and version.stamp <= own_cvv.get(version.origin, (-1, -1))
