@@ -136,19 +136,10 @@ def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(n,
                 else:
                     el = h.dom.delete("vm", vid)
                     sim._carry(h.id, h.core.local_changes([el], sim.now))
-        elif action == "crash" and len(live) > 1:
-            sim.crash(live[x % len(live)])
-        elif action == "restart":
-            down = [i for i in ids if sim.hosts[i].crashed]
-            if down:
-                sim.restart(down[x % len(down)])
-        elif action == "partition":
-            cut = 1 + x % (n - 1)
-            sim.partition(ids[:cut], ids[cut:])
-        elif action == "heal":
-            sim.heal()
         elif action == "collect":
             heartbeat_and_collect(sim, published, settle, forgot)
+        else:
+            sim.fault(action, x, y)
         sim.run(dt)
         for h in sim.live():
             for vid in created:

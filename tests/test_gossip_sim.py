@@ -63,21 +63,10 @@ def test_replicas_converge_after_any_faults_once_healed_and_restarted(n, seed, d
             hid = live[x % len(live)]
             k += 1
             cid = f"c{y % 12}"
-            el = sim.write(hid, VClusterRec(id=cid, owner=f"u{k}", count=k))[0]
+            sim.write(hid, VClusterRec(id=cid, owner=f"u{k}", count=k))[0]
             latest[cid] = sim.hosts[hid].dom.version_of("vcluster", cid)
-        elif action == "crash" and len(live) > 1:
-            sim.crash(live[x % len(live)])
-        elif action == "restart":
-            down = [i for i in ids if sim.hosts[i].crashed]
-            if down:
-                sim.restart(down[x % len(down)])
-        elif action == "partition":
-            cut = 1 + x % (n - 1)
-            sim.partition(ids[:cut], ids[cut:])
-        elif action == "cut":
-            sim.cut(ids[x % n], ids[y % n])
-        elif action == "heal":
-            sim.heal()
+        else:
+            sim.fault(action, x, y)
         sim.run(dt)
     sim.heal()
     for i in ids:

@@ -166,6 +166,30 @@ class Simulation:
         self._groups = None
         self._cut.clear()
 
+    def fault(self, action: str, x: int, y: int) -> bool:
+        """One step of a generated fault schedule: ``crash`` a live host, ``restart`` a crashed
+        one, ``partition`` the hosts in two, ``cut`` one pair, ``heal`` — hosts picked by ``x``
+        and ``y``. False when ``action`` is none of these (it is the caller's)."""
+        ids = list(self.hosts)
+        live = [h.id for h in self.live()]
+        if action == "crash":
+            if len(live) > 1:
+                self.crash(live[x % len(live)])
+        elif action == "restart":
+            down = [i for i in ids if self.hosts[i].crashed]
+            if down:
+                self.restart(down[x % len(down)])
+        elif action == "partition":
+            cut = 1 + x % (len(ids) - 1)
+            self.partition(ids[:cut], ids[cut:])
+        elif action == "cut":
+            self.cut(ids[x % len(ids)], ids[y % len(ids)])
+        elif action == "heal":
+            self.heal()
+        else:
+            return False
+        return True
+
     # -- observations ---------------------------------------------------------------------
     def live(self) -> list[SimHost]:
         return [h for h in self.hosts.values() if not h.crashed]
