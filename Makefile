@@ -19,6 +19,7 @@ bench: bootstrap
 	@$(PY) bench/gossip_sim.py
 	@$(PY) bench/leases.py
 	@$(PY) bench/validate.py
+	@$(PY) bench/gc.py
 	@$(PY) bench/migrate.py
 
 clean:

@@ -108,6 +108,7 @@ class Dom:
         for kind, cname in CONTAINERS.items():
             self._containers[kind] = etree.SubElement(self.root, _Q + cname)
         self._index: dict[str, dict[str, etree._Element]] = {k: {} for k in CONTAINERS}
+        self._tombstones: set[tuple[str, str]] = set()   # (kind, id) of deleted entities
         self._listeners = []
 
     # -- typed reads -----------------------------------------------------------------------
@@ -209,7 +210,13 @@ class Dom:
             return False
         del self._index[kind][id_]
         self._containers[kind].remove(el)
+        self._tombstones.discard((kind, id_))
         return True
+
+    def tombstones(self) -> Iterator[etree._Element]:
+        """The deleted entities still held (candidates for collection)."""
+        for kind, id_ in list(self._tombstones):
+            yield self._index[kind][id_]
 
     def _apply(self, remote: etree._Element) -> etree._Element:
         self.merge(remote, validate=False)
@@ -231,6 +238,8 @@ class Dom:
             el = copy.deepcopy(remote)
             self._containers[kind].append(el)
             self._index[kind][id_] = el
+            if el.get("deleted") == "true":
+                self._tombstones.add((kind, id_))
             self._notify(kind, id_)
             return True
         changed = False
@@ -246,6 +255,10 @@ class Dom:
             body = [c for c in remote if c not in rparts.values()]
             for i, c in enumerate(body):
                 local.insert(i, copy.deepcopy(c))
+            if local.get("deleted") == "true":
+                self._tombstones.add((kind, id_))
+            else:
+                self._tombstones.discard((kind, id_))
             changed = True
         for name, rp in rparts.items():
             lp = lparts.get(name)

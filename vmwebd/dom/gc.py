@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 
 from vmwebd.dom.document import Dom, entity_key, part_versions
+from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import HostRec
 
 _ENTRY = re.compile(r"^([a-z0-9][a-z0-9-]{0,62}):(\d{1,15})\.(\d{1,9})$")
@@ -62,12 +63,13 @@ def covers(cvv: Vector, el) -> bool:
 
 
 def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
-                members=()) -> list[tuple[str, str]]:
+                members=(), limit: int = 500) -> list[tuple[str, str]]:
     """The (kind, id) of the tombstoned entities this host may forget now (see the module doc).
 
     ``members`` are the hosts the peer layer knows, whatever their state: a host whose record has
     not reached us yet still counts, as one that holds nothing (its record may be on its way, and
-    it may hold the entity alive)."""
+    it may hold the entity alive). At most ``limit`` per call: a pass runs on the reactor, and
+    the next heartbeat takes the rest."""
     published = {h.id: parse_cvv(h.cvv) for h in dom.all(HostRec)}
     for m in members:
         published.setdefault(m, {})
@@ -75,19 +77,23 @@ def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
         return []
     vectors = list(published.values()) + [own_cvv]
     origins = set(published) | set(own_cvv)
+    none = (-1, -1)
+    # What every host holds, per origin; and how far we hold everything from everyone.
+    held_by_all = {o: min(v.get(o, none) for v in vectors) for o in origins | {o for v in vectors for o in v}}
+    ours_everywhere = min((own_cvv.get(o, none) for o in origins), default=none)
     out = []
-    for el in dom.entities():
-        if el.get("deleted") != "true":
-            continue
-        tomb = part_versions(el)[0]
+    for el in dom.tombstones():
+        tomb = Version.parse(el.get("v"))
         if now_ms - tomb.wall_ms < settle_ms:
             continue
         # We hold everything every host wrote up to the tombstone: any earlier state of the
         # entity's main part that could still arrive is covered, so `forgotten` will know it.
-        if any(own_cvv.get(o, (-1, -1)) < tomb.stamp for o in origins):
+        if ours_everywhere < tomb.stamp:
             continue
-        if all(covers(v, el) for v in vectors):
+        if all(v.stamp <= held_by_all.get(v.origin, none) for v in part_versions(el)):
             out.append(entity_key(el))
+            if len(out) >= limit:
+                break
     return out
 
 
