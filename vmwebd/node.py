@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
-from vmwebd.dom.gc import collectable, format_cvv, forgotten_version
+from vmwebd.dom.gc import collectable, format_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
@@ -197,8 +197,6 @@ class Node:
                           incarnation=incarnation, cvv=cvv,
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
         port.complete = lambda: core.cvv
-        self.leases.forgotten = lambda key, ballot: forgotten_version(
-            self.domsvc.dom, core.cvv, "lease", key, ballot)
         client = PeerClient(self.reactor, tls.client_policy(creds))
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
         holder["svc"] = self.gossip
@@ -301,10 +299,12 @@ class Node:
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr() if getattr(self, "images", None) else "",
             migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",
-            # What we held one heartbeat ago: all of it is on disk by now (vmwebd/dom/gc.py).
+            # What we held one heartbeat ago, once on disk (vmwebd/dom/gc.py).
             cvv=format_cvv(self._cvv_published))
-        self._cvv_published = dict(self.complete_vector())
+        held = dict(self.complete_vector())
         yield self.domsvc.put(rec)
+        yield self.domsvc.barrier()
+        self._cvv_published = held
         yield self.collect_tombstones()
 
     def complete_vector(self) -> dict:

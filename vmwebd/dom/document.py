@@ -213,10 +213,11 @@ class Dom:
         self._tombstones.discard((kind, id_))
         return True
 
-    def tombstones(self) -> Iterator[etree._Element]:
-        """The deleted entities still held (candidates for collection)."""
+    def tombstones(self, skip=()) -> Iterator[etree._Element]:
+        """The deleted entities still held (candidates for collection), but those of ``skip`` kinds."""
         for kind, id_ in list(self._tombstones):
-            yield self._index[kind][id_]
+            if kind not in skip:
+                yield self._index[kind][id_]
 
     def _apply(self, remote: etree._Element) -> etree._Element:
         self.merge(remote, validate=False)

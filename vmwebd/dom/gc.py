@@ -33,6 +33,10 @@ from vmwebd.dom.document import Dom, entity_key, part_versions
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import HostRec
 
+#: Lease records carry the Paxos ballot that decided them as their version, not their writer's
+#: clock: a host records a commit it learns late with an older stamp than writes it already
+#: claimed, so a complete vector does not prove it holds a lease record. Their tombstones stay.
+NEVER_COLLECTED = frozenset({"lease"})
 _ENTRY = re.compile(r"^([a-z0-9][a-z0-9-]{0,62}):(\d{1,15})\.(\d{1,9})$")
 #: An attribute longer than this is not published (collection waits): the schema's text limit.
 MAX_CVV_CHARS = 4000
@@ -82,7 +86,7 @@ def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
     held_by_all = {o: min(v.get(o, none) for v in vectors) for o in origins | {o for v in vectors for o in v}}
     ours_everywhere = min((own_cvv.get(o, none) for o in origins), default=none)
     out = []
-    for el in dom.tombstones():
+    for el in dom.tombstones(skip=NEVER_COLLECTED):
         tomb = Version.parse(el.get("v"))
         if now_ms - tomb.wall_ms < settle_ms:
             continue
@@ -108,6 +112,7 @@ def forgotten(dom: Dom, own_cvv: Vector, el) -> bool:
 
 
 def forgotten_version(dom: Dom, own_cvv: Vector, kind: str, id_: str, version) -> bool:
-    """Would writing ``kind``/``id_`` at ``version`` bring back an entity collected here? (A Paxos
-    commit learnt very late is written with the ballot that decided it.)"""
+    """Would an entity ``kind``/``id_`` whose main part has ``version`` be one collected here?"""
+    if kind in NEVER_COLLECTED:
+        return False
     return dom._index[kind].get(id_) is None and version.stamp <= own_cvv.get(version.origin, (-1, -1))

@@ -95,6 +95,11 @@ class DomService:
             return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: result)
         return self.commit(entities).addCallback(spread)
 
+    def barrier(self) -> defer.Deferred:
+        """Fires once everything handed to the store before this call is on disk (the store's
+        single thread runs in order)."""
+        return deferToThreadPool(self.reactor, self._pool, lambda: None)
+
     def forget(self, keys) -> defer.Deferred:
         """Removes collected tombstones (vmwebd/dom/gc.py) and writes a snapshot without them; fires
         with how many went. Should the daemon stop before the snapshot is down, the journal brings

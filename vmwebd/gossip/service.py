@@ -171,7 +171,10 @@ class GossipService:
         if state == self._saved_cvv:
             return defer.succeed(None)
         self._saved_cvv = state
-        return deferToThread(_write_json, self.state_file, state)
+        # The vector covers entities merged just now: write it once they are on disk, so a
+        # restart after kill -9 never claims what its replica lost.
+        return self.domsvc.barrier().addCallback(
+            lambda _: deferToThread(_write_json, self.state_file, state))
 
 
 def _write_json(path: Path, obj) -> None:

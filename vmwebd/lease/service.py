@@ -56,9 +56,6 @@ class LeaseService:
         self._ids = itertools.count(1)
         self._loop = None
         self._since_compact = 0
-        # (key, ballot) -> True if a lease record at that ballot was collected here (the node
-        # wires vmwebd/dom/gc.py's check with its complete version vector).
-        self.forgotten = lambda key, ballot: False
 
     @defer.inlineCallbacks
     def start(self):
@@ -185,8 +182,6 @@ class LeaseService:
                 have = dom.version_of("lease", key)
                 if have is not None and have >= c.ballot:
                     continue
-                if have is None and self.forgotten(key, c.ballot):
-                    continue    # decided long ago, since released and collected here
                 if holder is None:
                     entities.append(dom.delete("lease", key, version=c.ballot))
                 else:
