@@ -4,7 +4,8 @@ A grid that has run a while: 10,000 live VMs (with status parts), 20 hosts publi
 vectors, and 5,000 entities deleted since (VMs of destroyed clusters, with their leases). Printed
 side by side in one run: one `collectable` pass (every heartbeat) against one
 `Dom.version_vector` pass (what anti-entropy already does), and the replica's size (serialised
-DOM, and a full anti-entropy delta to an empty host) before and after collection.
+DOM, and a full anti-entropy delta to an empty host) before and after collection (lease
+tombstones are kept: vmwebd/dom/gc.py).
 
     .venv/bin/python bench/gc.py
 """
