@@ -74,7 +74,6 @@ class Node:
         self._heartbeat = None
         self.gossip = None
         self._cvv_published: dict = {}
-        self.tombstones_collected = 0
         self.peer_port = None
         self.gossip_config = gossip_config
 
@@ -302,17 +301,20 @@ class Node:
             # What we held one heartbeat ago, once on disk (vmwebd/dom/gc.py).
             cvv=format_cvv(self._cvv_published))
         held = dict(self.complete_vector())
+        # The store writes in order: once our record is down, so is everything ``held`` covers.
         yield self.domsvc.put(rec)
-        yield self.domsvc.barrier()
         self._cvv_published = held
         yield self.collect_tombstones()
 
     def complete_vector(self) -> dict:
-        """Up to where this replica holds everything, per origin (the gossip core's vector; a
-        host without peers holds all it ever wrote)."""
-        if self.gossip is None:
-            return self.domsvc.dom.version_vector()
-        return self.gossip.core.cvv
+        """Up to where this replica holds everything, per origin: the gossip core's vector. A host
+        without peers can receive nothing more, so it holds everything up to its clock's latest
+        reading, from every host it knows (no scan of the DOM)."""
+        if self.gossip is not None:
+            return self.gossip.core.cvv
+        dom = self.domsvc.dom
+        latest = dom.clock.reading()
+        return {h.id: latest for h in dom.all(HostRec)} | {self.host_id: latest}
 
     def collect_tombstones(self) -> defer.Deferred:
         """Forgets the tombstones every host is known to hold (vmwebd/dom/gc.py)."""
@@ -325,7 +327,6 @@ class Node:
         def done(n):
             if n:
                 log.info("collected {n} tombstones every host holds", n=n)
-            self.tombstones_collected += n
             return n
         return self.domsvc.forget(keys).addCallback(done)
 

@@ -61,11 +61,6 @@ def parse_cvv(text: str) -> Vector:
     return out
 
 
-def covers(cvv: Vector, el) -> bool:
-    """Does ``cvv`` cover every part of entity ``el``?"""
-    return all(v.stamp <= cvv.get(v.origin, (-1, -1)) for v in part_versions(el))
-
-
 def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
                 members=(), limit: int = 500) -> list[tuple[str, str]]:
     """The (kind, id) of the tombstoned entities this host may forget now (see the module doc).
@@ -106,13 +101,9 @@ def forgotten(dom: Dom, own_cvv: Vector, el) -> bool:
     part covered by our vector: we held that main part or a newer one, and only collection
     removes entities. (Its sub-parts do not matter: the entity was deleted.)"""
     kind, id_ = entity_key(el)
-    if kind not in dom._index:
-        return False     # not an entity at all: the merge refuses it with the reason
-    return forgotten_version(dom, own_cvv, kind, id_, part_versions(el)[0])
-
-
-def forgotten_version(dom: Dom, own_cvv: Vector, kind: str, id_: str, version) -> bool:
-    """Would an entity ``kind``/``id_`` whose main part has ``version`` be one collected here?"""
-    if kind in NEVER_COLLECTED:
+    if kind not in dom._index or kind in NEVER_COLLECTED:
+        return False     # not an entity (the merge refuses it with the reason), or never collected
+    if dom._index[kind].get(id_) is not None:
         return False
-    return dom._index[kind].get(id_) is None and version.stamp <= own_cvv.get(version.origin, (-1, -1))
+    main = part_versions(el)[0]
+    return main.stamp <= own_cvv.get(main.origin, (-1, -1))

@@ -58,6 +58,10 @@ class HybridClock:
             self._counter += 1
         return Version(self._wall, self._counter, self.origin)
 
+    def reading(self) -> tuple[int, int]:
+        """The latest stamp this clock produced or observed (no tick)."""
+        return (self._wall, self._counter)
+
     def observe(self, seen: Version) -> None:
         """Moves the clock past a version received from elsewhere (so our next write is newer)."""
         if seen.stamp > (self._wall, self._counter):

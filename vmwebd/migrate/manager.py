@@ -322,7 +322,8 @@ class MigrationManager:
             if h in live:
                 del self._down_since[h]
         ds = []
-        for m in self.dom.all(MigrationRec):
+        migrations = self.dom.all(MigrationRec)
+        for m in migrations:
             if m.source != self.host_id or m.phase not in ("prepare", "saved") or \
                     now - m.started_at >= STALE_MS:
                 continue
@@ -334,7 +335,7 @@ class MigrationManager:
             elif m.phase == "prepare" and now - m.started_at > PREPARE_TIMEOUT_S * 1000:
                 ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
                                      f"{PREPARE_TIMEOUT_S:.0f} s"))
-        old = expired(self.dom, self.host_id, now)
+        old = expired(migrations, self.host_id, now)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
         return defer.DeferredList(ds, consumeErrors=True)

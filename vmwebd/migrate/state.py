@@ -11,11 +11,12 @@ STALE_MS = 15 * 60 * 1000
 HISTORY_MS = 8 * 24 * 3600 * 1000
 
 
-def expired(dom, host_id: str, now_ms: int) -> list[MigrationRec]:
-    """The ended migrations older than HISTORY_MS that ``host_id`` deletes: the source's, or, for
-    an evacuation (its source is dead), the destination's; abandoned ones by their source too."""
+def expired(migrations, host_id: str, now_ms: int) -> list[MigrationRec]:
+    """Of ``migrations``, the ended ones older than HISTORY_MS that ``host_id`` deletes: the
+    source's, or, for an evacuation (its source is dead), the destination's; abandoned ones by
+    their source too."""
     out = []
-    for m in dom.all(MigrationRec):
+    for m in migrations:
         ended = m.phase in TERMINAL or now_ms - m.started_at >= STALE_MS
         owner = m.dest if m.mode == "evacuate" else m.source
         if ended and owner == host_id and now_ms - max(m.finished_at, m.started_at) >= HISTORY_MS:

@@ -311,23 +311,16 @@ def host_view(ctx) -> Markup:
             chips.append(el("li", f"+{hidden} VMs of other users", class_="meta"))
         link = el("a", "open this host's pages", href=f"{api_url(h.api)}/hosts") if h.api and h.id != ctx.host_id else \
             (el("span", "this host", class_="meta") if h.id == ctx.host_id else None)
-        evacuate = None
+        host_action = None
         if p.is_admin and h.liveness in ("alive", "suspect"):
-            op = "undrain" if h.draining else "drain"
-            evacuate = post_form(f"/action/{op}", ctx.csrf,
-                                 el("input", type="hidden", name="host", value=h.id),
-                                 el("button", "Take new VMs again" if h.draining else "Drain for maintenance",
-                                    type="submit", class_="small",
-                                    title="move every VM off this host (live where possible) and place no "
-                                          "new ones here" if not h.draining else "place new VMs here again"),
-                                 back="/hosts")
-        if p.is_admin and vms and h.liveness in ("dead", "left"):
-            evacuate = post_form("/action/evacuate", ctx.csrf,
-                                 el("input", type="hidden", name="host", value=h.id),
-                                 el("button", f"Evacuate its {len(vms)} VMs", type="submit", class_="small danger",
-                                    title="re-place them on live hosts, same addresses; they boot afresh "
-                                          "from their base image (their disk writes stay on this host)"),
-                                 back="/hosts")
+            host_action = _host_form("undrain", ctx.csrf, h.id, "Take new VMs again", "place new VMs here again") \
+                if h.draining else _host_form("drain", ctx.csrf, h.id, "Drain for maintenance",
+                                              "move every VM off this host (live where possible) and place "
+                                              "no new ones here")
+        elif p.is_admin and vms and h.liveness in ("dead", "left"):
+            host_action = _host_form("evacuate", ctx.csrf, h.id, f"Evacuate its {len(vms)} VMs",
+                                     "re-place them on live hosts, same addresses; they boot afresh from "
+                                     "their base image (their disk writes stay on this host)", "small danger")
         cards.append(el(
             "article",
             el("div", el("h2", h.id), badge(h.liveness, f"{k}:liveness"),
@@ -344,10 +337,16 @@ def host_view(ctx) -> Markup:
                el("dt", "API"), el("dd", h.api or "?", class_="mac"),
                class_="facts"),
             el("ul", *chips, class_="chips") if chips else el("p", "No VMs.", class_="empty"),
-            evacuate,
+            host_action,
             class_="host card", data_host=h.id))
     return frag(el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
                 _migrations_table(ctx))
+
+
+def _host_form(action: str, csrf: str, host: str, label: str, title: str, class_: str = "small") -> Markup:
+    """An admin's button acting on one host (``/action/ACTION``), back to the host view."""
+    return post_form(f"/action/{action}", csrf, el("input", type="hidden", name="host", value=host),
+                     el("button", label, type="submit", class_=class_, title=title), back="/hosts")
 
 
 def _migrations_table(ctx, limit: int = 20) -> Markup:
