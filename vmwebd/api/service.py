@@ -16,6 +16,7 @@ compat.apply()
 
 from vmwebd.api.soap import build_soap_resource  # noqa: E402
 from vmwebd.auth import principal_of  # noqa: E402
+from vmwebd.dom.gc import format_cvv  # noqa: E402
 from vmwebd.errors import InvalidArgument  # noqa: E402
 from vmwebd.settings import SETTINGS, all_settings  # noqa: E402
 from vmwebd.templates import min_count  # noqa: E402
@@ -85,6 +86,15 @@ class HostInfo(ComplexModel):
     used_memory_mib = Integer
     member = Boolean
     draining = Boolean
+
+
+class DigestInfo(ComplexModel):
+    """What a replica holds, as a hash: two hosts whose digests are equal hold the same DOM."""
+    __namespace__ = TNS
+    host = Unicode
+    digest = Unicode         # sha256 hex of the replica's content, independent of arrival order
+    entities = Integer       # entities held, tombstones included
+    complete = Unicode       # up to where it holds everything, per origin: "origin:wall.counter ..."
 
 
 class SettingInfo(ComplexModel):
@@ -236,6 +246,15 @@ def make_user_service(node) -> type[Service]:
         def GetDom(ctx):
             """The DOM as the caller may see it: password hashes always taken out."""
             return node.access.dom_xml(_caller(ctx)).decode("utf-8")
+
+        @rpc(_returns=DigestInfo)
+        def GetDigest(ctx):
+            """A digest of this host's replica: anyone may compare hosts' digests to see that
+            their replicas are equal (kept up to date on every change, never a scan)."""
+            _caller(ctx)
+            dom = node.domsvc.dom
+            return DigestInfo(host=node.host_id, digest=dom.digest(), entities=dom.size(),
+                              complete=format_cvv(node.complete_vector()))
 
         @rpc(_returns=Array(SettingInfo))
         def GetSettings(ctx):

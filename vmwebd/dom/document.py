@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Iterator, TypeVar
 
 from lxml import etree
+from sortedcontainers import SortedList
 
 from vmwebd.dom.hlc import HybridClock, Version
 from vmwebd.dom.validate import document_error, entity_error
@@ -29,6 +30,10 @@ _MAX_ENTITY_BYTES = 256 * 1024
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
                           remove_blank_text=True, load_dtd=False)
 _SCHEMA = None
+# Main-part attributes with a secondary index (kind -> attributes): the reads that select by them
+# (a host's VMs, a cluster's VMs, an owner's clusters) then cost what they return, not the DOM's size.
+INDEXED: dict[str, tuple[str, ...]] = {"vm": ("host", "cluster"), "vcluster": ("owner",)}
+_DIGEST_MOD = 1 << 256
 
 
 def schema() -> etree.RelaxNG:
@@ -110,23 +115,64 @@ class Dom:
         self._index: dict[str, dict[str, etree._Element]] = {k: {} for k in CONTAINERS}
         self._tombstones: set[tuple[str, str]] = set()   # (kind, id) of deleted entities
         self._listeners = []
+        # Decoded records by (kind, id) then record class; dropped on every change of the entity.
+        self._decoded: dict[tuple[str, str], dict[type, Record | None]] = {}
+        # (kind, attribute) -> value -> ids of live entities with it; and id -> value held there.
+        self._by_attr: dict[tuple[str, str], dict[str, set[str]]] = {
+            (k, a): {} for k, attrs in INDEXED.items() for a in attrs}
+        self._attr_of: dict[tuple[str, str], dict[str, str]] = {key: {} for key in self._by_attr}
+        # Versions by origin, sorted: (stamp, kind, id, part) — anti-entropy and the version
+        # vector read them instead of scanning the DOM. ``_stamps`` is what each entity has there.
+        self._by_origin: dict[str, SortedList] = {}
+        self._stamps: dict[tuple[str, str], tuple[tuple[str, tuple], ...]] = {}
+        # The replica's digest: the sum of a hash per entity, so a change costs one entity's hash.
+        self._digest_terms: dict[tuple[str, str], int] = {}
+        self._digest_sum = 0
+        self._digest_dirty: set[tuple[str, str]] = set()
 
     # -- typed reads -----------------------------------------------------------------------
     def get(self, cls: type[R], id_: str) -> R | None:
         """The live record of that kind and id (None if absent, deleted, or the part unset)."""
+        key = (cls.KIND, id_)
+        slot = self._decoded.get(key)
+        if slot is not None and cls in slot:
+            return slot[cls]
         el = self._index[cls.KIND].get(id_)
-        if el is None or el.get("deleted") == "true":
+        if el is None:
             return None
-        return self._decode(cls, el)
+        rec = None if el.get("deleted") == "true" else self._decode(cls, el)
+        if slot is None:
+            slot = self._decoded[key] = {}
+        slot[cls] = rec
+        return rec
 
     def all(self, cls: type[R]) -> list[R]:
         out = []
-        for id_, el in self._index[cls.KIND].items():
-            if el.get("deleted") != "true":
-                rec = self._decode(cls, el)
-                if rec is not None:
-                    out.append(rec)
+        get = self.get
+        for id_ in self._index[cls.KIND]:
+            rec = get(cls, id_)
+            if rec is not None:
+                out.append(rec)
         return out
+
+    def select(self, cls: type[R], attr: str, value: str) -> list[R]:
+        """The live records of ``cls`` whose main part has ``attr`` = ``value``, from a secondary
+        index (``attr`` must be one of ``INDEXED[cls.KIND]``), in no particular order."""
+        ids = self._by_attr[(cls.KIND, attr)].get(value, ())
+        out = []
+        for id_ in ids:
+            rec = self.get(cls, id_)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def count(self, kind: str, attr: str, value: str) -> int:
+        """How many live entities of ``kind`` have ``attr`` = ``value`` (indexed attributes only)."""
+        return len(self._by_attr[(kind, attr)].get(value, ()))
+
+    def size(self) -> int:
+        """How many entities this replica holds, tombstones included."""
+        return sum(len(ix) for ix in self._index.values())
 
     def ids(self, kind: str) -> list[str]:
         return [i for i, el in self._index[kind].items() if el.get("deleted") != "true"]
@@ -211,6 +257,7 @@ class Dom:
         del self._index[kind][id_]
         self._containers[kind].remove(el)
         self._tombstones.discard((kind, id_))
+        self._reindex(kind, id_)
         return True
 
     def tombstones(self, skip=()) -> Iterator[etree._Element]:
@@ -286,13 +333,7 @@ class Dom:
 
     def version_vector(self) -> dict[str, tuple[int, int]]:
         """For each origin host, the newest version of any part it wrote (anti-entropy digest)."""
-        vv: dict[str, tuple[int, int]] = {}
-        for el in self.entities():
-            for part in [el, *_part_children(el).values()]:
-                v = _version(part)
-                if v.stamp > vv.get(v.origin, (-1, -1)):
-                    vv[v.origin] = v.stamp
-        return vv
+        return {origin: sl[-1][0] for origin, sl in self._by_origin.items() if sl}
 
     def newer_than(self, vv: dict[str, tuple[int, int]]) -> list[etree._Element]:
         """Entities with a part newer than what ``vv`` says the other side has."""
@@ -317,12 +358,12 @@ class Dom:
         (never more than what we are complete up to).
         """
         cands: list[tuple[tuple[int, int], str, str, str]] = []
-        for kind in CONTAINERS:
-            for id_, el in self._index[kind].items():
-                for part in [el, *_part_children(el).values()]:
-                    v = _version(part)
-                    if v.stamp > theirs.get(v.origin, (-1, -1)):
-                        cands.append((v.stamp, v.origin, kind, id_))
+        for origin, sl in self._by_origin.items():
+            wall, counter = theirs.get(origin, (-1, -1))
+            # Everything from ``origin`` stamped after what they have: (w, c+1) is the least
+            # stamp above (w, c), and (stamp,) sorts before every (stamp, kind, id, part).
+            for stamp, kind, id_, _part in sl.irange(minimum=((wall, counter + 1),)):
+                cands.append((stamp, origin, kind, id_))
         # Parts we can claim (up to our complete vector) go first: each round then moves the other
         # side's vector forward. Parts above it (heard by rumor; the other side may hold them too)
         # come after, so they can never starve the claimable ones.
@@ -351,8 +392,23 @@ class Dom:
                 claims[origin] = theirs[origin]
         return list(chosen.values()), claims
 
+    def digest(self) -> str:
+        """A hash of the replica's content, independent of the order things arrived in: the sum
+        (mod 2^256) of one SHA-256 per entity, kept up to date as entities change (only those
+        changed since the last call are hashed again). Equal replicas have equal digests."""
+        for key in self._digest_dirty:
+            self._digest_sum -= self._digest_terms.pop(key, 0)
+            el = self._index[key[0]].get(key[1])
+            if el is not None:
+                term = int.from_bytes(hashlib.sha256(_canonical_entity(el)).digest(), "big")
+                self._digest_terms[key] = term
+                self._digest_sum += term
+        self._digest_dirty.clear()
+        return format(self._digest_sum % _DIGEST_MOD, "064x")
+
     def canonical_digest(self) -> str:
-        """A hash of the replica's content, independent of the order things arrived in."""
+        """A hash of the replica's content, independent of the order things arrived in (a whole
+        scan: the reference :meth:`digest` is checked against)."""
         h = hashlib.sha256()
         for kind in CONTAINERS:
             for id_ in sorted(self._index[kind]):
@@ -380,8 +436,46 @@ class Dom:
         self._listeners.append(fn)
 
     def _notify(self, kind: str, id_: str) -> None:
+        self._reindex(kind, id_)
         for fn in list(self._listeners):
             fn(kind, id_)
+
+    def _reindex(self, kind: str, id_: str) -> None:
+        """Brings the caches and indexes up to date with entity (kind, id) as it now stands."""
+        key = (kind, id_)
+        self._decoded.pop(key, None)
+        self._digest_dirty.add(key)
+        el = self._index[kind].get(id_)
+        live = el is not None and el.get("deleted") != "true"
+        for attr in INDEXED.get(kind, ()):
+            ix, held = self._by_attr[(kind, attr)], self._attr_of[(kind, attr)]
+            new = el.get(attr, "") if live else None
+            old = held.get(id_)
+            if old == new:
+                continue
+            if old is not None:
+                ids = ix[old]
+                ids.discard(id_)
+                if not ids:
+                    del ix[old]
+                del held[id_]
+            if new is not None:
+                ix.setdefault(new, set()).add(id_)
+                held[id_] = new
+        old_stamps = self._stamps.pop(key, ())
+        new_stamps = ()
+        if el is not None:
+            new_stamps = tuple((v.origin, v.stamp, part) for v, part in _part_versions_named(el))
+            self._stamps[key] = new_stamps
+        if old_stamps == new_stamps:
+            return
+        for origin, stamp, part in old_stamps:
+            self._by_origin[origin].discard((stamp, kind, id_, part))
+        for origin, stamp, part in new_stamps:
+            sl = self._by_origin.get(origin)
+            if sl is None:
+                sl = self._by_origin[origin] = SortedList()
+            sl.add((stamp, kind, id_, part))
 
 
 def _before(stamp: tuple[int, int]) -> tuple[int, int]:
@@ -395,6 +489,11 @@ def _canonical_entity(el: etree._Element) -> bytes:
     main = _main_bytes(el)
     rest = b"".join(_canon(parts[n]) for n in sorted(parts))
     return main + rest
+
+
+def _part_versions_named(el: etree._Element) -> list[tuple[Version, str]]:
+    """(version, part name) of an entity's parts, the main part named ""."""
+    return [(_version(el), "")] + [(_version(p), name) for name, p in _part_children(el).items()]
 
 
 def part_versions(el: etree._Element) -> list[Version]:

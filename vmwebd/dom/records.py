@@ -65,37 +65,56 @@ class Record:
 
     @classmethod
     def from_attrs(cls, id_: str, attrs: dict[str, str], body=()) -> "Record":
-        hints = typing.get_type_hints(cls)
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "id":
-                continue
-            if f.name == "body":
+        for name, attr, conv, required in _field_specs(cls):
+            if name == "body":
                 kwargs["body"] = tuple(body)
                 continue
-            raw = attrs.get(attr_name(f.name))
+            raw = attrs.get(attr)
             if raw is None:
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
-                    continue
-                raise ValueError(f"{cls.KIND} {id_!r}: missing attribute {attr_name(f.name)!r}")
-            kwargs[f.name] = _convert(hints[f.name], raw)
+                if required:
+                    raise ValueError(f"{cls.KIND} {id_!r}: missing attribute {attr!r}")
+                continue
+            kwargs[name] = conv(raw)
         return cls(id=id_, **kwargs)
 
 
-def _convert(hint, raw: str):
+# Per record class: (field, attribute, converter, required) for every field but ``id``. Worked
+# out once per class: evaluating the type hints on every decode was most of a busy daemon's time.
+_SPECS: dict[type, tuple[tuple[str, str, object, bool], ...]] = {}
+
+
+def _field_specs(cls) -> tuple[tuple[str, str, object, bool], ...]:
+    specs = _SPECS.get(cls)
+    if specs is None:
+        hints = typing.get_type_hints(cls)
+        specs = tuple(
+            (f.name, attr_name(f.name), _converter(hints[f.name]),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls) if f.name != "id")
+        _SPECS[cls] = specs
+    return specs
+
+
+def _bool(raw: str) -> bool:
+    return raw == "true"
+
+
+def _converter(hint):
+    """The function that turns an attribute's text into a value of type ``hint``."""
     if hint in (str, "str"):
-        return raw
+        return str
     origin = typing.get_origin(hint)
     if origin is typing.Union or str(origin) == "types.UnionType" or origin is not None and type(None) in typing.get_args(hint):
         inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
-        return _convert(inner, raw)
+        return _converter(inner)
     if hint is bool:
-        return raw == "true"
+        return _bool
     if hint is int:
-        return int(raw)
+        return int
     if hint is float:
-        return float(raw)
-    return raw
+        return float
+    return str
 
 
 @dataclass(frozen=True)
