@@ -66,7 +66,7 @@ def test_shipped_config_loads_with_production_defaults():
     assert c.mac.prefix == "52:54:00"
     assert (c.vni.first, c.vni.last) == (100, 4095)
     assert c.limits == Limits(256, 1048576, 1000)
-    assert c.reconcile_interval == 2.0
+    assert c.reconcile_interval == 30.0
     assert c.peers.seeds == () and c.peers.fanout == 3
     assert c.source == SHIPPED
 

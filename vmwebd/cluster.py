@@ -101,7 +101,6 @@ class ClusterManager:
         self.limits = limits
         self.now_ms = now_ms
         self.wait_timeout = wait_timeout
-        self.reconcile_kick = lambda: None
         self.new_token = lambda: secrets.token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
@@ -187,7 +186,6 @@ class ClusterManager:
         yield self.domsvc.put(*recs)
         log.info("cluster {name} created for {owner}: {n} VMs of {template}",
                  name=name, owner=owner, n=count, template=t.name)
-        self.reconcile_kick()
         return self.cluster(name)
 
     def _vm_rec(self, cluster, vm, role, host, addr) -> VmRec:
@@ -223,7 +221,6 @@ class ClusterManager:
         yield self.domsvc.put(*recs)
         log.info("cluster {name} scaled to {count} (+{a} -{r})", name=name, count=count,
                  a=len(to_add), r=len(to_remove))
-        self.reconcile_kick()
         if removed_ids:
             yield self.domsvc.wait_for(lambda: self._only_on_dead_hosts(removed_ids), self.wait_timeout)
         return self.cluster(name)
@@ -253,7 +250,6 @@ class ClusterManager:
         recs += [_replace(vm, desired="absent") for vm in self._vms_of(name) if vm.desired != "absent"]
         yield self.domsvc.put(*recs)
         log.info("cluster {name} being destroyed", name=name)
-        self.reconcile_kick()
         ids = [vm.id for vm in self._vms_of(name)]
         yield self.domsvc.wait_for(lambda: self.dom.get(VClusterRec, name) is None or (
             any(self.dom.get(VmRec, i) for i in ids) and self._only_on_dead_hosts(ids)), self.wait_timeout)
@@ -270,7 +266,6 @@ class ClusterManager:
             raise NoSuchVm(cluster, str(vm))
         if rec.desired != desired:
             yield self.domsvc.put(_replace(rec, desired=desired))
-            self.reconcile_kick()
         want = "running" if desired == "running" else "shutoff"
 
         def reached():

@@ -22,7 +22,7 @@ Format (every element but ``host`` is optional; defaults are documented on each 
       </pools>
       <limits max-vms-per-cluster="256" max-request-bytes="1048576" max-clusters="1000"/>
       <templates dir="templates"/>
-      <reconcile interval="2.0"/>
+      <reconcile interval="30"/>
       <peers seeds="10.0.0.2:8570 10.0.0.3:8570" fanout="3"/>
     </vmwebd>
 
@@ -81,8 +81,9 @@ DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 DEFAULT_MAX_CLUSTERS = 1000
 #: Scenario templates directory, relative to the configuration file.
 DEFAULT_TEMPLATES_DIR = "templates"
-#: Seconds between two reconciliation passes over the VMs assigned to this host.
-DEFAULT_RECONCILE_INTERVAL = 2.0
+#: Seconds between two full reconciliation passes over the VMs assigned to this host (jittered by
+#: 20%). Changes in the DOM are acted on at once; the full pass finds what changed behind our back.
+DEFAULT_RECONCILE_INTERVAL = 30.0
 #: Number of random peers a change is pushed to at once (rumor fan-out).
 DEFAULT_FANOUT = 3
 
@@ -300,7 +301,7 @@ class Config:
     mac: MacPool = MacPool()
     vni: VniRange = VniRange()
     limits: Limits = Limits()
-    #: Seconds between reconciliation passes; default 2.0.
+    #: Seconds between full reconciliation passes; default 30.0.
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     peers: PeersConfig = PeersConfig()
     #: The file this was loaded from (``None`` when built in code).

@@ -109,8 +109,8 @@ class Node:
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
         self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
                                      storage, self.reactor, self.now_ms, cfg.reconcile_interval,
-                                     images=self.images, ip_pools=cfg.ip_pools)
-        self.manager.reconcile_kick = self.reconciler.kick
+                                     images=self.images, ip_pools=cfg.ip_pools,
+                                     rng=random.Random(self.rng.random()))
         self.manager.members = self.leases.members
         self.migrations = MigrationManager(
             self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,

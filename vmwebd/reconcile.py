@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import random
 from dataclasses import dataclass
 
 from twisted.internet import defer, task
@@ -64,8 +65,24 @@ def guest_token(vm_id: str) -> str:
 
 
 class Reconciler:
+    """Keeps this host's hypervisor in step with the DOM.
+
+    Changes are acted on as they come: a change to a VM (its main part: host, desired state,
+    creation) that concerns this host, to a cluster, or to a migration from or to this host puts
+    it in the next *change pass*, which looks only at those. A *full pass* over everything assigned
+    here runs every ``interval`` seconds (jittered, so hosts do not sweep in step) and when asked
+    (:meth:`kick`, :meth:`settled`): it finds what changed behind our back (a guest that stopped,
+    an orphan domain, a network left over) and gives back leases whose holders never came to be.
+    So a grid at rest costs a sweep per interval, and a change costs what it touches.
+    """
+
+    #: A change pass asks the hypervisor about each VM on its own up to this many, then lists all.
+    FEW_DOMAINS = 32
+    #: Leases checked for a missing holder per full pass (they are many; a pass stays short).
+    LEASES_PER_PASS = 2000
+
     def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
-                 clock, now_ms, interval: float = 5.0, images=None, ip_pools=()):
+                 clock, now_ms, interval: float = 30.0, images=None, ip_pools=(), rng=None):
         self.host_id = host_id
         self.images = images
         self.ip_pools = tuple(ip_pools)
@@ -77,43 +94,100 @@ class Reconciler:
         self.clock = clock
         self.now_ms = now_ms
         self.interval = interval
+        self.rng = rng or random.Random()
         self.status_batch = 16
         # Longer than any request takes between leasing and recording what the leases are for.
         self.lease_grace_s = 300.0
         self._running = False
         self._again = False
+        self._full = False                   # the next pass looks at everything
+        self._dirty_vms: set[str] = set()
+        self._dirty_clusters: set[str] = set()
+        self._seen: dict[str, tuple] = {}     # VM id -> (host, desired, token, cluster) last seen
+        self._lease_cursor = 0
         self._scheduled = None
-        self._loop = None
+        self._sweep = None
         self.passes = 0
+        self.full_passes = 0
         self._idle_waiters: list[defer.Deferred] = []
+        self._quiet_waiters: list[defer.Deferred] = []
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = task.LoopingCall(self.kick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True)
         self.dom.subscribe(self._on_change)
+        self._next_sweep(first=True)
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        if self._scheduled is not None and self._scheduled.active():
-            self._scheduled.cancel()
+        for call in (self._scheduled, self._sweep):
+            if call is not None and call.active():
+                call.cancel()
+        self._sweep = None
+
+    def _next_sweep(self, first: bool = False) -> None:
+        if first:
+            self.kick()
+        delay = self.interval * self.rng.uniform(0.8, 1.2)
+        self._sweep = self.clock.callLater(delay, self._sweep_due)
+
+    def _sweep_due(self) -> None:
+        self.kick()
+        self._next_sweep()
 
     def _on_change(self, kind: str, id_: str) -> None:
-        if kind in ("vm", "vcluster", "migration"):
-            self.kick()
+        if kind == "vm":
+            vm = self.dom.get(VmRec, id_)
+            now = (vm.host, vm.desired, vm.token, vm.cluster) if vm is not None else None
+            before = self._seen.get(id_)
+            if now == before:
+                return              # a status written, nothing this host acts on changed
+            if now is None:
+                self._seen.pop(id_, None)
+            else:
+                self._seen[id_] = now
+            if self.host_id in ((before or ("",))[0], (now or ("",))[0]):
+                self._dirty_vms.add(id_)
+                self._dirty_clusters.add((now or before)[3])
+                self._schedule()
+            elif now is None and before is not None:
+                # A VM gone anywhere may be the last of a cluster being destroyed: every host
+                # looks (as the full pass does), so the destroy ends wherever the last one went.
+                self._dirty_clusters.add(before[3])
+                self._schedule()
+        elif kind == "vcluster":
+            self._dirty_clusters.add(id_)
+            self._schedule()
+        elif kind == "migration":
+            m = self.dom.get(MigrationRec, id_)
+            if m is not None and self.host_id in (m.source, m.dest):
+                self._dirty_vms.add(m.vm)
+                self._schedule()
 
     def kick(self) -> None:
-        """Asks for a pass soon (coalesced with other kicks)."""
+        """Asks for a full pass soon (coalesced with other requests)."""
+        self._full = True
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._running:
             self._again = True
             return
         if self._scheduled is None or not self._scheduled.active():
             self._scheduled = self.clock.callLater(0, self._run)
 
+    def pending(self) -> bool:
+        """Is a pass running or asked for?"""
+        return self._running or (self._scheduled is not None and self._scheduled.active())
+
+    def idle(self) -> defer.Deferred:
+        """Fires once no pass is running or asked for (at once if none is)."""
+        if not self.pending():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._quiet_waiters.append(d)
+        return d
+
     def settled(self) -> defer.Deferred:
-        """Fires after the next complete pass that started after this call."""
+        """Fires after the next complete full pass that started after this call."""
         d = defer.Deferred()
         self._idle_waiters.append(d)
         self.kick()
@@ -123,40 +197,85 @@ class Reconciler:
     def _run(self):
         self._running = True
         waiters, self._idle_waiters = self._idle_waiters, []
+        done = []
         try:
             while True:
                 self._again = False
+                full, self._full = self._full, False
+                vms, self._dirty_vms = self._dirty_vms, set()
+                clusters, self._dirty_clusters = self._dirty_clusters, set()
                 try:
-                    yield self.run_once()
+                    yield self.run_once(None if full else (vms, clusters))
                 except Exception:
                     log.failure("reconcile pass on {host} failed", host=self.host_id)
-                if not self._again:
-                    break
+                if full:
+                    done += waiters
+                    waiters = []
                 waiters += self._idle_waiters
                 self._idle_waiters = []
+                if not (self._again or self._full or self._dirty_vms or self._dirty_clusters):
+                    break
         finally:
             self._running = False
-        for d in waiters:
+        # Waiters whose full pass has not run yet (an error stopped the loop) get one more.
+        for d in done:
             d.callback(None)
+        if waiters:
+            self._idle_waiters = waiters + self._idle_waiters
+            self.kick()
+        if not self.pending():
+            quiet, self._quiet_waiters = self._quiet_waiters, []
+            for d in quiet:
+                d.callback(None)
 
     # -- one pass -------------------------------------------------------------------------
     @defer.inlineCallbacks
-    def run_once(self):
+    def run_once(self, changed=None):
+        """One pass over everything assigned here (``changed`` None), or over the VMs and clusters
+        in ``changed`` = (VM ids, cluster ids) only."""
         self.passes += 1
+        full = changed is None
+        if full:
+            self.full_passes += 1
         # VMs being moved belong to their migration until it ends: leave them (and their
         # domains, here as source or destination) alone.
         moving = in_flight(self.dom, self.now_ms())
         moving_domains = {domain_name(v) for v in moving}
-        mine = [vm for vm in self.dom.all(VmRec) if vm.host == self.host_id and vm.id not in moving]
-        clusters = {c.id: c for c in self.dom.all(VClusterRec)}
-        domains = {d.name: d for d in (yield self.driver.list_domains())}
+        if full:
+            ours = self.dom.select(VmRec, "host", self.host_id)
+            for vm in ours:
+                self._seen.setdefault(vm.id, (vm.host, vm.desired, vm.token, vm.cluster))
+            mine = [vm for vm in ours if vm.id not in moving]
+            domains = {d.name: d for d in (yield self.driver.list_domains())}
+            candidates = set(domains)
+            cluster_ids = {c.id for c in self.dom.all(VClusterRec)}
+        else:
+            vm_ids, cluster_ids = changed
+            mine = []
+            for id_ in sorted(vm_ids):
+                vm = self.dom.get(VmRec, id_)
+                if vm is not None and vm.host == self.host_id and id_ not in moving:
+                    mine.append(vm)
+            names = [domain_name(id_) for id_ in sorted(vm_ids)]
+            candidates = set(names)      # only these may be found orphans in this pass
+            if len(names) > self.FEW_DOMAINS:
+                domains = {d.name: d for d in (yield self.driver.list_domains())}
+            else:
+                domains = {}
+                for name in names:
+                    info = yield self.driver.state(name)
+                    if info.state != "missing":
+                        domains[name] = info
+            cluster_ids = set(cluster_ids) | {vm.cluster for vm in mine}
+        clusters = {c: self.dom.get(VClusterRec, c) for c in cluster_ids}
+        clusters = {c: rec for c, rec in clusters.items() if rec is not None}
 
-        # 1. networks
+        # 1. networks: each cluster with VMs here has its network; others have none
         want_nets = {}
-        for vm in mine:
-            c = clusters.get(vm.cluster)
-            if c is not None and vm.desired != "absent":
-                want_nets[network_name(c.id)] = bridge_name(c.vni)
+        for c in cluster_ids:
+            rec = clusters.get(c)
+            if rec is not None and any(vm.desired != "absent" for vm in self._mine_in(c, moving)):
+                want_nets[network_name(c)] = bridge_name(rec.vni)
         have_nets = set((yield self.driver.list_networks()))
         for net, bridge in sorted(want_nets.items()):
             if net not in have_nets:
@@ -173,34 +292,49 @@ class Reconciler:
                 pending = []
         yield self._write_statuses(pending)
 
-        # 3. orphans
+        # 3. orphans: domains of ours the DOM does not put here, networks no VM here needs
         known = {domain_name(vm.id) for vm in mine}
-        for name in sorted(domains):
+        for name in sorted(candidates & set(domains)):
             if name.startswith(PREFIX) and name not in known and name not in moving_domains:
                 log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
                 yield self._guard(f"orphan {name}", self._remove_domain(name))
-        for net in sorted(have_nets):
+        scope = have_nets if full else {network_name(c) for c in cluster_ids} & have_nets
+        for net in sorted(scope):
             if net.startswith(PREFIX) and net not in want_nets:
                 yield self._guard(f"network {net}", self.driver.destroy_network(net))
 
         # 4. finished cluster destructions
-        live_vm_clusters = {vm.cluster for vm in self.dom.all(VmRec)}
-        for c in clusters.values():
-            if c.state == "destroying" and c.id not in live_vm_clusters:
+        for c in sorted(cluster_ids):
+            rec = clusters.get(c)
+            if rec is not None and rec.state == "destroying" and not self.dom.count("vm", "cluster", c):
                 # Leases first: once the cluster is gone from the DOM, its destroy is done.
-                yield self.allocator.release_cluster(c.id, c.vni, c.token)
-                yield self.domsvc.delete(("vcluster", c.id))
-                log.info("cluster {name} destroyed", name=c.id)
+                yield self.allocator.release_cluster(rec.id, rec.vni, rec.token)
+                yield self.domsvc.delete(("vcluster", rec.id))
+                log.info("cluster {name} destroyed", name=rec.id)
 
         # 5. leases whose holder never came to be (a crash between taking the leases and
         #    recording the cluster) or is gone: give them back after a grace period
-        yield self._release_orphan_leases()
+        if full:
+            yield self._release_orphan_leases()
+
+    def _mine_in(self, cluster: str, moving) -> list[VmRec]:
+        """The VMs of ``cluster`` assigned here and not being moved."""
+        return [vm for vm in self.dom.select(VmRec, "cluster", cluster)
+                if vm.host == self.host_id and vm.id not in moving]
 
     def _release_orphan_leases(self):
+        """Gives back leases whose holder is gone; looks at a bounded slice of them per pass."""
         now = self.now_ms()
+        ids = self.dom.ids("lease")
+        if not ids:
+            return defer.succeed(None)
+        start = self._lease_cursor % len(ids)
+        batch = ids[start:start + self.LEASES_PER_PASS]
+        self._lease_cursor = start + len(batch)
         stale = {}
-        for lease in self.dom.all(LeaseRec):
-            if now - lease.granted_at < self.lease_grace_s * 1000:
+        for lease_id in batch:
+            lease = self.dom.get(LeaseRec, lease_id)
+            if lease is None or now - lease.granted_at < self.lease_grace_s * 1000:
                 continue
             kind, ref, token = parse_holder(lease.holder)
             if kind == "vm":
