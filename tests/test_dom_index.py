@@ -4,6 +4,7 @@ deletions and collections that led there."""
 from hypothesis import given, settings, strategies as st
 from lxml import etree
 
+from vmwebd.cluster import HostUsage, host_usage
 from vmwebd.dom.document import Dom, _part_children, _version, entity_bytes
 from vmwebd.dom.hlc import HybridClock, Version
 from vmwebd.dom.records import NS, VClusterRec, VmRec, VmStatus
@@ -35,7 +36,8 @@ def run(ops) -> Dom:
     for op, kind, id_, value, stamp, origin, deleted in ops:
         if op == "put":
             if kind == "vm":
-                dom.put(VmRec(id=id_, cluster=value, host=value, name=id_))
+                dom.put(VmRec(id=id_, cluster=value, host=value, name=id_, vcpus=stamp[0] + 1,
+                              desired="absent" if deleted else "running"))
             else:
                 dom.put(VClusterRec(id=id_, owner=value))
         elif op == "merge":
@@ -58,6 +60,8 @@ def run(ops) -> Dom:
             dom.forget(kind, id_)
         # Reads in between fill the caches, so stale entries would show.
         dom.all(VmRec), dom.all(VClusterRec), dom.all(VmStatus), dom.digest()
+        for host in ["p", "q", "r"]:
+            host_usage(dom, host)
     return dom
 
 
@@ -92,6 +96,10 @@ def test_cached_records_and_indexes_match_a_scan(ops):
         assert sorted(v.id for v in dom.select(VmRec, "cluster", value)) == \
             sorted(v.id for v in vms if v.cluster == value)
         assert dom.count("vm", "host", value) == sum(1 for v in vms if v.host == value)
+        on_host = [v for v in vms if v.host == value]
+        live = [v for v in on_host if v.desired != "absent"]
+        assert host_usage(dom, value) == HostUsage(len(on_host), sum(v.vcpus for v in live),
+                                                   sum(v.memory_mib for v in live))
         assert sorted(c.id for c in dom.select(VClusterRec, "owner", value)) == \
             sorted(c.id for c in dom.all(VClusterRec) if c.owner == value)
     assert dom.version_vector() == scanned_vector(dom)

@@ -398,8 +398,8 @@ class Access:
 
     def used(self, owner: str, skip_cluster: str | None = None) -> int:
         """VMs ``owner``'s clusters hold (or are about to), one cluster left out if asked."""
-        own = {c.id for c in self.dom.all(VClusterRec) if c.owner == owner and c.id != skip_cluster}
-        return sum(1 for vm in self.dom.all(VmRec) if vm.cluster in own and vm.desired != "absent")
+        own = [c.id for c in self.dom.select(VClusterRec, "owner", owner) if c.id != skip_cluster]
+        return sum(1 for c in own for vm in self.dom.select(VmRec, "cluster", c) if vm.desired != "absent")
 
     def _check_quota(self, owner: str, wanted: int, skip_cluster: str | None, have: int = 0) -> None:
         rec = self.dom.get(UserRec, owner)
@@ -451,7 +451,7 @@ class Access:
     def scale_cluster(self, p: Principal, name, count) -> defer.Deferred:
         c = self._owned(p, name)
         from vmwebd.templates import plan_scale
-        existing = [vm.name for vm in self.dom.all(VmRec) if vm.cluster == c.id and vm.desired != "absent"]
+        existing = [vm.name for vm in self.dom.select(VmRec, "cluster", c.id) if vm.desired != "absent"]
         to_add, to_remove = plan_scale(self.mgr.template(c.template), existing, count,
                                        self.mgr.limits.max_vms_per_cluster)
         after = len(existing) + len(to_add) - len(to_remove)
@@ -522,7 +522,7 @@ class Access:
         for user in root.iter(q + "user"):
             user.attrib.pop("password-hash", None)
         if not p.is_admin:
-            mine = {c.id for c in self.dom.all(VClusterRec) if c.owner == p.name}
+            mine = {c.id for c in self.dom.select(VClusterRec, "owner", p.name)}
 
             def keep(el) -> bool:
                 kind, id_ = etree.QName(el).localname, el.get("id")
@@ -543,8 +543,8 @@ class Access:
 
     # -- users -----------------------------------------------------------------------------
     def _user_view(self, rec: UserRec) -> UserView:
-        own = {c.id for c in self.dom.all(VClusterRec) if c.owner == rec.id}
-        vms = [vm for vm in self.dom.all(VmRec) if vm.cluster in own and vm.desired != "absent"]
+        own = self.dom.select(VClusterRec, "owner", rec.id)
+        vms = [vm for c in own for vm in self.dom.select(VmRec, "cluster", c.id) if vm.desired != "absent"]
         return UserView(rec.id, rec.role, rec.quota_vms, len(vms), sum(v.vcpus for v in vms),
                         sum(v.memory_mib for v in vms), len(own))
 
@@ -603,7 +603,7 @@ class Access:
             raise NoSuchUser(str(name))
         if name == p.name:
             raise InvalidArgument("name", f"user {name!r} cannot delete their own account")
-        owned = sorted(c.id for c in self.dom.all(VClusterRec) if c.owner == name)
+        owned = sorted(c.id for c in self.dom.select(VClusterRec, "owner", name))
         if owned:
             raise InvalidArgument("name", f"user {name!r} still owns cluster(s) {', '.join(owned)}: "
                                           "destroy them first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+import weakref
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -75,13 +76,37 @@ def host_loads(dom, live: set[str], exclude: str | None = None,
     """The load of every live host (``exclude`` left out; with ``placing``, the hosts being
     drained too): its capacity and the vCPUs and memory of the VMs the DOM assigns to it."""
     skip = drained_hosts(dom) if placing else set()
-    loads = {h.id: HostLoad(h.id, h.cpus, h.memory_mib) for h in dom.all(HostRec)
-             if h.id in live and h.liveness == "alive" and h.id != exclude and h.id not in skip}
-    for vm in dom.all(VmRec):
-        if vm.host in loads and vm.desired != "absent":
-            loads[vm.host].used_vcpus += vm.vcpus
-            loads[vm.host].used_memory_mib += vm.memory_mib
+    loads = {}
+    for h in dom.all(HostRec):
+        if h.id in live and h.liveness == "alive" and h.id != exclude and h.id not in skip:
+            usage = host_usage(dom, h.id)
+            loads[h.id] = HostLoad(h.id, h.cpus, h.memory_mib, usage.vcpus, usage.memory_mib)
     return loads
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    vms: int                 # VMs the DOM assigns to the host, those being removed included
+    vcpus: int               # vCPUs and memory of those not being removed
+    memory_mib: int
+
+
+_USAGE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def host_usage(dom, host: str) -> HostUsage:
+    """What the DOM puts on ``host``; computed from the host's VMs (a secondary index) once per
+    change among them, so reading every host's usage costs nothing while they do not change."""
+    cache = _USAGE.setdefault(dom, {})
+    gen = dom.generation("vm", "host", host)
+    hit = cache.get(host)
+    if hit is not None and hit[0] == gen:
+        return hit[1]
+    vms = dom.select(VmRec, "host", host)
+    live = [vm for vm in vms if vm.desired != "absent"]
+    usage = HostUsage(len(vms), sum(vm.vcpus for vm in live), sum(vm.memory_mib for vm in live))
+    cache[host] = (gen, usage)
+    return usage
 
 
 def _check_name(name, field_="name") -> str:
@@ -136,7 +161,8 @@ class ClusterManager:
                            c.network, c.bridge, vms)
 
     def clusters(self, owner: str | None = None) -> list[ClusterView]:
-        names = sorted(c.id for c in self.dom.all(VClusterRec) if not owner or c.owner == owner)
+        recs = self.dom.select(VClusterRec, "owner", owner) if owner else self.dom.all(VClusterRec)
+        names = sorted(c.id for c in recs)
         return [self.cluster(n) for n in names]
 
     def hosts(self) -> list[HostView]:
@@ -146,13 +172,13 @@ class ClusterManager:
         for h in sorted(self.dom.all(HostRec), key=lambda h: h.id):
             load = loads.get(h.id)
             out.append(HostView(h.id, self.liveness(h.id) if h.liveness != "left" else "left", h.api, h.cpus, h.memory_mib, h.free_memory_mib,
-                                h.load1, sum(1 for v in self.dom.all(VmRec) if v.host == h.id),
+                                h.load1, host_usage(self.dom, h.id).vms,
                                 load.used_vcpus if load else 0, load.used_memory_mib if load else 0,
                                 h.id in self.members(), h.id in drained))
         return out
 
     def _vms_of(self, cluster: str) -> list[VmRec]:
-        return [vm for vm in self.dom.all(VmRec) if vm.cluster == cluster]
+        return self.dom.select(VmRec, "cluster", cluster)
 
     def _loads(self) -> dict[str, HostLoad]:
         return host_loads(self.dom, self.live_hosts())

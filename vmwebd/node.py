@@ -23,7 +23,7 @@ from vmwebd.config import Address, Config
 from vmwebd.dom.gc import collectable, format_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
-from vmwebd.dom.records import HostRec, ImageRec, TemplateRec, VmRec
+from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
 from vmwebd.errors import ConfigError
 from vmwebd.gossip import tls
 from vmwebd.gossip.codec import encode
@@ -294,7 +294,7 @@ class Node:
             incarnation=prev.incarnation if prev else 0,
             cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
             free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
-            vms=sum(1 for v in self.domsvc.dom.all(VmRec) if v.host == self.host_id),
+            vms=self.domsvc.dom.count("vm", "host", self.host_id),
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr() if getattr(self, "images", None) else "",
             migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",

@@ -22,7 +22,7 @@ import ipaddress
 import random
 from dataclasses import dataclass
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus, status_of

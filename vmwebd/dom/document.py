@@ -121,6 +121,9 @@ class Dom:
         self._by_attr: dict[tuple[str, str], dict[str, set[str]]] = {
             (k, a): {} for k, attrs in INDEXED.items() for a in attrs}
         self._attr_of: dict[tuple[str, str], dict[str, str]] = {key: {} for key in self._by_attr}
+        # (kind, attribute, value) -> a number that grows whenever an entity in that group changes:
+        # what is derived from a group (a host's used vCPUs) is cached against it.
+        self._generation: dict[tuple[str, str, str], int] = {}
         # Versions by origin, sorted: (stamp, kind, id, part) — anti-entropy and the version
         # vector read them instead of scanning the DOM. ``_stamps`` is what each entity has there.
         self._by_origin: dict[str, SortedList] = {}
@@ -169,6 +172,12 @@ class Dom:
     def count(self, kind: str, attr: str, value: str) -> int:
         """How many live entities of ``kind`` have ``attr`` = ``value`` (indexed attributes only)."""
         return len(self._by_attr[(kind, attr)].get(value, ()))
+
+    def generation(self, kind: str, attr: str, value: str) -> int:
+        """Grows whenever an entity of ``kind`` with ``attr`` = ``value`` (before or after the
+        change) changes in any part (indexed attributes only): a cache of something computed from
+        that group stays valid while this number stays the same."""
+        return self._generation.get((kind, attr, value), 0)
 
     def size(self) -> int:
         """How many entities this replica holds, tombstones included."""
@@ -451,6 +460,9 @@ class Dom:
             ix, held = self._by_attr[(kind, attr)], self._attr_of[(kind, attr)]
             new = el.get(attr, "") if live else None
             old = held.get(id_)
+            for value in {old, new} - {None}:
+                gkey = (kind, attr, value)
+                self._generation[gkey] = self._generation.get(gkey, 0) + 1
             if old == new:
                 continue
             if old is not None:

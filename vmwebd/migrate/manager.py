@@ -187,7 +187,7 @@ class MigrationManager:
         yield self.domsvc.put(drain_record(host, True))
         started, refused = [], []
         flying = in_flight(self.dom, self.now_ms())
-        for vm in sorted((v for v in self.dom.all(VmRec) if v.host == host and v.desired != "absent"),
+        for vm in sorted((v for v in self.dom.select(VmRec, "host", host) if v.desired != "absent"),
                          key=lambda v: v.id):
             m = flying.get(vm.id)
             if m is not None:
@@ -229,7 +229,7 @@ class MigrationManager:
                             f"as host {self.host_id} sees it: only a dead host is evacuated (move "
                             "the VMs of a live host with vm migrate)")
         now = int(self.now_ms())
-        on_host = sorted((vm for vm in self.dom.all(VmRec) if vm.host == host), key=lambda v: v.id)
+        on_host = sorted(self.dom.select(VmRec, "host", host), key=lambda v: v.id)
         flying = in_flight(self.dom, now)
         for vm in on_host:
             m = flying.get(vm.id)
