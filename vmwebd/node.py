@@ -190,7 +190,7 @@ class Node:
         if own is not None:
             cvv[self.host_id] = max(own, tuple(cvv.get(self.host_id, (-1, -1))))
         known = tuple((h.id, h.peer) for h in self.domsvc.dom.all(HostRec) if h.id != self.host_id and h.peer)
-        port = DomPortAdapter(self.domsvc.dom)
+        port = DomPortAdapter(self.domsvc.dom, me=self.host_id, floor=self.leases.open_ballot_floor)
         core = GossipCore(self.host_id, peer_addr, gcfg, random.Random(self.rng.random()),
                           port, self.reactor.seconds(),
                           incarnation=incarnation, cvv=cvv,

@@ -391,7 +391,7 @@ class Dom:
                 if chosen and size + n > budget_bytes:
                     # Everything from this origin below this stamp is in; nothing above may be claimed.
                     if origin in claims:
-                        claims[origin] = min(claims[origin], _before(stamp))
+                        claims[origin] = min(claims[origin], before(stamp))
                     blocked.add(origin)
                     continue
                 chosen[key] = copy.deepcopy(el)
@@ -490,7 +490,7 @@ class Dom:
             sl.add((stamp, kind, id_, part))
 
 
-def _before(stamp: tuple[int, int]) -> tuple[int, int]:
+def before(stamp: tuple[int, int]) -> tuple[int, int]:
     """The greatest stamp strictly below ``stamp``."""
     wall, counter = stamp
     return (wall, counter - 1) if counter > 0 else (wall - 1, 10**9)

@@ -5,7 +5,7 @@ import copy
 
 from twisted.logger import Logger
 
-from vmwebd.dom.document import Dom, entity_bytes, entity_key, part_versions
+from vmwebd.dom.document import Dom, before, entity_bytes, entity_key, part_versions
 from vmwebd.dom.gc import forgotten
 from vmwebd.errors import MalformedRequest
 
@@ -19,9 +19,14 @@ class DomPortAdapter:
     simulator, whose entities are made by its own cores, may skip it for speed).
     """
 
-    def __init__(self, dom: Dom, validate: bool = True):
+    def __init__(self, dom: Dom, validate: bool = True, me: str | None = None, floor=None):
         self.dom = dom
         self.validate = validate
+        # ``floor()``: the lowest version this host (``me``) may still write below its latest
+        # stamp (a lease ballot, see LeaseService.open_ballot_floor), or None. Claims about our
+        # own writes stay below it, so a peer never counts itself complete past a record to come.
+        self.me = me
+        self.floor = floor
         self.rejected = 0
         # This host's complete version vector (the gossip core's), once the core exists: states
         # of entities collected here are dropped (vmwebd/dom/gc.py).
@@ -45,6 +50,9 @@ class DomPortAdapter:
 
     def delta(self, theirs, mine_complete, budget):
         theirs = {o: tuple(s) for o, s in theirs.items()}
+        low = self.floor() if self.floor is not None else None
+        if low is not None and self.me in mine_complete and mine_complete[self.me] >= low.stamp:
+            mine_complete = {**mine_complete, self.me: before(low.stamp)}
         return self.dom.delta(theirs, mine_complete, budget)
 
     def size_of(self, el) -> int:

@@ -53,6 +53,10 @@ class LeaseService:
         self.compact_every = compact_every
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-paxos-store")
         self._pending: dict[str, defer.Deferred] = {}
+        # Ballots of ours a lease record may still carry (see open_ballot_floor): by operation
+        # (op id -> (since, ballots sent in a Prepare)), and decided but not yet recorded here.
+        self._ballots_of_op: dict[str, tuple[float, set[Version]]] = {}
+        self._unrecorded: dict[Version, tuple[float, Version]] = {}
         self._ids = itertools.count(1)
         self._loop = None
         self._since_compact = 0
@@ -137,6 +141,7 @@ class LeaseService:
 
     # -- carrying out the core's output --------------------------------------------------------
     def _carry(self, out: paxos.Output) -> defer.Deferred:
+        self._hold_new_ballots(out)
         if out.persist:
             self._since_compact += len(out.persist)
             d = deferToThreadPool(self.reactor, self._pool, self.store.append_many,
@@ -148,7 +153,54 @@ class LeaseService:
         d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
         return d
 
+    # -- ballots not yet in the DOM ----------------------------------------------------------
+    #: A ballot held back from this host's anti-entropy claims for longer than this is let go
+    #: (an operation ends within its hard deadline; this only bounds a leak).
+    HOLD_SECONDS = 60.0
+
+    def open_ballot_floor(self) -> Version | None:
+        """The lowest ballot of ours that may still be recorded in the DOM as a lease's version.
+
+        A lease record carries its deciding ballot as version, stamped when the round began and
+        recorded when it ends; meanwhile this host writes other things with later stamps. Were
+        it to claim, in anti-entropy, that it holds everything it wrote up to those later stamps,
+        a peer would count itself complete past the ballot and never ask for the lease record
+        (a lost Commit message would then leave replicas apart for good). The gossip layer keeps
+        its claims about this host below the floor."""
+        now = self.reactor.seconds()
+        for table in (self._ballots_of_op, self._unrecorded):
+            for key, (since, _) in list(table.items()):
+                if now - since > self.HOLD_SECONDS:
+                    del table[key]
+        ballots = [b for _, bs in self._ballots_of_op.values() for b in bs]
+        ballots += [b for _, b in self._unrecorded.values()]
+        return min(ballots) if ballots else None
+
+    def _hold_new_ballots(self, out: paxos.Output) -> None:
+        """Holds the ballots of the rounds this output begins; at once, before anything else
+        runs on the reactor, so no claim made meanwhile can pass them."""
+        now = self.reactor.seconds()
+        for _, msg in out.sends:
+            if isinstance(msg, paxos.Prepare):
+                self._ballots_of_op.setdefault(msg.op, (now, set()))[1].add(msg.ballot)
+
+    def _release_ballots(self, out: paxos.Output) -> None:
+        """Lets go of the ballots of ended rounds, but a decided one until it is recorded here."""
+        now = self.reactor.seconds()
+        dom = self.domsvc.dom
+        for result in out.results:
+            self._ballots_of_op.pop(result.op, None)
+            ballot = getattr(result, "ballot", None)
+            if isinstance(result, paxos.Decided) and ballot is not None:
+                versions = [dom.version_of("lease", k) for k in result.values]
+                if not all(v is not None and v >= ballot for v in versions):
+                    self._unrecorded[ballot] = (now, ballot)
+        # Commits in this output are recorded right after (``_record_commits``).
+        for c in out.commits:
+            self._unrecorded.pop(c.ballot, None)
+
     def _after_persist(self, out: paxos.Output):
+        self._release_ballots(out)
         for dst, msg in out.sends:
             if dst == self.me:
                 self.reactor.callLater(0, self.receive, self.me, msg)
