@@ -380,12 +380,13 @@ class Node:
     def api_address(self) -> str:
         return f"{self.config.listen.api.host}:{self.api_port}"
 
+    #: A clean stop tells peers we leave for at most this long (a busy grid may not answer).
+    LEAVE_SECONDS = 2.0
+
     @defer.inlineCallbacks
     def stop(self, leave: bool = True):
-        if self.gossip is not None:
-            yield self.gossip.stop(leave=leave)
-        if self.peer_port is not None:
-            yield self.peer_port.stopListening()
+        """Stops taking work first (timers, the user API), then leaves the grid (bounded), then
+        closes the hypervisor, leases and the store: a stop under load ends in seconds."""
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
         for loop in (getattr(self, "_sweeper", None), getattr(self, "_balancer", None)):
@@ -395,6 +396,14 @@ class Node:
             self.reconciler.stop()
         if self.port is not None:
             yield self.port.stopListening()
+        if self.gossip is not None:
+            try:
+                yield self.gossip.stop(leave=leave).addTimeout(self.LEAVE_SECONDS, self.reactor)
+            except defer.TimeoutError:
+                log.warn("peers did not hear that host {host} leaves within {s} s; they will "
+                         "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
+        if self.peer_port is not None:
+            yield self.peer_port.stopListening()
         if self.driver is not None:
             yield self.driver.close()
         if getattr(self, "leases", None) is not None:
