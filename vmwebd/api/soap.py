@@ -17,7 +17,16 @@
   or failing a returned Deferred) becomes a fault with its ``faultcode`` and ``message``; any
   other exception becomes ``Server.Internal`` with a generic message and an incident id, and the
   traceback goes to the log under that id, never to the caller;
-* lets operations return a Deferred (or be ``async def``): the reactor is never blocked waiting.
+* lets operations return a Deferred (or be ``async def``): the reactor is never blocked waiting;
+* hands spyne the body it screened, as bytes, whatever size it has and wherever Twisted keeps it
+  (in memory under 100,000 bytes, in a temporary file from there on or when chunked): spyne's
+  own ``TwistedWebResource.handle_rpc`` maps a file-backed body with ``mmap``, which its SOAP
+  parser cannot join (``TypeError: sequence item 0: expected str instance, mmap.mmap found``);
+* writes each answer whole, with a Content-Length, the moment it is ready, instead of through
+  spyne's pull producer, which finishes the request only on a later pull: a connection dropped
+  in between (a peer timing out) made spyne log the request as an error and finish it with the
+  producer still registered (Twisted: ``Producer was not unregistered``). An answer ready after
+  its client left is dropped quietly; spyne's resource would raise on the dead request.
 
 Fault codes on the wire are QNames in the SOAP envelope namespace, as SOAP 1.1 requires
 (``soap11env:Client.NameTaken``); clients compare :func:`local_faultcode` of what they read.
@@ -36,7 +45,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from vmwebd.api import compat
 from vmwebd.errors import MalformedRequest, RequestTooLarge, VmwebError
@@ -44,10 +53,14 @@ from vmwebd.errors import MalformedRequest, RequestTooLarge, VmwebError
 compat.apply()
 
 from spyne import Application, Service  # noqa: E402  (after compat.apply)
+from spyne.auxproc import process_contexts  # noqa: E402
+from spyne.const.http import HTTP_200  # noqa: E402
+from spyne.model import ComplexModelBase, PushBase  # noqa: E402
 from spyne.protocol.xml import SchemaValidationError  # noqa: E402
 from spyne.model.fault import Fault  # noqa: E402
 from spyne.protocol.soap import Soap11  # noqa: E402
-from spyne.server.twisted import TwistedWebResource  # noqa: E402
+from spyne.server.twisted.http import (TwistedHttpMethodContext,  # noqa: E402
+                                       TwistedHttpTransport)
 
 __all__ = [
     "SOAP11_ENV_NS",
@@ -188,15 +201,15 @@ def screen_soap_body(body: bytes) -> None:
 
 
 class _SoapResource(Resource):
-    """Screens requests, serves the WSDL, and hands good SOAP calls to spyne's Twisted transport."""
+    """Screens requests, serves the WSDL, and runs good SOAP calls through spyne's transport."""
 
     isLeaf = True
 
-    def __init__(self, spyne_resource: TwistedWebResource, max_body_bytes: int):
+    def __init__(self, transport: TwistedHttpTransport, max_body_bytes: int):
         super().__init__()
-        self._spyne = spyne_resource
+        self._transport = transport
         self.max_body_bytes = max_body_bytes
-        wsdl11 = spyne_resource.http_transport.doc.wsdl11
+        wsdl11 = transport.doc.wsdl11
         wsdl11.build_interface_document(_ADDRESS_PLACEHOLDER)
         self._wsdl = wsdl11.get_interface_document()
         self._placeholder = html.escape(_ADDRESS_PLACEHOLDER, quote=True).encode("ascii")
@@ -218,12 +231,107 @@ class _SoapResource(Resource):
             return self._refuse(request, 413, self._too_large(size))
         content.seek(0)
         body = content.read()
-        content.seek(0)
         try:
             screen_soap_body(body)
         except MalformedRequest as exc:
             return self._refuse(request, 500, exc)
-        return self._spyne.render(request)
+        return self._call(request, body)
+
+    # -- the call, through spyne's transport (what TwistedWebResource.handle_rpc does, minus the
+    # -- mmap'ed body and the pull producer; see the module docstring) --------------------------
+
+    def _call(self, request: Request, body: bytes):
+        transport = self._transport
+        ctx = TwistedHttpMethodContext(transport, request, transport.app.out_protocol.mime_type)
+        ctx.in_string = [body]
+        p_ctx, *others = transport.generate_contexts(ctx)
+        p_ctx.active = True
+        if p_ctx.in_error:
+            return self._fault(request, p_ctx, others, p_ctx.in_error)
+        transport.get_in_object(p_ctx)
+        if p_ctx.in_error:
+            return self._fault(request, p_ctx, others, p_ctx.in_error)
+        transport.get_out_object(p_ctx)
+        if p_ctx.out_error:
+            return self._fault(request, p_ctx, others, p_ctx.out_error)
+        out = p_ctx.out_object
+        pending = out[0] if isinstance(out, (list, tuple)) and out else out
+        if not isinstance(pending, Deferred):
+            return self._answer(request, p_ctx, others)
+        # Until the operation answers, a dropped connection is only worth remembering: the
+        # answer will have nobody to go to.
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+        pending.addCallbacks(self._answer_later, self._fault_later,
+                             callbackArgs=(request, p_ctx, others, gone),
+                             errbackArgs=(request, p_ctx, others, gone))
+        return NOT_DONE_YET
+
+    def _answer(self, request: Request, p_ctx, others) -> bytes:
+        """The serialized answer held in ``p_ctx.out_object``; a fault if it cannot be sent."""
+        try:
+            out = p_ctx.out_object
+            if out and isinstance(out[0], PushBase):
+                raise TypeError("streamed (PushBase) answers are not supported by this endpoint")
+            resp_code = p_ctx.transport.resp_code or HTTP_200
+            self._transport.get_out_string(p_ctx)
+            answer = b"".join(p_ctx.out_string)
+        except Exception as exc:
+            return self._fault(request, p_ctx, others,
+                               fault_from_exception(exc, _operation_name(p_ctx), Failure()))
+        request.setResponseCode(int(resp_code[:3]))
+        _set_headers(request, p_ctx.transport.resp_headers)
+        p_ctx.close()
+        process_contexts(self._transport, others, p_ctx)
+        return answer
+
+    def _fault(self, request: Request, p_ctx, others, error) -> bytes:
+        """The serialized fault ``error``, with spyne's HTTP status for it (500, or 413/405/…)."""
+        resp_code = p_ctx.transport.resp_code or p_ctx.out_protocol.fault_to_http_response_code(error)
+        request.setResponseCode(int(resp_code[:3]))
+        _set_headers(request, p_ctx.transport.resp_headers)
+        # Whatever the operation began to produce is replaced by the fault.
+        p_ctx.out_error = error
+        p_ctx.out_document = None
+        p_ctx.out_string = None
+        p_ctx.out_object = error
+        self._transport.get_out_string(p_ctx)
+        answer = b"".join(p_ctx.out_string)
+        p_ctx.close()
+        process_contexts(self._transport, others, p_ctx, error=error)
+        return answer
+
+    def _answer_later(self, result, request: Request, p_ctx, others, gone: list) -> None:
+        if gone:
+            return self._drop(request, p_ctx)
+        # Shape the result as spyne's Application.process_request does for direct returns.
+        descriptor = p_ctx.descriptor
+        out_message = descriptor.out_message
+        if (descriptor.is_out_bare() or not issubclass(out_message, ComplexModelBase)
+                or len(out_message._type_info) <= 1):
+            p_ctx.out_object = [result]
+        else:
+            p_ctx.out_object = result
+        self._send(request, self._answer(request, p_ctx, others))
+
+    def _fault_later(self, failure: Failure, request: Request, p_ctx, others, gone: list) -> None:
+        if gone:
+            return self._drop(request, p_ctx)
+        error = failure.value if failure.check(Fault) else fault_from_exception(
+            failure.value, _operation_name(p_ctx), failure)
+        self._send(request, self._fault(request, p_ctx, others, error))
+
+    @staticmethod
+    def _send(request: Request, answer: bytes) -> None:
+        request.setHeader(b"Content-Length", b"%d" % len(answer))
+        request.write(answer)
+        request.finish()
+
+    @staticmethod
+    def _drop(request: Request, p_ctx) -> None:
+        log.debug("SOAP {operation} answered after its client {peer} went away; answer dropped",
+                  operation=_operation_name(p_ctx), peer=_peer(request))
+        p_ctx.close()
 
     def _too_large(self, size: int) -> RequestTooLarge:
         return RequestTooLarge(
@@ -240,6 +348,11 @@ class _SoapResource(Resource):
         url = html.escape(_request_url(request), quote=True).encode("ascii", "xmlcharrefreplace")
         request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
         return self._wsdl.replace(self._placeholder, url)
+
+
+def _set_headers(request: Request, headers: dict) -> None:
+    for name, value in headers.items():
+        request.responseHeaders.setRawHeaders(name, value if isinstance(value, (list, tuple)) else [value])
 
 
 def _wants_wsdl(request: Request) -> bool:
@@ -285,5 +398,4 @@ def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
         in_protocol=_SafeSoap11(validator="lxml"),
         out_protocol=Soap11(),
     )
-    spyne_resource = TwistedWebResource(app, max_content_length=max_body_bytes)
-    return _SoapResource(spyne_resource, max_body_bytes)
+    return _SoapResource(TwistedHttpTransport(app, max_content_length=max_body_bytes), max_body_bytes)
