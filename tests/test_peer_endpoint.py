@@ -6,8 +6,13 @@ from io import BytesIO
 import pytest
 import pytest_twisted
 from lxml import etree
+from twisted.internet import defer
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from vmwebd.api.peer import build_peer_api
 
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
@@ -17,7 +22,7 @@ from vmwebd.gossip import pki, tls
 from vmwebd.gossip.codec import decode, encode
 from vmwebd.gossip.messages import (Ack, Envelope, Gossip, MemberState, Ping, PingReq, Sync,
                                     SyncDelta, SyncReply)
-from vmwebd.gossip.service import soap_body
+from vmwebd.gossip.service import PeerClient, soap_body
 from vmwebd.dom.hlc import Version
 from vmwebd.lease import paxos
 
@@ -110,3 +115,84 @@ def test_garbage_envelope_gets_malformed_request_and_changes_nothing(start_node,
     code, body = yield _post(creds2, port, soap_body(bad))
     assert code == 500 and b"Client.MalformedRequest" in body and b"seq" in body
     assert h.node.domsvc.dom.canonical_digest() == before
+
+
+class _CountingSite(Site):
+    """A Site that counts the connections it accepts."""
+
+    accepted = 0
+
+    def buildProtocol(self, addr):
+        self.accepted += 1
+        return super().buildProtocol(addr)
+
+
+class _AcceptingGossip:
+    def __init__(self):
+        self.received = 0
+
+    def receive(self, env):
+        self.received += 1
+        return defer.succeed(None)
+
+
+@pytest.fixture
+def counting_peer(pki_dir):
+    """host1's peer endpoint alone (mutual TLS, identity checked) on a loopback port, counting
+    the connections it accepts; yields (site, gossip, address)."""
+    from twisted.internet import reactor
+    gossip = _AcceptingGossip()
+    root = Resource()
+    root.putChild(b"peer", build_peer_api(gossip, 1 << 20, require_identity=True,
+                                          identity_of=tls.peer_host_id))
+    site = _CountingSite(root)
+    port = tls.listen_tls(reactor, 0, site, pki.load_host_credentials(pki_dir / "host1" / "pki"),
+                          "127.0.0.1")
+    yield site, gossip, f"127.0.0.1:{port.getHost().port}"
+    port.stopListening()
+
+
+def _client(pki_dir, **kw) -> PeerClient:
+    from twisted.internet import reactor
+    return PeerClient(reactor, tls.client_policy(pki.load_host_credentials(pki_dir / "host2" / "pki")), **kw)
+
+
+def _gossip_from_host2():
+    return encode(Envelope("host2", "127.0.0.1:1", "host1", Gossip()))
+
+
+@pytest_twisted.inlineCallbacks
+def test_sequential_sends_reuse_one_connection(counting_peer, pki_dir):
+    """Twenty sends one after another to one peer travel over a single connection (one TLS handshake)."""
+    site, gossip, addr = counting_peer
+    client = _client(pki_dir)
+    try:
+        for _ in range(20):
+            assert (yield client.send(addr, _gossip_from_host2())) is True
+    finally:
+        yield client.close()
+    assert (gossip.received, site.accepted) == (20, 1)
+
+
+@pytest_twisted.inlineCallbacks
+@pytest.mark.parametrize("per_peer, accepted", [(8, 4), (2, 12)])
+def test_overlapping_sends_keep_their_connections(counting_peer, pki_dir, per_peer, accepted):
+    """Five rounds of four overlapping sends to one peer: a pool of 8 per peer opens four
+    connections once and reuses them; the old pool of 2 kept only two, and so opened (and
+    closed) two more every round."""
+    site, gossip, addr = counting_peer
+    client = _client(pki_dir, connections_per_peer=per_peer)
+    try:
+        for _ in range(5):
+            sent = yield defer.gatherResults([client.send(addr, _gossip_from_host2()) for _ in range(4)])
+            assert sent == [True] * 4
+    finally:
+        yield client.close()
+    assert (gossip.received, site.accepted) == (20, accepted)
+
+
+def test_peer_client_refuses_an_empty_pool():
+    """A pool of no connections per peer is a configuration error naming the parameter."""
+    from twisted.internet import reactor
+    with pytest.raises(ValueError, match="connections_per_peer"):
+        PeerClient(reactor, connections_per_peer=0)

@@ -40,13 +40,23 @@ def soap_body(env_el: etree._Element) -> bytes:
 
 
 class PeerClient:
-    """Sends envelopes to peers' ``/peer`` SOAP endpoint over persistent connections."""
+    """Sends envelopes to peers' ``/peer`` SOAP endpoint over persistent connections.
 
-    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0):
+    A connection carries one request at a time, and a Deliver is answered only once what it
+    merged is on disk, so sends to one peer overlap: a gossip round, a probe, a push of local
+    changes and lease rounds can all be in flight together. The pool keeps up to
+    ``connections_per_peer`` idle connections per peer; a send beyond that opens a connection (a
+    TLS handshake) that is closed after its one request. Each kept connection costs a file
+    descriptor here and one at the peer.
+    """
+
+    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0, connections_per_peer: int = 8):
+        if connections_per_peer < 1:
+            raise ValueError(f"connections_per_peer must be at least 1, got {connections_per_peer}")
         self.reactor = reactor
         self.scheme = "https" if tls_policy is not None else "http"
         self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 2
+        self.pool.maxPersistentPerHost = connections_per_peer
         self.pool.retryAutomatically = False
         kw = {"contextFactory": tls_policy} if tls_policy is not None else {}
         self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout, **kw)
