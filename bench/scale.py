@@ -68,7 +68,8 @@ VM_VCPUS, VM_MEMORY_MIB = 1, 64
 CPU_OVERCOMMIT = 4.0            # the default setting `cpu_overcommit`
 READ_OPS = ("ListHosts", "ListClusters", "GetCluster", "GetDom", "owner page")
 TRANSITION = re.compile(r"host (\S+): (\w+) -> (suspect|dead)\b")
-LOG_PROBLEM = re.compile(r"Traceback|Unhandled|\[[^\]]*#(error|critical)\]")
+LOG_PROBLEM = re.compile(r"\[[^\]]*#(error|critical)\]")       # an entry logged as error or critical
+EXCEPTION = re.compile(r"^\s*(?:Failure: )?((?:builtins\.)?[\w.]*(?:Error|Exception|Exit)\b.*)")
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -192,6 +193,7 @@ class ScaleGrid:
             self.daemons.append(GroupDaemon(cfg, api_port=api[i]))
         self._local = threading.local()
         self._pools: list[ThreadPoolExecutor] | None = None
+        self._log_offsets: dict[str, int] = {}
 
     @property
     def n(self) -> int:
@@ -258,17 +260,29 @@ class ScaleGrid:
                 print(f"  closing {d.config.parent.name}: {e}", file=sys.stderr)
 
     # -- logs -------------------------------------------------------------------------------------
-    def log_events(self) -> dict:
-        """Membership transitions (observer, host, new state) and problem lines, from every log."""
-        suspect, dead, problems = [], [], []
+    def new_log_events(self) -> dict:
+        """Membership transitions (observer, host) to suspect and to dead, and problem lines
+        (tracebacks, critical or error entries), logged since the previous call."""
+        suspect, dead, problems, exceptions = [], [], [], []
         for d in self.daemons:
-            for line in d.log().splitlines():
+            name = d.config.parent.name
+            if not d.log_path.exists():
+                continue
+            with open(d.log_path, "rb") as f:       # the log is appended to across restarts
+                f.seek(self._log_offsets.get(name, 0))
+                data = f.read()
+            complete = data.rfind(b"\n") + 1       # a line still being written waits for next time
+            self._log_offsets[name] = self._log_offsets.get(name, 0) + complete
+            for line in data[:complete].decode("utf-8", "replace").splitlines():
                 m = TRANSITION.search(line)
                 if m:
-                    (suspect if m.group(3) == "suspect" else dead).append((d.config.parent.name, m.group(1)))
+                    (suspect if m.group(3) == "suspect" else dead).append((name, m.group(1)))
                 if LOG_PROBLEM.search(line):
-                    problems.append(f"{d.config.parent.name}: {line.strip()[:300]}")
-        return {"suspect": suspect, "dead": dead, "problems": problems}
+                    problems.append(f"{name}: {line.strip()[:300]}")
+                m = EXCEPTION.match(line)
+                if m and line[:1].isspace():         # a traceback's last line
+                    exceptions.append(f"{name}: {m.group(1)[:300]}")
+        return {"suspect": suspect, "dead": dead, "problems": problems, "exceptions": exceptions}
 
 
 def same_digest(results) -> str | None:
@@ -290,7 +304,7 @@ class Bench:
         self.next_index = 0
         self.rng = random.Random(args.seed)
         self.web: dict[int, requests.Session] = {}
-        self.last_events = {"suspect": [], "dead": [], "problems": []}
+        self.totals = Counter()             # membership transitions since the grid came up
 
     def setup_users(self) -> None:
         g = self.grid
@@ -455,10 +469,10 @@ class Bench:
         return {"reads_ms": out, "read_errors": dict(errors)}
 
     def events_since_last(self) -> dict:
-        ev = self.grid.log_events()
-        new = {k: ev[k][len(self.last_events[k]):] for k in ev}
-        self.last_events = ev
-        return new
+        ev = self.grid.new_log_events()
+        for k in ("suspect", "dead"):
+            self.totals[k] += len(ev[k])
+        return ev
 
     # -- kill -9 and restart -----------------------------------------------------------------
     def kill_and_restart(self) -> dict:
@@ -598,7 +612,7 @@ def main(argv=None) -> int:
             cp.update(bench.reads())
             ev = bench.events_since_last()
             cp.update(suspicions=len(ev["suspect"]), deaths=len(ev["dead"]), suspect_events=ev["suspect"],
-                      dead_events=ev["dead"], log_problems=ev["problems"][:20])
+                      dead_events=ev["dead"], log_problems=len(ev["problems"]), log_exceptions=ev["exceptions"])
             result["checkpoints"].append(cp)
             print(row(cp), flush=True)
             for what in ("failures", "read_errors"):
@@ -607,18 +621,21 @@ def main(argv=None) -> int:
             gone = [f"{d.config.parent.name} (exit {d.proc.returncode})" for d in grid.daemons if not d.alive()]
             if gone:
                 raise RuntimeError(f"daemons exited during the run: {', '.join(gone)}; see their logs in {base}")
-            if ev["problems"]:
-                print(f"       {len(ev['problems'])} error lines in the logs, e.g. {ev['problems'][0]}", flush=True)
+            if ev["problems"] or ev["exceptions"]:
+                kinds = Counter(e.split(": ", 1)[1] for e in ev["exceptions"])
+                print(f"       {len(ev['problems'])} error/critical log entries; exceptions: "
+                      + "; ".join(f"{k} (x{n})" for k, n in kinds.most_common(5)), flush=True)
             if cp["vms"] < mark:
                 print(f"       stopped short of {mark} VMs (attempts or --create-timeout used up)", flush=True)
                 break
         rs = bench.kill_and_restart()
         ev = bench.events_since_last()
-        rs.update(suspicions=len(ev["suspect"]), deaths=len(ev["dead"]), log_problems=ev["problems"][:20])
+        rs.update(suspicions=len(ev["suspect"]), deaths=len(ev["dead"]), log_problems=len(ev["problems"]),
+                  log_exceptions=ev["exceptions"])
         result["restart"] = rs
         result["membership_total"] = {
-            "suspicions": len(bench.last_events["suspect"]) - result["startup"]["suspicions"],
-            "deaths": len(bench.last_events["dead"]) - result["startup"]["deaths"]}
+            "suspicions": bench.totals["suspect"] - result["startup"]["suspicions"],
+            "deaths": bench.totals["dead"] - result["startup"]["deaths"]}
         report(result, args)
         failed = False
     finally:
