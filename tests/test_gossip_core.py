@@ -10,10 +10,12 @@ from vmwebd.dom.document import Dom, _part_children, entity_bytes
 from vmwebd.dom.hlc import HybridClock, Version
 from vmwebd.dom.records import NS, VClusterRec
 from vmwebd.gossip.broadcast import BroadcastQueue
-from vmwebd.gossip.core import ALIVE, DEAD, LEFT, SUSPECT, GossipConfig, GossipCore
+from vmwebd.gossip.codec import decode, encode
+from vmwebd.gossip.core import (ALIVE, DEAD, LAN, LEFT, LOCAL_TEST, SUSPECT, Awareness, GossipConfig,
+                                GossipCore, Suspicion, suspicion_timeout_after)
 from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import (PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState, Ping,
-                                    PingReq)
+                                    PingReq, ProbeNack)
 
 Q = "{%s}" % NS
 CFG = GossipConfig(probe_interval=1.0, probe_timeout=0.5, indirect_checks=3, suspicion_mult=4,
@@ -238,6 +240,258 @@ def test_envelope_for_another_host_id_is_ignored():
     # but one with no destination id (sent to a seed address) is taken
     out = a.receive(Envelope("b", "b", None, Ping(8, "a")), 0.0)
     assert len(of_kind(out.sends, Ack)) == 1
+
+
+# -- Lifeguard: local health, dynamic suspicion, buddy system, nacks -----------------------------
+@given(mult=st.integers(1, 12), deltas=st.lists(st.integers(-5, 5), max_size=60),
+       base=st.floats(0.01, 10.0))
+def test_awareness_score_stays_in_range_and_scales_timeouts(mult, deltas, base):
+    """The health score is the clamped running sum of its deltas, always within 0 .. max - 1, and
+    scales a timeout by score + 1; a multiplier of 1 keeps it at 0 (Lifeguard off)."""
+    a = Awareness(mult)
+    model = 0
+    for d in deltas:
+        a.apply(d)
+        model = min(mult - 1, max(0, model + d))
+        assert a.score == model and 0 <= a.score <= mult - 1
+        assert a.scale(base) == base * (a.score + 1)
+        assert base <= a.scale(base) <= mult * base
+    if mult == 1:
+        assert a.score == 0
+
+
+@given(k=st.integers(-1, 10), lo=st.floats(0.1, 50.0), mult=st.floats(1.0, 10.0), c=st.integers(0, 15))
+def test_suspicion_timeout_shrinks_with_confirmations_between_min_and_max(k, lo, mult, c):
+    """The timeout is max with no confirmation, never grows with more, reaches min at k, and stays
+    within [min, max]; with nothing to wait for (k < 1) it is min."""
+    hi = lo * mult
+    t = suspicion_timeout_after(c, k, lo, hi)
+    assert lo <= t <= hi
+    assert suspicion_timeout_after(c + 1, k, lo, hi) <= t
+    if k < 1:
+        assert t == lo
+    else:
+        assert suspicion_timeout_after(0, k, lo, hi) == hi
+        assert abs(suspicion_timeout_after(k, k, lo, hi) - lo) < 1e-9
+        if c >= k:
+            assert abs(t - lo) < 1e-9
+        if 0 < c < k and hi > lo:
+            assert lo < t < hi
+
+
+def test_suspicion_timeouts_of_the_presets():
+    """LAN, 8 hosts: 4 s once confirmed, 24 s unconfirmed, 11.4 s after one of the two confirmations."""
+    assert LAN.suspicion_timeout(8) == 4.0 and LAN.suspicion_max_timeout(8) == 24.0
+    assert LAN.suspicion_confirmations(8) == 2 and LAN.suspicion_confirmations(3) == 0
+    assert abs(suspicion_timeout_after(1, 2, 4.0, 24.0) - (24 - 20 * 0.6309297535714574)) < 1e-9
+    assert LOCAL_TEST.suspicion_confirmations(8) == 1
+    assert LOCAL_TEST.suspicion_max_timeout(8) == 6 * LOCAL_TEST.suspicion_timeout(8) == 9.0
+    off = LAN.without_lifeguard()
+    assert off.suspicion_max_timeout(8) == off.suspicion_timeout(8) == 4.0
+    assert (off.awareness_max_multiplier, off.buddy_system, off.probe_nacks) == (1, False, False)
+    assert off.probe_interval == LAN.probe_interval
+
+
+def test_suspicion_counts_each_other_accuser_once_up_to_k():
+    """The accuser that started a suspicion is no confirmation; others count once each, up to k."""
+    s = Suspicion(10.0, 2, 4.0, 24.0, {"x"})
+    assert s.deadline() == 34.0
+    assert not s.confirm("x") and not s.confirm("")
+    assert s.confirm("y") and not s.confirm("y")
+    assert 14.0 < s.deadline() < 34.0
+    assert s.confirm("z") and s.deadline() == 14.0
+    assert not s.confirm("w") and s.deadline() == 14.0   # k reached: no more counting
+
+
+def _suspect_rumor(node, by, inc=0):
+    return Envelope(by, by, None, Gossip(), members=(MemberState(node, node, inc, SUSPECT, by),))
+
+
+def test_confirmations_from_other_accusers_bring_death_forward_and_are_passed_on():
+    """A suspicion heard from x waits the max timeout; the same suspicion from y (another accuser)
+    shortens it to the min and is re-queued with y as its accuser; then the member dies at the min."""
+    net = Net([f"h{i}" for i in range(6)])
+    a = net.cores["h0"]
+    n = len(a.members)
+    lo, hi = CFG.suspicion_timeout(n), CFG.suspicion_max_timeout(n)
+    assert CFG.suspicion_confirmations(n) == 2
+    out = a.receive(_suspect_rumor("h5", "h1"), 0.0)
+    assert ("h5", ALIVE, SUSPECT) in out.changes
+    assert a.suspicion_deadline("h5") == hi
+    a.receive(_suspect_rumor("h5", "h1"), 0.1)            # the same accuser again: nothing
+    assert a.suspicion_deadline("h5") == hi
+    a.receive(_suspect_rumor("h5", "h2"), 0.2)
+    one = a.suspicion_deadline("h5")
+    assert lo < one < hi
+    queued = a.queue._items[("m", "h5")].payload
+    assert queued == MemberState("h5", "h5", 0, SUSPECT, "h2")
+    a.receive(_suspect_rumor("h5", "h3"), 0.3)
+    assert a.suspicion_deadline("h5") == lo
+    assert not [c for c in a.tick(lo - 0.01).changes if c[0] == "h5"]
+    assert ("h5", SUSPECT, DEAD) in a.tick(lo).changes
+    assert a.suspicion_deadline("h5") is None
+
+
+def test_unconfirmed_suspicion_waits_the_max_timeout_and_a_refutation_cancels_it():
+    """Without confirmations the member is not declared dead before the max timeout; its
+    refutation (alive at a higher incarnation) ends the suspicion."""
+    net = Net([f"h{i}" for i in range(6)])
+    a = net.cores["h0"]
+    hi = CFG.suspicion_max_timeout(len(a.members))
+    a.receive(_suspect_rumor("h5", "h1"), 0.0)
+    changes, t = [], 0.0
+    while t < hi - 0.1:
+        out = a.tick(t)
+        changes += [c for c in out.changes if c[0] == "h5"]
+        for s in out.sends:   # everyone answers; h5 answers its Pings without hearing the rumors
+            if s.dst != "h5":
+                net.deliver(type(out)(sends=[s]))
+            elif isinstance(s.envelope.msg, Ping):
+                a.receive(Envelope("h5", "h5", "h0", Ack(s.envelope.msg.seq, "h5")), t)
+        t = round(t + 0.05, 6)
+    assert changes == [] and a.status_of("h5") == SUSPECT
+    assert a.suspicion_deadline("h5") == hi
+    a.receive(Envelope("h5", "h5", "h0", Gossip(), members=(MemberState("h5", "h5", 1, ALIVE),)), hi - 0.05)
+    assert a.status_of("h5") == ALIVE and a.suspicion_deadline("h5") is None
+    assert not [c for c in a.tick(hi).changes if c[0] == "h5"]   # the old deadline passes harmlessly
+
+
+def test_failed_probes_raise_health_score_and_stretch_the_probe_period():
+    """Each failed probe (no helper known to nack) raises the score by one, and the next probe
+    period and timeout are scaled by score + 1; a successful probe lowers the score by one."""
+    net = Net(["a", "b", "c", "d", "e", "f"])   # unconfirmed suspicions here last 24 s: nobody dies
+    a = net.cores["a"]
+    t, starts, scores = 0.0, [], []
+    while len(starts) < 5 and t < 20.0:
+        before = a._probe
+        a.tick(t)                      # nothing is ever delivered: every probe fails
+        if a._probe is not None and a._probe is not before:
+            starts.append(a._probe.started)
+            scores.append(a.health_score)
+            assert abs(a._probe.deadline - a._probe.started - CFG.probe_interval * (a.health_score + 1)) < 1e-9
+            assert abs(a._probe.timeout_at - a._probe.started - CFG.probe_timeout * (a.health_score + 1)) < 1e-9
+        t = round(t + 0.05, 6)
+    assert len(starts) == 5 and scores == [0, 1, 2, 3, 4]
+    gaps = [round(b - a_, 6) for a_, b in zip(starts, starts[1:])]
+    assert all(g >= CFG.probe_interval * (s + 1) - 1e-9 for g, s in zip(gaps, scores))
+    # now answer a's probes: each success lowers the score
+    probe = a._probe
+    a.receive(Envelope(probe.target, probe.target, "a", Ack(probe.seq, probe.target)), t)
+    a.tick(t + 0.05)
+    assert a.health_score == scores[-1] - 1
+
+
+def test_refuting_an_accusation_raises_health_score():
+    """Having to refute a suspicion of oneself counts against one's own health."""
+    net = Net(["a", "b"])
+    a = net.cores["a"]
+    a.receive(_suspect_rumor("a", "b"), 0.0)
+    assert a.incarnation == 1 and a.health_score == 1
+
+
+def test_helper_nacks_when_the_target_is_silent_and_not_when_it_answers():
+    """A helper asked with nack=True sends ProbeNack after its probe timeout if the target has not
+    answered; not if it answered, nor if the requester did not ask."""
+    net = Net(["a", "b", "c"])
+    b = net.cores["b"]
+    out = b.receive(Envelope("a", "a", "b", PingReq(9, "c", "c", True)), 0.0)
+    assert [s.dst for s in of_kind(out.sends, Ping)] == ["c"]
+    assert not of_kind(b.tick(CFG.probe_timeout - 0.01).sends, ProbeNack)
+    nacks = of_kind(b.tick(CFG.probe_timeout).sends, ProbeNack)
+    assert [(s.dst, s.envelope.msg) for s in nacks] == [("a", ProbeNack(9, "c"))]
+    assert not of_kind(b.tick(CFG.probe_timeout + 0.05).sends, ProbeNack)   # only once
+    # the target answers in time: the Ack is forwarded, no nack
+    out = b.receive(Envelope("a", "a", "b", PingReq(10, "c", "c", True)), 5.0)
+    ping = of_kind(out.sends, Ping)[0].envelope.msg
+    b.receive(Envelope("c", "c", "b", Ack(ping.seq, "c")), 5.05)
+    assert not of_kind(b.tick(5.0 + CFG.probe_timeout).sends, ProbeNack)
+    # not asked: no nack
+    b.receive(Envelope("a", "a", "b", PingReq(11, "c", "c", False)), 10.0)
+    assert not of_kind(b.tick(10.0 + CFG.probe_timeout).sends, ProbeNack)
+
+
+def _failed_probe(net, a, nack_from, t):
+    """Runs one probe of a's that its target never answers; helpers in ``nack_from`` nack in time.
+    Returns (score before, score after, time after)."""
+    end = t + 10 * CFG.probe_interval * CFG.awareness_max_multiplier
+    while (a._probe is None or a._probe.indirect) and t < end:
+        a.tick(t)
+        t = round(t + 0.05, 6)
+    p = a._probe
+    assert p is not None and not p.indirect
+    before = a.health_score
+    out = a.tick(p.timeout_at)
+    for s in of_kind(out.sends, PingReq):
+        if s.dst in nack_from:
+            a.receive(Envelope(s.dst, s.dst, "a", ProbeNack(p.seq, p.target)), p.timeout_at + 0.1)
+    a.tick(p.deadline)
+    return before, a.health_score, p.deadline
+
+
+def test_missed_nacks_raise_health_score_and_received_ones_spare_it():
+    """Once helpers are known to nack, a failed probe costs one point per nack that did not come,
+    and nothing when all came (the target is the problem, not us)."""
+    net = Net(["a", "b", "c", "d", "e"])
+    a = net.cores["a"]
+    everyone = {"b", "c", "d", "e"}
+    before, after, t = _failed_probe(net, a, set(), 0.0)
+    assert after == before + 1          # nobody known to nack (older helpers, say): counts once
+    for _ in range(3):                  # every helper nacks in time: the score does not move
+        before, after, t = _failed_probe(net, a, everyone, t)
+        assert after == before
+    assert len(a._nackers) >= CFG.indirect_checks
+    a._nackers = set(everyone)          # as if every helper had nacked us before
+    before, after, t = _failed_probe(net, a, set(), t)   # now none nacks: we are the slow one
+    assert after == min(CFG.awareness_max_multiplier - 1, before + CFG.indirect_checks)
+
+
+def test_buddy_system_ping_to_a_suspect_carries_the_suspicion_and_the_ack_refutes():
+    """A Ping to a member suspect here carries that suspicion; the target refutes at once and its
+    Ack brings the refutation back, so the prober sees it alive again."""
+    net = Net(["a", "b"])
+    a, b = net.cores["a"], net.cores["b"]
+    a.receive(_suspect_rumor("b", "x"), 0.0)
+    assert a.status_of("b") == SUSPECT and b.incarnation == 0
+    t = 0.0
+    while a._probe is None:
+        out = a.tick(t)
+        t = round(t + 0.05, 6)
+    ping = of_kind(out.sends, Ping)[0]
+    assert ping.envelope.members[0] == MemberState("b", "b", 0, SUSPECT, "x")
+    net.deliver(out)
+    assert b.incarnation == 1 and a.status_of("b") == ALIVE
+    # without the buddy system the Ping carries no such rumor
+    off = Net(["a", "b"], cfg=GossipConfig(**{**CFG.__dict__, "buddy_system": False}))
+    a2 = off.cores["a"]
+    a2.receive(_suspect_rumor("b", "x"), 0.0)
+    for _ in range(a2.queue.limit(2)):   # spend the rumor's sends, so only a buddy copy could carry it
+        a2.queue.take(10**6, 2)
+    assert len(a2.queue) == 0
+    t = 0.0
+    while a2._probe is None and t < 2 * CFG.probe_interval:
+        out = a2.tick(t)
+        t = round(t + 0.05, 6)
+    pings = of_kind(out.sends, Ping)
+    assert len(pings) == 1 and not [m for m in pings[0].envelope.members if m.node == "b"]
+
+
+def test_lifeguard_wire_additions_round_trip_and_stay_readable_by_old_decoders():
+    """ProbeNack, PingReq's nack flag and a member's accuser survive encoding; an accuser is only
+    an optional attribute, and a member without one (an older peer) decodes with none."""
+    env = Envelope("h1", "a:1", "h2", ProbeNack(4, "h3"),
+                   (MemberState("h3", "c:3", 2, SUSPECT, "h1"), MemberState("h4", "d:4", 0, ALIVE)))
+    el = encode(env)
+    back = decode(etree.fromstring(etree.tostring(el)))
+    assert back.msg == ProbeNack(4, "h3") and back.members == env.members
+    members = [c for c in el if etree.QName(c).localname == "member"]
+    assert members[0].get("by") == "h1" and members[1].get("by") is None
+    req = decode(etree.fromstring(etree.tostring(encode(Envelope("h1", "a:1", "h2", PingReq(5, "h3", "c:3", True))))))
+    assert req.msg == PingReq(5, "h3", "c:3", True)
+    old = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1">'
+                           '<ping-req seq="5" target="h3" target-addr="c:3"/>'
+                           '<member node="h3" addr="c:3" inc="2" status="suspect"/></env>')
+    back = decode(old)
+    assert back.msg == PingReq(5, "h3", "c:3", False) and back.members[0].by == ""
 
 
 # -- Dom.delta: bounded, sound anti-entropy ---------------------------------------------------

@@ -1,7 +1,7 @@
 """The peer protocol at scale in the deterministic simulator: convergence, catch-up, failure detection.
 
 Simulated time only; hypothesis picks seeds, faults and schedules. Bounds are derived from the
-config (probe interval, suspicion timeout, sync interval), not tuned to pass.
+config (probe interval, suspicion timeouts, health multiplier, sync interval), not tuned to pass.
 """
 from __future__ import annotations
 
@@ -36,7 +36,15 @@ def record_changes(sim):
 def sync_bound(cfg, n):
     """Time for anti-entropy to spread anything to n hosts: a few sync rounds per doubling."""
     rounds = 2 * max(1, n.bit_length())
-    return rounds * 1.5 * cfg.sync_interval + cfg.suspicion_timeout(n) + 10
+    return rounds * 1.5 * cfg.sync_interval + cfg.suspicion_max_timeout(n) + 10
+
+
+def crash_bound(cfg, n):
+    """Time for every live host to declare a crashed host dead, healthy hosts all around: some host
+    probes it within a round over the n - 1 others plus the period under way (healthy probers have
+    score 0); its suspicion spreads in a few gossip rounds; every host declares it dead at the
+    latest when its unconfirmed (longest) suspicion timer runs out."""
+    return (n + 1) * cfg.probe_interval + cfg.suspicion_max_timeout(n) + 20 * cfg.gossip_interval
 
 
 events = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "crash", "restart", "partition",
@@ -113,9 +121,7 @@ def test_crashed_host_is_declared_dead_by_every_live_host_within_the_bound(n, se
     victim = f"h{seed % n}"
     sim.crash(victim)
     t0 = sim.now
-    # the first prober reaches it within a round of probes over n-1 members (plus the period under way);
-    # its suspicion spreads in a few gossip rounds; each host then declares it dead after the timeout
-    bound = (n + 1) * cfg.probe_interval + cfg.suspicion_timeout(n) + 20 * cfg.gossip_interval
+    bound = crash_bound(cfg, n)
     assert sim.run(bound, until=lambda: all(h.core.status_of(victim) == DEAD for h in sim.live()))
     assert all(h.detected_dead_at[victim] >= t0 for h in sim.live())
 
@@ -162,7 +168,12 @@ def test_partition_heals_and_both_sides_rejoin_and_converge(n, seed, drop, cut):
     sim.partition(left, right)
     sim.write(left[0], VClusterRec(id="west", owner="u"))
     sim.write(right[0], VClusterRec(id="east", owner="u"))
-    bound = (n + 1) * CFG.probe_interval + CFG.suspicion_timeout(n) + 5
+    # A side that reaches nobody takes its failed probes as its own fault (Lifeguard): its health
+    # score climbs to the cap, stretching its probe period up to awareness_max_multiplier times,
+    # and nobody confirms its suspicions, so they run the longest timeout. Every member is probed
+    # within two rounds (the one under way and the next) of n - 1 probes.
+    bound = (2 * (n - 1) * CFG.awareness_max_multiplier * CFG.probe_interval
+             + CFG.suspicion_max_timeout(n) + 5)
     assert sim.run(bound, until=lambda: all(sim.hosts[a].core.status_of(b) == DEAD
                                             for a in left for b in right)
                    and all(sim.hosts[b].core.status_of(a) == DEAD for a in left for b in right))
@@ -184,6 +195,7 @@ def test_ticking_only_cores_with_work_due_changes_nothing(n, seed, drop, dup):
         sim = Simulation(n, seed, CFG, drop=drop, dup=dup, delay=(0.001, 0.2))
         sim.lazy_ticks = lazy
         log = record_changes(sim)
+        sim.slow("h4", 3 * CFG.probe_interval)   # failed probes, nacks, long suspicions
         sim.run(5)
         sim.write("h1", VClusterRec(id="a", owner="u"))
         sim.crash("h2")
@@ -198,3 +210,74 @@ def test_ticking_only_cores_with_work_due_changes_nothing(n, seed, drop, dup):
         runs.append((log, sim.stats, sorted(sim.digests()), sim.now,
                      [h.core.member_states() for h in sim.live()]))
     assert runs[0] == runs[1]
+
+
+# -- a slow host (CPU-starved daemon) and Lifeguard -------------------------------------------------
+# The slow host reads each message 3 to 6 probe intervals after it arrives, so every Ack to its
+# probes is late; its timers fire on time. Plain SWIM (LOCAL_TEST's timing, Lifeguard off) then
+# lets it suspect every peer it probes and declare them dead before their refutations get through.
+SLOW_LAG = st.floats(3.0, 6.0)   # in probe intervals
+
+
+def with_slow_host(cfg, n, seed, lag_periods):
+    """A grid whose membership is complete, then one host (picked by the seed) made slow."""
+    sim = Simulation(n, seed, cfg)
+    assert sim.run(30, until=lambda: membership_complete(sim))
+    slow = f"h{seed % n}"
+    sim.slow(slow, lag_periods * cfg.probe_interval)
+    return sim, slow, record_changes(sim)
+
+
+def declared_dead(log, nodes):
+    return [c for c in log if c[2] in nodes and c[4] in (DEAD, LEFT)]
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(5, 9), seed=st.integers(0, 2**32), lag=SLOW_LAG)
+def test_without_lifeguard_a_slow_host_declares_healthy_peers_dead(n, seed, lag):
+    """Lifeguard off: within 30 s the slow host declares healthy peers dead (this is the fault the
+    next test shows fixed; it also shows the slow-host fault is strong enough to matter)."""
+    sim, slow, log = with_slow_host(CFG.without_lifeguard(), n, seed, lag)
+    sim.run(30)
+    healthy = set(sim.hosts) - {slow}
+    assert [c for c in declared_dead(log, healthy) if c[1] == slow]
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.integers(5, 9), seed=st.integers(0, 2**32), lag=SLOW_LAG, writes=st.integers(0, 5))
+def test_with_lifeguard_no_healthy_host_is_ever_declared_dead_because_of_a_slow_host(n, seed, lag, writes):
+    """Lifeguard on: over 60 s with a slow host, no host declares any healthy host dead; the slow
+    host's health score has risen (it slowed its own probing); the healthy hosts see each other
+    alive throughout and the replicas still converge."""
+    sim, slow, log = with_slow_host(CFG, n, seed, lag)
+    for i in range(writes):
+        sim.write(f"h{i % n}", VClusterRec(id=f"c{i}", owner="u"))
+        sim.run(1.0)
+    sim.run(60 - writes)
+    healthy = set(sim.hosts) - {slow}
+    assert declared_dead(log, healthy) == []
+    assert sim.hosts[slow].core.health_score > 0
+    assert all(sim.hosts[a].core.status_of(b) == ALIVE for a in healthy for b in healthy)
+    assert all(sim.hosts[slow].core.status_of(b) in (ALIVE, SUSPECT) for b in healthy)
+    sim.slow(slow, 0)
+    assert sim.run(sync_bound(CFG, n), until=sim.converged)
+
+
+@settings(max_examples=6, deadline=None)
+@given(n=st.integers(5, 9), seed=st.integers(0, 2**32), lag=SLOW_LAG)
+def test_with_lifeguard_a_crashed_host_is_still_declared_dead_within_the_bound(n, seed, lag):
+    """Lifeguard on, a slow host present: a host that really crashes is declared dead by every live
+    host — the healthy ones within crash_bound, the slow one at most a sync round (which brings
+    the member list) and its lag later — and no healthy host is declared dead meanwhile."""
+    sim, slow, log = with_slow_host(CFG, n, seed, lag)
+    sim.run(10)
+    victim = next(h for h in (f"h{(seed + i) % n}" for i in range(1, n)) if h != slow)
+    sim.crash(victim)
+    t0 = sim.now
+    healthy = [h for h in sim.hosts if h not in (slow, victim)]
+    bound = crash_bound(CFG, n)
+    assert sim.run(bound, until=lambda: all(sim.hosts[h].core.status_of(victim) == DEAD for h in healthy))
+    slow_bound = bound + 1.5 * CFG.sync_interval + lag * CFG.probe_interval
+    assert sim.run(slow_bound - (sim.now - t0), until=lambda: sim.hosts[slow].core.status_of(victim) == DEAD)
+    assert all(sim.hosts[h].detected_dead_at[victim] >= t0 for h in healthy + [slow])
+    assert declared_dead(log, healthy) == []

@@ -3,7 +3,7 @@
 ```
 <env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="10.0.0.1:8570" dst="h2">
   <ping seq="7" target="h2"/>                      one message element, named after its kind
-  <member node="h3" addr="…" inc="2" status="suspect"/>   piggybacked membership rumors
+  <member node="h3" addr="…" inc="2" status="suspect" by="h1"/>   piggybacked membership rumors
   <rumors><vm xmlns="urn:vmweb:dom:1" …/></rumors>        piggybacked DOM entity states
 </env>
 ```
@@ -20,7 +20,7 @@ from lxml import etree
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
 from vmwebd.gossip.messages import (NAMES, Ack, Envelope, Gossip, MemberState,
-                                    Ping, PingReq, Sync, SyncDelta, SyncReply)
+                                    Ping, PingReq, ProbeNack, Sync, SyncDelta, SyncReply)
 
 NS = "urn:vmweb:peer:1"
 _Q = "{%s}" % NS
@@ -48,8 +48,10 @@ def _vv(parent, tag: str, vv: dict):
 
 def _members(parent, members):
     for m in members:
-        etree.SubElement(parent, _Q + "member", node=m.node, addr=m.addr, inc=str(m.incarnation),
-                         status=m.status)
+        el = etree.SubElement(parent, _Q + "member", node=m.node, addr=m.addr, inc=str(m.incarnation),
+                              status=m.status)
+        if m.by:   # optional: older peers neither send nor read it
+            el.set("by", m.by)
 
 
 def _entities(parent, tag: str, entities):
@@ -68,13 +70,15 @@ def encode(env: Envelope) -> etree._Element:
         root.set("dst", env.dst)
     msg = env.msg
     el = etree.SubElement(root, _Q + NAMES[type(msg)])
-    if isinstance(msg, (Ping, Ack)):
+    if isinstance(msg, (Ping, Ack, ProbeNack)):
         el.set("seq", str(msg.seq))
         el.set("target", msg.target)
     elif isinstance(msg, PingReq):
         el.set("seq", str(msg.seq))
         el.set("target", msg.target)
         el.set("target-addr", msg.target_addr)
+        if msg.nack:
+            el.set("nack", "1")
     elif isinstance(msg, Sync):
         _vv(el, "cvv", msg.cvv)
         _members(el, msg.members)
@@ -189,7 +193,10 @@ def _read_members(el) -> tuple:
             raise MalformedRequest(f"peer envelope: member/@node: {node!r} is not a host id")
         if status not in _STATUSES:
             raise MalformedRequest(f"peer envelope: member/@status: {status!r} is not a member status")
-        out.append(MemberState(node, _attr(c, "addr", "member"), _int(c, "inc", "member"), status))
+        by = c.get("by", "")
+        if by and not _ID_RE.match(by):
+            raise MalformedRequest(f"peer envelope: member/@by: {by!r} is not a host id")
+        out.append(MemberState(node, _attr(c, "addr", "member"), _int(c, "inc", "member"), status, by))
     return tuple(out)
 
 
@@ -213,11 +220,11 @@ def decode(root: etree._Element) -> Envelope:
         raise MalformedRequest(f"peer envelope from {src}: expected one message, found {len(kinds)}")
     el = kinds[0]
     kind = _BY_NAME[etree.QName(el).localname]
-    if kind in (Ping, Ack):
+    if kind in (Ping, Ack, ProbeNack):
         msg = kind(_int(el, "seq", NAMES[kind]), _attr(el, "target", NAMES[kind]))
     elif kind is PingReq:
         msg = PingReq(_int(el, "seq", "ping-req"), _attr(el, "target", "ping-req"),
-                      _attr(el, "target-addr", "ping-req"))
+                      _attr(el, "target-addr", "ping-req"), el.get("nack") == "1")
     elif kind is Gossip:
         msg = Gossip()
     elif kind is Sync:

@@ -22,6 +22,10 @@ class MemberState:
     addr: str
     incarnation: int
     status: str  # alive | suspect | dead | left
+    # Appended in protocol version 1: for a suspicion, the host whose own probe failed. Hosts
+    # count distinct accusers as independent confirmations (Lifeguard); "" (an older peer) counts
+    # as none.
+    by: str = ""
 
 
 # -- message kinds (code, name): ONLY APPEND ---------------------------------------------------
@@ -51,6 +55,9 @@ class PingReq:
     seq: int
     target: str
     target_addr: str
+    # Appended in protocol version 1: the requester understands ProbeNack, so a helper that gets
+    # no Ack from the target within its probe timeout says so (older requesters would reject it).
+    nack: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,3 +126,19 @@ def _register_paxos_kinds():
 
 
 _register_paxos_kinds()
+
+
+# -- Lifeguard, appended in protocol version 1 ----------------------------------------------------
+@dataclass(frozen=True)
+class ProbeNack:
+    """A PingReq helper got no Ack from ``target`` within its probe timeout. The requester's
+    probe still fails, but hearing this in time shows the requester itself is keeping up: a
+    missing nack is what raises its local health score."""
+
+    CODE = 14
+    seq: int
+    target: str
+
+
+KINDS[ProbeNack.CODE] = ProbeNack
+NAMES[ProbeNack] = "probe-nack"

@@ -3,7 +3,8 @@
 Every host is a real :class:`~vmwebd.gossip.core.GossipCore` over a real
 :class:`~vmwebd.dom.document.Dom`; only the network and the clock are simulated. The network can
 drop, duplicate, delay (and so reorder) messages, partition and heal; hosts can crash (losing all
-but their durable DOM) and restart. Everything is driven by one seeded ``random.Random``: the
+but their durable DOM) and restart, or be *slow* (:meth:`Simulation.slow`: a CPU-starved daemon
+that reads its messages late while its timers still fire on time). Everything is driven by one seeded ``random.Random``: the
 same seed gives the same run.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
-from vmwebd.gossip.core import ALIVE, DEAD, LEFT, SUSPECT, GossipConfig, GossipCore, Output
+from vmwebd.gossip.core import ALIVE, DEAD, LEFT, GossipConfig, GossipCore, Output
 from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import Envelope
 
@@ -37,7 +38,7 @@ class SimHost:
     core: GossipCore | None
     crashed: bool = False
     detected_dead_at: dict = field(default_factory=dict)   # node -> first time we saw it dead
-    suspects: dict = field(default_factory=dict)           # node -> since when this core suspects it
+    lag: float = 0.0     # seconds between a message's arrival and its handling (see Simulation.slow)
 
 
 class Simulation:
@@ -78,7 +79,6 @@ class Simulation:
         core = h.core
         port.complete = lambda: core.cvv   # as the daemon wires it (vmwebd/dom/gc.py)
         h.crashed = False
-        h.suspects = {}
 
     def _reachable(self, a: str, b: str) -> bool:
         if frozenset((a, b)) in self._cut:
@@ -94,10 +94,6 @@ class Simulation:
                 h.detected_dead_at[node] = self.now
             if new == ALIVE:
                 h.detected_dead_at.pop(node, None)
-            if new == SUSPECT:
-                h.suspects[node] = self.now
-            else:
-                h.suspects.pop(node, None)
         for s in out.sends:
             dst = s.addr
             size = ENVELOPE_OVERHEAD + sum(h.core.dom.size_of(e) for e in _entities(s.envelope))
@@ -110,7 +106,7 @@ class Simulation:
             self.stats.duplicated += copies - 1
             for _ in range(copies):
                 t = self.now + self.rng.uniform(*self.delay)
-                heapq.heappush(self._queue, (t, next(self._seq), dst, s.envelope))
+                heapq.heappush(self._queue, (t, next(self._seq), dst, s.envelope, False))
 
     def run(self, seconds: float, until=None) -> bool:
         """Advances simulated time; stops early (returning True) when ``until()`` holds."""
@@ -120,11 +116,16 @@ class Simulation:
             if until is not None and until():
                 return True
             if self._queue and self._queue[0][0] <= next_tick:
-                t, _, dst, env = heapq.heappop(self._queue)
+                t, _, dst, env, late = heapq.heappop(self._queue)
                 self.now = max(self.now, t)
                 h = self.hosts.get(dst)
                 if h is not None and not h.crashed:
-                    self._carry(dst, h.core.receive(env, self.now))
+                    if h.lag > 0 and not late:
+                        # arrived, but the host gets to it only after its backlog (FIFO: the lag
+                        # is the same for every message, so arrival order is kept)
+                        heapq.heappush(self._queue, (t + h.lag, next(self._seq), dst, env, True))
+                    else:
+                        self._carry(dst, h.core.receive(env, self.now))
                 continue
             self.now = next_tick
             for hid, h in self.hosts.items():
@@ -155,6 +156,13 @@ class Simulation:
         h = self.hosts[hid]
         self._carry(hid, h.core.leave(self.now))
         h.crashed = True
+
+    def slow(self, hid: str, lag: float):
+        """Makes ``hid`` handle every inbound message ``lag`` seconds after it arrives, as a
+        daemon starved of CPU does: Acks, refutations and rumors reach its core late, while its
+        timers (probe deadlines, suspicion timeouts) still fire on time — Twisted runs due timers
+        before it reads a backlog of input. ``lag=0`` makes it normal again."""
+        self.hosts[hid].lag = lag
 
     def partition(self, *groups):
         self._groups = [set(g) for g in groups]
@@ -217,17 +225,15 @@ def _due(h: SimHost, now: float) -> bool:
     cfg = c.cfg
     p = c._probe
     if p is not None:
-        if p.acked or now >= p.started + cfg.probe_interval or (not p.indirect and now >= p.started + cfg.probe_timeout):
+        if p.acked or now >= p.deadline or (not p.indirect and now >= p.timeout_at):
             return True
     elif now >= c._next_probe:
         return True
     if now >= c._next_sync:
         return True
-    if h.suspects:
-        timeout = cfg.suspicion_timeout(len(c.members))
-        if any(now >= since + timeout for since in h.suspects.values()):
-            return True
-    if c._relays and any(now >= r[4] for r in c._relays.values()):
+    if any(now >= s.deadline() for s in c._suspicions.values()):
+        return True
+    if any(now >= r.expires or (r.nack_at is not None and now >= r.nack_at) for r in c._relays.values()):
         return True
     if now >= c._next_gossip:
         if len(c.queue):
