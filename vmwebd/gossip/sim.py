@@ -231,9 +231,10 @@ def _due(h: SimHost, now: float) -> bool:
         return True
     if now >= c._next_sync:
         return True
-    if any(now >= s.deadline() for s in c._suspicions.values()):
+    if c._suspicions and any(now >= s.deadline() for s in c._suspicions.values()):
         return True
-    if any(now >= r.expires or (r.nack_at is not None and now >= r.nack_at) for r in c._relays.values()):
+    if c._relays and any(now >= r.expires or (r.nack_at is not None and now >= r.nack_at)
+                         for r in c._relays.values()):
         return True
     if now >= c._next_gossip:
         if len(c.queue):
