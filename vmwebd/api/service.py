@@ -8,13 +8,15 @@ VmwebErrors, which the SOAP stack turns into faults with specific faultcodes.
 """
 from __future__ import annotations
 
+import hashlib
+
 from spyne import Array, Boolean, ComplexModel, Float, Integer, Service, Unicode, rpc
 
 from vmwebd.api import compat
 
 compat.apply()
 
-from vmwebd.api.soap import build_soap_resource  # noqa: E402
+from vmwebd.api.soap import ResponseCache, build_soap_resource, soap_operation  # noqa: E402
 from vmwebd.auth import principal_of  # noqa: E402
 from vmwebd.dom.gc import format_cvv  # noqa: E402
 from vmwebd.errors import InvalidArgument  # noqa: E402
@@ -382,6 +384,29 @@ def make_user_service(node) -> type[Service]:
     return VmwebApi
 
 
+#: Read-only operations answered from the response cache, with the kinds of DOM entity their
+#: answer is computed from (plus the caller's account, for what it may see).
+CACHED_READS: dict[str, tuple[str, ...]] = {
+    "ListClusters": ("vcluster", "vm", "user"),
+    "GetCluster": ("vcluster", "vm", "user"),
+}
+
+
+def read_cache_key(dom):
+    """The response-cache key of a user API call: the operation and its arguments (the request
+    body), who calls, and the generations of the DOM kinds the answer reads; None if not cached."""
+    def key_of(request, body: bytes):
+        op = soap_operation(body)
+        kinds = CACHED_READS.get(op)
+        if kinds is None:
+            return None
+        p = principal_of(request)
+        return (op, hashlib.sha256(body).digest(), p.name, p.role,
+                tuple(dom.kind_generation(k) for k in kinds))
+    return key_of
+
+
 def build_user_api(node, max_body_bytes: int):
     return build_soap_resource([make_user_service(node)], tns=TNS, name=SERVICE_NAME,
-                               max_body_bytes=max_body_bytes)
+                               max_body_bytes=max_body_bytes,
+                               cache=ResponseCache(read_cache_key(node.domsvc.dom)))

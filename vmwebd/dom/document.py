@@ -124,6 +124,7 @@ class Dom:
         # (kind, attribute, value) -> a number that grows whenever an entity in that group changes:
         # what is derived from a group (a host's used vCPUs) is cached against it.
         self._generation: dict[tuple[str, str, str], int] = {}
+        self._kind_generation: dict[str, int] = {k: 0 for k in CONTAINERS}
         # Versions by origin, sorted: (stamp, kind, id, part) — anti-entropy and the version
         # vector read them instead of scanning the DOM. ``_stamps`` is what each entity has there.
         self._by_origin: dict[str, SortedList] = {}
@@ -178,6 +179,10 @@ class Dom:
         change) changes in any part (indexed attributes only): a cache of something computed from
         that group stays valid while this number stays the same."""
         return self._generation.get((kind, attr, value), 0)
+
+    def kind_generation(self, kind: str) -> int:
+        """Grows whenever any entity of ``kind`` changes (in any part, or is collected)."""
+        return self._kind_generation[kind]
 
     def size(self) -> int:
         """How many entities this replica holds, tombstones included."""
@@ -454,6 +459,7 @@ class Dom:
         key = (kind, id_)
         self._decoded.pop(key, None)
         self._digest_dirty.add(key)
+        self._kind_generation[kind] += 1
         el = self._index[kind].get(id_)
         live = el is not None and el.get("deleted") != "true"
         for attr in INDEXED.get(kind, ()):
