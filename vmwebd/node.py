@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
-from vmwebd.dom.gc import collectable, format_cvv
+from vmwebd.dom.gc import collectable, format_cvv, parse_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
@@ -73,7 +73,7 @@ class Node:
         self.reconciler = None
         self._heartbeat = None
         self.gossip = None
-        self._cvv_published: dict = {}
+        self._record_written_ms = 0
         self.peer_port = None
         self.gossip_config = gossip_config
 
@@ -282,9 +282,33 @@ class Node:
                 recs.append(rec)
         return self.domsvc.put(*recs)
 
+    #: A host record unchanged in substance is still rewritten this often (its load and free
+    #: memory, shown to users, and the vector it publishes).
+    REFRESH_SECONDS = 60.0
+
+    def _worth_writing(self, prev: HostRec | None, rec: HostRec, held: dict) -> bool:
+        """Is ``rec`` worth a write (and a rumor to every host)? At rest, not every heartbeat:
+        a grid of N hosts would otherwise spread N records every heartbeat forever."""
+        if prev is None or self.now_ms() - self._record_written_ms >= self.REFRESH_SECONDS * 1000:
+            return True
+        if dataclasses.replace(rec, load1=prev.load1, free_memory_mib=prev.free_memory_mib,
+                               cvv=prev.cvv) != prev:
+            return True       # capacity, addresses, images, VM count, liveness
+        if abs(rec.load1 - prev.load1) >= max(0.5, 0.25 * rec.cpus) or \
+                abs(rec.free_memory_mib - prev.free_memory_mib) >= 0.1 * max(rec.memory_mib, 1):
+            return True
+        # What we hold moved on from what the record publishes, beyond our own last record
+        # (writing it always moves our own origin on).
+        published = parse_cvv(prev.cvv)
+        moved = {o for o in held.keys() | published.keys() if held.get(o) != published.get(o)}
+        own = self.domsvc.dom.version_of("host", self.host_id)
+        return bool(moved - {self.host_id}) or (
+            self.host_id in moved and (own is None or held.get(self.host_id) != own.stamp))
+
     @defer.inlineCallbacks
     def heartbeat(self):
-        """Writes this host's record (capacity, load, VM count); only this host writes it."""
+        """Writes this host's record (capacity, load, VM count) when it changed in substance or
+        ``REFRESH_SECONDS`` have passed; only this host writes it."""
         facts = yield self.driver.host_facts()
         cfg = self.config
         prev = self.domsvc.dom.get(HostRec, self.host_id)
@@ -298,12 +322,15 @@ class Node:
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr() if getattr(self, "images", None) else "",
             migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",
-            # What we held one heartbeat ago, once on disk (vmwebd/dom/gc.py).
-            cvv=format_cvv(self._cvv_published))
+            cvv="")
         held = dict(self.complete_vector())
-        # The store writes in order: once our record is down, so is everything ``held`` covers.
-        yield self.domsvc.put(rec)
-        self._cvv_published = held
+        rec = dataclasses.replace(rec, cvv=format_cvv(held))
+        if self._worth_writing(prev, rec, held):
+            self._record_written_ms = self.now_ms()
+            # What ``held`` covers was merged before this barrier: on disk once it fires, so the
+            # vector we publish never claims what a crash could lose (vmwebd/dom/gc.py).
+            yield self.domsvc.barrier()
+            yield self.domsvc.put(rec)
         yield self.collect_tombstones()
 
     def complete_vector(self) -> dict:

@@ -4,8 +4,9 @@ A deletion is a tombstone (docs/dom.md) and must stay until no replica can bring
 a host that never saw the tombstone would keep the entity alive, and would hand it back to a host
 that had forgotten it. So each host publishes, in its own ``host`` record, its *complete version
 vector* (``cvv``: for each origin, the stamp up to which it holds every part that origin wrote, or
-a newer version of it; see docs/gossip.md), as it stood one heartbeat earlier (by then everything
-it covers is on disk). A host may forget a tombstoned entity when
+a newer version of it; see docs/gossip.md), written once everything it covers is on disk (a
+barrier on the store's writer first), whenever it moved on and at least every minute. A host may
+forget a tombstoned entity when
 
 1. the tombstone is older than the settle time (a message from before the deletion may still be
    on its way; a few seconds would do, the default is minutes), and this host holds everything
