@@ -281,7 +281,7 @@ class _RecordingGossip:
     def __init__(self):
         self.received = []
 
-    def receive(self, env):
+    def receive(self, env, inline=False):
         self.received.append(env)
         return defer.succeed(None)
 

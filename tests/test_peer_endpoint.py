@@ -128,11 +128,17 @@ class _CountingSite(Site):
 
 
 class _AcceptingGossip:
+    """Accepts every envelope; answers a Ping with an Ack inline when the sender reads replies."""
+
     def __init__(self):
         self.received = 0
+        self.inline = []
 
-    def receive(self, env):
+    def receive(self, env, inline=False):
         self.received += 1
+        self.inline.append(inline)
+        if inline and isinstance(env.msg, Ping):
+            return defer.succeed([encode(Envelope("host1", "127.0.0.1:1", env.src, Ack(env.msg.seq, "host1")))])
         return defer.succeed(None)
 
 
@@ -196,3 +202,62 @@ def test_peer_client_refuses_an_empty_pool():
     from twisted.internet import reactor
     with pytest.raises(ValueError, match="connections_per_peer"):
         PeerClient(reactor, connections_per_peer=0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_ping_is_answered_in_the_response_when_the_sender_reads_replies(counting_peer, pki_dir):
+    """A sender that asks for replies inline gets the Ack in the Deliver response (one HTTP
+    exchange per probe instead of two); one that does not gets a plain "ok" and no reply."""
+    site, gossip, addr = counting_peer
+    client = _client(pki_dir)
+    got = []
+    ping = encode(Envelope("host2", "127.0.0.1:1", "host1", Ping(7, "host1")))
+    try:
+        assert (yield client.send(addr, ping, on_reply=got.append)) is True
+        assert (yield client.send(addr, ping)) is True
+    finally:
+        yield client.close()
+    assert gossip.inline == [True, False]
+    assert len(got) == 1 and len(got[0]) == 1
+    ack = decode(got[0][0])
+    assert (ack.src, ack.dst, ack.msg) == ("host1", "host2", Ack(7, "host1"))
+
+
+def test_a_service_hands_back_its_replies_to_the_sender_and_sends_the_rest():
+    """GossipService.receive(inline=True): the core's answer to the sender comes back (after the
+    persist) instead of being sent; nothing is sent to the sender separately."""
+    from twisted.internet import task as ttask
+    from vmwebd.gossip.core import LOCAL_TEST, GossipCore
+    from vmwebd.gossip.domport import DomPortAdapter
+    from vmwebd.gossip.service import GossipService
+    import random
+
+    class _Commits:
+        on_local_commit = []
+
+        def commit(self, entities):
+            return defer.succeed(None)
+
+    class _Sends:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, addr, el, on_reply=None):
+            self.sent.append(decode(el))
+            return defer.succeed(True)
+
+    clock = ttask.Clock()
+    dom = Dom(HybridClock("host1", lambda: 5))
+    core = GossipCore("host1", "127.0.0.1:1", LOCAL_TEST, random.Random(1), DomPortAdapter(dom),
+                      clock.seconds())
+    sends = _Sends()
+    svc = GossipService(core, _Commits(), sends, clock)
+    answered = []
+    svc.receive(Envelope("host2", "127.0.0.1:2", "host1", Ping(3, "host1")), inline=True) \
+        .addCallback(answered.append)
+    assert len(answered) == 1 and [decode(e).msg for e in answered[0]] == [Ack(3, "host1")]
+    assert not any(env.dst == "host2" and isinstance(env.msg, Ack) for env in sends.sent)
+    plain = []
+    svc.receive(Envelope("host2", "127.0.0.1:2", "host1", Ping(4, "host1"))).addCallback(plain.append)
+    assert plain == [None]
+    assert any(env.dst == "host2" and env.msg == Ack(4, "host1") for env in sends.sent)

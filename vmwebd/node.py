@@ -162,11 +162,11 @@ class Node:
 
         class _Late:
             """Peer requests may arrive before the service object exists; drop them until then."""
-            def receive(self, env):
+            def receive(self, env, inline: bool = False):
                 if isinstance(env.msg, PAXOS_KINDS):
                     return node.leases.receive(env.src, env.msg)
                 if "svc" in holder:
-                    return holder["svc"].receive(env)
+                    return holder["svc"].receive(env, inline)
                 return defer.succeed(None)
         node = self
         from vmwebd.api.peer import build_peer_api

@@ -6,6 +6,7 @@ come from another host is refused (``Client.NotAuthorized``).
 """
 from __future__ import annotations
 
+from lxml import etree
 from spyne import AnyXml, Service, Unicode, rpc
 
 from vmwebd.api import compat
@@ -15,8 +16,16 @@ compat.apply()
 from vmwebd.api.soap import build_soap_resource  # noqa: E402
 from vmwebd.errors import MalformedRequest, NotAuthorized  # noqa: E402
 from vmwebd.gossip.codec import NS, decode  # noqa: E402
+from vmwebd.gossip.service import REPLIES_HEADER, replies_element  # noqa: E402
 
 PEER_SERVICE_NAME = "VmwebPeer"
+
+
+def _answer(replies) -> str:
+    """Deliver's result: "ok", or the envelopes answered inline, as a ``<replies>`` document."""
+    if not replies:
+        return "ok"
+    return etree.tostring(replies_element(replies), encoding="unicode")
 
 
 def make_peer_service(gossip, require_identity: bool, identity_of):
@@ -31,7 +40,9 @@ def make_peer_service(gossip, require_identity: bool, identity_of):
                 if who != env.src:
                     raise NotAuthorized(f"envelope claims to come from {env.src!r} but the "
                                         f"connection's certificate is {who!r}")
-            return gossip.receive(env).addCallback(lambda _: "ok")
+            # A sender that reads replies in the response gets them there (see REPLIES_HEADER).
+            inline = ctx.transport.req.getHeader(REPLIES_HEADER) == b"1"
+            return gossip.receive(env, inline).addCallback(_answer)
     return VmwebPeer
 
 

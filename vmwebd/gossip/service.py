@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 
@@ -21,13 +22,44 @@ from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, _HT
 from twisted.web.http_headers import Headers
 from twisted.internet.threads import deferToThread
 
-from vmwebd.gossip.codec import NS as PEER_NS, encode
+from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
 from vmwebd.gossip.core import GossipCore
 
 log = Logger()
 # Every pooled connection would otherwise log "Starting/Stopping factory" at info level.
 _HTTP11ClientFactory.noisy = False
 SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
+
+
+#: A request header by which a sender says it reads replies in the Deliver response: the answer
+#: to a Ping (its Ack), a Sync (its SyncReply) then rides back on the same HTTP exchange instead
+#: of a request of its own. Senders that do not send it get their replies as requests, as before.
+REPLIES_HEADER = b"X-Vmweb-Replies"
+_REPLIES = f"{{{PEER_NS}}}replies"
+_SAFE = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+
+
+def replies_element(envelopes: list[etree._Element]) -> etree._Element:
+    """The ``<replies>`` a Deliver answers with (as its string result)."""
+    box = etree.Element(_REPLIES, nsmap={None: PEER_NS})
+    box.extend(envelopes)
+    return box
+
+
+def replies_in(body: bytes) -> list[etree._Element]:
+    """The envelopes a Deliver response carries (none for a plain "ok"); a response that cannot
+    be read carries none (the replies are then lost messages, which the protocol copes with)."""
+    try:
+        root = etree.fromstring(body, _SAFE)
+        result = next((el for el in root.iter(f"{{{PEER_NS}}}DeliverResult")), None)
+        text = (result.text or "") if result is not None else ""
+        if not text.startswith("<"):
+            return []
+        box = etree.fromstring(text.encode(), _SAFE)
+    except (etree.XMLSyntaxError, ValueError) as e:
+        log.debug("unreadable Deliver response: {err}", err=e)
+        return []
+    return list(box) if box.tag == _REPLIES else []
 
 
 def soap_body(env_el: etree._Element) -> bytes:
@@ -64,10 +96,14 @@ class PeerClient:
         self.sent = 0
         self.failed = 0
 
-    def send(self, addr: str, env_el: etree._Element) -> defer.Deferred:
+    def send(self, addr: str, env_el: etree._Element, on_reply=None) -> defer.Deferred:
+        """Posts one envelope. With ``on_reply``, the peer may answer in the response itself
+        (``REPLIES_HEADER``): ``on_reply(envelope elements)`` is called with what it answered."""
         url = f"{self.scheme}://{addr}/peer".encode()
-        d = self.agent.request(b"POST", url, Headers({b"Content-Type": [b"text/xml; charset=utf-8"],
-                                                       b"SOAPAction": [b'"Deliver"']}),
+        headers = {b"Content-Type": [b"text/xml; charset=utf-8"], b"SOAPAction": [b'"Deliver"']}
+        if on_reply is not None:
+            headers[REPLIES_HEADER] = [b"1"]
+        d = self.agent.request(b"POST", url, Headers(headers),
                                FileBodyProducer(BytesIO(soap_body(env_el))))
         d.addTimeout(self.timeout, self.reactor)
 
@@ -79,6 +115,10 @@ class PeerClient:
             if code != 200:
                 raise IOError(f"peer {addr} answered HTTP {code}: {body[:200]!r}")
             self.sent += 1
+            if on_reply is not None:
+                replies = replies_in(body)
+                if replies:
+                    on_reply(replies)
             return True
 
         def failed(f):
@@ -132,15 +172,41 @@ class GossipService:
         _, sent = self._carry(self.core.push_to(hosts, self.now()))
         return sent
 
-    def receive(self, env) -> defer.Deferred:
+    def receive(self, env, inline: bool = False) -> defer.Deferred:
         """Feeds an envelope to the core; fires once what it merged is durable (the peer
-        endpoint answers only then, so a sender's "delivered" means "on disk here")."""
-        persisted, _ = self._carry(self.core.receive(env, self.now()))
-        return persisted
+        endpoint answers only then, so a sender's "delivered" means "on disk here").
+
+        With ``inline`` (the sender reads replies in the response), what the core answers to
+        the sender is not sent but handed back: the Deferred fires with those envelopes (encoded),
+        after the persist like every send."""
+        out = self.core.receive(env, self.now())
+        replies = []
+        if inline:
+            replies = [s for s in out.sends if s.dst == env.src]
+            out.sends = [s for s in out.sends if s.dst != env.src]
+        persisted, _ = self._carry(out)
+        if not inline:
+            return persisted
+        return persisted.addCallback(lambda _: [encode(s.envelope) for s in replies])
+
+    def _replied(self, dst: str, elements) -> None:
+        """Envelopes a peer answered with in a Deliver response: received like any other, but
+        only if they come from the host we sent to (the one whose TLS connection carried them)."""
+        for el in elements:
+            try:
+                env = decode(el)
+            except Exception as e:     # a malformed reply is a lost message
+                log.debug("unreadable reply from {dst}: {err}", dst=dst, err=e)
+                continue
+            if env.src != dst:
+                log.warn("a reply from host {dst} claims to come from {src}; dropped", dst=dst, src=env.src)
+                continue
+            self.receive(env)
 
     def _carry(self, out) -> tuple[defer.Deferred, defer.Deferred]:
         """Persists, then sends. Returns (persisted, sent); ``sent`` fires with the number of
-        envelopes the peers accepted (a failed send is a lost message, never an error)."""
+        envelopes the peers accepted (a failed send is a lost message, never an error). A send
+        to a known host asks for its replies inline (see ``REPLIES_HEADER``)."""
         for node, old, new in out.changes:
             if new != old:
                 log.info("host {node}: {old} -> {new}", node=node, old=old, new=new)
@@ -152,7 +218,9 @@ class GossipService:
         sent = defer.Deferred()
 
         def send(_):
-            ds = [self.client.send(s.addr, encode(s.envelope)) for s in out.sends]
+            ds = [self.client.send(s.addr, encode(s.envelope),
+                                   on_reply=None if s.dst is None else partial(self._replied, s.dst))
+                  for s in out.sends]
             defer.DeferredList(ds, consumeErrors=True).addCallback(
                 lambda results: sent.callback(sum(1 for ok, v in results if ok and v)))
             return _
