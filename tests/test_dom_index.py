@@ -138,3 +138,16 @@ def test_delta_from_the_index_sends_every_entity_with_a_part_they_lack(ops, thei
             if v.stamp > theirs.get(v.origin, (-1, -1)):
                 expect.add(entity_bytes(el))
     assert sorted(entity_bytes(e) for e in ents) == sorted(expect)
+
+
+@settings(max_examples=200, deadline=None)
+@given(operations(), st.sampled_from(HOSTS + ["z"]), st.tuples(st.integers(-1, 6), st.integers(-1, 45)),
+       st.tuples(st.integers(-1, 6), st.integers(-1, 45)), st.sampled_from(IDS))
+def test_wrote_between_matches_a_scan(ops, origin, after, upto, skip_id):
+    """wrote_between (from the versions-by-origin index) says what a scan of every part says."""
+    dom = run(ops)
+    skip = ("vm", skip_id)
+    expect = any(v.origin == origin and after < v.stamp <= upto
+                 for el in dom.entities() if (etree.QName(el).localname, el.get("id")) != skip
+                 for v in [_version(p) for p in [el, *_part_children(el).values()]])
+    assert dom.wrote_between(origin, after, upto, skip=skip) == expect

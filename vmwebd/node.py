@@ -297,13 +297,16 @@ class Node:
         if abs(rec.load1 - prev.load1) >= max(0.5, 0.25 * rec.cpus) or \
                 abs(rec.free_memory_mib - prev.free_memory_mib) >= 0.1 * max(rec.memory_mib, 1):
             return True
-        # What we hold moved on from what the record publishes, beyond our own last record
-        # (writing it always moves our own origin on).
+        # What we hold moved on from what the record publishes, by more than host records: each
+        # host's own record moves its origin on, and counting that would have every host rewrite
+        # its record because the others did, forever.
         published = parse_cvv(prev.cvv)
-        moved = {o for o in held.keys() | published.keys() if held.get(o) != published.get(o)}
-        own = self.domsvc.dom.version_of("host", self.host_id)
-        return bool(moved - {self.host_id}) or (
-            self.host_id in moved and (own is None or held.get(self.host_id) != own.stamp))
+        dom = self.domsvc.dom
+        for o in held.keys() | published.keys():
+            lo, hi = published.get(o, (-1, -1)), held.get(o, (-1, -1))
+            if hi < lo or (hi > lo and dom.wrote_between(o, lo, hi, skip=("host", o))):
+                return True
+        return False
 
     @defer.inlineCallbacks
     def heartbeat(self):

@@ -180,6 +180,20 @@ class Dom:
         that group stays valid while this number stays the same."""
         return self._generation.get((kind, attr, value), 0)
 
+    def wrote_between(self, origin: str, after: tuple[int, int], upto: tuple[int, int],
+                      skip: tuple[str, str] | None = None) -> bool:
+        """Does the replica hold a part written by ``origin`` with a stamp in (``after``,
+        ``upto``], other than the parts of entity ``skip``? (From the versions-by-origin index.)"""
+        sl = self._by_origin.get(origin)
+        if sl is None or upto <= after:
+            return False
+        wall, counter = after
+        for _stamp, kind, id_, _part in sl.irange(minimum=((wall, counter + 1),),
+                                                  maximum=(upto, "\uffff")):
+            if (kind, id_) != skip:
+                return True
+        return False
+
     def kind_generation(self, kind: str) -> int:
         """Grows whenever any entity of ``kind`` changes (in any part, or is collected)."""
         return self._kind_generation[kind]
