@@ -219,10 +219,17 @@ class Node:
         """Every few seconds: when the balancer is on and its interval has passed, one look."""
         from vmwebd.migrate.balancer import policy_from_settings
         from vmwebd.settings import all_settings
-        try:
-            policy = policy_from_settings(all_settings(self.domsvc.dom))
-        except Exception as e:   # a bad value that reached the DOM: say so, do nothing
-            log.warn("balancer settings: {err}", err=e)
+        # The policy is read again only when a setting changed (this runs every second).
+        gen = self.domsvc.dom.kind_generation("setting")
+        if getattr(self, "_policy_gen", None) != gen:
+            self._policy_gen = gen
+            try:
+                self._policy = policy_from_settings(all_settings(self.domsvc.dom))
+            except Exception as e:   # a bad value that reached the DOM: say so, do nothing
+                log.warn("balancer settings: {err}", err=e)
+                self._policy = None
+        policy = self._policy
+        if policy is None:
             return None
         now = self.now_ms()
         if not policy.enabled or now - getattr(self, "_last_balance", 0) < policy.interval_ms:
