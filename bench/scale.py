@@ -2,9 +2,10 @@
 
 Starts ``--daemons`` real ``vmwebd`` processes on 127.0.0.1 (one libvirt test-driver host each,
 sized so that ``--vms`` small VMs fit; a ``tiny`` template of 1 vCPU / 64 MiB VMs in the bench's
-own templates dir), one grid under its own CA with mutual TLS between peers, every host a
-consensus member (``--members K`` for the first K only), gossip timing ``local`` as in the process
-tests, no fsync. The admin creates ``--users`` accounts with big quotas. Then, in one run:
+own templates dir), one grid under its own CA with mutual TLS between peers, the first five
+hosts consensus members (``--members K``; 0 for every host: a grid of 16 would run Paxos among
+16 acceptors, which nobody should configure), the daemon's own gossip timing ``lan``
+(``--timing local`` for the process tests' faster one), no fsync. The admin creates ``--users`` accounts with big quotas. Then, in one run:
 
 * ``--clients`` threads create clusters of ``--cluster-size`` VMs up to ``--vms`` in all, each
   request at the next host in turn; each CreateCluster's acknowledgement latency is recorded and
@@ -536,8 +537,8 @@ def parse_args(argv=None):
     ap.add_argument("--reads", type=int, default=50, help="calls of each read operation per checkpoint")
     ap.add_argument("--timeout", type=float, default=300.0, help="bound of every wait, seconds")
     ap.add_argument("--create-timeout", type=float, default=1800.0, help="bound of one creation stretch")
-    ap.add_argument("--members", type=int, default=0, help="consensus members: the first K hosts (0: all)")
-    ap.add_argument("--timing", choices=["local", "lan"], default="local", help="gossip timing preset")
+    ap.add_argument("--members", type=int, default=5, help="consensus members: the first K hosts (0: all)")
+    ap.add_argument("--timing", choices=["local", "lan"], default="lan", help="gossip timing preset")
     ap.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL,
                     help="the reconciler's full pass (default: the daemon's own default)")
     ap.add_argument("--checkpoints", type=int, nargs="+", help="VM counts to stop and measure at")
@@ -590,6 +591,7 @@ def main(argv=None) -> int:
         print(f"{args.daemons} daemons on 127.0.0.1 ({grid.cpus} CPUs, {grid.memory_mib} MiB each, "
               f"test driver), {args.vms} VMs in clusters of {args.cluster_size} ({TEMPLATE}: "
               f"{VM_VCPUS} vCPU, {VM_MEMORY_MIB} MiB), {args.clients} clients, timing {args.timing}, "
+              f"consensus members {args.members or args.daemons}, "
               f"reconcile interval {args.reconcile_interval:g} s, checkpoints {marks}; code {result['config']['code']}; "
               f"dir {base}", flush=True)
         started = grid.start()
