@@ -310,7 +310,7 @@ class Bench:
     def setup_users(self) -> None:
         g = self.grid
         for u in self.users:
-            g.call(0, "CreateUser", u, self.password, "user", 10 * self.args.vms + 1000)
+            g.call(0, "CreateUser", u, self.password, "user", min(100_000, 10 * self.args.vms + 1000))
         want = set(self.users)
 
         def everywhere():
