@@ -151,3 +151,18 @@ def test_wrote_between_matches_a_scan(ops, origin, after, upto, skip_id):
                  for el in dom.entities() if (etree.QName(el).localname, el.get("id")) != skip
                  for v in [_version(p) for p in [el, *_part_children(el).values()]])
     assert dom.wrote_between(origin, after, upto, skip=skip) == expect
+
+
+@settings(max_examples=300, deadline=None)
+@given(operations(), operations())
+def test_a_state_the_replica_holds_changes_nothing_when_merged(ops, others):
+    """holds(el) — the shortcut that lets duplicate rumors skip validation and merging — is only
+    ever true of a state whose merge would change nothing; and a replica holds its own entities."""
+    dom = run(ops)
+    for el in list(dom.entities()):
+        assert dom.holds(el)
+    for el in list(run(others).entities()):
+        if dom.holds(el):
+            before = dom.canonical_digest()
+            assert not dom.merge(el, validate=False)
+            assert dom.canonical_digest() == before

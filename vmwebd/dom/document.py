@@ -93,6 +93,18 @@ def _main_bytes(el: etree._Element) -> bytes:
     return _canon(el, skip=tuple(_part_children(el).values()))
 
 
+def _dominated(remote: etree._Element, local: etree._Element, rkids: int, lkids: int) -> bool:
+    """Is part ``remote`` older than ``local``, or the same state (equal version and attributes,
+    neither with child elements of its own)? False when unsure."""
+    rv, lv = remote.get("v"), local.get("v")
+    if rv == lv:
+        return rkids == 0 and lkids == 0 and remote.attrib == local.attrib
+    try:
+        return Version.parse(rv) < Version.parse(lv)
+    except (TypeError, ValueError):
+        return False
+
+
 def _newer(remote: etree._Element, local: etree._Element, main: bool) -> bool:
     rv, lv = _version(remote), _version(local)
     if rv != lv:
@@ -347,6 +359,26 @@ class Dom:
         if changed:
             self._notify(kind, id_)
         return changed
+
+    def holds(self, remote: etree._Element) -> bool:
+        """Would merging ``remote`` change nothing? Decided from versions and attributes alone
+        (False when unsure: the full merge then decides). Rumors bring each state many times;
+        such duplicates skip validation and the canonical comparison of equal versions."""
+        try:
+            kind = etree.QName(remote).localname
+            local = self._index[kind].get(remote.get("id")) if kind in self._index else None
+        except ValueError:
+            return False
+        if local is None:
+            return False
+        rparts, lparts = _part_children(remote), _part_children(local)
+        if not _dominated(remote, local, len(remote) - len(rparts), len(local) - len(lparts)):
+            return False
+        for name, rp in rparts.items():
+            lp = lparts.get(name)
+            if lp is None or not _dominated(rp, lp, len(rp), len(lp)):
+                return False
+        return True
 
     def validate_entity(self, el: etree._Element) -> None:
         """Checks one entity against schema.rng (in linear time: see vmwebd/dom/validate.py)."""

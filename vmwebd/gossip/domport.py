@@ -37,6 +37,8 @@ class DomPortAdapter:
         changed = []
         for el in entities:
             try:
+                if self.dom.holds(el):       # a duplicate or an older state: nothing to do
+                    continue
                 if self.complete is not None and forgotten(self.dom, self.complete(), el):
                     self.forgotten += 1
                     continue
