@@ -289,7 +289,7 @@ def make_user_service(node) -> type[Service]:
             _required(host, "host")
             return node.leases.change_members(remove=host).addCallback(list)
 
-        # -- users (issue 6) --------------------------------------------------------------
+        # -- users -----------------------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, Integer, _returns=UserInfo)
         def CreateUser(ctx, name, password, role, quota):
             """Creates a user account (admins only); role admin or user (default), quota in VMs."""
@@ -320,7 +320,7 @@ def make_user_service(node) -> type[Service]:
             _required(name, "name"), _required(quota, "quota")
             return node.access.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
 
-        # -- migration and images (issue 5) -----------------------------------------------
+        # -- migration and images --------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, _returns=MigrationInfo)
         def MigrateVm(ctx, cluster, vm, to):
             """Starts moving a VM to host ``to`` (empty: the least loaded host that fits).
