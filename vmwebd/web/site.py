@@ -362,7 +362,7 @@ class _Page(Resource):
             call = lambda: a.set_password(p, name, f("password"))  # noqa: E731
 
             def done(_):
-                if name == p.name:    # this session goes on; the user's other sessions end
+                if name == p.name:    # the login making this request stays; the user's other logins end
                     rec = ctx.dom.get(UserRec, name)
                     if rec is not None:
                         ctx.session.hash_digest = hash_digest(rec.password_hash)
