@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 import requests  # noqa: E402
 
-from tests.procs import ADMIN, Daemon, bootstrap_admin, child_env, free_port  # noqa: E402
+from tests.procs import ADMIN, Daemon, bootstrap_admin, free_port  # noqa: E402
 from vmwebd.client import ApiClient, ApiFault  # noqa: E402
 from vmwebd.config import DEFAULT_RECONCILE_INTERVAL  # noqa: E402
 from vmwebd.demo import write_host_config  # noqa: E402
@@ -119,21 +119,13 @@ class GroupDaemon(Daemon):
     """A :class:`tests.procs.Daemon` in its own process group, so that cleaning up kills the group
     (anything it started too), not only the daemon."""
 
+    def __init__(self, *args, **kw):
+        super().__init__(*args, own_session=True, **kw)
+
     def start(self, wait: bool = True) -> "GroupDaemon":
-        from tests.procs import NotifySocket
         if self.notify is not None:         # a restart: the old socket goes with the old process
             self.notify.close()
-        self.notify = NotifySocket(self.config.parent)
-        cmd = [sys.executable, "-m", "vmwebd.daemon", "--config", str(self.config)]
-        if not self.fsync:
-            cmd.append("--no-fsync")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO,
-                                         start_new_session=True)
-        if wait:
-            self.wait_ready()
-        return self
+        return super().start(wait)
 
     def kill9(self) -> None:
         """SIGKILL to the daemon's whole process group; waits (bounded) for the daemon to exit."""

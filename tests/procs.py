@@ -100,8 +100,9 @@ class Daemon:
     """One ``vmwebd`` process on ``config``, started by :meth:`start`, always ended by :meth:`close`."""
 
     def __init__(self, config: Path, fsync: bool = False, api_port: int | None = None,
-                 scheme: str = "http"):
+                 scheme: str = "http", own_session: bool = False):
         self.config = Path(config)
+        self.own_session = own_session   # its own process group (see bench/scale.py)
         self.fsync = fsync
         self.api_port = api_port
         self.scheme = scheme    # "https" when the config says api-tls="grid" or "files"
@@ -126,7 +127,8 @@ class Daemon:
             cmd.append("--no-fsync")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO)
+                                         env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO,
+                                         start_new_session=self.own_session)
         if wait:
             self.wait_ready()
         return self

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.procs import create_users
-from tests.test_peers_process import Grid, wait_until
+# The three-host grid of the peer tests is the fixture here too (shared rather than copied).
+from tests.test_peers_process import grid, wait_until  # noqa: F401
 
 #: Bound for a restarted host to catch up (anti-entropy runs every 2 s with timing="local").
 CATCH_UP_S = 60
-
-
-@pytest.fixture
-def grid(tmp_path):
-    g = Grid(tmp_path, 3)
-    try:
-        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 3
-                               for i in range(3)), 30, "three hosts to see each other alive")
-        create_users(g.client(0))
-        yield g
-    finally:
-        g.close()
 
 
 class Disagree(list):
