@@ -292,3 +292,12 @@ def test_concurrent_creates_at_one_host_cannot_both_slip_under_the_quota(start_n
         except ApiFault as e:
             results.append(e.code)
     assert sorted(results, key=str) in (["Client.QuotaExceeded", "d1"], ["Client.QuotaExceeded", "d2"]), results
+
+
+def test_generated_passwords_never_start_with_a_dash():
+    """A generated password can be given as ``--password X`` on the command line: no leading '-'
+    (url-safe base64 starts one in 64 with it)."""
+    from vmwebd.auth import generate_password
+    passwords = [generate_password() for _ in range(2000)]
+    assert not any(p.startswith("-") for p in passwords)
+    assert all(len(p) >= 16 for p in passwords) and len(set(passwords)) == len(passwords)

@@ -129,8 +129,12 @@ def check_user_name(name, field: str = "name") -> str:
 
 
 def generate_password() -> str:
-    """A fresh random password (~128 bits), easy to copy: url-safe characters."""
-    return secrets.token_urlsafe(16)
+    """A fresh random password (~128 bits), easy to copy: url-safe characters, never a leading
+    ``-`` (``vmweb --password -x…`` would read it as an option)."""
+    while True:
+        password = secrets.token_urlsafe(16)
+        if not password.startswith("-"):
+            return password
 
 
 # -- who is calling ----------------------------------------------------------------------------
