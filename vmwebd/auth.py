@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +132,7 @@ def check_user_name(name, field: str = "name") -> str:
 def generate_password() -> str:
     """A fresh random password (~128 bits), easy to copy: url-safe characters, never a leading
     ``-`` (``vmweb --password -x…`` would read it as an option)."""
-    while True:
-        password = secrets.token_urlsafe(16)
-        if not password.startswith("-"):
-            return password
+    return secrets.choice(string.ascii_letters) + secrets.token_urlsafe(16)
 
 
 # -- who is calling ----------------------------------------------------------------------------
