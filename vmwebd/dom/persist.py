@@ -112,14 +112,6 @@ class DomService:
         return deferToThreadPool(self.reactor, self._pool, self.store.compact, snapshot).addCallback(
             lambda _: n)
 
-    def merge(self, entities: list[etree._Element]) -> defer.Deferred:
-        """Merges entities from a peer; persists those that changed the replica."""
-        changed = []
-        for el in entities:
-            if self.dom.merge(el):
-                changed.append(self.dom._index[etree.QName(el).localname][el.get("id")])
-        return self.commit(changed)
-
     def wait_for(self, predicate, timeout: float) -> defer.Deferred:
         """Fires True as soon as ``predicate()`` holds (re-checked after every change to the
         replica), or False after ``timeout`` seconds: every wait is bounded."""

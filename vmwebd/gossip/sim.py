@@ -203,7 +203,7 @@ class Simulation:
         return [h for h in self.hosts.values() if not h.crashed]
 
     def digests(self) -> set[str]:
-        return {h.dom.canonical_digest() for h in self.live()}
+        return {h.dom.digest() for h in self.live()}
 
     def converged(self) -> bool:
         return len(self.digests()) == 1
