@@ -13,6 +13,9 @@ DEB_PKGS=(libvirt0 libvirt-dev pkg-config gcc python3-dev chromium chromium-driv
 # busybox-static is the guest's userland; iproute2 makes the namespaces, veths and bridges.
 DEB_PKGS+=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 qemu-utils
            busybox-static iproute2 util-linux xz-utils iptables)
+# nftables: the NAT and isolation rules of clusters' segments (vmwebd writes them with nft).
+# cloud-init: the tests check every guest seed vmweb builds with the real tool (schema, net-convert).
+DEB_PKGS+=(nftables cloud-init)
 # iptables: libvirt applies firewall rules to every network it starts, isolated ones too.
 # EXTRA_DEB_PKGS lets a tier ask for more (the real-QEMU tier needs libvirt-daemon and qemu).
 read -r -a EXTRA <<<"${EXTRA_DEB_PKGS:-}"

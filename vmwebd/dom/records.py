@@ -136,6 +136,7 @@ class HostRec(Record):
     images: str = ""                 # names of the content images held here, space-separated
     migrate_uri: str = ""            # libvirt URI other hosts' libvirtd use to live-migrate here
     cvv: str = ""                    # what this host holds of the DOM (see vmwebd/dom/gc.py)
+    underlay: str = ""               # address other hosts reach its clusters' segments at (VXLAN)
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,11 @@ class VClusterRec(Record):
     state: str = "active"            # creating | active | destroying
     created_at: int = 0
     token: str = ""                  # unique per creation: lease holders carry it
+    mode: str = "isolated"           # isolated | nat (from its template, fixed at creation)
+    subnet: str = ""                 # its segment's IPv4 network, leased (empty: made before segments)
+    gateway: str = ""                # the segment's gateway address (nat mode answers it on each host)
+    mtu: int = 0                     # its guests' MTU (0: the default, see vmwebd/net/addressing.py)
+    dns: str = ""                    # name servers its guests are given, space-separated
 
 
 @dataclass(frozen=True)
