@@ -62,7 +62,7 @@ def test_shipped_config_loads_with_production_defaults():
     assert c.templates_dir == REPO / "conf" / "templates"
     assert c.image_names == {"debian-12"}
     assert c.ip_pool_names == {"lab"}
-    assert c.ip_pool("lab").first_address() == ipaddress.IPv4Address("10.77.1.0")
+    assert c.ip_pool("lab").first_address() == ipaddress.IPv4Address("10.77.1.1")
     assert c.mac.prefix == "52:54:00"
     assert (c.vni.first, c.vni.last) == (100, 4095)
     assert c.limits == Limits(256, 1048576, 1000)
@@ -196,7 +196,17 @@ BAD = [
     ("ip-reserve-outside", cfg('<pools><ip name="lab" cidr="10.77.0.0/16" reserve="10.78.0.0/24"/></pools>'),
      3, "pools/ip/@reserve", "not inside 10.77.0.0/16"),
     ("ip-reserve-all", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" reserve="10.77.0.0/24"/></pools>'),
-     3, "pools/ip/@reserve", "no usable address"),
+     3, "pools/ip/@reserve", "leaves no address for a VM"),
+    ("ip-only-gateway", cfg('<pools><ip name="lab" cidr="10.77.0.0/30" reserve="10.77.0.2/32"/></pools>'),
+     3, "pools/ip/@reserve", "besides its gateway 10.77.0.1"),
+    ("ip-gateway-outside", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.78.0.1"/></pools>'),
+     3, "pools/ip/@gateway", "not a host address of 10.77.0.0/24"),
+    ("ip-gateway-broadcast", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.77.0.255"/></pools>'),
+     3, "pools/ip/@gateway", "not a host address"),
+    ("net-underlay", cfg('<network underlay="10.0.0.300"/>'), 3, "network/@underlay", "not an IPv4 address"),
+    ("net-underlay-any", cfg('<network underlay="0.0.0.0"/>'), 3, "network/@underlay", "cannot be a host's own"),
+    ("net-mtu", cfg('<network underlay-mtu="1000"/>'), 3, "network/@underlay-mtu", "out of range"),
+    ("net-devices", cfg('<network devices="magic"/>'), 3, "network/@devices", "is not one of auto, kernel, record"),
     ("ip-dup-name", cfg('<pools>\n<ip name="lab" cidr="10.1.0.0/16"/>\n<ip name="lab" cidr="10.2.0.0/16"/>\n</pools>'),
      5, "pools/ip/@name", "duplicate pool name 'lab' (first at line 4)"),
     ("ip-overlap", cfg('<pools>\n<ip name="a" cidr="10.1.0.0/16"/>\n<ip name="b" cidr="10.1.2.0/24"/>\n</pools>'),

@@ -18,7 +18,9 @@ from twisted.logger import Logger
 from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.placement import HostLoad, place
-from vmwebd.reconcile import bridge_name, network_name
+from vmwebd.net import addressing
+from vmwebd.net.plan import bridge_name
+from vmwebd.reconcile import network_name
 from vmwebd.settings import drained_hosts, get_setting
 from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 
@@ -118,6 +120,7 @@ def _check_name(name, field_="name") -> str:
 
 class ClusterManager:
     def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0,
+                 guest_mtu: int = addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
                  live_hosts=None, liveness=None):
         self.host_id = host_id
         self.domsvc = domsvc
@@ -126,6 +129,7 @@ class ClusterManager:
         self.limits = limits
         self.now_ms = now_ms
         self.wait_timeout = wait_timeout
+        self.guest_mtu = guest_mtu
         self.new_token = lambda: secrets.token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
@@ -203,10 +207,13 @@ class ClusterManager:
         vm_ids = [f"{name}/{vm}" for vm, _ in planned]
         hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned])
         token = self.new_token()
+        pool = self.allocator.pool(t.network.pool)
         vni, addrs = yield self.allocator.allocate_cluster(name, token, vm_ids, t.network.pool)
         cluster = VClusterRec(id=name, owner=owner, template=t.name, count=count, vni=vni,
                               network=network_name(name), bridge=bridge_name(vni), state="active",
-                              created_at=int(self.now_ms()), token=token)
+                              created_at=int(self.now_ms()), token=token, mode=t.network.mode,
+                              subnet=str(pool.cidr), gateway=str(pool.gateway_address),
+                              mtu=self.guest_mtu, dns=" ".join(t.network.dns))
         recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
                             for vm, role in planned]
         yield self.domsvc.put(*recs)

@@ -52,6 +52,7 @@ from lxml import etree
 
 from vmwebd.apitls import TLS_MODES, CertFileError, check_cert_files
 from vmwebd.errors import ConfigError
+from vmwebd.net import addressing
 
 # -- defaults (each one documented) ------------------------------------------------------------
 
@@ -202,21 +203,31 @@ class ImageConfig:
 
 @dataclass(frozen=True, slots=True)
 class IpPool:
-    """An IPv4 address pool VMs get addresses from.
+    """An IPv4 address pool VMs get addresses from, and the address plan of the segments of the
+    clusters that use it (see :mod:`vmwebd.net.addressing`).
 
-    Usable addresses are those of ``cidr`` minus the network and broadcast addresses and minus
-    every ``reserve`` network (gateways, static hosts), handed out lowest first.
+    Usable addresses are those of ``cidr`` minus the network and broadcast addresses, the gateway,
+    every ``reserve`` network and, in pools wider than a /24, addresses ending in .0 or .255;
+    handed out lowest first.
     """
 
     name: str
     cidr: ipaddress.IPv4Network
     #: Networks inside ``cidr`` never handed out; default none.
     reserve: tuple[ipaddress.IPv4Network, ...] = ()
+    #: The segments' gateway (answered by each host in ``nat`` mode); default the first host
+    #: address of ``cidr``. Never handed out.
+    gateway: ipaddress.IPv4Address | None = None
+
+    @property
+    def gateway_address(self) -> ipaddress.IPv4Address:
+        return self.gateway if self.gateway is not None else addressing.default_gateway(self.cidr)
 
     def addresses(self) -> Iterator[ipaddress.IPv4Address]:
         """Usable addresses, lowest first."""
+        gw = self.gateway_address
         for addr in self.cidr.hosts():
-            if not any(addr in r for r in self.reserve):
+            if addressing.leasable(self.cidr, gw, addr) and not any(addr in r for r in self.reserve):
                 yield addr
 
     def first_address(self) -> ipaddress.IPv4Address | None:
@@ -229,11 +240,8 @@ class IpPool:
             a = ipaddress.IPv4Address(str(addr))
         except ValueError:
             return False
-        hosts_only = self.cidr.prefixlen >= 31 or a not in (
-            self.cidr.network_address,
-            self.cidr.broadcast_address,
-        )
-        return a in self.cidr and hosts_only and not any(a in r for r in self.reserve)
+        return (addressing.leasable(self.cidr, self.gateway_address, a)
+                and not any(a in r for r in self.reserve))
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +290,20 @@ class PeersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NetworkConfig:
+    """How this host carries its clusters' segments (see :mod:`vmwebd.net.plan`)."""
+
+    #: The address other hosts send this host's VXLAN traffic to, which must be on one of its
+    #: interfaces; ``None`` (default): the address of ``listen/@peer``.
+    underlay: str | None = None
+    #: The underlay's MTU; guests get 50 bytes less (the VXLAN header). Default 1500.
+    underlay_mtu: int = addressing.DEFAULT_UNDERLAY_MTU
+    #: ``auto`` (default): real devices (netlink, nftables) unless the hypervisor is libvirt's
+    #: test driver; ``kernel``: always real; ``record``: planned and recorded only.
+    devices: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one daemon."""
 
@@ -304,6 +326,7 @@ class Config:
     #: Seconds between full reconciliation passes; default 30.0.
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     peers: PeersConfig = PeersConfig()
+    network: NetworkConfig = NetworkConfig()
     #: The file this was loaded from (``None`` when built in code).
     source: Path | None = None
 
@@ -501,7 +524,7 @@ class _Loader(ElementReader):
         kids = self.children(
             root, "",
             single=("host", "listen", "state", "libvirt", "storage", "images", "pools",
-                    "limits", "templates", "reconcile", "peers"),
+                    "limits", "templates", "reconcile", "peers", "network"),
         )
 
         def one(tag):
@@ -521,6 +544,7 @@ class _Loader(ElementReader):
         templates_dir = self._templates(one("templates"), root)
         reconcile = self._reconcile(one("reconcile"))
         peers = self._peers(one("peers"))
+        network = self._network_config(one("network"), listen)
         if listen.api.port and listen.api == listen.peer:
             raise self.error(one("listen"), "listen/@peer",
                              f"is the same address as listen/@api ({listen.api})")
@@ -534,7 +558,8 @@ class _Loader(ElementReader):
         return Config(
             host=host, templates_dir=templates_dir, listen=listen, state_dir=state_dir,
             libvirt_uri=libvirt_uri, migrate_uri=migrate_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
-            vni=vni, limits=limits, reconcile_interval=reconcile, peers=peers, source=source,
+            vni=vni, limits=limits, reconcile_interval=reconcile, peers=peers, network=network,
+            source=source,
         )
 
     def _host(self, el) -> HostConfig:
@@ -693,7 +718,7 @@ class _Loader(ElementReader):
         lines: dict[str, int] = {}
         for el in els:
             self.children(el, "pools/ip")
-            a = self.attrs(el, "pools/ip", required=("name", "cidr"), optional=("reserve",))
+            a = self.attrs(el, "pools/ip", required=("name", "cidr"), optional=("reserve", "gateway"))
             name = self.matching(el, "pools/ip/@name", a["name"], _POOL_NAME_RE,
                                  "pool name ([a-z][a-z0-9-]{0,30})")
             if name in lines:
@@ -714,9 +739,21 @@ class _Loader(ElementReader):
                 if not r.subnet_of(cidr):
                     raise self.error(el, "pools/ip/@reserve", f"{r} is not inside {cidr}")
                 reserve.append(r)
-            pool = IpPool(name, cidr, tuple(reserve))
+            gateway = None
+            if "gateway" in a:
+                try:
+                    gateway = ipaddress.IPv4Address(a["gateway"])
+                except ValueError:
+                    raise self.error(el, "pools/ip/@gateway",
+                                     f"{a['gateway']!r} is not an IPv4 address") from None
+                if gateway not in cidr or gateway in (cidr.network_address, cidr.broadcast_address):
+                    raise self.error(el, "pools/ip/@gateway",
+                                     f"{gateway} is not a host address of {cidr}")
+            pool = IpPool(name, cidr, tuple(reserve), gateway)
             if pool.first_address() is None:
-                raise self.error(el, "pools/ip/@reserve", f"leaves no usable address in {cidr}")
+                field = "pools/ip/@reserve" if reserve else "pools/ip/@cidr"
+                raise self.error(el, field, f"leaves no address for a VM in {cidr} besides its "
+                                 f"gateway {pool.gateway_address}")
             lines[name] = el.sourceline
             out.append(pool)
         return tuple(out)
@@ -805,6 +842,35 @@ class _Loader(ElementReader):
         if len(set(members)) != len(members):
             raise self.error(el, "peers/@members", "lists a host twice")
         return PeersConfig(seeds, fanout, cert_dir, members, timing)
+
+
+    def _network_config(self, el, listen: ListenConfig) -> NetworkConfig:
+        if el is None:
+            return NetworkConfig()
+        self.children(el, "network")
+        a = self.attrs(el, "network", optional=("underlay", "underlay-mtu", "devices"))
+        underlay = None
+        if "underlay" in a:
+            try:
+                underlay = str(ipaddress.IPv4Address(a["underlay"]))
+            except ValueError:
+                raise self.error(el, "network/@underlay",
+                                 f"{a['underlay']!r} is not an IPv4 address") from None
+            if underlay == "0.0.0.0" or ipaddress.IPv4Address(underlay).is_multicast:
+                raise self.error(el, "network/@underlay",
+                                 f"{underlay} cannot be a host's own address")
+        mtu = (self.integer(el, "network/@underlay-mtu", a["underlay-mtu"],
+                            addressing.MIN_UNDERLAY_MTU, 65535)
+               if "underlay-mtu" in a else addressing.DEFAULT_UNDERLAY_MTU)
+        devices = a.get("devices", "auto")
+        if devices not in DEVICE_MODES:
+            raise self.error(el, "network/@devices",
+                             f"{devices!r} is not one of {', '.join(DEVICE_MODES)}")
+        return NetworkConfig(underlay, mtu, devices)
+
+
+#: network/@devices values.
+DEVICE_MODES = ("auto", "kernel", "record")
 
 
 def _normpath(p: Path) -> str:

@@ -23,6 +23,7 @@ addresses, places VMs and writes the DOM.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -50,10 +51,12 @@ _MAX_DESCRIPTION = 200
 
 @dataclass(frozen=True, slots=True)
 class NetworkSpec:
-    """The network a virtual cluster gets: its mode and the IP pool its addresses come from."""
+    """The network a virtual cluster gets: its mode, the IP pool its addresses come from and the
+    name servers its guests are told about (none by default)."""
 
     mode: str
     pool: str
+    dns: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +102,9 @@ class Template:
     def to_xml(self) -> etree._Element:
         """The template as a ``<template>`` element, in the file format."""
         el = etree.Element("template", name=self.name, description=self.description)
-        etree.SubElement(el, "network", mode=self.network.mode, pool=self.network.pool)
+        net = etree.SubElement(el, "network", mode=self.network.mode, pool=self.network.pool)
+        if self.network.dns:
+            net.set("dns", " ".join(self.network.dns))
         for r in self.roles:
             etree.SubElement(
                 el, "role", name=r.name, count="rest" if r.is_rest else str(r.count),
@@ -180,7 +185,7 @@ class _TemplateReader(ElementReader):
 
     def _network(self, el) -> NetworkSpec:
         self.children(el, "template/network")
-        a = self.attrs(el, "template/network", required=("mode", "pool"))
+        a = self.attrs(el, "template/network", required=("mode", "pool"), optional=("dns",))
         if a["mode"] not in NETWORK_MODES:
             raise self.error(el, "template/network/@mode",
                              f"{a['mode']!r} is not one of {', '.join(NETWORK_MODES)}")
@@ -188,7 +193,16 @@ class _TemplateReader(ElementReader):
         if self.known_pools is not None and pool not in self.known_pools:
             raise self.error(el, "template/network/@pool",
                              f"no IP pool named {pool!r} in the config (known: {_known(self.known_pools)})")
-        return NetworkSpec(a["mode"], pool)
+        dns = []
+        for part in a.get("dns", "").replace(",", " ").split():
+            try:
+                dns.append(str(ipaddress.IPv4Address(part)))
+            except ValueError:
+                raise self.error(el, "template/network/@dns",
+                                 f"{part!r} is not an IPv4 address") from None
+        if len(dns) > 3:
+            raise self.error(el, "template/network/@dns", "at most 3 name servers")
+        return NetworkSpec(a["mode"], pool, tuple(dns))
 
     def _role(self, el) -> Role:
         self.children(el, "template/role")

@@ -63,6 +63,12 @@ class DomainSpec:
     initrd: str | None = None
     cmdline: str | None = None
     serial_log: str | None = None
+    #: The NIC goes on this bridge (a cluster's segment) instead of the libvirt network ``network``.
+    bridge: str = ""
+    #: The NIC's MTU (0: the hypervisor's default).
+    mtu: int = 0
+    #: A cloud-init seed (ISO 9660) attached read-only as a CD-ROM.
+    seed_path: str | None = None
     # hash=False: a dict is unhashable, and the name already identifies a spec.
     metadata: dict = field(default_factory=dict, hash=False)
 
@@ -78,8 +84,10 @@ class DomainSpec:
                                          "lower-case MAC")
         if not self.disk_path:
             raise InvalidArgument("disk_path", f"domain {self.name!r}: must not be empty")
-        if not self.network:
-            raise InvalidArgument("network", f"domain {self.name!r}: must not be empty")
+        if not self.network and not self.bridge:
+            raise InvalidArgument("network", f"domain {self.name!r}: needs a network or a bridge")
+        if not isinstance(self.mtu, int) or not (self.mtu == 0 or 576 <= self.mtu <= 65535):
+            raise InvalidArgument("mtu", f"domain {self.name!r}: {self.mtu!r} is not an MTU")
         for key in self.metadata:
             if not isinstance(key, str) or not key:
                 raise InvalidArgument("metadata",

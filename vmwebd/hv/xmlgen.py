@@ -54,6 +54,14 @@ def domain_xml(spec: DomainSpec) -> str:
     if not spec.kernel:
         os_el.append(E.boot(dev="hd"))
 
+    nic = E.interface(
+        E.mac(address=spec.mac),
+        E.source(bridge=spec.bridge) if spec.bridge else E.source(network=spec.network),
+        E.model(type="virtio"),
+        type="bridge" if spec.bridge else "network",
+    )
+    if spec.mtu:
+        nic.append(E.mtu(size=str(spec.mtu)))
     devices = E.devices(
         E.disk(
             E.driver(name="qemu", type="qcow2"),
@@ -61,13 +69,17 @@ def domain_xml(spec: DomainSpec) -> str:
             E.target(dev="vda", bus="virtio"),
             type="file", device="disk",
         ),
-        E.interface(
-            E.mac(address=spec.mac),
-            E.source(network=spec.network),
-            E.model(type="virtio"),
-            type="network",
-        ),
     )
+    if spec.seed_path:
+        # The machine type is QEMU's default (i440fx), whose CD-ROMs are on IDE.
+        devices.append(E.disk(
+            E.driver(name="qemu", type="raw"),
+            E.source(file=spec.seed_path),
+            E.target(dev="hdc", bus="ide"),
+            E.readonly(),
+            type="file", device="cdrom",
+        ))
+    devices.append(nic)
     if spec.serial_log:
         devices.append(E.serial(E.source(path=spec.serial_log), E.target(port="0"), type="file"))
         devices.append(E.console(E.source(path=spec.serial_log),

@@ -60,6 +60,10 @@ class Allocator:
     def _taken(self, key: str) -> bool:
         return self.table.holder(key) is not None
 
+    def pool(self, name: str) -> IpPool:
+        """The address pool ``name`` (InvalidArgument naming the pool when there is none)."""
+        return self._pool(name)
+
     def _pool(self, name: str) -> IpPool:
         try:
             return self.ip_pools[name]

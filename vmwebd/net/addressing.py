@@ -1,22 +1,29 @@
-"""The address plan of a cluster's segment: pure arithmetic on IPv4 networks, no I/O.
+"""The address plan of clusters' segments: pure arithmetic on IPv4 addresses, no I/O.
 
-Each virtual cluster leases one *segment* (an IPv4 network cut from its template's pool, see
-:func:`vmwebd.lease.pools.segment_candidates`). In a segment ``N/P``:
+Every virtual cluster is its own L2 segment (a bridge and a VXLAN id per cluster, see
+:mod:`vmwebd.net.plan`), and the clusters of one pool share the pool's network as their address
+plan:
 
-* the network address ``N`` and the broadcast address are never handed out;
-* the first host address ``N+1`` is the gateway: in ``nat`` mode every host that holds VMs of the
-  cluster answers it on the cluster's bridge (with the same MAC everywhere, :func:`gateway_mac`);
-  in ``isolated`` mode it is simply never handed out, so a cluster can switch mode later without
-  renumbering;
-* the VMs get the others, lowest first (:func:`vm_addresses`).
+* a guest's address is leased from its template's pool (unique in the grid), its prefix is the
+  pool's, and its gateway is the pool's gateway address;
+* never leased: the pool's network and broadcast addresses, its gateway (``pools/ip/@gateway``,
+  default the first host address), every ``reserve`` network and, in pools wider than a /24, every
+  address ending in ``.0`` or ``.255`` (valid, but guests' tools and firewalls often take them for
+  a /24's network or broadcast address);
+* in ``nat`` mode every host that holds VMs of the cluster answers the gateway address on the
+  cluster's bridge, with a MAC derived from the network id (:func:`gateway_mac`), the same on every
+  host: after a live migration the guest's ARP entry for its gateway is still right;
+* in ``isolated`` mode no host has an address on the segment and guests get no default route.
 
-A segment's size comes from the pool's ``segment-prefix`` or, by default, from the largest cluster
-the grid allows (:func:`segment_prefix_for`): a cluster can grow to that size without renumbering.
+Sharing the pool's network keeps a cluster growing to the pool's size without renumbering and
+wastes no addresses per cluster; isolation comes from the segments (and the rules of
+:mod:`vmwebd.net.nft`), not from the addressing. The price is on the host of routed segments: the
+same gateway address on several bridges, so it goes on without its prefix route and each local
+guest's address is routed to its own bridge (:attr:`vmwebd.net.plan.Segment.local`).
 """
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterator
 
 #: Bytes a VXLAN encapsulation adds to a frame over IPv4 (outer IP 20 + UDP 8 + VXLAN 8 +
 #: inner Ethernet 14): a guest's MTU is the underlay's minus this.
@@ -24,61 +31,43 @@ VXLAN_OVERHEAD = 50
 #: The UDP port VXLAN uses (IANA).
 VXLAN_PORT = 4789
 DEFAULT_UNDERLAY_MTU = 1500
-#: The smallest segment: a /30 holds a gateway and one VM.
-MAX_SEGMENT_PREFIX = 30
+#: The smallest underlay MTU accepted: guests then get 1280, IPv6's minimum.
+MIN_UNDERLAY_MTU = 1280 + VXLAN_OVERHEAD
 
 
-def segment_prefix_for(max_vms: int) -> int:
-    """The longest prefix whose network holds ``max_vms`` VMs besides its gateway (network and
-    broadcast addresses excluded): 253 VMs fit a /24, 256 need a /23."""
-    if max_vms < 1:
-        raise ValueError(f"max_vms must be at least 1, not {max_vms}")
-    prefix = MAX_SEGMENT_PREFIX
-    while prefix > 0 and usable(prefix) < max_vms:
-        prefix -= 1
-    return prefix
+def default_gateway(cidr: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """A pool's gateway unless configured: its first host address."""
+    return cidr.network_address + 1
 
 
-def usable(prefix: int) -> int:
-    """How many VMs a segment of this prefix holds (its hosts minus the gateway)."""
-    return max(0, 2 ** (32 - prefix) - 3)
-
-
-def gateway_of(subnet: str | ipaddress.IPv4Network) -> ipaddress.IPv4Address:
-    net = ipaddress.IPv4Network(subnet)
-    return net.network_address + 1
-
-
-def vm_addresses(subnet: str | ipaddress.IPv4Network) -> Iterator[ipaddress.IPv4Address]:
-    """A segment's addresses VMs may get, lowest first."""
-    net = ipaddress.IPv4Network(subnet)
-    gw = gateway_of(net)
-    for addr in net.hosts():
-        if addr != gw:
-            yield addr
-
-
-def is_vm_address(subnet: str | ipaddress.IPv4Network, addr: str) -> bool:
-    """Whether ``addr`` is one a VM of segment ``subnet`` may hold."""
-    net = ipaddress.IPv4Network(subnet)
-    try:
-        a = ipaddress.IPv4Address(addr)
-    except ValueError:
+def leasable(cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None,
+             addr: ipaddress.IPv4Address) -> bool:
+    """Whether ``addr`` may be given to a guest by the address plan (reserves aside)."""
+    if addr not in cidr:
         return False
-    return (a in net and a not in (net.network_address, net.broadcast_address)
-            and a != gateway_of(net))
+    if cidr.prefixlen < 31 and addr in (cidr.network_address, cidr.broadcast_address):
+        return False
+    if gateway is not None and addr == gateway:
+        return False
+    if cidr.prefixlen < 24 and int(addr) & 0xff in (0, 255):
+        return False
+    return True
 
 
 def gateway_mac(vni: int) -> str:
-    """The MAC of a segment's gateway, the same on every host (locally administered, unicast):
-    after a live migration a guest's ARP entry for its gateway stays right."""
+    """The MAC of a segment's gateway, the same on every host (locally administered, unicast)."""
     if not 0 <= vni < 2 ** 24:
         raise ValueError(f"network id {vni} is not a 24-bit VXLAN id")
     return f"02:76:6d:{vni >> 16 & 0xff:02x}:{vni >> 8 & 0xff:02x}:{vni & 0xff:02x}"
 
 
 def guest_mtu(underlay_mtu: int) -> int:
+    """The MTU guests of a segment get on an underlay of ``underlay_mtu``."""
     return underlay_mtu - VXLAN_OVERHEAD
+
+
+def sort_key(addr: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in addr.split("."))
 
 
 def prefix_of(subnet: str) -> int:

@@ -7,7 +7,9 @@ A virtual cluster is one L2 segment across hosts. Every host that *holds* VMs of
   the host's underlay address, learning off, with one all-zeros forwarding entry per *other* holder
   (head-end replication: broadcast and unknown unicast go to exactly those hosts);
 * in ``nat`` mode, the segment's gateway address on the bridge, with the same MAC on every host,
-  answered locally (ARP for it never crosses the VXLAN) and masqueraded out of the host.
+  answered locally (ARP for it never crosses the VXLAN) and masqueraded out of the host; as the
+  clusters of one pool share its network (see :mod:`vmwebd.net.addressing`), the address goes on
+  without its prefix route, and each local guest's address is routed to its bridge.
 
 A host *holds* a cluster while the DOM places a VM of it there that is not being removed
 (``desired`` not ``absent``), or while a migration of one of its VMs from or to that host is not
@@ -20,6 +22,7 @@ there) make the kernel match a :class:`HostPlan` and remove devices of ours that
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec
@@ -50,6 +53,9 @@ class Segment:
     subnet: str                      # the segment's network ("" for clusters made without one)
     gateway: str                     # its gateway address ("" when it has none)
     peers: tuple[str, ...]           # underlay addresses of the other holders, sorted
+    #: Addresses of the cluster's guests on this host, routed segments only: clusters of one pool
+    #: share its network, so the host routes each local guest's address to its own bridge.
+    local: tuple[str, ...] = ()
 
     @property
     def bridge(self) -> str:
@@ -124,10 +130,16 @@ def segment_of(dom, cluster: VClusterRec, host: str, hosts: frozenset[str]) -> S
                 peers.add(addr)
     mine = underlay_of(dom.get(HostRec, host))
     peers.discard(mine)
-    return Segment(
+    seg = Segment(
         vni=cluster.vni, cluster=cluster.id, mode=cluster.mode or "isolated",
         mtu=cluster.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
         subnet=cluster.subnet, gateway=cluster.gateway, peers=tuple(sorted(peers)))
+    if seg.routed:
+        local = sorted((vm.ip for vm in dom.select(VmRec, "cluster", cluster.id)
+                        if vm.host == host and vm.ip and vm.desired != "absent"),
+                       key=addressing.sort_key)
+        seg = dataclasses.replace(seg, local=tuple(local))
+    return seg
 
 
 def plan_host(dom, host: str) -> HostPlan:
