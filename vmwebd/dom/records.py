@@ -149,6 +149,36 @@ class UserRec(Record):
     role: str = "user"               # admin | user
     password_hash: str = ""
     quota_vms: int = 16
+    ssh_keys: str = ""               # OpenSSH public keys, one attribute line (see encode_ssh_keys)
+
+    # One key is ``TYPE BLOB`` or ``TYPE BLOB COMMENT``; type and blob never hold a space or a
+    # comma. The attribute joins keys with ``,`` and percent-encodes each comment's ``%``, ``,``,
+    # space and every byte outside printable ASCII, so the value is one line of printable ASCII:
+    # XML attribute normalisation (newlines and tabs become spaces) cannot change it, and
+    # ``ssh-ed25519 AAAA… alice@laptop`` stays readable in the DOM.
+    @staticmethod
+    def encode_ssh_keys(keys) -> str:
+        """The ``ssh-keys`` attribute for OpenSSH key lines already checked (see vmwebd.auth)."""
+        from urllib.parse import quote
+        out = []
+        for key in keys:
+            kind, blob, comment = (key.split(" ", 2) + [""])[:3]
+            out.append(f"{kind} {blob} {quote(comment, safe=_COMMENT_SAFE)}".rstrip())
+        return ",".join(out)
+
+    def ssh_key_list(self) -> tuple[str, ...]:
+        """The user's OpenSSH public key lines (``TYPE BLOB [COMMENT]``), in the order added."""
+        from urllib.parse import unquote
+        out = []
+        for item in self.ssh_keys.split(",") if self.ssh_keys else ():
+            kind, _, rest = item.partition(" ")
+            blob, _, comment = rest.partition(" ")
+            out.append(f"{kind} {blob} {unquote(comment)}".rstrip() if comment else f"{kind} {blob}")
+        return tuple(out)
+
+
+#: Printable ASCII a key's comment keeps as is in the ``ssh-keys`` attribute.
+_COMMENT_SAFE = "".join(c for c in map(chr, range(0x21, 0x7f)) if c not in "%,")
 
 
 @dataclass(frozen=True)
@@ -281,6 +311,7 @@ class MigrationRec(Record):
     downtime_ms: int = 0
     dest_disk: str = ""              # where the destination put the overlay
     dest_console: str = ""           # and the serial log
+    dest_seed: str = ""              # and the guest's cloud-init seed
     error: str = ""
 
 
