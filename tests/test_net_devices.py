@@ -273,8 +273,10 @@ def test_missing_underlay_fails_every_segment(hosts):
     assert set(res.failed) == {100, 200}
     assert all("192.0.2.77" in why for why in res.failed.values())
     assert "vmbr100" not in hosts.links("a")
-    with pytest.raises(ConfigError, match="192.0.2.77"):
+    with pytest.raises(ConfigError, match=r"conf/vmwebd.xml: network/@underlay: .*192\.0\.2\.77"):
         check_underlay("192.0.2.77", netns=hosts.hosts["a"], source="conf/vmwebd.xml")
+    with pytest.raises(ValueError, match="192.0.2.77 is not configured on any interface"):
+        check_underlay("192.0.2.77", netns=hosts.hosts["a"])
     assert check_underlay(UNDERLAY["a"], netns=hosts.hosts["a"]) == "ul"
 
 
@@ -347,7 +349,7 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     ping = hosts.ns
     assert ping.reaches(a1, "10.10.0.3"), "lab1 across hosts"
     assert ping.reaches(b1, "10.10.0.2"), "lab1 back"
-    assert ping.reaches(a2, "10.10.0.5"), "lab2 (isolated) across hosts"
+    assert ping.reaches(a2, "10.10.0.5") and ping.reaches(b2, "10.10.0.4"), "lab2 across hosts"
     assert ping.reaches(a1, "10.10.0.1") and ping.reaches(b1, "10.10.0.1"), "gateway on each host"
     assert ping.reaches(a1, OUTSIDE) and ping.reaches(b1, OUTSIDE), "nat out"
     counters = [int(n) for n in re.findall(
@@ -355,6 +357,10 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
                                             "probe").stdout)]
     assert counters[0] >= 1 and counters[1] >= 1 and counters[2] == 0, counters
     assert ping.reaches(a3, "10.30.0.1")
+    # b1 asked for its gateway, which B answered: had the request crossed the VXLAN, A would
+    # have learnt b1's address from it
+    neigh = ping.ip(hosts.hosts["a"], "neigh", "show", "10.10.0.3", "dev", "vmbr100").stdout
+    assert "10.10.0.3" not in neigh, neigh
 
     assert not ping.ping(a1, "10.10.0.5"), "lab1 reached a lab2 guest on another host"
     assert not ping.ping(a1, "10.10.0.4"), "lab1 reached a lab2 guest on its host"

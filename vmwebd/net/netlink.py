@@ -132,25 +132,35 @@ def _underlay_problem(address: str, netns: str | None) -> str:
     return f"underlay address {address} is not configured on any interface of this host{where}"
 
 
-def check_underlay(address: str, netns: str | None = None, source: str = "vmwebd.xml",
-                   field: str = "host/@underlay") -> str:
-    """The name of the interface that holds ``address`` in this host's (or ``netns``'s) network;
-    raises :class:`~vmwebd.errors.ConfigError` naming ``source``, ``field`` and the address when
-    no interface does (VXLAN segments could not be sent from it)."""
+class UnderlayError(ValueError):
+    """The underlay address is not this host's (or not usable); the message names it."""
+
+
+def check_underlay(address: str, netns: str | None = None, source: str | None = None,
+                   field: str = "network/@underlay") -> str:
+    """The name of the interface that holds ``address`` in this host's (or ``netns``'s) network.
+
+    When no interface does (VXLAN segments could not be sent from it), raises
+    :class:`~vmwebd.errors.ConfigError` naming ``source`` (the configuration file), ``field`` and
+    the address; without ``source``, :class:`UnderlayError` (a ``ValueError``) with the reason
+    only, for a caller that knows better which file and field the address came from.
+    """
+    def fail(reason: str) -> Exception:
+        return ConfigError(source, None, field, reason) if source else UnderlayError(reason)
+
     try:
         ipaddress.IPv4Address(address)
     except ValueError:
-        raise ConfigError(source, None, field, _underlay_problem(address, netns)) from None
+        raise fail(_underlay_problem(address, netns)) from None
     try:
         with _open(netns) as ipr:
             idx = _underlay_index(ipr, address)
             name = ipr.get_links(idx)[0].get("ifname") if idx is not None else None
     except (OSError, NetlinkError) as e:
         where = f" in network namespace {netns}" if netns else ""
-        raise ConfigError(source, None, field,
-                          f"cannot read this host's addresses{where}: {_why(e)}") from None
+        raise fail(f"cannot read this host's addresses{where}: {_why(e)}") from None
     if name is None:
-        raise ConfigError(source, None, field, _underlay_problem(address, netns))
+        raise fail(_underlay_problem(address, netns))
     return name
 
 
@@ -238,10 +248,10 @@ class NetlinkDevices:
                 reason = _underlay_problem(plan.underlay, self.netns)
                 failed.update({s.vni: reason for s in plan.segments})
             else:
-                links = {lk.get("ifname"): lk for lk in ipr.get_links()}
+                seen = _Snapshot(ipr)
                 for seg in plan.segments:
                     try:
-                        changed |= _Segment(ipr, plan, seg, under, links).make()
+                        changed |= _Segment(ipr, plan, seg, under, seen).make()
                     except SegmentError as e:
                         failed[seg.vni] = str(e)
         changed |= self._forwarding(plan, failed)
@@ -307,13 +317,36 @@ class NetlinkDevices:
             return False
 
 
+class _Snapshot:
+    """The namespace's devices, addresses and all-zeros forwarding entries, read once per apply
+    (one dump each: reading them per segment made an apply quadratic in its segments)."""
+
+    def __init__(self, ipr: IPRoute):
+        self.links = {lk.get("ifname"): lk for lk in ipr.get_links()}
+        #: VXLAN devices by (network id, UDP port): who uses which id.
+        self.vxlan_ids: dict[tuple[int, int], list[str]] = {}
+        for name, link in self.links.items():
+            data = _info_data(link) if _kind(link) == "vxlan" else None
+            if data is not None:
+                key = (data.get_attr("IFLA_VXLAN_ID"), data.get_attr("IFLA_VXLAN_PORT"))
+                self.vxlan_ids.setdefault(key, []).append(name)
+        self.addrs: dict[int, list] = {}
+        for a in ipr.get_addr():
+            self.addrs.setdefault(a["index"], []).append(a)
+        self.fdb: dict[int, set[str]] = {}
+        for e in ipr.fdb("dump"):
+            if e.get_attr("NDA_LLADDR") == ZERO_MAC and e.get_attr("NDA_DST"):
+                self.fdb.setdefault(e["ifindex"], set()).add(e.get_attr("NDA_DST"))
+
+
 class _Segment:
     """Makes one segment's devices; :meth:`make` answers whether anything changed."""
 
     def __init__(self, ipr: IPRoute, plan: HostPlan, seg: Segment, underlay_index: int,
-                 links: dict):
+                 seen: _Snapshot):
         self.ipr, self.plan, self.seg, self.under = ipr, plan, seg, underlay_index
-        self.links = links              # this namespace's devices by name, read once per apply
+        self.seen = seen
+        self.links = seen.links
         self.alias = f"{MARKER}{seg.cluster}"
         self.changed = False
         self.doing = ""
@@ -321,7 +354,7 @@ class _Segment:
     def _link(self, name: str):
         """The device named so, read now (after a change), or None."""
         try:
-            return self.ipr.get_links(ifname=name)[0]
+            return self.ipr.link("get", ifname=name)[0]
         except NetlinkError as e:
             if e.code == 19:        # ENODEV
                 return None
@@ -365,20 +398,16 @@ class _Segment:
         self.changed = True
 
     def _check_vni_free(self) -> None:
-        for link in self.links.values():
-            if _kind(link) != "vxlan" or link.get("ifname") == self.seg.vxlan:
-                continue
-            data = _info_data(link)
-            if data is not None and data.get_attr("IFLA_VXLAN_ID") == self.seg.vni \
-                    and data.get_attr("IFLA_VXLAN_PORT") == VXLAN_PORT:
+        for name in self.seen.vxlan_ids.get((self.seg.vni, VXLAN_PORT), ()):
+            if name != self.seg.vxlan:
                 raise SegmentError(
-                    f"network id {self.seg.vni} is already used by vxlan device "
-                    f"{link.get('ifname')} (UDP {VXLAN_PORT}), which is not vmweb's")
+                    f"network id {self.seg.vni} is already used by vxlan device {name} "
+                    f"(UDP {VXLAN_PORT}), which is not vmweb's")
 
     def _create(self, final: str, suffix: str, **kw) -> int:
         temp = f"{TEMP_PREFIX}{self.seg.vni}{suffix}"
         self.ipr.link("add", ifname=temp, **kw)
-        index = self.ipr.link_lookup(ifname=temp)[0]
+        index = self._link(temp)["index"]
         try:
             self.ipr.link("set", index=index, ifalias=self.alias)
             # Before it is ever up, so it never gets an IPv6 link-local address.
@@ -451,7 +480,7 @@ class _Segment:
         seg = self.seg
         want = {(seg.gateway, seg.prefix)} if seg.routed else set()
         have = set()
-        for a in self.ipr.get_addr(index=bridge_index):
+        for a in self.seen.addrs.get(bridge_index, []):
             key = (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
             if key in want and a["family"] == socket.AF_INET:
                 have.add(key)
@@ -463,8 +492,7 @@ class _Segment:
             self.changed = True
 
     def _fdb(self, vxlan_index: int) -> None:
-        have = {e.get_attr("NDA_DST") for e in self.ipr.fdb("dump", ifindex=vxlan_index)
-                if e.get_attr("NDA_LLADDR") == ZERO_MAC and e.get_attr("NDA_DST")}
+        have = self.seen.fdb.get(vxlan_index, set())
         want = set(self.seg.peers)
         for dst in sorted(want - have):
             self.ipr.fdb("append", ifindex=vxlan_index, lladdr=ZERO_MAC, dst=dst)
