@@ -281,6 +281,17 @@ def test_missing_underlay_fails_every_segment(hosts):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_missing_namespace_fails_every_segment_and_is_not_created(hosts):
+    """An executor for a namespace that does not exist reports every segment failed, naming it,
+    and creates no namespace."""
+    from twisted.internet import reactor
+    name = f"{hosts.ns.prefix}-missing"
+    res = yield apply(NetlinkDevices(reactor, netns=name), plan("a", seg(100, "lab1")))
+    assert set(res.failed) == {100} and name in res.failed[100]
+    assert name not in run("ip", "netns", "list").stdout
+
+
+@pytest_twisted.inlineCallbacks
 def test_an_mtu_the_underlay_cannot_carry_fails_that_segment(hosts):
     """A guest MTU above the underlay's minus the VXLAN overhead fails the segment, saying so."""
     res = (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1", mtu=1480), seg(200, "lab2"))))

@@ -237,23 +237,31 @@ class NetlinkDevices:
         try:
             ipr = _open(self.netns)
         except (OSError, NetlinkError) as e:
-            where = f" in network namespace {self.netns}" if self.netns else ""
-            reason = f"cannot open netlink{where}: {_why(e)}"
+            if isinstance(e, FileNotFoundError) and self.netns:
+                reason = f"network namespace {self.netns} does not exist"
+            else:
+                where = f" in network namespace {self.netns}" if self.netns else ""
+                reason = f"cannot open netlink{where}: {_why(e)}"
             return Applied(failed={s.vni: reason for s in plan.segments})
         with ipr:
-            removed = self._remove_unplanned(ipr, plan)
-            changed = bool(removed)
-            under = _underlay_index(ipr, plan.underlay) if plan.underlay else None
-            if under is None:
-                reason = _underlay_problem(plan.underlay, self.netns)
-                failed.update({s.vni: reason for s in plan.segments})
-            else:
-                seen = _Snapshot(ipr)
-                for seg in plan.segments:
-                    try:
-                        changed |= _Segment(ipr, plan, seg, under, seen).make()
-                    except SegmentError as e:
-                        failed[seg.vni] = str(e)
+            try:
+                removed = self._remove_unplanned(ipr, plan)
+                changed = bool(removed)
+                under = _underlay_index(ipr, plan.underlay) if plan.underlay else None
+                if under is None:
+                    reason = _underlay_problem(plan.underlay, self.netns)
+                    failed.update({s.vni: reason for s in plan.segments})
+                else:
+                    seen = _Snapshot(ipr)
+                    for seg in plan.segments:
+                        try:
+                            changed |= _Segment(ipr, plan, seg, under, seen).make()
+                        except SegmentError as e:
+                            failed[seg.vni] = str(e)
+            except (OSError, NetlinkError) as e:
+                # reading the namespace's devices failed: no segment is known to be right
+                for s in plan.segments:
+                    failed.setdefault(s.vni, f"reading this host's devices: {_why(e)}")
         changed |= self._forwarding(plan, failed)
         changed |= self._rules(plan, failed)
         ms = (time.monotonic() - start) * 1000
