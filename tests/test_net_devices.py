@@ -228,6 +228,27 @@ def test_a_segment_left_out_is_removed(hosts):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_new_underlay_address_remakes_only_the_vxlan_devices(hosts):
+    """When the underlay address changes, the VXLAN devices are made again from the new one
+    (their local address cannot change in place); the bridges stay."""
+    ns = hosts.hosts["a"]
+    devices = hosts.devices("a")
+    s = seg(100, "lab1", "nat", peers=["192.0.2.2"])
+    (yield apply(devices, plan("a", s)))
+    before = hosts.links("a")
+    hosts.ns.ip(ns, "addr", "add", "192.0.2.11/24", "dev", "ul")
+    res = (yield apply(devices, plan("a", s, underlay="192.0.2.11")))
+    assert res.changed and res.failed == {}
+    after = hosts.links("a")
+    assert after["vmvx100"]["linkinfo"]["info_data"]["local"] == "192.0.2.11"
+    assert after["vmvx100"]["ifindex"] != before["vmvx100"]["ifindex"]
+    assert after["vmbr100"]["ifindex"] == before["vmbr100"]["ifindex"]
+    assert after["vmvx100"]["master"] == "vmbr100"
+    assert hosts.ns.fdb_zero(ns, "vmvx100") == {"192.0.2.2"}
+    hosts.ns.ip(ns, "addr", "del", "192.0.2.11/24", "dev", "ul")
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_leftover_of_a_previous_run_is_removed(hosts):
     """Devices made by an earlier instance (before a crash) and not in a new instance's plan
     are recognised by their marker and deleted."""
@@ -246,12 +267,17 @@ def test_devices_not_ours_are_left_alone(hosts):
                 str(VXLAN_PORT), "local", UNDERLAY["a"])
     hosts.ns.ip(ns, "link", "add", "other300", "type", "vxlan", "id", "300", "dstport",
                 str(VXLAN_PORT), "local", UNDERLAY["a"])
+    hosts.ns.ip(ns, "link", "add", "vmbr400", "type", "bridge")
     before = hosts.links("a")
-    res = (yield apply(hosts.devices("a"),
-                plan("a", seg(100, "lab1"), seg(200, "lab2"), seg(300, "lab3"))))
-    assert set(res.failed) == {100, 300}
+    res = (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1"), seg(200, "lab2"),
+                                                seg(300, "lab3"), seg(400, "lab4", "nat"))))
+    assert set(res.failed) == {100, 300, 400}
     assert "device vmvx100 exists and is not vmweb's" in res.failed[100]
     assert "other300" in res.failed[300] and "300" in res.failed[300]
+    assert "device vmbr400 exists and is not vmweb's" in res.failed[400]
+    assert hosts.ns.addresses(ns, "vmbr400") == [] and "vmvx400" not in hosts.links("a")
+    rules = hosts.ns.exec(ns, "nft", "list", "table", "inet", "vmweb").stdout
+    assert '"vmbr200"' in rules and '"vmbr400"' not in rules    # nothing forwarded for others
     after = hosts.links("a")
     for name in ("vmvx100", "other300"):
         assert after[name]["ifindex"] == before[name]["ifindex"]

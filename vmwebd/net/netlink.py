@@ -38,6 +38,7 @@ only what differs.
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
@@ -71,7 +72,12 @@ _DEFAULT = object()
 
 
 class SegmentError(Exception):
-    """One segment cannot be made; the message names the device or address concerned."""
+    """One segment cannot be made; the message names the device or address concerned.
+    ``foreign``: because a device that is not ours holds its name or network id."""
+
+    def __init__(self, message: str, foreign: bool = False):
+        super().__init__(message)
+        self.foreign = foreign
 
 
 def _is_ours(link) -> bool:
@@ -232,6 +238,7 @@ class NetlinkDevices:
         """What :meth:`apply` does, in the calling thread (never the reactor's)."""
         start = time.monotonic()
         failed: dict[int, str] = {}
+        foreign: set[int] = set()      # segments whose names or id another owner holds
         removed: list[str] = []
         changed = False
         try:
@@ -258,16 +265,21 @@ class NetlinkDevices:
                             changed |= _Segment(ipr, plan, seg, under, seen).make()
                         except SegmentError as e:
                             failed[seg.vni] = str(e)
+                            if e.foreign:
+                                foreign.add(seg.vni)
             except (OSError, NetlinkError) as e:
                 # reading the namespace's devices failed: no segment is known to be right
                 for s in plan.segments:
                     failed.setdefault(s.vni, f"reading this host's devices: {_why(e)}")
         changed |= self._forwarding(plan, failed)
-        changed |= self._rules(plan, failed)
+        changed |= self._rules(plan, failed, foreign)
         ms = (time.monotonic() - start) * 1000
-        log.info("network plan applied: {n} segments, {failed} failed, removed {removed}, "
-                 "changed {changed}, in {ms:.0f} ms", n=len(plan.segments), failed=len(failed),
-                 removed=removed, changed=changed, ms=ms)
+        # a periodic apply that changes nothing is not news
+        emit = log.info if changed or failed else log.debug
+        emit("network plan applied: {n} segments, {failed} failed ({reasons}), removed {removed}, "
+             "changed {changed}, in {ms:.0f} ms", n=len(plan.segments), failed=len(failed),
+             reasons="; ".join(f"{v}: {r}" for v, r in sorted(failed.items())) or "-",
+             removed=removed, changed=changed, ms=ms)
         return Applied(failed=failed, removed=tuple(sorted(removed)), changed=changed)
 
     def _remove_unplanned(self, ipr: IPRoute, plan: HostPlan) -> list[str]:
@@ -312,11 +324,16 @@ class NetlinkDevices:
                 failed[s.vni] = f"cannot turn IPv4 forwarding on: {_why(e)}"
             return False
 
-    def _rules(self, plan: HostPlan, failed: dict[int, str]) -> bool:
-        """Load the plan's nftables rules. The whole plan's, failed segments included: the rules
-        isolate every vmbr* device, and a segment that failed now may still have devices."""
+    def _rules(self, plan: HostPlan, failed: dict[int, str], foreign: set[int]) -> bool:
+        """Load the plan's nftables rules: failed segments included (the rules isolate every
+        vmbr* device, and a segment that failed now may still have devices of ours), but not
+        those whose devices are another owner's (our rules would forward and masquerade for
+        them)."""
         if self.nft is None:
             return False
+        if foreign:
+            plan = dataclasses.replace(
+                plan, segments=tuple(s for s in plan.segments if s.vni not in foreign))
         try:
             return self.nft.apply(plan)
         except RulesError as e:
@@ -384,7 +401,7 @@ class _Segment:
         br, vx = self.links.get(seg.bridge), self.links.get(seg.vxlan)
         for link, name in ((br, seg.bridge), (vx, seg.vxlan)):
             if link is not None and not _is_ours(link):
-                raise SegmentError(f"device {name} exists and is not vmweb's")
+                raise SegmentError(f"device {name} exists and is not vmweb's", foreign=True)
         self._check_vni_free()
         self.doing = f"bridge {seg.bridge}"
         if br is not None and _kind(br) != "bridge":
@@ -410,7 +427,7 @@ class _Segment:
             if name != self.seg.vxlan:
                 raise SegmentError(
                     f"network id {self.seg.vni} is already used by vxlan device {name} "
-                    f"(UDP {VXLAN_PORT}), which is not vmweb's")
+                    f"(UDP {VXLAN_PORT}), which is not vmweb's", foreign=True)
 
     def _create(self, final: str, suffix: str, **kw) -> int:
         temp = f"{TEMP_PREFIX}{self.seg.vni}{suffix}"
