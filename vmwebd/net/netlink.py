@@ -33,6 +33,12 @@ Network namespace
     sysctl (per namespace) written by a short child process that enters the namespace first
     (pyroute2's ``ChildProcess``). A namespace that does not exist is never created.
 
+Failures
+    A segment that cannot be made is reported in ``Applied.failed`` (network id -> reason) and the
+    others are made. When nft refuses the rules, every segment fails with nft's message (the
+    isolation between segments is the rules' work); when forwarding cannot be turned on, every
+    ``nat`` segment does. Segments held by another owner's devices get no rules.
+
 Applying the same plan twice changes nothing (``Applied.changed`` is False); a changed plan changes
 only what differs.
 """
