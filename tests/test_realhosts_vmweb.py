@@ -15,24 +15,16 @@ Skipped only where real hosts cannot run (see lab.hosts.lab_available).
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 from lab import wait_for
 from lab.fixtures import guest_artifacts, lab2  # noqa: F401  (fixtures)
 from lab.guest import PATTERN_BYTES, PATTERN_OFFSET, make_base_image, pattern, read_serial, ticks
-from tests.procs import ADMIN, NotifySocket, bootstrap_admin, child_env
-from vmwebd.gossip import pki
+from lab.vmweb import STORAGE, Grid, console, vmweb
 from vmwebd.reconcile import domain_name, guest_token
 
-REPO = Path(__file__).resolve().parent.parent
-API_PORT, PEER_PORT = 8471, 8571
-STORAGE = "/var/lib/libvirt/vmweb"          # bind-mounted: a different directory on each host
-CONSOLE = "/var/log/libvirt/vmweb-console"
 TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
 <template name="tiny" description="Real TCG guests of the lab">
   <network mode="isolated" pool="lab"/>
@@ -41,98 +33,13 @@ TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-class LabDaemon:
-    """A vmwebd running inside a lab host's network and mount namespaces."""
-
-    def __init__(self, host, config: Path):
-        self.host, self.config = host, config
-        self.log_path = config.parent / "vmwebd.log"
-        self.notify = NotifySocket(config.parent)
-        with open(self.log_path, "ab") as log:
-            self.proc = host.popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(config),
-                                    "--no-fsync"], stdin=None, stdout=log, stderr=log,
-                                   env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO)
-
-    def wait_ready(self):
-        try:
-            self.notify.wait_for("READY", "1", 60, alive=lambda: self.proc.poll() is None)
-        except (TimeoutError, RuntimeError) as e:
-            raise AssertionError(f"{e}\n--- {self.log_path} ---\n"
-                                 f"{self.log_path.read_text(errors='replace')[-4000:]}") from None
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.notify.close()
-
-
-def write_config(lab, host, base: Path, templates: Path, cert_dir: Path) -> Path:
-    d = base / host.name
-    d.mkdir(parents=True, exist_ok=True)
-    members = " ".join(h.name for h in lab.hosts)
-    cfg = d / "vmwebd.xml"
-    cfg.write_text(f"""<?xml version="1.0" encoding="UTF-8"?>
-<vmwebd>
-  <host id="{host.name}"/>
-  <listen api="{host.addr}:{API_PORT}" peer="{host.addr}:{PEER_PORT}" api-tls="off"/>
-  <state dir="{d / 'state'}"/>
-  <libvirt uri="{host.uri}" migrate-uri="{host.migrate_uri}"/>
-  <storage pool="vmweb" dir="{STORAGE}" console-dir="{CONSOLE}"/>
-  <images><image name="tiny" file="tiny-blank.qcow2" size-mib="128"/></images>
-  <pools>
-    <ip name="lab" cidr="10.77.{lab.k}.0/24" reserve="10.77.{lab.k}.0/27"/>
-    <mac prefix="52:54:00"/>
-    <vni first="100" last="199"/>
-  </pools>
-  <templates dir="{templates}"/>
-  <reconcile interval="2"/>
-  <peers seeds="{lab.hosts[0].addr}:{PEER_PORT}" cert-dir="{cert_dir}" timing="lan" members="{members}"/>
-</vmwebd>
-""")
-    bootstrap_admin(d / "state")
-    return cfg
-
-
-def vmweb(host, creds: Path, *args, check=True):
-    """Runs the CLI on ``host`` against its own vmwebd; returns the parsed --json output."""
-    env = child_env(VMWEB_HOST=f"{host.addr}:{API_PORT}", VMWEB_CREDENTIALS=str(creds))
-    r = host.run([sys.executable, "-m", "vmwebd.cli", "--json", *args], env=env, cwd=REPO,
-                 check=False, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"vmweb {' '.join(args)} on {host.name} exited {r.returncode}:\n"
-                             f"{r.stdout}\n{r.stderr}")
-    return (json.loads(r.stdout) if r.stdout.strip() else None), r
-
-
 @pytest.fixture
 def grid(lab2, guest_artifacts, tmp_path):  # noqa: F811
-    ca = tmp_path / "ca"
-    pki.init_ca(ca, grid_name="lab-grid")
-    templates = tmp_path / "templates"
-    templates.mkdir()
-    (templates / "tiny.xml").write_text(TEMPLATE)
-    daemons = []
+    g = Grid(lab2, tmp_path, {"tiny": TEMPLATE})
     try:
-        for h in lab2.hosts:
-            cert = tmp_path / h.name / "pki"
-            pki.issue_host_cert(ca, h.name, cert, [h.addr])
-            daemons.append(LabDaemon(h, write_config(lab2, h, tmp_path, templates, cert)))
-        for d in daemons:
-            d.wait_ready()
-        creds = tmp_path / "admin-credentials"
-        creds.write_text(f"{ADMIN[0]}:{ADMIN[1]}\n")
-        wait_for(lambda: all(all(x["liveness"] == "alive" for x in vmweb(h, creds, "hosts")[0])
-                             and len(vmweb(h, creds, "hosts")[0]) == 2 for h in lab2.hosts),
-                 60, "both vmwebd to see each other alive")
-        yield lab2, creds, tmp_path
+        yield lab2, g.creds, tmp_path
     finally:
-        for d in daemons:
-            d.close()
-
-
-def console(host, vm_id: str) -> Path:
-    return host.host_path(f"{CONSOLE}/{domain_name(vm_id)}.log")
+        g.close()
 
 
 def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifacts):  # noqa: F811

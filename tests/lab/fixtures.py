@@ -2,6 +2,8 @@
 
     from lab.fixtures import guest_artifacts, lab2  # noqa: F401
 
+(``lab3`` gives three hosts, for tests that need a host beyond a pair.)
+
 They skip (with the reason from :func:`lab.hosts.lab_available`) where this machine cannot run
 real hosts: not root, no network namespaces, no libvirtd/QEMU, or ``VMWEB_REALHOSTS=0``.
 """
@@ -22,16 +24,26 @@ def guest_artifacts():
     return build_guest()
 
 
-@pytest.fixture(scope="module")
-def lab2(tmp_path_factory):
-    """Two real libvirt hosts (h1, h2), up for the tests of one module (stopped after it, so
-    later modules do not share the machine with two idle libvirtd)."""
+def _lab(n, tmp_path_factory):
     ok, why = lab_available()
     if not ok:
         pytest.skip(why)
-    lab = Lab(2, tmp_path_factory.mktemp("lab2"))
+    lab = Lab(n, tmp_path_factory.mktemp(f"lab{n}"))
     lab.start()
     try:
         yield lab
     finally:
         lab.stop()
+
+
+@pytest.fixture(scope="module")
+def lab2(tmp_path_factory):
+    """Two real libvirt hosts (h1, h2), up for the tests of one module (stopped after it, so
+    later modules do not share the machine with two idle libvirtd)."""
+    yield from _lab(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory):
+    """Three real libvirt hosts (h1, h2, h3), up for the tests of one module."""
+    yield from _lab(3, tmp_path_factory)
