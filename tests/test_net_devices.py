@@ -32,10 +32,12 @@ OUTSIDE = "192.0.2.254"
 MTU = 1450
 
 
-def seg(vni, cluster, mode="isolated", subnet="10.10.0.0/24", peers=(), mtu=MTU) -> Segment:
+def seg(vni, cluster, mode="isolated", subnet="10.10.0.0/24", peers=(), mtu=MTU,
+        local=()) -> Segment:
     net = ipaddress.IPv4Network(subnet)
     return Segment(vni=vni, cluster=cluster, mode=mode, mtu=mtu, subnet=subnet,
-                   gateway=str(net.network_address + 1), peers=tuple(sorted(peers)))
+                   gateway=str(net.network_address + 1), peers=tuple(sorted(peers)),
+                   local=tuple(local) if mode == "nat" else ())
 
 
 def plan(host: str, *segments: Segment, underlay: str | None = None) -> HostPlan:
@@ -364,18 +366,21 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     if shutil.which("busybox") is None:
         pytest.skip("needs busybox (its ping)")
     peer = {"a": [UNDERLAY["b"]], "b": [UNDERLAY["a"]]}
-    lab1 = {h: seg(100, "lab1", "nat", peers=peer[h]) for h in "ab"}
+    local1 = {"a": ["10.10.0.2"], "b": ["10.10.0.3"]}
+    lab1 = {h: seg(100, "lab1", "nat", peers=peer[h], local=local1[h]) for h in "ab"}
     lab2 = {h: seg(200, "lab2", "isolated", peers=peer[h]) for h in "ab"}
-    lab3 = seg(300, "lab3", "nat", "10.30.0.0/24")
+    lab3 = seg(300, "lab3", "nat", "10.30.0.0/24", local=["10.30.0.2"])
+    lab4 = seg(400, "lab4", "nat", local=["10.10.0.7"])
     devices = {h: hosts.devices(h) for h in "ab"}
     for h in "ab":
-        extra = (lab3,) if h == "a" else ()
+        extra = (lab3, lab4) if h == "a" else ()
         assert (yield apply(devices[h], plan(h, lab1[h], lab2[h], *extra))).failed == {}
     a1 = hosts.guest("a1", "a", lab1["a"], "10.10.0.2")
     b1 = hosts.guest("b1", "b", lab1["b"], "10.10.0.3")
     a2 = hosts.guest("a2", "a", lab2["a"], "10.10.0.4")
     b2 = hosts.guest("b2", "b", lab2["b"], "10.10.0.5")
     a3 = hosts.guest("a3", "a", lab3, "10.30.0.2")
+    a4 = hosts.guest("a4", "a", lab4, "10.10.0.7")
     # a counter on the outside tells which source addresses reach it
     hosts.ns.exec(hosts.switch, "nft", "-f", "-", stdin=(
         "table inet probe {\n chain in {\n type filter hook input priority 0;\n"
@@ -394,6 +399,8 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
                                             "probe").stdout)]
     assert counters[0] >= 1 and counters[1] >= 1 and counters[2] == 0, counters
     assert ping.reaches(a3, "10.30.0.1")
+    assert ping.reaches(a4, OUTSIDE), "a second nat cluster of the same network out"
+    assert ping.reaches(a1, OUTSIDE), "the first one still"
     # b1 asked for its gateway, which B answered: had the request crossed the VXLAN, A would
     # have learnt b1's address from it
     neigh = ping.ip(hosts.hosts["a"], "neigh", "show", "10.10.0.3", "dev", "vmbr100").stdout
@@ -409,7 +416,7 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     # the rules are what keeps lab1 from lab3: without them the host routes between them
     ping.exec(hosts.hosts["a"], "nft", "delete", "table", "inet", "vmweb")
     assert ping.reaches(a1, "10.30.0.2")
-    res = (yield apply(devices["a"], plan("a", lab1["a"], lab2["a"], lab3)))
+    res = (yield apply(devices["a"], plan("a", lab1["a"], lab2["a"], lab3, lab4)))
     assert res.changed and res.failed == {}
     wait_until(lambda: not ping.ping(a1, "10.30.0.2"), "lab1 cut from lab3 again", timeout=8)
 

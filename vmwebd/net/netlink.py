@@ -86,6 +86,12 @@ class SegmentError(Exception):
         self.foreign = foreign
 
 
+#: Address flag: no prefix route for this address (linux/if_addr.h).
+IFA_F_NOPREFIXROUTE = 0x200
+RT_TABLE_MAIN = 254
+RT_SCOPE_LINK = 253
+RTPROT_STATIC = 4
+
 def _is_ours(link) -> bool:
     return (link.get("ifalias") or "").startswith(MARKER)
 
@@ -364,6 +370,11 @@ class _Snapshot:
         self.addrs: dict[int, list] = {}
         for a in ipr.get_addr():
             self.addrs.setdefault(a["index"], []).append(a)
+        #: Host routes (/32, main table) by output device: the local guests' routes.
+        self.routes: dict[int, set[str]] = {}
+        for r in ipr.get_routes(family=socket.AF_INET, table=RT_TABLE_MAIN):
+            if r["dst_len"] == 32 and r.get_attr("RTA_OIF") and r["proto"] == RTPROT_STATIC:
+                self.routes.setdefault(r.get_attr("RTA_OIF"), set()).add(r.get_attr("RTA_DST"))
         self.fdb: dict[int, set[str]] = {}
         for e in ipr.fdb("dump"):
             if e.get_attr("NDA_LLADDR") == ZERO_MAC and e.get_attr("NDA_DST"):
@@ -421,6 +432,8 @@ class _Segment:
         vx_index = self._vxlan(vx, br_index)
         self.doing = f"addresses of bridge {seg.bridge}"
         self._addresses(br_index)
+        self.doing = f"routes to the guests on bridge {seg.bridge}"
+        self._routes(br_index)
         self.doing = f"forwarding entries of {seg.vxlan}"
         self._fdb(vx_index)
 
@@ -508,18 +521,34 @@ class _Segment:
         return index
 
     def _addresses(self, bridge_index: int) -> None:
+        # Clusters of one pool share its network (vmwebd/net/addressing.py), so several bridges
+        # may carry the same gateway: without its prefix route, each guest routed by _routes.
         seg = self.seg
         want = {(seg.gateway, seg.prefix)} if seg.routed else set()
         have = set()
         for a in self.seen.addrs.get(bridge_index, []):
             key = (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-            if key in want and a["family"] == socket.AF_INET:
+            flags = a.get_attr("IFA_FLAGS") or 0
+            if key in want and a["family"] == socket.AF_INET and flags & IFA_F_NOPREFIXROUTE:
                 have.add(key)
             else:
                 self.ipr.addr("del", index=bridge_index, address=key[0], prefixlen=key[1])
                 self.changed = True
         for address, prefix in want - have:
-            self.ipr.addr("add", index=bridge_index, address=address, prefixlen=prefix)
+            self.ipr.addr("add", index=bridge_index, address=address, prefixlen=prefix,
+                          IFA_FLAGS=IFA_F_NOPREFIXROUTE)
+            self.changed = True
+
+    def _routes(self, bridge_index: int) -> None:
+        """One host route per local guest of a routed segment, through its bridge."""
+        have = self.seen.routes.get(bridge_index, set())
+        want = set(self.seg.local) if self.seg.routed else set()
+        for dst in sorted(want - have):
+            self.ipr.route("replace", dst=f"{dst}/32", oif=bridge_index, scope=RT_SCOPE_LINK,
+                           proto=RTPROT_STATIC, table=RT_TABLE_MAIN)
+            self.changed = True
+        for dst in sorted(have - want):
+            self.ipr.route("del", dst=f"{dst}/32", oif=bridge_index, table=RT_TABLE_MAIN)
             self.changed = True
 
     def _fdb(self, vxlan_index: int) -> None:
