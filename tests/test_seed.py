@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pycdlib
 import pytest
@@ -159,6 +158,21 @@ def test_instance_id_changes_with_a_new_creation():
     vm = dom.get(VmRec, "lab/web-1")
     dom.put(VmRec(**{**vm.__dict__, "token": "again"}))
     assert spec_of(dom).instance_id != a == "vmweb-lab-web-1-t0"
+
+
+def test_cluster_hosts_text_and_mpi_hostfile():
+    """The hosts lines list every member with an address; the MPI hostfile only the members
+    observed running in this creation, with their vCPUs as slots."""
+    from vmwebd.dom.records import VmStatus
+    dom = make_dom(["n-1", "n-10", "n-2", "gone"], absent={"gone"})
+    c = dom.get(VClusterRec, "lab")
+    assert seed.cluster_hosts_text(dom, c) == (
+        "10.77.2.2 n-1.lab n-1\n10.77.2.4 n-2.lab n-2\n10.77.2.3 n-10.lab n-10\n")
+    assert seed.mpi_hostfile(dom, c) == ""
+    dom.put(VmStatus(id="lab/n-1", state="running", token="t0"))
+    dom.put(VmStatus(id="lab/n-10", state="running", token="t1"))
+    dom.put(VmStatus(id="lab/n-2", state="running", token="an-older-creation"))
+    assert seed.mpi_hostfile(dom, c) == "n-1.lab slots=2\nn-10.lab slots=2\n"
 
 
 @pytest.mark.parametrize("field,change", [

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from vmwebd.dom.records import UserRec, VClusterRec, VmRec
+from vmwebd.dom.records import UserRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument
 from vmwebd.net import addressing
 
@@ -127,6 +127,23 @@ def hosts_of(dom, cluster: VClusterRec) -> tuple[tuple[str, str, str], ...]:
     """``(ip, fqdn, name)`` of every member of ``cluster`` that holds an address."""
     return tuple((vm.ip, f"{vm.name}.{cluster.id}", vm.name)
                  for vm in members(dom, cluster.id) if vm.ip)
+
+
+def cluster_hosts_text(dom, cluster: VClusterRec) -> str:
+    """The members' lines of the cluster's ``/etc/hosts`` (``IP FQDN NAME``), as its guests have
+    them, without the loopback lines."""
+    return "".join(f"{ip} {fqdn} {short}\n" for ip, fqdn, short in hosts_of(dom, cluster))
+
+
+def mpi_hostfile(dom, cluster: VClusterRec) -> str:
+    """An MPI hostfile in Open MPI's syntax: ``FQDN slots=VCPUS`` per member observed running,
+    in natural order of names."""
+    lines = []
+    for vm in members(dom, cluster.id):
+        st = status_of(dom, vm)
+        if st is not None and st.state == "running":
+            lines.append(f"{vm.name}.{cluster.id} slots={vm.vcpus}\n")
+    return "".join(lines)
 
 
 def seed_for(dom, vm: VmRec) -> SeedSpec:
