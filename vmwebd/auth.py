@@ -17,6 +17,11 @@
   account; quotas (VMs per owner) are checked at create and scale.
 * :class:`BasicAuthGuard` puts HTTP Basic in front of the SOAP resource: an anonymous call or a
   wrong password gets the fault ``Client.NotAuthorized`` with HTTP 401.
+* **SSH public keys** (:func:`parse_ssh_key`): a user keeps up to :data:`MAX_SSH_KEYS` OpenSSH
+  public keys in their account; every VM of their clusters is given them (the guest's seed, see
+  :mod:`vmwebd.net.seed`). A key is checked strictly (a known type, a blob that decodes and whose
+  fields match that type, a one-line comment) before it is kept. A user manages their own keys,
+  an admin anyone's.
 """
 from __future__ import annotations
 
@@ -71,6 +76,153 @@ class NoSuchUser(ClientError):
 
     def __init__(self, name: str):
         super().__init__(f"no user named {name!r}")
+
+
+class NoSuchSshKey(ClientError):
+    faultcode = "Client.NoSuchSshKey"
+
+    def __init__(self, user: str, key: str):
+        super().__init__(f"user {user!r} has no SSH key {key[:80]!r}")
+
+
+class SshKeyExists(ClientError):
+    faultcode = "Client.SshKeyExists"
+
+    def __init__(self, user: str, fingerprint: str):
+        super().__init__(f"user {user!r} already has the SSH key {fingerprint}")
+
+
+# -- SSH public keys ---------------------------------------------------------------------------
+#: Key types accepted, with what their blob holds after the type string: ``str`` an SSH string,
+#: ``mpint`` a multiple-precision integer, ``curve`` the curve name the type names.
+SSH_KEY_TYPES: dict[str, tuple[str, ...]] = {
+    "ssh-ed25519": ("ed25519",),
+    "ssh-rsa": ("mpint", "mpint"),
+    "ecdsa-sha2-nistp256": ("curve", "point"),
+    "ecdsa-sha2-nistp384": ("curve", "point"),
+    "ecdsa-sha2-nistp521": ("curve", "point"),
+    "sk-ssh-ed25519@openssh.com": ("ed25519", "str"),
+    "sk-ecdsa-sha2-nistp256@openssh.com": ("curve", "point", "str"),
+}
+#: Bytes of an uncompressed EC point (0x04, X, Y) per curve.
+_EC_POINT_BYTES = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
+MAX_SSH_KEYS = 32                # per user (a guest's seed carries them all)
+MAX_SSH_KEY_CHARS = 4096         # one key line: an RSA key of 16384 bits fits
+MAX_SSH_COMMENT = 256
+MIN_RSA_BITS = 2048
+
+
+@dataclass(frozen=True)
+class SshKey:
+    """One OpenSSH public key, checked: ``kind`` its type, ``blob`` its base64 text."""
+
+    kind: str
+    blob: str
+    comment: str = ""
+
+    @property
+    def line(self) -> str:
+        return f"{self.kind} {self.blob} {self.comment}" if self.comment else f"{self.kind} {self.blob}"
+
+    @property
+    def fingerprint(self) -> str:
+        """As ``ssh-keygen -l`` prints it: ``SHA256:`` and the unpadded base64 of its hash."""
+        digest = hashlib.sha256(base64.b64decode(self.blob)).digest()
+        return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _curve_of(key_type: str) -> str:
+    """``nistp256`` for ``ecdsa-sha2-nistp256`` and ``sk-ecdsa-sha2-nistp256@openssh.com``."""
+    return key_type.split("@")[0].rpartition("-")[2]
+
+
+def _ssh_fields(blob: bytes, kinds: tuple[str, ...], key_type: str) -> str | None:
+    """Why ``blob`` (after its type string) does not hold ``kinds``, or None if it does."""
+    pos = 0
+
+    def take() -> bytes | None:
+        nonlocal pos
+        if pos + 4 > len(blob):
+            return None
+        n = int.from_bytes(blob[pos:pos + 4], "big")
+        if pos + 4 + n > len(blob):
+            return None
+        out = blob[pos + 4:pos + 4 + n]
+        pos += 4 + n
+        return out
+    if take() is None:
+        return "its blob is too short"
+    values = []
+    for kind in kinds:
+        v = take()
+        if v is None:
+            return "its blob ends early"
+        values.append(v)
+        if kind == "ed25519" and len(v) != 32:
+            return f"its Ed25519 key has {len(v)} bytes, not 32"
+        if kind == "curve" and v.decode("ascii", "replace") != _curve_of(key_type):
+            return f"its blob names curve {v[:16].decode('ascii', 'replace')!r}, not the type's"
+        if kind == "point":
+            curve = values[-2].decode("ascii", "replace")
+            if len(v) != _EC_POINT_BYTES.get(curve, -1) or v[:1] != b"\x04":
+                return f"its {curve} point is malformed"
+        if kind == "mpint" and (not v or v[0] & 0x80):
+            return "its RSA numbers are malformed"
+    if pos != len(blob):
+        return "its blob has bytes after the key"
+    if key_type == "ssh-rsa":
+        bits = int.from_bytes(values[1], "big").bit_length()
+        if bits < MIN_RSA_BITS:
+            return f"its RSA modulus has {bits} bits; at least {MIN_RSA_BITS} are needed"
+    return None
+
+
+def parse_ssh_key(text, field: str = "key") -> SshKey:
+    """An OpenSSH public key line (``TYPE BASE64 [COMMENT]``) checked strictly; InvalidArgument
+    naming ``field`` and saying what is wrong otherwise."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidArgument(field, "an SSH public key is required")
+    text = text.strip()
+    if len(text) > MAX_SSH_KEY_CHARS:
+        raise InvalidArgument(field, f"an SSH public key line has at most {MAX_SSH_KEY_CHARS} "
+                                     f"characters, not {len(text)}")
+    if any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        raise InvalidArgument(field, "holds a line break or a control character (give one key per "
+                                     "line)")
+    parts = text.split(None, 2)
+    kind = parts[0]
+    if kind not in SSH_KEY_TYPES:
+        raise InvalidArgument(field, f"{kind[:40]!r} is not an SSH key type accepted here (one of "
+                                     f"{', '.join(SSH_KEY_TYPES)}); options before the key are "
+                                     "not accepted either")
+    if len(parts) < 2:
+        raise InvalidArgument(field, f"{kind} key has no base64 blob")
+    blob_text = parts[1]
+    try:
+        blob = base64.b64decode(blob_text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidArgument(field, f"{kind} key: its blob is not base64") from None
+    if len(blob) < 4 or blob[4:4 + int.from_bytes(blob[:4], "big")] != kind.encode("ascii"):
+        raise InvalidArgument(field, f"{kind} key: its blob holds another key type")
+    why = _ssh_fields(blob, SSH_KEY_TYPES[kind], kind)
+    if why:
+        raise InvalidArgument(field, f"{kind} key: {why}")
+    comment = parts[2].strip() if len(parts) > 2 else ""
+    if len(comment) > MAX_SSH_COMMENT:
+        raise InvalidArgument(field, f"a key's comment has at most {MAX_SSH_COMMENT} characters")
+    return SshKey(kind, base64.b64encode(blob).decode("ascii"), comment)
+
+
+def parse_ssh_key_file(text: str, field: str = "key") -> list[SshKey]:
+    """The keys of an OpenSSH public key file (one per line; blank and ``#`` lines skipped);
+    InvalidArgument naming ``field`` and the line number for a bad one."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            out.append(parse_ssh_key(line, f"{field} {n}"))
+    if not out:
+        raise InvalidArgument(field, "holds no SSH public key")
+    return out
 
 
 # -- password hashes ---------------------------------------------------------------------------
@@ -269,8 +421,10 @@ def apply_bootstrap_admin(domsvc, state_dir: Path) -> defer.Deferred:
         return defer.succeed(None)
     name, stored = read_bootstrap_admin(path)
     cur = domsvc.dom.get(UserRec, name)
-    rec = UserRec(id=name, role="admin", password_hash=stored,
-                  quota_vms=max(cur.quota_vms if cur else 0, DEFAULT_QUOTA * 4))
+    quota = max(cur.quota_vms if cur else 0, DEFAULT_QUOTA * 4)
+    # An existing account keeps everything else it has (its SSH keys).
+    rec = (dataclasses.replace(cur, role="admin", password_hash=stored, quota_vms=quota) if cur
+           else UserRec(id=name, role="admin", password_hash=stored, quota_vms=quota))
     d = domsvc.put(rec)
     log.info("user {name} is an admin, with the password from {path} (file now deleted)",
              name=name, path=str(path))
@@ -638,3 +792,84 @@ class Access:
         rec = dataclasses.replace(rec, quota_vms=quota)
         yield self.domsvc.put(rec)
         return self._user_view(rec)
+
+    # -- SSH keys --------------------------------------------------------------------------
+    def _key_owner(self, p: Principal, name) -> UserRec:
+        """The account whose keys ``p`` asks about (their own when ``name`` is empty)."""
+        name = name or p.name
+        if not p.is_admin and name != p.name:
+            raise NotAuthorized(f"user {p.name!r} may only see or change their own SSH keys, "
+                                f"not those of {name!r}")
+        rec = self.dom.get(UserRec, name) if isinstance(name, str) else None
+        if rec is None:
+            raise NoSuchUser(str(name))
+        return rec
+
+    def ssh_keys(self, p: Principal, name=None) -> list[SshKey]:
+        """A user's SSH public keys, in the order added."""
+        return [parse_ssh_key(k) for k in self._key_owner(p, name).ssh_key_list()]
+
+    def add_ssh_key(self, p: Principal, name, key) -> defer.Deferred:
+        """Adds one OpenSSH public key to a user's account; fires with the :class:`SshKey`."""
+        return self._add_ssh_keys(p, name, [parse_ssh_key(key)]).addCallback(lambda ks: ks[0])
+
+    def add_ssh_key_file(self, p: Principal, name, text) -> defer.Deferred:
+        """Adds every key of an OpenSSH public key file's text (one per line), all or none;
+        fires with the list of :class:`SshKey` added."""
+        if not isinstance(text, str):
+            raise InvalidArgument("key", "an SSH public key is required")
+        return self._add_ssh_keys(p, name, parse_ssh_key_file(text))
+
+    def _add_ssh_keys(self, p: Principal, name, new: list[SshKey]) -> defer.Deferred:
+        rec = self._key_owner(p, name)
+        have = [parse_ssh_key(k) for k in rec.ssh_key_list()]
+        blobs = {k.blob for k in have}
+        for k in new:
+            if k.blob in blobs:
+                raise SshKeyExists(rec.id, k.fingerprint)
+            blobs.add(k.blob)
+        if len(have) + len(new) > MAX_SSH_KEYS:
+            raise InvalidArgument("key", f"user {rec.id!r} has {len(have)} SSH keys and may have "
+                                         f"at most {MAX_SSH_KEYS}; remove some first")
+        encoded = UserRec.encode_ssh_keys([k.line for k in have + new])
+        if len(encoded) > _SSH_KEYS_ATTR_MAX:
+            raise InvalidArgument("key", f"user {rec.id!r}'s SSH keys would take more than "
+                                         f"{_SSH_KEYS_ATTR_MAX} bytes; remove one first")
+        # Read, change and write in one reactor turn: two requests at this host cannot lose
+        # each other's key (two hosts changing one account at once: the later write wins).
+        d = self.domsvc.put(dataclasses.replace(rec, ssh_keys=encoded))
+        log.info("SSH key(s) {fps} added to user {name} by {by}",
+                 fps=" ".join(k.fingerprint for k in new), name=rec.id, by=p.name)
+        return d.addCallback(lambda _: new)
+
+    def remove_ssh_key(self, p: Principal, name, key_or_fingerprint) -> defer.Deferred:
+        """Removes the key given by its fingerprint (``SHA256:…``), its line or its base64 blob;
+        fires with the :class:`SshKey` removed."""
+        rec = self._key_owner(p, name)
+        if not isinstance(key_or_fingerprint, str) or not key_or_fingerprint.strip():
+            raise InvalidArgument("key_or_fingerprint", "give the key or its fingerprint (SHA256:...)")
+        want = key_or_fingerprint.strip()
+        parts = want.split()
+        blob = parts[1] if len(parts) >= 2 and parts[0] in SSH_KEY_TYPES else parts[0]
+        have = [parse_ssh_key(k) for k in rec.ssh_key_list()]
+        gone = [k for k in have if want == k.fingerprint or blob == k.blob]
+        if not gone:
+            raise NoSuchSshKey(rec.id, want)
+        keep = [k.line for k in have if k not in gone]
+        d = self.domsvc.put(dataclasses.replace(rec, ssh_keys=UserRec.encode_ssh_keys(keep)))
+        log.info("SSH key {fp} removed from user {name} by {by}", fp=gone[0].fingerprint,
+                 name=rec.id, by=p.name)
+        return d.addCallback(lambda _: gone[0])
+
+    # -- a cluster's names -------------------------------------------------------------------
+    def cluster_hosts(self, p: Principal, name) -> tuple[str, str]:
+        """``(hosts, mpi)``: the cluster's ``/etc/hosts`` lines (``IP FQDN NAME`` per member,
+        as its guests have them) and an MPI hostfile (``FQDN slots=VCPUS`` per running
+        member). Same permission as seeing the cluster."""
+        from vmwebd.net.seed import cluster_hosts_text, mpi_hostfile
+        c = self._owned(p, name)
+        return cluster_hosts_text(self.dom, c), mpi_hostfile(self.dom, c)
+
+
+#: The longest ``ssh-keys`` attribute schema.rng allows.
+_SSH_KEYS_ATTR_MAX = 65536

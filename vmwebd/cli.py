@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("name")
     sh = csub.add_parser("show", help="show a cluster and its VMs")
     sh.add_argument("name")
+    chs = csub.add_parser("hosts", help="print the cluster's hosts file lines (IP FQDN NAME per VM, "
+                                        "as its guests' /etc/hosts has them)")
+    chs.add_argument("name", help="the cluster")
+    chs.add_argument("--mpi", action="store_true",
+                     help="print an MPI hostfile instead: FQDN slots=VCPUS per running VM")
     ls = sub.add_parser("clusters", help="list clusters")
     ls.add_argument("--owner")
     sub.add_parser("hosts", help="list physical hosts")
@@ -135,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("name")
     up.add_argument("--password-stdin", action="store_true",
                     help="read the new password from standard input (default: generate one)")
+    uk = usub.add_parser("key", help="SSH public keys given to the VMs of one's clusters: add, list, "
+                                     "remove")
+    uksub = uk.add_subparsers(dest="key_action", required=True)
+    who = dict(dest="key_user", metavar="U", help="whose keys (default: the user logged in; "
+                                                  "admins may name anyone)")
+    uka = uksub.add_parser("add", help="add the keys of an OpenSSH public key file (one per line)")
+    uka.add_argument("--user", **who)
+    uka.add_argument("file", metavar="FILE|-", help="a public key file such as ~/.ssh/id_ed25519.pub, "
+                                                    "or - for standard input")
+    ukl = uksub.add_parser("list", help="the keys, with their SHA256 fingerprints")
+    ukl.add_argument("--user", **who)
+    ukr = uksub.add_parser("remove", help="remove a key")
+    ukr.add_argument("--user", **who)
+    ukr.add_argument("key", metavar="KEY_OR_FINGERPRINT",
+                     help="the key's fingerprint (SHA256:..., as `vmweb user key list` shows it) "
+                          "or its whole OpenSSH line")
     uq = usub.add_parser("quota", help="change a user's quota of VMs (admins)")
     uq.add_argument("name")
     uq.add_argument("quota", type=int)
@@ -315,6 +336,52 @@ def _bootstrap(name: str, state_dir: str, from_stdin: bool, out) -> None:
               + (f" with the password {password}\n" if generated else "\n"))
 
 
+SSH_KEY_COLS = [("type", "TYPE"), ("fingerprint", "FINGERPRINT"), ("comment", "COMMENT")]
+
+
+def read_key_file(path: str, stdin=None) -> list[str]:
+    """The checked key lines of an OpenSSH public key file (``-``: standard input);
+    InvalidArgument naming the line of a malformed key."""
+    from vmwebd.auth import parse_ssh_key_file
+    from vmwebd.errors import InvalidArgument
+    if path == "-":
+        text = (stdin or sys.stdin).read()
+    else:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read(1 << 20)
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument("FILE", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    return [k.line for k in parse_ssh_key_file(text, "key")]
+
+
+def _user_keys(args, client, out, emit) -> int:
+    from vmwebd.client import ApiFault
+    user = args.key_user or ""
+    if args.key_action == "list":
+        ks = client.call("ListSshKeys", user) or []
+        emit(ks, table(ks, SSH_KEY_COLS) if ks else "no SSH keys")
+    elif args.key_action == "add":
+        added, lines, failed = [], [], 0
+        for line in read_key_file(args.file):
+            try:
+                k = client.call("AddSshKey", user, line)
+            except ApiFault as f:
+                if f.code != "Client.SshKeyExists":
+                    raise
+                lines.append(f"vmweb: {f.code}: {f.message}")
+                failed += 1
+                continue
+            added.append(k)
+            lines.append(f"added {k['fingerprint']} ({k['type']}{', ' + k['comment'] if k['comment'] else ''})")
+        emit(added, "\n".join(lines))
+        return 1 if failed else 0
+    elif args.key_action == "remove":
+        k = client.call("RemoveSshKey", user, args.key)
+        emit(k, f"removed {k['fingerprint']} ({k['type']}{', ' + k['comment'] if k['comment'] else ''})")
+    return 0
+
+
 USER_COLS = [("name", "USER"), ("role", "ROLE"), ("quota_vms", "QUOTA"), ("used_vms", "VMS"),
              ("used_vcpus", "VCPUS"), ("used_memory_mib", "MEM(MiB)"), ("clusters", "CLUSTERS")]
 
@@ -347,6 +414,13 @@ def run(args, client, out=sys.stdout) -> int:
         elif args.action == "show":
             c = client.call("GetCluster", args.name)
             emit(c, show_cluster(c))
+        elif args.action == "hosts":
+            h = client.call("GetClusterHosts", args.name)
+            text = (h["mpi"] if args.mpi else h["hosts"]) or ""
+            if args.json:
+                emit(h, "")
+            else:
+                out.write(text)
     elif args.cmd == "clusters":
         cs = client.call("ListClusters", args.owner) or []
         emit(cs, table(cs, CLUSTER_COLS))
@@ -404,6 +478,8 @@ def run(args, client, out=sys.stdout) -> int:
             client.call("SetPassword", args.name, password)
             emit({"name": args.name, **({"password": password} if generated else {})},
                  f"password of {args.name} changed" + (f": {password}" if generated else ""))
+        elif args.action == "key":
+            return _user_keys(args, client, out, emit)
         elif args.action == "quota":
             u = client.call("SetQuota", args.name, args.quota)
             emit(u, table([u], USER_COLS))
@@ -480,6 +556,9 @@ def main(argv=None) -> int:
         hint = ("; give --user, or set VMWEB_USER and VMWEB_PASSWORD, or VMWEB_CREDENTIALS"
                 if f.code == "Client.NotAuthorized" and user is None else "")
         print(f"vmweb: {f.code}: {f.message}{hint}", file=sys.stderr)
+        return 1
+    except VmwebError as e:            # checked here before anything is sent (a key file)
+        print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
         return 1
     except requests.exceptions.RequestException as e:
         tls_hint = "" if args.host.startswith("https://") else " (https://HOST:PORT if it serves TLS)"

@@ -118,6 +118,25 @@ class UserInfo(ComplexModel):
     clusters = Integer
 
 
+class SshKeyInfo(ComplexModel):
+    """One of a user's SSH public keys: ``key`` the whole OpenSSH line, ``fingerprint`` as
+    ``ssh-keygen -l`` prints it (``SHA256:…``)."""
+    __namespace__ = TNS
+    type = Unicode
+    key = Unicode
+    comment = Unicode
+    fingerprint = Unicode
+
+
+class ClusterHostsInfo(ComplexModel):
+    """A cluster's names: ``hosts`` its members' ``/etc/hosts`` lines (``IP FQDN NAME``), ``mpi``
+    an MPI hostfile (``FQDN slots=VCPUS`` per running member)."""
+    __namespace__ = TNS
+    name = Unicode
+    hosts = Unicode
+    mpi = Unicode
+
+
 class MigrationInfo(ComplexModel):
     """One move of a VM: phase prepare → ready → migrating (live) or saved → restored (cold)
     → done | failed; sizes in bytes, times in ms (downtime as QEMU reports it)."""
@@ -182,6 +201,10 @@ def cluster_info(c) -> ClusterInfo:
                        vms=[VmInfo(**vars(v)) for v in c.vms])
 
 
+def ssh_key_info(k) -> SshKeyInfo:
+    return SshKeyInfo(type=k.kind, key=k.line, comment=k.comment, fingerprint=k.fingerprint)
+
+
 def _required(value, field):
     if value is None or value == "":
         raise InvalidArgument(field, "is required")
@@ -224,6 +247,13 @@ def make_user_service(node) -> type[Service]:
         def GetCluster(ctx, name):
             _required(name, "name")
             return cluster_info(node.access.cluster(_caller(ctx), name))
+
+        @rpc(Unicode, _returns=ClusterHostsInfo)
+        def GetClusterHosts(ctx, name):
+            """The cluster's hosts file lines and an MPI hostfile (who may see the cluster)."""
+            _required(name, "name")
+            hosts, mpi = node.access.cluster_hosts(_caller(ctx), name)
+            return ClusterHostsInfo(name=name, hosts=hosts, mpi=mpi)
 
         @rpc(Unicode, _returns=Array(ClusterInfo))
         def ListClusters(ctx, owner):
@@ -319,6 +349,27 @@ def make_user_service(node) -> type[Service]:
             """Changes a user's quota of VMs (admins only)."""
             _required(name, "name"), _required(quota, "quota")
             return node.access.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
+
+        @rpc(Unicode, Unicode, _returns=SshKeyInfo)
+        def AddSshKey(ctx, user, key):
+            """Adds an OpenSSH public key (one line) to a user's account (empty user: the
+            caller's): one's own, or anyone's for an admin. Every VM of the user's clusters made
+            from then on is given it."""
+            _required(key, "key")
+            return node.access.add_ssh_key(_caller(ctx), user or None, key).addCallback(ssh_key_info)
+
+        @rpc(Unicode, _returns=Array(SshKeyInfo))
+        def ListSshKeys(ctx, user):
+            """A user's SSH public keys with their fingerprints (empty user: the caller's)."""
+            return [ssh_key_info(k) for k in node.access.ssh_keys(_caller(ctx), user or None)]
+
+        @rpc(Unicode, Unicode, _returns=SshKeyInfo)
+        def RemoveSshKey(ctx, user, key_or_fingerprint):
+            """Removes a key given by its fingerprint (``SHA256:…``) or its OpenSSH line; answers
+            with the key removed."""
+            _required(key_or_fingerprint, "key_or_fingerprint")
+            return node.access.remove_ssh_key(_caller(ctx), user or None, key_or_fingerprint) \
+                .addCallback(ssh_key_info)
 
         # -- migration and images --------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, _returns=MigrationInfo)

@@ -11,7 +11,8 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
 ``GET  /settings``          System settings (admins only)
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
-``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, ...
+``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, user/...
+                            (create, delete, password, quota, key/add, key/remove), ...
 ==========================  =====================================================================
 
 Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), its name carries
@@ -368,6 +369,17 @@ class _Page(Resource):
                         ctx.session.hash_digest = hash_digest(rec.password_hash)
                 return f"Password of {name} changed."
             slow = f"Changing the password of {name}…"
+        elif action == "user/key/add":
+            name = f("name")
+            call = lambda: a.add_ssh_key_file(p, name, f("key"))  # noqa: E731
+            done = lambda ks: (f"SSH key{'s' if len(ks) > 1 else ''} "  # noqa: E731
+                               f"{', '.join(k.fingerprint for k in ks)} added to {name}.")
+            slow = f"Adding SSH keys to {name}…"
+        elif action == "user/key/remove":
+            name = f("name")
+            call = lambda: a.remove_ssh_key(p, name, f("fingerprint"))  # noqa: E731
+            done = lambda k: f"SSH key {k.fingerprint} removed from {name}."  # noqa: E731
+            slow = f"Removing an SSH key of {name}…"
         elif action == "user/quota":
             name = f("name")
             call = lambda: a.set_quota(p, name, _int(f("quota"), "quota"))  # noqa: E731

@@ -141,7 +141,38 @@ def owner_view(ctx) -> Markup:
         body.append(_users_admin(users, csrf, p))
     else:
         body.append(_own_password_form(p, csrf))
+    body.append(ssh_keys_section(access.ssh_keys(p, p.name), p.name, csrf))
     return frag(*body)
+
+
+def ssh_keys_section(keys, user: str, csrf: str) -> Markup:
+    """``user``'s SSH public keys (every VM of their clusters gets them) with a remove button
+    each, and a form to add keys (one or several lines of an OpenSSH public key file)."""
+    rows = [el("tr",
+               el("td", k.kind, data_label="Type"),
+               el("td", el("code", k.fingerprint), class_="mac", data_label="Fingerprint"),
+               el("td", k.comment, data_label="Comment"),
+               el("td", post_form("/action/user/key/remove", csrf,
+                                  el("input", type="hidden", name="name", value=user),
+                                  el("input", type="hidden", name="fingerprint", value=k.fingerprint),
+                                  el("button", "Remove", type="submit", class_="small danger",
+                                     aria_label=f"remove key {k.fingerprint}"),
+                                  back="/owner"), class_="row-actions"),
+               data_key=k.fingerprint)
+            for k in keys]
+    listing = (el("div", el("table", el("thead", el("tr", *[el("th", h) for h in
+                                                         ("Type", "Fingerprint", "Comment", "")])),
+                            el("tbody", *rows), class_="ssh-keys"), class_="scroll")
+               if rows else el("p", "No SSH keys yet.", class_="empty"))
+    add = post_form("/action/user/key/add", csrf, el("input", type="hidden", name="name", value=user),
+                    el("label", "Public key (the text of ~/.ssh/id_ed25519.pub; several lines allowed)",
+                       el("textarea", name="key", rows="3", required=True, spellcheck="false",
+                          autocomplete="off", id="ssh-key", placeholder="ssh-ed25519 AAAA… you@laptop")),
+                    el("button", "Add key", type="submit", id="ssh-key-add"),
+                    back="/owner", class_="card grid-form")
+    return el("section", el("h2", "My SSH keys"),
+              el("p", "Every VM of your clusters created from now on accepts these keys."),
+              listing, add, class_="ssh-keys")
 
 
 def _create_form(templates, users, p, csrf) -> Markup:
