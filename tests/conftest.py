@@ -67,10 +67,10 @@ def start_node(tmp_path):
 
     started = []
 
-    def start(host_id="host1", cpus=8, memory_mib=16384, **kw):
+    def start(host_id="host1", cpus=8, memory_mib=16384, net=None, **kw):
         cfg_path = write_host_config(tmp_path / host_id, host_id, 0, 0, cpus, memory_mib, **kw)
         bootstrap_admin(tmp_path / host_id / "state")
-        node = Node(load_config(cfg_path), reactor, fsync=False, rng=random.Random(7))
+        node = Node(load_config(cfg_path), reactor, fsync=False, rng=random.Random(7), net=net)
         started.append(node)
         return node.start().addCallback(lambda _: seed_users(node)).addCallback(lambda _: RunningNode(node))
 

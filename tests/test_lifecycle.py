@@ -4,7 +4,9 @@ import pytest_twisted
 from twisted.internet import defer
 
 from vmwebd.client import ApiFault
-from vmwebd.dom.records import LeaseRec, VmRec
+from pathlib import Path
+
+from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec
 from vmwebd.reconcile import domain_name
 
 
@@ -30,7 +32,13 @@ def test_create_scale_destroy_round_trip(start_node):
     assert len(set(ips)) == 4 and len(set(macs)) == 4
     domains = {d.name: d.state for d in (yield node.driver.list_domains())}
     assert all(domains[domain_name(f"lab1/{v['name']}")] == "running" for v in c["vms"])
-    assert "vmweb-lab1" in (yield node.driver.list_networks())
+    # its segment is planned and recorded (the test driver has no kernel devices to make)
+    lab1 = dom.get(VClusterRec, "lab1")
+    seg = node.net.current().segment(lab1.vni)
+    assert (seg.cluster, seg.bridge, seg.peers, seg.mode) == ("lab1", f"vmbr{lab1.vni}", (), "isolated")
+    assert (yield node.driver.list_networks()) == []
+    seeds = sorted(p.name for p in Path(node.reconciler.storage.dir).glob("*.seed.iso"))
+    assert seeds == sorted(f"{domain_name('lab1/' + v['name'])}.seed.iso" for v in c["vms"])
     vols = yield node.driver.list_volumes("vmweb")
     assert sum(1 for v in vols if v.startswith("vmweb-lab1-")) == 4
 
@@ -50,7 +58,8 @@ def test_create_scale_destroy_round_trip(start_node):
     state = yield h.call("DestroyCluster", "lab1")
     assert state == "destroyed"
     assert (yield node.driver.list_domains()) == []
-    assert "vmweb-lab1" not in (yield node.driver.list_networks())
+    assert node.net.current().segments == ()
+    assert list(Path(node.reconciler.storage.dir).glob("*.seed.iso")) == []
     assert [v for v in (yield node.driver.list_volumes("vmweb")) if v.startswith("vmweb-")] == []
     assert len(dom.all(LeaseRec)) == before_leases == 0
     assert dom.all(VmRec) == []
@@ -102,7 +111,8 @@ def test_vm_destroyed_behind_our_back_is_restarted_and_recorded(start_node):
 
 @pytest_twisted.inlineCallbacks
 def test_orphan_domain_is_removed(start_node):
-    """A vmweb domain the DOM does not know (left from a crash) is destroyed and undefined."""
+    """A vmweb domain the DOM does not know (left from a crash) is destroyed and undefined, and
+    a libvirt network of ours (clusters had one before segments) is removed."""
     from vmwebd.hv.driver import DomainSpec
     h = yield start_node()
     node = h.node
@@ -183,19 +193,20 @@ def test_bad_requests_get_specific_faults_and_change_nothing(start_node):
 @pytest_twisted.inlineCallbacks
 def test_pool_exhausted_leaks_nothing(start_node):
     """A cluster bigger than the address pool fails with Server.PoolExhausted and leases nothing."""
-    h = yield start_node(pool_cidr="10.9.0.0/29", reserve="")  # 6 usable addresses
+    # 6 host addresses, one of them the gateway (10.9.0.1): 5 for VMs
+    h = yield start_node(pool_cidr="10.9.0.0/29", reserve="")
     yield h.call("CreateCluster", "small", "lab", "alice", 4)
     yield h.node.reconciler.settled()
     before = h.node.domsvc.dom.canonical_digest()
     with pytest.raises(ApiFault) as e:
-        yield h.call("CreateCluster", "big", "lab", "alice", 3)
+        yield h.call("CreateCluster", "big", "lab", "alice", 2)
     assert e.value.code == "Server.PoolExhausted" and "'lab'" in e.value.message
     assert h.node.domsvc.dom.canonical_digest() == before
     with pytest.raises(ApiFault) as e:
-        yield h.call("ScaleCluster", "small", 7)
+        yield h.call("ScaleCluster", "small", 6)
     assert e.value.code == "Server.PoolExhausted"
-    c = yield h.call("ScaleCluster", "small", 6)
-    assert len({v["ip"] for v in c["vms"]}) == 6
+    c = yield h.call("ScaleCluster", "small", 5)
+    assert sorted(v["ip"] for v in c["vms"]) == [f"10.9.0.{i}" for i in range(2, 7)]
 
 
 @pytest_twisted.inlineCallbacks

@@ -38,6 +38,9 @@ from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.migrate.manager import MigrationManager
+from vmwebd.net import addressing
+from vmwebd.net.devices import RecordedDevices
+from vmwebd.net.netlink import NetlinkDevices, check_underlay
 from vmwebd.reconcile import Reconciler, StorageLayout
 from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates, to_dom_body
@@ -60,7 +63,7 @@ class QuietSite(Site):
 
 class Node:
     def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None,
-                 gossip_config=None):
+                 gossip_config=None, net=None):
         self.config = config
         self.reactor = reactor
         self.fsync = fsync
@@ -76,6 +79,38 @@ class Node:
         self._record_written_ms = 0
         self.peer_port = None
         self.gossip_config = gossip_config
+        #: The network executor (vmwebd.net.devices); None: chosen from the config at start.
+        self.net = net
+
+    @property
+    def underlay(self) -> str:
+        """The address other hosts send this host's VXLAN traffic to (network/@underlay, else
+        the address of listen/@peer)."""
+        cfg = self.config
+        if cfg.network.underlay:
+            return cfg.network.underlay
+        host = cfg.listen.peer.host
+        return "" if host in ("0.0.0.0", "::", "") else host
+
+    def _network_devices(self):
+        """This host's network executor: real devices unless told otherwise or the hypervisor
+        is libvirt's test driver (then planned and recorded in the state directory)."""
+        cfg = self.config
+        mode = cfg.network.devices
+        if mode == "auto":
+            mode = "record" if cfg.libvirt_uri.startswith("test:") else "kernel"
+        if mode == "record":
+            return RecordedDevices(str(cfg.state_dir / "network.json"), self.reactor)
+        if not self.underlay:
+            raise ConfigError(cfg.source, None, "network/@underlay",
+                              f"listen/@peer is {cfg.listen.peer.host}: set the address other hosts "
+                              "reach this host's VXLAN segments at")
+        try:
+            check_underlay(self.underlay)
+        except ValueError as e:
+            field = "network/@underlay" if cfg.network.underlay else "listen/@peer"
+            raise ConfigError(cfg.source, None, field, str(e)) from None
+        return NetlinkDevices(self.reactor)
 
     def now_ms(self) -> int:
         return int(self.reactor.seconds() * 1000)
@@ -105,12 +140,15 @@ class Node:
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
+                                      guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
                                       live_hosts=self.live_hosts, liveness=self.liveness)
+        if self.net is None:
+            self.net = self._network_devices()
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
         self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
                                      storage, self.reactor, self.now_ms, cfg.reconcile_interval,
-                                     images=self.images, ip_pools=cfg.ip_pools,
-                                     rng=random.Random(self.rng.random()))
+                                     images=self.images, rng=random.Random(self.rng.random()),
+                                     net=self.net)
         self.manager.members = self.leases.members
         self.migrations = MigrationManager(
             self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,
@@ -332,7 +370,7 @@ class Node:
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr() if getattr(self, "images", None) else "",
             migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",
-            cvv="")
+            cvv="", underlay=self.underlay)
         held = dict(self.complete_vector())
         rec = dataclasses.replace(rec, cvv=format_cvv(held))
         if self._worth_writing(prev, rec, held):

@@ -4,8 +4,11 @@ The DOM holds desired state (a VM's host and desired power state, written by who
 request) and observed state (a VM's ``status`` part, written only by the host that runs it). One
 pass of :class:`Reconciler`:
 
-1. ensures the network of every cluster with VMs here, and removes networks no VM here needs;
-2. for each VM assigned here: creates its overlay and domain and starts it (``running``), shuts it
+1. makes this host's network devices match its plan (:func:`vmwebd.net.plan.plan_host`: a bridge
+   and a VXLAN device per cluster it holds VMs of, forwarding entries to the cluster's other
+   hosts, NAT where asked) through its executor, which removes the devices no cluster here needs;
+2. for each VM assigned here: writes its cloud-init seed (rebuilt whenever what it carries
+   changes: the cluster's members, the owner's keys), creates its overlay and domain and starts it (``running``), shuts it
    down (``stopped``), or destroys it, deletes its overlay, gives back its addresses and deletes it
    from the DOM (``absent``); a VM found stopped or missing behind our back is started again and
    the restart is counted in its status;
@@ -18,18 +21,25 @@ driver, which runs them off the reactor thread.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
+import os
 import random
 from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus, status_of
+from twisted.internet import threads
+
+from vmwebd.dom.records import (HostRec, LeaseRec, MigrationRec, UserRec, VClusterRec, VmRec,
+                                VmStatus, status_of)
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
+from vmwebd.net import addressing
+from vmwebd.net import seed as seeds
+from vmwebd.net.devices import Applied, RecordedDevices
+from vmwebd.net.plan import bridge_name, plan_host, underlay_of
 
 log = Logger()
 PREFIX = "vmweb-"
@@ -45,11 +55,12 @@ def volume_name(vm_id: str) -> str:
 
 
 def network_name(cluster: str) -> str:
+    """The libvirt network clusters had before segments (removed where found)."""
     return f"{PREFIX}{cluster}"
 
 
-def bridge_name(vni: int) -> str:
-    return f"vmbr{vni}"
+def seed_name(vm_id: str) -> str:
+    return domain_name(vm_id) + ".seed.iso"
 
 
 @dataclass(frozen=True)
@@ -82,10 +93,17 @@ class Reconciler:
     LEASES_PER_PASS = 2000
 
     def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
-                 clock, now_ms, interval: float = 30.0, images=None, ip_pools=(), rng=None):
+                 clock, now_ms, interval: float = 30.0, images=None, rng=None,
+                 net=None):
         self.host_id = host_id
+        #: This host's network executor (see vmwebd.net.devices).
+        self.net = net if net is not None else RecordedDevices()
+        self._net_failed: dict[int, str] = {}      # network id -> why its segment is not here
+        self._net_dirty = False
+        self._held: frozenset[str] = frozenset()  # clusters in the plan last applied
+        self._seed_clusters: set[str] = set()     # clusters whose VMs here need their seed checked
+        self._underlays: dict[str, str] = {}
         self.images = images
-        self.ip_pools = tuple(ip_pools)
         self.domsvc = domsvc
         self.dom = domsvc.dom
         self.driver = driver
@@ -144,6 +162,13 @@ class Reconciler:
                 self._seen.pop(id_, None)
             else:
                 self._seen[id_] = now
+            cluster = (now or before)[3]
+            if cluster in self._held:
+                # A member of a cluster held here came, went or moved: the segment's forwarding
+                # entries and the members' seeds (their hosts file) may change.
+                self._net_dirty = True
+                self._seed_clusters.add(cluster)
+                self._schedule()
             if self.host_id in ((before or ("",))[0], (now or ("",))[0]):
                 self._dirty_vms.add(id_)
                 self._dirty_clusters.add((now or before)[3])
@@ -160,6 +185,22 @@ class Reconciler:
             m = self.dom.get(MigrationRec, id_)
             if m is not None and self.host_id in (m.source, m.dest):
                 self._dirty_vms.add(m.vm)
+                self._schedule()
+            if m is not None and m.vm.partition("/")[0] in self._held:
+                self._net_dirty = True
+                self._schedule()
+        elif kind == "host":
+            addr = underlay_of(self.dom.get(HostRec, id_))
+            if self._underlays.get(id_) != addr:
+                self._underlays[id_] = addr
+                if self._held:
+                    self._net_dirty = True
+                    self._schedule()
+        elif kind == "user":
+            # Its SSH keys are in its VMs' seeds.
+            owned = {c.id for c in self.dom.select(VClusterRec, "owner", id_)} & self._held
+            if owned:
+                self._seed_clusters |= owned
                 self._schedule()
 
     def kick(self) -> None:
@@ -204,6 +245,7 @@ class Reconciler:
                 full, self._full = self._full, False
                 vms, self._dirty_vms = self._dirty_vms, set()
                 clusters, self._dirty_clusters = self._dirty_clusters, set()
+                self._net_dirty = False
                 try:
                     yield self.run_once(None if full else (vms, clusters))
                 except Exception:
@@ -213,7 +255,8 @@ class Reconciler:
                     waiters = []
                 waiters += self._idle_waiters
                 self._idle_waiters = []
-                if not (self._again or self._full or self._dirty_vms or self._dirty_clusters):
+                if not (self._again or self._full or self._dirty_vms or self._dirty_clusters
+                        or self._net_dirty or self._seed_clusters):
                     break
         finally:
             self._running = False
@@ -270,16 +313,18 @@ class Reconciler:
         clusters = {c: self.dom.get(VClusterRec, c) for c in cluster_ids}
         clusters = {c: rec for c, rec in clusters.items() if rec is not None}
 
-        # 1. networks: each cluster with VMs here has its network; others have none
-        want_nets = {}
-        for c in cluster_ids:
-            rec = clusters.get(c)
-            if rec is not None and any(vm.desired != "absent" for vm in self._mine_in(c, moving)):
-                want_nets[network_name(c)] = bridge_name(rec.vni)
-        have_nets = set((yield self.driver.list_networks()))
-        for net, bridge in sorted(want_nets.items()):
-            if net not in have_nets:
-                yield self._guard(f"network {net}", self.driver.define_network(net, bridge))
+        # 1. network devices: this host's plan, applied (the executor changes only what differs)
+        yield self.apply_network()
+        if full:
+            have_nets = set((yield self.driver.list_networks()))
+        else:
+            have_nets = set()
+
+        # seeds of VMs here whose cluster's members or owner's keys changed
+        seed_clusters, self._seed_clusters = self._seed_clusters, set()
+        if full:
+            seed_clusters = {vm.cluster for vm in mine}
+        yield self._refresh_seeds(seed_clusters, moving)
 
         # 2. VMs assigned here; status writes are committed in groups (one fsync each)
         pending = []
@@ -298,9 +343,9 @@ class Reconciler:
             if name.startswith(PREFIX) and name not in known and name not in moving_domains:
                 log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
                 yield self._guard(f"orphan {name}", self._remove_domain(name))
-        scope = have_nets if full else {network_name(c) for c in cluster_ids} & have_nets
-        for net in sorted(scope):
-            if net.startswith(PREFIX) and net not in want_nets:
+        # libvirt networks of ours are from before segments: nothing uses them now
+        for net in sorted(have_nets):
+            if net.startswith(PREFIX):
                 yield self._guard(f"network {net}", self.driver.destroy_network(net))
 
         # 4. finished cluster destructions
@@ -316,6 +361,62 @@ class Reconciler:
         #    recording the cluster) or is gone: give them back after a grace period
         if full:
             yield self._release_orphan_leases()
+
+    @defer.inlineCallbacks
+    def apply_network(self):
+        """Applies this host's network plan now; fires with the executor's :class:`Applied`.
+        (Migrations call it before a guest arrives: the segment must be there first.)"""
+        plan = plan_host(self.dom, self.host_id)
+        self._held = plan.clusters()
+        try:
+            result = yield self.net.apply(plan)
+        except Exception as e:  # noqa: BLE001 (an executor bug must not stop reconciliation)
+            log.failure("network plan on {host} not applied", host=self.host_id)
+            result = Applied(failed={s.vni: f"network devices not made: {e}" for s in plan.segments})
+        if result.removed:
+            log.info("removed network devices on {host}: {devs}", host=self.host_id,
+                     devs=", ".join(result.removed))
+        for vni, why in sorted(result.failed.items()):
+            if self._net_failed.get(vni) != why:
+                log.warn("segment {vni} on {host}: {why}", vni=vni, host=self.host_id, why=why)
+        if result.changed or result.failed != self._net_failed:
+            # VMs of a segment that failed (or recovered) get a pass to show it in their status
+            failed_before = set(self._net_failed)
+            self._net_failed = dict(result.failed)
+            for seg in plan.segments:
+                if seg.vni in failed_before ^ set(result.failed):
+                    self._dirty_clusters.add(seg.cluster)
+                    self._dirty_vms.update(vm.id for vm in self._mine_in(seg.cluster, ()))
+        return result
+
+    def segment_error(self, cluster: VClusterRec | None) -> str | None:
+        """Why the segment of ``cluster`` could not be made here (None when it is fine)."""
+        if cluster is None:
+            return None
+        why = self._net_failed.get(cluster.vni)
+        return f"network segment {bridge_name(cluster.vni)}: {why}" if why else None
+
+    def seed_path(self, vm_id: str) -> str:
+        return f"{self.storage.dir}/{seed_name(vm_id)}" if self.storage.dir else ""
+
+    def write_seed(self, vm: VmRec) -> defer.Deferred:
+        """Writes ``vm``'s cloud-init seed here (off the reactor); fires with its path."""
+        path = self.seed_path(vm.id)
+        if not path:
+            return defer.succeed(None)
+        spec = seeds.seed_for(self.dom, vm)
+        return threads.deferToThread(_write_seed, path, spec).addCallback(lambda _: path)
+
+    @defer.inlineCallbacks
+    def _refresh_seeds(self, clusters, moving):
+        for c in sorted(clusters):
+            for vm in self._mine_in(c, moving):
+                if vm.desired == "absent":
+                    continue
+                try:
+                    yield self.write_seed(vm)
+                except Exception:  # noqa: BLE001 (one VM's seed must not stop the pass)
+                    log.failure("seed of {vm} on {host}", vm=vm.id, host=self.host_id)
 
     def _mine_in(self, cluster: str, moving) -> list[VmRec]:
         """The VMs of ``cluster`` assigned here and not being moved."""
@@ -373,6 +474,8 @@ class Reconciler:
         yield self.driver.destroy(name)
         yield self.driver.undefine(name)
         yield self.driver.delete_volume(self.storage.pool, name + ".qcow2")
+        if self.storage.dir:
+            yield threads.deferToThread(_unlink, f"{self.storage.dir}/{name}.seed.iso")
 
     @defer.inlineCallbacks
     def _reconcile_vm(self, vm: VmRec, dom_info, cluster: VClusterRec | None):
@@ -388,6 +491,9 @@ class Reconciler:
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
                 return None
+            net_error = self.segment_error(cluster)
+            if vm.desired == "running" and net_error and state != "running":
+                raise VmwebError(net_error)
             if vm.desired == "running":
                 if state != "running":
                     if prev is not None and prev.state == "running":
@@ -419,30 +525,42 @@ class Reconciler:
         image = yield self.images.ensure(vm.image)
         disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), image.path,
                                                 image.size_mib, image.format)
-        yield self.driver.define(self.spec_for(vm, cluster, image, disk))
+        seed = yield self.write_seed(vm)
+        yield self.driver.define(self.spec_for(vm, cluster, image, disk, seed))
 
-    def _prefix_of(self, ip: str) -> int:
-        try:
-            addr = ipaddress.IPv4Address(ip)
-        except ValueError:
-            return 24
-        return next((p.cidr.prefixlen for p in self.ip_pools if addr in p.cidr), 24)
-
-    def spec_for(self, vm: VmRec, cluster: VClusterRec, image, disk: str) -> DomainSpec:
+    def spec_for(self, vm: VmRec, cluster: VClusterRec, image, disk: str,
+                 seed: str | None = None) -> DomainSpec:
         """The domain of ``vm`` on this host, over overlay ``disk`` (also used by migrations)."""
         rec = image.record
         name = domain_name(vm.id)
         cmdline = None
         if rec.kernel:
+            ip_arg = seeds.kernel_ip_arg(seeds.seed_for(self.dom, vm)) if vm.ip else ""
             cmdline = " ".join(x for x in (
-                rec.cmdline, f"vmweb.name={name}", f"vmweb.token={guest_token(vm.id)}",
-                f"guestip={vm.ip}/{self._prefix_of(vm.ip)}" if vm.ip else "") if x)
+                rec.cmdline, f"vmweb.name={name}", f"vmweb.token={guest_token(vm.id)}", ip_arg)
+                if x)
         serial = None
         if self.driver.runs_guests and self.storage.console_dir:
             serial = f"{self.storage.console_dir}/{name}.log"
         return DomainSpec(
             name=name, vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_path=disk,
-            network=network_name(cluster.id), mac=vm.mac, ip=vm.ip,
-            kernel=rec.kernel or None, initrd=rec.initrd or None, cmdline=cmdline,
-            serial_log=serial,
+            network="", bridge=bridge_name(cluster.vni), mtu=self._mtu(cluster), mac=vm.mac,
+            ip=vm.ip, kernel=rec.kernel or None, initrd=rec.initrd or None, cmdline=cmdline,
+            serial_log=serial, seed_path=seed or None,
             metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner})
+
+    @staticmethod
+    def _mtu(cluster: VClusterRec) -> int:
+        return cluster.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU)
+
+
+def _write_seed(path: str, spec) -> bool:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return seeds.write_seed(path, spec)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -44,7 +44,7 @@ from vmwebd.migrate.state import STALE_MS, TERMINAL, expired, in_flight, lease_h
 from vmwebd.cluster import host_loads
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import drain_record, drained_hosts
-from vmwebd.reconcile import bridge_name, domain_name, network_name, volume_name
+from vmwebd.reconcile import domain_name, volume_name
 
 log = Logger()
 #: How long a migration may stay in ``prepare`` (the destination silent) before it is failed.
@@ -498,7 +498,12 @@ class MigrationManager:
         if cluster is None:
             raise VmwebError(f"cluster {vm.cluster!r} is gone")
         image = yield self.images.ensure(vm.image)
-        yield self.driver.define_network(network_name(cluster.id), bridge_name(cluster.vni))
+        # The cluster's segment first (the migration makes this host one of its holders).
+        yield self.reconciler.apply_network()
+        net_error = self.reconciler.segment_error(cluster)
+        if net_error:
+            raise HypervisorError(net_error)
+        seed = yield self.reconciler.write_seed(vm)
         vol = volume_name(vm.id)
         # A leftover overlay (an earlier failed move) must not be mirrored into: start empty.
         yield self.driver.destroy(domain_name(vm.id))
@@ -506,8 +511,9 @@ class MigrationManager:
         yield self.driver.delete_volume(self.storage.pool, vol)
         disk = yield self.driver.create_overlay(self.storage.pool, vol, image.path, image.size_mib,
                                                 image.format)
-        spec = self.reconciler.spec_for(vm, cluster, image, disk)
-        yield self._advance(m, "ready", dest_disk=disk, dest_console=spec.serial_log or "")
+        spec = self.reconciler.spec_for(vm, cluster, image, disk, seed)
+        yield self._advance(m, "ready", dest_disk=disk, dest_console=spec.serial_log or "",
+                            dest_seed=seed or "")
 
     @defer.inlineCallbacks
     def _restore(self, m: MigrationRec):
@@ -524,7 +530,8 @@ class MigrationManager:
             state = work / f".migrate-{m.id}.state"
             yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/state", state,
                                         self.cert_dir, m.source)
-        spec = self.reconciler.spec_for(vm, cluster, image, m.dest_disk)
+        seed = yield self.reconciler.write_seed(vm)
+        spec = self.reconciler.spec_for(vm, cluster, image, m.dest_disk, seed)
         yield self.driver.define(spec)
         if state is not None:
             try:
@@ -543,7 +550,7 @@ class MigrationManager:
             raise HypervisorError(f"host {m.dest!r} publishes no migration URI")
         overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
         xml = yield self.driver.domain_xml(name)
-        dest_xml = retarget_xml(xml, m.dest_disk, m.dest_console)
+        dest_xml = retarget_xml(xml, m.dest_disk, m.dest_console, m.dest_seed)
         cur = self.dom.get(MigrationRec, m.id)
         if cur is None or cur.phase != "ready":
             return  # failed (or abandoned) while we looked at the domain: do not start
@@ -654,14 +661,20 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def retarget_xml(xml: str, disk: str, console: str) -> str:
-    """The domain XML with the disk and serial log paths the destination chose."""
+def retarget_xml(xml: str, disk: str, console: str, seed: str = "") -> str:
+    """The domain XML with the disk, seed and serial log paths the destination chose."""
     root = etree.fromstring(xml.encode())
     if disk:
-        for src in root.iterfind("devices/disk/source"):
-            if src.get("file") is not None:
+        for el in root.iterfind("devices/disk"):
+            src = el.find("source")
+            if el.get("device", "disk") == "disk" and src is not None and src.get("file") is not None:
                 src.set("file", disk)
                 break
+    if seed:
+        for el in root.iterfind("devices/disk[@device='cdrom']"):
+            src = el.find("source")
+            if src is not None and src.get("file") is not None:
+                src.set("file", seed)
     for dev in ("serial", "console"):
         for el in root.iterfind(f"devices/{dev}"):
             src = el.find("source")
