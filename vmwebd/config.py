@@ -24,6 +24,7 @@ Format (every element but ``host`` is optional; defaults are documented on each 
       <templates dir="templates"/>
       <reconcile interval="30"/>
       <peers seeds="10.0.0.2:8570 10.0.0.3:8570" fanout="3"/>
+      <network underlay="10.0.0.1" underlay-mtu="1500" devices="auto"/>
     </vmwebd>
 
 ``listen/@api-tls`` is ``off`` (plain HTTP, default), ``grid`` (the host's grid certificate from
