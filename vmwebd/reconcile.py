@@ -343,8 +343,10 @@ class Reconciler:
             if name.startswith(PREFIX) and name not in known and name not in moving_domains:
                 log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
                 yield self._guard(f"orphan {name}", self._remove_domain(name))
-        # libvirt networks of ours are from before segments: nothing uses them now
-        for net in sorted(have_nets):
+        # libvirt networks of ours are from before segments: each goes with the last VM of its
+        # cluster here (domains defined on one still use it until they are made again)
+        still = {network_name(vm.cluster) for vm in mine if vm.desired != "absent"}
+        for net in sorted(have_nets - still):
             if net.startswith(PREFIX):
                 yield self._guard(f"network {net}", self.driver.destroy_network(net))
 
