@@ -226,6 +226,23 @@ def test_config_error_exits_2_with_one_line(tmp_path):
         notify.close()
 
 
+@pytest.mark.parametrize("network, field, fragment", [
+    # TEST-NET-2: never an address of this machine
+    ('<network underlay="198.51.100.77" devices="kernel"/>', "network/@underlay",
+     "198.51.100.77"),
+])
+def test_an_underlay_address_not_on_this_host_is_a_config_error(tmp_path, network, field, fragment):
+    """Where segments' devices are made, the underlay address must be one of this host's: the
+    daemon refuses to start, naming the field and the address."""
+    config, _ = host_config(tmp_path / "h1")
+    config.write_text(config.read_text().replace("</vmwebd>", f"  {network}\n</vmwebd>"))
+    proc = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30, cwd=REPO, env=child_env())
+    assert proc.returncode == 2, proc
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and str(config) in err[0] and field in err[0] and fragment in err[0], err
+
+
 # -- hostile XML at the real API ----------------------------------------------------------------
 
 def soap(body: str, prolog: str = '<?xml version="1.0" encoding="UTF-8"?>') -> bytes:

@@ -15,6 +15,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver, LogLe
 
 from vmwebd.config import load_config
 from vmwebd.errors import ConfigError, VmwebError
+from vmwebd.net.host import check_network
 
 log = Logger()
 
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config)
+        check_network(config)
     except ConfigError as e:
         print(f"vmwebd: configuration error: {e}", file=sys.stderr)
         return 2

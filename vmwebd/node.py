@@ -39,8 +39,7 @@ from vmwebd.lease.allocator import Allocator
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.migrate.manager import MigrationManager
 from vmwebd.net import addressing
-from vmwebd.net.devices import RecordedDevices
-from vmwebd.net.netlink import NetlinkDevices, check_underlay
+from vmwebd.net.host import make_devices, underlay_address
 from vmwebd.reconcile import Reconciler, StorageLayout
 from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates, to_dom_body
@@ -84,33 +83,7 @@ class Node:
 
     @property
     def underlay(self) -> str:
-        """The address other hosts send this host's VXLAN traffic to (network/@underlay, else
-        the address of listen/@peer)."""
-        cfg = self.config
-        if cfg.network.underlay:
-            return cfg.network.underlay
-        host = cfg.listen.peer.host
-        return "" if host in ("0.0.0.0", "::", "") else host
-
-    def _network_devices(self):
-        """This host's network executor: real devices unless told otherwise or the hypervisor
-        is libvirt's test driver (then planned and recorded in the state directory)."""
-        cfg = self.config
-        mode = cfg.network.devices
-        if mode == "auto":
-            mode = "record" if cfg.libvirt_uri.startswith("test:") else "kernel"
-        if mode == "record":
-            return RecordedDevices(str(cfg.state_dir / "network.json"), self.reactor)
-        if not self.underlay:
-            raise ConfigError(cfg.source, None, "network/@underlay",
-                              f"listen/@peer is {cfg.listen.peer.host}: set the address other hosts "
-                              "reach this host's VXLAN segments at")
-        try:
-            check_underlay(self.underlay)
-        except ValueError as e:
-            field = "network/@underlay" if cfg.network.underlay else "listen/@peer"
-            raise ConfigError(cfg.source, None, field, str(e)) from None
-        return NetlinkDevices(self.reactor)
+        return underlay_address(self.config)
 
     def now_ms(self) -> int:
         return int(self.reactor.seconds() * 1000)
@@ -143,7 +116,7 @@ class Node:
                                       guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
                                       live_hosts=self.live_hosts, liveness=self.liveness)
         if self.net is None:
-            self.net = self._network_devices()
+            self.net = make_devices(self.config, self.reactor)
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
         self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
                                      storage, self.reactor, self.now_ms, cfg.reconcile_interval,
