@@ -162,7 +162,7 @@ class ClusterManager:
                               vm.ip, vm.mac, vm.vcpus, vm.memory_mib,
                               st.detail if st else "", st.restarts if st else 0))
         return ClusterView(c.id, c.owner, c.template, c.count, _cluster_state(c, vms), c.vni,
-                           c.network, c.bridge, vms)
+                           network_text(c), bridge_name(c.vni) if c.vni else c.bridge, vms)
 
     def clusters(self, owner: str | None = None) -> list[ClusterView]:
         recs = self.dom.select(VClusterRec, "owner", owner) if owner else self.dom.all(VClusterRec)
@@ -307,6 +307,16 @@ class ClusterManager:
             return st is not None and st.state in (want, "error")
         yield self.domsvc.wait_for(reached, self.wait_timeout)
         return next(v for v in self.cluster(cluster).vms if v.name == vm)
+
+
+def network_text(c: VClusterRec) -> str:
+    """How a cluster's network reads in views: its mode, addresses and way out."""
+    if not c.subnet:
+        return c.network                       # made before segments: its libvirt network
+    out = f"{c.mode} {c.subnet}"
+    if c.mode == "nat" and c.gateway:
+        out += f" via {c.gateway}"
+    return out + f", MTU {c.mtu}" if c.mtu else out
 
 
 def _replace(rec, **changes):
