@@ -4,6 +4,7 @@
   initramfs, cached under ``<repo>/.cache/guest``) and its libvirt domain XML.
 * :mod:`lab.hosts` runs N libvirt hosts, each in its own network and mount namespaces with its
   own libvirtd, joined by one bridge in the root namespace.
+* :mod:`lab.vmweb` runs a vmwebd beside each libvirtd of a lab and the ``vmweb`` CLI on its hosts.
 * :mod:`lab.fixtures` gives pytest fixtures that skip with a clear reason where the machine cannot
   run them (not root, no network namespaces, no libvirtd/QEMU, or ``VMWEB_REALHOSTS=0``).
 """

@@ -31,8 +31,8 @@ hostname, /etc/hosts) and prints ``VMWEB-SEED ip=A.B.C.D/P gw=G|none mtu=N host=
 The YAML is read by two small awk programs (:data:`NETCFG_AWK`, :data:`USERDATA_AWK`); a test can
 run them on the host with ``busybox awk`` (:func:`parse_seed`). Without a seed: ``VMWEB-NO-SEED``.
 
-Then, once a second or so, it checks what it can reach, every check a ``ping -c1 -W1`` (all of a
-round at once) and one line on the console:
+Then, once a second (a little more under load), it checks what it can reach, every check a
+``ping -c1 -W1`` (all of a round at once) and one line on the console:
 
 * ``VMWEB-REACH <name> ok rtt=<ms> t=<uptime>`` or ``... fail t=<uptime>`` for every entry of its
   /etc/hosts but itself and loopback, by name (the entry's last name, so the name is resolved
@@ -42,16 +42,23 @@ round at once) and one line on the console:
 * ``VMWEB-REACH-PROBE <addr> ok|fail ...`` for each address of ``vmweb.probe=<a>[,<b>...]``
   (addresses it should, or should not, reach).
 
+With ``vmweb.dense=1`` it also pings each /etc/hosts entry ten times a second, without end, and
+prints only what goes wrong: ``VMWEB-GAP <name> lost=<replies missing> rtt_after=<ms of the next
+one> t=<uptime>`` and ``VMWEB-SLOW <name> rtt=<ms> t=<uptime>`` for a reply after 50 ms or more
+(a migration's pause shows up as one or the other).
+
 Every ten rounds it reads the seed again, and when its /etc/hosts text changed it installs the new
 one (``VMWEB-SEED-HOSTS hosts=K``). QEMU keeps the ISO it was started with open, so this sees a new
 seed only if the CD-ROM's medium was changed.
 
-``vmweb.bench=<client>[:<seconds>[:<pings>]]`` turns the guest into a bench node instead (no
-reachability rounds): every one listens on TCP 5001 and discards what it receives; the one whose
-hostname is ``<client>`` waits until every /etc/hosts peer answers, then for each peer in turn
-prints ``VMWEB-BENCH peer=<name> rtt_min= rtt_avg= rtt_max= loss=<%> bytes=<n> seconds=<s>``
-(``<pings>`` pings 0.2 s apart; a TCP stream of zeros through busybox ``nc`` sized from a 2 MiB
-trial to last about ``<seconds>``), and finally ``VMWEB-BENCH-DONE``.
+``vmweb.bench=<client>[:<seconds>[:<pings>[:<rounds>]]]`` turns the guest into a bench node
+instead (no reachability rounds): every one listens on TCP 5001 and discards what it receives; the
+one whose hostname is ``<client>`` waits until every /etc/hosts peer answers, then ``<rounds>``
+times, for each peer in turn, prints ``VMWEB-BENCH peer=<name> round=<r> rtt_min= rtt_avg=
+rtt_max= loss=<%> bytes=<n> seconds=<s>`` (``<pings>`` pings 0.2 s apart; a TCP stream of zeros
+through busybox ``nc``, sized from a 2 MiB trial to last about ``<seconds>``, timed in the guest
+from the first byte sent to the receiver's close), and finally ``VMWEB-BENCH-DONE``; before and
+after, ``VMWEB-BENCH-CLOCK <clocksource>`` (give such guests :func:`clock_args`).
 
 Everything is cached in ``<repo>/.cache/guest``; :func:`build_guest` is idempotent and safe to call
 from several processes at once (a file lock).
@@ -182,7 +189,7 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 # Kernel messages on the console would cut into our lines.
 echo 1 > /proc/sys/kernel/printk
-NAME=; TOKEN=; GUESTIP=; KIP=; OUTSIDE=; PROBES=; BENCH=
+NAME=; TOKEN=; GUESTIP=; KIP=; OUTSIDE=; PROBES=; BENCH=; DENSE=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     vmweb.name=*) NAME="${a#vmweb.name=}" ;;
@@ -190,6 +197,7 @@ for a in $(cat /proc/cmdline); do
     vmweb.outside=*) OUTSIDE="${a#vmweb.outside=}" ;;
     vmweb.probe=*) PROBES="$PROBES $(echo "${a#vmweb.probe=}" | tr ',' ' ')" ;;
     vmweb.bench=*) BENCH="${a#vmweb.bench=}" ;;
+    vmweb.dense=1) DENSE=1 ;;
     guestip=*) GUESTIP="${a#guestip=}" ;;
     ip=*:*) KIP="${a#ip=}" ;;
   esac
@@ -312,26 +320,58 @@ reread_seed() {
   fi
 }
 
-reach_loop() {
-  n=0
+# Pings $1 ten times a second for as long as the guest runs; prints only what goes wrong.
+dense() {
   while true; do
-    for x in $(targets); do probe VMWEB-REACH "$x" & done
-    for x in $PROBES; do probe VMWEB-REACH-PROBE "$x" & done
-    if [ -n "$OUTSIDE" ]; then probe VMWEB-REACH-OUT "$OUTSIDE" & fi
-    wait
-    n=$((n+1))
-    if [ -n "$SEEDDEV" ] && [ $((n % 10)) -eq 0 ]; then reread_seed; fi
+    ping -i 0.1 -W 1 "$1" 2>/dev/null | awk -v n="$1" '
+      function up(u) { getline u < "/proc/uptime"; close("/proc/uptime"); split(u, f, " "); return f[1] }
+      /seq=/ {
+        match($0, /seq=[0-9]+/); s = substr($0, RSTART + 4, RLENGTH - 4) + 0
+        r = 0; if (match($0, /time=[0-9.]+/)) r = substr($0, RSTART + 5, RLENGTH - 5) + 0
+        if (have && s > last + 1) {
+          printf "VMWEB-GAP %s lost=%d rtt_after=%.1f t=%s\n", n, s - last - 1, r, up(); fflush()
+        } else if (r >= 50) {
+          printf "VMWEB-SLOW %s rtt=%.1f t=%s\n", n, r, up(); fflush()
+        }
+        if (!have || s > last) last = s
+        have = 1
+      }'
     sleep 1
   done
 }
 
+reach_loop() {
+  n=0
+  while true; do
+    for x in $(targets); do probe VMWEB-REACH "$x" & done
+    if [ -n "$DENSE" ]; then
+      for x in $(targets); do
+        # Not a child of this shell: the wait below is for this round's pings only.
+        [ -e "/run/dense.$x" ] || { : > "/run/dense.$x"; (dense "$x" &); }
+      done
+    fi
+    for x in $PROBES; do probe VMWEB-REACH-PROBE "$x" & done
+    if [ -n "$OUTSIDE" ]; then probe VMWEB-REACH-OUT "$OUTSIDE" & fi
+    # The pause runs beside the pings (one that fails takes its whole second): a round a second.
+    sleep 1
+    wait
+    n=$((n+1))
+    if [ -n "$SEEDDEV" ] && [ $((n % 10)) -eq 0 ]; then reread_seed; fi
+  done
+}
+
 bench() {
-  client="${BENCH%%:*}"; rest="${BENCH#*:}"
-  secs=3; pings=20
-  if [ "$rest" != "$BENCH" ]; then
-    secs="${rest%%:*}"; [ "${rest#*:}" != "$rest" ] && pings="${rest#*:}"
-  fi
+  IFS=: read -r client secs pings rounds <<EOF
+$BENCH
+EOF
+  [ -n "$secs" ] || secs=3
+  [ -n "$pings" ] || pings=20
+  [ -n "$rounds" ] || rounds=1
   printf '#!/bin/sh\nexec cat > /dev/null\n' > /bin/vmweb-sink; chmod +x /bin/vmweb-sink
+  cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)
+  echo "VMWEB-BENCH-CLOCK $cs"
+  # Without the TSC every time measured is in 4 ms steps: say why.
+  [ "$cs" = tsc ] || dmesg | grep -i -E 'tsc|clocksource' | sed 's/^/VMWEB-BENCH-CLOCK-LOG /'
   nc -ll -p @PORT@ -e /bin/vmweb-sink &
   [ "$(hostname)" = "$client" ] || return 0
   peers=$(targets)
@@ -340,6 +380,7 @@ bench() {
     until ping -c1 -W1 "$p" >/dev/null 2>&1 || [ $i -ge 120 ]; do i=$((i+1)); done
   done
   sleep 2
+  for r in $(seq "$rounds"); do
   for p in $peers; do
     s=$(ping -c "$pings" -i 0.2 -W 2 "$p" 2>&1)
     rt=$(echo "$s" | sed -n 's#.*= \([0-9.]*\)/\([0-9.]*\)/\([0-9.]*\) ms.*#rtt_min=\1 rtt_avg=\2 rtt_max=\3#p')
@@ -354,8 +395,10 @@ bench() {
       [ $round = run ] && break
       blocks=$(awk -v b=$blocks -v d="$el" -v s="$secs" 'BEGIN { n = int(b * s / d); if (n < 32) n = 32; if (n > 8192) n = 8192; print n }')
     done
-    echo "VMWEB-BENCH peer=$p ${rt:-rtt_avg=none} loss=${loss:-100} bytes=$((blocks * 65536)) seconds=$el"
+    echo "VMWEB-BENCH peer=$p round=$r ${rt:-rtt_avg=none} loss=${loss:-100} bytes=$((blocks * 65536)) seconds=$el"
   done
+  done
+  echo "VMWEB-BENCH-CLOCK $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
   echo "VMWEB-BENCH-DONE"
 }
 
@@ -690,6 +733,27 @@ def build_guest(cache_dir: Path | None = None) -> GuestArtifacts:
     return GuestArtifacts(kernel=boot if boot.exists() else kernel, initrd=initrd)
 
 
+def clock_args() -> str:
+    """Kernel arguments that give the guest a precise clock: ``tsc_early_khz=`` set to this
+    machine's TSC rate (what a TCG guest's TSC runs at) and ``tsc=reliable``; "" if the rate is
+    not known here.
+
+    libvirt starts these guests without ACPI, so they have no HPET or ACPI PM timer to measure
+    their TSC against. When the PIT calibration fails too (it does when the host is busy, e.g.
+    several guests booting at once) the kernel gives up the TSC; given the rate, it keeps it until
+    its watchdog, comparing it with jiffies (which a descheduled TCG vCPU loses), calls it unstable.
+    Either way it falls back to ``refined-jiffies``, and every time the guest measures (ping round
+    trips, /proc/uptime) has a 4 ms granularity."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                khz = int(float(line.split(":", 1)[1]) * 1000)
+                return f"tsc_early_khz={khz} tsc=reliable" if khz > 0 else ""
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
 def make_base_image(path: Path, size_mib: int, fill: str = "zero") -> Path:
     """A qcow2 base image of ``size_mib`` MiB. ``fill="random"`` writes random bytes over all of it
     (so a full-disk copy really moves that many bytes); ``"zero"`` leaves it empty."""
@@ -867,11 +931,35 @@ def reaches(lines: list[str], target: str | None = None, kind: str = "") -> list
 _BENCH = re.compile(r"VMWEB-BENCH peer=(\S+) (.*)$")
 
 
-def bench_results(lines: list[str]) -> dict[str, dict[str, float]]:
-    """The bench client's figures by peer: rtt_min/avg/max (ms), loss (%), bytes, seconds."""
-    out = {}
+def bench_results(lines: list[str]) -> list[dict]:
+    """The bench client's measurements in order, each ``{"peer": name, "round", "rtt_min",
+    "rtt_avg", "rtt_max" (ms), "loss" (%), "bytes", "seconds"}`` (a figure the guest could not
+    take is absent)."""
+    out = []
     for line in lines:
         if m := _BENCH.search(line):
             fields = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
-            out[m.group(1)] = {k: float(v) for k, v in fields.items() if v != "none"}
+            rec: dict = {k: float(v) for k, v in fields.items() if v != "none"}
+            rec["peer"] = m.group(1)
+            out.append(rec)
+    return out
+
+
+_GAP = re.compile(r"VMWEB-(GAP|SLOW) (\S+) (?:lost=(\d+) rtt_after=([\d.]+)|rtt=([\d.]+)) t=([\d.]+)")
+
+
+def dense_events(lines: list[str], target: str | None = None) -> list[dict]:
+    """What the guest's ten-a-second pings (``vmweb.dense=1``) saw go wrong, in order: each
+    ``{"target", "lost" (replies missing), "rtt_ms" (of the reply after them, or of a slow one),
+    "t" (uptime), "stall_ms"}``, ``stall_ms`` the time without a reply it implies (one interval,
+    100 ms, per lost reply, plus the late reply's round trip)."""
+    out = []
+    for line in lines:
+        m = _GAP.search(line)
+        if not m or (target is not None and m.group(2) != target):
+            continue
+        lost = int(m.group(3) or 0)
+        rtt = float(m.group(4) or m.group(5))
+        out.append({"target": m.group(2), "lost": lost, "rtt_ms": rtt, "t": float(m.group(6)),
+                    "stall_ms": lost * 100 + rtt})
     return out
