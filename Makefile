@@ -21,6 +21,7 @@ bench: bootstrap
 	@$(PY) bench/validate.py
 	@$(PY) bench/gc.py
 	@$(PY) bench/migrate.py
+	@$(PY) bench/network.py
 
 clean:
 	rm -rf .demo .pytest_cache
