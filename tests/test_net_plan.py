@@ -10,7 +10,7 @@ from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec
 from vmwebd.net import addressing
-from vmwebd.net.plan import OVER, bridge_name, plan_grid, plan_host, underlay_of, vxlan_name
+from vmwebd.net.plan import OVER, PlanCache, bridge_name, plan_grid, plan_host, underlay_of, vxlan_name
 
 HOSTS = [f"h{i}" for i in range(5)]
 PHASES = ["prepare", "ready", "migrating", "saved", "restored", "done", "failed"]
@@ -128,3 +128,26 @@ def test_pool_addresses_are_never_network_broadcast_or_gateway(prefix, base, wid
     assert gw not in pool and cidr.network_address not in pool and cidr.broadcast_address not in pool
     if prefix <= 29:
         assert addrs, "a pool of 4 or more addresses holds a VM"
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), grids(), st.lists(st.integers(0, 10**6), max_size=30))
+def test_the_plan_cache_answers_what_plan_host_answers(first, second, picks):
+    """A host's cached plan equals a fresh one after every write, whatever they were: records of
+    one grid, then records of another (hosts moving, clusters and VMs changed, migrations)."""
+    dom = replica([])
+    caches = {h: PlanCache() for h in HOSTS}
+    writes = [r for g in (first, second) for part in g for r in part]
+    order = list(range(len(writes)))
+    for i, p in enumerate(picks):
+        if order:
+            j = p % len(order)
+            order[i % len(order)], order[j] = order[j], order[i % len(order)]
+    for n, i in enumerate(order):
+        rec = writes[i]
+        if n % 7 == 3 and isinstance(rec, VmRec):
+            dom.delete("vm", rec.id)
+        else:
+            dom.put(rec)
+        for h in HOSTS:
+            assert caches[h].plan_host(dom, h) == plan_host(dom, h), (n, h)

@@ -39,7 +39,7 @@ from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
 from vmwebd.net import addressing
 from vmwebd.net import seed as seeds
 from vmwebd.net.devices import Applied, RecordedDevices
-from vmwebd.net.plan import bridge_name, plan_host, underlay_of
+from vmwebd.net.plan import PlanCache, bridge_name, underlay_of
 
 log = Logger()
 PREFIX = "vmweb-"
@@ -91,6 +91,9 @@ class Reconciler:
     FEW_DOMAINS = 32
     #: Leases checked for a missing holder per full pass (they are many; a pass stays short).
     LEASES_PER_PASS = 2000
+    #: Seconds a change elsewhere in a cluster held here waits before its network pass, so that a
+    #: burst of them (a cluster created or destroyed across the grid) costs one pass, not one each.
+    NETWORK_DELAY = 0.2
 
     def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
                  clock, now_ms, interval: float = 30.0, images=None, rng=None,
@@ -102,6 +105,8 @@ class Reconciler:
         self._net_dirty = False
         self._held: frozenset[str] = frozenset()  # clusters in the plan last applied
         self._seed_clusters: set[str] = set()     # clusters whose VMs here need their seed checked
+        self._seeds: dict[str, object] = {}        # seed path -> the SeedSpec written there
+        self._plans = PlanCache()
         self._underlays: dict[str, str] = {}
         self.images = images
         self.domsvc = domsvc
@@ -168,7 +173,7 @@ class Reconciler:
                 # entries and the members' seeds (their hosts file) may change.
                 self._net_dirty = True
                 self._seed_clusters.add(cluster)
-                self._schedule()
+                self._schedule(self.NETWORK_DELAY)
             if self.host_id in ((before or ("",))[0], (now or ("",))[0]):
                 self._dirty_vms.add(id_)
                 self._dirty_clusters.add((now or before)[3])
@@ -188,32 +193,34 @@ class Reconciler:
                 self._schedule()
             if m is not None and m.vm.partition("/")[0] in self._held:
                 self._net_dirty = True
-                self._schedule()
+                self._schedule(self.NETWORK_DELAY)
         elif kind == "host":
             addr = underlay_of(self.dom.get(HostRec, id_))
             if self._underlays.get(id_) != addr:
                 self._underlays[id_] = addr
                 if self._held:
                     self._net_dirty = True
-                    self._schedule()
+                    self._schedule(self.NETWORK_DELAY)
         elif kind == "user":
             # Its SSH keys are in its VMs' seeds.
             owned = {c.id for c in self.dom.select(VClusterRec, "owner", id_)} & self._held
             if owned:
                 self._seed_clusters |= owned
-                self._schedule()
+                self._schedule(self.NETWORK_DELAY)
 
     def kick(self) -> None:
         """Asks for a full pass soon (coalesced with other requests)."""
         self._full = True
         self._schedule()
 
-    def _schedule(self) -> None:
+    def _schedule(self, delay: float = 0.0) -> None:
         if self._running:
             self._again = True
             return
         if self._scheduled is None or not self._scheduled.active():
-            self._scheduled = self.clock.callLater(0, self._run)
+            self._scheduled = self.clock.callLater(delay, self._run)
+        elif delay == 0 and self._scheduled.getTime() > self.clock.seconds():
+            self._scheduled.reset(0)
 
     def pending(self) -> bool:
         """Is a pass running or asked for?"""
@@ -247,7 +254,10 @@ class Reconciler:
                 clusters, self._dirty_clusters = self._dirty_clusters, set()
                 self._net_dirty = False
                 try:
-                    yield self.run_once(None if full else (vms, clusters))
+                    if full or vms or clusters:
+                        yield self.run_once(None if full else (vms, clusters))
+                    else:
+                        yield self._network_pass()
                 except Exception:
                     log.failure("reconcile pass on {host} failed", host=self.host_id)
                 if full:
@@ -320,11 +330,12 @@ class Reconciler:
         else:
             have_nets = set()
 
-        # seeds of VMs here whose cluster's members or owner's keys changed
+        # seeds of VMs here whose cluster's members or owner's keys changed (a full pass checks
+        # only those not written since this daemon started: the rest follow changes)
         seed_clusters, self._seed_clusters = self._seed_clusters, set()
-        if full:
-            seed_clusters = {vm.cluster for vm in mine}
         yield self._refresh_seeds(seed_clusters, moving)
+        if full:
+            yield self._refresh_unknown_seeds(mine)
 
         # 2. VMs assigned here; status writes are committed in groups (one fsync each)
         pending = []
@@ -365,10 +376,19 @@ class Reconciler:
             yield self._release_orphan_leases()
 
     @defer.inlineCallbacks
+    def _network_pass(self):
+        """What a change elsewhere in a cluster held here asks for: the devices and the seeds."""
+        self.passes += 1
+        yield self.apply_network()
+        seed_clusters, self._seed_clusters = self._seed_clusters, set()
+        if seed_clusters:
+            yield self._refresh_seeds(seed_clusters, in_flight(self.dom, self.now_ms()))
+
+    @defer.inlineCallbacks
     def apply_network(self):
         """Applies this host's network plan now; fires with the executor's :class:`Applied`.
         (Migrations call it before a guest arrives: the segment must be there first.)"""
-        plan = plan_host(self.dom, self.host_id)
+        plan = self._plans.plan_host(self.dom, self.host_id)
         self._held = plan.clusters()
         try:
             result = yield self.net.apply(plan)
@@ -401,24 +421,41 @@ class Reconciler:
     def seed_path(self, vm_id: str) -> str:
         return f"{self.storage.dir}/{seed_name(vm_id)}" if self.storage.dir else ""
 
-    def write_seed(self, vm: VmRec) -> defer.Deferred:
-        """Writes ``vm``'s cloud-init seed here (off the reactor); fires with its path."""
+    def write_seed(self, vm: VmRec, force: bool = True) -> defer.Deferred:
+        """Writes ``vm``'s cloud-init seed here (off the reactor); fires with its path. Without
+        ``force``, a seed this daemon already wrote with the same content is left as it is
+        (no thread, no read back: a full pass over thousands of VMs stays cheap)."""
         path = self.seed_path(vm.id)
         if not path:
             return defer.succeed(None)
         spec = seeds.seed_for(self.dom, vm)
-        return threads.deferToThread(_write_seed, path, spec).addCallback(lambda _: path)
+        if not force and self._seeds.get(path) == spec:
+            return defer.succeed(path)
+
+        def written(_):
+            self._seeds[path] = spec
+            return path
+        return threads.deferToThread(_write_seed, path, spec).addCallback(written)
+
+    @defer.inlineCallbacks
+    def _refresh_unknown_seeds(self, mine):
+        for vm in mine:
+            if vm.desired != "absent" and self.seed_path(vm.id) not in self._seeds:
+                yield self._refresh_one(vm)
+
+    @defer.inlineCallbacks
+    def _refresh_one(self, vm):
+        try:
+            yield self.write_seed(vm, force=False)
+        except Exception:  # noqa: BLE001 (one VM's seed must not stop the pass)
+            log.failure("seed of {vm} on {host}", vm=vm.id, host=self.host_id)
 
     @defer.inlineCallbacks
     def _refresh_seeds(self, clusters, moving):
         for c in sorted(clusters):
             for vm in self._mine_in(c, moving):
-                if vm.desired == "absent":
-                    continue
-                try:
-                    yield self.write_seed(vm)
-                except Exception:  # noqa: BLE001 (one VM's seed must not stop the pass)
-                    log.failure("seed of {vm} on {host}", vm=vm.id, host=self.host_id)
+                if vm.desired != "absent":
+                    yield self._refresh_one(vm)
 
     def _mine_in(self, cluster: str, moving) -> list[VmRec]:
         """The VMs of ``cluster`` assigned here and not being moved."""
@@ -477,7 +514,9 @@ class Reconciler:
         yield self.driver.undefine(name)
         yield self.driver.delete_volume(self.storage.pool, name + ".qcow2")
         if self.storage.dir:
-            yield threads.deferToThread(_unlink, f"{self.storage.dir}/{name}.seed.iso")
+            path = f"{self.storage.dir}/{name}.seed.iso"
+            self._seeds.pop(path, None)
+            yield threads.deferToThread(_unlink, path)
 
     @defer.inlineCallbacks
     def _reconcile_vm(self, vm: VmRec, dom_info, cluster: VClusterRec | None):
@@ -527,7 +566,7 @@ class Reconciler:
         image = yield self.images.ensure(vm.image)
         disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), image.path,
                                                 image.size_mib, image.format)
-        seed = yield self.write_seed(vm)
+        seed = yield self.write_seed(vm, force=False)
         yield self.driver.define(self.spec_for(vm, cluster, image, disk, seed))
 
     def spec_for(self, vm: VmRec, cluster: VClusterRec, image, disk: str,

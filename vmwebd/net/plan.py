@@ -165,3 +165,57 @@ def plan_grid(dom) -> dict[str, HostPlan]:
     """Every host's plan (for views and tests; a host applies only its own)."""
     hosts = {h.id for h in dom.all(HostRec)} | {vm.host for vm in dom.all(VmRec) if vm.host}
     return {h: plan_host(dom, h) for h in sorted(hosts)}
+
+
+class PlanCache:
+    """:func:`plan_host` with a memory, for the host that applies its plan at every pass: a
+    cluster's segment is worked out again only when one of its VMs, its record, the open
+    migrations or the hosts' underlay addresses changed (the DOM's generation counters say so).
+    Its answers are :func:`plan_host`'s (property-tested)."""
+
+    def __init__(self):
+        self._memo: dict[str, tuple[tuple, Segment | None]] = {}
+        self._hosts_gen = -1
+        self._underlays: dict[str, str] = {}
+        self._migrations_gen = -1
+        self._migrations: list[MigrationRec] = []
+
+    def plan_host(self, dom, host: str) -> HostPlan:
+        hosts_gen = dom.kind_generation("host")
+        if hosts_gen != self._hosts_gen:
+            self._hosts_gen = hosts_gen
+            underlays = {h.id: underlay_of(h) for h in dom.all(HostRec)}
+            if underlays != self._underlays:
+                self._underlays = underlays
+                self._memo.clear()
+        migrations_gen = dom.kind_generation("migration")
+        if migrations_gen != self._migrations_gen:
+            self._migrations_gen = migrations_gen
+            self._migrations = _open_migrations(dom)
+        migrations = self._migrations
+        candidates = {vm.cluster for vm in dom.select(VmRec, "host", host)
+                      if vm.desired != "absent"}
+        for m in migrations:
+            if host in (m.source, m.dest):
+                candidates.add(m.vm.partition("/")[0])
+        segments = []
+        for cid in candidates:
+            key = (host, dom.generation("vm", "cluster", cid), dom.version_of("vcluster", cid),
+                   migrations_gen)
+            hit = self._memo.get(cid)
+            if hit is not None and hit[0] == key:
+                seg = hit[1]
+            else:
+                seg = None
+                c = dom.get(VClusterRec, cid)
+                if c is not None and c.vni:
+                    hs = holders(dom, cid, migrations)
+                    if host in hs:
+                        seg = segment_of(dom, c, host, hs)
+                self._memo[cid] = (key, seg)
+            if seg is not None:
+                segments.append(seg)
+        for cid in [c for c in self._memo if c not in candidates]:
+            del self._memo[cid]
+        return HostPlan(host=host, underlay=underlay_of(dom.get(HostRec, host)),
+                        segments=tuple(sorted(segments)))
