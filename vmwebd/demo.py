@@ -120,7 +120,10 @@ def main(argv=None) -> int:
         if not (cert_dir / "host.crt").exists():
             pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1", "localhost"])
         peers = (f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local" '
-                 f'members="{members}"/>')
+                 f'members="{members}"/>'
+                 # segments are planned and recorded (test driver); each host its own loopback
+                 # address, so the recorded forwarding entries name the other hosts
+                 f'<network underlay="127.0.0.{i + 1}" devices="record"/>')
         cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem,
                                 extra=peers, api_tls=args.api_tls)
         log = open(base / hid / "vmwebd.log", "ab")
