@@ -121,7 +121,7 @@ def _check_name(name, field_="name") -> str:
 class ClusterManager:
     def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0,
                  guest_mtu: int = addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
-                 live_hosts=None, liveness=None):
+                 live_hosts=None, liveness=None, placeable_hosts=None):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -133,8 +133,12 @@ class ClusterManager:
         self.new_token = lambda: secrets.token_hex(6)
         # Which hosts take new VMs, and how a host looks from here (the failure detector's view).
         self.live_hosts = live_hosts or (lambda: {host_id})
+        # New VMs go only where the failure detector says alive (not suspect: maybe frozen).
+        self.placeable_hosts = placeable_hosts or self.live_hosts
         self.members = lambda: (host_id,)
         self.liveness = liveness or (lambda h: "alive" if h == host_id else "unknown")
+        #: Changes whenever a host's liveness changes here (views show it; caches key on it).
+        self.view_generation = lambda: 0
 
     # -- templates ------------------------------------------------------------------------
     def templates(self) -> dict[str, Template]:
@@ -160,9 +164,37 @@ class ClusterManager:
             st = status_of(self.dom, vm)
             vms.append(VmView(vm.name, vm.role, vm.host, st.state if st else "pending", vm.desired,
                               vm.ip, vm.mac, vm.vcpus, vm.memory_mib,
-                              st.detail if st else "", st.restarts if st else 0))
+                              self._detail(vm, st), st.restarts if st else 0))
         return ClusterView(c.id, c.owner, c.template, c.count, _cluster_state(c, vms), c.vni,
                            network_text(c), bridge_name(c.vni) if c.vni else c.bridge, vms)
+
+    def host_state(self, host: str) -> str:
+        """How ``host`` looks from here: alive, suspect, dead, left or unknown."""
+        rec = self.dom.get(HostRec, host)
+        if rec is not None and rec.liveness == "left":
+            return "left"
+        return self.liveness(host)
+
+    def _detail(self, vm: VmRec, st) -> str:
+        """What a VM's view says besides its state: its host's own words (a hypervisor error),
+        and, while it is pending or its host is not alive, what it waits for and what to do."""
+        own = st.detail if st else ""
+        if vm.desired == "absent":
+            return own
+        host = vm.host
+        state = self.host_state(host)
+        pending = st is None or st.state == "pending"
+        if state == "alive":
+            return own or (f"waiting for host {host} to start it" if pending else "")
+        if state == "suspect":
+            why = (f"host {host} is suspect (not answering); if it is declared dead, a VM that "
+                   "never ran there is placed on a live host automatically")
+        else:
+            why = (f"host {host} is {state}; a VM that never ran there is placed on a live host "
+                   f"automatically, else an admin can run: vmweb host evacuate {host}")
+        if not pending:
+            why = f"last reported {st.state} by host {host}, which is {state} now"
+        return f"{why} ({own})" if own else why
 
     def clusters(self, owner: str | None = None) -> list[ClusterView]:
         recs = self.dom.select(VClusterRec, "owner", owner) if owner else self.dom.all(VClusterRec)
@@ -188,8 +220,9 @@ class ClusterManager:
         return host_loads(self.dom, self.live_hosts())
 
     def _place(self, vms: list[tuple[str, int, int]]) -> dict[str, str]:
-        return place(list(host_loads(self.dom, self.live_hosts(), placing=True).values()), vms, get_setting(self.dom, "placement"),
-                     float(get_setting(self.dom, "cpu_overcommit")))
+        """Hosts for new VMs, among those alive here (suspect and dead hosts get none)."""
+        return place(list(host_loads(self.dom, self.placeable_hosts(), placing=True).values()), vms,
+                     get_setting(self.dom, "placement"), float(get_setting(self.dom, "cpu_overcommit")))
 
     # -- writes ---------------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -114,7 +114,9 @@ class Node:
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
-                                      live_hosts=self.live_hosts, liveness=self.liveness)
+                                      live_hosts=self.live_hosts, liveness=self.liveness,
+                                      placeable_hosts=self.placeable_hosts)
+        self.manager.view_generation = lambda: self.membership_generation
         if self.net is None:
             self.net = make_devices(self.config, self.reactor)
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
@@ -129,6 +131,7 @@ class Node:
             overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")),
             clock=self.reactor)
         self.migrations.liveness = self.liveness
+        self.migrations.placeable_hosts = self.placeable_hosts
         self.migrations.allocator = self.allocator
         self.migrations.placement = lambda: get_setting(self.domsvc.dom, "placement")
         if cfg.migrate_uri and self.driver.supports_live_migration:
@@ -142,7 +145,7 @@ class Node:
         self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
         self.reconciler.start()
         self.migrations.start()
-        self._sweeper = task.LoopingCall(self.migrations.sweep)
+        self._sweeper = task.LoopingCall(self.sweep)
         self._sweeper.clock = self.reactor
         self._sweeper.start(SWEEP_SECONDS, now=False)
         self._balancer = task.LoopingCall(self.balance_tick)
@@ -209,6 +212,7 @@ class Node:
         port.complete = lambda: core.cvv
         client = PeerClient(self.reactor, tls.client_policy(creds))
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
+        self.gossip.listeners.append(self._member_changed)
         holder["svc"] = self.gossip
         self.gossip.start()
         self.migrations.push_to = lambda hosts: self.gossip.push_to(hosts)
@@ -258,10 +262,36 @@ class Node:
         return next((h.peer for h in self.domsvc.dom.all(HostRec) if h.id == host_id and h.peer), None)
 
     def live_hosts(self) -> set[str]:
-        """Hosts this host currently believes alive (itself always)."""
+        """Hosts this host does not believe gone: alive or suspect (itself always). What waits
+        on a host (a destroy, a migration's other side, an image holder) keeps trying these."""
         if self.gossip is None:
             return {self.host_id}
         return set(self.gossip.core.alive()) | {self.host_id}
+
+    def placeable_hosts(self) -> set[str]:
+        """Hosts that may be given new work (VMs placed, migrations' destinations, the
+        balancer's targets): those the failure detector here calls alive, not merely suspect (a
+        suspect host may be frozen, and what is placed there waits until it is declared dead)."""
+        if self.gossip is None:
+            return {self.host_id}
+        core = self.gossip.core
+        return {h for h in core.alive() if core.status_of(h) == "alive"} | {self.host_id}
+
+    #: Bumped on every change of a member's status here: views that say how hosts look from
+    #: here (a pending VM's reason) are cached by it.
+    membership_generation = 0
+
+    def _member_changed(self, node: str, old, new) -> None:
+        if new != old:
+            self.membership_generation += 1
+        if new in ("dead", "left") and old != new and getattr(self, "migrations", None) is not None:
+            self.migrations.host_down(node)
+
+    def sweep(self):
+        """Every SWEEP_SECONDS: migrations stuck on a gone host, and VMs that never ran on a
+        dead host (re-placed elsewhere)."""
+        return defer.DeferredList([self.migrations.sweep(), self.migrations.replace_never_ran()],
+                                  consumeErrors=True)
 
     def liveness(self, host_id: str) -> str:
         if host_id == self.host_id:

@@ -443,9 +443,11 @@ CACHED_READS: dict[str, tuple[str, ...]] = {
 }
 
 
-def read_cache_key(dom):
+def read_cache_key(dom, view_generation=lambda: 0):
     """The response-cache key of a user API call: the operation and its arguments (the request
-    body), who calls, and the generations of the DOM kinds the answer reads; None if not cached."""
+    body), who calls, the generations of the DOM kinds the answer reads, and
+    ``view_generation()`` (hosts' liveness as seen here, which a pending VM's detail names);
+    None if not cached."""
     def key_of(request, body: bytes):
         op = soap_operation(body)
         kinds = CACHED_READS.get(op)
@@ -453,11 +455,12 @@ def read_cache_key(dom):
             return None
         p = principal_of(request)
         return (op, hashlib.sha256(body).digest(), p.name, p.role,
-                tuple(dom.kind_generation(k) for k in kinds))
+                tuple(dom.kind_generation(k) for k in kinds), view_generation())
     return key_of
 
 
 def build_user_api(node, max_body_bytes: int):
     return build_soap_resource([make_user_service(node)], tns=TNS, name=SERVICE_NAME,
                                max_body_bytes=max_body_bytes,
-                               cache=ResponseCache(read_cache_key(node.domsvc.dom)))
+                               cache=ResponseCache(read_cache_key(
+                                   node.domsvc.dom, lambda: node.manager.view_generation())))

@@ -22,6 +22,11 @@ from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.store import DurableStore
 
 log = Logger()
+#: How long a local write's acknowledgement waits for the peers it was pushed to (seconds). A
+#: healthy peer answers within milliseconds; one that does not (frozen, overloaded, partitioned)
+#: must not hold every request for the transport's timeout. What it misses reaches it later by
+#: rumor or anti-entropy (docs/gossip.md, "Acknowledgement").
+PUSH_WAIT_S = 0.5
 
 
 def load_dom(directory: str | Path, clock: HybridClock, fsync: bool = True) -> tuple[Dom, DurableStore, int]:
@@ -54,6 +59,9 @@ class DomService:
         self.on_local_commit: list = []   # fn(entities) after local writes are durable
         self._waiter_check = None
         dom.subscribe(self._check_waiters)
+        self.push_wait = PUSH_WAIT_S
+        self.push_rounds = 0          # local writes whose push an acknowledgement waited for
+        self.push_waits_cut = 0       # ... of which the push was not answered within push_wait
 
     def commit(self, entities: list[etree._Element | None]) -> defer.Deferred:
         """Persists entity states already applied to the replica; fires when they are durable."""
@@ -86,14 +94,36 @@ class DomService:
 
         def spread(result):
             # Only once durable: a peer never learns of a change we could still lose. The caller
-            # (and so the user's acknowledgement) waits until the first push round is answered:
-            # an acknowledged change is on disk here and at the live peers it was pushed to.
+            # (and so the user's acknowledgement) waits for the first push round to be answered,
+            # but at most push_wait: an acknowledged change is on disk here, and at the peers it
+            # was pushed to that answer promptly (never held up by one that does not).
             ds = [fn(entities) for fn in list(self.on_local_commit)]
             ds = [d for d in ds if isinstance(d, defer.Deferred)]
             if not ds:
                 return result
-            return defer.DeferredList(ds, consumeErrors=True).addCallback(lambda _: result)
+            return self._bounded(defer.DeferredList(ds, consumeErrors=True)).addCallback(
+                lambda _: result)
         return self.commit(entities).addCallback(spread)
+
+    def _bounded(self, pushed: defer.Deferred) -> defer.Deferred:
+        """Fires when ``pushed`` does or ``push_wait`` seconds have passed, whichever is first;
+        ``pushed`` itself goes on (its sends keep their own timeout)."""
+        self.push_rounds += 1
+        out = defer.Deferred()
+
+        def expire():
+            self.push_waits_cut += 1
+            log.debug("a push was not answered within {s} s; acknowledging without it",
+                      s=self.push_wait)
+            out.callback(None)
+        timer = self.reactor.callLater(self.push_wait, expire)
+
+        def answered(_):
+            if timer.active():
+                timer.cancel()
+                out.callback(None)
+        pushed.addBoth(answered)
+        return out
 
     def barrier(self) -> defer.Deferred:
         """Fires once everything handed to the store before this call is on disk (the store's

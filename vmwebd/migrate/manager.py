@@ -22,7 +22,10 @@ While a migration is in flight both hosts' reconcilers leave that VM alone.
 
 A dead host's VMs cannot be migrated (nobody can read their memory or overlay). An admin's
 :meth:`MigrationManager.evacuate` re-places them on live hosts instead, booted afresh from their
-base image with the same addresses, each recorded as a migration of mode ``evacuate``.
+base image with the same addresses, each recorded as a migration of mode ``evacuate``. VMs that
+never ran on a dead host (nothing of theirs can be lost) are re-placed the same way without
+asking anyone (:meth:`MigrationManager.replace_never_ran`). Each creation of a VM is re-placed at
+most once, by whichever host wins its ``replaced/<vm>/<token>`` lease.
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ from lxml import etree
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec, status_of
+from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import (HostAlive, HypervisorError, InvalidArgument, MigrationBusy,
                            NoCapacity, NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
 from vmwebd.hv.images import fetch_file
+from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate.state import STALE_MS, TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.cluster import host_loads
@@ -52,6 +56,35 @@ PREPARE_TIMEOUT_S = 180.0
 #: How long the other host must stay out of the failure detector's live set before a migration
 #: waiting on it is failed: a loaded host flaps to "dead" for a few seconds and comes back.
 HOST_DOWN_GRACE_S = 60.0
+#: How long a host must have been dead (or gone) here before the VMs that never ran on it are
+#: re-placed without an admin: a loaded host flaps to "dead" and back within seconds.
+REPLACE_GRACE_S = 10.0
+REPLACED_PREFIX = "replaced/"
+#: A re-placement lease whose VM is gone is given back after this long (as the reconciler does
+#: for addresses whose holder never came to be): a replica may hold the lease before the VM.
+REPLACED_GRACE_MS = 300_000
+#: Re-placement leases given back per sweep at most (a sweep stays short).
+REPLACED_PER_SWEEP = 64
+
+
+def replace_key(vm: VmRec) -> str:
+    """The consensus lease that lets one host, once, re-place this creation of ``vm`` (its
+    token): held for as long as the VM lives, so a second re-placement of the same creation
+    (another host, or a replica that has not yet heard of the first) is refused by Paxos."""
+    return f"{REPLACED_PREFIX}{vm.id}/{vm.token}"
+
+
+def replace_holder(vm_id: str, mid: str) -> str:
+    """Who holds a re-placement lease: that move (unique: a lease is granted again to the same
+    holder, so two hosts must never ask with equal holders)."""
+    return f"replaced:{vm_id}#{mid}"
+
+
+def never_ran(dom, vm: VmRec) -> bool:
+    """Has ``vm`` (this creation of it) never been reported running? No status for its token,
+    or a status still ``pending``: nothing of it can be lost by booting it elsewhere."""
+    st = status_of(dom, vm)
+    return st is None or st.state == "pending"
 
 
 def _replace(rec, **kw):
@@ -89,6 +122,12 @@ class MigrationManager:
         self.allocator = None               # gives back addresses of VMs deleted by evacuate
         self.placement = lambda: "spread"
         self._down_since: dict[str, int] = {}
+        #: Hosts that may receive VMs (the failure detector's alive, not suspect ones).
+        self.placeable_hosts = live_hosts
+        self.replace_grace_s = REPLACE_GRACE_S
+        self._dead_since: dict[str, int] = {}
+        self._replacing = False
+        self.replaced = 0          # VMs this host re-placed because they never ran on a dead host
 
     # -- requests (any host) ---------------------------------------------------------------
     def _vm(self, cluster: str, vm: str) -> VmRec:
@@ -101,7 +140,7 @@ class MigrationManager:
         return rec
 
     def _loads(self, exclude: str) -> dict[str, HostLoad]:
-        loads = host_loads(self.dom, self.live_hosts(), exclude, placing=True)
+        loads = host_loads(self.dom, self.placeable_hosts(), exclude, placing=True)
         # Capacity already promised to migrations under way counts as used.
         for m in in_flight(self.dom, self.now_ms()).values():
             vm = self.dom.get(VmRec, m.vm)
@@ -121,7 +160,8 @@ class MigrationManager:
             if dest in drained_hosts(self.dom):
                 raise NoCapacity(f"host {dest!r} is being drained, so VM {vm.id!r} cannot move there")
             if dest not in loads:
-                raise NoCapacity(f"host {dest!r} is not alive, so VM {vm.id!r} cannot move there")
+                raise NoCapacity(f"host {dest!r} is not alive ({self.liveness(dest)} as host "
+                                 f"{self.host_id} sees it), so VM {vm.id!r} cannot move there")
             if not loads[dest].fits(oc, vm.vcpus, vm.memory_mib):
                 h = loads[dest]
                 raise NoCapacity(f"host {dest!r} cannot take VM {vm.id!r} ({vm.vcpus} vCPUs, "
@@ -240,34 +280,11 @@ class MigrationManager:
         plan = place(list(self._loads(exclude=host).values()),
                      [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep], self.placement(),
                      self.overcommit()) if keep else {}
-        mids = {vm.id: self.new_id() for vm in keep}
-        claims = {lease_key(vm.id): lease_holder(vm.id, mids[vm.id]) for vm in keep}
-        if claims:
-            try:
-                yield self.table.acquire(claims)
-            except LeaseConflict as e:
-                raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
-                                    "again once that move has ended") from None
-        # Under the leases, what our replica says now: a VM another evacuation (at another host)
-        # has already re-placed is not re-placed twice.
-        keep = [cur for vm in keep if (cur := self.dom.get(VmRec, vm.id)) is not None
-                and cur.host == host and cur.token == vm.token]
-        moves, recs = [], []
-        for vm in keep:
-            moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
-                                      phase="done", mode="evacuate", requested_by=requested_by,
-                                      started_at=now, finished_at=now))
-            # A new token: the status its dead host wrote is not this creation's.
-            recs.append(_replace(vm, host=plan[vm.id], token=secrets.token_hex(4)))
         try:
-            if recs:
-                # The VMs' new hosts first, then the records of the moves (as _done does).
-                yield self.domsvc.put(*recs, *moves)
-        finally:
-            if claims:
-                yield self.table.release(claims).addErrback(
-                    lambda f: log.warn("evacuation of {host}: leases not given back now ({err}); "
-                                       "the reconciler will", host=host, err=f.getErrorMessage()))
+            moves = yield self._re_place(host, keep, plan, requested_by, now)
+        except LeaseConflict as e:
+            raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
+                                "again once that move has ended") from None
         for vm in gone:
             c = self.dom.get(VClusterRec, vm.cluster)
             if self.allocator is not None:
@@ -278,6 +295,136 @@ class MigrationManager:
         log.info("host {host} evacuated by {who}: {n} VMs re-placed ({where}), {g} being removed "
                  "deleted", host=host, who=requested_by or "?", n=len(moves),
                  where=", ".join(f"{m.vm}->{m.dest}" for m in moves) or "none", g=len(gone))
+        return moves
+
+    @defer.inlineCallbacks
+    def _claim(self, vms: list[VmRec], mids: dict[str, str]):
+        """Takes, in one consensus round, each VM's migration lease and its re-placement lease
+        (:func:`replace_key`). A VM whose re-placement lease is taken already was re-placed by
+        another host: it is dropped and the round retried without it (at most once per VM).
+        Fires with (the claims held, the VMs kept); a migration lease held by someone else fails
+        with LeaseConflict."""
+        keep = list(vms)
+        for _ in range(len(vms) + 1):
+            claims = {}
+            for vm in keep:
+                claims[lease_key(vm.id)] = lease_holder(vm.id, mids[vm.id])
+                # Held while the VM lives (given back by release_replaced once it is gone): no
+                # later replica can re-place this creation again.
+                claims[replace_key(vm)] = replace_holder(vm.id, mids[vm.id])
+            if not claims:
+                return {}, []
+            try:
+                yield self.table.acquire(claims)
+                return claims, keep
+            except LeaseConflict as e:
+                if not e.key.startswith(REPLACED_PREFIX):
+                    raise
+                log.info("{key} is held by {holder}: that VM was re-placed already", key=e.key,
+                         holder=e.holder)
+                keep = [vm for vm in keep if replace_key(vm) != e.key]
+        return {}, []
+
+    @defer.inlineCallbacks
+    def _re_place(self, host: str, vms: list[VmRec], plan: dict[str, str], requested_by: str,
+                  now: int, still=lambda vm: True) -> list[MigrationRec]:
+        """Gives ``vms`` of gone ``host`` the hosts in ``plan``, under their leases: each keeps its
+        name and addresses and gets a new token (the status the old host wrote is not this
+        creation's), recorded with a migration of mode ``evacuate``, phase ``done``. Only VMs
+        that, under the leases, our replica still puts on ``host`` with the same token (and for
+        which ``still(vm)`` holds) are moved. Fires with the moves."""
+        mids = {vm.id: self.new_id() for vm in vms}
+        claims, keep = yield self._claim(vms, mids)
+        # Under the leases, what our replica says now.
+        moving = [cur for vm in keep if (cur := self.dom.get(VmRec, vm.id)) is not None
+                  and cur.host == host and cur.token == vm.token and cur.desired != "absent"
+                  and still(cur)]
+        moved_ids = {vm.id for vm in moving}
+        # Leases given back at the end: the migration leases, and the re-placement leases of
+        # the VMs not moved after all (those of the moved stay held while the VM lives).
+        back = {k: h for k, h in claims.items()
+                if not k.startswith(REPLACED_PREFIX) or parse_holder(h)[1] not in moved_ids}
+        moves, recs = [], []
+        for vm in moving:
+            moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
+                                      phase="done", mode="evacuate", requested_by=requested_by,
+                                      started_at=now, finished_at=now))
+            recs.append(_replace(vm, host=plan[vm.id], token=secrets.token_hex(4)))
+        try:
+            if recs:
+                # The VMs' new hosts first, then the records of the moves (as _done does).
+                yield self.domsvc.put(*recs, *moves)
+        except Exception:
+            back = claims     # nothing was written: nothing is re-placed
+            raise
+        finally:
+            if back:
+                yield self.table.release(back).addErrback(
+                    lambda f: log.warn("re-placing VMs of {host}: leases not given back now "
+                                       "({err}); the reconciler will", host=host,
+                                       err=f.getErrorMessage()))
+        return moves
+
+    # -- VMs that never ran on a dead host (automatic) ------------------------------------
+    def host_down(self, host: str) -> None:
+        """The failure detector here just declared ``host`` dead (or it left): its VMs that
+        never ran are re-placed once it has stayed so for ``replace_grace_s``."""
+        self._dead_since.setdefault(host, int(self.now_ms()))
+        self.clock.callLater(self.replace_grace_s, self._replace_later)
+
+    def _replace_later(self) -> None:
+        self.replace_never_ran().addErrback(
+            lambda f: log.failure("re-placing VMs that never ran, on {host}", failure=f,
+                                  host=self.host_id))
+
+    @defer.inlineCallbacks
+    def replace_never_ran(self):
+        """Re-places the VMs that never ran on a host dead here for ``replace_grace_s`` or more
+        (see :func:`never_ran`) on live hosts, as :meth:`evacuate` does, without asking anyone.
+        A VM that ran there stays (it may have written to its disk: an admin's evacuate).
+        Fires with the moves made; VMs that do not fit now are tried again at the next sweep."""
+        if self._replacing:
+            return []
+        self._replacing = True
+        moves = []
+        try:
+            now = int(self.now_ms())
+            for rec in sorted(self.dom.all(HostRec), key=lambda h: h.id):
+                host = rec.id
+                state = "left" if rec.liveness == "left" else self.liveness(host)
+                if host == self.host_id or state not in ("dead", "left"):
+                    self._dead_since.pop(host, None)
+                    continue
+                since = self._dead_since.setdefault(host, now)
+                if now - since < self.replace_grace_s * 1000:
+                    continue
+                flying = in_flight(self.dom, now)
+                vms = sorted((vm for vm in self.dom.select(VmRec, "host", host)
+                              if vm.desired != "absent" and vm.id not in flying
+                              and never_ran(self.dom, vm)), key=lambda v: v.id)
+                if not vms:
+                    continue
+                try:
+                    plan = place(list(self._loads(exclude=host).values()),
+                                 [(vm.id, vm.vcpus, vm.memory_mib) for vm in vms],
+                                 self.placement(), self.overcommit())
+                    done = yield self._re_place(host, vms, plan, "auto: never ran", now,
+                                                still=lambda vm: never_ran(self.dom, vm))
+                except (VmwebError, LeaseConflict) as e:
+                    log.warn("VMs that never ran on dead host {host} not re-placed now: {err}",
+                             host=host, err=e)
+                    continue
+                if done:
+                    self.replaced += len(done)
+                    self.push_to(sorted({m.dest for m in done}))
+                    log.info("host {host} is dead: {n} VMs that never ran there re-placed by "
+                             "{me} ({where})", host=host, n=len(done), me=self.host_id,
+                             where=", ".join(f"{m.vm}->{m.dest}" for m in done))
+                moves += done
+        finally:
+            self._replacing = False
+        if moves:
+            self.reconciler.kick()
         return moves
 
     def get(self, mid: str) -> MigrationRec:
@@ -338,13 +485,33 @@ class MigrationManager:
         old = expired(migrations, self.host_id, now)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
+        ds.append(self.release_replaced())
         return defer.DeferredList(ds, consumeErrors=True)
+
+    def release_replaced(self) -> defer.Deferred:
+        """Gives back re-placement leases whose VM is gone (after REPLACED_GRACE_MS): any host
+        may (a release is a compare-and-set on the holder, so two hosts doing it is harmless)."""
+        now = self.now_ms()
+        stale = {}
+        for key in self.dom.ids("lease"):
+            if not key.startswith(REPLACED_PREFIX):
+                continue
+            lease = self.dom.get(LeaseRec, key)
+            if lease is None or not lease.holder or now - lease.granted_at < REPLACED_GRACE_MS:
+                continue
+            if self.dom.get(VmRec, parse_holder(lease.holder)[1]) is None:
+                stale[key] = lease.holder
+                if len(stale) >= REPLACED_PER_SWEEP:
+                    break
+        if not stale:
+            return defer.succeed(None)
+        return self.table.release(stale)
 
     # -- the load balancer (docs/balancer.md) ---------------------------------------------
     def balancer_inputs(self):
         """Hosts and VMs as this replica sees them, in the balancer's terms."""
         from vmwebd.migrate import balancer as bal
-        live = self.live_hosts()
+        live = self.placeable_hosts()
         hosts = {h.id: h for h in self.dom.all(HostRec) if h.liveness != "left" and h.cpus > 0}
         used = {h: [0, 0] for h in hosts}
         last_moved: dict[str, int] = {}

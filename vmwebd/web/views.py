@@ -266,8 +266,10 @@ def _vm_row(cluster: str, v, csrf) -> Markup:
     return el("tr",
               el("td", v.name, data_label="VM"), el("td", v.role, data_label="Role"),
               el("td", v.host, data_k=f"{k}:host", data_label="Host"),
+              # The detail span is always there: the polling script fills it in when a VM gets
+              # one later (a host not answering, a hypervisor error).
               el("td", badge(v.state, f"{k}:state"),
-                 el("span", v.detail, class_="detail", data_k=f"{k}:detail") if v.detail else None,
+                 el("span", v.detail, class_="detail", data_k=f"{k}:detail"),
                  data_label="State"),
               el("td", v.ip, data_label="IP"), el("td", v.mac, class_="mac", data_label="MAC"),
               el("td", str(v.vcpus), data_label="vCPU"), el("td", _mib(v.memory_mib), data_label="Memory"),
