@@ -2,7 +2,9 @@
 
 Readable tables by default, ``--json`` for scripts. A fault prints one line
 (``vmweb: Client.NoSuchCluster: no virtual cluster named 'x'``) and exits 1; an unreachable host
-exits 2.
+exits 2. ``cluster create`` and ``cluster scale`` wait for the VMs (unless ``--no-wait``) and exit 3
+when some cannot come up now (one line each: which host, why, what to do), 4 when ``--timeout``
+passed with VMs still coming up (see EXIT_CODES).
 
 Credentials (HTTP Basic), first found wins: ``--user``/``--password``; ``$VMWEB_USER`` and
 ``$VMWEB_PASSWORD``; a file of one line ``user:password`` named by ``--credentials`` or
@@ -22,6 +24,23 @@ import sys
 import time
 
 DEFAULT_HOST = "127.0.0.1:8470"
+#: ``cluster create`` / ``scale`` (waiting): some VMs cannot come up now (an error on their host,
+#: or pending on a host that is not alive, or being removed by one).
+EXIT_STUCK = 3
+#: ``cluster create`` / ``scale`` (waiting): ``--timeout`` passed with VMs still coming up.
+EXIT_TIMEOUT = 4
+#: Once every VM still pending is on a host that is not alive, the wait goes on this long (s)
+#: before giving up on them: a host declared dead has the VMs that never ran on it re-placed on
+#: live hosts by the grid itself (docs/migration.md) well within it.
+STUCK_GRACE = 60.0
+EXIT_CODES = f"""exit status:
+  0  done (cluster create/scale: every VM runs)
+  1  the grid refused the request (the line says why)
+  2  no vmwebd reached at --host, or its certificate did not verify
+  {EXIT_STUCK}  cluster create/scale: some VMs cannot come up now (in error, or on a host that is
+     not alive); one line per VM names its host, why and what to do (wait for the host, or an
+     admin's vmweb host evacuate HOST)
+  {EXIT_TIMEOUT}  cluster create/scale: --timeout passed with VMs still coming up (they go on)"""
 
 
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -48,7 +67,8 @@ def show_cluster(c: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vmweb", description="Manage virtual clusters on a vmweb grid.")
+    ap = argparse.ArgumentParser(prog="vmweb", description="Manage virtual clusters on a vmweb grid.",
+                                 epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--host", default=os.environ.get("VMWEB_HOST", DEFAULT_HOST),
                     help=f"any vmweb host's user API: https://HOST:PORT, or HOST:PORT for plain HTTP "
                          f"(default $VMWEB_HOST or {DEFAULT_HOST})")
@@ -237,31 +257,83 @@ def waiting_on(client, name: str) -> str:
                    f"gone for good, an admin can run: vmweb host evacuate {h}" for h, vs in sorted(stuck.items()))
 
 
-def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr) -> dict:
-    """Polls the cluster until no VM is pending, showing progress; bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
+def _stuck_line(name: str, v: dict, state: str) -> str:
+    """One line for a VM that cannot come up now: which host, why, what to do."""
+    h = v["host"]
+    if v["desired"] == "absent":
+        return (f"vmweb: {name}/{v['name']}: being removed by host {h}, which is {state}: wait for "
+                f"it to come back, or an admin can run: vmweb host evacuate {h}")
+    if v["state"] == "error":
+        return (f"vmweb: {name}/{v['name']}: failed on host {h}: {v.get('detail') or 'no detail'}; "
+                f"host {h} tries again at its next pass (vmweb cluster show {name})")
+    return (f"vmweb: {name}/{v['name']}: pending on host {h}, which is {state} (not answering): "
+            f"wait for host {h} to come back, or an admin can run: vmweb host evacuate {h}")
+
+
+def wait_for_boot(client, name: str, timeout: float, quiet: bool, out=sys.stderr,
+                  stuck_grace: float = STUCK_GRACE, clock=time.monotonic,
+                  sleep=time.sleep) -> tuple[dict, int]:
+    """Polls the cluster until no VM is pending, showing progress; fires with the cluster and
+    an exit status. Stops early (EXIT_STUCK, a line per VM) when what is left cannot come up
+    now: VMs in error, and VMs pending on (or being removed by) hosts that are not alive for
+    ``stuck_grace`` seconds; and at ``timeout`` in any case (EXIT_TIMEOUT)."""
+    deadline = clock() + timeout
     tty = out.isatty()
     last = None
+    stuck_since = None
+
+    def end():
+        if not quiet and tty:
+            out.write("\n")
+
     while True:
         c = client.call("GetCluster", name)
-        vms = [v for v in c["vms"] or [] if v["desired"] != "absent"]
+        every = c["vms"] or []
+        vms = [v for v in every if v["desired"] != "absent"]
         up = sum(1 for v in vms if v["state"] == "running")
-        err = sum(1 for v in vms if v["state"] == "error")
-        line = f"{name}: {up}/{len(vms)} VMs running" + (f", {err} failed" if err else "")
+        errors = [v for v in vms if v["state"] == "error"]
+        line = f"{name}: {up}/{len(vms)} VMs running" + (f", {len(errors)} failed" if errors else "")
         if not quiet and line != last:
             out.write(("\r" + line) if tty else line + "\n")
             out.flush()
             last = line
-        if all(v["state"] not in ("pending",) for v in vms) and c["state"] != "scaling":
-            if not quiet and tty:
-                out.write("\n")
-            return c
-        if time.monotonic() > deadline:
-            if not quiet and tty:
-                out.write("\n")
-            out.write(f"vmweb: gave up waiting after {timeout:.0f} s; the cluster keeps coming up\n")
-            return c
-        time.sleep(0.3)
+        # What is still coming (VMs pending) or going (VMs being removed).
+        waiting = [v for v in every if v["state"] == "pending" or v["desired"] == "absent"]
+        if not waiting:
+            end()
+            for v in errors:
+                out.write(_stuck_line(name, v, "alive") + "\n")
+            return c, EXIT_STUCK if errors else 0
+        liveness = {h["id"]: h["liveness"] for h in client.call("ListHosts") or []}
+        away = [v for v in waiting if liveness.get(v["host"], "unknown") != "alive"]
+        now = clock()
+        if len(away) == len(waiting):
+            if stuck_since is None:
+                stuck_since = now
+                hosts = sorted({v["host"] for v in away})
+                if not quiet and stuck_grace > 0:
+                    end()
+                    out.write(f"vmweb: {len(away)} VMs wait for host(s) {', '.join(hosts)}, not "
+                              f"alive; waiting up to {stuck_grace:.0f} s for them to answer or "
+                              f"for the grid to place VMs that never ran there elsewhere\n")
+                    last = None
+            if now - stuck_since >= stuck_grace:
+                end()
+                for v in errors + away:
+                    out.write(_stuck_line(name, v, liveness.get(v["host"], "unknown")) + "\n")
+                return c, EXIT_STUCK
+        else:
+            stuck_since = None
+        if now > deadline:
+            end()
+            out.write(f"vmweb: gave up waiting after {timeout:.0f} s with {len(waiting)} VMs still "
+                      f"coming up or going (they go on: vmweb cluster show {name})\n")
+            for v in waiting:
+                state = liveness.get(v["host"], "unknown")
+                if state != "alive":
+                    out.write(_stuck_line(name, v, state) + "\n")
+            return c, EXIT_TIMEOUT
+        sleep(0.3)
 
 
 LOCAL_COMMANDS = ("init",)
@@ -399,14 +471,18 @@ def run(args, client, out=sys.stdout) -> int:
     elif args.cmd == "cluster":
         if args.action == "create":
             c = client.call("CreateCluster", args.name, args.template, args.owner, args.count)
+            code = 0
             if not args.no_wait:
-                c = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
+                c, code = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
             emit(c, show_cluster(c))
+            return code
         elif args.action == "scale":
             c = client.call("ScaleCluster", args.name, args.count)
+            code = 0
             if not args.no_wait:
-                c = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
+                c, code = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
             emit(c, show_cluster(c))
+            return code
         elif args.action == "destroy":
             state = client.call("DestroyCluster", args.name)
             emit({"name": args.name, "state": state}, f"cluster {args.name} {state}"
