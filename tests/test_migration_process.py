@@ -309,3 +309,35 @@ def test_draining_a_host_moves_its_vms_away_and_keeps_new_ones_off_until_undrain
                30, "host1 to see its drain ended")
     again = grid.client(0).call("CreateCluster", "drn3", "lab", "bob", 4)
     assert "host1" in {v["host"] for v in again["vms"]}
+
+
+@pytest.mark.slow
+def test_vms_placed_on_a_host_frozen_just_before_a_create_run_elsewhere_once_it_is_dead(grid):
+    """host3 stops answering (SIGSTOP) just before a create at host1 that still places VMs on it:
+    the create is answered without waiting for host3, its VMs there never ran and, once host3 is
+    dead, each is re-placed by exactly one host with its IP and MAC; VMs that ran on host3 stay."""
+    import signal
+    grid.client(0).call("CreateCluster", "ran", "lab", "alice", 7)
+    ran_on3 = {v["name"]: v for v in running_everywhere(grid, "ran", 7)[0]["vms"] if v["host"] == "host3"}
+    assert ran_on3, "spread placement puts VMs of 'ran' on host3"
+    host3 = grid.daemons[2].proc
+    host3.send_signal(signal.SIGSTOP)
+    try:
+        c = grid.client(0).call("CreateCluster", "fresh", "lab", "alice", 12)
+        fresh_on3 = {v["name"]: v for v in c["vms"] if v["host"] == "host3"}
+        assert fresh_on3, "host3 was still alive at host1 when the create placed its VMs"
+        c = running_everywhere(grid, "fresh", 12, hosts=(0, 1))[0]
+        for v in c["vms"]:
+            assert v["host"] in ("host1", "host2"), v
+            if v["name"] in fresh_on3:
+                assert (v["ip"], v["mac"]) == (fresh_on3[v["name"]]["ip"], fresh_on3[v["name"]]["mac"])
+        moves = [m for m in grid.client(1).call("ListMigrations") or [] if m["vm"].startswith("fresh/")]
+        assert sorted(m["vm"] for m in moves) == sorted(f"fresh/{n}" for n in fresh_on3)   # one each
+        assert {(m["mode"], m["source"], m["phase"], m["requested_by"]) for m in moves} == \
+            {("evacuate", "host3", "done", "auto: never ran")}
+        # What ran on host3 waits for it (or an admin's evacuate), with its host named.
+        for v in grid.client(0).call("GetCluster", "ran")["vms"]:
+            if v["name"] in ran_on3:
+                assert v["host"] == "host3" and "host host3, which is dead" in v["detail"], v
+    finally:
+        host3.send_signal(signal.SIGCONT)
