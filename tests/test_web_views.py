@@ -294,3 +294,29 @@ def test_admin_drains_and_undrains_a_host_from_the_host_view(start_node):
     assert "Host host1 takes new VMs again." in r.text and 'data-state="draining"' not in r.text
     c = yield node.manager.create("drw2", "lab", "bob", 1)
     assert [v.host for v in c.vms] == ["host1"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_pending_vm_says_on_the_page_which_host_it_waits_for_and_why(start_node):
+    """A VM placed on a host that is no longer alive shows, on the owner page and in the page's
+    live data, its host, that host's state and what to do."""
+    import dataclasses
+    from vmwebd.dom.records import HostRec, VmRec
+    h = yield start_node()
+    node = h.node
+    node.migrations.replace_grace_s = 3600     # keep it where it is for this test
+    yield node.manager.create("pw", "lab", "bob", 1)
+    vm = next(v for v in node.domsvc.dom.all(VmRec) if v.cluster == "pw")
+    # Re-made for host9 (a new creation token: nothing reported for it yet), which then left.
+    yield node.domsvc.put(HostRec(id="host9", liveness="left", cpus=4, memory_mib=8192),
+                          dataclasses.replace(vm, host="host9", token="0badc0de"))
+
+    def fetch():
+        b = Browserless(node.api_address)
+        assert b.login("bob", password_of("bob")).status_code == 303
+        return b.s.get(b.base + "/owner", timeout=10).text, b.s.get(b.base + "/state.json", timeout=10).json()
+    page, live = yield threads.deferToThread(fetch)
+    why = "host host9 is left; a VM that never ran there is placed on a live host automatically"
+    span = re.search(r'<span class="detail" data-k="v:pw/pc0:detail">([^<]*)</span>', page)
+    assert span and why in span.group(1), page[:3000]
+    assert why in live["cells"]["v:pw/pc0:detail"] and live["cells"]["v:pw/pc0:state"] == "pending"
