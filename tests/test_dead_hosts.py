@@ -307,6 +307,17 @@ def test_a_creation_is_re_placed_at_most_once_even_by_a_stale_replica(gossiping,
     again = yield node.migrations.replace_never_ran()
     assert again == []
     assert all(dom.get(VmRec, i) == old[i] for i in on_z)     # untouched: another host did it
+    # The leases stay while the VMs live, and are given back (after a grace, 0 here) once gone.
+    held = [replace_key(old[i]) for i in on_z]
+    node.migrations.replaced_grace_ms = 0
+    yield node.migrations.release_replaced()
+    assert all(dom.get(LeaseRec, k) is not None for k in held)
+    yield node.manager.destroy("once")
+    yield node.migrations.evacuate(FROZEN)     # deletes what waited on the dead host
+    assert all(dom.get(VmRec, i) is None for i in on_z)
+    yield node.migrations.release_replaced()
+    assert [k for k in held if dom.get(LeaseRec, k) is not None] == []
+    yield node.reconciler.idle()      # the destroy's last pass, before the host stops
 
 
 @pytest_twisted.inlineCallbacks

@@ -125,6 +125,7 @@ class MigrationManager:
         #: Hosts that may receive VMs (the failure detector's alive, not suspect ones).
         self.placeable_hosts = live_hosts
         self.replace_grace_s = REPLACE_GRACE_S
+        self.replaced_grace_ms = REPLACED_GRACE_MS
         self._dead_since: dict[str, int] = {}
         self._replacing = False
         self.replaced = 0          # VMs this host re-placed because they never ran on a dead host
@@ -497,7 +498,7 @@ class MigrationManager:
             if not key.startswith(REPLACED_PREFIX):
                 continue
             lease = self.dom.get(LeaseRec, key)
-            if lease is None or not lease.holder or now - lease.granted_at < REPLACED_GRACE_MS:
+            if lease is None or not lease.holder or now - lease.granted_at < self.replaced_grace_ms:
                 continue
             if self.dom.get(VmRec, parse_holder(lease.holder)[1]) is None:
                 stale[key] = lease.holder
