@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test bootstrap bench clean
+.PHONY: demo test test-py313 bootstrap bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -12,6 +12,12 @@ demo: bootstrap
 
 test: bootstrap
 	@$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast tier (everything not marked slow) on Python 3.13, in its own virtualenv .venv-3.13,
+# from pyenv or PATH (scripts/find-python.sh).
+test-py313: bootstrap
+	@py=$$(scripts/find-python.sh 3.13) && VENV=.venv-3.13 PYTHON=$$py bash scripts/bootstrap.sh
+	@.venv-3.13/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: bootstrap
 	@$(PY) bench/provision.py
@@ -24,4 +30,4 @@ bench: bootstrap
 	@$(PY) bench/network.py
 
 clean:
-	rm -rf .demo .pytest_cache
+	rm -rf .demo .pytest_cache .venv-3.13

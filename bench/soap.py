@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
 from spyne import Service, Unicode, rpc
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"

@@ -40,12 +40,15 @@ if ! getent group libvirt-qemu >/dev/null || ! getent passwd libvirt-qemu >/dev/
     || $SUDO useradd -r -M -d /var/lib/libvirt -s /usr/sbin/nologin -g libvirt-qemu libvirt-qemu
 fi
 
+# PYTHON: the interpreter the virtualenv is made from (default python3); VENV: where (default
+# .venv). `make test-py313` uses both for its second virtualenv.
 PY=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+VENV=${VENV:-.venv}
+stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test]'
-  rm -f .venv/.installed-*
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 import zeep
 from lxml import etree
+import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
 from spyne import Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol

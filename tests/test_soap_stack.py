@@ -7,12 +7,15 @@ the reactor's thread pool through deferToThread, so the reactor keeps serving wh
 from __future__ import annotations
 
 import http.client
+import importlib
+import sys
 from urllib.parse import urlsplit
 
 import pytest
 import pytest_twisted
 import zeep
 from lxml import etree
+import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
 from spyne import Integer, Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher
@@ -365,3 +368,26 @@ def test_get_without_wsdl_is_refused(server):
     status, body = yield http_request(server, "GET")
     assert status == 405
     assert faultcode_of(body)[0] == "Client.MalformedRequest"
+
+
+def test_spynes_six_moves_import_through_our_finder_on_every_python():
+    """spyne's bundled six answers only the import protocol Python 3.12 dropped: its ``moves``
+    modules are found by our finder (on 3.11 too, so every version runs the same path), and they
+    are what spyne expects."""
+    import collections.abc
+    import importlib.util
+    import urllib.parse
+
+    compat.prepare_imports()
+    compat.prepare_imports()
+    assert sum(isinstance(f, compat._SixMovesFinder) for f in sys.meta_path) == 1
+    for name, real in (("spyne.util.six.moves.collections_abc", collections.abc),
+                       ("spyne.util.six.moves.urllib.parse", None)):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and isinstance(spec.loader, compat._SixMovesLoader), name
+        module = importlib.import_module(name)
+        if real is not None:
+            assert module is real
+    from spyne.util.six.moves.urllib.parse import urlsplit
+    assert urlsplit is urllib.parse.urlsplit
+    assert importlib.util.find_spec("spyne.util.six.moves.no_such_move") is None

@@ -35,16 +35,77 @@ found``); and it writes answers through a pull producer that finishes the reques
 pull, so a connection lost in between logs ``Producer was not unregistered``, and one lost before
 the answer makes it raise on the dead request. A bare ``TwistedWebResource`` still has both faults.
 
-Not fixed because nothing breaks on Python 3.11: spyne imports the deprecated ``cgi`` module
-(removed in 3.13) and its bundled ``six`` importer triggers ``ImportWarning``s (its
-``find_module`` fallback is gone in 3.12). Both must be revisited before moving past 3.11.
+Two more concern the Python version, and must be in place before spyne is first imported:
+:func:`prepare_imports` installs them, and ``vmwebd/api/__init__.py`` calls it, so importing any
+module of this package first is enough (code importing spyne directly imports ``vmwebd.api``
+before it).
+
+5. spyne bundles an old ``six`` (``spyne.util.six``, with names of spyne's own that the released
+   six lacks) whose ``six.moves`` importer implements only ``find_module``, which the import
+   system stopped calling in Python 3.12: every spyne import fails with ``No module named
+   'spyne.util.six.moves'``. Fix: a finder ahead of it that answers ``find_spec`` for the names
+   that importer knows and loads them through it (its ``load_module``). Installed on every Python
+   version, so 3.11 runs the same code as 3.12 and 3.13.
+
+6. spyne imports ``cgi``, removed from the standard library in Python 3.13. Fix: the
+   ``legacy-cgi`` package (a dependency on 3.13 and later) provides the same module; nothing to
+   patch here, but :func:`prepare_imports` fails early with a message naming it when it is missing.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import sys
 
 _applied = False
+_prepared = False
+_SIX_MOVES = "spyne.util.six.moves"
+
+
+def prepare_imports() -> None:
+    """Fixes 1, 5 and 6: what must hold before spyne is first imported (idempotent)."""
+    global _prepared
+    if _prepared:
+        return
+    _alias_twisted_constants()
+    _install_six_moves_finder()
+    try:
+        import cgi  # noqa: F401  (spyne needs it; the standard library's until 3.12)
+    except ImportError:
+        raise ImportError("spyne needs the cgi module, removed from Python 3.13's standard "
+                          "library: install the legacy-cgi package (pip install legacy-cgi)") from None
+    _prepared = True
+
+
+def _install_six_moves_finder() -> None:
+    if not any(isinstance(f, _SixMovesFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SixMovesFinder())
+
+
+class _SixMovesFinder(importlib.abc.MetaPathFinder):
+    """``find_spec`` for the ``spyne.util.six.moves[.X]`` modules spyne's six knows."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith(_SIX_MOVES):
+            return None
+        six = sys.modules.get("spyne.util.six")
+        importer = getattr(six, "_importer", None)
+        if importer is None or fullname not in getattr(importer, "known_modules", {}):
+            return None
+        return importlib.util.spec_from_loader(fullname, _SixMovesLoader(importer))
+
+
+class _SixMovesLoader(importlib.abc.Loader):
+    def __init__(self, importer):
+        self.importer = importer
+
+    def create_module(self, spec):
+        return self.importer.load_module(spec.name)
+
+    def exec_module(self, module) -> None:
+        pass
 
 
 def apply() -> None:
@@ -52,7 +113,7 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    _alias_twisted_constants()
+    prepare_imports()
     # Import only after the alias exists: this import is what fix 1 repairs.
     from spyne.server.twisted import http as spyne_http
 
