@@ -20,7 +20,7 @@ from vmwebd.dom.records import VClusterRec
 from vmwebd.errors import MalformedRequest
 from vmwebd.gossip import pki, tls
 from vmwebd.gossip.codec import decode, encode
-from vmwebd.gossip.messages import (Ack, Envelope, Gossip, MemberState, Ping, PingReq, Sync,
+from vmwebd.gossip.messages import (Ack, Bundle, Envelope, Gossip, MemberState, Ping, PingReq, Sync,
                                     SyncDelta, SyncReply)
 from vmwebd.gossip.service import PeerClient, soap_body
 from vmwebd.dom.hlc import Version
@@ -44,6 +44,8 @@ def _entity():
     paxos.Accepted("op1", Version(5, 1, "h1")),
     paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y", "b": None}),
     paxos.Nack("op1", Version(5, 1, "h1"), Version(6, 0, "h2")),
+    Bundle((paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y"}),
+            paxos.Prepare("op2", Version(5, 2, "h1"), ("b",)))),
 ])
 def test_every_message_kind_round_trips(msg):
     """Each message kind, with piggybacked rumors, decodes to what was encoded."""
@@ -65,6 +67,8 @@ def test_every_message_kind_round_trips(msg):
     ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><gossip/><member node="h2" addr="x" inc="0" status="zombie"/></env>', "member/@status"),
     ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><sync><cvv origin="h1" stamp="12"/></sync></env>', "cvv/@stamp"),
     ('<other xmlns="urn:vmweb:peer:1"/>', "expected"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle><ping seq="1" target="h2"/></bundle></env>', "bundle/ping"),
+    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle/></env>', "bundle is empty"),
 ])
 def test_malformed_envelopes_name_the_field(xml, field):
     """A malformed envelope is refused with MalformedRequest naming the faulty field."""
@@ -261,3 +265,17 @@ def test_a_service_hands_back_its_replies_to_the_sender_and_sends_the_rest():
     svc.receive(Envelope("host2", "127.0.0.1:2", "host1", Ping(4, "host1"))).addCallback(plain.append)
     assert plain == [None]
     assert any(env.dst == "host2" and env.msg == Ack(4, "host1") for env in sends.sent)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_peer_endpoint_says_it_reads_bundles(counting_peer, pki_dir):
+    """Deliver answers carry X-Vmweb-Bundles: after one exchange the client knows it may send
+    that peer several consensus messages in one envelope (and does not know before)."""
+    site, gossip, addr = counting_peer
+    client = _client(pki_dir)
+    try:
+        assert not client.reads_bundles(addr)
+        assert (yield client.send(addr, _gossip_from_host2())) is True
+        assert client.reads_bundles(addr)
+    finally:
+        yield client.close()

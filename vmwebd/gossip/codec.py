@@ -19,7 +19,7 @@ from lxml import etree
 
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
-from vmwebd.gossip.messages import (NAMES, Ack, Envelope, Gossip, MemberState,
+from vmwebd.gossip.messages import (NAMES, Ack, Bundle, Envelope, Gossip, MemberState,
                                     Ping, PingReq, ProbeNack, Sync, SyncDelta, SyncReply)
 
 NS = "urn:vmweb:peer:1"
@@ -92,6 +92,11 @@ def encode(env: Envelope) -> etree._Element:
         _entities(el, "entities", msg.entities)
     elif type(msg).__module__ == "vmwebd.lease.paxos":
         _encode_paxos(el, msg)
+    elif isinstance(msg, Bundle):
+        for m in msg.msgs:
+            if type(m).__module__ != "vmwebd.lease.paxos":
+                raise ValueError(f"a bundle carries consensus messages only, not {type(m).__name__}")
+            _encode_paxos(etree.SubElement(el, _Q + NAMES[type(m)]), m)
     _members(root, env.members)
     _entities(root, "rumors", env.entities)
     return root
@@ -231,6 +236,19 @@ def decode(root: etree._Element) -> Envelope:
         msg = Sync(_read_vv(el, "cvv"), _read_members(el))
     elif getattr(kind, "__module__", "") == "vmwebd.lease.paxos":
         msg = _decode_paxos(kind, el)
+    elif kind is Bundle:
+        msgs = []
+        for c in el:
+            if not isinstance(c.tag, str):
+                continue
+            inner = _BY_NAME.get(etree.QName(c).localname) if c.tag.startswith(_Q) else None
+            if getattr(inner, "__module__", "") != "vmwebd.lease.paxos":
+                raise MalformedRequest(f"peer envelope from {src}: bundle/{etree.QName(c).localname} "
+                                       "is not a consensus message")
+            msgs.append(_decode_paxos(inner, c))
+        if not msgs:
+            raise MalformedRequest(f"peer envelope from {src}: bundle is empty")
+        msg = Bundle(tuple(msgs))
     elif kind is SyncReply:
         msg = SyncReply(_read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"),
                         _read_members(el))

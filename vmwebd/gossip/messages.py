@@ -142,3 +142,18 @@ class ProbeNack:
 
 KINDS[ProbeNack.CODE] = ProbeNack
 NAMES[ProbeNack] = "probe-nack"
+
+
+# -- several consensus messages for one host in one envelope, appended in protocol version 1 -------
+@dataclass(frozen=True)
+class Bundle:
+    """Consensus messages (``vmwebd/lease/paxos.py`` kinds) for one host, taken in order: a
+    proposer's Commit of one round and Prepare of the next travel as one request. Sent only to a
+    host whose Deliver answers carry ``X-Vmweb-Bundles`` (an older host would refuse the kind)."""
+
+    CODE = 15
+    msgs: tuple = ()
+
+
+KINDS[Bundle.CODE] = Bundle
+NAMES[Bundle] = "bundle"

@@ -11,15 +11,15 @@ from __future__ import annotations
 import json
 import os
 from functools import partial
-from io import BytesIO
 from pathlib import Path
 
 from lxml import etree
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.client import (Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory,
-                                readBody)
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 from twisted.internet.threads import deferToThread
 
 from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
@@ -35,6 +35,9 @@ SOAP_NS = "http://schemas.xmlsoap.org/soap/envelope/"
 #: to a Ping (its Ack), a Sync (its SyncReply) then rides back on the same HTTP exchange instead
 #: of a request of its own. Senders that do not send it get their replies as requests, as before.
 REPLIES_HEADER = b"X-Vmweb-Replies"
+#: A response header by which a peer endpoint says it reads Bundle envelopes (several consensus
+#: messages in one request). A sender bundles only to peers whose answers carried it.
+BUNDLES_HEADER = b"X-Vmweb-Bundles"
 _REPLIES = f"{{{PEER_NS}}}replies"
 _SAFE = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
 
@@ -71,6 +74,31 @@ def soap_body(env_el: etree._Element) -> bytes:
     return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
 
 
+@implementer(IBodyProducer)
+class _Body:
+    """A request body already in memory, written at once: the HTTP client writes it in the same
+    reactor turn as the headers, so request line, headers and body leave in one TCP send.
+    (``FileBodyProducer`` writes it a turn later: a second small segment, which Nagle's
+    algorithm holds back until the first is acknowledged.)"""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
 class PeerClient:
     """Sends envelopes to peers' ``/peer`` SOAP endpoint over persistent connections.
 
@@ -95,6 +123,11 @@ class PeerClient:
         self.timeout = timeout
         self.sent = 0
         self.failed = 0
+        self._bundles: set[str] = set()     # peer addresses that said they read bundles
+
+    def reads_bundles(self, addr: str) -> bool:
+        """Did the peer at ``addr`` say, in its last answer, that it reads Bundle envelopes?"""
+        return addr in self._bundles
 
     def send(self, addr: str, env_el: etree._Element, on_reply=None) -> defer.Deferred:
         """Posts one envelope. With ``on_reply``, the peer may answer in the response itself
@@ -103,11 +136,14 @@ class PeerClient:
         headers = {b"Content-Type": [b"text/xml; charset=utf-8"], b"SOAPAction": [b'"Deliver"']}
         if on_reply is not None:
             headers[REPLIES_HEADER] = [b"1"]
-        d = self.agent.request(b"POST", url, Headers(headers),
-                               FileBodyProducer(BytesIO(soap_body(env_el))))
+        d = self.agent.request(b"POST", url, Headers(headers), _Body(soap_body(env_el)))
         d.addTimeout(self.timeout, self.reactor)
 
         def got(response):
+            if response.headers.hasHeader(BUNDLES_HEADER):
+                self._bundles.add(addr)
+            else:
+                self._bundles.discard(addr)
             return readBody(response).addCallback(lambda body: (response.code, body))
 
         def check(result):
@@ -166,6 +202,18 @@ class GossipService:
         """Pushes local changes at once; fires with how many peers acknowledged receipt."""
         _, sent = self._carry(self.core.local_changes(entities, self.now()))
         return sent
+
+    def note_own(self, entities) -> None:
+        """This host's own writes that every peer learns by other means (a decided lease, from
+        its Commit): the complete vector moves past them as for any local write (so anti-entropy
+        does not offer them again and again), but nothing is pushed. Call once they are durable."""
+        cvv, me = self.core.cvv, self.core.me
+        for el in entities:
+            if el is None:
+                continue
+            for origin, stamp in self.core.dom.stamps_of(el):
+                if origin == me and stamp > cvv.get(me, (-1, -1)):
+                    cvv[me] = stamp
 
     def push_to(self, hosts) -> defer.Deferred:
         """Sends what is queued to ``hosts`` at once (see GossipCore.push_to)."""
