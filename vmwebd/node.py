@@ -26,10 +26,9 @@ from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, ImageRec, TemplateRec
 from vmwebd.errors import ConfigError
 from vmwebd.gossip import tls
-from vmwebd.gossip.codec import encode
 from vmwebd.gossip.core import LAN, LOCAL_TEST, GossipCore
 from vmwebd.gossip.domport import DomPortAdapter
-from vmwebd.gossip.messages import Envelope
+from vmwebd.gossip.messages import Bundle
 from vmwebd.gossip.pki import load_host_credentials
 from vmwebd.gossip.service import GossipService, PeerClient, load_state
 from vmwebd.hv import open_driver
@@ -37,6 +36,7 @@ from vmwebd.hv.images import FileResource, ImageStore, image_resolver
 from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
+from vmwebd.lease.transport import PaxosTransport
 from vmwebd.migrate.manager import MigrationManager
 from vmwebd.net import addressing
 from vmwebd.net.host import make_devices, underlay_address
@@ -45,7 +45,8 @@ from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates, to_dom_body
 
 log = Logger()
-PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
+PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
+               Bundle)
 HEARTBEAT_SECONDS = 10.0
 SWEEP_SECONDS = 15.0
 BALANCE_TICK_SECONDS = 1.0
@@ -75,6 +76,7 @@ class Node:
         self.reconciler = None
         self._heartbeat = None
         self.gossip = None
+        self.paxos_transport = None
         self._record_written_ms = 0
         self.peer_port = None
         self.gossip_config = gossip_config
@@ -178,7 +180,9 @@ class Node:
             """Peer requests may arrive before the service object exists; drop them until then."""
             def receive(self, env, inline: bool = False):
                 if isinstance(env.msg, PAXOS_KINDS):
-                    return node.leases.receive(env.src, env.msg)
+                    if node.paxos_transport is None:
+                        return defer.succeed(None)
+                    return node.paxos_transport.deliver(env, inline)
                 if "svc" in holder:
                     return holder["svc"].receive(env, inline)
                 return defer.succeed(None)
@@ -190,7 +194,9 @@ class Node:
         # Files peers pull from here: content images, and a cold migration's disk and memory.
         root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
-        site = QuietSite(root)
+        # Peers POST SOAP, never HTML forms: without form parsing, twisted.web does not read
+        # the Content-Type of every request with the email package (~7% of a busy host's CPU).
+        site = QuietSite(root, parsePOSTFormSubmission=False)
         site.displayTracebacks = False
         addr = cfg.listen.peer
         self.peer_port = tls.listen_tls(self.reactor, addr.port, site, creds, addr.host)
@@ -211,6 +217,12 @@ class Node:
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
         port.complete = lambda: core.cvv
         client = PeerClient(self.reactor, tls.client_policy(creds))
+        self.paxos_transport = PaxosTransport(self.host_id, client, self.peer_address_of,
+                                              lambda: self.peer_address)
+        self.paxos_transport.leases = self.leases
+        self.leases.non_members_alive = lambda: bool(
+            set(core.alive()) - set(self.leases.members()) - {self.host_id})
+        self.leases.note_own = lambda entities: self.gossip.note_own(entities)
         self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
         self.gossip.listeners.append(self._member_changed)
         holder["svc"] = self.gossip
@@ -220,15 +232,12 @@ class Node:
                  seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
         return defer.succeed(None)
 
-    def send_peer(self, dst: str, msg) -> defer.Deferred:
-        """Sends one message to host ``dst``'s peer endpoint (dropped if we do not know where it is)."""
-        if self.gossip is None:
+    def send_peer(self, dst: str, msgs) -> defer.Deferred:
+        """Sends consensus messages to host ``dst``'s peer endpoint, their answers coming back
+        inline (dropped if we do not know where it is, or run without peers)."""
+        if self.paxos_transport is None:
             return defer.succeed(False)
-        addr = self.peer_address_of(dst)
-        if addr is None:
-            return defer.succeed(False)
-        env = Envelope(self.host_id, self.peer_address, dst, msg)
-        return self.gossip.client.send(addr, encode(env))
+        return self.paxos_transport.send(dst, msgs)
 
     def balance_tick(self):
         """Every few seconds: when the balancer is on and its interval has passed, one look."""

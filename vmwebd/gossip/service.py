@@ -77,9 +77,9 @@ def soap_body(env_el: etree._Element) -> bytes:
 @implementer(IBodyProducer)
 class _Body:
     """A request body already in memory, written at once: the HTTP client writes it in the same
-    reactor turn as the headers, so request line, headers and body leave in one TCP send.
-    (``FileBodyProducer`` writes it a turn later: a second small segment, which Nagle's
-    algorithm holds back until the first is acknowledged.)"""
+    reactor turn as the headers, so request line, headers and body go out together
+    (``FileBodyProducer`` writes it a turn later, through a cooperator task, as a write of its
+    own)."""
 
     def __init__(self, data: bytes):
         self.data = data

@@ -106,6 +106,10 @@ class Output:
     sends: list = field(default_factory=list)       # (dst host, message)
     results: list = field(default_factory=list)     # Decided | Conflict | NoQuorum
     commits: list = field(default_factory=list)     # Commit messages applied here (record in the DOM)
+    # Rounds this proposer began or began again, (round id, ballot, op ids): a ballot in here is
+    # about to be used; and rounds it ended (round id): none of their ballots will be used again.
+    started: list = field(default_factory=list)
+    ended: list = field(default_factory=list)
 
 
 @dataclass
@@ -119,19 +123,34 @@ class KeyState:
 
 @dataclass
 class _Op:
+    """One compare-and-set asked of this proposer, until it has its result."""
     id: str
     cas: dict               # key -> (expected, new)
     deadline: float
     hard_deadline: float = 0.0  # with a majority answering, retries go on until this time
+    heard: set = field(default_factory=set)     # members that answered a round carrying it
+    round: str | None = None    # the round carrying it now (None: queued)
+
+
+@dataclass
+class _Round:
+    """One ballot's worth of work: the operations batched into it, and the Paxos state of the
+    attempt. A round that must start over (a Nack, no progress, an in-flight value repaired
+    first) keeps its operations and takes a new ballot."""
+    id: str                 # the ``op`` field of its messages
+    ops: list               # op ids carried, in arrival order
     ballot: Version | None = None
-    phase: str = "prepare"  # prepare | accept
+    phase: str = "prepare"  # prepare | accept | backoff
     promises: dict = field(default_factory=dict)
     accepted: set = field(default_factory=set)
-    heard: set = field(default_factory=set)
-    values: dict = field(default_factory=dict)
-    repair: bool = False
+    values: dict = field(default_factory=dict)  # what the Accept of this ballot carries
+    carried: list = field(default_factory=list)  # ops whose values are in that Accept
+    started: float = 0.0    # when the Prepare of this ballot left
     retry_at: float = 0.0
     attempts: int = 0
+    asked: set = field(default_factory=set)     # members sent this phase's message
+    widen_at: float | None = None   # then ask every member again, if no majority answered yet
+    wait: float = 0.0               # how long until the next widen
 
 
 def _gt(a: Version | None, b: Version | None) -> bool:
@@ -139,10 +158,18 @@ def _gt(a: Version | None, b: Version | None) -> bool:
 
 
 class PaxosCore:
-    """Acceptor for every key, and proposer for the operations started here."""
+    """Acceptor for every key, and proposer for the operations started here.
+
+    As a proposer it batches: operations asked while a round is under way wait in a queue, and
+    the next round carries all of them whose keys overlap neither each other nor a round in
+    flight (each still all-or-nothing on its own: after the promises, every operation is checked
+    against the current values by itself, and only those that can go through are accepted; a
+    conflict of one does not hold up the others). Up to ``parallel_rounds`` rounds run at once.
+    """
 
     def __init__(self, me: str, clock: HybridClock, rng: random.Random, members,
-                 retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0):
+                 retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0,
+                 parallel_rounds: int = 1, round_keys: int = 1024, thrifty: bool = True):
         self.me = me
         self.clock = clock
         self.rng = rng
@@ -150,8 +177,22 @@ class PaxosCore:
         self.retry_after = retry_after
         self.deadline = deadline
         self.contended_factor = contended_factor
+        self.parallel_rounds = max(1, parallel_rounds)
+        self.round_keys = round_keys        # a round takes more operations up to this many keys
+        # Thrifty: a phase asks a bare majority (this host and the remote members that answered
+        # best lately) and the others only if that majority has not answered in a few round
+        # times; every request saved is CPU saved on every host.
+        self.thrifty = thrifty
+        self._missed: dict[str, int] = {}  # member -> phases it left unanswered lately
+        self._answering: set[str] = set()   # members that answered since this core started
         self.keys: dict[str, KeyState] = {}
         self.ops: dict[str, _Op] = {}
+        self.queue: list[str] = []          # op ids waiting for a round, in arrival order
+        self.rounds: dict[str, _Round] = {}
+        self._round_ids = 0
+        # How long an uncontended round takes here (Prepare to decision), smoothed: a Nack backs
+        # off a few of these, not a fixed time.
+        self.round_time = 0.01
         self._out = Output()
 
     @property
@@ -229,52 +270,161 @@ class PaxosCore:
 
     # -- proposer ---------------------------------------------------------------------------
     def propose(self, op_id: str, cas: dict, now: float) -> Output:
-        """Starts an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``."""
-        op = _Op(op_id, dict(cas), now + self.deadline,
-                 hard_deadline=now + self.deadline * self.contended_factor)
-        self.ops[op_id] = op
-        self._prepare(op, now)
+        """Asks for an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``: in
+        a round of its own at once when a round may start, else in the next round."""
+        self.ops[op_id] = _Op(op_id, dict(cas), now + self.deadline,
+                              hard_deadline=now + self.deadline * self.contended_factor)
+        self.queue.append(op_id)
+        self._start_rounds(now)
         return self._flush()
 
-    def _prepare(self, op: _Op, now: float):
-        op.ballot = self.clock.tick()
+    def _busy_keys(self) -> set:
+        return {k for r in self.rounds.values() for op in r.ops for k in self.ops[op].cas}
+
+    def _take_queued(self, busy: set, room: int, one_anyway: bool) -> list:
+        """Queued operations that may join a round: keys disjoint from ``busy`` and from each
+        other, up to ``room`` keys (``one_anyway``: the first one whatever its size). An
+        operation left waiting keeps the later ones on its keys waiting too (arrival order per
+        key)."""
+        taken, left = [], []
+        busy = set(busy)
+        for op_id in self.queue:
+            keys = self.ops[op_id].cas.keys()
+            if busy.isdisjoint(keys) and (len(keys) <= room or (one_anyway and not taken)):
+                taken.append(op_id)
+                room -= len(keys)
+            else:
+                left.append(op_id)
+            busy.update(keys)
+        self.queue = left
+        return taken
+
+    def _start_rounds(self, now: float) -> None:
+        while self.queue and len(self.rounds) < self.parallel_rounds:
+            ops = self._take_queued(self._busy_keys(), self.round_keys, one_anyway=True)
+            if not ops:
+                return      # what waits overlaps a round in flight
+            self._round_ids += 1
+            rnd = _Round(f"{self.me}.{self._round_ids}", ops)
+            self.rounds[rnd.id] = rnd
+            for op_id in ops:
+                self.ops[op_id].round = rnd.id
+            self._prepare(rnd, now)
+
+    def _prepare(self, rnd: _Round, now: float):
+        # A round that starts over takes what waits meanwhile too (keys permitting).
+        if self.queue:
+            room = self.round_keys - sum(len(self.ops[op].cas) for op in rnd.ops)
+            for op_id in self._take_queued(self._busy_keys(), room, one_anyway=False):
+                rnd.ops.append(op_id)
+                self.ops[op_id].round = rnd.id
+        rnd.ballot = self.clock.tick()
         # The ballot is durable before a message carrying it leaves: our own promise may not be
         # (the loopback can come after the remote ones), and a restart with a clock reading earlier
         # would then reuse the ballot for other values. Restoring this record moves the clock past it.
-        self._record(("ballot", self.me, op.ballot, None))
-        op.phase = "prepare"
-        # ``heard`` is kept across attempts: it is what NoQuorum reports as reachable.
-        op.promises, op.accepted, op.values, op.repair = {}, set(), {}, False
-        op.attempts += 1
-        self._arm(op, now)
-        msg = Prepare(op.id, op.ballot, tuple(sorted(op.cas)))
+        self._record(("ballot", self.me, rnd.ballot, None))
+        rnd.phase = "prepare"
+        rnd.promises, rnd.accepted, rnd.values, rnd.carried = {}, set(), {}, []
+        rnd.attempts += 1
+        rnd.started = now
+        self._arm(rnd, now)
+        self._out.started.append((rnd.id, rnd.ballot, tuple(rnd.ops)))
+        keys = sorted({k for op in rnd.ops for k in self.ops[op].cas})
+        self._ask(rnd, Prepare(rnd.id, rnd.ballot, tuple(keys)), self._quorum(), now)
+
+    def _quorum(self) -> list:
+        """Whom a phase asks first: everyone, or (thrifty) this host and the remote members that
+        missed the fewest answers lately; among equals the ones after this host in the ring of
+        members (each proposer leans on other acceptors, and keeps to them, so the Commit of a
+        round and the Prepare of the next travel together)."""
+        if not self.thrifty or len(self.members) <= 2:
+            return list(self.members)
+        ring = sorted(set(self.members) | {self.me})
+        at = ring.index(self.me)
+        others = [m for m in ring[at + 1:] + ring[:at] if m in self.members]
+        others.sort(key=lambda m: (m not in self._answering, self._missed.get(m, 0)))
+        first = others[: self.majority - (1 if self.me in self.members else 0)]
+        return ([self.me] if self.me in self.members else []) + first
+
+    def _ask(self, rnd: _Round, msg, targets, now: float) -> None:
+        rnd.asked = set(targets)
+        rnd.wait = max(0.005, 3 * self.round_time)
+        rnd.widen_at = now + rnd.wait
         for m in self.members:
+            if m in rnd.asked:
+                self._out.sends.append((m, msg))
+
+    def _widen(self, rnd: _Round, now: float) -> None:
+        """A phase got no majority in a few round times: ask every member that has not answered
+        it (again: a message or its answer may be lost; the same ballot's message is harmless
+        twice), remember which asked ones stayed silent (asked last from now on), and look
+        again after twice as long. A round that still gets nowhere is retried with a new ballot
+        (``retry_at``)."""
+        answered = set(rnd.promises) if rnd.phase == "prepare" else rnd.accepted
+        for m in rnd.asked - answered - {self.me}:
+            self._missed[m] = self._missed.get(m, 0) + 1
+        msg = Prepare(rnd.id, rnd.ballot, tuple(sorted({k for op in rnd.ops for k in self.ops[op].cas}))) \
+            if rnd.phase == "prepare" else Accept(rnd.id, rnd.ballot, dict(rnd.values))
+        rest = [m for m in self.members if m not in answered and m != self.me]
+        rnd.asked |= set(rest)
+        rnd.wait *= 2
+        rnd.widen_at = now + rnd.wait
+        for m in rest:
             self._out.sends.append((m, msg))
 
-    def _arm(self, op: _Op, now: float) -> None:
+    def _answered(self, src: str) -> None:
+        self._answering.add(src)
+        if src in self._missed:
+            del self._missed[src]
+
+    def _arm(self, rnd: _Round, now: float) -> None:
         """(Re)sets the timer after which a round with no progress is retried with a new ballot.
         It grows with the attempts (a slow majority must not be overtaken by our own retries)
         and is pushed back by every answer that moves the round forward."""
-        backoff = self.retry_after * min(2 ** (op.attempts - 1), 8)
-        op.retry_at = now + backoff * (1 + self.rng.random())
+        backoff = self.retry_after * min(2 ** (rnd.attempts - 1), 8)
+        rnd.retry_at = now + backoff * (1 + self.rng.random())
 
-    def _finish(self, op: _Op, result) -> None:
-        self.ops.pop(op.id, None)
+    def _finish(self, op_id: str, result) -> None:
+        op = self.ops.pop(op_id, None)
+        if op is None:
+            return
+        if op.round is not None and op.round in self.rounds:
+            rnd = self.rounds[op.round]
+            rnd.ops.remove(op_id)
+            if op_id in rnd.carried:
+                rnd.carried.remove(op_id)
+        elif op_id in self.queue:
+            self.queue.remove(op_id)
         self._out.results.append(result)
 
+    def _end_round(self, rnd: _Round, now: float) -> None:
+        self.rounds.pop(rnd.id, None)
+        self._out.ended.append(rnd.id)
+        for op_id in rnd.ops:       # left without a result: wait for the next round
+            op = self.ops.get(op_id)
+            if op is not None:
+                op.round = None
+                self.queue.insert(0, op_id)
+        self._start_rounds(now)
+
+    def _heard(self, rnd: _Round, src: str) -> None:
+        for op_id in rnd.ops:
+            self.ops[op_id].heard.add(src)
+
     def _on_promise(self, src: str, m: Promise, now: float):
-        op = self.ops.get(m.op)
-        if op is None or op.phase != "prepare" or m.ballot != op.ballot:
+        rnd = self.rounds.get(m.op)
+        if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
-        op.heard.add(src)
-        op.promises[src] = m.entries
-        self._arm(op, now)
-        if len(op.promises) < self.majority:
+        self._heard(rnd, src)
+        self._answered(src)
+        rnd.promises[src] = m.entries
+        self._arm(rnd, now)
+        if len(rnd.promises) < self.majority:
             return
         inflight, current = {}, {}
-        for k in op.cas:
+        for k in {k for op in rnd.ops for k in self.ops[op].cas}:
             acc_b, acc_v, com_b, com_v = None, None, None, None
-            for entries in op.promises.values():
+            for entries in rnd.promises.values():
                 ab, av, cb, cv = entries.get(k, (None, None, None, None))
                 if _gt(ab, acc_b):
                     acc_b, acc_v = ab, av
@@ -283,58 +433,95 @@ class PaxosCore:
             current[k] = com_v
             if _gt(acc_b, com_b):
                 inflight[k] = acc_v
-        if inflight:
-            # Finish someone else's round first (it may have been decided), then start over.
-            op.repair, op.values = True, inflight
-        else:
-            values = {}
+        # Someone else's round on these keys may have been decided: its values are proposed
+        # again at our ballot (repair), and the operations on those keys wait for our next
+        # ballot. Every other operation is judged on its own against the current values.
+        values = dict(inflight)
+        for op_id in list(rnd.ops):
+            op = self.ops[op_id]
+            if not inflight.keys().isdisjoint(op.cas):
+                continue
+            mine = {}
             for k, (expected, new) in sorted(op.cas.items()):
                 cur = current[k]
                 if cur == new:
                     continue
                 if cur != expected:
-                    self._finish(op, Conflict(op.id, k, cur))
-                    return
-                values[k] = new
-            if not values:
-                self._finish(op, Decided(op.id, None, {}))
-                return
-            op.values = values
-        op.phase = "accept"
-        msg = Accept(op.id, op.ballot, dict(op.values))
-        for mem in self.members:
-            self._out.sends.append((mem, msg))
+                    self._finish(op_id, Conflict(op_id, k, cur))
+                    break
+                mine[k] = new
+            else:
+                if not mine:
+                    self._finish(op_id, Decided(op_id, None, {}))
+                else:
+                    values.update(mine)
+                    rnd.carried.append(op_id)
+        if not values:
+            self._end_round(rnd, now)
+            return
+        rnd.values = values
+        rnd.phase = "accept"
+        # The members that promised are a majority and likely to accept; any other may too.
+        promised = [m for m in self.members if m in rnd.promises]
+        self._ask(rnd, Accept(rnd.id, rnd.ballot, dict(values)),
+                  promised if self.thrifty else list(self.members), now)
 
     def _on_accepted(self, src: str, m: Accepted, now: float):
-        op = self.ops.get(m.op)
-        if op is None or op.phase != "accept" or m.ballot != op.ballot:
+        rnd = self.rounds.get(m.op)
+        if rnd is None or rnd.phase != "accept" or m.ballot != rnd.ballot:
             return
-        op.heard.add(src)
-        op.accepted.add(src)
-        self._arm(op, now)
-        if len(op.accepted) < self.majority:
+        self._heard(rnd, src)
+        self._answered(src)
+        rnd.accepted.add(src)
+        self._arm(rnd, now)
+        if len(rnd.accepted) < self.majority:
             return
-        commit = Commit(op.ballot, dict(op.values))
+        commit = Commit(rnd.ballot, dict(rnd.values))
         for mem in self.members:
             self._out.sends.append((mem, commit))
-        if op.repair:
-            self._prepare(op, now)
+        if rnd.attempts == 1:
+            self.round_time += 0.2 * (now - rnd.started - self.round_time)
+        for op_id in list(rnd.carried):
+            op = self.ops[op_id]
+            self._finish(op_id, Decided(op_id, rnd.ballot,
+                                        {k: v for k, (_, v) in op.cas.items() if k in rnd.values}))
+        if rnd.ops:
+            self._prepare(rnd, now)     # operations waiting on a repaired key: our next ballot
         else:
-            self._finish(op, Decided(op.id, op.ballot, dict(op.values)))
+            self._end_round(rnd, now)
 
     def _on_nack(self, src: str, m: Nack, now: float):
         self.clock.observe(m.promised)
-        op = self.ops.get(m.op)
-        if op is None or m.ballot != op.ballot:
+        rnd = self.rounds.get(m.op)
+        if rnd is None or m.ballot != rnd.ballot or rnd.phase == "backoff":
             return
-        op.heard.add(src)
-        # Someone with a higher ballot is working on these keys: back off a random while
-        # (so two proposers do not duel forever), then retry with a higher ballot.
-        op.phase = "backoff"
-        op.retry_at = now + self.retry_after * self.rng.random()
+        self._heard(rnd, src)
+        # Someone with a higher ballot is working on these keys: back off a random while of a
+        # few round times, growing with our attempts (so two proposers do not duel in
+        # lock-step), then retry with a higher ballot.
+        rnd.phase = "backoff"
+        spread = min(self.retry_after, max(0.002, self.round_time) * 2 * min(rnd.attempts, 8))
+        rnd.retry_at = now + spread * self.rng.random()
 
     # -- inputs -----------------------------------------------------------------------------
     def receive(self, src: str, msg, now: float) -> Output:
+        self._dispatch(src, msg, now)
+        return self._flush()
+
+    def receive_all(self, src: str, msgs, now: float) -> Output:
+        """Several messages from one host (a bundle), in order; one output for all of them."""
+        for msg in msgs:
+            self._dispatch(src, msg, now)
+        return self._flush()
+
+    def next_timer(self) -> float | None:
+        """When :meth:`tick` next has something to do (a retry, a deadline), if ever."""
+        times = [r.retry_at for r in self.rounds.values()]
+        times += [r.widen_at for r in self.rounds.values() if r.widen_at is not None and r.phase != "backoff"]
+        times += [min(op.deadline, op.hard_deadline) for op in self.ops.values()]
+        return min(times) if times else None
+
+    def _dispatch(self, src: str, msg, now: float) -> None:
         if isinstance(msg, Prepare):
             self._on_prepare(src, msg)
         elif isinstance(msg, Accept):
@@ -347,7 +534,6 @@ class PaxosCore:
             self._on_accepted(src, msg, now)
         elif isinstance(msg, Nack):
             self._on_nack(src, msg, now)
-        return self._flush()
 
     def tick(self, now: float) -> Output:
         for op in list(self.ops.values()):
@@ -355,9 +541,15 @@ class PaxosCore:
             # round not done (proposers pre-empting each other, a slow host): go on, bounded.
             contended = len(op.heard) >= self.majority
             if now >= (op.hard_deadline if contended else op.deadline):
-                self._finish(op, NoQuorum(op.id, len(op.heard), self.majority, len(self.members)))
-            elif now >= op.retry_at:
-                self._prepare(op, now)
+                self._finish(op.id, NoQuorum(op.id, len(op.heard), self.majority, len(self.members)))
+        for rnd in list(self.rounds.values()):
+            if not rnd.ops:
+                self._end_round(rnd, now)
+            elif now >= rnd.retry_at:
+                self._prepare(rnd, now)
+            elif rnd.widen_at is not None and now >= rnd.widen_at and rnd.phase != "backoff":
+                self._widen(rnd, now)
+        self._start_rounds(now)
         return self._flush()
 
     def set_members(self, members) -> None:

@@ -11,11 +11,18 @@ does: the ``persist`` records are written to the host's disk BEFORE its ``sends`
 (persist before send). A host reaches itself without loss, after a delay, like the service's
 loopback; a crash loses those messages too.
 
+It also carries messages the way the peer transport does: the messages of one output for one
+host travel as one request (a bundle: lost, duplicated and delayed together, taken in order), and
+a host's answers to the host whose request it is handling ride back on that request's response
+(inline: lost with it, and answered again when the request is duplicated) instead of travelling
+as requests of their own. Both can be turned off (``bundle``, ``inline``), as for an older peer.
+
 It also records what safety is judged on: every acceptance (who accepted which value for which key
 at which ballot, and when a majority was reached — the value is then *chosen*), every commit an
 acceptor recorded, and every result with its time. :meth:`PaxosSim.check_safety` checks them.
 
-Used by ``tests/test_paxos.py``; reusable by a benchmark (``sent`` counts messages by kind).
+Used by ``tests/test_paxos.py``; reusable by a benchmark (``sent`` counts messages by kind,
+``requests`` the peer requests they took).
 """
 from __future__ import annotations
 
@@ -42,8 +49,14 @@ class PaxosSim:
 
     def __init__(self, n: int = 3, seed: int = 0, *, drop: float = 0.0, dup: float = 0.0,
                  delay: tuple[float, float] = (0.001, 0.010), retry_after: float = 0.5,
-                 deadline: float = 3.0, tick_interval: float = 0.05, core_factory=paxos.PaxosCore):
+                 deadline: float = 3.0, tick_interval: float = 0.05, core_factory=paxos.PaxosCore,
+                 inline: bool = True, bundle: bool = True, parallel_rounds: int = 2,
+                 thrifty: bool = True):
         self.core_factory = core_factory            # PaxosCore, or a variant under test
+        self.inline = inline                        # answers ride back on the request's response
+        self.bundle = bundle                        # one request per host for an output's messages
+        self.parallel_rounds = parallel_rounds
+        self.thrifty = thrifty                      # phases ask a bare majority first
         self.rng = random.Random(seed)
         self.hosts = [f"h{i}" for i in range(n)]
         self.majority = n // 2 + 1
@@ -63,6 +76,7 @@ class PaxosSim:
         self.chosen_at: dict[tuple, float] = {}
         self.commits: list = []                     # (time, host, Commit) applied by an acceptor
         self.sent: Counter = Counter()              # message kind -> number sent
+        self.requests = 0                           # peer requests (a bundle or an inline answer is one)
         self.crashes = 0
         self._holds: list = []
         self._held: list = []                       # (src, dst, msg) held back by ``hold``
@@ -75,7 +89,8 @@ class PaxosSim:
         def now_ms(back=clock_back):
             return max(0, int(round((self.now - back) * 1000)))
         core = self.core_factory(h, HybridClock(h, now_ms), random.Random(self.rng.getrandbits(64)),
-                               self.hosts, retry_after=self.retry_after, deadline=self.deadline)
+                               self.hosts, retry_after=self.retry_after, deadline=self.deadline,
+                               parallel_rounds=self.parallel_rounds, thrifty=self.thrifty)
         core.restore(list(self.disk[h]))
         return core
 
@@ -88,7 +103,7 @@ class PaxosSim:
             return
         self.cores[h] = None
         self.crashes += 1
-        self._events = [e for e in self._events if not (e[2] == "msg" and e[3][1] == h)]
+        self._events = [e for e in self._events if not (e[2] in ("msg", "unit") and e[3][1] == h)]
         self._held = [m for m in self._held if m[1] != h]
         heapq.heapify(self._events)
 
@@ -139,25 +154,38 @@ class PaxosSim:
         """Loses the held messages with ``pred(src, dst, msg)`` true (default: all)."""
         self._held = [m for m in self._held if pred is not None and not pred(*m)]
 
-    def _send(self, src: str, dst: str, msg) -> None:
-        self.sent[type(msg).__name__] += 1
-        if any(pred(src, dst, msg) for pred in self._holds):
-            self._held.append((src, dst, msg))
-            return
+    def _send(self, src: str, dst: str, msgs: list, answer: bool = False) -> None:
+        """Sends ``msgs`` from ``src`` to ``dst`` as one request (a bundle of one or more
+        messages). A request that asks for answers inline (``inline``) gets the receiver's
+        messages back to ``src`` on its response; ``answer``: this is such a response. Lost,
+        duplicated and delayed as a whole: a duplicated request is answered twice."""
+        for msg in msgs:
+            self.sent[type(msg).__name__] += 1
+        if self._holds:
+            held = [m for m in msgs if any(pred(src, dst, m) for pred in self._holds)]
+            self._held.extend((src, dst, m) for m in held)
+            msgs = [m for m in msgs if not any(m is x for x in held)]
+            if not msgs:
+                return
         lo, hi = self.delay
         if src == dst:
             # The service's loopback: never lost, but the local store's fsync delays it like a
             # network hop, so remote answers may come first.
-            self._push(self.now + self.rng.uniform(lo, hi), "msg", (src, dst, msg))
+            for msg in msgs:
+                self._push(self.now + self.rng.uniform(lo, hi), "msg", (src, dst, msg))
             return
+        self.requests += 0 if answer else 1
+        unit = (src, dst, tuple(msgs), self.inline and not answer)
         if self.rng.random() < self.drop:
             return
-        self._push(self.now + self.rng.uniform(lo, hi), "msg", (src, dst, msg))
+        self._push(self.now + self.rng.uniform(lo, hi), "unit", unit)
         if self.rng.random() < self.dup:
-            self._push(self.now + self.rng.uniform(lo, hi), "msg", (src, dst, msg))
+            self._push(self.now + self.rng.uniform(lo, hi), "unit", unit)
 
     # -- carrying out a core's output -------------------------------------------------------
-    def _carry(self, h: str, out: paxos.Output) -> None:
+    def _carry(self, h: str, out: paxos.Output, reply_to: str | None = None) -> None:
+        """Carries out host ``h``'s output; with ``reply_to``, what goes to that host rides on
+        the response of the request being answered."""
         # Persist before send: the records are on disk before any message leaves.
         for rec in out.persist:
             self.disk[h].append(rec)
@@ -169,12 +197,22 @@ class PaxosSim:
                     self.chosen_at.setdefault((key, ballot, value), self.now)
         for c in out.commits:
             self.commits.append((self.now, h, c))
+        for _, ballot, op_ids in out.started:
+            for op_id in op_ids:
+                if op_id in self.ops:
+                    bl = self.ops[op_id].ballots
+                    if not bl or bl[-1] != ballot:
+                        bl.append(ballot)
+        by_dst: dict[str, list] = {}
         for dst, msg in out.sends:
-            if isinstance(msg, paxos.Prepare) and msg.op in self.ops:
-                bl = self.ops[msg.op].ballots
-                if not bl or bl[-1] != msg.ballot:
-                    bl.append(msg.ballot)
-            self._send(h, dst, msg)
+            by_dst.setdefault(dst, []).append(msg)
+        for dst, msgs in by_dst.items():
+            answer = dst == reply_to and dst != h
+            if self.bundle or answer or dst == h:
+                self._send(h, dst, msgs, answer=answer)
+            else:
+                for msg in msgs:
+                    self._send(h, dst, [msg])
         for r in out.results:
             self.results[r.op].append((self.now, r))
 
@@ -212,6 +250,11 @@ class PaxosSim:
             core = self.cores[dst]
             if core is not None and self.reachable(src, dst):
                 self._carry(dst, core.receive(src, msg, self.now))
+        elif kind == "unit":
+            src, dst, msgs, inline = payload
+            core = self.cores[dst]
+            if core is not None and self.reachable(src, dst):
+                self._carry(dst, core.receive_all(src, msgs, self.now), reply_to=src if inline else None)
         elif kind == "tick":
             for h in self.hosts:
                 core = self.cores[h]

@@ -16,6 +16,7 @@ import json
 from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vmwebd.dom.hlc import Version
@@ -39,27 +40,80 @@ def _decode(data: bytes):
     return (kind, key, Version.parse(ballot), value)
 
 
+class GroupCommit:
+    """Appends records to a store on its own thread, many callers' records in one write and one
+    fsync: while a write is under way, what arrives waits and goes down together in the next.
+    Each caller's Deferred fires once its records are durable, in the order they were handed in."""
+
+    def __init__(self, reactor, pool: ThreadPool, append_many):
+        self.reactor = reactor
+        self.pool = pool
+        self.append_many = append_many
+        self._batch: list = []
+        self._waiters: list[defer.Deferred] = []
+        self._busy = False
+        self.writes = 0         # how many writes (fsyncs) it took
+
+    def append(self, records) -> defer.Deferred:
+        d = defer.Deferred()
+        self._batch.extend(records)
+        self._waiters.append(d)
+        if not self._busy:
+            self._write()
+        return d
+
+    def _write(self) -> None:
+        batch, waiters = self._batch, self._waiters
+        self._batch, self._waiters = [], []
+        self._busy = True
+        self.writes += 1
+
+        def done(result):
+            self._busy = False
+            for d in waiters:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            if self._batch:
+                self._write()
+        deferToThreadPool(self.reactor, self.pool, self.append_many, batch).addBoth(done)
+
+
 class LeaseService:
+    """Carries out what the Paxos core decides: persists, then sends; ticks it when it asks to.
+
+    ``send(dst, msgs)`` carries a list of messages to one peer (the transport bundles them and
+    hands what the peer answers inline back to :meth:`receive`); a lost message is fine."""
+
     def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send,
-                 fsync: bool = True, deadline: float = 3.0, tick_interval: float = 0.05,
-                 compact_every: int = 20000):
+                 fsync: bool = True, deadline: float = 3.0, compact_every: int = 20000,
+                 parallel_rounds: int = 1):
         self.me = me
         self.domsvc = domsvc
         self.reactor = reactor
-        self.send = send            # send(dst_host, msg) -> Deferred (a lost message is fine)
+        self.send = send
         self.store = DurableStore(store_dir, fsync=fsync)
-        self.core = paxos.PaxosCore(me, clock, rng, members, deadline=deadline)
-        self.tick_interval = tick_interval
+        self.core = paxos.PaxosCore(me, clock, rng, members, deadline=deadline,
+                                    parallel_rounds=parallel_rounds)
         self.compact_every = compact_every
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-paxos-store")
+        self._writer = GroupCommit(reactor, self._pool, self.store.append_many)
         self._pending: dict[str, defer.Deferred] = {}
-        # Ballots of ours a lease record may still carry (see open_ballot_floor): by operation
-        # (op id -> (since, ballots sent in a Prepare)), and decided but not yet recorded here.
-        self._ballots_of_op: dict[str, tuple[float, set[Version]]] = {}
+        # Ballots of ours a lease record may still carry (see open_ballot_floor): by round
+        # (round id -> (since, ballots sent in a Prepare)), and decided but not yet recorded here.
+        self._ballots_of_round: dict[str, tuple[float, set[Version]]] = {}
         self._unrecorded: dict[Version, tuple[float, Version]] = {}
         self._ids = itertools.count(1)
-        self._loop = None
+        self._timer = None
+        self._running = False
         self._since_compact = 0
+        #: Are there live hosts that are not consensus members? Only they need this host's
+        #: decided leases pushed by gossip at once: every member learns them from the Commit
+        #: (and anti-entropy brings what a lost Commit missed). Set by the node.
+        self.non_members_alive = lambda: True
+        #: Tells gossip about own decided leases recorded without a push (see GossipService.note_own).
+        self.note_own = lambda entities: None
 
     @defer.inlineCallbacks
     def start(self):
@@ -70,18 +124,31 @@ class LeaseService:
         self.domsvc.dom.subscribe(lambda kind, id_: kind == "lease" and id_ == MEMBERS_KEY
                                   and self._adopt_members())
         self._since_compact = len(records)
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.reactor
-        self._loop.start(self.tick_interval, now=False)
+        self._running = True
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Wakes the core when it next has a timer due (a retry, a deadline), and not before:
+        no polling, and no fixed delay added to a retry."""
+        if not self._running:
+            return
+        due = self.core.next_timer()
+        if due is None:
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self.reactor.callLater(max(0.0, due - self.reactor.seconds()), self._tick)
 
     def _tick(self):
-        # Only rounds in flight have timers; an idle host skips the empty output's round trip.
-        if self.core.ops:
-            self._carry(self.core.tick(self.reactor.seconds()))
+        self._timer = None
+        self._carry(self.core.tick(self.reactor.seconds()))
 
     def stop(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         for d in list(self._pending.values()):
             d.errback(NoQuorum("the daemon is stopping"))
         self._pending.clear()
@@ -140,22 +207,34 @@ class LeaseService:
         self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
         return d
 
-    def receive(self, src: str, msg) -> defer.Deferred:
-        """A Paxos message from a peer (or ourselves); fires once its effects are durable."""
-        return self._carry(self.core.receive(src, msg, self.reactor.seconds()))
+    def receive(self, src: str, msgs, inline: bool = False) -> defer.Deferred:
+        """Paxos messages from a peer (or ourselves), taken in order; fires once their effects
+        are durable. With ``inline`` (the peer reads answers in its request's response), what
+        the core answers to ``src`` is not sent: the Deferred fires with those messages."""
+        if not isinstance(msgs, (list, tuple)):
+            msgs = [msgs]
+        out = self.core.receive_all(src, msgs, self.reactor.seconds())
+        replies = []
+        if inline and src != self.me:
+            replies = [m for dst, m in out.sends if dst == src]
+            out.sends = [(dst, m) for dst, m in out.sends if dst != src]
+        d = self._carry(out)
+        return d.addCallback(lambda _: replies) if inline else d
 
     # -- carrying out the core's output --------------------------------------------------------
     def _carry(self, out: paxos.Output) -> defer.Deferred:
+        """Persists the output's records, then speaks: sends, results, DOM records. Fires once
+        the records are durable and the messages handed to the transport."""
         self._hold_new_ballots(out)
         if out.persist:
             self._since_compact += len(out.persist)
-            d = deferToThreadPool(self.reactor, self._pool, self.store.append_many,
-                                  [_encode(r) for r in out.persist])
+            d = self._writer.append([_encode(r) for r in out.persist])
         else:
             d = defer.succeed(None)
         # Persist before you speak: nothing below runs until the records are durable.
         d.addCallback(lambda _: self._after_persist(out))
         d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
+        self._schedule()
         return d
 
     # -- ballots not yet in the DOM ----------------------------------------------------------
@@ -173,11 +252,11 @@ class LeaseService:
         (a lost Commit message would then leave replicas apart for good). The gossip layer keeps
         its claims about this host below the floor."""
         now = self.reactor.seconds()
-        for table in (self._ballots_of_op, self._unrecorded):
+        for table in (self._ballots_of_round, self._unrecorded):
             for key, (since, _) in list(table.items()):
                 if now - since > self.HOLD_SECONDS:
                     del table[key]
-        ballots = [b for _, bs in self._ballots_of_op.values() for b in bs]
+        ballots = [b for _, bs in self._ballots_of_round.values() for b in bs]
         ballots += [b for _, b in self._unrecorded.values()]
         return min(ballots) if ballots else None
 
@@ -185,33 +264,43 @@ class LeaseService:
         """Holds the ballots of the rounds this output begins; at once, before anything else
         runs on the reactor, so no claim made meanwhile can pass them."""
         now = self.reactor.seconds()
-        for _, msg in out.sends:
-            if isinstance(msg, paxos.Prepare):
-                self._ballots_of_op.setdefault(msg.op, (now, set()))[1].add(msg.ballot)
+        for round_id, ballot, _ in out.started:
+            self._ballots_of_round.setdefault(round_id, (now, set()))[1].add(ballot)
 
     def _release_ballots(self, out: paxos.Output) -> None:
         """Lets go of the ballots of ended rounds, but a decided one until it is recorded here."""
         now = self.reactor.seconds()
         dom = self.domsvc.dom
         for result in out.results:
-            self._ballots_of_op.pop(result.op, None)
             ballot = getattr(result, "ballot", None)
             if isinstance(result, paxos.Decided) and ballot is not None:
                 versions = [dom.version_of("lease", k) for k in result.values]
                 if not all(v is not None and v >= ballot for v in versions):
                     self._unrecorded[ballot] = (now, ballot)
-        # Commits in this output are recorded right after (``_record_commits``).
+        for round_id in out.ended:
+            self._ballots_of_round.pop(round_id, None)
         for c in out.commits:
             self._unrecorded.pop(c.ballot, None)
 
     def _after_persist(self, out: paxos.Output):
+        # What this host decided is in its DOM at once (the caller's next read sees it); our
+        # acceptor's own commit record follows through the loopback below.
+        decided = [m for dst, m in out.sends if dst == self.me and isinstance(m, paxos.Commit)]
+        if decided:
+            self._record_commits(decided, spread=self.non_members_alive(), own=True).addErrback(
+                lambda f: log.failure("decided leases could not be recorded", failure=f))
         self._release_ballots(out)
+        by_dst: dict[str, list] = {}
         for dst, msg in out.sends:
+            by_dst.setdefault(dst, []).append(msg)
+        for dst, msgs in by_dst.items():
             if dst == self.me:
-                self.reactor.callLater(0, self.receive, self.me, msg)
+                self.reactor.callLater(0, self.receive, self.me, msgs)
             else:
-                self.send(dst, msg)
-        recorded = self._record_commits(out.commits) if out.commits else defer.succeed(None)
+                self.send(dst, msgs)
+        if out.commits:
+            self._record_commits(out.commits, spread=False).addErrback(
+                lambda f: log.failure("committed leases could not be recorded", failure=f))
         for result in out.results:
             d = self._pending.pop(result.op, None)
             if d is None:
@@ -226,12 +315,13 @@ class LeaseService:
                     f"cannot lease without a majority: {result.reachable} of {result.members} "
                     f"member hosts answered, {result.needed} needed"))
             else:
-                # Our own commit reaches our acceptor through the loopback above; the caller
-                # sees the lease in the DOM as soon as the commit is recorded here.
                 d.callback(result)
-        return recorded
 
-    def _record_commits(self, commits) -> defer.Deferred:
+    def _record_commits(self, commits, spread: bool, own: bool = False) -> defer.Deferred:
+        """Writes decided leases into the DOM, versioned by their ballot. ``spread``: also
+        pushed to peers at once as this host's change (what this host decided, when hosts that
+        are not members need it); else only made durable here: the members learn every decision
+        from its Commit, so pushing it too cost each round a request per member and peer."""
         dom = self.domsvc.dom
         entities = []
         for c in commits:
@@ -246,7 +336,12 @@ class LeaseService:
                                              version=c.ballot))
         if any(MEMBERS_KEY in c.values for c in commits):
             self._adopt_members()
-        return self.domsvc.commit_local(entities)
+        if spread:
+            return self.domsvc.commit_local(entities)
+        d = self.domsvc.commit(entities)
+        if own:
+            d.addCallback(lambda r: (self.note_own(entities), r)[1])
+        return d
 
 
 class PaxosLeaseTable:

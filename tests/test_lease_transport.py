@@ -1,0 +1,123 @@
+"""The lease service's Twisted layer and transport: group commit of acceptor records, answers
+handed back inline, answers taken only from the host asked, bundles only to peers that read them."""
+from __future__ import annotations
+
+import threading
+
+import pytest_twisted
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+
+from vmwebd.dom.hlc import Version
+from vmwebd.gossip.codec import decode, encode
+from vmwebd.gossip.messages import Bundle, Envelope
+from vmwebd.lease import paxos
+from vmwebd.lease.service import GroupCommit
+from vmwebd.lease.transport import PaxosTransport
+
+
+@pytest_twisted.inlineCallbacks
+def test_records_handed_in_during_a_write_go_down_together_in_order():
+    """While one write is under way, three more callers' records wait and then go down in one
+    write (one fsync); every caller's Deferred fires only once its records were written."""
+    from twisted.internet import reactor
+    pool = ThreadPool(1, 1, "test-group-commit")
+    pool.start()
+    release = threading.Event()
+    writes = []
+
+    def append_many(records):
+        if not writes:
+            release.wait(10)
+        writes.append(list(records))
+    try:
+        g = GroupCommit(reactor, pool, append_many)
+        first = g.append([b"a"])
+        later = [g.append([b"b"]), g.append([b"c", b"d"]), g.append([b"e"])]
+        assert not any(d.called for d in later)
+        release.set()
+        yield defer.gatherResults([first] + later)
+    finally:
+        pool.stop()
+    assert writes == [[b"a"], [b"b", b"c", b"d", b"e"]] and g.writes == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_acceptor_answers_inline_after_its_promise_is_durable(start_node):
+    """A Prepare delivered with inline answers gets its Promise back from receive (and not as a
+    message of its own); the promise is in the acceptor's state."""
+    h = yield start_node()
+    leases = h.node.leases
+    sent = []
+    leases.send = lambda dst, msgs: sent.append((dst, msgs)) or defer.succeed(True)
+    ballot = Version(10**12, 0, "host9")
+    answers = yield leases.receive("host9", [paxos.Prepare("host9.1", ballot, ("ip/lab/10.0.0.9",))],
+                                   inline=True)
+    assert [type(m) for m in answers] == [paxos.Promise] and answers[0].ballot == ballot
+    assert leases.core.keys["ip/lab/10.0.0.9"].promised == ballot
+    assert sent == []
+    plain = yield leases.receive("host9", [paxos.Prepare("host9.2", Version(10**12, 1, "host9"), ("k",))])
+    assert plain is None and [type(m) for _, ms in sent for m in ms] == [paxos.Promise]
+
+
+class _Leases:
+    def __init__(self):
+        self.got = []
+
+    def receive(self, src, msgs, inline=False):
+        self.got.append((src, list(msgs)))
+        return defer.succeed([] if inline else None)
+
+
+class _Client:
+    """A PeerClient stand-in: records what is posted, answers with ``answers(env)``."""
+
+    def __init__(self, bundles: bool, answers=lambda env: []):
+        self.bundles, self.answers, self.posted = bundles, answers, []
+
+    def reads_bundles(self, addr):
+        return self.bundles
+
+    def send(self, addr, el, on_reply=None):
+        env = decode(el)
+        self.posted.append(env)
+        replies = [encode(e) for e in self.answers(env)]
+        if replies and on_reply is not None:
+            on_reply(replies)
+        return defer.succeed(True)
+
+
+def test_answers_are_taken_only_from_the_host_asked():
+    """An answer riding back on host2's response is delivered to the lease service; one that
+    claims to come from host3 is dropped."""
+    ballot = Version(5, 0, "host1")
+    client = _Client(False, lambda env: [
+        Envelope("host2", "a:2", "host1", paxos.Promise(env.msg.op, ballot, {})),
+        Envelope("host3", "a:3", "host1", paxos.Promise(env.msg.op, ballot, {}))])
+    t = PaxosTransport("host1", client, lambda h: f"127.0.0.1:{h[-1]}", lambda: "127.0.0.1:1")
+    t.leases = _Leases()
+    t.send("host2", [paxos.Prepare("host1.1", ballot, ("k",))])
+    assert t.leases.got == [("host2", [paxos.Promise("host1.1", ballot, {})])]
+
+
+def test_several_messages_travel_as_one_bundle_only_to_a_peer_that_reads_them():
+    """A Commit and a Prepare for one host: one request holding a bundle when the peer said it
+    reads bundles, two requests otherwise."""
+    msgs = [paxos.Commit(Version(5, 0, "host1"), {"k": "vm:a"}), paxos.Prepare("host1.2", Version(6, 0, "host1"), ("j",))]
+    for reads, requests in ((True, 1), (False, 2)):
+        client = _Client(reads)
+        t = PaxosTransport("host1", client, lambda h: "127.0.0.1:2", lambda: "127.0.0.1:1")
+        t.send("host2", msgs)
+        assert len(client.posted) == requests
+        got = [m for env in client.posted for m in (env.msg.msgs if isinstance(env.msg, Bundle) else (env.msg,))]
+        assert got == msgs
+
+
+def test_a_consensus_envelope_meant_for_another_host_is_dropped():
+    """An envelope addressed to a host that was at this address before is not fed to the lease
+    service (a lost message)."""
+    t = PaxosTransport("host1", _Client(True), lambda h: None, lambda: "127.0.0.1:1")
+    t.leases = _Leases()
+    env = Envelope("host2", "a:2", "host7", paxos.Prepare("host2.1", Version(5, 0, "host2"), ("k",)))
+    assert t.deliver(env, inline=True).result == []
+    assert t.leases.got == []
