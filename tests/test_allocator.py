@@ -80,3 +80,36 @@ def test_name_conflict_is_name_taken_and_pool_exhaustion_is_reported():
         yield a.allocate_cluster("c1", "other", ["c1/b"], "lab")
     with pytest.raises(PoolExhausted, match="'lab'"):
         yield a.allocate_cluster("c2", "tok2", [f"c2/n{i}" for i in range(9)], "lab")
+
+
+class PendingTable(RacingTable):
+    """A lease table whose claims stay pending until the test fires them (rounds in flight)."""
+
+    def __init__(self):
+        super().__init__(lose=0)
+        self.pending = []
+
+    def acquire(self, claims):
+        self.claims.append(dict(claims))
+        d = defer.Deferred()
+        self.pending.append((d, dict(claims)))
+        return d
+
+
+@pytest_twisted.inlineCallbacks
+def test_concurrent_allocations_at_one_host_claim_different_candidates():
+    """Two clusters allocated at the same time at one host ask for different addresses and
+    network ids (each would otherwise lose to the other); once they end, the candidates are free
+    to pick again if the claims failed."""
+    t = PendingTable()
+    a = allocator(t)
+    d1 = a.allocate_cluster("c1", "t1", ["c1/a"], "lab")
+    d2 = a.allocate_cluster("c2", "t2", ["c2/a"], "lab")
+    (p1, c1), (p2, c2) = t.pending
+    assert not ({k for k in c1 if not k.startswith("name/")} & set(c2))
+    for d, claims in t.pending:
+        t.held.update(claims)
+        d.callback(None)
+    r1, r2 = yield defer.gatherResults([d1, d2])
+    assert r1[0] != r2[0] and r1[1]["c1/a"].ip != r2[1]["c2/a"].ip
+    assert a._claiming == set()

@@ -56,9 +56,12 @@ class Allocator:
         self.vni_pool = vni_pool
         self.rng = rng
         self.max_rounds = max_rounds
+        # Keys this host is claiming right now: concurrent requests here must not pick the same
+        # candidates (they could not share a round, and the later one would lose to the first).
+        self._claiming: set[str] = set()
 
     def _taken(self, key: str) -> bool:
-        return self.table.holder(key) is not None
+        return key in self._claiming or self.table.holder(key) is not None
 
     def pool(self, name: str) -> IpPool:
         """The address pool ``name`` (InvalidArgument naming the pool when there is none)."""
@@ -118,6 +121,8 @@ class Allocator:
                 claims[ip_key(pool_name, ip)] = vm_holder(vm_id, token)
                 claims[mac_key(mac)] = vm_holder(vm_id, token)
                 addrs[vm_id] = VmAddress(ip, mac)
+            mine = set(claims) - self._claiming
+            self._claiming |= mine
             try:
                 yield self.table.acquire(claims)
             except LeaseConflict as c:
@@ -131,6 +136,8 @@ class Allocator:
                 elif kind == "vni":
                     bad_vnis.add(int(rest))
                 continue
+            finally:
+                self._claiming -= mine
             return vni, addrs
         raise AllocationContended(
             f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "
