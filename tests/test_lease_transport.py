@@ -121,3 +121,29 @@ def test_a_consensus_envelope_meant_for_another_host_is_dropped():
     env = Envelope("host2", "a:2", "host7", paxos.Prepare("host2.1", Version(5, 0, "host2"), ("k",)))
     assert t.deliver(env, inline=True).result == []
     assert t.leases.got == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_records_nothing_waits_for_ride_along_with_the_next_write_or_go_later():
+    """Records appended 'later' start no write of their own: they go down with the next write
+    someone waits for, or by themselves once ``later_s`` has passed without one."""
+    from twisted.internet import reactor, task
+    pool = ThreadPool(1, 1, "test-group-commit-later")
+    pool.start()
+    writes = []
+    clock = task.Clock()
+    try:
+        g = GroupCommit(reactor, pool, lambda records: writes.append(list(records)), later_s=0.1, clock=clock)
+        g.append_later([b"commit-1"])
+        assert g.writes == 0
+        yield g.append([b"promise"])
+        assert writes == [[b"commit-1", b"promise"]]
+        g.append_later([b"commit-2"])
+        clock.advance(0.05)
+        assert g.writes == 1
+        clock.advance(0.05)
+        assert g.writes == 2
+        yield g.append([b"accept"])
+    finally:
+        pool.stop()
+    assert writes == [[b"commit-1", b"promise"], [b"commit-2"], [b"accept"]]

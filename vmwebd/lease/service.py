@@ -43,13 +43,21 @@ def _decode(data: bytes):
 class GroupCommit:
     """Appends records to a store on its own thread, many callers' records in one write and one
     fsync: while a write is under way, what arrives waits and goes down together in the next.
-    Each caller's Deferred fires once its records are durable, in the order they were handed in."""
+    Each caller's Deferred fires once its records are durable, in the order they were handed in.
 
-    def __init__(self, reactor, pool: ThreadPool, append_many):
+    Records nothing waits for (:meth:`append_later`) ride along with the next write, or go down
+    by themselves ``later_s`` after they came if none comes: they never hold up a write others
+    wait for."""
+
+    def __init__(self, reactor, pool: ThreadPool, append_many, later_s: float = 0.1, clock=None):
         self.reactor = reactor
         self.pool = pool
         self.append_many = append_many
+        self.later_s = later_s
+        self.clock = clock or reactor
         self._batch: list = []
+        self._later: list = []
+        self._later_call = None
         self._waiters: list[defer.Deferred] = []
         self._busy = False
         self.writes = 0         # how many writes (fsyncs) it took
@@ -62,9 +70,18 @@ class GroupCommit:
             self._write()
         return d
 
+    def append_later(self, records) -> None:
+        self._later.extend(records)
+        if self._later_call is None or not self._later_call.active():
+            self._later_call = self.clock.callLater(self.later_s, self._flush_later)
+
+    def _flush_later(self) -> None:
+        if self._later and not self._busy:
+            self._write()
+
     def _write(self) -> None:
-        batch, waiters = self._batch, self._waiters
-        self._batch, self._waiters = [], []
+        batch, waiters = self._later + self._batch, self._waiters
+        self._batch, self._later, self._waiters = [], [], []
         self._busy = True
         self.writes += 1
 
@@ -77,6 +94,8 @@ class GroupCommit:
                     d.callback(None)
             if self._batch:
                 self._write()
+            elif self._later and (self._later_call is None or not self._later_call.active()):
+                self._later_call = self.clock.callLater(self.later_s, self._flush_later)
         deferToThreadPool(self.reactor, self.pool, self.append_many, batch).addBoth(done)
 
 
@@ -226,11 +245,15 @@ class LeaseService:
         """Persists the output's records, then speaks: sends, results, DOM records. Fires once
         the records are durable and the messages handed to the transport."""
         self._hold_new_ballots(out)
-        if out.persist:
-            self._since_compact += len(out.persist)
-            d = self._writer.append([_encode(r) for r in out.persist])
-        else:
-            d = defer.succeed(None)
+        self._since_compact += len(out.persist)
+        # A commit record is knowledge, not a promise: nothing said depends on it (lost in a
+        # crash, the value shows as accepted-not-committed and is repaired to the same value),
+        # so it rides along with the next write instead of holding up promises behind it.
+        later = [_encode(r) for r in out.persist if r[0] == "commit"]
+        now = [_encode(r) for r in out.persist if r[0] != "commit"]
+        if later:
+            self._writer.append_later(later)
+        d = self._writer.append(now) if now else defer.succeed(None)
         # Persist before you speak: nothing below runs until the records are durable.
         d.addCallback(lambda _: self._after_persist(out))
         d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
