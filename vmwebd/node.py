@@ -114,6 +114,7 @@ class Node:
         yield self.leases.start()
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
+        self.allocator.lane = self._lease_lane
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
                                       live_hosts=self.live_hosts, liveness=self.liveness,
@@ -231,6 +232,12 @@ class Node:
         log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id, addr=peer_addr,
                  seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
         return defer.succeed(None)
+
+    def _lease_lane(self) -> tuple[int, int]:
+        """This host's place among the consensus members (see Allocator.lane)."""
+        members = sorted(self.leases.members())
+        return (members.index(self.host_id) if self.host_id in members else len(members),
+                len(members))
 
     def send_peer(self, dst: str, msgs) -> defer.Deferred:
         """Sends consensus messages to host ``dst``'s peer endpoint, their answers coming back

@@ -59,6 +59,10 @@ class Allocator:
         # Keys this host is claiming right now: concurrent requests here must not pick the same
         # candidates (they could not share a round, and the later one would lose to the first).
         self._claiming: set[str] = set()
+        #: (this host's place among the consensus members, how many): candidates come from this
+        #: host's lane of each pool (every m-th address, network id) while it has free ones, so
+        #: hosts allocating at the same moment never race for the same lowest free values.
+        self.lane = lambda: (0, 1)
 
     def _taken(self, key: str) -> bool:
         return key in self._claiming or self.table.holder(key) is not None
@@ -95,6 +99,7 @@ class Allocator:
         bad_ips: set[str] = set()
         bad_macs: set[str] = set()
         bad_vnis: set[int] = set()
+        lane = self.lane()
         for _round in range(self.max_rounds):
             claims: dict[str, str] = {}
             vni = None
@@ -104,13 +109,15 @@ class Allocator:
                 # free values at the same moment would otherwise keep colliding.
                 spread = 8 * _round
                 vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis,
-                                      rng=self.rng if _round else None, spread=spread)
+                                      rng=self.rng if _round else None, spread=spread,
+                                      lane=lane)
                 if not vnis:
                     raise PoolExhausted("vni", 1, 0)
                 vni = vnis[0]
                 claims[vni_key(vni)] = cluster_holder(cluster, token)
             ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips,
-                                rng=self.rng if _round else None, spread=8 * _round)
+                                rng=self.rng if _round else None, spread=8 * _round,
+                                lane=lane)
             if len(ips) < len(vm_ids):
                 raise PoolExhausted(pool_name, len(vm_ids), len(ips))
             macs = mac_candidates(self.mac_pool, self._taken, len(vm_ids), self.rng, exclude=bad_macs)

@@ -31,10 +31,17 @@ def name_key(kind: str, name: str) -> str:
 
 def ip_candidates(pool: IpPool, taken: Callable[[str], bool], n: int,
                   exclude: set[str] = frozenset(), rng: random.Random | None = None,
-                  spread: int = 0) -> list[str]:
+                  spread: int = 0, lane: tuple[int, int] = (0, 1)) -> list[str]:
     """``n`` free addresses: the lowest ones (readable for lab users), or — with ``rng`` and
     ``spread`` > 0, after a conflict — ``n`` drawn at random among the first ``n + spread`` free
-    ones, so that hosts allocating at the same moment stop competing for the same addresses."""
+    ones, so that hosts allocating at the same moment stop competing for the same addresses.
+    ``lane = (i, m)``: only addresses whose place in the pool is i modulo m (hosts in different
+    lanes never propose the same ones, whatever their replicas know), any free ones when the
+    lane has too few."""
+    if lane[1] > 1:
+        mine = ip_candidates(_Lane(pool, lane), taken, n, exclude, rng, spread)
+        if len(mine) == n:
+            return mine
     out = []
     want = n + (spread if rng is not None else 0)
     for addr in pool.addresses():
@@ -64,10 +71,29 @@ def mac_candidates(pool: MacPool, taken: Callable[[str], bool], n: int, rng: ran
     return out
 
 
+class _Lane:
+    """The addresses of ``pool`` at places i, i + m, i + 2m, ... (``lane = (i, m)``)."""
+
+    def __init__(self, pool: IpPool, lane: tuple[int, int]):
+        self.name, self._pool, self._lane = pool.name, pool, lane
+
+    def addresses(self):
+        i, m = self._lane
+        for k, addr in enumerate(self._pool.addresses()):
+            if k % m == i % m:
+                yield addr
+
+
 def vni_candidates(pool: VniRange, taken: Callable[[str], bool], n: int,
                    exclude: set[int] = frozenset(), rng: random.Random | None = None,
-                   spread: int = 0) -> list[int]:
+                   spread: int = 0, lane: tuple[int, int] = (0, 1)) -> list[int]:
     """Like :func:`ip_candidates`, for network ids."""
+    i, m = lane
+    if m > 1:
+        mine = [v for v in vni_candidates(pool, lambda key: taken(key) or (int(key[4:]) - pool.first) % m != i % m,
+                                          n, exclude, rng, spread)]
+        if len(mine) == n:
+            return mine
     out = []
     want = n + (spread if rng is not None else 0)
     for v in range(pool.first, pool.last + 1):
