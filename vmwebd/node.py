@@ -234,10 +234,12 @@ class Node:
         return defer.succeed(None)
 
     def _lease_lane(self) -> tuple[int, int]:
-        """This host's place among the consensus members (see Allocator.lane)."""
-        members = sorted(self.leases.members())
-        return (members.index(self.host_id) if self.host_id in members else len(members),
-                len(members))
+        """This host's lane (see Allocator.lane): its place among the hosts of the grid that have
+        not left, members or not (any host takes requests: hosts outside the consensus members
+        sharing one lane kept racing each other for the same values)."""
+        hosts = sorted({h.id for h in self.domsvc.dom.all(HostRec) if h.liveness != "left"}
+                       | {self.host_id})
+        return hosts.index(self.host_id), len(hosts)
 
     def send_peer(self, dst: str, msgs) -> defer.Deferred:
         """Sends consensus messages to host ``dst``'s peer endpoint, their answers coming back
