@@ -16,6 +16,7 @@ import copy
 import re
 
 from lxml import etree
+from twisted.logger import Logger
 
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
@@ -256,3 +257,23 @@ def decode(root: etree._Element) -> Envelope:
         msg = SyncDelta(_read_entities(el, "entities"), _read_vv(el, "claim"))
     return Envelope(src, _attr(root, "src-addr", "env"), root.get("dst"), msg,
                     _read_members(root), _read_entities(root, "rumors"), version)
+
+
+_log = Logger()
+
+
+def answers_from(dst: str, elements):
+    """Envelopes a peer answered with inline (in a Deliver response), decoded, and only those from
+    ``dst``: the host the request went to, whose certificate the TLS connection checked. An
+    unreadable one is a lost message; one claiming another sender is dropped with a warning."""
+    for el in elements:
+        try:
+            env = decode(el)
+        except Exception as e:     # noqa: BLE001 (a malformed answer is a lost message)
+            _log.debug("unreadable answer from {dst}: {err}", dst=dst, err=e)
+            continue
+        if env.src != dst:
+            _log.warn("an answer from host {dst} claims to come from {src}; dropped",
+                      dst=dst, src=env.src)
+            continue
+        yield env

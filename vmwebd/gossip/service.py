@@ -22,7 +22,7 @@ from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 from twisted.internet.threads import deferToThread
 
-from vmwebd.gossip.codec import NS as PEER_NS, decode, encode
+from vmwebd.gossip.codec import NS as PEER_NS, answers_from, encode
 from vmwebd.gossip.core import GossipCore
 
 log = Logger()
@@ -240,15 +240,7 @@ class GossipService:
     def _replied(self, dst: str, elements) -> None:
         """Envelopes a peer answered with in a Deliver response: received like any other, but
         only if they come from the host we sent to (the one whose TLS connection carried them)."""
-        for el in elements:
-            try:
-                env = decode(el)
-            except Exception as e:     # a malformed reply is a lost message
-                log.debug("unreadable reply from {dst}: {err}", dst=dst, err=e)
-                continue
-            if env.src != dst:
-                log.warn("a reply from host {dst} claims to come from {src}; dropped", dst=dst, src=env.src)
-                continue
+        for env in answers_from(dst, elements):
             self.receive(env)
 
     def _carry(self, out) -> tuple[defer.Deferred, defer.Deferred]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from vmwebd.gossip.codec import decode, encode
+from vmwebd.gossip.codec import answers_from, encode
 from vmwebd.gossip.messages import Bundle, Envelope
 from vmwebd.lease import paxos
 
@@ -61,18 +61,7 @@ class PaxosTransport:
 
     def _answered(self, dst: str, elements) -> None:
         """Answers that came back in a Deliver response: only from the host asked."""
-        msgs = []
-        for el in elements:
-            try:
-                env = decode(el)
-            except Exception as e:     # a malformed answer is a lost message
-                log.debug("unreadable answer from {dst}: {err}", dst=dst, err=e)
-                continue
-            if env.src != dst:
-                log.warn("an answer from host {dst} claims to come from {src}; dropped", dst=dst, src=env.src)
-                continue
-            if isinstance(env.msg, KINDS):
-                msgs.append(env.msg)
+        msgs = [env.msg for env in answers_from(dst, elements) if isinstance(env.msg, KINDS)]
         if msgs and self.leases is not None:
             self.leases.receive(dst, msgs)
 
