@@ -382,7 +382,15 @@ class PaxosLeaseTable:
     def acquire(self, claims: dict[str, str]):
         result = yield self.service.propose({k: (None, h) for k, h in claims.items()})
         if isinstance(result, paxos.Conflict):
-            raise LeaseConflict(result.key, result.holder or "nobody")
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder)
+        yield self._seen(result)
+        return result
+
+    @defer.inlineCallbacks
+    def cas(self, ops: dict):
+        result = yield self.service.propose(dict(ops))
+        if isinstance(result, paxos.Conflict):
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder)
         yield self._seen(result)
         return result
 

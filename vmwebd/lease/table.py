@@ -14,9 +14,11 @@ from twisted.internet import defer
 class LeaseConflict(Exception):
     """A key is already held by someone else."""
 
-    def __init__(self, key: str, holder: str):
+    def __init__(self, key: str, holder: str, current: str | None = None):
         super().__init__(f"{key} is already leased to {holder}")
         self.key, self.holder = key, holder
+        #: The key's decided value as the round saw it (None: free); counters read it to retry.
+        self.current = current
 
 
 class LeaseTable(Protocol):
@@ -28,3 +30,7 @@ class LeaseTable(Protocol):
 
     def release(self, holders: dict[str, str]) -> defer.Deferred:
         """Gives keys back, each only if still held by the given holder (else a no-op for it)."""
+
+    def cas(self, ops: dict[str, tuple[str | None, str | None]]) -> defer.Deferred:
+        """Sets every key from its expected value to its new one (None: free), all or none;
+        fails with LeaseConflict (``current`` = the value found) when a key holds another."""
