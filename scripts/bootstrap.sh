@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what vmweb needs on a fresh Debian machine: the Debian packages (only when missing)
-# and a virtualenv in .venv with the project and its test tools. Safe to run again; quick when done.
+# and a virtualenv in .venv with the project, its hypervisor binding (the `daemon` extra) and its
+# test tools. Safe to run again; quick when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,7 +49,7 @@ stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  "$VENV/bin/python" -m pip install -q -e '.[daemon,test]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

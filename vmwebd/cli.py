@@ -1,10 +1,12 @@
+# PYTHON_ARGCOMPLETE_OK  (argcomplete looks for this line near the top of the module)
 """``vmweb``: the command line for users and scripts, talking SOAP to any host's user API.
 
-Readable tables by default, ``--json`` for scripts. A fault prints one line
-(``vmweb: Client.NoSuchCluster: no virtual cluster named 'x'``) and exits 1; an unreachable host
-exits 2. ``cluster create`` and ``cluster scale`` wait for the VMs (unless ``--no-wait``) and exit 3
-when some cannot come up now (one line each: which host, why, what to do), 4 when ``--timeout``
-passed with VMs still coming up (see EXIT_CODES).
+Readable tables by default, ``--json`` for scripts (before or after the command). Exit statuses
+are listed once, in EXIT_CODES, and shown by ``vmweb --help``: a fault prints one line
+(``vmweb: Client.NoSuchCluster: no virtual cluster named 'x'``) and exits 1; a bad command line
+or an unreachable host exits 2; ``cluster create`` and ``cluster scale`` wait for the VMs (unless
+``--no-wait``) and exit 3 when some cannot come up now (one line each: which host, why, what to
+do); commands that follow something exit 4 when their ``--timeout`` passes first.
 
 Credentials (HTTP Basic), first found wins: ``--user``/``--password``; ``$VMWEB_USER`` and
 ``$VMWEB_PASSWORD``; a file of one line ``user:password`` named by ``--credentials`` or
@@ -14,6 +16,14 @@ TLS: ``--host https://HOST:PORT`` (a bare ``HOST:PORT`` is plain HTTP) checks th
 certificate against ``--ca FILE`` or ``$VMWEB_CA`` (the grid's ``ca.crt`` for ``api-tls="grid"``),
 else the system's trust store; a certificate that does not verify exits 2 with one line naming
 the host.
+
+Shell completion comes from argcomplete (``eval "$(register-python-argcomplete vmweb)"``):
+commands and options always, and the names of clusters, templates, hosts, users and settings
+when the host at ``--host`` answers within COMPLETION_TIMEOUT with the credentials from the
+environment (never a password prompt; nothing is offered on any error).
+
+This module and :mod:`vmwebd.client` import no server code: ``import vmwebd.cli`` loads neither
+spyne, Twisted nor libvirt (``tests/test_cli_shell.py`` checks it).
 """
 from __future__ import annotations
 
@@ -23,24 +33,46 @@ import os
 import sys
 import time
 
+from vmwebd import version
+
 DEFAULT_HOST = "127.0.0.1:8470"
+#: A request the grid refused (a fault: the line names its code and the object), an argument
+#: refused before anything was sent, or a move that failed.
+EXIT_REFUSED = 1
+#: The command line does not parse, or no vmwebd was reached at --host (or its certificate did
+#: not verify): nothing was asked of the grid.
+EXIT_USAGE = 2
 #: ``cluster create`` / ``scale`` (waiting): some VMs cannot come up now (an error on their host,
 #: or pending on a host that is not alive, or being removed by one).
 EXIT_STUCK = 3
-#: ``cluster create`` / ``scale`` (waiting): ``--timeout`` passed with VMs still coming up.
+#: ``cluster create`` / ``scale`` (waiting): ``--timeout`` passed with VMs still coming up;
+#: ``vm migrate`` / ``host drain`` (following): ``--timeout`` passed with moves not finished.
 EXIT_TIMEOUT = 4
+#: Interrupted by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 #: Once every VM still pending is on a host that is not alive, the wait goes on this long (s)
 #: before giving up on them: a host declared dead has the VMs that never ran on it re-placed on
 #: live hosts by the grid itself (docs/migration.md) well within it.
 STUCK_GRACE = 60.0
+#: Seconds a completion may spend asking the grid for names (all of it, connection included).
+COMPLETION_TIMEOUT = 2.0
 EXIT_CODES = f"""exit status:
   0  done (cluster create/scale: every VM runs)
-  1  the grid refused the request (the line says why)
-  2  no vmwebd reached at --host, or its certificate did not verify
+  {EXIT_REFUSED}  the grid refused the request, or an argument's value was refused before sending
+     (the line names the fault code and the object or argument); a migration or a drain move
+     that failed
+  {EXIT_USAGE}  the command line is wrong (usage), or no vmwebd reached at --host, or its
+     certificate did not verify: nothing was asked of the grid
   {EXIT_STUCK}  cluster create/scale: some VMs cannot come up now (in error, or on a host that is
      not alive); one line per VM names its host, why and what to do (wait for the host, or an
      admin's vmweb host evacuate HOST)
-  {EXIT_TIMEOUT}  cluster create/scale: --timeout passed with VMs still coming up (they go on)"""
+  {EXIT_TIMEOUT}  cluster create/scale: --timeout passed with VMs still coming up (they go on);
+     vm migrate, host drain: --timeout passed before the moves finished (they go on)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C)
+
+--json (before or after the command) prints what the grid answered as JSON on standard output:
+the same records as the tables, with every field. Shell completion (bash, zsh):
+  eval "$(register-python-argcomplete vmweb)\""""
 
 
 def table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
@@ -66,150 +98,284 @@ def show_cluster(c: dict) -> str:
     return head + "\n" + table(c.get("vms") or [], VM_COLS)
 
 
+# -- argument types: a bad value is a usage error naming the argument (argparse adds the name) --
+
+def count_arg(text: str) -> int:
+    """A number of VMs: an integer, 0 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0 or more")
+    return n
+
+
+def seconds_arg(text: str) -> float:
+    """A timeout: a number of seconds, more than 0."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not s > 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds above 0")
+    return s
+
+
+# -- completion ----------------------------------------------------------------------------------
+
+def remote_names(operation: str, key: str):
+    """An argcomplete completer offering field ``key`` of what ``operation`` lists at the host the
+    command line names. It asks with the credentials of the environment or of a credentials file
+    (never a prompt), gives up after COMPLETION_TIMEOUT in all, and offers nothing on any error:
+    a completion must never hang a shell or print into it."""
+
+    def complete(prefix: str, parsed_args=None, **_) -> list[str]:
+        import signal
+
+        class _Late(Exception):
+            pass
+
+        def late(*_):
+            raise _Late()
+
+        old = None
+        try:
+            old = signal.signal(signal.SIGALRM, late)
+            signal.setitimer(signal.ITIMER_REAL, COMPLETION_TIMEOUT)
+            from vmwebd.client import ApiClient
+            args = parsed_args or argparse.Namespace()
+            host = getattr(args, "host", None) or os.environ.get("VMWEB_HOST", DEFAULT_HOST)
+            probe = argparse.Namespace(user=getattr(args, "user", None),
+                                       password=getattr(args, "password", None),
+                                       credentials=getattr(args, "credentials", None))
+            user, password = credentials(probe, stdin_tty=False)
+            ca = getattr(args, "ca", None) or os.environ.get("VMWEB_CA") or None
+            client = ApiClient(host, timeout=COMPLETION_TIMEOUT, user=user, password=password,
+                               ca=ca, connect_timeout=COMPLETION_TIMEOUT)
+            rows = client.call(operation) or []
+            return sorted({str(r.get(key)) for r in rows if isinstance(r, dict) and r.get(key)
+                           and str(r.get(key)).startswith(prefix)})
+        except BaseException:       # _Late, no host, refused, TLS, anything: offer nothing
+            return []
+        finally:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                if old is not None:
+                    signal.signal(signal.SIGALRM, old)
+            except (ValueError, OSError):
+                pass
+
+    return complete
+
+
+CLUSTER_NAMES = remote_names("ListClusters", "name")
+TEMPLATE_NAMES = remote_names("ListTemplates", "name")
+HOST_IDS = remote_names("ListHosts", "id")
+USER_NAMES = remote_names("ListUsers", "name")
+SETTING_KEYS = remote_names("GetSettings", "key")
+
+
+def _complete_with(action: argparse.Action, completer) -> argparse.Action:
+    action.completer = completer          # read by argcomplete; ignored by argparse
+    return action
+
+
+#: Commands that work on local files only: they print text and take no --json.
+LOCAL_ONLY = {("init",), ("user", "bootstrap")}
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser, path=()):
+    """(command path, parser) of every command that takes no further subcommand."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for sub in subs:
+        for name, p in sub.choices.items():
+            yield from _leaf_parsers(p, path + (name,))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vmweb", description="Manage virtual clusters on a vmweb grid.",
                                  epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"vmweb {version()}",
+                    help="print vmweb's version and exit")
     ap.add_argument("--host", default=os.environ.get("VMWEB_HOST", DEFAULT_HOST),
                     help=f"any vmweb host's user API: https://HOST:PORT, or HOST:PORT for plain HTTP "
                          f"(default $VMWEB_HOST or {DEFAULT_HOST})")
     ap.add_argument("--ca", metavar="FILE", default=os.environ.get("VMWEB_CA"),
                     help="CA certificate(s) to check an https host against, e.g. the grid's ca.crt "
                          "(default $VMWEB_CA, else the system's trust store)")
-    ap.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ap.add_argument("--json", action="store_true",
+                    help="print JSON for scripts (also accepted after the command)")
     ap.add_argument("--user", help="user name (default $VMWEB_USER, or from --credentials)")
     ap.add_argument("--password", help="password (visible to other local users in the process "
                                        "list: prefer $VMWEB_PASSWORD or --credentials)")
     ap.add_argument("--credentials", metavar="FILE",
                     help="a file of one line user:password (default $VMWEB_CREDENTIALS)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("templates", help="list scenario templates")
-    cl = sub.add_parser("cluster", help="create, scale, destroy or show a cluster")
-    csub = cl.add_subparsers(dest="action", required=True)
+
+    cl = sub.add_parser("cluster", help="create, scale, destroy, show or list clusters")
+    csub = cl.add_subparsers(dest="action", required=True, metavar="ACTION")
     c = csub.add_parser("create", help="create a cluster from a template")
-    c.add_argument("name")
-    c.add_argument("--template", required=True)
-    c.add_argument("--owner", required=True)
-    c.add_argument("--count", required=True, type=int)
+    c.add_argument("name", help="the new cluster's name (unique in the grid)")
+    _complete_with(c.add_argument("--template", required=True,
+                                  help="the scenario template (vmweb templates lists them)"),
+                   TEMPLATE_NAMES)
+    _complete_with(c.add_argument("--owner", required=True, help="the account that owns the cluster"),
+                   USER_NAMES)
+    c.add_argument("--count", required=True, type=count_arg, metavar="N",
+                   help="how many VMs (at least the template's minimum)")
     c.add_argument("--no-wait", action="store_true", help="return once recorded, without waiting for boot")
-    c.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the VMs (default 300)")
+    c.add_argument("--timeout", type=seconds_arg, default=300.0, metavar="SECONDS",
+                   help="seconds to wait for the VMs (default 300); exit 4 when they pass")
     s = csub.add_parser("scale", help="grow or shrink a running cluster")
-    s.add_argument("name")
-    s.add_argument("count", type=int)
-    s.add_argument("--no-wait", action="store_true")
-    s.add_argument("--timeout", type=float, default=300.0)
+    _complete_with(s.add_argument("name", help="the cluster"), CLUSTER_NAMES)
+    s.add_argument("count", type=count_arg, metavar="N", help="its new number of VMs")
+    s.add_argument("--no-wait", action="store_true", help="return once recorded, without waiting for boot")
+    s.add_argument("--timeout", type=seconds_arg, default=300.0, metavar="SECONDS",
+                   help="seconds to wait for the VMs (default 300); exit 4 when they pass")
     d = csub.add_parser("destroy", help="destroy a cluster and give everything back")
-    d.add_argument("name")
+    _complete_with(d.add_argument("name", help="the cluster"), CLUSTER_NAMES)
     sh = csub.add_parser("show", help="show a cluster and its VMs")
-    sh.add_argument("name")
+    _complete_with(sh.add_argument("name", help="the cluster"), CLUSTER_NAMES)
     chs = csub.add_parser("hosts", help="print the cluster's hosts file lines (IP FQDN NAME per VM, "
                                         "as its guests' /etc/hosts has them)")
-    chs.add_argument("name", help="the cluster")
+    _complete_with(chs.add_argument("name", help="the cluster"), CLUSTER_NAMES)
     chs.add_argument("--mpi", action="store_true",
                      help="print an MPI hostfile instead: FQDN slots=VCPUS per running VM")
+    cll = csub.add_parser("list", help="list clusters (the same as vmweb clusters)")
+    _complete_with(cll.add_argument("--owner", help="only this user's clusters"), USER_NAMES)
     ls = sub.add_parser("clusters", help="list clusters")
-    ls.add_argument("--owner")
+    _complete_with(ls.add_argument("--owner", help="only this user's clusters"), USER_NAMES)
+
     sub.add_parser("hosts", help="list physical hosts")
     sub.add_parser("dom", help="print the cluster DOM (XML)")
     sub.add_parser("settings", help="list system settings")
-    st = sub.add_parser("set", help="change a system setting")
-    st.add_argument("key")
-    st.add_argument("value")
+    st = sub.add_parser("set", help="change a system setting (admins)")
+    _complete_with(st.add_argument("key", help="the setting (vmweb settings lists them)"), SETTING_KEYS)
+    st.add_argument("value", help="its new value")
+
     ini = sub.add_parser("init", help="create the grid's CA and the first host's certificate (local files)")
     ini.add_argument("--ca-dir", required=True, help="where the CA key and certificate go (keep it safe)")
     ini.add_argument("--host-id", required=True, help="the first host's id, as in its vmwebd.xml")
     ini.add_argument("--cert-dir", required=True, help="the host's certificate directory (its peers/@cert-dir)")
-    ini.add_argument("--address", action="append", default=[], help="an IP address of the host (repeatable)")
-    ini.add_argument("--grid-name", default="vmweb")
+    ini.add_argument("--address", action="append", default=[], metavar="IP",
+                     help="an IP address of the host, put in its certificate (repeatable)")
+    ini.add_argument("--grid-name", default="vmweb", help="the grid's name, in its CA's certificate "
+                                                          "(default vmweb)")
     ini.add_argument("--admin", metavar="NAME", help="also make NAME the grid's first admin (with "
                                                      "--state-dir; prints a generated password)")
-    ini.add_argument("--state-dir", help="the first host's state directory (for --admin)")
-    host = sub.add_parser("host", help="add a host to the grid (issue its certificate)")
-    hsub = host.add_subparsers(dest="action", required=True)
+    ini.add_argument("--state-dir", metavar="DIR", help="the first host's state directory (for --admin)")
+
+    host = sub.add_parser("host", help="hosts: add, remove, drain, undrain, evacuate, list")
+    hsub = host.add_subparsers(dest="action", required=True, metavar="ACTION")
     ha = hsub.add_parser("add", help="issue a new host's certificate (with --ca-dir) and/or make it a "
                                      "consensus member (with --member)")
-    ha.add_argument("host_id")
+    ha.add_argument("host_id", metavar="HOST", help="the new host's id, as in its vmwebd.xml")
     ha.add_argument("--ca-dir", help="the grid CA (from `vmweb init`): issue the host's certificate")
     ha.add_argument("--cert-dir", help="where the new host's certificate goes")
-    ha.add_argument("--address", action="append", default=[])
+    ha.add_argument("--address", action="append", default=[], metavar="IP",
+                    help="an IP address of the host, put in its certificate (repeatable)")
     ha.add_argument("--member", action="store_true",
                     help="ask the grid (at --host) to add it to the consensus members")
     hr = hsub.add_parser("remove", help="remove a host from the consensus members")
-    hr.add_argument("host_id")
+    _complete_with(hr.add_argument("host_id", metavar="HOST", help="the host"), HOST_IDS)
     hd = hsub.add_parser("drain", help="move every VM off a live host and place no new ones there "
                                         "(admins; for maintenance)")
-    hd.add_argument("host_id")
+    _complete_with(hd.add_argument("host_id", metavar="HOST", help="the host"), HOST_IDS)
     hd.add_argument("--no-wait", action="store_true", help="return once the moves are reserved")
-    hd.add_argument("--timeout", type=float, default=600.0)
+    hd.add_argument("--timeout", type=seconds_arg, default=600.0, metavar="SECONDS",
+                    help="seconds to follow each move (default 600); exit 4 when they pass")
     hu = hsub.add_parser("undrain", help="let a drained host take new VMs again (admins)")
-    hu.add_argument("host_id")
+    _complete_with(hu.add_argument("host_id", metavar="HOST", help="the host"), HOST_IDS)
     he = hsub.add_parser("evacuate", help="re-place a dead host's VMs on live hosts (admins): they "
                                           "boot afresh from their base image, same addresses")
-    he.add_argument("host_id")
-    us = sub.add_parser("user", help="user accounts: list, create, delete, passwd, quota, bootstrap")
-    usub = us.add_subparsers(dest="action", required=True)
+    _complete_with(he.add_argument("host_id", metavar="HOST", help="the dead host"), HOST_IDS)
+    hsub.add_parser("list", help="list physical hosts (the same as vmweb hosts)")
+
+    us = sub.add_parser("user", help="user accounts: list, create, delete, passwd, quota, key, bootstrap")
+    usub = us.add_subparsers(dest="action", required=True, metavar="ACTION")
     usub.add_parser("list", help="accounts (an admin sees all, a user their own)")
     uc = usub.add_parser("create", help="create an account (admins); prints the password if generated")
-    uc.add_argument("name")
-    uc.add_argument("--role", choices=["user", "admin"], default="user")
-    uc.add_argument("--quota", type=int, default=16, help="VMs the user's clusters may hold (default 16)")
+    uc.add_argument("name", help="the new account's name")
+    uc.add_argument("--role", choices=["user", "admin"], default="user",
+                    help="user (default: acts on their own clusters) or admin (acts on everything)")
+    uc.add_argument("--quota", type=count_arg, default=16, metavar="N",
+                    help="VMs the user's clusters may hold (default 16)")
     uc.add_argument("--password-stdin", action="store_true",
                     help="read the new password from standard input (default: generate one)")
     ud = usub.add_parser("delete", help="delete an account that owns no cluster (admins)")
-    ud.add_argument("name")
+    _complete_with(ud.add_argument("name", help="the account"), USER_NAMES)
     up = usub.add_parser("passwd", help="set a password (one's own, or anyone's for an admin)")
-    up.add_argument("name")
+    _complete_with(up.add_argument("name", help="the account"), USER_NAMES)
     up.add_argument("--password-stdin", action="store_true",
                     help="read the new password from standard input (default: generate one)")
     uk = usub.add_parser("key", help="SSH public keys given to the VMs of one's clusters: add, list, "
                                      "remove")
-    uksub = uk.add_subparsers(dest="key_action", required=True)
+    uksub = uk.add_subparsers(dest="key_action", required=True, metavar="ACTION")
     who = dict(dest="key_user", metavar="U", help="whose keys (default: the user logged in; "
                                                   "admins may name anyone)")
     uka = uksub.add_parser("add", help="add the keys of an OpenSSH public key file (one per line)")
-    uka.add_argument("--user", **who)
+    _complete_with(uka.add_argument("--user", **who), USER_NAMES)
     uka.add_argument("file", metavar="FILE|-", help="a public key file such as ~/.ssh/id_ed25519.pub, "
                                                     "or - for standard input")
     ukl = uksub.add_parser("list", help="the keys, with their SHA256 fingerprints")
-    ukl.add_argument("--user", **who)
+    _complete_with(ukl.add_argument("--user", **who), USER_NAMES)
     ukr = uksub.add_parser("remove", help="remove a key")
-    ukr.add_argument("--user", **who)
+    _complete_with(ukr.add_argument("--user", **who), USER_NAMES)
     ukr.add_argument("key", metavar="KEY_OR_FINGERPRINT",
                      help="the key's fingerprint (SHA256:..., as `vmweb user key list` shows it) "
                           "or its whole OpenSSH line")
     uq = usub.add_parser("quota", help="change a user's quota of VMs (admins)")
-    uq.add_argument("name")
-    uq.add_argument("quota", type=int)
+    _complete_with(uq.add_argument("name", help="the account"), USER_NAMES)
+    uq.add_argument("quota", type=count_arg, metavar="N", help="VMs the user's clusters may hold")
     ub = usub.add_parser("bootstrap", help="local: make NAME an admin at the daemon's next start "
                                            "(creates it or resets its password)")
-    ub.add_argument("name")
-    ub.add_argument("--state-dir", required=True, help="the daemon's state directory (state/@dir)")
+    ub.add_argument("name", help="the admin's account name")
+    ub.add_argument("--state-dir", required=True, metavar="DIR",
+                    help="the daemon's state directory (state/@dir)")
     ub.add_argument("--password-stdin", action="store_true",
                     help="read the password from standard input (default: generate one)")
+
     vm = sub.add_parser("vm", help="start, stop or migrate a VM")
-    vsub = vm.add_subparsers(dest="action", required=True)
-    for verb in ("start", "stop"):
-        v = vsub.add_parser(verb)
-        v.add_argument("cluster")
-        v.add_argument("vm")
+    vsub = vm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for verb, what in (("start", "power a VM on"), ("stop", "power a VM off")):
+        v = vsub.add_parser(verb, help=what)
+        _complete_with(v.add_argument("cluster", help="the VM's cluster"), CLUSTER_NAMES)
+        v.add_argument("vm", help="the VM's name in its cluster (vmweb cluster show lists them)")
     vmig = vsub.add_parser("migrate", help="move a VM to another host (live where the hosts can)")
-    vmig.add_argument("cluster")
-    vmig.add_argument("vm")
-    vmig.add_argument("--to", dest="to", default="", help="destination host (default: the least "
-                                                          "loaded host that fits)")
+    _complete_with(vmig.add_argument("cluster", help="the VM's cluster"), CLUSTER_NAMES)
+    vmig.add_argument("vm", help="the VM's name in its cluster (vmweb cluster show lists them)")
+    _complete_with(vmig.add_argument("--to", dest="to", default="", metavar="HOST",
+                                     help="destination host (default: the least loaded host that fits)"),
+                   HOST_IDS)
     vmig.add_argument("--no-wait", action="store_true", help="answer once the move is reserved")
-    vmig.add_argument("--timeout", type=float, default=600.0, help="seconds to follow it (600)")
+    vmig.add_argument("--timeout", type=seconds_arg, default=600.0, metavar="SECONDS",
+                      help="seconds to follow it (default 600); exit 4 when they pass")
     sub.add_parser("migrations", help="list migrations (phase, bytes moved, time, downtime)")
+
     im = sub.add_parser("image", help="base images: add one by content, list them")
-    isub = im.add_subparsers(dest="action", required=True)
+    isub = im.add_subparsers(dest="action", required=True, metavar="ACTION")
     isub.add_parser("list", help="images, their hash and the hosts holding them")
     ia = isub.add_parser("add", help="register FILE (a path on the host --host names) as image NAME; "
                                      "other hosts fetch it from there and check its hash")
-    ia.add_argument("name")
-    ia.add_argument("file")
-    ia.add_argument("--format", default="qcow2", choices=("qcow2", "raw"))
+    ia.add_argument("name", help="the image's name, as templates refer to it")
+    ia.add_argument("file", help="the image file, a path on the host --host names")
+    ia.add_argument("--format", default="qcow2", choices=("qcow2", "raw"),
+                    help="the file's format (default qcow2)")
     ia.add_argument("--kernel", default="", help="boot guests with this kernel (a path on every host)")
     ia.add_argument("--initrd", default="", help="and this initramfs")
     ia.add_argument("--cmdline", default="", help="and this kernel command line")
+
+    # --json after the command too (`vmweb clusters --json`); SUPPRESS keeps a --json given before
+    # the command from being reset by the subcommand's default.
+    for path, leaf in _leaf_parsers(ap):
+        if path not in LOCAL_ONLY:
+            leaf.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                              help="print JSON for scripts")
     return ap
 
 
@@ -384,16 +550,10 @@ def run_local(args, out=sys.stdout) -> int:
         out.write(f"created the grid CA in {ca.directory} and host {args.host_id}'s certificate in "
                   f"{host.directory}\n")
         if args.admin:
-            if not args.state_dir:
-                from vmwebd.errors import InvalidArgument
-                raise InvalidArgument("--state-dir", "is needed with --admin")
             _bootstrap(args.admin, args.state_dir, False, out)
     elif args.cmd == "user" and args.action == "bootstrap":
         _bootstrap(args.name, args.state_dir, args.password_stdin, out)
     elif args.cmd == "host" and args.action == "add":
-        if not args.ca_dir or not args.cert_dir:
-            from vmwebd.errors import InvalidArgument
-            raise InvalidArgument("--ca-dir/--cert-dir", "both are needed to issue a certificate")
         host = pki.issue_host_cert(args.ca_dir, args.host_id, args.cert_dir, args.address)
         out.write(f"issued host {args.host_id}'s certificate in {host.directory}; copy that directory "
                   f"to the host and point its peers/@cert-dir at it\n")
@@ -447,7 +607,7 @@ def _user_keys(args, client, out, emit) -> int:
             added.append(k)
             lines.append(f"added {k['fingerprint']} ({k['type']}{', ' + k['comment'] if k['comment'] else ''})")
         emit(added, "\n".join(lines))
-        return 1 if failed else 0
+        return EXIT_REFUSED if failed else 0
     elif args.key_action == "remove":
         k = client.call("RemoveSshKey", user, args.key)
         emit(k, f"removed {k['fingerprint']} ({k['type']}{', ' + k['comment'] if k['comment'] else ''})")
@@ -468,7 +628,7 @@ def run(args, client, out=sys.stdout) -> int:
                                          for r in t["roles"])} for t in ts]
         emit(ts, table(rows, [("name", "TEMPLATE"), ("min_count", "MIN"), ("pool", "POOL"),
                               ("roles", "ROLES"), ("description", "DESCRIPTION")]))
-    elif args.cmd == "cluster":
+    elif args.cmd == "cluster" and args.action != "list":
         if args.action == "create":
             c = client.call("CreateCluster", args.name, args.template, args.owner, args.count)
             code = 0
@@ -497,10 +657,10 @@ def run(args, client, out=sys.stdout) -> int:
                 emit(h, "")
             else:
                 out.write(text)
-    elif args.cmd == "clusters":
+    elif args.cmd == "clusters" or (args.cmd == "cluster" and args.action == "list"):
         cs = client.call("ListClusters", args.owner) or []
         emit(cs, table(cs, CLUSTER_COLS))
-    elif args.cmd == "hosts":
+    elif args.cmd == "hosts" or (args.cmd == "host" and args.action == "list"):
         hs = client.call("ListHosts") or []
         emit(hs, table(hs, HOST_COLS))
     elif args.cmd == "dom":
@@ -524,8 +684,10 @@ def run(args, client, out=sys.stdout) -> int:
                   for m in started]
         lines += [f"{m['vm']}: not moved now: {m['error']}" for m in refused]
         emit(started + refused, "\n".join(lines))
-        if refused or (not args.no_wait and any(m["phase"] != "done" for m in started)):
-            return 1
+        if refused or any(m["phase"] == "failed" for m in started):
+            return EXIT_REFUSED
+        if not args.no_wait and any(m["phase"] != "done" for m in started):
+            return EXIT_TIMEOUT     # follow_migration stopped at --timeout; the moves go on
     elif args.cmd == "host" and args.action == "undrain":
         client.call("UndrainHost", args.host_id)
         emit({"host": args.host_id, "draining": False}, f"host {args.host_id} takes new VMs again")
@@ -569,8 +731,10 @@ def run(args, client, out=sys.stdout) -> int:
             out.flush()
             print(f"vmweb: Server.MigrationFailed: {m['vm']} stays on {m['source']}: {m['error']}",
                   file=sys.stderr)
-            return 1
+            return EXIT_REFUSED
         emit(m, text)
+        if not args.no_wait and m["phase"] != "done":
+            return EXIT_TIMEOUT     # follow_migration stopped at --timeout; the move goes on
     elif args.cmd == "vm":
         op = "StartVm" if args.action == "start" else "StopVm"
         v = client.call(op, args.cluster, args.vm)
@@ -592,57 +756,84 @@ def run(args, client, out=sys.stdout) -> int:
     return 0
 
 
+def check_combinations(ap: argparse.ArgumentParser, args) -> None:
+    """Usage errors argparse cannot see alone, found before anything is done (exit 2), shown
+    with the command's own usage line."""
+    leaves = dict(_leaf_parsers(ap))
+    if args.cmd == "init" and args.admin and not args.state_dir:
+        leaves[("init",)].error("argument --admin: needs --state-dir DIR (the first host's state "
+                                "directory)")
+    if args.cmd == "host" and args.action == "add":
+        add = leaves[("host", "add")]
+        if not args.member and not (args.ca_dir or args.cert_dir):
+            add.error("give --ca-dir and --cert-dir (issue a certificate) and/or --member (make it "
+                      "a consensus member)")
+        if bool(args.ca_dir) != bool(args.cert_dir):
+            missing = "--cert-dir" if args.ca_dir else "--ca-dir"
+            add.error(f"argument {missing}: needed to issue a certificate (give both --ca-dir and "
+                      f"--cert-dir)")
+
+
+def _fail(e) -> int:
+    """One line for a VmwebError (a refused argument, a local command that failed)."""
+    print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
+    return EXIT_REFUSED
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    try:
+        import argcomplete
+    except ImportError:             # completion is a convenience: the command works without it
+        pass
+    else:
+        argcomplete.autocomplete(ap)    # returns at once unless the shell asks for completions
+    args = ap.parse_args(argv)
+    check_combinations(ap, args)
+    from vmwebd.errors import VmwebError
     if args.cmd == "host" and args.action == "add" and args.member and args.ca_dir:
-        from vmwebd.errors import VmwebError
         try:
             run_local(args)
         except VmwebError as e:
-            print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
-            return 1
+            return _fail(e)
     if _is_local(args):
-        from vmwebd.errors import VmwebError
         try:
             return run_local(args)
         except VmwebError as e:
-            print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
-            return 1
+            return _fail(e)
     from vmwebd.client import ApiClient, ApiFault, ApiTlsError
     import requests
-    from vmwebd.errors import VmwebError
     try:
         user, password = credentials(args)
     except VmwebError as e:
-        print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     try:
         try:
             client = ApiClient(args.host, user=user, password=password, ca=args.ca or None)
         except (ValueError, FileNotFoundError) as e:    # a malformed --host, a missing --ca file
-            print(f"vmweb: {e}", file=sys.stderr)
-            return 2
+            arg = "--ca" if isinstance(e, FileNotFoundError) else "--host"
+            print(f"vmweb: argument {arg}: {e}", file=sys.stderr)
+            return EXIT_USAGE
         return run(args, client)
     except ApiTlsError as e:
         hint = ("; give --ca FILE or set VMWEB_CA to the CA that issued it (a grid's ca.crt)"
                 if e.certificate else "; does the host serve https on that port?")
         print(f"vmweb: {e}{hint}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except ApiFault as f:
         hint = ("; give --user, or set VMWEB_USER and VMWEB_PASSWORD, or VMWEB_CREDENTIALS"
                 if f.code == "Client.NotAuthorized" and user is None else "")
         print(f"vmweb: {f.code}: {f.message}{hint}", file=sys.stderr)
-        return 1
+        return EXIT_REFUSED
     except VmwebError as e:            # checked here before anything is sent (a key file)
-        print(f"vmweb: {e.faultcode}: {e}", file=sys.stderr)
-        return 1
+        return _fail(e)
     except requests.exceptions.RequestException as e:
         tls_hint = "" if args.host.startswith("https://") else " (https://HOST:PORT if it serves TLS)"
         print(f"vmweb: cannot reach vmwebd at {args.host} ({type(e).__name__}); "
               f"give --host HOST:PORT{tls_hint} or set VMWEB_HOST", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

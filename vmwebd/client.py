@@ -4,6 +4,9 @@ Addresses: ``https://host:port`` (TLS), ``http://host:port`` or a bare ``host:po
 Over TLS the server's certificate must chain to ``ca`` (a PEM file: the grid's ``ca.crt`` for a
 host serving ``api-tls="grid"``) or, without one, to the system's trust store, and must name the
 host dialled; a failure raises :class:`ApiTlsError` naming the host.
+
+This module is the command line's only way to the grid, so it imports no server code (no spyne,
+no Twisted, no libvirt): ``vmweb`` installs and starts with zeep and requests alone.
 """
 from __future__ import annotations
 
@@ -17,8 +20,6 @@ import requests.auth
 import zeep
 from zeep.helpers import serialize_object
 from zeep.transports import Transport
-
-from vmwebd.api.soap import local_faultcode
 
 
 @dataclass
@@ -44,6 +45,11 @@ class ApiTlsError(Exception):
     def __str__(self) -> str:
         what = "cannot verify the TLS certificate of" if self.certificate else "TLS failed with"
         return f"{what} {self.host}: {self.reason}"
+
+
+def local_faultcode(code: str) -> str:
+    """The faultcode without its namespace prefix: ``soap11env:Client.NameTaken`` → ``Client.NameTaken``."""
+    return code.rpartition(":")[2]
 
 
 def base_url(address: str) -> str:
@@ -101,9 +107,11 @@ class ApiClient:
     """Calls a host's user API; results come back as plain dicts and lists."""
 
     def __init__(self, address: str, timeout: float = 180.0, user: str | None = None,
-                 password: str | None = None, ca: str | Path | None = None):
+                 password: str | None = None, ca: str | Path | None = None,
+                 connect_timeout: float = 10.0):
         """``user``/``password``: HTTP Basic credentials sent with every call (the WSDL is public).
-        ``ca``: a PEM file of the CA(s) to trust over TLS (default: the system's trust store)."""
+        ``ca``: a PEM file of the CA(s) to trust over TLS (default: the system's trust store).
+        ``timeout`` bounds each call, ``connect_timeout`` the fetch of the WSDL."""
         self.base = base_url(address)
         self.url = self.base + "/soap"
         self.user = user
@@ -116,7 +124,7 @@ class ApiClient:
             session.verify = default_ca_file()
         if user is not None:
             session.auth = requests.auth.HTTPBasicAuth(user, password or "")
-        transport = Transport(session=session, timeout=10, operation_timeout=timeout)
+        transport = Transport(session=session, timeout=connect_timeout, operation_timeout=timeout)
         settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True,
                                  forbid_entities=True, forbid_external=True)
         try:

@@ -1,5 +1,9 @@
 """``vmwebd --config PATH``: the daemon's entry point (the only place that touches the global reactor).
 
+``vmwebd --print-example-config`` prints the example ``vmwebd.xml`` shipped in the package;
+``vmwebd --write-example-config DIR`` writes it and the scenario templates it names into DIR
+(e.g. ``/etc/vmwebd``), overwriting nothing; ``vmwebd --version`` prints the version.
+
 It validates the config before anything starts (a ConfigError names file, line and field and the
 daemon exits 2 without starting half-configured), then runs a :class:`~vmwebd.node.Node`, telling
 systemd READY / STATUS / WATCHDOG / STOPPING over ``NOTIFY_SOCKET`` when it is set.
@@ -13,6 +17,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver, LogLevel, \
     FilteringLogObserver, LogLevelFilterPredicate
 
+from vmwebd import examples, version
 from vmwebd.config import load_config
 from vmwebd.errors import ConfigError, VmwebError
 from vmwebd.net.host import check_network
@@ -25,8 +30,29 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="/etc/vmwebd/vmwebd.xml", help="path to vmwebd.xml")
     ap.add_argument("--no-fsync", action="store_true",
                     help="skip fsync of the DOM journal (throw-away demos and tests only)")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
+                    help="the least important messages logged (default info)")
+    ap.add_argument("--version", action="version", version=f"vmwebd {version()}",
+                    help="print vmwebd's version and exit")
+    example = ap.add_mutually_exclusive_group()
+    example.add_argument("--print-example-config", action="store_true",
+                         help="print the example vmwebd.xml and exit")
+    example.add_argument("--write-example-config", metavar="DIR",
+                         help="write the example vmwebd.xml and its templates/ into DIR (made if "
+                              "missing; no file is overwritten) and exit")
     args = ap.parse_args(argv)
+    if args.print_example_config:
+        sys.stdout.write(examples.example_config())
+        return 0
+    if args.write_example_config:
+        try:
+            written = examples.write_example_config(args.write_example_config)
+        except OSError as e:
+            print(f"vmwebd: --write-example-config: {e}", file=sys.stderr)
+            return 2
+        for path in written:
+            print(f"wrote {path}")
+        return 0
     try:
         config = load_config(args.config)
         check_network(config)
