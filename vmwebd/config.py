@@ -25,7 +25,12 @@ Format (every element but ``host`` is optional; defaults are documented on each 
       <reconcile interval="30"/>
       <peers seeds="10.0.0.2:8570 10.0.0.3:8570" fanout="3"/>
       <network underlay="10.0.0.1" underlay-mtu="1500" devices="auto"/>
+      <metrics enabled="true" auth="login"/>
     </vmwebd>
+
+``metrics`` serves Prometheus metrics at ``/metrics`` on the api port (docs/metrics.md):
+``enabled`` is ``true`` (default) or ``false``; ``auth`` is ``login`` (default: an admin, by HTTP
+Basic or the web pages' session) or ``none`` (anyone who reaches the port).
 
 ``listen/@api-tls`` is ``off`` (plain HTTP, default), ``grid`` (the host's grid certificate from
 ``peers/@cert-dir``) or ``files`` (``listen/@api-cert`` and ``listen/@api-key``); see
@@ -88,6 +93,8 @@ DEFAULT_TEMPLATES_DIR = "templates"
 DEFAULT_RECONCILE_INTERVAL = 30.0
 #: Number of random peers a change is pushed to at once (rumor fan-out).
 DEFAULT_FANOUT = 3
+#: Who may read ``/metrics``: ``login`` (an admin) or ``none`` (anyone reaching the api port).
+METRICS_AUTH_MODES = ("login", "none")
 
 #: Largest configuration or template file read, in bytes. Real ones are a few KiB.
 MAX_XML_FILE_BYTES = 1024 * 1024
@@ -305,6 +312,16 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics at ``/metrics`` on the api port (see docs/metrics.md)."""
+
+    #: Served at all; default True.
+    enabled: bool = True
+    #: ``login`` (default): an admin's HTTP Basic credentials or web session; ``none``: anyone.
+    auth: str = "login"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated configuration of one daemon."""
 
@@ -328,6 +345,7 @@ class Config:
     reconcile_interval: float = DEFAULT_RECONCILE_INTERVAL
     peers: PeersConfig = PeersConfig()
     network: NetworkConfig = NetworkConfig()
+    metrics: MetricsConfig = MetricsConfig()
     #: The file this was loaded from (``None`` when built in code).
     source: Path | None = None
 
@@ -525,7 +543,7 @@ class _Loader(ElementReader):
         kids = self.children(
             root, "",
             single=("host", "listen", "state", "libvirt", "storage", "images", "pools",
-                    "limits", "templates", "reconcile", "peers", "network"),
+                    "limits", "templates", "reconcile", "peers", "network", "metrics"),
         )
 
         def one(tag):
@@ -546,6 +564,7 @@ class _Loader(ElementReader):
         reconcile = self._reconcile(one("reconcile"))
         peers = self._peers(one("peers"))
         network = self._network_config(one("network"), listen)
+        metrics = self._metrics(one("metrics"))
         if listen.api.port and listen.api == listen.peer:
             raise self.error(one("listen"), "listen/@peer",
                              f"is the same address as listen/@api ({listen.api})")
@@ -560,7 +579,7 @@ class _Loader(ElementReader):
             host=host, templates_dir=templates_dir, listen=listen, state_dir=state_dir,
             libvirt_uri=libvirt_uri, migrate_uri=migrate_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
             vni=vni, limits=limits, reconcile_interval=reconcile, peers=peers, network=network,
-            source=source,
+            metrics=metrics, source=source,
         )
 
     def _host(self, el) -> HostConfig:
@@ -844,6 +863,20 @@ class _Loader(ElementReader):
             raise self.error(el, "peers/@members", "lists a host twice")
         return PeersConfig(seeds, fanout, cert_dir, members, timing)
 
+
+    def _metrics(self, el) -> MetricsConfig:
+        if el is None:
+            return MetricsConfig()
+        self.children(el, "metrics")
+        a = self.attrs(el, "metrics", optional=("enabled", "auth"))
+        enabled = a.get("enabled", "true")
+        if enabled not in ("true", "false"):
+            raise self.error(el, "metrics/@enabled", f"{enabled!r} is not true or false")
+        auth = a.get("auth", "login")
+        if auth not in METRICS_AUTH_MODES:
+            raise self.error(el, "metrics/@auth",
+                             f"{auth!r} is not an access mode ({', '.join(METRICS_AUTH_MODES)})")
+        return MetricsConfig(enabled == "true", auth)
 
     def _network_config(self, el, listen: ListenConfig) -> NetworkConfig:
         if el is None:

@@ -37,6 +37,7 @@ from vmwebd.lease import paxos
 from vmwebd.lease.allocator import Allocator
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.lease.transport import PaxosTransport
+from vmwebd.metrics import CountingResource, MetricsPage, NodeMetrics, StateCollector
 from vmwebd.migrate.manager import MigrationManager
 from vmwebd.net import addressing
 from vmwebd.net.host import make_devices, underlay_address
@@ -53,7 +54,13 @@ BALANCE_TICK_SECONDS = 1.0
 
 
 class QuietSite(Site):
-    """A Site whose access log goes to debug level: peers and pollers call many times a second."""
+    """A Site whose access log goes to debug level: peers and pollers call many times a second.
+
+    ``soap_observer``: what hears of every SOAP call answered on this site (vmwebd.api.soap)."""
+
+    def __init__(self, resource, *args, soap_observer=None, **kwargs):
+        super().__init__(resource, *args, **kwargs)
+        self.soap_observer = soap_observer
 
     def log(self, request):
         log.debug("{method} {uri} {code} from {peer}", method=request.method.decode("ascii", "replace"),
@@ -82,6 +89,8 @@ class Node:
         self.gossip_config = gossip_config
         #: The network executor (vmwebd.net.devices); None: chosen from the config at start.
         self.net = net
+        #: This node's Prometheus registry and instruments (served when the config says so).
+        self.metrics = NodeMetrics()
 
     @property
     def underlay(self) -> str:
@@ -110,7 +119,7 @@ class Node:
         self.leases = LeaseService(
             self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
             random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
-            fsync=self.fsync)
+            fsync=self.fsync, on_round=self.metrics.paxos_round)
         yield self.leases.start()
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
@@ -142,6 +151,9 @@ class Node:
         if cfg.storage.console_dir and self.driver.runs_guests:
             yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
         yield self._start_peers()
+        if cfg.metrics.enabled:
+            self.metrics.registry.register(StateCollector(
+                self.domsvc, self._member_states, lambda: self.reconciler))
         yield self.heartbeat()
         self._heartbeat = task.LoopingCall(self.heartbeat)
         self._heartbeat.clock = self.reactor
@@ -180,6 +192,7 @@ class Node:
         class _Late:
             """Peer requests may arrive before the service object exists; drop them until then."""
             def receive(self, env, inline: bool = False):
+                node.metrics.peer_envelope(env)
                 if isinstance(env.msg, PAXOS_KINDS):
                     if node.paxos_transport is None:
                         return defer.succeed(None)
@@ -190,8 +203,10 @@ class Node:
         node = self
         from vmwebd.api.peer import build_peer_api
         root = Resource()
-        root.putChild(b"peer", build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
-                                              require_identity=True, identity_of=tls.peer_host_id))
+        peer_api = build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
+                                  require_identity=True, identity_of=tls.peer_host_id)
+        root.putChild(b"peer", CountingResource(
+            peer_api, lambda n: self.metrics.peer_bytes_received("request", n)))
         # Files peers pull from here: content images, and a cold migration's disk and memory.
         root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
@@ -217,7 +232,7 @@ class Node:
                           incarnation=incarnation, cvv=cvv,
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
         port.complete = lambda: core.cvv
-        client = PeerClient(self.reactor, tls.client_policy(creds))
+        client = PeerClient(self.reactor, tls.client_policy(creds), observer=self.metrics)
         self.paxos_transport = PaxosTransport(self.host_id, client, self.peer_address_of,
                                               lambda: self.peer_address)
         self.paxos_transport.leases = self.leases
@@ -278,6 +293,13 @@ class Node:
         if m is not None:
             return m.addr
         return next((h.peer for h in self.domsvc.dom.all(HostRec) if h.id == host_id and h.peer), None)
+
+    def _member_states(self) -> dict[str, str]:
+        """The failure detector's view: host id -> alive, suspect, dead or left (empty without
+        peers)."""
+        if self.gossip is None:
+            return {}
+        return {n: m.status for n, m in self.gossip.core.members.items()}
 
     def live_hosts(self) -> set[str]:
         """Hosts this host does not believe gone: alive or suspect (itself always). What waits
@@ -427,7 +449,8 @@ class Node:
         return self.domsvc.forget(keys).addCallback(done)
 
     def listen(self):
-        """Serves the user API: the web pages at ``/`` and SOAP at ``/soap`` (HTTP Basic), after
+        """Serves the user API: the web pages at ``/``, SOAP at ``/soap`` (HTTP Basic) and, unless
+        the config turns it off, Prometheus metrics at ``/metrics``, after
         making the user in ``<state dir>/bootstrap-admin`` an admin if that file exists."""
         from vmwebd.api.service import build_user_api
         from vmwebd.auth import Access, Authenticator, BasicAuthGuard, apply_bootstrap_admin
@@ -440,7 +463,11 @@ class Node:
         root = WebRoot(self)
         root.putChild(b"soap", BasicAuthGuard(build_user_api(self, self.config.limits.max_request_bytes),
                                               self.authn))
-        self.site = QuietSite(root)
+        mcfg = self.config.metrics
+        if mcfg.enabled:
+            root.putChild(b"metrics", MetricsPage(self.metrics.registry, mcfg.auth, self.authn,
+                                                  root.session_user))
+        self.site = QuietSite(root, soap_observer=self.metrics)
         self.site.displayTracebacks = False
         addr = self.config.listen.api
         tls_options = apitls.server_options(self.config)    # None: api-tls="off"

@@ -28,6 +28,12 @@
   producer still registered (Twisted: ``Producer was not unregistered``). An answer ready after
   its client left is dropped quietly; spyne's resource would raise on the dead request.
 
+Every call through a site that has a ``soap_observer`` (see :class:`SoapObserver`) is reported
+to it once, when answered: its operation, its faultcode (``none`` when it succeeded,
+``disconnected`` when its client left before the answer) and how long it took from the moment
+this resource saw it. Requests refused before any operation is known are reported as operation
+``unknown``; the WSDL is not reported.
+
 Fault codes on the wire are QNames in the SOAP envelope namespace, as SOAP 1.1 requires
 (``soap11env:Client.NameTaken``); clients compare :func:`local_faultcode` of what they read.
 """
@@ -39,7 +45,7 @@ import html
 import inspect
 import re
 import uuid
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from lxml import etree
 from twisted.internet.defer import Deferred
@@ -134,6 +140,45 @@ def _operation_name(ctx) -> str:
     return getattr(descriptor, "name", None) or str(ctx.method_request_string)
 
 
+class SoapObserver(Protocol):
+    """What a site's ``soap_observer`` provides (:class:`vmwebd.metrics.NodeMetrics` does)."""
+
+    def clock(self) -> float:
+        """Seconds on a monotonic clock."""
+
+    def soap_call(self, operation: str, fault: str, seconds: float) -> None:
+        """One call answered: ``fault`` is ``none``, a local faultcode or ``disconnected``."""
+
+
+class _Observation:
+    """One call's report to the site's observer, made once, when the call is answered."""
+
+    __slots__ = ("_observer", "_start")
+
+    def __init__(self, request: Request):
+        self._observer = getattr(getattr(request, "site", None), "soap_observer", None)
+        self._start = self._observer.clock() if self._observer is not None else 0.0
+
+    @property
+    def wanted(self) -> bool:
+        return self._observer is not None
+
+    def done(self, operation: str, fault: str = "none") -> None:
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.soap_call(operation, local_faultcode(fault), observer.clock() - self._start)
+
+
+def _known_operation(ctx) -> str:
+    """The operation a call reached, as a metric label: only names the service defines (a
+    request naming no defined operation is ``unknown``: labels never carry what callers wrote)."""
+    return getattr(getattr(ctx, "descriptor", None), "name", None) or "unknown"
+
+
+def _faultcode_of(error) -> str:
+    return str(getattr(error, "faultcode", None) or "Server")
+
+
 class _VmwebApplication(Application):
     """A spyne Application whose ``call_wrapper`` maps exceptions, sync or via a Deferred, to faults."""
 
@@ -219,31 +264,35 @@ class _SoapResource(Resource):
     def render(self, request: Request):
         if request.method in (b"GET", b"HEAD") and _wants_wsdl(request):
             return self._render_wsdl(request)
+        obs = _Observation(request)
         if request.method != b"POST":
             request.setHeader(b"Allow", b"GET, HEAD, POST")
             return self._refuse(request, 405, MalformedRequest(
-                "SOAP calls are POSTed; GET only serves the WSDL at ?wsdl"))
+                "SOAP calls are POSTed; GET only serves the WSDL at ?wsdl"), obs)
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return self._refuse(request, 413, self._too_large(int(declared)))
+            return self._refuse(request, 413, self._too_large(int(declared)), obs)
         content = request.content
         content.seek(0, 2)
         size = content.tell()
         if size > self.max_body_bytes:  # chunked bodies have no Content-Length
-            return self._refuse(request, 413, self._too_large(size))
+            return self._refuse(request, 413, self._too_large(size), obs)
         content.seek(0)
         body = content.read()
         try:
             screen_soap_body(body)
         except MalformedRequest as exc:
-            return self._refuse(request, 500, exc)
+            return self._refuse(request, 500, exc, obs)
         key = self._cache.key(request, body) if self._cache is not None else None
         if key is not None:
             hit = self._cache.get(key)
             if hit is not None:
                 request.setHeader(b"Content-Type", hit[0])
+                # Only operations the cache was told of are cached: the name is a defined one.
+                if obs.wanted:
+                    obs.done(soap_operation(body) or "unknown")
                 return hit[1]
-        answer = self._call(request, body)
+        answer = self._call(request, body, obs)
         if key is not None and isinstance(answer, bytes) and request.code == 200:
             self._cache.put(key, request.responseHeaders.getRawHeaders(b"content-type", [b"text/xml"])[0],
                             answer)
@@ -252,34 +301,34 @@ class _SoapResource(Resource):
     # -- the call, through spyne's transport (what TwistedWebResource.handle_rpc does, minus the
     # -- mmap'ed body and the pull producer; see the module docstring) --------------------------
 
-    def _call(self, request: Request, body: bytes):
+    def _call(self, request: Request, body: bytes, obs: _Observation):
         transport = self._transport
         ctx = TwistedHttpMethodContext(transport, request, transport.app.out_protocol.mime_type)
         ctx.in_string = [body]
         p_ctx, *others = transport.generate_contexts(ctx)
         p_ctx.active = True
         if p_ctx.in_error:
-            return self._fault(request, p_ctx, others, p_ctx.in_error)
+            return self._fault(request, p_ctx, others, p_ctx.in_error, obs)
         transport.get_in_object(p_ctx)
         if p_ctx.in_error:
-            return self._fault(request, p_ctx, others, p_ctx.in_error)
+            return self._fault(request, p_ctx, others, p_ctx.in_error, obs)
         transport.get_out_object(p_ctx)
         if p_ctx.out_error:
-            return self._fault(request, p_ctx, others, p_ctx.out_error)
+            return self._fault(request, p_ctx, others, p_ctx.out_error, obs)
         out = p_ctx.out_object
         pending = out[0] if isinstance(out, (list, tuple)) and out else out
         if not isinstance(pending, Deferred):
-            return self._answer(request, p_ctx, others)
+            return self._answer(request, p_ctx, others, obs)
         # Until the operation answers, a dropped connection is only worth remembering: the
         # answer will have nobody to go to.
         gone = []
         request.notifyFinish().addErrback(gone.append)
         pending.addCallbacks(self._answer_later, self._fault_later,
-                             callbackArgs=(request, p_ctx, others, gone),
-                             errbackArgs=(request, p_ctx, others, gone))
+                             callbackArgs=(request, p_ctx, others, gone, obs),
+                             errbackArgs=(request, p_ctx, others, gone, obs))
         return NOT_DONE_YET
 
-    def _answer(self, request: Request, p_ctx, others) -> bytes:
+    def _answer(self, request: Request, p_ctx, others, obs: _Observation) -> bytes:
         """The serialized answer held in ``p_ctx.out_object``; a fault if it cannot be sent."""
         try:
             out = p_ctx.out_object
@@ -290,14 +339,15 @@ class _SoapResource(Resource):
             answer = b"".join(p_ctx.out_string)
         except Exception as exc:
             return self._fault(request, p_ctx, others,
-                               fault_from_exception(exc, _operation_name(p_ctx), Failure()))
+                               fault_from_exception(exc, _operation_name(p_ctx), Failure()), obs)
         request.setResponseCode(int(resp_code[:3]))
         _set_headers(request, p_ctx.transport.resp_headers)
+        obs.done(_known_operation(p_ctx))
         p_ctx.close()
         process_contexts(self._transport, others, p_ctx)
         return answer
 
-    def _fault(self, request: Request, p_ctx, others, error) -> bytes:
+    def _fault(self, request: Request, p_ctx, others, error, obs: _Observation) -> bytes:
         """The serialized fault ``error``, with spyne's HTTP status for it (500, or 413/405/…)."""
         resp_code = p_ctx.transport.resp_code or p_ctx.out_protocol.fault_to_http_response_code(error)
         request.setResponseCode(int(resp_code[:3]))
@@ -309,13 +359,15 @@ class _SoapResource(Resource):
         p_ctx.out_object = error
         self._transport.get_out_string(p_ctx)
         answer = b"".join(p_ctx.out_string)
+        obs.done(_known_operation(p_ctx), _faultcode_of(error))
         p_ctx.close()
         process_contexts(self._transport, others, p_ctx, error=error)
         return answer
 
-    def _answer_later(self, result, request: Request, p_ctx, others, gone: list) -> None:
+    def _answer_later(self, result, request: Request, p_ctx, others, gone: list,
+                      obs: _Observation) -> None:
         if gone:
-            return self._drop(request, p_ctx)
+            return self._drop(request, p_ctx, obs)
         # Shape the result as spyne's Application.process_request does for direct returns.
         descriptor = p_ctx.descriptor
         out_message = descriptor.out_message
@@ -324,14 +376,15 @@ class _SoapResource(Resource):
             p_ctx.out_object = [result]
         else:
             p_ctx.out_object = result
-        self._send(request, self._answer(request, p_ctx, others))
+        self._send(request, self._answer(request, p_ctx, others, obs))
 
-    def _fault_later(self, failure: Failure, request: Request, p_ctx, others, gone: list) -> None:
+    def _fault_later(self, failure: Failure, request: Request, p_ctx, others, gone: list,
+                     obs: _Observation) -> None:
         if gone:
-            return self._drop(request, p_ctx)
+            return self._drop(request, p_ctx, obs)
         error = failure.value if failure.check(Fault) else fault_from_exception(
             failure.value, _operation_name(p_ctx), failure)
-        self._send(request, self._fault(request, p_ctx, others, error))
+        self._send(request, self._fault(request, p_ctx, others, error, obs))
 
     @staticmethod
     def _send(request: Request, answer: bytes) -> None:
@@ -340,18 +393,20 @@ class _SoapResource(Resource):
         request.finish()
 
     @staticmethod
-    def _drop(request: Request, p_ctx) -> None:
+    def _drop(request: Request, p_ctx, obs: _Observation) -> None:
         log.debug("SOAP {operation} answered after its client {peer} went away; answer dropped",
                   operation=_operation_name(p_ctx), peer=_peer(request))
+        obs.done(_known_operation(p_ctx), "disconnected")
         p_ctx.close()
 
     def _too_large(self, size: int) -> RequestTooLarge:
         return RequestTooLarge(
             f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes")
 
-    def _refuse(self, request: Request, code: int, exc: VmwebError) -> bytes:
+    def _refuse(self, request: Request, code: int, exc: VmwebError, obs: _Observation) -> bytes:
         log.info("SOAP request from {peer} refused: {faultcode}: {message}",
                  peer=_peer(request), faultcode=exc.faultcode, message=exc.message)
+        obs.done("unknown", exc.faultcode)
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
         return _fault_body(exc.faultcode, exc.message)

@@ -12,6 +12,7 @@ import json
 import os
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from lxml import etree
 from twisted.internet import defer, task
@@ -65,6 +66,28 @@ def replies_in(body: bytes) -> list[etree._Element]:
     return list(box) if box.tag == _REPLIES else []
 
 
+class PeerObserver(Protocol):
+    """What hears of peer traffic (:class:`vmwebd.metrics.NodeMetrics` does): ``kind`` is the
+    name of an envelope's message element (``ping``, ``sync``, ``prepare``, ``bundle``…),
+    ``via`` is ``request`` (a peer posted it here) or ``reply`` (it came back in a response)."""
+
+    def peer_sent(self, kind: str, nbytes: int) -> None: ...
+
+    def peer_send_failed(self, kind: str, nbytes: int) -> None: ...
+
+    def peer_received(self, kind: str, via: str) -> None: ...
+
+    def peer_bytes_received(self, via: str, nbytes: int) -> None: ...
+
+
+def message_kind(env_el: etree._Element) -> str:
+    """The kind of an encoded envelope's message: the name of its first element (see codec)."""
+    for child in env_el:
+        if isinstance(child.tag, str):
+            return etree.QName(child).localname
+    return "unknown"
+
+
 def soap_body(env_el: etree._Element) -> bytes:
     envelope = etree.Element(f"{{{SOAP_NS}}}Envelope", nsmap={"soap": SOAP_NS, "p": PEER_NS})
     body = etree.SubElement(envelope, f"{{{SOAP_NS}}}Body")
@@ -108,9 +131,13 @@ class PeerClient:
     ``connections_per_peer`` idle connections per peer; a send beyond that opens a connection (a
     TLS handshake) that is closed after its one request. Each kept connection costs a file
     descriptor here and one at the peer.
+
+    ``observer`` (optional, a :class:`PeerObserver`) hears of every envelope sent, by the kind
+    of its message, and of every envelope and byte that came back in a response.
     """
 
-    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0, connections_per_peer: int = 8):
+    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0, connections_per_peer: int = 8,
+                 observer: "PeerObserver | None" = None):
         if connections_per_peer < 1:
             raise ValueError(f"connections_per_peer must be at least 1, got {connections_per_peer}")
         self.reactor = reactor
@@ -121,6 +148,7 @@ class PeerClient:
         kw = {"contextFactory": tls_policy} if tls_policy is not None else {}
         self.agent = Agent(reactor, pool=self.pool, connectTimeout=timeout, **kw)
         self.timeout = timeout
+        self.observer = observer
         self.sent = 0
         self.failed = 0
         self._bundles: set[str] = set()     # peer addresses that said they read bundles
@@ -136,7 +164,10 @@ class PeerClient:
         headers = {b"Content-Type": [b"text/xml; charset=utf-8"], b"SOAPAction": [b'"Deliver"']}
         if on_reply is not None:
             headers[REPLIES_HEADER] = [b"1"]
-        d = self.agent.request(b"POST", url, Headers(headers), _Body(soap_body(env_el)))
+        data = soap_body(env_el)
+        kind = message_kind(env_el)
+        observer = self.observer
+        d = self.agent.request(b"POST", url, Headers(headers), _Body(data))
         d.addTimeout(self.timeout, self.reactor)
 
         def got(response):
@@ -151,14 +182,20 @@ class PeerClient:
             if code != 200:
                 raise IOError(f"peer {addr} answered HTTP {code}: {body[:200]!r}")
             self.sent += 1
-            if on_reply is not None:
-                replies = replies_in(body)
-                if replies:
-                    on_reply(replies)
+            replies = replies_in(body) if on_reply is not None else []
+            if observer is not None:
+                observer.peer_sent(kind, len(data))
+                observer.peer_bytes_received("reply", len(body))
+                for el in replies:
+                    observer.peer_received(message_kind(el), "reply")
+            if replies:
+                on_reply(replies)
             return True
 
         def failed(f):
             self.failed += 1
+            if observer is not None:
+                observer.peer_send_failed(kind, len(data))
             log.debug("send to {addr} failed: {err}", addr=addr, err=f.getErrorMessage())
             return False
 

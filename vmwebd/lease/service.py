@@ -103,12 +103,15 @@ class LeaseService:
     """Carries out what the Paxos core decides: persists, then sends; ticks it when it asks to.
 
     ``send(dst, msgs)`` carries a list of messages to one peer (the transport bundles them and
-    hands what the peer answers inline back to :meth:`receive`); a lost message is fine."""
+    hands what the peer answers inline back to :meth:`receive`); a lost message is fine.
+    ``on_round(outcome, seconds)``, if given, hears of every proposal once it ends: outcome
+    ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock."""
 
     def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send,
                  fsync: bool = True, deadline: float = 3.0, compact_every: int = 20000,
-                 parallel_rounds: int = 1):
+                 parallel_rounds: int = 1, on_round=None):
         self.me = me
+        self.on_round = on_round
         self.domsvc = domsvc
         self.reactor = reactor
         self.send = send
@@ -223,8 +226,22 @@ class LeaseService:
         op_id = f"{self.me}-{next(self._ids)}-{int(self.reactor.seconds() * 1000)}"
         d = defer.Deferred()
         self._pending[op_id] = d
+        if self.on_round is not None:
+            d.addBoth(self._round_ended, self.reactor.seconds())
         self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
         return d
+
+    def _round_ended(self, result, started: float):
+        if isinstance(result, paxos.Decided):
+            outcome = "decided"
+        elif isinstance(result, paxos.Conflict):
+            outcome = "conflict"
+        elif isinstance(result, Failure) and result.check(NoQuorum):
+            outcome = "noquorum"
+        else:
+            outcome = "error"
+        self.on_round(outcome, self.reactor.seconds() - started)
+        return result
 
     def receive(self, src: str, msgs, inline: bool = False) -> defer.Deferred:
         """Paxos messages from a peer (or ourselves), taken in order; fires once their effects

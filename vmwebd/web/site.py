@@ -13,6 +13,8 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
 ``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, user/...
                             (create, delete, password, quota, key/add, key/remove), ...
+``GET  /metrics``           Prometheus metrics (:mod:`vmwebd.metrics`, put beside the pages);
+                            with ``<metrics auth="login">`` an admin's session counts as a login
 ==========================  =====================================================================
 
 Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), its name carries
@@ -89,6 +91,25 @@ class WebRoot(Resource):
 
     def getChild(self, path: bytes, request):
         return _Page(self, path)
+
+    def logged_in(self, request) -> tuple[Session, UserRec] | None:
+        """The session of this request and its user, or None (no cookie, expired, password
+        changed: such a session is dropped)."""
+        token = request.getCookie(self.cookie)
+        session = self.sessions.get(token.decode("ascii", "replace") if token else None)
+        if session is None:
+            return None
+        rec = self.node.domsvc.dom.get(UserRec, session.user)
+        if rec is None or hash_digest(rec.password_hash) != session.hash_digest:
+            self.sessions.drop(session.token)
+            return None
+        return session, rec
+
+    def session_user(self, request) -> Principal | None:
+        """The logged-in user of this request (what other resources on this port, such as
+        ``/metrics``, accept as a login), or None."""
+        found = self.logged_in(request)
+        return Principal(found[1].id, found[1].role) if found is not None else None
 
 
 class _Page(Resource):
@@ -187,16 +208,11 @@ class _Page(Resource):
 
     def _ctx(self, request) -> Ctx | None:
         """The logged-in user of this request, or None (no cookie, expired, password changed)."""
-        root = self.root
-        token = request.getCookie(root.cookie)
-        session = root.sessions.get(token.decode("ascii", "replace") if token else None)
-        if session is None:
+        found = self.root.logged_in(request)
+        if found is None:
             return None
-        node = root.node
-        rec = node.domsvc.dom.get(UserRec, session.user)
-        if rec is None or hash_digest(rec.password_hash) != session.hash_digest:
-            root.sessions.drop(session.token)
-            return None
+        session, rec = found
+        node = self.root.node
         return Ctx(Principal(rec.id, rec.role), session, node.access, node.manager, node.domsvc.dom,
                    node.host_id)
 
