@@ -46,7 +46,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from vmwebd.cluster import OWNER_RE
 from vmwebd.dom.records import NS, UserRec, VClusterRec, VmRec
-from vmwebd.errors import ClientError, ConfigError, InvalidArgument, NameTaken, NoSuchCluster, NotAuthorized
+from vmwebd.errors import (ClientError, ConfigError, InvalidArgument, NameTaken, NoSuchCluster,
+                           NotAuthorized, QuotaExceeded)
 
 log = Logger()
 
@@ -65,12 +66,6 @@ _HASH_BYTES = 32
 
 
 # -- errors ------------------------------------------------------------------------------------
-class QuotaExceeded(ClientError):
-    """A create or scale would take an owner over their quota of VMs; names user, quota and request."""
-
-    faultcode = "Client.QuotaExceeded"
-
-
 class NoSuchUser(ClientError):
     faultcode = "Client.NoSuchUser"
 

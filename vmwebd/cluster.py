@@ -16,7 +16,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, status_of
+from vmwebd.dom.records import UserRec
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
+from vmwebd.lease.capacity import Change
 from vmwebd.placement import HostLoad, place
 from vmwebd.net import addressing
 from vmwebd.net.plan import bridge_name
@@ -109,6 +111,31 @@ def host_usage(dom, host: str) -> HostUsage:
     usage = HostUsage(len(vms), sum(vm.vcpus for vm in live), sum(vm.memory_mib for vm in live))
     cache[host] = (gen, usage)
     return usage
+
+
+def reserved_loads(loads: dict[str, HostLoad], change: Change) -> dict[str, HostLoad]:
+    """Raises each host's use in ``loads`` to what its capacity set holds as ``change`` sees it
+    (in place; returned for convenience)."""
+    for h, load in loads.items():
+        u = change.usage(h)
+        load.used_vcpus = max(load.used_vcpus, u.vcpus)
+        load.used_memory_mib = max(load.used_memory_mib, u.memory_mib)
+    return loads
+
+
+def capacity_limits(dom):
+    """``(capacity(host), quota(owner))`` for :meth:`~vmwebd.lease.capacity.Change.ops`: a host's
+    vCPUs times ``cpu_overcommit`` and its memory; an owner's quota of VMs (None: no record)."""
+    overcommit = float(get_setting(dom, "cpu_overcommit"))
+
+    def capacity(host: str):
+        rec = dom.get(HostRec, host)
+        return (rec.cpus * overcommit, rec.memory_mib) if rec is not None else None
+
+    def quota(owner: str):
+        rec = dom.get(UserRec, owner)
+        return rec.quota_vms if rec is not None else None
+    return capacity, quota
 
 
 def _check_name(name, field_="name") -> str:
@@ -219,10 +246,29 @@ class ClusterManager:
     def _loads(self) -> dict[str, HostLoad]:
         return host_loads(self.dom, self.live_hosts())
 
-    def _place(self, vms: list[tuple[str, int, int]]) -> dict[str, str]:
-        """Hosts for new VMs, among those alive here (suspect and dead hosts get none)."""
-        return place(list(host_loads(self.dom, self.placeable_hosts(), placing=True).values()), vms,
-                     get_setting(self.dom, "placement"), float(get_setting(self.dom, "cpu_overcommit")))
+    def _place(self, vms: list[tuple[str, int, int]], change: Change | None = None) -> dict[str, str]:
+        """Hosts for new VMs, among those alive here (suspect and dead hosts get none); with a
+        ``change``, a host's use is what its capacity set holds as that change sees it (or what
+        the DOM puts on it, if more)."""
+        loads = host_loads(self.dom, self.placeable_hosts(), placing=True)
+        if change is not None:
+            reserved_loads(loads, change)
+        return place(list(loads.values()), vms, get_setting(self.dom, "placement"),
+                     float(get_setting(self.dom, "cpu_overcommit")))
+
+    def _reserving(self, vms: list[tuple[str, int, int]], owner: str, tokens: dict, hosts: dict):
+        """The ``reserve`` step of an allocation: places ``vms`` from the change's capacity sets,
+        records the placement in ``hosts`` and returns the change's compare-and-set, checked
+        against every host's capacity and the owner's quota. ``tokens`` are the VMs' creation
+        tokens (a reservation names the creation it is for)."""
+        def reserve(change: Change) -> dict:
+            placed = self._place(vms, change)
+            hosts.clear()
+            hosts.update(placed)
+            for vm_id, vcpus, mem in vms:
+                change.reserve(vm_id, placed[vm_id], vcpus, mem, owner, tokens[vm_id])
+            return change.ops(*capacity_limits(self.dom))
+        return reserve
 
     # -- writes ---------------------------------------------------------------------------
     @defer.inlineCallbacks
@@ -238,26 +284,30 @@ class ClusterManager:
             raise InvalidArgument("name", f"the grid already has {self.limits.max_clusters} clusters (the limit)")
         planned = expand(t, count, self.limits.max_vms_per_cluster)
         vm_ids = [f"{name}/{vm}" for vm, _ in planned]
-        hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned])
         token = self.new_token()
         pool = self.allocator.pool(t.network.pool)
-        vni, addrs = yield self.allocator.allocate_cluster(name, token, vm_ids, t.network.pool)
+        hosts: dict[str, str] = {}
+        tokens = {i: secrets.token_hex(4) for i in vm_ids}
+        reserve = self._reserving([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned],
+                                  owner, tokens, hosts)
+        vni, addrs = yield self.allocator.allocate_cluster(name, token, vm_ids, t.network.pool,
+                                                           reserve=reserve)
         cluster = VClusterRec(id=name, owner=owner, template=t.name, count=count, vni=vni,
                               network=network_name(name), bridge=bridge_name(vni), state="active",
                               created_at=int(self.now_ms()), token=token, mode=t.network.mode,
                               subnet=str(pool.cidr), gateway=str(pool.gateway_address),
                               mtu=self.guest_mtu, dns=" ".join(t.network.dns))
-        recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
-                            for vm, role in planned]
+        recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"],
+                                         tokens[f"{name}/{vm}"]) for vm, role in planned]
         yield self.domsvc.put(*recs)
         log.info("cluster {name} created for {owner}: {n} VMs of {template}",
                  name=name, owner=owner, n=count, template=t.name)
         return self.cluster(name)
 
-    def _vm_rec(self, cluster, vm, role, host, addr) -> VmRec:
+    def _vm_rec(self, cluster, vm, role, host, addr, token) -> VmRec:
         return VmRec(id=f"{cluster}/{vm}", cluster=cluster, name=vm, role=role.name, host=host,
                      vcpus=role.vcpus, memory_mib=role.memory_mib, image=role.image,
-                     ip=addr.ip, mac=addr.mac, desired="running", token=secrets.token_hex(4))
+                     ip=addr.ip, mac=addr.mac, desired="running", token=token)
 
     @defer.inlineCallbacks
     def scale(self, name, count) -> ClusterView:
@@ -275,10 +325,14 @@ class ClusterManager:
         recs = []
         if to_add:
             vm_ids = [f"{name}/{vm}" for vm, _ in to_add]
-            hosts = self._place([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add])
-            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool, c.token)
-            recs += [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"])
-                     for vm, role in to_add]
+            hosts: dict[str, str] = {}
+            tokens = {i: secrets.token_hex(4) for i in vm_ids}
+            reserve = self._reserving([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add],
+                                      c.owner, tokens, hosts)
+            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool, c.token,
+                                                      reserve=reserve)
+            recs += [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"],
+                                  tokens[f"{name}/{vm}"]) for vm, role in to_add]
         removed_ids = [f"{name}/{vm}" for vm in to_remove]
         for vm in existing:
             if vm.id in removed_ids:

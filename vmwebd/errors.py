@@ -139,6 +139,12 @@ class NoCapacity(ServerError):
     faultcode = "Server.NoCapacity"
 
 
+class QuotaExceeded(ClientError):
+    """A create or scale would take an owner over their quota of VMs; names user, quota and request."""
+
+    faultcode = "Client.QuotaExceeded"
+
+
 class NoQuorum(ServerError):
     faultcode = "Server.NoQuorum"
 

@@ -124,6 +124,7 @@ class Node:
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
         self.allocator.lane = self._lease_lane
+        self.allocator.hosts = lambda: self.domsvc.dom.ids("host")
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
                                       live_hosts=self.live_hosts, liveness=self.liveness,

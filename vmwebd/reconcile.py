@@ -528,7 +528,8 @@ class Reconciler:
         try:
             if vm.desired == "absent":
                 yield self._remove_domain(name)
-                yield self.allocator.release_vm(vm, cluster.token if cluster else "")
+                yield self.allocator.release_vm(vm, cluster.token if cluster else "",
+                                                owner=cluster.owner if cluster else None)
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
                 return None

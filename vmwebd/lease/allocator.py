@@ -14,6 +14,7 @@ from twisted.internet import defer
 
 from vmwebd.errors import InvalidArgument, NameTaken, PoolExhausted, ServerError
 from vmwebd.config import IpPool, MacPool, VniRange
+from vmwebd.lease.capacity import Ledger, is_capacity_key
 from vmwebd.lease.pools import (ip_candidates, ip_key, mac_candidates, mac_key, name_key,
                                vni_candidates, vni_key)
 from vmwebd.lease.table import LeaseConflict, LeaseTable
@@ -63,6 +64,11 @@ class Allocator:
         #: host's lane of each pool (every m-th address, network id) while it has free ones, so
         #: hosts allocating at the same moment never race for the same lowest free values.
         self.lane = lambda: (0, 1)
+        #: Capacity and quota sets (:mod:`vmwebd.lease.capacity`), changed in the same
+        #: operations as the addresses.
+        self.ledger = Ledger(table.holder)
+        #: The grid's hosts (whose capacity sets a VM may be in); the node wires its view.
+        self.hosts = lambda: ()
 
     def _taken(self, key: str) -> bool:
         return key in self._claiming or self.table.holder(key) is not None
@@ -78,29 +84,68 @@ class Allocator:
             raise InvalidArgument("pool", f"no address pool named {name!r}") from None
 
     @defer.inlineCallbacks
-    def allocate_cluster(self, name: str, token: str, vm_ids: list[str], pool: str):
-        """Leases the cluster's name, a network id and one address pair per VM.
+    def allocate_cluster(self, name: str, token: str, vm_ids: list[str], pool: str, reserve=None):
+        """Leases the cluster's name, a network id and one address pair per VM; with
+        ``reserve(change) -> ops`` (which places the VMs on a :class:`~vmwebd.lease.capacity.
+        Change` and returns its compare-and-set), their capacity and quota in the same
+        operation, placed again from the values found whenever a counter moved meanwhile.
 
-        Returns ``(vni, {vm_id: VmAddress})``; fails with NameTaken or PoolExhausted, having
-        leased nothing.
+        Returns ``(vni, {vm_id: VmAddress})``; fails with NameTaken, PoolExhausted, NoCapacity or
+        QuotaExceeded, having leased nothing.
         """
-        result = yield self._allocate(vm_ids, pool, token, cluster=name)
+        result = yield self._allocate(vm_ids, pool, token, cluster=name, reserve=reserve)
         return result
 
     @defer.inlineCallbacks
-    def allocate_vms(self, vm_ids: list[str], pool: str, token: str):
+    def allocate_vms(self, vm_ids: list[str], pool: str, token: str, reserve=None):
         """Leases one address pair per new VM of an existing cluster: ``{vm_id: VmAddress}``."""
-        _, addrs = yield self._allocate(vm_ids, pool, token, cluster=None)
+        _, addrs = yield self._allocate(vm_ids, pool, token, cluster=None, reserve=reserve)
         return addrs
 
     @defer.inlineCallbacks
-    def _allocate(self, vm_ids, pool_name, token, cluster):
+    def transact(self, build, max_rounds: int | None = None):
+        """Runs one consensus operation ``build(change) -> {key: (expected, new)}`` (the change's
+        own compare-and-set included), built again from the values found while a capacity set
+        conflicts; another key's conflict fails it (LeaseConflict). ``build`` returning None
+        means there is nothing to do. Fires with the operation decided (or None)."""
+        view: dict = {}
+        for _ in range(max_rounds or 2 * self.max_rounds):
+            change = self.ledger.change(view)
+            ops = build(change)
+            if not ops:
+                return None
+            self.ledger.begin(ops)
+            decided = False
+            try:
+                yield self.table.cas(ops)
+                decided = True
+            except LeaseConflict as c:
+                if not is_capacity_key(c.key):
+                    raise
+                if change.applied(c.seen):
+                    return ops          # it was decided; a set moved on since
+                view = dict(c.seen)
+                continue
+            finally:
+                self.ledger.end(ops, decided)
+            return ops
+        raise AllocationContended(f"capacity sets kept moving: gave up after "
+                                  f"{max_rounds or 2 * self.max_rounds} rounds")
+
+    @defer.inlineCallbacks
+    def _allocate(self, vm_ids, pool_name, token, cluster, reserve=None):
         pool = self._pool(pool_name)
         bad_ips: set[str] = set()
         bad_macs: set[str] = set()
         bad_vnis: set[int] = set()
         lane = self.lane()
-        for _round in range(self.max_rounds):
+        view: dict = {}
+        rounds = self.max_rounds * (2 if reserve else 1)
+        for _round in range(rounds):
+            # Placed (and checked against capacity and quota) first: a full grid fails before
+            # any address is drawn.
+            change = self.ledger.change(view)
+            held = reserve(change) if reserve else {}
             claims: dict[str, str] = {}
             vni = None
             if cluster is not None:
@@ -130,9 +175,22 @@ class Allocator:
                 addrs[vm_id] = VmAddress(ip, mac)
             mine = set(claims) - self._claiming
             self._claiming |= mine
+            ops = {k: (None, h) for k, h in claims.items()}
+            ops.update(held)
+            self.ledger.begin(held)
+            decided = False
             try:
-                yield self.table.acquire(claims)
+                yield self.table.cas(ops) if held else self.table.acquire(claims)
+                decided = True
             except LeaseConflict as c:
+                if is_capacity_key(c.key):
+                    if change.applied(c.seen):
+                        decided = True      # decided after all; a set moved on since
+                        return vni, addrs
+                    # A set moved (another placement decided meanwhile): place again from the
+                    # values the round found.
+                    view = dict(c.seen)
+                    continue
                 if cluster is not None and c.key == name_key("vcluster", cluster):
                     raise NameTaken("virtual cluster", cluster) from None
                 kind, _, rest = c.key.partition("/")
@@ -145,10 +203,11 @@ class Allocator:
                 continue
             finally:
                 self._claiming -= mine
+                self.ledger.end(held, decided)
             return vni, addrs
         raise AllocationContended(
             f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "
-            f"candidates kept being taken, gave up after {self.max_rounds} rounds")
+            f"candidates kept being taken, gave up after {rounds} rounds")
 
     def vm_keys(self, vm, token: str) -> dict[str, str]:
         """Lease keys held by a VM (its IP and MAC), with their holder."""
@@ -157,8 +216,35 @@ class Allocator:
                ([mac_key(vm.mac)] if vm.mac else [])
         return {k: holder for k in keys if self.table.holder(k) == holder}
 
-    def release_vm(self, vm, token: str) -> defer.Deferred:
-        return self.table.release(self.vm_keys(vm, token))
+    @defer.inlineCallbacks
+    def release_vm(self, vm, token: str, hosts=None, owner: str | None = None):
+        """Gives back a VM's addresses and its reservations (on ``hosts``, by default every host
+        that holds one; and in ``owner``'s quota) in one operation; an address someone else
+        holds now is left alone."""
+        keys = self.vm_keys(vm, token)
+
+        def build(change):
+            ops = {k: (h, None) for k, h in keys.items()}
+            where = hosts if hosts is not None else self.hosts()
+            change.unreserve(vm.id, vm.token, where, owner)
+            ops.update(change.ops())
+            return ops
+        for _ in range(len(keys) + 1):
+            try:
+                yield self.transact(build)
+                return
+            except LeaseConflict as c:
+                keys.pop(c.key, None)      # not ours any more: not ours to give back
+
+    def reserve_existing(self, vm, owner: str) -> defer.Deferred:
+        """Records the reservation of a VM that has none on its host (made before reservations
+        existed, or lost to a sweep): no limit is checked, the VM is already there."""
+        def build(change):
+            if vm.host in change.find(vm.id, [vm.host]):
+                return None
+            change.reserve(vm.id, vm.host, vm.vcpus, vm.memory_mib, owner, vm.token)
+            return change.ops()
+        return self.transact(build)
 
     def release_cluster(self, name: str, vni: int, token: str) -> defer.Deferred:
         holder = cluster_holder(name, token)

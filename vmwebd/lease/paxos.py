@@ -90,6 +90,9 @@ class Conflict:
     op: str
     key: str
     holder: Value
+    #: The current value of every key of the operation as the round saw it: a caller keeping
+    #: counters or sets learns them all at once instead of one conflict at a time.
+    seen: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -447,7 +450,7 @@ class PaxosCore:
                 if cur == new:
                     continue
                 if cur != expected:
-                    self._finish(op_id, Conflict(op_id, k, cur))
+                    self._finish(op_id, Conflict(op_id, k, cur, {x: current[x] for x in op.cas}))
                     break
                 mine[k] = new
             else:

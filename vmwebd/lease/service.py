@@ -399,7 +399,8 @@ class PaxosLeaseTable:
     def acquire(self, claims: dict[str, str]):
         result = yield self.service.propose({k: (None, h) for k, h in claims.items()})
         if isinstance(result, paxos.Conflict):
-            raise LeaseConflict(result.key, result.holder or "nobody", result.holder)
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder,
+                                result.seen)
         yield self._seen(result)
         return result
 
@@ -407,7 +408,8 @@ class PaxosLeaseTable:
     def cas(self, ops: dict):
         result = yield self.service.propose(dict(ops))
         if isinstance(result, paxos.Conflict):
-            raise LeaseConflict(result.key, result.holder or "nobody", result.holder)
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder,
+                                result.seen)
         yield self._seen(result)
         return result
 

@@ -14,11 +14,14 @@ from twisted.internet import defer
 class LeaseConflict(Exception):
     """A key is already held by someone else."""
 
-    def __init__(self, key: str, holder: str, current: str | None = None):
+    def __init__(self, key: str, holder: str, current: str | None = None,
+                 seen: dict | None = None):
         super().__init__(f"{key} is already leased to {holder}")
         self.key, self.holder = key, holder
-        #: The key's decided value as the round saw it (None: free); counters read it to retry.
+        #: The key's decided value as the round saw it (None: free), and the values of every
+        #: key of the operation: counters learn them to retry.
         self.current = current
+        self.seen = seen or {}
 
 
 class LeaseTable(Protocol):

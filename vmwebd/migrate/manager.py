@@ -45,7 +45,7 @@ from vmwebd.hv.images import fetch_file
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate.state import STALE_MS, TERMINAL, expired, in_flight, lease_holder, lease_key
-from vmwebd.cluster import host_loads
+from vmwebd.cluster import capacity_limits, host_loads, reserved_loads
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import drain_record, drained_hosts
 from vmwebd.reconcile import domain_name, volume_name
@@ -119,7 +119,8 @@ class MigrationManager:
         self.new_id = lambda: secrets.token_hex(6)
         self.push_to = lambda hosts: None   # the node wires gossip's direct push here
         self.liveness = lambda host: "unknown"   # the failure detector's word on a host
-        self.allocator = None               # gives back addresses of VMs deleted by evacuate
+        #: Leases addresses and keeps the capacity ledger (wired by the node).
+        self.allocator = None
         self.placement = lambda: "spread"
         self._down_since: dict[str, int] = {}
         #: Hosts that may receive VMs (the failure detector's alive, not suspect ones).
@@ -140,8 +141,15 @@ class MigrationManager:
             raise InvalidArgument("cluster", f"cluster {cluster!r} is being destroyed")
         return rec
 
-    def _loads(self, exclude: str) -> dict[str, HostLoad]:
+    def _transact(self, build) -> defer.Deferred:
+        """One consensus operation through the allocator's ledger (reservations with it)."""
+        return self.allocator.transact(build)
+
+    def _loads(self, exclude: str, change=None) -> dict[str, HostLoad]:
         loads = host_loads(self.dom, self.placeable_hosts(), exclude, placing=True)
+        if change is not None:
+            # The capacity sets hold what is promised, migrations under way included.
+            return reserved_loads(loads, change)
         # Capacity already promised to migrations under way counts as used.
         for m in in_flight(self.dom, self.now_ms()).values():
             vm = self.dom.get(VmRec, m.vm)
@@ -150,9 +158,9 @@ class MigrationManager:
                 loads[m.dest].used_memory_mib += vm.memory_mib
         return loads
 
-    def choose_dest(self, vm: VmRec, dest: str | None) -> str:
+    def choose_dest(self, vm: VmRec, dest: str | None, change=None) -> str:
         oc = self.overcommit()
-        loads = self._loads(exclude=vm.host)
+        loads = self._loads(exclude=vm.host, change=change)
         if dest:
             if self.dom.get(HostRec, dest) is None:
                 raise NoSuchHost(dest)
@@ -193,10 +201,25 @@ class MigrationManager:
         if self.dom.get(HostRec, rec.host) is None or rec.host not in self.live_hosts():
             raise NoCapacity(f"VM {rec.id!r} is on host {rec.host!r}, which is not alive: it "
                              "cannot be migrated from there")
-        dest = self.choose_dest(rec, dest)
+        asked = dest
+        dest = self.choose_dest(rec, asked)
         mid = self.new_id()
+        chosen = {}
+
+        def build(change):
+            # The destination is reserved in the same operation as the migration lease (the
+            # source stays reserved too until the move ends), chosen again from the sets
+            # found if they moved meanwhile.
+            to = self.choose_dest(rec, asked, change)
+            chosen["dest"] = to
+            change.move(rec.id, rec.token, rec.vcpus, rec.memory_mib, rec.host, to,
+                        keep_source=True)
+            ops = change.ops(*capacity_limits(self.dom))
+            ops[lease_key(rec.id)] = (None, lease_holder(rec.id, mid))
+            return ops
         try:
-            yield self.table.acquire({lease_key(rec.id): lease_holder(rec.id, mid)})
+            yield self._transact(build)
+            dest = chosen.get("dest", dest)
         except LeaseConflict as e:
             raise MigrationBusy(f"VM {rec.id!r} is already being moved ({e.holder})") from None
         m = MigrationRec(id=mid, vm=rec.id, source=rec.host, dest=dest, phase="prepare",
@@ -278,20 +301,16 @@ class MigrationManager:
                 yield self._fail(m, m.phase, f"its source host {host} was evacuated")
         keep = [vm for vm in on_host if vm.desired != "absent"]
         gone = [vm for vm in on_host if vm.desired == "absent"]
-        plan = place(list(self._loads(exclude=host).values()),
-                     [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep], self.placement(),
-                     self.overcommit()) if keep else {}
         try:
-            moves = yield self._re_place(host, keep, plan, requested_by, now)
+            moves = yield self._re_place(host, keep, requested_by, now) if keep else []
         except LeaseConflict as e:
             raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
                                 "again once that move has ended") from None
         for vm in gone:
             c = self.dom.get(VClusterRec, vm.cluster)
-            if self.allocator is not None:
-                yield self.allocator.release_vm(vm, c.token if c else "")
+            yield self.allocator.release_vm(vm, c.token if c else "", owner=c.owner if c else None)
             yield self.domsvc.delete(("vm", vm.id))
-        self.push_to(sorted(set(plan.values())))
+        self.push_to(sorted({m.dest for m in moves}))
         self.reconciler.kick()
         log.info("host {host} evacuated by {who}: {n} VMs re-placed ({where}), {g} being removed "
                  "deleted", host=host, who=requested_by or "?", n=len(moves),
@@ -299,12 +318,15 @@ class MigrationManager:
         return moves
 
     @defer.inlineCallbacks
-    def _claim(self, vms: list[VmRec], mids: dict[str, str]):
+    def _claim(self, vms: list[VmRec], mids: dict[str, str], host: str, tokens: dict[str, str],
+               plan: dict[str, str]):
         """Takes, in one consensus round, each VM's migration lease and its re-placement lease
-        (:func:`replace_key`). A VM whose re-placement lease is taken already was re-placed by
-        another host: it is dropped and the round retried without it (at most once per VM).
-        Fires with (the claims held, the VMs kept); a migration lease held by someone else fails
-        with LeaseConflict."""
+        (:func:`replace_key`), and moves each VM's reservation from gone ``host`` to its new
+        host (with its new creation token); ``plan`` is filled with the new hosts, placed from
+        the capacity sets (again if they moved meanwhile). A VM whose re-placement lease is
+        taken already was re-placed by another host: it is dropped and the round retried
+        without it (at most once per VM). Fires with (the claims held, the VMs kept); a
+        migration lease held by someone else fails with LeaseConflict, no room with NoCapacity."""
         keep = list(vms)
         for _ in range(len(vms) + 1):
             claims = {}
@@ -315,8 +337,23 @@ class MigrationManager:
                 claims[replace_key(vm)] = replace_holder(vm.id, mids[vm.id])
             if not claims:
                 return {}, []
+
+            def build(change, keep=keep, claims=claims):
+                placed = place(list(self._loads(exclude=host, change=change).values()),
+                               [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep],
+                               self.placement(), self.overcommit())
+                plan.clear()
+                plan.update(placed)
+                for vm in keep:
+                    c = self.dom.get(VClusterRec, vm.cluster)
+                    change.move(vm.id, vm.token, vm.vcpus, vm.memory_mib, host, placed[vm.id],
+                                keep_source=False, owner=c.owner if c else None,
+                                new_token=tokens[vm.id])
+                ops = change.ops(*capacity_limits(self.dom))
+                ops.update({k: (None, h) for k, h in claims.items()})
+                return ops
             try:
-                yield self.table.acquire(claims)
+                yield self.allocator.transact(build)
                 return claims, keep
             except LeaseConflict as e:
                 if not e.key.startswith(REPLACED_PREFIX):
@@ -327,15 +364,18 @@ class MigrationManager:
         return {}, []
 
     @defer.inlineCallbacks
-    def _re_place(self, host: str, vms: list[VmRec], plan: dict[str, str], requested_by: str,
+    def _re_place(self, host: str, vms: list[VmRec], requested_by: str,
                   now: int, still=lambda vm: True) -> list[MigrationRec]:
-        """Gives ``vms`` of gone ``host`` the hosts in ``plan``, under their leases: each keeps its
-        name and addresses and gets a new token (the status the old host wrote is not this
-        creation's), recorded with a migration of mode ``evacuate``, phase ``done``. Only VMs
+        """Gives ``vms`` of gone ``host`` live hosts (placed under their leases, with their
+        reservations): each keeps its name and addresses and gets a new token (the status the
+        old host wrote is not this creation's), recorded with a migration of mode ``evacuate``,
+        phase ``done``. Only VMs
         that, under the leases, our replica still puts on ``host`` with the same token (and for
         which ``still(vm)`` holds) are moved. Fires with the moves."""
         mids = {vm.id: self.new_id() for vm in vms}
-        claims, keep = yield self._claim(vms, mids)
+        tokens = {vm.id: secrets.token_hex(4) for vm in vms}
+        plan: dict[str, str] = {}
+        claims, keep = yield self._claim(vms, mids, host, tokens, plan)
         # Under the leases, what our replica says now.
         moving = [cur for vm in keep if (cur := self.dom.get(VmRec, vm.id)) is not None
                   and cur.host == host and cur.token == vm.token and cur.desired != "absent"
@@ -350,7 +390,7 @@ class MigrationManager:
             moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
                                       phase="done", mode="evacuate", requested_by=requested_by,
                                       started_at=now, finished_at=now))
-            recs.append(_replace(vm, host=plan[vm.id], token=secrets.token_hex(4)))
+            recs.append(_replace(vm, host=plan[vm.id], token=tokens[vm.id]))
         try:
             if recs:
                 # The VMs' new hosts first, then the records of the moves (as _done does).
@@ -406,10 +446,7 @@ class MigrationManager:
                 if not vms:
                     continue
                 try:
-                    plan = place(list(self._loads(exclude=host).values()),
-                                 [(vm.id, vm.vcpus, vm.memory_mib) for vm in vms],
-                                 self.placement(), self.overcommit())
-                    done = yield self._re_place(host, vms, plan, "auto: never ran", now,
+                    done = yield self._re_place(host, vms, "auto: never ran", now,
                                                 still=lambda vm: never_ran(self.dom, vm))
                 except (VmwebError, LeaseConflict) as e:
                     log.warn("VMs that never ran on dead host {host} not re-placed now: {err}",
@@ -770,7 +807,7 @@ class MigrationManager:
                  "{b} bytes)", mid=m.id, vm=vm.id, dst=m.dest, mode=m.mode, ms=done.total_ms,
                  dt=done.downtime_ms, b=done.bytes)
         self.reconciler.kick()
-        yield self._release(m)
+        yield self._release(m, home=m.dest)
 
     # -- either side -----------------------------------------------------------------------
     def _advance(self, m: MigrationRec, phase: str, **kw) -> defer.Deferred:
@@ -793,10 +830,29 @@ class MigrationManager:
                  phase=phase, msg=message)
         yield self._advance(m, "failed", error=f"phase {phase}: {message}"[:4000],
                             finished_at=int(self.now_ms()))
-        yield self._release(m)
+        yield self._release(m, home=m.source)
 
-    def _release(self, m: MigrationRec) -> defer.Deferred:
-        d = self.table.release({lease_key(m.vm): lease_holder(m.vm, m.id)})
+    def _release(self, m: MigrationRec, home: str | None = None) -> defer.Deferred:
+        """Gives back the migration lease and, in the same operation, frees the host the VM
+        did not end on (``home`` is where it is now)."""
+        lease = {lease_key(m.vm): (lease_holder(m.vm, m.id), None)}
+
+        def build(change, with_lease=True):
+            ops = dict(lease) if with_lease else {}
+            vm = self.dom.get(VmRec, m.vm)
+            if home is not None and vm is not None:
+                other = m.source if home == m.dest else m.dest
+                change.unreserve(vm.id, vm.token, [other], None)
+                ops.update(change.ops())
+            return ops
+
+        def lease_gone(f):
+            # The lease is not ours any more (given back already): settle without it.
+            f.trap(LeaseConflict)
+            if f.value.key not in lease:
+                return f
+            return self._transact(lambda c: build(c, with_lease=False))
+        d = self._transact(build).addErrback(lease_gone)
         d.addErrback(lambda f: log.warn("migration {mid}: lease not given back now ({err}); the "
                                         "reconciler will", mid=m.id, err=f.getErrorMessage()))
         return d
