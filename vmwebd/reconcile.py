@@ -35,6 +35,7 @@ from vmwebd.dom.records import (HostRec, LeaseRec, MigrationRec, UserRec, VClust
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.lease.allocator import parse_holder
+from vmwebd.lease.sweep import CapacitySweep
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
 from vmwebd.net import addressing
 from vmwebd.net import seed as seeds
@@ -128,6 +129,8 @@ class Reconciler:
         self._dirty_clusters: set[str] = set()
         self._seen: dict[str, tuple] = {}     # VM id -> (host, desired, token, cluster) last seen
         self._lease_cursor = 0
+        self.capacity = CapacitySweep(host_id, self.dom, allocator, now_ms,
+                                      lambda now: in_flight(self.dom, now))
         self._scheduled = None
         self._sweep = None
         self.passes = 0
@@ -374,6 +377,8 @@ class Reconciler:
         #    recording the cluster) or is gone: give them back after a grace period
         if full:
             yield self._release_orphan_leases()
+            # 6. the capacity and quota sets: what the DOM places here, no more, no less
+            yield self._guard("capacity sweep", self.capacity.run())
 
     @defer.inlineCallbacks
     def _network_pass(self):

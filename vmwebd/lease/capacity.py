@@ -198,6 +198,13 @@ class Change:
                 self._del(quota_key(owner), Entry(vm_id, token))
                 self._add(quota_key(owner), Entry(vm_id, tok))
 
+    def adjust(self, key: str, add=(), remove=()) -> None:
+        """Adds and removes entries of one set as they are (the sweep's repairs)."""
+        for e in remove:
+            self._del(key, e)
+        for e in add:
+            self._add(key, e)
+
     def applied(self, seen: dict) -> bool:
         """Was this change decided after all (a conflict can be reported for an operation a
         repair completed, whose keys moved on since)? True when every entry it adds is in the
