@@ -22,6 +22,9 @@
   :mod:`vmwebd.net.seed`). A key is checked strictly (a known type, a blob that decodes and whose
   fields match that type, a one-line comment) before it is kept. A user manages their own keys,
   an admin anyone's.
+* **Audit** (:mod:`vmwebd.audit`): every writing method of :class:`Access` is recorded when it
+  ends (user, operation, object, ``ok`` or the faultcode) by a wrapper put on the class once,
+  from the table ``vmwebd.audit.AUDITED``; a user reads only their own records.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from vmwebd.audit import AuditLog, check_query, instrument
 from vmwebd.cluster import OWNER_RE
 from vmwebd.dom.records import NS, UserRec, VClusterRec, VmRec
 from vmwebd.errors import (ClientError, ConfigError, InvalidArgument, NameTaken, NoSuchCluster,
@@ -521,7 +525,8 @@ class Access:
     """Every user-facing operation, with its permission and quota checks (SOAP and web call this).
 
     Reads answer from the local replica; writes go through the :class:`~vmwebd.cluster.ClusterManager`
-    or straight into the DOM (users, settings)."""
+    or straight into the DOM (users, settings), and each is recorded in the audit trail
+    (:func:`vmwebd.audit.instrument`, applied below the class)."""
 
     def __init__(self, node):
         self.node = node
@@ -531,6 +536,8 @@ class Access:
         # VMs promised to creates/scales still on their way (leases), per owner: two requests
         # at this host can never both slip under a quota.
         self._inflight: collections.Counter = collections.Counter()
+        self.audit = AuditLog(node.host_id, node.domsvc, node.now_ms, clock=node.reactor)
+        self.audit.start()
 
     # -- checks ----------------------------------------------------------------------------
     @staticmethod
@@ -667,7 +674,7 @@ class Access:
     def dom_xml(self, p: Principal, pretty: bool = True) -> bytes:
         """The DOM as this principal may see it: never a password hash; a non-admin sees the
         grid (hosts, images, templates, settings), their own account, clusters, VMs and
-        migrations, and no leases (they name other users' clusters)."""
+        migrations, their own audit records, and no leases (they name other users' clusters)."""
         root = copy.deepcopy(self.dom.root)
         q = "{%s}" % NS
         for user in root.iter(q + "user"):
@@ -685,12 +692,27 @@ class Access:
                     return id_.partition("/")[0] in mine
                 if kind == "migration":
                     return str(el.get("vm", "")).partition("/")[0] in mine
+                if kind == "audit":
+                    return el.get("user") == p.name
                 return kind != "lease"
             for container in root:
                 for el in list(container):
                     if not keep(el):
                         container.remove(el)
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=pretty)
+
+    def list_audit(self, p: Principal, user=None, since=None, limit=None) -> list:
+        """Audit records newest first: anyone's for an admin (``user`` to choose one), a user's
+        own only; ``since`` an ISO 8601 time or a span back from now (``2d``), ``limit`` at most
+        :data:`vmwebd.audit.LIST_MAX` (default :data:`vmwebd.audit.LIST_DEFAULT`)."""
+        user = user or None
+        if not p.is_admin:
+            if user is not None and user != p.name:
+                raise NotAuthorized(f"user {p.name!r} may only read their own audit records, "
+                                    f"not those of {user!r}")
+            user = p.name
+        since_ms, limit = check_query(since, limit, self.node.now_ms())
+        return self.audit.query(user, since_ms, limit)
 
     # -- users -----------------------------------------------------------------------------
     def _user_view(self, rec: UserRec) -> UserView:
@@ -865,6 +887,8 @@ class Access:
         c = self._owned(p, name)
         return cluster_hosts_text(self.dom, c), mpi_hostfile(self.dom, c)
 
+
+instrument(Access)
 
 #: The longest ``ssh-keys`` attribute schema.rng allows.
 _SSH_KEYS_ATTR_MAX = 65536

@@ -122,6 +122,32 @@ def seconds_arg(text: str) -> float:
     return s
 
 
+#: The most records one ``vmweb audit`` asks for (the grid's ListAudit limit).
+AUDIT_LIMIT_MAX = 10000
+
+
+def since_arg(text: str) -> str:
+    """A point in time (ISO 8601, local unless zoned; or 90s, 30m, 1h, 2d, 1w back from now),
+    sent as an ISO 8601 UTC time."""
+    from datetime import datetime, timezone
+    from vmwebd.timespec import parse_since
+    try:
+        when = parse_since(text, time.time(), naive=datetime.now().astimezone().tzinfo)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def audit_limit_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= n <= AUDIT_LIMIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be from 1 to {AUDIT_LIMIT_MAX}")
+    return n
+
+
 # -- completion ----------------------------------------------------------------------------------
 
 def remote_names(operation: str, key: str):
@@ -356,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     vmig.add_argument("--timeout", type=seconds_arg, default=600.0, metavar="SECONDS",
                       help="seconds to follow it (default 600); exit 4 when they pass")
     sub.add_parser("migrations", help="list migrations (phase, bytes moved, time, downtime)")
+    au = sub.add_parser("audit", help="changes asked of the grid, newest first (an admin sees "
+                                      "everyone's, a user their own)")
+    _complete_with(au.add_argument("--user", dest="audit_user", metavar="USER",
+                                   help="only this user's records (admins)"), USER_NAMES)
+    au.add_argument("--since", type=since_arg, metavar="TIME",
+                    help="only records from TIME on: an ISO 8601 time (local time unless it names "
+                         "a zone) or a span back from now: 90s, 30m, 1h, 2d, 1w")
+    au.add_argument("--limit", type=audit_limit_arg, default=100, metavar="N",
+                    help=f"at most N records (1 to {AUDIT_LIMIT_MAX}, default 100)")
 
     im = sub.add_parser("image", help="base images: add one by content, list them")
     isub = im.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -382,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
 MIGRATION_COLS = [("id", "ID"), ("vm", "VM"), ("source", "FROM"), ("dest", "TO"), ("mode", "MODE"),
                   ("phase", "PHASE"), ("bytes", "BYTES"), ("total_ms", "TIME MS"),
                   ("downtime_ms", "DOWNTIME MS"), ("error", "ERROR")]
+AUDIT_COLS = [("time", "TIME"), ("user", "USER"), ("op", "OPERATION"), ("object", "OBJECT"),
+              ("outcome", "OUTCOME"), ("host", "HOST"), ("detail", "DETAIL")]
 IMAGE_COLS = [("name", "IMAGE"), ("format", "FORMAT"), ("size_mib", "SIZE MIB"), ("sha", "SHA256"),
               ("holders", "HOSTS")]
 
@@ -742,6 +779,11 @@ def run(args, client, out=sys.stdout) -> int:
     elif args.cmd == "migrations":
         ms = client.call("ListMigrations") or []
         emit(ms, table(ms, MIGRATION_COLS))
+    elif args.cmd == "audit":
+        recs = client.call("ListAudit", args.audit_user or "", args.since or "", args.limit) or []
+        rows = [{**r, "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((r["at"] or 0) / 1000))}
+                for r in recs]
+        emit(recs, table(rows, AUDIT_COLS))
     elif args.cmd == "image":
         if args.action == "add":
             path = os.path.abspath(args.file)

@@ -171,6 +171,21 @@ class ImageInfo(ComplexModel):
     hosts = Array(Unicode)
 
 
+class AuditInfo(ComplexModel):
+    """One change asked of the grid: when (``at``, ms since the epoch), by whom, which operation
+    on which object, ``ok`` or the faultcode, at which host; ``id`` is unique in the grid."""
+    __namespace__ = TNS
+    id = Unicode
+    at = Integer
+    host = Unicode
+    user = Unicode
+    op = Unicode
+    object = Unicode
+    outcome = Unicode
+    detail = Unicode
+    ms = Integer
+
+
 def migration_info(m) -> MigrationInfo:
     return MigrationInfo(id=m.id, vm=m.vm, source=m.source, dest=m.dest, phase=m.phase,
                          mode=m.mode, requested_by=m.requested_by, started_at=m.started_at,
@@ -431,6 +446,15 @@ def make_user_service(node) -> type[Service]:
             from vmwebd.dom.records import ImageRec
             dom = node.domsvc.dom
             return [image_info(r, dom) for r in sorted(dom.all(ImageRec), key=lambda r: r.id)]
+
+        @rpc(Unicode, Unicode, Integer, _returns=Array(AuditInfo))
+        def ListAudit(ctx, user, since, limit):
+            """Audit records, newest first: an admin reads anyone's (``user`` empty: everyone's),
+            a user their own. ``since``: an ISO 8601 time (UTC unless it names a zone) or a span
+            back from now (``90s``, ``30m``, ``1h``, ``2d``, ``1w``); ``limit`` from 1 to 10,000
+            (empty: 100)."""
+            return [AuditInfo(**{f: getattr(r, f) for f in AuditInfo._type_info})
+                    for r in node.access.list_audit(_caller(ctx), user or None, since or None, limit)]
 
     return VmwebApi
 

@@ -32,7 +32,8 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=Fal
 _SCHEMA = None
 # Main-part attributes with a secondary index (kind -> attributes): the reads that select by them
 # (a host's VMs, a cluster's VMs, an owner's clusters) then cost what they return, not the DOM's size.
-INDEXED: dict[str, tuple[str, ...]] = {"vm": ("host", "cluster"), "vcluster": ("owner",)}
+INDEXED: dict[str, tuple[str, ...]] = {"vm": ("host", "cluster"), "vcluster": ("owner",),
+                                       "audit": ("host", "user")}
 _DIGEST_MOD = 1 << 256
 
 

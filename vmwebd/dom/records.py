@@ -29,6 +29,7 @@ CONTAINERS: dict[str, str] = {
     "vm": "vms",
     "lease": "leases",
     "migration": "migrations",
+    "audit": "audits",
 }
 # kind -> names of sub-parts (child elements with their own version)
 PARTS: dict[str, tuple[str, ...]] = {kind: () for kind in CONTAINERS}
@@ -315,6 +316,25 @@ class MigrationRec(Record):
     error: str = ""
 
 
+@dataclass(frozen=True)
+class AuditRec(Record):
+    """One change a user asked of the grid, as the host that took the request answered it
+    (see vmwebd/audit.py). Written once by that host, never changed; deleted by it when it holds
+    too many or they are too old. ``id`` is ``HOST/WALLMS.COUNTER`` (a clock reading of that
+    host: unique, and in order of time per host)."""
+
+    KIND: ClassVar[str] = "audit"
+    id: str
+    at: int = 0                      # ms since epoch, when the request was taken
+    host: str = ""                   # the host that took it
+    user: str = ""                   # who asked
+    op: str = ""                     # the operation, by its SOAP name (CreateCluster, SetQuota...)
+    object: str = ""                 # what it acted on: cluster/c1, vm/c1/web-0, user/bob, host/h2...
+    outcome: str = "ok"              # ok, or the faultcode it was refused or failed with
+    detail: str = ""                 # the fault's message (shortened), empty when ok
+    ms: int = 0                      # how long the request took
+
+
 def status_of(dom, vm: VmRec) -> VmStatus | None:
     """The observed state of this creation of ``vm``. A VM deleted and created again under the
     same name (a cluster destroyed and re-made, a scale down then up) keeps its old status part
@@ -324,4 +344,4 @@ def status_of(dom, vm: VmRec) -> VmStatus | None:
 
 
 RECORD_TYPES: list[type[Record]] = [HostRec, UserRec, ImageRec, TemplateRec, SettingRec,
-                                    VClusterRec, VmRec, VmStatus, LeaseRec, MigrationRec]
+                                    VClusterRec, VmRec, VmStatus, LeaseRec, MigrationRec, AuditRec]

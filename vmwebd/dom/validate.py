@@ -130,6 +130,10 @@ def load_specs(text: bytes | None = None) -> tuple[str, dict[str, ElementSpec]]:
 _NS, _SPECS = load_specs()
 
 
+#: Containers a valid document may lack (added to schema.rng after documents were first saved).
+OPTIONAL_CONTAINERS = frozenset({"audits"})
+
+
 def document_error(root: etree._Element, containers: dict[str, str]) -> str | None:
     """Why a whole DOM document is not valid, or None: the root, every container in order, and
     in each only entities of its kind, each valid."""
@@ -140,9 +144,12 @@ def document_error(root: etree._Element, containers: dict[str, str]) -> str | No
             return f"element dom: attribute {attr!r} is not allowed here"
     kids = [k for k in root if isinstance(k.tag, str)]
     names = [etree.QName(k).localname for k in kids]
-    if names != list(containers.values()) or any(etree.QName(k).namespace != _NS for k in kids):
+    # A container added to the schema later is optional: documents saved before it existed lack it.
+    expected = [c for c in containers.values() if c not in OPTIONAL_CONTAINERS or c in names]
+    if names != expected or any(etree.QName(k).namespace != _NS for k in kids):
         return f"element dom: its children are {names}, expected {list(containers.values())}"
-    for kind, box in zip(containers, kids):
+    kinds = [k for k, c in containers.items() if c in names]
+    for kind, box in zip(kinds, kids):
         for el in box:
             if not isinstance(el.tag, str):
                 continue
