@@ -606,7 +606,7 @@ class Access:
         self._check_quota(owner, len(planned), None)
         return self._holding(owner, len(planned), lambda: self.mgr.create(name, template, owner, count))
 
-    def scale_cluster(self, p: Principal, name, count) -> defer.Deferred:
+    def scale_cluster(self, p: Principal, name, count, force: bool = False) -> defer.Deferred:
         c = self._owned(p, name)
         from vmwebd.templates import plan_scale
         existing = [vm.name for vm in self.dom.select(VmRec, "cluster", c.id) if vm.desired != "absent"]
@@ -615,15 +615,16 @@ class Access:
         after = len(existing) + len(to_add) - len(to_remove)
         if to_add:
             self._check_quota(c.owner, after, c.id, have=len(existing))
-        return self._holding(c.owner, len(to_add), lambda: self.mgr.scale(name, count))
+        return self._holding(c.owner, len(to_add), lambda: self.mgr.scale(name, count, force))
 
-    def destroy_cluster(self, p: Principal, name) -> defer.Deferred:
+    def destroy_cluster(self, p: Principal, name, force: bool = False) -> defer.Deferred:
         self._owned(p, name)
-        return self.mgr.destroy(name)
+        return self.mgr.destroy(name, force)
 
-    def set_vm_power(self, p: Principal, cluster, vm, desired: str) -> defer.Deferred:
+    def set_vm_power(self, p: Principal, cluster, vm, desired: str,
+                     force: bool = False) -> defer.Deferred:
         self._owned(p, cluster)
-        return self.mgr.set_vm_power(cluster, vm, desired)
+        return self.mgr.set_vm_power(cluster, vm, desired, force)
 
     # -- migrations ------------------------------------------------------------------------
     def migrate_vm(self, p: Principal, cluster, vm, dest=None) -> defer.Deferred:

@@ -263,8 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="return once recorded, without waiting for boot")
     s.add_argument("--timeout", type=seconds_arg, default=300.0, metavar="SECONDS",
                    help="seconds to wait for the VMs (default 300); exit 4 when they pass")
+    s.add_argument("--force", action="store_true",
+                   help="power removed VMs off at once (default: ask their guests to shut down, "
+                        "powered off after the setting stop_timeout_s)")
     d = csub.add_parser("destroy", help="destroy a cluster and give everything back")
     _complete_with(d.add_argument("name", help="the cluster"), CLUSTER_NAMES)
+    d.add_argument("--force", action="store_true",
+                   help="power its VMs off at once (default: ask their guests to shut down, "
+                        "powered off after the setting stop_timeout_s)")
     sh = csub.add_parser("show", help="show a cluster and its VMs")
     _complete_with(sh.add_argument("name", help="the cluster"), CLUSTER_NAMES)
     chs = csub.add_parser("hosts", help="print the cluster's hosts file lines (IP FQDN NAME per VM, "
@@ -372,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
         v = vsub.add_parser(verb, help=what)
         _complete_with(v.add_argument("cluster", help="the VM's cluster"), CLUSTER_NAMES)
         v.add_argument("vm", help="the VM's name in its cluster (vmweb cluster show lists them)")
+        if verb == "stop":
+            v.add_argument("--force", action="store_true",
+                           help="power it off at once (default: ask its guest to shut down, "
+                                "powered off after the setting stop_timeout_s)")
     vmig = vsub.add_parser("migrate", help="move a VM to another host (live where the hosts can)")
     _complete_with(vmig.add_argument("cluster", help="the VM's cluster"), CLUSTER_NAMES)
     vmig.add_argument("vm", help="the VM's name in its cluster (vmweb cluster show lists them)")
@@ -440,6 +450,44 @@ def follow_migration(client, m: dict, timeout: float, quiet: bool, out=sys.stder
             return m
         time.sleep(0.2)
         m = client.call("GetMigration", m["id"])
+
+
+def stop_notice(client, what: str, force: bool, quiet: bool, out=sys.stderr) -> float | None:
+    """Says how ``what`` (VMs being stopped or removed) will go off; returns the grid's
+    ``stop_timeout_s`` (None when the host does not say: an older one)."""
+    timeout = None
+    for s in client.call("GetSettings") or []:
+        if s["key"] == "stop_timeout_s":
+            timeout = float(s["value"])
+    if not quiet:
+        if force:
+            out.write(f"{what}: powering off at once (--force)\n")
+        elif timeout is not None:
+            out.write(f"{what}: asking the guest to shut down; powered off if still running "
+                      f"after {timeout:.0f} s (stop_timeout_s; --force: at once)\n")
+        out.flush()
+    return timeout
+
+
+def wait_for_stop(client, cluster: str, vm: dict, timeout: float | None, quiet: bool,
+                  out=sys.stderr, clock=time.monotonic, sleep=time.sleep) -> dict:
+    """Follows a VM whose guest is still shutting down until its host reports it off (bounded:
+    the stop's timeout, and half a minute more for the host to look); a line every 10 s says how
+    long it may still take. Returns the VM's last view."""
+    limit = timeout if timeout is not None else 60.0
+    start = clock()
+    said = None
+    while vm["state"] == "stopping" and clock() - start < limit + 30.0:
+        left = int(max(0.0, limit - (clock() - start)))
+        if not quiet and (said is None or said - left >= 10):
+            out.write(f"{cluster}/{vm['name']}: still shutting down; powered off in at most "
+                      f"{left} s\n")
+            out.flush()
+            said = left
+        sleep(1.0)
+        c = client.call("GetCluster", cluster)
+        vm = next((v for v in c["vms"] or [] if v["name"] == vm["name"]), vm)
+    return vm
 
 
 def waiting_on(client, name: str) -> str:
@@ -674,14 +722,20 @@ def run(args, client, out=sys.stdout) -> int:
             emit(c, show_cluster(c))
             return code
         elif args.action == "scale":
-            c = client.call("ScaleCluster", args.name, args.count)
+            now = client.call("GetCluster", args.name)
+            going = sum(1 for v in now["vms"] or [] if v["desired"] != "absent") - args.count
+            if going > 0:
+                stop_notice(client, f"{args.name}: removing {going} VMs", args.force, args.json)
+            # force only when given: a host from before the flag knows no such argument
+            c = client.call("ScaleCluster", args.name, args.count, *([True] if args.force else []))
             code = 0
             if not args.no_wait:
                 c, code = wait_for_boot(client, args.name, args.timeout, quiet=args.json)
             emit(c, show_cluster(c))
             return code
         elif args.action == "destroy":
-            state = client.call("DestroyCluster", args.name)
+            stop_notice(client, f"{args.name}: destroying its VMs", args.force, args.json)
+            state = client.call("DestroyCluster", args.name, *([True] if args.force else []))
             emit({"name": args.name, "state": state}, f"cluster {args.name} {state}"
                  + (waiting_on(client, args.name) if state != "destroyed" else ""))
         elif args.action == "show":
@@ -772,9 +826,13 @@ def run(args, client, out=sys.stdout) -> int:
         emit(m, text)
         if not args.no_wait and m["phase"] != "done":
             return EXIT_TIMEOUT     # follow_migration stopped at --timeout; the move goes on
+    elif args.cmd == "vm" and args.action == "stop":
+        timeout = stop_notice(client, f"{args.cluster}/{args.vm}", args.force, args.json)
+        v = client.call("StopVm", args.cluster, args.vm, *([True] if args.force else []))
+        v = wait_for_stop(client, args.cluster, v, timeout, quiet=args.json)
+        emit(v, table([v], VM_COLS))
     elif args.cmd == "vm":
-        op = "StartVm" if args.action == "start" else "StopVm"
-        v = client.call(op, args.cluster, args.vm)
+        v = client.call("StartVm", args.cluster, args.vm)
         emit(v, table([v], VM_COLS))
     elif args.cmd == "migrations":
         ms = client.call("ListMigrations") or []

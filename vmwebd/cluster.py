@@ -310,9 +310,11 @@ class ClusterManager:
                      ip=addr.ip, mac=addr.mac, desired="running", token=token)
 
     @defer.inlineCallbacks
-    def scale(self, name, count) -> ClusterView:
-        """Adds VMs (new addresses) or removes surplus ones (addresses given back once gone)."""
+    def scale(self, name, count, force: bool = False) -> ClusterView:
+        """Adds VMs (new addresses) or removes surplus ones (addresses given back once gone;
+        their guests asked to shut down first, within ``stop_timeout_s``, unless ``force``)."""
         _check_name(name)
+        force = _check_force(force)
         c = self.dom.get(VClusterRec, name)
         if c is None:
             raise NoSuchCluster(name)
@@ -336,7 +338,7 @@ class ClusterManager:
         removed_ids = [f"{name}/{vm}" for vm in to_remove]
         for vm in existing:
             if vm.id in removed_ids:
-                recs.append(_replace(vm, desired="absent"))
+                recs.append(_replace(vm, desired="absent", force=force or None))
         recs.append(_replace(c, count=count))
         yield self.domsvc.put(*recs)
         log.info("cluster {name} scaled to {count} (+{a} -{r})", name=name, count=count,
@@ -357,17 +359,20 @@ class ClusterManager:
         return not any(vm.host in live for vm in (self.dom.get(VmRec, i) for i in vm_ids) if vm)
 
     @defer.inlineCallbacks
-    def destroy(self, name) -> bool:
+    def destroy(self, name, force: bool = False) -> bool:
         """Marks the cluster for destruction and waits (bounded) until every host gave back
         its VMs, volumes, network and addresses; returns True if that finished in time (False at
         once when its last VMs are on hosts that are not alive: they wait for those hosts, or for
-        an admin's evacuation)."""
+        an admin's evacuation). Guests are asked to shut down first, within ``stop_timeout_s``,
+        unless ``force`` (which also hurries a destroy already waiting for its guests)."""
         _check_name(name)
+        force = _check_force(force)
         c = self.dom.get(VClusterRec, name)
         if c is None:
             raise NoSuchCluster(name)
         recs = [_replace(c, state="destroying")]
-        recs += [_replace(vm, desired="absent") for vm in self._vms_of(name) if vm.desired != "absent"]
+        recs += [_replace(vm, desired="absent", force=force or None) for vm in self._vms_of(name)
+                 if vm.desired != "absent" or (force and not vm.force)]
         yield self.domsvc.put(*recs)
         log.info("cluster {name} being destroyed", name=name)
         ids = [vm.id for vm in self._vms_of(name)]
@@ -376,16 +381,37 @@ class ClusterManager:
         return self.dom.get(VClusterRec, name) is None
 
     @defer.inlineCallbacks
-    def set_vm_power(self, cluster, vm, desired: str) -> VmView:
-        """Sets a VM's desired power state and waits (bounded) until its host reports it."""
+    def set_vm_power(self, cluster, vm, desired: str, force: bool = False) -> VmView:
+        """Sets a VM's desired power state and waits (bounded) until its host reports it.
+
+        A stop asks the guest to shut down and lets it ``stop_timeout_s`` before its host powers
+        it off; ``force`` powers it off at once (also a stop already waiting for its guest). A
+        forced stop of a VM that is not running, a stop of a VM already stopped and a start
+        with ``force`` are refused naming the argument. A start of a VM that should run but was
+        left off (found stopped, ``restart_stopped`` false) writes its record again: that is
+        what tells its host to start it."""
         _check_name(cluster, "cluster")
+        force = _check_force(force)
         if self.dom.get(VClusterRec, cluster) is None:
             raise NoSuchCluster(cluster)
         rec = self.dom.get(VmRec, f"{cluster}/{vm}") if isinstance(vm, str) else None
         if rec is None or rec.desired == "absent":
             raise NoSuchVm(cluster, str(vm))
-        if rec.desired != desired:
-            yield self.domsvc.put(_replace(rec, desired=desired))
+        st = status_of(self.dom, rec)
+        observed = st.state if st is not None else "pending"
+        if desired == "running":
+            if force:
+                raise InvalidArgument("force", f"VM {rec.id}: only a stop can be forced")
+            if rec.desired != desired or observed not in ("running", "pending", "error"):
+                yield self.domsvc.put(_replace(rec, desired=desired, force=None))
+        else:
+            if force and observed not in ("running", "stopping", "paused"):
+                raise InvalidArgument("force", f"VM {rec.id} is not running (it is {observed}): "
+                                      "there is nothing to power off")
+            if not force and rec.desired == "stopped" and observed == "shutoff":
+                raise InvalidArgument("vm", f"VM {rec.id} is already stopped")
+            if rec.desired != desired or (force and not rec.force):
+                yield self.domsvc.put(_replace(rec, desired=desired, force=force or None))
         want = "running" if desired == "running" else "shutoff"
 
         def reached():
@@ -394,6 +420,15 @@ class ClusterManager:
             return st is not None and st.state in (want, "error")
         yield self.domsvc.wait_for(reached, self.wait_timeout)
         return next(v for v in self.cluster(cluster).vms if v.name == vm)
+
+
+def _check_force(force) -> bool:
+    """``force`` as given over SOAP (None when an older client leaves it out)."""
+    if force is None:
+        return False
+    if not isinstance(force, bool):
+        raise InvalidArgument("force", f"{force!r} is not true or false")
+    return force
 
 
 def network_text(c: VClusterRec) -> str:

@@ -8,10 +8,13 @@ pass of :class:`Reconciler`:
    and a VXLAN device per cluster it holds VMs of, forwarding entries to the cluster's other
    hosts, NAT where asked) through its executor, which removes the devices no cluster here needs;
 2. for each VM assigned here: writes its cloud-init seed (rebuilt whenever what it carries
-   changes: the cluster's members, the owner's keys), creates its overlay and domain and starts it (``running``), shuts it
-   down (``stopped``), or destroys it, deletes its overlay, gives back its addresses and deletes it
-   from the DOM (``absent``); a VM found stopped or missing behind our back is started again and
-   the restart is counted in its status;
+   changes: the cluster's members, the owner's keys), creates its overlay and domain and starts it
+   (``running``), shuts it down (``stopped``), or shuts it down, deletes its overlay, gives back its
+   addresses and deletes it from the DOM (``absent``). A shutdown asks the guest first (ACPI) and
+   powers it off once the setting ``stop_timeout_s`` has passed, or at once when the record says
+   ``force`` (docs/lifecycle.md). A VM found stopped or missing behind our back is started again,
+   and the restart counted in its status, when the setting ``restart_stopped`` is true; else its
+   status says it was left off, until a user starts it;
 3. destroys domains of ours that the DOM no longer knows (orphans), and
 4. deletes clusters being destroyed once no VM of theirs is left, giving back name and network id.
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,6 +44,7 @@ from vmwebd.net import addressing
 from vmwebd.net import seed as seeds
 from vmwebd.net.devices import Applied, RecordedDevices
 from vmwebd.net.plan import PlanCache, bridge_name, underlay_of
+from vmwebd.settings import get_setting
 
 log = Logger()
 PREFIX = "vmweb-"
@@ -71,6 +75,21 @@ class StorageLayout:
     console_dir: str = ""          # where guests' serial consoles are logged (real guests only)
 
 
+#: What a VM's status detail says when it was found stopped and left so (restart_stopped false).
+NOT_RESTARTED = "not restarted (restart_stopped is false)"
+
+
+@dataclass
+class _Stopping:
+    """A guest asked to shut down, here: when it must be off by (``stop_clock`` seconds)."""
+
+    token: str                  # the creation of the VM it was asked for
+    timeout: int                # stop_timeout_s when it was asked
+    deadline: float
+    asked_at: float             # when it was last asked (the request is repeated)
+    call: object = field(default=None, repr=False)   # the next look at it
+
+
 def guest_token(vm_id: str) -> str:
     """A per-VM value handed to the guest on its kernel command line (tests find it on disk)."""
     return hashlib.sha256(vm_id.encode()).hexdigest()[:16]
@@ -95,6 +114,11 @@ class Reconciler:
     #: Seconds a change elsewhere in a cluster held here waits before its network pass, so that a
     #: burst of them (a cluster created or destroyed across the grid) costs one pass, not one each.
     NETWORK_DELAY = 0.2
+    #: Seconds between two looks at a guest asked to shut down (a change pass over it alone).
+    STOP_POLL = 1.0
+    #: Seconds after which a guest still running is asked again (it may have missed the first
+    #: request, e.g. while booting).
+    STOP_RETRY = 10.0
 
     def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
                  clock, now_ms, interval: float = 30.0, images=None, rng=None,
@@ -137,6 +161,10 @@ class Reconciler:
         self.full_passes = 0
         self._idle_waiters: list[defer.Deferred] = []
         self._quiet_waiters: list[defer.Deferred] = []
+        #: Times graceful stops (a deadline and the looks until it); the reactor, or a test's
+        #: ``task.Clock``.
+        self.stop_clock = clock
+        self._stopping: dict[str, _Stopping] = {}     # VM id -> its guest asked to shut down
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
@@ -148,6 +176,8 @@ class Reconciler:
             if call is not None and call.active():
                 call.cancel()
         self._sweep = None
+        for vm_id in list(self._stopping):
+            self._forget_stop(vm_id)
 
     def _next_sweep(self, first: bool = False) -> None:
         if first:
@@ -162,7 +192,7 @@ class Reconciler:
     def _on_change(self, kind: str, id_: str) -> None:
         if kind == "vm":
             vm = self.dom.get(VmRec, id_)
-            now = (vm.host, vm.desired, vm.token, vm.cluster) if vm is not None else None
+            now = self._seen_key(vm) if vm is not None else None
             before = self._seen.get(id_)
             if now == before:
                 return              # a status written, nothing this host acts on changed
@@ -171,7 +201,7 @@ class Reconciler:
             else:
                 self._seen[id_] = now
             cluster = (now or before)[3]
-            if cluster in self._held:
+            if cluster in self._held and (now or ())[:4] != (before or ())[:4]:
                 # A member of a cluster held here came, went or moved: the segment's forwarding
                 # entries and the members' seeds (their hosts file) may change.
                 self._net_dirty = True
@@ -210,6 +240,12 @@ class Reconciler:
             if owned:
                 self._seed_clusters |= owned
                 self._schedule(self.NETWORK_DELAY)
+
+    def _seen_key(self, vm: VmRec) -> tuple:
+        """What of a VM's main part this host acts on: host, desired state, creation, cluster,
+        and the part's version (a start asked again of a VM left off rewrites the part alone)."""
+        return (vm.host, vm.desired, vm.token, vm.cluster, vm.force,
+                self.dom.version_of("vm", vm.id))
 
     def kick(self) -> None:
         """Asks for a full pass soon (coalesced with other requests)."""
@@ -300,7 +336,7 @@ class Reconciler:
         if full:
             ours = self.dom.select(VmRec, "host", self.host_id)
             for vm in ours:
-                self._seen.setdefault(vm.id, (vm.host, vm.desired, vm.token, vm.cluster))
+                self._seen.setdefault(vm.id, self._seen_key(vm))
             mine = [vm for vm in ours if vm.id not in moving]
             domains = {d.name: d for d in (yield self.driver.list_domains())}
             candidates = set(domains)
@@ -532,6 +568,11 @@ class Reconciler:
         detail = prev.detail if prev else ""
         try:
             if vm.desired == "absent":
+                if state in ("running", "paused"):
+                    state, detail = yield self._power_off(vm, name, state)
+                    if state == "stopping":
+                        return self._status(vm, prev, state, detail, restarts)
+                self._forget_stop(vm.id)
                 yield self._remove_domain(name)
                 yield self.allocator.release_vm(vm, cluster.token if cluster else "",
                                                 owner=cluster.owner if cluster else None)
@@ -542,28 +583,137 @@ class Reconciler:
             if vm.desired == "running" and net_error and state != "running":
                 raise VmwebError(net_error)
             if vm.desired == "running":
+                self._forget_stop(vm.id)
                 if state != "running":
-                    if prev is not None and prev.state == "running":
+                    start, restarted, detail = self._should_start(vm, prev, state)
+                    if restarted:
                         restarts += 1
-                        detail = f"found {state} behind our back; restarted"
-                    else:
-                        detail = ""
-                    if state == "missing":
-                        yield self._create(vm, cluster)
-                    yield self.driver.start(name)
-                    state = "running"
+                    if start:
+                        if state == "missing":
+                            yield self._create(vm, cluster)
+                        yield self.driver.start(name)
+                        state = "running"
             elif vm.desired == "stopped":
-                if state == "running":
-                    yield self.driver.destroy(name)
-                    state = "shutoff"
-                detail = ""
+                if state in ("running", "paused"):
+                    state, detail = yield self._power_off(vm, name, state)
+                elif (vm.id in self._stopping or prev is None or prev.state != "shutoff"
+                      or NOT_RESTARTED in prev.detail):
+                    self._forget_stop(vm.id)
+                    detail = ""                  # e.g. its guest shut down when asked
+                # else: off already, and its detail (how it was powered off) stays
         except VmwebError as e:
             state, detail = "error", str(e)
             log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=e)
+        return self._status(vm, prev, state, detail, restarts)
+
+    def _status(self, vm: VmRec, prev, state: str, detail: str, restarts: int) -> VmStatus | None:
+        """The status part to write for ``vm`` (None when the one recorded says the same)."""
         if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
             return VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
                             restarts=restarts, observed_at=int(self.now_ms()), token=vm.token)
         return None
+
+    def _should_start(self, vm: VmRec, prev, state: str) -> tuple[bool, bool, str]:
+        """For a VM that should run and is found ``state``: (start it?, is that a restart of one
+        stopped behind our back?, its status detail).
+
+        A VM last seen running was stopped behind our back: started again only when the setting
+        ``restart_stopped`` is true, else left off with a status saying so. A VM left off that
+        way stays off until the setting becomes true or a user starts it (its main part written
+        after that status). Any other VM (new, or stopped by a user and now asked to run) starts.
+        """
+        if prev is None or prev.host != self.host_id:
+            # Never seen running here: new, or placed here from another host (an evacuation).
+            return True, False, ""
+        left_off = prev.state != "running" and NOT_RESTARTED in prev.detail
+        if not left_off and prev.state != "running":
+            return True, False, ""
+        if get_setting(self.dom, "restart_stopped") == "true":
+            return True, True, f"found {state} behind our back; restarted"
+        if left_off and self._asked_after_status(vm):
+            return True, False, ""
+        if left_off:
+            return False, False, prev.detail
+        log.info("VM {vm} on {host} found {state}; not restarted (restart_stopped is false)",
+                 vm=vm.id, host=self.host_id, state=state)
+        return False, False, f"found {state} behind vmweb's back; {NOT_RESTARTED}"
+
+    def _asked_after_status(self, vm: VmRec) -> bool:
+        """Was the VM's main part written after its status part? Versions are hybrid logical
+        clock readings, so a start request made by a host that had seen the status orders after
+        it, wherever it was made."""
+        main = self.dom.version_of("vm", vm.id)
+        status = self.dom.version_of("vm", vm.id, "status")
+        return main is not None and status is not None and main > status
+
+    @defer.inlineCallbacks
+    def _power_off(self, vm: VmRec, name: str, state: str):
+        """Carries out a stop (desired ``stopped`` or ``absent``) of domain ``name``, found
+        ``state`` (running or paused); fires with the VM's (state, detail): ``shutoff`` once it
+        is off, ``stopping`` while its guest still has time to shut down.
+
+        The guest is asked to shut down (ACPI) and looked at every ``STOP_POLL`` seconds (a
+        change pass over it alone); once ``stop_timeout_s`` (read when it was asked) has passed
+        it is powered off. A forced stop, a timeout of 0 and a paused guest (it cannot hear the
+        request) are powered off at once. What was asked is kept in memory: a daemon restarted
+        meanwhile asks again, with a new deadline."""
+        timeout = int(get_setting(self.dom, "stop_timeout_s"))
+        if vm.force or timeout == 0 or state == "paused":
+            self._forget_stop(vm.id)
+            yield self.driver.destroy(name)
+            why = ("forced" if vm.force else "stop_timeout_s is 0" if timeout == 0
+                   else "it was paused")
+            log.info("VM {vm} on {host} powered off at once ({why})", vm=vm.id, host=self.host_id,
+                     why=why)
+            return "shutoff", f"powered off at once ({why})"
+        now = self.stop_clock.seconds()
+        stop = self._stopping.get(vm.id)
+        if stop is None or stop.token != vm.token:
+            self._forget_stop(vm.id)
+            stop = self._stopping[vm.id] = _Stopping(vm.token, timeout, now + timeout, now)
+            log.info("VM {vm} on {host}: guest asked to shut down, powered off after {t} s",
+                     vm=vm.id, host=self.host_id, t=timeout)
+            yield self.driver.shutdown(name)
+        elif now >= stop.deadline:
+            self._forget_stop(vm.id)
+            yield self.driver.destroy(name)
+            log.info("VM {vm} on {host} did not shut down within {t} s; powered off",
+                     vm=vm.id, host=self.host_id, t=stop.timeout)
+            return "shutoff", f"did not shut down within {stop.timeout} s of being asked; powered off"
+        elif now - stop.asked_at >= self.STOP_RETRY:
+            stop.asked_at = now
+            yield self.driver.shutdown(name)
+        # A guest may be off already (at once on the test driver; a quick guest in a second).
+        if (yield self.driver.state(name)).state != "running":
+            self._forget_stop(vm.id)
+            return "shutoff", ""
+        self._look_again(vm.id, stop)
+        # The same words at every look: the status is written once, not once a second.
+        return "stopping", (f"asked its guest to shut down; powered off if still running after "
+                            f"{stop.timeout} s")
+
+    def _look_again(self, vm_id: str, stop: _Stopping) -> None:
+        if stop.call is not None and stop.call.active():
+            return
+        delay = max(0.0, min(self.STOP_POLL, stop.deadline - self.stop_clock.seconds()))
+        stop.call = self.stop_clock.callLater(delay, self._stop_due, vm_id)
+
+    def _stop_due(self, vm_id: str) -> None:
+        stop = self._stopping.get(vm_id)
+        if stop is None:
+            return
+        stop.call = None
+        vm = self.dom.get(VmRec, vm_id)
+        if vm is None or vm.host != self.host_id or vm.token != stop.token:
+            self._forget_stop(vm_id)          # gone, moved or made anew: nothing to finish here
+            return
+        self._dirty_vms.add(vm_id)
+        self._schedule()
+
+    def _forget_stop(self, vm_id: str) -> None:
+        stop = self._stopping.pop(vm_id, None)
+        if stop is not None and stop.call is not None and stop.call.active():
+            stop.call.cancel()
 
     @defer.inlineCallbacks
     def _create(self, vm: VmRec, cluster: VClusterRec | None):

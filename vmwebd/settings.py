@@ -32,6 +32,18 @@ def _float_range(lo, hi):
     return check
 
 
+def _int_range(lo, hi, unit=""):
+    def check(v: str) -> str:
+        try:
+            i = int(v)
+        except ValueError:
+            raise ValueError("must be a whole number" + (f" of {unit}" if unit else "")) from None
+        if not lo <= i <= hi:
+            raise ValueError(f"must be between {lo} and {hi}" + (f" {unit}" if unit else ""))
+        return str(i)
+    return check
+
+
 @dataclass(frozen=True)
 class SettingDef:
     key: str
@@ -40,13 +52,23 @@ class SettingDef:
     description: str
 
 
+#: The longest ``stop_timeout_s`` accepted, in seconds.
+STOP_TIMEOUT_MAX_S = 3600
+
+
 SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
     SettingDef("placement", "spread", _choice("spread", "pack"),
                "How new VMs are placed: spread (by free capacity, per host) or pack (fill hosts)"),
     SettingDef("cpu_overcommit", "4.0", _float_range(1.0, 32.0),
                "vCPUs a host may carry per physical CPU"),
     SettingDef("restart_stopped", "true", _choice("true", "false"),
-               "Start again a VM found stopped behind vmweb's back"),
+               "Start again a VM found stopped behind vmweb's back (false: leave it off, "
+               "and say so in its status)"),
+    # How long a stop waits for the guest (docs/lifecycle.md). An hour at most: a stop that waits
+    # longer is a stop nobody is watching any more.
+    SettingDef("stop_timeout_s", "60", _int_range(0, STOP_TIMEOUT_MAX_S, "seconds"),
+               "Seconds a stopped or removed VM's guest has to shut down when asked (ACPI) "
+               "before it is powered off (0: at once)"),
     # The load balancer (vmwebd/migrate/balancer.py, docs/balancer.md). Off by default: a move
     # costs bandwidth and a pause, and on a driver without live migration it restarts the VM.
     SettingDef("balancer.enabled", "false", _choice("true", "false"),

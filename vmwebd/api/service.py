@@ -248,15 +248,17 @@ def make_user_service(node) -> type[Service]:
             return node.access.create_cluster(_caller(ctx), name, template, owner, count) \
                 .addCallback(cluster_info)
 
-        @rpc(Unicode, Integer, _returns=ClusterInfo)
-        def ScaleCluster(ctx, name, count):
+        # ``force`` (appended, optional: older clients leave it out) powers removed VMs off at
+        # once instead of asking their guests to shut down within stop_timeout_s.
+        @rpc(Unicode, Integer, Boolean, _returns=ClusterInfo)
+        def ScaleCluster(ctx, name, count, force):
             _required(name, "name"), _required(count, "count")
-            return node.access.scale_cluster(_caller(ctx), name, count).addCallback(cluster_info)
+            return node.access.scale_cluster(_caller(ctx), name, count, bool(force)).addCallback(cluster_info)
 
-        @rpc(Unicode, _returns=Unicode)
-        def DestroyCluster(ctx, name):
+        @rpc(Unicode, Boolean, _returns=Unicode)
+        def DestroyCluster(ctx, name, force):
             _required(name, "name")
-            return node.access.destroy_cluster(_caller(ctx), name).addCallback(lambda done: "destroyed" if done else "destroying")
+            return node.access.destroy_cluster(_caller(ctx), name, bool(force)).addCallback(lambda done: "destroyed" if done else "destroying")
 
         @rpc(Unicode, _returns=ClusterInfo)
         def GetCluster(ctx, name):
@@ -279,10 +281,12 @@ def make_user_service(node) -> type[Service]:
             _required(cluster, "cluster"), _required(vm, "vm")
             return node.access.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
 
-        @rpc(Unicode, Unicode, _returns=VmInfo)
-        def StopVm(ctx, cluster, vm):
+        @rpc(Unicode, Unicode, Boolean, _returns=VmInfo)
+        def StopVm(ctx, cluster, vm, force):
+            """Asks the guest to shut down, powered off after stop_timeout_s; ``force``
+            (optional) powers it off at once."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return node.access.set_vm_power(_caller(ctx), cluster, vm, "stopped").addCallback(lambda v: VmInfo(**vars(v)))
+            return node.access.set_vm_power(_caller(ctx), cluster, vm, "stopped", bool(force)).addCallback(lambda v: VmInfo(**vars(v)))
 
         @rpc(_returns=Array(HostInfo))
         def ListHosts(ctx):

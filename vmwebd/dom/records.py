@@ -263,6 +263,10 @@ class VmRec(Record):
     mac: str = ""
     desired: str = "running"         # running | stopped | absent
     token: str = ""                  # unique per creation of this VM (a name can come back)
+    # How a stop or removal powers the guest off: None asks it to shut down and waits up to the
+    # setting stop_timeout_s, True powers it off at once (written only when true, so records
+    # that never asked for a forced stop read as before).
+    force: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,11 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     def shutdown(self, name: str) -> Deferred:
-        """Ask the guest to power off (ACPI); no-op when it is not running or not defined."""
+        """Ask the guest to power off (ACPI); no-op when it is not running or not defined.
+
+        Fires once the request is made, not when the guest is off: callers look at ``state``
+        and ``destroy`` a guest that does not stop in time. Asking again while the guest shuts
+        down is harmless."""
 
     @abc.abstractmethod
     def destroy(self, name: str) -> Deferred:

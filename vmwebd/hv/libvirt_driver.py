@@ -218,11 +218,17 @@ class LibvirtDriver(Driver):
             except libvirt.libvirtError as e:
                 if _code(e) == libvirt.VIR_ERR_NO_DOMAIN or not dom.isActive():
                     return  # it stopped (or went) between our check and our call
+                if how == "shutdown" and dom.state()[0] == libvirt.VIR_DOMAIN_SHUTDOWN:
+                    return  # asked again while its guest is shutting down already
                 raise
 
         return self._run(op, f"domain {name!r}", stop)
 
     def shutdown(self, name: str) -> Deferred:
+        # virDomainShutdown without flags: the hypervisor's default way (QEMU: the ACPI power
+        # button, or the guest agent if the domain has one). It returns once the request is
+        # made; the guest decides when (and whether) it powers off. The test driver powers off
+        # at once, or starts the domain again when its <on_poweroff> says restart.
         return self._stop("shut down", name, "shutdown")
 
     def destroy(self, name: str) -> Deferred:
