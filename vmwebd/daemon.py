@@ -7,6 +7,10 @@
 It validates the config before anything starts (a ConfigError names file, line and field and the
 daemon exits 2 without starting half-configured), then runs a :class:`~vmwebd.node.Node`, telling
 systemd READY / STATUS / WATCHDOG / STOPPING over ``NOTIFY_SOCKET`` when it is set.
+
+The log goes to journald, with priorities and fields, when systemd connected our output to the
+journal (``--log-target auto``, the default; ``journal`` or ``text`` to choose), else one line
+per event on standard error (see :mod:`vmwebd.logs`).
 """
 from __future__ import annotations
 
@@ -14,10 +18,10 @@ import argparse
 import sys
 
 from twisted.internet import defer, task
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver, LogLevel, \
-    FilteringLogObserver, LogLevelFilterPredicate
+from twisted.logger import Logger, globalLogBeginner, LogLevel, FilteringLogObserver, \
+    LogLevelFilterPredicate
 
-from vmwebd import examples, version
+from vmwebd import examples, logs, version
 from vmwebd.config import load_config
 from vmwebd.errors import ConfigError, VmwebError
 from vmwebd.net.host import check_network
@@ -32,6 +36,13 @@ def main(argv=None) -> int:
                     help="skip fsync of the DOM journal (throw-away demos and tests only)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
                     help="the least important messages logged (default info)")
+    ap.add_argument("--log-target", default="auto", choices=logs.TARGETS,
+                    help="journal: entries with priorities and fields to journald; text: one "
+                         "line per event on standard error; auto (default): journal when systemd "
+                         "connected our output to the journal ($JOURNAL_STREAM), else text")
+    ap.add_argument("--journal-socket", default=logs.JOURNAL_SOCKET, metavar="PATH",
+                    help=f"journald's native socket (default {logs.JOURNAL_SOCKET}; empty: write "
+                         "<N>-prefixed lines to the journal stream instead)")
     ap.add_argument("--version", action="version", version=f"vmwebd {version()}",
                     help="print vmwebd's version and exit")
     example = ap.add_mutually_exclusive_group()
@@ -64,8 +75,9 @@ def main(argv=None) -> int:
     import logging
     logging.getLogger("spyne").setLevel(logging.CRITICAL)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(args.log_level))
-    globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])], redirectStandardIO=False)
+    observer = logs.make_observer(args.log_target, socket_path=args.journal_socket or None)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])],
+                                     redirectStandardIO=False)
 
     from twisted.internet import reactor
     from vmwebd.node import Node

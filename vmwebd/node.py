@@ -506,6 +506,8 @@ class Node:
 
     #: A clean stop tells peers we leave for at most this long (a busy grid may not answer).
     LEAVE_SECONDS = 2.0
+    #: and waits this long at most for a reconcile pass under way to end.
+    DRAIN_SECONDS = 10.0
 
     @defer.inlineCallbacks
     def stop(self, leave: bool = True):
@@ -518,6 +520,8 @@ class Node:
                 loop.stop()
         if self.reconciler is not None:
             self.reconciler.stop()
+        if getattr(self, "access", None) is not None:
+            self.access.audit.stop()
         if self.port is not None:
             yield self.port.stopListening()
         if self.gossip is not None:
@@ -528,6 +532,15 @@ class Node:
                          "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
         if self.peer_port is not None:
             yield self.peer_port.stopListening()
+        if self.reconciler is not None:
+            # A pass still running uses the driver: closing it under the pass failed each of
+            # its VMs with "driver is closed" in the log of every clean stop.
+            try:
+                yield self.reconciler.idle().addTimeout(self.DRAIN_SECONDS, self.reactor)
+            except defer.TimeoutError:
+                log.warn("a reconcile pass on {host} still runs after {s} s; stopping anyway",
+                         host=self.host_id, s=self.DRAIN_SECONDS)
+            self.reconciler.stop()
         if self.driver is not None:
             yield self.driver.close()
         if getattr(self, "leases", None) is not None:
