@@ -220,6 +220,8 @@ def test_user_builds_watches_scales_and_destroys_a_cluster_across_two_hosts(grid
     d.switch_to.window(d.window_handles[-1])
     d.get(url(grid, 0, "/owner"))
     submit(d, "article[data-cluster='web1'] form[action='/action/destroy']")
+    wait_for(d, lambda d: css(d, "#confirm-yes"), "the page asking to confirm the destroy")
+    css(d, "#confirm-yes")[0].click()
     wait_for(d, lambda d: not css(d, "article[data-cluster='web1']"), "web1 gone from host A's page")
     d.switch_to.window(tab_b)
     wait_for(d, lambda d: not css(d, "article[data-cluster='web1']"), "web1 gone from host B's page")

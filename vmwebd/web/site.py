@@ -10,9 +10,13 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /hosts``             Host view: liveness, capacity, load and VMs of each host
 ``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
 ``GET  /settings``          System settings (admins only)
+``GET  /cluster/NAME``      a cluster's page; ``/vm/CLUSTER/NAME`` a VM's (owner or admin; 403
+                            naming why for anyone else)
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
 ``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, user/...
-                            (create, delete, password, quota, key/add, key/remove), ...
+                            (create, delete, password, quota, key/add, key/remove), ...; with
+                            ``confirm=ask``, a destructive one first answers with a page to
+                            confirm it (:mod:`vmwebd.web.confirm`)
 ``GET  /metrics``           Prometheus metrics (:mod:`vmwebd.metrics`, put beside the pages);
                             with ``<metrics auth="login">`` an admin's session counts as a login
 ==========================  =====================================================================
@@ -27,8 +31,9 @@ more than the same user could do over SOAP.
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 from twisted.internet import defer
@@ -38,8 +43,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from vmwebd.auth import Principal, client_address
 from vmwebd.dom.records import UserRec
-from vmwebd.errors import InvalidArgument, NotAuthorized, VmwebError
-from vmwebd.web import views
+from vmwebd.errors import InvalidArgument, NoSuchCluster, NoSuchVm, NotAuthorized, VmwebError
+from vmwebd.web import confirm, pages, views
 from vmwebd.web.session import Session, SessionStore, hash_digest
 
 log = Logger()
@@ -49,6 +54,9 @@ CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'
 MAX_FORM_BYTES = 64 * 1024
 ACTION_GRACE_SECONDS = 2.0      # an action slower than this answers "on its way"; the page follows it
 PAGES = ("owner", "hosts", "dom", "settings")
+# Where an action may send the browser back to, besides PAGES: a cluster's or a VM's page (names
+# as the cluster and template rules allow them, so the Location header stays plain ASCII).
+_BACK = re.compile(r"/cluster/[a-z][a-z0-9-]{0,23}|/vm/[a-z][a-z0-9-]{0,23}/[A-Za-z0-9_.-]{1,64}")
 _STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8"}
 
 
@@ -62,6 +70,7 @@ class Ctx:
     mgr: object
     dom: object
     host_id: str
+    query: dict = field(default_factory=dict)     # the request's arguments (a view's filter)
 
     @property
     def csrf(self) -> str:
@@ -156,6 +165,11 @@ class _Page(Resource):
             if ctx is None:
                 return self._redirect(request, "/login")
             return self._view(request, ctx)
+        if (name, len(rest)) in (("cluster", 1), ("vm", 2)):
+            ctx = self._ctx(request)
+            if ctx is None:
+                return self._redirect(request, "/login")
+            return self._detail(request, ctx, rest)
         if name == "dom.xml" and not rest:
             ctx = self._need_ctx(request)
             request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
@@ -214,7 +228,7 @@ class _Page(Resource):
         session, rec = found
         node = self.root.node
         return Ctx(Principal(rec.id, rec.role), session, node.access, node.manager, node.domsvc.dom,
-                   node.host_id)
+                   node.host_id, request.args if request.method != b"POST" else {})
 
     def _need_ctx(self, request) -> Ctx:
         ctx = self._ctx(request)
@@ -267,6 +281,31 @@ class _Page(Resource):
         return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf,
                                               f"/{name}", flashes, live=live))
 
+    def _detail(self, request, ctx: Ctx, rest: list[str]):
+        """A cluster's or a VM's page; another user's is refused (403) saying why, one that does
+        not exist is 404."""
+        partial = request.getHeader(b"x-vmweb-partial") is not None
+        flashes = [] if partial else ctx.session.take_flashes()
+        try:
+            title, body = (pages.cluster_page(ctx, rest[0]) if self.name == "cluster"
+                           else pages.vm_page(ctx, rest[0], rest[1]))
+        except NotAuthorized as e:
+            log.info("web: {user} refused {path}: {why}", user=ctx.principal.name, path=request.path,
+                     why=e.message)
+            from vmwebd.web.html import el, frag
+            body = frag(views.forbidden_view(f"Refused: {e.message}."),
+                        el("p", el("a", "Back to the owner view", href="/owner", class_="button")))
+            return self._html(request, views.page("Refused", ctx.host_id, body, ctx.principal, ctx.csrf,
+                                                  flashes=flashes), 403)
+        except (NoSuchCluster, NoSuchVm, InvalidArgument) as e:
+            from vmwebd.web.html import el, frag
+            body = frag(views.forbidden_view(e.message),
+                        el("p", el("a", "Back to the owner view", href="/owner", class_="button")))
+            return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
+                                                  flashes=flashes), 404)
+        return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
+                                              live=True))
+
     def _login_page(self, request, name: str = "", flashes=(), code: int = 200):
         import re
         import secrets
@@ -307,9 +346,20 @@ class _Page(Resource):
     # -- actions ---------------------------------------------------------------------------
     def _action(self, request, ctx: Ctx, action: str):
         back = _field(request, "back")
-        back = back if back in {f"/{p}" for p in PAGES} else "/owner"
+        back = back if back in {f"/{p}" for p in PAGES} or _BACK.fullmatch(back) else "/owner"
         a, p = ctx.access, ctx.principal
         f = lambda k: _field(request, k)  # noqa: E731
+        if f("confirm") == "ask":
+            try:
+                q = confirm.question(ctx, action, f)
+            except VmwebError as e:
+                ctx.session.flash("error", e.message)
+                return self._redirect(request, back)
+            if q is not None:
+                fields = [(k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
+                          for k, vs in request.args.items() for v in vs]
+                return self._html(request, views.page("Confirm", ctx.host_id, confirm.confirm_view(
+                    q, action, fields, ctx.csrf, back), ctx.principal, ctx.csrf))
         if action == "create":
             name = f("name")
             call = lambda: a.create_cluster(p, name, f("template"), f("owner"), _int(f("count"), "count"))  # noqa: E731

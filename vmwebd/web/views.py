@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from urllib.parse import quote
 
 from vmwebd.dom.records import LeaseRec, VmRec
 from vmwebd.settings import SETTINGS, all_settings
 from vmwebd.templates import min_count
+from vmwebd.web.filters import HOST_STATES, VM_STATES, Filter, filter_form
 from vmwebd.web.html import Markup, el, frag
 
 NAV = [("/owner", "Owners"), ("/hosts", "Hosts"), ("/dom", "DOM"), ("/settings", "Settings")]
@@ -58,9 +60,23 @@ def csrf_field(csrf: str) -> Markup:
     return el("input", type="hidden", name="csrf", value=csrf)
 
 
-def post_form(action: str, csrf: str, *fields, back: str | None = None, class_: str = "inline") -> Markup:
+def post_form(action: str, csrf: str, *fields, back: str | None = None, class_: str = "inline",
+              confirm: bool = False) -> Markup:
+    """A POST form with its CSRF token; with ``confirm``, the action first answers with a page
+    asking to confirm what it would destroy (see :mod:`vmwebd.web.confirm`)."""
     return el("form", csrf_field(csrf), el("input", type="hidden", name="back", value=back) if back else None,
+              el("input", type="hidden", name="confirm", value="ask") if confirm else None,
               *fields, method="post", action=action, class_=class_)
+
+
+def cluster_href(cluster: str) -> str:
+    """The URL of a cluster's page."""
+    return f"/cluster/{quote(cluster, safe='')}"
+
+
+def vm_href(cluster: str, vm: str) -> str:
+    """The URL of a VM's page."""
+    return f"/vm/{quote(cluster, safe='')}/{quote(vm, safe='')}"
 
 
 def page(title: str, host_id: str, body: Markup, principal=None, csrf: str | None = None,
@@ -121,19 +137,34 @@ def owner_view(ctx) -> Markup:
     p, csrf, access, mgr = ctx.principal, ctx.csrf, ctx.access, ctx.mgr
     users = access.users(p)
     clusters = access.clusters(p)
+    flt = Filter.from_query(ctx.query)
     by_owner: dict[str, list] = {}
+    shown_vms: dict[str, set] = {}
+    total = shown = 0
     for c in clusters:
-        by_owner.setdefault(c.owner, []).append(c)
+        keep = {v.name for v in c.vms
+                if flt.vm_matches(c.name, f"{c.name}/{v.name}", v.ip, v.mac, c.owner, v.host, v.state)}
+        total += len(c.vms)
+        shown += len(keep)
+        if keep or not flt.active or (not c.vms and not flt.host and not flt.state
+                                      and flt.text_matches(c.name) and flt.owner in ("", c.owner)):
+            by_owner.setdefault(c.owner, []).append(c)
+            shown_vms[c.name] = keep
     known = {u.name for u in users}
-    sections = [_user_section(u, by_owner.get(u.name, []), csrf, p) for u in users]
+    sections = [_user_section(u, by_owner.get(u.name, []), csrf, p, shown_vms) for u in users
+                if not flt.active or u.name in by_owner]
     for owner in sorted(set(by_owner) - known):          # only an admin sees such (account gone)
         sections.append(el("section", el("h2", owner, " ", el("small", "(no account)")),
-                           *[_cluster_card(c, csrf) for c in by_owner[owner]], class_="user"))
+                           *[_cluster_card(c, csrf, shown_vms.get(c.name)) for c in by_owner[owner]],
+                           class_="user"))
     if not sections:
-        sections.append(el("p", "No clusters yet.", class_="empty"))
+        sections.append(el("p", "No cluster or VM matches the filter." if flt.active else "No clusters yet.",
+                           class_="empty"))
     templates = sorted(mgr.templates().items())
     body = [
         _create_form(templates, users, p, csrf),
+        filter_form("/owner", flt, sorted({u.name for u in users} | set(by_owner)) if p.is_admin else [],
+                    [h.id for h in mgr.hosts()], VM_STATES, shown, total, "VMs"),
         el("div", *sections, id="live", data_shape=shape_of(ctx)),
         _template_table(templates),
     ]
@@ -157,7 +188,7 @@ def ssh_keys_section(keys, user: str, csrf: str) -> Markup:
                                   el("input", type="hidden", name="fingerprint", value=k.fingerprint),
                                   el("button", "Remove", type="submit", class_="small danger",
                                      aria_label=f"remove key {k.fingerprint}"),
-                                  back="/owner"), class_="row-actions"),
+                                  back="/owner", confirm=True), class_="row-actions"),
                data_key=k.fingerprint)
             for k in keys]
     listing = (el("div", el("table", el("thead", el("tr", *[el("th", h) for h in
@@ -209,22 +240,24 @@ def _template_table(templates) -> Markup:
                            el("tbody", *rows)), class_="scroll"), class_="templates")
 
 
-def _user_section(u, clusters, csrf, p) -> Markup:
+def _user_section(u, clusters, csrf, p, shown_vms=None) -> Markup:
     head = el("h2", u.name, " ", el("small", u.role),
               el("span", meter(u.used_vms, u.quota_vms, f"{u.used_vms} of {u.quota_vms} VMs", f"u:{u.name}:used"),
                  el("span", f"{u.used_vcpus} vCPUs, {_mib(u.used_memory_mib)}", data_k=f"u:{u.name}:res",
                     class_="res"),
                  class_="usage"))
-    cards = [_cluster_card(c, csrf) for c in clusters] or [el("p", "No clusters.", class_="empty")]
+    cards = ([_cluster_card(c, csrf, (shown_vms or {}).get(c.name)) for c in clusters]
+             or [el("p", "No clusters.", class_="empty")])
     return el("section", head, *cards, class_="user", data_user=u.name)
 
 
-def _cluster_card(c, csrf) -> Markup:
+def _cluster_card(c, csrf, shown: set | None = None) -> Markup:
+    """A cluster with its VMs (only those named in ``shown``, when given: a filter's)."""
     live_vms = [v for v in c.vms if v.desired != "absent"]
     up = sum(1 for v in live_vms if v.state == "running")
     k = f"c:{c.name}"
     head = el("div",
-              el("h3", c.name, class_="cluster-name"),
+              el("h3", el("a", c.name, href=cluster_href(c.name)), class_="cluster-name"),
               badge(c.state, f"{k}:state"),
               el("span", f"{up}/{len(live_vms)} running", data_k=f"{k}:up", class_="up"),
               el("span", f"{c.template} · network {c.network} (id {c.vni})", class_="meta"),
@@ -234,12 +267,13 @@ def _cluster_card(c, csrf) -> Markup:
                            el("input", type="hidden", name="cluster", value=c.name),
                            el("label", "VMs", el("input", name="count", type="number", min="1", value=str(c.count),
                                                  required=True, class_="count", inputmode="numeric")),
-                           el("button", "Scale", type="submit"), back="/owner"),
+                           el("button", "Scale", type="submit"), back="/owner", confirm=True),
                  post_form("/action/destroy", csrf,
                            el("input", type="hidden", name="cluster", value=c.name),
-                           el("button", "Destroy", type="submit", class_="danger"), back="/owner"),
+                           el("button", "Destroy", type="submit", class_="danger"), back="/owner",
+                           confirm=True),
                  class_="actions")
-    rows = [_vm_row(c.name, v, csrf) for v in c.vms]
+    rows = [_vm_row(c.name, v, csrf) for v in c.vms if shown is None or v.name in shown]
     table = el("div", el("table", el("thead", el("tr", *[el("th", h) for h in
                                                          ("VM", "Role", "Host", "State", "IP", "MAC",
                                                           "vCPU", "Memory", "")])),
@@ -257,14 +291,16 @@ def _vm_row(cluster: str, v, csrf) -> Markup:
             post_form("/action/vm", csrf, el("input", type="hidden", name="cluster", value=cluster),
                       el("input", type="hidden", name="vm", value=v.name),
                       el("input", type="hidden", name="op", value=op),
-                      el("button", op.capitalize(), type="submit", class_="small"), back="/owner"),
+                      el("button", op.capitalize(), type="submit", class_="small"), back="/owner",
+                      confirm=op == "stop"),
             post_form("/action/migrate", csrf, el("input", type="hidden", name="cluster", value=cluster),
                       el("input", type="hidden", name="vm", value=v.name),
                       el("button", "Migrate", type="submit", class_="small",
                          title="move this VM to the least loaded host that can take it"),
                       back="/owner"))
     return el("tr",
-              el("td", v.name, data_label="VM"), el("td", v.role, data_label="Role"),
+              el("td", el("a", v.name, href=vm_href(cluster, v.name)), data_label="VM"),
+              el("td", v.role, data_label="Role"),
               el("td", v.host, data_k=f"{k}:host", data_label="Host"),
               # The detail span is always there: the polling script fills it in when a VM gets
               # one later (a host not answering, a hypervisor error).
@@ -297,7 +333,7 @@ def _users_admin(users, csrf, p) -> Markup:
                        el("td", post_form("/action/user/delete", csrf,
                                           el("input", type="hidden", name="name", value=u.name),
                                           el("button", "Delete", type="submit", class_="small danger"),
-                                          back="/owner") if u.name != p.name else None)))
+                                          back="/owner", confirm=True) if u.name != p.name else None)))
     create = post_form("/action/user/create", csrf,
                        el("label", "Name", el("input", name="name", required=True, id="user-name",
                                               autocomplete="off", autocapitalize="none")),
@@ -327,7 +363,8 @@ def host_view(ctx) -> Markup:
     """Each host's liveness, capacity, load and VMs (a user sees the names of their own VMs only)."""
     p, mgr = ctx.principal, ctx.mgr
     hosts = mgr.hosts()
-    mine = {c.name for c in ctx.access.clusters(p)}
+    flt = Filter.from_query(ctx.query)
+    owner_of = {c.name: c.owner for c in ctx.access.clusters(p)}
     vms_by_host: dict[str, list] = {}
     for vm in sorted(ctx.dom.all(VmRec), key=lambda v: v.id):
         if vm.desired != "absent":
@@ -336,11 +373,24 @@ def host_view(ctx) -> Markup:
     for h in hosts:
         k = f"h:{h.id}"
         vms = vms_by_host.get(h.id, [])
-        shown = [v for v in vms if p.is_admin or v.cluster in mine]
+        shown = [v for v in vms if p.is_admin or v.cluster in owner_of]
         hidden = len(vms) - len(shown)
-        chips = [el("li", el("span", v.id, class_="vm-id"), " ", badge(_vm_state(ctx, v), f"v:{v.id}:state"))
-                 for v in shown]
-        if hidden:
+        host_states = {h.liveness} | ({"draining"} if h.draining else set())
+        states = {v.id: _vm_state(ctx, v) for v in shown}
+        if flt.host and h.id != flt.host:
+            continue
+        if flt.active:
+            picked = [v for v in shown
+                      if flt.text_matches(v.id, v.ip, v.mac, v.cluster, h.id)
+                      and flt.owner in ("", owner_of.get(v.cluster))
+                      and flt.state in ("", states[v.id], *host_states)]
+            if not picked and not (not flt.owner and flt.text_matches(h.id)
+                                   and flt.state in ("", *host_states)):
+                continue
+            shown = picked
+        chips = [el("li", el("a", v.id, href=vm_href(v.cluster, v.name), class_="vm-id"), " ",
+                     badge(states[v.id], f"v:{v.id}:state")) for v in shown]
+        if hidden and not (flt.q or flt.owner or flt.state):
             chips.append(el("li", f"+{hidden} VMs of other users", class_="meta"))
         link = el("a", "open this host's pages", href=f"{api_url(h.api)}/hosts") if h.api and h.id != ctx.host_id else \
             (el("span", "this host", class_="meta") if h.id == ctx.host_id else None)
@@ -349,11 +399,12 @@ def host_view(ctx) -> Markup:
             host_action = _host_form("undrain", ctx.csrf, h.id, "Take new VMs again", "place new VMs here again") \
                 if h.draining else _host_form("drain", ctx.csrf, h.id, "Drain for maintenance",
                                               "move every VM off this host (live where possible) and place "
-                                              "no new ones here")
+                                              "no new ones here", confirm=True)
         elif p.is_admin and vms and h.liveness in ("dead", "left"):
             host_action = _host_form("evacuate", ctx.csrf, h.id, f"Evacuate its {len(vms)} VMs",
                                      "re-place them on live hosts, same addresses; they boot afresh from "
-                                     "their base image (their disk writes stay on this host)", "small danger")
+                                     "their base image (their disk writes stay on this host)", "small danger",
+                                     confirm=True)
         cards.append(el(
             "article",
             el("div", el("h2", h.id), badge(h.liveness, f"{k}:liveness"),
@@ -371,24 +422,36 @@ def host_view(ctx) -> Markup:
                class_="facts"),
             el("ul", *chips, class_="chips") if chips else el("p", "No VMs.", class_="empty"),
             host_action,
-            class_="host card", data_host=h.id))
-    return frag(el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
-                _migrations_table(ctx))
+            class_="host card", data_host=h.id, id=f"host-{h.id}"))
+    search = filter_form("/hosts", flt, sorted(set(owner_of.values())) if p.is_admin else [],
+                         [h.id for h in hosts], HOST_STATES + VM_STATES, len(cards), len(hosts), "hosts")
+    if not cards:
+        cards.append(el("p", "No host matches the filter.", class_="empty"))
+    ms = [m for m in ctx.access.migrations(p)
+          if flt.text_matches(m.vm, m.source, m.dest)
+          and flt.owner in ("", owner_of.get(m.vm.partition("/")[0]))
+          and flt.host in ("", m.source, m.dest)]
+    return frag(search, el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
+                _migrations_table(ctx, ms))
 
 
-def _host_form(action: str, csrf: str, host: str, label: str, title: str, class_: str = "small") -> Markup:
+def _host_form(action: str, csrf: str, host: str, label: str, title: str, class_: str = "small",
+               confirm: bool = False) -> Markup:
     """An admin's button acting on one host (``/action/ACTION``), back to the host view."""
     return post_form(f"/action/{action}", csrf, el("input", type="hidden", name="host", value=host),
-                     el("button", label, type="submit", class_=class_, title=title), back="/hosts")
+                     el("button", label, type="submit", class_=class_, title=title), back="/hosts",
+                     confirm=confirm)
 
 
-def _migrations_table(ctx, limit: int = 20) -> Markup:
-    """The latest migrations the viewer may see: who moved what where, how, and what it cost."""
-    ms = ctx.access.migrations(ctx.principal)[-limit:][::-1]
+def _migrations_table(ctx, ms: list | None = None, limit: int = 20) -> Markup:
+    """The latest migrations the viewer may see (of ``ms`` when given): who moved what where,
+    how, and what it cost."""
+    ms = (ctx.access.migrations(ctx.principal) if ms is None else ms)[-limit:][::-1]
     if not ms:
         return el("section", el("h2", "Migrations"), el("p", "No VM has moved yet.", class_="empty"),
                   class_="card migrations")
-    rows = [el("tr", el("td", m.vm, data_label="VM"), el("td", m.source, data_label="From"),
+    rows = [el("tr", el("td", el("a", m.vm, href=vm_href(*m.vm.partition("/")[::2])), data_label="VM"),
+               el("td", m.source, data_label="From"),
                el("td", m.dest, data_label="To"), el("td", m.mode, data_label="Mode"),
                el("td", badge(m.phase, f"m:{m.id}:phase"), data_label="Phase"),
                el("td", _mib(m.bytes // (1 << 20)) if m.bytes else "", data_label="Moved"),

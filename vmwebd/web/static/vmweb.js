@@ -2,9 +2,17 @@
 // Polls /state.json (same origin, the session cookie) and puts each value into the element with
 // that data-k key (textContent only: nothing from the server becomes markup here). When the
 // page's structure changed (a cluster or VM came or went), it fetches the page again and swaps
-// the #live part, unless the user is typing in it.
+// the #live part (same query: a view's filter), unless the user is typing in it.
 (function () {
   "use strict";
+  // The search form of a view filters on the server (it works without this script); choosing
+  // an owner, a host or a state applies it at once.
+  var filter = document.getElementById("filter");
+  if (filter) {
+    filter.addEventListener("change", function (e) {
+      if (e.target.tagName === "SELECT") { filter.submit(); }
+    });
+  }
   var url = document.body.getAttribute("data-live");
   if (!url) { return; }
   var busy = false;
@@ -14,7 +22,7 @@
   function swap() {
     if (swapping) { return; }
     swapping = true;
-    fetch(location.pathname, {credentials: "same-origin", cache: "no-store",
+    fetch(location.pathname + location.search, {credentials: "same-origin", cache: "no-store",
                               headers: {"X-Vmweb-Partial": "1"}})
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (text) {
