@@ -432,7 +432,7 @@ def host_view(ctx) -> Markup:
           and flt.owner in ("", owner_of.get(m.vm.partition("/")[0]))
           and flt.host in ("", m.source, m.dest)]
     return frag(search, el("div", *cards, id="live", data_shape=shape_of(ctx), class_="hosts"),
-                _migrations_table(ctx, ms))
+                _migrations_table(ctx, ms, empty="No migration matches the filter." if flt.active else None))
 
 
 def _host_form(action: str, csrf: str, host: str, label: str, title: str, class_: str = "small",
@@ -443,12 +443,12 @@ def _host_form(action: str, csrf: str, host: str, label: str, title: str, class_
                      confirm=confirm)
 
 
-def _migrations_table(ctx, ms: list | None = None, limit: int = 20) -> Markup:
+def _migrations_table(ctx, ms: list | None = None, limit: int = 20, empty: str | None = None) -> Markup:
     """The latest migrations the viewer may see (of ``ms`` when given): who moved what where,
     how, and what it cost."""
     ms = (ctx.access.migrations(ctx.principal) if ms is None else ms)[-limit:][::-1]
     if not ms:
-        return el("section", el("h2", "Migrations"), el("p", "No VM has moved yet.", class_="empty"),
+        return el("section", el("h2", "Migrations"), el("p", empty or "No VM has moved yet.", class_="empty"),
                   class_="card migrations")
     rows = [el("tr", el("td", el("a", m.vm, href=vm_href(*m.vm.partition("/")[::2])), data_label="VM"),
                el("td", m.source, data_label="From"),
