@@ -22,7 +22,10 @@ hosts, but they share one CPU thread, so every host's work is serialised):
   time at host1, p50 / p99;
 * the same with ``--clients`` clients per host, every host at once: p50 / p99, clusters/s,
   failures by faultcode — target: p50 within 300 ms, 20 clusters/s, no failure;
-* errors in the daemons' logs (tracebacks, "connection was lost") — target: none.
+* errors in the daemons' logs (tracebacks, "connection was lost") — target: none;
+* a capacity race: the same clients create 3-VM clusters all at once until the grid refuses
+  them, then the most over-promised host (memory and vCPUs placed past its capacity) — target:
+  0 (capacity is decided with the leases).
 
     .venv/bin/python bench/leases.py [--sizes 3 5] [--rounds 40] [--creates 20] [--clients 2]
 """
@@ -144,6 +147,8 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
             th.join(300)
         wall = time.perf_counter() - t
         print(f"  {n} daemons: concurrent creates done", flush=True)
+        race = capacity_race(grid, n, clients, owner)
+        print(f"  {n} daemons: capacity race done", flush=True)
         log_errors = Counter()
         for d in grid.daemons:
             for line in d.log().splitlines():
@@ -152,9 +157,60 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
                         log_errors[what] += 1
         return {"api": ms(rtt), "create": ms(seq) if seq else (float("nan"),) * 2, "create_failed": failed,
                 "par_create": ms(lat) if lat else (float("nan"),) * 2, "par_rate": done[0] / wall,
-                "par_failed": errors, "par_clients": n * clients, "log_errors": log_errors}
+                "par_failed": errors, "par_clients": n * clients, "log_errors": log_errors,
+                "race": race}
     finally:
         grid.close()
+
+
+def capacity_race(grid, n: int, clients: int, owner: str) -> dict:
+    """``clients`` clients per host create 3-VM ``bigdata`` clusters all at once until the grid
+    refuses each of them twice in a row; then, from the DOM, how far each host is promised past
+    its memory and vCPUs (target: 0 everywhere)."""
+    from lxml import etree
+    conns = [grid.client(i % n, 30) for i in range(n * clients)]
+    made, refused, lat = [0], Counter(), []
+    lock = threading.Lock()
+
+    def worker(w):
+        misses = 0
+        for k in range(200):
+            t = time.perf_counter()
+            try:
+                conns[w].call("CreateCluster", f"full{w}-{k}", "bigdata", owner, 3)
+                with lock:
+                    made[0] += 1
+                    lat.append(time.perf_counter() - t)
+                misses = 0
+            except Exception as e:      # noqa: BLE001
+                with lock:
+                    refused[_faultcode(e)] += 1
+                misses += 1
+                if misses >= 2:
+                    return
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n * clients)]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(600)
+    wall = time.perf_counter() - t
+    c = grid.client(0, 30)
+    dom = etree.fromstring(c.call("GetDom").encode())
+    placed: dict = {}
+    for vm in dom.iter("{urn:vmweb:dom:1}vm"):
+        if vm.get("deleted") != "true" and vm.get("desired") != "absent":
+            mem, cpu = placed.get(vm.get("host"), (0, 0))
+            placed[vm.get("host")] = (mem + int(vm.get("memory-mib")), cpu + int(vm.get("vcpus")))
+    over_mem, over_cpu = 0, 0.0
+    for h in c.call("ListHosts"):
+        mem, cpu = placed.get(h["id"], (0, 0))
+        over_mem = max(over_mem, mem - h["memory_mib"])
+        over_cpu = max(over_cpu, cpu - 4.0 * h["cpus"])
+    return {"made": made[0], "refused": dict(refused), "wall": wall,
+            "lat": ms(lat) if lat else (float("nan"),) * 2,
+            "over_mem": max(over_mem, 0), "over_cpu": max(over_cpu, 0.0),
+            "used_mem": sum(m for m, _ in placed.values())}
 
 
 def _faultcode(e) -> str:
@@ -325,6 +381,12 @@ def report(sizes, daemons: dict, inproc: dict) -> None:
         print(f"      target: all at once p50 <= {CREATE_P50_MS} ms: {_verdict(p50 <= CREATE_P50_MS)}; "
               f">= {CLUSTERS_PER_S} clusters/s: {_verdict(d['par_rate'] >= CLUSTERS_PER_S)}; "
               f"no failure: {_verdict(not failed)}; clean logs: {_verdict(not d['log_errors'])}")
+        r = d["race"]
+        print(f"      capacity race ({d['par_clients']} clients, 3-VM bigdata clusters until "
+              f"refused): {r['made']} clusters in {r['wall']:.1f} s, p50/p99 "
+              f"{r['lat'][0]:.0f} / {r['lat'][1]:.0f} ms, refusals {r['refused']}; most "
+              f"over-promised host: {r['over_mem']} MiB, {r['over_cpu']:g} vCPUs past capacity "
+              f"(target 0: {_verdict(r['over_mem'] == 0 and r['over_cpu'] == 0)})")
 
 
 def main() -> int:

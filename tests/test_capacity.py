@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vmwebd.errors import NoCapacity, QuotaExceeded
 from vmwebd.lease import paxos
+from vmwebd.lease.paxos import Refused
 from vmwebd.lease.capacity import (PREFIXES, Entry, Ledger, Usage, cap_key, encode, parse,
                                    quota_key, usage)
 from vmwebd.lease.paxos_sim import PaxosSim
@@ -38,9 +39,9 @@ def ledger_of(values: dict) -> Ledger:
 
 
 def apply(values: dict, ops: dict) -> None:
-    for k, (exp, new) in ops.items():
-        assert values.get(k) == exp, k
-        values[k] = new
+    """Decides ``ops`` as the proposer would, on ``values``."""
+    for k, (update, _) in ops.items():
+        values[k] = update.apply(values.get(k))
 
 
 def test_reserve_move_unreserve_keep_each_set_what_it_says():
@@ -88,12 +89,27 @@ def test_the_builder_refuses_past_capacity_and_quota_naming_them():
     values[cap_key("h1")] = encode({Entry("c/z", "t", 9, 99999)}, sizes=True)
     ch = led.change()
     ch.unreserve("c/z", "t", ["h1"], None)
-    assert ch.ops(capacity=lambda h: (1, 1)) == {cap_key("h1"): (values[cap_key("h1")], None)}
+    apply(values, ch.ops(capacity=lambda h: (1, 1)))
+    assert values[cap_key("h1")] is None
 
 
-def test_operations_in_flight_here_chain_and_a_change_knows_if_it_is_in():
-    """A second operation at this host builds on the first one's values (it queues behind it
-    instead of conflicting); values a conflict reports tell whether a change was applied."""
+def test_the_proposer_refuses_an_update_that_no_longer_fits():
+    """Judged again on the value decided meanwhile, an update past the limit is refused; applied
+    again to its own result it changes nothing (idempotent)."""
+    values: dict = {}
+    ch = ledger_of(values).change()
+    ch.reserve("c/a", "h1", 2, 1024, "alice", "t")
+    (update, _), = [v for k, v in ch.ops(capacity=lambda h: (8, 1536)).items() if k.startswith("cap/")]
+    done = update.apply(None)
+    assert update.apply(done) == done
+    full = encode({Entry("c/x", "t", 1, 1024)}, sizes=True)
+    with pytest.raises(Refused, match="'h1' has 512 MiB"):
+        update.apply(full)
+
+
+def test_operations_in_flight_here_count_for_placements_here_and_a_change_knows_if_it_is_in():
+    """A placement at this host sees what the operations in flight here are about to reserve;
+    values a conflict reports tell whether a change was applied."""
     values: dict = {}
     led = ledger_of(values)
     a = led.change()
@@ -101,15 +117,16 @@ def test_operations_in_flight_here_chain_and_a_change_knows_if_it_is_in():
     ops_a = a.ops()
     led.begin(ops_a)
     b = led.change()
+    assert b.usage("h1") == Usage(1, 1, 512)
     b.reserve("c/b", "h1", 1, 512, "alice", "t")
     ops_b = b.ops()
-    assert ops_b[cap_key("h1")][0] == ops_a[cap_key("h1")][1]
     led.end(ops_a)
-    led.end(ops_b)
     assert led.value(cap_key("h1")) is None
-    seen = {k: new for k, (_, new) in ops_b.items()}
-    assert b.applied(seen) and a.applied(seen)          # b's sets hold a's entries too
-    assert not b.applied({k: old for k, (old, _) in ops_b.items()})
+    before = dict(values)
+    apply(values, ops_a)
+    apply(values, ops_b)
+    assert a.applied(values) and b.applied(values)
+    assert not b.applied({k: before.get(k) for k in ops_b})
 
 
 # -- the property, in the simulator -----------------------------------------------------------

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vmwebd.errors import NoCapacity, QuotaExceeded
+from vmwebd.lease.paxos import Refused, Update
 
 CAP_PREFIX = "cap/"
 QUOTA_PREFIX = "quota/"
@@ -101,32 +102,77 @@ def usage(entries) -> Usage:
     return Usage(len(entries), sum(e.vcpus for e in entries), sum(e.memory_mib for e in entries))
 
 
+@dataclass(frozen=True)
+class SetUpdate(Update):
+    """Adds and removes entries of one set, applied by the proposer to the value decided before
+    it (:class:`~vmwebd.lease.paxos.Update`); refused when the set grows past ``limit`` — a
+    host's ``(vCPUs, MiB)`` or an owner's number of VMs. Adding what is there and removing what
+    is gone change nothing, so it is idempotent."""
+    add: frozenset = frozenset()
+    remove: frozenset = frozenset()
+    sizes: bool = True
+    limit: tuple | int | None = None
+    name: str = ""
+
+    def entries(self, current: str | None) -> frozenset:
+        return (parse(current) - self.remove) | self.add
+
+    def apply(self, current: str | None) -> str | None:
+        old = parse(current)
+        new = (old - self.remove) | self.add
+        if new == old:
+            return current
+        if self.limit is not None and new - old:
+            why = over(self.name, self.sizes, self.limit, old, new)
+            if why:
+                raise Refused(why)
+        return encode(new, self.sizes)
+
+
+def over(name: str, sizes: bool, limit, old: frozenset, new: frozenset) -> str:
+    """Why ``new`` passes ``limit`` (a growing set only), or ""."""
+    if sizes:
+        u, before = usage(new), usage(old)
+        if u.vcpus > limit[0] or u.memory_mib > limit[1]:
+            return (f"host {name!r} has {limit[1] - before.memory_mib} MiB and "
+                    f"{limit[0] - before.vcpus:g} vCPUs unreserved, "
+                    f"{u.memory_mib - before.memory_mib} MiB and {u.vcpus - before.vcpus} "
+                    "vCPUs asked")
+        return ""
+    if len(new) > limit and len(new) > len(old):
+        return (f"user {name!r} has a quota of {limit} VMs, holds {len(old)} and asked for "
+                f"{len(new) - len(old)} more")
+    return ""
+
+
 class Ledger:
-    """What this host knows of the capacity keys: the replica's values, and the values that
-    operations in flight at this host are about to set (the next operation here builds on them
-    and queues behind them in the same Paxos proposer, instead of conflicting with them)."""
+    """What this host knows of the capacity keys: the replica's values, with the updates of
+    operations in flight at this host applied on top (a placement here sees what the requests
+    before it are about to reserve)."""
 
     def __init__(self, read: Callable[[str], str | None]):
         self.read = read
         self._pending: dict[str, list] = {}
 
     def value(self, key: str) -> str | None:
-        lst = self._pending.get(key)
-        return lst[-1] if lst else self.read(key)
+        value = self.read(key)
+        for u in self._pending.get(key, ()):
+            value = encode(u.entries(value), u.sizes)
+        return value
 
     def entries(self, key: str) -> frozenset:
         return parse(self.value(key))
 
     def begin(self, ops: dict) -> None:
-        for k, (_, new) in ops.items():
-            if is_capacity_key(k):
-                self._pending.setdefault(k, []).append(new)
+        for k, (u, _) in ops.items():
+            if isinstance(u, SetUpdate):
+                self._pending.setdefault(k, []).append(u)
 
     def end(self, ops: dict, decided: bool = False) -> None:
-        for k, (_, new) in ops.items():
+        for k, (u, _) in ops.items():
             lst = self._pending.get(k)
-            if lst and new in lst:
-                lst.remove(new)
+            if lst and u in lst:
+                lst.remove(u)
                 if not lst:
                     del self._pending[k]
 
@@ -221,36 +267,26 @@ class Change:
 
     def ops(self, capacity: Callable[[str], tuple[float, int] | None] = lambda h: None,
             quota: Callable[[str], int | None] = lambda o: None) -> dict:
-        """The compare-and-set ``{key: (expected, new)}``. ``capacity(host)`` gives a host's
-        (vCPUs with overcommit, MiB), ``quota(owner)`` an owner's VMs; a set that grows past
-        them raises NoCapacity or QuotaExceeded naming the host or owner (nothing is
-        proposed). A set that only shrinks is never refused."""
+        """The operation: ``{key: (SetUpdate, None)}``, each update bounded by ``capacity(host)``
+        (vCPUs with overcommit, MiB) or ``quota(owner)`` (VMs). Judged here first on the values
+        this change sees: a set that would grow past its limit raises NoCapacity or
+        QuotaExceeded naming the host or owner (nothing is proposed); the proposer judges it
+        again on the decided value (a Conflict on that key if it no longer fits). A set that
+        only shrinks is never refused."""
         out = {}
         for k in sorted(set(self._adds) | set(self._dels)):
-            old_entries = self.base(k)
-            new_entries = self.entries(k)
-            if new_entries == old_entries:
-                continue
+            add = frozenset(self._adds.get(k, ()))
+            remove = frozenset(self._dels.get(k, ()))
             sizes = k.startswith(CAP_PREFIX)
-            grows = bool(new_entries - old_entries)
-            if grows and sizes:
-                host = k[len(CAP_PREFIX):]
-                lim = capacity(host)
-                u, before = usage(new_entries), usage(old_entries)
-                if lim is not None and (u.vcpus > lim[0] or u.memory_mib > lim[1]):
-                    raise NoCapacity(
-                        f"host {host!r} has {lim[1] - before.memory_mib} MiB and "
-                        f"{lim[0] - before.vcpus:g} vCPUs unreserved, "
-                        f"{u.memory_mib - before.memory_mib} MiB and "
-                        f"{u.vcpus - before.vcpus} vCPUs asked")
-            if grows and not sizes:
-                owner = k[len(QUOTA_PREFIX):]
-                lim = quota(owner)
-                if lim is not None and len(new_entries) > lim and \
-                        len(new_entries) > len(old_entries):
-                    raise QuotaExceeded(
-                        f"user {owner!r} has a quota of {lim} VMs, holds {len(old_entries)} "
-                        f"and asked for {len(new_entries) - len(old_entries)} more")
-            out[k] = (self.view[k] if k in self.view else self.ledger.value(k),
-                      encode(new_entries, sizes))
+            name = k[len(CAP_PREFIX):] if sizes else k[len(QUOTA_PREFIX):]
+            limit = capacity(name) if sizes else quota(name)
+            old = self.base(k)
+            new = (old - remove) | add
+            if new == old:
+                continue
+            if limit is not None and new - old:
+                why = over(name, sizes, limit, old, new)
+                if why:
+                    raise NoCapacity(why) if sizes else QuotaExceeded(why)
+            out[k] = (SetUpdate(add, remove, sizes, limit, name), None)
         return out

@@ -35,6 +35,23 @@ from vmwebd.dom.hlc import HybridClock, Version
 Value = str | None      # a holder, or None for a free key
 
 
+class Refused(Exception):
+    """An :class:`Update` will not apply to the value it found (a limit it would pass)."""
+
+
+class Update:
+    """A change computed from a key's current value once a round holds the key (promises from a
+    majority at its ballot), in place of a compare-and-set's expected value: ``{key: (update,
+    None)}``. Concurrent updates of one key at several hosts then never conflict; each is
+    applied in turn to the value decided before it. ``apply`` must be a pure function, and
+    idempotent (applied again to its own result it changes nothing: a round that starts over
+    may judge an operation whose values were already decided). It raises :class:`Refused` to
+    fail the operation with a Conflict naming the key and the value found."""
+
+    def apply(self, current: Value) -> Value:
+        raise NotImplementedError
+
+
 # -- messages (appended to the peer protocol's kinds; see messages.py) ---------------------------
 @dataclass(frozen=True)
 class Prepare:
@@ -445,8 +462,15 @@ class PaxosCore:
             if not inflight.keys().isdisjoint(op.cas):
                 continue
             mine = {}
-            for k, (expected, new) in sorted(op.cas.items()):
+            for k, (expected, new) in sorted(op.cas.items(), key=lambda kv: kv[0]):
                 cur = current[k]
+                if isinstance(expected, Update):
+                    try:
+                        new = expected.apply(cur)
+                    except Refused:
+                        self._finish(op_id, Conflict(op_id, k, cur, {x: current[x] for x in op.cas}))
+                        break
+                    expected = cur
                 if cur == new:
                     continue
                 if cur != expected:
@@ -487,7 +511,7 @@ class PaxosCore:
         for op_id in list(rnd.carried):
             op = self.ops[op_id]
             self._finish(op_id, Decided(op_id, rnd.ballot,
-                                        {k: v for k, (_, v) in op.cas.items() if k in rnd.values}))
+                                        {k: rnd.values[k] for k in op.cas if k in rnd.values}))
         if rnd.ops:
             self._prepare(rnd, now)     # operations waiting on a repaired key: our next ballot
         else:

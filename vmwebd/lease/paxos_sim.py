@@ -338,7 +338,7 @@ class PaxosSim:
             prev = None
             for ballot, value, _ in entries:
                 if value != prev:
-                    assert any(p.cas.get(key) == (prev, value) for p in self.ops.values()), \
+                    assert any(_asked(p.cas.get(key), prev, value) for p in self.ops.values()), \
                         f"{key} went from {prev!r} to {value!r} at {ballot}: no operation asked that"
                     assert prev is None or value is None or key.startswith(registers), \
                         f"{key} held by {prev!r} was given to {value!r} at {ballot} without a release"
@@ -353,6 +353,15 @@ class PaxosSim:
             if isinstance(r, paxos.Decided):
                 for key, (expected, new) in prop.cas.items():
                     entries = hist[key]
+                    if isinstance(expected, paxos.Update):
+                        if r.ballot is not None and key in r.values:
+                            # applied to the value decided just before it
+                            before = [v for b, v, _ in entries if b < r.ballot]
+                            cur = before[-1] if before else None
+                            assert expected.apply(cur) == r.values[key], \
+                                f"{op_id}: update of {key} decided {r.values[key]!r} at " \
+                                f"{r.ballot} over {cur!r}"
+                        continue
                     if r.ballot is not None and key in r.values:
                         assert r.values[key] == new, f"{op_id} decided {key}={r.values[key]!r}, asked {new!r}"
                         assert (key, r.ballot, new) in self.chosen_at, \
@@ -374,7 +383,8 @@ class PaxosSim:
             elif isinstance(r, paxos.Conflict):
                 assert r.key in prop.cas, f"{op_id} conflict names {r.key}, not one of its keys"
                 expected, new = prop.cas[r.key]
-                assert r.holder not in (expected, new), f"{op_id}: conflict on {r.key} with {r.holder!r}"
+                assert isinstance(expected, paxos.Update) or r.holder not in (expected, new), \
+                    f"{op_id}: conflict on {r.key} with {r.holder!r}"
                 assert r.holder in self._readable(hist[r.key], prop.at, t_end), \
                     f"{op_id}: conflict names {r.key} holder {r.holder!r}, which it was not during " \
                     f"the operation (history {[(str(b), v) for b, v, _ in hist[r.key]]})"
@@ -388,3 +398,17 @@ class PaxosSim:
         out = {max(done)[1]} if done else {None}
         out |= {v for b, v, t in entries if t <= end and (low is None or b >= low)}
         return out
+
+
+def _asked(change, prev, value) -> bool:
+    """Could ``change`` (a compare-and-set pair or an update) take a key from ``prev`` to
+    ``value``?"""
+    if change is None:
+        return False
+    expected, new = change
+    if isinstance(expected, paxos.Update):
+        try:
+            return expected.apply(prev) == value
+        except paxos.Refused:
+            return False
+    return (expected, new) == (prev, value)
