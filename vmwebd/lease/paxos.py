@@ -165,6 +165,7 @@ class _Round:
     accepted: set = field(default_factory=set)
     values: dict = field(default_factory=dict)  # what the Accept of this ballot carries
     carried: list = field(default_factory=list)  # ops whose values are in that Accept
+    own: dict = field(default_factory=dict)     # op -> the values it set (in turn, if shared)
     started: float = 0.0    # when the Prepare of this ballot left
     retry_at: float = 0.0
     attempts: int = 0
@@ -302,20 +303,29 @@ class PaxosCore:
         return {k for r in self.rounds.values() for op in r.ops for k in self.ops[op].cas}
 
     def _take_queued(self, busy: set, room: int, one_anyway: bool) -> list:
-        """Queued operations that may join a round: keys disjoint from ``busy`` and from each
-        other, up to ``room`` keys (``one_anyway``: the first one whatever its size). An
+        """Queued operations that may join a round: keys disjoint from ``busy`` (other rounds
+        in flight) and from each other, up to ``room`` keys (``one_anyway``: the first one
+        whatever its size) — except that operations which all change a key by an
+        :class:`Update` share it (they are applied in turn, in arrival order, in one round). An
         operation left waiting keeps the later ones on its keys waiting too (arrival order per
         key)."""
         taken, left = [], []
         busy = set(busy)
+        shared: set = set()         # keys that only updates of the operations taken touch
         for op_id in self.queue:
-            keys = self.ops[op_id].cas.keys()
-            if busy.isdisjoint(keys) and (len(keys) <= room or (one_anyway and not taken)):
+            cas = self.ops[op_id].cas
+            ups = {k for k, (exp, _) in cas.items() if isinstance(exp, Update)}
+            clash = busy.intersection(cas)
+            fits = len(cas) <= room or (one_anyway and not taken)
+            if fits and clash <= (shared & ups):
                 taken.append(op_id)
-                room -= len(keys)
+                room -= len(cas)
+                shared |= ups - (busy - shared)
+                shared -= set(cas) - ups
             else:
                 left.append(op_id)
-            busy.update(keys)
+                shared -= set(cas)
+            busy.update(cas)
         self.queue = left
         return taken
 
@@ -345,6 +355,7 @@ class PaxosCore:
         self._record(("ballot", self.me, rnd.ballot, None))
         rnd.phase = "prepare"
         rnd.promises, rnd.accepted, rnd.values, rnd.carried = {}, set(), {}, []
+        rnd.own = {}
         rnd.attempts += 1
         rnd.started = now
         self._arm(rnd, now)
@@ -457,24 +468,25 @@ class PaxosCore:
         # again at our ballot (repair), and the operations on those keys wait for our next
         # ballot. Every other operation is judged on its own against the current values.
         values = dict(inflight)
+        after = dict(current)       # what each key holds once the operations before are in
         for op_id in list(rnd.ops):
             op = self.ops[op_id]
             if not inflight.keys().isdisjoint(op.cas):
                 continue
             mine = {}
             for k, (expected, new) in sorted(op.cas.items(), key=lambda kv: kv[0]):
-                cur = current[k]
+                cur = after[k]
                 if isinstance(expected, Update):
                     try:
                         new = expected.apply(cur)
                     except Refused:
-                        self._finish(op_id, Conflict(op_id, k, cur, {x: current[x] for x in op.cas}))
+                        self._finish(op_id, Conflict(op_id, k, cur, {x: after[x] for x in op.cas}))
                         break
                     expected = cur
                 if cur == new:
                     continue
                 if cur != expected:
-                    self._finish(op_id, Conflict(op_id, k, cur, {x: current[x] for x in op.cas}))
+                    self._finish(op_id, Conflict(op_id, k, cur, {x: after[x] for x in op.cas}))
                     break
                 mine[k] = new
             else:
@@ -482,7 +494,9 @@ class PaxosCore:
                     self._finish(op_id, Decided(op_id, None, {}))
                 else:
                     values.update(mine)
+                    after.update(mine)
                     rnd.carried.append(op_id)
+                    rnd.own[op_id] = mine
         if not values:
             self._end_round(rnd, now)
             return
@@ -510,8 +524,7 @@ class PaxosCore:
             self.round_time += 0.2 * (now - rnd.started - self.round_time)
         for op_id in list(rnd.carried):
             op = self.ops[op_id]
-            self._finish(op_id, Decided(op_id, rnd.ballot,
-                                        {k: rnd.values[k] for k in op.cas if k in rnd.values}))
+            self._finish(op_id, Decided(op_id, rnd.ballot, rnd.own.get(op_id, {})))
         if rnd.ops:
             self._prepare(rnd, now)     # operations waiting on a repaired key: our next ballot
         else:
