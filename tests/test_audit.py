@@ -123,8 +123,9 @@ def test_changes_and_refusals_are_recorded_once_with_user_object_and_outcome(sta
 
 @pytest_twisted.inlineCallbacks
 def test_a_user_reads_only_their_own_records(start_node):
-    """A user's ListAudit and GetDom hold only their own records; asking for another's is
-    Client.NotAuthorized; an admin reads anyone's, or one user's."""
+    """A user's ListAudit holds only their own records and their GetDom none; asking for
+    another's is Client.NotAuthorized; an admin reads anyone's, or one user's, and sees all in
+    GetDom."""
     h = yield start_node()
     alice, bob = h.as_user("alice"), h.as_user("bob")
     yield alice.call("CreateCluster", "ca", "lab", "alice", 1)
@@ -134,12 +135,17 @@ def test_a_user_reads_only_their_own_records(start_node):
     assert [(r["user"], r["object"]) for r in mine] == [("alice", "cluster/ca")]
     f = yield fault_of(alice.call("ListAudit", "bob", None, None))
     assert f.code == "Client.NotAuthorized" and "bob" in f.message
-    dom = etree.fromstring((yield alice.call("GetDom")).encode())
-    assert [a.get("user") for a in dom.iter(DOM_NS + "audit")] == ["alice"]
+    # Records name what their user typed (another's cluster, refused): none in a user's DOM view.
+    f = yield fault_of(alice.call("DestroyCluster", "cb"))
+    assert f.code == "Client.NotAuthorized"
+    assert [r["object"] for r in (yield alice.call("ListAudit", None, None, None))] == \
+        ["cluster/cb", "cluster/ca"]
+    dom = yield alice.call("GetDom")
+    assert "<audit " not in dom and "cluster/cb" not in dom and "'cb'" not in dom
     assert {r["user"] for r in (yield audit_of(h))} == {"alice", "bob", "admin"}
     assert [r["object"] for r in (yield audit_of(h, user="bob"))] == ["cluster/cb"]
     admin_dom = etree.fromstring((yield h.call("GetDom")).encode())
-    assert len(list(admin_dom.iter(DOM_NS + "audit"))) == 3
+    assert len(list(admin_dom.iter(DOM_NS + "audit"))) == 4
 
 
 @pytest_twisted.inlineCallbacks
@@ -228,3 +234,40 @@ def test_cli_limit_is_the_grids():
     """The CLI's --limit bound is ListAudit's."""
     from vmwebd import cli
     assert cli.AUDIT_LIMIT_MAX == audit_mod.LIST_MAX
+
+
+# -- two real daemons ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_record_made_at_one_host_is_read_at_another_and_both_stop_cleanly(tmp_path):
+    """Two daemons in one grid: a change and a refusal taken at host1 are listed at host2 (the
+    DOM carries them), with host1 as their host; SIGTERM then stops both with no traceback and
+    nothing logged at error or worse."""
+    from test_peers_process import Grid, wait_until
+    from procs import create_users, user_client
+    g = Grid(tmp_path, 2)
+    try:
+        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2
+                               for i in range(2)), 30, "two hosts to see each other alive")
+        create_users(g.client(0), ("alice",))
+        g.client(0).call("CreateCluster", "spread", "lab", "alice", 3)
+        with pytest.raises(ApiFault):
+            user_client(g.daemons[0].url, "alice").call("SetSetting", "placement", "pack")
+        want = [("alice", "SetSetting", "Client.NotAuthorized", "host1"),
+                ("admin", "CreateCluster", "ok", "host1")]
+
+        def at_host2():
+            recs = g.client(1).call("ListAudit", None, None, 2) or []
+            return [(r["user"], r["op"], r["outcome"], r["host"]) for r in recs] == want
+        wait_until(at_host2, 30, "host1's records at host2")
+        mine = user_client(g.daemons[1].url, "alice").call("ListAudit", None, None, None)
+        assert [r["op"] for r in mine] == ["SetSetting"]
+        for d in g.daemons:
+            assert d.terminate() == 0, d.log()
+        for d in g.daemons:
+            bad = [line for line in d.log().splitlines()
+                   if "Traceback" in line or "#critical]" in line or "#error]" in line
+                   or "driver is closed" in line]
+            assert bad == [], d.log()
+    finally:
+        g.close()

@@ -174,20 +174,31 @@ BAD_CALLS = [
 ]
 
 
+def dom_but_audit(node) -> bytes:
+    """The replica's content but its audit trail (a refused request leaves its record there) and
+    the host records (the heartbeat rewrites this host's once it has written such records)."""
+    import copy
+    from lxml import etree
+    root = copy.deepcopy(node.domsvc.dom.root)
+    for box in ("audits", "hosts"):
+        root.remove(root.find("{urn:vmweb:dom:1}" + box))
+    return etree.tostring(root, method="c14n")
+
+
 @pytest_twisted.inlineCallbacks
 def test_bad_requests_get_specific_faults_and_change_nothing(start_node):
     """Each bad request gets its specific faultcode naming the field, and the DOM is unchanged."""
     h = yield start_node()
     yield h.call("CreateCluster", "taken", "lab", "alice", 1)
     yield h.node.reconciler.settled()
-    before = h.node.domsvc.dom.canonical_digest()
+    before = dom_but_audit(h.node)
     for args, code, needle in BAD_CALLS + [(("CreateCluster", "taken", "lab", "bob", 1), "Client.NameTaken", "taken"),
                                            (("StopVm", "taken", "nosuch"), "Client.NoSuchVm", "nosuch")]:
         with pytest.raises(ApiFault) as e:
             yield h.call(*args)
         assert e.value.code == code, (args, e.value)
         assert needle in e.value.message, (args, e.value)
-    assert h.node.domsvc.dom.canonical_digest() == before
+    assert dom_but_audit(h.node) == before
 
 
 @pytest_twisted.inlineCallbacks
@@ -197,11 +208,11 @@ def test_pool_exhausted_leaks_nothing(start_node):
     h = yield start_node(pool_cidr="10.9.0.0/29", reserve="")
     yield h.call("CreateCluster", "small", "lab", "alice", 4)
     yield h.node.reconciler.settled()
-    before = h.node.domsvc.dom.canonical_digest()
+    before = dom_but_audit(h.node)
     with pytest.raises(ApiFault) as e:
         yield h.call("CreateCluster", "big", "lab", "alice", 2)
     assert e.value.code == "Server.PoolExhausted" and "'lab'" in e.value.message
-    assert h.node.domsvc.dom.canonical_digest() == before
+    assert dom_but_audit(h.node) == before
     with pytest.raises(ApiFault) as e:
         yield h.call("ScaleCluster", "small", 6)
     assert e.value.code == "Server.PoolExhausted"

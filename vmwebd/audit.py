@@ -14,8 +14,9 @@ those older than :data:`MAX_AGE_MS` (checked every :data:`EXPIRE_SECONDS`); the 
 then collected like any other (vmwebd/dom/gc.py). Only the host that wrote a record deletes it,
 so each record keeps a single writer.
 
-Who reads what: an admin reads every record, a user only their own (``ListAudit``, and
-``GetDom`` leaves out the others': :meth:`vmwebd.auth.Access.dom_xml`).
+Who reads what: an admin reads every record, a user only their own through ``ListAudit``;
+``GetDom`` shows a user none (:meth:`vmwebd.auth.Access.dom_xml`): a record names what its user
+typed, another user's cluster included.
 """
 from __future__ import annotations
 
