@@ -47,7 +47,7 @@ from vmwebd.templates import load_templates, to_dom_body
 
 log = Logger()
 PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
-               Bundle)
+               paxos.Forward, paxos.Outcome, Bundle)
 HEARTBEAT_SECONDS = 10.0
 SWEEP_SECONDS = 15.0
 BALANCE_TICK_SECONDS = 1.0
@@ -120,6 +120,7 @@ class Node:
             self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
             random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
             fsync=self.fsync, on_round=self.metrics.paxos_round)
+        self.leases.proposer_for = self._proposer_for
         yield self.leases.start()
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
@@ -256,6 +257,18 @@ class Node:
         hosts = sorted({h.id for h in self.domsvc.dom.all(HostRec) if h.liveness != "left"}
                        | {self.host_id})
         return hosts.index(self.host_id), len(hosts)
+
+    def _proposer_for(self) -> str | None:
+        """The host that runs this host's consensus operations: the first consensus member (by
+        id) the failure detector here calls alive; None when that is this host (or nobody)."""
+        if self.gossip is None:
+            return None
+        for m in sorted(self.leases.members()):
+            if m == self.host_id:
+                return None
+            if self.gossip.core.status_of(m) == "alive":
+                return m
+        return None
 
     def send_peer(self, dst: str, msgs) -> defer.Deferred:
         """Sends consensus messages to host ``dst``'s peer endpoint, their answers coming back

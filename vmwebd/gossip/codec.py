@@ -105,6 +105,39 @@ def encode(env: Envelope) -> etree._Element:
 
 def _encode_paxos(el, msg) -> None:
     from vmwebd.lease import paxos
+    if isinstance(msg, paxos.Forward):
+        el.set("op", msg.op)
+        for k, (expected, new) in sorted(msg.cas.items(), key=lambda kv: kv[0]):
+            c = etree.SubElement(el, _Q + "cas", k=k)
+            if isinstance(expected, paxos.Update):
+                u = etree.SubElement(c, _Q + "update", kind=expected.KIND)
+                for name, value in expected.to_attrs().items():
+                    u.set(name, value)
+                continue
+            if expected is not None:
+                c.set("expected", expected)
+            if new is not None:
+                c.set("new", new)
+        return
+    if isinstance(msg, paxos.Outcome):
+        el.set("op", msg.op)
+        r = msg.result
+        if isinstance(r, paxos.Decided):
+            el.set("result", "decided")
+            if r.ballot is not None:
+                el.set("ballot", str(r.ballot))
+            _values(el, "value", r.values)
+        elif isinstance(r, paxos.Conflict):
+            el.set("result", "conflict")
+            el.set("key", r.key)
+            if r.holder is not None:
+                el.set("holder", r.holder)
+            _values(el, "seen", r.seen)
+        else:
+            el.set("result", "noquorum")
+            for name in ("reachable", "needed", "members"):
+                el.set(name, str(getattr(r, name)))
+        return
     if hasattr(msg, "op"):
         el.set("op", msg.op)
     el.set("ballot", str(msg.ballot))
@@ -143,8 +176,55 @@ def _ballot(el, name: str, what: str, optional: bool = False):
         raise MalformedRequest(f"peer envelope: {what}/@{name}: {e}") from None
 
 
+def _values(el, tag: str, values: dict) -> None:
+    for k, v in sorted(values.items()):
+        e = etree.SubElement(el, _Q + tag, k=k)
+        if v is not None:
+            e.set("holder", v)
+
+
+def _read_values(el, tag: str) -> dict:
+    return {_attr(c, "k", tag): c.get("holder") for c in _children(el, tag)}
+
+
+def _decode_forwarded(kind, el):
+    from vmwebd.lease import capacity, paxos  # noqa: F401  (capacity registers its updates)
+    name = NAMES[kind]
+    op = _attr(el, "op", name)
+    if kind is paxos.Forward:
+        cas = {}
+        for c in _children(el, "cas"):
+            k = _attr(c, "k", "cas")
+            ups = _children(c, "update")
+            if ups:
+                cls = paxos.UPDATES.get(ups[0].get("kind", ""))
+                if cls is None:
+                    raise MalformedRequest(f"peer envelope: cas {k}: unknown update kind "
+                                           f"{ups[0].get('kind')!r}")
+                try:
+                    cas[k] = (cls.from_attrs(ups[0].attrib), None)
+                except (ValueError, TypeError) as e:
+                    raise MalformedRequest(f"peer envelope: cas {k}: bad update ({e})") from None
+            else:
+                cas[k] = (c.get("expected"), c.get("new"))
+        return paxos.Forward(op, cas)
+    result = el.get("result")
+    if result == "decided":
+        return paxos.Outcome(op, paxos.Decided(op, _ballot(el, "ballot", name, True),
+                                               _read_values(el, "value")))
+    if result == "conflict":
+        return paxos.Outcome(op, paxos.Conflict(op, _attr(el, "key", name), el.get("holder"),
+                                                _read_values(el, "seen")))
+    if result == "noquorum":
+        return paxos.Outcome(op, paxos.NoQuorum(op, _int(el, "reachable", name),
+                                                _int(el, "needed", name), _int(el, "members", name)))
+    raise MalformedRequest(f"peer envelope: {name}/@result: {result!r}")
+
+
 def _decode_paxos(kind, el):
     from vmwebd.lease import paxos
+    if kind in (paxos.Forward, paxos.Outcome):
+        return _decode_forwarded(kind, el)
     name = NAMES[kind]
     ballot = _ballot(el, "ballot", name)
     if kind is paxos.Prepare:

@@ -119,7 +119,8 @@ def _register_paxos_kinds():
     from vmwebd.lease import paxos
     for code, cls, name in ((8, paxos.Prepare, "prepare"), (9, paxos.Promise, "promise"),
                             (10, paxos.Accept, "accept"), (11, paxos.Accepted, "accepted"),
-                            (12, paxos.Commit, "commit"), (13, paxos.Nack, "nack")):
+                            (12, paxos.Commit, "commit"), (13, paxos.Nack, "nack"),
+                            (16, paxos.Forward, "forward"), (17, paxos.Outcome, "outcome")):
         cls.CODE = code
         KINDS[code] = cls
         NAMES[cls] = name

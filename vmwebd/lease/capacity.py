@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vmwebd.errors import NoCapacity, QuotaExceeded
-from vmwebd.lease.paxos import Refused, Update
+from vmwebd.lease.paxos import UPDATES, Refused, Update
 
 CAP_PREFIX = "cap/"
 QUOTA_PREFIX = "quota/"
@@ -113,6 +113,25 @@ class SetUpdate(Update):
     sizes: bool = True
     limit: tuple | int | None = None
     name: str = ""
+    KIND = "set"
+
+    def to_attrs(self) -> dict[str, str]:
+        out = {"name": self.name, "sizes": "1" if self.sizes else "0",
+               "add": encode(self.add, self.sizes) or "",
+               "remove": encode(self.remove, self.sizes) or ""}
+        if self.limit is not None:
+            out["limit"] = ",".join(str(x) for x in self.limit) if self.sizes else str(self.limit)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "SetUpdate":
+        sizes = attrs.get("sizes") == "1"
+        limit = attrs.get("limit")
+        if limit is not None:
+            cpu, _, mem = limit.partition(",")
+            limit = (float(cpu), int(mem)) if sizes else int(limit)
+        return cls(parse(attrs.get("add") or None), parse(attrs.get("remove") or None), sizes,
+                   limit, attrs.get("name", ""))
 
     def entries(self, current: str | None) -> frozenset:
         return (parse(current) - self.remove) | self.add
@@ -127,6 +146,9 @@ class SetUpdate(Update):
             if why:
                 raise Refused(why)
         return encode(new, self.sizes)
+
+
+UPDATES[SetUpdate.KIND] = SetUpdate
 
 
 def over(name: str, sizes: bool, limit, old: frozenset, new: frozenset) -> str:

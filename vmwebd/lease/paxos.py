@@ -48,7 +48,17 @@ class Update:
     may judge an operation whose values were already decided). It raises :class:`Refused` to
     fail the operation with a Conflict naming the key and the value found."""
 
+    KIND = ""
+
     def apply(self, current: Value) -> Value:
+        raise NotImplementedError
+
+    def to_attrs(self) -> dict[str, str]:
+        """The update as XML attributes (a forwarded operation carries it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "Update":
         raise NotImplementedError
 
 
@@ -92,6 +102,27 @@ class Nack:
     op: str
     ballot: Version
     promised: Version       # the higher ballot the acceptor is bound to
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Asks the host it is sent to to run an operation as its proposer and answer with its
+    :class:`Outcome` (see ``LeaseService``: one proposer for a grid's operations turns their
+    rivalry over shared keys into batching). Every operation vmweb proposes is idempotent — a
+    compare-and-set to a unique holder or an :class:`Update` — so running it twice (the answer
+    lost, the requester then running it itself) changes nothing more."""
+    op: str
+    cas: dict
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of a forwarded operation: Decided, Conflict or NoQuorum."""
+    op: str
+    result: object
+
+
+UPDATES: dict[str, type] = {}       # Update.KIND -> class, for the wire (Forward)
 
 
 # -- results ---------------------------------------------------------------------------------------

@@ -136,6 +136,18 @@ class LeaseService:
         self.non_members_alive = lambda: True
         #: Tells gossip about own decided leases recorded without a push (see GossipService.note_own).
         self.note_own = lambda entities: None
+        #: The host that runs this host's proposals (None: this one). One proposer for the grid
+        #: batches what many proposers would fight over: operations on shared keys (a host's
+        #: capacity set, an owner's quota) from every host meet in its rounds instead of
+        #: pre-empting each other's ballots. Set by the node; any choice is safe.
+        self.proposer_for = lambda: None
+        #: How long a forwarded operation waits for its outcome before running here instead.
+        self.forward_timeout = deadline
+        self._forwarded: dict[str, defer.Deferred] = {}
+        self._serving: dict[str, defer.Deferred] = {}
+        self._raw: set[str] = set()
+        self.forwarded = 0          # operations sent to another proposer
+        self.fell_back = 0          # of those, run here after all (no answer in time)
 
     @defer.inlineCallbacks
     def start(self):
@@ -222,14 +234,65 @@ class LeaseService:
 
     # -- proposals ------------------------------------------------------------------------
     def propose(self, cas: dict) -> defer.Deferred:
-        """Runs one all-or-nothing CAS; fires with Decided or Conflict, fails with NoQuorum."""
+        """Runs one all-or-nothing CAS; fires with Decided or Conflict, fails with NoQuorum.
+        Runs it here, or at the host :attr:`proposer_for` names (then here after all if that
+        host does not answer within :attr:`forward_timeout`)."""
         op_id = f"{self.me}-{next(self._ids)}-{int(self.reactor.seconds() * 1000)}"
         d = defer.Deferred()
-        self._pending[op_id] = d
         if self.on_round is not None:
             d.addBoth(self._round_ended, self.reactor.seconds())
-        self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
+        to = self.proposer_for() if self._running else None
+        if to is not None and to != self.me:
+            self._forward(to, op_id, cas, d)
+        else:
+            self._propose_here(op_id, cas, d)
         return d
+
+    def _propose_here(self, op_id: str, cas: dict, d: defer.Deferred) -> None:
+        self._pending[op_id] = d
+        self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
+
+    def _forward(self, to: str, op_id: str, cas: dict, d: defer.Deferred) -> None:
+        """Asks ``to`` to run the operation; its Outcome comes back in the answer."""
+        self.forwarded += 1
+        self._forwarded[op_id] = d
+
+        def here(_=None):
+            if self._forwarded.pop(op_id, None) is None:
+                return              # answered meanwhile
+            self.fell_back += 1
+            self._propose_here(op_id, cas, d)
+        timer = self.reactor.callLater(self.forward_timeout, here)
+
+        def stop_timer(result):
+            if timer.active():
+                timer.cancel()
+            return result
+        d.addBoth(stop_timer)
+        sent = self.send(to, [paxos.Forward(op_id, cas)])
+        sent.addCallbacks(lambda ok: None if ok else here(), lambda f: here())
+
+    def _outcome(self, m: paxos.Outcome) -> None:
+        d = self._forwarded.pop(m.op, None)
+        if d is not None:
+            self._settle(d, m.result)
+
+    def _serve(self, m: paxos.Forward) -> defer.Deferred:
+        """Runs a forwarded operation here; fires with its Outcome (a duplicate of one being run
+        gets the same)."""
+        d = self._serving.get(m.op)
+        if d is None:
+            d = self._serving[m.op] = defer.Deferred()
+            self._raw.add(m.op)
+            self._propose_here(m.op, m.cas, d)
+
+            def done(result):
+                self.reactor.callLater(self.forward_timeout, self._serving.pop, m.op, None)
+                return result
+            d.addBoth(done)
+        out = defer.Deferred()
+        d.addBoth(lambda r: (out.callback(paxos.Outcome(m.op, r)), r)[1])
+        return out
 
     def _round_ended(self, result, started: float):
         if isinstance(result, paxos.Decided):
@@ -249,13 +312,29 @@ class LeaseService:
         the core answers to ``src`` is not sent: the Deferred fires with those messages."""
         if not isinstance(msgs, (list, tuple)):
             msgs = [msgs]
+        served = []
+        for m in msgs:
+            if isinstance(m, paxos.Outcome):
+                self._outcome(m)
+            elif isinstance(m, paxos.Forward):
+                d = self._serve(m)
+                if not inline:
+                    d.addCallback(lambda o: self.send(src, [o]))
+                served.append(d)
+        msgs = [m for m in msgs if not isinstance(m, (paxos.Forward, paxos.Outcome))]
+        if not msgs:
+            if inline and served:
+                return defer.gatherResults(served)
+            return defer.succeed([] if inline else None)
         out = self.core.receive_all(src, msgs, self.reactor.seconds())
         replies = []
         if inline and src != self.me:
             replies = [m for dst, m in out.sends if dst == src]
             out.sends = [(dst, m) for dst, m in out.sends if dst != src]
         d = self._carry(out)
-        return d.addCallback(lambda _: replies) if inline else d
+        if not inline:
+            return d
+        return defer.gatherResults([d] + served).addCallback(lambda rs: replies + list(rs[1:]))
 
     # -- carrying out the core's output --------------------------------------------------------
     def _carry(self, out: paxos.Output) -> defer.Deferred:
@@ -345,17 +424,28 @@ class LeaseService:
             d = self._pending.pop(result.op, None)
             if d is None:
                 continue
-            if isinstance(result, paxos.NoQuorum) and result.reachable >= result.needed:
-                d.errback(NoQuorum(
-                    f"could not decide a lease in time: {result.reachable} of {result.members} "
-                    "member hosts answered but the round did not complete (contention or slow "
-                    "hosts); try again"))
-            elif isinstance(result, paxos.NoQuorum):
-                d.errback(NoQuorum(
-                    f"cannot lease without a majority: {result.reachable} of {result.members} "
-                    f"member hosts answered, {result.needed} needed"))
-            else:
-                d.callback(result)
+            if result.op in self._raw:
+                self._raw.discard(result.op)
+                d.callback(result)          # a forwarded operation: its requester settles it
+                continue
+            self._settle(d, result)
+
+    @staticmethod
+    def _settle(d: defer.Deferred, result) -> None:
+        """Fires a proposal's Deferred with its result (NoQuorum as the error users see)."""
+        if d.called:
+            return
+        if isinstance(result, paxos.NoQuorum) and result.reachable >= result.needed:
+            d.errback(NoQuorum(
+                f"could not decide a lease in time: {result.reachable} of {result.members} "
+                "member hosts answered but the round did not complete (contention or slow "
+                "hosts); try again"))
+        elif isinstance(result, paxos.NoQuorum):
+            d.errback(NoQuorum(
+                f"cannot lease without a majority: {result.reachable} of {result.members} "
+                f"member hosts answered, {result.needed} needed"))
+        else:
+            d.callback(result)
 
     def _record_commits(self, commits, spread: bool, own: bool = False) -> defer.Deferred:
         """Writes decided leases into the DOM, versioned by their ballot. ``spread``: also

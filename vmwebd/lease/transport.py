@@ -18,7 +18,8 @@ from vmwebd.gossip.messages import Bundle, Envelope
 from vmwebd.lease import paxos
 
 log = Logger()
-KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack)
+KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
+         paxos.Forward, paxos.Outcome)
 
 
 class PaxosTransport:
