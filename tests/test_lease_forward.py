@@ -1,0 +1,86 @@
+"""One proposer for the grid: operations forwarded to it, answered with their Outcome, and run
+here after all when it does not answer."""
+from __future__ import annotations
+
+import pytest_twisted
+from twisted.internet import defer
+
+from vmwebd.dom.hlc import Version
+from vmwebd.gossip.codec import decode, encode
+from vmwebd.gossip.messages import Envelope
+from vmwebd.lease import paxos
+from vmwebd.lease.capacity import Entry, SetUpdate
+
+
+def round_trip(msg):
+    return decode(encode(Envelope("host1", "127.0.0.1:1", "host2", msg))).msg
+
+
+def test_forward_and_outcome_travel_whole():
+    """A forwarded operation keeps its compare-and-set pairs and its updates (entries, limit),
+    and every kind of outcome comes back as it was."""
+    cap = SetUpdate(frozenset({Entry("c/a", "t1", 2, 1024)}), frozenset({Entry("c/b", "t2", 1, 512)}),
+                    True, (32.0, 16384), "host1")
+    quota = SetUpdate(frozenset({Entry("c/a", "t1")}), frozenset(), False, 16, "alice")
+    free = SetUpdate(frozenset(), frozenset({Entry("c/z", "t", 1, 1)}), True, None, "host2")
+    cas = {"ip/lab/10.0.0.5": (None, "vm:c/a#t"), "mac/52:54:00:00:00:01": ("vm:c/b#t", None),
+           "cap/host1": (cap, None), "quota/alice": (quota, None), "cap/host2": (free, None)}
+    assert round_trip(paxos.Forward("host1-7-99", cas)) == paxos.Forward("host1-7-99", cas)
+    b = Version(10**12, 3, "host2")
+    for r in (paxos.Decided("o", b, {"k": "v", "j": None}), paxos.Decided("o", None, {}),
+              paxos.NoQuorum("o", 1, 2, 3)):
+        assert round_trip(paxos.Outcome("o", r)) == paxos.Outcome("o", r)
+    c = round_trip(paxos.Outcome("o", paxos.Conflict("o", "cap/host1", "x", {"cap/host1": "x", "q": None})))
+    assert c.result == paxos.Conflict("o", "cap/host1", "x") and c.result.seen == {"cap/host1": "x", "q": None}
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_operation_goes_to_the_proposer_and_its_outcome_settles_it(start_node):
+    h = yield start_node()
+    leases = h.node.leases
+    sent = []
+    leases.send = lambda dst, msgs: sent.append((dst, msgs)) or defer.succeed(True)
+    leases.proposer_for = lambda: "host9"
+    d = leases.propose({"name/x/a": (None, "h#1")})
+    [(dst, [fwd])] = sent
+    assert dst == "host9" and isinstance(fwd, paxos.Forward) and fwd.cas == {"name/x/a": (None, "h#1")}
+    decided = paxos.Decided(fwd.op, Version(10**12, 0, "host9"), {"name/x/a": "h#1"})
+    yield leases.receive("host9", [paxos.Outcome(fwd.op, decided)])
+    assert (yield d) == decided
+    assert leases.core.committed("name/x/a") == (None, None)      # not run here
+
+
+@pytest_twisted.inlineCallbacks
+def test_without_an_answer_the_operation_runs_here(start_node):
+    """Not delivered: run here at once; delivered but never answered: run here once the
+    forward timeout has passed (a late outcome then changes nothing)."""
+    h = yield start_node()
+    leases = h.node.leases
+    leases.proposer_for = lambda: "host9"
+    leases.send = lambda dst, msgs: defer.succeed(False)
+    r = yield leases.propose({"name/x/a": (None, "h#1")})
+    assert isinstance(r, paxos.Decided) and leases.fell_back == 1
+    sent = []
+    leases.send = lambda dst, msgs: sent.append(msgs) or defer.succeed(True)
+    leases.forward_timeout = 0.05
+    r = yield leases.propose({"name/x/b": (None, "h#2")})
+    assert isinstance(r, paxos.Decided) and r.values == {"name/x/b": "h#2"} and leases.fell_back == 2
+    [[fwd]] = sent
+    yield leases.receive("host9", [paxos.Outcome(fwd.op, paxos.NoQuorum(fwd.op, 0, 2, 3))])
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_proposer_runs_a_forwarded_operation_once_and_answers_inline(start_node):
+    """A forwarded operation is proposed here; its Outcome is the inline answer; the same
+    Forward delivered twice is run once and answered twice alike."""
+    h = yield start_node()
+    leases = h.node.leases
+    fwd = paxos.Forward("host9-1-5", {"name/x/c": (None, "h#3")})
+    first, again = yield defer.gatherResults([leases.receive("host9", [fwd], inline=True),
+                                              leases.receive("host9", [fwd], inline=True)])
+    assert first == again and len(first) == 1 and isinstance(first[0], paxos.Outcome)
+    assert isinstance(first[0].result, paxos.Decided) and first[0].result.values == {"name/x/c": "h#3"}
+    # Refused: the Conflict travels back as it is (no error raised here)
+    taken = yield leases.receive("host9", [paxos.Forward("host9-2-5", {"name/x/c": (None, "h#4")})],
+                                 inline=True)
+    assert isinstance(taken[0].result, paxos.Conflict) and taken[0].result.holder == "h#3"
