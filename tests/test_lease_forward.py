@@ -84,3 +84,16 @@ def test_the_proposer_runs_a_forwarded_operation_once_and_answers_inline(start_n
     taken = yield leases.receive("host9", [paxos.Forward("host9-2-5", {"name/x/c": (None, "h#4")})],
                                  inline=True)
     assert isinstance(taken[0].result, paxos.Conflict) and taken[0].result.holder == "h#3"
+
+
+def test_a_value_accepted_and_committed_at_one_ballot_travels_once():
+    """A Promise carries a key's value once when it was accepted and committed at the same
+    ballot, and reads back the same; different or missing values travel as they are."""
+    b1, b2 = Version(10**12, 1, "host1"), Version(10**12, 2, "host1")
+    big = ",".join(f"c/vm{i}:t:1:512" for i in range(200))
+    entries = {"cap/host1": (b2, big, b2, big), "ip/a": (b2, "vm:x#1", b1, "vm:y#1"),
+               "ip/b": (b1, None, b1, None), "ip/c": (None, None, None, None)}
+    el = encode(Envelope("host1", "127.0.0.1:1", "host2", paxos.Promise("r1", b2, entries)))
+    from lxml import etree
+    assert etree.tostring(el).count(big.encode()) == 1
+    assert decode(el).msg.entries == entries

@@ -149,7 +149,9 @@ def _encode_paxos(el, msg) -> None:
             e = etree.SubElement(el, _Q + "entry", k=k)
             if ab is not None:
                 e.set("acc-ballot", str(ab))
-                if av is not None:
+                # The value accepted and committed at one ballot travels once (a capacity set
+                # can be large): the reader takes the committed value for both.
+                if av is not None and not (ab == cb and av == cv):
                     e.set("acc-holder", av)
             if cb is not None:
                 e.set("com-ballot", str(cb))
@@ -233,8 +235,11 @@ def _decode_paxos(kind, el):
     if kind is paxos.Promise:
         entries = {}
         for c in _children(el, "entry"):
-            entries[_attr(c, "k", "entry")] = (_ballot(c, "acc-ballot", "entry", True), c.get("acc-holder"),
-                                               _ballot(c, "com-ballot", "entry", True), c.get("com-holder"))
+            ab, cb = _ballot(c, "acc-ballot", "entry", True), _ballot(c, "com-ballot", "entry", True)
+            av, cv = c.get("acc-holder"), c.get("com-holder")
+            if av is None and ab is not None and ab == cb:
+                av = cv
+            entries[_attr(c, "k", "entry")] = (ab, av, cb, cv)
         return paxos.Promise(_attr(el, "op", name), ballot, entries)
     if kind in (paxos.Accept, paxos.Commit):
         values = {_attr(c, "k", "value"): c.get("holder") for c in _children(el, "value")}
