@@ -375,3 +375,17 @@ def test_updates_of_one_key_share_a_round_and_each_is_judged_in_turn():
     assert len({r.ballot for r in results[1:4]}) == 1          # those queued went together
     assert len(parse(sim.history(cap_key("h0"))[-1][1])) == 4
     sim.check_safety(registers=PREFIXES)
+
+
+def test_a_large_capacity_set_is_a_valid_lease_for_peers():
+    """A host's set of a few thousand VMs is a lease value peers accept (the schema's lease
+    value is not limited like other text): replicas never refuse one another's capacity sets."""
+    from lxml import etree
+    from vmwebd.dom.validate import entity_error
+    big = encode({Entry(f"cluster-{i // 50:04d}/compute{i % 50}", f"{i:08x}", 1, 512)
+                  for i in range(5000)}, sizes=True)
+    assert len(big) > 100_000
+    el = etree.Element("{urn:vmweb:dom:1}lease", id="cap/host1", v="1000.0@host1", holder=big)
+    assert entity_error(el) is None
+    el.set("holder", "x" * 5_000_000)
+    assert entity_error(el) is not None
