@@ -31,6 +31,7 @@ from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import Bundle
 from vmwebd.gossip.pki import load_host_credentials
 from vmwebd.gossip.service import GossipService, PeerClient, load_state
+from vmwebd.history import HistoryService
 from vmwebd.hv import open_driver
 from vmwebd.hv.images import FileResource, ImageStore, image_resolver
 from vmwebd.lease import paxos
@@ -152,6 +153,7 @@ class Node:
             self.migrations.migrate_uri = cfg.migrate_uri
         if cfg.storage.console_dir and self.driver.runs_guests:
             yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
+        self.history = HistoryService(self)      # its ring is served on the peer endpoint
         yield self._start_peers()
         if cfg.metrics.enabled:
             self.metrics.registry.register(StateCollector(
@@ -168,6 +170,7 @@ class Node:
         self._balancer = task.LoopingCall(self.balance_tick)
         self._balancer.clock = self.reactor
         self._balancer.start(BALANCE_TICK_SECONDS, now=False)
+        self.history.start()
         self.listen()
         log.info("host {host} serving the user API on {url}", host=self.host_id, url=self.api_url)
 
@@ -212,6 +215,7 @@ class Node:
         # Files peers pull from here: content images, and a cold migration's disk and memory.
         root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
+        root.putChild(b"history", self.history.resource(tls.peer_host_id))    # vmwebd/history.py
         # Peers POST SOAP, never HTML forms: without form parsing, twisted.web does not read
         # the Content-Type of every request with the email package (~7% of a busy host's CPU).
         site = QuietSite(root, parsePOSTFormSubmission=False)
@@ -528,6 +532,8 @@ class Node:
         closes the hypervisor, leases and the store: a stop under load ends in seconds."""
         if self._heartbeat is not None and self._heartbeat.running:
             self._heartbeat.stop()
+        if getattr(self, "history", None) is not None:
+            self.history.stop()
         for loop in (getattr(self, "_sweeper", None), getattr(self, "_balancer", None)):
             if loop is not None and loop.running:
                 loop.stop()

@@ -12,6 +12,11 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /settings``          System settings (admins only)
 ``GET  /cluster/NAME``      a cluster's page; ``/vm/CLUSTER/NAME`` a VM's (owner or admin; 403
                             naming why for anyone else)
+``GET  /host/H``            a host's page: its load, used memory and VM count over the last
+                            hours as charts (:mod:`vmwebd.web.charts`; any logged-in user, as the
+                            host view)
+``GET  /history.json?host=H`` host H's samples as JSON (this host's own, or asked of H over the
+                            peer endpoint: :mod:`vmwebd.history`); any logged-in user
 ``GET  /state.json``        what the polling script updates in place (``data-k`` keys)
 ``POST /action/NAME``       create, scale, destroy, vm, migrate, (un)drain, evacuate, user/...
                             (create, delete, password, quota, key/add, key/remove), ...; with
@@ -44,7 +49,8 @@ from twisted.web.server import NOT_DONE_YET
 from vmwebd.auth import Principal, client_address
 from vmwebd.dom.records import UserRec
 from vmwebd.errors import InvalidArgument, NoSuchCluster, NoSuchVm, NotAuthorized, VmwebError
-from vmwebd.web import confirm, pages, views
+from vmwebd.history import HistoryUnavailable
+from vmwebd.web import charts, confirm, pages, views
 from vmwebd.web.session import Session, SessionStore, hash_digest
 
 log = Logger()
@@ -57,7 +63,11 @@ PAGES = ("owner", "hosts", "dom", "settings")
 # Where an action may send the browser back to, besides PAGES: a cluster's or a VM's page (names
 # as the cluster and template rules allow them, so the Location header stays plain ASCII).
 _BACK = re.compile(r"/cluster/[a-z][a-z0-9-]{0,23}|/vm/[a-z][a-z0-9-]{0,23}/[A-Za-z0-9_.-]{1,64}")
-_STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8"}
+_STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8",
+                 "txt": b"text/plain; charset=utf-8"}
+# The host page's charts: uPlot (kept in static/ with its licence, uPlot.LICENSE.txt) and ours.
+_CHART_STYLES = ("/static/uPlot.min.css",)
+_CHART_SCRIPTS = ("/static/uPlot.iife.min.js", "/static/charts.js")
 
 
 @dataclass
@@ -170,6 +180,13 @@ class _Page(Resource):
             if ctx is None:
                 return self._redirect(request, "/login")
             return self._detail(request, ctx, rest)
+        if name == "host" and len(rest) == 1:
+            ctx = self._ctx(request)
+            if ctx is None:
+                return self._redirect(request, "/login")
+            return self._host_page(request, ctx, rest[0])
+        if name == "history.json" and not rest:
+            return self._history_json(request)
         if name == "dom.xml" and not rest:
             ctx = self._need_ctx(request)
             request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
@@ -305,6 +322,58 @@ class _Page(Resource):
                                                   flashes=flashes), 404)
         return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
                                               live=True))
+
+    def _host_page(self, request, ctx: Ctx, host: str):
+        """A host's page with its charts; the samples are this host's or asked of that host (a
+        host that cannot be asked leaves the charts empty, the page saying why)."""
+        partial = request.getHeader(b"x-vmweb-partial") is not None
+        flashes = [] if partial else ctx.session.take_flashes()
+        if host not in {h.id for h in ctx.mgr.hosts()}:
+            from vmwebd.web.html import el, frag
+            body = frag(views.forbidden_view(f"There is no host {host!r} in this grid."),
+                        el("p", el("a", "Back to the host view", href="/hosts", class_="button")))
+            return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
+                                                  flashes=flashes), 404)
+        d = self.root.node.history.samples_of(host)
+
+        def unavailable(f):
+            f.trap(HistoryUnavailable)
+            return f.value
+
+        def render(result):
+            samples, error = ([], result.message) if isinstance(result, HistoryUnavailable) else (result, None)
+            title, body = charts.host_page(ctx, host, samples, error)
+            return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "/hosts",
+                                                  flashes, live=True, styles=_CHART_STYLES,
+                                                  scripts=_CHART_SCRIPTS))
+        d.addCallbacks(lambda samples: samples, unavailable).addCallback(render)
+        return _deliver(request, d)
+
+    def _history_json(self, request):
+        """``{"host", "interval_s", "samples": [[t, load1, mem_used_mib, vms], ...]}`` for any
+        logged-in user (hosts are shown to every user); 401 without a session, 404 for a host
+        not in the grid, 502 when that host cannot be asked (``{"error": why}``)."""
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        ctx = self._ctx(request)
+        if ctx is None:
+            request.setResponseCode(401)
+            return b'{"error": "not logged in"}'
+        host = _field(request, "host")
+        if host not in {h.id for h in ctx.mgr.hosts()}:
+            request.setResponseCode(404)
+            return json.dumps({"error": f"there is no host {host!r} in this grid"}).encode()
+        history = self.root.node.history
+
+        def ok(samples):
+            return json.dumps({"host": host, "interval_s": history.ring.interval,
+                               "samples": [s.as_list() for s in samples]}, separators=(",", ":")).encode()
+
+        def unavailable(f):
+            f.trap(HistoryUnavailable)
+            request.setResponseCode(502)
+            return json.dumps({"error": f.value.message}).encode()
+        return _deliver(request, history.samples_of(host).addCallbacks(ok, unavailable))
 
     def _login_page(self, request, name: str = "", flashes=(), code: int = 200):
         import re

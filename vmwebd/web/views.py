@@ -15,6 +15,7 @@ from urllib.parse import quote
 from vmwebd.dom.records import LeaseRec, VmRec
 from vmwebd.settings import SETTINGS, all_settings
 from vmwebd.templates import min_count
+from vmwebd.web.charts import host_href
 from vmwebd.web.filters import HOST_STATES, VM_STATES, Filter, filter_form
 from vmwebd.web.html import Markup, el, frag
 
@@ -80,8 +81,9 @@ def vm_href(cluster: str, vm: str) -> str:
 
 
 def page(title: str, host_id: str, body: Markup, principal=None, csrf: str | None = None,
-         current: str = "", flashes=(), live: bool = False) -> Markup:
-    """The whole page around ``body``: header with navigation and the user, flash messages."""
+         current: str = "", flashes=(), live: bool = False, styles=(), scripts=()) -> Markup:
+    """The whole page around ``body``: header with navigation and the user, flash messages
+    (``styles``, ``scripts``: more of our own static files the page needs)."""
     nav = []
     if principal is not None:
         for href, label in NAV:
@@ -104,7 +106,9 @@ def page(title: str, host_id: str, body: Markup, principal=None, csrf: str | Non
            el("meta", name="viewport", content="width=device-width, initial-scale=1"),
            el("title", f"{title} · vmweb · {host_id}"),
            el("link", rel="stylesheet", href="/static/vmweb.css"),
-           el("script", src="/static/vmweb.js", defer=True) if live else None),
+           *[el("link", rel="stylesheet", href=href) for href in styles],
+           el("script", src="/static/vmweb.js", defer=True) if live else None,
+           *[el("script", src=src, defer=True) for src in scripts]),
         el("body",
            el("header",
               el("a", el("strong", "vmweb"), " ", el("span", host_id, class_="host"), href="/owner",
@@ -419,6 +423,8 @@ def host_view(ctx) -> Markup:
                el("dt", "Load"), el("dd", el("span", f"{h.load1:.2f}", data_k=f"{k}:load")),
                el("dt", "VMs"), el("dd", el("span", str(h.vms), data_k=f"{k}:vms")),
                el("dt", "API"), el("dd", h.api or "?", class_="mac"),
+               el("dt", "History"), el("dd", el("a", "Load, memory and VMs over the last hours",
+                                                href=host_href(h.id), class_="history-link")),
                class_="facts"),
             el("ul", *chips, class_="chips") if chips else el("p", "No VMs.", class_="empty"),
             host_action,
