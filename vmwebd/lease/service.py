@@ -141,8 +141,12 @@ class LeaseService:
         #: capacity set, an owner's quota) from every host meet in its rounds instead of
         #: pre-empting each other's ballots. Set by the node; any choice is safe.
         self.proposer_for = lambda: None
-        #: How long a forwarded operation waits for its outcome before running here instead.
-        self.forward_timeout = deadline
+        #: How long a forwarded operation waits for its outcome before running here instead:
+        #: longer than the proposer itself may take to end it (its deadline, stretched while a
+        #: majority answers), so a proposer that is merely slow is not doubled by a second run
+        #: here — that only adds load where there is too much. A proposer that cannot be
+        #: reached is left at once.
+        self.forward_timeout = deadline * (self.core.contended_factor + 1)
         self._forwarded: dict[str, defer.Deferred] = {}
         self._serving: dict[str, defer.Deferred] = {}
         self._raw: set[str] = set()
