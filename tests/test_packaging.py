@@ -141,3 +141,16 @@ def test_bootstrap_installs_the_daemon_extra():
     text = (REPO / "scripts" / "bootstrap.sh").read_text()
     assert re.search(r"pip install -q -e '\.\[daemon,test\]'", text), text
     assert set(PYPROJECT["project"]["optional-dependencies"]) >= {"daemon", "test"}
+
+
+def test_the_daemon_without_the_libvirt_binding_says_so_in_one_line():
+    """On a Python where libvirt-python is missing (a CLI-only install), vmwebd exits 2 with one
+    line naming the package and the extra to install, no traceback."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['libvirt'] = None; from vmwebd.daemon import main; "
+            "sys.exit(main(['--config', '/nonexistent/vmwebd.xml']))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr
+    assert "libvirt-python" in p.stderr and "vmweb[daemon]" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1

@@ -29,6 +29,18 @@ from vmwebd.net.host import check_network
 log = Logger()
 
 
+def _missing_hypervisor_binding() -> str:
+    """Why the daemon cannot talk to libvirt on this Python, or "" (the CLI installs without
+    the binding; the daemon needs it: the ``daemon`` extra)."""
+    try:
+        import libvirt  # noqa: F401
+    except ImportError as e:
+        return (f"the libvirt Python binding (package libvirt-python) is not installed for "
+                f"{sys.executable} ({e}); install vmweb with its daemon extra: "
+                "pip install 'vmweb[daemon]'")
+    return ""
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vmwebd", description="vmweb daemon: one per physical host")
     ap.add_argument("--config", default="/etc/vmwebd/vmwebd.xml", help="path to vmwebd.xml")
@@ -64,6 +76,10 @@ def main(argv=None) -> int:
         for path in written:
             print(f"wrote {path}")
         return 0
+    missing = _missing_hypervisor_binding()
+    if missing:
+        print(f"vmwebd: {missing}", file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
         check_network(config)
