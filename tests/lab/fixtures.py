@@ -24,11 +24,11 @@ def guest_artifacts():
     return build_guest()
 
 
-def _lab(n, tmp_path_factory):
+def _lab(n, tmp_path_factory, **kw):
     ok, why = lab_available()
     if not ok:
         pytest.skip(why)
-    lab = Lab(n, tmp_path_factory.mktemp(f"lab{n}"))
+    lab = Lab(n, tmp_path_factory.mktemp(f"lab{n}"), **kw)
     lab.start()
     try:
         yield lab
@@ -47,3 +47,16 @@ def lab2(tmp_path_factory):
 def lab3(tmp_path_factory):
     """Three real libvirt hosts (h1, h2, h3), up for the tests of one module."""
     yield from _lab(3, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def lab1_unprivileged(tmp_path_factory):
+    """One real libvirt host whose libvirtd runs QEMU as ``libvirt-qemu`` under the distribution's
+    DAC rules, as a stock Debian host does (skipped where that account does not exist)."""
+    import pwd
+    try:
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        pytest.skip("no libvirt-qemu account here (libvirt-daemon-system creates it, and so does "
+                    "scripts/bootstrap.sh)")
+    yield from _lab(1, tmp_path_factory, qemu_user="libvirt-qemu")

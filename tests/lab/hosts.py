@@ -250,11 +250,20 @@ class LabHost:
             "listen_tls = 0\n"
             f'host_uuid = "{self.host_uuid}"\n'
             'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+        if self.lab.qemu_user:
+            # A stock host's account and DAC rules (the distribution's qemu.conf defaults):
+            # libvirtd gives QEMU the files a domain names while it runs, and remembers (in
+            # extended attributes) whom to give them back to.
+            account = (f'user = "{self.lab.qemu_user}"\n'
+                       f'group = "{self.lab.qemu_user}"\n'
+                       "dynamic_ownership = 1\n")
+        else:
+            account = ('user = "root"\n'
+                       'group = "root"\n'
+                       "dynamic_ownership = 0\n"
+                       "remember_owner = 0\n")
         (etc / "qemu.conf").write_text(
-            'user = "root"\n'
-            'group = "root"\n'
-            "dynamic_ownership = 0\n"
-            "remember_owner = 0\n"
+            account +
             'security_driver = "none"\n'
             'stdio_handler = "file"\n'
             "cgroup_controllers = [ ]\n"
@@ -375,14 +384,19 @@ class Lab:
     QEMU, whatever ran through :meth:`LabHost.popen`), deletes the namespaces, veths and bridge.
     Each host's files are ``<workdir>/hN`` (emptied at start); the workdir is left for the caller
     after stop (images, logs).
+
+    ``qemu_user``: run QEMU as that account with the distribution's DAC rules (``user``/``group``
+    that account, ``dynamic_ownership = 1``), as a stock host does; by default QEMU runs as root.
     """
 
-    def __init__(self, n: int = 2, workdir: Path | str | None = None, caps_cache: Path | None = CAPS_CACHE):
+    def __init__(self, n: int = 2, workdir: Path | str | None = None, caps_cache: Path | None = CAPS_CACHE,
+                 qemu_user: str | None = None):
         if not 1 <= n <= 60:
             raise ValueError("a lab has 1 to 60 hosts")
         self.n = n
         self.workdir = Path(workdir) if workdir else None
         self.caps_cache = caps_cache
+        self.qemu_user = qemu_user
         self.k: int | None = None
         self.bridge: str | None = None
         self.hosts: list[LabHost] = []

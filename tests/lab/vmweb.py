@@ -31,7 +31,7 @@ def _procs():
 class LabDaemon:
     """A vmwebd running inside a lab host's network and mount namespaces."""
 
-    def __init__(self, host, config: Path):
+    def __init__(self, host, config: Path, umask: int | None = None):
         procs = _procs()
         self.host, self.config = host, config
         self.log_path = config.parent / "vmwebd.log"
@@ -39,7 +39,8 @@ class LabDaemon:
         with open(self.log_path, "ab") as log:
             self.proc = host.popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(config),
                                     "--no-fsync"], stdin=None, stdout=log, stderr=log,
-                                   env=procs.child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO)
+                                   env=procs.child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO,
+                                   umask=-1 if umask is None else umask)
 
     def wait_ready(self):
         try:
@@ -63,10 +64,13 @@ class LabDaemon:
 def write_config(lab, host, base: Path, templates: Path, cert_dir: Path,
                  pool_cidr: str | None = None, pool_reserve: str | None = None,
                  images: str = '<image name="tiny" file="tiny-blank.qcow2" size-mib="128"/>',
-                 reconcile_interval: float = 2, extra: str = "") -> Path:
+                 reconcile_interval: float = 2, extra: str = "", state_dir: str | None = None,
+                 storage_dir: str = STORAGE, console_dir: str = CONSOLE) -> Path:
     """``<base>/<host>/vmwebd.xml`` for ``host``'s daemon (and its state directory, with the test
     admin's bootstrap file). The IP pool ``lab`` is ``pool_cidr`` (default the lab's own
-    10.77.k.0/24, its first /27 reserved for the hosts); ``extra`` is XML put inside ``<vmwebd>``."""
+    10.77.k.0/24, its first /27 reserved for the hosts); ``extra`` is XML put inside ``<vmwebd>``.
+    ``state_dir``, ``storage_dir`` and ``console_dir`` are paths as the host sees them (the state
+    directory defaults to ``<base>/<host>/state``)."""
     d = base / host.name
     d.mkdir(parents=True, exist_ok=True)
     members = " ".join(h.name for h in lab.hosts)
@@ -78,9 +82,9 @@ def write_config(lab, host, base: Path, templates: Path, cert_dir: Path,
 <vmwebd>
   <host id="{host.name}"/>
   <listen api="{host.addr}:{API_PORT}" peer="{host.addr}:{PEER_PORT}" api-tls="off"/>
-  <state dir="{d / 'state'}"/>
+  <state dir="{state_dir or d / 'state'}"/>
   <libvirt uri="{host.uri}" migrate-uri="{host.migrate_uri}"/>
-  <storage pool="vmweb" dir="{STORAGE}" console-dir="{CONSOLE}"/>
+  <storage pool="vmweb" dir="{storage_dir}" console-dir="{console_dir}"/>
   <images>{images}</images>
   <pools>
     <ip name="lab" cidr="{pool_cidr}"{reserve}/>
@@ -93,7 +97,7 @@ def write_config(lab, host, base: Path, templates: Path, cert_dir: Path,
   {extra}
 </vmwebd>
 """)
-    _procs().bootstrap_admin(d / "state")
+    _procs().bootstrap_admin(host.host_path(state_dir) if state_dir else d / "state")
     return cfg
 
 
@@ -109,18 +113,20 @@ def vmweb(host, creds: Path, *args, check=True, timeout: float = 600):
     return (json.loads(r.stdout) if r.stdout.strip() else None), r
 
 
-def console(host, vm_id: str) -> Path:
+def console(host, vm_id: str, console_dir: str = CONSOLE) -> Path:
     """The root-namespace path of the serial log of VM ``CLUSTER/NAME`` on ``host``."""
     from vmwebd.reconcile import domain_name
-    return host.host_path(f"{CONSOLE}/{domain_name(vm_id)}.log")
+    return host.host_path(f"{console_dir}/{domain_name(vm_id)}.log")
 
 
 class Grid:
     """A vmwebd beside each libvirtd of ``lab``, sharing one CA and the templates given
     (name -> XML text), the admin's credentials in ``<base>/admin-credentials``.
-    ``config_kw`` goes to :func:`write_config`. :meth:`close` kills the daemons."""
+    ``config_kw`` goes to :func:`write_config`; ``umask`` is the daemons' (default: this
+    process's). :meth:`close` kills the daemons."""
 
-    def __init__(self, lab, base: Path, templates: dict[str, str], **config_kw):
+    def __init__(self, lab, base: Path, templates: dict[str, str], umask: int | None = None,
+                 **config_kw):
         from vmwebd.gossip import pki
         procs = _procs()
         self.lab, self.base = lab, Path(base)
@@ -138,7 +144,7 @@ class Grid:
                 cert = self.base / h.name / "pki"
                 pki.issue_host_cert(ca, h.name, cert, [h.addr])
                 self.daemons.append(LabDaemon(h, write_config(lab, h, self.base, tdir, cert,
-                                                              **config_kw)))
+                                                              **config_kw), umask=umask))
             for d in self.daemons:
                 d.wait_ready()
             n = len(lab.hosts)

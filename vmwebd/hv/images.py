@@ -11,6 +11,11 @@ image it lacks downloads it from a live holder over the peer port (mutual TLS, G
 A *blank image* has no hash: every host creates it empty through the driver (the libvirt test
 driver keeps volumes in memory, so this is all it can do).
 
+Where libvirt runs QEMU as an unprivileged account, the storage directory and the base images
+written here are given to that account's group (:mod:`vmwebd.hv.perms`), and an image QEMU could
+not open fails the VMs that need it with an error naming the file, the directory in the way and
+the account, before libvirt is asked to start them.
+
 Every read, write and hash runs on a thread, never on the reactor.
 """
 from __future__ import annotations
@@ -33,6 +38,7 @@ from twisted.web import resource, server
 
 from vmwebd.dom.records import HostRec, ImageRec
 from vmwebd.errors import ImageUnavailable, InvalidArgument, NameTaken, NoSuchImage
+from vmwebd.hv import perms
 
 log = Logger()
 CHUNK = 1 << 20
@@ -221,12 +227,16 @@ class ImageStore:
         self.held: set[str] = set()          # image names whose file here matches the record
         self.publish = lambda: defer.succeed(None)
         self._fetching: dict[str, list[defer.Deferred]] = {}
+        #: The account libvirt runs QEMU as, when it is not root (learnt by ``scan``).
+        self.qemu: perms.QemuAccount | None = None
 
     # -- what is here -----------------------------------------------------------------------
     @defer.inlineCallbacks
     def scan(self):
         """Finds which content images of the DOM are here (hashes checked on a thread)."""
         recs = [r for r in self.dom.all(ImageRec) if r.sha256]
+        account = getattr(self.driver, "qemu_account", None)
+        self.qemu = (yield account()) if account is not None else None
         held = yield threads.deferToThread(self._scan, recs)
         self.held = set(held)
         return self.held
@@ -236,7 +246,45 @@ class ImageStore:
         for r in recs:
             if cached_hash(self.dir / r.file) == r.sha256:
                 out.append(r.id)
+        if self.qemu is not None:
+            # Images written before QEMU ran unprivileged here get its group too.
+            try:
+                perms.share_dir(self.dir, self.qemu)
+                for r in recs:
+                    if r.id in out:
+                        perms.share_file(self.dir / r.file, self.qemu)
+                perms.check_reachable(self.dir, self.qemu, read=False)
+            except (perms.AccessDenied, OSError) as e:
+                log.error("host {host}: {err}; its VMs cannot start until QEMU reaches the "
+                          "storage directory", host=self.host_id, err=e)
         return out
+
+    def _share(self, path: Path) -> None:
+        """Lets QEMU read a base image written here (on a thread)."""
+        if self.qemu is not None:
+            perms.share_dir(path.parent, self.qemu)
+            perms.share_file(path, self.qemu)
+
+    @defer.inlineCallbacks
+    def _check_usable(self, rec: ImageRec, path: str, written_here: bool):
+        """Raises ImageUnavailable when QEMU's account cannot open the image at ``path``: every
+        directory on the way, and the file itself when vmweb wrote it (libvirt gives QEMU the
+        volumes it made itself, and the kernel and initrd, when a domain starts); the directories
+        on the way to the image's kernel and initrd too."""
+        if self.qemu is None:
+            return
+        name = rec.id
+
+        def check():
+            perms.check_reachable(path, self.qemu, written_here)
+            for boot in (rec.kernel, rec.initrd):
+                if boot:
+                    perms.check_reachable(boot, self.qemu, read=False)
+        try:
+            yield threads.deferToThread(check)
+        except perms.AccessDenied as e:
+            raise ImageUnavailable(f"image {name!r} on host {self.host_id} is out of QEMU's "
+                                   f"reach: {e}") from None
 
     def images_attr(self) -> str:
         return " ".join(sorted(self.held))
@@ -279,6 +327,7 @@ class ImageStore:
             raise InvalidArgument("file", f"{path!r} is larger than {MAX_IMAGE_BYTES} bytes")
         file_name, nbytes, virtual, sha = yield threads.deferToThread(
             import_file, src, self.dir, name, fmt)
+        yield threads.deferToThread(self._share, self.dir / file_name)
         cur = self.dom.get(ImageRec, name)
         if cur is not None and cur.sha256 and cur.sha256 != sha:
             # Overlays elsewhere are built on the registered content: never swap it under them.
@@ -304,6 +353,7 @@ class ImageStore:
             raise NoSuchImage(name)
         if not rec.sha256:
             path = yield self.driver.create_base_volume(self.pool, rec.file, rec.size_mib, rec.format)
+            yield self._check_usable(rec, path, written_here=False)
             return LocalImage(name, path, rec.size_mib, rec.format, rec)
         if name not in self.held:
             yield self._fetch_once(rec)
@@ -311,6 +361,7 @@ class ImageStore:
         if not self.driver.volumes_on_disk:
             # The test driver keeps volumes in memory: give it a volume of that name and size.
             path = yield self.driver.create_base_volume(self.pool, rec.file, rec.size_mib, rec.format)
+        yield self._check_usable(rec, path, written_here=True)
         return LocalImage(name, path, rec.size_mib, rec.format, rec)
 
     def _fetch_once(self, rec: ImageRec) -> defer.Deferred:
@@ -349,6 +400,7 @@ class ImageStore:
                 yield threads.deferToThread(self.dir.mkdir, parents=True, exist_ok=True)
                 yield threads.deferToThread(download, addr, rec.sha256, rec.bytes,
                                             self.dir / rec.file, self.cert_dir, h)
+                yield threads.deferToThread(self._share, self.dir / rec.file)
             except ImageUnavailable as e:
                 log.warn("{err}", err=e)
                 errors.append(str(e))

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from vmwebd.errors import HypervisorError, NoSuchDomain
-from vmwebd.hv import xmlgen
+from vmwebd.hv import perms, xmlgen
 from vmwebd.hv.driver import DomainInfo, Driver, DomainSpec, HostFacts, MigrationStats
 
 
@@ -344,6 +344,15 @@ class LibvirtDriver(Driver):
                 pool.setAutostart(1)
 
         return self._run("ensure", f"pool {name!r}", ensure_pool)
+
+    def qemu_account(self) -> Deferred:
+        """Fires with the :class:`perms.QemuAccount` this libvirt runs QEMU domains as (from its
+        capabilities: the DAC model's base label), or None when it needs no file permissions
+        from us (QEMU as root, no DAC model, or a driver keeping volumes in memory)."""
+        if not self.volumes_on_disk:
+            return succeed(None)
+        return self._run("get QEMU account of", "host",
+                         lambda conn: perms.account_from_capabilities(conn.getCapabilities()))
 
     @staticmethod
     def _find_volume(pool, name):
