@@ -39,7 +39,7 @@ def test_an_operation_goes_to_the_proposer_and_its_outcome_settles_it(start_node
     h = yield start_node()
     leases = h.node.leases
     sent = []
-    leases.send = lambda dst, msgs: sent.append((dst, msgs)) or defer.succeed(True)
+    leases.send = lambda dst, msgs, **kw: sent.append((dst, msgs)) or defer.succeed(True)
     leases.proposer_for = lambda: "host9"
     d = leases.propose({"name/x/a": (None, "h#1")})
     [(dst, [fwd])] = sent
@@ -57,11 +57,11 @@ def test_without_an_answer_the_operation_runs_here(start_node):
     h = yield start_node()
     leases = h.node.leases
     leases.proposer_for = lambda: "host9"
-    leases.send = lambda dst, msgs: defer.succeed(False)
+    leases.send = lambda dst, msgs, **kw: defer.succeed(False)
     r = yield leases.propose({"name/x/a": (None, "h#1")})
     assert isinstance(r, paxos.Decided) and leases.fell_back == 1
     sent = []
-    leases.send = lambda dst, msgs: sent.append(msgs) or defer.succeed(True)
+    leases.send = lambda dst, msgs, **kw: sent.append(msgs) or defer.succeed(True)
     leases.forward_timeout = 0.05
     r = yield leases.propose({"name/x/b": (None, "h#2")})
     assert isinstance(r, paxos.Decided) and r.values == {"name/x/b": "h#2"} and leases.fell_back == 2

@@ -274,12 +274,12 @@ class Node:
                 return m
         return None
 
-    def send_peer(self, dst: str, msgs) -> defer.Deferred:
+    def send_peer(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:
         """Sends consensus messages to host ``dst``'s peer endpoint, their answers coming back
         inline (dropped if we do not know where it is, or run without peers)."""
         if self.paxos_transport is None:
             return defer.succeed(False)
-        return self.paxos_transport.send(dst, msgs)
+        return self.paxos_transport.send(dst, msgs, timeout=timeout)
 
     def balance_tick(self):
         """Every few seconds: when the balancer is on and its interval has passed, one look."""

@@ -157,9 +157,12 @@ class PeerClient:
         """Did the peer at ``addr`` say, in its last answer, that it reads Bundle envelopes?"""
         return addr in self._bundles
 
-    def send(self, addr: str, env_el: etree._Element, on_reply=None) -> defer.Deferred:
+    def send(self, addr: str, env_el: etree._Element, on_reply=None,
+             timeout: float | None = None) -> defer.Deferred:
         """Posts one envelope. With ``on_reply``, the peer may answer in the response itself
-        (``REPLIES_HEADER``): ``on_reply(envelope elements)`` is called with what it answered."""
+        (``REPLIES_HEADER``): ``on_reply(envelope elements)`` is called with what it answered.
+        ``timeout``: how long to wait for the answer, if not the client's default (a forwarded
+        consensus operation is answered once decided)."""
         url = f"{self.scheme}://{addr}/peer".encode()
         headers = {b"Content-Type": [b"text/xml; charset=utf-8"], b"SOAPAction": [b'"Deliver"']}
         if on_reply is not None:
@@ -168,7 +171,7 @@ class PeerClient:
         kind = message_kind(env_el)
         observer = self.observer
         d = self.agent.request(b"POST", url, Headers(headers), _Body(data))
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(timeout or self.timeout, self.reactor)
 
         def got(response):
             if response.headers.hasHeader(BUNDLES_HEADER):

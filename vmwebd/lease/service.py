@@ -273,7 +273,8 @@ class LeaseService:
                 timer.cancel()
             return result
         d.addBoth(stop_timer)
-        sent = self.send(to, [paxos.Forward(op_id, cas)])
+        # The answer comes once the operation is decided there: wait for it as long as that.
+        sent = self.send(to, [paxos.Forward(op_id, cas)], timeout=self.forward_timeout)
         sent.addCallbacks(lambda ok: None if ok else here(), lambda f: here())
 
     def _outcome(self, m: paxos.Outcome) -> None:

@@ -37,7 +37,7 @@ class PaxosTransport:
         self.leases = None          # the LeaseService, once it exists
         self.requests = 0
 
-    def send(self, dst: str, msgs) -> defer.Deferred:
+    def send(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:
         """Sends ``msgs`` (in order) to host ``dst``; fires True if they were delivered. A failed
         send is a lost message: the Paxos core copes."""
         if not isinstance(msgs, (list, tuple)):
@@ -55,7 +55,8 @@ class PaxosTransport:
         for msg in units:
             self.requests += 1
             env = Envelope(self.me, self.my_address(), dst, msg)
-            ds.append(self.client.send(addr, encode(env), on_reply=lambda els, dst=dst: self._answered(dst, els)))
+            ds.append(self.client.send(addr, encode(env), on_reply=lambda els, dst=dst: self._answered(dst, els),
+                                       **({"timeout": timeout} if timeout else {})))
         if len(ds) == 1:
             return ds[0]
         return defer.gatherResults(ds).addCallback(all)
