@@ -271,3 +271,18 @@ def test_a_record_made_at_one_host_is_read_at_another_and_both_stop_cleanly(tmp_
             assert bad == [], d.log()
     finally:
         g.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_consensus_member_changes_are_audited(start_node):
+    """Adding a consensus member, and a refused removal, leave their records like any other
+    change (they go through the application layer too)."""
+    h = yield start_node()
+    bad = yield fault_of(h.call("AddHost", "Not A Host"))
+    assert bad.code == "Client.InvalidArgument"
+    members = yield h.call("AddHost", "host2")
+    assert sorted(members) == ["host1", "host2"]
+    recs = yield audit_of(h)
+    ops = [(r["op"], r["object"], r["outcome"]) for r in recs]
+    assert ("AddHost", "host/host2", "ok") in ops
+    assert ("AddHost", "host/Not A Host", "Client.InvalidArgument") in ops

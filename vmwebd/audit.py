@@ -98,6 +98,8 @@ AUDITED: dict[str, Audited] = {
                             lambda a: _forced(a).lstrip(", ")),
     "migrate_vm": Audited("MigrateVm", _vm, lambda a: f"to {a['dest']}" if a["dest"] else ""),
     "evacuate_host": Audited("EvacuateHost", _host),
+    "add_member": Audited("AddHost", _host),
+    "remove_member": Audited("RemoveHost", _host),
     "drain_host": Audited("DrainHost", _host),
     "undrain_host": Audited("UndrainHost", _host),
     "add_image": Audited("AddImage", lambda a: f"image/{a['name']}", lambda a: f"from {a['path']}"),

@@ -638,6 +638,21 @@ class Access:
         self.require_admin(p, "evacuating hosts")
         return self.node.migrations.evacuate(host, requested_by=p.name)
 
+    def add_member(self, p: Principal, host) -> defer.Deferred:
+        """Makes ``host`` a consensus member (one host at a time, decided by the members)."""
+        self.require_admin(p, "adding hosts")
+        from vmwebd.gossip.pki import check_host_id
+        try:
+            check_host_id(host)
+        except Exception:
+            raise InvalidArgument("host", f"{host!r} is not a host id") from None
+        return self.node.leases.change_members(add=host).addCallback(list)
+
+    def remove_member(self, p: Principal, host) -> defer.Deferred:
+        """Removes ``host`` from the consensus members (one host at a time)."""
+        self.require_admin(p, "removing hosts")
+        return self.node.leases.change_members(remove=host).addCallback(list)
+
     def drain_host(self, p: Principal, host) -> defer.Deferred:
         self.require_admin(p, "draining hosts")
         return self.node.migrations.drain(host, requested_by=p.name)

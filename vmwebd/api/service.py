@@ -322,21 +322,14 @@ def make_user_service(node) -> type[Service]:
         @rpc(Unicode, _returns=Array(Unicode))
         def AddHost(ctx, host):
             """Makes a host a consensus member (one host at a time, decided by the members)."""
-            node.access.require_admin(_caller(ctx), "adding hosts")
             _required(host, "host")
-            from vmwebd.gossip.pki import check_host_id
-            try:
-                check_host_id(host)
-            except Exception:
-                raise InvalidArgument("host", f"{host!r} is not a host id") from None
-            return node.leases.change_members(add=host).addCallback(list)
+            return node.access.add_member(_caller(ctx), host)
 
         @rpc(Unicode, _returns=Array(Unicode))
         def RemoveHost(ctx, host):
             """Removes a host from the consensus members (one host at a time)."""
-            node.access.require_admin(_caller(ctx), "removing hosts")
             _required(host, "host")
-            return node.leases.change_members(remove=host).addCallback(list)
+            return node.access.remove_member(_caller(ctx), host)
 
         # -- users -----------------------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, Integer, _returns=UserInfo)
