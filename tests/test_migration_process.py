@@ -6,6 +6,7 @@ path runs against real libvirtd hosts in tests/test_realhosts_vmweb.py.
 from __future__ import annotations
 
 import os
+import signal
 import struct
 
 import pytest
@@ -94,11 +95,20 @@ def test_bad_migration_requests_get_specific_faults_and_change_nothing(grid):
     with pytest.raises(ApiFault) as e:
         user_client(grid.daemons[1].address, "carol").call("MigrateVm", "mig2", vm["name"], "")
     assert e.value.code == "Client.NotAuthorized"
-    # two moves of one VM at once: the second finds the lease taken
-    first = grid.client(0).call("MigrateVm", "mig2", vm["name"], "")
-    with pytest.raises(ApiFault) as e:
-        grid.client(2).call("MigrateVm", "mig2", vm["name"], "")
-    assert e.value.code == "Client.MigrationBusy"
+    # two moves of one VM at once: the second finds the lease taken. The first move's
+    # destination is frozen (SIGSTOP) while both are asked, so that move cannot end and give its
+    # lease back first, however slow the machine (host1, the grid's proposer, stays up).
+    dest = "host3" if vm["host"] == "host2" else "host2"
+    other = next(i for i, h in enumerate(("host1", "host2", "host3")) if h not in (dest, "host1"))
+    frozen = grid.daemons[int(dest[-1]) - 1].proc
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        first = grid.client(0).call("MigrateVm", "mig2", vm["name"], dest)
+        with pytest.raises(ApiFault) as e:
+            grid.client(other).call("MigrateVm", "mig2", vm["name"], "")
+        assert e.value.code == "Client.MigrationBusy"
+    finally:
+        frozen.send_signal(signal.SIGCONT)
     done = wait_until(lambda: finished(grid.client(0), first["id"]), 60, "the first migration")
     assert done["phase"] == "done"
 

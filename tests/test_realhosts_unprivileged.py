@@ -80,8 +80,29 @@ def grid(lab1_unprivileged, guest_artifacts, tmp_path):  # noqa: F811
         g.close()
 
 
+@pytest.fixture
+def reachable_artifacts(guest_artifacts):  # noqa: F811
+    """The guest's kernel and initramfs where QEMU's account can read them: the cache under the
+    repository may sit below a directory only root may enter (a checkout in a private temporary
+    directory), as a stock host's files would not."""
+    import shutil
+    import tempfile
+    from types import SimpleNamespace
+    from pathlib import Path
+    where = Path(tempfile.mkdtemp(prefix="vmweb-guest-", dir="/var/tmp"))
+    try:
+        where.chmod(0o755)
+        out = SimpleNamespace(kernel=where / "vmlinux", initrd=where / "initrd.img")
+        for src, dst in ((guest_artifacts.kernel, out.kernel), (guest_artifacts.initrd, out.initrd)):
+            shutil.copyfile(src, dst)
+            dst.chmod(0o644)
+        yield out
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, guest_artifacts):  # noqa: F811
+def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, reachable_artifacts):
     """A cluster's guest boots and reads its seed from a state directory made as the unit makes
     it, its QEMU running as libvirt-qemu; a VM whose image QEMU cannot reach is in error naming
     the file, the directory and the account."""
@@ -90,8 +111,8 @@ def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, gue
     qemu = pwd.getpwnam("libvirt-qemu")
     base = tmp / "tiny-base.qcow2"
     make_base_image(base, 128)
-    img, _ = g.vmweb(h1, "image", "add", "tiny", str(base), "--kernel", str(guest_artifacts.kernel),
-                     "--initrd", str(guest_artifacts.initrd), "--cmdline", "console=ttyS0 quiet")
+    img, _ = g.vmweb(h1, "image", "add", "tiny", str(base), "--kernel", str(reachable_artifacts.kernel),
+                     "--initrd", str(reachable_artifacts.initrd), "--cmdline", "console=ttyS0 quiet")
     assert img["hosts"] == ["h1"]
 
     c, r = g.vmweb(h1, "cluster", "create", "up", "--template", "tiny", "--owner", "admin",
