@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from vmwebd.dom.records import HostRec, TemplateRec, VClusterRec, VmRec, status_of
-from vmwebd.dom.records import UserRec
+from vmwebd.dom.records import HostRec, TemplateRec, UserRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.lease.capacity import Change
 from vmwebd.placement import HostLoad, place

@@ -115,10 +115,8 @@ class Allocator:
             if not ops:
                 return None
             self.ledger.begin(ops)
-            decided = False
             try:
                 yield self.table.cas(ops)
-                decided = True
             except LeaseConflict as c:
                 if not is_capacity_key(c.key):
                     raise
@@ -127,7 +125,7 @@ class Allocator:
                 view = dict(c.seen)
                 continue
             finally:
-                self.ledger.end(ops, decided)
+                self.ledger.end(ops)
             return ops
         raise AllocationContended(f"capacity sets kept moving: gave up after "
                                   f"{max_rounds or 2 * self.max_rounds} rounds")
@@ -178,15 +176,12 @@ class Allocator:
             ops = {k: (None, h) for k, h in claims.items()}
             ops.update(held)
             self.ledger.begin(held)
-            decided = False
             try:
                 yield self.table.cas(ops) if held else self.table.acquire(claims)
-                decided = True
             except LeaseConflict as c:
                 if is_capacity_key(c.key):
                     if change.applied(c.seen):
-                        decided = True      # decided after all; a set moved on since
-                        return vni, addrs
+                        return vni, addrs   # decided after all; a set moved on since
                     # A set moved (another placement decided meanwhile): place again from the
                     # values the round found.
                     view = dict(c.seen)
@@ -203,7 +198,7 @@ class Allocator:
                 continue
             finally:
                 self._claiming -= mine
-                self.ledger.end(held, decided)
+                self.ledger.end(held)
             return vni, addrs
         raise AllocationContended(
             f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "

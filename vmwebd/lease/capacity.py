@@ -190,7 +190,7 @@ class Ledger:
             if isinstance(u, SetUpdate):
                 self._pending.setdefault(k, []).append(u)
 
-    def end(self, ops: dict, decided: bool = False) -> None:
+    def end(self, ops: dict) -> None:
         for k, (u, _) in ops.items():
             lst = self._pending.get(k)
             if lst and u in lst:
