@@ -21,7 +21,7 @@ from vmwebd.lease.capacity import Change
 from vmwebd.placement import HostLoad, place
 from vmwebd.net import addressing
 from vmwebd.net.plan import bridge_name
-from vmwebd.reconcile import network_name
+from vmwebd.hv.naming import network_name
 from vmwebd.settings import drained_hosts, get_setting
 from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 

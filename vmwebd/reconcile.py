@@ -37,6 +37,7 @@ from vmwebd.dom.records import (HostRec, LeaseRec, MigrationRec, UserRec, VClust
                                 VmStatus, status_of)
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
+from vmwebd.hv.naming import PREFIX, domain_name, network_name, seed_name, volume_name
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.sweep import CapacitySweep
 from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
@@ -47,25 +48,6 @@ from vmwebd.net.plan import PlanCache, bridge_name, underlay_of
 from vmwebd.settings import get_setting
 
 log = Logger()
-PREFIX = "vmweb-"
-
-
-def domain_name(vm_id: str) -> str:
-    cluster, _, name = vm_id.partition("/")
-    return f"{PREFIX}{cluster}-{name}"
-
-
-def volume_name(vm_id: str) -> str:
-    return domain_name(vm_id) + ".qcow2"
-
-
-def network_name(cluster: str) -> str:
-    """The libvirt network clusters had before segments (removed where found)."""
-    return f"{PREFIX}{cluster}"
-
-
-def seed_name(vm_id: str) -> str:
-    return domain_name(vm_id) + ".seed.iso"
 
 
 @dataclass(frozen=True)

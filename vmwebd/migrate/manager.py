@@ -34,7 +34,6 @@ import os
 import secrets
 from pathlib import Path
 
-from lxml import etree
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
@@ -42,20 +41,20 @@ from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmR
 from vmwebd.errors import (HostAlive, HypervisorError, InvalidArgument, MigrationBusy,
                            NoCapacity, NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
 from vmwebd.hv.images import fetch_file
+from vmwebd.hv.naming import domain_name, volume_name
+from vmwebd.hv.xmlrewrite import retarget_xml
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.table import LeaseConflict
-from vmwebd.migrate.state import STALE_MS, TERMINAL, expired, in_flight, lease_holder, lease_key
+from vmwebd.migrate import balancer as bal
+from vmwebd.migrate import phases
+from vmwebd.migrate.phases import (Abort, CleanUp, Finish, MigrateMemory, Observations,
+                                   PrepareDest, RestoreDest, SaveMemory, Trigger)
+from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.cluster import capacity_limits, host_loads, reserved_loads
 from vmwebd.placement import HostLoad, place
-from vmwebd.settings import drain_record, drained_hosts
-from vmwebd.reconcile import domain_name, volume_name
+from vmwebd.settings import all_settings, drain_record, drained_hosts
 
 log = Logger()
-#: How long a migration may stay in ``prepare`` (the destination silent) before it is failed.
-PREPARE_TIMEOUT_S = 180.0
-#: How long the other host must stay out of the failure detector's live set before a migration
-#: waiting on it is failed: a loaded host flaps to "dead" for a few seconds and comes back.
-HOST_DOWN_GRACE_S = 60.0
 #: How long a host must have been dead (or gone) here before the VMs that never ran on it are
 #: re-placed without an admin: a loaded host flaps to "dead" and back within seconds.
 REPLACE_GRACE_S = 10.0
@@ -114,6 +113,8 @@ class MigrationManager:
         self.cert_dir = cert_dir
         self.overcommit = overcommit
         self.migrate_uri = ""        # what this host publishes for live migrations to it
+        #: When migrations are given up (prepare timeout, grace for a dead peer, abandonment).
+        self.limits = phases.DEFAULT_LIMITS
         self._working: set[str] = set()
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
@@ -185,10 +186,9 @@ class MigrationManager:
     def mode_for(self, vm: VmRec, dest: str) -> str:
         src, dst = self.dom.get(HostRec, vm.host), self.dom.get(HostRec, dest)
         st = status_of(self.dom, vm)
-        running = st is not None and st.state == "running"
-        if running and src is not None and dst is not None and src.migrate_uri and dst.migrate_uri:
-            return "live"
-        return "cold"
+        return phases.choose_mode(st is not None and st.state == "running",
+                                  src.migrate_uri if src is not None else "",
+                                  dst.migrate_uri if dst is not None else "")
 
     @defer.inlineCallbacks
     def request(self, cluster: str, vm: str, dest: str | None = None,
@@ -484,15 +484,15 @@ class MigrationManager:
         self.resume()
 
     def resume(self) -> None:
-        """After a restart: migrations this host was in the middle of cannot be trusted."""
+        """After a restart: migrations this host was in the middle of cannot be trusted as a
+        source (see :data:`phases.SOURCE_LOST_ON_RESTART`); the others are taken up again."""
         now = self.now_ms()
         for m in self.dom.all(MigrationRec):
-            if m.phase in TERMINAL or now - m.started_at >= STALE_MS:
-                continue
-            if m.source == self.host_id and m.phase in ("migrating", "saved"):
-                self._fail(m, m.phase, f"host {self.host_id} restarted during phase {m.phase!r}")
-            else:
-                self.kick(m.id)
+            action = self._decide(m, now, Trigger.RESTARTED)
+            if isinstance(action, Abort):
+                self._fail(m, action.phase, action.reason)
+            elif not isinstance(action, phases.Nothing):
+                self.kick(m.id)   # acts (or waits) as on any change, one step at a time
 
     def sweep(self) -> defer.Deferred:
         """The source fails its migrations stuck on a destination that is gone or silent, and
@@ -509,17 +509,14 @@ class MigrationManager:
         ds = []
         migrations = self.dom.all(MigrationRec)
         for m in migrations:
-            if m.source != self.host_id or m.phase not in ("prepare", "saved") or \
-                    now - m.started_at >= STALE_MS:
+            peer = phases.watched_peer(m, self.host_id, now, self.limits)
+            if peer is None:
                 continue
-            if m.dest not in live:
-                since = self._down_since.setdefault(m.dest, now)
-                if now - since >= HOST_DOWN_GRACE_S * 1000:
-                    ds.append(self._fail(m, m.phase, f"host {m.dest} has not been alive for "
-                                         f"{(now - since) / 1000:.0f} s"))
-            elif m.phase == "prepare" and now - m.started_at > PREPARE_TIMEOUT_S * 1000:
-                ds.append(self._fail(m, m.phase, f"host {m.dest} did not prepare within "
-                                     f"{PREPARE_TIMEOUT_S:.0f} s"))
+            # The grace starts when this sweep first finds the peer out of the live set.
+            since = self._down_since.setdefault(peer, now) if peer not in live else None
+            action = self._decide(m, now, Trigger.SWEEP, peer_down_since=since)
+            if isinstance(action, Abort):
+                ds.append(self._fail(m, action.phase, action.reason))
         old = expired(migrations, self.host_id, now)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
@@ -548,7 +545,6 @@ class MigrationManager:
     # -- the load balancer (docs/balancer.md) ---------------------------------------------
     def balancer_inputs(self):
         """Hosts and VMs as this replica sees them, in the balancer's terms."""
-        from vmwebd.migrate import balancer as bal
         live = self.placeable_hosts()
         hosts = {h.id: h for h in self.dom.all(HostRec) if h.liveness != "left" and h.cpus > 0}
         used = {h: [0, 0] for h in hosts}
@@ -575,7 +571,6 @@ class MigrationManager:
     def balance(self, policy):
         """One look of this host at its load; starts at most one migration. Fires with the
         migration started, or None."""
-        from vmwebd.migrate import balancer as bal
         if not policy.enabled:
             return None
         now = int(self.now_ms())
@@ -607,8 +602,6 @@ class MigrationManager:
 
     def _check_balancer_move(self, m: MigrationRec, vm: VmRec) -> None:
         """The destination's own look at a balancer's proposal, with its own fresh load."""
-        from vmwebd.migrate import balancer as bal
-        from vmwebd.settings import all_settings
         policy = bal.policy_from_settings(all_settings(self.dom))
         hosts, vms, flying = self.balancer_inputs()
         flying = [f for f in flying if f.vm_id != m.vm]
@@ -632,7 +625,7 @@ class MigrationManager:
         if len(parts) != 2 or parts[1] not in ("state", "disk"):
             return None
         m = self.dom.get(MigrationRec, parts[0])
-        if m is None or m.source != self.host_id or m.dest != peer or m.phase != "saved":
+        if not phases.serves_file(m, self.host_id, peer):
             return None
         if parts[1] == "state":
             return self._state_path(m)
@@ -660,44 +653,57 @@ class MigrationManager:
                 self.kick(mid)
         d.addBoth(done)
 
+    def _decide(self, m: MigrationRec, now, trigger: Trigger = Trigger.CHANGED,
+                peer_down_since: int | None = None) -> phases.Action:
+        """The phase machine's answer for ``m`` here, with what this host observes."""
+        dest = self.dom.get(HostRec, m.dest)
+        obs = Observations(trigger=trigger, peer_down_since=peer_down_since,
+                           dest_migrate_uri=dest.migrate_uri if dest is not None else "",
+                           volumes_on_disk=bool(self.driver.volumes_on_disk))
+        return phases.decide(m, self.dom.get(VmRec, m.vm), self.host_id, int(now), obs,
+                             self.limits)
+
     @defer.inlineCallbacks
     def _step(self, mid: str):
+        """Carries out the phase machine's answer for migration ``mid`` here."""
         m = self.dom.get(MigrationRec, mid)
-        if m is None or self.now_ms() - m.started_at >= STALE_MS and m.phase not in TERMINAL:
+        if m is None:
             return
         me = self.host_id
-        acting = ((m.phase in ("prepare", "saved") and m.dest == me)
-                  or (m.phase in ("ready", "restored") and m.source == me))
-        if acting:
+        action = self._decide(m, self.now_ms())
+        if isinstance(action, (*phases.ACTING, Abort)):
             log.info("migration {mid} of {vm}: host {host} acts on phase {phase}", mid=m.id,
                      vm=m.vm, host=me, phase=m.phase)
+        if isinstance(action, Abort):
+            yield self._fail(m, action.phase, action.reason)
+            return
         try:
-            if m.phase == "prepare" and m.dest == me:
-                yield self._prepare(m)
-            elif m.phase == "ready" and m.source == me:
-                yield (self._live(m) if m.mode == "live" else self._save(m))
-            elif m.phase == "saved" and m.dest == me:
-                yield self._restore(m)
-            elif m.phase == "restored" and m.source == me:
+            if isinstance(action, PrepareDest):
+                yield self._prepare(m, action)
+            elif isinstance(action, MigrateMemory):
+                yield self._live(m, action)
+            elif isinstance(action, SaveMemory):
+                yield self._save(m, action)
+            elif isinstance(action, RestoreDest):
+                yield self._restore(m, action)
+            elif isinstance(action, Finish):
                 yield self._finish_cold(m)
-            elif m.phase == "failed":
-                yield self._cleanup_failed(m)
+            elif isinstance(action, CleanUp):
+                yield self._cleanup_failed(m, action)
         except VmwebError as e:
-            cur = self.dom.get(MigrationRec, mid)
-            if cur is not None and cur.phase not in TERMINAL:
-                yield self._fail(cur, m.phase, f"on host {me}: {e}")
+            after = phases.after_error(m, self.dom.get(MigrationRec, mid), me, str(e))
+            if isinstance(after, Abort):
+                yield self._fail(self.dom.get(MigrationRec, mid), after.phase, after.reason)
 
     def _vm_rec(self, m: MigrationRec) -> VmRec:
-        vm = self.dom.get(VmRec, m.vm)
-        if vm is None or vm.desired == "absent":
-            raise VmwebError(f"VM {m.vm!r} is gone")
-        return vm
+        """The VM being moved (the phase machine checked it is there before an action)."""
+        return self.dom.get(VmRec, m.vm)
 
     # -- destination -----------------------------------------------------------------------
     @defer.inlineCallbacks
-    def _prepare(self, m: MigrationRec):
+    def _prepare(self, m: MigrationRec, action: PrepareDest):
         vm = self._vm_rec(m)
-        if m.requested_by == "balancer":
+        if action.check_balancer:
             self._check_balancer_move(m, vm)
         cluster = self.dom.get(VClusterRec, vm.cluster)
         if cluster is None:
@@ -721,17 +727,17 @@ class MigrationManager:
                             dest_seed=seed or "")
 
     @defer.inlineCallbacks
-    def _restore(self, m: MigrationRec):
+    def _restore(self, m: MigrationRec, action: RestoreDest):
         vm = self._vm_rec(m)
         cluster = self.dom.get(VClusterRec, vm.cluster)
         image = yield self.images.ensure(vm.image)
         src_addr = self.peer_address_of(m.source)
         work = Path(self.storage.dir)
         state = None
-        if m.disk_bytes and self.driver.volumes_on_disk:
+        if action.fetch_disk:
             yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/disk",
                                         Path(m.dest_disk), self.cert_dir, m.source)
-        if m.bytes > m.disk_bytes:  # a memory state was saved
+        if action.fetch_state:  # a memory state was saved
             state = work / f".migrate-{m.id}.state"
             yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/state", state,
                                         self.cert_dir, m.source)
@@ -747,31 +753,27 @@ class MigrationManager:
 
     # -- source ----------------------------------------------------------------------------
     @defer.inlineCallbacks
-    def _live(self, m: MigrationRec):
+    def _live(self, m: MigrationRec, action: MigrateMemory):
         vm = self._vm_rec(m)
         name = domain_name(vm.id)
-        dest = self.dom.get(HostRec, m.dest)
-        if dest is None or not dest.migrate_uri:
-            raise HypervisorError(f"host {m.dest!r} publishes no migration URI")
         overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
         xml = yield self.driver.domain_xml(name)
         dest_xml = retarget_xml(xml, m.dest_disk, m.dest_console, m.dest_seed)
-        cur = self.dom.get(MigrationRec, m.id)
-        if cur is None or cur.phase != "ready":
+        if not phases.still_ready(self.dom.get(MigrationRec, m.id)):
             return  # failed (or abandoned) while we looked at the domain: do not start
         m = yield self._advance(m, "migrating", disk_bytes=overlay)
-        stats = yield self.driver.migrate_live(name, dest.migrate_uri, dest_xml)
+        stats = yield self.driver.migrate_live(name, action.uri, dest_xml)
         moved = stats.memory_bytes + max(stats.disk_bytes, overlay)
         yield self._done(m, vm, bytes=moved, total_ms=stats.total_ms, downtime_ms=stats.downtime_ms)
         yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
 
     @defer.inlineCallbacks
-    def _save(self, m: MigrationRec):
+    def _save(self, m: MigrationRec, action: SaveMemory):
         vm = self._vm_rec(m)
         name = domain_name(vm.id)
         info = yield self.driver.state(name)
         overlay = 0
-        if self.driver.volumes_on_disk:
+        if action.measure_overlay:
             overlay = yield self.driver.volume_allocation(self.storage.pool, volume_name(vm.id))
             overlay = max(overlay, 1)  # says "a disk file follows" even for an empty overlay
         state_bytes = 0
@@ -822,9 +824,7 @@ class MigrationManager:
 
     @defer.inlineCallbacks
     def _fail(self, m: MigrationRec, phase: str, message: str):
-        vm = self.dom.get(VmRec, m.vm)
-        cur = self.dom.get(MigrationRec, m.id)
-        if (vm is not None and vm.host == m.dest) or (cur is not None and cur.phase in TERMINAL):
+        if not phases.may_fail(m, self.dom.get(MigrationRec, m.id), self.dom.get(VmRec, m.vm)):
             return  # it ended (the source records the VM's new host first): nothing to fail
         log.warn("migration {mid} of {vm} failed in phase {phase}: {msg}", mid=m.id, vm=m.vm,
                  phase=phase, msg=message)
@@ -858,16 +858,15 @@ class MigrationManager:
         return d
 
     @defer.inlineCallbacks
-    def _cleanup_failed(self, m: MigrationRec):
-        vm = self.dom.get(VmRec, m.vm)
-        if m.dest == self.host_id and (vm is None or vm.host != self.host_id):
+    def _cleanup_failed(self, m: MigrationRec, action: CleanUp):
+        if action.remove_dest_copy:
             yield self.driver.destroy(domain_name(m.vm))
             yield self.driver.undefine(domain_name(m.vm))
             yield self.driver.delete_volume(self.storage.pool, volume_name(m.vm))
-        if m.source == self.host_id:
+        if action.source_side:
             state = self._state_path(m)
             exists = yield threads.deferToThread(state.exists)
-            if exists and vm is not None and vm.host == self.host_id:
+            if exists and action.restore_saved:
                 # A cold move failed after the save: bring the VM back as it was.
                 try:
                     yield self.driver.restore(str(state))
@@ -883,25 +882,3 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def retarget_xml(xml: str, disk: str, console: str, seed: str = "") -> str:
-    """The domain XML with the disk, seed and serial log paths the destination chose."""
-    root = etree.fromstring(xml.encode())
-    if disk:
-        for el in root.iterfind("devices/disk"):
-            src = el.find("source")
-            if el.get("device", "disk") == "disk" and src is not None and src.get("file") is not None:
-                src.set("file", disk)
-                break
-    if seed:
-        for el in root.iterfind("devices/disk[@device='cdrom']"):
-            src = el.find("source")
-            if src is not None and src.get("file") is not None:
-                src.set("file", seed)
-    for dev in ("serial", "console"):
-        for el in root.iterfind(f"devices/{dev}"):
-            src = el.find("source")
-            if el.get("type") == "file" and src is not None and console:
-                src.set("path", console)
-    return etree.tostring(root, encoding="unicode")
