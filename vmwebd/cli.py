@@ -391,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     vmig.add_argument("--no-wait", action="store_true", help="answer once the move is reserved")
     vmig.add_argument("--timeout", type=seconds_arg, default=600.0, metavar="SECONDS",
                       help="seconds to follow it (default 600); exit 4 when they pass")
+    vcon = vsub.add_parser("console", help="the VM's serial console, through whichever host --host names "
+                                           "(raw terminal; Ctrl-] leaves)")
+    _complete_with(vcon.add_argument("cluster", help="the VM's cluster"), CLUSTER_NAMES)
+    vcon.add_argument("vm", help="the VM's name in its cluster (vmweb cluster show lists them)")
+    vcon.add_argument("--escape", default="^]", metavar="KEY",
+                      help="the key that leaves the console, as ^X (default ^], i.e. Ctrl-])")
     sub.add_parser("migrations", help="list migrations (phase, bytes moved, time, downtime)")
     au = sub.add_parser("audit", help="changes asked of the grid, newest first (an admin sees "
                                       "everyone's, a user their own)")
@@ -856,6 +862,123 @@ def run(args, client, out=sys.stdout) -> int:
     return 0
 
 
+def escape_key(text: str) -> bytes:
+    """The byte of ``^X`` (a control key: ``^]`` is 0x1d), or of one plain character."""
+    if len(text) == 2 and text[0] == "^" and 0x3f <= ord(text[1].upper()) <= 0x5f:
+        return bytes([ord(text[1].upper()) ^ 0x40])
+    if len(text) == 1 and ord(text) < 0x80:
+        return text.encode()
+    raise ValueError(f"--escape {text!r}: give ^X (a control key such as ^]) or one ASCII character")
+
+
+def console_loop(conn, escape: bytes, stdin_fd: int, out, err) -> int:
+    """Copies the terminal's keys to the console and its output to ``out`` (a binary file)
+    until ``escape`` is typed (exit 0), the console ends (0) or is refused (1). The terminal
+    is put in raw mode (every key goes to the guest, Ctrl-C included, as with ``virsh console``)
+    and restored on every way out: the escape, the console's end, an error, a signal."""
+    import select
+    import signal
+    import threading
+    is_tty = os.isatty(stdin_fd)
+    saved = None
+    if is_tty:
+        import termios
+        import tty
+        saved = termios.tcgetattr(stdin_fd)
+    wake_r, wake_w = os.pipe()
+    result = {"code": 0, "line": ""}
+
+    def reader():
+        try:
+            while True:
+                kind, data = conn.recv()
+                if kind == "output":
+                    out.write(data)
+                    out.flush()
+                elif kind == "ready":
+                    continue
+                else:
+                    if kind == "error":
+                        result["code"], result["line"] = EXIT_REFUSED, f"vmweb: {conn.code}: {data}"
+                    elif data:
+                        result["line"] = f"vmweb: {data}"
+                    return
+        except OSError as e:     # the terminal went away
+            result["line"] = f"vmweb: the console output could not be written: {e.strerror}"
+        finally:
+            os.write(wake_w, b"x")
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+    handlers = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    thread = threading.Thread(target=reader, name="console output", daemon=True)
+    try:
+        if saved is not None:
+            tty.setraw(stdin_fd)
+            err.write(f"Connected to the console of {conn.what}; {args_escape_name(escape)} leaves.\r\n")
+            err.flush()
+        thread.start()
+        while True:
+            ready, _, _ = select.select([stdin_fd, wake_r], [], [])
+            if wake_r in ready:
+                break
+            data = os.read(stdin_fd, 4096)
+            if not data:             # standard input ended (not a terminal): leave
+                break
+            if escape in data:
+                before = data[:data.index(escape)]
+                if before:
+                    conn.send(before)
+                break
+            conn.send(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        conn.close()
+        thread.join(5)
+        os.close(wake_r)
+        os.close(wake_w)
+    if result["line"]:
+        err.write(("\n" if is_tty else "") + result["line"] + "\n")
+    return result["code"]
+
+
+def args_escape_name(escape: bytes) -> str:
+    return f"Ctrl-{chr(escape[0] ^ 0x40)}" if escape[0] < 0x20 else repr(escape.decode())
+
+
+def run_console(args, user, password) -> int:
+    """``vmweb vm console CLUSTER VM``: see :func:`console_loop`."""
+    from vmwebd.client import ApiTlsError, ConsoleConnection, ConsoleRefused
+    try:
+        escape = escape_key(args.escape)
+    except ValueError as e:
+        print(f"vmweb: argument {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        conn = ConsoleConnection(args.host, args.cluster, args.vm, user=user, password=password,
+                                 ca=args.ca or None)
+    except (ValueError, FileNotFoundError) as e:
+        arg = "--ca" if isinstance(e, FileNotFoundError) else "--host"
+        print(f"vmweb: argument {arg}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiTlsError as e:
+        print(f"vmweb: {e}; give --ca FILE or set VMWEB_CA to the CA that issued it", file=sys.stderr)
+        return EXIT_USAGE
+    except ConsoleRefused as e:
+        hint = ("; give --user, or set VMWEB_USER and VMWEB_PASSWORD, or VMWEB_CREDENTIALS"
+                if e.code == "Client.NotAuthorized" and user is None else "")
+        print(f"vmweb: {e.code}: {e.message}{hint}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as e:
+        print(f"vmweb: cannot reach vmwebd at {args.host} ({e.strerror or type(e).__name__}); "
+              f"give --host HOST:PORT or set VMWEB_HOST", file=sys.stderr)
+        return EXIT_USAGE
+    return console_loop(conn, escape, sys.stdin.fileno(), sys.stdout.buffer, sys.stderr)
+
+
 def check_combinations(ap: argparse.ArgumentParser, args) -> None:
     """Usage errors argparse cannot see alone, found before anything is done (exit 2), shown
     with the command's own usage line."""
@@ -907,6 +1030,8 @@ def main(argv=None) -> int:
         user, password = credentials(args)
     except VmwebError as e:
         return _fail(e)
+    if args.cmd == "vm" and args.action == "console":
+        return run_console(args, user, password)
     try:
         try:
             client = ApiClient(args.host, user=user, password=password, ca=args.ca or None)

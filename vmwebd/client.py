@@ -159,3 +159,116 @@ def _plain(value):
     if isinstance(value, list):
         return [_plain(x) for x in value]
     return value
+
+
+# -- a VM's console ------------------------------------------------------------------------------
+
+class ConsoleRefused(Exception):
+    """The host refused the console (a 401, an ``error`` event); ``code`` as a SOAP faultcode."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ConsoleConnection:
+    """A VM's console over a host's ``/console/CLUSTER/VM`` WebSocket (see docs/console.md):
+    ``recv()`` answers ``("output", bytes)`` or ``("ready"|"error"|"end", message)`` (an error's
+    faultcode left in ``code``); ``send``
+    sends keystrokes in pieces the host takes (at most ``CHUNK`` bytes a message)."""
+
+    #: The largest message sent (the host takes up to 64 KiB).
+    CHUNK = 16 * 1024
+
+    def __init__(self, address: str, cluster: str, vm: str, user: str | None = None,
+                 password: str | None = None, ca: str | Path | None = None, timeout: float = 30.0):
+        import base64
+        from urllib.parse import quote
+
+        import websocket     # websocket-client: a small blocking client, no server code
+        self._ws_mod = websocket
+        base = base_url(address)
+        scheme, _, rest = base.partition("://")
+        url = f"{'wss' if scheme == 'https' else 'ws'}://{rest}/console/{quote(cluster, safe='')}/{quote(vm, safe='')}"
+        self.what = f"{cluster}/{vm}"
+        self.code = ""
+        headers = []
+        if user is not None:
+            token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+            headers.append(f"Authorization: Basic {token}")
+        sslopt = {"cert_reqs": ssl.CERT_REQUIRED}
+        if ca is not None:
+            if not Path(ca).is_file():
+                raise FileNotFoundError(f"CA file {str(ca)!r} does not exist")
+            sslopt["ca_certs"] = str(ca)
+        else:
+            cafile = default_ca_file()
+            if isinstance(cafile, str):
+                sslopt["ca_certs"] = cafile
+        try:
+            self.ws = websocket.create_connection(url, header=headers, sslopt=sslopt, timeout=timeout,
+                                                  suppress_origin=True, enable_multithread=True)
+        except websocket.WebSocketBadStatusException as e:
+            body = (e.resp_body or b"").decode("utf-8", "replace").strip()
+            if e.status_code == 401:
+                raise ConsoleRefused("Client.NotAuthorized", body or "user name or password refused") from None
+            raise ConsoleRefused("Client" if e.status_code < 500 else "Server",
+                                 f"HTTP {e.status_code}: {body}") from None
+        except ssl.SSLCertVerificationError as e:
+            raise ApiTlsError(base, f"certificate verify failed: {e.verify_message}".rstrip(".")) from None
+        except ssl.SSLError as e:
+            raise ApiTlsError(base, str(e), certificate=False) from None
+        except websocket.WebSocketException as e:      # not a WebSocket there, a bad answer
+            raise ConnectionError(f"no console WebSocket at {base}: {e}") from None
+        # Wait for the host to attach us (what the console printed lately comes first).
+        self._backlog: list = []
+        while True:
+            kind, data = self._recv()
+            if kind == "ready":
+                break
+            if kind == "output":
+                self._backlog.append((kind, data))
+                continue
+            self.close()
+            raise ConsoleRefused(self.code or "Server.ConsoleUnavailable", data)
+        self.ws.settimeout(None)
+
+    def recv(self):
+        """The next output or event; ``("end", why)`` when the connection closed."""
+        if self._backlog:
+            return self._backlog.pop(0)
+        return self._recv()
+
+    def _recv(self):
+        ws = self._ws_mod
+        try:
+            opcode, data = self.ws.recv_data()
+        except (ws.WebSocketConnectionClosedException, OSError):
+            return "end", f"the connection to the console of {self.what} was lost"
+        except ws.WebSocketTimeoutException:
+            return "error", f"the host did not answer within {self.ws.gettimeout()} s"
+        if opcode == ws.ABNF.OPCODE_BINARY:
+            return "output", data
+        if opcode == ws.ABNF.OPCODE_TEXT:
+            import json
+            try:
+                doc = json.loads(data)
+                self.code = str(doc.get("code") or "Server.ConsoleUnavailable")
+                return str(doc["event"]), str(doc.get("message", ""))
+            except (ValueError, KeyError, TypeError):
+                return "error", "the host sent a malformed event"
+        return "end", f"the console of {self.what} closed"
+
+    def send(self, data: bytes) -> None:
+        for i in range(0, len(data), self.CHUNK):
+            self.ws.send_binary(data[i:i + self.CHUNK])
+
+    def close(self) -> None:
+        try:
+            self.ws.close(timeout=2)
+        except Exception:
+            pass     # already gone: nothing to release but the socket, which close() freed
+

@@ -31,6 +31,8 @@ from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import Bundle
 from vmwebd.gossip.pki import load_host_credentials
 from vmwebd.gossip.service import GossipService, PeerClient, load_state
+from vmwebd.console.hub import ConsoleService
+from vmwebd.console.wire import PeerConsoleResource, Relay, UserConsoleResource
 from vmwebd.history import HistoryService
 from vmwebd.hv import open_driver
 from vmwebd.hv.images import FileResource, ImageStore, image_resolver
@@ -154,6 +156,7 @@ class Node:
         if cfg.storage.console_dir and self.driver.runs_guests:
             yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
         self.history = HistoryService(self)      # its ring is served on the peer endpoint
+        self.consoles = ConsoleService(self)     # VMs' serial consoles (vmwebd/console/)
         yield self._start_peers()
         if cfg.metrics.enabled:
             self.metrics.registry.register(StateCollector(
@@ -216,6 +219,8 @@ class Node:
         root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
         root.putChild(b"history", self.history.resource(tls.peer_host_id))    # vmwebd/history.py
+        root.putChild(b"console", PeerConsoleResource(self.consoles, tls.peer_host_id))
+        self.consoles.relay = Relay(self)
         # Peers POST SOAP, never HTML forms: without form parsing, twisted.web does not read
         # the Content-Type of every request with the email package (~7% of a busy host's CPU).
         site = QuietSite(root, parsePOSTFormSubmission=False)
@@ -481,6 +486,7 @@ class Node:
         root = WebRoot(self)
         root.putChild(b"soap", BasicAuthGuard(build_user_api(self, self.config.limits.max_request_bytes),
                                               self.authn))
+        root.putChild(b"console", UserConsoleResource(self.consoles, root.session_user, self.authn))
         mcfg = self.config.metrics
         if mcfg.enabled:
             root.putChild(b"metrics", MetricsPage(self.metrics.registry, mcfg.auth, self.authn,
@@ -551,6 +557,8 @@ class Node:
                          "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
         if self.peer_port is not None:
             yield self.peer_port.stopListening()
+        if getattr(self, "consoles", None) is not None:
+            yield self.consoles.stop()
         if self.reconciler is not None:
             # A pass still running uses the driver: closing it under the pass failed each of
             # its VMs with "driver is closed" in the log of every clean stop.

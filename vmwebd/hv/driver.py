@@ -242,6 +242,16 @@ class Driver(abc.ABC):
         """Fire with the domain's definition as XML (migratable form)."""
         raise NotImplementedError
 
+    # -- console ---------------------------------------------------------------------------
+    def open_console(self, name: str) -> Deferred:
+        """Fire with a :class:`ConsoleStream` on running domain ``name``'s serial console (opened
+        off the reactor thread); ``HypervisorError`` naming the domain when it has none, is not
+        running, or the driver cannot open consoles."""
+        from twisted.internet.defer import fail
+        from vmwebd.errors import HypervisorError
+        return fail(HypervisorError(f"open the console of domain {name!r}: this hypervisor "
+                                    f"driver has no consoles"))
+
     # -- host ------------------------------------------------------------------------------
     @abc.abstractmethod
     def host_facts(self) -> Deferred:
@@ -250,3 +260,27 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     def close(self) -> Deferred:
         """Release the connection and threads; later calls fail with ``HypervisorError``."""
+
+
+class ConsoleStream(abc.ABC):
+    """A domain's serial console as a blocking byte stream, for threads, never the reactor.
+
+    One thread reads until ``read`` answers ``b""`` (the console ended, or ``interrupt`` was
+    called), one thread writes, any other thread may ``interrupt``; ``release`` frees everything
+    and is called once, by the reader, after its last read and the writer's last write."""
+
+    @abc.abstractmethod
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes the guest wrote, blocking until some come; ``b""`` at the end."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Sends all of ``data`` to the guest (blocking while the console does not take it)."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Makes a blocked ``read`` (and any later one) end with ``b""``."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Frees the console's connection, descriptors or processes."""

@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vmwebd.errors import HypervisorError, NoSuchDomain
 from vmwebd.hv import perms, xmlgen
-from vmwebd.hv.driver import DomainInfo, Driver, DomainSpec, HostFacts, MigrationStats
+from vmwebd.hv.driver import ConsoleStream, DomainInfo, Driver, DomainSpec, HostFacts, MigrationStats
 
 
 def _ignore_libvirt_error(_ctx, _err):
@@ -321,6 +321,38 @@ class LibvirtDriver(Driver):
 
         return self._run("get metadata of", f"domain {name!r}", get_metadata)
 
+    # -- console ---------------------------------------------------------------------------
+    def open_console(self, name: str) -> Deferred:
+        """A :class:`LibvirtConsole` on running domain ``name``'s serial console, on a connection
+        of its own: its reads block for as long as the console stays open, and this driver's one
+        thread must stay free for everything else. Opened on the reactor's thread pool.
+        ``VIR_DOMAIN_CONSOLE_FORCE``: a session left open (a console closed a moment ago whose
+        stream the daemon has not freed yet, or a ``virsh console``) is taken over."""
+        if self._closed:
+            return fail(HypervisorError(f"open the console of domain {name!r} on {self.uri}: "
+                                        f"driver is closed"))
+        uri, opener = self.uri, self._open_connection
+
+        def open_console():  # a pool thread
+            try:
+                conn = opener(uri)
+            except libvirt.libvirtError as e:
+                raise HypervisorError(f"open connection to {uri}: {e.get_error_message() or e}") from e
+            try:
+                dom = conn.lookupByName(name)
+                if not dom.isActive():
+                    raise HypervisorError(f"open the console of domain {name!r} on {uri}: it is not running")
+                stream = conn.newStream(0)
+                dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+            except libvirt.libvirtError as e:
+                conn.close()
+                raise self._error("open the console of", f"domain {name!r}", e) from e
+            except BaseException:
+                conn.close()
+                raise
+            return LibvirtConsole(conn, stream, f"domain {name!r} on {uri}")
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), open_console)
+
     # -- storage ---------------------------------------------------------------------------
     def ensure_pool(self, name: str, path: str) -> Deferred:
         def ensure_pool(conn):
@@ -570,3 +602,49 @@ class LibvirtDriver(Driver):
 
 
 __all__ = ["LibvirtDriver", "probe_local_host"]
+
+
+class LibvirtConsole(ConsoleStream):
+    """A domain's console through a blocking ``virStream`` on a connection of its own (see
+    :meth:`LibvirtDriver.open_console`); used from threads only."""
+
+    def __init__(self, conn, stream, what: str):
+        self._conn, self._stream, self.what = conn, stream, what
+        self._interrupted = False
+
+    def read(self, n: int) -> bytes:
+        if self._interrupted:
+            return b""
+        try:
+            data = self._stream.recv(n)
+        except libvirt.libvirtError as e:
+            if self._interrupted:
+                return b""
+            raise HypervisorError(f"read the console of {self.what}: {e.get_error_message() or e}") from e
+        return data if isinstance(data, bytes) else b""
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self._interrupted:
+            try:
+                sent = self._stream.send(bytes(view))
+            except libvirt.libvirtError as e:
+                raise HypervisorError(f"write to the console of {self.what}: {e.get_error_message() or e}") from e
+            if sent < 0:
+                raise HypervisorError(f"write to the console of {self.what}: the stream refused it")
+            view = view[sent:]
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+        try:
+            self._stream.abort()
+        except libvirt.libvirtError:
+            pass    # ended already (the domain stopped): nothing left to wake
+
+    def release(self) -> None:
+        if not self._interrupted:
+            self.interrupt()
+        try:
+            self._conn.close()
+        except libvirt.libvirtError:
+            pass
