@@ -40,8 +40,9 @@ Relative paths (state dir, storage dir, templates dir, ``test:`` URIs, API certi
 resolved against the
 directory of the configuration file, so a config works wherever its directory is moved to.
 
-The safe XML reader used here (:func:`parse_xml`, :func:`read_xml_file`) is shared with
-:mod:`vmwebd.templates`: no DTD, no entities, no network, bounded size.
+XML is read with :mod:`vmwebd.xmlsafe` (no DTD, no entities, no network, bounded size), through
+:func:`parse_xml` and :func:`read_xml_file`, which :mod:`vmwebd.templates` uses too: they turn its
+refusals into :class:`~vmwebd.errors.ConfigError`.
 """
 from __future__ import annotations
 
@@ -56,9 +57,12 @@ from typing import Iterator
 
 from lxml import etree
 
+from vmwebd import xmlsafe
 from vmwebd.apitls import TLS_MODES, CertFileError, check_cert_files
 from vmwebd.errors import ConfigError
+from vmwebd.ids import HOST_ID_RE, HOST_ID_RULE, is_host_id
 from vmwebd.net import addressing
+from vmwebd.xmlsafe import UnsafeXml
 
 # -- defaults (each one documented) ------------------------------------------------------------
 
@@ -101,7 +105,6 @@ MAX_XML_FILE_BYTES = 1024 * 1024
 
 # -- value types -------------------------------------------------------------------------------
 
-_HOST_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 _POOL_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 _LIBVIRT_POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -371,66 +374,34 @@ class Config:
 # -- safe XML reading (shared with templates.py) -----------------------------------------------
 
 
-def _parser() -> etree.XMLParser:
-    # No DTD loading, no entity expansion, no network; comments are dropped so they never
-    # count as content. huge_tree stays off (libxml2's own depth/size limits apply).
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_comments=True,
-    )
+# comments are dropped so they never count as content.
+_XML_OPTIONS = {"remove_comments": True}
 
 
-def _line_of(data: bytes, needle: bytes) -> int | None:
-    i = data.find(needle)
-    return data.count(b"\n", 0, i) + 1 if i >= 0 else None
+def _config_error(e: UnsafeXml) -> ConfigError:
+    return ConfigError(e.source, e.line, "file" if e.field == "size" else e.field, e.reason)
 
 
 def parse_xml(data: bytes, source: str, max_bytes: int = MAX_XML_FILE_BYTES) -> etree._Element:
     """Parse untrusted XML safely into its root element, or raise ConfigError naming ``source``.
 
     Refuses documents larger than ``max_bytes``, any DOCTYPE (hence any entity declaration),
-    entity references and processing instructions.
+    entity references and processing instructions (:func:`vmwebd.xmlsafe.parse`, strict).
     """
-    if len(data) > max_bytes:
-        raise ConfigError(source, None, "file",
-                          f"is {len(data)} bytes, larger than the {max_bytes}-byte limit")
-    # Look for a DOCTYPE before parsing, so that a document whose entities would not even parse
-    # is refused for the real reason; the docinfo check below catches other encodings.
-    doctype_line = _line_of(data, b"<!DOCTYPE")
-    if doctype_line is not None:
-        raise ConfigError(source, doctype_line, "DOCTYPE", "DOCTYPE and entity declarations are not allowed")
     try:
-        root = etree.fromstring(data, _parser())
-    except etree.XMLSyntaxError as e:
-        raise ConfigError(source, e.lineno or None, "xml", f"not well-formed XML: {e.msg}") from None
-    tree = root.getroottree()
-    if tree.docinfo.doctype or tree.docinfo.internalDTD is not None:
-        line = _line_of(data, b"<!DOCTYPE") or 1
-        raise ConfigError(source, line, "DOCTYPE", "DOCTYPE and entity declarations are not allowed")
-    for node in root.iter(etree.Entity, etree.ProcessingInstruction):
-        kind = "entity references" if isinstance(node, etree._Entity) else "processing instructions"
-        raise ConfigError(source, node.sourceline, "xml", f"{kind} are not allowed")
-    prev = root.getprevious()
-    while prev is not None:  # processing instructions before the root element
-        if isinstance(prev, etree._ProcessingInstruction):
-            raise ConfigError(source, prev.sourceline, "xml", "processing instructions are not allowed")
-        prev = prev.getprevious()
-    return root
+        return xmlsafe.parse(data, source, max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS),
+                             strict=True)
+    except UnsafeXml as e:
+        raise _config_error(e) from None
 
 
 def read_xml_file(path: str | Path, max_bytes: int = MAX_XML_FILE_BYTES) -> etree._Element:
     """Read and safely parse an XML file (see :func:`parse_xml`); errors name the file."""
-    source = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise ConfigError(source, None, "file", f"cannot read: {e.strerror or e}") from None
-    return parse_xml(data, source, max_bytes)
+        return xmlsafe.read_file(str(path), max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS),
+                                 strict=True)
+    except UnsafeXml as e:
+        raise _config_error(e) from None
 
 
 # -- element checking helpers (shared with templates.py) ---------------------------------------
@@ -585,7 +556,7 @@ class _Loader(ElementReader):
     def _host(self, el) -> HostConfig:
         self.children(el, "host")
         a = self.attrs(el, "host", required=("id",), optional=("cpus", "memory-mib"))
-        hid = self.matching(el, "host/@id", a["id"], _HOST_ID_RE, "host id ([a-z0-9][a-z0-9-]{0,62})")
+        hid = self.matching(el, "host/@id", a["id"], HOST_ID_RE, HOST_ID_RULE)
         cpus = self.integer(el, "host/@cpus", a["cpus"], 1, 4096) if "cpus" in a else None
         mem = (
             self.integer(el, "host/@memory-mib", a["memory-mib"], 64, 64 * 1024 * 1024)
@@ -857,7 +828,7 @@ class _Loader(ElementReader):
             raise self.error(el, "peers/@timing", f"{timing!r} is not a timing preset (lan, local)")
         members = tuple(a.get("members", "").replace(",", " ").split())
         for m in members:
-            if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", m):
+            if not is_host_id(m):
                 raise self.error(el, "peers/@members", f"{m!r} is not a host id")
         if len(set(members)) != len(members):
             raise self.error(el, "peers/@members", "lists a host twice")

@@ -7,7 +7,8 @@
   ``Client.RequestTooLarge`` (HTTP 413); DOCTYPE / entity declarations (XXE, billion laughs),
   non-XML and XML that is not a SOAP 1.1 envelope get ``Client.MalformedRequest``.
   The screening parser never loads a DTD, never resolves an entity, never touches the network
-  and keeps libxml2's size limits (``huge_tree=False``); spyne's own parser is set the same way;
+  and keeps libxml2's size limits (``huge_tree=False``) — :mod:`vmwebd.xmlsafe`; spyne's own parser
+  is set the same way;
 * validates arguments against the schema (spyne's ``lxml`` validator): a wrong type is a
   ``Client.SchemaValidationError`` fault naming the element;
 * answers faults with HTTP 500, as SOAP 1.1 (section 6.2) requires and spyne does, except 413
@@ -54,6 +55,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from vmwebd import xmlsafe
 from vmwebd.api import compat
 from vmwebd.errors import MalformedRequest, RequestTooLarge, VmwebError
 
@@ -63,11 +65,10 @@ from spyne import Application, Service  # noqa: E402  (after compat.apply)
 from spyne.auxproc import process_contexts  # noqa: E402
 from spyne.const.http import HTTP_200  # noqa: E402
 from spyne.model import ComplexModelBase, PushBase  # noqa: E402
-from spyne.protocol.xml import SchemaValidationError  # noqa: E402
 from spyne.model.fault import Fault  # noqa: E402
 from spyne.protocol.soap import Soap11  # noqa: E402
-from spyne.server.twisted.http import (TwistedHttpMethodContext,  # noqa: E402
-                                       TwistedHttpTransport)
+from spyne.protocol.xml import SchemaValidationError  # noqa: E402
+from spyne.server.twisted.http import TwistedHttpMethodContext, TwistedHttpTransport  # noqa: E402
 
 __all__ = [
     "SOAP11_ENV_NS",
@@ -85,20 +86,6 @@ _ENVELOPE_TAG = f"{{{SOAP11_ENV_NS}}}Envelope"
 # a grid host reached as 10.0.0.7:8470 never advertises the name the first caller happened to use.
 _ADDRESS_PLACEHOLDER = "http://vmweb-soap-address.invalid/soap"
 _HOST_RE = re.compile(rb"^(?P<host>[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::(?P<port>\d{1,5}))?$")
-
-# XML keywords are case-sensitive, so these byte strings catch every UTF-8/ASCII DOCTYPE or entity
-# declaration before any parser runs; other encodings are caught after the (non-resolving) parse.
-_FORBIDDEN_MARKUP = (b"<!DOCTYPE", b"<!ENTITY")
-
-# Parser settings shared by the screen and spyne: no DTD, no entity resolution, no network,
-# libxml2's default limits on depth and text size kept.
-_PARSER_KWARGS = dict(
-    resolve_entities=False,
-    no_network=True,
-    huge_tree=False,
-    load_dtd=False,
-    dtd_validation=False,
-)
 
 _NS_URI_RE = re.compile(r"\{[^}]*\}")
 
@@ -199,7 +186,7 @@ class _SafeSoap11(Soap11):
     """Soap11 with the safe parser settings pinned and readable schema validation messages."""
 
     def __init__(self, **kwargs):
-        super().__init__(**{**_PARSER_KWARGS, **kwargs})
+        super().__init__(**{**kwargs, **xmlsafe.PARSER_OPTIONS})
 
     def validate_body(self, ctx, message):
         try:
@@ -221,27 +208,19 @@ def _fault_body(faultcode: str, message: str) -> bytes:
     return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
 
 
-def screen_soap_body(body: bytes) -> None:
+def screen_soap_body(body: bytes, max_bytes: int | None = None) -> None:
     """Raise :class:`MalformedRequest` unless ``body`` is a plain XML SOAP 1.1 envelope.
 
-    Plain means: no DOCTYPE and no entity declaration, anywhere, in any encoding. Nothing is
-    resolved or fetched while checking.
+    Plain means: no DOCTYPE and no entity declaration, anywhere, in any encoding, and at most
+    ``max_bytes`` (default: no limit here; the resource checks the size first). Nothing is
+    resolved or fetched while checking (:func:`vmwebd.xmlsafe.parse`).
     """
     if not body.strip():
         raise MalformedRequest("empty request body; expected a SOAP 1.1 envelope")
-    for marker in _FORBIDDEN_MARKUP:
-        if marker in body:
-            raise MalformedRequest("DOCTYPE and entity declarations are not allowed in requests")
-    parser = etree.XMLParser(**_PARSER_KWARGS)
     try:
-        root = etree.fromstring(body, parser)
-    except etree.XMLSyntaxError as exc:
-        raise MalformedRequest(f"request body is not well-formed XML: {exc}") from None
-    except ValueError as exc:  # e.g. lxml refusing some encodings
-        raise MalformedRequest(f"request body is not usable XML: {exc}") from None
-    docinfo = root.getroottree().docinfo
-    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
-        raise MalformedRequest("DOCTYPE and entity declarations are not allowed in requests")
+        root = xmlsafe.parse(body, "request body", len(body) if max_bytes is None else max_bytes)
+    except xmlsafe.UnsafeXml as exc:
+        raise MalformedRequest(str(exc)) from None
     if root.tag != _ENVELOPE_TAG:
         raise MalformedRequest(f"root element {str(root.tag)[:100]!r} is not a SOAP 1.1 Envelope")
 
@@ -280,7 +259,7 @@ class _SoapResource(Resource):
         content.seek(0)
         body = content.read()
         try:
-            screen_soap_body(body)
+            screen_soap_body(body, self.max_body_bytes)
         except MalformedRequest as exc:
             return self._refuse(request, 500, exc, obs)
         key = self._cache.key(request, body) if self._cache is not None else None
@@ -491,7 +470,7 @@ class ResponseCache:
 
 def soap_operation(body: bytes) -> str | None:
     """The local name of the operation a (screened) SOAP 1.1 request calls, if there is one."""
-    root = etree.fromstring(body, etree.XMLParser(**_PARSER_KWARGS))
+    root = etree.fromstring(body, xmlsafe.parser())
     for child in root:
         if child.tag == f"{{{SOAP11_ENV_NS}}}Body":
             for op in child:

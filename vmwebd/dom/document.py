@@ -19,16 +19,16 @@ from typing import Iterator, TypeVar
 from lxml import etree
 from sortedcontainers import SortedList
 
+from vmwebd import xmlsafe
 from vmwebd.dom.hlc import HybridClock, Version
-from vmwebd.dom.validate import document_error, entity_error
 from vmwebd.dom.records import CONTAINERS, NS, PARTS, RECORD_TYPES, Record
+from vmwebd.dom.validate import document_error, entity_error
 from vmwebd.errors import MalformedRequest
 
 R = TypeVar("R", bound=Record)
 _Q = "{%s}" % NS
 _MAX_ENTITY_BYTES = 256 * 1024
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False,
-                          remove_blank_text=True, load_dtd=False)
+_PARSER = xmlsafe.parser(remove_blank_text=True)
 _SCHEMA = None
 # Main-part attributes with a secondary index (kind -> attributes): the reads that select by them
 # (a host's VMs, a cluster's VMs, an owner's clusters) then cost what they return, not the DOM's size.
@@ -59,16 +59,12 @@ def relaxng_valid(el: etree._Element) -> bool:
 
 
 def parse_xml(data: bytes, what: str, limit: int) -> etree._Element:
-    """Parses XML from outside: no DTD, no entities, no network, bounded size."""
-    if len(data) > limit:
-        raise MalformedRequest(f"{what}: {len(data)} bytes is over the limit of {limit}")
+    """Parses XML from outside with :func:`vmwebd.xmlsafe.parse` (no DTD, no entities, no
+    network, bounded size); a refusal is :class:`MalformedRequest` naming ``what``."""
     try:
-        root = etree.fromstring(data, _PARSER)
-    except etree.XMLSyntaxError as e:
-        raise MalformedRequest(f"{what}: not well-formed XML: {e}") from None
-    if root.getroottree().docinfo.doctype:
-        raise MalformedRequest(f"{what}: a DOCTYPE is not allowed")
-    return root
+        return xmlsafe.parse(data, what, limit, xml_parser=_PARSER)
+    except xmlsafe.UnsafeXml as e:
+        raise MalformedRequest(str(e)) from None
 
 
 def _version(el: etree._Element) -> Version:

@@ -33,12 +33,13 @@ import re
 from vmwebd.dom.document import Dom, entity_key, part_versions
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import HostRec
+from vmwebd.ids import HOST_ID_PATTERN
 
 #: Lease records carry the Paxos ballot that decided them as their version, not their writer's
 #: clock: a host records a commit it learns late with an older stamp than writes it already
 #: claimed, so a complete vector does not prove it holds a lease record. Their tombstones stay.
 NEVER_COLLECTED = frozenset({"lease"})
-_ENTRY = re.compile(r"^([a-z0-9][a-z0-9-]{0,62}):(\d{1,15})\.(\d{1,9})$")
+_ENTRY = re.compile(rf"^({HOST_ID_PATTERN}):(\d{{1,15}})\.(\d{{1,9}})$")
 #: An attribute longer than this is not published (collection waits): the schema's text limit.
 MAX_CVV_CHARS = 4000
 

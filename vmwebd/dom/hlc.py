@@ -11,7 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-_VERSION_RE = re.compile(r"^(\d{1,15})\.(\d{1,9})@([a-z0-9][a-z0-9-]{0,62})$")
+from vmwebd.ids import HOST_ID_PATTERN
+
+_VERSION_RE = re.compile(rf"^(\d{{1,15}})\.(\d{{1,9}})@({HOST_ID_PATTERN})$")
 
 
 @dataclass(frozen=True, order=True, slots=True)

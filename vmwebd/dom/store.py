@@ -46,6 +46,7 @@ import struct
 import zlib
 from pathlib import Path
 
+from vmwebd.atomicfile import fsync_directory, write_atomic
 from vmwebd.errors import StoreError
 
 __all__ = ["DurableStore", "StoreStats", "DEFAULT_MAX_RECORD"]
@@ -405,24 +406,8 @@ class DurableStore:
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name``: temp file, fsync, rename, fsync the directory."""
-        tmp = self.directory / (name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.directory / name)
-        self._sync_directory()
+        write_atomic(self.directory / name, data, mode=0o600, fsync=self.fsync)
 
     def _sync_directory(self) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.fsync:
+            fsync_directory(self.directory)

@@ -16,6 +16,8 @@ from importlib import resources
 
 from lxml import etree
 
+from vmwebd import xmlsafe
+
 RNG = "http://relaxng.org/ns/structure/1.0"
 _R = "{%s}" % RNG
 
@@ -113,7 +115,7 @@ def load_specs(text: bytes | None = None) -> tuple[str, dict[str, ElementSpec]]:
     """(namespace, {entity kind: spec}) read from schema.rng."""
     if text is None:
         text = resources.files("vmwebd.dom").joinpath("schema.rng").read_bytes()
-    grammar = etree.fromstring(text, etree.XMLParser(resolve_entities=False, no_network=True))
+    grammar = etree.fromstring(text, xmlsafe.parser())
     ns = grammar.get("ns")
     reader = _Reader(grammar)
     specs = {}

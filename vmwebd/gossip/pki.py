@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +29,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from vmwebd.atomicfile import write_atomic
 from vmwebd.errors import CertificateError, InvalidArgument
+from vmwebd.ids import is_host_id
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -44,7 +44,6 @@ HOST_VALIDITY = datetime.timedelta(days=730)
 # the issuing host's does not refuse a fresh certificate as "not yet valid".
 CLOCK_SKEW = datetime.timedelta(minutes=10)
 
-HOST_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _DNS_RE = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
                      re.IGNORECASE)
 
@@ -81,7 +80,7 @@ class HostCredentials:
 # -- validation ----------------------------------------------------------------------------------
 def check_host_id(host_id: str) -> str:
     """Returns ``host_id`` if it is a valid host id, else raises :class:`InvalidArgument`."""
-    if not isinstance(host_id, str) or not HOST_ID_RE.fullmatch(host_id):
+    if not is_host_id(host_id):
         raise InvalidArgument("host_id", f"{host_id!r} is not a host id (lower-case letters, digits "
                                          "and '-', starting with a letter or digit, at most 63 characters)")
     return host_id
@@ -112,41 +111,16 @@ def _san_entries(host_id: str, addresses) -> list[x509.GeneralName]:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_file(path: Path, data: bytes, mode: int, replace: bool) -> None:
-    """Writes ``path`` whole or not at all: a temporary file, fsynced, then linked into place.
+    """Writes ``path`` whole or not at all (:func:`vmwebd.atomicfile.write_atomic`).
 
     Without ``replace``, ``os.link`` refuses an existing target atomically, so two concurrent
     ``vmweb init`` never leave a CA key that does not match its certificate.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed it; never widened a key's mode
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise CertificateError(path, "already exists; refusing to overwrite it") from None
-            finally:
-                os.unlink(tmp)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+        write_atomic(path, data, mode=mode, replace=replace)
+    except FileExistsError:
+        raise CertificateError(path, "already exists; refusing to overwrite it") from None
 
 
 def _make_dir(directory) -> Path:
@@ -355,6 +329,6 @@ def load_host_credentials(cert_dir) -> HostCredentials:
             raise CertificateError(path, f"{what} is not valid before "
                                          f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     host_id = host_id_of(cert)
-    if host_id is None or not HOST_ID_RE.fullmatch(host_id):
+    if not is_host_id(host_id):
         raise CertificateError(cert_path, f"its common name {host_id!r} is not a host id")
     return HostCredentials(ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem, host_id=host_id)

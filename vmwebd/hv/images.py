@@ -27,7 +27,6 @@ import random
 import re
 import ssl
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
+from vmwebd.atomicfile import AtomicFile
 from vmwebd.dom.records import HostRec, ImageRec
 from vmwebd.errors import ImageUnavailable, InvalidArgument, NameTaken, NoSuchImage
 from vmwebd.hv import perms
@@ -112,29 +112,22 @@ def import_file(src: Path, directory: Path, name: str, fmt: str) -> tuple[str, i
 
     Returns (file name, bytes, virtual size in bytes, sha256). Runs on a thread."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=directory)
     h = hashlib.sha256()
     size = 0
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+    with AtomicFile(directory / "incoming", mode=0o600) as out, open(src, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            out.write(chunk)
+            size += len(chunk)
+        out.file.flush()
         sha = h.hexdigest()
-        virtual = qcow2_virtual_size(Path(tmp))
+        virtual = qcow2_virtual_size(out.tmp)
         if fmt == "qcow2" and virtual is None:
             raise InvalidArgument("file", f"{str(src)!r} is not a qcow2 image")
-        final = directory / content_file_name(name, sha, fmt)
-        os.replace(tmp, final)
-        st = final.stat()
-        _sidecar(final).write_text(f"{size} {st.st_mtime_ns} {sha}\n")
-        return final.name, size, virtual if virtual is not None else size, sha
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        final = out.commit(directory / content_file_name(name, sha, fmt))
+    st = final.stat()
+    _sidecar(final).write_text(f"{size} {st.st_mtime_ns} {sha}\n")
+    return final.name, size, virtual if virtual is not None else size, sha
 
 
 def _peer_connection(addr: str, cert_dir: Path, expect_host: str, timeout: float):
@@ -161,32 +154,27 @@ def fetch_file(addr: str, url_path: str, dest: Path, cert_dir: Path, expect_host
     ImageUnavailable naming the peer."""
     what = f"{url_path} from host {expect_host} ({addr})"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=dest.parent)
     conn = None
     try:
-        conn = _peer_connection(addr, cert_dir, expect_host, timeout)
-        conn.request("GET", url_path)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise ImageUnavailable(f"fetching {what}: answered {resp.status}")
-        h = hashlib.sha256()
-        size = 0
-        limit = expected_bytes if expected_bytes is not None else MAX_IMAGE_BYTES
-        with os.fdopen(fd, "wb") as out:
-            fd = None
+        with AtomicFile(dest, mode=0o600) as out:
+            conn = _peer_connection(addr, cert_dir, expect_host, timeout)
+            conn.request("GET", url_path)
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise ImageUnavailable(f"fetching {what}: answered {resp.status}")
+            h = hashlib.sha256()
+            size = 0
+            limit = expected_bytes if expected_bytes is not None else MAX_IMAGE_BYTES
             while chunk := resp.read(CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise ImageUnavailable(f"fetching {what}: longer than {limit} bytes")
                 h.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if expected_bytes is not None and size != expected_bytes or \
-                sha256 is not None and h.hexdigest() != sha256:
-            raise ImageUnavailable(f"fetching {what}: got {size} bytes hashing to "
-                                   f"{h.hexdigest()[:12]}, refused")
-        os.replace(tmp, dest)
+            if expected_bytes is not None and size != expected_bytes or \
+                    sha256 is not None and h.hexdigest() != sha256:
+                raise ImageUnavailable(f"fetching {what}: got {size} bytes hashing to "
+                                       f"{h.hexdigest()[:12]}, refused")
         if sha256 is not None:
             st = dest.stat()
             _sidecar(dest).write_text(f"{size} {st.st_mtime_ns} {sha256}\n")
@@ -194,12 +182,8 @@ def fetch_file(addr: str, url_path: str, dest: Path, cert_dir: Path, expect_host
     except (OSError, ssl.SSLError, http.client.HTTPException) as e:
         raise ImageUnavailable(f"fetching {what}: {e}") from e
     finally:
-        if fd is not None:
-            os.close(fd)
         if conn is not None:
             conn.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def download(addr: str, sha256: str, expected_bytes: int, dest: Path, cert_dir: Path,

@@ -16,12 +16,12 @@ while the others are made.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from twisted.internet import defer, threads
 
+from vmwebd.atomicfile import write_atomic
 from vmwebd.net.plan import HostPlan
 
 
@@ -82,7 +82,4 @@ class RecordedDevices:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text, mode=None)

@@ -72,11 +72,11 @@ import io
 import ipaddress
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 
 import yaml
 
+from vmwebd.atomicfile import write_atomic
 from vmwebd.dom.records import UserRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument
 from vmwebd.net import addressing
@@ -374,19 +374,6 @@ def write_seed(path: str | os.PathLike, spec: SeedSpec) -> bool:
     except Exception:           # a truncated or foreign file: replace it
         pass
     data = build_iso(files)
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".seed-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)    # qemu reads it; it holds nothing secret (public keys, names)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    # qemu reads it; it holds nothing secret (public keys, names)
+    write_atomic(path, data, mode=0o644)
     return True
