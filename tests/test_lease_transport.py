@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
@@ -147,3 +148,42 @@ def test_records_nothing_waits_for_ride_along_with_the_next_write_or_go_later():
     finally:
         pool.stop()
     assert writes == [[b"commit-1", b"promise"], [b"commit-2"], [b"accept"]]
+
+
+def _wire(msg):
+    from lxml import etree
+    env = Envelope(src="h1", src_addr="127.0.0.1:1", dst="h2", msg=msg)
+    return decode(etree.fromstring(etree.tostring(encode(env)))).msg
+
+
+def test_values_named_instead_of_carried_survive_the_wire():
+    """A Prepare's known ballots, a Promise's KNOWN, a Commit's ACCEPTED and a forwarded
+    Decided's elided large values are read back as they were sent."""
+    b, c = Version(1000, 0, "h1"), Version(900, 1, "h2")
+    big = "x" * paxos.BIG_VALUE
+    prep = _wire(paxos.Prepare("r1", b, ("cap/a", "ip/x"), {"cap/a": c}))
+    assert prep.keys == ("cap/a", "ip/x") and prep.known == {"cap/a": c}
+    prom = _wire(paxos.Promise("r1", b, {"cap/a": (c, paxos.KNOWN, c, paxos.KNOWN),
+                                         "ip/x": (None, None, c, "vm:1")}))
+    assert prom.entries["cap/a"][1] is paxos.KNOWN and prom.entries["cap/a"][3] is paxos.KNOWN
+    assert prom.entries["ip/x"] == (None, None, c, "vm:1")
+    com = _wire(paxos.Commit(b, {"cap/a": paxos.ACCEPTED, "ip/x": "vm:1", "ip/y": None}))
+    assert com.values == {"cap/a": paxos.ACCEPTED, "ip/x": "vm:1", "ip/y": None}
+    # Only an acceptor that says it reads ACCEPTED is sent one (an older host's Accepted has no
+    # such word, and reads False).
+    assert _wire(paxos.Accepted("r1", b, refs=True)).refs is True
+    assert _wire(paxos.Accepted("r1", b)).refs is False
+    out = _wire(paxos.Outcome("op", paxos.Decided("op", b, {"cap/a": big, "ip/x": "vm:1"})))
+    assert out.result.values == {"cap/a": paxos.ELIDED, "ip/x": "vm:1"}
+
+
+def test_a_promise_naming_a_known_value_without_its_ballot_is_malformed():
+    from lxml import etree
+    from vmwebd.errors import MalformedRequest
+    b = Version(1000, 0, "h1")
+    env = encode(Envelope(src="h1", src_addr="127.0.0.1:1", dst="h2",
+                          msg=paxos.Promise("r1", b, {"cap/a": (None, None, None, None)})))
+    for entry in env.iter("{*}entry"):
+        entry.set("com-known", "1")
+    with pytest.raises(MalformedRequest, match="com-known"):
+        decode(etree.fromstring(etree.tostring(env)))

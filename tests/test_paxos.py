@@ -442,3 +442,80 @@ def test_a_commit_and_the_next_prepare_travel_in_one_bundle():
         assert [type(sim.result(f"op{i}")) for i in range(3)] == [paxos.Decided] * 3
         counts[bundle] = sim.requests
     assert counts[True] == counts[False] - 2 * 2
+
+
+# -- waiting operations and large values -------------------------------------------------------------
+def test_an_operation_waiting_behind_a_slow_round_is_not_failed_as_without_a_majority():
+    """With one round at a time, an operation queued behind a round whose Accepts are slow waits
+    for it: every acceptor answers the proposer, so the queued one gets the contended deadline
+    and is decided once the round ahead ends; it never fails saying nobody answered."""
+    sim = PaxosSim(3, seed=5, parallel_rounds=1, deadline=1.0)
+    k = KEYS[0]
+    sim.hold(lambda src, dst, m: isinstance(m, paxos.Accept))
+    sim.propose("h0", "first", {k: (None, "vm:a")})
+    sim.propose("h0", "second", {k: ("vm:a", None)})
+    sim.run_until(2.0)                  # past the deadline of both: neither has failed
+    assert sim.result("first") is None and sim.result("second") is None
+    sim.stop_holding()
+    sim.release()
+    assert sim.run_until_done(["first", "second"], limit=5.0)
+    assert isinstance(sim.result("first"), paxos.Decided)
+    assert isinstance(sim.result("second"), paxos.Decided)
+    sim.check_safety()
+
+
+def test_a_queued_operation_without_a_majority_still_fails_fast():
+    """The same queue with the majority gone: the queued operation fails with NoQuorum at its
+    deadline, counting the one host it heard."""
+    sim = PaxosSim(3, seed=6, parallel_rounds=1, deadline=1.0)
+    k = KEYS[0]
+    sim.partition({"h0"}, {"h1", "h2"})
+    sim.propose("h0", "first", {k: (None, "vm:a")})
+    sim.propose("h0", "second", {k: ("vm:a", None)})
+    assert sim.run_until_done(["first", "second"], limit=1.0 + 2 * sim.tick_interval)
+    assert sim.result("second") == paxos.NoQuorum("second", reachable=1, needed=2, members=3)
+
+
+def _big(tag: str, n: int = 40) -> str:
+    return ",".join(f"{tag}{i:04d}:token:1:64" for i in range(n))
+
+
+@pytest.mark.parametrize("elide_at", [None, paxos.BIG_VALUE])
+def test_large_values_cross_the_wire_once_per_change(elide_at):
+    """A key holding a large value, changed again and again: with elision a Promise names the
+    committed value the proposer has (KNOWN) and a Commit to an acceptor that accepted names
+    its accepted value; without, both carry it whole. Same decisions either way."""
+    from vmwebd.gossip.codec import encode
+    from vmwebd.gossip.messages import Envelope
+    from lxml import etree
+    sim = PaxosSim(3, seed=7, elide_at=elide_at)
+    k = "cap/host1"
+    value = None
+    for i in range(6):
+        new = _big(f"v{i}-")
+        sim.propose("h0", f"op{i}", {k: (value, new)})
+        assert sim.run_until_done([f"op{i}"], limit=3.0)
+        assert isinstance(sim.result(f"op{i}"), paxos.Decided)
+        value = new
+    sim.run_until(sim.now + 0.5)        # the last Commit reaches every acceptor
+    sim.check_safety(registers=("cap/",))
+    for h in sim.hosts:
+        assert sim.cores[h].committed(k)[1] == value
+    # What the last round's messages weigh on the wire.
+    sim.propose("h0", "last", {k: (value, _big("z-"))})
+    seen = []
+    sim.hold(lambda src, dst, m: src != dst and (seen.append(m) or False))
+    assert sim.run_until_done(["last"], limit=3.0)
+    sizes: dict[str, list] = {}
+    for m in seen:
+        env = Envelope(src="h0", src_addr="127.0.0.1:1", dst="h1", msg=m)
+        sizes.setdefault(type(m).__name__, []).append(len(etree.tostring(encode(env))))
+    small = {kind: sum(1 for n in ns if n < len(value) / 2) for kind, ns in sizes.items()}
+    if elide_at is None:
+        assert small.get("Promise", 0) == 0 and small.get("Commit", 0) == 0
+    else:
+        # Every Promise; the Commit to each acceptor whose Accepted was heard (the one outside
+        # the bare majority asked gets the value whole).
+        assert small["Promise"] == len(sizes["Promise"]) >= 1
+        assert small["Commit"] >= 1
+    assert min(sizes["Accept"]) > len(value)    # the new value itself travels once

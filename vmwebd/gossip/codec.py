@@ -126,7 +126,13 @@ def _encode_paxos(el, msg) -> None:
             el.set("result", "decided")
             if r.ballot is not None:
                 el.set("ballot", str(r.ballot))
-            _values(el, "value", r.values)
+            # The requester reads which keys were decided; large values stay here (see paxos._Said).
+            for k, v in sorted(r.values.items()):
+                e = etree.SubElement(el, _Q + "value", k=k)
+                if v is paxos.ELIDED or (v is not None and len(v) >= paxos.BIG_VALUE):
+                    e.set("elided", "1")
+                elif v is not None:
+                    e.set("holder", v)
         elif isinstance(r, paxos.Conflict):
             el.set("result", "conflict")
             el.set("key", r.key)
@@ -143,7 +149,9 @@ def _encode_paxos(el, msg) -> None:
     el.set("ballot", str(msg.ballot))
     if isinstance(msg, paxos.Prepare):
         for k in msg.keys:
-            etree.SubElement(el, _Q + "key", k=k)
+            e = etree.SubElement(el, _Q + "key", k=k)
+            if k in msg.known:
+                e.set("known", str(msg.known[k]))
     elif isinstance(msg, paxos.Promise):
         for k, (ab, av, cb, cv) in sorted(msg.entries.items()):
             e = etree.SubElement(el, _Q + "entry", k=k)
@@ -155,15 +163,21 @@ def _encode_paxos(el, msg) -> None:
                     e.set("acc-holder", av)
             if cb is not None:
                 e.set("com-ballot", str(cb))
-                if cv is not None:
+                if cv is paxos.KNOWN:
+                    e.set("com-known", "1")
+                elif cv is not None:
                     e.set("com-holder", cv)
     elif isinstance(msg, (paxos.Accept, paxos.Commit)):
         for k, v in sorted(msg.values.items()):
             e = etree.SubElement(el, _Q + "value", k=k)
-            if v is not None:
+            if v is paxos.ACCEPTED:
+                e.set("accepted", "1")
+            elif v is not None:
                 e.set("holder", v)
     elif isinstance(msg, paxos.Nack):
         el.set("promised", str(msg.promised))
+    elif isinstance(msg, paxos.Accepted) and msg.refs:
+        el.set("refs", "1")
 
 
 def _ballot(el, name: str, what: str, optional: bool = False):
@@ -212,8 +226,9 @@ def _decode_forwarded(kind, el):
         return paxos.Forward(op, cas)
     result = el.get("result")
     if result == "decided":
-        return paxos.Outcome(op, paxos.Decided(op, _ballot(el, "ballot", name, True),
-                                               _read_values(el, "value")))
+        values = {_attr(c, "k", "value"): paxos.ELIDED if c.get("elided") == "1" else c.get("holder")
+                  for c in _children(el, "value")}
+        return paxos.Outcome(op, paxos.Decided(op, _ballot(el, "ballot", name, True), values))
     if result == "conflict":
         return paxos.Outcome(op, paxos.Conflict(op, _attr(el, "key", name), el.get("holder"),
                                                 _read_values(el, "seen")))
@@ -230,24 +245,31 @@ def _decode_paxos(kind, el):
     name = NAMES[kind]
     ballot = _ballot(el, "ballot", name)
     if kind is paxos.Prepare:
+        keys = _children(el, "key")
+        known = {_attr(c, "k", "key"): _ballot(c, "known", "key") for c in keys if c.get("known")}
         return paxos.Prepare(_attr(el, "op", name), ballot,
-                             tuple(_attr(c, "k", "key") for c in _children(el, "key")))
+                             tuple(_attr(c, "k", "key") for c in keys), known)
     if kind is paxos.Promise:
         entries = {}
         for c in _children(el, "entry"):
             ab, cb = _ballot(c, "acc-ballot", "entry", True), _ballot(c, "com-ballot", "entry", True)
             av, cv = c.get("acc-holder"), c.get("com-holder")
+            if c.get("com-known") == "1":
+                if cb is None:
+                    raise MalformedRequest("peer envelope: entry/@com-known without @com-ballot")
+                cv = paxos.KNOWN
             if av is None and ab is not None and ab == cb:
                 av = cv
             entries[_attr(c, "k", "entry")] = (ab, av, cb, cv)
         return paxos.Promise(_attr(el, "op", name), ballot, entries)
     if kind in (paxos.Accept, paxos.Commit):
-        values = {_attr(c, "k", "value"): c.get("holder") for c in _children(el, "value")}
         if kind is paxos.Accept:
-            return paxos.Accept(_attr(el, "op", name), ballot, values)
+            return paxos.Accept(_attr(el, "op", name), ballot, _read_values(el, "value"))
+        values = {_attr(c, "k", "value"): paxos.ACCEPTED if c.get("accepted") == "1" else c.get("holder")
+                  for c in _children(el, "value")}
         return paxos.Commit(ballot, values)
     if kind is paxos.Accepted:
-        return paxos.Accepted(_attr(el, "op", name), ballot)
+        return paxos.Accepted(_attr(el, "op", name), ballot, refs=el.get("refs") == "1")
     return paxos.Nack(_attr(el, "op", name), ballot, _ballot(el, "promised", name))
 
 

@@ -62,12 +62,42 @@ class Update:
         raise NotImplementedError
 
 
+class _Said:
+    """A stand-in for a value the receiver has already: large values (a capacity set holds an
+    entry per VM) then cross the wire once per change instead of in every message about them.
+
+    * :data:`KNOWN` in a :class:`Promise` entry: the committed value at the ballot the
+      :class:`Prepare` said its proposer knows (:attr:`Prepare.known`).
+    * :data:`ACCEPTED` in a :class:`Commit`: the value the receiver accepted at the commit's
+      ballot (sent only to acceptors whose Accepted was heard).
+    * :data:`ELIDED` in a forwarded :class:`Decided`: not carried back (the requester reads
+      which keys were decided, never their values; the values are in the DOM)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+KNOWN = _Said("<known>")
+ACCEPTED = _Said("<accepted>")
+ELIDED = _Said("<elided>")
+#: Values at least this long are named by ballot instead of carried (see :class:`_Said`).
+BIG_VALUE = 256
+
+
 # -- messages (appended to the peer protocol's kinds; see messages.py) ---------------------------
 @dataclass(frozen=True)
 class Prepare:
     op: str
     ballot: Version
     keys: tuple[str, ...]
+    #: key -> the committed ballot whose (large) value the proposer has: an acceptor whose
+    #: committed ballot is that one answers :data:`KNOWN` instead of the value.
+    known: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -89,6 +119,9 @@ class Accept:
 class Accepted:
     op: str
     ballot: Version
+    #: The acceptor reads a Commit naming its accepted value (:data:`ACCEPTED`); False from a
+    #: host of an earlier version, which must get values whole.
+    refs: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +213,7 @@ class _Op:
     deadline: float
     hard_deadline: float = 0.0  # with a majority answering, retries go on until this time
     heard: set = field(default_factory=set)     # members that answered a round carrying it
+    since: float = 0.0          # when it was asked
     round: str | None = None    # the round carrying it now (None: queued)
 
 
@@ -197,6 +231,9 @@ class _Round:
     values: dict = field(default_factory=dict)  # what the Accept of this ballot carries
     carried: list = field(default_factory=list)  # ops whose values are in that Accept
     own: dict = field(default_factory=dict)     # op -> the values it set (in turn, if shared)
+    known: dict = field(default_factory=dict)   # key -> (ballot, value) our Prepare said we have
+    refs: set = field(default_factory=set)      # acceptors whose Accepted said they read ACCEPTED
+    prepare: object = None      # this ballot's Prepare (asked again as it is)
     started: float = 0.0    # when the Prepare of this ballot left
     retry_at: float = 0.0
     attempts: int = 0
@@ -221,7 +258,8 @@ class PaxosCore:
 
     def __init__(self, me: str, clock: HybridClock, rng: random.Random, members,
                  retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0,
-                 parallel_rounds: int = 1, round_keys: int = 1024, thrifty: bool = True):
+                 parallel_rounds: int = 1, round_keys: int = 1024, thrifty: bool = True,
+                 elide_at: int | None = BIG_VALUE):
         self.me = me
         self.clock = clock
         self.rng = rng
@@ -235,8 +273,11 @@ class PaxosCore:
         # best lately) and the others only if that majority has not answered in a few round
         # times; every request saved is CPU saved on every host.
         self.thrifty = thrifty
+        # Values at least this long cross the wire once per change (see _Said); None: never.
+        self.elide_at = elide_at
         self._missed: dict[str, int] = {}  # member -> phases it left unanswered lately
         self._answering: set[str] = set()   # members that answered since this core started
+        self._heard_at: dict[str, float] = {}   # member -> when it last answered a round here
         self.keys: dict[str, KeyState] = {}
         self.ops: dict[str, _Op] = {}
         self.queue: list[str] = []          # op ids waiting for a round, in arrival order
@@ -291,7 +332,12 @@ class PaxosCore:
         for k in m.keys:
             self._record(("promise", k, m.ballot, None))
             st = self.keys[k]
-            entries[k] = (st.acc_ballot, st.acc_value, st.com_ballot, st.com_value)
+            av, cv = st.acc_value, st.com_value
+            if st.com_ballot is not None and m.known.get(k) == st.com_ballot:
+                if st.acc_ballot == st.com_ballot:
+                    av = KNOWN
+                cv = KNOWN
+            entries[k] = (st.acc_ballot, av, st.com_ballot, cv)
         self._out.sends.append((src, Promise(m.op, m.ballot, entries)))
 
     def _on_accept(self, src: str, m: Accept):
@@ -303,18 +349,24 @@ class PaxosCore:
             return
         for k, v in m.values.items():
             self._record(("accept", k, m.ballot, v))
-        self._out.sends.append((src, Accepted(m.op, m.ballot)))
+        self._out.sends.append((src, Accepted(m.op, m.ballot, refs=True)))
 
     def _on_commit(self, m: Commit):
         self.clock.observe(m.ballot)
-        changed = False
+        values = {}
         for k, v in m.values.items():
             st = self.keys.get(k)
+            if v is ACCEPTED:
+                # The value we accepted at this ballot; if we have moved on to another ballot's
+                # value meanwhile, this commit is learned later (repair, or the DOM).
+                if st is None or st.acc_ballot != m.ballot:
+                    continue
+                v = st.acc_value
             if st is None or _gt(m.ballot, st.com_ballot):
                 self._record(("commit", k, m.ballot, v))
-                changed = True
-        if changed:
-            self._out.commits.append(m)
+                values[k] = v
+        if values:
+            self._out.commits.append(m if values == m.values else Commit(m.ballot, values))
 
     def committed(self, key: str) -> tuple[Version | None, Value]:
         st = self.keys.get(key)
@@ -325,7 +377,7 @@ class PaxosCore:
         """Asks for an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``: in
         a round of its own at once when a round may start, else in the next round."""
         self.ops[op_id] = _Op(op_id, dict(cas), now + self.deadline,
-                              hard_deadline=now + self.deadline * self.contended_factor)
+                              hard_deadline=now + self.deadline * self.contended_factor, since=now)
         self.queue.append(op_id)
         self._start_rounds(now)
         return self._flush()
@@ -386,13 +438,24 @@ class PaxosCore:
         self._record(("ballot", self.me, rnd.ballot, None))
         rnd.phase = "prepare"
         rnd.promises, rnd.accepted, rnd.values, rnd.carried = {}, set(), {}, []
+        rnd.refs = set()
         rnd.own = {}
         rnd.attempts += 1
         rnd.started = now
         self._arm(rnd, now)
         self._out.started.append((rnd.id, rnd.ballot, tuple(rnd.ops)))
         keys = sorted({k for op in rnd.ops for k in self.ops[op].cas})
-        self._ask(rnd, Prepare(rnd.id, rnd.ballot, tuple(keys)), self._quorum(), now)
+        # Large committed values this host's acceptor holds are named by ballot: the acceptors
+        # that hold the same answer KNOWN instead of sending them back.
+        rnd.known = {}
+        if self.elide_at is not None:
+            for k in keys:
+                st = self.keys.get(k)
+                if st is not None and st.com_ballot is not None and st.com_value is not None \
+                        and len(st.com_value) >= self.elide_at:
+                    rnd.known[k] = (st.com_ballot, st.com_value)
+        rnd.prepare = Prepare(rnd.id, rnd.ballot, tuple(keys), {k: b for k, (b, _) in rnd.known.items()})
+        self._ask(rnd, rnd.prepare, self._quorum(), now)
 
     def _quorum(self) -> list:
         """Whom a phase asks first: everyone, or (thrifty) this host and the remote members that
@@ -425,8 +488,7 @@ class PaxosCore:
         answered = set(rnd.promises) if rnd.phase == "prepare" else rnd.accepted
         for m in rnd.asked - answered - {self.me}:
             self._missed[m] = self._missed.get(m, 0) + 1
-        msg = Prepare(rnd.id, rnd.ballot, tuple(sorted({k for op in rnd.ops for k in self.ops[op].cas}))) \
-            if rnd.phase == "prepare" else Accept(rnd.id, rnd.ballot, dict(rnd.values))
+        msg = rnd.prepare if rnd.phase == "prepare" else Accept(rnd.id, rnd.ballot, dict(rnd.values))
         rest = [m for m in self.members if m not in answered and m != self.me]
         rnd.asked |= set(rest)
         rnd.wait *= 2
@@ -434,8 +496,9 @@ class PaxosCore:
         for m in rest:
             self._out.sends.append((m, msg))
 
-    def _answered(self, src: str) -> None:
+    def _answered(self, src: str, now: float) -> None:
         self._answering.add(src)
+        self._heard_at[src] = now
         if src in self._missed:
             del self._missed[src]
 
@@ -477,9 +540,12 @@ class PaxosCore:
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
+        entries = self._read_entries(rnd, m.entries)
+        if entries is None:
+            return
         self._heard(rnd, src)
-        self._answered(src)
-        rnd.promises[src] = m.entries
+        self._answered(src, now)
+        rnd.promises[src] = entries
         self._arm(rnd, now)
         if len(rnd.promises) < self.majority:
             return
@@ -538,19 +604,42 @@ class PaxosCore:
         self._ask(rnd, Accept(rnd.id, rnd.ballot, dict(values)),
                   promised if self.thrifty else list(self.members), now)
 
+    @staticmethod
+    def _read_entries(rnd: _Round, entries: dict) -> dict | None:
+        """A promise's entries with :data:`KNOWN` replaced by the value our Prepare named; None
+        for a promise that names a value we did not (it is ignored, like a lost one)."""
+        out = entries
+        for k, (ab, av, cb, cv) in entries.items():
+            if av is not KNOWN and cv is not KNOWN:
+                continue
+            kn = rnd.known.get(k)
+            if kn is None or kn[0] != cb or (av is KNOWN and ab != cb):
+                return None
+            if out is entries:
+                out = dict(entries)
+            out[k] = (ab, kn[1] if av is KNOWN else av, cb, kn[1])
+        return out
+
     def _on_accepted(self, src: str, m: Accepted, now: float):
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "accept" or m.ballot != rnd.ballot:
             return
         self._heard(rnd, src)
-        self._answered(src)
+        self._answered(src, now)
         rnd.accepted.add(src)
+        if m.refs:
+            rnd.refs.add(src)
         self._arm(rnd, now)
         if len(rnd.accepted) < self.majority:
             return
         commit = Commit(rnd.ballot, dict(rnd.values))
+        # An acceptor whose Accepted we heard has the values: large ones are named, not sent.
+        big = {k for k, v in rnd.values.items() if v is not None and len(v) >= self.elide_at} \
+            if self.elide_at is not None else set()
+        short = Commit(rnd.ballot, {k: ACCEPTED if k in big else v for k, v in rnd.values.items()}) \
+            if big else commit
         for mem in self.members:
-            self._out.sends.append((mem, commit))
+            self._out.sends.append((mem, short if mem in rnd.refs and mem != self.me else commit))
         if rnd.attempts == 1:
             self.round_time += 0.2 * (now - rnd.started - self.round_time)
         for op_id in list(rnd.carried):
@@ -567,6 +656,7 @@ class PaxosCore:
         if rnd is None or m.ballot != rnd.ballot or rnd.phase == "backoff":
             return
         self._heard(rnd, src)
+        self._answered(src, now)
         # Someone with a higher ballot is working on these keys: back off a random while of a
         # few round times, growing with our attempts (so two proposers do not duel in
         # lock-step), then retry with a higher ballot.
@@ -610,9 +700,13 @@ class PaxosCore:
         for op in list(self.ops.values()):
             # No majority heard within the deadline: fail fast. A majority answering but the
             # round not done (proposers pre-empting each other, a slow host): go on, bounded.
-            contended = len(op.heard) >= self.majority
+            # An operation waiting for a round counts the members that answered this proposer
+            # since it was asked: it waits on other operations, not on a missing majority.
+            heard = max(len(op.heard), sum(1 for m in self.members
+                                           if self._heard_at.get(m, -1.0) >= op.since))
+            contended = heard >= self.majority
             if now >= (op.hard_deadline if contended else op.deadline):
-                self._finish(op.id, NoQuorum(op.id, len(op.heard), self.majority, len(self.members)))
+                self._finish(op.id, NoQuorum(op.id, heard, self.majority, len(self.members)))
         for rnd in list(self.rounds.values()):
             if not rnd.ops:
                 self._end_round(rnd, now)

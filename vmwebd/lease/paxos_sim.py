@@ -51,12 +51,17 @@ class PaxosSim:
                  delay: tuple[float, float] = (0.001, 0.010), retry_after: float = 0.5,
                  deadline: float = 3.0, tick_interval: float = 0.05, core_factory=paxos.PaxosCore,
                  inline: bool = True, bundle: bool = True, parallel_rounds: int = 2,
-                 thrifty: bool = True):
+                 thrifty: bool = True, elide_at: int | None | str = "mixed"):
         self.core_factory = core_factory            # PaxosCore, or a variant under test
         self.inline = inline                        # answers ride back on the request's response
         self.bundle = bundle                        # one request per host for an output's messages
         self.parallel_rounds = parallel_rounds
         self.thrifty = thrifty                      # phases ask a bare majority first
+        # Values named by ballot instead of carried from this length on (PaxosCore.elide_at);
+        # "mixed": each core draws every value (1) or the daemon's threshold, so schedules
+        # cover both paths and grids where proposers differ.
+        self.elide_at = elide_at
+        self._elide_rng = random.Random(seed * 7919 + 1)     # apart: other draws stay as they were
         self.rng = random.Random(seed)
         self.hosts = [f"h{i}" for i in range(n)]
         self.majority = n // 2 + 1
@@ -90,9 +95,15 @@ class PaxosSim:
             return max(0, int(round((self.now - back) * 1000)))
         core = self.core_factory(h, HybridClock(h, now_ms), random.Random(self.rng.getrandbits(64)),
                                self.hosts, retry_after=self.retry_after, deadline=self.deadline,
-                               parallel_rounds=self.parallel_rounds, thrifty=self.thrifty)
+                               parallel_rounds=self.parallel_rounds, thrifty=self.thrifty,
+                               elide_at=self._elide_at())
         core.restore(list(self.disk[h]))
         return core
+
+    def _elide_at(self) -> int | None:
+        if self.elide_at == "mixed":
+            return self._elide_rng.choice((1, paxos.BIG_VALUE))
+        return self.elide_at
 
     def alive(self, h: str) -> bool:
         return self.cores[h] is not None
