@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 
-.PHONY: demo test test-py313 bootstrap bench clean
+.PHONY: demo test test-py313 test-fast lint bootstrap bench clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -18,6 +18,15 @@ test: bootstrap
 test-py313: bootstrap
 	@py=$$(scripts/find-python.sh 3.13) && VENV=.venv-3.13 PYTHON=$$py bash scripts/bootstrap.sh
 	@.venv-3.13/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The in-process tier: no real processes, real hosts or browsers (see the markers in
+# tests/conftest.py); under a minute on a developer's machine.
+test-fast: bootstrap
+	@$(PY) -m pytest -m "not slow and not process and not realhost" -q $(PYTEST_ARGS)
+
+# The static gates: ruff, mypy --strict on the pure cores, import-linter's contracts (pyproject.toml).
+lint: bootstrap
+	@bash scripts/lint.sh
 
 bench: bootstrap
 	@$(PY) bench/provision.py

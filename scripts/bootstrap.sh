@@ -42,7 +42,8 @@ if ! getent group libvirt-qemu >/dev/null || ! getent passwd libvirt-qemu >/dev/
 fi
 
 # PYTHON: the interpreter the virtualenv is made from (default python3); VENV: where (default
-# .venv). `make test-py313` uses both for its second virtualenv.
+# .venv). `make test-py313` uses both for its second virtualenv. The `lint` extra brings the
+# gates of `make lint` (ruff, mypy, import-linter).
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 stamp=$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)
@@ -50,6 +51,7 @@ if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[daemon,test]'
+  "$VENV/bin/python" -m pip install -q -e '.[lint]'
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi

@@ -10,11 +10,48 @@ from twisted.internet import threads
 
 from procs import ADMIN, TEST_USERS, bootstrap_admin, password_hash, password_of
 from vmwebd.client import ApiClient
-from vmwebd.dom.records import UserRec
 from vmwebd.config import load_config
 from vmwebd.demo import write_host_config
+from vmwebd.dom.records import UserRec
 
 _ports = itertools.count(0)
+
+# -- tiers -------------------------------------------------------------------------------------
+# `slow`: real daemons, many hypothesis examples (marked in the test files). `process`: the test
+# starts another program (a daemon, the CLI, pip, cloud-init's tools, ssh-keygen, nft…).
+# `realhost`: it needs the real-host lab (libvirtd, QEMU, network namespaces). `make test-fast`
+# deselects all three. New tests carry their marker themselves; the tests below were written
+# before the markers existed and get theirs here.
+_REALHOST_MODULES = ("test_realhosts",)       # every module whose name starts so
+_PROCESS_TESTS = {
+    "test_audit.py": {"test_vmweb_audit_prints_a_table_or_json_and_refuses_bad_arguments"},
+    "test_cli_shell.py": {"test_cli_imports_no_server_code", "test_version_of_both_commands",
+                          "test_completion_of_commands_and_options",
+                          "test_name_completion_is_bounded_and_silent"},
+    "test_graceful_stop.py": {"test_restart_stopped_false_leaves_a_vm_stopped_behind_our_back_off",
+                              "test_cli_shows_the_timeout_and_takes_force"},
+    "test_net_devices.py": {"test_ruleset_text_is_accepted_by_nft"},
+    "test_packaging.py": {"test_wheel_holds_config_templates_web_files_and_schema", "test_wheel_metadata",
+                          "test_installed_wheel_writes_its_example_config",
+                          "test_the_daemon_without_the_libvirt_binding_says_so_in_one_line"},
+    "test_sdnotify.py": {"test_unit_passes_systemd_analyze_verify"},
+    "test_seed.py": {"test_cloud_init_accepts_user_data", "test_cloud_init_renders_the_lease_for_networkd",
+                     "test_cloud_init_renders_the_lease_for_ifupdown", "test_blkid_sees_the_label"},
+    "test_ssh_keys.py": {"test_fingerprint_is_the_one_openssh_prints",
+                         "test_cli_user_key_commands_and_cluster_hosts"},
+    "test_store.py": {"test_acknowledged_records_survive_sigkill"},
+    "test_web_views.py": {"test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session",
+                          "test_cli_user_commands_and_credentials"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        if module.startswith(_REALHOST_MODULES):
+            item.add_marker(pytest.mark.realhost)
+        if item.originalname in _PROCESS_TESTS.get(module, ()):
+            item.add_marker(pytest.mark.process)
 
 
 class RunningNode:
@@ -63,6 +100,7 @@ def seed_users(node, names=TEST_USERS, quota: int = 256):
 @pytest.fixture
 def start_node(tmp_path):
     from twisted.internet import reactor
+
     from vmwebd.node import Node
 
     started = []

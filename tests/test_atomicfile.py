@@ -94,6 +94,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.process
 def test_killed_mid_write_leaves_old_content(tmp_path):
     """A process killed with SIGKILL half-way through a write leaves the old content whole."""
     p = tmp_path / "f"

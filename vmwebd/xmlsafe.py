@@ -60,7 +60,7 @@ def parser(**extra: Any) -> etree.XMLParser:
     clash = set(extra) & set(PARSER_OPTIONS)
     if clash:
         raise ValueError(f"the safe parser's options cannot be overridden: {sorted(clash)}")
-    return etree.XMLParser(**PARSER_OPTIONS, **extra)
+    return etree.XMLParser(**PARSER_OPTIONS, **extra)  # type: ignore[arg-type]
 
 
 def _line_of(data: bytes, needle: bytes) -> int | None:
@@ -91,7 +91,7 @@ def parse(data: bytes, source: str, max_bytes: int, *, xml_parser: etree.XMLPars
         raise UnsafeXml(source, None, "xml", f"not usable XML: {e}") from None
     if root is None:  # lxml's recover mode only; never with our parsers
         raise UnsafeXml(source, None, "xml", "no root element")
-    docinfo = root.getroottree().docinfo
+    docinfo: Any = root.getroottree().docinfo  # lxml-stubs lack doctype / internalDTD
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
         raise UnsafeXml(source, 1, "DOCTYPE", _DOCTYPE_REASON)
     if strict:
@@ -99,14 +99,19 @@ def parse(data: bytes, source: str, max_bytes: int, *, xml_parser: etree.XMLPars
     return root
 
 
+def _line(node: etree._Element) -> int | None:
+    line: object = node.sourceline
+    return line if isinstance(line, int) else None
+
+
 def _refuse_entities_and_pis(root: etree._Element, source: str) -> None:
     for node in root.iter(etree.Entity, etree.ProcessingInstruction):
         kind = "entity references" if isinstance(node, etree._Entity) else "processing instructions"
-        raise UnsafeXml(source, node.sourceline, "xml", f"{kind} are not allowed")
+        raise UnsafeXml(source, _line(node), "xml", f"{kind} are not allowed")
     prev = root.getprevious()
     while prev is not None:  # processing instructions before the root element
         if isinstance(prev, etree._ProcessingInstruction):
-            raise UnsafeXml(source, prev.sourceline, "xml", "processing instructions are not allowed")
+            raise UnsafeXml(source, _line(prev), "xml", "processing instructions are not allowed")
         prev = prev.getprevious()
 
 

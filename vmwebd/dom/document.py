@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from importlib import resources
-from typing import Iterator, TypeVar
+from typing import Callable, Collection, Iterator, TypeVar
 
 from lxml import etree
 from sortedcontainers import SortedList
@@ -50,12 +50,12 @@ def relaxng_valid(el: etree._Element) -> bool:
     The reference the linear validator is tested and measured against; exponential in optional
     attributes, so never used on a hot path."""
     kind = etree.QName(el).localname
-    wrapper = etree.Element(_Q + "dom", nsmap={None: NS})
+    wrapper = etree.Element(_Q + "dom", nsmap={None: NS})  # type: ignore[dict-item]
     for k, cname in CONTAINERS.items():
         box = etree.SubElement(wrapper, _Q + cname)
         if k == kind:
             box.append(copy.deepcopy(el))
-    return schema().validate(wrapper)
+    return bool(schema().validate(wrapper))
 
 
 def parse_xml(data: bytes, what: str, limit: int) -> etree._Element:
@@ -65,6 +65,11 @@ def parse_xml(data: bytes, what: str, limit: int) -> etree._Element:
         return xmlsafe.parse(data, what, limit, xml_parser=_PARSER)
     except xmlsafe.UnsafeXml as e:
         raise MalformedRequest(str(e)) from None
+
+
+def _attrs(el: etree._Element) -> dict[str, str]:
+    """An element's attributes as a dict (lxml gives str for str input; the stubs say str or bytes)."""
+    return dict(el.attrib)  # type: ignore[arg-type]
 
 
 def _version(el: etree._Element) -> Version:
@@ -77,7 +82,7 @@ def _part_children(el: etree._Element) -> dict[str, etree._Element]:
             and etree.QName(c).namespace == NS}
 
 
-def _canon(el: etree._Element, skip=()) -> bytes:
+def _canon(el: etree._Element, skip: Collection[etree._Element] = ()) -> bytes:
     """Canonical bytes of an element: independent of namespace prefixes and attribute order."""
     q = etree.QName(el)
     kids = b"".join(_canon(c) for c in el if c not in skip and isinstance(c.tag, str))
@@ -116,14 +121,14 @@ class Dom:
 
     def __init__(self, clock: HybridClock):
         self.clock = clock
-        self.root = etree.Element(_Q + "dom", nsmap={None: NS})
+        self.root = etree.Element(_Q + "dom", nsmap={None: NS})  # type: ignore[dict-item]
         self.root.set("schema", "1")
         self._containers = {}
         for kind, cname in CONTAINERS.items():
             self._containers[kind] = etree.SubElement(self.root, _Q + cname)
         self._index: dict[str, dict[str, etree._Element]] = {k: {} for k in CONTAINERS}
         self._tombstones: set[tuple[str, str]] = set()   # (kind, id) of deleted entities
-        self._listeners = []
+        self._listeners: list[Callable[[str, str], object]] = []
         # Decoded records by (kind, id) then record class; dropped on every change of the entity.
         self._decoded: dict[tuple[str, str], dict[type, Record | None]] = {}
         # (kind, attribute) -> value -> ids of live entities with it; and id -> value held there.
@@ -137,7 +142,7 @@ class Dom:
         # Versions by origin, sorted: (stamp, kind, id, part) — anti-entropy and the version
         # vector read them instead of scanning the DOM. ``_stamps`` is what each entity has there.
         self._by_origin: dict[str, SortedList] = {}
-        self._stamps: dict[tuple[str, str], tuple[tuple[str, tuple], ...]] = {}
+        self._stamps: dict[tuple[str, str], tuple[tuple[str, tuple[int, int], str], ...]] = {}
         # The replica's digest: the sum of a hash per entity, so a change costs one entity's hash.
         self._digest_terms: dict[tuple[str, str], int] = {}
         self._digest_sum = 0
@@ -149,7 +154,7 @@ class Dom:
         key = (cls.KIND, id_)
         slot = self._decoded.get(key)
         if slot is not None and cls in slot:
-            return slot[cls]
+            return slot[cls]  # type: ignore[return-value]  # the slot of cls holds a cls
         el = self._index[cls.KIND].get(id_)
         if el is None:
             return None
@@ -225,15 +230,15 @@ class Dom:
         return _version(el)
 
     @staticmethod
-    def _decode(cls, el):
+    def _decode(cls: type[R], el: etree._Element) -> R | None:
         if cls.PART:
-            el = _part_children(el).get(cls.PART)
-            if el is None:
+            part = _part_children(el).get(cls.PART)
+            if part is None:
                 return None
-            return cls.from_attrs(el.getparent().get("id"), dict(el.attrib))
+            return cls.from_attrs(el.get("id", ""), _attrs(part))
         body = [c for c in el if etree.QName(c).localname not in PARTS[cls.KIND]
                 or etree.QName(c).namespace != NS]
-        return cls.from_attrs(el.get("id"), dict(el.attrib), body)
+        return cls.from_attrs(el.get("id", ""), _attrs(el), body)
 
     # -- writes (local) -------------------------------------------------------------------
     def put(self, rec: Record, version: Version | None = None) -> etree._Element:
@@ -297,7 +302,7 @@ class Dom:
         self._reindex(kind, id_)
         return True
 
-    def tombstones(self, skip=()) -> Iterator[etree._Element]:
+    def tombstones(self, skip: Collection[str] = ()) -> Iterator[etree._Element]:
         """The deleted entities still held (candidates for collection), but those of ``skip`` kinds."""
         for kind, id_ in list(self._tombstones):
             if kind not in skip:
@@ -305,7 +310,7 @@ class Dom:
 
     def _apply(self, remote: etree._Element) -> etree._Element:
         self.merge(remote, validate=False)
-        return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id")])
+        return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id", "")])
 
     # -- replication ----------------------------------------------------------------------
     def merge(self, remote: etree._Element, validate: bool = True) -> bool:
@@ -315,7 +320,7 @@ class Dom:
             raise MalformedRequest(f"not a DOM entity: {remote.tag}")
         if validate:
             self.validate_entity(remote)
-        id_ = remote.get("id")
+        id_ = remote.get("id", "")  # every valid entity has one
         for el in [remote, *_part_children(remote).values()]:
             self.clock.observe(_version(el))
         local = self._index[kind].get(id_)
@@ -363,7 +368,7 @@ class Dom:
         such duplicates skip validation and the canonical comparison of equal versions."""
         try:
             kind = etree.QName(remote).localname
-            local = self._index[kind].get(remote.get("id")) if kind in self._index else None
+            local = self._index[kind].get(remote.get("id", "")) if kind in self._index else None
         except ValueError:
             return False
         if local is None:
@@ -488,7 +493,7 @@ class Dom:
                 self.merge(el, validate=False)
 
     # -- change listeners -----------------------------------------------------------------
-    def subscribe(self, fn) -> None:
+    def subscribe(self, fn: Callable[[str, str], object]) -> None:
         """Calls ``fn(kind, id)`` after every change, local or merged."""
         self._listeners.append(fn)
 
@@ -507,9 +512,9 @@ class Dom:
         live = el is not None and el.get("deleted") != "true"
         for attr in INDEXED.get(kind, ()):
             ix, held = self._by_attr[(kind, attr)], self._attr_of[(kind, attr)]
-            new = el.get(attr, "") if live else None
+            new = el.get(attr, "") if live and el is not None else None
             old = held.get(id_)
-            for value in {old, new} - {None}:
+            for value in {v for v in (old, new) if v is not None}:
                 gkey = (kind, attr, value)
                 self._generation[gkey] = self._generation.get(gkey, 0) + 1
             if old == new:
@@ -524,7 +529,7 @@ class Dom:
                 ix.setdefault(new, set()).add(id_)
                 held[id_] = new
         old_stamps = self._stamps.pop(key, ())
-        new_stamps = ()
+        new_stamps: tuple[tuple[str, tuple[int, int], str], ...] = ()
         if el is not None:
             new_stamps = tuple((v.origin, v.stamp, part) for v, part in _part_versions_named(el))
             self._stamps[key] = new_stamps
@@ -563,7 +568,7 @@ def part_versions(el: etree._Element) -> list[Version]:
 
 
 def entity_key(el: etree._Element) -> tuple[str, str]:
-    return (etree.QName(el).localname, el.get("id"))
+    return (etree.QName(el).localname, el.get("id", ""))
 
 
 def entity_bytes(el: etree._Element) -> bytes:

@@ -29,6 +29,9 @@ DOM, and the host view shows it dead.
 from __future__ import annotations
 
 import re
+from typing import Iterable
+
+from lxml import etree
 
 from vmwebd.dom.document import Dom, entity_key, part_versions
 from vmwebd.dom.hlc import Version
@@ -64,7 +67,7 @@ def parse_cvv(text: str) -> Vector:
 
 
 def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
-                members=(), limit: int = 500) -> list[tuple[str, str]]:
+                members: Iterable[str] = (), limit: int = 500) -> list[tuple[str, str]]:
     """The (kind, id) of the tombstoned entities this host may forget now (see the module doc).
 
     ``members`` are the hosts the peer layer knows, whatever their state: a host whose record has
@@ -98,7 +101,7 @@ def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
     return out
 
 
-def forgotten(dom: Dom, own_cvv: Vector, el) -> bool:
+def forgotten(dom: Dom, own_cvv: Vector, el: etree._Element) -> bool:
     """Is ``el`` (from a peer) a state of an entity this host collected? Unknown here, and its main
     part covered by our vector: we held that main part or a newer one, and only collection
     removes entities. (Its sub-parts do not matter: the entity was deleted.)"""

@@ -26,7 +26,7 @@ class Version:
         return f"{self.wall_ms}.{self.counter}@{self.origin}"
 
     @classmethod
-    def parse(cls, text: str) -> "Version":
+    def parse(cls, text: str | None) -> "Version":
         m = _VERSION_RE.match(text or "")
         if not m:
             raise ValueError(f"not a version: {text!r} (expected WALLMS.COUNTER@HOST)")

@@ -10,6 +10,7 @@ change, only after that Deferred fires.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 from lxml import etree
 from twisted.internet import defer
@@ -19,6 +20,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vmwebd.dom.document import Dom, entity_bytes, entity_from_bytes
 from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.records import Record
 from vmwebd.dom.store import DurableStore
 
 log = Logger()
@@ -46,8 +48,9 @@ def load_dom(directory: str | Path, clock: HybridClock, fsync: bool = True) -> t
 class DomService:
     """The replica plus its durable store, driven from the reactor thread."""
 
-    def __init__(self, dom: Dom, store: DurableStore, reactor, compact_every: int = 4096,
-                 journal_records: int = 0):
+    def __init__(self, dom: Dom, store: DurableStore, reactor: Any, compact_every: int = 4096,
+                 journal_records: int = 0) -> None:
+        # reactor: an IReactorTime that is also an IReactorFromThreads (the real one, or a test's)
         self.dom = dom
         self.store = store
         self.reactor = reactor
@@ -55,15 +58,16 @@ class DomService:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-dom-store")
         self._pool.start()
         self._since_snapshot = journal_records
-        self._waiters: list = []
-        self.on_local_commit: list = []   # fn(entities) after local writes are durable
-        self._waiter_check = None
+        self._waiters: list[list[Any]] = []   # [predicate, Deferred, timer]
+        # fn(entities) after local writes are durable; may return a Deferred (the push round)
+        self.on_local_commit: list[Callable[[list[etree._Element]], object]] = []
+        self._waiter_check: Any = None   # an IDelayedCall
         dom.subscribe(self._check_waiters)
         self.push_wait = PUSH_WAIT_S
         self.push_rounds = 0          # local writes whose push an acknowledgement waited for
         self.push_waits_cut = 0       # ... of which the push was not answered within push_wait
 
-    def commit(self, entities: list[etree._Element | None]) -> defer.Deferred:
+    def commit(self, entities: Sequence[etree._Element | None]) -> defer.Deferred[None]:
         """Persists entity states already applied to the replica; fires when they are durable."""
         records = [entity_bytes(e) for e in entities if e is not None]
         if not records:
@@ -81,56 +85,56 @@ class DomService:
         if snapshot is not None:
             self.store.compact(snapshot)
 
-    def put(self, *recs) -> defer.Deferred:
+    def put(self, *recs: Record) -> defer.Deferred[None]:
         """Writes records (see Dom.put) and fires when they are durable (and handed to gossip)."""
         return self.commit_local([self.dom.put(r) for r in recs])
 
-    def delete(self, *keys: tuple[str, str]) -> defer.Deferred:
+    def delete(self, *keys: tuple[str, str]) -> defer.Deferred[None]:
         return self.commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
 
-    def commit_local(self, entities) -> defer.Deferred:
+    def commit_local(self, entities: Iterable[etree._Element | None]) -> defer.Deferred[None]:
         """Persists local writes already applied to the replica, then hands them to gossip."""
-        entities = [e for e in entities if e is not None]
+        written = [e for e in entities if e is not None]
 
-        def spread(result):
+        def spread(result: None) -> defer.Deferred[None] | None:
             # Only once durable: a peer never learns of a change we could still lose. The caller
             # (and so the user's acknowledgement) waits for the first push round to be answered,
             # but at most push_wait: an acknowledged change is on disk here, and at the peers it
             # was pushed to that answer promptly (never held up by one that does not).
-            ds = [fn(entities) for fn in list(self.on_local_commit)]
-            ds = [d for d in ds if isinstance(d, defer.Deferred)]
+            answers = [fn(written) for fn in list(self.on_local_commit)]
+            ds = [d for d in answers if isinstance(d, defer.Deferred)]
             if not ds:
                 return result
             return self._bounded(defer.DeferredList(ds, consumeErrors=True)).addCallback(
                 lambda _: result)
-        return self.commit(entities).addCallback(spread)
+        return self.commit(written).addCallback(spread)
 
-    def _bounded(self, pushed: defer.Deferred) -> defer.Deferred:
+    def _bounded(self, pushed: defer.Deferred[Any]) -> defer.Deferred[None]:
         """Fires when ``pushed`` does or ``push_wait`` seconds have passed, whichever is first;
         ``pushed`` itself goes on (its sends keep their own timeout)."""
         self.push_rounds += 1
-        out = defer.Deferred()
+        out: defer.Deferred[None] = defer.Deferred()
 
-        def expire():
+        def expire() -> None:
             self.push_waits_cut += 1
             log.debug("a push was not answered within {s} s; acknowledging without it",
                       s=self.push_wait)
             out.callback(None)
         timer = self.reactor.callLater(self.push_wait, expire)
 
-        def answered(_):
+        def answered(_: object) -> None:
             if timer.active():
                 timer.cancel()
                 out.callback(None)
         pushed.addBoth(answered)
         return out
 
-    def barrier(self) -> defer.Deferred:
+    def barrier(self) -> defer.Deferred[None]:
         """Fires once everything handed to the store before this call is on disk (the store's
         single thread runs in order)."""
         return deferToThreadPool(self.reactor, self._pool, lambda: None)
 
-    def forget(self, keys) -> defer.Deferred:
+    def forget(self, keys: Iterable[tuple[str, str]]) -> defer.Deferred[int]:
         """Removes collected tombstones (vmwebd/dom/gc.py) and writes a snapshot without them; fires
         with how many went. Should the daemon stop before the snapshot is down, the journal brings
         the tombstones back at the next start, and they are collected again."""
@@ -142,15 +146,15 @@ class DomService:
         return deferToThreadPool(self.reactor, self._pool, self.store.compact, snapshot).addCallback(
             lambda _: n)
 
-    def wait_for(self, predicate, timeout: float) -> defer.Deferred:
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> defer.Deferred[bool]:
         """Fires True as soon as ``predicate()`` holds (re-checked after every change to the
         replica), or False after ``timeout`` seconds: every wait is bounded."""
         if predicate():
             return defer.succeed(True)
-        d = defer.Deferred()
-        entry = [predicate, d, None]
+        d: defer.Deferred[bool] = defer.Deferred()
+        entry: list[Any] = [predicate, d, None]
 
-        def expire():
+        def expire() -> None:
             if entry in self._waiters:
                 self._waiters.remove(entry)
                 d.callback(False)
@@ -172,7 +176,7 @@ class DomService:
                 d.callback(True)
 
     def close(self) -> None:
-        for _, d, timer in self._waiters:
+        for _, _d, timer in self._waiters:
             timer.cancel()
         self._waiters.clear()
         self._pool.stop()

@@ -12,9 +12,12 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Mapping, TypeVar
 
 from lxml import etree
+
+if TYPE_CHECKING:
+    from vmwebd.dom.document import Dom
 
 NS = "urn:vmweb:dom:1"
 
@@ -40,6 +43,9 @@ def attr_name(field: str) -> str:
     return field.replace("_", "-")
 
 
+RecT = TypeVar("RecT", bound="Record")
+
+
 class Record:
     """Base of typed DOM records (dataclasses)."""
 
@@ -49,7 +55,7 @@ class Record:
 
     def to_attrs(self) -> dict[str, str]:
         out = {}
-        for f in dataclasses.fields(self):
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
             if f.name in ("id", "body"):
                 continue
             value = getattr(self, f.name)
@@ -65,8 +71,9 @@ class Record:
         return []
 
     @classmethod
-    def from_attrs(cls, id_: str, attrs: dict[str, str], body=()) -> "Record":
-        kwargs = {}
+    def from_attrs(cls: type[RecT], id_: str, attrs: Mapping[str, str],
+                   body: Iterable[etree._Element] = ()) -> RecT:
+        kwargs: dict[str, object] = {}
         for name, attr, conv, required in _field_specs(cls):
             if name == "body":
                 kwargs["body"] = tuple(body)
@@ -77,22 +84,23 @@ class Record:
                     raise ValueError(f"{cls.KIND} {id_!r}: missing attribute {attr!r}")
                 continue
             kwargs[name] = conv(raw)
-        return cls(id=id_, **kwargs)
+        return cls(id=id_, **kwargs)  # type: ignore[call-arg]  # every subclass is a dataclass
 
 
 # Per record class: (field, attribute, converter, required) for every field but ``id``. Worked
 # out once per class: evaluating the type hints on every decode was most of a busy daemon's time.
-_SPECS: dict[type, tuple[tuple[str, str, object, bool], ...]] = {}
+_Converter = Callable[[str], object]
+_SPECS: dict[type, tuple[tuple[str, str, _Converter, bool], ...]] = {}
 
 
-def _field_specs(cls) -> tuple[tuple[str, str, object, bool], ...]:
+def _field_specs(cls: type[Record]) -> tuple[tuple[str, str, _Converter, bool], ...]:
     specs = _SPECS.get(cls)
     if specs is None:
         hints = typing.get_type_hints(cls)
         specs = tuple(
             (f.name, attr_name(f.name), _converter(hints[f.name]),
              f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls) if f.name != "id")
+            for f in dataclasses.fields(cls) if f.name != "id")  # type: ignore[arg-type]
         _SPECS[cls] = specs
     return specs
 
@@ -101,7 +109,7 @@ def _bool(raw: str) -> bool:
     return raw == "true"
 
 
-def _converter(hint):
+def _converter(hint: object) -> _Converter:
     """The function that turns an attribute's text into a value of type ``hint``."""
     if hint in (str, "str"):
         return str
@@ -158,7 +166,7 @@ class UserRec(Record):
     # XML attribute normalisation (newlines and tabs become spaces) cannot change it, and
     # ``ssh-ed25519 AAAA… alice@laptop`` stays readable in the DOM.
     @staticmethod
-    def encode_ssh_keys(keys) -> str:
+    def encode_ssh_keys(keys: Iterable[str]) -> str:
         """The ``ssh-keys`` attribute for OpenSSH key lines already checked (see vmwebd.auth)."""
         from urllib.parse import quote
         out = []
@@ -211,9 +219,9 @@ class TemplateRec(Record):
     KIND: ClassVar[str] = "template"
     id: str
     description: str = ""
-    body: tuple = ()
+    body: tuple[etree._Element, ...] = ()
 
-    def to_body(self):
+    def to_body(self) -> list[etree._Element]:
         return list(self.body)
 
 
@@ -339,7 +347,7 @@ class AuditRec(Record):
     ms: int = 0                      # how long the request took
 
 
-def status_of(dom, vm: VmRec) -> VmStatus | None:
+def status_of(dom: Dom, vm: VmRec) -> VmStatus | None:
     """The observed state of this creation of ``vm``. A VM deleted and created again under the
     same name (a cluster destroyed and re-made, a scale down then up) keeps its old status part
     in the DOM (parts outlive a tombstone in the merge); its token tells the two apart."""

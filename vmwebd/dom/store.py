@@ -210,7 +210,8 @@ class DurableStore:
 
     def _open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        snapshots, journals = set(), set()
+        snapshots: set[int] = set()
+        journals: set[int] = set()
         for entry in os.listdir(self.directory):
             if entry.endswith(".tmp"):
                 os.unlink(self.directory / entry)
@@ -384,7 +385,7 @@ class DurableStore:
         self.open()
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # -- helpers -------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Callable, cast
 
 from lxml import etree
 
@@ -22,13 +23,17 @@ RNG = "http://relaxng.org/ns/structure/1.0"
 _R = "{%s}" % RNG
 
 
+#: Says whether an attribute's text is valid.
+Checker = Callable[[str], bool]
+
+
 @dataclass
 class ElementSpec:
     """What one element (an entity, or a sub-part) may carry."""
 
-    attrs: dict = field(default_factory=dict)        # name -> checker(str) -> bool
-    required: set = field(default_factory=set)
-    children: dict = field(default_factory=dict)     # local name -> ElementSpec (same namespace)
+    attrs: dict[str, Checker] = field(default_factory=dict)        # name -> checker(str) -> bool
+    required: set[str] = field(default_factory=set)
+    children: dict[str, ElementSpec] = field(default_factory=dict)  # local name -> spec (same namespace)
     foreign_children: bool = False                   # any element of another namespace (template body)
 
 
@@ -36,7 +41,7 @@ _INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
 _DOUBLE = re.compile(r"^\s*([+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?INF|NaN)\s*$")
 
 
-def _string_checker(data: etree._Element):
+def _string_checker(data: etree._Element) -> Checker:
     params = {p.get("name"): (p.text or "") for p in data.iterfind(_R + "param")}
     lo = int(params.get("minLength", 0))
     hi = int(params.get("maxLength", 1 << 62))
@@ -49,9 +54,9 @@ def _string_checker(data: etree._Element):
 
 class _Reader:
     def __init__(self, grammar: etree._Element):
-        self.defines = {d.get("name"): d for d in grammar.iterfind(_R + "define")}
+        self.defines = {d.get("name", ""): d for d in grammar.iterfind(_R + "define")}
 
-    def value_checker(self, node: etree._Element):
+    def value_checker(self, node: etree._Element) -> Checker:
         """Checker for the content of an <attribute>: a ref, a data or a choice of values."""
         kids = [k for k in node if isinstance(k.tag, str)]
         if not kids:
@@ -59,7 +64,7 @@ class _Reader:
         k = kids[0]
         tag = etree.QName(k).localname
         if tag == "ref":
-            return self.value_checker(self.defines[k.get("name")])
+            return self.value_checker(self.defines[k.get("name", "")])
         if tag == "data":
             t = k.get("type")
             if t == "integer":
@@ -73,7 +78,8 @@ class _Reader:
             values = {c.text or "" for c in k.iterfind(_R + "value")}
             return lambda v: v in values
         if tag == "value":
-            return lambda v, want=(k.text or ""): v == want
+            want = k.text or ""
+            return lambda v: v == want
         raise ValueError(f"schema.rng: attribute content <{tag}> is not supported")
 
     def element(self, el: etree._Element) -> ElementSpec:
@@ -81,13 +87,13 @@ class _Reader:
         self._content(el, spec, required=True)
         return spec
 
-    def _content(self, node, spec: ElementSpec, required: bool):
+    def _content(self, node: etree._Element, spec: ElementSpec, required: bool) -> None:
         for k in node:
             if not isinstance(k.tag, str):
                 continue
             tag = etree.QName(k).localname
             if tag == "attribute":
-                name = k.get("name")
+                name = k.get("name", "")
                 spec.attrs[name] = self.value_checker(k)
                 if required:
                     spec.required.add(name)
@@ -96,7 +102,7 @@ class _Reader:
             elif tag == "zeroOrMore" or tag == "oneOrMore":
                 self._content(k, spec, required=False)
             elif tag == "ref":
-                target = self.defines[k.get("name")]
+                target = self.defines[k.get("name", "")]
                 inner = [x for x in target if isinstance(x.tag, str)]
                 if inner and etree.QName(inner[0]).localname == "element" and \
                         inner[0].get("name") is None:
@@ -104,7 +110,7 @@ class _Reader:
                 else:
                     self._content(target, spec, required)
             elif tag == "element":
-                spec.children[k.get("name")] = self.element(k)
+                spec.children[k.get("name", "")] = self.element(k)
             elif tag in ("data", "choice", "value", "text", "empty"):
                 continue
             else:
@@ -117,15 +123,17 @@ def load_specs(text: bytes | None = None) -> tuple[str, dict[str, ElementSpec]]:
         text = resources.files("vmwebd.dom").joinpath("schema.rng").read_bytes()
     grammar = etree.fromstring(text, xmlsafe.parser())
     ns = grammar.get("ns")
+    start = grammar.find(_R + "start")
+    if ns is None or start is None:
+        raise ValueError("schema.rng: the grammar needs an ns attribute and a <start>")
     reader = _Reader(grammar)
     specs = {}
-    start = grammar.find(_R + "start")
     for container in start.iter(_R + "element"):
         for ref in container.iter(_R + "ref"):
-            d = reader.defines[ref.get("name")]
-            el = d.find(_R + "element")
-            if el is not None and el.get("name") == ref.get("name"):
-                specs[ref.get("name")] = reader.element(el)
+            name = ref.get("name", "")
+            el = reader.defines[name].find(_R + "element")
+            if el is not None and el.get("name") == name:
+                specs[name] = reader.element(el)
     return ns, specs
 
 
@@ -171,9 +179,10 @@ def entity_error(el: etree._Element) -> str | None:
     return _element_error(el, _SPECS[q.localname])
 
 
-def _element_error(el, spec: ElementSpec) -> str | None:
+def _element_error(el: etree._Element, spec: ElementSpec) -> str | None:
     name = etree.QName(el).localname
-    for attr, value in el.attrib.items():
+    # lxml gives str for str input (the stubs say str or bytes)
+    for attr, value in cast("list[tuple[str, str]]", el.attrib.items()):
         if attr.startswith("{"):
             return f"element {name}: attribute {attr} is not allowed"
         check = spec.attrs.get(attr)

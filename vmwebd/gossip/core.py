@@ -32,11 +32,22 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from vmwebd.gossip.broadcast import BroadcastQueue
-from vmwebd.gossip.messages import (PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState, Ping,
-                                    PingReq, ProbeNack, Sync, SyncDelta, SyncReply)
+from vmwebd.gossip.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Envelope,
+    Gossip,
+    MemberState,
+    Ping,
+    PingReq,
+    ProbeNack,
+    Sync,
+    SyncDelta,
+    SyncReply,
+)
 
 ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
 _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
@@ -132,7 +143,7 @@ class Suspicion:
     k: int
     lo: float
     hi: float
-    accusers: set = field(default_factory=set)
+    accusers: set[str] = field(default_factory=set)
     confirmations: int = 0
 
     def confirm(self, by: str) -> bool:
@@ -147,14 +158,23 @@ class Suspicion:
         return self.start + suspicion_timeout_after(self.confirmations, self.k, self.lo, self.hi)
 
 
+#: A DOM entity as the core sees it: opaque, handed back to the DomPort (an lxml element in the
+#: daemon). The core never looks inside.
+Entity = Any
+#: A complete version vector: origin host -> the greatest (wall ms, counter) held from it.
+Vector = dict[str, tuple[int, int]]
+
+
 class DomPort(Protocol):
     """What the core needs of the DOM; the core knows nothing of the schema."""
 
-    def merge(self, entities) -> list: ...            # in memory; returns the changed entities' new state
-    def delta(self, theirs, mine_complete, budget) -> tuple[list, dict]: ...
-    def size_of(self, entity) -> int: ...
-    def key_of(self, entity) -> tuple: ...
-    def stamps_of(self, entity) -> list[tuple[str, tuple[int, int]]]: ...
+    # in memory; returns the changed entities' new state
+    def merge(self, entities: Sequence[Entity]) -> list[Entity]: ...
+    # (entities they lack, newest first within budget bytes; our complete vector for them)
+    def delta(self, theirs: Vector, mine_complete: Vector, budget: int) -> tuple[list[Entity], Vector]: ...
+    def size_of(self, entity: Entity) -> int: ...
+    def key_of(self, entity: Entity) -> tuple[str, ...]: ...
+    def stamps_of(self, entity: Entity) -> list[tuple[str, tuple[int, int]]]: ...
 
 
 @dataclass
@@ -181,7 +201,7 @@ class Send:
 @dataclass
 class Output:
     sends: list[Send] = field(default_factory=list)
-    persist: list = field(default_factory=list)      # entities merged from peers (durable before sends)
+    persist: list[Entity] = field(default_factory=list)  # entities merged from peers (durable before sends)
     changes: list[tuple[str, str, str]] = field(default_factory=list)  # (node, old, new) status
 
     def extend(self, other: "Output") -> "Output":
@@ -200,8 +220,8 @@ class _Probe:
     deadline: float         # no Ack by then: suspect (probe_interval, scaled by health)
     indirect: bool = False
     acked: bool = False
-    helpers: tuple = ()     # asked to ping the target for us
-    nacks: set = field(default_factory=set)
+    helpers: tuple[str, ...] = ()     # asked to ping the target for us
+    nacks: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -216,7 +236,7 @@ class _Relay:
 
 class GossipCore:
     def __init__(self, me: str, addr: str, config: GossipConfig, rng: random.Random, dom: DomPort,
-                 now: float, incarnation: int = 0, cvv: dict | None = None,
+                 now: float, incarnation: int = 0, cvv: Vector | None = None,
                  seeds: tuple[str, ...] = (), known: tuple[tuple[str, str], ...] = ()):
         self.me = me
         self.addr = addr
@@ -273,7 +293,7 @@ class GossipCore:
         return s.deadline() if s is not None else None
 
     # -- inputs ---------------------------------------------------------------------------
-    def local_changes(self, entities, now: float) -> Output:
+    def local_changes(self, entities: Iterable[Entity], now: float) -> Output:
         """Local DOM writes: raise our own complete vector, push at once, queue as rumors."""
         for el in entities:
             for origin, stamp in self.dom.stamps_of(el):
@@ -284,7 +304,7 @@ class GossipCore:
             self._send(peer, Gossip())
         return self._flush()
 
-    def push_to(self, nodes, now: float) -> Output:
+    def push_to(self, nodes: Iterable[str], now: float) -> Output:
         """Sends queued rumors to ``nodes`` now, whatever the failure detector thinks of them
         (not to hosts that left): for a change that one host is waiting on, such as a migration's
         next phase, a loaded host wrongly marked dead must not wait for anti-entropy."""
@@ -350,11 +370,11 @@ class GossipCore:
         if p is not None and not p.acked:
             if not p.indirect and now >= p.timeout_at:
                 p.indirect = True
-                target = self.members.get(p.target)
+                probed = self.members.get(p.target)
                 helpers = [x for x in self._random_peers(cfg.indirect_checks + 1) if x != p.target]
                 p.helpers = tuple(helpers[:cfg.indirect_checks])
                 for h in p.helpers:
-                    self._send(h, PingReq(p.seq, p.target, target.addr if target else "", cfg.probe_nacks))
+                    self._send(h, PingReq(p.seq, p.target, probed.addr if probed else "", cfg.probe_nacks))
             if now >= p.deadline:
                 # Lifeguard: helpers that nacked in time show our own links and timing are fine and
                 # the target is the problem; each nack we expected and missed hints that we are
@@ -414,7 +434,7 @@ class GossipCore:
         return self._flush()
 
     # -- internals ------------------------------------------------------------------------
-    def _start_sync(self):
+    def _start_sync(self) -> None:
         live = [n for n in self.alive() if n != self.me]
         dead = [n for n, m in self.members.items() if m.status == DEAD]
         sync = Sync(dict(self.cvv), self.member_states())
@@ -445,13 +465,14 @@ class GossipCore:
         self.rng.shuffle(peers)
         return peers[:k]
 
-    def _claim(self, claims: dict):
-        for origin, stamp in claims.items():
-            stamp = tuple(stamp)
+    def _claim(self, claims: Mapping[str, Sequence[int]]) -> None:
+        for origin, claimed in claims.items():
+            wall, counter = claimed
+            stamp = (wall, counter)
             if stamp > self.cvv.get(origin, (-1, -1)):
                 self.cvv[origin] = stamp
 
-    def _merge(self, entities):
+    def _merge(self, entities: Sequence[Entity]) -> None:
         if not entities:
             return
         changed = self.dom.merge(entities)
@@ -459,7 +480,7 @@ class GossipCore:
             self.queue.put(("e",) + self.dom.key_of(el), el, self.dom.size_of(el))
         self._out.persist.extend(changed)
 
-    def _set(self, m: Member, status: str, incarnation: int, now: float, by: str = ""):
+    def _set(self, m: Member, status: str, incarnation: int, now: float, by: str = "") -> None:
         if m.status != status:
             self._out.changes.append((m.node, m.status, status))
             m.since = now
@@ -471,7 +492,7 @@ class GossipCore:
         m.status = status
         m.incarnation = incarnation
 
-    def _start_suspicion(self, m: Member, by: str, now: float):
+    def _start_suspicion(self, m: Member, by: str, now: float) -> None:
         live = sum(1 for x in self.members.values() if x.status in (ALIVE, SUSPECT))
         n = len(self.members)
         self._suspicions[m.node] = Suspicion(now, self.cfg.suspicion_confirmations(live),
@@ -484,7 +505,7 @@ class GossipCore:
         s = self._suspicions.get(m.node)
         return s is not None and s.confirm(by)
 
-    def _suspect(self, node: str, now: float):
+    def _suspect(self, node: str, now: float) -> None:
         m = self.members.get(node)
         if m is None:
             return
@@ -496,7 +517,7 @@ class GossipCore:
             # spread so that the others' timers shrink too
             self.queue.put(("m", node), MemberState(node, m.addr, m.incarnation, SUSPECT, self.me), 64)
 
-    def _apply_member(self, ms: MemberState, now: float):
+    def _apply_member(self, ms: MemberState, now: float) -> None:
         """SWIM's rules for a rumor about a member (including ourselves: refute)."""
         if ms.node == self.me:
             me = self.members[self.me]
@@ -545,13 +566,15 @@ class GossipCore:
             # another host suspects it on its own: pass the confirmation on
             self.queue.put(("m", ms.node), ms, 64)
 
-    def _send(self, node: str, msg, rumors: bool = True, extra: tuple = ()):
+    def _send(self, node: str, msg: object, rumors: bool = True, extra: tuple[MemberState, ...] = ()) -> None:
         m = self.members.get(node)
         if m is not None:
             self._send_to(node, m.addr, msg, rumors, extra)
 
-    def _send_to(self, node: str | None, addr: str, msg, rumors: bool = True, extra: tuple = ()):
-        members, entities = extra, ()
+    def _send_to(self, node: str | None, addr: str, msg: object, rumors: bool = True,
+                 extra: tuple[MemberState, ...] = ()) -> None:
+        members: tuple[MemberState, ...] = extra
+        entities: tuple[Entity, ...] = ()
         if rumors:
             items = self.queue.take(self.cfg.max_gossip_bytes, len(self.members))
             members += tuple(i for i in items if isinstance(i, MemberState))

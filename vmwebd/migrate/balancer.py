@@ -131,7 +131,7 @@ class BalancerPolicy:
     interval_ms: int = 60_000
     cpu_overcommit: float = 4.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise InvalidArgument("threshold", f"{self.threshold!r}: must be between 0 and 1")
         if not 0.0 < self.hysteresis <= 1.0:
