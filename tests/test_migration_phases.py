@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -255,6 +256,17 @@ def test_the_table_covers_every_phase_role_and_failure_once():
 def test_decision_table(case, role, failure, expected):
     """The host of each role answers each phase under each failure as the table says."""
     assert run(case, role, failure) == expected
+
+
+def test_the_docs_draw_and_tabulate_the_phases_of_the_enum():
+    """docs/migration.md's phase diagram boxes, and its who-does-what table lists, exactly the
+    phases of the enum."""
+    doc = (Path(__file__).parent.parent / "docs" / "migration.md").read_text()
+    section = doc[doc.index("## The phase machine"):]
+    diagram = section[section.index("```"):section.index("```", section.index("```") + 3)]
+    boxed = set(re.findall(r"\| +([a-z]+) +\|", diagram))
+    rows = set(re.findall(r"^\| `([a-z]+)` \|", section, re.M))
+    assert boxed == rows == {p.value for p in Phase}
 
 
 # -- rules beside the table ----------------------------------------------------------------

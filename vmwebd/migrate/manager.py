@@ -16,7 +16,9 @@ concerned drive it by reacting to that entity as it reaches them through gossip:
   defines the domain and restores it, writes ``restored``;
 - the source, on ``restored``: records the VM's new host, removes its copy, writes ``done``.
 
-Whoever writes ``done`` or ``failed`` gives the lease back. A failure in any phase writes
+Which of these a host does, and when it gives up (a silent or dead destination, a restart in
+the middle, an error), is decided by the pure phase machine :func:`vmwebd.migrate.phases.decide`;
+this module carries out its answers. Whoever writes ``done`` or ``failed`` gives the lease back. A failure in any phase writes
 ``failed`` naming the phase; the VM keeps running at the source (a cold move restores it there).
 While a migration is in flight both hosts' reconcilers leave that VM alone.
 
