@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("json",)}, "checkpoints": []}
     try:
         grid = ScaleGrid(base, args)
-        result["config"].update(host_cpus=grid.cpus, host_memory_mib=grid.memory_mib, machine_cpus=os.cpu_count(),
+        result["config"].update(host_cpus=grid.cpus, host_memory_mib=grid.memory_mib, machine_cpus=len(os.sched_getaffinity(0)),
                                 code=code_version())
         print(f"{args.daemons} daemons on 127.0.0.1 ({grid.cpus} CPUs, {grid.memory_mib} MiB each, "
               f"test driver), {args.vms} VMs in clusters of {args.cluster_size} ({TEMPLATE}: "
@@ -657,7 +657,7 @@ def main(argv=None) -> int:
 
 
 def report(result: dict, args) -> None:
-    print(f"\nSummary: {args.daemons} daemons, {os.cpu_count()} CPUs on this machine; latencies in ms "
+    print(f"\nSummary: {args.daemons} daemons, {len(os.sched_getaffinity(0))} CPUs on this machine; latencies in ms "
           f"(p50/p99); 'equal s': last write → every GetDigest equal; 'quiet s': → every VM running "
           f"and the digests equal again; CPU and RSS per daemon over {args.idle_window:.0f} s idle; reads "
           f"over {args.reads} calls each at random daemons; susp/dead: membership transitions logged "

@@ -339,3 +339,33 @@ def test_the_old_host_removes_its_copy_once_it_learns_the_vm_was_re_placed(start
     assert domain_name(vm.id) not in names and domain_name("back/pc1") in names
     assert status_of(dom, dom.get(VmRec, vm.id)) is None        # host1's old status is not its
     assert dom.get(VmStatus, vm.id).token == vm.token
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_proposer_suspected_briefly_is_still_asked_and_one_suspected_long_is_not(gossiping, frozen):
+    """The grid's proposer is the first consensus member that is alive — or suspect for less
+    than a few seconds: a loaded proposer is suspected and cleared again and again, and hosts
+    switching proposers at every suspicion made several proposers duel over the same keys."""
+    h = yield gossiping()
+    node = h.node
+    node.leases.core.set_members(("host0", "host1"))
+
+    def rumor(status, inc):
+        by = node.host_id if status == SUSPECT else ""
+        return node.gossip.receive(Envelope(FROZEN, frozen.addr, node.host_id, Gossip(),
+                                            members=(MemberState("host0", frozen.addr, inc, status, by),)))
+    yield rumor(ALIVE, 1)
+    t = 1000.0
+    assert node._proposer_for(now=t) == "host0"
+    yield rumor(SUSPECT, 1)
+    assert node.liveness("host0") == "suspect"
+    patience = node.PROPOSER_PATIENCE_S
+    assert node._proposer_for(now=t + 1) == "host0"                   # suspect since t + 1
+    assert node._proposer_for(now=t + 1 + patience / 2) == "host0"
+    assert node._proposer_for(now=t + 1 + patience) is None           # too long: run here
+    yield rumor(ALIVE, 2)                                              # it refuted
+    assert node._proposer_for(now=t + 20) == "host0"
+    yield rumor(SUSPECT, 2)
+    assert node._proposer_for(now=t + 21) == "host0"                  # a new suspicion, counted afresh
+    yield rumor(DEAD, 2)
+    assert node._proposer_for(now=t + 21.5) is None

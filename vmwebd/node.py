@@ -86,6 +86,8 @@ class Node:
         self.reconciler = None
         self._heartbeat = None
         self.gossip = None
+        # consensus member -> (seen suspect since, last seen suspect), for _proposer_for
+        self._suspect_since: dict[str, tuple[float, float]] = {}
         self.paxos_transport = None
         self._record_written_ms = 0
         self.peer_port = None
@@ -267,16 +269,32 @@ class Node:
                        | {self.host_id})
         return hosts.index(self.host_id), len(hosts)
 
-    def _proposer_for(self) -> str | None:
+    #: A proposer suspected for less than this is still asked (a loaded proposer is slow to
+    #: answer probes and is suspected and cleared again and again; switching at every
+    #: suspicion made several proposers duel over the same keys).
+    PROPOSER_PATIENCE_S = 3.0
+
+    def _proposer_for(self, now: float | None = None) -> str | None:
         """The host that runs this host's consensus operations: the first consensus member (by
-        id) the failure detector here calls alive; None when that is this host (or nobody)."""
+        id) the failure detector here calls alive, or suspect for less than
+        :attr:`PROPOSER_PATIENCE_S`; None when that is this host (or nobody)."""
         if self.gossip is None:
             return None
+        now = self.reactor.seconds() if now is None else now
         for m in sorted(self.leases.members()):
             if m == self.host_id:
                 return None
-            if self.gossip.core.status_of(m) == "alive":
+            status = self.gossip.core.status_of(m)
+            if status == "alive":
+                self._suspect_since.pop(m, None)
                 return m
+            if status == "suspect":
+                since, last = self._suspect_since.get(m, (now, now))
+                if now - last > self.PROPOSER_PATIENCE_S:
+                    since = now         # seen alive meanwhile (nobody asked then)
+                self._suspect_since[m] = (since, now)
+                if now - since < self.PROPOSER_PATIENCE_S:
+                    return m
         return None
 
     def send_peer(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:
