@@ -26,11 +26,58 @@ _serial = itertools.count(1)
 STOP_TIMEOUT = 30.0
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (bound to port 0, then closed)."""
+# -- ports for daemons ----------------------------------------------------------------------------
+# A daemon's config names its ports before it starts (its peers' configs list them), so a test
+# cannot let it bind port 0. Binding port 0 and closing, then handing the port over, races with
+# everything else that takes ports in between: the kernel gives that same range to every outgoing
+# connection (clients, the daemons' peer links) and to other test runs on the machine. So ports
+# are taken from below the kernel's ephemeral range, where no outgoing connection lands, each one
+# reserved with a lock file held for the life of this test process (a concurrent test run skips
+# it; the lock goes when the process does), never handed out twice, and checked free by a bind.
+PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "vmweb-test-ports"
+_PORT_TRIES = 200
+_reserved: dict[int, object] = {}    # port -> its open lock file (kept open: the lock holds)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _reserve(port: int) -> bool:
+    import fcntl
+    PORT_LOCK_DIR.mkdir(mode=0o1777, exist_ok=True)
+    f = open(PORT_LOCK_DIR / str(port), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            f.close()
+            return False
+    _reserved[port] = f
+    return True
+
+
+def free_port(rng=None) -> int:
+    """A loopback TCP port for a daemon to listen on: below the ephemeral range, reserved for
+    this test process, never returned twice, free when checked. Fails after a bounded number
+    of tries (each try is one candidate port)."""
+    import random
+    rng = rng or random.SystemRandom()
+    high = min(_ephemeral_low(), 65536) - 1
+    low = max(1024, high - 20000)
+    for _ in range(_PORT_TRIES):
+        port = rng.randint(low, high)
+        if port not in _reserved and _reserve(port):
+            return port
+    raise RuntimeError(f"no free port found in {low}-{high} after {_PORT_TRIES} tries")
 
 
 def child_env(**extra: str) -> dict[str, str]:
