@@ -16,7 +16,7 @@ from vmwebd.gossip import pki
 from vmwebd.gossip.core import ALIVE, DEAD, SUSPECT
 from vmwebd.gossip.messages import Envelope, Gossip, MemberState
 from vmwebd.migrate.manager import replace_holder, replace_key
-from vmwebd.reconcile import domain_name
+from vmwebd.hv.naming import domain_name
 
 WAIT = 30.0
 FROZEN = "hostz"

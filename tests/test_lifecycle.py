@@ -7,7 +7,7 @@ from vmwebd.client import ApiFault
 from pathlib import Path
 
 from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec
-from vmwebd.reconcile import domain_name
+from vmwebd.hv.naming import domain_name
 
 
 def running(cluster):

@@ -662,7 +662,7 @@ def test_a_fault_at_either_host_in_every_phase_ends_the_move(mode, steps, host, 
 
 
 def test_the_model_reaches_both_ends():
-    """The model is not vacuous: a fault-free run is done; a destination that stays dead fails it."""
+    """The model is not vacuous: a fault-free run ends done; a dead destination fails it."""
     w = World("cold")
     w.recover()
     assert w.m.phase == "done" and w.running == {DST}

@@ -6,7 +6,7 @@ import dataclasses
 import pytest_twisted
 
 from vmwebd.dom.records import VClusterRec, VmRec, VmStatus, status_of
-from vmwebd.reconcile import domain_name
+from vmwebd.hv.naming import domain_name
 
 WAIT = 30.0
 
