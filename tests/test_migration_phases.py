@@ -343,6 +343,14 @@ def test_a_failure_never_overrides_a_move_that_ended():
     assert Abort("ready", "x").error == "phase ready: x"
 
 
+def test_the_machine_agrees_with_what_every_host_reads_about_migrations():
+    """migrate/state.py's terminal phases and abandonment (read by the reconciler and the
+    views) are the machine's."""
+    from vmwebd.migrate import state
+    assert set(state.TERMINAL) == phases.TERMINAL
+    assert phases.DEFAULT_LIMITS.stale_ms == state.STALE_MS
+
+
 def test_small_rules():
     """Who is watched, live or cold, who serves a cold move's files, when a live move starts."""
     assert phases.watched_peer(mig("prepare"), SRC, T0) == DST
