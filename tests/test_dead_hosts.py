@@ -15,8 +15,8 @@ from vmwebd.errors import NoCapacity
 from vmwebd.gossip import pki
 from vmwebd.gossip.core import ALIVE, DEAD, SUSPECT
 from vmwebd.gossip.messages import Envelope, Gossip, MemberState
-from vmwebd.migrate.manager import replace_holder, replace_key
 from vmwebd.hv.naming import domain_name
+from vmwebd.migrate.manager import replace_holder, replace_key
 
 WAIT = 30.0
 FROZEN = "hostz"

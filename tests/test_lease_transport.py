@@ -179,6 +179,7 @@ def test_values_named_instead_of_carried_survive_the_wire():
 
 def test_a_promise_naming_a_known_value_without_its_ballot_is_malformed():
     from lxml import etree
+
     from vmwebd.errors import MalformedRequest
     b = Version(1000, 0, "h1")
     env = encode(Envelope(src="h1", src_addr="127.0.0.1:1", dst="h2",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmwebd.dom.hlc import Version
 from vmwebd.lease import paxos
@@ -485,9 +486,10 @@ def test_large_values_cross_the_wire_once_per_change(elide_at):
     """A key holding a large value, changed again and again: with elision a Promise names the
     committed value the proposer has (KNOWN) and a Commit to an acceptor that accepted names
     its accepted value; without, both carry it whole. Same decisions either way."""
+    from lxml import etree
+
     from vmwebd.gossip.codec import encode
     from vmwebd.gossip.messages import Envelope
-    from lxml import etree
     sim = PaxosSim(3, seed=7, elide_at=elide_at)
     k = "cap/host1"
     value = None

@@ -20,8 +20,20 @@ from twisted.logger import Logger
 
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
-from vmwebd.gossip.messages import (NAMES, Ack, Bundle, Envelope, Gossip, MemberState,
-                                    Ping, PingReq, ProbeNack, Sync, SyncDelta, SyncReply)
+from vmwebd.gossip.messages import (
+    NAMES,
+    Ack,
+    Bundle,
+    Envelope,
+    Gossip,
+    MemberState,
+    Ping,
+    PingReq,
+    ProbeNack,
+    Sync,
+    SyncDelta,
+    SyncReply,
+)
 
 NS = "urn:vmweb:peer:1"
 _Q = "{%s}" % NS

@@ -12,11 +12,18 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
-from vmwebd.errors import InvalidArgument, NameTaken, PoolExhausted, ServerError
 from vmwebd.config import IpPool, MacPool, VniRange
+from vmwebd.errors import InvalidArgument, NameTaken, PoolExhausted, ServerError
 from vmwebd.lease.capacity import Ledger, is_capacity_key
-from vmwebd.lease.pools import (ip_candidates, ip_key, mac_candidates, mac_key, name_key,
-                               vni_candidates, vni_key)
+from vmwebd.lease.pools import (
+    ip_candidates,
+    ip_key,
+    mac_candidates,
+    mac_key,
+    name_key,
+    vni_candidates,
+    vni_key,
+)
 from vmwebd.lease.table import LeaseConflict, LeaseTable
 
 

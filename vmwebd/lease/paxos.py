@@ -28,7 +28,9 @@ acceptors answered and how many are needed.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Union
 
 from vmwebd.dom.hlc import HybridClock, Version
 
@@ -58,7 +60,7 @@ class Update:
         raise NotImplementedError
 
     @classmethod
-    def from_attrs(cls, attrs) -> "Update":
+    def from_attrs(cls, attrs: Mapping[str, str]) -> "Update":
         raise NotImplementedError
 
 
@@ -88,6 +90,17 @@ ELIDED = _Said("<elided>")
 #: Values at least this long are named by ballot instead of carried (see :class:`_Said`).
 BIG_VALUE = 256
 
+#: A value as messages carry it: itself, or a stand-in the receiver resolves.
+Wire = Union[str, None, _Said]
+#: What an acceptor answers per key: (accepted ballot, value, committed ballot, value).
+Entry = tuple[Union[Version, None], Wire, Union[Version, None], Wire]
+#: The same with every stand-in resolved (what a proposer reasons on).
+Seen = tuple[Union[Version, None], Value, Union[Version, None], Value]
+#: One operation: key -> (expected value, or an Update; new value).
+Cas = dict[str, tuple[Union[Value, Update], Value]]
+#: An acceptor record: (kind, key, ballot, value); kind promise | accept | commit | ballot.
+Record = tuple[str, str, Version, Value]
+
 
 # -- messages (appended to the peer protocol's kinds; see messages.py) ---------------------------
 @dataclass(frozen=True)
@@ -97,7 +110,7 @@ class Prepare:
     keys: tuple[str, ...]
     #: key -> the committed ballot whose (large) value the proposer has: an acceptor whose
     #: committed ballot is that one answers :data:`KNOWN` instead of the value.
-    known: dict = field(default_factory=dict, compare=False)
+    known: dict[str, Version] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -105,14 +118,14 @@ class Promise:
     op: str
     ballot: Version
     # key -> (accepted ballot, accepted value, committed ballot, committed value)
-    entries: dict
+    entries: dict[str, Entry]
 
 
 @dataclass(frozen=True)
 class Accept:
     op: str
     ballot: Version
-    values: dict            # key -> value
+    values: dict[str, Value]    # key -> value
 
 
 @dataclass(frozen=True)
@@ -127,7 +140,7 @@ class Accepted:
 @dataclass(frozen=True)
 class Commit:
     ballot: Version
-    values: dict
+    values: dict[str, Wire]
 
 
 @dataclass(frozen=True)
@@ -145,7 +158,7 @@ class Forward:
     compare-and-set to a unique holder or an :class:`Update` — so running it twice (the answer
     lost, the requester then running it itself) changes nothing more."""
     op: str
-    cas: dict
+    cas: Cas
 
 
 @dataclass(frozen=True)
@@ -155,7 +168,7 @@ class Outcome:
     result: object
 
 
-UPDATES: dict[str, type] = {}       # Update.KIND -> class, for the wire (Forward)
+UPDATES: dict[str, type[Update]] = {}       # Update.KIND -> class, for the wire (Forward)
 
 
 # -- results ---------------------------------------------------------------------------------------
@@ -163,7 +176,7 @@ UPDATES: dict[str, type] = {}       # Update.KIND -> class, for the wire (Forwar
 class Decided:
     op: str
     ballot: Version | None          # None: nothing had to change
-    values: dict                    # what this operation set (key -> value)
+    values: Mapping[str, Wire]      # what this operation set (key -> value; ELIDED over the wire)
 
 
 @dataclass(frozen=True)
@@ -173,7 +186,7 @@ class Conflict:
     holder: Value
     #: The current value of every key of the operation as the round saw it: a caller keeping
     #: counters or sets learns them all at once instead of one conflict at a time.
-    seen: dict = field(default_factory=dict, compare=False)
+    seen: dict[str, Value] = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -184,16 +197,19 @@ class NoQuorum:
     members: int
 
 
+Result = Union[Decided, Conflict, NoQuorum]
+
+
 @dataclass
 class Output:
-    persist: list = field(default_factory=list)     # acceptor records, durable before sends
-    sends: list = field(default_factory=list)       # (dst host, message)
-    results: list = field(default_factory=list)     # Decided | Conflict | NoQuorum
-    commits: list = field(default_factory=list)     # Commit messages applied here (record in the DOM)
+    persist: list[Record] = field(default_factory=list)     # acceptor records, durable before sends
+    sends: list[tuple[str, Any]] = field(default_factory=list)  # (dst host, message)
+    results: list[Result] = field(default_factory=list)     # Decided | Conflict | NoQuorum
+    commits: list[Commit] = field(default_factory=list)     # Commit messages applied here (record in the DOM)
     # Rounds this proposer began or began again, (round id, ballot, op ids): a ballot in here is
     # about to be used; and rounds it ended (round id): none of their ballots will be used again.
-    started: list = field(default_factory=list)
-    ended: list = field(default_factory=list)
+    started: list[tuple[str, Version, tuple[str, ...]]] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -205,14 +221,17 @@ class KeyState:
     com_value: Value = None
 
 
+_NO_BALLOT = Version(0, 0, "")
+
+
 @dataclass
 class _Op:
     """One compare-and-set asked of this proposer, until it has its result."""
     id: str
-    cas: dict               # key -> (expected, new)
+    cas: Cas                # key -> (expected, new)
     deadline: float
     hard_deadline: float = 0.0  # with a majority answering, retries go on until this time
-    heard: set = field(default_factory=set)     # members that answered a round carrying it
+    heard: set[str] = field(default_factory=set)    # members that answered a round carrying it
     since: float = 0.0          # when it was asked
     round: str | None = None    # the round carrying it now (None: queued)
 
@@ -223,21 +242,21 @@ class _Round:
     attempt. A round that must start over (a Nack, no progress, an in-flight value repaired
     first) keeps its operations and takes a new ballot."""
     id: str                 # the ``op`` field of its messages
-    ops: list               # op ids carried, in arrival order
-    ballot: Version | None = None
+    ops: list[str]          # op ids carried, in arrival order
+    ballot: Version = _NO_BALLOT    # set by the round's first Prepare
     phase: str = "prepare"  # prepare | accept | backoff
-    promises: dict = field(default_factory=dict)
-    accepted: set = field(default_factory=set)
-    values: dict = field(default_factory=dict)  # what the Accept of this ballot carries
-    carried: list = field(default_factory=list)  # ops whose values are in that Accept
-    own: dict = field(default_factory=dict)     # op -> the values it set (in turn, if shared)
-    known: dict = field(default_factory=dict)   # key -> (ballot, value) our Prepare said we have
-    refs: set = field(default_factory=set)      # acceptors whose Accepted said they read ACCEPTED
-    prepare: object = None      # this ballot's Prepare (asked again as it is)
+    promises: dict[str, dict[str, Seen]] = field(default_factory=dict)
+    accepted: set[str] = field(default_factory=set)
+    values: dict[str, Value] = field(default_factory=dict)  # what the Accept of this ballot carries
+    carried: list[str] = field(default_factory=list)  # ops whose values are in that Accept
+    own: dict[str, dict[str, Value]] = field(default_factory=dict)  # op -> the values it set (in turn, if shared)
+    known: dict[str, tuple[Version, str]] = field(default_factory=dict)  # key -> (ballot, value) our Prepare named
+    refs: set[str] = field(default_factory=set)     # acceptors whose Accepted said they read ACCEPTED
+    prepare: Prepare | None = None  # this ballot's Prepare (asked again as it is)
     started: float = 0.0    # when the Prepare of this ballot left
     retry_at: float = 0.0
     attempts: int = 0
-    asked: set = field(default_factory=set)     # members sent this phase's message
+    asked: set[str] = field(default_factory=set)    # members sent this phase's message
     widen_at: float | None = None   # then ask every member again, if no majority answered yet
     wait: float = 0.0               # how long until the next widen
 
@@ -256,7 +275,7 @@ class PaxosCore:
     conflict of one does not hold up the others). Up to ``parallel_rounds`` rounds run at once.
     """
 
-    def __init__(self, me: str, clock: HybridClock, rng: random.Random, members,
+    def __init__(self, me: str, clock: HybridClock, rng: random.Random, members: Iterable[str],
                  retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0,
                  parallel_rounds: int = 1, round_keys: int = 1024, thrifty: bool = True,
                  elide_at: int | None = BIG_VALUE):
@@ -293,12 +312,12 @@ class PaxosCore:
         return len(self.members) // 2 + 1
 
     # -- acceptor ---------------------------------------------------------------------------
-    def restore(self, records) -> None:
+    def restore(self, records: Iterable[Record]) -> None:
         """Rebuilds acceptor state from persisted records (in order), after a restart."""
         for rec in records:
             self._apply_record(rec)
 
-    def _apply_record(self, rec) -> None:
+    def _apply_record(self, rec: Record) -> None:
         kind, key, ballot, value = rec
         self.clock.observe(ballot)
         if kind == "ballot":        # one of our own ballots (see _prepare): only the clock needs it
@@ -316,23 +335,24 @@ class PaxosCore:
             if _gt(ballot, st.com_ballot):
                 st.com_ballot, st.com_value = ballot, value
 
-    def _record(self, rec) -> None:
+    def _record(self, rec: Record) -> None:
         self._apply_record(rec)
         self._out.persist.append(rec)
 
-    def _on_prepare(self, src: str, m: Prepare):
+    def _on_prepare(self, src: str, m: Prepare) -> None:
         self.clock.observe(m.ballot)
         # Equal ballot: a duplicated Prepare; promising it again is harmless.
-        higher = [self.keys[k].promised for k in m.keys
-                  if k in self.keys and self.keys[k].promised is not None and self.keys[k].promised > m.ballot]
+        higher = [p for k in m.keys
+                  if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot]
         if higher:
             self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
             return
-        entries = {}
+        entries: dict[str, Entry] = {}
         for k in m.keys:
             self._record(("promise", k, m.ballot, None))
             st = self.keys[k]
-            av, cv = st.acc_value, st.com_value
+            av: Wire = st.acc_value
+            cv: Wire = st.com_value
             if st.com_ballot is not None and m.known.get(k) == st.com_ballot:
                 if st.acc_ballot == st.com_ballot:
                     av = KNOWN
@@ -340,10 +360,10 @@ class PaxosCore:
             entries[k] = (st.acc_ballot, av, st.com_ballot, cv)
         self._out.sends.append((src, Promise(m.op, m.ballot, entries)))
 
-    def _on_accept(self, src: str, m: Accept):
+    def _on_accept(self, src: str, m: Accept) -> None:
         self.clock.observe(m.ballot)
-        higher = [self.keys[k].promised for k in m.values
-                  if k in self.keys and self.keys[k].promised is not None and self.keys[k].promised > m.ballot]
+        higher = [p for k in m.values
+                  if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot]
         if higher:
             self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
             return
@@ -351,17 +371,20 @@ class PaxosCore:
             self._record(("accept", k, m.ballot, v))
         self._out.sends.append((src, Accepted(m.op, m.ballot, refs=True)))
 
-    def _on_commit(self, m: Commit):
+    def _on_commit(self, m: Commit) -> None:
         self.clock.observe(m.ballot)
-        values = {}
-        for k, v in m.values.items():
+        values: dict[str, Wire] = {}
+        for k, w in m.values.items():
             st = self.keys.get(k)
-            if v is ACCEPTED:
-                # The value we accepted at this ballot; if we have moved on to another ballot's
-                # value meanwhile, this commit is learned later (repair, or the DOM).
-                if st is None or st.acc_ballot != m.ballot:
+            if isinstance(w, _Said):
+                # ACCEPTED: the value we accepted at this ballot; if we have moved on to another
+                # ballot's value meanwhile, this commit is learned later (repair, or the DOM).
+                # Any other stand-in has no business in a Commit.
+                if w is not ACCEPTED or st is None or st.acc_ballot != m.ballot:
                     continue
                 v = st.acc_value
+            else:
+                v = w
             if st is None or _gt(m.ballot, st.com_ballot):
                 self._record(("commit", k, m.ballot, v))
                 values[k] = v
@@ -373,7 +396,7 @@ class PaxosCore:
         return (st.com_ballot, st.com_value) if st else (None, None)
 
     # -- proposer ---------------------------------------------------------------------------
-    def propose(self, op_id: str, cas: dict, now: float) -> Output:
+    def propose(self, op_id: str, cas: Cas, now: float) -> Output:
         """Asks for an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``: in
         a round of its own at once when a round may start, else in the next round."""
         self.ops[op_id] = _Op(op_id, dict(cas), now + self.deadline,
@@ -382,19 +405,20 @@ class PaxosCore:
         self._start_rounds(now)
         return self._flush()
 
-    def _busy_keys(self) -> set:
+    def _busy_keys(self) -> set[str]:
         return {k for r in self.rounds.values() for op in r.ops for k in self.ops[op].cas}
 
-    def _take_queued(self, busy: set, room: int, one_anyway: bool) -> list:
+    def _take_queued(self, busy: set[str], room: int, one_anyway: bool) -> list[str]:
         """Queued operations that may join a round: keys disjoint from ``busy`` (other rounds
         in flight) and from each other, up to ``room`` keys (``one_anyway``: the first one
         whatever its size) — except that operations which all change a key by an
         :class:`Update` share it (they are applied in turn, in arrival order, in one round). An
         operation left waiting keeps the later ones on its keys waiting too (arrival order per
         key)."""
-        taken, left = [], []
+        taken: list[str] = []
+        left: list[str] = []
         busy = set(busy)
-        shared: set = set()         # keys that only updates of the operations taken touch
+        shared: set[str] = set()    # keys that only updates of the operations taken touch
         for op_id in self.queue:
             cas = self.ops[op_id].cas
             ups = {k for k, (exp, _) in cas.items() if isinstance(exp, Update)}
@@ -424,7 +448,7 @@ class PaxosCore:
                 self.ops[op_id].round = rnd.id
             self._prepare(rnd, now)
 
-    def _prepare(self, rnd: _Round, now: float):
+    def _prepare(self, rnd: _Round, now: float) -> None:
         # A round that starts over takes what waits meanwhile too (keys permitting).
         if self.queue:
             room = self.round_keys - sum(len(self.ops[op].cas) for op in rnd.ops)
@@ -457,7 +481,7 @@ class PaxosCore:
         rnd.prepare = Prepare(rnd.id, rnd.ballot, tuple(keys), {k: b for k, (b, _) in rnd.known.items()})
         self._ask(rnd, rnd.prepare, self._quorum(), now)
 
-    def _quorum(self) -> list:
+    def _quorum(self) -> list[str]:
         """Whom a phase asks first: everyone, or (thrifty) this host and the remote members that
         missed the fewest answers lately; among equals the ones after this host in the ring of
         members (each proposer leans on other acceptors, and keeps to them, so the Commit of a
@@ -471,7 +495,7 @@ class PaxosCore:
         first = others[: self.majority - (1 if self.me in self.members else 0)]
         return ([self.me] if self.me in self.members else []) + first
 
-    def _ask(self, rnd: _Round, msg, targets, now: float) -> None:
+    def _ask(self, rnd: _Round, msg: Prepare | Accept, targets: Iterable[str], now: float) -> None:
         rnd.asked = set(targets)
         rnd.wait = max(0.005, 3 * self.round_time)
         rnd.widen_at = now + rnd.wait
@@ -509,7 +533,7 @@ class PaxosCore:
         backoff = self.retry_after * min(2 ** (rnd.attempts - 1), 8)
         rnd.retry_at = now + backoff * (1 + self.rng.random())
 
-    def _finish(self, op_id: str, result) -> None:
+    def _finish(self, op_id: str, result: Result) -> None:
         op = self.ops.pop(op_id, None)
         if op is None:
             return
@@ -536,7 +560,7 @@ class PaxosCore:
         for op_id in rnd.ops:
             self.ops[op_id].heard.add(src)
 
-    def _on_promise(self, src: str, m: Promise, now: float):
+    def _on_promise(self, src: str, m: Promise, now: float) -> None:
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
@@ -605,22 +629,23 @@ class PaxosCore:
                   promised if self.thrifty else list(self.members), now)
 
     @staticmethod
-    def _read_entries(rnd: _Round, entries: dict) -> dict | None:
+    def _read_entries(rnd: _Round, entries: dict[str, Entry]) -> dict[str, Seen] | None:
         """A promise's entries with :data:`KNOWN` replaced by the value our Prepare named; None
-        for a promise that names a value we did not (it is ignored, like a lost one)."""
-        out = entries
+        for a promise that names a value we did not, or carries another stand-in (it is
+        ignored, like a lost one)."""
+        out: dict[str, Seen] = {}
         for k, (ab, av, cb, cv) in entries.items():
-            if av is not KNOWN and cv is not KNOWN:
+            if not isinstance(av, _Said) and not isinstance(cv, _Said):
+                out[k] = (ab, av, cb, cv)
                 continue
             kn = rnd.known.get(k)
-            if kn is None or kn[0] != cb or (av is KNOWN and ab != cb):
+            if kn is None or kn[0] != cb or cv is not KNOWN or \
+                    (isinstance(av, _Said) and (av is not KNOWN or ab != cb)):
                 return None
-            if out is entries:
-                out = dict(entries)
-            out[k] = (ab, kn[1] if av is KNOWN else av, cb, kn[1])
+            out[k] = (ab, kn[1] if isinstance(av, _Said) else av, cb, kn[1])   # av: KNOWN
         return out
 
-    def _on_accepted(self, src: str, m: Accepted, now: float):
+    def _on_accepted(self, src: str, m: Accepted, now: float) -> None:
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "accept" or m.ballot != rnd.ballot:
             return
@@ -643,14 +668,14 @@ class PaxosCore:
         if rnd.attempts == 1:
             self.round_time += 0.2 * (now - rnd.started - self.round_time)
         for op_id in list(rnd.carried):
-            op = self.ops[op_id]
+            self.ops[op_id]
             self._finish(op_id, Decided(op_id, rnd.ballot, rnd.own.get(op_id, {})))
         if rnd.ops:
             self._prepare(rnd, now)     # operations waiting on a repaired key: our next ballot
         else:
             self._end_round(rnd, now)
 
-    def _on_nack(self, src: str, m: Nack, now: float):
+    def _on_nack(self, src: str, m: Nack, now: float) -> None:
         self.clock.observe(m.promised)
         rnd = self.rounds.get(m.op)
         if rnd is None or m.ballot != rnd.ballot or rnd.phase == "backoff":
@@ -665,11 +690,11 @@ class PaxosCore:
         rnd.retry_at = now + spread * self.rng.random()
 
     # -- inputs -----------------------------------------------------------------------------
-    def receive(self, src: str, msg, now: float) -> Output:
+    def receive(self, src: str, msg: object, now: float) -> Output:
         self._dispatch(src, msg, now)
         return self._flush()
 
-    def receive_all(self, src: str, msgs, now: float) -> Output:
+    def receive_all(self, src: str, msgs: Iterable[object], now: float) -> Output:
         """Several messages from one host (a bundle), in order; one output for all of them."""
         for msg in msgs:
             self._dispatch(src, msg, now)
@@ -682,7 +707,7 @@ class PaxosCore:
         times += [min(op.deadline, op.hard_deadline) for op in self.ops.values()]
         return min(times) if times else None
 
-    def _dispatch(self, src: str, msg, now: float) -> None:
+    def _dispatch(self, src: str, msg: object, now: float) -> None:
         if isinstance(msg, Prepare):
             self._on_prepare(src, msg)
         elif isinstance(msg, Accept):
@@ -717,7 +742,7 @@ class PaxosCore:
         self._start_rounds(now)
         return self._flush()
 
-    def set_members(self, members) -> None:
+    def set_members(self, members: Iterable[str]) -> None:
         self.members = tuple(sorted(members))
 
     def _flush(self) -> Output:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
