@@ -23,6 +23,7 @@ _ports = itertools.count(0)
 # deselects all three. New tests carry their marker themselves; the tests below were written
 # before the markers existed and get theirs here.
 _REALHOST_MODULES = ("test_realhosts",)       # every module whose name starts so
+_PROCESS_MODULES = {"test_console.py"}        # every console test runs /bin/sh on a real pty
 _PROCESS_TESTS = {
     "test_audit.py": {"test_vmweb_audit_prints_a_table_or_json_and_refuses_bad_arguments"},
     "test_cli_shell.py": {"test_cli_imports_no_server_code", "test_version_of_both_commands",
@@ -50,7 +51,7 @@ def pytest_collection_modifyitems(config, items):
         module = item.path.name
         if module.startswith(_REALHOST_MODULES):
             item.add_marker(pytest.mark.realhost)
-        if item.originalname in _PROCESS_TESTS.get(module, ()):
+        if module in _PROCESS_MODULES or item.originalname in _PROCESS_TESTS.get(module, ()):
             item.add_marker(pytest.mark.process)
 
 
