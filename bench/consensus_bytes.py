@@ -30,7 +30,7 @@ from vmwebd.gossip.codec import encode  # noqa: E402
 from vmwebd.gossip.messages import Envelope  # noqa: E402
 from vmwebd.lease import paxos  # noqa: E402
 from vmwebd.lease.capacity import Entry, SetUpdate, cap_key, quota_key  # noqa: E402
-from vmwebd.lease.capacity import encode as encode_set
+from vmwebd.lease.capacity import encode as encode_set  # noqa: E402
 from vmwebd.lease.paxos_sim import PaxosSim  # noqa: E402
 
 HOSTS = [f"host{i + 1}" for i in range(16)]
