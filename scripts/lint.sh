@@ -13,7 +13,7 @@ STRICT=(vmwebd/dom vmwebd/gossip/core.py vmwebd/migrate/balancer.py vmwebd/place
 
 failed=()
 echo "== ruff check"
-"$BIN/ruff" check . || failed+=(ruff)
+"$BIN/ruff" check --output-format concise . || failed+=(ruff)
 echo "== mypy --strict ${STRICT[*]}"
 "$BIN/mypy" "${STRICT[@]}" || failed+=(mypy)
 echo "== import-linter"
