@@ -243,6 +243,8 @@ def test_a_browser_session_opens_a_console_but_another_sites_page_cannot(start_n
         cookie = "; ".join(f"{c.name}={c.value}" for c in b.s.cookies)
         url = f"ws://{h.node.api_address}/console/lab4/{vm.name}"
         ws = websocket.create_connection(url, cookie=cookie, origin=b.base, timeout=WAIT)
+        while ws.recv_data() != (websocket.ABNF.OPCODE_TEXT, b'{"event": "ready", "message": ""}'):
+            pass
         ws.send_binary(b"echo cookie-ok\n")
         got = b""
         while b"cookie-ok\r\n" not in got:
@@ -310,7 +312,18 @@ def test_console_output_never_reaches_the_vm_page(start_node):
         page = b.s.get(f"{b.base}/vm/lab6/{vm.name}", timeout=10)
         assert page.status_code == 200
         assert "alert(1)" not in page.text and "\x1b" not in page.text
-        assert f'data-console="/console/lab6/{vm.name}"' in page.text
+        assert f'href="/vm/lab6/{vm.name}/console"' in page.text
+        tab = b.s.get(f"{b.base}/vm/lab6/{vm.name}/console", timeout=10)
+        assert tab.status_code == 200
+        assert "alert(1)" not in tab.text and "\x1b" not in tab.text
+        assert f'data-console="/console/lab6/{vm.name}"' in tab.text
+        nonce = re.search(r'data-style-nonce="([^"]+)"', tab.text).group(1)
+        assert f"style-src 'self' 'nonce-{nonce}'" in tab.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in tab.headers["Content-Security-Policy"]
+        other = Browserless(h.node.api_address)
+        assert other.login("bob", password_of("bob")).status_code == 303
+        refused = other.s.get(f"{other.base}/vm/lab6/{vm.name}/console", timeout=10)
+        assert refused.status_code == 403 and "may not see or change cluster" in refused.text
         t.close()
     yield threads.deferToThread(story)
 

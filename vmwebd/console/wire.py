@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
+from wsproto.utilities import LocalProtocolError
 from zope.interface import implementer
 
 from vmwebd.console.hub import MAX_INPUT_MESSAGE, ConsoleUnavailable
@@ -101,7 +102,10 @@ class ViewerProtocol:
     # -- the hub's viewer --------------------------------------------------------------------
     def output(self, data: bytes) -> None:
         if not self.gone and not self.finished:
-            self.transport.sendBytesMessage(data)
+            try:
+                self.transport.sendBytesMessage(data)
+            except LocalProtocolError:      # the client's close frame came first
+                self.finished = True
 
     def ended(self, why: str) -> None:
         self.att = None
@@ -125,7 +129,10 @@ class ViewerProtocol:
             att.detach()
             return
         self.att = att
-        self.transport.sendTextMessage(event("ready"))
+        try:
+            self.transport.sendTextMessage(event("ready"))
+        except LocalProtocolError:
+            self.finished = True
 
     def _refused(self, f) -> None:
         if isinstance(f.value, VmwebError):
@@ -140,8 +147,13 @@ class ViewerProtocol:
         if self.gone or self.finished:
             return
         self.finished = True
-        self.transport.sendTextMessage(event(kind, message, fault))
-        self.transport.loseConnection(code)
+        try:
+            self.transport.sendTextMessage(event(kind, message, fault))
+            self.transport.loseConnection(code)
+        except LocalProtocolError:          # the client's close frame came first: it is closing
+            sock = getattr(self.transport, "transport", None)
+            if sock is not None:
+                sock.loseConnection()
 
     def _input(self, data: bytes) -> None:
         if self.finished:
@@ -304,6 +316,7 @@ class _RelayClient:
     def negotiationFinished(self) -> None:
         self.relay.live.add(self)
         self.transport.attachProducer(_Pusher(self.viewer))
+        self._producing = True
 
     def pongReceived(self, payload: bytes) -> None:
         pass
@@ -334,18 +347,37 @@ class _RelayClient:
             self.ready.errback(err)
         else:
             self.viewer.ended(message)
-        if self.transport is not None:
+        self._close()
+
+    def _close(self) -> None:
+        """Closes the connection to the VM's host; the producer goes first, since a TLS
+        connection with a producer registered waits for it before it shuts down."""
+        if self.transport is None:
+            return
+        if getattr(self, "_producing", False):
+            self._producing = False
+            try:
+                self.transport.detachProducer()
+            except Exception:       # the connection is gone already: nothing holds it open
+                pass
+        try:
             self.transport.loseConnection()
+        except LocalProtocolError:
+            sock = getattr(self.transport, "transport", None)
+            if sock is not None:
+                sock.loseConnection()
 
     # -- the viewer's attachment -------------------------------------------------------------
     def write(self, data: bytes) -> None:
         if not self.ended and self.transport is not None:
-            self.transport.sendBytesMessage(data)
+            try:
+                self.transport.sendBytesMessage(data)
+            except LocalProtocolError:
+                self._end(f"the console of VM {self.vm_id} closed: its host {self.host} closed the connection")
 
     def detach(self) -> None:
         self.ended = True
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._close()
 
 
 def _why(message: str, vm_id: str) -> str:

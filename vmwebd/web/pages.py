@@ -164,8 +164,57 @@ def vm_page(ctx, cluster: str, name: str) -> tuple[str, Markup]:
         history = el("p", "This VM has not moved.", class_="empty")
     body = frag(
         _crumbs(("Owners", "/owner"), c.owner, (c.name, cluster_href(c.name)), v.name),
+        vm_tabs(c.name, v.name, "overview"),
         el("div",
            el("section", facts, actions, class_="card", data_vm=vm_id),
            el("section", el("h2", "Migrations"), history, class_="card migrations"),
            id="live", data_shape=shape_of(ctx)))
     return f"VM {vm_id}", body
+
+
+def console_href(cluster: str, vm: str) -> str:
+    """The URL of a VM's console tab."""
+    return vm_href(cluster, vm) + "/console"
+
+
+def vm_tabs(cluster: str, vm: str, current: str) -> Markup:
+    """The VM page's tabs: its overview and its console."""
+    tabs = []
+    for key, label, href in (("overview", "Overview", vm_href(cluster, vm)),
+                             ("console", "Console", console_href(cluster, vm))):
+        tabs.append(el("a", label, href=href, class_="tab current" if key == current else "tab",
+                       aria_current="page" if key == current else None, id=f"tab-{key}"))
+    return el("nav", *tabs, class_="tabs", aria_label="VM")
+
+
+def vm_console_page(ctx, cluster: str, name: str, style_nonce: str) -> tuple[str, Markup]:
+    """A VM's serial console in the browser: an xterm.js terminal (static/xterm.js, with
+    static/console.js) on the ``/console/CLUSTER/VM`` WebSocket. What the guest prints only
+    ever reaches the terminal as bytes over that socket, never this HTML. Same rights as the
+    VM's page."""
+    c = ctx.access.cluster(ctx.principal, cluster)
+    v = next((v for v in c.vms if v.name == name), None)
+    if v is None:
+        raise NoSuchVm(c.name, name)
+    vm_id = f"{c.name}/{v.name}"
+    ws_path = f"/console/{quote(c.name, safe='')}/{quote(v.name, safe='')}"
+    if v.state == "running":
+        status = f"Connecting to the console of {vm_id} through host {ctx.host_id}…"
+    else:
+        status = f"VM {vm_id} is not running (its state is {v.state}): its console opens once it runs."
+    body = frag(
+        _crumbs(("Owners", "/owner"), c.owner, (c.name, cluster_href(c.name)), (v.name, vm_href(c.name, v.name)),
+                "console"),
+        vm_tabs(c.name, v.name, "console"),
+        el("section",
+           el("p", status, id="console-status", class_="console-status", role="status"),
+           el("div", class_="console-box", id="console", data_console=ws_path, data_style_nonce=style_nonce,
+              data_vm=vm_id),
+           el("noscript", el("p", "The console needs JavaScript. From a shell: ",
+                             el("code", f"vmweb vm console {c.name} {v.name}"), ".", class_="flash error")),
+           el("p", "Keys go to the VM (Ctrl-C included). On connecting, the last 64 KiB the console "
+                   "printed are shown first; a reload reconnects. From a shell: ",
+              el("code", f"vmweb vm console {c.name} {v.name}"), " (Ctrl-] leaves).", class_="meta"),
+           el("p", el("button", "Reconnect", type="button", id="console-reconnect", hidden=True)),
+           class_="card console-card"))
+    return f"Console of {vm_id}", body

@@ -11,7 +11,9 @@ Routes (every page needs a session but ``/login`` and ``/static/*``):
 ``GET  /dom``, ``/dom.xml`` DOM view (readable) and the XML to download, hashes taken out
 ``GET  /settings``          System settings (admins only)
 ``GET  /cluster/NAME``      a cluster's page; ``/vm/CLUSTER/NAME`` a VM's (owner or admin; 403
-                            naming why for anyone else)
+                            naming why for anyone else), ``/vm/CLUSTER/NAME/console`` its
+                            console tab (xterm.js on the ``/console/CLUSTER/NAME`` WebSocket:
+                            :mod:`vmwebd.console.wire`, docs/console.md)
 ``GET  /host/H``            a host's page: its load, used memory and VM count over the last
                             hours as charts (:mod:`vmwebd.web.charts`; any logged-in user, as the
                             host view)
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
@@ -68,6 +71,9 @@ _STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; cha
 # The host page's charts: uPlot (kept in static/ with its licence, uPlot.LICENSE.txt) and ours.
 _CHART_STYLES = ("/static/uPlot.min.css",)
 _CHART_SCRIPTS = ("/static/uPlot.iife.min.js", "/static/charts.js")
+# A VM's console tab: xterm.js 5.5.0 (kept in static/ with its licence, xterm.LICENSE.txt) and ours.
+_CONSOLE_STYLES = ("/static/xterm.css",)
+_CONSOLE_SCRIPTS = ("/static/xterm.js", "/static/console.js")
 
 
 @dataclass
@@ -175,7 +181,7 @@ class _Page(Resource):
             if ctx is None:
                 return self._redirect(request, "/login")
             return self._view(request, ctx)
-        if (name, len(rest)) in (("cluster", 1), ("vm", 2)):
+        if (name, len(rest)) in (("cluster", 1), ("vm", 2)) or (name == "vm" and rest[2:] == ["console"]):
             ctx = self._ctx(request)
             if ctx is None:
                 return self._redirect(request, "/login")
@@ -303,9 +309,15 @@ class _Page(Resource):
         not exist is 404."""
         partial = request.getHeader(b"x-vmweb-partial") is not None
         flashes = [] if partial else ctx.session.take_flashes()
+        console = len(rest) == 3
+        nonce = secrets.token_urlsafe(16) if console else ""
         try:
-            title, body = (pages.cluster_page(ctx, rest[0]) if self.name == "cluster"
-                           else pages.vm_page(ctx, rest[0], rest[1]))
+            if self.name == "cluster":
+                title, body = pages.cluster_page(ctx, rest[0])
+            elif console:
+                title, body = pages.vm_console_page(ctx, rest[0], rest[1], nonce)
+            else:
+                title, body = pages.vm_page(ctx, rest[0], rest[1])
         except NotAuthorized as e:
             log.info("web: {user} refused {path}: {why}", user=ctx.principal.name, path=request.path,
                      why=e.message)
@@ -320,6 +332,13 @@ class _Page(Resource):
                         el("p", el("a", "Back to the owner view", href="/owner", class_="button")))
             return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
                                                   flashes=flashes), 404)
+        if console:
+            # xterm.js draws with <style> elements it makes: only those carrying this response's
+            # nonce (console.js stamps it on them) are allowed; the rest of the policy is the same.
+            request.setHeader(b"Content-Security-Policy", CSP.replace(
+                b"style-src 'self'", b"style-src 'self' 'nonce-" + nonce.encode() + b"'"))
+            return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
+                                                  styles=_CONSOLE_STYLES, scripts=_CONSOLE_SCRIPTS))
         return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
                                               live=True))
 
