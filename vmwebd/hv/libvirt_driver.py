@@ -331,6 +331,9 @@ class LibvirtDriver(Driver):
         if self._closed:
             return fail(HypervisorError(f"open the console of domain {name!r} on {self.uri}: "
                                         f"driver is closed"))
+        if not self.runs_guests:
+            return fail(HypervisorError(f"open the console of domain {name!r} on {self.uri}: libvirt's "
+                                        f"test driver has no consoles (its guests do not run)"))
         uri, opener = self.uri, self._open_connection
 
         def open_console():  # a pool thread
