@@ -12,13 +12,29 @@ import re
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmwebd.dom.records import MigrationRec, VmRec
 from vmwebd.migrate import phases
-from vmwebd.migrate.phases import (ACTING, Abort, CleanUp, Finish, Limits, MigrateMemory,
-                                   Nothing, Observations, Phase, PrepareDest, RestoreDest, Role,
-                                   SaveMemory, Trigger, Wait, decide)
+from vmwebd.migrate.phases import (
+    ACTING,
+    Abort,
+    CleanUp,
+    Finish,
+    Limits,
+    MigrateMemory,
+    Nothing,
+    Observations,
+    Phase,
+    PrepareDest,
+    RestoreDest,
+    Role,
+    SaveMemory,
+    Trigger,
+    Wait,
+    decide,
+)
 from vmwebd.migrate.state import STALE_MS
 
 SRC, DST, OTHER = "host1", "host2", "host3"

@@ -28,13 +28,18 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-from twisted.internet import threads
-
-from vmwebd.dom.records import (HostRec, LeaseRec, MigrationRec, UserRec, VClusterRec, VmRec,
-                                VmStatus, status_of)
+from vmwebd.dom.records import (
+    HostRec,
+    LeaseRec,
+    MigrationRec,
+    VClusterRec,
+    VmRec,
+    VmStatus,
+    status_of,
+)
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.naming import PREFIX, domain_name, network_name, seed_name, volume_name

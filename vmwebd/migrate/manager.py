@@ -39,9 +39,19 @@ from pathlib import Path
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from vmwebd.cluster import capacity_limits, host_loads, reserved_loads
 from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec, status_of
-from vmwebd.errors import (HostAlive, HypervisorError, InvalidArgument, MigrationBusy,
-                           NoCapacity, NoSuchHost, NoSuchMigration, NoSuchVm, VmwebError)
+from vmwebd.errors import (
+    HostAlive,
+    HypervisorError,
+    InvalidArgument,
+    MigrationBusy,
+    NoCapacity,
+    NoSuchHost,
+    NoSuchMigration,
+    NoSuchVm,
+    VmwebError,
+)
 from vmwebd.hv.images import fetch_file
 from vmwebd.hv.naming import domain_name, volume_name
 from vmwebd.hv.xmlrewrite import retarget_xml
@@ -49,10 +59,18 @@ from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.table import LeaseConflict
 from vmwebd.migrate import balancer as bal
 from vmwebd.migrate import phases
-from vmwebd.migrate.phases import (Abort, CleanUp, Finish, MigrateMemory, Observations,
-                                   PrepareDest, RestoreDest, SaveMemory, Trigger)
+from vmwebd.migrate.phases import (
+    Abort,
+    CleanUp,
+    Finish,
+    MigrateMemory,
+    Observations,
+    PrepareDest,
+    RestoreDest,
+    SaveMemory,
+    Trigger,
+)
 from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
-from vmwebd.cluster import capacity_limits, host_loads, reserved_loads
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import all_settings, drain_record, drained_hosts
 

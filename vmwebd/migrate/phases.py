@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from vmwebd.dom.records import MigrationRec, VmRec
 from vmwebd.migrate.state import STALE_MS
 
 
@@ -172,7 +173,7 @@ ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish)
 
 
 # -- the machine -----------------------------------------------------------------------------
-def role_of(m, host: str) -> Role:
+def role_of(m: MigrationRec, host: str) -> Role:
     """What ``host`` is to migration ``m``."""
     if m.source == host:
         return Role.SOURCE
@@ -181,7 +182,7 @@ def role_of(m, host: str) -> Role:
     return Role.BYSTANDER
 
 
-def phase_of(m) -> Phase | None:
+def phase_of(m: MigrationRec) -> Phase | None:
     """The entity's phase, or None for one this version does not know (left alone)."""
     try:
         return Phase(m.phase)
@@ -189,18 +190,18 @@ def phase_of(m) -> Phase | None:
         return None
 
 
-def abandoned(m, now: int, limits: Limits = DEFAULT_LIMITS) -> bool:
+def abandoned(m: MigrationRec, now: int, limits: Limits = DEFAULT_LIMITS) -> bool:
     """Unfinished after ``stale_ms``: its hosts crashed; everyone leaves it (and the reconciler
     gives its lease back)."""
     return phase_of(m) not in TERMINAL and now - m.started_at >= limits.stale_ms
 
 
-def vm_gone(vm) -> bool:
+def vm_gone(vm: VmRec | None) -> bool:
     """The VM's record is missing or being removed: there is nothing to move."""
     return vm is None or vm.desired == "absent"
 
 
-def watched_peer(m, host: str, now: int, limits: Limits = DEFAULT_LIMITS) -> str | None:
+def watched_peer(m: MigrationRec, host: str, now: int, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """The host whose liveness ``host``'s sweep tracks for ``m``: the destination, while the
     source waits on it; None otherwise. Only the source times out: it alone knows whether
     libvirt moved the VM, and a destination that gave up on a source it wrongly believed dead
@@ -210,7 +211,7 @@ def watched_peer(m, host: str, now: int, limits: Limits = DEFAULT_LIMITS) -> str
     return m.dest
 
 
-def decide(m, vm, host: str, now: int, obs: Observations = Observations(),
+def decide(m: MigrationRec | None, vm: VmRec | None, host: str, now: int, obs: Observations = Observations(),
            limits: Limits = DEFAULT_LIMITS) -> Action:
     """What ``host`` does next about migration ``m`` (VM record ``vm``, None if gone) at
     ``now`` (ms), given ``obs``. Pure: the same inputs give the same answer."""
@@ -256,7 +257,7 @@ def decide(m, vm, host: str, now: int, obs: Observations = Observations(),
     return Finish()   # RESTORED, at the source
 
 
-def _sweep(m, phase: Phase, host: str, now: int, obs: Observations, limits: Limits) -> Action:
+def _sweep(m: MigrationRec, phase: Phase, host: str, now: int, obs: Observations, limits: Limits) -> Action:
     """The source's periodic look at a migration waiting on its destination."""
     if watched_peer(m, host, now, limits) is None:
         if role_of(m, host) is Role.BYSTANDER or phase in TERMINAL or abandoned(m, now, limits):
@@ -274,7 +275,7 @@ def _sweep(m, phase: Phase, host: str, now: int, obs: Observations, limits: Limi
     return Wait("destination")
 
 
-def _clean_up(m, vm, host: str) -> Action:
+def _clean_up(m: MigrationRec, vm: VmRec | None, host: str) -> Action:
     """``failed``: each side removes what the move left (see :class:`CleanUp`)."""
     remove_dest = m.dest == host and (vm is None or vm.host != host)
     source_side = m.source == host
@@ -284,7 +285,8 @@ def _clean_up(m, vm, host: str) -> Action:
                    restore_saved=source_side and vm is not None and vm.host == host)
 
 
-def after_error(m_then, m_now, host: str, error: str) -> Action:
+def after_error(m_then: MigrationRec, m_now: MigrationRec | None, host: str,
+                error: str) -> Action:
     """An action ``host`` took on ``m_then`` failed with ``error``; ``m_now`` is the entity as
     it is now. Fail the migration in the phase the action was for, unless it ended meanwhile."""
     if m_now is None or phase_of(m_now) in TERMINAL:
@@ -292,7 +294,7 @@ def after_error(m_then, m_now, host: str, error: str) -> Action:
     return Abort(m_then.phase, f"on host {host}: {error}")
 
 
-def may_fail(m, m_now, vm) -> bool:
+def may_fail(m: MigrationRec, m_now: MigrationRec | None, vm: VmRec | None) -> bool:
     """May migration ``m`` (as it is now: ``m_now``, None if gone) be written ``failed``? Not
     once it ended: the source records the VM's new host before ``done``, so a VM already on the
     destination means it finished, and a ``failed`` must never override a move that did."""
@@ -301,7 +303,7 @@ def may_fail(m, m_now, vm) -> bool:
     return m_now is None or phase_of(m_now) not in TERMINAL
 
 
-def still_ready(m_now) -> bool:
+def still_ready(m_now: MigrationRec | None) -> bool:
     """The source looked at its domain (off the reactor) before a live move: may it still start
     libvirt's job? Not if the migration failed or was abandoned meanwhile."""
     return m_now is not None and phase_of(m_now) is Phase.READY
@@ -312,7 +314,7 @@ def choose_mode(running: bool, source_uri: str, dest_uri: str) -> str:
     return "live" if running and source_uri and dest_uri else "cold"
 
 
-def serves_file(m, host: str, peer: str) -> bool:
+def serves_file(m: MigrationRec | None, host: str, peer: str) -> bool:
     """May ``host`` hand the files of cold move ``m`` (its memory state, its overlay) to
     ``peer``? Only the source, only to the destination, only while ``saved``."""
     return m is not None and m.source == host and m.dest == peer and phase_of(m) is Phase.SAVED
