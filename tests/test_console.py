@@ -378,3 +378,65 @@ def _is_our_shell(pid: int) -> bool:
         return False
     ppid = int(re.search(r"\) \S+ (\d+)", stat).group(1))
     return ppid == os.getpid() and b"PS1=" in env
+
+
+# -- a half-open viewer ------------------------------------------------------------------------------
+
+class _Socket:
+    def __init__(self):
+        self.aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class _WsTransport:
+    """What a ViewerProtocol is given by twisted.web.websocket, recording what it is asked."""
+
+    def __init__(self):
+        self.transport = _Socket()
+        self.texts, self.pings, self.closed = [], 0, None
+
+    def sendTextMessage(self, text):
+        self.texts.append(text)
+
+    def sendBytesMessage(self, data):
+        pass
+
+    def ping(self, payload=b""):
+        self.pings += 1
+
+    def loseConnection(self, code=1000):
+        self.closed = code
+
+
+def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
+    """On a task.Clock: a viewer is pinged every 30 s; one that answered no ping for over 60 s
+    (its client vanished without closing: a half-open connection) is aborted, and once its
+    connection is lost it is detached and its pings stop."""
+    from twisted.internet import task
+    from vmwebd.console.wire import PING_SECONDS, ViewerProtocol
+    clock = task.Clock()
+    live, detached = set(), []
+
+    class Hold:
+        def write(self, data):
+            pass
+
+        def detach(self):
+            detached.append(True)
+    p = ViewerProtocol(lambda viewer: defer.succeed(Hold()), live, clock)
+    t = _WsTransport()
+    p.negotiationStarted(t)
+    p.negotiationFinished()
+    assert t.texts == ['{"event": "ready", "message": ""}'] and p in live
+    clock.advance(PING_SECONDS)
+    assert t.pings == 1
+    p.pongReceived(b"vmweb")                      # alive at 30 s
+    clock.advance(PING_SECONDS)
+    clock.advance(PING_SECONDS)
+    assert t.pings == 3 and not t.transport.aborted     # 60 s since the pong: not over yet
+    clock.advance(PING_SECONDS)
+    assert t.transport.aborted and t.pings == 3
+    p.connectionLost(None)
+    assert detached == [True] and p not in live and clock.getDelayedCalls() == []

@@ -42,6 +42,8 @@ MAX_INPUT_MESSAGE = 64 * 1024
 OPEN_TIMEOUT_SECONDS = 15.0
 #: How long a hub's reader waits for its writer to finish after the console ended.
 WRITER_JOIN_SECONDS = 10.0
+#: How long a stopping host waits for its consoles' streams to be released.
+STOP_SECONDS = 5.0
 
 
 class ConsoleUnavailable(VmwebError):
@@ -349,4 +351,9 @@ class ConsoleService:
             waits.append(hub.close(f"host {self.node.host_id} is stopping"))
         if self.relay is not None:
             self.relay.stop()
-        return defer.DeferredList(waits)
+
+        def late(f):
+            f.trap(defer.TimeoutError)
+            log.warn("{n} console streams still open after {s} s; stopping anyway",
+                     n=self.open_streams, s=STOP_SECONDS)
+        return defer.DeferredList(waits).addTimeout(STOP_SECONDS, self.reactor).addErrback(late)

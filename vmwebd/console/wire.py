@@ -41,6 +41,9 @@ RELAY_TIMEOUT_SECONDS = 10.0
 CLOSE_NORMAL, CLOSE_REFUSED, CLOSE_TOO_BIG = 1000, 1008, 1009
 #: The longest event message taken from a peer.
 MAX_EVENT_CHARS = 2048
+#: A viewer's connection is pinged this often; one that answered no ping for twice as long is
+#: taken for half-open (its client vanished without closing) and dropped.
+PING_SECONDS = 30.0
 
 
 def event(kind: str, message: str = "", code: str = "") -> str:
@@ -66,14 +69,17 @@ class ViewerProtocol:
     """The server end of a console WebSocket (a ``twisted.web.websocket.WebSocketProtocol``) and
     a viewer of the hub (``output``, ``ended``, ``pause_input``, ``resume_input``).
 
-    ``attach(viewer)`` is what it asks once the WebSocket is up (a Deferred of an Attachment)."""
+    ``attach(viewer)`` is what it asks once the WebSocket is up (a Deferred of an Attachment);
+    ``clock`` paces the pings that find a half-open connection (see ``PING_SECONDS``)."""
 
-    def __init__(self, attach, live: set):
-        self._attach, self._live = attach, live
+    def __init__(self, attach, live: set, clock=None):
+        self._attach, self._live, self.clock = attach, live, clock
         self.transport = None
         self.att = None
         self.gone = False
         self.finished = False
+        self._pinger = None
+        self._last_pong = 0.0
 
     # -- WebSocketProtocol -------------------------------------------------------------------
     def negotiationStarted(self, transport) -> None:
@@ -81,10 +87,36 @@ class ViewerProtocol:
 
     def negotiationFinished(self) -> None:
         self._live.add(self)
+        if self.clock is not None:
+            from twisted.internet import task
+            self._last_pong = self.clock.seconds()
+            self._pinger = task.LoopingCall(self._ping)
+            self._pinger.clock = self.clock
+            self._pinger.start(PING_SECONDS, now=False)
         defer.maybeDeferred(self._attach, self).addCallbacks(self._attached, self._refused)
 
     def pongReceived(self, payload: bytes) -> None:
-        pass
+        self._last_pong = self.clock.seconds() if self.clock is not None else 0.0
+
+    def _ping(self) -> None:
+        if self.gone:
+            return
+        if self.clock.seconds() - self._last_pong > 2 * PING_SECONDS:
+            log.info("console: a viewer answered no ping for {s:.0f} s; dropping its connection",
+                     s=self.clock.seconds() - self._last_pong)
+            self._stop_pinging()
+            sock = getattr(self.transport, "transport", None)
+            if sock is not None:
+                sock.abortConnection()
+            return
+        try:
+            self.transport.ping(b"vmweb")
+        except LocalProtocolError:      # closing already
+            self._stop_pinging()
+
+    def _stop_pinging(self) -> None:
+        if self._pinger is not None and self._pinger.running:
+            self._pinger.stop()
 
     def bytesMessageReceived(self, data) -> None:
         self._input(bytes(data))
@@ -94,6 +126,7 @@ class ViewerProtocol:
 
     def connectionLost(self, reason) -> None:
         self.gone = True
+        self._stop_pinging()
         self._live.discard(self)
         att, self.att = self.att, None
         if att is not None:
@@ -174,17 +207,17 @@ class ViewerProtocol:
 class _Factory:
     """A ``WebSocketServerFactory`` building :class:`ViewerProtocol` s."""
 
-    def __init__(self, attach, live: set):
-        self.attach, self.live = attach, live
+    def __init__(self, attach, live: set, clock):
+        self.attach, self.live, self.clock = attach, live, clock
 
     def buildProtocol(self, request):
-        return ViewerProtocol(self.attach, self.live)
+        return ViewerProtocol(self.attach, self.live, self.clock)
 
 
-def _upgrade(request, attach, live: set):
+def _upgrade(request, attach, live: set, clock):
     """Answers ``request`` by turning it into a console WebSocket (400 if it is not one)."""
     from twisted.web.websocket import WebSocketResource
-    return WebSocketResource(_Factory(attach, live)).render_GET(request)
+    return WebSocketResource(_Factory(attach, live, clock)).render_GET(request)
 
 
 def _plain(request, code: int, text: str) -> bytes:
@@ -258,7 +291,7 @@ class UserConsoleResource(Resource):
         cluster, vm = where
         log.info("console: {user} opens {cluster}/{vm}", user=principal.name, cluster=cluster, vm=vm)
         return _upgrade(request, lambda viewer: self.service.attach(principal, cluster, vm, viewer),
-                        self.live)
+                        self.live, self.service.reactor)
 
 
 class PeerConsoleResource(Resource):
@@ -280,7 +313,8 @@ class PeerConsoleResource(Resource):
         if where is None:
             return _plain(request, 404, "no such console: give /console/CLUSTER/VM")
         vm_id = "/".join(where)
-        return _upgrade(request, lambda viewer: self.service.attach_local(vm_id, viewer), self.live)
+        return _upgrade(request, lambda viewer: self.service.attach_local(vm_id, viewer), self.live,
+                        self.service.reactor)
 
 
 @implementer(IPushProducer)

@@ -13,6 +13,7 @@
   var again = document.getElementById("console-reconnect");
   var PIECE = 16384;
   var MAX_BUFFERED = 1 << 20;
+  var MAX_ATTEMPTS = 8;     // connections in a row that never got "ready": then the button
 
   function say(text, kind) {
     status.textContent = text;
@@ -42,6 +43,7 @@
   var refused = false;
   var delay = 1000;
   var timer = null;
+  var attempts = 0;
 
   function connect() {
     timer = null;
@@ -64,6 +66,7 @@
       if (ev.event === "ready") {
         ready = true;
         delay = 1000;
+        attempts = 0;
         say("Connected to " + box.getAttribute("data-vm") + ": keys go to the VM.", "ok");
         term.focus();
       } else if (ev.event === "error") {
@@ -77,6 +80,12 @@
     ws.onclose = function () {
       ready = false;
       if (refused) { return; }
+      attempts += 1;
+      if (attempts >= MAX_ATTEMPTS) {
+        say("The console could not be reached " + attempts + " times in a row; try again later.", "error");
+        again.hidden = false;
+        return;
+      }
       if (!status.classList.contains("warn")) { say("The connection was lost. Reconnecting…", "warn"); }
       timer = setTimeout(connect, delay);
       delay = Math.min(delay * 2, 15000);
@@ -92,6 +101,7 @@
     for (var i = 0; i < data.length; i += PIECE) { ws.send(data.slice(i, i + PIECE)); }
   });
   again.addEventListener("click", function () {
+    attempts = 0;
     if (timer) { clearTimeout(timer); }
     if (ws) { ws.onclose = null; ws.close(); }
     connect();
