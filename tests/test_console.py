@@ -415,6 +415,7 @@ def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
     (its client vanished without closing: a half-open connection) is aborted, and once its
     connection is lost it is detached and its pings stop."""
     from twisted.internet import task
+
     from vmwebd.console.wire import PING_SECONDS, ViewerProtocol
     clock = task.Clock()
     live, detached = set(), []

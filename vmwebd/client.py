@@ -188,7 +188,7 @@ class ConsoleConnection:
         import base64
         from urllib.parse import quote
 
-        import websocket     # websocket-client: a small blocking client, no server code
+        import websocket  # websocket-client: a small blocking client, no server code
         self._ws_mod = websocket
         base = base_url(address)
         scheme, _, rest = base.partition("://")

@@ -20,6 +20,8 @@ from twisted.web.server import Site
 from vmwebd import apitls
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
+from vmwebd.console.hub import ConsoleService
+from vmwebd.console.wire import PeerConsoleResource, Relay, UserConsoleResource
 from vmwebd.dom.gc import collectable, format_cvv, parse_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
@@ -31,8 +33,6 @@ from vmwebd.gossip.domport import DomPortAdapter
 from vmwebd.gossip.messages import Bundle
 from vmwebd.gossip.pki import load_host_credentials
 from vmwebd.gossip.service import GossipService, PeerClient, load_state
-from vmwebd.console.hub import ConsoleService
-from vmwebd.console.wire import PeerConsoleResource, Relay, UserConsoleResource
 from vmwebd.history import HistoryService
 from vmwebd.hv import open_driver
 from vmwebd.hv.images import FileResource, ImageStore, image_resolver

@@ -433,6 +433,7 @@ class Relay:
     def attach(self, host: str, vm_id: str, viewer, user: str):
         from twisted.internet import threads
         from twisted.web.websocket import WebSocketClientEndpoint
+
         from vmwebd.gossip import tls
         from vmwebd.gossip.pki import load_host_credentials
         node = self.node

@@ -248,6 +248,7 @@ class Driver(abc.ABC):
         off the reactor thread); ``HypervisorError`` naming the domain when it has none, is not
         running, or the driver cannot open consoles."""
         from twisted.internet.defer import fail
+
         from vmwebd.errors import HypervisorError
         return fail(HypervisorError(f"open the console of domain {name!r}: this hypervisor "
                                     f"driver has no consoles"))
