@@ -441,3 +441,27 @@ def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
     assert t.transport.aborted and t.pings == 3
     p.connectionLost(None)
     assert detached == [True] and p not in live and clock.getDelayedCalls() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_vm_whose_host_cannot_be_reached_is_refused_naming_it(two_hosts):  # noqa: F811
+    """The VM's host stops answering on its peer endpoint: a console asked of the other host is
+    refused within the relay's bound, naming the VM and its host; nothing is left open."""
+    a, b = yield two_hosts()
+    with_shells(a.node, b.node)
+    vms = yield running_cluster(a.node, "lab8", "alice", 4)
+    yield b.node.domsvc.wait_for(lambda: all(
+        (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+    vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "lab8" and v.host == "host1")
+    yield a.node.peer_port.stopListening()
+
+    def story():
+        started = time.monotonic()
+        with pytest.raises(ConsoleRefused) as e:
+            Term(b.node, "lab8", vm.name)
+        assert time.monotonic() - started < WAIT
+        assert e.value.code == "Server.ConsoleUnavailable"
+        assert e.value.message == (f"the console of VM lab8/{vm.name} is not available: its host host1 "
+                                   f"could not be reached"), e.value.message
+    yield threads.deferToThread(story)
+    assert not b.node.consoles.relay.live and a.node.consoles.open_streams == 0
