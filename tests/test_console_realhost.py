@@ -6,6 +6,12 @@ back, through the hub that fans it out to viewers and keeps the ring; the stream
 interrupted from another thread, and a guest whose serial port is a file is refused naming the
 domain and libvirt's reason.
 
+Then the whole of vmweb's path over that real console: two in-process hosts (test-driver
+VMs), the console of a VM on host1 backed by the real guest's (host1's console opener given the
+lab driver's ``open_console``: vmweb's own guests log their serial port to a file, which libvirt
+cannot open as a console — docs/console.md), typed into with ``vmweb``'s console client at
+host2, relayed over the peers' mutual TLS.
+
 Skipped only where real hosts cannot run (see lab.hosts.lab_available).
 """
 from __future__ import annotations
@@ -22,9 +28,14 @@ from twisted.internet import defer, reactor, threads
 
 from lab.fixtures import guest_artifacts, lab2  # noqa: F401  (fixtures)
 from lab.guest import BUSYBOX, _Cpio, guest_domain_xml, make_base_image
+from procs import password_of
+from test_console import running_cluster
 from test_dead_hosts import until
+from test_history import two_hosts  # noqa: F401  (a fixture)
+from vmwebd.client import ConsoleConnection
 from vmwebd.console.hub import ConsoleService, _Hub
 from vmwebd.console.ring import ConsoleRing
+from vmwebd.dom.records import VmRec, status_of
 from vmwebd.errors import HypervisorError
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 
@@ -170,3 +181,56 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
                 pass
         yield threads.deferToThread(conn.close)
     yield defer.succeed(None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_real_guests_console_through_vmweb_from_another_host(lab2, guest_artifacts, two_hosts,  # noqa: F811
+                                                               tmp_path):
+    """alice, at host2, types into the console of her VM on host1 whose console is a real
+    guest's: the command runs in the guest and its output comes back through host1's hub, the
+    relay and the WebSocket; closing leaves no stream or relay open."""
+    h1 = lab2.hosts[0]
+    disk = make_base_image(tmp_path / "disk.qcow2", 16)
+    initrd = shell_initramfs(tmp_path / "shell.img")
+    xml = guest_domain_xml("vmweb-console-relay", guest_artifacts.kernel, initrd, str(disk),
+                           str(tmp_path / "unused.log"))
+    conn = yield threads.deferToThread(h1.connect)
+    dom = yield threads.deferToThread(conn.createXML, with_pty_serial(xml, str(tmp_path / "s.log")), 0)
+    driver = LibvirtDriver(h1.uri, reactor=reactor)
+    a, b = yield two_hosts()
+    a.node.consoles.opener = lambda name: driver.open_console("vmweb-console-relay")
+    try:
+        vms = yield running_cluster(a.node, "real", "alice", 4)
+        yield b.node.domsvc.wait_for(lambda: all(
+            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+        vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "real" and v.host == "host1")
+
+        def story():
+            c = ConsoleConnection(b.node.api_address, "real", vm.name, user="alice",
+                                  password=password_of("alice"), timeout=BOOT)
+            out = b""
+            deadline = time.monotonic() + BOOT
+            c.ws.settimeout(2)
+            while b"guest# " not in out:
+                assert time.monotonic() < deadline, out[-300:]
+                c.send(b"\n")
+                kind, data = c.recv()
+                if kind == "output":
+                    out += data
+            c.ws.settimeout(60)
+            c.send(b"echo via-vmweb-$((6*7)) $(uname -s)\n")
+            while b"via-vmweb-42 Linux" not in out:
+                kind, data = c.recv()
+                assert kind == "output", (kind, data)
+                out += data
+            c.close()
+        yield threads.deferToThread(story)
+        yield until(lambda: a.node.consoles.open_streams == 0 and not b.node.consoles.relay.live, 30,
+                    "the real stream and the relay to close")
+    finally:
+        yield driver.close()
+        try:
+            yield threads.deferToThread(dom.destroy)
+        except Exception:
+            pass
+        yield threads.deferToThread(conn.close)
