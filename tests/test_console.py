@@ -6,7 +6,7 @@ process left behind after many opens and closes.
 
 The test driver has no consoles (``virDomainOpenConsole`` is not supported there), so each VM's
 console here is a real ``/bin/sh`` on a real pty (:func:`vmwebd.console.pty.shell_opener`)
-behind the driver's console interface; tests/test_realhosts_console.py types into a real guest.
+behind the driver's console interface; tests/test_console_realhost.py types into a real guest.
 """
 from __future__ import annotations
 
