@@ -976,7 +976,10 @@ def run_console(args, user, password) -> int:
         print(f"vmweb: cannot reach vmwebd at {args.host} ({e.strerror or type(e).__name__}); "
               f"give --host HOST:PORT or set VMWEB_HOST", file=sys.stderr)
         return EXIT_USAGE
-    return console_loop(conn, escape, sys.stdin.fileno(), sys.stdout.buffer, sys.stderr)
+    try:
+        return console_loop(conn, escape, sys.stdin.fileno(), sys.stdout.buffer, sys.stderr)
+    except KeyboardInterrupt:       # standard input is not a terminal: Ctrl-C reached us
+        return EXIT_INTERRUPTED
 
 
 def check_combinations(ap: argparse.ArgumentParser, args) -> None:
