@@ -465,3 +465,21 @@ def test_a_vm_whose_host_cannot_be_reached_is_refused_naming_it(two_hosts):  # n
                                    f"could not be reached"), e.value.message
     yield threads.deferToThread(story)
     assert not b.node.consoles.relay.live and a.node.consoles.open_streams == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_test_drivers_vms_have_no_console_and_say_so(start_node):
+    """Without a console source of the tests' own, a VM of libvirt's test driver (the demo's)
+    is refused saying that driver has no consoles, naming the VM and its domain."""
+    h = yield start_node()
+    (vm,) = yield running_cluster(h.node, "lab9", "alice", 1)
+
+    def story():
+        with pytest.raises(ConsoleRefused) as e:
+            Term(h.node, "lab9", vm.name)
+        assert e.value.code == "Server.ConsoleUnavailable"
+        assert e.value.message.startswith(f"the console of VM lab9/{vm.name} is not available: open the "
+                                          f"console of domain 'vmweb-lab9-{vm.name}' on test://")
+        assert e.value.message.endswith("libvirt's test driver has no consoles (its guests do not run)")
+    yield threads.deferToThread(story)
+    assert h.node.consoles.open_streams == 0
