@@ -47,11 +47,19 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from vmwebd.atomicfile import write_atomic
 from vmwebd.audit import AuditLog, check_query, instrument
 from vmwebd.cluster import OWNER_RE
 from vmwebd.dom.records import NS, UserRec, VClusterRec, VmRec
-from vmwebd.errors import (ClientError, ConfigError, InvalidArgument, NameTaken, NoSuchCluster,
-                           NotAuthorized, QuotaExceeded)
+from vmwebd.errors import (
+    ClientError,
+    ConfigError,
+    InvalidArgument,
+    NameTaken,
+    NoSuchCluster,
+    NotAuthorized,
+    QuotaExceeded,
+)
 
 log = Logger()
 
@@ -392,13 +400,7 @@ def write_bootstrap_admin(state_dir: str | Path, name: str, password: str) -> Pa
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / BOOTSTRAP_FILE
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{name}:{hash_password(password)}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, f"{name}:{hash_password(password)}\n", mode=0o600)
     return path
 
 

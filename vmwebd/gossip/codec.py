@@ -13,7 +13,6 @@ Decoding is strict: unknown kinds, missing or malformed attributes raise
 from __future__ import annotations
 
 import copy
-import re
 
 from lxml import etree
 from twisted.logger import Logger
@@ -34,11 +33,11 @@ from vmwebd.gossip.messages import (
     SyncDelta,
     SyncReply,
 )
+from vmwebd.ids import is_host_id
 
 NS = "urn:vmweb:peer:1"
 _Q = "{%s}" % NS
 _BY_NAME = {name: kind for kind, name in NAMES.items()}
-_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _STATUSES = {"alive", "suspect", "dead", "left"}
 
 
@@ -314,12 +313,12 @@ def _read_members(el) -> tuple:
     for c in _children(el, "member"):
         node = _attr(c, "node", "member")
         status = _attr(c, "status", "member")
-        if not _ID_RE.match(node):
+        if not is_host_id(node):
             raise MalformedRequest(f"peer envelope: member/@node: {node!r} is not a host id")
         if status not in _STATUSES:
             raise MalformedRequest(f"peer envelope: member/@status: {status!r} is not a member status")
         by = c.get("by", "")
-        if by and not _ID_RE.match(by):
+        if by and not is_host_id(by):
             raise MalformedRequest(f"peer envelope: member/@by: {by!r} is not a host id")
         out.append(MemberState(node, _attr(c, "addr", "member"), _int(c, "inc", "member"), status, by))
     return tuple(out)
@@ -337,7 +336,7 @@ def decode(root: etree._Element) -> Envelope:
         raise MalformedRequest(f"peer envelope: expected {{{NS}}}env, got {root.tag}")
     version = _int(root, "v", "env")
     src = _attr(root, "src", "env")
-    if not _ID_RE.match(src):
+    if not is_host_id(src):
         raise MalformedRequest(f"peer envelope: env/@src: {src!r} is not a host id")
     kinds = [c for c in root if isinstance(c.tag, str) and c.tag.startswith(_Q)
              and etree.QName(c).localname in _BY_NAME]

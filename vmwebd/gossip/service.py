@@ -9,21 +9,23 @@ TLS when credentials are configured). A failed send is just a lost message: SWIM
 from __future__ import annotations
 
 import json
-import os
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 from lxml import etree
 from twisted.internet import defer, task
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
-from twisted.internet.threads import deferToThread
 
-from vmwebd.gossip.codec import NS as PEER_NS, answers_from, encode
+from vmwebd import xmlsafe
+from vmwebd.atomicfile import write_atomic
+from vmwebd.gossip.codec import NS as PEER_NS
+from vmwebd.gossip.codec import answers_from, encode
 from vmwebd.gossip.core import GossipCore
 
 log = Logger()
@@ -40,7 +42,7 @@ REPLIES_HEADER = b"X-Vmweb-Replies"
 #: messages in one request). A sender bundles only to peers whose answers carried it.
 BUNDLES_HEADER = b"X-Vmweb-Bundles"
 _REPLIES = f"{{{PEER_NS}}}replies"
-_SAFE = etree.XMLParser(resolve_entities=False, no_network=True, huge_tree=False, load_dtd=False)
+_SAFE = xmlsafe.parser()
 
 
 def replies_element(envelopes: list[etree._Element]) -> etree._Element:
@@ -336,12 +338,7 @@ class GossipService:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj), mode=None)
 
 
 def load_state(path: Path) -> tuple[dict, int]:

@@ -23,7 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vmwebd.errors import HypervisorError, NoSuchDomain
 from vmwebd.hv import perms, xmlgen
-from vmwebd.hv.driver import ConsoleStream, DomainInfo, Driver, DomainSpec, HostFacts, MigrationStats
+from vmwebd.hv.driver import ConsoleStream, DomainInfo, DomainSpec, Driver, HostFacts, MigrationStats
 
 
 def _ignore_libvirt_error(_ctx, _err):

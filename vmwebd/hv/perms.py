@@ -29,6 +29,8 @@ from pathlib import Path
 
 from lxml import etree
 
+from vmwebd import xmlsafe
+
 #: Mode of the storage directory: its owner (root) everything, QEMU's group search only.
 STORAGE_DIR_MODE = 0o710
 #: Mode of a base image vmweb wrote: its owner reads and writes, QEMU's group reads.
@@ -93,7 +95,7 @@ def _id(text: str, by_name) -> int | None:
 def account_from_capabilities(caps_xml: str, virt_type: str = "qemu") -> QemuAccount | None:
     """The account QEMU domains of ``virt_type`` run as, from libvirt's capabilities XML; None
     when it reports no DAC model (the test driver) or runs QEMU as root."""
-    root = etree.fromstring(caps_xml.encode())
+    root = etree.fromstring(caps_xml.encode(), xmlsafe.parser())
     for model in root.iterfind("host/secmodel"):
         if (model.findtext("model") or "").strip() != "dac":
             continue

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 
-from lxml.builder import E
 from lxml import etree
+from lxml.builder import E
+
+from vmwebd.atomicfile import write_atomic
 
 
 def node_xml(cpus: int, memory_mib: int) -> str:
@@ -36,8 +38,5 @@ def node_xml(cpus: int, memory_mib: int) -> str:
 def write_test_host(path, cpus: int, memory_mib: int) -> str:
     """Write a node file for one simulated host at ``path``; return its ``test:///`` URI."""
     path = os.path.abspath(os.fspath(path))
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(node_xml(cpus, memory_mib))
-    os.replace(tmp, path)  # a half-written node file would fail to parse
+    write_atomic(path, node_xml(cpus, memory_mib), mode=None)  # a half-written node file would fail to parse
     return f"test://{path}"

@@ -11,6 +11,7 @@ import uuid
 from lxml import etree
 from lxml.builder import E, ElementMaker
 
+from vmwebd import xmlsafe
 from vmwebd.hv.driver import DomainSpec
 
 #: Namespace of our own element inside a domain's <metadata>.
@@ -110,7 +111,7 @@ def parse_metadata(xml: str | None) -> dict[str, str]:
     name exists."""
     if not xml:
         return {}
-    root = etree.fromstring(xml.encode())
+    root = etree.fromstring(xml.encode(), xmlsafe.parser())
     out = {}
     # libvirt hands the element back without our prefix but in our namespace (or none).
     for entry in root:
@@ -146,16 +147,16 @@ def isolated_network_xml(name: str, bridge: str) -> str:
 
 def volume_backing_path(xml: str) -> str | None:
     """The ``<backingStore><path>`` of a volume's XML, or None for a volume without one."""
-    root = etree.fromstring(xml.encode())
+    root = etree.fromstring(xml.encode(), xmlsafe.parser())
     return root.findtext("backingStore/path")
 
 
 def pool_path(xml: str) -> str | None:
     """The ``<target><path>`` of a storage pool's XML."""
-    return etree.fromstring(xml.encode()).findtext("target/path")
+    return etree.fromstring(xml.encode(), xmlsafe.parser()).findtext("target/path")
 
 
 def network_bridge(xml: str) -> str | None:
     """The bridge name in a network's XML."""
-    bridge = etree.fromstring(xml.encode()).find("bridge")
+    bridge = etree.fromstring(xml.encode(), xmlsafe.parser()).find("bridge")
     return None if bridge is None else bridge.get("name")

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from lxml import etree
 
+from vmwebd import xmlsafe
+
 
 def retarget_xml(xml: str, disk: str, console: str, seed: str = "") -> str:
     """The domain XML with the disk, seed and serial log paths the destination chose."""
-    root = etree.fromstring(xml.encode())
+    root = etree.fromstring(xml.encode(), xmlsafe.parser())
     if disk:
         for el in root.iterfind("devices/disk"):
             src = el.find("source")
