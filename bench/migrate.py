@@ -40,8 +40,16 @@ sys.path.insert(0, str(REPO / "tests"))
 import libvirt  # noqa: E402
 
 from lab import wait_for  # noqa: E402
-from lab.guest import (PATTERN_BYTES, PATTERN_OFFSET, build_guest, guest_domain_xml,  # noqa: E402
-                       make_base_image, pattern, read_serial, ticks)
+from lab.guest import (  # noqa: E402
+    PATTERN_BYTES,
+    PATTERN_OFFSET,
+    build_guest,
+    guest_domain_xml,
+    make_base_image,
+    pattern,
+    read_serial,
+    ticks,
+)
 from lab.hosts import Lab, lab_available  # noqa: E402
 
 BASE = "base.qcow2"

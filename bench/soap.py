@@ -26,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 
+# isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+# isort: on
 from spyne import Service, Unicode, rpc
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -45,8 +47,8 @@ class PingService(Service):
 def serve(service_ref: str, tns: str) -> None:
     """Serve /soap and /plain on 127.0.0.1, print the port, run until stdin closes."""
     from twisted.internet import reactor
-    from twisted.internet.stdio import StandardIO
     from twisted.internet.protocol import Protocol
+    from twisted.internet.stdio import StandardIO
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vmwebd.dom.document import Dom, relaxng_valid  # noqa: E402
 from vmwebd.dom.hlc import HybridClock  # noqa: E402
-from vmwebd.dom.records import (HostRec, LeaseRec, MigrationRec,  # noqa: E402
-                                VClusterRec, VmRec)
+from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec  # noqa: E402
 from vmwebd.dom.validate import entity_error  # noqa: E402
+
 
 def timed(fn, el, budget: float = 1.0) -> float:
     n, started = 0, time.perf_counter()

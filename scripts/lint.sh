@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 BIN=${VENV:-.venv}/bin
 
 # The modules mypy checks strictly: protocol cores and the helpers they use.
-STRICT=(vmwebd/dom vmwebd/gossip/core.py vmwebd/migrate/balancer.py vmwebd/placement.py
-        vmwebd/xmlsafe.py vmwebd/ids.py vmwebd/atomicfile.py)
+STRICT=(vmwebd/dom vmwebd/gossip/core.py vmwebd/lease/paxos.py vmwebd/migrate/balancer.py
+        vmwebd/migrate/phases.py vmwebd/placement.py vmwebd/xmlsafe.py vmwebd/ids.py
+        vmwebd/atomicfile.py)
 
 failed=()
 echo "== ruff check"

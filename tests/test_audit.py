@@ -19,7 +19,7 @@ from vmwebd.auth import Access
 from vmwebd.client import ApiFault
 from vmwebd.dom.document import Dom, relaxng_valid
 from vmwebd.dom.hlc import HybridClock
-from vmwebd.dom.records import AuditRec, CONTAINERS
+from vmwebd.dom.records import CONTAINERS, AuditRec
 from vmwebd.dom.validate import document_error
 from vmwebd.timespec import parse_since
 
@@ -243,8 +243,8 @@ def test_a_record_made_at_one_host_is_read_at_another_and_both_stop_cleanly(tmp_
     """Two daemons in one grid: a change and a refusal taken at host1 are listed at host2 (the
     DOM carries them), with host1 as their host; SIGTERM then stops both with no traceback and
     nothing logged at error or worse."""
-    from test_peers_process import Grid, wait_until
     from procs import create_users, user_client
+    from test_peers_process import Grid, wait_until
     g = Grid(tmp_path, 2)
     try:
         wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2

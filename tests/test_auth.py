@@ -5,14 +5,23 @@ import base64
 import http.client
 
 import pytest
-import requests
 import pytest_twisted
+import requests
 from lxml import etree
 from twisted.internet import task, threads
 
 from procs import ADMIN, password_of
-from vmwebd.auth import (BOOTSTRAP_FILE, Authenticator, FailureLimiter, apply_bootstrap_admin, hash_password,
-                         parse_basic, read_bootstrap_admin, verify_password, write_bootstrap_admin)
+from vmwebd.auth import (
+    BOOTSTRAP_FILE,
+    Authenticator,
+    FailureLimiter,
+    apply_bootstrap_admin,
+    hash_password,
+    parse_basic,
+    read_bootstrap_admin,
+    verify_password,
+    write_bootstrap_admin,
+)
 from vmwebd.client import ApiClient, ApiFault
 from vmwebd.dom.records import UserRec, VClusterRec
 from vmwebd.errors import ConfigError, NotAuthorized

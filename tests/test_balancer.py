@@ -11,12 +11,22 @@ import random
 from collections import defaultdict
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmwebd.errors import InvalidArgument
 from vmwebd.migrate.balance_sim import BalanceSim, SimHost, SimInvariantError, SimParams, SimVm, packed_grid
-from vmwebd.migrate.balancer import (MIB, BalancerPolicy, HostLoad, Move, VmLoad, assess, choose_move, grid_load,
-                                     policy_from_settings)
+from vmwebd.migrate.balancer import (
+    MIB,
+    BalancerPolicy,
+    HostLoad,
+    Move,
+    VmLoad,
+    assess,
+    choose_move,
+    grid_load,
+    policy_from_settings,
+)
 from vmwebd.settings import SETTINGS, checked_setting
 
 ON = BalancerPolicy(enabled=True, threshold=0.2, hysteresis=0.002, min_residence_ms=600_000, cpu_overcommit=4.0)

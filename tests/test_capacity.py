@@ -13,13 +13,13 @@ from collections import defaultdict
 
 import pytest
 import pytest_twisted
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmwebd.errors import NoCapacity, QuotaExceeded
 from vmwebd.lease import paxos
+from vmwebd.lease.capacity import PREFIXES, Entry, Ledger, Usage, cap_key, encode, parse, quota_key, usage
 from vmwebd.lease.paxos import Refused
-from vmwebd.lease.capacity import (PREFIXES, Entry, Ledger, Usage, cap_key, encode, parse,
-                                   quota_key, usage)
 from vmwebd.lease.paxos_sim import PaxosSim
 
 
@@ -381,6 +381,7 @@ def test_a_large_capacity_set_is_a_valid_lease_for_peers():
     """A host's set of a few thousand VMs is a lease value peers accept (the schema's lease
     value is not limited like other text): replicas never refuse one another's capacity sets."""
     from lxml import etree
+
     from vmwebd.dom.validate import entity_error
     big = encode({Entry(f"cluster-{i // 50:04d}/compute{i % 50}", f"{i:08x}", 1, 512)
                   for i in range(5000)}, sizes=True)

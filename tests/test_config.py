@@ -416,6 +416,7 @@ def test_api_tls_files_encrypted_key(certs):
 def test_api_tls_files_expired_certificate(certs):
     """An expired certificate is refused with its end date."""
     import datetime
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

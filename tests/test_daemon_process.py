@@ -15,7 +15,7 @@ import threading
 import pytest
 from lxml import etree
 
-from procs import ADMIN, Daemon, NotifySocket, admin_client, child_env, create_users, host_config, REPO
+from procs import ADMIN, REPO, Daemon, NotifySocket, admin_client, child_env, create_users, host_config
 from vmwebd.client import ApiClient, ApiFault
 
 pytestmark = pytest.mark.slow

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import copy
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from vmwebd.dom.document import Dom
-from vmwebd.dom.gc import collectable, format_cvv, forgotten, parse_cvv
+from vmwebd.dom.gc import collectable, forgotten, format_cvv, parse_cvv
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.records import HostRec, VmRec, VmStatus
 from vmwebd.gossip.core import LOCAL_TEST

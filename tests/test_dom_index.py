@@ -1,7 +1,8 @@
 """The DOM's caches and indexes (decoded records, secondary indexes, versions by origin, the
 incremental digest) always say what a scan of the document says, whatever the writes, merges,
 deletions and collections that led there."""
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from vmwebd.cluster import HostUsage, host_usage

@@ -1,7 +1,8 @@
 """Merge laws of the cluster DOM (a state-based CRDT per entity part), checked with hypothesis."""
 import itertools
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from vmwebd.dom.document import Dom

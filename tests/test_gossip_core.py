@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lxml import etree
 
 from vmwebd.dom.document import Dom, _part_children, entity_bytes
@@ -11,11 +12,30 @@ from vmwebd.dom.hlc import HybridClock, Version
 from vmwebd.dom.records import NS, VClusterRec
 from vmwebd.gossip.broadcast import BroadcastQueue
 from vmwebd.gossip.codec import decode, encode
-from vmwebd.gossip.core import (ALIVE, DEAD, LAN, LEFT, LOCAL_TEST, SUSPECT, Awareness, GossipConfig,
-                                GossipCore, Suspicion, suspicion_timeout_after)
+from vmwebd.gossip.core import (
+    ALIVE,
+    DEAD,
+    LAN,
+    LEFT,
+    LOCAL_TEST,
+    SUSPECT,
+    Awareness,
+    GossipConfig,
+    GossipCore,
+    Suspicion,
+    suspicion_timeout_after,
+)
 from vmwebd.gossip.domport import DomPortAdapter
-from vmwebd.gossip.messages import (PROTOCOL_VERSION, Ack, Envelope, Gossip, MemberState, Ping,
-                                    PingReq, ProbeNack)
+from vmwebd.gossip.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    Envelope,
+    Gossip,
+    MemberState,
+    Ping,
+    PingReq,
+    ProbeNack,
+)
 
 Q = "{%s}" % NS
 CFG = GossipConfig(probe_interval=1.0, probe_timeout=0.5, indirect_checks=3, suspicion_mult=4,
@@ -578,7 +598,7 @@ def _complete(all_states, d: Dom) -> dict:
                     key=lambda w: (w[0], w[1]))
     cvv = {}
     for o in ORIGINS:
-        for origin, stamp, kind, id_, name, v in (w for w in writes if w[0] == o):
+        for _origin, stamp, kind, id_, name, v in (w for w in writes if w[0] == o):
             if not _dominated(d, kind, id_, name, v):
                 break
             cvv[o] = stamp

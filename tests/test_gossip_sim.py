@@ -5,7 +5,8 @@ config (probe interval, suspicion timeouts, health multiplier, sync interval), n
 """
 from __future__ import annotations
 
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from vmwebd.dom.records import VClusterRec
 from vmwebd.gossip.core import ALIVE, DEAD, LEFT, LOCAL_TEST, SUSPECT, GossipConfig

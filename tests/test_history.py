@@ -18,8 +18,17 @@ from test_dead_hosts import until
 from test_web_views import Browserless
 from vmwebd.dom.records import HostRec
 from vmwebd.gossip import pki
-from vmwebd.history import (CAPACITY, INTERVAL_SECONDS, HistoryResource, HistoryRing, HistoryUnavailable,
-                            Sample, Sampler, from_json, to_json)
+from vmwebd.history import (
+    CAPACITY,
+    INTERVAL_SECONDS,
+    HistoryResource,
+    HistoryRing,
+    HistoryUnavailable,
+    Sample,
+    Sampler,
+    from_json,
+    to_json,
+)
 
 
 def s(t, load=0.5, mem=1000, vms=1) -> Sample:

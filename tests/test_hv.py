@@ -9,8 +9,7 @@ from twisted.internet import reactor
 from twisted.python.threadpool import ThreadPool
 
 from vmwebd.errors import HypervisorError, InvalidArgument, NoSuchDomain
-from vmwebd.hv import DomainInfo, DomainSpec, HostFacts, open_driver
-from vmwebd.hv import xmlgen
+from vmwebd.hv import DomainInfo, DomainSpec, HostFacts, open_driver, xmlgen
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 from vmwebd.hv.testhost import write_test_host
 
@@ -138,6 +137,8 @@ def test_domain_xml_and_metadata_round_trip(driver, opened):
     assert "<source network='vmweb-c1'/>" in xml
     assert "<source file='/var/lib/vmweb/vmweb-c1-node0.qcow2'/>" in xml
     assert "<cmdline>console=ttyS0 guestip=10.1.0.5 x=&lt;&amp;&gt;</cmdline>" in xml
+    # The serial port is a pty (a console can be opened on it) logged to the file asked.
+    assert "<serial type='pty'>" in xml and "<log file='/tmp/vmweb-serial.log' append='on'/>" in xml
 
 
 @pytest_twisted.inlineCallbacks

@@ -13,6 +13,10 @@ DOMAIN = """<domain type='qemu'><name>vmweb-lab-n1</name><devices>
   <console type='file'><source path='/src/console.log'/></console>
   <console type='pty'/>
 </devices></domain>"""
+PTY_DOMAIN = """<domain type='qemu'><name>vmweb-lab-n1</name><devices>
+  <serial type='pty'><log file='/src/console.log' append='on'/><target port='0'/></serial>
+  <console type='pty'><target type='serial' port='0'/></console>
+</devices></domain>"""
 
 
 def _sources(xml):
@@ -41,3 +45,12 @@ def test_the_destinations_paths_replace_the_first_disk_the_seed_and_the_file_con
 def test_paths_the_destination_did_not_choose_stay():
     """Empty disk, console and seed paths leave the domain's own."""
     assert _sources(retarget_xml(DOMAIN, "", "", "")) == _sources(DOMAIN)
+
+
+def test_a_pty_serial_ports_log_follows_to_the_destination():
+    """A serial port on a pty keeps its type and target; its log file is the destination's."""
+    root = etree.fromstring(retarget_xml(PTY_DOMAIN, "", "/dst/c.log").encode())
+    serial = root.find("devices/serial")
+    assert serial.get("type") == "pty" and serial.find("log").get("file") == "/dst/c.log"
+    assert serial.find("log").get("append") == "on" and serial.find("target").get("port") == "0"
+    assert root.find("devices/console").get("type") == "pty"

@@ -11,10 +11,19 @@ import sys
 import threading
 
 import pytest
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
-from procs import (ADMIN, NotifySocket, REPO, STOP_TIMEOUT, admin_client, child_env, create_users,
-                   host_config, user_client)
+from procs import (
+    ADMIN,
+    REPO,
+    STOP_TIMEOUT,
+    NotifySocket,
+    admin_client,
+    child_env,
+    create_users,
+    host_config,
+    user_client,
+)
 from vmwebd import logs
 from vmwebd.client import ApiFault
 

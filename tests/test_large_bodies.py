@@ -17,7 +17,10 @@ import pytest
 import pytest_twisted
 import zeep
 from lxml import etree
+
+# isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+# isort: on
 from spyne import Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -32,7 +35,8 @@ from vmwebd.api.peer import build_peer_api
 from vmwebd.api.soap import SOAP11_ENV_NS, build_soap_resource, local_faultcode
 from vmwebd.client import ApiFault
 from vmwebd.gossip import pki, tls
-from vmwebd.gossip.codec import NS as PEER_NS, encode
+from vmwebd.gossip.codec import NS as PEER_NS
+from vmwebd.gossip.codec import encode
 from vmwebd.gossip.messages import Envelope, Gossip, MemberState
 from vmwebd.gossip.service import PeerClient, soap_body
 

@@ -4,6 +4,7 @@ nothing unique was handed out twice. Also: without a majority, leasing fails fas
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 import threading
@@ -13,8 +14,6 @@ from pathlib import Path
 
 import pytest
 from lxml import etree
-
-import os
 
 from tests.procs import Daemon, free_port
 from tests.test_peers_process import wait_until

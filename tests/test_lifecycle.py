@@ -1,11 +1,10 @@
 """A cluster's whole life on one host, through the real SOAP API (zeep) and the libvirt test driver."""
-import pytest
-import pytest_twisted
-from twisted.internet import defer
-
-from vmwebd.client import ApiFault
 from pathlib import Path
 
+import pytest
+import pytest_twisted
+
+from vmwebd.client import ApiFault
 from vmwebd.dom.records import LeaseRec, VClusterRec, VmRec
 from vmwebd.hv.naming import domain_name
 
@@ -178,6 +177,7 @@ def dom_but_audit(node) -> bytes:
     """The replica's content but its audit trail (a refused request leaves its record there) and
     the host records (the heartbeat rewrites this host's once it has written such records)."""
     import copy
+
     from lxml import etree
     root = copy.deepcopy(node.domsvc.dom.root)
     for box in ("audits", "hosts"):

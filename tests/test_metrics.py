@@ -236,8 +236,8 @@ def test_the_daemon_reports_a_wrong_metrics_element_without_a_traceback(tmp_path
 
 def test_defaults_serve_metrics_to_admins():
     """No metrics element: served, to admins (and the example config says the same)."""
-    from vmwebd.config import MetricsConfig
     from procs import REPO
+    from vmwebd.config import MetricsConfig
     assert MetricsConfig() == MetricsConfig(enabled=True, auth="login")
     assert load_config(REPO / "conf" / "vmwebd.xml").metrics == MetricsConfig()
 
@@ -287,6 +287,7 @@ def test_scrape_at_10000_vms_reads_indexes_and_decodes_only_after_a_change():
     """At 10,000 VMs only the first scrape reads every VM; later ones look only at what changed
     (well under 50 ms, unchanged or after a change), and count the change."""
     from prometheus_client import CollectorRegistry, generate_latest
+
     from vmwebd.dom.records import VmStatus
     from vmwebd.metrics import StateCollector
     dom = big_dom(10_000)

@@ -219,6 +219,7 @@ def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid
     import signal
     import subprocess
     import sys
+
     from tests.procs import ADMIN, child_env
     admin_file = grid.base / "admin-credentials"
     admin_file.write_text(f"{ADMIN[0]}:{ADMIN[1]}\n")

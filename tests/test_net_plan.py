@@ -3,7 +3,8 @@ same records, and across replicas that received the same records in another orde
 import ipaddress
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmwebd.config import IpPool
 from vmwebd.dom.document import Dom

@@ -13,17 +13,25 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from vmwebd.api.peer import build_peer_api
-
 from vmwebd.dom.document import Dom
-from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.hlc import HybridClock, Version
 from vmwebd.dom.records import VClusterRec
 from vmwebd.errors import MalformedRequest
 from vmwebd.gossip import pki, tls
 from vmwebd.gossip.codec import decode, encode
-from vmwebd.gossip.messages import (Ack, Bundle, Envelope, Gossip, MemberState, Ping, PingReq, Sync,
-                                    SyncDelta, SyncReply)
+from vmwebd.gossip.messages import (
+    Ack,
+    Bundle,
+    Envelope,
+    Gossip,
+    MemberState,
+    Ping,
+    PingReq,
+    Sync,
+    SyncDelta,
+    SyncReply,
+)
 from vmwebd.gossip.service import PeerClient, soap_body
-from vmwebd.dom.hlc import Version
 from vmwebd.lease import paxos
 
 
@@ -230,11 +238,13 @@ def test_a_ping_is_answered_in_the_response_when_the_sender_reads_replies(counti
 def test_a_service_hands_back_its_replies_to_the_sender_and_sends_the_rest():
     """GossipService.receive(inline=True): the core's answer to the sender comes back (after the
     persist) instead of being sent; nothing is sent to the sender separately."""
+    import random
+
     from twisted.internet import task as ttask
+
     from vmwebd.gossip.core import LOCAL_TEST, GossipCore
     from vmwebd.gossip.domport import DomPortAdapter
     from vmwebd.gossip.service import GossipService
-    import random
 
     class _Commits:
         on_local_commit = []

@@ -1,6 +1,7 @@
 """Placement strategies: spread in proportion to capacity, pack onto few hosts, clear errors."""
-from hypothesis import given, settings, strategies as st
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmwebd.errors import InvalidArgument, NoCapacity
 from vmwebd.placement import HostLoad, place

@@ -20,8 +20,15 @@ import pytest
 
 from lab import wait_for
 from lab.fixtures import guest_artifacts, lab2  # noqa: F401  (fixtures)
-from lab.guest import (PATTERN_BYTES, PATTERN_OFFSET, guest_domain_xml, make_base_image, pattern,
-                       read_serial, ticks)
+from lab.guest import (
+    PATTERN_BYTES,
+    PATTERN_OFFSET,
+    guest_domain_xml,
+    make_base_image,
+    pattern,
+    read_serial,
+    ticks,
+)
 
 libvirt = pytest.importorskip("libvirt")
 

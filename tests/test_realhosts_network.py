@@ -39,8 +39,16 @@ import pytest
 
 from lab import wait_for
 from lab.fixtures import guest_artifacts, lab3  # noqa: F401  (fixtures)
-from lab.guest import (BUSYBOX, clock_args, dense_events, make_base_image, parse_seed, reaches,
-                       read_serial, seed_applied)
+from lab.guest import (
+    BUSYBOX,
+    clock_args,
+    dense_events,
+    make_base_image,
+    parse_seed,
+    reaches,
+    read_serial,
+    seed_applied,
+)
 from lab.vmweb import Grid, console
 
 POOL = "10.88.0.0/24"

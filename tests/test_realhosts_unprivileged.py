@@ -87,8 +87,8 @@ def reachable_artifacts(guest_artifacts):  # noqa: F811
     directory), as a stock host's files would not."""
     import shutil
     import tempfile
-    from types import SimpleNamespace
     from pathlib import Path
+    from types import SimpleNamespace
     where = Path(tempfile.mkdtemp(prefix="vmweb-guest-", dir="/var/tmp"))
     try:
         where.chmod(0o755)

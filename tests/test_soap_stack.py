@@ -7,7 +7,6 @@ the reactor's thread pool through deferToThread, so the reactor keeps serving wh
 from __future__ import annotations
 
 import http.client
-import importlib
 import sys
 from urllib.parse import urlsplit
 
@@ -15,7 +14,10 @@ import pytest
 import pytest_twisted
 import zeep
 from lxml import etree
+
+# isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+# isort: on
 from spyne import Integer, Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
 from twisted.logger import globalLogPublisher

@@ -5,22 +5,29 @@ from __future__ import annotations
 import base64
 import re
 import shutil
-import subprocess
 import struct
+import subprocess
 
 import pytest
 import pytest_twisted
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from lxml import etree
 from twisted.internet import threads
 
 from procs import ADMIN, password_of
 from test_auth import fault_of
 from test_web_views import Browserless, vmweb
-from vmwebd.auth import (MAX_SSH_KEYS, SSH_KEY_TYPES, apply_bootstrap_admin, parse_ssh_key,
-                         parse_ssh_key_file, write_bootstrap_admin)
+from vmwebd.auth import (
+    MAX_SSH_KEYS,
+    SSH_KEY_TYPES,
+    apply_bootstrap_admin,
+    parse_ssh_key,
+    parse_ssh_key_file,
+    write_bootstrap_admin,
+)
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.records import UserRec

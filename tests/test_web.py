@@ -83,8 +83,11 @@ def url(grid, i: int, path: str) -> str:
 
 def wait_for(driver, pred, what: str, timeout: float = WAIT):
     """Waits (bounded) until ``pred(driver)`` is true; fails naming ``what``."""
-    from selenium.common.exceptions import (NoSuchElementException, StaleElementReferenceException,
-                                            TimeoutException)
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        TimeoutException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
     # A page that is being replaced (a form just posted, a live update) can drop an element between
     # finding it and reading it: that is "not yet", not a failure, so the wait polls again.

@@ -11,8 +11,8 @@ import re
 import pytest
 import pytest_twisted
 
-from test_history import two_hosts  # noqa: F401  (a fixture)
 from test_dead_hosts import until
+from test_history import two_hosts  # noqa: F401  (a fixture)
 from test_web import css, screen, wait_for
 from test_web_pages import LAPTOP, PHONE, SHOTS, browser, in_thread, login  # noqa: F401  (browser: a fixture)
 from vmwebd.history import Sample

@@ -209,6 +209,7 @@ def test_admin_evacuates_a_host_that_left_from_the_host_view(start_node):
     """A host that left still holds a VM: only an admin's host view offers to evacuate it, and the
     button (with its CSRF token) puts the VM back on a live host, where it runs again."""
     import dataclasses
+
     from vmwebd.dom.records import HostRec, VmRec, status_of
     h = yield start_node()
     node = h.node
@@ -242,6 +243,7 @@ def test_destroy_waiting_on_a_departed_host_says_so_and_evacuation_finishes_it(s
     """A cluster whose VM is on a host that left: its destroy answers at once naming that host;
     evacuating the host deletes the VM (its addresses given back) and the cluster goes."""
     import dataclasses
+
     from vmwebd.dom.records import HostRec, LeaseRec, VClusterRec, VmRec
     h = yield start_node()
     node = h.node
@@ -301,6 +303,7 @@ def test_a_pending_vm_says_on_the_page_which_host_it_waits_for_and_why(start_nod
     """A VM placed on a host that is no longer alive shows, on the owner page and in the page's
     live data, its host, that host's state and what to do."""
     import dataclasses
+
     from vmwebd.dom.records import HostRec, VmRec
     h = yield start_node()
     node = h.node

@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 def version() -> str:
     """The installed distribution's version (its metadata), else :data:`__version__` when
     running from a source tree that was never installed."""
-    from importlib.metadata import PackageNotFoundError, version as dist_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
     try:
         return dist_version("vmweb")
     except PackageNotFoundError:

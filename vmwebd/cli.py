@@ -130,6 +130,7 @@ def since_arg(text: str) -> str:
     """A point in time (ISO 8601, local unless zoned; or 90s, 30m, 1h, 2d, 1w back from now),
     sent as an ISO 8601 UTC time."""
     from datetime import datetime, timezone
+
     from vmwebd.timespec import parse_since
     try:
         when = parse_since(text, time.time(), naive=datetime.now().astimezone().tzinfo)
@@ -1027,8 +1028,9 @@ def main(argv=None) -> int:
             return run_local(args)
         except VmwebError as e:
             return _fail(e)
-    from vmwebd.client import ApiClient, ApiFault, ApiTlsError
     import requests
+
+    from vmwebd.client import ApiClient, ApiFault, ApiTlsError
     try:
         user, password = credentials(args)
     except VmwebError as e:

@@ -17,11 +17,11 @@ from twisted.logger import Logger
 
 from vmwebd.dom.records import HostRec, TemplateRec, UserRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
+from vmwebd.hv.naming import network_name
 from vmwebd.lease.capacity import Change
-from vmwebd.placement import HostLoad, place
 from vmwebd.net import addressing
 from vmwebd.net.plan import bridge_name
-from vmwebd.hv.naming import network_name
+from vmwebd.placement import HostLoad, place
 from vmwebd.settings import drained_hosts, get_setting
 from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 

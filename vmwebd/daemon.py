@@ -18,8 +18,7 @@ import argparse
 import sys
 
 from twisted.internet import defer, task
-from twisted.logger import Logger, globalLogBeginner, LogLevel, FilteringLogObserver, \
-    LogLevelFilterPredicate
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate, globalLogBeginner
 
 from vmwebd import examples, logs, version
 from vmwebd.config import load_config
@@ -96,6 +95,7 @@ def main(argv=None) -> int:
                                      redirectStandardIO=False)
 
     from twisted.internet import reactor
+
     from vmwebd.node import Node
     from vmwebd.sdnotify import Notifier
 

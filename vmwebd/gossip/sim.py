@@ -89,7 +89,7 @@ class Simulation:
 
     def _carry(self, src: str, out: Output):
         h = self.hosts[src]
-        for node, old, new in out.changes:
+        for node, _old, new in out.changes:
             if new in (DEAD, LEFT) and node not in h.detected_dead_at:
                 h.detected_dead_at[node] = self.now
             if new == ALIVE:

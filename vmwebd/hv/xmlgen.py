@@ -82,9 +82,10 @@ def domain_xml(spec: DomainSpec) -> str:
         ))
     devices.append(nic)
     if spec.serial_log:
-        devices.append(E.serial(E.source(path=spec.serial_log), E.target(port="0"), type="file"))
-        devices.append(E.console(E.source(path=spec.serial_log),
-                                 E.target(type="serial", port="0"), type="file"))
+        # The serial port on a pty, so libvirt can open it as a console (vmwebd/console); what
+        # the guest prints is also appended to the log file (a file serial port cannot be opened).
+        devices.append(E.serial(E.log(file=spec.serial_log, append="on"), E.target(port="0"), type="pty"))
+        devices.append(E.console(E.target(type="serial", port="0"), type="pty"))
 
     dom = E.domain(
         E.name(spec.name),

@@ -22,7 +22,9 @@ def retarget_xml(xml: str, disk: str, console: str, seed: str = "") -> str:
                 src.set("file", seed)
     for dev in ("serial", "console"):
         for el in root.iterfind(f"devices/{dev}"):
-            src = el.find("source")
+            src, log = el.find("source"), el.find("log")
             if el.get("type") == "file" and src is not None and console:
-                src.set("path", console)
+                src.set("path", console)        # a domain defined before serial ports were ptys
+            if log is not None and log.get("file") is not None and console:
+                log.set("file", console)
     return etree.tostring(root, encoding="unicode")

@@ -27,7 +27,16 @@ import itertools
 import random
 from dataclasses import dataclass, field
 
-from vmwebd.migrate.balancer import BalancerPolicy, HostLoad, Move, VmLoad, assess, choose_move, grid_load, imbalance
+from vmwebd.migrate.balancer import (
+    BalancerPolicy,
+    HostLoad,
+    Move,
+    VmLoad,
+    assess,
+    choose_move,
+    grid_load,
+    imbalance,
+)
 
 
 @dataclass(frozen=True)
