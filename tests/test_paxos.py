@@ -521,3 +521,15 @@ def test_large_values_cross_the_wire_once_per_change(elide_at):
         assert small["Promise"] == len(sizes["Promise"]) >= 1
         assert small["Commit"] >= 1
     assert min(sizes["Accept"]) > len(value)    # the new value itself travels once
+
+
+def test_answers_slower_than_the_retry_timer_count_as_a_majority_answering():
+    """On a network slower than the proposer's first retries (every message takes over a
+    second), the answers to a ballot already given up still show that a majority is there: the
+    operation is not failed at the deadline as without a majority, and is decided once the
+    retries wait long enough."""
+    sim = PaxosSim(3, seed=8, delay=(1.2, 1.5), deadline=3.0)
+    sim.propose("h0", "slow", {KEYS[0]: (None, "vm:a")})
+    assert sim.run_until_done(["slow"], limit=sim.deadline * 5 + 1)
+    assert isinstance(sim.result("slow"), paxos.Decided), sim.result("slow")
+    sim.check_safety()

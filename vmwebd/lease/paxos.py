@@ -561,6 +561,7 @@ class PaxosCore:
             self.ops[op_id].heard.add(src)
 
     def _on_promise(self, src: str, m: Promise, now: float) -> None:
+        self._heard_at[src] = now       # late or not, it answers (see tick)
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
@@ -646,6 +647,7 @@ class PaxosCore:
         return out
 
     def _on_accepted(self, src: str, m: Accepted, now: float) -> None:
+        self._heard_at[src] = now
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "accept" or m.ballot != rnd.ballot:
             return
@@ -676,6 +678,7 @@ class PaxosCore:
             self._end_round(rnd, now)
 
     def _on_nack(self, src: str, m: Nack, now: float) -> None:
+        self._heard_at[src] = now
         self.clock.observe(m.promised)
         rnd = self.rounds.get(m.op)
         if rnd is None or m.ballot != rnd.ballot or rnd.phase == "backoff":
@@ -725,8 +728,10 @@ class PaxosCore:
         for op in list(self.ops.values()):
             # No majority heard within the deadline: fail fast. A majority answering but the
             # round not done (proposers pre-empting each other, a slow host): go on, bounded.
-            # An operation waiting for a round counts the members that answered this proposer
-            # since it was asked: it waits on other operations, not on a missing majority.
+            # An operation counts the members that answered this proposer since it was asked,
+            # in any round or to an earlier ballot: one waiting for a round waits on other
+            # operations, and answers that come after the ballot they answer was given up
+            # (hosts slower than the retry timer) come from a majority that is there.
             heard = max(len(op.heard), sum(1 for m in self.members
                                            if self._heard_at.get(m, -1.0) >= op.since))
             contended = heard >= self.majority
