@@ -9,41 +9,17 @@ has no consoles).
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import pytest
 import pytest_twisted
 from twisted.internet import threads
 
-from procs import password_of
 from test_console import running_cluster, with_shells
 from test_history import two_hosts  # noqa: F401  (a fixture)
-from test_web import _chromium, css, screen, wait_for
-from test_web_pages import LAPTOP, PHONE, SHOTS
+from test_web import css, screen, wait_for
+from test_web_pages import LAPTOP, PHONE, SHOTS, browser, login  # noqa: F401  (browser: a fixture)
 from vmwebd.dom.records import VmRec, status_of
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser():
-    profile = tempfile.mkdtemp(prefix="vmweb-chromium-")
-    driver = _chromium(profile)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def login(d, base: str, name: str) -> None:
-    d.delete_all_cookies()
-    d.get(base + "/login")
-    css(d, "#login-name")[0].send_keys(name)
-    css(d, "#login-password")[0].send_keys(password_of(name))
-    css(d, "#login-submit")[0].click()
-    wait_for(d, lambda d: d.current_url == base + "/owner", f"{name}'s owner view")
 
 
 def screen_text(d) -> str:

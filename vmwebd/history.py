@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web import resource
 
@@ -231,11 +231,9 @@ class HistoryService:
             raise HistoryUnavailable(host_id, f"host {node.host_id} does not know where it is")
         if self._agent is None:
             from vmwebd.gossip import tls
-            from vmwebd.gossip.pki import load_host_credentials
-            creds = yield threads.deferToThread(load_host_credentials, node.cert_dir)
             # The answering host must hold the certificate of the host asked about.
             self._agent = Agent(node.reactor, contextFactory=tls.client_policy(
-                creds, lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port))),
+                node.host_creds, lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port))),
                 connectTimeout=FETCH_TIMEOUT_SECONDS)
         host, _, port = addr.rpartition(":")
         try:

@@ -86,8 +86,7 @@ class Node:
         self.reconciler = None
         self._heartbeat = None
         self.gossip = None
-        # consensus member -> (seen suspect since, last seen suspect), for _proposer_for
-        self._suspect_since: dict[str, tuple[float, float]] = {}
+        self.host_creds = None     # this host's grid certificate and key, once peers start
         self.paxos_transport = None
         self._record_written_ms = 0
         self.peer_port = None
@@ -191,6 +190,7 @@ class Node:
         if creds.host_id != self.host_id:
             raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
                               f"is for host {creds.host_id!r}, but this host is {self.host_id!r}")
+        self.host_creds = creds
         return self._start_gossip(creds)
 
     def _start_gossip(self, creds):
@@ -285,16 +285,10 @@ class Node:
             if m == self.host_id:
                 return None
             status = self.gossip.core.status_of(m)
-            if status == "alive":
-                self._suspect_since.pop(m, None)
+            since = self.gossip.core.suspected_since(m)
+            if status == "alive" or (status == "suspect" and since is not None
+                                     and now - since < self.PROPOSER_PATIENCE_S):
                 return m
-            if status == "suspect":
-                since, last = self._suspect_since.get(m, (now, now))
-                if now - last > self.PROPOSER_PATIENCE_S:
-                    since = now         # seen alive meanwhile (nobody asked then)
-                self._suspect_since[m] = (since, now)
-                if now - since < self.PROPOSER_PATIENCE_S:
-                    return m
         return None
 
     def send_peer(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:

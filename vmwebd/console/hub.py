@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from vmwebd.console.ring import RING_BYTES, ConsoleRing
 from vmwebd.dom.records import VmRec, status_of
 from vmwebd.errors import NoSuchVm, VmwebError
+from vmwebd.hv.naming import domain_name
 
 log = Logger()
 
@@ -292,7 +293,6 @@ class ConsoleService:
         return d
 
     def _open(self, vm_id: str) -> defer.Deferred:
-        from vmwebd.reconcile import domain_name
         opener = self.opener or self.node.driver.open_console
         self._forget_rings()
         d = defer.maybeDeferred(opener, domain_name(vm_id))

@@ -427,24 +427,19 @@ class Relay:
         self.node = node
         self.live: set = set()
         self._policies: dict[str, object] = {}
-        self._creds = None
 
     @defer.inlineCallbacks
     def attach(self, host: str, vm_id: str, viewer, user: str):
-        from twisted.internet import threads
         from twisted.web.websocket import WebSocketClientEndpoint
 
         from vmwebd.gossip import tls
-        from vmwebd.gossip.pki import load_host_credentials
         node = self.node
         addr = node.peer_address_of(host)
-        if not addr:
+        if not addr or node.host_creds is None:
             raise ConsoleUnavailable(vm_id, f"host {node.host_id} does not know where its host {host} is")
-        if self._creds is None:
-            self._creds = yield threads.deferToThread(load_host_credentials, node.cert_dir)
         if host not in self._policies:
             # The answering host must hold the certificate of the VM's host.
-            self._policies[host] = tls.client_policy(self._creds, host)
+            self._policies[host] = tls.client_policy(node.host_creds, host)
         cluster, _, vm = vm_id.partition("/")
         url = (f"https://{addr}/console/{quote(cluster, safe='')}/{quote(vm, safe='')}"
                f"?user={quote(user, safe='')}")

@@ -287,6 +287,11 @@ class GossipCore:
         """Lifeguard's local health score: 0 is healthy; timeouts are scaled by score + 1."""
         return self.awareness.score
 
+    def suspected_since(self, node: str) -> float | None:
+        """When the suspicion of ``node`` now running here began (None if not suspect)."""
+        s = self._suspicions.get(node)
+        return s.start if s is not None else None
+
     def suspicion_deadline(self, node: str) -> float | None:
         """When ``node``, suspect here, is to be declared dead unless it refutes (None if not suspect)."""
         s = self._suspicions.get(node)

@@ -520,9 +520,8 @@ class PaxosCore:
         for m in rest:
             self._out.sends.append((m, msg))
 
-    def _answered(self, src: str, now: float) -> None:
+    def _answered(self, src: str) -> None:
         self._answering.add(src)
-        self._heard_at[src] = now
         if src in self._missed:
             del self._missed[src]
 
@@ -569,7 +568,7 @@ class PaxosCore:
         if entries is None:
             return
         self._heard(rnd, src)
-        self._answered(src, now)
+        self._answered(src)
         rnd.promises[src] = entries
         self._arm(rnd, now)
         if len(rnd.promises) < self.majority:
@@ -652,7 +651,7 @@ class PaxosCore:
         if rnd is None or rnd.phase != "accept" or m.ballot != rnd.ballot:
             return
         self._heard(rnd, src)
-        self._answered(src, now)
+        self._answered(src)
         rnd.accepted.add(src)
         if m.refs:
             rnd.refs.add(src)
@@ -684,7 +683,7 @@ class PaxosCore:
         if rnd is None or m.ballot != rnd.ballot or rnd.phase == "backoff":
             return
         self._heard(rnd, src)
-        self._answered(src, now)
+        self._answered(src)
         # Someone with a higher ballot is working on these keys: back off a random while of a
         # few round times, growing with our attempts (so two proposers do not duel in
         # lock-step), then retry with a higher ballot.
