@@ -135,6 +135,8 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
         print(f"  {n} daemons: concurrent creates (one owner) done", flush=True)
         many = _concurrent(grid, n, clients, per_client, lambda w: owners[w], "own")
         print(f"  {n} daemons: concurrent creates (an owner per client) done", flush=True)
+        # The race starts from an empty grid: the creates above may have filled it already.
+        empty_grid(grid, n)
         race = capacity_race(grid, n, clients, owner)
         print(f"  {n} daemons: capacity race done", flush=True)
         log_errors = Counter()
@@ -176,6 +178,16 @@ def _concurrent(grid, n: int, clients: int, per_client: int, owner_of, prefix: s
     wall = time.perf_counter() - t
     return {"lat": ms(lat) if lat else (float("nan"),) * 2, "rate": done[0] / wall,
             "failed": errors}
+
+
+def empty_grid(grid, n: int) -> None:
+    """Destroys every cluster and waits until no host holds a VM (nor a capacity entry)."""
+    from tests.test_peers_process import wait_until
+    c = grid.client(0, 60)
+    for cl in c.call("ListClusters", None):
+        c.call("DestroyCluster", cl["name"], True)
+    wait_until(lambda: all(not grid.call(i, "ListClusters", None) for i in range(n)), 300,
+               "every host to have no cluster left", every=0.5)
 
 
 def capacity_race(grid, n: int, clients: int, owner: str) -> dict:

@@ -97,3 +97,36 @@ def test_a_value_accepted_and_committed_at_one_ballot_travels_once():
     from lxml import etree
     assert etree.tostring(el).count(big.encode()) == 1
     assert decode(el).msg.entries == entries
+
+
+@pytest_twisted.inlineCallbacks
+def test_operations_asked_while_forwards_are_out_leave_together(start_node):
+    """At most ``forwards_in_flight`` Forward requests go to the proposer at once; operations
+    asked meanwhile wait and leave in one bundle when a request returns (one request per round
+    instead of one per operation); a bundle that cannot be delivered runs its operations here."""
+    h = yield start_node()
+    leases = h.node.leases
+    leases.proposer_for = lambda: "host9"
+    requests = []
+
+    def send(dst, msgs, **kw):
+        d = defer.Deferred()
+        requests.append((list(msgs), d))
+        return d
+    leases.send = send
+    ops = [leases.propose({f"name/x/f{i}": (None, f"h#{i}")}) for i in range(7)]
+    assert [len(m) for m, _ in requests] == [1, 1]            # two out, five waiting
+    first, d1 = requests[0]
+    decided = paxos.Decided(first[0].op, Version(10**12, 0, "host9"), {"name/x/f0": "h#0"})
+    yield leases.receive("host9", [paxos.Outcome(first[0].op, decided)])
+    d1.callback(True)
+    assert [len(m) for m, _ in requests] == [1, 1, 5]         # the five, in one request
+    assert (yield ops[0]) == decided
+    assert [f.cas for f in requests[2][0]] == [{f"name/x/f{i}": (None, f"h#{i}")} for i in range(2, 7)]
+    requests[2][1].callback(False)                           # not delivered: run here at once
+    for i in range(2, 7):
+        r = yield ops[i]
+        assert isinstance(r, paxos.Decided) and r.values == {f"name/x/f{i}": f"h#{i}"}
+    assert leases.fell_back == 5
+    requests[1][1].callback(False)
+    assert isinstance((yield ops[1]), paxos.Decided) and leases.fell_back == 6

@@ -289,3 +289,69 @@ def test_a_peer_endpoint_says_it_reads_bundles(counting_peer, pki_dir):
         assert client.reads_bundles(addr)
     finally:
         yield client.close()
+
+
+@pytest.fixture
+def both_peer_endpoints(pki_dir):
+    """host1's peer endpoint twice on loopback ports: Deliver served directly (as the daemon
+    does) and through spyne's machinery; yields {direct: (gossip, port)}."""
+    from twisted.internet import reactor
+    out, ports = {}, []
+    for direct in (True, False):
+        gossip = _AcceptingGossip()
+        root = Resource()
+        root.putChild(b"peer", build_peer_api(gossip, 1 << 20, require_identity=True,
+                                              identity_of=tls.peer_host_id, direct=direct))
+        port = tls.listen_tls(reactor, 0, Site(root), pki.load_host_credentials(pki_dir / "host1" / "pki"),
+                              "127.0.0.1")
+        ports.append(port)
+        out[direct] = (gossip, port.getHost().port)
+    yield out
+    for port in ports:
+        port.stopListening()
+
+
+def _post_replies(creds, port, body: bytes):
+    from twisted.internet import reactor
+    agent = Agent(reactor, contextFactory=tls.client_policy(creds))
+    d = agent.request(b"POST", f"https://127.0.0.1:{port}/peer".encode(),
+                      Headers({b"Content-Type": [b"text/xml"], b"X-Vmweb-Replies": [b"1"]}),
+                      FileBodyProducer(BytesIO(body)))
+    return d.addCallback(lambda r: readBody(r).addCallback(lambda b: (r.code, b)))
+
+
+def _result_or_fault(body: bytes):
+    root = etree.fromstring(body)
+    result = next(root.iter("{urn:vmweb:peer:1}DeliverResult"), None)
+    if result is not None:
+        return ("result", result.text)
+    return ("fault", root.findtext(".//faultcode").partition(":")[2], root.findtext(".//faultstring"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_deliver_served_directly_answers_what_spyne_answers(both_peer_endpoints, pki_dir):
+    """The direct Deliver path gives, for every kind of call, the answer and status spyne's
+    path gives: a plain "ok", replies inline, an identity refused, a malformed envelope, and a
+    call of another shape (a SOAP header: left to spyne)."""
+    creds2 = pki.load_host_credentials(pki_dir / "host2" / "pki")
+    ping = encode(Envelope("host2", "127.0.0.1:1", "host1", Ping(7, "host1")))
+    forged = encode(Envelope("host3", "127.0.0.1:1", "host1", Gossip()))
+    bad = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1">'
+                           '<ping seq="x" target="host1"/></env>')
+    with_header = soap_body(encode(Envelope("host2", "127.0.0.1:1", "host1", Gossip()))).replace(
+        b"<soap:Body>", b"<soap:Header/><soap:Body>")
+    bodies = [soap_body(_gossip_from_host2()), soap_body(ping), soap_body(forged), soap_body(bad),
+              with_header]
+    seen = {}
+    for direct, (gossip, port) in both_peer_endpoints.items():
+        seen[direct] = []
+        for body in bodies:
+            code, answer = yield _post_replies(creds2, port, body)
+            seen[direct].append((code, _result_or_fault(answer)))
+        assert gossip.received == 3     # the honest gossip, the ping, the one with a header
+    assert seen[True] == seen[False]
+    kinds = [(code, answer[0]) for code, answer in seen[True]]
+    assert kinds == [(200, "result"), (200, "result"), (500, "fault"), (500, "fault"), (200, "result")]
+    assert seen[True][0][1] == ("result", "ok")
+    assert "Ack" not in seen[True][1][1][1] and "<ack" in seen[True][1][1][1]
+    assert seen[True][2][1][1] == "Client.NotAuthorized" and seen[True][3][1][1] == "Client.MalformedRequest"

@@ -179,7 +179,8 @@ class AuditLog:
                            ms=max(0, int(self.now_ms()) - started_ms))
             self._log(rec)
             entities = [self.dom.put(rec)] + [self.dom.delete("audit", i) for i in self._overflow()]
-            d = self.domsvc.commit_local(entities)
+            # Durable here before the answer; peers learn it from the push that follows.
+            d = self.domsvc.commit_local(entities, wait_push=False)
         except Exception:
             log.failure("audit record of {op} by {user} on {host} not written", op=op, user=user,
                         host=self.host_id)

@@ -76,6 +76,8 @@ __all__ = [
     "fault_from_exception",
     "local_faultcode",
     "screen_soap_body",
+    "answer_direct",
+    "call_element",
 ]
 
 SOAP11_ENV_NS = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -208,7 +210,7 @@ def _fault_body(faultcode: str, message: str) -> bytes:
     return etree.tostring(envelope, xml_declaration=True, encoding="UTF-8")
 
 
-def screen_soap_body(body: bytes, max_bytes: int | None = None) -> None:
+def screen_soap_body(body: bytes, max_bytes: int | None = None) -> etree._Element:
     """Raise :class:`MalformedRequest` unless ``body`` is a plain XML SOAP 1.1 envelope.
 
     Plain means: no DOCTYPE and no entity declaration, anywhere, in any encoding, and at most
@@ -223,6 +225,61 @@ def screen_soap_body(body: bytes, max_bytes: int | None = None) -> None:
         raise MalformedRequest(str(exc)) from None
     if root.tag != _ENVELOPE_TAG:
         raise MalformedRequest(f"root element {str(root.tag)[:100]!r} is not a SOAP 1.1 Envelope")
+    return root
+
+
+class DirectCall(Protocol):
+    """An operation served without spyne's machinery (see ``build_soap_resource``'s ``direct``):
+    given the request and its screened envelope, the serialized answer (bytes, or NOT_DONE_YET
+    once :func:`answer_direct` was handed the result), or None when the call is not of the one
+    shape it knows (spyne then serves it as any other)."""
+
+    def __call__(self, request: Request, root: etree._Element, obs: _Observation) -> bytes | int | None: ...
+
+
+def call_element(root: etree._Element, tns: str, operation: str) -> etree._Element | None:
+    """The ``{tns}operation`` element of a SOAP envelope holding that call and nothing else (no
+    header, one element in the body), or None."""
+    children = [c for c in root if isinstance(c.tag, str)]
+    if len(children) != 1 or children[0].tag != f"{{{SOAP11_ENV_NS}}}Body":
+        return None
+    calls = [c for c in children[0] if isinstance(c.tag, str)]
+    if len(calls) != 1 or calls[0].tag != f"{{{tns}}}{operation}":
+        return None
+    return calls[0]
+
+
+def answer_direct(request: Request, result: Deferred, tns: str, operation: str,
+                  obs: _Observation) -> int:
+    """Writes the answer of a direct call once ``result`` (a Deferred firing with the string the
+    operation returns) fires: ``{tns}operationResponse/{tns}operationResult`` as spyne shapes a
+    string result, or the fault of the error, as spyne would send it. Returns NOT_DONE_YET."""
+    gone: list = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def ok(text: str) -> None:
+        if gone:
+            obs.done(operation, "disconnected")
+            return
+        envelope = etree.Element(_ENVELOPE_TAG, nsmap={_ENV_PREFIX: SOAP11_ENV_NS, "tns": tns})
+        body = etree.SubElement(envelope, f"{{{SOAP11_ENV_NS}}}Body")
+        resp = etree.SubElement(body, f"{{{tns}}}{operation}Response")
+        etree.SubElement(resp, f"{{{tns}}}{operation}Result").text = text
+        request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
+        obs.done(operation)
+        _SoapResource._send(request, etree.tostring(envelope, xml_declaration=True, encoding="UTF-8"))
+
+    def failed(f: Failure) -> None:
+        fault = fault_from_exception(f.value, operation, f)
+        if gone:
+            obs.done(operation, "disconnected")
+            return
+        request.setResponseCode(500)
+        request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
+        obs.done(operation, _faultcode_of(fault))
+        _SoapResource._send(request, _fault_body(str(fault.faultcode), str(fault.faultstring)))
+    result.addCallbacks(ok, failed)
+    return NOT_DONE_YET
 
 
 class _SoapResource(Resource):
@@ -230,11 +287,13 @@ class _SoapResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, transport: TwistedHttpTransport, max_body_bytes: int, cache=None):
+    def __init__(self, transport: TwistedHttpTransport, max_body_bytes: int, cache=None,
+                 direct: DirectCall | None = None):
         super().__init__()
         self._transport = transport
         self.max_body_bytes = max_body_bytes
         self._cache = cache
+        self._direct = direct
         wsdl11 = transport.doc.wsdl11
         wsdl11.build_interface_document(_ADDRESS_PLACEHOLDER)
         self._wsdl = wsdl11.get_interface_document()
@@ -259,9 +318,13 @@ class _SoapResource(Resource):
         content.seek(0)
         body = content.read()
         try:
-            screen_soap_body(body, self.max_body_bytes)
+            root = screen_soap_body(body, self.max_body_bytes)
         except MalformedRequest as exc:
             return self._refuse(request, 500, exc, obs)
+        if self._direct is not None:
+            direct = self._direct(request, root, obs)
+            if direct is not None:
+                return direct
         key = self._cache.key(request, body) if self._cache is not None else None
         if key is not None:
             hit = self._cache.get(key)
@@ -480,12 +543,14 @@ def soap_operation(body: bytes) -> str | None:
 
 
 def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
-                        max_body_bytes: int = 1 << 20, cache: ResponseCache | None = None) -> Resource:
+                        max_body_bytes: int = 1 << 20, cache: ResponseCache | None = None,
+                        direct: DirectCall | None = None) -> Resource:
     """A twisted.web resource serving ``services`` as SOAP 1.1 (POST) with the WSDL at ``?wsdl``.
 
     Mount it where the endpoint lives (``root.putChild(b"soap", resource)``); it is a leaf.
     ``tns`` is the target namespace, ``name`` the WSDL service name. See the module docstring
-    for what is refused and how errors become faults.
+    for what is refused and how errors become faults. ``direct`` serves calls of one known
+    shape without spyne (after the same size limit and screening; see :class:`DirectCall`).
     """
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
@@ -495,4 +560,4 @@ def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
         out_protocol=Soap11(),
     )
     return _SoapResource(TwistedHttpTransport(app, max_content_length=max_body_bytes), max_body_bytes,
-                         cache)
+                         cache, direct)

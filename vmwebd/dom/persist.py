@@ -92,9 +92,18 @@ class DomService:
     def delete(self, *keys: tuple[str, str]) -> defer.Deferred[None]:
         return self.commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
 
-    def commit_local(self, entities: Iterable[etree._Element | None]) -> defer.Deferred[None]:
-        """Persists local writes already applied to the replica, then hands them to gossip."""
+    def commit_local(self, entities: Iterable[etree._Element | None],
+                     wait_push: bool = True) -> defer.Deferred[None]:
+        """Persists local writes already applied to the replica, then hands them to gossip.
+
+        Fires once they are durable here and (``wait_push``) their first push was answered, or
+        after ``push_wait``; without ``wait_push`` as soon as they are durable here, the push
+        going on behind (a record nobody waits on at the peers, such as an audit entry)."""
         written = [e for e in entities if e is not None]
+        if not written:
+            # Nothing changed (every write was already there): nothing to push. Such calls were
+            # more than half of one host's push rounds while creating clusters.
+            return self.commit(written)
 
         def spread(result: None) -> defer.Deferred[None] | None:
             # Only once durable: a peer never learns of a change we could still lose. The caller
@@ -103,7 +112,7 @@ class DomService:
             # was pushed to that answer promptly (never held up by one that does not).
             answers = [fn(written) for fn in list(self.on_local_commit)]
             ds = [d for d in answers if isinstance(d, defer.Deferred)]
-            if not ds:
+            if not ds or not wait_push:
                 return result
             return self._bounded(defer.DeferredList(ds, consumeErrors=True)).addCallback(
                 lambda _: result)

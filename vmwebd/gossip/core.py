@@ -298,13 +298,21 @@ class GossipCore:
         return s.deadline() if s is not None else None
 
     # -- inputs ---------------------------------------------------------------------------
-    def local_changes(self, entities: Iterable[Entity], now: float) -> Output:
-        """Local DOM writes: raise our own complete vector, push at once, queue as rumors."""
+    def local_changes(self, entities: Iterable[Entity], now: float, push: bool = True) -> Output:
+        """Local DOM writes: raise our own complete vector, queue as rumors and (``push``) push
+        what is queued at once to ``fanout`` random live peers. Without ``push`` the caller
+        pushes later (:meth:`push`), with whatever else was queued by then."""
         for el in entities:
             for origin, stamp in self.dom.stamps_of(el):
                 if origin == self.me and stamp > self.cvv.get(self.me, (-1, -1)):
                     self.cvv[self.me] = stamp
             self.queue.put(("e",) + self.dom.key_of(el), el, self.dom.size_of(el))
+        if push:
+            return self.push(now)
+        return self._flush()
+
+    def push(self, now: float) -> Output:
+        """Sends the queued rumors to ``fanout`` random live peers now."""
         for peer in self._random_peers(self.cfg.fanout):
             self._send(peer, Gossip())
         return self._flush()

@@ -41,6 +41,9 @@ REPLIES_HEADER = b"X-Vmweb-Replies"
 #: A response header by which a peer endpoint says it reads Bundle envelopes (several consensus
 #: messages in one request). A sender bundles only to peers whose answers carried it.
 BUNDLES_HEADER = b"X-Vmweb-Bundles"
+#: How long a push round may hold up the next one (GossipService._local) when a peer it went to
+#: has not answered: a healthy peer answers within milliseconds.
+PUSH_GAP_S = 0.1
 _REPLIES = f"{{{PEER_NS}}}replies"
 _SAFE = xmlsafe.parser()
 
@@ -221,6 +224,11 @@ class GossipService:
         self.tick_interval = tick_interval
         self._loop = None
         self._saved_cvv = None
+        #: the push round under way (see _local) and the writes waiting for the next one
+        self._pushing: object | None = None
+        self._push_waiters: list[defer.Deferred] = []
+        self._push_gap_call = None
+        self.push_gap = PUSH_GAP_S
         self._save_loop = None
         self.listeners = []   # fn(node, old, new) on membership changes
 
@@ -241,9 +249,53 @@ class GossipService:
         self._carry(self.core.tick(self.now()))
 
     def _local(self, entities) -> defer.Deferred:
-        """Pushes local changes at once; fires with how many peers acknowledged receipt."""
-        _, sent = self._carry(self.core.local_changes(entities, self.now()))
+        """Pushes local changes; fires with how many peers acknowledged receipt of the push that
+        carried them.
+
+        One push round at a time: changes written while a round is under way are queued and
+        leave together in the next round, as soon as that one is answered (or after
+        ``push_gap`` seconds, so a silent peer among its targets holds nothing up). Under load
+        each write used to be a round of its own to ``fanout`` peers — 16 of every 20 peer
+        requests of a 1-VM CreateCluster on 5 daemons creating at once, measured 2026-12-02 —
+        while a lone write still leaves at once."""
+        if self._pushing is None:
+            return self._push_round(self.core.local_changes(entities, self.now()))
+        self._carry(self.core.local_changes(entities, self.now(), push=False))
+        waiter: defer.Deferred = defer.Deferred()
+        self._push_waiters.append(waiter)
+        return waiter
+
+    def _push_round(self, out) -> defer.Deferred:
+        _, sent = self._carry(out)
+        slot = self._pushing = object()     # this round, told apart from the next
+        gap = self._push_gap_call = self.reactor.callLater(self.push_gap, self._push_slot_free, slot)
+
+        def answered(result):
+            if gap.active():
+                gap.cancel()
+            self._push_slot_free(slot)
+            return result
+        sent.addBoth(answered)
         return sent
+
+    def _push_slot_free(self, slot: object) -> None:
+        """The push round ``slot`` is answered or has had its time: the next one may leave."""
+        if self._pushing is not slot:
+            return
+        self._pushing = None
+        if self._push_waiters and self._loop is not None and self._loop.running:
+            waiters, self._push_waiters = self._push_waiters, []
+            sent = self._push_round(self.core.push(self.now()))
+
+            def release(result):
+                for w in waiters:
+                    w.callback(result)
+                return result
+            sent.addBoth(release)
+        else:
+            waiters, self._push_waiters = self._push_waiters, []
+            for w in waiters:
+                w.callback(0)
 
     def note_own(self, entities) -> None:
         """This host's own writes that every peer learns by other means (a decided lease, from
@@ -318,6 +370,10 @@ class GossipService:
             self._save_loop.stop()
         if self._local in self.domsvc.on_local_commit:
             self.domsvc.on_local_commit.remove(self._local)
+        if self._push_gap_call is not None and self._push_gap_call.active():
+            self._push_gap_call.cancel()
+        if self._pushing is not None:
+            self._push_slot_free(self._pushing)     # the loop is stopped: waiters are released
         if leave:
             yield self._carry(self.core.leave(self.now()))[1]
         yield self._save_state()

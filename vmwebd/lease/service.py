@@ -28,6 +28,9 @@ from vmwebd.lease.table import LeaseConflict
 
 log = Logger()
 MEMBERS_KEY = "config/members"   # the consensus members, itself decided by consensus
+#: Forward requests out to the proposer at once, and operations one of them carries at most.
+FORWARDS_IN_FLIGHT = 2
+FORWARDS_PER_BUNDLE = 16
 
 
 def _encode(rec) -> bytes:
@@ -152,6 +155,12 @@ class LeaseService:
         self._raw: set[str] = set()
         self.forwarded = 0          # operations sent to another proposer
         self.fell_back = 0          # of those, run here after all (no answer in time)
+        #: Forward requests to one proposer at a time; operations asked meanwhile leave
+        #: together, in one bundle, when one returns (see _send_forwards).
+        self.forwards_in_flight = FORWARDS_IN_FLIGHT
+        self._forward_queue: dict[str, list[paxos.Forward]] = {}
+        self._forwards_out: dict[str, int] = {}
+        self._fallbacks: dict[str, object] = {}
 
     @defer.inlineCallbacks
     def start(self):
@@ -269,13 +278,45 @@ class LeaseService:
         timer = self.reactor.callLater(self.forward_timeout, here)
 
         def stop_timer(result):
+            self._fallbacks.pop(op_id, None)
             if timer.active():
                 timer.cancel()
             return result
         d.addBoth(stop_timer)
-        # The answer comes once the operation is decided there: wait for it as long as that.
-        sent = self.send(to, [paxos.Forward(op_id, cas)], timeout=self.forward_timeout)
-        sent.addCallbacks(lambda ok: None if ok else here(), lambda f: here())
+        self._fallbacks[op_id] = here
+        self._forward_queue.setdefault(to, []).append(paxos.Forward(op_id, cas))
+        self._send_forwards(to)
+
+    def _send_forwards(self, to: str) -> None:
+        """Sends the operations waiting for ``to``, at most :attr:`forwards_in_flight` requests
+        at a time, each carrying all that waited (up to FORWARDS_PER_BUNDLE, in one bundle).
+
+        A request is answered once every operation in it is decided there (their Outcomes ride
+        back on it), and the proposer's rounds take what waits anyway; so operations asked while
+        requests are out lose nothing by waiting for one to return, and a busy host sends one
+        request per round instead of one per operation (each a SOAP request the proposer, the
+        grid's busiest host, must serve)."""
+        queue = self._forward_queue.get(to)
+        while queue and self._forwards_out.get(to, 0) < self.forwards_in_flight:
+            batch = [f for f in queue[:FORWARDS_PER_BUNDLE] if f.op in self._forwarded]
+            del queue[:FORWARDS_PER_BUNDLE]
+            if not batch:
+                continue
+            self._forwards_out[to] = self._forwards_out.get(to, 0) + 1
+
+            def returned(ok, batch=batch):
+                self._forwards_out[to] -= 1
+                if not ok:          # not delivered: the proposer is gone; run them here now
+                    for f in batch:
+                        fallback = self._fallbacks.get(f.op)
+                        if fallback is not None:
+                            fallback()
+                self._send_forwards(to)
+            # The answer comes once the operations are decided there: wait for it as long as that.
+            self.send(to, batch, timeout=self.forward_timeout).addCallbacks(
+                returned, lambda f: returned(False))
+        if not queue:
+            self._forward_queue.pop(to, None)
 
     def _outcome(self, m: paxos.Outcome) -> None:
         d = self._forwarded.pop(m.op, None)
