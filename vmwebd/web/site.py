@@ -32,7 +32,7 @@ Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), 
 the host id; every POST needs the form's CSRF token (the session's; for the login form, a
 double-submit cookie) and, when the browser sends one, an Origin of this very host; all text is
 escaped (:mod:`vmwebd.web.html`) and a Content-Security-Policy allows no inline script or style.
-Permissions are the SOAP API's (:class:`vmwebd.auth.Access`): a page or an action never does
+Permissions are the SOAP API's (:class:`vmwebd.app.Application`): a page or an action never does
 more than the same user could do over SOAP.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -55,6 +56,9 @@ from vmwebd.errors import InvalidArgument, NoSuchCluster, NoSuchVm, NotAuthorize
 from vmwebd.history import HistoryUnavailable
 from vmwebd.web import charts, confirm, pages, views
 from vmwebd.web.session import Session, SessionStore, hash_digest
+
+if TYPE_CHECKING:
+    from vmwebd.app import Application
 
 log = Logger()
 
@@ -82,7 +86,7 @@ class Ctx:
 
     principal: Principal
     session: Session
-    access: object
+    access: Application
     mgr: object
     dom: object
     host_id: str
@@ -105,9 +109,11 @@ def _load_static() -> dict[str, tuple[bytes, bytes]]:
 class WebRoot(Resource):
     """The root resource of the user API port: pages here, ``/soap`` put beside them."""
 
-    def __init__(self, node, grace: float = ACTION_GRACE_SECONDS):
+    def __init__(self, node, app: Application, grace: float = ACTION_GRACE_SECONDS):
         super().__init__()
         self.node = node
+        #: every operation a page or an action asks for, with its permission checks
+        self.app = app
         self.grace = grace
         self.sessions = SessionStore(node.reactor)
         self.cookie = f"vmweb-session-{node.host_id}".encode()
@@ -250,7 +256,7 @@ class _Page(Resource):
             return None
         session, rec = found
         node = self.root.node
-        return Ctx(Principal(rec.id, rec.role), session, node.access, node.manager, node.domsvc.dom,
+        return Ctx(Principal(rec.id, rec.role), session, self.root.app, node.manager, node.domsvc.dom,
                    node.host_id, request.args if request.method != b"POST" else {})
 
     def _need_ctx(self, request) -> Ctx:
