@@ -54,7 +54,7 @@ def _dummy_hash() -> str:
     return _DUMMY[0]
 
 
-# -- logins ----------------------------------------------------------------------------
+# -- logins ------------------------------------------------------------------------------------
 class FailureLimiter:
     """Counts failed logins per client address in a sliding window; over ``limit`` it refuses
     further attempts from that address until the window has passed (bounded memory)."""

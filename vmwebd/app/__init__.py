@@ -149,7 +149,8 @@ class Application:
     def add_ssh_key_file(self, p: Principal, name: str | None, text: str) -> defer.Deferred[list[SshKey]]:
         return self._users.add_ssh_key_file(p, name, text)
 
-    def remove_ssh_key(self, p: Principal, name: str | None, key_or_fingerprint: str) -> defer.Deferred[SshKey]:
+    def remove_ssh_key(self, p: Principal, name: str | None,
+                       key_or_fingerprint: str) -> defer.Deferred[SshKey]:
         return self._users.remove_ssh_key(p, name, key_or_fingerprint)
 
 

@@ -15,7 +15,8 @@ from vmwebd.ids import is_host_id
 
 
 class Migrations(Protocol):
-    """What the application asks of the migration manager (:class:`vmwebd.migrate.manager.MigrationManager`)."""
+    """What the application asks of the migration manager
+    (:class:`vmwebd.migrate.manager.MigrationManager`)."""
 
     def request(self, cluster: str, vm: str, dest: str | None = None,
                 requested_by: str = "") -> defer.Deferred[Any]: ...

@@ -187,7 +187,8 @@ class UserService:
             raise InvalidArgument("key", "an SSH public key is required")
         return self._add_ssh_keys(p, name, parse_ssh_key_file(text))
 
-    def _add_ssh_keys(self, p: Principal, name: str | None, new: list[SshKey]) -> defer.Deferred[list[SshKey]]:
+    def _add_ssh_keys(self, p: Principal, name: str | None,
+                      new: list[SshKey]) -> defer.Deferred[list[SshKey]]:
         rec = self._key_owner(p, name)
         have = [parse_ssh_key(k) for k in rec.ssh_key_list()]
         blobs = {k.blob for k in have}
@@ -209,7 +210,8 @@ class UserService:
                  fps=" ".join(k.fingerprint for k in new), name=rec.id, by=p.name)
         return d.addCallback(lambda _: new)
 
-    def remove_ssh_key(self, p: Principal, name: str | None, key_or_fingerprint: str) -> defer.Deferred[SshKey]:
+    def remove_ssh_key(self, p: Principal, name: str | None,
+                       key_or_fingerprint: str) -> defer.Deferred[SshKey]:
         """Removes the key given by its fingerprint (``SHA256:…``), its line or its base64 blob;
         fires with the :class:`SshKey` removed."""
         rec = self._key_owner(p, name)
