@@ -502,7 +502,10 @@ class Node:
             manager=self.manager, domsvc=self.domsvc, migrations=self.migrations, members=self.leases,
             images=self.images, audit=audit, now_ms=self.now_ms, run=thread_pool_runner(self.reactor))
         audit.start()
-        root = WebRoot(self, self.access)
+        root = WebRoot(self.access, reactor=self.reactor, host_id=self.host_id, dom=self.domsvc.dom,
+                       manager=self.manager, authn=self.authn, history=self.history, config=self.config,
+                       gossip_config=lambda: self.gossip.core.cfg if self.gossip is not None else None,
+                       members=self.leases.members)
         api = build_user_api(self.access, self.manager, self.domsvc.dom, self.host_id, self.complete_vector,
                              self.config.limits.max_request_bytes)
         root.putChild(b"soap", BasicAuthGuard(api, self.authn))
