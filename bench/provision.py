@@ -57,7 +57,7 @@ def time_direct(tmp: Path) -> float:
 
 def time_vmweb(tmp: Path, port: int) -> float:
     cfg = write_host_config(tmp / "host1", "host1", port, port + 100, 64, 262144, reconcile_interval=30.0)
-    from vmwebd.auth import write_bootstrap_admin
+    from vmwebd.accounts import write_bootstrap_admin
     write_bootstrap_admin(tmp / "host1" / "state", "admin", "bench-admin-password")
     log = open(tmp / "vmwebd.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(cfg)],

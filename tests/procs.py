@@ -239,13 +239,13 @@ def password_of(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def password_hash(password: str) -> str:
     """scrypt is slow on purpose: hash each test password once per test run."""
-    from vmwebd.auth import hash_password
+    from vmwebd.accounts import hash_password
     return hash_password(password)
 
 
 def bootstrap_admin(state_dir: Path) -> Path:
     """Writes ``<state_dir>/bootstrap-admin`` for the test admin (what `vmweb user bootstrap` does)."""
-    from vmwebd.auth import BOOTSTRAP_FILE
+    from vmwebd.accounts import BOOTSTRAP_FILE
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / BOOTSTRAP_FILE

@@ -1,5 +1,6 @@
-"""The audit trail: every change asked through Access recorded once in the DOM, read back with
-ListAudit (zeep, on an in-process node) and ``vmweb audit``, bounded per host, private per user."""
+"""The audit trail: every change asked through the application recorded once in the DOM, read
+back with ListAudit (zeep, on an in-process node) and ``vmweb audit``, bounded per host, private
+per user."""
 from __future__ import annotations
 
 import inspect
@@ -15,7 +16,7 @@ from twisted.internet import threads
 
 from procs import ADMIN, REPO, child_env, password_of
 from vmwebd import audit as audit_mod
-from vmwebd.auth import Access
+from vmwebd.app import Application
 from vmwebd.client import ApiFault
 from vmwebd.dom.document import Dom, relaxng_valid
 from vmwebd.dom.hlc import HybridClock
@@ -36,13 +37,13 @@ def fault_of(d):
 # -- pure ------------------------------------------------------------------------------------------
 
 def test_every_public_access_method_is_audited_or_a_read():
-    """Each public method of Access is in the audit table (and wrapped) or listed as a read, so a
+    """Each public method of the Application is in the audit table (and wrapped) or listed as a read, so a
     new writing method cannot be left out of the trail by accident."""
-    public = {n for n, _ in inspect.getmembers(Access, inspect.isfunction) if not n.startswith("_")}
+    public = {n for n, _ in inspect.getmembers(Application, inspect.isfunction) if not n.startswith("_")}
     assert public - set(audit_mod.AUDITED) - audit_mod.READS == set()
     assert set(audit_mod.AUDITED) & audit_mod.READS == set()
     for name in audit_mod.AUDITED:
-        assert getattr(getattr(Access, name), "audited", None) is audit_mod.AUDITED[name], name
+        assert getattr(getattr(Application, name), "audited", None) is audit_mod.AUDITED[name], name
 
 
 def test_audit_entities_match_the_schema_and_old_documents_still_load():

@@ -11,16 +11,18 @@ from lxml import etree
 from twisted.internet import task, threads
 
 from procs import ADMIN, password_of
-from vmwebd.auth import (
+from vmwebd.accounts import (
     BOOTSTRAP_FILE,
+    hash_password,
+    verify_password,
+    write_bootstrap_admin,
+)
+from vmwebd.auth import (
     Authenticator,
     FailureLimiter,
     apply_bootstrap_admin,
-    hash_password,
     parse_basic,
     read_bootstrap_admin,
-    verify_password,
-    write_bootstrap_admin,
 )
 from vmwebd.client import ApiClient, ApiFault
 from vmwebd.dom.records import UserRec, VClusterRec
@@ -306,7 +308,7 @@ def test_concurrent_creates_at_one_host_cannot_both_slip_under_the_quota(start_n
 def test_generated_passwords_never_start_with_a_dash():
     """A generated password can be given as ``--password X`` on the command line: no leading '-'
     (url-safe base64 starts one in 64 with it)."""
-    from vmwebd.auth import generate_password
+    from vmwebd.accounts import generate_password
     passwords = [generate_password() for _ in range(2000)]
     assert not any(p.startswith("-") for p in passwords)
     assert all(len(p) >= 16 for p in passwords) and len(set(passwords)) == len(passwords)

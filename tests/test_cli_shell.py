@@ -26,7 +26,7 @@ def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
 # -- what the CLI loads ---------------------------------------------------------------------------
 
 SERVER_MODULES = ("spyne", "libvirt", "twisted", "vmwebd.api", "vmwebd.node", "vmwebd.hv",
-                  "vmwebd.gossip", "vmwebd.dom", "vmwebd.auth")
+                  "vmwebd.gossip", "vmwebd.dom", "vmwebd.auth", "vmwebd.app")
 
 PROBE = """
 import json, sys

@@ -31,7 +31,7 @@ EXPECTED_FAULTS = {"Server.NoQuorum", "Server.PoolExhausted", "Client.NameTaken"
 def _bootstrap_admin(state_dir: Path) -> None:
     """Makes ADMIN the first admin at this host's start, if the daemon has user accounts."""
     try:
-        from vmwebd.auth import write_bootstrap_admin
+        from vmwebd.accounts import write_bootstrap_admin
     except ImportError:
         return
     write_bootstrap_admin(state_dir, ADMIN, PASSWORD)

@@ -20,14 +20,14 @@ from twisted.internet import threads
 from procs import ADMIN, password_of
 from test_auth import fault_of
 from test_web_views import Browserless, vmweb
-from vmwebd.auth import (
+from vmwebd.accounts import (
     MAX_SSH_KEYS,
     SSH_KEY_TYPES,
-    apply_bootstrap_admin,
     parse_ssh_key,
     parse_ssh_key_file,
     write_bootstrap_admin,
 )
+from vmwebd.auth import apply_bootstrap_admin
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.records import UserRec

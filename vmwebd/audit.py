@@ -1,6 +1,6 @@
 """The audit trail: every change a user asks of the grid, recorded once, where it was asked.
 
-Every writing operation of :class:`vmwebd.auth.Access` (the one door of the SOAP API and the web
+Every writing operation of :class:`vmwebd.app.Application` (the one door of the SOAP API and the web
 pages) is listed once, in :data:`AUDITED`, with the name it has in the SOAP API and what it acts
 on; :func:`instrument` wraps those methods when the class is defined, so no method carries audit
 code of its own. When such a call ends — done, refused, or failed — the host that took it writes
@@ -15,7 +15,7 @@ then collected like any other (vmwebd/dom/gc.py). Only the host that wrote a rec
 so each record keeps a single writer.
 
 Who reads what: an admin reads every record, a user only their own through ``ListAudit``;
-``GetDom`` shows a user none (:meth:`vmwebd.auth.Access.dom_xml`): a record names what its user
+``GetDom`` shows a user none (:meth:`vmwebd.app.Application.dom_xml`): a record names what its user
 typed, another user's cluster included.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ _OBJECT_MAX = 200
 
 @dataclass(frozen=True)
 class Audited:
-    """How one Access method is recorded: its SOAP operation name (or a function of the call's
+    """How one Application method is recorded: its SOAP operation name (or a function of the call's
     arguments giving it) and the object it acts on (a function of the arguments, which include
     the caller ``p``). ``detail`` says what was asked beyond the object, when that matters;
     it must never hold a secret (passwords are arguments of some of these calls)."""
@@ -86,8 +86,8 @@ def _own_user(a) -> str:
     return f"user/{a['name'] or a['p'].name}"
 
 
-#: Every Access method that changes the grid. tests/test_audit.py checks that each public method
-#: of Access is either here or in READS, so a new one cannot be forgotten.
+#: Every Application method that changes the grid. tests/test_audit.py checks that each public method
+#: of Application is either here or in READS, so a new one cannot be forgotten.
 AUDITED: dict[str, Audited] = {
     "create_cluster": Audited("CreateCluster", _cluster,
                               lambda a: f"template {a['template']}, owner {a['owner']}, {a['count']} VMs"),
@@ -114,7 +114,7 @@ AUDITED: dict[str, Audited] = {
     "add_ssh_key_file": Audited("AddSshKey", _own_user),
     "remove_ssh_key": Audited("RemoveSshKey", _own_user),
 }
-#: Access methods that change nothing (and checks used by the others): not recorded.
+#: Application methods that change nothing (and checks used by the others): not recorded.
 READS = frozenset({
     "require_admin", "used", "cluster", "clusters", "migration", "migrations", "dom_xml",
     "users", "user", "ssh_keys", "cluster_hosts", "list_audit",

@@ -606,7 +606,7 @@ def new_password(from_stdin: bool, stdin=None) -> tuple[str, bool]:
     """(password, generated): the first line of standard input, or a fresh random one."""
     if from_stdin:
         return (stdin or sys.stdin).readline().rstrip("\r\n"), False
-    from vmwebd.auth import generate_password
+    from vmwebd.accounts import generate_password
     return generate_password(), True
 
 
@@ -653,7 +653,7 @@ def run_local(args, out=sys.stdout) -> int:
 
 
 def _bootstrap(name: str, state_dir: str, from_stdin: bool, out) -> None:
-    from vmwebd.auth import write_bootstrap_admin
+    from vmwebd.accounts import write_bootstrap_admin
     password, generated = new_password(from_stdin)
     path = write_bootstrap_admin(state_dir, name, password)
     out.write(f"wrote {path}: at its next start the daemon makes {name} an admin"
@@ -666,7 +666,7 @@ SSH_KEY_COLS = [("type", "TYPE"), ("fingerprint", "FINGERPRINT"), ("comment", "C
 def read_key_file(path: str, stdin=None) -> list[str]:
     """The checked key lines of an OpenSSH public key file (``-``: standard input);
     InvalidArgument naming the line of a malformed key."""
-    from vmwebd.auth import parse_ssh_key_file
+    from vmwebd.accounts import parse_ssh_key_file
     from vmwebd.errors import InvalidArgument
     if path == "-":
         text = (stdin or sys.stdin).read()

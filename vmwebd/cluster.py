@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from vmwebd.accounts import OWNER_RE
 from vmwebd.dom.records import HostRec, TemplateRec, UserRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import InvalidArgument, NameTaken, NoSuchCluster, NoSuchTemplate, NoSuchVm
 from vmwebd.hv.naming import network_name
@@ -27,7 +28,6 @@ from vmwebd.templates import Template, expand, from_dom_body, plan_scale
 
 log = Logger()
 CLUSTER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
-OWNER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     ca_dir = base / "ca"
     if not (ca_dir / "ca.crt").exists():
         pki.init_ca(ca_dir, grid_name="vmweb-demo")
-    from vmwebd.auth import generate_password, write_bootstrap_admin
+    from vmwebd.accounts import generate_password, write_bootstrap_admin
     admin_password = generate_password()
     # Every host makes (or resets) the admin at its start, from the same hash, so each one
     # accepts the password at once, before gossip has run.

@@ -95,6 +95,27 @@ class NotAuthorized(ClientError):
     faultcode = "Client.NotAuthorized"
 
 
+class NoSuchUser(ClientError):
+    faultcode = "Client.NoSuchUser"
+
+    def __init__(self, name: str):
+        super().__init__(f"no user named {name!r}")
+
+
+class NoSuchSshKey(ClientError):
+    faultcode = "Client.NoSuchSshKey"
+
+    def __init__(self, user: str, key: str):
+        super().__init__(f"user {user!r} has no SSH key {key[:80]!r}")
+
+
+class SshKeyExists(ClientError):
+    faultcode = "Client.SshKeyExists"
+
+    def __init__(self, user: str, fingerprint: str):
+        super().__init__(f"user {user!r} already has the SSH key {fingerprint}")
+
+
 class NoSuchImage(ClientError):
     faultcode = "Client.NoSuchImage"
 

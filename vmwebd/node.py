@@ -488,16 +488,27 @@ class Node:
         the config turns it off, Prometheus metrics at ``/metrics``, after
         making the user in ``<state dir>/bootstrap-admin`` an admin if that file exists."""
         from vmwebd.api.service import build_user_api
-        from vmwebd.auth import Access, Authenticator, BasicAuthGuard, apply_bootstrap_admin
+        from vmwebd.app import build_application
+        from vmwebd.app.users import thread_pool_runner
+        from vmwebd.audit import AuditLog
+        from vmwebd.auth import Authenticator, BasicAuthGuard, apply_bootstrap_admin
         from vmwebd.web.site import WebRoot
         # The replica has the admin at once; the file goes once that is durable.
         apply_bootstrap_admin(self.domsvc, self.config.state_dir).addErrback(
             lambda f: log.failure("could not record the bootstrap admin", failure=f))
         self.authn = Authenticator(self.domsvc.dom, self.reactor)
-        self.access = Access(self)
-        root = WebRoot(self)
-        root.putChild(b"soap", BasicAuthGuard(build_user_api(self, self.config.limits.max_request_bytes),
-                                              self.authn))
+        audit = AuditLog(self.host_id, self.domsvc, self.now_ms, clock=self.reactor)
+        self.access = build_application(
+            manager=self.manager, domsvc=self.domsvc, migrations=self.migrations, members=self.leases,
+            images=self.images, audit=audit, now_ms=self.now_ms, run=thread_pool_runner(self.reactor))
+        audit.start()
+        root = WebRoot(self.access, reactor=self.reactor, host_id=self.host_id, dom=self.domsvc.dom,
+                       manager=self.manager, authn=self.authn, history=self.history, config=self.config,
+                       gossip_config=lambda: self.gossip.core.cfg if self.gossip is not None else None,
+                       members=self.leases.members)
+        api = build_user_api(self.access, self.manager, self.domsvc.dom, self.host_id, self.complete_vector,
+                             self.config.limits.max_request_bytes)
+        root.putChild(b"soap", BasicAuthGuard(api, self.authn))
         root.putChild(b"console", UserConsoleResource(self.consoles, root.session_user, self.authn))
         mcfg = self.config.metrics
         if mcfg.enabled:

@@ -1,14 +1,15 @@
 """The user SOAP API (``urn:vmweb:api:1``): the contract other programs and the CLI rely on.
 
 Operation names and arguments are fixed by the design (append only; never rename). Each
-operation delegates to the :class:`~vmwebd.cluster.ClusterManager` through
-:class:`vmwebd.auth.Access`, which checks what the caller (authenticated by HTTP Basic in front
-of this service, see :class:`vmwebd.auth.BasicAuthGuard`) may see and do; errors are
-VmwebErrors, which the SOAP stack turns into faults with specific faultcodes.
+operation calls the application (:class:`vmwebd.app.Application`), which checks what the caller
+(authenticated by HTTP Basic in front of this service, see :class:`vmwebd.auth.BasicAuthGuard`)
+may see and do; errors are VmwebErrors, which the SOAP stack turns into faults with specific
+faultcodes.
 """
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING, Any, Callable
 
 from spyne import Array, Boolean, ComplexModel, Float, Integer, Service, Unicode, rpc
 
@@ -22,6 +23,11 @@ from vmwebd.dom.gc import format_cvv  # noqa: E402
 from vmwebd.errors import InvalidArgument  # noqa: E402
 from vmwebd.settings import SETTINGS, all_settings  # noqa: E402
 from vmwebd.templates import min_count  # noqa: E402
+
+if TYPE_CHECKING:
+    from vmwebd.app import Application
+    from vmwebd.cluster import ClusterManager
+    from vmwebd.dom.document import Dom
 
 TNS = "urn:vmweb:api:1"
 SERVICE_NAME = "VmwebApi"
@@ -231,9 +237,11 @@ def _caller(ctx):
     return principal_of(ctx.transport.req)
 
 
-def make_user_service(node) -> type[Service]:
-    """The user API bound to one daemon's ``node`` (manager, DOM, access checks)."""
-    mgr = node.manager
+def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: str,
+                      complete_vector: Callable[[], dict[str, Any]]) -> type[Service]:
+    """The user API on one daemon's application ``app`` (every operation with its checks), with
+    what its reads need: the cluster manager ``mgr`` (templates, hosts), the replica ``dom``,
+    this host's id and ``complete_vector`` (up to where this replica holds everything)."""
 
     class VmwebApi(Service):
         @rpc(_returns=Array(TemplateInfo))
@@ -245,7 +253,7 @@ def make_user_service(node) -> type[Service]:
         def CreateCluster(ctx, name, template, owner, count):
             _required(name, "name"), _required(template, "template"), _required(owner, "owner")
             _required(count, "count")
-            return node.access.create_cluster(_caller(ctx), name, template, owner, count) \
+            return app.create_cluster(_caller(ctx), name, template, owner, count) \
                 .addCallback(cluster_info)
 
         # ``force`` (appended, optional: older clients leave it out) powers removed VMs off at
@@ -253,40 +261,40 @@ def make_user_service(node) -> type[Service]:
         @rpc(Unicode, Integer, Boolean, _returns=ClusterInfo)
         def ScaleCluster(ctx, name, count, force):
             _required(name, "name"), _required(count, "count")
-            return node.access.scale_cluster(_caller(ctx), name, count, bool(force)).addCallback(cluster_info)
+            return app.scale_cluster(_caller(ctx), name, count, bool(force)).addCallback(cluster_info)
 
         @rpc(Unicode, Boolean, _returns=Unicode)
         def DestroyCluster(ctx, name, force):
             _required(name, "name")
-            return node.access.destroy_cluster(_caller(ctx), name, bool(force)).addCallback(lambda done: "destroyed" if done else "destroying")
+            return app.destroy_cluster(_caller(ctx), name, bool(force)).addCallback(lambda done: "destroyed" if done else "destroying")
 
         @rpc(Unicode, _returns=ClusterInfo)
         def GetCluster(ctx, name):
             _required(name, "name")
-            return cluster_info(node.access.cluster(_caller(ctx), name))
+            return cluster_info(app.cluster(_caller(ctx), name))
 
         @rpc(Unicode, _returns=ClusterHostsInfo)
         def GetClusterHosts(ctx, name):
             """The cluster's hosts file lines and an MPI hostfile (who may see the cluster)."""
             _required(name, "name")
-            hosts, mpi = node.access.cluster_hosts(_caller(ctx), name)
+            hosts, mpi = app.cluster_hosts(_caller(ctx), name)
             return ClusterHostsInfo(name=name, hosts=hosts, mpi=mpi)
 
         @rpc(Unicode, _returns=Array(ClusterInfo))
         def ListClusters(ctx, owner):
-            return [cluster_info(c) for c in node.access.clusters(_caller(ctx), owner or None)]
+            return [cluster_info(c) for c in app.clusters(_caller(ctx), owner or None)]
 
         @rpc(Unicode, Unicode, _returns=VmInfo)
         def StartVm(ctx, cluster, vm):
             _required(cluster, "cluster"), _required(vm, "vm")
-            return node.access.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
+            return app.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
 
         @rpc(Unicode, Unicode, Boolean, _returns=VmInfo)
         def StopVm(ctx, cluster, vm, force):
             """Asks the guest to shut down, powered off after stop_timeout_s; ``force``
             (optional) powers it off at once."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return node.access.set_vm_power(_caller(ctx), cluster, vm, "stopped", bool(force)).addCallback(lambda v: VmInfo(**vars(v)))
+            return app.set_vm_power(_caller(ctx), cluster, vm, "stopped", bool(force)).addCallback(lambda v: VmInfo(**vars(v)))
 
         @rpc(_returns=Array(HostInfo))
         def ListHosts(ctx):
@@ -296,71 +304,70 @@ def make_user_service(node) -> type[Service]:
         @rpc(_returns=Unicode)
         def GetDom(ctx):
             """The DOM as the caller may see it: password hashes always taken out."""
-            return node.access.dom_xml(_caller(ctx)).decode("utf-8")
+            return app.dom_xml(_caller(ctx)).decode("utf-8")
 
         @rpc(_returns=DigestInfo)
         def GetDigest(ctx):
             """A digest of this host's replica: anyone may compare hosts' digests to see that
             their replicas are equal (kept up to date on every change, never a scan)."""
             _caller(ctx)
-            dom = node.domsvc.dom
-            return DigestInfo(host=node.host_id, digest=dom.digest(), entities=dom.size(),
-                              complete=format_cvv(node.complete_vector()))
+            return DigestInfo(host=host_id, digest=dom.digest(), entities=dom.size(),
+                              complete=format_cvv(complete_vector()))
 
         @rpc(_returns=Array(SettingInfo))
         def GetSettings(ctx):
             _caller(ctx)
             return [SettingInfo(key=k, value=v, description=SETTINGS[k].description)
-                    for k, v in all_settings(node.domsvc.dom).items()]
+                    for k, v in all_settings(dom).items()]
 
         @rpc(Unicode, Unicode, _returns=SettingInfo)
         def SetSetting(ctx, key, value):
             _required(key, "key")
-            return node.access.set_setting(_caller(ctx), key, value).addCallback(
+            return app.set_setting(_caller(ctx), key, value).addCallback(
                 lambda rec: SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description))
 
         @rpc(Unicode, _returns=Array(Unicode))
         def AddHost(ctx, host):
             """Makes a host a consensus member (one host at a time, decided by the members)."""
             _required(host, "host")
-            return node.access.add_member(_caller(ctx), host)
+            return app.add_member(_caller(ctx), host)
 
         @rpc(Unicode, _returns=Array(Unicode))
         def RemoveHost(ctx, host):
             """Removes a host from the consensus members (one host at a time)."""
             _required(host, "host")
-            return node.access.remove_member(_caller(ctx), host)
+            return app.remove_member(_caller(ctx), host)
 
         # -- users -----------------------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, Integer, _returns=UserInfo)
         def CreateUser(ctx, name, password, role, quota):
             """Creates a user account (admins only); role admin or user (default), quota in VMs."""
             _required(name, "name"), _required(password, "password")
-            return node.access.create_user(_caller(ctx), name, password, role, quota) \
+            return app.create_user(_caller(ctx), name, password, role, quota) \
                 .addCallback(lambda u: UserInfo(**vars(u)))
 
         @rpc(Unicode, _returns=Boolean)
         def DeleteUser(ctx, name):
             """Deletes a user account that owns no cluster (admins only)."""
             _required(name, "name")
-            return node.access.delete_user(_caller(ctx), name)
+            return app.delete_user(_caller(ctx), name)
 
         @rpc(Unicode, Unicode, _returns=Boolean)
         def SetPassword(ctx, name, password):
             """Changes a password: one's own, or anyone's for an admin."""
             _required(name, "name"), _required(password, "password")
-            return node.access.set_password(_caller(ctx), name, password)
+            return app.set_password(_caller(ctx), name, password)
 
         @rpc(_returns=Array(UserInfo))
         def ListUsers(ctx):
             """Every account for an admin; a user gets their own."""
-            return [UserInfo(**vars(u)) for u in node.access.users(_caller(ctx))]
+            return [UserInfo(**vars(u)) for u in app.users(_caller(ctx))]
 
         @rpc(Unicode, Integer, _returns=UserInfo)
         def SetQuota(ctx, name, quota):
             """Changes a user's quota of VMs (admins only)."""
             _required(name, "name"), _required(quota, "quota")
-            return node.access.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
+            return app.set_quota(_caller(ctx), name, quota).addCallback(lambda u: UserInfo(**vars(u)))
 
         @rpc(Unicode, Unicode, _returns=SshKeyInfo)
         def AddSshKey(ctx, user, key):
@@ -368,19 +375,19 @@ def make_user_service(node) -> type[Service]:
             caller's): one's own, or anyone's for an admin. Every VM of the user's clusters made
             from then on is given it."""
             _required(key, "key")
-            return node.access.add_ssh_key(_caller(ctx), user or None, key).addCallback(ssh_key_info)
+            return app.add_ssh_key(_caller(ctx), user or None, key).addCallback(ssh_key_info)
 
         @rpc(Unicode, _returns=Array(SshKeyInfo))
         def ListSshKeys(ctx, user):
             """A user's SSH public keys with their fingerprints (empty user: the caller's)."""
-            return [ssh_key_info(k) for k in node.access.ssh_keys(_caller(ctx), user or None)]
+            return [ssh_key_info(k) for k in app.ssh_keys(_caller(ctx), user or None)]
 
         @rpc(Unicode, Unicode, _returns=SshKeyInfo)
         def RemoveSshKey(ctx, user, key_or_fingerprint):
             """Removes a key given by its fingerprint (``SHA256:…``) or its OpenSSH line; answers
             with the key removed."""
             _required(key_or_fingerprint, "key_or_fingerprint")
-            return node.access.remove_ssh_key(_caller(ctx), user or None, key_or_fingerprint) \
+            return app.remove_ssh_key(_caller(ctx), user or None, key_or_fingerprint) \
                 .addCallback(ssh_key_info)
 
         # -- migration and images --------------------------------------------------------
@@ -389,7 +396,7 @@ def make_user_service(node) -> type[Service]:
             """Starts moving a VM to host ``to`` (empty: the least loaded host that fits).
             Answers once the move is reserved (its lease held); follow it with GetMigration."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return node.access.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
+            return app.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
                 migration_info)
 
         @rpc(Unicode, _returns=Array(MigrationInfo))
@@ -397,7 +404,7 @@ def make_user_service(node) -> type[Service]:
             """Re-places every VM of a dead host on live hosts, booted afresh from its base image
             with the same addresses (admins only); answers with one ``evacuate`` move per VM."""
             _required(host, "host")
-            return node.access.evacuate_host(_caller(ctx), host).addCallback(
+            return app.evacuate_host(_caller(ctx), host).addCallback(
                 lambda ms: [migration_info(m) for m in ms])
 
         @rpc(Unicode, _returns=Array(MigrationInfo))
@@ -412,36 +419,35 @@ def make_user_service(node) -> type[Service]:
                 return [migration_info(m) for m in started] + [
                     MigrationInfo(id="", vm=vm, source=host, dest="", phase="failed", mode="",
                                   error=reason) for vm, reason in refused]
-            return node.access.drain_host(_caller(ctx), host).addCallback(answer)
+            return app.drain_host(_caller(ctx), host).addCallback(answer)
 
         @rpc(Unicode, _returns=Boolean)
         def UndrainHost(ctx, host):
             """Lets a drained host take new VMs again (admins only)."""
             _required(host, "host")
-            return node.access.undrain_host(_caller(ctx), host).addCallback(lambda _: True)
+            return app.undrain_host(_caller(ctx), host).addCallback(lambda _: True)
 
         @rpc(Unicode, _returns=MigrationInfo)
         def GetMigration(ctx, id):
             _required(id, "id")
-            return migration_info(node.access.migration(_caller(ctx), id))
+            return migration_info(app.migration(_caller(ctx), id))
 
         @rpc(_returns=Array(MigrationInfo))
         def ListMigrations(ctx):
-            return [migration_info(m) for m in node.access.migrations(_caller(ctx))]
+            return [migration_info(m) for m in app.migrations(_caller(ctx))]
 
         @rpc(Unicode, Unicode, Unicode, Unicode, Unicode, Unicode, _returns=ImageInfo)
         def AddImage(ctx, name, file, format, kernel, initrd, cmdline):
             """Registers a base image by content from ``file``, a path on the host that takes
             this call (admins only); other hosts fetch it from there when they need it."""
             _required(name, "name"), _required(file, "file")
-            return node.access.add_image(_caller(ctx), name, file, format, kernel, initrd,
-                                         cmdline).addCallback(lambda r: image_info(r, node.domsvc.dom))
+            return app.add_image(_caller(ctx), name, file, format, kernel, initrd,
+                                 cmdline).addCallback(lambda r: image_info(r, dom))
 
         @rpc(_returns=Array(ImageInfo))
         def ListImages(ctx):
             _caller(ctx)
             from vmwebd.dom.records import ImageRec
-            dom = node.domsvc.dom
             return [image_info(r, dom) for r in sorted(dom.all(ImageRec), key=lambda r: r.id)]
 
         @rpc(Unicode, Unicode, Integer, _returns=Array(AuditInfo))
@@ -451,7 +457,7 @@ def make_user_service(node) -> type[Service]:
             back from now (``90s``, ``30m``, ``1h``, ``2d``, ``1w``); ``limit`` from 1 to 10,000
             (empty: 100)."""
             return [AuditInfo(**{f: getattr(r, f) for f in AuditInfo._type_info})
-                    for r in node.access.list_audit(_caller(ctx), user or None, since or None, limit)]
+                    for r in app.list_audit(_caller(ctx), user or None, since or None, limit)]
 
     return VmwebApi
 
@@ -480,8 +486,9 @@ def read_cache_key(dom, view_generation=lambda: 0):
     return key_of
 
 
-def build_user_api(node, max_body_bytes: int):
-    return build_soap_resource([make_user_service(node)], tns=TNS, name=SERVICE_NAME,
-                               max_body_bytes=max_body_bytes,
-                               cache=ResponseCache(read_cache_key(
-                                   node.domsvc.dom, lambda: node.manager.view_generation())))
+def build_user_api(app: Application, mgr: ClusterManager, dom: Dom, host_id: str,
+                   complete_vector: Callable[[], dict[str, Any]], max_body_bytes: int):
+    """The SOAP resource of the user API (see :func:`make_user_service` for the arguments)."""
+    return build_soap_resource([make_user_service(app, mgr, dom, host_id, complete_vector)], tns=TNS,
+                               name=SERVICE_NAME, max_body_bytes=max_body_bytes,
+                               cache=ResponseCache(read_cache_key(dom, lambda: mgr.view_generation())))

@@ -2,7 +2,7 @@
 
 A viewer is any object with ``output(data)``, ``ended(why)``, ``pause_input()`` and
 ``resume_input()`` (a WebSocket, here or relayed from another host). :meth:`ConsoleService.attach`
-checks the user's right to the VM (its owner or an admin, as :meth:`vmwebd.auth.Access.cluster`)
+checks the user's right to the VM (its owner or an admin, as :meth:`vmwebd.app.Application.cluster`)
 and that it runs, then either attaches the viewer to the hub on this host or, when the VM runs
 elsewhere, relays to the VM's host over the peer endpoint's mutual TLS (:mod:`.wire`).
 

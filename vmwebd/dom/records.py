@@ -151,7 +151,7 @@ class HostRec(Record):
 @dataclass(frozen=True)
 class UserRec(Record):
     """A user account; id is the user name. Only its hash of the password is kept
-    (``scrypt$N$r$p$SALT$HASH``, see :mod:`vmwebd.auth`), and no view given to a caller shows it."""
+    (``scrypt$N$r$p$SALT$HASH``, see :mod:`vmwebd.accounts`), and no view given to a caller shows it."""
 
     KIND: ClassVar[str] = "user"
     id: str
@@ -167,7 +167,7 @@ class UserRec(Record):
     # ``ssh-ed25519 AAAA… alice@laptop`` stays readable in the DOM.
     @staticmethod
     def encode_ssh_keys(keys: Iterable[str]) -> str:
-        """The ``ssh-keys`` attribute for OpenSSH key lines already checked (see vmwebd.auth)."""
+        """The ``ssh-keys`` attribute for OpenSSH key lines already checked (see vmwebd.accounts)."""
         from urllib.parse import quote
         out = []
         for key in keys:

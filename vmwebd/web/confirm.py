@@ -10,7 +10,7 @@ step guards against a slip of the mouse, not against the user; CSRF and permissi
 the same way for both.
 
 The question is built from what this host's replica holds when it is asked; the permission
-checks are the action's own (:class:`vmwebd.auth.Access`), so a user asked to confirm something
+checks are the action's own (:class:`vmwebd.app.Application`), so a user asked to confirm something
 they may not do gets the same refusal the action would give.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A page per cluster (``/cluster/NAME``) and per VM (``/vm/CLUSTER/NAME``).
 
-Both read what the owner view reads (:meth:`vmwebd.auth.Access.cluster`: the owner or an admin,
+Both read what the owner view reads (:meth:`vmwebd.app.Application.cluster`: the owner or an admin,
 :class:`~vmwebd.errors.NotAuthorized` for anyone else) and the VM page adds the VM's migration
 records from the DOM. Like the other views, every value goes through
 :func:`~vmwebd.web.html.el`; elements that change while a VM comes up carry the same ``data-k``

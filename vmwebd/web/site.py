@@ -32,7 +32,7 @@ Security: the session cookie is HttpOnly and SameSite=Strict (Secure over TLS), 
 the host id; every POST needs the form's CSRF token (the session's; for the login form, a
 double-submit cookie) and, when the browser sends one, an Origin of this very host; all text is
 escaped (:mod:`vmwebd.web.html`) and a Content-Security-Policy allows no inline script or style.
-Permissions are the SOAP API's (:class:`vmwebd.auth.Access`): a page or an action never does
+Permissions are the SOAP API's (:class:`vmwebd.app.Application`): a page or an action never does
 more than the same user could do over SOAP.
 """
 from __future__ import annotations
@@ -43,6 +43,7 @@ import secrets
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -55,6 +56,14 @@ from vmwebd.errors import InvalidArgument, NoSuchCluster, NoSuchVm, NotAuthorize
 from vmwebd.history import HistoryUnavailable
 from vmwebd.web import charts, confirm, pages, views
 from vmwebd.web.session import Session, SessionStore, hash_digest
+
+if TYPE_CHECKING:
+    from vmwebd.app import Application
+    from vmwebd.auth import Authenticator
+    from vmwebd.cluster import ClusterManager
+    from vmwebd.config import Config
+    from vmwebd.dom.document import Dom
+    from vmwebd.history import HistoryService
 
 log = Logger()
 
@@ -82,7 +91,7 @@ class Ctx:
 
     principal: Principal
     session: Session
-    access: object
+    access: Application
     mgr: object
     dom: object
     host_id: str
@@ -103,15 +112,33 @@ def _load_static() -> dict[str, tuple[bytes, bytes]]:
 
 
 class WebRoot(Resource):
-    """The root resource of the user API port: pages here, ``/soap`` put beside them."""
+    """The root resource of the user API port: pages here, ``/soap`` put beside them.
 
-    def __init__(self, node, grace: float = ACTION_GRACE_SECONDS):
+    ``app`` does every operation a page or an action asks for, with its permission checks; the
+    rest is what the pages read: this host's id, the replica ``dom``, the cluster ``manager``
+    (hosts, templates), ``authn`` (logins), ``history`` (hosts' load samples), and for the
+    settings page the host's ``config``, ``gossip_config()`` (None without peers) and the
+    consensus ``members()``."""
+
+    def __init__(self, app: Application, *, reactor: Any, host_id: str, dom: Dom, manager: ClusterManager,
+                 authn: Authenticator, history: HistoryService, config: Config,
+                 gossip_config: Callable[[], Any], members: Callable[[], Sequence[str]],
+                 grace: float = ACTION_GRACE_SECONDS):
         super().__init__()
-        self.node = node
+        self.app = app
+        self.reactor = reactor
+        self.host_id = host_id
+        self.dom = dom
+        self.manager = manager
+        self.authn = authn
+        self.history = history
+        self.config = config
+        self.gossip_config = gossip_config
+        self.members = members
         self.grace = grace
-        self.sessions = SessionStore(node.reactor)
-        self.cookie = f"vmweb-session-{node.host_id}".encode()
-        self.login_cookie = f"vmweb-login-{node.host_id}".encode()
+        self.sessions = SessionStore(reactor)
+        self.cookie = f"vmweb-session-{host_id}".encode()
+        self.login_cookie = f"vmweb-login-{host_id}".encode()
         self.static = _load_static()
 
     def getChild(self, path: bytes, request):
@@ -124,7 +151,7 @@ class WebRoot(Resource):
         session = self.sessions.get(token.decode("ascii", "replace") if token else None)
         if session is None:
             return None
-        rec = self.node.domsvc.dom.get(UserRec, session.user)
+        rec = self.dom.get(UserRec, session.user)
         if rec is None or hash_digest(rec.password_hash) != session.hash_digest:
             self.sessions.drop(session.token)
             return None
@@ -197,7 +224,7 @@ class _Page(Resource):
             ctx = self._need_ctx(request)
             request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
             request.setHeader(b"Content-Disposition",
-                              f'attachment; filename="vmweb-dom-{self.root.node.host_id}.xml"'.encode())
+                              f'attachment; filename="vmweb-dom-{self.root.host_id}.xml"'.encode())
             request.setHeader(b"Cache-Control", b"no-store")
             return ctx.access.dom_xml(ctx.principal)
         if name == "state.json" and not rest:
@@ -249,9 +276,9 @@ class _Page(Resource):
         if found is None:
             return None
         session, rec = found
-        node = self.root.node
-        return Ctx(Principal(rec.id, rec.role), session, node.access, node.manager, node.domsvc.dom,
-                   node.host_id, request.args if request.method != b"POST" else {})
+        root = self.root
+        return Ctx(Principal(rec.id, rec.role), session, root.app, root.manager, root.dom, root.host_id,
+                   request.args if request.method != b"POST" else {})
 
     def _need_ctx(self, request) -> Ctx:
         ctx = self._ctx(request)
@@ -281,7 +308,7 @@ class _Page(Resource):
         if r.login:
             from vmwebd.web.html import el, frag
             body = frag(body, el("p", el("a", "Log in", href="/login", class_="button")))
-        return self._html(request, views.page("Refused", self.root.node.host_id, body), r.code)
+        return self._html(request, views.page("Refused", self.root.host_id, body), r.code)
 
     # -- pages -----------------------------------------------------------------------------
     def _view(self, request, ctx: Ctx):
@@ -299,7 +326,8 @@ class _Page(Resource):
         elif name == "dom":
             title, body = "Cluster DOM", views.dom_view(ctx, ctx.access.dom_xml(ctx.principal))
         else:
-            title, body = "System settings", views.settings_view(ctx, self.root.node)
+            title, body = "System settings", views.settings_view(
+                ctx, self.root.config, self.root.gossip_config(), self.root.members())
         live = name in ("owner", "hosts")
         return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf,
                                               f"/{name}", flashes, live=live))
@@ -353,7 +381,7 @@ class _Page(Resource):
                         el("p", el("a", "Back to the host view", href="/hosts", class_="button")))
             return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
                                                   flashes=flashes), 404)
-        d = self.root.node.history.samples_of(host)
+        d = self.root.history.samples_of(host)
 
         def unavailable(f):
             f.trap(HistoryUnavailable)
@@ -382,7 +410,7 @@ class _Page(Resource):
         if host not in {h.id for h in ctx.mgr.hosts()}:
             request.setResponseCode(404)
             return json.dumps({"error": f"there is no host {host!r} in this grid"}).encode()
-        history = self.root.node.history
+        history = self.root.history
 
         def ok(samples):
             return json.dumps({"host": host, "interval_s": history.ring.interval,
@@ -404,7 +432,7 @@ class _Page(Resource):
         token = have if re.fullmatch(r"[A-Za-z0-9_-]{32}", have) else secrets.token_urlsafe(24)
         request.addCookie(self.root.login_cookie, token.encode(), path=b"/login", max_age=b"3600",
                           httpOnly=True, sameSite="strict", secure=request.isSecure())
-        return self._html(request, views.login_page(self.root.node.host_id, token, name, flashes), code)
+        return self._html(request, views.login_page(self.root.host_id, token, name, flashes), code)
 
     def _login(self, request):
         cookie = request.getCookie(self.root.login_cookie)
@@ -412,10 +440,10 @@ class _Page(Resource):
         name, password = _field(request, "name"), _field(request, "password")
         if not cookie or not sent or not _same(cookie.decode("ascii", "replace"), sent):
             return self._login_page(request, name, [("error", "The login form was out of date; try again.")], 403)
-        d = self.root.node.authn.authenticate(name, password, client_address(request))
+        d = self.root.authn.authenticate(name, password, client_address(request))
 
         def ok(principal: Principal):
-            rec = self.root.node.domsvc.dom.get(UserRec, principal.name)
+            rec = self.root.dom.get(UserRec, principal.name)
             session = self.root.sessions.create(principal.name, rec.password_hash)
             request.addCookie(self.root.cookie, session.token.encode(), path=b"/", httpOnly=True,
                               sameSite="strict", secure=request.isSecure())
@@ -464,7 +492,7 @@ class _Page(Resource):
             done = lambda ok: f"Cluster {name} destroyed." if ok else (  # noqa: E731
                 f"Cluster {name} is being destroyed" + (
                     f"; it waits for host(s) {', '.join(w)}, not alive (an admin can evacuate them "
-                    "on the host view)." if (w := self.root.node.manager.hosts_not_alive(name)) else "."))
+                    "on the host view)." if (w := self.root.manager.hosts_not_alive(name)) else "."))
             slow = f"Destroying cluster {name}…"
         elif action == "vm":
             cluster, vm, op = f("cluster"), f("vm"), f("op")
@@ -563,7 +591,7 @@ class _Page(Resource):
             if not answered:
                 session.flash("ok", slow)
                 answer()
-        timer = self.root.node.reactor.callLater(self.root.grace, slow_answer)
+        timer = self.root.reactor.callLater(self.root.grace, slow_answer)
 
         def ok(result):
             session.flash("ok", done(result))

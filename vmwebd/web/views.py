@@ -512,7 +512,9 @@ def highlight_xml(text: str) -> Markup:
 
 
 # -- settings --------------------------------------------------------------------------------------
-def settings_view(ctx, node) -> Markup:
+def settings_view(ctx, cfg, gossip_cfg, members) -> Markup:
+    """The settings page: the grid's settings (admins change them), this host's address pools
+    from ``cfg``, its gossip timing ``gossip_cfg`` (None: no peers) and the consensus ``members``."""
     csrf = ctx.csrf
     values = all_settings(ctx.dom)
     rows = []
@@ -531,7 +533,6 @@ def settings_view(ctx, node) -> Markup:
                                           field, el("button", "Save", type="submit", class_="small"),
                                           back="/settings"), data_label="Value"),
                        el("td", d.description, class_="desc")))
-    cfg = node.config
     leases = [rec.id for rec in ctx.dom.all(LeaseRec)]
     pool_rows = []
     for pool in cfg.ip_pools:
@@ -549,15 +550,14 @@ def settings_view(ctx, node) -> Markup:
                             el("tbody", *pool_rows)), class_="scroll"),
                el("p", f"MAC prefix {cfg.mac.prefix} ({macs} leased) · network ids {cfg.vni.first}–{cfg.vni.last} "
                        f"({vni_used} of {vni_total} leased)", class_="meta"))
-    gossip = getattr(node, "gossip", None)
-    if gossip is not None:
-        g = gossip.core.cfg
+    if gossip_cfg is not None:
+        g = gossip_cfg
         facts = [("timing preset", cfg.peers.timing), ("probe interval", f"{g.probe_interval} s"),
                  ("probe timeout", f"{g.probe_timeout} s"), ("indirect checks", str(g.indirect_checks)),
                  ("suspicion multiplier", str(g.suspicion_mult)), ("gossip interval", f"{g.gossip_interval} s"),
                  ("fanout", str(g.fanout)), ("retransmit multiplier", str(g.retransmit_mult)),
                  ("anti-entropy (push-pull) interval", f"{g.sync_interval} s"),
-                 ("consensus members", ", ".join(node.leases.members()))]
+                 ("consensus members", ", ".join(members))]
         gossip_html = el("dl", *[frag(el("dt", k), el("dd", v)) for k, v in facts], class_="facts")
     else:
         gossip_html = el("p", "This host runs alone (no cluster certificate): no gossip.", class_="meta")
