@@ -305,6 +305,12 @@ class PaxosCore:
         # How long an uncontended round takes here (Prepare to decision), smoothed: a Nack backs
         # off a few of these, not a fixed time.
         self.round_time = 0.01
+        # How long another member takes to answer a Prepare (smoothed, answers to ballots given
+        # up included): the retry timer waits a few of these, so a proposer whose members are
+        # slower than ``retry_after`` (an overloaded grid) does not give up every ballot just
+        # before its answers arrive, adding load where there is too much.
+        self.answer_time = 0.0
+        self._asked_at: dict[Version, float] = {}   # recent ballots -> when their Prepare left
         self._out = Output()
 
     @property
@@ -466,6 +472,9 @@ class PaxosCore:
         rnd.own = {}
         rnd.attempts += 1
         rnd.started = now
+        self._asked_at[rnd.ballot] = now
+        if len(self._asked_at) > 64:
+            del self._asked_at[next(iter(self._asked_at))]
         self._arm(rnd, now)
         self._out.started.append((rnd.id, rnd.ballot, tuple(rnd.ops)))
         keys = sorted({k for op in rnd.ops for k in self.ops[op].cas})
@@ -529,7 +538,8 @@ class PaxosCore:
         """(Re)sets the timer after which a round with no progress is retried with a new ballot.
         It grows with the attempts (a slow majority must not be overtaken by our own retries)
         and is pushed back by every answer that moves the round forward."""
-        backoff = self.retry_after * min(2 ** (rnd.attempts - 1), 8)
+        base = max(self.retry_after, min(3 * self.answer_time, self.deadline))
+        backoff = base * min(2 ** (rnd.attempts - 1), 8)
         rnd.retry_at = now + backoff * (1 + self.rng.random())
 
     def _finish(self, op_id: str, result: Result) -> None:
@@ -561,6 +571,9 @@ class PaxosCore:
 
     def _on_promise(self, src: str, m: Promise, now: float) -> None:
         self._heard_at[src] = now       # late or not, it answers (see tick)
+        asked = self._asked_at.get(m.ballot)
+        if asked is not None and src != self.me:
+            self.answer_time += 0.2 * (now - asked - self.answer_time)
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
