@@ -212,7 +212,7 @@ class PeerClient:
 
 class GossipService:
     def __init__(self, core: GossipCore, domsvc, client: PeerClient, reactor,
-                 state_file: Path | None = None, tick_interval: float = 0.05):
+                 state_file: Path | None = None, tick_interval: float = 0.05, listeners=()):
         self.core = core
         self.domsvc = domsvc
         self.client = client
@@ -222,7 +222,7 @@ class GossipService:
         self._loop = None
         self._saved_cvv = None
         self._save_loop = None
-        self.listeners = []   # fn(node, old, new) on membership changes
+        self.listeners = list(listeners)   # fn(node, old, new) on membership changes
 
     def now(self) -> float:
         return self.reactor.seconds()

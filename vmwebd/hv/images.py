@@ -197,7 +197,7 @@ class ImageStore:
     """The images of one host. ``publish`` is called after the set of held images changes."""
 
     def __init__(self, host_id: str, domsvc, driver, pool: str, directory: Path,
-                 cert_dir: Path | None, reactor, live_hosts, peer_address_of):
+                 cert_dir: Path | None, reactor, live_hosts, peer_address_of, publish=None):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -209,7 +209,7 @@ class ImageStore:
         self.live_hosts = live_hosts
         self.peer_address_of = peer_address_of
         self.held: set[str] = set()          # image names whose file here matches the record
-        self.publish = lambda: defer.succeed(None)
+        self.publish = publish or (lambda: defer.succeed(None))
         self._fetching: dict[str, list[defer.Deferred]] = {}
         #: The account libvirt runs QEMU as, when it is not root (learnt by ``scan``).
         self.qemu: perms.QemuAccount | None = None

@@ -29,12 +29,12 @@ class PaxosTransport:
     connections); ``address_of(host)`` says where a host's peer endpoint is (None: unknown, the
     message is dropped); ``my_address()`` is this host's own peer address, for envelopes."""
 
-    def __init__(self, me: str, client, address_of, my_address):
+    def __init__(self, me: str, client, address_of, my_address, leases=None):
         self.me = me
         self.client = client
         self.address_of = address_of
         self.my_address = my_address
-        self.leases = None          # the LeaseService, once it exists
+        self.leases = leases        # the LeaseService that delivered messages go to
         self.requests = 0
 
     def send(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:
