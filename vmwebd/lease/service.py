@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -25,6 +26,7 @@ from vmwebd.dom.store import DurableStore
 from vmwebd.errors import NoQuorum
 from vmwebd.lease import paxos
 from vmwebd.lease.table import LeaseConflict
+from vmwebd.wiring import EntitySink, PeerSender
 
 log = Logger()
 MEMBERS_KEY = "config/members"   # the consensus members, itself decided by consensus
@@ -107,10 +109,11 @@ class LeaseService:
     ``on_round(outcome, seconds)``, if given, hears of every proposal once it ends: outcome
     ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock."""
 
-    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send,
+    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send: PeerSender,
                  fsync: bool = True, deadline: float = 3.0, compact_every: int = 20000,
-                 parallel_rounds: int = 1, on_round=None, proposer_for=None, non_members_alive=None,
-                 note_own=None):
+                 parallel_rounds: int = 1, on_round=None,
+                 proposer_for: Callable[[], str | None] | None = None,
+                 non_members_alive: Callable[[], bool] | None = None, note_own: EntitySink | None = None):
         self.me = me
         self.on_round = on_round
         self.domsvc = domsvc

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twisted.internet import defer, threads
@@ -73,6 +74,7 @@ from vmwebd.migrate.phases import (
 from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import all_settings, drain_record, drained_hosts
+from vmwebd.wiring import HostSet, Liveness, PeerDirectory
 
 log = Logger()
 #: How long a host must have been dead (or gone) here before the VMs that never ran on it are
@@ -115,9 +117,10 @@ class MigrationManager:
     for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
 
     def __init__(self, host_id, domsvc, driver, images, reconciler, table, storage, now_ms,
-                 live_hosts, peer_address_of, cert_dir, overcommit=lambda: 4.0, clock=None,
-                 liveness=None, placeable_hosts=None, allocator=None, placement=None,
-                 migrate_uri: str = "", push_to=None):
+                 live_hosts: HostSet, peer_address_of: PeerDirectory, cert_dir, overcommit=lambda: 4.0,
+                 clock=None, liveness: Liveness | None = None, placeable_hosts: HostSet | None = None,
+                 allocator=None, placement: Callable[[], str] | None = None, migrate_uri: str = "",
+                 push_to: Callable[[Iterable[str]], object] | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
