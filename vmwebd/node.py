@@ -153,7 +153,7 @@ class Node(MultiService):
             if self._stop_requested:
                 raise defer.CancelledError(f"host {self.host_id} was stopped while starting")
             self._compose(clock)
-        except BaseException:
+        except Exception:
             yield self._abandon()
             raise
         yield self._start_parts()
@@ -175,13 +175,17 @@ class Node(MultiService):
 
     @defer.inlineCallbacks
     def _abandon(self):
-        """Closes what a start that failed before its parts ran had opened."""
-        if self.peer_port is not None:
-            yield self.peer_port.stopListening()
-        if self.driver is not None:
-            yield self.driver.close()
-        if self.domsvc is not None:
-            self.domsvc.close()
+        """Closes what a start that failed before its parts ran had opened (a failure to close
+        is logged: the start's own failure is the one reported)."""
+        try:
+            if self.peer_port is not None:
+                yield self.peer_port.stopListening()
+            if self.driver is not None:
+                yield self.driver.close()
+            if self.domsvc is not None:
+                self.domsvc.close()
+        except Exception:
+            log.failure("closing what host {host} had opened before it failed to start", host=self.host_id)
 
     #: A clean stop tells peers we leave for at most this long (a busy grid may not answer).
     LEAVE_SECONDS = 2.0
