@@ -59,3 +59,28 @@ def test_a_loop_runs_first_when_asked_and_stops_with_its_service():
     clock.advance(5)
     assert calls[-1] == 45
     later.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_start_that_fails_while_composing_closes_what_it_opened(tmp_path):
+    """A certificate for another host: the start fails naming it, before any part runs, and the
+    store and hypervisor it had opened are closed (a stop afterwards has nothing to do)."""
+    import pytest
+    from twisted.internet import reactor
+
+    from vmwebd.config import load_config
+    from vmwebd.demo import write_host_config
+    from vmwebd.errors import ConfigError
+    from vmwebd.gossip import pki
+    from vmwebd.node import Node
+    ca = tmp_path / "ca"
+    pki.init_ca(ca)
+    pki.issue_host_cert(ca, "host2", tmp_path / "host2-pki", ["127.0.0.1"])
+    cfg = write_host_config(tmp_path / "host1", "host1", 0, 0, 8, 16384,
+                            extra=f'<peers cert-dir="{tmp_path / "host2-pki"}" timing="local"/>')
+    node = Node(load_config(cfg), reactor, fsync=False)
+    with pytest.raises(ConfigError, match="is for host 'host2'"):
+        yield node.start()
+    assert not node.running and list(node) == [] and node.peer_port is None
+    assert node.driver._closed and node.domsvc.store._fd is None
+    yield node.stop()
