@@ -43,9 +43,9 @@ class RacingTable:
         return defer.succeed(None)
 
 
-def allocator(table, cidr="10.0.0.0/24"):
+def allocator(table, cidr="10.0.0.0/24", lane=None):
     pools = {"lab": IpPool("lab", ipaddress.ip_network(cidr))}
-    return Allocator(table, pools, MacPool(), VniRange(100, 200), random.Random(1), max_rounds=4)
+    return Allocator(table, pools, MacPool(), VniRange(100, 200), random.Random(1), max_rounds=4, lane=lane)
 
 
 @pytest_twisted.inlineCallbacks
@@ -121,13 +121,11 @@ def test_hosts_in_different_lanes_propose_different_candidates_whatever_they_kno
     addresses and network ids (every other one of the pool each); a lane with nothing free left
     falls back to any free address."""
     t1, t2 = RacingTable(lose=0), RacingTable(lose=0)
-    a1, a2 = allocator(t1), allocator(t2)
-    a1.lane, a2.lane = (lambda: (0, 2)), (lambda: (1, 2))
+    a1, a2 = allocator(t1, lane=lambda: (0, 2)), allocator(t2, lane=lambda: (1, 2))
     vni1, addrs1 = yield a1.allocate_cluster("c1", "t1", ["c1/a", "c1/b"], "lab")
     vni2, addrs2 = yield a2.allocate_cluster("c2", "t2", ["c2/a", "c2/b"], "lab")
     assert vni1 != vni2
     assert not {a.ip for a in addrs1.values()} & {a.ip for a in addrs2.values()}
-    small = allocator(RacingTable(lose=0), cidr="10.0.0.0/29")      # 6 usable addresses
-    small.lane = lambda: (1, 2)
+    small = allocator(RacingTable(lose=0), cidr="10.0.0.0/29", lane=lambda: (1, 2))   # 6 usable addresses
     _, addrs = yield small.allocate_cluster("c3", "t3", [f"c3/n{i}" for i in range(5)], "lab")
     assert len({a.ip for a in addrs.values()}) == 5

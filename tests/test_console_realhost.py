@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
@@ -139,7 +138,7 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
                                str(tmp_path / "file-serial.log"))
     other = yield threads.deferToThread(conn.createXML, filexml, 0)
     driver = LibvirtDriver(h1.uri, reactor=reactor)
-    service = ConsoleService(SimpleNamespace(reactor=reactor, host_id="h1"))
+    service = ConsoleService("h1", reactor, None, driver.open_console, lambda principal, cluster: None)
     try:
         with pytest.raises(HypervisorError) as e:
             yield driver.open_console("vmweb-console-file")

@@ -74,8 +74,7 @@ def test_a_state_of_a_collected_entity_is_dropped_but_news_are_not():
     dom.delete("vm", "c/pc0")
     mine = dom.version_vector()      # what we held (the gossip core keeps it; the DOM forgets)
     dom.forget("vm", "c/pc0")
-    port = DomPortAdapter(dom)
-    port.complete = lambda: mine
+    port = DomPortAdapter(dom, complete=lambda: mine)
     assert forgotten(dom, mine, live)
     assert port.merge([live]) == [] and dom.version_of("vm", "c/pc0") is None and port.forgotten == 1
     # An entity written elsewhere, newer than what we hold: merged as usual.

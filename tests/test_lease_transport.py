@@ -95,8 +95,8 @@ def test_answers_are_taken_only_from_the_host_asked():
     client = _Client(False, lambda env: [
         Envelope("host2", "a:2", "host1", paxos.Promise(env.msg.op, ballot, {})),
         Envelope("host3", "a:3", "host1", paxos.Promise(env.msg.op, ballot, {}))])
-    t = PaxosTransport("host1", client, lambda h: f"127.0.0.1:{h[-1]}", lambda: "127.0.0.1:1")
-    t.leases = _Leases()
+    t = PaxosTransport("host1", client, lambda h: f"127.0.0.1:{h[-1]}", lambda: "127.0.0.1:1",
+                       leases=_Leases())
     t.send("host2", [paxos.Prepare("host1.1", ballot, ("k",))])
     assert t.leases.got == [("host2", [paxos.Promise("host1.1", ballot, {})])]
 
@@ -117,8 +117,7 @@ def test_several_messages_travel_as_one_bundle_only_to_a_peer_that_reads_them():
 def test_a_consensus_envelope_meant_for_another_host_is_dropped():
     """An envelope addressed to a host that was at this address before is not fed to the lease
     service (a lost message)."""
-    t = PaxosTransport("host1", _Client(True), lambda h: None, lambda: "127.0.0.1:1")
-    t.leases = _Leases()
+    t = PaxosTransport("host1", _Client(True), lambda h: None, lambda: "127.0.0.1:1", leases=_Leases())
     env = Envelope("host2", "a:2", "host7", paxos.Prepare("host2.1", Version(5, 0, "host2"), ("k",)))
     assert t.deliver(env, inline=True).result == []
     assert t.leases.got == []

@@ -10,6 +10,7 @@ import dataclasses
 import re
 import secrets
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
@@ -25,6 +26,7 @@ from vmwebd.net.plan import bridge_name
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import drained_hosts, get_setting
 from vmwebd.templates import Template, expand, from_dom_body, plan_scale
+from vmwebd.wiring import HostSet, Liveness
 
 log = Logger()
 CLUSTER_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
@@ -147,7 +149,9 @@ def _check_name(name, field_="name") -> str:
 class ClusterManager:
     def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0,
                  guest_mtu: int = addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
-                 live_hosts=None, liveness=None, placeable_hosts=None):
+                 live_hosts: HostSet | None = None, liveness: Liveness | None = None,
+                 placeable_hosts: HostSet | None = None, members: Callable[[], tuple[str, ...]] | None = None,
+                 view_generation: Callable[[], int] | None = None):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -161,10 +165,10 @@ class ClusterManager:
         self.live_hosts = live_hosts or (lambda: {host_id})
         # New VMs go only where the failure detector says alive (not suspect: maybe frozen).
         self.placeable_hosts = placeable_hosts or self.live_hosts
-        self.members = lambda: (host_id,)
+        self.members = members or (lambda: (host_id,))
         self.liveness = liveness or (lambda h: "alive" if h == host_id else "unknown")
         #: Changes whenever a host's liveness changes here (views show it; caches key on it).
-        self.view_generation = lambda: 0
+        self.view_generation = view_generation or (lambda: 0)
 
     # -- templates ------------------------------------------------------------------------
     def templates(self) -> dict[str, Template]:

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 
 from vmwebd.errors import VmwebError
+from vmwebd.wiring import HostFacts, PeerDirectory
 
 log = Logger()
 
@@ -182,12 +183,21 @@ class HistoryResource(resource.Resource):
 
 
 class HistoryService:
-    """This host's ring and sampler, and the way to another host's samples (see the module)."""
+    """This host's ring and sampler, and the way to another host's samples (see the module).
 
-    def __init__(self, node, capacity: int = CAPACITY, interval: float = INTERVAL_SECONDS):
-        self.node = node
+    ``facts``: what answers ``host_facts()`` (the hypervisor driver); ``domsvc``: the DOM (this
+    host's VM count); ``memory_mib``: the host's memory when the config sets it (else the
+    driver's); ``peer_address_of`` and ``host_creds`` (None: this host runs without peers): how
+    another host is asked, over the peers' mutual TLS."""
+
+    def __init__(self, host_id: str, reactor, facts: HostFacts, domsvc, *, memory_mib: int | None = None,
+                 peer_address_of: PeerDirectory, host_creds=None,
+                 capacity: int = CAPACITY, interval: float = INTERVAL_SECONDS):
+        self.host_id, self.reactor, self.facts, self.domsvc = host_id, reactor, facts, domsvc
+        self.memory_mib = memory_mib
+        self.peer_address_of, self.host_creds = peer_address_of, host_creds
         self.ring = HistoryRing(capacity, interval)
-        self.sampler = Sampler(self.ring, node.reactor, self.probe, interval)
+        self.sampler = Sampler(self.ring, reactor, self.probe, interval)
         self._agent = None
         self._expected: dict[tuple[str, int], str] = {}    # peer (address, port) -> host id asked
 
@@ -198,24 +208,21 @@ class HistoryService:
         self.sampler.stop()
 
     def resource(self, identity_of) -> HistoryResource:
-        return HistoryResource(self.node.host_id, self.ring, identity_of)
+        return HistoryResource(self.host_id, self.ring, identity_of)
 
     def probe(self) -> defer.Deferred:
         """One sample of this host: the driver's facts (off the reactor thread) and the DOM."""
-        node = self.node
-        cfg = node.config
-
         def sample(facts):
-            memory = cfg.host.memory_mib or facts.memory_mib
+            memory = self.memory_mib or facts.memory_mib
             used = max(0, memory - min(memory, facts.free_memory_mib))
-            return Sample(int(node.reactor.seconds()), round(float(facts.load1), 2), int(used),
-                          node.domsvc.dom.count("vm", "host", node.host_id))
-        return node.driver.host_facts().addCallback(sample)
+            return Sample(int(self.reactor.seconds()), round(float(facts.load1), 2), int(used),
+                          self.domsvc.dom.count("vm", "host", self.host_id))
+        return self.facts.host_facts().addCallback(sample)
 
     def samples_of(self, host_id: str) -> defer.Deferred:
         """Fires with host ``host_id``'s samples: this host's from its ring, another's asked of
         it over the peer endpoint; fails with :class:`HistoryUnavailable` saying why."""
-        if host_id == self.node.host_id:
+        if host_id == self.host_id:
             return defer.succeed(self.ring.samples())
         return self._fetch(host_id)
 
@@ -223,17 +230,16 @@ class HistoryService:
     def _fetch(self, host_id: str):
         from twisted.web.client import Agent, readBody
         from twisted.web.http_headers import Headers
-        node = self.node
-        if getattr(node, "gossip", None) is None:
-            raise HistoryUnavailable(host_id, f"host {node.host_id} runs without peers")
-        addr = node.peer_address_of(host_id)
+        if self.host_creds is None:
+            raise HistoryUnavailable(host_id, f"host {self.host_id} runs without peers")
+        addr = self.peer_address_of(host_id)
         if not addr:
-            raise HistoryUnavailable(host_id, f"host {node.host_id} does not know where it is")
+            raise HistoryUnavailable(host_id, f"host {self.host_id} does not know where it is")
         if self._agent is None:
             from vmwebd.gossip import tls
             # The answering host must hold the certificate of the host asked about.
-            self._agent = Agent(node.reactor, contextFactory=tls.client_policy(
-                node.host_creds, lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port))),
+            self._agent = Agent(self.reactor, contextFactory=tls.client_policy(
+                self.host_creds, lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port))),
                 connectTimeout=FETCH_TIMEOUT_SECONDS)
         host, _, port = addr.rpartition(":")
         try:
@@ -243,13 +249,13 @@ class HistoryService:
         try:
             d = self._agent.request(b"GET", f"https://{addr}/history".encode(),
                                     Headers({b"User-Agent": [b"vmwebd"]}))
-            d.addTimeout(FETCH_TIMEOUT_SECONDS, node.reactor)
+            d.addTimeout(FETCH_TIMEOUT_SECONDS, self.reactor)
             response = yield d
             if response.code != 200:
                 raise HistoryUnavailable(host_id, f"it answered HTTP {response.code}")
             if isinstance(response.length, int) and response.length > MAX_ANSWER_BYTES:
                 raise HistoryUnavailable(host_id, "its answer is too large")
-            body = yield readBody(response).addTimeout(FETCH_TIMEOUT_SECONDS, node.reactor)
+            body = yield readBody(response).addTimeout(FETCH_TIMEOUT_SECONDS, self.reactor)
         except HistoryUnavailable:
             raise
         except defer.TimeoutError:

@@ -1,10 +1,13 @@
 """One vmweb daemon's parts, wired together: the object tests start in-process and ``vmwebd`` runs.
 
-:class:`Node` takes a validated :class:`~vmwebd.config.Config` and a reactor, and on
-:meth:`Node.start`: rebuilds the DOM replica from its store (off the reactor thread), opens the
-hypervisor driver, makes sure the storage pool and base images exist, publishes the templates,
-images and this host's record into the DOM, starts the reconciler and the host heartbeat, and
-listens for the user API.
+:class:`Node` takes a validated :class:`~vmwebd.config.Config` and a reactor. On :meth:`Node.start`
+it rebuilds the DOM replica from its store (off the reactor thread), opens the hypervisor driver,
+makes sure the storage pool and base images exist and publishes the config's templates and images
+into the DOM; then it builds every service, each given its collaborators in its constructor
+(:meth:`Node._compose`), and starts them as its child services, in order (:meth:`startService`):
+the image scan, the lease service, gossip and the peer endpoint, the host heartbeat, the
+reconciler, the migration loops, the load history and, last, the user API. :meth:`Node.stop`
+stops them in the reverse order, each bounded (docs/architecture.md, "Wiring").
 """
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import dataclasses
 import random
 
 from lxml import etree
-from twisted.internet import defer, task, threads
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -44,6 +48,7 @@ from vmwebd.metrics import CountingResource, MetricsPage, NodeMetrics, StateColl
 from vmwebd.migrate.manager import MigrationManager
 from vmwebd.net import addressing
 from vmwebd.net.host import make_devices, underlay_address
+from vmwebd.parts import Loop, Part, Paused
 from vmwebd.reconcile import Reconciler, StorageLayout
 from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates, to_dom_body
@@ -71,9 +76,30 @@ class QuietSite(Site):
                   peer=getattr(request.getClientAddress(), "host", "?"))
 
 
-class Node:
+class _PeerInbox:
+    """What the peer endpoint hands the envelopes it receives: consensus messages to the lease
+    transport, the rest to gossip. ``gossip()``: the gossip service, built after the endpoint's
+    port is bound (its address is the gossip core's); the port takes no request before then."""
+
+    def __init__(self, metrics: NodeMetrics, transport: PaxosTransport, gossip):
+        self.metrics, self.transport, self.gossip = metrics, transport, gossip
+
+    def receive(self, env, inline: bool = False):
+        self.metrics.peer_envelope(env)
+        if isinstance(env.msg, PAXOS_KINDS):
+            return self.transport.deliver(env, inline)
+        return self.gossip().receive(env, inline)
+
+
+class Node(MultiService):
+    """One host's daemon: a ``MultiService`` of its parts (see the module and :meth:`_compose`).
+
+    Without a cluster certificate the host runs alone: no peer endpoint, no gossip
+    (:attr:`gossip` and :attr:`paxos_transport` stay None)."""
+
     def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None,
                  gossip_config=None, net=None):
+        super().__init__()
         self.config = config
         self.reactor = reactor
         self.fsync = fsync
@@ -82,14 +108,18 @@ class Node:
         self.rng = rng or random.Random()
         self.port = None
         self.domsvc = None
-        self.manager = None
-        self.reconciler = None
-        self._heartbeat = None
         self.gossip = None
-        self.host_creds = None     # this host's grid certificate and key, once peers start
+        self.host_creds = None     # this host's grid certificate and key (None: no peers)
         self.paxos_transport = None
-        self._record_written_ms = 0
         self.peer_port = None
+        self.peer_address: str | None = None
+        self._record_written_ms = 0
+        self._policy_gen = None
+        self._policy = None
+        self._last_balance = 0
+        self._leave = True
+        self._stop_requested = False
+        self.cert_dir = getattr(config.peers, "cert_dir", None) or (config.state_dir / "pki")
         self.gossip_config = gossip_config
         #: The network executor (vmwebd.net.devices); None: chosen from the config at start.
         self.net = net
@@ -103,38 +133,111 @@ class Node:
     def now_ms(self) -> int:
         return int(self.reactor.seconds() * 1000)
 
+    # -- start and stop ---------------------------------------------------------------------
     @defer.inlineCallbacks
     def start(self):
+        """Prepares the store, the hypervisor and the DOM's static records, builds every part
+        (:meth:`_compose`) and starts them (:meth:`startService`); fires once the user API
+        listens."""
         cfg = self.config
-        clock = HybridClock(self.host_id, self.now_ms)
-        state = cfg.state_dir / "dom"
-        dom, store, n = yield threads.deferToThread(load_dom, state, clock, self.fsync)
-        self.domsvc = DomService(dom, store, self.reactor, journal_records=n)
-        if self.driver is None:
-            self.driver = open_driver(cfg.libvirt_uri, reactor=self.reactor)
-        yield self._ensure_storage()
-        yield self._publish_static()
-        self.cert_dir = getattr(cfg.peers, "cert_dir", None) or (cfg.state_dir / "pki")
+        try:
+            clock = HybridClock(self.host_id, self.now_ms)
+            dom, store, n = yield threads.deferToThread(load_dom, cfg.state_dir / "dom", clock, self.fsync)
+            self.domsvc = DomService(dom, store, self.reactor, journal_records=n)
+            if self.driver is None:
+                self.driver = open_driver(cfg.libvirt_uri, reactor=self.reactor)
+            yield self._ensure_storage()
+            yield self._publish_static()
+            if cfg.storage.console_dir and self.driver.runs_guests:
+                yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
+            if self._stop_requested:
+                raise defer.CancelledError(f"host {self.host_id} was stopped while starting")
+            self._compose(clock)
+        except Exception:
+            yield self._abandon()
+            raise
+        yield self._start_parts()
+        log.info("host {host} serving the user API on {url}", host=self.host_id, url=self.api_url)
+
+    def startService(self):
+        """Starts the node (:meth:`start`); a Deferred, which a parent service does not wait for."""
+        return self.start()
+
+    @defer.inlineCallbacks
+    def _start_parts(self):
+        """Starts the parts in the order they were added, each once the one before it started
+        (a part whose start returns a Deferred is waited for); a stop meanwhile ends it."""
+        Service.startService(self)
+        for part in list(self):
+            if not self.running:
+                return
+            yield part.startService()
+
+    @defer.inlineCallbacks
+    def _abandon(self):
+        """Closes what a start that failed before its parts ran had opened (a failure to close
+        is logged: the start's own failure is the one reported)."""
+        try:
+            if self.peer_port is not None:
+                yield self.peer_port.stopListening()
+            if self.driver is not None:
+                yield self.driver.close()
+            if self.domsvc is not None:
+                self.domsvc.close()
+        except Exception:
+            log.failure("closing what host {host} had opened before it failed to start", host=self.host_id)
+
+    #: A clean stop tells peers we leave for at most this long (a busy grid may not answer).
+    LEAVE_SECONDS = 2.0
+    #: and waits this long at most for a reconcile pass under way to end.
+    DRAIN_SECONDS = 10.0
+
+    def stop(self, leave: bool = True) -> defer.Deferred:
+        """Stops taking work first (timers, the user API), then leaves the grid (bounded), then
+        closes the hypervisor, leases and the store: a stop under load ends in seconds. With
+        ``leave`` false, peers are not told (they find out by probing)."""
+        self._leave = leave
+        return self.stopService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stops the running parts in the reverse order of their start, one after the other."""
+        self._stop_requested = True
+        if not self.running:
+            return
+        Service.stopService(self)
+        for part in reversed(list(self)):
+            if part.running:
+                yield part.stopService()
+
+    # -- composition --------------------------------------------------------------------------
+    def _compose(self, clock: HybridClock) -> None:
+        """Builds every service with what it uses, and adds the node's parts in start order.
+
+        Views of the grid that only the gossip service can answer (who is alive, where a host
+        is) are the node's methods, passed as callables: they answer for a host alone too.
+        Where two services need each other, one gets a callable (the lease service sends
+        through the peer transport, which delivers to it: ``send=self.send_peer``; the leases'
+        note to gossip; the gossip core's vector to its DOM adapter)."""
+        cfg = self.config
+        creds = self._load_credentials()
+        self.host_creds = creds
         self.images = ImageStore(self.host_id, self.domsvc, self.driver, cfg.storage.pool,
                                  cfg.storage.dir, self.cert_dir, self.reactor, self.live_hosts,
-                                 self.peer_address_of)
-        self.images.publish = self.heartbeat
-        yield self.images.scan()
+                                 self.peer_address_of, publish=self.heartbeat)
         self.leases = LeaseService(
             self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
             random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
-            fsync=self.fsync, on_round=self.metrics.paxos_round)
-        self.leases.proposer_for = self._proposer_for
-        yield self.leases.start()
+            fsync=self.fsync, on_round=self.metrics.paxos_round, proposer_for=self._proposer_for,
+            non_members_alive=self._non_members_alive, note_own=self._note_own)
         table = PaxosLeaseTable(self.leases)
-        self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng)
-        self.allocator.lane = self._lease_lane
-        self.allocator.hosts = lambda: self.domsvc.dom.ids("host")
+        self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng,
+                                   lane=self._lease_lane, hosts=lambda: self.domsvc.dom.ids("host"))
         self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
                                       guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
                                       live_hosts=self.live_hosts, liveness=self.liveness,
-                                      placeable_hosts=self.placeable_hosts)
-        self.manager.view_generation = lambda: self.membership_generation
+                                      placeable_hosts=self.placeable_hosts, members=self.leases.members,
+                                      view_generation=lambda: self.membership_generation)
         if self.net is None:
             self.net = make_devices(self.config, self.reactor)
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
@@ -142,78 +245,72 @@ class Node:
                                      storage, self.reactor, self.now_ms, cfg.reconcile_interval,
                                      images=self.images, rng=random.Random(self.rng.random()),
                                      net=self.net)
-        self.manager.members = self.leases.members
         self.migrations = MigrationManager(
             self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,
             self.now_ms, self.live_hosts, self.peer_address_of, self.cert_dir,
             overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")),
-            clock=self.reactor)
-        self.migrations.liveness = self.liveness
-        self.migrations.placeable_hosts = self.placeable_hosts
-        self.migrations.allocator = self.allocator
-        self.migrations.placement = lambda: get_setting(self.domsvc.dom, "placement")
-        if cfg.migrate_uri and self.driver.supports_live_migration:
-            self.migrations.migrate_uri = cfg.migrate_uri
-        if cfg.storage.console_dir and self.driver.runs_guests:
-            yield threads.deferToThread(cfg.storage.console_dir.mkdir, parents=True, exist_ok=True)
-        self.history = HistoryService(self)      # its ring is served on the peer endpoint
-        self.consoles = ConsoleService(self)     # VMs' serial consoles (vmwebd/console/)
-        yield self._start_peers()
+            clock=self.reactor, liveness=self.liveness, placeable_hosts=self.placeable_hosts,
+            allocator=self.allocator, placement=lambda: get_setting(self.domsvc.dom, "placement"),
+            migrate_uri=cfg.migrate_uri if cfg.migrate_uri and self.driver.supports_live_migration else "",
+            push_to=self._push_to)
+        # Its ring is served on the peer endpoint.
+        self.history = HistoryService(self.host_id, self.reactor, self.driver, self.domsvc,
+                                      memory_mib=cfg.host.memory_mib, peer_address_of=self.peer_address_of,
+                                      host_creds=creds)
+        # VMs' serial consoles (vmwebd/console/). The application service that says who may see
+        # a cluster is built with the user API (listen), after this: the callable reads it then.
+        self.consoles = ConsoleService(
+            self.host_id, self.reactor, self.domsvc, self.driver.open_console,
+            lambda principal, cluster: self.access.cluster(principal, cluster),
+            relay=Relay(self.host_id, self.reactor, self.peer_address_of, creds) if creds else None)
         if cfg.metrics.enabled:
             self.metrics.registry.register(StateCollector(
                 self.domsvc, self._member_states, lambda: self.reconciler))
-        yield self.heartbeat()
-        self._heartbeat = task.LoopingCall(self.heartbeat)
-        self._heartbeat.clock = self.reactor
-        self._heartbeat.start(HEARTBEAT_SECONDS, now=False)
-        self.reconciler.start()
-        self.migrations.start()
-        self._sweeper = task.LoopingCall(self.sweep)
-        self._sweeper.clock = self.reactor
-        self._sweeper.start(SWEEP_SECONDS, now=False)
-        self._balancer = task.LoopingCall(self.balance_tick)
-        self._balancer.clock = self.reactor
-        self._balancer.start(BALANCE_TICK_SECONDS, now=False)
-        self.history.start()
-        self.listen()
-        log.info("host {host} serving the user API on {url}", host=self.host_id, url=self.api_url)
 
-    # -- peers ----------------------------------------------------------------------------
-    def _start_peers(self):
-        """Starts the peer endpoint and gossip when this host has a cluster certificate."""
-        cert_dir = getattr(self.config.peers, "cert_dir", None) or (self.config.state_dir / "pki")
+        # The parts, in start order (stopped in the reverse one).
+        self.addService(Part("store", stop=self.domsvc.close))
+        self.addService(Part("images", start=self.images.scan))
+        self.addService(Part("leases", start=self.leases.start, stop=self.leases.stop))
+        self.addService(Part("hypervisor", stop=self.driver.close))
+        # Stopped once nothing gives the reconciler work, before the hypervisor closes.
+        self.addService(Part("reconcile-drain", stop=self._drain_reconciler))
+        self.addService(Part("consoles", stop=self.consoles.stop))
+        if creds is not None:
+            self._compose_peers(creds)
+        self.addService(Loop("heartbeat", self.heartbeat, HEARTBEAT_SECONDS, self.reactor, first=True))
+        self.addService(Part("reconciler", start=self.reconciler.start, stop=self.reconciler.stop))
+        self.addService(Part("migrations", start=self.migrations.start))
+        self.addService(Loop("sweeper", self.sweep, SWEEP_SECONDS, self.reactor))
+        self.addService(Loop("balancer", self.balance_tick, BALANCE_TICK_SECONDS, self.reactor))
+        self.addService(Part("history", start=self.history.start, stop=self.history.stop))
+        self.addService(Part("api", start=self.listen, stop=self._stop_api))
+
+    def _load_credentials(self):
+        """This host's grid certificate and key, or None (and a warning) without one."""
+        cert_dir = self.cert_dir
         if not (cert_dir / "host.crt").exists():
             log.warn("no cluster certificate in {dir}: host {host} runs alone, without peers "
                      "(create one with `vmweb init` or `vmweb host add`)", dir=str(cert_dir), host=self.host_id)
-            return defer.succeed(None)
+            return None
         creds = load_host_credentials(cert_dir)
         if creds.host_id != self.host_id:
             raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
                               f"is for host {creds.host_id!r}, but this host is {self.host_id!r}")
-        self.host_creds = creds
-        return self._start_gossip(creds)
+        return creds
 
-    def _start_gossip(self, creds):
+    def _compose_peers(self, creds) -> None:
+        """The peer endpoint, the consensus transport and gossip; the endpoint's port is bound
+        here (the gossip core carries its address) and takes requests once its part starts."""
         cfg = self.config
         gcfg = self.gossip_config or (LOCAL_TEST if cfg.peers.timing == "local" else LAN)
         gcfg = dataclasses.replace(gcfg, fanout=cfg.peers.fanout)
-        holder = {}
-
-        class _Late:
-            """Peer requests may arrive before the service object exists; drop them until then."""
-            def receive(self, env, inline: bool = False):
-                node.metrics.peer_envelope(env)
-                if isinstance(env.msg, PAXOS_KINDS):
-                    if node.paxos_transport is None:
-                        return defer.succeed(None)
-                    return node.paxos_transport.deliver(env, inline)
-                if "svc" in holder:
-                    return holder["svc"].receive(env, inline)
-                return defer.succeed(None)
-        node = self
+        client = PeerClient(self.reactor, tls.client_policy(creds), observer=self.metrics)
+        self.paxos_transport = PaxosTransport(self.host_id, client, self.peer_address_of,
+                                              lambda: self.peer_address, leases=self.leases)
         from vmwebd.api.peer import build_peer_api
         root = Resource()
-        peer_api = build_peer_api(_Late(), gcfg.max_sync_bytes * 2 + (1 << 20),
+        inbox = _PeerInbox(self.metrics, self.paxos_transport, lambda: self.gossip)
+        peer_api = build_peer_api(inbox, gcfg.max_sync_bytes * 2 + (1 << 20),
                                   require_identity=True, identity_of=tls.peer_host_id)
         root.putChild(b"peer", CountingResource(
             peer_api, lambda n: self.metrics.peer_bytes_received("request", n)))
@@ -222,13 +319,13 @@ class Node:
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
         root.putChild(b"history", self.history.resource(tls.peer_host_id))    # vmwebd/history.py
         root.putChild(b"console", PeerConsoleResource(self.consoles, tls.peer_host_id))
-        self.consoles.relay = Relay(self)
         # Peers POST SOAP, never HTML forms: without form parsing, twisted.web does not read
         # the Content-Type of every request with the email package (~7% of a busy host's CPU).
         site = QuietSite(root, parsePOSTFormSubmission=False)
         site.displayTracebacks = False
         addr = cfg.listen.peer
         self.peer_port = tls.listen_tls(self.reactor, addr.port, site, creds, addr.host)
+        listener = Paused("peer endpoint", self.peer_port)
         peer_addr = f"{addr.host}:{self.peer_port.getHost().port}"
         self.peer_address = peer_addr
         state_file = cfg.state_dir / "gossip-state.json"
@@ -239,27 +336,62 @@ class Node:
         if own is not None:
             cvv[self.host_id] = max(own, tuple(cvv.get(self.host_id, (-1, -1))))
         known = tuple((h.id, h.peer) for h in self.domsvc.dom.all(HostRec) if h.id != self.host_id and h.peer)
-        port = DomPortAdapter(self.domsvc.dom, me=self.host_id, floor=self.leases.open_ballot_floor)
+        # The adapter reads the vector of the core built on it.
+        port = DomPortAdapter(self.domsvc.dom, me=self.host_id, floor=self.leases.open_ballot_floor,
+                              complete=lambda: core.cvv)
         core = GossipCore(self.host_id, peer_addr, gcfg, random.Random(self.rng.random()),
                           port, self.reactor.seconds(),
                           incarnation=incarnation, cvv=cvv,
                           seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
-        port.complete = lambda: core.cvv
-        client = PeerClient(self.reactor, tls.client_policy(creds), observer=self.metrics)
-        self.paxos_transport = PaxosTransport(self.host_id, client, self.peer_address_of,
-                                              lambda: self.peer_address)
-        self.paxos_transport.leases = self.leases
-        self.leases.non_members_alive = lambda: bool(
-            set(core.alive()) - set(self.leases.members()) - {self.host_id})
-        self.leases.note_own = lambda entities: self.gossip.note_own(entities)
-        self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file)
-        self.gossip.listeners.append(self._member_changed)
-        holder["svc"] = self.gossip
+        self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file,
+                                    listeners=[self._member_changed])
+        # Stopped (the port closed) after gossip has said goodbye through it.
+        self.addService(listener)
+        self.addService(Part("gossip", start=self._start_gossip, stop=self._leave_grid))
+
+    def _start_gossip(self) -> None:
         self.gossip.start()
-        self.migrations.push_to = lambda hosts: self.gossip.push_to(hosts)
-        log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id, addr=peer_addr,
-                 seeds=", ".join(str(s) for s in cfg.peers.seeds) or "none")
-        return defer.succeed(None)
+        log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id,
+                 addr=self.peer_address, seeds=", ".join(str(s) for s in self.config.peers.seeds) or "none")
+
+    @defer.inlineCallbacks
+    def _leave_grid(self):
+        try:
+            yield self.gossip.stop(leave=self._leave).addTimeout(self.LEAVE_SECONDS, self.reactor)
+        except defer.TimeoutError:
+            log.warn("peers did not hear that host {host} leaves within {s} s; they will "
+                     "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
+
+    @defer.inlineCallbacks
+    def _drain_reconciler(self):
+        # A pass still running uses the driver: closing it under the pass failed each of its
+        # VMs with "driver is closed" in the log of every clean stop.
+        try:
+            yield self.reconciler.idle().addTimeout(self.DRAIN_SECONDS, self.reactor)
+        except defer.TimeoutError:
+            log.warn("a reconcile pass on {host} still runs after {s} s; stopping anyway",
+                     host=self.host_id, s=self.DRAIN_SECONDS)
+        self.reconciler.stop()
+
+    @defer.inlineCallbacks
+    def _stop_api(self):
+        if getattr(self, "access", None) is not None:
+            self.access.audit.stop()
+        if self.port is not None:
+            yield self.port.stopListening()
+
+    def _non_members_alive(self) -> bool:
+        """Are there live hosts that are not consensus members (see LeaseService)? Without
+        peers, as if there were."""
+        if self.gossip is None:
+            return True
+        return bool(set(self.gossip.core.alive()) - set(self.leases.members()) - {self.host_id})
+
+    def _note_own(self, entities):
+        return self.gossip.note_own(entities) if self.gossip is not None else None
+
+    def _push_to(self, hosts):
+        return self.gossip.push_to(hosts) if self.gossip is not None else None
 
     def _lease_lane(self) -> tuple[int, int]:
         """This host's lane (see Allocator.lane): its place among the hosts of the grid that have
@@ -304,7 +436,7 @@ class Node:
         from vmwebd.settings import all_settings
         # The policy is read again only when a setting changed (this runs every second).
         gen = self.domsvc.dom.kind_generation("setting")
-        if getattr(self, "_policy_gen", None) != gen:
+        if self._policy_gen != gen:
             self._policy_gen = gen
             try:
                 self._policy = policy_from_settings(all_settings(self.domsvc.dom))
@@ -315,7 +447,7 @@ class Node:
         if policy is None:
             return None
         now = self.now_ms()
-        if not policy.enabled or now - getattr(self, "_last_balance", 0) < policy.interval_ms:
+        if not policy.enabled or now - self._last_balance < policy.interval_ms:
             return None
         self._last_balance = now
         d = self.migrations.balance(policy)
@@ -359,7 +491,7 @@ class Node:
     def _member_changed(self, node: str, old, new) -> None:
         if new != old:
             self.membership_generation += 1
-        if new in ("dead", "left") and old != new and getattr(self, "migrations", None) is not None:
+        if new in ("dead", "left") and old != new:
             self.migrations.host_down(node)
 
     def sweep(self):
@@ -440,14 +572,14 @@ class Node:
         prev = self.domsvc.dom.get(HostRec, self.host_id)
         rec = HostRec(
             id=self.host_id, api=self.advertised_api,
-            peer=getattr(self, "peer_address", str(cfg.listen.peer)), liveness="alive",
+            peer=self.peer_address or str(cfg.listen.peer), liveness="alive",
             incarnation=prev.incarnation if prev else 0,
             cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
             free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
             vms=self.domsvc.dom.count("vm", "host", self.host_id),
             started_at=prev.started_at if prev else self.now_ms(),
-            images=self.images.images_attr() if getattr(self, "images", None) else "",
-            migrate_uri=self.migrations.migrate_uri if getattr(self, "migrations", None) else "",
+            images=self.images.images_attr(),
+            migrate_uri=self.migrations.migrate_uri,
             cvv="", underlay=self.underlay)
         held = dict(self.complete_vector())
         rec = dataclasses.replace(rec, cvv=format_cvv(held))
@@ -549,54 +681,6 @@ class Node:
     @property
     def api_address(self) -> str:
         return f"{self.config.listen.api.host}:{self.api_port}"
-
-    #: A clean stop tells peers we leave for at most this long (a busy grid may not answer).
-    LEAVE_SECONDS = 2.0
-    #: and waits this long at most for a reconcile pass under way to end.
-    DRAIN_SECONDS = 10.0
-
-    @defer.inlineCallbacks
-    def stop(self, leave: bool = True):
-        """Stops taking work first (timers, the user API), then leaves the grid (bounded), then
-        closes the hypervisor, leases and the store: a stop under load ends in seconds."""
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
-        if getattr(self, "history", None) is not None:
-            self.history.stop()
-        for loop in (getattr(self, "_sweeper", None), getattr(self, "_balancer", None)):
-            if loop is not None and loop.running:
-                loop.stop()
-        if self.reconciler is not None:
-            self.reconciler.stop()
-        if getattr(self, "access", None) is not None:
-            self.access.audit.stop()
-        if self.port is not None:
-            yield self.port.stopListening()
-        if self.gossip is not None:
-            try:
-                yield self.gossip.stop(leave=leave).addTimeout(self.LEAVE_SECONDS, self.reactor)
-            except defer.TimeoutError:
-                log.warn("peers did not hear that host {host} leaves within {s} s; they will "
-                         "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
-        if self.peer_port is not None:
-            yield self.peer_port.stopListening()
-        if getattr(self, "consoles", None) is not None:
-            yield self.consoles.stop()
-        if self.reconciler is not None:
-            # A pass still running uses the driver: closing it under the pass failed each of
-            # its VMs with "driver is closed" in the log of every clean stop.
-            try:
-                yield self.reconciler.idle().addTimeout(self.DRAIN_SECONDS, self.reactor)
-            except defer.TimeoutError:
-                log.warn("a reconcile pass on {host} still runs after {s} s; stopping anyway",
-                         host=self.host_id, s=self.DRAIN_SECONDS)
-            self.reconciler.stop()
-        if self.driver is not None:
-            yield self.driver.close()
-        if getattr(self, "leases", None) is not None:
-            self.leases.stop()
-        if self.domsvc is not None:
-            self.domsvc.close()
 
 
 def _xml(el) -> bytes:

@@ -28,6 +28,7 @@ from vmwebd.console.ring import RING_BYTES, ConsoleRing
 from vmwebd.dom.records import VmRec, status_of
 from vmwebd.errors import NoSuchVm, VmwebError
 from vmwebd.hv.naming import domain_name
+from vmwebd.wiring import ClusterReader, ConsoleRelay
 
 log = Logger()
 
@@ -197,18 +198,24 @@ class ConsoleService:
     """This host's console hubs and rings, and the way to a VM's console wherever it runs.
 
     ``opener(domain)``: a Deferred firing with a :class:`vmwebd.hv.driver.ConsoleStream` on that
-    libvirt domain; by default the hypervisor driver's ``open_console``."""
+    libvirt domain (the hypervisor driver's ``open_console``); ``domsvc``: the DOM (where VMs
+    run); ``cluster_of(principal, cluster)``: the cluster's view if the principal may see it (the
+    application service's); ``relay``: the way to a console on another host (None: this host
+    runs without peers)."""
 
-    def __init__(self, node, opener=None, ring_bytes: int = RING_BYTES):
-        self.node = node
-        self.reactor = node.reactor
+    def __init__(self, host_id: str, reactor, domsvc, opener, cluster_of: ClusterReader, *,
+                 relay: ConsoleRelay | None = None, ring_bytes: int = RING_BYTES):
+        self.host_id = host_id
+        self.reactor = reactor
+        self.domsvc = domsvc
+        self.cluster_of = cluster_of
         self.opener = opener
         self.ring_bytes = ring_bytes
         self.rings: dict[str, ConsoleRing] = {}
         self.hubs: dict[str, _Hub] = {}
         self._opening: dict[str, defer.Deferred] = {}
         self._closing: set[_Hub] = set()
-        self.relay = None               # a wire.Relay once peers run (see wire.py)
+        self.relay = relay              # a wire.Relay when peers run (see wire.py)
         self.resources: list = []       # the WebSocket end points (wire.py), each with its live set
         self.stopped = False
 
@@ -234,7 +241,7 @@ class ConsoleService:
     def check_access(self, principal, cluster: str, vm: str):
         """The VM's view if ``principal`` may see it (owner or admin): NotAuthorized,
         NoSuchCluster or NoSuchVm otherwise."""
-        c = self.node.access.cluster(principal, cluster)
+        c = self.cluster_of(principal, cluster)
         v = next((v for v in c.vms if v.name == vm), None)
         if v is None:
             raise NoSuchVm(c.name, vm)
@@ -251,24 +258,24 @@ class ConsoleService:
         vm_id = f"{cluster}/{vm}"
         if v.state != "running":
             return defer.fail(ConsoleUnavailable(vm_id, f"it is not running (its state is {v.state})"))
-        if v.host == self.node.host_id:
+        if v.host == self.host_id:
             return self.attach_local(vm_id, viewer)
         if self.relay is None:
             return defer.fail(ConsoleUnavailable(
-                vm_id, f"it runs on host {v.host} and host {self.node.host_id} runs without peers"))
+                vm_id, f"it runs on host {v.host} and host {self.host_id} runs without peers"))
         return self.relay.attach(v.host, vm_id, viewer, principal.name)
 
     def attach_local(self, vm_id: str, viewer) -> defer.Deferred:
         """Attaches ``viewer`` to the console of VM ``vm_id`` running on this host."""
         if self.stopped:
-            return defer.fail(ConsoleUnavailable(vm_id, f"host {self.node.host_id} is stopping"))
-        dom = self.node.domsvc.dom
+            return defer.fail(ConsoleUnavailable(vm_id, f"host {self.host_id} is stopping"))
+        dom = self.domsvc.dom
         rec = dom.get(VmRec, vm_id)
         if rec is None or rec.desired == "absent":
             return defer.fail(ConsoleUnavailable(vm_id, "there is no such VM"))
-        if rec.host != self.node.host_id:
+        if rec.host != self.host_id:
             return defer.fail(ConsoleUnavailable(
-                vm_id, f"it runs on host {rec.host or '(none)'}, not on host {self.node.host_id}"))
+                vm_id, f"it runs on host {rec.host or '(none)'}, not on host {self.host_id}"))
         st = status_of(dom, rec)
         if st is None or st.state != "running":
             return defer.fail(ConsoleUnavailable(
@@ -293,7 +300,7 @@ class ConsoleService:
         return d
 
     def _open(self, vm_id: str) -> defer.Deferred:
-        opener = self.opener or self.node.driver.open_console
+        opener = self.opener
         self._forget_rings()
         d = defer.maybeDeferred(opener, domain_name(vm_id))
         d.addTimeout(OPEN_TIMEOUT_SECONDS, self.reactor)
@@ -304,7 +311,7 @@ class ConsoleService:
             del self._opening[vm_id]
             if self.stopped:
                 self.run_blocking(lambda: (stream.interrupt(), stream.release()))
-                raise ConsoleUnavailable(vm_id, f"host {self.node.host_id} is stopping")
+                raise ConsoleUnavailable(vm_id, f"host {self.host_id} is stopping")
             ring = self.rings.setdefault(vm_id, ConsoleRing(self.ring_bytes))
             hub = _Hub(self, vm_id, stream, ring)
             self.hubs[vm_id] = hub
@@ -337,7 +344,7 @@ class ConsoleService:
 
     def _forget_rings(self) -> None:
         """Rings of VMs no longer on this host go (a VM moved away or removed)."""
-        dom, me = self.node.domsvc.dom, self.node.host_id
+        dom, me = self.domsvc.dom, self.host_id
         for vm_id in list(self.rings):
             rec = dom.get(VmRec, vm_id)
             if (rec is None or rec.host != me) and vm_id not in self.hubs:
@@ -348,7 +355,7 @@ class ConsoleService:
         self.stopped = True
         waits = []
         for hub in list(self.hubs.values()) + list(self._closing):
-            waits.append(hub.close(f"host {self.node.host_id} is stopping"))
+            waits.append(hub.close(f"host {self.host_id} is stopping"))
         if self.relay is not None:
             self.relay.stop()
 

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from vmwebd.console.hub import MAX_INPUT_MESSAGE, ConsoleUnavailable
 from vmwebd.errors import VmwebError
+from vmwebd.wiring import PeerDirectory
 
 log = Logger()
 
@@ -421,10 +422,13 @@ def _why(message: str, vm_id: str) -> str:
 
 
 class Relay:
-    """Dials the VM's host's peer endpoint for a viewer here (see the module)."""
+    """Dials the VM's host's peer endpoint for a viewer here (see the module), as host
+    ``host_id`` with its grid credentials ``host_creds``; ``peer_address_of``: where a host's peer
+    endpoint is."""
 
-    def __init__(self, node):
-        self.node = node
+    def __init__(self, host_id: str, reactor, peer_address_of: PeerDirectory, host_creds):
+        self.host_id, self.reactor = host_id, reactor
+        self.peer_address_of, self.host_creds = peer_address_of, host_creds
         self.live: set = set()
         self._policies: dict[str, object] = {}
 
@@ -433,17 +437,16 @@ class Relay:
         from twisted.web.websocket import WebSocketClientEndpoint
 
         from vmwebd.gossip import tls
-        node = self.node
-        addr = node.peer_address_of(host)
-        if not addr or node.host_creds is None:
-            raise ConsoleUnavailable(vm_id, f"host {node.host_id} does not know where its host {host} is")
+        addr = self.peer_address_of(host)
+        if not addr or self.host_creds is None:
+            raise ConsoleUnavailable(vm_id, f"host {self.host_id} does not know where its host {host} is")
         if host not in self._policies:
             # The answering host must hold the certificate of the VM's host.
-            self._policies[host] = tls.client_policy(node.host_creds, host)
+            self._policies[host] = tls.client_policy(self.host_creds, host)
         cluster, _, vm = vm_id.partition("/")
         url = (f"https://{addr}/console/{quote(cluster, safe='')}/{quote(vm, safe='')}"
                f"?user={quote(user, safe='')}")
-        endpoint = WebSocketClientEndpoint.new(node.reactor, url, tlsPolicy=self._policies[host],
+        endpoint = WebSocketClientEndpoint.new(self.reactor, url, tlsPolicy=self._policies[host],
                                                connectTimeout=int(RELAY_TIMEOUT_SECONDS))
         client = _RelayClient(self, viewer, vm_id, host)
 
@@ -452,8 +455,8 @@ class Relay:
                 return client
         try:
             connecting = defer.Deferred.fromCoroutine(endpoint.connect(Factory()))
-            yield connecting.addTimeout(RELAY_TIMEOUT_SECONDS, node.reactor)
-            yield client.ready.addTimeout(RELAY_TIMEOUT_SECONDS, node.reactor)
+            yield connecting.addTimeout(RELAY_TIMEOUT_SECONDS, self.reactor)
+            yield client.ready.addTimeout(RELAY_TIMEOUT_SECONDS, self.reactor)
         except ConsoleUnavailable:
             raise
         except defer.TimeoutError:

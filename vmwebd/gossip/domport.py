@@ -19,7 +19,8 @@ class DomPortAdapter:
     simulator, whose entities are made by its own cores, may skip it for speed).
     """
 
-    def __init__(self, dom: Dom, validate: bool = True, me: str | None = None, floor=None):
+    def __init__(self, dom: Dom, validate: bool = True, me: str | None = None, floor=None,
+                 complete=None):
         self.dom = dom
         self.validate = validate
         # ``floor()``: the lowest version this host (``me``) may still write below its latest
@@ -28,9 +29,10 @@ class DomPortAdapter:
         self.me = me
         self.floor = floor
         self.rejected = 0
-        # This host's complete version vector (the gossip core's), once the core exists: states
-        # of entities collected here are dropped (vmwebd/dom/gc.py).
-        self.complete = None
+        # ``complete()``: this host's complete version vector (the gossip core's, which is built
+        # on this adapter: a callable breaks that cycle); states of entities collected here are
+        # dropped (vmwebd/dom/gc.py).
+        self.complete = complete
         self.forgotten = 0
 
     def merge(self, entities) -> list:

@@ -215,7 +215,7 @@ class PeerClient:
 
 class GossipService:
     def __init__(self, core: GossipCore, domsvc, client: PeerClient, reactor,
-                 state_file: Path | None = None, tick_interval: float = 0.05):
+                 state_file: Path | None = None, tick_interval: float = 0.05, listeners=()):
         self.core = core
         self.domsvc = domsvc
         self.client = client
@@ -230,7 +230,7 @@ class GossipService:
         self._push_gap_call = None
         self.push_gap = PUSH_GAP_S
         self._save_loop = None
-        self.listeners = []   # fn(node, old, new) on membership changes
+        self.listeners = list(listeners)   # fn(node, old, new) on membership changes
 
     def now(self) -> float:
         return self.reactor.seconds()

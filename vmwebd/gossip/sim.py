@@ -73,11 +73,10 @@ class Simulation:
 
     def _boot(self, hid: str, seeds, known):
         h = self.hosts[hid]
-        port = DomPortAdapter(h.dom, validate=self.validate)
-        h.core = GossipCore(hid, hid, self.cfg, random.Random(self.rng.random()),
-                            port, self.now, seeds=tuple(seeds), known=tuple(known))
-        core = h.core
-        port.complete = lambda: core.cvv   # as the daemon wires it (vmwebd/dom/gc.py)
+        # The adapter reads the vector of the core built on it (vmwebd/dom/gc.py), as the daemon's.
+        port = DomPortAdapter(h.dom, validate=self.validate, complete=lambda: core.cvv)
+        core = h.core = GossipCore(hid, hid, self.cfg, random.Random(self.rng.random()),
+                                   port, self.now, seeds=tuple(seeds), known=tuple(known))
         h.crashed = False
 
     def _reachable(self, a: str, b: str) -> bool:

@@ -39,6 +39,7 @@ from vmwebd.atomicfile import AtomicFile
 from vmwebd.dom.records import HostRec, ImageRec
 from vmwebd.errors import ImageUnavailable, InvalidArgument, NameTaken, NoSuchImage
 from vmwebd.hv import perms
+from vmwebd.wiring import HostSet, PeerDirectory, Publisher
 
 log = Logger()
 CHUNK = 1 << 20
@@ -197,7 +198,8 @@ class ImageStore:
     """The images of one host. ``publish`` is called after the set of held images changes."""
 
     def __init__(self, host_id: str, domsvc, driver, pool: str, directory: Path,
-                 cert_dir: Path | None, reactor, live_hosts, peer_address_of):
+                 cert_dir: Path | None, reactor, live_hosts: HostSet, peer_address_of: PeerDirectory,
+                 publish: Publisher | None = None):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -209,7 +211,7 @@ class ImageStore:
         self.live_hosts = live_hosts
         self.peer_address_of = peer_address_of
         self.held: set[str] = set()          # image names whose file here matches the record
-        self.publish = lambda: defer.succeed(None)
+        self.publish = publish or (lambda: defer.succeed(None))
         self._fetching: dict[str, list[defer.Deferred]] = {}
         #: The account libvirt runs QEMU as, when it is not root (learnt by ``scan``).
         self.qemu: perms.QemuAccount | None = None

@@ -8,6 +8,7 @@ and a test reaches it.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -57,7 +58,9 @@ def parse_holder(holder: str) -> tuple[str, str, str]:
 
 class Allocator:
     def __init__(self, table: LeaseTable, ip_pools: dict[str, IpPool], mac_pool: MacPool,
-                 vni_pool: VniRange, rng: random.Random, max_rounds: int = 8):
+                 vni_pool: VniRange, rng: random.Random, max_rounds: int = 8,
+                 lane: Callable[[], tuple[int, int]] | None = None,
+                 hosts: Callable[[], Iterable[str]] | None = None):
         self.table = table
         self.ip_pools = ip_pools
         self.mac_pool = mac_pool
@@ -70,12 +73,12 @@ class Allocator:
         #: (this host's place among the consensus members, how many): candidates come from this
         #: host's lane of each pool (every m-th address, network id) while it has free ones, so
         #: hosts allocating at the same moment never race for the same lowest free values.
-        self.lane = lambda: (0, 1)
+        self.lane = lane or (lambda: (0, 1))
         #: Capacity and quota sets (:mod:`vmwebd.lease.capacity`), changed in the same
         #: operations as the addresses.
         self.ledger = Ledger(table.holder)
-        #: The grid's hosts (whose capacity sets a VM may be in); the node wires its view.
-        self.hosts = lambda: ()
+        #: The grid's hosts (whose capacity sets a VM may be in); the node gives its view.
+        self.hosts = hosts or (lambda: ())
 
     def _taken(self, key: str) -> bool:
         return key in self._claiming or self.table.holder(key) is not None

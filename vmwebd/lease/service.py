@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -25,6 +26,7 @@ from vmwebd.dom.store import DurableStore
 from vmwebd.errors import NoQuorum
 from vmwebd.lease import paxos
 from vmwebd.lease.table import LeaseConflict
+from vmwebd.wiring import EntitySink, PeerSender
 
 log = Logger()
 MEMBERS_KEY = "config/members"   # the consensus members, itself decided by consensus
@@ -110,9 +112,11 @@ class LeaseService:
     ``on_round(outcome, seconds)``, if given, hears of every proposal once it ends: outcome
     ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock."""
 
-    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send,
+    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send: PeerSender,
                  fsync: bool = True, deadline: float = 3.0, compact_every: int = 20000,
-                 parallel_rounds: int = 1, on_round=None):
+                 parallel_rounds: int = 1, on_round=None,
+                 proposer_for: Callable[[], str | None] | None = None,
+                 non_members_alive: Callable[[], bool] | None = None, note_own: EntitySink | None = None):
         self.me = me
         self.on_round = on_round
         self.domsvc = domsvc
@@ -135,15 +139,15 @@ class LeaseService:
         self._since_compact = 0
         #: Are there live hosts that are not consensus members? Only they need this host's
         #: decided leases pushed by gossip at once: every member learns them from the Commit
-        #: (and anti-entropy brings what a lost Commit missed). Set by the node.
-        self.non_members_alive = lambda: True
+        #: (and anti-entropy brings what a lost Commit missed). Given by the node.
+        self.non_members_alive = non_members_alive or (lambda: True)
         #: Tells gossip about own decided leases recorded without a push (see GossipService.note_own).
-        self.note_own = lambda entities: None
+        self.note_own = note_own or (lambda entities: None)
         #: The host that runs this host's proposals (None: this one). One proposer for the grid
         #: batches what many proposers would fight over: operations on shared keys (a host's
         #: capacity set, an owner's quota) from every host meet in its rounds instead of
-        #: pre-empting each other's ballots. Set by the node; any choice is safe.
-        self.proposer_for = lambda: None
+        #: pre-empting each other's ballots. Given by the node; any choice is safe.
+        self.proposer_for = proposer_for or (lambda: None)
         #: How long a forwarded operation waits for its outcome before running here instead:
         #: longer than the proposer itself may take to end it (its deadline, stretched while a
         #: majority answers), so a proposer that is merely slow is not doubled by a second run

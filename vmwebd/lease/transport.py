@@ -10,12 +10,15 @@ arrive through :meth:`PaxosTransport.deliver` like any other.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from vmwebd.gossip.codec import answers_from, encode
 from vmwebd.gossip.messages import Bundle, Envelope
 from vmwebd.lease import paxos
+from vmwebd.wiring import LeaseReceiver, PeerDirectory
 
 log = Logger()
 KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
@@ -29,12 +32,13 @@ class PaxosTransport:
     connections); ``address_of(host)`` says where a host's peer endpoint is (None: unknown, the
     message is dropped); ``my_address()`` is this host's own peer address, for envelopes."""
 
-    def __init__(self, me: str, client, address_of, my_address):
+    def __init__(self, me: str, client, address_of: PeerDirectory, my_address: Callable[[], str | None],
+                 leases: LeaseReceiver | None = None):
         self.me = me
         self.client = client
         self.address_of = address_of
         self.my_address = my_address
-        self.leases = None          # the LeaseService, once it exists
+        self.leases = leases        # the LeaseService that delivered messages go to
         self.requests = 0
 
     def send(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from twisted.internet import defer, threads
@@ -73,6 +74,7 @@ from vmwebd.migrate.phases import (
 from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import all_settings, drain_record, drained_hosts
+from vmwebd.wiring import HostSet, Liveness, PeerDirectory
 
 log = Logger()
 #: How long a host must have been dead (or gone) here before the VMs that never ran on it are
@@ -115,7 +117,10 @@ class MigrationManager:
     for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
 
     def __init__(self, host_id, domsvc, driver, images, reconciler, table, storage, now_ms,
-                 live_hosts, peer_address_of, cert_dir, overcommit=lambda: 4.0, clock=None):
+                 live_hosts: HostSet, peer_address_of: PeerDirectory, cert_dir, overcommit=lambda: 4.0,
+                 clock=None, liveness: Liveness | None = None, placeable_hosts: HostSet | None = None,
+                 allocator=None, placement: Callable[[], str] | None = None, migrate_uri: str = "",
+                 push_to: Callable[[Iterable[str]], object] | None = None):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
@@ -132,20 +137,20 @@ class MigrationManager:
         self.peer_address_of = peer_address_of
         self.cert_dir = cert_dir
         self.overcommit = overcommit
-        self.migrate_uri = ""        # what this host publishes for live migrations to it
+        self.migrate_uri = migrate_uri   # what this host publishes for live migrations to it
         #: When migrations are given up (prepare timeout, grace for a dead peer, abandonment).
         self.limits = phases.DEFAULT_LIMITS
         self._working: set[str] = set()
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
-        self.push_to = lambda hosts: None   # the node wires gossip's direct push here
-        self.liveness = lambda host: "unknown"   # the failure detector's word on a host
-        #: Leases addresses and keeps the capacity ledger (wired by the node).
-        self.allocator = None
-        self.placement = lambda: "spread"
+        self.push_to = push_to or (lambda hosts: None)   # gossip's direct push, with peers
+        self.liveness = liveness or (lambda host: "unknown")   # the failure detector's word on a host
+        #: Leases addresses and keeps the capacity ledger.
+        self.allocator = allocator
+        self.placement = placement or (lambda: "spread")
         self._down_since: dict[str, int] = {}
         #: Hosts that may receive VMs (the failure detector's alive, not suspect ones).
-        self.placeable_hosts = live_hosts
+        self.placeable_hosts = placeable_hosts or live_hosts
         self.replace_grace_s = REPLACE_GRACE_S
         self.replaced_grace_ms = REPLACED_GRACE_MS
         self._dead_since: dict[str, int] = {}
