@@ -187,7 +187,7 @@ def empty_grid(grid, n: int) -> None:
     asked: set = set()
 
     def empty() -> bool:
-        left = {cl["name"]: i for i in range(n) for cl in grid.call(i, "ListClusters", None)}
+        left = {cl["name"]: i for i in range(n) for cl in grid.call(i, "ListClusters", None) or []}
         for name, i in left.items():
             if name not in asked:
                 grid.call(i, "DestroyCluster", name, True)     # at a host that knows it
