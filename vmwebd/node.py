@@ -22,6 +22,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from vmwebd import apitls
+from vmwebd.app import build_application
+from vmwebd.app.users import thread_pool_runner
+from vmwebd.audit import AuditLog
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
 from vmwebd.console.hub import ConsoleService
@@ -257,11 +260,15 @@ class Node(MultiService):
         self.history = HistoryService(self.host_id, self.reactor, self.driver, self.domsvc,
                                       memory_mib=cfg.host.memory_mib, peer_address_of=self.peer_address_of,
                                       host_creds=creds)
-        # VMs' serial consoles (vmwebd/console/). The application service that says who may see
-        # a cluster is built with the user API (listen), after this: the callable reads it then.
+        # The operations users ask for, with their permission checks (SOAP, the web pages and
+        # the consoles ask it), each change recorded in the audit trail.
+        self.audit = AuditLog(self.host_id, self.domsvc, self.now_ms, clock=self.reactor)
+        self.access = build_application(
+            manager=self.manager, domsvc=self.domsvc, migrations=self.migrations, members=self.leases,
+            images=self.images, audit=self.audit, now_ms=self.now_ms, run=thread_pool_runner(self.reactor))
+        # VMs' serial consoles (vmwebd/console/): who may see a cluster is the application's say.
         self.consoles = ConsoleService(
-            self.host_id, self.reactor, self.domsvc, self.driver.open_console,
-            lambda principal, cluster: self.access.cluster(principal, cluster),
+            self.host_id, self.reactor, self.domsvc, self.driver.open_console, self.access.cluster,
             relay=Relay(self.host_id, self.reactor, self.peer_address_of, creds) if creds else None)
         if cfg.metrics.enabled:
             self.metrics.registry.register(StateCollector(
@@ -375,8 +382,7 @@ class Node(MultiService):
 
     @defer.inlineCallbacks
     def _stop_api(self):
-        if getattr(self, "access", None) is not None:
-            self.access.audit.stop()
+        self.audit.stop()
         if self.port is not None:
             yield self.port.stopListening()
 
@@ -620,20 +626,13 @@ class Node(MultiService):
         the config turns it off, Prometheus metrics at ``/metrics``, after
         making the user in ``<state dir>/bootstrap-admin`` an admin if that file exists."""
         from vmwebd.api.service import build_user_api
-        from vmwebd.app import build_application
-        from vmwebd.app.users import thread_pool_runner
-        from vmwebd.audit import AuditLog
         from vmwebd.auth import Authenticator, BasicAuthGuard, apply_bootstrap_admin
         from vmwebd.web.site import WebRoot
         # The replica has the admin at once; the file goes once that is durable.
         apply_bootstrap_admin(self.domsvc, self.config.state_dir).addErrback(
             lambda f: log.failure("could not record the bootstrap admin", failure=f))
         self.authn = Authenticator(self.domsvc.dom, self.reactor)
-        audit = AuditLog(self.host_id, self.domsvc, self.now_ms, clock=self.reactor)
-        self.access = build_application(
-            manager=self.manager, domsvc=self.domsvc, migrations=self.migrations, members=self.leases,
-            images=self.images, audit=audit, now_ms=self.now_ms, run=thread_pool_runner(self.reactor))
-        audit.start()
+        self.audit.start()
         root = WebRoot(self.access, reactor=self.reactor, host_id=self.host_id, dom=self.domsvc.dom,
                        manager=self.manager, authn=self.authn, history=self.history, config=self.config,
                        gossip_config=lambda: self.gossip.core.cfg if self.gossip is not None else None,
