@@ -19,10 +19,10 @@ test-py313: bootstrap
 	@py=$$(scripts/find-python.sh 3.13) && VENV=.venv-3.13 PYTHON=$$py bash scripts/bootstrap.sh
 	@.venv-3.13/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The in-process tier: no real processes, real hosts or browsers (see the markers in
-# tests/conftest.py); under a minute on a developer's machine.
+# The in-process tier: no real processes, real hosts or browsers, and not the property tests of
+# seconds each (see the markers in tests/conftest.py and pyproject.toml); `make test` runs them.
 test-fast: bootstrap
-	@$(PY) -m pytest -m "not slow and not process and not realhost" -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not slow and not process and not realhost and not property" -q $(PYTEST_ARGS)
 
 # The static gates: ruff, mypy --strict on the pure cores, import-linter's contracts (pyproject.toml).
 lint: bootstrap

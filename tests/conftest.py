@@ -19,8 +19,8 @@ _ports = itertools.count(0)
 # -- tiers -------------------------------------------------------------------------------------
 # `slow`: real daemons, many hypothesis examples (marked in the test files). `process`: the test
 # starts another program (a daemon, the CLI, pip, cloud-init's tools, ssh-keygen, nft…).
-# `realhost`: it needs the real-host lab (libvirtd, QEMU, network namespaces). `make test-fast`
-# deselects all three. New tests carry their marker themselves; the tests below were written
+# `realhost`: it needs the real-host lab (libvirtd, QEMU, network namespaces). `property`: a
+# hypothesis property taking seconds (its examples). `make test-fast` deselects all four. New tests carry their marker themselves; the tests below were written
 # before the markers existed and get theirs here.
 _REALHOST_WORD = "realhost"                   # in the module's name: test_realhosts*.py, …
 _PROCESS_MODULES = {"test_console.py"}        # every console test runs /bin/sh on a real pty

@@ -447,6 +447,7 @@ def test_simulated_grid_balances_within_the_potential_bound(case):
         assert abs(phi_of(end, ideal) - r.phi_end) < EPS and abs(ideal - r.grid_load) < EPS
 
 
+@pytest.mark.property
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(2, 8), cpus=st.sampled_from([8, 16]), load=st.floats(0.1, 0.6),
        threshold=st.sampled_from([0.15, 0.2, 0.3]), fail=st.sampled_from([0.0, 0.2]),

@@ -1,6 +1,7 @@
 """The DOM's caches and indexes (decoded records, secondary indexes, versions by origin, the
 incremental digest) always say what a scan of the document says, whatever the writes, merges,
 deletions and collections that led there."""
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -82,6 +83,7 @@ def decoded_afresh(dom, cls):
     return sorted(fresh.all(cls), key=lambda r: r.id)
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(operations())
 def test_cached_records_and_indexes_match_a_scan(ops):
@@ -107,6 +109,7 @@ def test_cached_records_and_indexes_match_a_scan(ops):
     assert dom.size() == sum(1 for _ in dom.entities())
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(operations())
 def test_incremental_digest_equals_a_fresh_replicas(ops):
@@ -124,6 +127,7 @@ def test_incremental_digest_equals_a_fresh_replicas(ops):
     assert dom.digest() != fresh.digest()
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(operations(), st.dictionaries(st.sampled_from(HOSTS + ["z"]),
                                      st.tuples(st.integers(-1, 6), st.integers(-1, 45))))
@@ -141,6 +145,7 @@ def test_delta_from_the_index_sends_every_entity_with_a_part_they_lack(ops, thei
     assert sorted(entity_bytes(e) for e in ents) == sorted(expect)
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(operations(), st.sampled_from(HOSTS + ["z"]), st.tuples(st.integers(-1, 6), st.integers(-1, 45)),
        st.tuples(st.integers(-1, 6), st.integers(-1, 45)), st.sampled_from(IDS))
@@ -154,6 +159,7 @@ def test_wrote_between_matches_a_scan(ops, origin, after, upto, skip_id):
     assert dom.wrote_between(origin, after, upto, skip=skip) == expect
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(operations(), operations())
 def test_a_state_the_replica_holds_changes_nothing_when_merged(ops, others):

@@ -1,6 +1,7 @@
 """Merge laws of the cluster DOM (a state-based CRDT per entity part), checked with hypothesis."""
 import itertools
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -49,6 +50,7 @@ def merged(els):
     return d
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(updates(), st.randoms(use_true_random=False))
 def test_any_order_gives_same_document(ups, rnd):
@@ -58,6 +60,7 @@ def test_any_order_gives_same_document(ups, rnd):
     assert merged(ups).canonical_digest() == merged(shuffled).canonical_digest()
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(updates(), st.randoms(use_true_random=False))
 def test_duplicates_change_nothing(ups, rnd):
@@ -67,6 +70,7 @@ def test_duplicates_change_nothing(ups, rnd):
     assert merged(ups).canonical_digest() == merged(dup).canonical_digest()
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(updates(), st.randoms(use_true_random=False))
 def test_any_grouping_gives_same_document(ups, rnd):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -624,6 +625,7 @@ def _round(src: Dom, src_cvv: dict, dst: Dom, dst_cvv: dict, budget: int):
     return len(ents)
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(histories())
 def test_bounded_delta_rounds_converge_and_claims_are_sound(h):

@@ -626,6 +626,7 @@ EVENTS = (_weighted([("kick", 6), ("sweep", 2), ("error", 1), ("crash", 2), ("re
 events = st.sampled_from(EVENTS)
 
 
+@pytest.mark.property
 @settings(max_examples=1500, deadline=None)
 @given(mode=st.sampled_from(["live", "cold"]), script=st.lists(events, max_size=40))
 def test_random_faults_end_in_done_or_failed_with_the_vm_running_once(mode, script):

@@ -3,6 +3,7 @@ same records, and across replicas that received the same records in another orde
 import ipaddress
 import random
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,6 +69,7 @@ def brute_holders(vms, migrations, cluster) -> set[str]:
     return out
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(grids(), st.integers(0, 2**32))
 def test_plan_is_the_same_at_every_replica_and_says_what_the_records_say(grid, seed):

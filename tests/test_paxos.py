@@ -82,6 +82,7 @@ schedules = st.tuples(st.sampled_from([3, 5]), st.integers(0, 2**32 - 1),
                       st.lists(fault_strategy(), max_size=8))
 
 
+@pytest.mark.property
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(schedules)
 def test_random_faulty_schedules_are_safe(schedule):
@@ -319,6 +320,7 @@ batched_schedules = st.tuples(
     st.lists(fault_strategy(), max_size=6))
 
 
+@pytest.mark.property
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batched_schedules)
 def test_random_batched_schedules_are_safe(schedule):

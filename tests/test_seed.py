@@ -337,6 +337,7 @@ def clusters(draw):
     return names, absent, mode, keys, subnet
 
 
+@pytest.mark.property
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clusters())
 def test_property_hosts_address_determinism(shape):

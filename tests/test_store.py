@@ -417,6 +417,7 @@ def test_acknowledged_records_survive_sigkill(tmp_path):
     assert kills_in_compaction >= 5
 
 
+@pytest.mark.property
 def test_crash_at_every_step_of_compaction(tmp_path):
     """A writer dying before any file-system call of a compaction leaves a complete store."""
     steps = 0
