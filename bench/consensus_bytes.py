@@ -14,6 +14,7 @@ the machine.
 
     .venv/bin/python bench/consensus_bytes.py [--members 5] [--sizes 1000 5000 10000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,15 @@ def _create_ops(c: int) -> dict:
     for host, entries in by_host.items():
         cas[cap_key(host)] = (SetUpdate(add=frozenset(entries), limit=(10**6, 10**9), name=host), None)
     owner = OWNERS[c % len(OWNERS)]
-    cas[quota_key(owner)] = (SetUpdate(add=frozenset(Entry(f"c{c:05d}/pc{i}", "t") for i in range(CLUSTER)),
-                                       sizes=False, limit=10**6, name=owner), None)
+    cas[quota_key(owner)] = (
+        SetUpdate(
+            add=frozenset(Entry(f"c{c:05d}/pc{i}", "t") for i in range(CLUSTER)),
+            sizes=False,
+            limit=10**6,
+            name=owner,
+        ),
+        None,
+    )
     return cas
 
 
@@ -92,7 +100,7 @@ def measure(members: int, vms: int, elide_at, creates: int) -> dict:
         assert isinstance(r, paxos.Decided), r
         # The forwarded operation's Outcome, back to the host that asked.
         by_kind["Outcome"] += _wire_bytes(paxos.Outcome(op, r))
-        sim.run_until(sim.now + 0.05)       # its Commit reaches every member before the next
+        sim.run_until(sim.now + 0.05)  # its Commit reaches every member before the next
     sim.stop_holding()
     sim.run_until(sim.now + 1.0)
     return {k: v / creates for k, v in by_kind.items()}
@@ -105,16 +113,21 @@ def main() -> int:
     ap.add_argument("--creates", type=int, default=5)
     args = ap.parse_args()
     kinds = ["Prepare", "Promise", "Accept", "Accepted", "Commit", "Outcome"]
-    print(f"{args.members} consensus members, clusters of {CLUSTER} VMs over {len(HOSTS)} hosts, "
-          f"{len(OWNERS)} owners; bytes on the wire per create (mean of {args.creates})\n")
+    print(
+        f"{args.members} consensus members, clusters of {CLUSTER} VMs over {len(HOSTS)} hosts, "
+        f"{len(OWNERS)} owners; bytes on the wire per create (mean of {args.creates})\n"
+    )
     print(f"{'VMs':>7} {'setting':>10} " + " ".join(f"{k:>9}" for k in kinds) + f" {'total':>10}")
     for vms in args.sizes:
         totals = {}
         for name, elide_at in (("whole", None), ("named", paxos.BIG_VALUE)):
             r = measure(args.members, vms, elide_at, args.creates)
             totals[name] = sum(r.values())
-            print(f"{vms:>7} {name:>10} " + " ".join(f"{r.get(k, 0):>9.0f}" for k in kinds)
-                  + f" {totals[name]:>10.0f}")
+            print(
+                f"{vms:>7} {name:>10} "
+                + " ".join(f"{r.get(k, 0):>9.0f}" for k in kinds)
+                + f" {totals[name]:>10.0f}"
+            )
         print(f"{'':>7} {'whole/named':>10} {totals['whole'] / totals['named']:>69.2f}x")
     return 0
 

@@ -9,6 +9,7 @@ tombstones are kept: vmwebd/dom/gc.py).
 
     .venv/bin/python bench/gc.py
 """
+
 from __future__ import annotations
 
 import statistics
@@ -40,9 +41,18 @@ def main() -> None:
     dom = Dom(HybridClock("h00", lambda: now[0]))
     for i in range(LIVE + DELETED):
         vid = f"c{i // 8}/pc{i % 8}"
-        dom.put(VmRec(id=vid, cluster=f"c{i // 8}", name=f"pc{i % 8}", host=f"h{i % HOSTS:02d}",
-                      image="debian-12", ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-                      mac=f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}", token="ab12"))
+        dom.put(
+            VmRec(
+                id=vid,
+                cluster=f"c{i // 8}",
+                name=f"pc{i % 8}",
+                host=f"h{i % HOSTS:02d}",
+                image="debian-12",
+                ip=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+                mac=f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
+                token="ab12",
+            )
+        )
         dom.put(VmStatus(id=vid, host=f"h{i % HOSTS:02d}", state="running", observed_at=now[0], token="ab12"))
         dom.put(LeaseRec(id=f"ip/lab/{i}", holder=f"vm:{vid}#ab12", granted_at=now[0]))
     for i in range(LIVE, LIVE + DELETED):
@@ -57,7 +67,7 @@ def main() -> None:
 
     t_gc = median_time(lambda: collectable(dom, full, now[0], 600_000))
     t_vv = median_time(dom.version_vector)
-    behind = {**full, "h19": (0, 0)}    # one host down since long before: nothing collectable
+    behind = {**full, "h19": (0, 0)}  # one host down since long before: nothing collectable
     t_blocked = median_time(lambda: collectable(dom, behind, now[0], 600_000))
     keys = collectable(dom, full, now[0], 600_000, limit=10**9)
     size_before = len(dom.to_xml(pretty=False))
@@ -68,14 +78,22 @@ def main() -> None:
     delta_after = sum(len(entity_bytes(e)) for e in dom.delta({}, full, 1 << 40)[0])
     t_after = median_time(lambda: collectable(dom, full, now[0], 600_000))
 
-    print(f"bench/gc.py: {LIVE:,} live VMs (+status, +lease), {DELETED:,} VMs and leases deleted, {HOSTS} hosts")
-    print(f"  one collection pass (on the reactor, after each heartbeat): {t_gc * 1000:.1f} ms collecting "
-          f"500 of {len(keys):,} (its cap), {t_blocked * 1000:.1f} ms when a host that is down blocks all, "
-          f"{t_after * 1000:.1f} ms with none left; one Dom.version_vector: {t_vv * 1000:.1f} ms")
-    print(f"  serialised DOM: {size_before / 1e6:.2f} MB before, {size_after / 1e6:.2f} MB after "
-          f"({size_before / size_after:.2f}x smaller)")
-    print(f"  full anti-entropy delta to an empty host: {delta_before / 1e6:.2f} MB before, "
-          f"{delta_after / 1e6:.2f} MB after")
+    print(
+        f"bench/gc.py: {LIVE:,} live VMs (+status, +lease), {DELETED:,} VMs and leases deleted, {HOSTS} hosts"
+    )
+    print(
+        f"  one collection pass (on the reactor, after each heartbeat): {t_gc * 1000:.1f} ms collecting "
+        f"500 of {len(keys):,} (its cap), {t_blocked * 1000:.1f} ms when a host that is down blocks all, "
+        f"{t_after * 1000:.1f} ms with none left; one Dom.version_vector: {t_vv * 1000:.1f} ms"
+    )
+    print(
+        f"  serialised DOM: {size_before / 1e6:.2f} MB before, {size_after / 1e6:.2f} MB after "
+        f"({size_before / size_after:.2f}x smaller)"
+    )
+    print(
+        f"  full anti-entropy delta to an empty host: {delta_before / 1e6:.2f} MB before, "
+        f"{delta_after / 1e6:.2f} MB after"
+    )
 
 
 if __name__ == "__main__":

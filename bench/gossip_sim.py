@@ -21,6 +21,7 @@ reach 99.99 % of 100 hosts and ~2.2 s for 1,000; SWIM's expected time until some
 probes a failed one is e/(e-1) ≈ 1.58 protocol periods (a suspicion is then raised at the end of
 that probe period). Simulated time only; wall time is printed so the cost of the simulator shows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,6 +80,7 @@ def watch_changes(sim: Simulation, victim: str) -> dict:
                 if node == victim and new == SUSPECT:
                     seen["suspect"] = sim.now
         carry(src, out)
+
     sim._carry = logged
     return seen
 
@@ -98,7 +100,7 @@ def bench(n: int, seed: int, steady: float, cfg=LAN) -> dict:
     sim.write("h0", VClusterRec(id="bench", owner="bench"))
     dt, r["spread_msgs"], r["spread_bytes"], ok = window(sim, until=lambda: holders["n"] >= need, limit=120)
     r["spread"] = dt if ok else float("nan")
-    sim.run(30)   # let the rumor drain before the next measurement
+    sim.run(30)  # let the rumor drain before the next measurement
     # failure detection
     victim = f"h{n // 2}"
     seen = watch_changes(sim, victim)
@@ -125,17 +127,21 @@ def slow_host(n: int, seed: int, lag: float, seconds: float, cfg) -> dict:
     def logged(src, out):
         changes.extend((src, node, new) for node, _old, new in out.changes)
         carry(src, out)
+
     sim._carry = logged
     sim.slow(slow, lag)
     m0, b0 = sim.stats.messages, sim.stats.bytes
     sim.run(seconds)
     dead = [c for c in changes if c[2] in (DEAD, LEFT)]
-    return {"healthy_dead": sum(1 for c in dead if c[1] != slow),
-            "healthy_dead_by_slow": sum(1 for c in dead if c[1] != slow and c[0] == slow),
-            "slow_dead": sum(1 for c in dead if c[1] == slow),
-            "slow_suspects": sum(1 for c in changes if c[0] == slow and c[2] == SUSPECT),
-            "score": sim.hosts[slow].core.health_score,
-            "msgs": (sim.stats.messages - m0) / n / seconds, "bytes": (sim.stats.bytes - b0) / n / seconds}
+    return {
+        "healthy_dead": sum(1 for c in dead if c[1] != slow),
+        "healthy_dead_by_slow": sum(1 for c in dead if c[1] != slow and c[0] == slow),
+        "slow_dead": sum(1 for c in dead if c[1] == slow),
+        "slow_suspects": sum(1 for c in changes if c[0] == slow and c[2] == SUSPECT),
+        "score": sim.hosts[slow].core.health_score,
+        "msgs": (sim.stats.messages - m0) / n / seconds,
+        "bytes": (sim.stats.bytes - b0) / n / seconds,
+    }
 
 
 def main(argv=None):
@@ -149,42 +155,99 @@ def main(argv=None):
     ap.add_argument("--slow-for", type=float, default=600.0, help="slow-host run, simulated seconds")
     args = ap.parse_args(argv)
     cfg = LAN.without_lifeguard() if args.without_lifeguard else LAN
-    print(f"LAN preset: gossip {LAN.gossip_interval * 1000:.0f} ms, probe {LAN.probe_interval:.0f} s, "
-          f"fanout {LAN.fanout}, retransmit mult {LAN.retransmit_mult}, suspicion mult {LAN.suspicion_mult}, "
-          f"sync {LAN.sync_interval:.0f} s; Lifeguard {'off' if args.without_lifeguard else 'on'} "
-          f"(health multiplier up to {cfg.awareness_max_multiplier}, suspicion max {cfg.suspicion_max_timeout_mult}x)")
+    print(
+        f"LAN preset: gossip {LAN.gossip_interval * 1000:.0f} ms, probe {LAN.probe_interval:.0f} s, "
+        f"fanout {LAN.fanout}, retransmit mult {LAN.retransmit_mult}, suspicion mult {LAN.suspicion_mult}, "
+        f"sync {LAN.sync_interval:.0f} s; Lifeguard {'off' if args.without_lifeguard else 'on'} "
+        f"(health multiplier up to {cfg.awareness_max_multiplier}, suspicion max {cfg.suspicion_max_timeout_mult}x)"
+    )
     rows = []
     for n in args.sizes:
         r = bench(n, args.seed, args.steady, cfg)
         rows.append(r)
         print(f"  N={n}: done in {r['wall']:.1f} s wall", flush=True)
-    hdr = ("N", "stable s", "spread s", "Serf s", "steady msg/h/s", "steady B/h/s", "spread msg/h/s",
-           "spread B/h/s", "1st suspect s", "(periods)", "SWIM periods", "all dead s", "susp. timeout s",
-           "max susp. s", "wall s")
+    hdr = (
+        "N",
+        "stable s",
+        "spread s",
+        "Serf s",
+        "steady msg/h/s",
+        "steady B/h/s",
+        "spread msg/h/s",
+        "spread B/h/s",
+        "1st suspect s",
+        "(periods)",
+        "SWIM periods",
+        "all dead s",
+        "susp. timeout s",
+        "max susp. s",
+        "wall s",
+    )
     print()
     print(" | ".join(hdr))
     for r in rows:
         serf = SERF.get(r["n"])
-        print(" | ".join([
-            f"{r['n']}", f"{r['stabilise']:.0f}", f"{r['spread']:.2f}",
-            f"~{serf:.1f}" if serf else "-",
-            f"{r['steady_msgs']:.2f}", f"{r['steady_bytes']:.0f}",
-            f"{r['spread_msgs']:.2f}", f"{r['spread_bytes']:.0f}",
-            f"{r['first_suspect']:.2f}", f"{r['first_suspect'] / LAN.probe_interval:.2f}",
-            f"{SWIM_PERIODS:.2f} (+1 to fail)", f"{r['all_dead']:.2f}", f"{r['suspicion_timeout']:.1f}",
-            f"{r['suspicion_max']:.1f}", f"{r['wall']:.0f}"]))
-    print(f"\nAnchors: Serf's convergence model ~2.0 s at 100 hosts, ~2.2 s at 1,000 (99.99 %); SWIM's "
-          f"expected first detection e/(e-1) = {SWIM_PERIODS:.2f} periods until a member probes the failed "
-          f"one. One crash per size: the first-suspect time is a single sample.")
+        print(
+            " | ".join(
+                [
+                    f"{r['n']}",
+                    f"{r['stabilise']:.0f}",
+                    f"{r['spread']:.2f}",
+                    f"~{serf:.1f}" if serf else "-",
+                    f"{r['steady_msgs']:.2f}",
+                    f"{r['steady_bytes']:.0f}",
+                    f"{r['spread_msgs']:.2f}",
+                    f"{r['spread_bytes']:.0f}",
+                    f"{r['first_suspect']:.2f}",
+                    f"{r['first_suspect'] / LAN.probe_interval:.2f}",
+                    f"{SWIM_PERIODS:.2f} (+1 to fail)",
+                    f"{r['all_dead']:.2f}",
+                    f"{r['suspicion_timeout']:.1f}",
+                    f"{r['suspicion_max']:.1f}",
+                    f"{r['wall']:.0f}",
+                ]
+            )
+        )
+    print(
+        f"\nAnchors: Serf's convergence model ~2.0 s at 100 hosts, ~2.2 s at 1,000 (99.99 %); SWIM's "
+        f"expected first detection e/(e-1) = {SWIM_PERIODS:.2f} periods until a member probes the failed "
+        f"one. One crash per size: the first-suspect time is a single sample."
+    )
     if args.slow_n:
-        print(f"\nOne slow host among {args.slow_n}, reading every message {args.slow_lag:g} s late, "
-              f"for {args.slow_for:g} simulated seconds:")
-        print(" | ".join(("Lifeguard", "healthy declared dead", "(by the slow host)", "slow host declared dead",
-                          "suspicions by the slow host", "its health score", "msg/h/s", "B/h/s")))
+        print(
+            f"\nOne slow host among {args.slow_n}, reading every message {args.slow_lag:g} s late, "
+            f"for {args.slow_for:g} simulated seconds:"
+        )
+        print(
+            " | ".join(
+                (
+                    "Lifeguard",
+                    "healthy declared dead",
+                    "(by the slow host)",
+                    "slow host declared dead",
+                    "suspicions by the slow host",
+                    "its health score",
+                    "msg/h/s",
+                    "B/h/s",
+                )
+            )
+        )
         for name, c in (("off", LAN.without_lifeguard()), ("on", LAN)):
             r = slow_host(args.slow_n, args.seed, args.slow_lag, args.slow_for, c)
-            print(" | ".join([name, f"{r['healthy_dead']}", f"{r['healthy_dead_by_slow']}", f"{r['slow_dead']}",
-                              f"{r['slow_suspects']}", f"{r['score']}", f"{r['msgs']:.2f}", f"{r['bytes']:.0f}"]))
+            print(
+                " | ".join(
+                    [
+                        name,
+                        f"{r['healthy_dead']}",
+                        f"{r['healthy_dead_by_slow']}",
+                        f"{r['slow_dead']}",
+                        f"{r['slow_suspects']}",
+                        f"{r['score']}",
+                        f"{r['msgs']:.2f}",
+                        f"{r['bytes']:.0f}",
+                    ]
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ hosts, but they share one CPU thread, so every host's work is serialised):
 
     .venv/bin/python bench/leases.py [--sizes 3 5] [--rounds 40] [--creates 20] [--clients 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,7 @@ def fsync_ms(directory: Path, n: int = 50) -> tuple[float, float]:
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -96,18 +98,25 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
     """Starts ``n`` daemons, measures the user API and CreateCluster, stops them."""
     from tests.test_leases_chaos import SmallPoolGrid
     from tests.test_peers_process import wait_until
+
     base = Path(tempfile.mkdtemp(prefix=f"vmweb-bench-leases-{n}-"))
-    grid = SmallPoolGrid(base, n, pool_cidr="10.90.0.0/20", timing="lan")   # ~4,000 addresses
+    grid = SmallPoolGrid(base, n, pool_cidr="10.90.0.0/20", timing="lan")  # ~4,000 addresses
     try:
         wait_until(grid.all_alive, 60, f"{n} hosts to see each other alive", every=0.5)
         owner = _owner()
         c = grid.client(0, 30)
-        c.call("ListTemplates")                         # first call: authentication, warm caches
+        c.call("ListTemplates")  # first call: authentication, warm caches
         # The bench creates more clusters than a user's default quota of VMs allows.
         c.call("SetQuota", owner, 100_000)
-        wait_until(lambda: all(any(u["name"] == owner and u["quota_vms"] >= 100_000
-                                   for u in grid.call(i, "ListUsers")) for i in range(n)),
-                   30, "every host to know the bench user's quota", every=0.2)
+        wait_until(
+            lambda: all(
+                any(u["name"] == owner and u["quota_vms"] >= 100_000 for u in grid.call(i, "ListUsers"))
+                for i in range(n)
+            ),
+            30,
+            "every host to know the bench user's quota",
+            every=0.2,
+        )
         rtt = []
         for _ in range(50):
             t = time.perf_counter()
@@ -119,7 +128,7 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
             try:
                 c.call("CreateCluster", f"seq{i}", "lab", owner, 1)
                 seq.append(time.perf_counter() - t)
-            except Exception as e:          # noqa: BLE001 (reported, not fatal)
+            except Exception as e:  # noqa: BLE001 (reported, not fatal)
                 failed.append(_faultcode(e))
         print(f"  {n} daemons: sequential creates done", flush=True)
         # ``clients`` clients per host, every host at once: all for one owner (whose quota
@@ -128,9 +137,12 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
         owners = [f"bench{w}" for w in range(n * clients)]
         for o in owners:
             c.call("CreateUser", o, "bench-password-1", "user", 100_000)
-        wait_until(lambda: all(set(owners) <= {u["name"] for u in grid.call(i, "ListUsers")}
-                               for i in range(n)), 30, "every host to know the bench's users",
-                   every=0.2)
+        wait_until(
+            lambda: all(set(owners) <= {u["name"] for u in grid.call(i, "ListUsers")} for i in range(n)),
+            30,
+            "every host to know the bench's users",
+            every=0.2,
+        )
         one = _concurrent(grid, n, clients, per_client, lambda w: owner, "par")
         print(f"  {n} daemons: concurrent creates (one owner) done", flush=True)
         many = _concurrent(grid, n, clients, per_client, lambda w: owners[w], "own")
@@ -145,9 +157,16 @@ def measure_daemons(n: int, creates: int, clients: int) -> dict:
                 for what in LOG_ERRORS:
                     if what in line:
                         log_errors[what] += 1
-        return {"api": ms(rtt), "create": ms(seq) if seq else (float("nan"),) * 2, "create_failed": failed,
-                "one": one, "many": many, "par_clients": n * clients, "log_errors": log_errors,
-                "race": race}
+        return {
+            "api": ms(rtt),
+            "create": ms(seq) if seq else (float("nan"),) * 2,
+            "create_failed": failed,
+            "one": one,
+            "many": many,
+            "par_clients": n * clients,
+            "log_errors": log_errors,
+            "race": race,
+        }
     finally:
         grid.close()
 
@@ -166,9 +185,10 @@ def _concurrent(grid, n: int, clients: int, per_client: int, owner_of, prefix: s
                 with lock:
                     done[0] += 1
                     lat.append(time.perf_counter() - t)
-            except Exception as e:      # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 with lock:
                     errors.append(_faultcode(e))
+
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(n * clients)]
     t = time.perf_counter()
     for th in threads:
@@ -176,23 +196,24 @@ def _concurrent(grid, n: int, clients: int, per_client: int, owner_of, prefix: s
     for th in threads:
         th.join(300)
     wall = time.perf_counter() - t
-    return {"lat": ms(lat) if lat else (float("nan"),) * 2, "rate": done[0] / wall,
-            "failed": errors}
+    return {"lat": ms(lat) if lat else (float("nan"),) * 2, "rate": done[0] / wall, "failed": errors}
 
 
 def empty_grid(grid, n: int) -> None:
     """Destroys every cluster any host lists, until no host lists one (a host may learn of a
     cluster made at another a moment after its creator acknowledged it)."""
     from tests.test_peers_process import wait_until
+
     asked: set = set()
 
     def empty() -> bool:
         left = {cl["name"]: i for i in range(n) for cl in grid.call(i, "ListClusters", None) or []}
         for name, i in left.items():
             if name not in asked:
-                grid.call(i, "DestroyCluster", name, True)     # at a host that knows it
+                grid.call(i, "DestroyCluster", name, True)  # at a host that knows it
                 asked.add(name)
         return not left
+
     wait_until(empty, 300, "every host to have no cluster left", every=0.5)
 
 
@@ -201,6 +222,7 @@ def capacity_race(grid, n: int, clients: int, owner: str) -> dict:
     refuses each of them twice in a row; then, from the DOM, how far each host is promised past
     its memory and vCPUs (target: 0 everywhere)."""
     from lxml import etree
+
     conns = [grid.client(i % n, 30) for i in range(n * clients)]
     made, refused, lat = [0], Counter(), []
     lock = threading.Lock()
@@ -215,12 +237,13 @@ def capacity_race(grid, n: int, clients: int, owner: str) -> dict:
                     made[0] += 1
                     lat.append(time.perf_counter() - t)
                 misses = 0
-            except Exception as e:      # noqa: BLE001
+            except Exception as e:  # noqa: BLE001
                 with lock:
                     refused[_faultcode(e)] += 1
                 misses += 1
                 if misses >= 2:
                     return
+
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(n * clients)]
     t = time.perf_counter()
     for th in threads:
@@ -240,10 +263,15 @@ def capacity_race(grid, n: int, clients: int, owner: str) -> dict:
         mem, cpu = placed.get(h["id"], (0, 0))
         over_mem = max(over_mem, mem - h["memory_mib"])
         over_cpu = max(over_cpu, cpu - 4.0 * h["cpus"])
-    return {"made": made[0], "refused": dict(refused), "wall": wall,
-            "lat": ms(lat) if lat else (float("nan"),) * 2,
-            "over_mem": max(over_mem, 0), "over_cpu": max(over_cpu, 0.0),
-            "used_mem": sum(m for m, _ in placed.values())}
+    return {
+        "made": made[0],
+        "refused": dict(refused),
+        "wall": wall,
+        "lat": ms(lat) if lat else (float("nan"),) * 2,
+        "over_mem": max(over_mem, 0),
+        "over_cpu": max(over_cpu, 0.0),
+        "used_mem": sum(m for m, _ in placed.values()),
+    }
 
 
 def _faultcode(e) -> str:
@@ -252,6 +280,7 @@ def _faultcode(e) -> str:
 
 def _owner() -> str:
     from tests.test_leases_chaos import ADMIN
+
     return ADMIN
 
 
@@ -265,13 +294,22 @@ def grid_in_process(base: Path, n: int):
     for i in range(n):
         hid = f"host{i + 1}"
         pki.issue_host_cert(base / "ca", hid, base / hid / "pki", ["127.0.0.1"])
-        cfg = write_host_config(base / hid, hid, 0, peer_ports[i], 16, 65536, extra=(
-            f'<peers seeds="127.0.0.1:{peer_ports[0]}" cert-dir="{base / hid / "pki"}" '
-            f'timing="local" members="{members}"/>'))
+        cfg = write_host_config(
+            base / hid,
+            hid,
+            0,
+            peer_ports[i],
+            16,
+            65536,
+            extra=(
+                f'<peers seeds="127.0.0.1:{peer_ports[0]}" cert-dir="{base / hid / "pki"}" '
+                f'timing="local" members="{members}"/>'
+            ),
+        )
         node = Node(load_config(cfg), reactor, fsync=True, rng=random.Random(i))
         yield node.start()
         nodes.append(node)
-    for _ in range(400):        # bounded: 20 s for everyone to see everyone
+    for _ in range(400):  # bounded: 20 s for everyone to see everyone
         if all(len(nd.gossip.core.alive()) == n for nd in nodes):
             break
         yield task.deferLater(reactor, 0.05, lambda: None)
@@ -281,6 +319,7 @@ def grid_in_process(base: Path, n: int):
 @defer.inlineCallbacks
 def measure_in_process(n: int, rounds: int):
     from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
     base = Path(tempfile.mkdtemp(prefix=f"vmweb-bench-paxos-{n}-"))
     problems = Counter()
 
@@ -289,6 +328,7 @@ def measure_in_process(n: int, rounds: int):
         level = event.get("log_level")
         if level is not None and level >= LogLevel.warn:
             problems[(formatEvent(event) or "")[:90]] += 1
+
     nodes = yield grid_in_process(base, n)
     globalLogPublisher.addObserver(watch)
     try:
@@ -340,17 +380,29 @@ def _measure_in_process(n, rounds, base, nodes):
         total = max(rounds * 2, inflight * 12)
         sem = defer.DeferredSemaphore(inflight)
         t = time.perf_counter()
-        times = yield defer.gatherResults([
-            sem.run(_timed_propose, nodes[i % n], {f"bench/tput/{n}/{inflight}/{i}": (None, "bench")})
-            for i in range(total)])
+        times = yield defer.gatherResults(
+            [
+                sem.run(_timed_propose, nodes[i % n], {f"bench/tput/{n}/{inflight}/{i}": (None, "bench")})
+                for i in range(total)
+            ]
+        )
         wall = time.perf_counter() - t
         ok = [x for x in times if x is not None]
-        tput[inflight] = {"rate": len(ok) / wall, "lat": ms(ok) if ok else (float("nan"),) * 2,
-                          "failed": total - len(ok)}
+        tput[inflight] = {
+            "rate": len(ok) / wall,
+            "lat": ms(ok) if ok else (float("nan"),) * 2,
+            "failed": total - len(ok),
+        }
     print(f"  {n} in-process nodes: done", flush=True)
-    return {"peer": ms(rtt), "single": ms(single), "batch": ms(batched) if batched else (float("nan"),) * 2,
-            "failed": failed, "tput": tput, "fsync": fsync_ms(base),
-            "requests": sum(nd.paxos_transport.requests for nd in nodes)}
+    return {
+        "peer": ms(rtt),
+        "single": ms(single),
+        "batch": ms(batched) if batched else (float("nan"),) * 2,
+        "failed": failed,
+        "tput": tput,
+        "fsync": fsync_ms(base),
+        "requests": sum(nd.paxos_transport.requests for nd in nodes),
+    }
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -364,8 +416,10 @@ def _verdict(ok: bool) -> str:
 
 def report(sizes, daemons: dict, inproc: dict) -> None:
     print("\nIn-process nodes (one reactor, one CPU thread for all hosts), LeaseService.propose:")
-    print(f"{'hosts':>5} {'peer RTT p50/p99 ms':>20} {'fsync p50/p99 ms':>17} {'1 lease p50/p99 ms':>19} "
-          f"{'target: 2.5 RTT + fsync':>24} {'64 keys p50/p99 ms':>19}")
+    print(
+        f"{'hosts':>5} {'peer RTT p50/p99 ms':>20} {'fsync p50/p99 ms':>17} {'1 lease p50/p99 ms':>19} "
+        f"{'target: 2.5 RTT + fsync':>24} {'64 keys p50/p99 ms':>19}"
+    )
     for n in sizes:
         r = inproc.get(n)
         if r is None:
@@ -375,16 +429,22 @@ def report(sizes, daemons: dict, inproc: dict) -> None:
         s50, s99 = r["single"]
         b50, b99 = r["batch"]
         target = 2.5 * r50 + f50
-        print(f"{n:>5} {r50:>9.2f} / {r99:<8.2f} {f50:>7.2f} / {f99:<7.2f} {s50:>8.2f} / {s99:<8.2f} "
-              f"{target:>10.2f} ms {_verdict(s50 <= target):<6} ({(s50 - f50) / r50:.1f} RTT) "
-              f"{b50:>6.1f} / {b99:<8.1f}")
+        print(
+            f"{n:>5} {r50:>9.2f} / {r99:<8.2f} {f50:>7.2f} / {f99:<7.2f} {s50:>8.2f} / {s99:<8.2f} "
+            f"{target:>10.2f} ms {_verdict(s50 <= target):<6} ({(s50 - f50) / r50:.1f} RTT) "
+            f"{b50:>6.1f} / {b99:<8.1f}"
+        )
     for n in sizes:
         r = inproc.get(n)
         if r is not None:
-            print(f"  {n} hosts: {r['requests']} consensus requests in all; warnings/errors logged while "
-                  f"measuring: {sum(r['log_problems'].values())} {dict(r['log_problems'].most_common(3)) or ''}")
-    print(f"\n{'hosts':>5} {'in flight':>9} {'leases/s':>9} {'p50/p99 ms':>17} {'failed':>6}   "
-          f"target: {LEASES_PER_S:,} leases/s with many in flight")
+            print(
+                f"  {n} hosts: {r['requests']} consensus requests in all; warnings/errors logged while "
+                f"measuring: {sum(r['log_problems'].values())} {dict(r['log_problems'].most_common(3)) or ''}"
+            )
+    print(
+        f"\n{'hosts':>5} {'in flight':>9} {'leases/s':>9} {'p50/p99 ms':>17} {'failed':>6}   "
+        f"target: {LEASES_PER_S:,} leases/s with many in flight"
+    )
     for n in sizes:
         r = inproc.get(n)
         if r is None:
@@ -392,10 +452,14 @@ def report(sizes, daemons: dict, inproc: dict) -> None:
         for inflight, t in sorted(r["tput"].items()):
             p50, p99 = t["lat"]
             verdict = _verdict(t["rate"] >= LEASES_PER_S) if inflight == 64 else ""
-            print(f"{n:>5} {inflight:>9} {t['rate']:>9.0f} {p50:>8.1f} / {p99:<6.1f} {t['failed'] + (r['failed'] if inflight == 1 else 0):>6}   {verdict}")
+            print(
+                f"{n:>5} {inflight:>9} {t['rate']:>9.0f} {p50:>8.1f} / {p99:<6.1f} {t['failed'] + (r['failed'] if inflight == 1 else 0):>6}   {verdict}"
+            )
     print("\nReal daemons (separate processes), user API over HTTP, peers over mutual TLS:")
-    print(f"{'hosts':>5} {'API RTT p50/p99 ms':>19} {'1 at a time p50/p99 ms':>23} {'clients':>7} "
-          f"{'all at once p50/p99 ms':>23} {'clusters/s':>10} {'failed':>6} {'log errors':>10}")
+    print(
+        f"{'hosts':>5} {'API RTT p50/p99 ms':>19} {'1 at a time p50/p99 ms':>23} {'clients':>7} "
+        f"{'all at once p50/p99 ms':>23} {'clusters/s':>10} {'failed':>6} {'log errors':>10}"
+    )
     for n in sizes:
         d = daemons.get(n)
         if d is None:
@@ -406,22 +470,28 @@ def report(sizes, daemons: dict, inproc: dict) -> None:
             r = d[key]
             p50, p99 = r["lat"]
             failed = (d["create_failed"] if key == "one" else []) + r["failed"]
-            print(f"{n:>5} {a50:>8.2f} / {a99:<8.2f} {c50:>10.1f} / {c99:<10.1f} {d['par_clients']:>7} "
-                  f"{p50:>10.1f} / {p99:<10.1f} {r['rate']:>10.1f} {len(failed):>6} "
-                  f"{sum(d['log_errors'].values()):>10}   ({label})")
+            print(
+                f"{n:>5} {a50:>8.2f} / {a99:<8.2f} {c50:>10.1f} / {c99:<10.1f} {d['par_clients']:>7} "
+                f"{p50:>10.1f} / {p99:<10.1f} {r['rate']:>10.1f} {len(failed):>6} "
+                f"{sum(d['log_errors'].values()):>10}   ({label})"
+            )
             if failed:
                 print(f"      failures by faultcode: {dict(Counter(failed))}")
-            print(f"      target: all at once p50 <= {CREATE_P50_MS} ms: {_verdict(p50 <= CREATE_P50_MS)}; "
-                  f">= {CLUSTERS_PER_S} clusters/s: {_verdict(r['rate'] >= CLUSTERS_PER_S)}; "
-                  f"no failure: {_verdict(not failed)}; clean logs: {_verdict(not d['log_errors'])}")
+            print(
+                f"      target: all at once p50 <= {CREATE_P50_MS} ms: {_verdict(p50 <= CREATE_P50_MS)}; "
+                f">= {CLUSTERS_PER_S} clusters/s: {_verdict(r['rate'] >= CLUSTERS_PER_S)}; "
+                f"no failure: {_verdict(not failed)}; clean logs: {_verdict(not d['log_errors'])}"
+            )
         if d["log_errors"]:
             print(f"      log lines: {dict(d['log_errors'])}")
         r = d["race"]
-        print(f"      capacity race ({d['par_clients']} clients, 3-VM bigdata clusters until "
-              f"refused): {r['made']} clusters in {r['wall']:.1f} s, p50/p99 "
-              f"{r['lat'][0]:.0f} / {r['lat'][1]:.0f} ms, refusals {r['refused']}; most "
-              f"over-promised host: {r['over_mem']} MiB, {r['over_cpu']:g} vCPUs past capacity "
-              f"(target 0: {_verdict(r['over_mem'] == 0 and r['over_cpu'] == 0)})")
+        print(
+            f"      capacity race ({d['par_clients']} clients, 3-VM bigdata clusters until "
+            f"refused): {r['made']} clusters in {r['wall']:.1f} s, p50/p99 "
+            f"{r['lat'][0]:.0f} / {r['lat'][1]:.0f} ms, refusals {r['refused']}; most "
+            f"over-promised host: {r['over_mem']} MiB, {r['over_cpu']:g} vCPUs past capacity "
+            f"(target 0: {_verdict(r['over_mem'] == 0 and r['over_cpu'] == 0)})"
+        )
 
 
 def main() -> int:
@@ -435,7 +505,7 @@ def main() -> int:
     args = ap.parse_args()
     daemons, inproc = {}, {}
     if not args.skip_daemons:
-        for n in args.sizes:    # blocking clients; before the reactor runs
+        for n in args.sizes:  # blocking clients; before the reactor runs
             daemons[n] = measure_daemons(n, args.creates, args.clients)
 
     @defer.inlineCallbacks
@@ -443,7 +513,8 @@ def main() -> int:
         for n in args.sizes if not args.skip_in_process else ():
             inproc[n] = yield measure_in_process(n, args.rounds)
         report(args.sizes, daemons, inproc)
-    task.react(run)   # runs the reactor, then exits the process
+
+    task.react(run)  # runs the reactor, then exits the process
     return 0
 
 

@@ -22,6 +22,7 @@ full/overlay, as a markdown table. The destination disk of every round is checke
 
 Needs root, network namespaces, libvirtd and QEMU (``bash scripts/bootstrap.sh``); about 2 min.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,16 +54,24 @@ from lab.guest import (  # noqa: E402
 from lab.hosts import Lab, lab_available  # noqa: E402
 
 BASE = "base.qcow2"
-COMMON = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
-          | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
-MODES = {"overlay": COMMON | libvirt.VIR_MIGRATE_NON_SHARED_INC,
-         "full": COMMON | libvirt.VIR_MIGRATE_NON_SHARED_DISK}
+COMMON = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PEER2PEER
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+)
+MODES = {
+    "overlay": COMMON | libvirt.VIR_MIGRATE_NON_SHARED_INC,
+    "full": COMMON | libvirt.VIR_MIGRATE_NON_SHARED_DISK,
+}
 
 
 def overlay_xml(name: str, backing: str, capacity_mib: int) -> str:
-    return (f"<volume><name>{name}</name><capacity unit='MiB'>{capacity_mib}</capacity>"
-            "<target><format type='qcow2'/><compat>1.1</compat></target>"
-            f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>")
+    return (
+        f"<volume><name>{name}</name><capacity unit='MiB'>{capacity_mib}</capacity>"
+        "<target><format type='qcow2'/><compat>1.1</compat></target>"
+        f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>"
+    )
 
 
 def qemu_info(host, path: str) -> dict:
@@ -93,15 +102,22 @@ def one_round(lab: Lab, art, mode: str, base: str, base_mib: int, n: int) -> dic
     if mode == "overlay":
         pool2.createXML(overlay_xml(f"{name}.qcow2", base, base_mib), 0)
         before = qemu_info(h2, disk)["actual-size"]
-    xml = guest_domain_xml(name, art.kernel, art.initrd, disk, serial, bridge="br0",
-                           cmdline_extra=f"vmweb.token={token}")
+    xml = guest_domain_xml(
+        name, art.kernel, art.initrd, disk, serial, bridge="br0", cmdline_extra=f"vmweb.token={token}"
+    )
     t0 = time.monotonic()
     dom = h1.conn.defineXML(xml)
     dom.create()
     src_log = h1.host_path(serial)
     try:
-        wait_for(lambda: any(ln.startswith("VMWEB-DISK-WRITTEN") for ln in read_serial(src_log))
-                 and ticks(read_serial(src_log)), 120, f"{name}: disk pattern written at h1")
+        wait_for(
+            lambda: (
+                any(ln.startswith("VMWEB-DISK-WRITTEN") for ln in read_serial(src_log))
+                and ticks(read_serial(src_log))
+            ),
+            120,
+            f"{name}: disk pattern written at h1",
+        )
         boot_s = time.monotonic() - t0
         t1 = time.monotonic()
         dom.migrateToURI3(h2.migrate_uri, {}, MODES[mode])
@@ -109,17 +125,26 @@ def one_round(lab: Lab, art, mode: str, base: str, base_mib: int, n: int) -> dic
         d2 = h2.conn.lookupByName(name)
         stats = d2.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         last = max(ticks(read_serial(src_log)))
-        wait_for(lambda: max(ticks(read_serial(h2.host_path(serial))), default=0) > last, 30,
-                 f"{name}: ticks at h2")
+        wait_for(
+            lambda: max(ticks(read_serial(h2.host_path(serial))), default=0) > last,
+            30,
+            f"{name}: ticks at h2",
+        )
         d2.destroy()
         info = qemu_info(h2, disk)
         ok = pattern_at(h2, disk, token)
         if mode == "full":
             ok = ok and "backing-filename" not in info
-        return {"mode": mode, "boot_s": boot_s, "call_s": call_s, "downtime_ms": stats["downtime"],
-                "memory_bytes": stats.get("memory_processed", 0),
-                "disk_bytes": info["actual-size"] - before, "disk_total_reported": stats.get("disk_total"),
-                "ok": ok}
+        return {
+            "mode": mode,
+            "boot_s": boot_s,
+            "call_s": call_s,
+            "downtime_ms": stats["downtime"],
+            "memory_bytes": stats.get("memory_processed", 0),
+            "disk_bytes": info["actual-size"] - before,
+            "disk_total_reported": stats.get("disk_total"),
+            "ok": ok,
+        }
     finally:
         for h in (h1, h2):
             try:
@@ -165,44 +190,59 @@ def main(argv=None) -> int:
                 shutil.copyfile(tmp / BASE, h.host_path(base))
                 h.conn.storagePoolLookupByName("default").refresh(0)
             base_alloc = qemu_info(lab.hosts[0], base)["actual-size"]
-            print(f"lab: 2 hosts up in {lab.timings['start']:.2f} s "
-                  f"(QEMU capabilities {'cached' if lab.timings['caps_cached'] else 'probed'}); "
-                  f"base image {args.base_mib} MiB random ({mib(base_alloc)} MiB allocated, "
-                  f"made in {base_s:.1f} s)")
+            print(
+                f"lab: 2 hosts up in {lab.timings['start']:.2f} s "
+                f"(QEMU capabilities {'cached' if lab.timings['caps_cached'] else 'probed'}); "
+                f"base image {args.base_mib} MiB random ({mib(base_alloc)} MiB allocated, "
+                f"made in {base_s:.1f} s)"
+            )
             results = []
             for n in range(args.rounds):
                 for mode in ("overlay", "full"):
                     r = one_round(lab, art, mode, base, args.base_mib, n)
                     results.append(r)
-                    print(f"  {mode:7s} #{n + 1}: boot {r['boot_s']:.1f} s, migrate {r['call_s']:.2f} s, "
-                          f"RAM {mib(r['memory_bytes'])} MiB, disk {mib(r['disk_bytes'])} MiB "
-                          f"(jobStats disk_total {r['disk_total_reported']}), downtime "
-                          f"{r['downtime_ms']} ms, pattern at h2: {'yes' if r['ok'] else 'NO'}")
+                    print(
+                        f"  {mode:7s} #{n + 1}: boot {r['boot_s']:.1f} s, migrate {r['call_s']:.2f} s, "
+                        f"RAM {mib(r['memory_bytes'])} MiB, disk {mib(r['disk_bytes'])} MiB "
+                        f"(jobStats disk_total {r['disk_total_reported']}), downtime "
+                        f"{r['downtime_ms']} ms, pattern at h2: {'yes' if r['ok'] else 'NO'}"
+                    )
     bad = [r for r in results if not r["ok"]]
     med = {}
     print()
-    print(f"Live migration h1 -> h2, 128 MiB TCG guest, {args.base_mib} MiB random base, "
-          f"{args.rounds} rounds each, alternating (median, min-max):")
+    print(
+        f"Live migration h1 -> h2, 128 MiB TCG guest, {args.base_mib} MiB random base, "
+        f"{args.rounds} rounds each, alternating (median, min-max):"
+    )
     print()
-    print("| mode | migrate call (s) | RAM moved (MiB) | disk moved (MiB) | total moved (MiB) | downtime (ms) |")
+    print(
+        "| mode | migrate call (s) | RAM moved (MiB) | disk moved (MiB) | total moved (MiB) | downtime (ms) |"
+    )
     print("|---|---|---|---|---|---|")
     for mode in ("overlay", "full"):
         rs = [r for r in results if r["mode"] == mode]
-        cols = {"call_s": [r["call_s"] for r in rs], "mem": [r["memory_bytes"] for r in rs],
-                "disk": [r["disk_bytes"] for r in rs],
-                "total": [r["memory_bytes"] + r["disk_bytes"] for r in rs],
-                "down": [r["downtime_ms"] for r in rs]}
+        cols = {
+            "call_s": [r["call_s"] for r in rs],
+            "mem": [r["memory_bytes"] for r in rs],
+            "disk": [r["disk_bytes"] for r in rs],
+            "total": [r["memory_bytes"] + r["disk_bytes"] for r in rs],
+            "down": [r["downtime_ms"] for r in rs],
+        }
         med[mode] = {k: statistics.median(v) for k, v in cols.items()}
         rng = lambda v, f: f"{f(statistics.median(v))} ({f(min(v))}-{f(max(v))})"  # noqa: E731
         label = "overlay only (NON_SHARED_INC)" if mode == "overlay" else "full disk (NON_SHARED_DISK)"
-        print(f"| {label} | {rng(cols['call_s'], lambda x: f'{x:.2f}')} | "
-              f"{rng(cols['mem'], mib)} | {rng(cols['disk'], mib)} | {rng(cols['total'], mib)} | "
-              f"{rng(cols['down'], lambda x: f'{x:.0f}')} |")
+        print(
+            f"| {label} | {rng(cols['call_s'], lambda x: f'{x:.2f}')} | "
+            f"{rng(cols['mem'], mib)} | {rng(cols['disk'], mib)} | {rng(cols['total'], mib)} | "
+            f"{rng(cols['down'], lambda x: f'{x:.0f}')} |"
+        )
     o, f = med["overlay"], med["full"]
     ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
-    print(f"| ratio full / overlay | {ratio(f['call_s'], o['call_s'])} | {ratio(f['mem'], o['mem'])} | "
-          f"{ratio(f['disk'], o['disk'])} | {ratio(f['total'], o['total'])} | "
-          f"{ratio(f['down'], o['down'])} |")
+    print(
+        f"| ratio full / overlay | {ratio(f['call_s'], o['call_s'])} | {ratio(f['mem'], o['mem'])} | "
+        f"{ratio(f['disk'], o['disk'])} | {ratio(f['total'], o['total'])} | "
+        f"{ratio(f['down'], o['down'])} |"
+    )
     if bad:
         print(f"\n{len(bad)} round(s) did not find the guest's pattern at h2: the figures are suspect")
         return 1

@@ -21,6 +21,7 @@ encapsulation, the veths and the lab's root bridge) adds to a path that stays on
 
 Needs root, network namespaces, libvirtd and QEMU (``bash scripts/bootstrap.sh``); about 1.5 min.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vmwnet-") as tmp:
         tmp = Path(tmp)
         with Lab(2, tmp / "lab") as lab:
-            grid = Grid(lab, tmp / "grid", {"bench": TEMPLATE}, pool_cidr="10.88.0.0/24",
-                        images='<image name="bench" file="bench-blank.qcow2" size-mib="128"/>')
+            grid = Grid(
+                lab,
+                tmp / "grid",
+                {"bench": TEMPLATE},
+                pool_cidr="10.88.0.0/24",
+                images='<image name="bench" file="bench-blank.qcow2" size-mib="128"/>',
+            )
             try:
                 return run(grid, guest, args, tmp, t_start)
             finally:
@@ -78,12 +84,25 @@ def main() -> int:
 def run(grid: Grid, guest, args, tmp: Path, t_start: float) -> int:
     h1 = grid.lab.hosts[0]
     blank = make_base_image(tmp / "bench-base.qcow2", 128)
-    cmdline = (f"console=ttyS0 quiet {clock_args()} vmweb.bench={CLIENT}:{args.seconds:g}:{args.pings}:"
-               f"{args.rounds}")
-    grid.vmweb(h1, "image", "add", "bench", str(blank), "--kernel", str(guest.kernel),
-               "--initrd", str(guest.initrd), "--cmdline", cmdline)
-    c, _ = grid.vmweb(h1, "cluster", "create", CLUSTER, "--template", "bench", "--owner", "admin",
-                      "--count", "3")
+    cmdline = (
+        f"console=ttyS0 quiet {clock_args()} vmweb.bench={CLIENT}:{args.seconds:g}:{args.pings}:{args.rounds}"
+    )
+    grid.vmweb(
+        h1,
+        "image",
+        "add",
+        "bench",
+        str(blank),
+        "--kernel",
+        str(guest.kernel),
+        "--initrd",
+        str(guest.initrd),
+        "--cmdline",
+        cmdline,
+    )
+    c, _ = grid.vmweb(
+        h1, "cluster", "create", CLUSTER, "--template", "bench", "--owner", "admin", "--count", "3"
+    )
     where = {v["name"]: v["host"] for v in c["vms"]}
     here = where[CLIENT]
     kind = {n: ("same host" if h == here else "across hosts") for n, h in where.items() if n != CLIENT}
@@ -93,8 +112,11 @@ def run(grid: Grid, guest, args, tmp: Path, t_start: float) -> int:
     log = console(grid.host(here), f"{CLUSTER}/{CLIENT}")
     per_peer = 2 * (args.pings * 0.2 + 2 * args.seconds + 10)
     try:
-        wait_for(lambda: any("VMWEB-BENCH-DONE" in line for line in read_serial(log)),
-                 120 + args.rounds * per_peer, "the bench guest to finish")
+        wait_for(
+            lambda: any("VMWEB-BENCH-DONE" in line for line in read_serial(log)),
+            120 + args.rounds * per_peer,
+            "the bench guest to finish",
+        )
     except TimeoutError as e:
         print(f"{e}; its console:\n" + "\n".join(read_serial(log)[-30:]), file=sys.stderr)
         return 1
@@ -103,31 +125,49 @@ def run(grid: Grid, guest, args, tmp: Path, t_start: float) -> int:
     clocks = [line.split()[-1] for line in lines if line.startswith("VMWEB-BENCH-CLOCK ")]
     grid.vmweb(h1, "cluster", "destroy", CLUSTER)
     if any(c != "tsc" for c in clocks):
-        print("warning: the client's clock is not its TSC, times are in 4 ms steps:\n"
-              + "\n".join(x for x in lines if x.startswith("VMWEB-BENCH-CLOCK-LOG")), file=sys.stderr)
+        print(
+            "warning: the client's clock is not its TSC, times are in 4 ms steps:\n"
+            + "\n".join(x for x in lines if x.startswith("VMWEB-BENCH-CLOCK-LOG")),
+            file=sys.stderr,
+        )
 
     def med(path, key):
         vals = [r[key] for r in results if kind.get(r["peer"]) == path and key in r]
         return statistics.median(vals) if vals else float("nan")
 
     def mib_s(path):
-        vals = [r["bytes"] / r["seconds"] / 2 ** 20 for r in results
-                if kind.get(r["peer"]) == path and r.get("seconds")]
+        vals = [
+            r["bytes"] / r["seconds"] / 2**20
+            for r in results
+            if kind.get(r["peer"]) == path and r.get("seconds")
+        ]
         return statistics.median(vals) if vals else float("nan")
 
     rows = []
     for path in ("same host", "across hosts"):
-        rows.append((path, med(path, "rtt_min"), med(path, "rtt_avg"), med(path, "rtt_max"),
-                     med(path, "loss"), mib_s(path)))
-    print(f"\nguest to guest on one cluster segment ({len(results)} measurements, "
-          f"{args.rounds} per path; {args.pings} pings each, TCP streams of ~{args.seconds:g} s; "
-          f"client on {here}, its clocksource {' then '.join(clocks) or '?'}; "
-          f"run {time.monotonic() - t_start:.0f} s)\n")
+        rows.append(
+            (
+                path,
+                med(path, "rtt_min"),
+                med(path, "rtt_avg"),
+                med(path, "rtt_max"),
+                med(path, "loss"),
+                mib_s(path),
+            )
+        )
+    print(
+        f"\nguest to guest on one cluster segment ({len(results)} measurements, "
+        f"{args.rounds} per path; {args.pings} pings each, TCP streams of ~{args.seconds:g} s; "
+        f"client on {here}, its clocksource {' then '.join(clocks) or '?'}; "
+        f"run {time.monotonic() - t_start:.0f} s)\n"
+    )
     for r in results:
-        print(f"  {r['peer']} ({kind.get(r['peer'])}), round {r.get('round', 0):.0f}: rtt "
-              f"{r.get('rtt_min', float('nan')):.3f}/{r.get('rtt_avg', float('nan')):.3f}/"
-              f"{r.get('rtt_max', float('nan')):.3f} ms, {r['bytes'] / 2 ** 20:.0f} MiB in "
-              f"{r['seconds']:.2f} s")
+        print(
+            f"  {r['peer']} ({kind.get(r['peer'])}), round {r.get('round', 0):.0f}: rtt "
+            f"{r.get('rtt_min', float('nan')):.3f}/{r.get('rtt_avg', float('nan')):.3f}/"
+            f"{r.get('rtt_max', float('nan')):.3f} ms, {r['bytes'] / 2**20:.0f} MiB in "
+            f"{r['seconds']:.2f} s"
+        )
     print()
     print("| path | rtt min (ms) | rtt avg (ms) | rtt max (ms) | loss (%) | TCP (MiB/s) |")
     print("|---|---|---|---|---|---|")
@@ -137,8 +177,11 @@ def run(grid: Grid, guest, args, tmp: Path, t_start: float) -> int:
 
     def ratio(a, b):
         return f"{a / b:.2f}" if b else "-"
-    print(f"| across / same | {ratio(across[1], same[1])} | {ratio(across[2], same[2])} | "
-          f"{ratio(across[3], same[3])} | | {ratio(across[5], same[5])} |")
+
+    print(
+        f"| across / same | {ratio(across[1], same[1])} | {ratio(across[2], same[2])} | "
+        f"{ratio(across[3], same[3])} | | {ratio(across[5], same[5])} |"
+    )
     return 0
 
 

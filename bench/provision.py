@@ -10,6 +10,7 @@ median and the ratio.
 * direct: libvirt-python on a fresh host doing what the reconciler does for the same cluster:
   one network, then per VM an overlay volume, ``defineXML`` and ``create``, with the same XML.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,15 @@ def time_direct(tmp: Path) -> float:
     net.create()
     for i in range(N):
         vol = pool.createXML(xmlgen.volume_xml(f"vm{i}.qcow2", 256, "qcow2", backing_path=base), 0)
-        spec = DomainSpec(name=f"vmweb-bench-pc{i}", vcpus=1, memory_mib=512, disk_path=vol.path(),
-                          network="vmweb-bench", mac=f"52:54:00:00:00:{i:02x}", ip=f"10.77.1.{i + 1}")
+        spec = DomainSpec(
+            name=f"vmweb-bench-pc{i}",
+            vcpus=1,
+            memory_mib=512,
+            disk_path=vol.path(),
+            network="vmweb-bench",
+            mac=f"52:54:00:00:00:{i:02x}",
+            ip=f"10.77.1.{i + 1}",
+        )
         dom = conn.defineXML(xmlgen.domain_xml(spec))
         dom.create()
     elapsed = time.perf_counter() - t0
@@ -58,10 +66,15 @@ def time_direct(tmp: Path) -> float:
 def time_vmweb(tmp: Path, port: int) -> float:
     cfg = write_host_config(tmp / "host1", "host1", port, port + 100, 64, 262144, reconcile_interval=30.0)
     from vmwebd.accounts import write_bootstrap_admin
+
     write_bootstrap_admin(tmp / "host1" / "state", "admin", "bench-admin-password")
     log = open(tmp / "vmwebd.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmwebd.daemon", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
     try:
         client = None
         for _ in range(200):  # bounded wait for the daemon to listen
@@ -84,8 +97,10 @@ def time_vmweb(tmp: Path, port: int) -> float:
         else:
             raise SystemExit("cluster never came up")
         total = time.perf_counter() - t0
-        print(f"  vmweb: CreateCluster acknowledged (leases + placement + durable DOM write) "
-              f"after {t_ack * 1000:.0f} ms, all {N} VMs running after {total * 1000:.0f} ms")
+        print(
+            f"  vmweb: CreateCluster acknowledged (leases + placement + durable DOM write) "
+            f"after {t_ack * 1000:.0f} ms, all {N} VMs running after {total * 1000:.0f} ms"
+        )
         return total
     finally:
         proc.terminate()
@@ -105,9 +120,11 @@ def main() -> int:
             ours.append(time_vmweb(Path(d), args.port + r))
         print(f"round {r + 1}: direct libvirt {direct[-1] * 1000:.0f} ms, vmweb {ours[-1] * 1000:.0f} ms")
     mo, md = statistics.median(ours), statistics.median(direct)
-    print(f"\n{N}-VM cluster, median of {args.rounds}: vmweb end-to-end {mo * 1000:.0f} ms, "
-          f"direct libvirt-python {md * 1000:.0f} ms, ratio {mo / md:.1f}x "
-          f"({(mo - md) / N * 1000:.1f} ms of vmweb overhead per VM)")
+    print(
+        f"\n{N}-VM cluster, median of {args.rounds}: vmweb end-to-end {mo * 1000:.0f} ms, "
+        f"direct libvirt-python {md * 1000:.0f} ms, ratio {mo / md:.1f}x "
+        f"({(mo - md) / N * 1000:.1f} ms of vmweb overhead per VM)"
+    )
     return 0
 
 

@@ -32,6 +32,7 @@ a summary table at the end, and writes the figures as JSON with ``--json FILE``.
     .venv/bin/python bench/scale.py --daemons 8 --vms 2000 --json /tmp/scale.json
     .venv/bin/python bench/scale.py                            # 16 daemons, 10,000 VMs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,17 @@ from vmwebd.gossip import pki  # noqa: E402
 
 TEMPLATE = "tiny"
 VM_VCPUS, VM_MEMORY_MIB = 1, 64
-CPU_OVERCOMMIT = 4.0            # the default setting `cpu_overcommit`
+CPU_OVERCOMMIT = 4.0  # the default setting `cpu_overcommit`
 READ_OPS = ("ListHosts", "ListClusters", "ListClusters HTTP", "GetCluster", "GetDom", "owner page")
 # ListClusters POSTed as raw SOAP and its answer read, not parsed: the daemon's share of the time
 # (zeep's parsing of a few MB of answer is the client's).
-LIST_CLUSTERS_SOAP = (b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
-                      b'xmlns:tns="urn:vmweb:api:1"><soapenv:Body><tns:ListClusters/></soapenv:Body>'
-                      b'</soapenv:Envelope>')
+LIST_CLUSTERS_SOAP = (
+    b'<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/" '
+    b'xmlns:tns="urn:vmweb:api:1"><soapenv:Body><tns:ListClusters/></soapenv:Body>'
+    b'</soapenv:Envelope>'
+)
 TRANSITION = re.compile(r"host (\S+): (\w+) -> (suspect|dead)\b")
-LOG_PROBLEM = re.compile(r"\[[^\]]*#(error|critical)\]")       # an entry logged as error or critical
+LOG_PROBLEM = re.compile(r"\[[^\]]*#(error|critical)\]")  # an entry logged as error or critical
 EXCEPTION = re.compile(r"^\s*(?:Failure: )?((?:builtins\.)?[\w.]*(?:Error|Exception|Exit)\b.*)")
 
 
@@ -108,7 +111,7 @@ def bounded_poll(pred, timeout: float, every: float = 0.2):
             v = pred()
             if v:
                 return v, time.monotonic() - t0
-        except Exception:   # noqa: BLE001 (a host may be restarting; retried until the deadline)
+        except Exception:  # noqa: BLE001 (a host may be restarting; retried until the deadline)
             pass
         if time.monotonic() - t0 > timeout:
             return None, time.monotonic() - t0
@@ -123,7 +126,7 @@ class GroupDaemon(Daemon):
         super().__init__(*args, own_session=True, **kw)
 
     def start(self, wait: bool = True) -> "GroupDaemon":
-        if self.notify is not None:         # a restart: the old socket goes with the old process
+        if self.notify is not None:  # a restart: the old socket goes with the old process
             self.notify.close()
         return super().start(wait)
 
@@ -165,7 +168,8 @@ class ScaleGrid:
             f'<template name="{TEMPLATE}" description="Scale bench: N small identical VMs">\n'
             f'  <network mode="isolated" pool="lab"/>\n'
             f'  <role name="node" count="rest" vcpus="{VM_VCPUS}" memory-mib="{VM_MEMORY_MIB}" '
-            f'image="debian-12"/>\n</template>\n')
+            f'image="debian-12"/>\n</template>\n'
+        )
         ca = base / "ca"
         pki.init_ca(ca, grid_name="scale-bench")
         self.ca = ca / "ca.crt"
@@ -180,13 +184,22 @@ class ScaleGrid:
             cert = base / hid / "pki"
             pki.issue_host_cert(ca, hid, cert, ["127.0.0.1"])
             cfg = write_host_config(
-                base / hid, hid, api[i], peer[i], self.cpus, self.memory_mib, templates_dir=templates,
-                reconcile_interval=args.reconcile_interval, max_vms=max(256, args.cluster_size),
-                image_mib=16,   # the test driver's pool holds 100 GiB; every overlay counts 16 MiB
+                base / hid,
+                hid,
+                api[i],
+                peer[i],
+                self.cpus,
+                self.memory_mib,
+                templates_dir=templates,
+                reconcile_interval=args.reconcile_interval,
+                max_vms=max(256, args.cluster_size),
+                image_mib=16,  # the test driver's pool holds 100 GiB; every overlay counts 16 MiB
                 extra=f'<peers seeds="127.0.0.1:{peer[0]}" cert-dir="{cert}" timing="{args.timing}" '
-                      f'members="{members}"/>')
-            cfg.write_text(cfg.read_text().replace('max-clusters="1000"',
-                                                   f'max-clusters="{max(1000, 2 * clusters)}"'))
+                f'members="{members}"/>',
+            )
+            cfg.write_text(
+                cfg.read_text().replace('max-clusters="1000"', f'max-clusters="{max(1000, 2 * clusters)}"')
+            )
             bootstrap_admin(base / hid / "state")
             self.daemons.append(GroupDaemon(cfg, api_port=api[i]))
         self._local = threading.local()
@@ -222,7 +235,7 @@ class ScaleGrid:
         except ApiFault:
             raise
         except Exception:
-            self.forget_client(i)     # a transport error: a fresh client next time
+            self.forget_client(i)  # a transport error: a fresh client next time
             raise
 
     def at_all(self, op: str, *args, hosts=None) -> list:
@@ -235,15 +248,18 @@ class ScaleGrid:
         def one(i):
             try:
                 return self.call(i, op, *args)
-            except Exception as e:   # noqa: BLE001 (returned to the caller)
+            except Exception as e:  # noqa: BLE001 (returned to the caller)
                 return e
+
         futures = [self._pools[i].submit(one, i) for i in hosts]
-        return [f.result(timeout=300) for f in futures]   # each call is bounded by its client's timeout
+        return [f.result(timeout=300) for f in futures]  # each call is bounded by its client's timeout
 
     def all_alive(self) -> bool:
         views = self.at_all("ListHosts")
-        return all(not isinstance(v, Exception) and len(v) == self.n
-                   and {h["liveness"] for h in v} == {"alive"} for v in views)
+        return all(
+            not isinstance(v, Exception) and len(v) == self.n and {h["liveness"] for h in v} == {"alive"}
+            for v in views
+        )
 
     def digests(self, hosts=None) -> list:
         return self.at_all("GetDigest", hosts=hosts)
@@ -254,7 +270,7 @@ class ScaleGrid:
         for d in self.daemons:
             try:
                 d.close()
-            except Exception as e:   # noqa: BLE001 (clean up the others anyway)
+            except Exception as e:  # noqa: BLE001 (clean up the others anyway)
                 print(f"  closing {d.config.parent.name}: {e}", file=sys.stderr)
 
     # -- logs -------------------------------------------------------------------------------------
@@ -266,10 +282,10 @@ class ScaleGrid:
             name = d.config.parent.name
             if not d.log_path.exists():
                 continue
-            with open(d.log_path, "rb") as f:       # the log is appended to across restarts
+            with open(d.log_path, "rb") as f:  # the log is appended to across restarts
                 f.seek(self._log_offsets.get(name, 0))
                 data = f.read()
-            complete = data.rfind(b"\n") + 1       # a line still being written waits for next time
+            complete = data.rfind(b"\n") + 1  # a line still being written waits for next time
             self._log_offsets[name] = self._log_offsets.get(name, 0) + complete
             for line in data[:complete].decode("utf-8", "replace").splitlines():
                 m = TRANSITION.search(line)
@@ -278,7 +294,7 @@ class ScaleGrid:
                 if LOG_PROBLEM.search(line):
                     problems.append(f"{name}: {line.strip()[:300]}")
                 m = EXCEPTION.match(line)
-                if m and line[:1].isspace():         # a traceback's last line
+                if m and line[:1].isspace():  # a traceback's last line
                     exceptions.append(f"{name}: {m.group(1)[:300]}")
         return {"suspect": suspect, "dead": dead, "problems": problems, "exceptions": exceptions}
 
@@ -297,12 +313,12 @@ class Bench:
         self.grid, self.args = grid, args
         self.users = [f"bench{i + 1}" for i in range(args.users)]
         self.password = "bench-user-password"
-        self.created: list[str] = []        # cluster names, in acknowledgement order
+        self.created: list[str] = []  # cluster names, in acknowledgement order
         self.vms = 0
         self.next_index = 0
         self.rng = random.Random(args.seed)
         self.web: dict[int, requests.Session] = {}
-        self.totals = Counter()             # membership transitions since the grid came up
+        self.totals = Counter()  # membership transitions since the grid came up
 
     def setup_users(self) -> None:
         g = self.grid
@@ -311,8 +327,11 @@ class Bench:
         want = set(self.users)
 
         def everywhere():
-            return all(not isinstance(r, Exception) and want <= {u["name"] for u in r or []}
-                       for r in g.at_all("ListUsers"))
+            return all(
+                not isinstance(r, Exception) and want <= {u["name"] for u in r or []}
+                for r in g.at_all("ListUsers")
+            )
+
         ok, _ = bounded_poll(everywhere, self.args.timeout)
         if not ok:
             raise RuntimeError(f"the bench users did not reach every host within {self.args.timeout} s")
@@ -333,8 +352,11 @@ class Bench:
         def worker():
             while True:
                 with lock:
-                    if (state["reserved"] >= target or state["attempts"] >= max_attempts
-                            or time.monotonic() > deadline):
+                    if (
+                        state["reserved"] >= target
+                        or state["attempts"] >= max_attempts
+                        or time.monotonic() > deadline
+                    ):
                         return
                     count = min(args.cluster_size, target - state["reserved"])
                     state["reserved"] += count
@@ -343,8 +365,8 @@ class Bench:
                     self.next_index += 1
                 name, host, owner = f"c{j:05d}", j % g.n, self.users[j % len(self.users)]
                 try:
-                    g.client(host)          # made (WSDL fetched) before the clock starts
-                except Exception as e:   # noqa: BLE001 (counted like a failed request)
+                    g.client(host)  # made (WSDL fetched) before the clock starts
+                except Exception as e:  # noqa: BLE001 (counted like a failed request)
                     with lock:
                         state["reserved"] -= count
                         failures[fault_code(e)] += 1
@@ -352,7 +374,7 @@ class Bench:
                 t = time.perf_counter()
                 try:
                     g.call(host, "CreateCluster", name, TEMPLATE, owner, count)
-                except Exception as e:   # noqa: BLE001 (counted by faultcode)
+                except Exception as e:  # noqa: BLE001 (counted by faultcode)
                     with lock:
                         state["reserved"] -= count
                         failures[fault_code(e)] += 1
@@ -368,13 +390,20 @@ class Bench:
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(args.clients)]
         for th in threads:
             th.start()
-        for th in threads:   # each call is bounded by the client's timeout; the loop by deadline
+        for th in threads:  # each call is bounded by the client's timeout; the loop by deadline
             th.join(args.create_timeout + 300)
         wall = time.monotonic() - t0
         p50, p99 = p50_p99_ms(lat)
-        return {"vms": self.vms, "clusters": len(self.created), "create_p50_ms": p50, "create_p99_ms": p99,
-                "clusters_per_s": len(lat) / wall if wall > 0 else float("nan"), "stretch_s": wall,
-                "failures": dict(failures), "last_ack": state["last_ack"] or time.monotonic()}
+        return {
+            "vms": self.vms,
+            "clusters": len(self.created),
+            "create_p50_ms": p50,
+            "create_p99_ms": p99,
+            "clusters_per_s": len(lat) / wall if wall > 0 else float("nan"),
+            "stretch_s": wall,
+            "failures": dict(failures),
+            "last_ack": state["last_ack"] or time.monotonic(),
+        }
 
     # -- convergence -------------------------------------------------------------------------
     def converge(self, since: float) -> dict:
@@ -388,6 +417,7 @@ class Bench:
             d = same_digest(g.digests())
             rounds[1] += d is not None
             return d
+
         d, _ = bounded_poll(equal, args.timeout, every=0.1)
         t_equal = time.monotonic() - since if d else None
 
@@ -395,14 +425,20 @@ class Bench:
             cl = g.call(0, "ListClusters", None) or []
             vms = [v for c in cl for v in c["vms"]]
             return len(vms) == self.vms and all(v["state"] == "running" for v in vms)
+
         ok, _ = bounded_poll(running, args.timeout, every=0.5)
         t_running = time.monotonic() - since if ok else None
         d2, _ = bounded_poll(equal, args.timeout, every=0.1)
         t_quiet = time.monotonic() - since if (ok and d2) else None
         ents = [r["entities"] for r in g.digests() if not isinstance(r, Exception)]
-        return {"digests_equal_s": t_equal, "all_running_s": t_running, "quiet_s": t_quiet,
-                "digest_polls": rounds[0], "digest_polls_equal": rounds[1],
-                "entities": max(ents) if ents else None}
+        return {
+            "digests_equal_s": t_equal,
+            "all_running_s": t_running,
+            "quiet_s": t_quiet,
+            "digest_polls": rounds[0],
+            "digest_polls_equal": rounds[1],
+            "entities": max(ents) if ents else None,
+        }
 
     # -- idle cost --------------------------------------------------------------------------
     def idle(self) -> dict:
@@ -411,16 +447,22 @@ class Bench:
         def cpu(p):
             t = p.cpu_times()
             return t.user + t.system
+
         t0 = time.monotonic()
         before = [cpu(p) for p in procs]
-        time.sleep(self.args.idle_window)     # the measurement window itself, nothing else runs
+        time.sleep(self.args.idle_window)  # the measurement window itself, nothing else runs
         after = [cpu(p) for p in procs]
         wall = time.monotonic() - t0
         pcts = [100 * (a - b) / wall for a, b in zip(after, before)]
         rss = [p.memory_info().rss / 2**20 for p in procs]
-        return {"idle_cpu_pct_median": statistics.median(pcts), "idle_cpu_pct_max": max(pcts),
-                "rss_mib_median": statistics.median(rss), "rss_mib_max": max(rss),
-                "idle_cpu_pct": pcts, "rss_mib": rss}
+        return {
+            "idle_cpu_pct_median": statistics.median(pcts),
+            "idle_cpu_pct_max": max(pcts),
+            "rss_mib_median": statistics.median(rss),
+            "rss_mib_max": max(rss),
+            "idle_cpu_pct": pcts,
+            "rss_mib": rss,
+        }
 
     # -- reads --------------------------------------------------------------------------------
     def web_session(self, i: int) -> requests.Session:
@@ -430,8 +472,12 @@ class Bench:
             s = requests.Session()
             page = s.get(base + "/login", timeout=30)
             token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-            r = s.post(base + "/login", data={"csrf": token, "name": ADMIN[0], "password": ADMIN[1]},
-                       allow_redirects=False, timeout=60)
+            r = s.post(
+                base + "/login",
+                data={"csrf": token, "name": ADMIN[0], "password": ADMIN[1]},
+                allow_redirects=False,
+                timeout=60,
+            )
             if r.status_code != 303:
                 raise RuntimeError(f"web login at host{i + 1} answered {r.status_code}")
             self.web[i] = s
@@ -439,7 +485,7 @@ class Bench:
 
     def reads(self) -> dict:
         g, rng = self.grid, self.rng
-        for i in range(g.n):            # log in (scrypt) and fetch the WSDLs before timing
+        for i in range(g.n):  # log in (scrypt) and fetch the WSDLs before timing
             self.web_session(i)
             g.client(i)
         out, errors = {}, Counter()
@@ -458,14 +504,21 @@ class Bench:
                     elif op == "ListClusters":
                         g.call(i, op, None)
                     elif op == "ListClusters HTTP":
-                        r = requests.post(g.daemons[i].url + "/soap", data=LIST_CLUSTERS_SOAP, auth=ADMIN,
-                                          headers={"Content-Type": "text/xml; charset=utf-8",
-                                                   "SOAPAction": '"ListClusters"'}, timeout=120)
+                        r = requests.post(
+                            g.daemons[i].url + "/soap",
+                            data=LIST_CLUSTERS_SOAP,
+                            auth=ADMIN,
+                            headers={
+                                "Content-Type": "text/xml; charset=utf-8",
+                                "SOAPAction": '"ListClusters"',
+                            },
+                            timeout=120,
+                        )
                         if r.status_code != 200 or b"ListClustersResponse" not in r.content:
                             raise RuntimeError(f"HTTP {r.status_code}")
                     else:
                         g.call(i, op)
-                except Exception as e:   # noqa: BLE001 (counted)
+                except Exception as e:  # noqa: BLE001 (counted)
                     errors[f"{op}: {fault_code(e)}"] += 1
                     continue
                 times.append(time.perf_counter() - t)
@@ -491,13 +544,18 @@ class Bench:
 
         def caught_up():
             return same_digest(g.digests())
+
         ok, _ = bounded_poll(caught_up, args.timeout, every=0.1)
         converged = time.monotonic() - t0 if ok else None
 
         def seen_alive():
             views = g.at_all("ListHosts")
-            return all(not isinstance(v, Exception)
-                       and {h["id"]: h["liveness"] for h in v}.get(f"host{i + 1}") == "alive" for v in views)
+            return all(
+                not isinstance(v, Exception)
+                and {h["id"]: h["liveness"] for h in v}.get(f"host{i + 1}") == "alive"
+                for v in views
+            )
+
         ok2, _ = bounded_poll(seen_alive, args.timeout, every=0.2)
         alive = time.monotonic() - t0 if ok2 else None
         return {"host": f"host{i + 1}", "ready_s": ready, "digest_equal_s": converged, "seen_alive_s": alive}
@@ -512,21 +570,26 @@ def pair(p, spec=".0f"):
     return f"{fmt(p[0], spec)}/{fmt(p[1], spec)}"
 
 
-HEADER = (f"{'VMs':>6} {'create p50/p99 ms':>17} {'cl/s':>5} {'fail':>4} {'equal s':>7} {'quiet s':>7} "
-          f"{'CPU% med/max':>12} {'RSS MiB med/max':>15} "
-          + " ".join(f"{op + ' ms':>14}" for op in READ_OPS) + f" {'susp/dead':>9}")
+HEADER = (
+    f"{'VMs':>6} {'create p50/p99 ms':>17} {'cl/s':>5} {'fail':>4} {'equal s':>7} {'quiet s':>7} "
+    f"{'CPU% med/max':>12} {'RSS MiB med/max':>15} "
+    + " ".join(f"{op + ' ms':>14}" for op in READ_OPS)
+    + f" {'susp/dead':>9}"
+)
 
 
 def row(cp: dict) -> str:
     fails = sum(cp["failures"].values())
     reads = cp.get("reads_ms", {})
-    return (f"{cp['vms']:>6} {pair((cp['create_p50_ms'], cp['create_p99_ms'])):>17} "
-            f"{fmt(cp['clusters_per_s'], '.1f'):>5} {fails:>4} {fmt(cp['digests_equal_s'], '.1f'):>7} "
-            f"{fmt(cp['quiet_s'], '.1f'):>7} "
-            f"{pair((cp['idle_cpu_pct_median'], cp['idle_cpu_pct_max']), '.1f'):>12} "
-            f"{pair((cp['rss_mib_median'], cp['rss_mib_max'])):>15} "
-            + " ".join(f"{pair(reads.get(op, (None, None))):>14}" for op in READ_OPS)
-            + f" {str(cp['suspicions']) + '/' + str(cp['deaths']):>9}")
+    return (
+        f"{cp['vms']:>6} {pair((cp['create_p50_ms'], cp['create_p99_ms'])):>17} "
+        f"{fmt(cp['clusters_per_s'], '.1f'):>5} {fails:>4} {fmt(cp['digests_equal_s'], '.1f'):>7} "
+        f"{fmt(cp['quiet_s'], '.1f'):>7} "
+        f"{pair((cp['idle_cpu_pct_median'], cp['idle_cpu_pct_max']), '.1f'):>12} "
+        f"{pair((cp['rss_mib_median'], cp['rss_mib_max'])):>15} "
+        + " ".join(f"{pair(reads.get(op, (None, None))):>14}" for op in READ_OPS)
+        + f" {str(cp['suspicions']) + '/' + str(cp['deaths']):>9}"
+    )
 
 
 def parse_args(argv=None):
@@ -542,14 +605,21 @@ def parse_args(argv=None):
     ap.add_argument("--create-timeout", type=float, default=1800.0, help="bound of one creation stretch")
     ap.add_argument("--members", type=int, default=5, help="consensus members: the first K hosts (0: all)")
     ap.add_argument("--timing", choices=["local", "lan"], default="lan", help="gossip timing preset")
-    ap.add_argument("--reconcile-interval", type=float, default=DEFAULT_RECONCILE_INTERVAL,
-                    help="the reconciler's full pass (default: the daemon's own default)")
+    ap.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=DEFAULT_RECONCILE_INTERVAL,
+        help="the reconciler's full pass (default: the daemon's own default)",
+    )
     ap.add_argument("--checkpoints", type=int, nargs="+", help="VM counts to stop and measure at")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     ap.add_argument("--keep", action="store_true", help="keep the daemons' directories (logs, state)")
-    ap.add_argument("--quick", action="store_true",
-                    help="a small run: --daemons 4 --vms 400 --cluster-size 50 --idle-window 10")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run: --daemons 4 --vms 400 --cluster-size 50 --idle-window 10",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.daemons, args.vms, args.cluster_size, args.idle_window = 4, 400, 50, 10.0
@@ -565,10 +635,16 @@ def parse_args(argv=None):
 def code_version() -> str:
     """The commit the daemons run, and whether the working tree differs from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "vmwebd"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "vmwebd"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return head + (f" + {len(dirty.splitlines())} changed files in vmwebd/" if dirty else "")
@@ -581,7 +657,8 @@ def main(argv=None) -> int:
     base = Path(tempfile.mkdtemp(prefix="vmweb-bench-scale-"))
 
     def on_signal(signum, _frame):
-        raise SystemExit(128 + signum)     # runs the finally below: the daemons are killed
+        raise SystemExit(128 + signum)  # runs the finally below: the daemons are killed
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     grid = None
@@ -589,24 +666,35 @@ def main(argv=None) -> int:
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("json",)}, "checkpoints": []}
     try:
         grid = ScaleGrid(base, args)
-        result["config"].update(host_cpus=grid.cpus, host_memory_mib=grid.memory_mib, machine_cpus=len(os.sched_getaffinity(0)),
-                                code=code_version())
-        print(f"{args.daemons} daemons on 127.0.0.1 ({grid.cpus} CPUs, {grid.memory_mib} MiB each, "
-              f"test driver), {args.vms} VMs in clusters of {args.cluster_size} ({TEMPLATE}: "
-              f"{VM_VCPUS} vCPU, {VM_MEMORY_MIB} MiB), {args.clients} clients, timing {args.timing}, "
-              f"consensus members {args.members or args.daemons}, "
-              f"reconcile interval {args.reconcile_interval:g} s, checkpoints {marks}; code {result['config']['code']}; "
-              f"dir {base}", flush=True)
+        result["config"].update(
+            host_cpus=grid.cpus,
+            host_memory_mib=grid.memory_mib,
+            machine_cpus=len(os.sched_getaffinity(0)),
+            code=code_version(),
+        )
+        print(
+            f"{args.daemons} daemons on 127.0.0.1 ({grid.cpus} CPUs, {grid.memory_mib} MiB each, "
+            f"test driver), {args.vms} VMs in clusters of {args.cluster_size} ({TEMPLATE}: "
+            f"{VM_VCPUS} vCPU, {VM_MEMORY_MIB} MiB), {args.clients} clients, timing {args.timing}, "
+            f"consensus members {args.members or args.daemons}, "
+            f"reconcile interval {args.reconcile_interval:g} s, checkpoints {marks}; code {result['config']['code']}; "
+            f"dir {base}",
+            flush=True,
+        )
         started = grid.start()
         ok, t_alive = bounded_poll(grid.all_alive, args.timeout, every=0.5)
         if not ok:
-            raise RuntimeError(f"the {grid.n} daemons did not all see each other alive within {args.timeout} s")
-        print(f"grid up: every daemon READY after {started:.1f} s, all alive everywhere {t_alive:.1f} s later",
-              flush=True)
+            raise RuntimeError(
+                f"the {grid.n} daemons did not all see each other alive within {args.timeout} s"
+            )
+        print(
+            f"grid up: every daemon READY after {started:.1f} s, all alive everywhere {t_alive:.1f} s later",
+            flush=True,
+        )
         result["startup"] = {"ready_s": started, "all_alive_s": t_alive}
         bench = Bench(grid, args)
         bench.setup_users()
-        startup_ev = bench.events_since_last()   # transitions while starting are not the run's
+        startup_ev = bench.events_since_last()  # transitions while starting are not the run's
         result["startup"].update(suspicions=len(startup_ev["suspect"]), deaths=len(startup_ev["dead"]))
         print("\n" + HEADER, flush=True)
         for mark in marks:
@@ -616,31 +704,51 @@ def main(argv=None) -> int:
             cp.update(bench.idle())
             cp.update(bench.reads())
             ev = bench.events_since_last()
-            cp.update(suspicions=len(ev["suspect"]), deaths=len(ev["dead"]), suspect_events=ev["suspect"],
-                      dead_events=ev["dead"], log_problems=len(ev["problems"]), log_exceptions=ev["exceptions"])
+            cp.update(
+                suspicions=len(ev["suspect"]),
+                deaths=len(ev["dead"]),
+                suspect_events=ev["suspect"],
+                dead_events=ev["dead"],
+                log_problems=len(ev["problems"]),
+                log_exceptions=ev["exceptions"],
+            )
             result["checkpoints"].append(cp)
             print(row(cp), flush=True)
             for what in ("failures", "read_errors"):
                 if cp[what]:
                     print(f"       {what}: {cp[what]}", flush=True)
-            gone = [f"{d.config.parent.name} (exit {d.proc.returncode})" for d in grid.daemons if not d.alive()]
+            gone = [
+                f"{d.config.parent.name} (exit {d.proc.returncode})" for d in grid.daemons if not d.alive()
+            ]
             if gone:
-                raise RuntimeError(f"daemons exited during the run: {', '.join(gone)}; see their logs in {base}")
+                raise RuntimeError(
+                    f"daemons exited during the run: {', '.join(gone)}; see their logs in {base}"
+                )
             if ev["problems"] or ev["exceptions"]:
                 kinds = Counter(e.split(": ", 1)[1] for e in ev["exceptions"])
-                print(f"       {len(ev['problems'])} error/critical log entries; exceptions: "
-                      + "; ".join(f"{k} (x{n})" for k, n in kinds.most_common(5)), flush=True)
+                print(
+                    f"       {len(ev['problems'])} error/critical log entries; exceptions: "
+                    + "; ".join(f"{k} (x{n})" for k, n in kinds.most_common(5)),
+                    flush=True,
+                )
             if cp["vms"] < mark:
-                print(f"       stopped short of {mark} VMs (attempts or --create-timeout used up)", flush=True)
+                print(
+                    f"       stopped short of {mark} VMs (attempts or --create-timeout used up)", flush=True
+                )
                 break
         rs = bench.kill_and_restart()
         ev = bench.events_since_last()
-        rs.update(suspicions=len(ev["suspect"]), deaths=len(ev["dead"]), log_problems=len(ev["problems"]),
-                  log_exceptions=ev["exceptions"])
+        rs.update(
+            suspicions=len(ev["suspect"]),
+            deaths=len(ev["dead"]),
+            log_problems=len(ev["problems"]),
+            log_exceptions=ev["exceptions"],
+        )
         result["restart"] = rs
         result["membership_total"] = {
             "suspicions": bench.totals["suspect"] - result["startup"]["suspicions"],
-            "deaths": bench.totals["dead"] - result["startup"]["deaths"]}
+            "deaths": bench.totals["dead"] - result["startup"]["deaths"],
+        }
         report(result, args)
         failed = False
     finally:
@@ -657,21 +765,27 @@ def main(argv=None) -> int:
 
 
 def report(result: dict, args) -> None:
-    print(f"\nSummary: {args.daemons} daemons, {len(os.sched_getaffinity(0))} CPUs on this machine; latencies in ms "
-          f"(p50/p99); 'equal s': last write → every GetDigest equal; 'quiet s': → every VM running "
-          f"and the digests equal again; CPU and RSS per daemon over {args.idle_window:.0f} s idle; reads "
-          f"over {args.reads} calls each at random daemons; susp/dead: membership transitions logged "
-          f"in the stretch")
+    print(
+        f"\nSummary: {args.daemons} daemons, {len(os.sched_getaffinity(0))} CPUs on this machine; latencies in ms "
+        f"(p50/p99); 'equal s': last write → every GetDigest equal; 'quiet s': → every VM running "
+        f"and the digests equal again; CPU and RSS per daemon over {args.idle_window:.0f} s idle; reads "
+        f"over {args.reads} calls each at random daemons; susp/dead: membership transitions logged "
+        f"in the stretch"
+    )
     print(HEADER)
     for cp in result["checkpoints"]:
         print(row(cp))
     rs = result["restart"]
-    print(f"\nkill -9 of {rs['host']} and restart on its state dir: READY after {fmt(rs['ready_s'], '.1f')} s, "
-          f"its digest equal to the others' after {fmt(rs['digest_equal_s'], '.1f')} s, seen alive everywhere "
-          f"after {fmt(rs['seen_alive_s'], '.1f')} s; {rs['suspicions']} suspicions and {rs['deaths']} deaths "
-          f"logged meanwhile")
+    print(
+        f"\nkill -9 of {rs['host']} and restart on its state dir: READY after {fmt(rs['ready_s'], '.1f')} s, "
+        f"its digest equal to the others' after {fmt(rs['digest_equal_s'], '.1f')} s, seen alive everywhere "
+        f"after {fmt(rs['seen_alive_s'], '.1f')} s; {rs['suspicions']} suspicions and {rs['deaths']} deaths "
+        f"logged meanwhile"
+    )
     tot = result["membership_total"]
-    print(f"membership transitions during the whole run: {tot['suspicions']} to suspect, {tot['deaths']} to dead")
+    print(
+        f"membership transitions during the whole run: {tot['suspicions']} to suspect, {tot['deaths']} to dead"
+    )
 
 
 if __name__ == "__main__":

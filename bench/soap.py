@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 # isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+
 # isort: on
 from spyne import Service, Unicode, rpc
 
@@ -86,12 +87,22 @@ def load_service(ref: str) -> type:
 
 # -- client side ----------------------------------------------------------------------------------
 def soap_body(tns: str, operation: str, inner: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="utf-8"?><e:Envelope xmlns:e="{SOAP_ENV}" xmlns:t="{tns}">'
-            f"<e:Body><t:{operation}>{inner}</t:{operation}></e:Body></e:Envelope>").encode()
+    return (
+        f'<?xml version="1.0" encoding="utf-8"?><e:Envelope xmlns:e="{SOAP_ENV}" xmlns:t="{tns}">'
+        f"<e:Body><t:{operation}>{inner}</t:{operation}></e:Body></e:Envelope>"
+    ).encode()
 
 
-def load(port: int, method: str, path: str, body: bytes | None, headers: dict, threads: int,
-         warmup: float, duration: float) -> tuple[float, int]:
+def load(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None,
+    headers: dict,
+    threads: int,
+    warmup: float,
+    duration: float,
+) -> tuple[float, int]:
     """Requests/s over ``duration`` seconds after ``warmup``, and how many answers were not 200."""
     counts = [0] * threads
     errors = [0] * threads
@@ -129,10 +140,16 @@ def main(argv=None) -> int:
     parser.add_argument("--service", default="ping", help="'ping' or module:ServiceClass (default: ping)")
     parser.add_argument("--operation", default="Ping", help="operation to call (default: Ping)")
     parser.add_argument("--args-xml", default="", help="inner XML of the request element (default: none)")
-    parser.add_argument("--tns", default="urn:vmweb:bench:1", help="target namespace (default: urn:vmweb:bench:1)")
-    parser.add_argument("--threads", type=int, default=4, help="client threads, one connection each (default: 4)")
+    parser.add_argument(
+        "--tns", default="urn:vmweb:bench:1", help="target namespace (default: urn:vmweb:bench:1)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=4, help="client threads, one connection each (default: 4)"
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per phase (default: 3)")
-    parser.add_argument("--warmup", type=float, default=0.5, help="seconds of warm-up per phase (default: 0.5)")
+    parser.add_argument(
+        "--warmup", type=float, default=0.5, help="seconds of warm-up per phase (default: 0.5)"
+    )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -142,7 +159,10 @@ def main(argv=None) -> int:
 
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--service", args.service, "--tns", args.tns],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(server.stdout.readline())
         body = soap_body(args.tns, args.operation, args.args_xml)
@@ -168,13 +188,19 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    print(f"SOAP  {args.operation} via build_soap_resource: {soap_rps:8.0f} req/s"
-          f"  ({len(answer)} byte answer, {soap_err} non-200)")
-    print(f"plain twisted.web resource:            {plain_rps:8.0f} req/s"
-          f"  ({len(PLAIN_BODY)} byte answer, {plain_err} non-200)")
-    print(f"ratio plain/SOAP: {plain_rps / soap_rps:.1f}x  "
-          f"(about {1e6 / soap_rps - 1e6 / plain_rps:.0f} us more server time per SOAP call; "
-          f"{args.threads} keep-alive connections, {args.duration:g} s each)")
+    print(
+        f"SOAP  {args.operation} via build_soap_resource: {soap_rps:8.0f} req/s"
+        f"  ({len(answer)} byte answer, {soap_err} non-200)"
+    )
+    print(
+        f"plain twisted.web resource:            {plain_rps:8.0f} req/s"
+        f"  ({len(PLAIN_BODY)} byte answer, {plain_err} non-200)"
+    )
+    print(
+        f"ratio plain/SOAP: {plain_rps / soap_rps:.1f}x  "
+        f"(about {1e6 / soap_rps - 1e6 / plain_rps:.0f} us more server time per SOAP call; "
+        f"{args.threads} keep-alive connections, {args.duration:g} s each)"
+    )
     return 0 if soap_err == plain_err == 0 else 1
 
 

@@ -6,6 +6,7 @@ entity kind as vmweb writes it, the time of one check each way, measured side by
 
     .venv/bin/python bench/validate.py
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,16 +35,57 @@ def main() -> None:
     dom = Dom(HybridClock("h1", lambda: 1_795_750_805_482))
     recs = [
         LeaseRec(id="ip/lab/10.77.0.5", holder="vm:lab1/pc0#1a2b", granted_at=1),
-        VClusterRec(id="lab1", owner="alice", template="lab", count=4, vni=100, network="vmweb-lab1",
-                    bridge="vmbr100", created_at=1, token="1a2b"),
-        VmRec(id="lab1/pc0", cluster="lab1", name="pc0", role="pc", host="h1", image="debian-12",
-              ip="10.77.0.5", mac="52:54:00:00:00:05"),
-        HostRec(id="h1", api="https://10.0.0.1:8471", peer="10.0.0.1:8571", cpus=16, memory_mib=32768,
-                free_memory_mib=30000, load1=0.5, vms=4, started_at=1, images="debian-12",
-                migrate_uri="qemu+tls://h1/system"),
-        MigrationRec(id="0a1b2c3d4e5f", vm="lab1/pc0", source="h1", dest="h2", phase="done",
-                     mode="live", requested_by="alice", started_at=1, finished_at=2, bytes=3,
-                     disk_bytes=4, total_ms=5, downtime_ms=6, dest_disk="/x", dest_console="/y"),
+        VClusterRec(
+            id="lab1",
+            owner="alice",
+            template="lab",
+            count=4,
+            vni=100,
+            network="vmweb-lab1",
+            bridge="vmbr100",
+            created_at=1,
+            token="1a2b",
+        ),
+        VmRec(
+            id="lab1/pc0",
+            cluster="lab1",
+            name="pc0",
+            role="pc",
+            host="h1",
+            image="debian-12",
+            ip="10.77.0.5",
+            mac="52:54:00:00:00:05",
+        ),
+        HostRec(
+            id="h1",
+            api="https://10.0.0.1:8471",
+            peer="10.0.0.1:8571",
+            cpus=16,
+            memory_mib=32768,
+            free_memory_mib=30000,
+            load1=0.5,
+            vms=4,
+            started_at=1,
+            images="debian-12",
+            migrate_uri="qemu+tls://h1/system",
+        ),
+        MigrationRec(
+            id="0a1b2c3d4e5f",
+            vm="lab1/pc0",
+            source="h1",
+            dest="h2",
+            phase="done",
+            mode="live",
+            requested_by="alice",
+            started_at=1,
+            finished_at=2,
+            bytes=3,
+            disk_bytes=4,
+            total_ms=5,
+            downtime_ms=6,
+            dest_disk="/x",
+            dest_console="/y",
+        ),
     ]
     print("| entity | attributes | RelaxNG (libxml2) | linear validator | ratio |")
     print("|---|---|---|---|---|")
@@ -51,8 +93,10 @@ def main() -> None:
         el = dom.put(rec)
         assert relaxng_valid(el) and entity_error(el) is None
         slow, fast = timed(relaxng_valid, el), timed(entity_error, el)
-        print(f"| {rec.KIND} | {len(el.attrib)} | {slow * 1000:.3f} ms | {fast * 1e6:.1f} µs | "
-              f"{slow / fast:,.0f}× |")
+        print(
+            f"| {rec.KIND} | {len(el.attrib)} | {slow * 1000:.3f} ms | {fast * 1e6:.1f} µs | "
+            f"{slow / fast:,.0f}× |"
+        )
 
 
 if __name__ == "__main__":

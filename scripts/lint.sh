@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The static gates, in the order they are quickest to read: ruff (pyflakes, pycodestyle errors,
-# sorted imports, bugbear), mypy --strict on the pure cores, import-linter's layer contracts.
+# sorted imports, bugbear; and the formatting), mypy --strict on the pure cores, import-linter's layer contracts.
 # All configured in pyproject.toml. Exits non-zero if any gate fails; runs them all first.
 # VENV: the virtualenv with the `lint` extra (default .venv, made by scripts/bootstrap.sh).
 set -uo pipefail
@@ -15,6 +15,8 @@ STRICT=(vmwebd/dom vmwebd/gossip/core.py vmwebd/lease/paxos.py vmwebd/migrate/ba
 failed=()
 echo "== ruff check"
 "$BIN/ruff" check --output-format concise . || failed+=(ruff)
+echo "== ruff format --check"
+"$BIN/ruff" format --check . || failed+=(ruff-format)
 echo "== mypy --strict ${STRICT[*]}"
 "$BIN/mypy" "${STRICT[@]}" || failed+=(mypy)
 echo "== import-linter"

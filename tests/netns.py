@@ -7,6 +7,7 @@ tests run in. :meth:`Namespaces.close` deletes them all (and with them their dev
 Waits are bounded: :func:`wait_until` polls a condition until a deadline and says what it waited
 for when it gives up.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,9 @@ def unavailable() -> str | None:
     return None
 
 
-def run(*argv: str, check: bool = True, stdin: str = "",
-        timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+def run(
+    *argv: str, check: bool = True, stdin: str = "", timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess:
     res = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({res.returncode}): {res.stderr.strip()}")
@@ -78,8 +80,9 @@ class Namespaces:
         return run("ip", "-n", ns, *args, check=check)
 
     @staticmethod
-    def exec(ns: str, *argv: str, check: bool = True, stdin: str = "",
-             timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+    def exec(
+        ns: str, *argv: str, check: bool = True, stdin: str = "", timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess:
         return run("ip", "netns", "exec", ns, *argv, check=check, stdin=stdin, timeout=timeout)
 
     def links(self, ns: str) -> dict[str, dict]:
@@ -90,8 +93,9 @@ class Namespaces:
     def addresses(self, ns: str, dev: str) -> list[tuple[str, str, int]]:
         """(family, address, prefix) of a device's addresses."""
         out = json.loads(self.ip(ns, "-j", "addr", "show", "dev", dev).stdout or "[]")
-        return [(a["family"], a["local"], a["prefixlen"]) for entry in out
-                for a in entry.get("addr_info", [])]
+        return [
+            (a["family"], a["local"], a["prefixlen"]) for entry in out for a in entry.get("addr_info", [])
+        ]
 
     def fdb_zero(self, ns: str, dev: str) -> set[str]:
         """Destinations of a VXLAN device's all-zeros forwarding entries."""
@@ -100,13 +104,29 @@ class Namespaces:
 
     def veth(self, ns: str, name: str, peer_ns: str, peer: str, mtu: int = 1500) -> None:
         """A veth pair made inside ``ns`` whose other end is moved straight to ``peer_ns``."""
-        self.ip(ns, "link", "add", name, "mtu", str(mtu), "type", "veth",
-                "peer", "name", peer, "mtu", str(mtu), "netns", peer_ns)
+        self.ip(
+            ns,
+            "link",
+            "add",
+            name,
+            "mtu",
+            str(mtu),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "mtu",
+            str(mtu),
+            "netns",
+            peer_ns,
+        )
         self.ip(ns, "link", "set", name, "up")
         self.ip(peer_ns, "link", "set", peer, "up")
 
-    def guest(self, tag: str, host_ns: str, bridge: str, address: str, mtu: int,
-              gateway: str | None = None) -> str:
+    def guest(
+        self, tag: str, host_ns: str, bridge: str, address: str, mtu: int, gateway: str | None = None
+    ) -> str:
         """A namespace standing for a VM: one NIC ``eth0`` with ``address`` (CIDR), its other end
         ``g-<tag>`` on ``bridge`` in ``host_ns``, a default route via ``gateway`` when given."""
         ns = self.add(tag)
@@ -120,8 +140,18 @@ class Namespaces:
 
     def ping(self, ns: str, address: str, wait: int = 1) -> bool:
         """One ICMP echo from ``ns`` to ``address`` answered within ``wait`` seconds."""
-        res = self.exec(ns, "busybox", "ping", "-c", "1", "-W", str(wait), address, check=False,
-                        timeout=wait + COMMAND_TIMEOUT)
+        res = self.exec(
+            ns,
+            "busybox",
+            "ping",
+            "-c",
+            "1",
+            "-W",
+            str(wait),
+            address,
+            check=False,
+            timeout=wait + COMMAND_TIMEOUT,
+        )
         return res.returncode == 0
 
     def reaches(self, ns: str, address: str, timeout: float = 6.0) -> bool:

@@ -5,6 +5,7 @@ at a datagram socket the test owns, so readiness is the daemon's own ``READY=1``
 polling of the port). Every wait has a visible deadline; the daemon's log goes to a file next to
 its config so a failing test can show it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,7 @@ STOP_TIMEOUT = 30.0
 # it; the lock goes when the process does), never handed out twice, and checked free by a bind.
 PORT_LOCK_DIR = Path(tempfile.gettempdir()) / "vmweb-test-ports"
 _PORT_TRIES = 200
-_reserved: dict[int, object] = {}    # port -> its open lock file (kept open: the lock holds)
+_reserved: dict[int, object] = {}  # port -> its open lock file (kept open: the lock holds)
 
 
 def _ephemeral_low() -> int:
@@ -48,6 +49,7 @@ def _ephemeral_low() -> int:
 
 def _reserve(port: int) -> bool:
     import fcntl
+
     PORT_LOCK_DIR.mkdir(mode=0o1777, exist_ok=True)
     f = open(PORT_LOCK_DIR / str(port), "a")
     try:
@@ -70,6 +72,7 @@ def free_port(rng=None) -> int:
     this test process, never returned twice, free when checked. Fails after a bounded number
     of tries (each try is one candidate port)."""
     import random
+
     rng = rng or random.SystemRandom()
     high = min(_ephemeral_low(), 65536) - 1
     low = max(1024, high - 20000)
@@ -108,8 +111,9 @@ class NotifySocket:
         self.sock.bind(self.path)
         self.messages: list[dict[str, str]] = []
 
-    def wait_for(self, key: str, value: str | None = None, timeout: float = READY_TIMEOUT,
-                 alive=lambda: True) -> dict[str, str]:
+    def wait_for(
+        self, key: str, value: str | None = None, timeout: float = READY_TIMEOUT, alive=lambda: True
+    ) -> dict[str, str]:
         """Receives datagrams until one assigns ``key`` (= ``value`` if given); returns it.
 
         Raises TimeoutError after ``timeout`` seconds, or RuntimeError as soon as ``alive()`` is
@@ -146,13 +150,19 @@ class NotifySocket:
 class Daemon:
     """One ``vmwebd`` process on ``config``, started by :meth:`start`, always ended by :meth:`close`."""
 
-    def __init__(self, config: Path, fsync: bool = False, api_port: int | None = None,
-                 scheme: str = "http", own_session: bool = False):
+    def __init__(
+        self,
+        config: Path,
+        fsync: bool = False,
+        api_port: int | None = None,
+        scheme: str = "http",
+        own_session: bool = False,
+    ):
         self.config = Path(config)
-        self.own_session = own_session   # its own process group (see bench/scale.py)
+        self.own_session = own_session  # its own process group (see bench/scale.py)
         self.fsync = fsync
         self.api_port = api_port
-        self.scheme = scheme    # "https" when the config says api-tls="grid" or "files"
+        self.scheme = scheme  # "https" when the config says api-tls="grid" or "files"
         self.log_path = self.config.parent / "vmwebd.log"
         self.proc: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
@@ -173,9 +183,15 @@ class Daemon:
         if not self.fsync:
             cmd.append("--no-fsync")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO,
-                                         start_new_session=self.own_session)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=child_env(NOTIFY_SOCKET=self.notify.path),
+                cwd=REPO,
+                start_new_session=self.own_session,
+            )
         if wait:
             self.wait_ready()
         return self
@@ -215,11 +231,13 @@ class Daemon:
                 self.notify = None
 
 
-def host_config(directory: Path, host_id: str = "host1", cpus: int = 16, memory_mib: int = 32768,
-                **kw) -> tuple[Path, int]:
+def host_config(
+    directory: Path, host_id: str = "host1", cpus: int = 16, memory_mib: int = 32768, **kw
+) -> tuple[Path, int]:
     """Writes a host directory (see vmwebd.demo.write_host_config) on free ports, with the test
     admin's bootstrap file in its state dir; returns (config, api port)."""
     from vmwebd.demo import write_host_config
+
     api_port = free_port()
     cfg = write_host_config(Path(directory), host_id, api_port, free_port(), cpus, memory_mib, **kw)
     bootstrap_admin(Path(directory) / "state")
@@ -240,12 +258,14 @@ def password_of(name: str) -> str:
 def password_hash(password: str) -> str:
     """scrypt is slow on purpose: hash each test password once per test run."""
     from vmwebd.accounts import hash_password
+
     return hash_password(password)
 
 
 def bootstrap_admin(state_dir: Path) -> Path:
     """Writes ``<state_dir>/bootstrap-admin`` for the test admin (what `vmweb user bootstrap` does)."""
     from vmwebd.accounts import BOOTSTRAP_FILE
+
     state_dir = Path(state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / BOOTSTRAP_FILE
@@ -257,11 +277,13 @@ def bootstrap_admin(state_dir: Path) -> Path:
 def admin_client(address: str, **kw):
     """A zeep client on ``address`` logged in as the test admin."""
     from vmwebd.client import ApiClient
+
     return ApiClient(address, user=ADMIN[0], password=ADMIN[1], **kw)
 
 
 def user_client(address: str, name: str, **kw):
     from vmwebd.client import ApiClient
+
     return ApiClient(address, user=name, password=password_of(name), **kw)
 
 

@@ -1,4 +1,5 @@
 """The allocator's retry loop: conflicts are retried with other candidates, within a visible bound."""
+
 import ipaddress
 import random
 
@@ -126,6 +127,6 @@ def test_hosts_in_different_lanes_propose_different_candidates_whatever_they_kno
     vni2, addrs2 = yield a2.allocate_cluster("c2", "t2", ["c2/a", "c2/b"], "lab")
     assert vni1 != vni2
     assert not {a.ip for a in addrs1.values()} & {a.ip for a in addrs2.values()}
-    small = allocator(RacingTable(lose=0), cidr="10.0.0.0/29", lane=lambda: (1, 2))   # 6 usable addresses
+    small = allocator(RacingTable(lose=0), cidr="10.0.0.0/29", lane=lambda: (1, 2))  # 6 usable addresses
     _, addrs = yield small.allocate_cluster("c3", "t3", [f"c3/n{i}" for i in range(5)], "lab")
     assert len({a.ip for a in addrs.values()}) == 5

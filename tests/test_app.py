@@ -2,6 +2,7 @@
 service on disk, a cluster manager with a real allocator (over an in-memory lease table whose
 rounds the test lets through), the audit log; doubles for the migration manager, the consensus
 members and the image store (the parts' Protocols). Who may see and change what, and quotas."""
+
 from __future__ import annotations
 
 import random
@@ -109,8 +110,15 @@ class Images:
 
 
 class World:
-    def __init__(self, app: Application, domsvc: DomService, table: GatedTable, members: Members,
-                 migrations: Migrations, audit: AuditLog):
+    def __init__(
+        self,
+        app: Application,
+        domsvc: DomService,
+        table: GatedTable,
+        members: Members,
+        migrations: Migrations,
+        audit: AuditLog,
+    ):
         self.app, self.domsvc, self.table = app, domsvc, table
         self.members, self.migrations, self.audit = members, migrations, audit
 
@@ -126,6 +134,7 @@ def world(tmp_path):
 
     def now_ms() -> int:
         return int(reactor.seconds() * 1000)
+
     dom, store, n = load_dom(tmp_path / "dom", HybridClock(HOST, now_ms), fsync=False)
     domsvc = DomService(dom, store, reactor, journal_records=n)
     table = GatedTable()
@@ -133,18 +142,30 @@ def world(tmp_path):
     manager = ClusterManager(HOST, domsvc, allocator, cfg.limits, now_ms)
     members, migrations = Members(), Migrations()
     audit = AuditLog(HOST, domsvc, now_ms)
-    app = build_application(manager=manager, domsvc=domsvc, migrations=migrations, members=members,
-                            images=Images(), audit=audit, now_ms=now_ms,
-                            run=lambda f, *args: defer.maybeDeferred(f, *args))
+    app = build_application(
+        manager=manager,
+        domsvc=domsvc,
+        migrations=migrations,
+        members=members,
+        images=Images(),
+        audit=audit,
+        now_ms=now_ms,
+        run=lambda f, *args: defer.maybeDeferred(f, *args),
+    )
     templates = load_templates(cfg.templates_dir, cfg.image_names, cfg.ip_pool_names)
-    pytest_twisted.blockon(domsvc.put(
-        HostRec(id=HOST, cpus=64, memory_mib=262144, liveness="alive"),
-        *[TemplateRec(id=name, description=t.description, body=(to_dom_body(t),))
-          for name, t in templates.items()],
-        UserRec(id="root", role="admin", password_hash="scrypt$root-hash", quota_vms=64),
-        UserRec(id="alice", password_hash="scrypt$alice-hash", quota_vms=3),
-        UserRec(id="bob", password_hash="scrypt$bob-hash", quota_vms=16),
-        VClusterRec(id="bobs", owner="bob", template="lab", count=0, state="active")))
+    pytest_twisted.blockon(
+        domsvc.put(
+            HostRec(id=HOST, cpus=64, memory_mib=262144, liveness="alive"),
+            *[
+                TemplateRec(id=name, description=t.description, body=(to_dom_body(t),))
+                for name, t in templates.items()
+            ],
+            UserRec(id="root", role="admin", password_hash="scrypt$root-hash", quota_vms=64),
+            UserRec(id="alice", password_hash="scrypt$alice-hash", quota_vms=3),
+            UserRec(id="bob", password_hash="scrypt$bob-hash", quota_vms=16),
+            VClusterRec(id="bobs", owner="bob", template="lab", count=0, state="active"),
+        )
+    )
     yield World(app, domsvc, table, members, migrations, audit)
     domsvc.close()
 
@@ -163,10 +184,14 @@ def refused(call, *args, kind=NotAuthorized):
 @pytest_twisted.inlineCallbacks
 def test_a_user_can_neither_see_nor_change_another_users_cluster(world):
     app = world.app
-    for call, args in [(app.cluster, ("bobs",)), (app.cluster_hosts, ("bobs",)),
-                       (app.scale_cluster, ("bobs", 2)), (app.destroy_cluster, ("bobs",)),
-                       (app.set_vm_power, ("bobs", "pc1", "stopped")),
-                       (app.migrate_vm, ("bobs", "pc1"))]:
+    for call, args in [
+        (app.cluster, ("bobs",)),
+        (app.cluster_hosts, ("bobs",)),
+        (app.scale_cluster, ("bobs", 2)),
+        (app.destroy_cluster, ("bobs",)),
+        (app.set_vm_power, ("bobs", "pc1", "stopped")),
+        (app.migrate_vm, ("bobs", "pc1")),
+    ]:
         err = yield refused(call, ALICE, *args)
         assert err.faultcode == "Client.NotAuthorized"
         assert "user 'alice' may not see or change cluster 'bobs'" in err.message, call.__name__
@@ -185,8 +210,12 @@ def test_a_user_can_neither_see_nor_change_another_users_cluster(world):
     # Every refused change is in the audit trail, under her name; the reads are not.
     assert ("DestroyCluster", "cluster/bobs", "Client.NotAuthorized") in world.audited("alice")
     assert ("ScaleCluster", "cluster/bobs", "Client.NotAuthorized") in world.audited("alice")
-    assert {op for op, _, _ in world.audited("alice")} == {"ScaleCluster", "DestroyCluster", "StopVm",
-                                                           "MigrateVm"}
+    assert {op for op, _, _ in world.audited("alice")} == {
+        "ScaleCluster",
+        "DestroyCluster",
+        "StopVm",
+        "MigrateVm",
+    }
 
 
 @pytest_twisted.inlineCallbacks
@@ -201,7 +230,7 @@ def test_only_an_admin_changes_the_members_and_drains_hosts(world):
     bad = yield refused(app.add_member, ADMIN, "Not A Host", kind=InvalidArgument)
     assert bad.message.startswith("host:")
     assert world.members.asked == []
-    assert (yield app.add_member(ADMIN, "h2")) == ["h1", "h2"]     # fires once its record is durable
+    assert (yield app.add_member(ADMIN, "h2")) == ["h1", "h2"]  # fires once its record is durable
     assert world.members.asked == [("h2", None)]
     assert ("AddHost", "host/h2", "Client.NotAuthorized") in world.audited("alice")
     assert ("AddHost", "host/h2", "ok") in world.audited("root")
@@ -226,8 +255,9 @@ def test_a_quota_exceeded_names_the_owner_whoever_asks(world):
     for who in (ALICE, ADMIN):
         err = yield refused(app.create_cluster, who, "big", "lab", "alice", 4, kind=QuotaExceeded)
         assert err.faultcode == "Client.QuotaExceeded"
-        assert err.message == ("user 'alice' has a quota of 3 VMs, uses 0 in other clusters, and "
-                               "asked for 4 VMs")
+        assert err.message == (
+            "user 'alice' has a quota of 3 VMs, uses 0 in other clusters, and asked for 4 VMs"
+        )
     assert world.table.pending == [] and world.domsvc.dom.get(VClusterRec, "big") is None
     err = yield refused(app.create_cluster, ALICE, "hers", "lab", "bob", 1)
     assert "only create clusters of their own" in err.message
@@ -239,7 +269,7 @@ def test_vms_promised_to_a_create_under_way_count_against_the_quota(world):
     still being decided."""
     app = world.app
     first = app.create_cluster(ALICE, "one", "lab", "alice", 2)
-    assert len(world.table.pending) == 1 and not first.called       # its leases are on their way
+    assert len(world.table.pending) == 1 and not first.called  # its leases are on their way
     err = yield refused(app.create_cluster, ALICE, "two", "lab", "alice", 2, kind=QuotaExceeded)
     assert "user 'alice' has a quota of 3 VMs, uses 2 in other clusters" in err.message
     world.table.let_through()
@@ -247,12 +277,16 @@ def test_vms_promised_to_a_create_under_way_count_against_the_quota(world):
     assert view.name == "one" and app.used("alice") == 2
     # Once it is recorded, its VMs count as the cluster's own, not twice.
     err = yield refused(app.scale_cluster, ALICE, "one", 4, kind=QuotaExceeded)
-    assert err.message == ("user 'alice' has a quota of 3 VMs, uses 0 in other clusters, and asked "
-                           "to scale cluster 'one' from 2 to 4 VMs")
+    assert err.message == (
+        "user 'alice' has a quota of 3 VMs, uses 0 in other clusters, and asked "
+        "to scale cluster 'one' from 2 to 4 VMs"
+    )
     third = app.create_cluster(ALICE, "three", "lab", "alice", 1)
     world.table.let_through()
     assert (yield third).name == "three" and app.used("alice") == 3
     assert sorted(world.audited("alice")) == [
-        ("CreateCluster", "cluster/one", "ok"), ("CreateCluster", "cluster/three", "ok"),
+        ("CreateCluster", "cluster/one", "ok"),
+        ("CreateCluster", "cluster/three", "ok"),
         ("CreateCluster", "cluster/two", "Client.QuotaExceeded"),
-        ("ScaleCluster", "cluster/one", "Client.QuotaExceeded")]
+        ("ScaleCluster", "cluster/one", "Client.QuotaExceeded"),
+    ]

@@ -1,4 +1,5 @@
 """The one atomic write (vmwebd.atomicfile): old content or new, never a part."""
+
 from __future__ import annotations
 
 import os
@@ -100,8 +101,9 @@ def test_killed_mid_write_leaves_old_content(tmp_path):
     p = tmp_path / "f"
     p.write_bytes(OLD)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(p)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(p)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+    )
     try:
         assert child.stdout.readline() == b"half\n"
         half = leftovers(tmp_path)

@@ -1,6 +1,7 @@
 """The audit trail: every change asked through the application recorded once in the DOM, read
 back with ListAudit (zeep, on an in-process node) and ``vmweb audit``, bounded per host, private
 per user."""
+
 from __future__ import annotations
 
 import inspect
@@ -29,12 +30,15 @@ DOM_NS = "{urn:vmweb:dom:1}"
 
 def fault_of(d):
     """Fires with the ApiFault a call's Deferred failed with (fails the test if it succeeded)."""
+
     def ok(result):
         raise AssertionError(f"expected a fault, got {result!r}")
+
     return d.addCallbacks(ok, lambda f: f.trap(ApiFault) and f.value)
 
 
 # -- pure ------------------------------------------------------------------------------------------
+
 
 def test_every_public_access_method_is_audited_or_a_read():
     """Each public method of the Application is in the audit table (and wrapped) or listed as a read, so a
@@ -50,9 +54,19 @@ def test_audit_entities_match_the_schema_and_old_documents_still_load():
     """An audit entity is valid for RelaxNG; a document saved before audits existed (no <audits>)
     still loads, and one with an unknown extra container does not."""
     dom = Dom(HybridClock("h1", lambda: 1_700_000_000_000))
-    el = dom.put(AuditRec(id="h1/1700000000000.0", at=1_700_000_000_000, host="h1", user="alice",
-                          op="CreateCluster", object="cluster/c1", outcome="Client.QuotaExceeded",
-                          detail="quota", ms=12))
+    el = dom.put(
+        AuditRec(
+            id="h1/1700000000000.0",
+            at=1_700_000_000_000,
+            host="h1",
+            user="alice",
+            op="CreateCluster",
+            object="cluster/c1",
+            outcome="Client.QuotaExceeded",
+            detail="quota",
+            ms=12,
+        )
+    )
     assert relaxng_valid(el)
     assert dom.get(AuditRec, "h1/1700000000000.0").outcome == "Client.QuotaExceeded"
     old = etree.fromstring(dom.to_xml())
@@ -80,10 +94,12 @@ def test_since_accepts_iso_times_and_spans_and_names_what_it_accepts():
 
 # -- on a node -------------------------------------------------------------------------------------
 
+
 def audit_of(h, **kw):
     """ListAudit through ``h`` (zeep answers an empty list as None: made [] here)."""
     return h.call("ListAudit", kw.get("user"), kw.get("since"), kw.get("limit")).addCallback(
-        lambda recs: recs or [])
+        lambda recs: recs or []
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -94,7 +110,7 @@ def test_changes_and_refusals_are_recorded_once_with_user_object_and_outcome(sta
     alice = h.as_user("alice")
     yield h.call("CreateCluster", "c1", "lab", "alice", 1)
     yield alice.call("ScaleCluster", "c1", 2)
-    yield h.call("ListClusters", None)                        # a read: not recorded
+    yield h.call("ListClusters", None)  # a read: not recorded
     f = yield fault_of(alice.call("SetSetting", "placement", "pack"))
     assert f.code == "Client.NotAuthorized"
     f = yield fault_of(h.call("CreateCluster", "c2", "lab", "alice", 10_000))
@@ -118,8 +134,12 @@ def test_changes_and_refusals_are_recorded_once_with_user_object_and_outcome(sta
     f = yield fault_of(h.as_user("carol").call("DestroyCluster", "c1"))
     assert f.code == "Client.NotAuthorized"
     last = (yield audit_of(h, limit=1))[0]
-    assert (last["user"], last["op"], last["object"], last["outcome"]) == \
-        ("carol", "DestroyCluster", "cluster/c1", "Client.NotAuthorized")
+    assert (last["user"], last["op"], last["object"], last["outcome"]) == (
+        "carol",
+        "DestroyCluster",
+        "cluster/c1",
+        "Client.NotAuthorized",
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -139,8 +159,10 @@ def test_a_user_reads_only_their_own_records(start_node):
     # Records name what their user typed (another's cluster, refused): none in a user's DOM view.
     f = yield fault_of(alice.call("DestroyCluster", "cb"))
     assert f.code == "Client.NotAuthorized"
-    assert [r["object"] for r in (yield alice.call("ListAudit", None, None, None))] == \
-        ["cluster/cb", "cluster/ca"]
+    assert [r["object"] for r in (yield alice.call("ListAudit", None, None, None))] == [
+        "cluster/cb",
+        "cluster/ca",
+    ]
     dom = yield alice.call("GetDom")
     assert "<audit " not in dom and "cluster/cb" not in dom and "'cb'" not in dom
     assert {r["user"] for r in (yield audit_of(h))} == {"alice", "bob", "admin"}
@@ -160,9 +182,9 @@ def test_a_host_keeps_at_most_its_bound_and_deletes_old_records(start_node):
         yield h.call("SetQuota", "carol", quota)
     recs = yield audit_of(h)
     assert len(recs) <= 5
-    assert recs[0]["detail"] == "quota 8"                      # the newest stays
+    assert recs[0]["detail"] == "quota 8"  # the newest stays
     kept = {r["detail"] for r in recs}
-    assert "quota 1" not in kept and "quota 2" not in kept     # the oldest went
+    assert "quota 1" not in kept and "quota 2" not in kept  # the oldest went
     dom = h.node.domsvc.dom
     assert dom.count("audit", "host", "host1") == len(recs)
     assert any(el.tag == DOM_NS + "audit" for el in dom.tombstones())
@@ -193,10 +215,15 @@ def test_bad_since_or_limit_is_an_invalid_argument_naming_it(start_node):
 
 
 def run_cli(address: str, *args: str, user=ADMIN) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vmwebd.cli", "--host", address, *args],
-                          capture_output=True, text=True, timeout=120, cwd=REPO,
-                          stdin=subprocess.DEVNULL,
-                          env=child_env(VMWEB_USER=user[0], VMWEB_PASSWORD=user[1]))
+    return subprocess.run(
+        [sys.executable, "-m", "vmwebd.cli", "--host", address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env=child_env(VMWEB_USER=user[0], VMWEB_PASSWORD=user[1]),
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -214,19 +241,23 @@ def test_vmweb_audit_prints_a_table_or_json_and_refuses_bad_arguments(start_node
     assert lines[0].split()[:5] == ["TIME", "USER", "OPERATION", "OBJECT", "OUTCOME"]
     assert "alice" in lines[1] and "Client.NotAuthorized" in lines[1] and "user/alice" in lines[1]
     assert "admin" in lines[2] and "SetQuota" in lines[2] and " ok " in lines[2]
-    out = yield threads.deferToThread(run_cli, addr, "audit", "--user", "alice", "--since", "1h",
-                                      "--json")
+    out = yield threads.deferToThread(run_cli, addr, "audit", "--user", "alice", "--since", "1h", "--json")
     assert out.returncode == 0, out.stderr
     recs = json.loads(out.stdout)
-    assert [(r["user"], r["op"], r["outcome"]) for r in recs] == \
-        [("alice", "SetQuota", "Client.NotAuthorized")]
+    assert [(r["user"], r["op"], r["outcome"]) for r in recs] == [
+        ("alice", "SetQuota", "Client.NotAuthorized")
+    ]
     today = time.strftime("%Y-%m-%dT00:00")
-    out = yield threads.deferToThread(run_cli, addr, "audit", "--since", today, "--json",
-                                      user=("alice", password_of("alice")))
+    out = yield threads.deferToThread(
+        run_cli, addr, "audit", "--since", today, "--json", user=("alice", password_of("alice"))
+    )
     assert out.returncode == 0, out.stderr
     assert {r["user"] for r in json.loads(out.stdout)} == {"alice"}
-    for args, name in ((("--since", "yesterday"), "--since"), (("--limit", "0"), "--limit"),
-                       (("--limit", "10001"), "--limit")):
+    for args, name in (
+        (("--since", "yesterday"), "--since"),
+        (("--limit", "0"), "--limit"),
+        (("--limit", "10001"), "--limit"),
+    ):
         out = yield threads.deferToThread(run_cli, addr, "audit", *args)
         assert out.returncode == 2 and f"argument {name}" in out.stderr, (args, out.stderr)
 
@@ -234,10 +265,12 @@ def test_vmweb_audit_prints_a_table_or_json_and_refuses_bad_arguments(start_node
 def test_cli_limit_is_the_grids():
     """The CLI's --limit bound is ListAudit's."""
     from vmwebd import cli
+
     assert cli.AUDIT_LIMIT_MAX == audit_mod.LIST_MAX
 
 
 # -- two real daemons ------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_record_made_at_one_host_is_read_at_another_and_both_stop_cleanly(tmp_path):
@@ -246,29 +279,43 @@ def test_a_record_made_at_one_host_is_read_at_another_and_both_stop_cleanly(tmp_
     nothing logged at error or worse."""
     from procs import create_users, user_client
     from test_peers_process import Grid, wait_until
+
     g = Grid(tmp_path, 2)
     try:
-        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2
-                               for i in range(2)), 30, "two hosts to see each other alive")
+        wait_until(
+            lambda: all(
+                set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2 for i in range(2)
+            ),
+            30,
+            "two hosts to see each other alive",
+        )
         create_users(g.client(0), ("alice",))
         g.client(0).call("CreateCluster", "spread", "lab", "alice", 3)
         with pytest.raises(ApiFault):
             user_client(g.daemons[0].url, "alice").call("SetSetting", "placement", "pack")
-        want = [("alice", "SetSetting", "Client.NotAuthorized", "host1"),
-                ("admin", "CreateCluster", "ok", "host1")]
+        want = [
+            ("alice", "SetSetting", "Client.NotAuthorized", "host1"),
+            ("admin", "CreateCluster", "ok", "host1"),
+        ]
 
         def at_host2():
             recs = g.client(1).call("ListAudit", None, None, 2) or []
             return [(r["user"], r["op"], r["outcome"], r["host"]) for r in recs] == want
+
         wait_until(at_host2, 30, "host1's records at host2")
         mine = user_client(g.daemons[1].url, "alice").call("ListAudit", None, None, None)
         assert [r["op"] for r in mine] == ["SetSetting"]
         for d in g.daemons:
             assert d.terminate() == 0, d.log()
         for d in g.daemons:
-            bad = [line for line in d.log().splitlines()
-                   if "Traceback" in line or "#critical]" in line or "#error]" in line
-                   or "driver is closed" in line]
+            bad = [
+                line
+                for line in d.log().splitlines()
+                if "Traceback" in line
+                or "#critical]" in line
+                or "#error]" in line
+                or "driver is closed" in line
+            ]
             assert bad == [], d.log()
     finally:
         g.close()

@@ -1,4 +1,5 @@
 """Users, passwords, HTTP Basic on SOAP, permissions and quotas, on an in-process node (real SOAP, zeep)."""
+
 from __future__ import annotations
 
 import base64
@@ -34,12 +35,15 @@ DOM_NS = "{urn:vmweb:dom:1}"
 
 def fault_of(d):
     """Fires with the ApiFault a call's Deferred failed with (fails the test if it succeeded)."""
+
     def ok(result):
         raise AssertionError(f"expected a fault, got {result!r}")
+
     return d.addCallbacks(ok, lambda f: f.trap(ApiFault) and f.value)
 
 
 # -- hashes, limiter, sessions (pure) --------------------------------------------------------------
+
 
 def test_hash_is_scrypt_with_a_fresh_salt_and_verifies():
     """Two hashes of one password differ (per-hash salt), both verify, and a wrong password does not."""
@@ -113,6 +117,7 @@ def test_bootstrap_file_holds_a_hash_and_is_refused_when_malformed(tmp_path):
 
 # -- the first admin, on a node ------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_bootstrap_file_makes_an_admin_and_is_deleted(start_node):
     """The node turns <state>/bootstrap-admin into an admin account, deletes the file, and that admin can call."""
@@ -131,10 +136,13 @@ def test_bootstrap_file_makes_an_admin_and_is_deleted(start_node):
 
 # -- authentication on SOAP ----------------------------------------------------------------------
 
+
 def _post_raw(address: str, auth: str | None) -> tuple[int, dict, bytes]:
     host, port = address.split(":")
-    body = (b'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
-            b'xmlns:t="urn:vmweb:api:1"><s:Body><t:ListHosts/></s:Body></s:Envelope>')
+    body = (
+        b'<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" '
+        b'xmlns:t="urn:vmweb:api:1"><s:Body><t:ListHosts/></s:Body></s:Envelope>'
+    )
     headers = {"Content-Type": "text/xml; charset=utf-8"}
     if auth:
         headers["Authorization"] = auth
@@ -177,6 +185,7 @@ def test_a_good_password_is_checked_with_scrypt_once_then_remembered(start_node)
     def counting(password, stored):
         calls.append(1)
         return verify_password(password, stored)
+
     authn = Authenticator(h.node.domsvc.dom, h.node.reactor, verify=counting)
     for _ in range(3):
         p = yield authn.authenticate("alice", password_of("alice"), "127.0.0.1")
@@ -191,21 +200,39 @@ def test_a_good_password_is_checked_with_scrypt_once_then_remembered(start_node)
 
 # -- user management -------------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_admin_manages_users_and_nobody_sees_a_hash(start_node):
     """CreateUser/ListUsers/SetQuota/SetPassword/DeleteUser work for an admin; no answer carries a hash."""
     h = yield start_node()
     u = yield h.call("CreateUser", "erin", "erin-password-1", "user", 5)
-    assert u == {"name": "erin", "role": "user", "quota_vms": 5, "used_vms": 0, "used_vcpus": 0,
-                 "used_memory_mib": 0, "clusters": 0}
+    assert u == {
+        "name": "erin",
+        "role": "user",
+        "quota_vms": 5,
+        "used_vms": 0,
+        "used_vcpus": 0,
+        "used_memory_mib": 0,
+        "clusters": 0,
+    }
     names = [x["name"] for x in (yield h.call("ListUsers"))]
     assert names == ["admin", "alice", "bob", "carol", "dave", "erin"]
     assert (yield h.call("SetQuota", "erin", 7))["quota_vms"] == 7
     assert (yield h.as_user("erin", "erin-password-1").call("ListUsers")) == [
-        {"name": "erin", "role": "user", "quota_vms": 7, "used_vms": 0, "used_vcpus": 0,
-         "used_memory_mib": 0, "clusters": 0}]
+        {
+            "name": "erin",
+            "role": "user",
+            "quota_vms": 7,
+            "used_vms": 0,
+            "used_vcpus": 0,
+            "used_memory_mib": 0,
+            "clusters": 0,
+        }
+    ]
     yield h.call("SetPassword", "erin", "erin-password-2")
-    assert (yield fault_of(h.as_user("erin", "erin-password-1").call("ListUsers"))).code == "Client.NotAuthorized"
+    assert (
+        yield fault_of(h.as_user("erin", "erin-password-1").call("ListUsers"))
+    ).code == "Client.NotAuthorized"
     taken = yield fault_of(h.call("CreateUser", "erin", "whatever-password", "user", 1))
     assert taken.code == "Client.NameTaken" and "'erin'" in taken.message
     short = yield fault_of(h.call("CreateUser", "frank", "short", "user", 1))
@@ -213,10 +240,12 @@ def test_admin_manages_users_and_nobody_sees_a_hash(start_node):
     bad = yield fault_of(h.call("CreateUser", "<b>x</b>", "long-enough-pw", "user", 1))
     assert bad.code == "Client.InvalidArgument" and bad.message.startswith("name:")
     assert (yield h.call("DeleteUser", "erin")) is True
-    assert (yield fault_of(h.as_user("erin", "erin-password-2").call("ListUsers"))).code == "Client.NotAuthorized"
+    assert (
+        yield fault_of(h.as_user("erin", "erin-password-2").call("ListUsers"))
+    ).code == "Client.NotAuthorized"
     self_delete = yield fault_of(h.call("DeleteUser", "admin"))
     assert self_delete.code == "Client.InvalidArgument"
-    dom_text = (yield h.call("GetDom"))
+    dom_text = yield h.call("GetDom")
     assert "password-hash" not in dom_text and "scrypt$" not in dom_text
     # ...while the replica itself does hold the hashes (that is where logins are checked)
     assert "scrypt$" in h.node.domsvc.dom.to_xml().decode()
@@ -227,10 +256,15 @@ def test_users_cannot_manage_other_accounts(start_node):
     """A user may change their own password only: CreateUser, DeleteUser, SetQuota and others' passwords are refused."""
     h = yield start_node()
     bob = h.as_user("bob")
-    for op, args in [("CreateUser", ("eve", "eve-password-1", "admin", 99)), ("DeleteUser", ("alice",)),
-                     ("SetQuota", ("bob", 999)), ("SetPassword", ("alice", "hijacked-pass")),
-                     ("SetSetting", ("placement", "pack")), ("AddHost", ("host9",)),
-                     ("RemoveHost", ("host1",))]:
+    for op, args in [
+        ("CreateUser", ("eve", "eve-password-1", "admin", 99)),
+        ("DeleteUser", ("alice",)),
+        ("SetQuota", ("bob", 999)),
+        ("SetPassword", ("alice", "hijacked-pass")),
+        ("SetSetting", ("placement", "pack")),
+        ("AddHost", ("host9",)),
+        ("RemoveHost", ("host1",)),
+    ]:
         f = yield fault_of(bob.call(op, *args))
         assert f.code == "Client.NotAuthorized", (op, f)
         assert "bob" in f.message
@@ -241,6 +275,7 @@ def test_users_cannot_manage_other_accounts(start_node):
 
 # -- permissions on clusters -------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_users_see_and_act_only_on_their_own_clusters(start_node):
     """Bob cannot see, scale, destroy or power alice's cluster; his lists and DOM leave it out; an admin sees all."""
@@ -248,8 +283,13 @@ def test_users_see_and_act_only_on_their_own_clusters(start_node):
     alice, bob = h.as_user("alice"), h.as_user("bob")
     yield alice.call("CreateCluster", "a1", "lab", "alice", 2)
     yield bob.call("CreateCluster", "b1", "lab", "bob", 1)
-    for op, args in [("GetCluster", ("a1",)), ("ScaleCluster", ("a1", 3)), ("DestroyCluster", ("a1",)),
-                     ("StopVm", ("a1", "pc0")), ("StartVm", ("a1", "pc0"))]:
+    for op, args in [
+        ("GetCluster", ("a1",)),
+        ("ScaleCluster", ("a1", 3)),
+        ("DestroyCluster", ("a1",)),
+        ("StopVm", ("a1", "pc0")),
+        ("StartVm", ("a1", "pc0")),
+    ]:
         f = yield fault_of(bob.call(op, *args))
         assert f.code == "Client.NotAuthorized" and "'a1'" in f.message, (op, f)
     f = yield fault_of(bob.call("CreateCluster", "b2", "lab", "alice", 1))
@@ -269,6 +309,7 @@ def test_users_see_and_act_only_on_their_own_clusters(start_node):
 
 # -- quotas ----------------------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_quota_is_enforced_at_create_and_scale(start_node):
     """Over the owner's quota, create and scale fail with Client.QuotaExceeded naming user, quota and request; nothing changes."""
@@ -278,14 +319,18 @@ def test_quota_is_enforced_at_create_and_scale(start_node):
     yield carol.call("CreateCluster", "c1", "lab", "carol", 3)
     f = yield fault_of(carol.call("CreateCluster", "c2", "lab", "carol", 2))
     assert f.code == "Client.QuotaExceeded"
-    assert "'carol'" in f.message and "quota of 4 VMs" in f.message and "uses 3" in f.message \
-        and "asked for 2" in f.message, f.message
+    assert (
+        "'carol'" in f.message
+        and "quota of 4 VMs" in f.message
+        and "uses 3" in f.message
+        and "asked for 2" in f.message
+    ), f.message
     f = yield fault_of(carol.call("ScaleCluster", "c1", 5))
     assert f.code == "Client.QuotaExceeded" and "from 3 to 5" in f.message, f.message
     # an admin acting for carol meets the same quota
     assert (yield fault_of(h.call("ScaleCluster", "c1", 5))).code == "Client.QuotaExceeded"
     assert (yield carol.call("ScaleCluster", "c1", 4))["count"] == 4
-    assert (yield carol.call("ScaleCluster", "c1", 2))["count"] == 2   # shrinking is always fine
+    assert (yield carol.call("ScaleCluster", "c1", 2))["count"] == 2  # shrinking is always fine
     assert [c["name"] for c in (yield carol.call("ListClusters", None))] == ["c1"]
 
 
@@ -302,13 +347,16 @@ def test_concurrent_creates_at_one_host_cannot_both_slip_under_the_quota(start_n
             results.append((yield d)["name"])
         except ApiFault as e:
             results.append(e.code)
-    assert sorted(results, key=str) in (["Client.QuotaExceeded", "d1"], ["Client.QuotaExceeded", "d2"]), results
+    assert sorted(results, key=str) in (["Client.QuotaExceeded", "d1"], ["Client.QuotaExceeded", "d2"]), (
+        results
+    )
 
 
 def test_generated_passwords_never_start_with_a_dash():
     """A generated password can be given as ``--password X`` on the command line: no leading '-'
     (url-safe base64 starts one in 64 with it)."""
     from vmwebd.accounts import generate_password
+
     passwords = [generate_password() for _ in range(2000)]
     assert not any(p.startswith("-") for p in passwords)
     assert all(len(p) >= 16 for p in passwords) and len(set(passwords)) == len(passwords)

@@ -5,6 +5,7 @@ mover per VM, no VM lost or doubled when migrations fail and hosts crash.
 Loads and the imbalance are recomputed here from the VMs, independently of the module, so the
 properties check the module against the definitions in docs/balancer.md, not against itself.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,13 +30,16 @@ from vmwebd.migrate.balancer import (
 )
 from vmwebd.settings import SETTINGS, checked_setting
 
-ON = BalancerPolicy(enabled=True, threshold=0.2, hysteresis=0.002, min_residence_ms=600_000, cpu_overcommit=4.0)
+ON = BalancerPolicy(
+    enabled=True, threshold=0.2, hysteresis=0.002, min_residence_ms=600_000, cpu_overcommit=4.0
+)
 EPS = 1e-9
 
 
 # -- independent definitions ---------------------------------------------------------------------
-def loads_of(hosts: dict[str, tuple[int, int]], place: dict[str, str], sizes: dict[str, tuple[int, int]],
-             oc: float) -> dict[str, float]:
+def loads_of(
+    hosts: dict[str, tuple[int, int]], place: dict[str, str], sizes: dict[str, tuple[int, int]], oc: float
+) -> dict[str, float]:
     """Each host's load: share of its busiest resource in use (vCPUs against cpus × oc)."""
     used = {h: [0, 0] for h in hosts}
     for v, h in place.items():
@@ -45,8 +49,10 @@ def loads_of(hosts: dict[str, tuple[int, int]], place: dict[str, str], sizes: di
 
 
 def ideal_of(hosts, sizes, oc) -> float:
-    return max(sum(c for c, _ in sizes.values()) / sum(c * oc for c, _ in hosts.values()),
-               sum(m for _, m in sizes.values()) / sum(m for _, m in hosts.values()))
+    return max(
+        sum(c for c, _ in sizes.values()) / sum(c * oc for c, _ in hosts.values()),
+        sum(m for _, m in sizes.values()) / sum(m for _, m in hosts.values()),
+    )
 
 
 def phi_of(loads: dict[str, float], ideal: float) -> float:
@@ -57,14 +63,25 @@ def host_loads(hosts, place, sizes, dead=(), closed=()) -> list[HostLoad]:
     out = []
     for h, (c, m) in hosts.items():
         mine = [sizes[v] for v, at in place.items() if at == h]
-        out.append(HostLoad(h, c, m, sum(x[0] for x in mine), sum(x[1] for x in mine), live=h not in dead,
-                            accepting=h not in closed))
+        out.append(
+            HostLoad(
+                h,
+                c,
+                m,
+                sum(x[0] for x in mine),
+                sum(x[1] for x in mine),
+                live=h not in dead,
+                accepting=h not in closed,
+            )
+        )
     return out
 
 
 def vm_loads(place, sizes, overlay=None, moved=None) -> list[VmLoad]:
-    return [VmLoad(v, h, sizes[v][0], sizes[v][1], (overlay or {}).get(v, 0), (moved or {}).get(v))
-            for v, h in place.items()]
+    return [
+        VmLoad(v, h, sizes[v][0], sizes[v][1], (overlay or {}).get(v, 0), (moved or {}).get(v))
+        for v, h in place.items()
+    ]
 
 
 def grid(spec: dict[str, tuple[int, int, list[tuple[int, int]]]]):
@@ -87,8 +104,12 @@ def lopsided():
 def test_disabled_never_moves():
     """With the balancer off, even a lopsided grid gets no move."""
     hosts, place, sizes = lopsided()
-    assert choose_move("a", host_loads(hosts, place, sizes), vm_loads(place, sizes),
-                       BalancerPolicy(enabled=False), 0) is None
+    assert (
+        choose_move(
+            "a", host_loads(hosts, place, sizes), vm_loads(place, sizes), BalancerPolicy(enabled=False), 0
+        )
+        is None
+    )
 
 
 def test_balanced_grid_gets_no_move():
@@ -96,16 +117,18 @@ def test_balanced_grid_gets_no_move():
     hosts, place, sizes = grid({h: (8, 32768, [(1, 2048)] * 4) for h in "abc"})
     hl, vl = host_loads(hosts, place, sizes), vm_loads(place, sizes)
     assert all(choose_move(h, hl, vl, ON, 0) is None for h in hosts)
-    hosts, place, sizes = grid({"a": (8, 32768, [(1, 2048)] * 6), "b": (8, 32768, [(1, 2048)] * 3),
-                                "c": (8, 32768, [(1, 2048)] * 3)})   # a at 0.375, grid 0.25: within 0.2
+    hosts, place, sizes = grid(
+        {"a": (8, 32768, [(1, 2048)] * 6), "b": (8, 32768, [(1, 2048)] * 3), "c": (8, 32768, [(1, 2048)] * 3)}
+    )  # a at 0.375, grid 0.25: within 0.2
     hl, vl = host_loads(hosts, place, sizes), vm_loads(place, sizes)
     assert all(choose_move(h, hl, vl, ON, 0) is None for h in hosts)
 
 
 def test_overloaded_host_moves_to_the_least_loaded():
     """The overloaded host moves one VM to the emptier of the other hosts, and says why."""
-    hosts, place, sizes = grid({"a": (8, 32768, [(1, 2048)] * 8), "b": (8, 32768, [(1, 2048)] * 2),
-                                "c": (8, 32768, [])})
+    hosts, place, sizes = grid(
+        {"a": (8, 32768, [(1, 2048)] * 8), "b": (8, 32768, [(1, 2048)] * 2), "c": (8, 32768, [])}
+    )
     m = choose_move("a", host_loads(hosts, place, sizes), vm_loads(place, sizes), ON, 0)
     assert m is not None and m.src == "a" and m.dst == "c" and m.vm_id.startswith("a-")
     assert "above grid load" in m.reason
@@ -126,16 +149,24 @@ def test_picks_the_best_benefit_per_cost():
     hl, vl = host_loads(hosts, place, sizes), vm_loads(place, sizes, {**overlay, "a-v0": 0})
     m = choose_move("a", hl, vl, ON, 0)
     assert m.vm_id == "a-v0"
-    allowed = [x for v in vl if v.host_id == "a" for d in hl if d.host_id != "a"
-               for x in [assess(v, hl[0], d, grid_load(hl, 4.0), ON, 0)] if isinstance(x, Move)]
+    allowed = [
+        x
+        for v in vl
+        if v.host_id == "a"
+        for d in hl
+        if d.host_id != "a"
+        for x in [assess(v, hl[0], d, grid_load(hl, 4.0), ON, 0)]
+        if isinstance(x, Move)
+    ]
     assert m.score == max(x.score for x in allowed)
 
 
 def test_respects_capacity():
     """A destination without room (memory, or vCPUs even with overcommit) is not chosen."""
     # c is the emptiest but has 3 GiB free of 4; b has room.
-    hosts, place, sizes = grid({"a": (8, 32768, [(2, 4096)] * 6), "b": (8, 32768, [(1, 2048)] * 3),
-                                "c": (1, 4096, [(1, 1024)])})
+    hosts, place, sizes = grid(
+        {"a": (8, 32768, [(2, 4096)] * 6), "b": (8, 32768, [(1, 2048)] * 3), "c": (1, 4096, [(1, 1024)])}
+    )
     m = choose_move("a", host_loads(hosts, place, sizes), vm_loads(place, sizes), ON, 0)
     assert m is not None and m.dst == "b"
     # With only c to go to, nothing moves.
@@ -188,8 +219,13 @@ def test_deterministic_tie_break():
 def test_hysteresis_refuses_crumbs():
     """A move whose gain is below the hysteresis is not made, though it would help a little."""
     # a is just overloaded (0.703 > 0.495 + 0.2); b, the only open host, is just under the cap.
-    hosts, place, sizes = grid({"a": (16, 65536, [(1, 1024)] * 45), "b": (16, 65536, [(1, 1024)] * 41),
-                                "c": (16, 65536, [(1, 1024)] * 9)})
+    hosts, place, sizes = grid(
+        {
+            "a": (16, 65536, [(1, 1024)] * 45),
+            "b": (16, 65536, [(1, 1024)] * 41),
+            "c": (16, 65536, [(1, 1024)] * 9),
+        }
+    )
     hl, vl = host_loads(hosts, place, sizes, closed={"c"}), vm_loads(place, sizes)
     small = choose_move("a", hl, vl, BalancerPolicy(enabled=True, threshold=0.2, hysteresis=0.0001), 0)
     assert small is not None and small.dst == "b" and small.benefit < 0.002
@@ -199,8 +235,9 @@ def test_hysteresis_refuses_crumbs():
 def test_much_less_loaded_host_draws_from_a_host_above_the_grid_load():
     """A host only a little above the grid load still gives to a host far below it (second clause),
     and only up to the grid load."""
-    hosts, place, sizes = grid({"a": (8, 32768, [(1, 2048)] * 7), "b": (8, 32768, [(1, 2048)] * 7),
-                                "c": (8, 32768, [(1, 2048)] * 1)})   # grid 0.3125; a, b 0.4375; c 0.0625
+    hosts, place, sizes = grid(
+        {"a": (8, 32768, [(1, 2048)] * 7), "b": (8, 32768, [(1, 2048)] * 7), "c": (8, 32768, [(1, 2048)] * 1)}
+    )  # grid 0.3125; a, b 0.4375; c 0.0625
     m = choose_move("a", host_loads(hosts, place, sizes), vm_loads(place, sizes), ON, 0)
     assert m is not None and m.dst == "c" and "below grid load" in m.reason
 
@@ -237,14 +274,18 @@ def test_in_flight_moves_count():
     assert choose_move("a", hl, vl, ON, 0, in_flight=[first]) is None
     two = BalancerPolicy(enabled=True, max_concurrent=2)
     second = choose_move("a", hl, vl, two, 0, in_flight=[first])
-    assert second.vm_id != first.vm_id and second.dst == "c"   # b counts as one VM fuller
+    assert second.vm_id != first.vm_id and second.dst == "c"  # b counts as one VM fuller
 
 
 def test_policy_checks_its_fields():
     """A policy out of range names the field."""
-    for kw, field in [({"threshold": 1.5}, "threshold"), ({"hysteresis": 0}, "hysteresis"),
-                      ({"min_residence_ms": -1}, "min_residence_ms"), ({"max_concurrent": 0}, "max_concurrent"),
-                      ({"cpu_overcommit": 0.5}, "cpu_overcommit")]:
+    for kw, field in [
+        ({"threshold": 1.5}, "threshold"),
+        ({"hysteresis": 0}, "hysteresis"),
+        ({"min_residence_ms": -1}, "min_residence_ms"),
+        ({"max_concurrent": 0}, "max_concurrent"),
+        ({"cpu_overcommit": 0.5}, "cpu_overcommit"),
+    ]:
         with pytest.raises(InvalidArgument, match=field):
             BalancerPolicy(**kw)
 
@@ -252,23 +293,46 @@ def test_policy_checks_its_fields():
 # -- settings -------------------------------------------------------------------------------------
 def test_balancer_settings_are_defined_with_defaults():
     """The balancer's settings exist, off by default, and the defaults make the default policy."""
-    assert {"balancer.enabled", "balancer.threshold", "balancer.interval", "balancer.min-residence"} <= set(SETTINGS)
+    assert {"balancer.enabled", "balancer.threshold", "balancer.interval", "balancer.min-residence"} <= set(
+        SETTINGS
+    )
     p = policy_from_settings({})
-    assert p == BalancerPolicy(enabled=False, threshold=0.2, min_residence_ms=1_800_000, interval_ms=60_000,
-                               cpu_overcommit=4.0)
+    assert p == BalancerPolicy(
+        enabled=False, threshold=0.2, min_residence_ms=1_800_000, interval_ms=60_000, cpu_overcommit=4.0
+    )
 
 
 def test_policy_from_settings_reads_every_key():
     """Each setting reaches its policy field, in the policy's units."""
-    p = policy_from_settings({"balancer.enabled": "true", "balancer.threshold": "0.1", "balancer.interval": "30",
-                              "balancer.min-residence": "90.5", "cpu_overcommit": "2"})
-    assert (p.enabled, p.threshold, p.interval_ms, p.min_residence_ms, p.cpu_overcommit) == (True, 0.1, 30_000,
-                                                                                             90_500, 2.0)
+    p = policy_from_settings(
+        {
+            "balancer.enabled": "true",
+            "balancer.threshold": "0.1",
+            "balancer.interval": "30",
+            "balancer.min-residence": "90.5",
+            "cpu_overcommit": "2",
+        }
+    )
+    assert (p.enabled, p.threshold, p.interval_ms, p.min_residence_ms, p.cpu_overcommit) == (
+        True,
+        0.1,
+        30_000,
+        90_500,
+        2.0,
+    )
 
 
-@pytest.mark.parametrize("key,value", [("balancer.enabled", "yes"), ("balancer.threshold", "1.5"),
-                                       ("balancer.threshold", "-0.1"), ("balancer.threshold", "lots"),
-                                       ("balancer.interval", "0"), ("balancer.min-residence", "-5")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("balancer.enabled", "yes"),
+        ("balancer.threshold", "1.5"),
+        ("balancer.threshold", "-0.1"),
+        ("balancer.threshold", "lots"),
+        ("balancer.interval", "0"),
+        ("balancer.min-residence", "-5"),
+    ],
+)
 def test_bad_balancer_settings_name_the_key(key, value):
     """SetSetting, and the policy built from settings, refuse a bad value with an error naming the key."""
     with pytest.raises(InvalidArgument, match=key):
@@ -306,9 +370,13 @@ def random_grids(draw):
     closed = {h for h in hosts if rng.random() < 0.1}
     moved = {v: rng.choice([None, 0, 9_000_000]) for v in place}
     overlay = {v: rng.randrange(0, 4 * 10**9) for v in place}
-    policy = BalancerPolicy(enabled=True, threshold=draw(st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.4])),
-                            hysteresis=draw(st.sampled_from([0.0005, 0.002, 0.01])), min_residence_ms=1_000_000,
-                            cpu_overcommit=oc)
+    policy = BalancerPolicy(
+        enabled=True,
+        threshold=draw(st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.4])),
+        hysteresis=draw(st.sampled_from([0.0005, 0.002, 0.01])),
+        min_residence_ms=1_000_000,
+        cpu_overcommit=oc,
+    )
     return hosts, place, sizes, dead, closed, moved, overlay, policy
 
 
@@ -342,8 +410,14 @@ def test_every_chosen_move_obeys_the_rule_on_the_true_state(g):
         assert after[m.dst] < after[me] < before[me]
         assert m.cost == overlay[m.vm_id] + mem * MIB
         mine = next(h for h in hl if h.host_id == me)
-        allowed = [x for v in vl if v.host_id == me for d in hl
-                   for x in [assess(v, mine, d, grid_load(hl, oc), policy, now)] if isinstance(x, Move)]
+        allowed = [
+            x
+            for v in vl
+            if v.host_id == me
+            for d in hl
+            for x in [assess(v, mine, d, grid_load(hl, oc), policy, now)]
+            if isinstance(x, Move)
+        ]
         assert m.score == max(x.score for x in allowed)
 
 
@@ -374,8 +448,12 @@ def one_mover(report, policy) -> None:
         spans.sort()
         for (_, e1), (s2, _) in zip(spans, spans[1:]):
             assert e1 <= s2
-    events = sorted((t, d, h) for m in report.migrations for h in (m.src, m.dst)
-                    for t, d in ((m.start_s, 1), (m.end_s, -1)))   # at equal times, ends (-1) first
+    events = sorted(
+        (t, d, h)
+        for m in report.migrations
+        for h in (m.src, m.dst)
+        for t, d in ((m.start_s, 1), (m.end_s, -1))
+    )  # at equal times, ends (-1) first
     running = defaultdict(int)
     for _, d, h in events:
         running[h] += d
@@ -410,15 +488,20 @@ def sim_cases(draw, crashes=False):
                 vms.append(SimVm(f"v{len(vms):02d}", h, c, m, rng.randrange(0, 3 * 10**9)))
                 break
         total += m
-    policy = BalancerPolicy(enabled=True, threshold=draw(st.sampled_from([0.05, 0.1, 0.2, 0.3])),
-                            hysteresis=draw(st.sampled_from([0.001, 0.002, 0.005])),
-                            min_residence_ms=draw(st.sampled_from([0, 60_000, 1_800_000])),
-                            max_concurrent=draw(st.sampled_from([1, 2])) if crashes else 1,
-                            interval_ms=60_000, cpu_overcommit=4.0)
-    params = SimParams(gossip_delay_s=(0.5, draw(st.sampled_from([1.0, 30.0, 300.0]))),
-                       fail_rate=draw(st.sampled_from([0.0, 0.1, 0.5])),
-                       crashes=tuple((draw(st.floats(0, 3600)), h.id) for h in hosts[1:]
-                                     if crashes and rng.random() < 0.3))
+    policy = BalancerPolicy(
+        enabled=True,
+        threshold=draw(st.sampled_from([0.05, 0.1, 0.2, 0.3])),
+        hysteresis=draw(st.sampled_from([0.001, 0.002, 0.005])),
+        min_residence_ms=draw(st.sampled_from([0, 60_000, 1_800_000])),
+        max_concurrent=draw(st.sampled_from([1, 2])) if crashes else 1,
+        interval_ms=60_000,
+        cpu_overcommit=4.0,
+    )
+    params = SimParams(
+        gossip_delay_s=(0.5, draw(st.sampled_from([1.0, 30.0, 300.0]))),
+        fail_rate=draw(st.sampled_from([0.0, 0.1, 0.5])),
+        crashes=tuple((draw(st.floats(0, 3600)), h.id) for h in hosts[1:] if crashes and rng.random() < 0.3),
+    )
     return hosts, vms, policy, params, draw(st.integers(0, 2**32))
 
 
@@ -449,9 +532,16 @@ def test_simulated_grid_balances_within_the_potential_bound(case):
 
 @pytest.mark.property
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(2, 8), cpus=st.sampled_from([8, 16]), load=st.floats(0.1, 0.6),
-       threshold=st.sampled_from([0.15, 0.2, 0.3]), fail=st.sampled_from([0.0, 0.2]),
-       delay=st.sampled_from([1.0, 120.0]), n_start=st.integers(1, 2), seed=st.integers(0, 2**32))
+@given(
+    n=st.integers(2, 8),
+    cpus=st.sampled_from([8, 16]),
+    load=st.floats(0.1, 0.6),
+    threshold=st.sampled_from([0.15, 0.2, 0.3]),
+    fail=st.sampled_from([0.0, 0.2]),
+    delay=st.sampled_from([1.0, 120.0]),
+    n_start=st.integers(1, 2),
+    seed=st.integers(0, 2**32),
+)
 def test_equal_hosts_end_within_the_threshold_band(n, cpus, load, threshold, fail, delay, n_start, seed):
     """Equal hosts and VMs small beside them (each at most half the threshold of a host, at least
     hysteresis / threshold): the grid ends with every host within the threshold of the grid load,
@@ -463,17 +553,20 @@ def test_equal_hosts_end_within_the_threshold_band(n, cpus, load, threshold, fai
     such move, so it has no such host."""
     rng = random.Random(seed)
     hosts = [SimHost(f"h{i}", cpus, cpus * 4096) for i in range(n)]
-    cap = {h.id: cpus * 4 for h in hosts}          # 1 GiB per vCPU: memory and CPU loads agree
+    cap = {h.id: cpus * 4 for h in hosts}  # 1 GiB per vCPU: memory and CPU loads agree
     vms, goal = [], load * n * cpus * 4
     while sum(v.vcpus for v in vms) < goal:
         c = rng.choice([1, 2])
         h = next((h.id for h in hosts[:n_start] if cap[h.id] >= c), None) or next(
-            (h.id for h in hosts if cap[h.id] >= c))
+            (h.id for h in hosts if cap[h.id] >= c)
+        )
         cap[h] -= c
         vms.append(SimVm(f"v{len(vms):03d}", h, c, 1024 * c, rng.randrange(0, 2 * 10**9)))
     policy = BalancerPolicy(enabled=True, threshold=threshold, hysteresis=0.002, cpu_overcommit=4.0)
     assert 2 / (cpus * 4) <= threshold / 2 and 1 / (cpus * 4) * threshold >= policy.hysteresis
-    r = BalanceSim(hosts, vms, policy, SimParams(fail_rate=fail, gossip_delay_s=(0.5, delay)), seed=seed).run()
+    r = BalanceSim(
+        hosts, vms, policy, SimParams(fail_rate=fail, gossip_delay_s=(0.5, delay)), seed=seed
+    ).run()
     assert r.quiet
     m = r.grid_load
     assert max(r.loads_end.values()) <= m + threshold + EPS
@@ -491,7 +584,7 @@ def test_crashes_and_failures_lose_no_vm_and_send_none_back(case):
     once, none goes back to a host it left, so none visits more hosts than there are."""
     hosts, vms, policy, params, seed = case
     sim = BalanceSim(hosts, vms, policy, params, seed=seed)
-    r = sim.run()   # raises SimInvariantError on a VM on two hosts or none, or a lease mismatch
+    r = sim.run()  # raises SimInvariantError on a VM on two hosts or none, or a lease mismatch
     assert r.quiet
     bands(r, policy)
     no_return(r)
@@ -512,8 +605,11 @@ def test_concurrent_arrivals_count_against_the_cap(seed):
     """Three overloaded hosts, one host with room for exactly one more VM, three migrations allowed
     at once: the destination counts the moves already coming to it, so it takes one VM and stays
     under M + θ, however the three proposals overlap."""
-    hosts = [SimHost(f"s{i}", 16, 65536) for i in range(3)] + [SimHost("d", 16, 65536), SimHost("e", 64, 262144)]
-    counts = {"s0": 24, "s1": 24, "s2": 24, "d": 21, "e": 35}    # loads 0.75 ×3, 0.656, 0.273; M = 0.5
+    hosts = [SimHost(f"s{i}", 16, 65536) for i in range(3)] + [
+        SimHost("d", 16, 65536),
+        SimHost("e", 64, 262144),
+    ]
+    counts = {"s0": 24, "s1": 24, "s2": 24, "d": 21, "e": 35}  # loads 0.75 ×3, 0.656, 0.273; M = 0.5
     vms = [SimVm(f"{h}-{i}", h, 1, 2048, 10**8) for h, n in counts.items() for i in range(n)]
     policy = BalancerPolicy(enabled=True, threshold=0.2, max_concurrent=3)
     # e is down from the start: it counts in M but takes nothing.
@@ -542,7 +638,11 @@ def test_a_held_lease_keeps_the_vm_in_place():
     """While someone else holds a VM's migration lease, the balancer does not move that VM, and
     moves others instead."""
     hosts = [SimHost("a", 8, 32768), SimHost("b", 8, 32768)]
-    vms = [SimVm("v1", "a", 1, 8192, 0), SimVm("v2", "a", 1, 8192, 10**9), SimVm("v3", "a", 1, 8192, 2 * 10**9)]
+    vms = [
+        SimVm("v1", "a", 1, 8192, 0),
+        SimVm("v2", "a", 1, 8192, 10**9),
+        SimVm("v3", "a", 1, 8192, 2 * 10**9),
+    ]
     sim = BalanceSim(hosts, vms, BalancerPolicy(enabled=True), SimParams(max_time_s=3600), seed=1)
     sim.leases["migration/v1"] = "user:admin"
     r = sim.run()

@@ -5,6 +5,7 @@ Paxos simulator with faults: hosts placing and removing VMs at the same time, ea
 stale view, never get a host promised more than it has nor an owner past their quota, and the
 counters always add up to the reservations they sum.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -24,14 +25,23 @@ from vmwebd.lease.paxos_sim import PaxosSim
 
 
 # -- values and the builder ------------------------------------------------------------------
-@given(st.sets(st.tuples(st.from_regex(r"[a-z][a-z0-9-]{0,5}/[a-z]{1,4}[0-9]{0,2}", fullmatch=True),
-                         st.text("0123456789abcdef", min_size=1, max_size=8),
-                         st.integers(0, 64), st.integers(0, 10**6)), max_size=20))
+@given(
+    st.sets(
+        st.tuples(
+            st.from_regex(r"[a-z][a-z0-9-]{0,5}/[a-z]{1,4}[0-9]{0,2}", fullmatch=True),
+            st.text("0123456789abcdef", min_size=1, max_size=8),
+            st.integers(0, 64),
+            st.integers(0, 10**6),
+        ),
+        max_size=20,
+    )
+)
 def test_sets_round_trip(items):
     entries = {Entry(*t) for t in items}
     assert parse(encode(entries, sizes=True)) == entries
-    assert parse(encode({Entry(e.vm, e.token) for e in entries}, sizes=False)) == \
-        {Entry(e.vm, e.token) for e in entries}
+    assert parse(encode({Entry(e.vm, e.token) for e in entries}, sizes=False)) == {
+        Entry(e.vm, e.token) for e in entries
+    }
 
 
 def ledger_of(values: dict) -> Ledger:
@@ -56,12 +66,12 @@ def test_reserve_move_unreserve_keep_each_set_what_it_says():
     ch = led.change()
     ch.move("c/a", "t1", 2, 1024, "h1", "h2", keep_source=True)
     apply(values, ch.ops())
-    assert set(led.change().find("c/a", ["h1", "h2"])) == {"h1", "h2"}      # both, while moving
+    assert set(led.change().find("c/a", ["h1", "h2"])) == {"h1", "h2"}  # both, while moving
     ch = led.change()
     ch.unreserve("c/a", "t1", ["h1"], None)
     apply(values, ch.ops())
     assert led.change().usage("h1") == Usage(1, 1, 512) and led.change().usage("h2").vms == 1
-    ch = led.change()                       # a re-placement off a dead host: a new token
+    ch = led.change()  # a re-placement off a dead host: a new token
     ch.move("c/b", "t2", 1, 512, "h1", "h3", keep_source=False, owner="alice", new_token="t9")
     apply(values, ch.ops())
     assert values[cap_key("h1")] is None
@@ -99,7 +109,7 @@ def test_the_proposer_refuses_an_update_that_no_longer_fits():
     values: dict = {}
     ch = ledger_of(values).change()
     ch.reserve("c/a", "h1", 2, 1024, "alice", "t")
-    (update, _), = [v for k, v in ch.ops(capacity=lambda h: (8, 1536)).items() if k.startswith("cap/")]
+    ((update, _),) = [v for k, v in ch.ops(capacity=lambda h: (8, 1536)).items() if k.startswith("cap/")]
     done = update.apply(None)
     assert update.apply(done) == done
     full = encode({Entry("c/x", "t", 1, 1024)}, sizes=True)
@@ -131,7 +141,7 @@ def test_operations_in_flight_here_count_for_placements_here_and_a_change_knows_
 
 # -- the property, in the simulator -----------------------------------------------------------
 HOSTS = ("h0", "h1", "h2")
-CAPACITY = {"h0": (8, 4096), "h1": (4, 2048), "h2": (4, 3072)}     # (vCPUs with overcommit, MiB)
+CAPACITY = {"h0": (8, 4096), "h1": (4, 2048), "h2": (4, 3072)}  # (vCPUs with overcommit, MiB)
 QUOTA = {"alice": 9, "bob": 6}
 
 
@@ -147,8 +157,8 @@ class Grid:
         self.ledgers = {h: Ledger(lambda k, h=h: self._read(h, k)) for h in HOSTS}
         self.ids = itertools.count()
         self.outcomes = defaultdict(int)
-        self.home: dict[str, tuple] = {}     # VM -> (hosts it is reserved on, token, owner)
-        self.unsure: set[str] = set()        # VMs an operation of unknown outcome touched
+        self.home: dict[str, tuple] = {}  # VM -> (hosts it is reserved on, token, owner)
+        self.unsure: set[str] = set()  # VMs an operation of unknown outcome touched
         if crash:
             self.sim.at(0.3, self.sim.crash, "h1")
             self.sim.at(1.5, self.sim.restart, "h1")
@@ -175,8 +185,9 @@ class Grid:
             if not ops:
                 return True
             result = yield h, ops
-            if isinstance(result, paxos.Decided) or (isinstance(result, paxos.Conflict)
-                                                     and ch.applied(result.seen)):
+            if isinstance(result, paxos.Decided) or (
+                isinstance(result, paxos.Conflict) and ch.applied(result.seen)
+            ):
                 self.outcomes["decided"] += 1
                 return True
             if isinstance(result, paxos.Conflict):
@@ -188,19 +199,26 @@ class Grid:
         return False
 
     def create(self, h: str, owner: str, n: int):
-        vms = [(f"c{next(self.ids)}/vm{i}", self.rng.choice((1, 2)), self.rng.choice((512, 1024)))
-               for i in range(n)]
+        vms = [
+            (f"c{next(self.ids)}/vm{i}", self.rng.choice((1, 2)), self.rng.choice((512, 1024)))
+            for i in range(n)
+        ]
         placed = {}
 
         def build(ch):
             for vm, c, m in vms:
-                fits = [x for x in HOSTS if ch.usage(x).vcpus + c <= CAPACITY[x][0]
-                        and ch.usage(x).memory_mib + m <= CAPACITY[x][1]]
+                fits = [
+                    x
+                    for x in HOSTS
+                    if ch.usage(x).vcpus + c <= CAPACITY[x][0]
+                    and ch.usage(x).memory_mib + m <= CAPACITY[x][1]
+                ]
                 if not fits:
                     raise NoCapacity("full")
                 placed[vm] = self.rng.choice(fits)
                 ch.reserve(vm, placed[vm], c, m, owner, "t")
             return ch.ops(capacity=CAPACITY.get, quota=QUOTA.get)
+
         if (yield from self._attempts(h, build)):
             for vm, c, m in vms:
                 self.home[vm] = ((placed[vm],), "t", owner, c, m)
@@ -211,6 +229,7 @@ class Grid:
         def build(ch):
             ch.unreserve(vm, tok, HOSTS, owner)
             return ch.ops()
+
         if (yield from self._attempts(h, build, [vm])):
             del self.home[vm]
 
@@ -222,6 +241,7 @@ class Grid:
         def start(ch):
             ch.move(vm, tok, c, m, src, dest, keep_source=True)
             return ch.ops(capacity=CAPACITY.get)
+
         if not (yield from self._attempts(h, start, [vm])):
             return
         self.home[vm] = ((src, dest), tok, owner, c, m)
@@ -230,13 +250,14 @@ class Grid:
         def settle(ch):
             ch.unreserve(vm, tok, [drop], None)
             return ch.ops()
+
         if (yield from self._attempts(h, settle, [vm])):
             self.home[vm] = ((keep,), tok, owner, c, m)
 
     def run(self, tasks: list, limit: float = 40.0) -> None:
         """Runs client tasks concurrently: each proposes, waits for its result, goes on."""
         sim = self.sim
-        waiting = {}                  # op id -> (task, host, ops)
+        waiting = {}  # op id -> (task, host, ops)
 
         def advance(task, value, first=False):
             try:
@@ -247,6 +268,7 @@ class Grid:
             self.ledgers[h].begin(ops)
             waiting[op] = (task, h, ops)
             sim.propose(h, op, ops)
+
         for t in tasks:
             advance(t, None, first=True)
         end = sim.now + limit
@@ -269,7 +291,7 @@ class Grid:
 
 def check_limits(sim: PaxosSim) -> None:
     """No value ever chosen for a host's set exceeds its capacity, nor an owner's its quota."""
-    for (key, _ballot, value) in sim.chosen_at:
+    for key, _ballot, value in sim.chosen_at:
         if key.startswith("cap/"):
             u = usage(parse(value))
             cap = CAPACITY[key[4:]]
@@ -307,8 +329,13 @@ def play(seed: int, drop: float, dup: float, crash: bool, partition: bool) -> Gr
 
 @pytest.mark.slow
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**32 - 1), drop=st.sampled_from([0.0, 0.05, 0.2]),
-       dup=st.sampled_from([0.0, 0.1]), crash=st.booleans(), partition=st.booleans())
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    drop=st.sampled_from([0.0, 0.05, 0.2]),
+    dup=st.sampled_from([0.0, 0.1]),
+    crash=st.booleans(),
+    partition=st.booleans(),
+)
 def test_no_schedule_promises_a_host_more_than_it_has(seed, drop, dup, crash, partition):
     """Clients at three hosts create, move and remove VMs at once from stale views, with lost,
     duplicated and delayed messages, a crash and a partition: no value ever decided puts a host
@@ -327,7 +354,9 @@ def test_a_fault_free_race_fills_the_grid_up_to_its_capacity():
     g.sim.check_safety(registers=PREFIXES)
     check_limits(g.sim)
     check_reserved(g)
-    assert g.outcomes["decided"] >= 3 and g.outcomes["NoCapacity"] + g.outcomes["QuotaExceeded"] >= 1, g.outcomes
+    assert g.outcomes["decided"] >= 3 and g.outcomes["NoCapacity"] + g.outcomes["QuotaExceeded"] >= 1, (
+        g.outcomes
+    )
 
 
 # -- the sweep, on a real node ----------------------------------------------------------------
@@ -346,10 +375,11 @@ def test_the_sweep_removes_leftovers_after_grace_and_records_vms_missing(start_n
     assert [e.vm for e in real] == ["c1/pc0", "c1/pc1"]
     ghost = Entry("gone/vm0", "t0", 1, 512)
     yield node.allocator.transact(
-        lambda ch: (ch.adjust(cap_key("host1"), add=[ghost], remove=[real[0]]), ch.ops())[1])
-    yield node.reconciler.settled()                  # a full pass within the grace period
+        lambda ch: (ch.adjust(cap_key("host1"), add=[ghost], remove=[real[0]]), ch.ops())[1]
+    )
+    yield node.reconciler.settled()  # a full pass within the grace period
     entries = led.entries(cap_key("host1"))
-    assert ghost in entries and real[0] in entries    # the missing VM is recorded at once
+    assert ghost in entries and real[0] in entries  # the missing VM is recorded at once
     node.reconciler.capacity.grace_s = 0
     yield node.reconciler.settled()
     assert led.entries(cap_key("host1")) == frozenset(real)
@@ -366,13 +396,13 @@ def test_updates_of_one_key_share_a_round_and_each_is_judged_in_turn():
     for i in range(6):
         ch = led.change()
         ch.reserve(f"c{i}/vm0", "h0", 1, 1024, "alice", "t")
-        ops.append(ch.ops(capacity=CAPACITY.get))     # h0: 4096 MiB, so four fit
+        ops.append(ch.ops(capacity=CAPACITY.get))  # h0: 4096 MiB, so four fit
     for i, o in enumerate(ops):
         sim.propose("h0", f"u{i}", o)
     assert sim.run_until_done()
     results = [sim.result(f"u{i}") for i in range(6)]
     assert [type(r).__name__ for r in results] == ["Decided"] * 4 + ["Conflict"] * 2, results
-    assert len({r.ballot for r in results[1:4]}) == 1          # those queued went together
+    assert len({r.ballot for r in results[1:4]}) == 1  # those queued went together
     assert len(parse(sim.history(cap_key("h0"))[-1][1])) == 4
     sim.check_safety(registers=PREFIXES)
 
@@ -383,8 +413,10 @@ def test_a_large_capacity_set_is_a_valid_lease_for_peers():
     from lxml import etree
 
     from vmwebd.dom.validate import entity_error
-    big = encode({Entry(f"cluster-{i // 50:04d}/compute{i % 50}", f"{i:08x}", 1, 512)
-                  for i in range(5000)}, sizes=True)
+
+    big = encode(
+        {Entry(f"cluster-{i // 50:04d}/compute{i % 50}", f"{i:08x}", 1, 512) for i in range(5000)}, sizes=True
+    )
     assert len(big) > 100_000
     el = etree.Element("{urn:vmweb:dom:1}lease", id="cap/host1", v="1000.0@host1", holder=big)
     assert entity_error(el) is None

@@ -1,5 +1,6 @@
 """Capacity under concurrency with real daemons: three hosts take creates at the same moment
 until the grid is full, and no host is promised more than it has."""
+
 from __future__ import annotations
 
 import threading
@@ -39,6 +40,7 @@ def race_until_full(grid, clients_per_host: int = 2, template: str = "bigdata", 
                 refused += 1
                 if refused >= 2:
                     return
+
     threads = [threading.Thread(target=client, args=(t,)) for t in range(3 * clients_per_host)]
     for th in threads:
         th.start()
@@ -73,15 +75,14 @@ def test_concurrent_creates_at_three_hosts_never_promise_a_host_more_than_it_has
     faults, made = race_until_full(grid)
     assert made, faults
     assert set(faults) <= {"Server.NoCapacity"}, dict(faults)
-    assert faults["Server.NoCapacity"] >= 6, dict(faults)     # every client ended on a full grid
+    assert faults["Server.NoCapacity"] >= 6, dict(faults)  # every client ended on a full grid
     placed, hosts, sets = promised(grid)
     overcommit = 4.0
     for h, (mem, vcpus) in placed.items():
         assert mem <= hosts[h]["memory_mib"], (h, mem, hosts[h]["memory_mib"])
         assert vcpus <= hosts[h]["cpus"] * overcommit, (h, vcpus)
     # the grid is really full: one more cluster of the race's shape fits nowhere
-    loads = [HostLoad(h, hosts[h]["cpus"], hosts[h]["memory_mib"], placed[h][1], placed[h][0])
-             for h in hosts]
+    loads = [HostLoad(h, hosts[h]["cpus"], hosts[h]["memory_mib"], placed[h][1], placed[h][0]) for h in hosts]
     with pytest.raises(NoCapacity):
         place(loads, [("m", 2, 2048), ("w1", 2, 1536), ("w2", 2, 1536)], "spread", overcommit)
     dom = etree.fromstring(grid.client(0).call("GetDom").encode())

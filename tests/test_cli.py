@@ -4,6 +4,7 @@ One daemon serves the whole module (started once: it is the slow part). Tests th
 ``c1`` with 3 running VMs get it from the ``c1`` fixture, which restores it if an earlier test
 scaled or destroyed it, so the tests do not depend on their order.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,14 @@ def vmweb(daemon_or_host, *args: str) -> subprocess.CompletedProcess:
     """Runs ``vmweb --host H ARGS`` to completion (bounded), as the test admin (credentials in
     the environment), and returns its output."""
     host = daemon_or_host if isinstance(daemon_or_host, str) else daemon_or_host.address
-    return subprocess.run([sys.executable, "-m", "vmwebd.cli", "--host", host, *args],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO,
-                          env=child_env(VMWEB_USER=ADMIN[0], VMWEB_PASSWORD=ADMIN[1]))
+    return subprocess.run(
+        [sys.executable, "-m", "vmwebd.cli", "--host", host, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        cwd=REPO,
+        env=child_env(VMWEB_USER=ADMIN[0], VMWEB_PASSWORD=ADMIN[1]),
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -66,8 +72,7 @@ def wait_until_running(api: ApiClient, name: str) -> dict:
 @pytest.fixture(scope="module")
 def created(daemon):
     """The CLI's own `cluster create c1 --count 3` (run once; test_create_* checks its output)."""
-    return vmweb(daemon, "cluster", "create", "c1", "--template", "hpc", "--owner", "alice",
-                 "--count", "3")
+    return vmweb(daemon, "cluster", "create", "c1", "--template", "hpc", "--owner", "alice", "--count", "3")
 
 
 @pytest.fixture
@@ -112,7 +117,9 @@ def test_show_json(daemon, c1):
     vms = shown["vms"]
     assert len(vms) == 3 and all(v["ip"] and v["mac"] for v in vms)
     assert len({v["ip"] for v in vms}) == 3 and len({v["mac"] for v in vms}) == 3
-    assert {(v["name"], v["ip"], v["mac"]) for v in vms} == {(v["name"], v["ip"], v["mac"]) for v in c1["vms"]}
+    assert {(v["name"], v["ip"], v["mac"]) for v in vms} == {
+        (v["name"], v["ip"], v["mac"]) for v in c1["vms"]
+    }
 
 
 def test_duplicate_name_is_one_line_exit_1(daemon, c1):
@@ -120,7 +127,9 @@ def test_duplicate_name_is_one_line_exit_1(daemon, c1):
     proc = vmweb(daemon, "cluster", "create", "c1", "--template", "hpc", "--owner", "alice", "--count", "3")
     assert proc.returncode == 1, proc
     lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vmweb: Client.NameTaken:") and "'c1'" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("vmweb: Client.NameTaken:") and "'c1'" in lines[0], (
+        proc.stderr
+    )
     assert proc.stdout == ""
 
 

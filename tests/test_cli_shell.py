@@ -1,5 +1,6 @@
 """The ``vmweb`` command line as a shell user meets it: --version, help, --json, exit statuses,
 completion, and a start that loads no server code."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,31 @@ from vmwebd import __version__, cli, version
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     """``python -m vmwebd.cli ARGS`` to completion (bounded), with ``env`` added."""
-    return subprocess.run([sys.executable, "-m", "vmwebd.cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL,
-                          env=child_env(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "vmwebd.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env=child_env(**env),
+    )
 
 
 # -- what the CLI loads ---------------------------------------------------------------------------
 
-SERVER_MODULES = ("spyne", "libvirt", "twisted", "vmwebd.api", "vmwebd.node", "vmwebd.hv",
-                  "vmwebd.gossip", "vmwebd.dom", "vmwebd.auth", "vmwebd.app")
+SERVER_MODULES = (
+    "spyne",
+    "libvirt",
+    "twisted",
+    "vmwebd.api",
+    "vmwebd.node",
+    "vmwebd.hv",
+    "vmwebd.gossip",
+    "vmwebd.dom",
+    "vmwebd.auth",
+    "vmwebd.app",
+)
 
 PROBE = """
 import json, sys
@@ -42,26 +59,38 @@ def test_cli_imports_no_server_code():
     Twisted (twisted.web included) and none of the daemon's own modules."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        host = f"127.0.0.1:{s.getsockname()[1]}"     # bound, not listening: refused at once
-        proc = subprocess.run([sys.executable, "-c", PROBE, host], capture_output=True, text=True,
-                              timeout=60, cwd=REPO, env=child_env())
+        host = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: refused at once
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE, host],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=child_env(),
+        )
     got = json.loads(proc.stdout)
     assert got["code"] == cli.EXIT_USAGE, proc.stderr
-    loaded = [m for m in got["modules"]
-              if any(m == bad or m.startswith(bad + ".") for bad in SERVER_MODULES)]
+    loaded = [m for m in got["modules"] if any(m == bad or m.startswith(bad + ".") for bad in SERVER_MODULES)]
     assert loaded == [], loaded
     assert "twisted.web" not in got["modules"] and "spyne" not in got["modules"]
 
 
 # -- --version ------------------------------------------------------------------------------------
 
+
 def test_version_of_both_commands():
     """`vmweb --version` and `vmwebd --version` print the package's version and exit 0."""
-    assert version() == __version__      # the installed metadata agrees with the source
+    assert version() == __version__  # the installed metadata agrees with the source
     cl = run_cli("--version")
     assert (cl.returncode, cl.stdout) == (0, f"vmweb {__version__}\n"), cl
-    d = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--version"], capture_output=True,
-                       text=True, timeout=60, cwd=REPO, env=child_env())
+    d = subprocess.run(
+        [sys.executable, "-m", "vmwebd.daemon", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=child_env(),
+    )
     assert (d.returncode, d.stdout) == (0, f"vmwebd {__version__}\n"), d
 
 
@@ -78,6 +107,7 @@ def test_version_falls_back_to_the_source(monkeypatch):
 
 # -- help -----------------------------------------------------------------------------------------
 
+
 def walk(parser: argparse.ArgumentParser, path=("vmweb",)):
     """(command path, parser) for the parser and every subcommand under it."""
     yield path, parser
@@ -91,38 +121,45 @@ def walk(parser: argparse.ArgumentParser, path=("vmweb",)):
 
 def test_every_argument_has_help():
     """Every option and positional of every command says what it is in --help."""
-    missing = [f"{' '.join(path)} {a.option_strings or a.dest}"
-               for path, p in walk(cli.build_parser()) for a in p._actions
-               if not isinstance(a, argparse._SubParsersAction)
-               and (not a.help or a.help == argparse.SUPPRESS)]
+    missing = [
+        f"{' '.join(path)} {a.option_strings or a.dest}"
+        for path, p in walk(cli.build_parser())
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction) and (not a.help or a.help == argparse.SUPPRESS)
+    ]
     assert missing == []
 
 
 def test_help_lists_every_exit_status():
     """`vmweb --help` lists each exit status the CLI uses, and how to turn on completion."""
     text = cli.build_parser().format_help()
-    for code in (0, cli.EXIT_REFUSED, cli.EXIT_USAGE, cli.EXIT_STUCK, cli.EXIT_TIMEOUT,
-                 cli.EXIT_INTERRUPTED):
+    for code in (0, cli.EXIT_REFUSED, cli.EXIT_USAGE, cli.EXIT_STUCK, cli.EXIT_TIMEOUT, cli.EXIT_INTERRUPTED):
         assert f"\n  {code}  " in text, code
     assert 'eval "$(register-python-argcomplete vmweb)"' in text
 
 
 # -- usage errors: exit 2, naming the argument ------------------------------------------------------
 
-@pytest.mark.parametrize("argv, named", [
-    (["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "-1"], "--count"),
-    (["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "many"], "--count"),
-    (["cluster", "scale", "c", "x"], "N"),
-    (["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "2",
-      "--timeout", "0"], "--timeout"),
-    (["vm", "migrate", "c", "v", "--timeout", "soon"], "--timeout"),
-    (["user", "quota", "alice", "-3"], "N"),
-    (["init", "--ca-dir", "a", "--host-id", "h", "--cert-dir", "c", "--admin", "bob"], "--admin"),
-    (["host", "add", "h2", "--ca-dir", "a"], "--cert-dir"),
-    (["host", "add", "h2"], "--member"),
-    (["--host", "ftp://x", "clusters"], "--host"),
-    (["--ca", "/nonexistent/ca.crt", "--host", "https://127.0.0.1:1", "clusters"], "--ca"),
-])
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "-1"], "--count"),
+        (["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "many"], "--count"),
+        (["cluster", "scale", "c", "x"], "N"),
+        (
+            ["cluster", "create", "c", "--template", "t", "--owner", "o", "--count", "2", "--timeout", "0"],
+            "--timeout",
+        ),
+        (["vm", "migrate", "c", "v", "--timeout", "soon"], "--timeout"),
+        (["user", "quota", "alice", "-3"], "N"),
+        (["init", "--ca-dir", "a", "--host-id", "h", "--cert-dir", "c", "--admin", "bob"], "--admin"),
+        (["host", "add", "h2", "--ca-dir", "a"], "--cert-dir"),
+        (["host", "add", "h2"], "--member"),
+        (["--host", "ftp://x", "clusters"], "--host"),
+        (["--ca", "/nonexistent/ca.crt", "--host", "https://127.0.0.1:1", "clusters"], "--ca"),
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_argument(argv, named, tmp_path, capsys):
     """A malformed value or a missing companion option is a usage error (exit 2) whose message
     names the argument, found before anything is done (no CA written, no host dialled)."""
@@ -140,6 +177,7 @@ def test_bad_arguments_exit_2_naming_the_argument(argv, named, tmp_path, capsys)
 
 # -- --json ---------------------------------------------------------------------------------------
 
+
 class FakeClient:
     """Answers operations from a table; records the calls."""
 
@@ -153,27 +191,98 @@ class FakeClient:
         return answer(*args) if callable(answer) else answer
 
 
-VM = {"name": "compute0", "role": "compute", "host": "host1", "state": "running", "ip": "10.77.1.2",
-      "mac": "52:54:00:00:00:01", "vcpus": 2, "memory_mib": 1024, "detail": None, "desired": "running"}
-CLUSTER = {"name": "lab1", "owner": "alice", "template": "hpc", "count": 1, "state": "running",
-           "network": "lab", "bridge": "vmbr100", "vni": 100, "vms": [VM]}
+VM = {
+    "name": "compute0",
+    "role": "compute",
+    "host": "host1",
+    "state": "running",
+    "ip": "10.77.1.2",
+    "mac": "52:54:00:00:00:01",
+    "vcpus": 2,
+    "memory_mib": 1024,
+    "detail": None,
+    "desired": "running",
+}
+CLUSTER = {
+    "name": "lab1",
+    "owner": "alice",
+    "template": "hpc",
+    "count": 1,
+    "state": "running",
+    "network": "lab",
+    "bridge": "vmbr100",
+    "vni": 100,
+    "vms": [VM],
+}
 ANSWERS = {
-    "ListTemplates": [{"name": "hpc", "min_count": 2, "pool": "lab", "description": "an HPC cluster",
-                       "roles": [{"name": "head", "count": 1, "vcpus": 2, "memory_mib": 2048}]}],
+    "ListTemplates": [
+        {
+            "name": "hpc",
+            "min_count": 2,
+            "pool": "lab",
+            "description": "an HPC cluster",
+            "roles": [{"name": "head", "count": 1, "vcpus": 2, "memory_mib": 2048}],
+        }
+    ],
     "ListClusters": [{k: v for k, v in CLUSTER.items() if k != "vms"}],
     "GetCluster": CLUSTER,
-    "ListHosts": [{"id": "host1", "liveness": "alive", "cpus": 16, "memory_mib": 32768,
-                   "used_vcpus": 2, "used_memory_mib": 1024, "load1": 0.5, "vms": 1,
-                   "member": True, "draining": False, "api": "http://127.0.0.1:8470"}],
-    "ListUsers": [{"name": "alice", "role": "user", "quota_vms": 16, "used_vms": 1, "used_vcpus": 2,
-                   "used_memory_mib": 1024, "clusters": 1}],
-    "ListSshKeys": [{"type": "ssh-ed25519", "fingerprint": "SHA256:abc", "comment": "alice@lab",
-                     "key": "ssh-ed25519 AAAA alice@lab"}],
-    "ListMigrations": [{"id": "m1", "vm": "lab1/compute0", "source": "host1", "dest": "host2",
-                        "mode": "live", "phase": "done", "bytes": 1 << 20, "total_ms": 900,
-                        "downtime_ms": 30, "error": None}],
-    "ListImages": [{"name": "debian-12", "format": "qcow2", "size_mib": 2048, "sha256": "ab" * 32,
-                    "hosts": ["host1", "host2"]}],
+    "ListHosts": [
+        {
+            "id": "host1",
+            "liveness": "alive",
+            "cpus": 16,
+            "memory_mib": 32768,
+            "used_vcpus": 2,
+            "used_memory_mib": 1024,
+            "load1": 0.5,
+            "vms": 1,
+            "member": True,
+            "draining": False,
+            "api": "http://127.0.0.1:8470",
+        }
+    ],
+    "ListUsers": [
+        {
+            "name": "alice",
+            "role": "user",
+            "quota_vms": 16,
+            "used_vms": 1,
+            "used_vcpus": 2,
+            "used_memory_mib": 1024,
+            "clusters": 1,
+        }
+    ],
+    "ListSshKeys": [
+        {
+            "type": "ssh-ed25519",
+            "fingerprint": "SHA256:abc",
+            "comment": "alice@lab",
+            "key": "ssh-ed25519 AAAA alice@lab",
+        }
+    ],
+    "ListMigrations": [
+        {
+            "id": "m1",
+            "vm": "lab1/compute0",
+            "source": "host1",
+            "dest": "host2",
+            "mode": "live",
+            "phase": "done",
+            "bytes": 1 << 20,
+            "total_ms": 900,
+            "downtime_ms": 30,
+            "error": None,
+        }
+    ],
+    "ListImages": [
+        {
+            "name": "debian-12",
+            "format": "qcow2",
+            "size_mib": 2048,
+            "sha256": "ab" * 32,
+            "hosts": ["host1", "host2"],
+        }
+    ],
     "GetSettings": [{"key": "placement", "value": "spread", "description": "where new VMs go"}],
 }
 LISTINGS = [
@@ -207,13 +316,17 @@ def test_every_listing_prints_json_with_the_tables_data(argv, operation, shown):
 
 def test_every_command_but_local_ones_takes_json_after_it():
     """`--json` is accepted after every command that asks the grid, not only before it."""
-    without = [path for path, p in cli._leaf_parsers(cli.build_parser())
-               if "--json" not in p._option_string_actions and path not in cli.LOCAL_ONLY]
+    without = [
+        path
+        for path, p in cli._leaf_parsers(cli.build_parser())
+        if "--json" not in p._option_string_actions and path not in cli.LOCAL_ONLY
+    ]
     assert without == []
     assert cli.build_parser().parse_args(["clusters"]).json is False
 
 
 # -- exit statuses of commands that follow moves ------------------------------------------------------
+
 
 class FakeTime:
     """A clock for follow_migration: sleeping advances it, nothing waits."""
@@ -229,29 +342,49 @@ class FakeTime:
 
 
 def migration(phase: str, error=None, id="m1") -> dict:
-    return {"id": id, "vm": "lab1/compute0", "source": "host1", "dest": "host2", "mode": "live",
-            "phase": phase, "bytes": 0, "total_ms": 0, "downtime_ms": 0, "error": error}
+    return {
+        "id": id,
+        "vm": "lab1/compute0",
+        "source": "host1",
+        "dest": "host2",
+        "mode": "live",
+        "phase": phase,
+        "bytes": 0,
+        "total_ms": 0,
+        "downtime_ms": 0,
+        "error": error,
+    }
 
 
-@pytest.mark.parametrize("final, code", [("done", 0), ("failed", cli.EXIT_REFUSED),
-                                         ("copying", cli.EXIT_TIMEOUT)])
+@pytest.mark.parametrize(
+    "final, code", [("done", 0), ("failed", cli.EXIT_REFUSED), ("copying", cli.EXIT_TIMEOUT)]
+)
 def test_vm_migrate_exit_status(final, code, monkeypatch):
     """`vm migrate` exits 0 when the move is done, 1 when it failed, 4 when --timeout passes
     while it goes on."""
     monkeypatch.setattr(cli, "time", FakeTime())
-    client = FakeClient({"MigrateVm": migration("reserved"),
-                         "GetMigration": migration(final, "no room" if final == "failed" else None)})
+    client = FakeClient(
+        {
+            "MigrateVm": migration("reserved"),
+            "GetMigration": migration(final, "no room" if final == "failed" else None),
+        }
+    )
     args = cli.build_parser().parse_args(["vm", "migrate", "lab1", "compute0", "--timeout", "5"])
     assert cli.run(args, client, out=io.StringIO()) == code
 
 
-@pytest.mark.parametrize("answers, code", [
-    ({"DrainHost": [migration("reserved")], "GetMigration": migration("done")}, 0),
-    ({"DrainHost": [migration("reserved")], "GetMigration": migration("copying")}, cli.EXIT_TIMEOUT),
-    ({"DrainHost": [migration("reserved")], "GetMigration": migration("failed", "no room")},
-     cli.EXIT_REFUSED),
-    ({"DrainHost": [migration("reserved", "no host fits", id="")]}, cli.EXIT_REFUSED),
-])
+@pytest.mark.parametrize(
+    "answers, code",
+    [
+        ({"DrainHost": [migration("reserved")], "GetMigration": migration("done")}, 0),
+        ({"DrainHost": [migration("reserved")], "GetMigration": migration("copying")}, cli.EXIT_TIMEOUT),
+        (
+            {"DrainHost": [migration("reserved")], "GetMigration": migration("failed", "no room")},
+            cli.EXIT_REFUSED,
+        ),
+        ({"DrainHost": [migration("reserved", "no host fits", id="")]}, cli.EXIT_REFUSED),
+    ],
+)
 def test_host_drain_exit_status(answers, code, monkeypatch):
     """`host drain` exits 0 when every move is done, 1 when one was refused or failed, 4 when
     --timeout passes with moves still going."""
@@ -262,14 +395,26 @@ def test_host_drain_exit_status(answers, code, monkeypatch):
 
 # -- completion -----------------------------------------------------------------------------------
 
+
 def complete(line: str, tmp_path, **env: str) -> tuple[list[str], float]:
     """What bash completion offers for ``line`` (the cursor at its end), and how long it took."""
     out = tmp_path / "completions"
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "vmwebd.cli"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO, stdin=subprocess.DEVNULL,
-                          env=child_env(_ARGCOMPLETE="1", COMP_LINE=line, COMP_POINT=str(len(line)),
-                                        _ARGCOMPLETE_STDOUT_FILENAME=str(out), **env))
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmwebd.cli"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env=child_env(
+            _ARGCOMPLETE="1",
+            COMP_LINE=line,
+            COMP_POINT=str(len(line)),
+            _ARGCOMPLETE_STDOUT_FILENAME=str(out),
+            **env,
+        ),
+    )
     took = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr
     return [w.strip() for w in out.read_text().split("\013") if w.strip()], took
@@ -324,7 +469,7 @@ def test_name_completion_from_a_real_host(tmp_path):
         assert words == ["hpc"], words
         words, _ = complete("vmweb host drain ", tmp_path, **env)
         assert "host1" in words, words
-        words, _ = complete("vmweb host drain ", tmp_path, VMWEB_HOST=d.address)   # no credentials
+        words, _ = complete("vmweb host drain ", tmp_path, VMWEB_HOST=d.address)  # no credentials
         assert "host1" not in words
     finally:
         d.close()

@@ -1,5 +1,6 @@
 """`vmweb cluster create/scale` wait for the VMs, never silently: the waiting logic driven by a
 scripted user API (what GetCluster and ListHosts answer, poll by poll) and a virtual clock."""
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,10 @@ H3_DEAD = {"host1": "alive", "host2": "alive", "host3": "dead"}
 
 def test_every_vm_running_exits_0_at_once():
     """All VMs up: exit 0 after one poll, with the progress line."""
-    api = ScriptedApi((cluster(vm("pc0", "host1", "pending")), ALIVE),
-                      (cluster(vm("pc0", "host1", "running"), state="active"), ALIVE))
+    api = ScriptedApi(
+        (cluster(vm("pc0", "host1", "pending")), ALIVE),
+        (cluster(vm("pc0", "host1", "running"), state="active"), ALIVE),
+    )
     _, code, out, _ = wait(api)
     assert code == 0 and api.polls == 2
     assert out.splitlines() == ["c: 0/1 VMs running", "c: 1/1 VMs running"]
@@ -67,8 +70,14 @@ def test_every_vm_running_exits_0_at_once():
 def test_vms_pending_on_a_dead_host_stop_the_wait_with_a_line_each_and_exit_3():
     """Every VM still pending is on a dead host: after the grace (for the grid's own re-placement)
     the wait stops, long before --timeout, naming the host, why and what to do."""
-    api = ScriptedApi((cluster(vm("pc0", "host1", "running"), vm("pc1", "host3", "pending"),
-                               vm("pc2", "host3", "pending")), H3_DEAD))
+    api = ScriptedApi(
+        (
+            cluster(
+                vm("pc0", "host1", "running"), vm("pc1", "host3", "pending"), vm("pc2", "host3", "pending")
+            ),
+            H3_DEAD,
+        )
+    )
     _, code, out, elapsed = wait(api)
     assert code == EXIT_STUCK
     assert STUCK_GRACE <= elapsed < STUCK_GRACE + 1
@@ -78,7 +87,8 @@ def test_vms_pending_on_a_dead_host_stop_the_wait_with_a_line_each_and_exit_3():
         "vmweb: c/pc1: pending on host host3, which is dead (not answering): wait for host host3 "
         "to come back, or an admin can run: vmweb host evacuate host3",
         "vmweb: c/pc2: pending on host host3, which is dead (not answering): wait for host host3 "
-        "to come back, or an admin can run: vmweb host evacuate host3"]
+        "to come back, or an admin can run: vmweb host evacuate host3",
+    ]
 
 
 def test_a_vm_re_placed_by_the_grid_within_the_grace_ends_the_wait_well():
@@ -95,8 +105,12 @@ def test_a_vm_re_placed_by_the_grid_within_the_grace_ends_the_wait_well():
 def test_a_suspect_host_counts_as_not_alive_and_a_vm_on_a_live_one_keeps_the_wait_going():
     """While one pending VM is on a live host the wait goes on (to --timeout: exit 4, saying so);
     the line names the VMs waiting on hosts that are not alive."""
-    api = ScriptedApi((cluster(vm("pc0", "host1", "pending"), vm("pc1", "host3", "pending")),
-                       {"host1": "alive", "host3": "suspect"}))
+    api = ScriptedApi(
+        (
+            cluster(vm("pc0", "host1", "pending"), vm("pc1", "host3", "pending")),
+            {"host1": "alive", "host3": "suspect"},
+        )
+    )
     _, code, out, elapsed = wait(api, timeout=120.0)
     assert code == EXIT_TIMEOUT and 120.0 < elapsed < 121.0
     lines = out.splitlines()
@@ -106,22 +120,40 @@ def test_a_suspect_host_counts_as_not_alive_and_a_vm_on_a_live_one_keeps_the_wai
 
 def test_a_vm_in_error_exits_3_at_once_with_its_hosts_words():
     """No VM pending, one in error on a live host: exit 3 at once with the hypervisor's detail."""
-    api = ScriptedApi((cluster(vm("pc0", "host1", "running"),
-                               vm("pc1", "host2", "error", detail="libvirt: no space left")), ALIVE))
+    api = ScriptedApi(
+        (
+            cluster(
+                vm("pc0", "host1", "running"), vm("pc1", "host2", "error", detail="libvirt: no space left")
+            ),
+            ALIVE,
+        )
+    )
     _, code, out, elapsed = wait(api)
     assert code == EXIT_STUCK and elapsed == 0
-    assert out.splitlines()[-1] == ("vmweb: c/pc1: failed on host host2: libvirt: no space left; "
-                                    "host host2 tries again at its next pass (vmweb cluster show c)")
+    assert out.splitlines()[-1] == (
+        "vmweb: c/pc1: failed on host host2: libvirt: no space left; "
+        "host host2 tries again at its next pass (vmweb cluster show c)"
+    )
 
 
 def test_removals_waiting_on_a_dead_host_do_not_hold_a_scale_forever():
     """A scale down whose surplus VM sits on a dead host: after the grace, exit 3 naming it."""
-    api = ScriptedApi((cluster(vm("pc0", "host1", "running"),
-                               vm("pc1", "host3", "running", desired="absent"), state="scaling"), H3_DEAD))
+    api = ScriptedApi(
+        (
+            cluster(
+                vm("pc0", "host1", "running"),
+                vm("pc1", "host3", "running", desired="absent"),
+                state="scaling",
+            ),
+            H3_DEAD,
+        )
+    )
     _, code, out, _ = wait(api)
     assert code == EXIT_STUCK
-    assert out.splitlines()[-1] == ("vmweb: c/pc1: being removed by host host3, which is dead: "
-                                    "wait for it to come back, or an admin can run: vmweb host evacuate host3")
+    assert out.splitlines()[-1] == (
+        "vmweb: c/pc1: being removed by host host3, which is dead: "
+        "wait for it to come back, or an admin can run: vmweb host evacuate host3"
+    )
 
 
 def test_help_documents_the_exit_codes():

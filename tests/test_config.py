@@ -1,4 +1,5 @@
 """Tests for vmwebd.config: the shipped config, defaults, and errors naming file, line and field."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -87,9 +88,9 @@ def test_relative_paths_and_test_uri_resolve_against_config_dir(tmp_path):
     (tmp_path / "hosts").mkdir()
     (tmp_path / "hosts" / "h1.xml").write_text("<node/>")
     (tmp_path / "tpl").mkdir()
-    path = write(tmp_path, cfg(
-        '<state dir="state"/>\n<libvirt uri="test:hosts/h1.xml"/>\n<templates dir="tpl"/>'
-    ))
+    path = write(
+        tmp_path, cfg('<state dir="state"/>\n<libvirt uri="test:hosts/h1.xml"/>\n<templates dir="tpl"/>')
+    )
     c = load_config(path)
     assert c.state_dir == tmp_path / "state"
     assert c.storage.dir == tmp_path / "state" / "images"
@@ -101,16 +102,25 @@ def test_absolute_test_uri_and_default_test_uri_are_kept(tmp_path):
     """An absolute test:/// URI to an existing file and test:///default are kept as written."""
     host = tmp_path / "h.xml"
     host.write_text("<node/>")
-    assert load_config(write(tmp_path, cfg(f'<libvirt uri="test://{host}"/>'))).libvirt_uri == f"test://{host}"
-    assert load_config(write(tmp_path, cfg('<libvirt uri="test:///default"/>'))).libvirt_uri == "test:///default"
+    assert (
+        load_config(write(tmp_path, cfg(f'<libvirt uri="test://{host}"/>'))).libvirt_uri == f"test://{host}"
+    )
+    assert (
+        load_config(write(tmp_path, cfg('<libvirt uri="test:///default"/>'))).libvirt_uri == "test:///default"
+    )
 
 
 def test_ipv6_listen_port_zero_and_seed_lists(tmp_path):
     """IPv6 literals, port 0 for listening and comma- or space-separated seeds are accepted."""
-    c = load_config(write(tmp_path, cfg(
-        '<listen api="[::1]:0" peer="localhost:9000"/>\n'
-        '<peers seeds="10.0.0.2:8570, host-b.example:8570 [fd00::3]:8570" fanout="5"/>'
-    )))
+    c = load_config(
+        write(
+            tmp_path,
+            cfg(
+                '<listen api="[::1]:0" peer="localhost:9000"/>\n'
+                '<peers seeds="10.0.0.2:8570, host-b.example:8570 [fd00::3]:8570" fanout="5"/>'
+            ),
+        )
+    )
     assert c.listen.api == Address("::1", 0) and str(c.listen.api) == "[::1]:0"
     assert c.listen.peer == Address("localhost", 9000)
     assert [str(s) for s in c.peers.seeds] == ["10.0.0.2:8570", "host-b.example:8570", "[fd00::3]:8570"]
@@ -119,10 +129,15 @@ def test_ipv6_listen_port_zero_and_seed_lists(tmp_path):
 
 def test_several_ip_pools_and_usable_addresses(tmp_path):
     """Several disjoint pools load; usable addresses skip network, broadcast and reserved ranges."""
-    c = load_config(write(tmp_path, cfg(
-        '<pools>\n<ip name="a" cidr="10.1.0.0/29" reserve="10.1.0.0/30"/>\n'
-        '<ip name="b" cidr="10.2.0.0/24" reserve="10.2.0.1/32,10.2.0.2/32"/>\n</pools>'
-    )))
+    c = load_config(
+        write(
+            tmp_path,
+            cfg(
+                '<pools>\n<ip name="a" cidr="10.1.0.0/29" reserve="10.1.0.0/30"/>\n'
+                '<ip name="b" cidr="10.2.0.0/24" reserve="10.2.0.1/32,10.2.0.2/32"/>\n</pools>'
+            ),
+        )
+    )
     a, b = c.ip_pools
     assert [str(x) for x in a.addresses()] == ["10.1.0.4", "10.1.0.5", "10.1.0.6"]
     assert b.first_address() == ipaddress.IPv4Address("10.2.0.3")
@@ -154,13 +169,25 @@ def test_config_built_in_code_needs_only_host_and_templates_dir(tmp_path):
 
 BAD = [
     # (id, text, line, field, fragment)
-    ("api-port", cfg('<listen api="127.0.0.1:99999"/>'), 3, "listen/@api", "'127.0.0.1:99999' is not a valid host:port"),
+    (
+        "api-port",
+        cfg('<listen api="127.0.0.1:99999"/>'),
+        3,
+        "listen/@api",
+        "'127.0.0.1:99999' is not a valid host:port",
+    ),
     ("api-no-port", cfg('<listen api="localhost"/>'), 3, "listen/@api", "not a valid host:port"),
     ("api-bad-ipv4", cfg('<listen api="999.1.1.1:80"/>'), 3, "listen/@api", "not a valid host:port"),
     ("api-bad-ipv6", cfg('<listen api="[fd00::zz]:80"/>'), 3, "listen/@api", "not a valid host:port"),
     ("peer-port", cfg('<listen peer="127.0.0.1:8x"/>'), 3, "listen/@peer", "not a valid host:port"),
     ("api-eq-peer", cfg('<listen api="127.0.0.1:9" peer="127.0.0.1:9"/>'), 3, "listen/@peer", "same address"),
-    ("listen-unknown-attr", cfg('<listen api="127.0.0.1:1" web="x"/>'), 3, "listen/@web", "unknown attribute"),
+    (
+        "listen-unknown-attr",
+        cfg('<listen api="127.0.0.1:1" web="x"/>'),
+        3,
+        "listen/@web",
+        "unknown attribute",
+    ),
     ("listen-twice", cfg('<listen/>\n<listen/>'), 4, "listen", "only once (first at line 3)"),
     ("host-missing", "<vmwebd>\n<state dir='/x'/>\n</vmwebd>", 1, "host", "required element is missing"),
     ("host-id-missing", cfg(host='<host cpus="2"/>'), 2, "host/@id", "required attribute is missing"),
@@ -173,75 +200,249 @@ BAD = [
     ("unknown-nested", cfg('<pools>\n<vlan/>\n</pools>'), 4, "pools/vlan", "unknown element"),
     ("namespaced-element", cfg('<x:listen xmlns:x="urn:x"/>'), 3, "{urn:x}listen", "unknown element"),
     ("stray-text", cfg('<state dir="/x">hello</state>'), 3, "state", "unexpected text 'hello'"),
-    ("root-attr", '<vmwebd version="1">\n<host id="h"/>\n</vmwebd>', 1, "vmwebd/@version", "unknown attribute"),
+    (
+        "root-attr",
+        '<vmwebd version="1">\n<host id="h"/>\n</vmwebd>',
+        1,
+        "vmwebd/@version",
+        "unknown attribute",
+    ),
     ("root-name", '<config>\n<host id="h"/>\n</config>', 1, "config", "root element must be <vmwebd>"),
     ("state-no-dir", cfg('<state/>'), 3, "state/@dir", "required attribute is missing"),
     ("libvirt-bad-uri", cfg('<libvirt uri="not a uri"/>'), 3, "libvirt/@uri", "is not a libvirt URI"),
-    ("libvirt-missing-test-file", cfg('<libvirt uri="test:nope/h1.xml"/>'), 3, "libvirt/@uri", "does not exist"),
-    ("libvirt-missing-abs-test-file", cfg('<libvirt uri="test:///nonexistent/h1.xml"/>'), 3, "libvirt/@uri", "does not exist"),
+    (
+        "libvirt-missing-test-file",
+        cfg('<libvirt uri="test:nope/h1.xml"/>'),
+        3,
+        "libvirt/@uri",
+        "does not exist",
+    ),
+    (
+        "libvirt-missing-abs-test-file",
+        cfg('<libvirt uri="test:///nonexistent/h1.xml"/>'),
+        3,
+        "libvirt/@uri",
+        "does not exist",
+    ),
     ("storage-pool", cfg('<storage pool="my pool"/>'), 3, "storage/@pool", "not a valid libvirt pool name"),
-    ("image-dup", cfg('<images>\n<image name="d" file="a.qcow2" size-mib="1"/>\n'
-                      '<image name="d" file="b.qcow2" size-mib="1"/>\n</images>'),
-     5, "images/image/@name", "duplicate image name 'd' (first at line 4)"),
-    ("image-size", cfg('<images><image name="d" file="d" size-mib="-1"/></images>'), 3, "images/image/@size-mib", "out of range"),
-    ("image-format", cfg('<images><image name="d" file="d" size-mib="1" format="vmdk"/></images>'), 3, "images/image/@format", "'vmdk'"),
-    ("image-file-path", cfg('<images><image name="d" file="../x" size-mib="1"/></images>'), 3, "images/image/@file", "plain file name"),
-    ("image-no-file", cfg('<images><image name="d" size-mib="1"/></images>'), 3, "images/image/@file", "required attribute"),
-    ("image-bad-name", cfg('<images><image name="-d" file="d" size-mib="1"/></images>'), 3, "images/image/@name", "not a valid image name"),
-    ("ip-host-bits", cfg('<pools><ip name="lab" cidr="10.77.0.1/16"/></pools>'), 3, "pools/ip/@cidr", "has host bits set"),
-    ("ip-bad-octet", cfg('<pools><ip name="lab" cidr="10.300.0.0/16"/></pools>'), 3, "pools/ip/@cidr", "not a valid CIDR"),
+    (
+        "image-dup",
+        cfg(
+            '<images>\n<image name="d" file="a.qcow2" size-mib="1"/>\n'
+            '<image name="d" file="b.qcow2" size-mib="1"/>\n</images>'
+        ),
+        5,
+        "images/image/@name",
+        "duplicate image name 'd' (first at line 4)",
+    ),
+    (
+        "image-size",
+        cfg('<images><image name="d" file="d" size-mib="-1"/></images>'),
+        3,
+        "images/image/@size-mib",
+        "out of range",
+    ),
+    (
+        "image-format",
+        cfg('<images><image name="d" file="d" size-mib="1" format="vmdk"/></images>'),
+        3,
+        "images/image/@format",
+        "'vmdk'",
+    ),
+    (
+        "image-file-path",
+        cfg('<images><image name="d" file="../x" size-mib="1"/></images>'),
+        3,
+        "images/image/@file",
+        "plain file name",
+    ),
+    (
+        "image-no-file",
+        cfg('<images><image name="d" size-mib="1"/></images>'),
+        3,
+        "images/image/@file",
+        "required attribute",
+    ),
+    (
+        "image-bad-name",
+        cfg('<images><image name="-d" file="d" size-mib="1"/></images>'),
+        3,
+        "images/image/@name",
+        "not a valid image name",
+    ),
+    (
+        "ip-host-bits",
+        cfg('<pools><ip name="lab" cidr="10.77.0.1/16"/></pools>'),
+        3,
+        "pools/ip/@cidr",
+        "has host bits set",
+    ),
+    (
+        "ip-bad-octet",
+        cfg('<pools><ip name="lab" cidr="10.300.0.0/16"/></pools>'),
+        3,
+        "pools/ip/@cidr",
+        "not a valid CIDR",
+    ),
     ("ip-v6", cfg('<pools><ip name="lab" cidr="fd00::/64"/></pools>'), 3, "pools/ip/@cidr", "only IPv4"),
     ("ip-tiny", cfg('<pools><ip name="lab" cidr="10.0.0.0/31"/></pools>'), 3, "pools/ip/@cidr", "too small"),
     ("ip-no-cidr", cfg('<pools><ip name="lab"/></pools>'), 3, "pools/ip/@cidr", "required attribute"),
-    ("ip-reserve-outside", cfg('<pools><ip name="lab" cidr="10.77.0.0/16" reserve="10.78.0.0/24"/></pools>'),
-     3, "pools/ip/@reserve", "not inside 10.77.0.0/16"),
-    ("ip-reserve-all", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" reserve="10.77.0.0/24"/></pools>'),
-     3, "pools/ip/@reserve", "leaves no address for a VM"),
-    ("ip-only-gateway", cfg('<pools><ip name="lab" cidr="10.77.0.0/30" reserve="10.77.0.2/32"/></pools>'),
-     3, "pools/ip/@reserve", "besides its gateway 10.77.0.1"),
-    ("ip-gateway-outside", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.78.0.1"/></pools>'),
-     3, "pools/ip/@gateway", "not a host address of 10.77.0.0/24"),
-    ("ip-gateway-broadcast", cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.77.0.255"/></pools>'),
-     3, "pools/ip/@gateway", "not a host address"),
+    (
+        "ip-reserve-outside",
+        cfg('<pools><ip name="lab" cidr="10.77.0.0/16" reserve="10.78.0.0/24"/></pools>'),
+        3,
+        "pools/ip/@reserve",
+        "not inside 10.77.0.0/16",
+    ),
+    (
+        "ip-reserve-all",
+        cfg('<pools><ip name="lab" cidr="10.77.0.0/24" reserve="10.77.0.0/24"/></pools>'),
+        3,
+        "pools/ip/@reserve",
+        "leaves no address for a VM",
+    ),
+    (
+        "ip-only-gateway",
+        cfg('<pools><ip name="lab" cidr="10.77.0.0/30" reserve="10.77.0.2/32"/></pools>'),
+        3,
+        "pools/ip/@reserve",
+        "besides its gateway 10.77.0.1",
+    ),
+    (
+        "ip-gateway-outside",
+        cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.78.0.1"/></pools>'),
+        3,
+        "pools/ip/@gateway",
+        "not a host address of 10.77.0.0/24",
+    ),
+    (
+        "ip-gateway-broadcast",
+        cfg('<pools><ip name="lab" cidr="10.77.0.0/24" gateway="10.77.0.255"/></pools>'),
+        3,
+        "pools/ip/@gateway",
+        "not a host address",
+    ),
     ("net-underlay", cfg('<network underlay="10.0.0.300"/>'), 3, "network/@underlay", "not an IPv4 address"),
-    ("net-underlay-any", cfg('<network underlay="0.0.0.0"/>'), 3, "network/@underlay", "cannot be a host's own"),
+    (
+        "net-underlay-any",
+        cfg('<network underlay="0.0.0.0"/>'),
+        3,
+        "network/@underlay",
+        "cannot be a host's own",
+    ),
     ("net-mtu", cfg('<network underlay-mtu="1000"/>'), 3, "network/@underlay-mtu", "out of range"),
-    ("net-devices", cfg('<network devices="magic"/>'), 3, "network/@devices", "is not one of auto, kernel, record"),
-    ("ip-dup-name", cfg('<pools>\n<ip name="lab" cidr="10.1.0.0/16"/>\n<ip name="lab" cidr="10.2.0.0/16"/>\n</pools>'),
-     5, "pools/ip/@name", "duplicate pool name 'lab' (first at line 4)"),
-    ("ip-overlap", cfg('<pools>\n<ip name="a" cidr="10.1.0.0/16"/>\n<ip name="b" cidr="10.1.2.0/24"/>\n</pools>'),
-     5, "pools/ip/@cidr", "overlaps pool 'a'"),
+    (
+        "net-devices",
+        cfg('<network devices="magic"/>'),
+        3,
+        "network/@devices",
+        "is not one of auto, kernel, record",
+    ),
+    (
+        "ip-dup-name",
+        cfg('<pools>\n<ip name="lab" cidr="10.1.0.0/16"/>\n<ip name="lab" cidr="10.2.0.0/16"/>\n</pools>'),
+        5,
+        "pools/ip/@name",
+        "duplicate pool name 'lab' (first at line 4)",
+    ),
+    (
+        "ip-overlap",
+        cfg('<pools>\n<ip name="a" cidr="10.1.0.0/16"/>\n<ip name="b" cidr="10.1.2.0/24"/>\n</pools>'),
+        5,
+        "pools/ip/@cidr",
+        "overlaps pool 'a'",
+    ),
     ("mac-short", cfg('<pools><mac prefix="52:54"/></pools>'), 3, "pools/mac/@prefix", "three octets"),
     ("mac-multicast", cfg('<pools><mac prefix="03:00:5e"/></pools>'), 3, "pools/mac/@prefix", "multicast"),
-    ("mac-global", cfg('<pools><mac prefix="00:16:3e"/></pools>'), 3, "pools/mac/@prefix", "not locally administered"),
+    (
+        "mac-global",
+        cfg('<pools><mac prefix="00:16:3e"/></pools>'),
+        3,
+        "pools/mac/@prefix",
+        "not locally administered",
+    ),
     ("vni-order", cfg('<pools><vni first="200" last="100"/></pools>'), 3, "pools/vni/@last", "below first"),
     ("vni-range", cfg('<pools><vni last="16777216"/></pools>'), 3, "pools/vni/@last", "out of range"),
-    ("limits-zero", cfg('<limits max-vms-per-cluster="0"/>'), 3, "limits/@max-vms-per-cluster", "out of range"),
-    ("limits-float", cfg('<limits max-request-bytes="1e6"/>'), 3, "limits/@max-request-bytes", "not an integer"),
+    (
+        "limits-zero",
+        cfg('<limits max-vms-per-cluster="0"/>'),
+        3,
+        "limits/@max-vms-per-cluster",
+        "out of range",
+    ),
+    (
+        "limits-float",
+        cfg('<limits max-request-bytes="1e6"/>'),
+        3,
+        "limits/@max-request-bytes",
+        "not an integer",
+    ),
     ("limits-plus", cfg('<limits max-clusters="+5"/>'), 3, "limits/@max-clusters", "not an integer"),
     ("templates-missing", cfg('<templates dir="nope"/>'), 3, "templates/@dir", "does not exist"),
     ("reconcile-text", cfg('<reconcile interval="fast"/>'), 3, "reconcile/@interval", "not a number"),
     ("reconcile-zero", cfg('<reconcile interval="0"/>'), 3, "reconcile/@interval", "out of range"),
     ("reconcile-nan", cfg('<reconcile interval="nan"/>'), 3, "reconcile/@interval", "not a number"),
-    ("seeds-no-port", cfg('<peers seeds="10.0.0.1"/>'), 3, "peers/@seeds", "'10.0.0.1' is not a valid host:port"),
+    (
+        "seeds-no-port",
+        cfg('<peers seeds="10.0.0.1"/>'),
+        3,
+        "peers/@seeds",
+        "'10.0.0.1' is not a valid host:port",
+    ),
     ("seeds-port-zero", cfg('<peers seeds="10.0.0.1:0"/>'), 3, "peers/@seeds", "not a valid host:port"),
     ("fanout-zero", cfg('<peers fanout="0"/>'), 3, "peers/@fanout", "out of range"),
     ("not-well-formed", cfg('<listen api="x"\n'), 5, "xml", "not well-formed"),
-    ("api-tls-value", cfg('<listen api-tls="on"/>'), 3, "listen/@api-tls", "'on' is not one of off, grid, files"),
+    (
+        "api-tls-value",
+        cfg('<listen api-tls="on"/>'),
+        3,
+        "listen/@api-tls",
+        "'on' is not one of off, grid, files",
+    ),
     ("api-tls-case", cfg('<listen api-tls="GRID"/>'), 3, "listen/@api-tls", "'GRID' is not one of"),
     ("api-tls-empty", cfg('<listen api-tls=""/>'), 3, "listen/@api-tls", "'' is not one of"),
-    ("api-cert-without-files", cfg('<listen api-cert="c.pem"/>'), 3, "listen/@api-cert",
-     'only used with api-tls="files" (here \'off\')'),
-    ("api-key-with-grid", cfg('<listen api-tls="grid" api-key="k.pem"/>'), 3, "listen/@api-key",
-     'only used with api-tls="files" (here \'grid\')'),
-    ("api-files-no-cert", cfg('<listen api-tls="files" api-key="k.pem"/>'), 3, "listen/@api-cert",
-     'is required with api-tls="files"'),
-    ("api-files-no-key", cfg('<listen api-tls="files" api-cert="c.pem"/>'), 3, "listen/@api-key",
-     'is required with api-tls="files"'),
-    ("api-files-missing", cfg('<listen api-tls="files" api-cert="nope.pem" api-key="nope.key"/>'), 3,
-     "listen/@api-cert", "nope.pem' does not exist"),
-    ("api-tls-grid-no-cert", cfg('<listen api-tls="grid"/>\n<state dir="st"/>'), 3, "listen/@api-tls",
-     "st/pki/host.crt does not exist"),
+    (
+        "api-cert-without-files",
+        cfg('<listen api-cert="c.pem"/>'),
+        3,
+        "listen/@api-cert",
+        'only used with api-tls="files" (here \'off\')',
+    ),
+    (
+        "api-key-with-grid",
+        cfg('<listen api-tls="grid" api-key="k.pem"/>'),
+        3,
+        "listen/@api-key",
+        'only used with api-tls="files" (here \'grid\')',
+    ),
+    (
+        "api-files-no-cert",
+        cfg('<listen api-tls="files" api-key="k.pem"/>'),
+        3,
+        "listen/@api-cert",
+        'is required with api-tls="files"',
+    ),
+    (
+        "api-files-no-key",
+        cfg('<listen api-tls="files" api-cert="c.pem"/>'),
+        3,
+        "listen/@api-key",
+        'is required with api-tls="files"',
+    ),
+    (
+        "api-files-missing",
+        cfg('<listen api-tls="files" api-cert="nope.pem" api-key="nope.key"/>'),
+        3,
+        "listen/@api-cert",
+        "nope.pem' does not exist",
+    ),
+    (
+        "api-tls-grid-no-cert",
+        cfg('<listen api-tls="grid"/>\n<state dir="st"/>'),
+        3,
+        "listen/@api-tls",
+        "st/pki/host.crt does not exist",
+    ),
 ]
 
 
@@ -345,6 +546,7 @@ def certs(tmp_path):
     """A grid CA with host h1's certificate in tmp/pki, and a server certificate from another CA
     (as an admin would get from a public CA) in tmp/web."""
     from vmwebd.gossip import pki
+
     pki.init_ca(tmp_path / "ca", grid_name="cfg-test")
     pki.issue_host_cert(tmp_path / "ca", "h1", tmp_path / "pki", ["127.0.0.1"])
     pki.init_ca(tmp_path / "public-ca", grid_name="public")
@@ -373,9 +575,17 @@ def test_api_tls_grid_defaults_to_state_dir_pki(certs):
 def test_api_tls_files_with_a_chain(certs):
     """api-tls="files" takes a certificate followed by its CA (a chain file) and its key."""
     chain = certs / "chain.pem"
-    chain.write_bytes((certs / "web" / "host.crt").read_bytes() + (certs / "public-ca" / "ca.crt").read_bytes())
-    c = load_config(write(certs, cfg('<listen api-tls="files" api-cert="chain.pem" api-key="web/host.key"/>')))
-    assert (c.listen.api_tls, c.listen.api_cert, c.listen.api_key) == ("files", chain, certs / "web" / "host.key")
+    chain.write_bytes(
+        (certs / "web" / "host.crt").read_bytes() + (certs / "public-ca" / "ca.crt").read_bytes()
+    )
+    c = load_config(
+        write(certs, cfg('<listen api-tls="files" api-cert="chain.pem" api-key="web/host.key"/>'))
+    )
+    assert (c.listen.api_tls, c.listen.api_cert, c.listen.api_key) == (
+        "files",
+        chain,
+        certs / "web" / "host.key",
+    )
 
 
 def test_api_tls_files_one_file_with_key_and_certificate(certs):
@@ -399,17 +609,26 @@ def test_api_tls_files_key_of_another_certificate(certs):
 def test_api_tls_files_not_pem(certs):
     """A certificate file that is not PEM (here: a key) and a key file that is not one are refused."""
     (certs / "key-only.pem").write_bytes((certs / "web" / "host.key").read_bytes())
-    expect_error(_files(certs, "key-only.pem", "web/host.key"), 3, "listen/@api-cert", "is not a PEM certificate")
-    expect_error(_files(certs, "web/host.crt", "web/host.crt"), 3, "listen/@api-key", "is not a PEM private key")
+    expect_error(
+        _files(certs, "key-only.pem", "web/host.key"), 3, "listen/@api-cert", "is not a PEM certificate"
+    )
+    expect_error(
+        _files(certs, "web/host.crt", "web/host.crt"), 3, "listen/@api-key", "is not a PEM private key"
+    )
 
 
 def test_api_tls_files_encrypted_key(certs):
     """An encrypted key is refused with a message saying so (the daemon cannot ask for a passphrase)."""
     from cryptography.hazmat.primitives import serialization
+
     key = serialization.load_pem_private_key((certs / "web" / "host.key").read_bytes(), None)
-    (certs / "enc.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"secret")))
+    (certs / "enc.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
     expect_error(_files(certs, "web/host.crt", "enc.key"), 3, "listen/@api-key", "is an encrypted key")
 
 
@@ -421,13 +640,24 @@ def test_api_tls_files_expired_certificate(certs):
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old.example.org")])
     when = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(when).not_valid_after(when + datetime.timedelta(days=90))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(when)
+        .not_valid_after(when + datetime.timedelta(days=90))
+        .sign(key, hashes.SHA256())
+    )
     (certs / "old.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (certs / "old.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+    (certs / "old.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     expect_error(_files(certs, "old.crt", "old.key"), 3, "listen/@api-cert", "expired on 2020-03-31")

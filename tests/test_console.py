@@ -8,6 +8,7 @@ The test driver has no consoles (``virDomainOpenConsole`` is not supported there
 console here is a real ``/bin/sh`` on a real pty (:func:`vmwebd.console.pty.shell_opener`)
 behind the driver's console interface; tests/test_console_realhost.py types into a real guest.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ WAIT = 20.0
 
 # -- the ring ----------------------------------------------------------------------------------------
 
+
 def test_the_ring_keeps_the_last_bytes_and_counts_all():
     """Past its capacity the oldest bytes fall out; the total counts every byte written."""
     ring = ConsoleRing(capacity=8)
@@ -52,6 +54,7 @@ def test_a_ring_holds_at_least_one_byte():
 
 
 # -- the pty source ----------------------------------------------------------------------------------
+
 
 def read_until(stream, pattern: bytes, timeout: float = WAIT) -> bytes:
     """Reads ``stream`` (blocking, in this thread) until ``pattern`` shows; the bytes read."""
@@ -83,13 +86,19 @@ def test_a_pty_console_runs_a_program_and_ends_when_interrupted():
 
 # -- on nodes ----------------------------------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def running_cluster(node, name: str, owner: str, count: int):
     """Creates a cluster of the lab template and waits until its VMs run."""
     yield node.manager.create(name, "lab", owner, count)
-    yield node.domsvc.wait_for(lambda: all(
-        (st := status_of(node.domsvc.dom, vm)) is not None and st.state == "running"
-        for vm in node.domsvc.dom.all(VmRec) if vm.cluster == name), 30)
+    yield node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(node.domsvc.dom, vm)) is not None and st.state == "running"
+            for vm in node.domsvc.dom.all(VmRec)
+            if vm.cluster == name
+        ),
+        30,
+    )
     return sorted((vm for vm in node.domsvc.dom.all(VmRec) if vm.cluster == name), key=lambda v: v.id)
 
 
@@ -102,8 +111,13 @@ class Term:
     """A console connection read in this (non-reactor) thread, collecting what it shows."""
 
     def __init__(self, node, cluster, vm, user="alice", password=None):
-        self.conn = ConsoleConnection(node.api_address, cluster, vm, user=user,
-                                      password=password_of(user) if password is None else password)
+        self.conn = ConsoleConnection(
+            node.api_address,
+            cluster,
+            vm,
+            user=user,
+            password=password_of(user) if password is None else password,
+        )
         self.out = b""
         self.events: list[tuple[str, str]] = []
 
@@ -151,10 +165,11 @@ def test_typing_into_a_vms_console_and_reading_it_back_with_the_ring_replayed(st
         t.until(b"42-answer\r\n")
         t.close()
         again = Term(h.node, "lab1", vm.name)
-        again.until(b"42-answer\r\n")          # replayed: nothing typed on this one
+        again.until(b"42-answer\r\n")  # replayed: nothing typed on this one
         again.type("echo second\n")
         again.until(b"second\r\n")
         again.close()
+
     yield threads.deferToThread(story)
     yield until(lambda: h.node.consoles.open_streams == 0, WAIT, "the console stream to close")
     assert b"42-answer" in h.node.consoles.rings["lab1/" + vm.name].snapshot()
@@ -168,9 +183,12 @@ def test_a_console_through_another_host_is_relayed_over_the_peers_tls(two_hosts)
     a, b = yield two_hosts()
     with_shells(a.node, b.node)
     vms = yield running_cluster(a.node, "lab2", "alice", 4)
-    yield b.node.domsvc.wait_for(lambda: all(
-        (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running"
-        for vm in vms), 30)
+    yield b.node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms
+        ),
+        30,
+    )
     on_a = [v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "lab2" and v.host == "host1"]
     assert on_a, "placement put no VM on host1"
     vm = on_a[0]
@@ -183,11 +201,16 @@ def test_a_console_through_another_host_is_relayed_over_the_peers_tls(two_hosts)
         assert len(b.node.consoles.relay.live) == 1
         t.close()
         import requests
+
         with pytest.raises(requests.exceptions.RequestException):
             requests.get(f"https://{a.node.peer_address}/console/lab2/{vm.name}", verify=False, timeout=10)
+
     yield threads.deferToThread(story)
-    yield until(lambda: a.node.consoles.open_streams == 0 and not b.node.consoles.relay.live,
-                WAIT, "the stream and the relay to close")
+    yield until(
+        lambda: a.node.consoles.open_streams == 0 and not b.node.consoles.relay.live,
+        WAIT,
+        "the stream and the relay to close",
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -198,8 +221,9 @@ def test_refusals_name_the_vm_and_why(start_node):
     with_shells(h.node)
     (vm,) = yield running_cluster(h.node, "lab3", "alice", 1)
     yield defer.maybeDeferred(h.node.manager.set_vm_power, "lab3", vm.name, "stopped", force=True)
-    yield h.node.domsvc.wait_for(lambda: status_of(h.node.domsvc.dom, h.node.domsvc.dom.get(VmRec, vm.id))
-                                 .state == "shutoff", 30)
+    yield h.node.domsvc.wait_for(
+        lambda: status_of(h.node.domsvc.dom, h.node.domsvc.dom.get(VmRec, vm.id)).state == "shutoff", 30
+    )
 
     def refused(user, cluster, name, password=None) -> tuple[str, str]:
         with pytest.raises(ConsoleRefused) as e:
@@ -215,8 +239,11 @@ def test_refusals_name_the_vm_and_why(start_node):
         assert code == "Client.NoSuchCluster" and "'nolab'" in msg
         code, msg = refused("alice", "lab3", vm.name)
         assert code == "Server.ConsoleUnavailable"
-        assert msg == f"the console of VM lab3/{vm.name} is not available: it is not running (its state is shutoff)"
-        code, msg = refused(ADMIN[0], "lab3", vm.name, ADMIN[1])     # an admin: the same words
+        assert (
+            msg
+            == f"the console of VM lab3/{vm.name} is not available: it is not running (its state is shutoff)"
+        )
+        code, msg = refused(ADMIN[0], "lab3", vm.name, ADMIN[1])  # an admin: the same words
         assert "is not running" in msg
         with pytest.raises(ConsoleRefused) as e:
             ConsoleConnection(h.node.api_address, "lab3", vm.name)
@@ -224,6 +251,7 @@ def test_refusals_name_the_vm_and_why(start_node):
         with pytest.raises(ConsoleRefused) as e:
             ConsoleConnection(h.node.api_address, "lab3", vm.name, user="alice", password="wrong")
         assert e.value.code == "Client.NotAuthorized"
+
     yield threads.deferToThread(story)
     assert h.node.consoles.open_streams == 0
 
@@ -238,6 +266,7 @@ def test_a_browser_session_opens_a_console_but_another_sites_page_cannot(start_n
 
     def story():
         import websocket
+
         b = Browserless(h.node.api_address)
         assert b.login("alice", password_of("alice")).status_code == 303
         cookie = "; ".join(f"{c.name}={c.value}" for c in b.s.cookies)
@@ -254,6 +283,7 @@ def test_a_browser_session_opens_a_console_but_another_sites_page_cannot(start_n
         with pytest.raises(websocket.WebSocketBadStatusException) as e:
             websocket.create_connection(url, cookie=cookie, origin="http://evil.example", timeout=WAIT)
         assert e.value.status_code == 403
+
     yield threads.deferToThread(story)
 
 
@@ -267,13 +297,16 @@ def test_a_huge_paste_is_taken_in_bounded_pieces_and_an_oversized_message_is_ref
     (vm,) = yield running_cluster(h.node, "lab5", "alice", 1)
     pauses = []
     from vmwebd.console import hub as hubmod
+
     original = hubmod._Hub.write
 
     def spy(self, data):
         original(self, data)
         pauses.append(self.paused)
+
     hubmod._Hub.write = spy
     try:
+
         def story():
             t = Term(h.node, "lab5", vm.name)
             t.type("stty -echo; wc -c; stty echo\n")
@@ -286,8 +319,9 @@ def test_a_huge_paste_is_taken_in_bounded_pieces_and_an_oversized_message_is_ref
             big.conn.ws.send_binary(b"y" * (MAX_INPUT_MESSAGE + 1))
             kind, message = big.event()
             assert kind == "error" and f"over the limit of {MAX_INPUT_MESSAGE} bytes" in message
-            assert big.conn.recv()[0] == "end"     # closed by the host
+            assert big.conn.recv()[0] == "end"  # closed by the host
             big.close()
+
         yield threads.deferToThread(story)
     finally:
         hubmod._Hub.write = original
@@ -325,6 +359,7 @@ def test_console_output_never_reaches_the_vm_page(start_node):
         refused = other.s.get(f"{other.base}/vm/lab6/{vm.name}/console", timeout=10)
         assert refused.status_code == 403 and "may not see or change cluster" in refused.text
         t.close()
+
     yield threads.deferToThread(story)
 
 
@@ -336,8 +371,12 @@ def test_many_opens_and_closes_leave_no_stream_socket_or_process(two_hosts):  # 
     a, b = yield two_hosts()
     with_shells(a.node, b.node)
     vms = yield running_cluster(a.node, "lab7", "alice", 2)
-    yield b.node.domsvc.wait_for(lambda: all(
-        (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+    yield b.node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms
+        ),
+        30,
+    )
     vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "lab7" and v.host == "host1")
     fds = _descriptors_besides_idle_peer_connections(a.node, b.node)
 
@@ -346,25 +385,36 @@ def test_many_opens_and_closes_leave_no_stream_socket_or_process(two_hosts):  # 
             node = a.node if i % 2 else b.node
             t = Term(node, "lab7", vm.name)
             if i % 5 == 4:
-                t.conn.ws.sock.close()           # gone without a close frame
+                t.conn.ws.sock.close()  # gone without a close frame
                 continue
             if i % 5 == 3:
-                t.close()                        # before ready, perhaps
+                t.close()  # before ready, perhaps
                 continue
             t.type(f"echo round-{i}\n")
             t.until(f"round-{i}\r\n".encode())
             t.close()
+
     yield threads.deferToThread(story)
 
     def settled():
-        return (a.node.consoles.open_streams == 0 and b.node.consoles.open_streams == 0
-                and not b.node.consoles.relay.live and not a.node.consoles.relay.live)
+        return (
+            a.node.consoles.open_streams == 0
+            and b.node.consoles.open_streams == 0
+            and not b.node.consoles.relay.live
+            and not a.node.consoles.relay.live
+        )
+
     yield until(settled, WAIT, "every stream and relay to close")
-    yield until(lambda: all(not r.live for n in (a.node, b.node) for r in n.consoles.resources),
-                WAIT, "every console WebSocket to close")
-    yield until(lambda: _descriptors_besides_idle_peer_connections(a.node, b.node) <= fds, WAIT,
-                f"descriptors back to {fds} "
-                f"(now {_descriptors_besides_idle_peer_connections(a.node, b.node)})")
+    yield until(
+        lambda: all(not r.live for n in (a.node, b.node) for r in n.consoles.resources),
+        WAIT,
+        "every console WebSocket to close",
+    )
+    yield until(
+        lambda: _descriptors_besides_idle_peer_connections(a.node, b.node) <= fds,
+        WAIT,
+        f"descriptors back to {fds} (now {_descriptors_besides_idle_peer_connections(a.node, b.node)})",
+    )
     shells = [p for p in os.listdir("/proc") if p.isdigit() and _is_our_shell(int(p))]
     assert not shells, f"shell processes left: {shells}"
 
@@ -375,6 +425,7 @@ def _descriptors_besides_idle_peer_connections(*nodes) -> int:
     load of a console story and keeps up to eight per peer: they are not the consoles' and would
     otherwise count as a leak."""
     import psutil
+
     pooled = set()
     for node in nodes:
         for protocols in node.paxos_transport.client.pool._connections.values():
@@ -382,8 +433,11 @@ def _descriptors_besides_idle_peer_connections(*nodes) -> int:
                 here, there = protocol.transport.getHost(), protocol.transport.getPeer()
                 pooled.add(((here.host, here.port), (there.host, there.port)))
                 pooled.add(((there.host, there.port), (here.host, here.port)))
-    kept = sum(1 for c in psutil.Process().net_connections(kind="tcp")
-               if c.raddr and ((c.laddr.ip, c.laddr.port), (c.raddr.ip, c.raddr.port)) in pooled)
+    kept = sum(
+        1
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and ((c.laddr.ip, c.laddr.port), (c.raddr.ip, c.raddr.port)) in pooled
+    )
     return len(os.listdir("/proc/self/fd")) - kept
 
 
@@ -400,6 +454,7 @@ def _is_our_shell(pid: int) -> bool:
 
 
 # -- a half-open viewer ------------------------------------------------------------------------------
+
 
 class _Socket:
     def __init__(self):
@@ -436,6 +491,7 @@ def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
     from twisted.internet import task
 
     from vmwebd.console.wire import PING_SECONDS, ViewerProtocol
+
     clock = task.Clock()
     live, detached = set(), []
 
@@ -445,6 +501,7 @@ def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
 
         def detach(self):
             detached.append(True)
+
     p = ViewerProtocol(lambda viewer: defer.succeed(Hold()), live, clock)
     t = _WsTransport()
     p.negotiationStarted(t)
@@ -452,10 +509,10 @@ def test_a_viewer_that_answers_no_ping_is_dropped_and_detached():
     assert t.texts == ['{"event": "ready", "message": ""}'] and p in live
     clock.advance(PING_SECONDS)
     assert t.pings == 1
-    p.pongReceived(b"vmweb")                      # alive at 30 s
+    p.pongReceived(b"vmweb")  # alive at 30 s
     clock.advance(PING_SECONDS)
     clock.advance(PING_SECONDS)
-    assert t.pings == 3 and not t.transport.aborted     # 60 s since the pong: not over yet
+    assert t.pings == 3 and not t.transport.aborted  # 60 s since the pong: not over yet
     clock.advance(PING_SECONDS)
     assert t.transport.aborted and t.pings == 3
     p.connectionLost(None)
@@ -469,8 +526,12 @@ def test_a_vm_whose_host_cannot_be_reached_is_refused_naming_it(two_hosts):  # n
     a, b = yield two_hosts()
     with_shells(a.node, b.node)
     vms = yield running_cluster(a.node, "lab8", "alice", 4)
-    yield b.node.domsvc.wait_for(lambda: all(
-        (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+    yield b.node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms
+        ),
+        30,
+    )
     vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "lab8" and v.host == "host1")
     yield a.node.peer_port.stopListening()
 
@@ -480,8 +541,10 @@ def test_a_vm_whose_host_cannot_be_reached_is_refused_naming_it(two_hosts):  # n
             Term(b.node, "lab8", vm.name)
         assert time.monotonic() - started < WAIT
         assert e.value.code == "Server.ConsoleUnavailable"
-        assert e.value.message == (f"the console of VM lab8/{vm.name} is not available: its host host1 "
-                                   f"could not be reached"), e.value.message
+        assert e.value.message == (
+            f"the console of VM lab8/{vm.name} is not available: its host host1 could not be reached"
+        ), e.value.message
+
     yield threads.deferToThread(story)
     assert not b.node.consoles.relay.live and a.node.consoles.open_streams == 0
 
@@ -497,8 +560,11 @@ def test_the_test_drivers_vms_have_no_console_and_say_so(start_node):
         with pytest.raises(ConsoleRefused) as e:
             Term(h.node, "lab9", vm.name)
         assert e.value.code == "Server.ConsoleUnavailable"
-        assert e.value.message.startswith(f"the console of VM lab9/{vm.name} is not available: open the "
-                                          f"console of domain 'vmweb-lab9-{vm.name}' on test://")
+        assert e.value.message.startswith(
+            f"the console of VM lab9/{vm.name} is not available: open the "
+            f"console of domain 'vmweb-lab9-{vm.name}' on test://"
+        )
         assert e.value.message.endswith("libvirt's test driver has no consoles (its guests do not run)")
+
     yield threads.deferToThread(story)
     assert h.node.consoles.open_streams == 0

@@ -5,6 +5,7 @@ terminal's settings as they were, and refusals print one line naming the VM.
 As in tests/test_console.py, each VM's console is a real shell on a real pty (the test driver
 has no consoles).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,11 @@ WAIT = 30.0
 
 def vmweb(node, *args, user="alice", password=None, **kw):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMWEB_")}
-    env.update(VMWEB_HOST=node.api_address, VMWEB_USER=user,
-               VMWEB_PASSWORD=password_of(user) if password is None else password)
+    env.update(
+        VMWEB_HOST=node.api_address,
+        VMWEB_USER=user,
+        VMWEB_PASSWORD=password_of(user) if password is None else password,
+    )
     return subprocess.Popen([sys.executable, "-m", "vmwebd.cli", *args], cwd=REPO, env=env, **kw)
 
 
@@ -75,6 +79,7 @@ def test_vmweb_vm_console_types_reads_and_leaves_with_ctrl_bracket(start_node):
         finally:
             os.close(master)
             os.close(slave)
+
     yield threads.deferToThread(story)
     yield defer.succeed(None)
 
@@ -87,23 +92,40 @@ def test_vmweb_vm_console_refusals_print_one_line(start_node):
     with_shells(h.node)
     (vm,) = yield running_cluster(h.node, "lab2", "alice", 1)
     yield defer.maybeDeferred(h.node.manager.set_vm_power, "lab2", vm.name, "stopped", force=True)
-    yield h.node.domsvc.wait_for(lambda: status_of(h.node.domsvc.dom, h.node.domsvc.dom.get(VmRec, vm.id))
-                                 .state == "shutoff", 30)
+    yield h.node.domsvc.wait_for(
+        lambda: status_of(h.node.domsvc.dom, h.node.domsvc.dom.get(VmRec, vm.id)).state == "shutoff", 30
+    )
 
     def run(**kw):
-        p = vmweb(h.node, "vm", "console", "lab2", vm.name, stdin=subprocess.DEVNULL,
-                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+        p = vmweb(
+            h.node,
+            "vm",
+            "console",
+            "lab2",
+            vm.name,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
+        )
         out, err = p.communicate(timeout=WAIT)
         return p.returncode, out, err
 
     def story():
         code, out, err = run()
         assert code == 1 and out == ""
-        assert err == (f"vmweb: Server.ConsoleUnavailable: the console of VM lab2/{vm.name} is not "
-                       f"available: it is not running (its state is shutoff)\n")
+        assert err == (
+            f"vmweb: Server.ConsoleUnavailable: the console of VM lab2/{vm.name} is not "
+            f"available: it is not running (its state is shutoff)\n"
+        )
         code, _, err = run(user="bob")
-        assert code == 1 and err.startswith("vmweb: Client.NotAuthorized: user 'bob' may not see or change "
-                                            "cluster 'lab2'") and err.count("\n") == 1
+        assert (
+            code == 1
+            and err.startswith("vmweb: Client.NotAuthorized: user 'bob' may not see or change cluster 'lab2'")
+            and err.count("\n") == 1
+        )
         code, _, err = run(password="wrong")
         assert code == 1 and err.startswith("vmweb: Client.NotAuthorized:") and err.count("\n") == 1
+
     yield threads.deferToThread(story)

@@ -14,6 +14,7 @@ host2, relayed over the peers' mutual TLS.
 
 Skipped only where real hosts cannot run (see lab.hosts.lab_available).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -40,7 +41,7 @@ from vmwebd.hv.libvirt_driver import LibvirtDriver
 
 pytestmark = [pytest.mark.slow, pytest.mark.realhost]
 
-BOOT = 120.0        # a TCG boot on a loaded machine
+BOOT = 120.0  # a TCG boot on a loaded machine
 INIT = b"""#!/bin/sh
 /bin/busybox --install -s
 mount -t proc proc /proc
@@ -109,7 +110,9 @@ class Collector:
         with self.cond:
             while pattern not in self.out:
                 left = deadline - time.monotonic()
-                assert left > 0 and self.why is None, f"{pattern!r} not seen ({self.why}): {self.out[-400:]!r}"
+                assert left > 0 and self.why is None, (
+                    f"{pattern!r} not seen ({self.why}): {self.out[-400:]!r}"
+                )
                 if poke is not None:
                     self.cond.release()
                     try:
@@ -128,14 +131,16 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
     h1 = lab2.hosts[0]
     disk = make_base_image(tmp_path / "disk.qcow2", 16)
     initrd = shell_initramfs(tmp_path / "shell.img")
-    xml = guest_domain_xml("vmweb-console-test", guest_artifacts.kernel, initrd, str(disk),
-                           str(tmp_path / "unused.log"))
+    xml = guest_domain_xml(
+        "vmweb-console-test", guest_artifacts.kernel, initrd, str(disk), str(tmp_path / "unused.log")
+    )
     conn = yield threads.deferToThread(h1.connect)
     log = tmp_path / "pty-serial.log"
     dom = yield threads.deferToThread(conn.createXML, with_pty_serial(xml, str(log)), 0)
     disk2 = make_base_image(tmp_path / "disk2.qcow2", 16)
-    filexml = guest_domain_xml("vmweb-console-file", guest_artifacts.kernel, initrd, str(disk2),
-                               str(tmp_path / "file-serial.log"))
+    filexml = guest_domain_xml(
+        "vmweb-console-file", guest_artifacts.kernel, initrd, str(disk2), str(tmp_path / "file-serial.log")
+    )
     other = yield threads.deferToThread(conn.createXML, filexml, 0)
     driver = LibvirtDriver(h1.uri, reactor=reactor)
     service = ConsoleService("h1", reactor, None, driver.open_console, lambda principal, cluster: None)
@@ -163,14 +168,15 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
             reactor.callFromThread(att.write, b"echo real-$((6*7)) $(uname -s)\n")
             viewer.wait(b"real-42 Linux", 60)
             return booted
+
         booted = yield threads.deferToThread(story)
         print(f"first prompt on the console after {booted:.1f} s")
         assert b"real-42 Linux" in hub.ring.snapshot()
         # The same output is in the serial log too: a pty console keeps the log a file gives.
         yield until(lambda: log.exists() and b"real-42 Linux" in log.read_bytes(), 10, "the serial log")
-        att.detach()                        # the last viewer: the hub closes, its read is interrupted
+        att.detach()  # the last viewer: the hub closes, its read is interrupted
         yield until(lambda: service.open_streams == 0, 30, "the stream to be released")
-        assert viewer.why is None           # a viewer that left is not told of the end
+        assert viewer.why is None  # a viewer that left is not told of the end
     finally:
         yield driver.close()
         for d in (dom, other):
@@ -183,16 +189,21 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_real_guests_console_through_vmweb_from_another_host(lab2, guest_artifacts, two_hosts,  # noqa: F811
-                                                               tmp_path):
+def test_a_real_guests_console_through_vmweb_from_another_host(
+    lab2,  # noqa: F811
+    guest_artifacts,  # noqa: F811
+    two_hosts,  # noqa: F811
+    tmp_path,
+):
     """alice, at host2, types into the console of her VM on host1 whose console is a real
     guest's: the command runs in the guest and its output comes back through host1's hub, the
     relay and the WebSocket; closing leaves no stream or relay open."""
     h1 = lab2.hosts[0]
     disk = make_base_image(tmp_path / "disk.qcow2", 16)
     initrd = shell_initramfs(tmp_path / "shell.img")
-    xml = guest_domain_xml("vmweb-console-relay", guest_artifacts.kernel, initrd, str(disk),
-                           str(tmp_path / "unused.log"))
+    xml = guest_domain_xml(
+        "vmweb-console-relay", guest_artifacts.kernel, initrd, str(disk), str(tmp_path / "unused.log")
+    )
     conn = yield threads.deferToThread(h1.connect)
     dom = yield threads.deferToThread(conn.createXML, with_pty_serial(xml, str(tmp_path / "s.log")), 0)
     driver = LibvirtDriver(h1.uri, reactor=reactor)
@@ -200,13 +211,18 @@ def test_a_real_guests_console_through_vmweb_from_another_host(lab2, guest_artif
     a.node.consoles.opener = lambda name: driver.open_console("vmweb-console-relay")
     try:
         vms = yield running_cluster(a.node, "real", "alice", 4)
-        yield b.node.domsvc.wait_for(lambda: all(
-            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+        yield b.node.domsvc.wait_for(
+            lambda: all(
+                (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms
+            ),
+            30,
+        )
         vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "real" and v.host == "host1")
 
         def story():
-            c = ConsoleConnection(b.node.api_address, "real", vm.name, user="alice",
-                                  password=password_of("alice"), timeout=BOOT)
+            c = ConsoleConnection(
+                b.node.api_address, "real", vm.name, user="alice", password=password_of("alice"), timeout=BOOT
+            )
             out = b""
             deadline = time.monotonic() + BOOT
             c.ws.settimeout(2)
@@ -223,9 +239,13 @@ def test_a_real_guests_console_through_vmweb_from_another_host(lab2, guest_artif
                 assert kind == "output", (kind, data)
                 out += data
             c.close()
+
         yield threads.deferToThread(story)
-        yield until(lambda: a.node.consoles.open_streams == 0 and not b.node.consoles.relay.live, 30,
-                    "the real stream and the relay to close")
+        yield until(
+            lambda: a.node.consoles.open_streams == 0 and not b.node.consoles.relay.live,
+            30,
+            "the real stream and the relay to close",
+        )
     finally:
         yield driver.close()
         try:

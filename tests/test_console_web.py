@@ -7,6 +7,7 @@ reached through the host the browser is on. Screenshot: docs/screenshots/vm-cons
 As in tests/test_console.py, each VM's console is a real shell on a real pty (the test driver
 has no consoles).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,12 @@ def test_the_console_tab_types_into_a_vm_on_another_host_and_replays_after_a_rel
     a, b = yield two_hosts()
     with_shells(a.node, b.node)
     vms = yield running_cluster(a.node, "lab1", "alice", 4)
-    yield b.node.domsvc.wait_for(lambda: all(
-        (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms), 30)
+    yield b.node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(b.node.domsvc.dom, vm)) is not None and st.state == "running" for vm in vms
+        ),
+        30,
+    )
     vm = next(v for v in b.node.domsvc.dom.all(VmRec) if v.cluster == "lab1" and v.host == "host1")
     base = f"http://{b.node.api_address}"
 
@@ -74,4 +79,5 @@ def test_the_console_tab_types_into_a_vm_on_another_host_and_replays_after_a_rel
         wait_for(d, lambda d: "hello from 42" in screen_text(d), "the ring replayed after the reload")
         logs = [e["message"] for e in d.get_log("browser")]
         assert not [m for m in logs if "Content Security Policy" in m or "Refused" in m], logs
+
     yield threads.deferToThread(story)

@@ -3,6 +3,7 @@
 Each test starts its own daemon(s) (``python -m vmwebd.daemon``) in its own host directory on free
 loopback ports, and knows the daemon serves when it sends READY=1 over ``NOTIFY_SOCKET``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,13 +60,14 @@ def test_notifies_ready_status_and_stopping(daemons, tmp_path):
 
 # -- durability across SIGKILL ------------------------------------------------------------------
 
+
 class Model:
     """What the clients were told: acknowledged cluster sizes, acknowledged destroys, one maybe."""
 
     def __init__(self):
-        self.count: dict[str, int] = {}     # acknowledged live clusters and their VM counts
-        self.destroyed: set[str] = set()    # acknowledged DestroyCluster
-        self.maybe = None                   # the operation in flight when the daemon died
+        self.count: dict[str, int] = {}  # acknowledged live clusters and their VM counts
+        self.destroyed: set[str] = set()  # acknowledged DestroyCluster
+        self.maybe = None  # the operation in flight when the daemon died
         self.acks = 0
         self.error: BaseException | None = None
         self.done = False
@@ -154,10 +156,16 @@ def check_recovered(client: ApiClient, model: Model) -> None:
     macs = [vm.get("mac") for vm in vms]
     assert len(set(ips)) == len(ips), f"duplicate IPs: {sorted(ips)}"
     assert len(set(macs)) == len(macs), f"duplicate MACs: {sorted(macs)}"
-    leases = {el.get("id"): el.get("holder") for el in dom.findall(f"{{{DOM_NS}}}leases/{{{DOM_NS}}}lease")
-              if el.get("deleted") != "true"}
-    tokens = {c.get("id"): c.get("token") for c in dom.findall(f"{{{DOM_NS}}}vclusters/{{{DOM_NS}}}vcluster")
-              if c.get("deleted") != "true"}
+    leases = {
+        el.get("id"): el.get("holder")
+        for el in dom.findall(f"{{{DOM_NS}}}leases/{{{DOM_NS}}}lease")
+        if el.get("deleted") != "true"
+    }
+    tokens = {
+        c.get("id"): c.get("token")
+        for c in dom.findall(f"{{{DOM_NS}}}vclusters/{{{DOM_NS}}}vcluster")
+        if c.get("deleted") != "true"
+    }
     for vm in vms:
         if vm.get("desired") != "absent":  # an absent VM gives its leases back before it goes
             holder = f"vm:{vm.get('id')}#{tokens[vm.get('cluster')]}"
@@ -203,6 +211,7 @@ def test_acknowledged_changes_survive_sigkill(daemons, tmp_path, seed):
 
 # -- configuration errors -----------------------------------------------------------------------
 
+
 def test_config_error_exits_2_with_one_line(tmp_path):
     """A bad field makes the daemon exit 2 at once with one stderr line naming file, line and field, and never READY."""
     config, _ = host_config(tmp_path / "h1")
@@ -212,9 +221,14 @@ def test_config_error_exits_2_with_one_line(tmp_path):
     config.write_text("\n".join(lines) + "\n")
     notify = NotifySocket(tmp_path)
     try:
-        proc = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--config", str(config)],
-                              capture_output=True, text=True, timeout=30, cwd=REPO,
-                              env=child_env(NOTIFY_SOCKET=notify.path))
+        proc = subprocess.run(
+            [sys.executable, "-m", "vmwebd.daemon", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+            env=child_env(NOTIFY_SOCKET=notify.path),
+        )
         assert proc.returncode == 2, proc
         err = proc.stderr.strip().splitlines()
         assert len(err) == 1, proc.stderr
@@ -226,18 +240,26 @@ def test_config_error_exits_2_with_one_line(tmp_path):
         notify.close()
 
 
-@pytest.mark.parametrize("network, field, fragment", [
-    # TEST-NET-2: never an address of this machine
-    ('<network underlay="198.51.100.77" devices="kernel"/>', "network/@underlay",
-     "198.51.100.77"),
-])
+@pytest.mark.parametrize(
+    "network, field, fragment",
+    [
+        # TEST-NET-2: never an address of this machine
+        ('<network underlay="198.51.100.77" devices="kernel"/>', "network/@underlay", "198.51.100.77"),
+    ],
+)
 def test_an_underlay_address_not_on_this_host_is_a_config_error(tmp_path, network, field, fragment):
     """Where segments' devices are made, the underlay address must be one of this host's: the
     daemon refuses to start, naming the field and the address."""
     config, _ = host_config(tmp_path / "h1")
     config.write_text(config.read_text().replace("</vmwebd>", f"  {network}\n</vmwebd>"))
-    proc = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--config", str(config)],
-                          capture_output=True, text=True, timeout=30, cwd=REPO, env=child_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmwebd.daemon", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+        env=child_env(),
+    )
     assert proc.returncode == 2, proc
     err = proc.stderr.strip().splitlines()
     assert len(err) == 1 and str(config) in err[0] and field in err[0] and fragment in err[0], err
@@ -245,23 +267,35 @@ def test_an_underlay_address_not_on_this_host_is_a_config_error(tmp_path, networ
 
 # -- hostile XML at the real API ----------------------------------------------------------------
 
+
 def soap(body: str, prolog: str = '<?xml version="1.0" encoding="UTF-8"?>') -> bytes:
-    return (f'{prolog}<soapenv:Envelope xmlns:soapenv="{SOAP_ENV}" xmlns:t="{API_NS}">'
-            f"<soapenv:Body>{body}</soapenv:Body></soapenv:Envelope>").encode()
+    return (
+        f'{prolog}<soapenv:Envelope xmlns:soapenv="{SOAP_ENV}" xmlns:t="{API_NS}">'
+        f"<soapenv:Body>{body}</soapenv:Body></soapenv:Envelope>"
+    ).encode()
 
 
 def create_body(name: str, owner: str = "alice") -> str:
-    return (f"<t:CreateCluster><t:name>{name}</t:name><t:template>lab</t:template>"
-            f"<t:owner>{owner}</t:owner><t:count>1</t:count></t:CreateCluster>")
+    return (
+        f"<t:CreateCluster><t:name>{name}</t:name><t:template>lab</t:template>"
+        f"<t:owner>{owner}</t:owner><t:count>1</t:count></t:CreateCluster>"
+    )
 
 
 def post(port: int, body: bytes) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
         auth = base64.b64encode(f"{ADMIN[0]}:{ADMIN[1]}".encode()).decode()
-        conn.request("POST", "/soap", body, {"Content-Type": "text/xml; charset=utf-8",
-                                             "SOAPAction": '"CreateCluster"',
-                                             "Authorization": f"Basic {auth}"})
+        conn.request(
+            "POST",
+            "/soap",
+            body,
+            {
+                "Content-Type": "text/xml; charset=utf-8",
+                "SOAPAction": '"CreateCluster"',
+                "Authorization": f"Basic {auth}",
+            },
+        )
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -292,9 +326,13 @@ def test_hostile_bodies_get_faults_and_change_nothing(daemons, tmp_path):
     before = dom_without_hosts(client)
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-51c0")
-    laughs = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-              + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">'
-                        for i in range(1, 10)) + "]>")
+    laughs = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        + "".join(
+            f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10)
+        )
+        + "]>"
+    )
     xxe = f'<?xml version="1.0"?><!DOCTYPE foo [<!ENTITY xxe SYSTEM "file://{secret}">]>'
     cases = [
         ("billion laughs", soap(create_body("laughs", "&lol9;"), laughs), 500, "Client.MalformedRequest"),

@@ -2,6 +2,7 @@
 VM that never ran on them waiting: one real host in-process (libvirt test driver, real gossip over
 mutual TLS), and a second "host" that exists only as gossip membership, set by the test — a TCP
 listener that accepts connections and never answers stands for a frozen (SIGSTOPped) daemon."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ FROZEN = "hostz"
 
 class _Silent(protocol.Protocol):
     def dataReceived(self, data):
-        pass          # reads nothing, answers nothing: a stopped process's socket
+        pass  # reads nothing, answers nothing: a stopped process's socket
 
 
 class FrozenPeer(protocol.Factory):
@@ -41,6 +42,7 @@ class FrozenPeer(protocol.Factory):
 @pytest.fixture
 def frozen():
     from twisted.internet import reactor
+
     factory = FrozenPeer()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     factory.addr = f"127.0.0.1:{port.getHost().port}"
@@ -58,14 +60,16 @@ def gossiping(start_node, tmp_path):
 
     def start(**kw):
         return start_node(extra=f'<peers cert-dir="{cert}" timing="local"/>', **kw)
+
     return start
 
 
 def announce(node, addr: str, incarnation: int, status: str = ALIVE):
     """Feeds host1's gossip a rumor about the frozen host (as a peer's message would)."""
     by = node.host_id if status == SUSPECT else ""
-    env = Envelope(FROZEN, addr, node.host_id, Gossip(),
-                   members=(MemberState(FROZEN, addr, incarnation, status, by),))
+    env = Envelope(
+        FROZEN, addr, node.host_id, Gossip(), members=(MemberState(FROZEN, addr, incarnation, status, by),)
+    )
     return node.gossip.receive(env)
 
 
@@ -76,6 +80,7 @@ class Refuting:
 
     def __init__(self, node, addr: str):
         from twisted.internet import reactor
+
         self.node, self.addr, self.incarnation = node, addr, 10
         self.loop = task.LoopingCall(self.again)
         self.loop.clock = reactor
@@ -112,8 +117,15 @@ class Suspecting(Refuting):
 def frozen_host_record(addr: str) -> HostRec:
     """The frozen host's own record as it spread before it stopped: bigger and emptier than host1,
     so placement would prefer it."""
-    return HostRec(id=FROZEN, api="127.0.0.1:1", peer=addr, liveness="alive", cpus=64,
-                   memory_mib=262144, free_memory_mib=262144)
+    return HostRec(
+        id=FROZEN,
+        api="127.0.0.1:1",
+        peer=addr,
+        liveness="alive",
+        cpus=64,
+        memory_mib=262144,
+        free_memory_mib=262144,
+    )
 
 
 def until(pred, timeout: float, what: str, every: float = 0.05) -> defer.Deferred:
@@ -130,6 +142,7 @@ def until(pred, timeout: float, what: str, every: float = 0.05) -> defer.Deferre
             if reactor.seconds() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}")
             yield task.deferLater(reactor, every, lambda: None)
+
     return run()
 
 
@@ -145,7 +158,7 @@ def test_suspect_and_dead_hosts_get_no_new_vms_no_migrations_and_no_balancer_mov
 
     yield announce(node, frozen.addr, 1, ALIVE)
     assert FROZEN in node.placeable_hosts()
-    assert FROZEN in set(node.manager._place(vms).values())   # the bigger host takes VMs
+    assert FROZEN in set(node.manager._place(vms).values())  # the bigger host takes VMs
 
     yield announce(node, frozen.addr, 1, SUSPECT)
     assert node.liveness(FROZEN) == "suspect"
@@ -187,7 +200,7 @@ def writes_with_a_frozen_peer(node, domsvc, frozen):
         yield domsvc.put(SettingRec(id=f"test.{i}", value=str(i)))
     assert domsvc.push_rounds - rounds >= 3
     yield all_cut(domsvc, rounds, cut)
-    assert frozen.accepted >= 1           # the pushes did go to it
+    assert frozen.accepted >= 1  # the pushes did go to it
 
     rounds, cut = domsvc.push_rounds, domsvc.push_waits_cut
     c = yield node.manager.create("quick", "lab", "alice", 3)
@@ -200,8 +213,11 @@ def all_cut(domsvc, rounds: int, cut: int) -> defer.Deferred:
     """Every push round since (ours, and background writes meanwhile) ends by the bound, none by
     an answer — the frozen peer's send fails only at the transport's timeout, which would count
     as answered, not cut: polled for less than that timeout."""
-    return until(lambda: domsvc.push_waits_cut - cut == domsvc.push_rounds - rounds,
-                 domsvc.push_wait * 4, "every push round to be cut by the bound")
+    return until(
+        lambda: domsvc.push_waits_cut - cut == domsvc.push_rounds - rounds,
+        domsvc.push_wait * 4,
+        "every push round to be cut by the bound",
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -217,18 +233,20 @@ def test_pending_vms_say_which_host_they_wait_for_and_why(gossiping, frozen):
         # Read in the reactor turn of a refutation: the frozen host is alive here now.
         yield refuting.again()
         z = [v for v in node.manager.cluster("slow").vms if v.host == FROZEN]
-        assert z and all((v.state, v.detail) == ("pending", f"waiting for host {FROZEN} to start it")
-                         for v in z), z
+        assert z and all(
+            (v.state, v.detail) == ("pending", f"waiting for host {FROZEN} to start it") for v in z
+        ), z
     with Suspecting(node, frozen.addr, refuting.incarnation):
         shown = yield h.call("GetCluster", "slow")
         z = [v for v in shown["vms"] if v["host"] == FROZEN]
         assert z and all(f"host {FROZEN} is suspect" in v["detail"] for v in z), z
 
     yield announce(node, frozen.addr, refuting.incarnation + 1000, DEAD)
-    shown = yield h.call("GetCluster", "slow")      # not the cached answer from before
+    shown = yield h.call("GetCluster", "slow")  # not the cached answer from before
     z = [v for v in shown["vms"] if v["host"] == FROZEN]
-    assert z and all(f"host {FROZEN} is dead" in v["detail"]
-                     and f"vmweb host evacuate {FROZEN}" in v["detail"] for v in z), z
+    assert z and all(
+        f"host {FROZEN} is dead" in v["detail"] and f"vmweb host evacuate {FROZEN}" in v["detail"] for v in z
+    ), z
     # VMs on this (alive) host that run say nothing more.
     assert all(not v["detail"] for v in shown["vms"] if v["host"] == "host1" and v["state"] == "running")
 
@@ -241,7 +259,7 @@ def test_vms_that_never_ran_on_a_dead_host_are_placed_elsewhere_and_one_that_ran
     h = yield gossiping()
     node = h.node
     dom = node.domsvc.dom
-    node.migrations.replace_grace_s = 0      # at once when declared dead
+    node.migrations.replace_grace_s = 0  # at once when declared dead
     yield node.domsvc.put(frozen_host_record(frozen.addr))
     yield announce(node, frozen.addr, 1, ALIVE)
     yield node.manager.create("boot", "lab", "alice", 8)
@@ -252,7 +270,8 @@ def test_vms_that_never_ran_on_a_dead_host_are_placed_elsewhere_and_one_that_ran
     # What the frozen host had reported before it stopped: one VM running, one pending.
     yield node.domsvc.put(
         VmStatus(id=ran, host=FROZEN, state="running", token=before[ran].token),
-        VmStatus(id=pending, host=FROZEN, state="pending", token=before[pending].token))
+        VmStatus(id=pending, host=FROZEN, state="pending", token=before[pending].token),
+    )
 
     yield announce(node, frozen.addr, 1, DEAD)
 
@@ -265,6 +284,7 @@ def test_vms_that_never_ran_on_a_dead_host_are_placed_elsewhere_and_one_that_ran
                 return None
             out[i] = vm
         return out
+
     moved = yield until(replaced, WAIT, "the VMs that never ran to run on host1")
     for i, vm in moved.items():
         old = before[i]
@@ -275,7 +295,7 @@ def test_vms_that_never_ran_on_a_dead_host_are_placed_elsewhere_and_one_that_ran
     domains = {d.name for d in (yield node.driver.list_domains())}
     assert {domain_name(i) for i in moved} <= domains
     moves = [m for m in dom.all(MigrationRec) if m.vm in moved]
-    assert sorted(m.vm for m in moves) == sorted(moved)          # one move each
+    assert sorted(m.vm for m in moves) == sorted(moved)  # one move each
     assert {(m.mode, m.source, m.dest, m.phase) for m in moves} == {("evacuate", FROZEN, "host1", "done")}
     assert node.migrations.replaced == len(moved)
     # The one that had run stays with its host (its disk is there).
@@ -306,18 +326,18 @@ def test_a_creation_is_re_placed_at_most_once_even_by_a_stale_replica(gossiping,
     yield node.domsvc.put(*old.values())
     again = yield node.migrations.replace_never_ran()
     assert again == []
-    assert all(dom.get(VmRec, i) == old[i] for i in on_z)     # untouched: another host did it
+    assert all(dom.get(VmRec, i) == old[i] for i in on_z)  # untouched: another host did it
     # The leases stay while the VMs live, and are given back (after a grace, 0 here) once gone.
     held = [replace_key(old[i]) for i in on_z]
     node.migrations.replaced_grace_ms = 0
     yield node.migrations.release_replaced()
     assert all(dom.get(LeaseRec, k) is not None for k in held)
     yield node.manager.destroy("once")
-    yield node.migrations.evacuate(FROZEN)     # deletes what waited on the dead host
+    yield node.migrations.evacuate(FROZEN)  # deletes what waited on the dead host
     assert all(dom.get(VmRec, i) is None for i in on_z)
     yield node.migrations.release_replaced()
     assert [k for k in held if dom.get(LeaseRec, k) is not None] == []
-    yield node.reconciler.idle()      # the destroy's last pass, before the host stops
+    yield node.reconciler.idle()  # the destroy's last pass, before the host stops
 
 
 @pytest_twisted.inlineCallbacks
@@ -337,7 +357,7 @@ def test_the_old_host_removes_its_copy_once_it_learns_the_vm_was_re_placed(start
     yield rec.idle()
     names = {d.name for d in (yield node.driver.list_domains())}
     assert domain_name(vm.id) not in names and domain_name("back/pc1") in names
-    assert status_of(dom, dom.get(VmRec, vm.id)) is None        # host1's old status is not its
+    assert status_of(dom, dom.get(VmRec, vm.id)) is None  # host1's old status is not its
     assert dom.get(VmStatus, vm.id).token == vm.token
 
 
@@ -352,21 +372,29 @@ def test_a_proposer_suspected_briefly_is_still_asked_and_one_suspected_long_is_n
 
     def rumor(status, inc):
         by = node.host_id if status == SUSPECT else ""
-        return node.gossip.receive(Envelope(FROZEN, frozen.addr, node.host_id, Gossip(),
-                                            members=(MemberState("host0", frozen.addr, inc, status, by),)))
+        return node.gossip.receive(
+            Envelope(
+                FROZEN,
+                frozen.addr,
+                node.host_id,
+                Gossip(),
+                members=(MemberState("host0", frozen.addr, inc, status, by),),
+            )
+        )
+
     yield rumor(ALIVE, 1)
     assert node._proposer_for() == "host0"
     yield rumor(SUSPECT, 1)
     assert node.liveness("host0") == "suspect"
     patience = node.PROPOSER_PATIENCE_S
-    t = node.gossip.core.suspected_since("host0")                      # when the suspicion began
+    t = node.gossip.core.suspected_since("host0")  # when the suspicion began
     assert node._proposer_for(now=t) == "host0"
     assert node._proposer_for(now=t + patience / 2) == "host0"
-    assert node._proposer_for(now=t + patience) is None               # too long: run here
-    yield rumor(ALIVE, 2)                                              # it refuted
+    assert node._proposer_for(now=t + patience) is None  # too long: run here
+    yield rumor(ALIVE, 2)  # it refuted
     assert node._proposer_for(now=t + 20) == "host0"
     yield rumor(SUSPECT, 2)
     t2 = node.gossip.core.suspected_since("host0")
-    assert node._proposer_for(now=t2 + 1) == "host0"                  # a new suspicion, counted afresh
+    assert node._proposer_for(now=t2 + 1) == "host0"  # a new suspicion, counted afresh
     yield rumor(DEAD, 2)
     assert node._proposer_for(now=t2 + 1.5) is None

@@ -1,6 +1,7 @@
 """Collecting tombstones (vmwebd/dom/gc.py): only once every host holds them, and never bringing a
 deleted entity back — checked on hand-made replicas and in the deterministic simulator with drops,
 duplicates, delays, partitions and crashes."""
+
 from __future__ import annotations
 
 import copy
@@ -51,18 +52,18 @@ def test_a_tombstone_is_collected_only_once_old_enough_and_held_by_every_host():
     dom.delete("vm", "c/pc0")
     everything = dom.version_vector()
     dom.put(HostRec(id="h1", cvv=format_cvv(everything)))
-    dom.put(HostRec(id="h2", cvv=""))            # h2 has published nothing yet
+    dom.put(HostRec(id="h2", cvv=""))  # h2 has published nothing yet
     clock.ms += 60_000
     mine = dom.version_vector()
-    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []          # h2 may lack it
+    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []  # h2 may lack it
     dom.put(HostRec(id="h2", cvv=format_cvv({"h1": (everything["h1"][0], everything["h1"][1] - 1)})))
-    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []          # h2 lacks the last part
+    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []  # h2 lacks the last part
     dom.put(HostRec(id="h2", cvv=format_cvv(everything)))
-    assert collectable(dom, mine, clock.ms, settle_ms=120_000) == []       # too young
-    assert collectable(dom, {}, clock.ms, settle_ms=1000) == []            # our own vector is behind
-    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []          # nothing from h2 yet: an older
-    mine["h2"] = mine["h1"]                                                # state may come from it
-    assert collectable(dom, mine, clock.ms, settle_ms=1000) == [("vm", "c/pc0")]   # never c/pc1: live
+    assert collectable(dom, mine, clock.ms, settle_ms=120_000) == []  # too young
+    assert collectable(dom, {}, clock.ms, settle_ms=1000) == []  # our own vector is behind
+    assert collectable(dom, mine, clock.ms, settle_ms=1000) == []  # nothing from h2 yet: an older
+    mine["h2"] = mine["h1"]  # state may come from it
+    assert collectable(dom, mine, clock.ms, settle_ms=1000) == [("vm", "c/pc0")]  # never c/pc1: live
     assert dom.forget("vm", "c/pc0") and not dom.forget("vm", "c/pc1") and not dom.forget("vm", "nope")
     assert dom.version_of("vm", "c/pc0") is None and dom.get(VmRec, "c/pc1") is not None
 
@@ -72,7 +73,7 @@ def test_a_state_of_a_collected_entity_is_dropped_but_news_are_not():
     dom = replica("h1", clock)
     live = copy.deepcopy(dom.put(VmRec(id="c/pc0", cluster="c", name="pc0")))
     dom.delete("vm", "c/pc0")
-    mine = dom.version_vector()      # what we held (the gossip core keeps it; the DOM forgets)
+    mine = dom.version_vector()  # what we held (the gossip core keeps it; the DOM forgets)
     dom.forget("vm", "c/pc0")
     port = DomPortAdapter(dom, complete=lambda: mine)
     assert forgotten(dom, mine, live)
@@ -96,26 +97,56 @@ def heartbeat_and_collect(sim, published, settle_ms, forgot):
 
 
 def assert_nothing_came_back(sim, forgot, deleted):
-    for h in sim.hosts.values():          # crashed hosts too: their durable replica counts
+    for h in sim.hosts.values():  # crashed hosts too: their durable replica counts
         # The replica's own list of tombstones (what a collection pass scans) is exact.
         assert {(k, i) for k, i in h.dom._tombstones} == {
-            (etree.QName(e).localname, e.get("id")) for e in h.dom.entities() if e.get("deleted") == "true"}
+            (etree.QName(e).localname, e.get("id")) for e in h.dom.entities() if e.get("deleted") == "true"
+        }
         for id_ in forgot:
             assert h.dom.get(VmRec, id_) is None, (h.id, id_, "live again after being collected")
         for id_ in deleted.get(h.id, ()):
             assert h.dom.get(VmRec, id_) is None, (h.id, id_, "live again after its deletion was seen")
 
 
-events = st.lists(st.tuples(st.sampled_from(["create", "create", "status", "delete", "delete", "crash",
-                                             "restart", "partition", "heal", "run", "collect", "collect"]),
-                            st.integers(0, 99), st.integers(0, 99), st.floats(0.0, 2.0)),
-                  min_size=1, max_size=40)
+events = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "create",
+                "create",
+                "status",
+                "delete",
+                "delete",
+                "crash",
+                "restart",
+                "partition",
+                "heal",
+                "run",
+                "collect",
+                "collect",
+            ]
+        ),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.floats(0.0, 2.0),
+    ),
+    min_size=1,
+    max_size=40,
+)
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(3, 6), seed=st.integers(0, 2**32), drop=st.floats(0, 0.3), dup=st.floats(0, 0.2),
-       slow=st.floats(0.002, 0.5), schedule=events)
-def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(n, seed, drop, dup, slow, schedule):
+@given(
+    n=st.integers(3, 6),
+    seed=st.integers(0, 2**32),
+    drop=st.floats(0, 0.3),
+    dup=st.floats(0, 0.2),
+    slow=st.floats(0.002, 0.5),
+    schedule=events,
+)
+def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(
+    n, seed, drop, dup, slow, schedule
+):
     """Creates, status writes and deletions under faults with hosts collecting as they go: no entity
     is ever live again at a host once that host saw it deleted, nor anywhere once any host collected
     it. Healed and restarted, every host collects every tombstone and the replicas agree."""
@@ -123,14 +154,16 @@ def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(n,
     ids = list(sim.hosts)
     published, forgot, deleted = {}, set(), {}
     created = []
-    states = {}   # id -> its live state as first written (a stale copy to replay at the end)
+    states = {}  # id -> its live state as first written (a stale copy to replay at the end)
     settle = 300
     for action, x, y, dt in schedule:
         live = [h.id for h in sim.live()]
         if action == "create" and live:
             vid = f"c/pc{len(created)}"
             created.append(vid)
-            states[vid] = copy.deepcopy(sim.write(live[x % len(live)], VmRec(id=vid, cluster="c", name=vid[2:]))[0])
+            states[vid] = copy.deepcopy(
+                sim.write(live[x % len(live)], VmRec(id=vid, cluster="c", name=vid[2:]))[0]
+            )
         elif action in ("status", "delete") and live and created:
             h = sim.hosts[live[x % len(live)]]
             vid = created[y % len(created)]
@@ -156,20 +189,29 @@ def test_collection_under_faults_never_resurrects_and_ends_with_no_tombstones(n,
     for i in ids:
         if sim.hosts[i].crashed:
             sim.restart(i)
-    gone = {vid for vid in created if any(h.dom.version_of("vm", vid) is not None and h.dom.get(VmRec, vid) is None
-                                          for h in sim.hosts.values())} | forgot
+    gone = {
+        vid
+        for vid in created
+        if any(
+            h.dom.version_of("vm", vid) is not None and h.dom.get(VmRec, vid) is None
+            for h in sim.hosts.values()
+        )
+    } | forgot
     kept = {vid for vid in created if vid not in gone}
     bound = 40 * LOCAL_TEST.sync_interval
 
     def all_collected():
         heartbeat_and_collect(sim, published, settle, forgot)
-        return all(h.dom.version_of("vm", vid) is None for h in sim.hosts.values() for vid in gone) and \
-            all(h.dom.get(VmRec, vid) is not None for h in sim.hosts.values() for vid in kept)
+        return all(h.dom.version_of("vm", vid) is None for h in sim.hosts.values() for vid in gone) and all(
+            h.dom.get(VmRec, vid) is not None for h in sim.hosts.values() for vid in kept
+        )
+
     t0 = sim.now
     while sim.now - t0 < bound and not all_collected():
         sim.run(1.0)
-    assert all_collected(), [(h.id, sorted(v for v in gone if h.dom.version_of("vm", v) is not None))
-                             for h in sim.hosts.values()]
+    assert all_collected(), [
+        (h.id, sorted(v for v in gone if h.dom.version_of("vm", v) is not None)) for h in sim.hosts.values()
+    ]
     assert_nothing_came_back(sim, forgot, deleted)
     for h in sim.hosts.values():
         assert {vid for vid in created if h.dom.get(VmRec, vid) is not None} == kept
@@ -184,6 +226,7 @@ def test_lease_tombstones_are_never_collected_nor_lease_states_dropped():
     newer writes it already claimed), so a vector proves nothing about them: kept, never dropped."""
     from vmwebd.dom.hlc import Version
     from vmwebd.dom.records import LeaseRec
+
     clock = Clock()
     dom = replica("h1", clock)
     granted = Version(1_000, 0, "h2")
@@ -193,6 +236,7 @@ def test_lease_tombstones_are_never_collected_nor_lease_states_dropped():
     dom.put(HostRec(id="h1", cvv=format_cvv(mine)))
     clock.ms += 10**9
     assert collectable(dom, mine, clock.ms, settle_ms=0) == []
-    late = Dom(HybridClock("h4", clock)).put(LeaseRec(id="ip/lab/10.0.0.6", holder="vm:c/pc1#t"),
-                                             version=Version(1_500, 0, "h2"))
-    assert not forgotten(dom, mine, late)      # unknown here, "covered", yet merged: it is a lease
+    late = Dom(HybridClock("h4", clock)).put(
+        LeaseRec(id="ip/lab/10.0.0.6", holder="vm:c/pc1#t"), version=Version(1_500, 0, "h2")
+    )
+    assert not forgotten(dom, mine, late)  # unknown here, "covered", yet merged: it is a lease

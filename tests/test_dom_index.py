@@ -1,6 +1,7 @@
 """The DOM's caches and indexes (decoded records, secondary indexes, versions by origin, the
 incremental digest) always say what a scan of the document says, whatever the writes, merges,
 deletions and collections that led there."""
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,8 +39,16 @@ def run(ops) -> Dom:
     for op, kind, id_, value, stamp, origin, deleted in ops:
         if op == "put":
             if kind == "vm":
-                dom.put(VmRec(id=id_, cluster=value, host=value, name=id_, vcpus=stamp[0] + 1,
-                              desired="absent" if deleted else "running"))
+                dom.put(
+                    VmRec(
+                        id=id_,
+                        cluster=value,
+                        host=value,
+                        name=id_,
+                        vcpus=stamp[0] + 1,
+                        desired="absent" if deleted else "running",
+                    )
+                )
             else:
                 dom.put(VClusterRec(id=id_, owner=value))
         elif op == "merge":
@@ -94,17 +103,21 @@ def test_cached_records_and_indexes_match_a_scan(ops):
         assert sorted(dom.all(cls), key=lambda r: r.id) == decoded_afresh(dom, cls)
     vms = dom.all(VmRec)
     for value in ["p", "q", "r", ""]:
-        assert sorted(v.id for v in dom.select(VmRec, "host", value)) == \
-            sorted(v.id for v in vms if v.host == value)
-        assert sorted(v.id for v in dom.select(VmRec, "cluster", value)) == \
-            sorted(v.id for v in vms if v.cluster == value)
+        assert sorted(v.id for v in dom.select(VmRec, "host", value)) == sorted(
+            v.id for v in vms if v.host == value
+        )
+        assert sorted(v.id for v in dom.select(VmRec, "cluster", value)) == sorted(
+            v.id for v in vms if v.cluster == value
+        )
         assert dom.count("vm", "host", value) == sum(1 for v in vms if v.host == value)
         on_host = [v for v in vms if v.host == value]
         live = [v for v in on_host if v.desired != "absent"]
-        assert host_usage(dom, value) == HostUsage(len(on_host), sum(v.vcpus for v in live),
-                                                   sum(v.memory_mib for v in live))
-        assert sorted(c.id for c in dom.select(VClusterRec, "owner", value)) == \
-            sorted(c.id for c in dom.all(VClusterRec) if c.owner == value)
+        assert host_usage(dom, value) == HostUsage(
+            len(on_host), sum(v.vcpus for v in live), sum(v.memory_mib for v in live)
+        )
+        assert sorted(c.id for c in dom.select(VClusterRec, "owner", value)) == sorted(
+            c.id for c in dom.all(VClusterRec) if c.owner == value
+        )
     assert dom.version_vector() == scanned_vector(dom)
     assert dom.size() == sum(1 for _ in dom.entities())
 
@@ -129,8 +142,10 @@ def test_incremental_digest_equals_a_fresh_replicas(ops):
 
 @pytest.mark.property
 @settings(max_examples=300, deadline=None)
-@given(operations(), st.dictionaries(st.sampled_from(HOSTS + ["z"]),
-                                     st.tuples(st.integers(-1, 6), st.integers(-1, 45))))
+@given(
+    operations(),
+    st.dictionaries(st.sampled_from(HOSTS + ["z"]), st.tuples(st.integers(-1, 6), st.integers(-1, 45))),
+)
 def test_delta_from_the_index_sends_every_entity_with_a_part_they_lack(ops, theirs):
     """With an ample budget, anti-entropy's delta holds exactly the entities with a part newer
     than the other side's vector (the index finds what a scan finds)."""
@@ -147,15 +162,23 @@ def test_delta_from_the_index_sends_every_entity_with_a_part_they_lack(ops, thei
 
 @pytest.mark.property
 @settings(max_examples=200, deadline=None)
-@given(operations(), st.sampled_from(HOSTS + ["z"]), st.tuples(st.integers(-1, 6), st.integers(-1, 45)),
-       st.tuples(st.integers(-1, 6), st.integers(-1, 45)), st.sampled_from(IDS))
+@given(
+    operations(),
+    st.sampled_from(HOSTS + ["z"]),
+    st.tuples(st.integers(-1, 6), st.integers(-1, 45)),
+    st.tuples(st.integers(-1, 6), st.integers(-1, 45)),
+    st.sampled_from(IDS),
+)
 def test_wrote_between_matches_a_scan(ops, origin, after, upto, skip_id):
     """wrote_between (from the versions-by-origin index) says what a scan of every part says."""
     dom = run(ops)
     skip = ("vm", skip_id)
-    expect = any(v.origin == origin and after < v.stamp <= upto
-                 for el in dom.entities() if (etree.QName(el).localname, el.get("id")) != skip
-                 for v in [_version(p) for p in [el, *_part_children(el).values()]])
+    expect = any(
+        v.origin == origin and after < v.stamp <= upto
+        for el in dom.entities()
+        if (etree.QName(el).localname, el.get("id")) != skip
+        for v in [_version(p) for p in [el, *_part_children(el).values()]]
+    )
     assert dom.wrote_between(origin, after, upto, skip=skip) == expect
 
 

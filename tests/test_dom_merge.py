@@ -1,4 +1,5 @@
 """Merge laws of the cluster DOM (a state-based CRDT per entity part), checked with hypothesis."""
+
 import itertools
 
 import pytest

@@ -1,4 +1,5 @@
 """The peer protocol core driven by hand (no simulator), and the DOM's bounded anti-entropy delta."""
+
 from __future__ import annotations
 
 import random
@@ -39,8 +40,16 @@ from vmwebd.gossip.messages import (
 )
 
 Q = "{%s}" % NS
-CFG = GossipConfig(probe_interval=1.0, probe_timeout=0.5, indirect_checks=3, suspicion_mult=4,
-                   gossip_interval=0.2, fanout=3, retransmit_mult=4, sync_interval=1000.0)
+CFG = GossipConfig(
+    probe_interval=1.0,
+    probe_timeout=0.5,
+    indirect_checks=3,
+    suspicion_mult=4,
+    gossip_interval=0.2,
+    fanout=3,
+    retransmit_mult=4,
+    sync_interval=1000.0,
+)
 
 
 class Net:
@@ -51,15 +60,20 @@ class Net:
         self.cores = {}
         for i, hid in enumerate(ids):
             dom = Dom(HybridClock(hid, lambda: int(self.now * 1000)))
-            self.cores[hid] = GossipCore(hid, hid, cfg, random.Random(i), DomPortAdapter(dom, validate=False),
-                                         now)
+            self.cores[hid] = GossipCore(
+                hid, hid, cfg, random.Random(i), DomPortAdapter(dom, validate=False), now
+            )
         # everyone knows everyone (as after a join), without any traffic
         for c in self.cores.values():
             for other in ids:
                 if other != c.me:
-                    c.receive(Envelope(other, other, c.me, Gossip(),
-                                       members=(MemberState(other, other, 0, ALIVE),)), now)
-        for c in self.cores.values():   # forget the join rumors so tests see only their own traffic
+                    c.receive(
+                        Envelope(
+                            other, other, c.me, Gossip(), members=(MemberState(other, other, 0, ALIVE),)
+                        ),
+                        now,
+                    )
+        for c in self.cores.values():  # forget the join rumors so tests see only their own traffic
             c.queue = BroadcastQueue(cfg.retransmit_mult)
 
     def deliver(self, out, drop_to=()):
@@ -93,7 +107,7 @@ def test_ping_is_answered_with_ack_and_clears_the_probe():
     """A probe's Ping reaches its target, whose Ack marks the probe done and nobody is suspected."""
     net = Net(["a", "b"])
     a = net.cores["a"]
-    out = a.tick(1.0)   # the first probe starts within one probe interval
+    out = a.tick(1.0)  # the first probe starts within one probe interval
     pings = of_kind(out.sends, Ping)
     assert [(p.dst, p.envelope.msg.target) for p in pings] == [("b", "b")]
     sent = net.deliver(out)
@@ -102,7 +116,7 @@ def test_ping_is_answered_with_ack_and_clears_the_probe():
     assert a._probe.acked
     changes = []
     t = 1.05
-    while t < 10.0:   # keep answering a's later probes, each as soon as it is sent
+    while t < 10.0:  # keep answering a's later probes, each as soon as it is sent
         o = a.tick(t)
         changes += o.changes
         net.deliver(o)
@@ -119,7 +133,7 @@ def test_probe_timeout_sends_pingreq_and_a_forwarded_ack_clears_it():
         out = a.tick(t)
         t = round(t + 0.05, 6)
     target = a._probe.target
-    net.deliver(out, drop_to={target})     # the direct Ping is lost
+    net.deliver(out, drop_to={target})  # the direct Ping is lost
     assert not a._probe.acked
     out = a.tick(a._probe.started + CFG.probe_timeout)
     reqs = of_kind(out.sends, PingReq)
@@ -146,7 +160,7 @@ def test_no_ack_means_suspect_then_dead_after_suspicion_timeout():
     t = 0.0
     suspected_at = dead_at = None
     while dead_at is None and t < 60:
-        out = a.tick(t)   # nothing is ever delivered
+        out = a.tick(t)  # nothing is ever delivered
         for ch in out.changes:
             changes.append(ch)
             if ch == ("b", ALIVE, SUSPECT):
@@ -160,7 +174,9 @@ def test_no_ack_means_suspect_then_dead_after_suspicion_timeout():
     assert timeout - 1e-6 <= dead_at - suspected_at <= timeout + 0.05 + 1e-6
     # it is no longer probed, and the dead rumor is queued for spreading
     assert a.alive() == ["a"]
-    assert any(isinstance(p, MemberState) and p.status == DEAD for p in (i.payload for i in a.queue._items.values()))
+    assert any(
+        isinstance(p, MemberState) and p.status == DEAD for p in (i.payload for i in a.queue._items.values())
+    )
 
 
 def test_suspected_host_refutes_with_higher_incarnation():
@@ -176,8 +192,12 @@ def test_suspected_host_refutes_with_higher_incarnation():
     out = a.tick(2.0)
     carried = [m for s in out.sends for m in s.envelope.members if m.node == "a"]
     assert carried and all(m == MemberState("a", "a", 1, ALIVE) for m in carried)
-    out = b.receive(out.sends[0].envelope if out.sends[0].dst == "b" else
-                    Envelope("a", "a", "b", Gossip(), members=(carried[0],)), 2.0)
+    out = b.receive(
+        out.sends[0].envelope
+        if out.sends[0].dst == "b"
+        else Envelope("a", "a", "b", Gossip(), members=(carried[0],)),
+        2.0,
+    )
     assert b.status_of("a") == ALIVE and b.members["a"].incarnation == 1
     assert ("a", SUSPECT, ALIVE) in out.changes
 
@@ -221,9 +241,9 @@ def test_rumor_is_sent_exactly_retransmit_limit_times():
     outs += tick_until(a, 30.0)
     carrying = [s for o in outs for s in o.sends if any(e.get("id") == "c1" for e in s.envelope.entities)]
     limit = a.queue.limit(len(a.members))
-    assert limit == CFG.retransmit_mult * 1    # ceil(log10(6 + 1)) == 1
+    assert limit == CFG.retransmit_mult * 1  # ceil(log10(6 + 1)) == 1
     assert len(carrying) == limit
-    assert len(of_kind(outs[0].sends, Gossip)) == CFG.fanout   # pushed at once to fanout peers
+    assert len(of_kind(outs[0].sends, Gossip)) == CFG.fanout  # pushed at once to fanout peers
     assert not [k for k in a.queue._items if k[0] == "e"]
 
 
@@ -234,10 +254,10 @@ def test_broadcast_queue_replaces_and_prefers_least_sent():
     q.put(("m", "x"), "x0", 10)
     assert q.take(100, 9) == ["x0"]
     q.put(("m", "y"), "y0", 10)
-    assert q.take(15, 9) == ["y0"]            # y was never sent: it goes first; x does not fit
-    q.put(("m", "x"), "x1", 10)              # replaces x0, count restarts
+    assert q.take(15, 9) == ["y0"]  # y was never sent: it goes first; x does not fit
+    q.put(("m", "x"), "x1", 10)  # replaces x0, count restarts
     assert sorted(q.take(100, 9)) == ["x1", "y0"]
-    assert q.take(100, 9) == ["x1"]           # y0 reached its limit of 2
+    assert q.take(100, 9) == ["x1"]  # y0 reached its limit of 2
     assert len(q) == 0
 
 
@@ -245,8 +265,9 @@ def test_newer_protocol_version_is_ignored():
     """An envelope from a newer protocol version changes nothing and is not answered."""
     net = Net(["a", "b"])
     a = net.cores["a"]
-    env = Envelope("b", "b", "a", Ping(7, "a"), members=(MemberState("z", "z", 0, ALIVE),),
-                   version=PROTOCOL_VERSION + 1)
+    env = Envelope(
+        "b", "b", "a", Ping(7, "a"), members=(MemberState("z", "z", 0, ALIVE),), version=PROTOCOL_VERSION + 1
+    )
     out = a.receive(env, 0.0)
     assert not out.sends and not out.changes and a.status_of("z") is None
 
@@ -255,8 +276,9 @@ def test_envelope_for_another_host_id_is_ignored():
     """An envelope addressed to another host id (a former owner of this address) is ignored."""
     net = Net(["a", "b"])
     a = net.cores["a"]
-    out = a.receive(Envelope("b", "b", "old-a", Ping(7, "old-a"),
-                             members=(MemberState("z", "z", 0, ALIVE),)), 0.0)
+    out = a.receive(
+        Envelope("b", "b", "old-a", Ping(7, "old-a"), members=(MemberState("z", "z", 0, ALIVE),)), 0.0
+    )
     assert not out.sends and a.status_of("z") is None
     # but one with no destination id (sent to a seed address) is taken
     out = a.receive(Envelope("b", "b", None, Ping(8, "a")), 0.0)
@@ -264,8 +286,7 @@ def test_envelope_for_another_host_id_is_ignored():
 
 
 # -- Lifeguard: local health, dynamic suspicion, buddy system, nacks -----------------------------
-@given(mult=st.integers(1, 12), deltas=st.lists(st.integers(-5, 5), max_size=60),
-       base=st.floats(0.01, 10.0))
+@given(mult=st.integers(1, 12), deltas=st.lists(st.integers(-5, 5), max_size=60), base=st.floats(0.01, 10.0))
 def test_awareness_score_stays_in_range_and_scales_timeouts(mult, deltas, base):
     """The health score is the clamped running sum of its deltas, always within 0 .. max - 1, and
     scales a timeout by score + 1; a multiplier of 1 keeps it at 0 (Lifeguard off)."""
@@ -322,7 +343,7 @@ def test_suspicion_counts_each_other_accuser_once_up_to_k():
     assert s.confirm("y") and not s.confirm("y")
     assert 14.0 < s.deadline() < 34.0
     assert s.confirm("z") and s.deadline() == 14.0
-    assert not s.confirm("w") and s.deadline() == 14.0   # k reached: no more counting
+    assert not s.confirm("w") and s.deadline() == 14.0  # k reached: no more counting
 
 
 def _suspect_rumor(node, by, inc=0):
@@ -340,7 +361,7 @@ def test_confirmations_from_other_accusers_bring_death_forward_and_are_passed_on
     out = a.receive(_suspect_rumor("h5", "h1"), 0.0)
     assert ("h5", ALIVE, SUSPECT) in out.changes
     assert a.suspicion_deadline("h5") == hi
-    a.receive(_suspect_rumor("h5", "h1"), 0.1)            # the same accuser again: nothing
+    a.receive(_suspect_rumor("h5", "h1"), 0.1)  # the same accuser again: nothing
     assert a.suspicion_deadline("h5") == hi
     a.receive(_suspect_rumor("h5", "h2"), 0.2)
     one = a.suspicion_deadline("h5")
@@ -365,7 +386,7 @@ def test_unconfirmed_suspicion_waits_the_max_timeout_and_a_refutation_cancels_it
     while t < hi - 0.1:
         out = a.tick(t)
         changes += [c for c in out.changes if c[0] == "h5"]
-        for s in out.sends:   # everyone answers; h5 answers its Pings without hearing the rumors
+        for s in out.sends:  # everyone answers; h5 answers its Pings without hearing the rumors
             if s.dst != "h5":
                 net.deliver(type(out)(sends=[s]))
             elif isinstance(s.envelope.msg, Ping):
@@ -375,23 +396,27 @@ def test_unconfirmed_suspicion_waits_the_max_timeout_and_a_refutation_cancels_it
     assert a.suspicion_deadline("h5") == hi
     a.receive(Envelope("h5", "h5", "h0", Gossip(), members=(MemberState("h5", "h5", 1, ALIVE),)), hi - 0.05)
     assert a.status_of("h5") == ALIVE and a.suspicion_deadline("h5") is None
-    assert not [c for c in a.tick(hi).changes if c[0] == "h5"]   # the old deadline passes harmlessly
+    assert not [c for c in a.tick(hi).changes if c[0] == "h5"]  # the old deadline passes harmlessly
 
 
 def test_failed_probes_raise_health_score_and_stretch_the_probe_period():
     """Each failed probe (no helper known to nack) raises the score by one, and the next probe
     period and timeout are scaled by score + 1; a successful probe lowers the score by one."""
-    net = Net(["a", "b", "c", "d", "e", "f"])   # unconfirmed suspicions here last 24 s: nobody dies
+    net = Net(["a", "b", "c", "d", "e", "f"])  # unconfirmed suspicions here last 24 s: nobody dies
     a = net.cores["a"]
     t, starts, scores = 0.0, [], []
     while len(starts) < 5 and t < 20.0:
         before = a._probe
-        a.tick(t)                      # nothing is ever delivered: every probe fails
+        a.tick(t)  # nothing is ever delivered: every probe fails
         if a._probe is not None and a._probe is not before:
             starts.append(a._probe.started)
             scores.append(a.health_score)
-            assert abs(a._probe.deadline - a._probe.started - CFG.probe_interval * (a.health_score + 1)) < 1e-9
-            assert abs(a._probe.timeout_at - a._probe.started - CFG.probe_timeout * (a.health_score + 1)) < 1e-9
+            assert (
+                abs(a._probe.deadline - a._probe.started - CFG.probe_interval * (a.health_score + 1)) < 1e-9
+            )
+            assert (
+                abs(a._probe.timeout_at - a._probe.started - CFG.probe_timeout * (a.health_score + 1)) < 1e-9
+            )
         t = round(t + 0.05, 6)
     assert len(starts) == 5 and scores == [0, 1, 2, 3, 4]
     gaps = [round(b - a_, 6) for a_, b in zip(starts, starts[1:])]
@@ -421,7 +446,7 @@ def test_helper_nacks_when_the_target_is_silent_and_not_when_it_answers():
     assert not of_kind(b.tick(CFG.probe_timeout - 0.01).sends, ProbeNack)
     nacks = of_kind(b.tick(CFG.probe_timeout).sends, ProbeNack)
     assert [(s.dst, s.envelope.msg) for s in nacks] == [("a", ProbeNack(9, "c"))]
-    assert not of_kind(b.tick(CFG.probe_timeout + 0.05).sends, ProbeNack)   # only once
+    assert not of_kind(b.tick(CFG.probe_timeout + 0.05).sends, ProbeNack)  # only once
     # the target answers in time: the Ack is forwarded, no nack
     out = b.receive(Envelope("a", "a", "b", PingReq(10, "c", "c", True)), 5.0)
     ping = of_kind(out.sends, Ping)[0].envelope.msg
@@ -457,13 +482,13 @@ def test_missed_nacks_raise_health_score_and_received_ones_spare_it():
     a = net.cores["a"]
     everyone = {"b", "c", "d", "e"}
     before, after, t = _failed_probe(net, a, set(), 0.0)
-    assert after == before + 1          # nobody known to nack (older helpers, say): counts once
-    for _ in range(3):                  # every helper nacks in time: the score does not move
+    assert after == before + 1  # nobody known to nack (older helpers, say): counts once
+    for _ in range(3):  # every helper nacks in time: the score does not move
         before, after, t = _failed_probe(net, a, everyone, t)
         assert after == before
     assert len(a._nackers) >= CFG.indirect_checks
-    a._nackers = set(everyone)          # as if every helper had nacked us before
-    before, after, t = _failed_probe(net, a, set(), t)   # now none nacks: we are the slow one
+    a._nackers = set(everyone)  # as if every helper had nacked us before
+    before, after, t = _failed_probe(net, a, set(), t)  # now none nacks: we are the slow one
     assert after == min(CFG.awareness_max_multiplier - 1, before + CFG.indirect_checks)
 
 
@@ -486,7 +511,7 @@ def test_buddy_system_ping_to_a_suspect_carries_the_suspicion_and_the_ack_refute
     off = Net(["a", "b"], cfg=GossipConfig(**{**CFG.__dict__, "buddy_system": False}))
     a2 = off.cores["a"]
     a2.receive(_suspect_rumor("b", "x"), 0.0)
-    for _ in range(a2.queue.limit(2)):   # spend the rumor's sends, so only a buddy copy could carry it
+    for _ in range(a2.queue.limit(2)):  # spend the rumor's sends, so only a buddy copy could carry it
         a2.queue.take(10**6, 2)
     assert len(a2.queue) == 0
     t = 0.0
@@ -500,18 +525,27 @@ def test_buddy_system_ping_to_a_suspect_carries_the_suspicion_and_the_ack_refute
 def test_lifeguard_wire_additions_round_trip_and_stay_readable_by_old_decoders():
     """ProbeNack, PingReq's nack flag and a member's accuser survive encoding; an accuser is only
     an optional attribute, and a member without one (an older peer) decodes with none."""
-    env = Envelope("h1", "a:1", "h2", ProbeNack(4, "h3"),
-                   (MemberState("h3", "c:3", 2, SUSPECT, "h1"), MemberState("h4", "d:4", 0, ALIVE)))
+    env = Envelope(
+        "h1",
+        "a:1",
+        "h2",
+        ProbeNack(4, "h3"),
+        (MemberState("h3", "c:3", 2, SUSPECT, "h1"), MemberState("h4", "d:4", 0, ALIVE)),
+    )
     el = encode(env)
     back = decode(etree.fromstring(etree.tostring(el)))
     assert back.msg == ProbeNack(4, "h3") and back.members == env.members
     members = [c for c in el if etree.QName(c).localname == "member"]
     assert members[0].get("by") == "h1" and members[1].get("by") is None
-    req = decode(etree.fromstring(etree.tostring(encode(Envelope("h1", "a:1", "h2", PingReq(5, "h3", "c:3", True))))))
+    req = decode(
+        etree.fromstring(etree.tostring(encode(Envelope("h1", "a:1", "h2", PingReq(5, "h3", "c:3", True)))))
+    )
     assert req.msg == PingReq(5, "h3", "c:3", True)
-    old = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1">'
-                           '<ping-req seq="5" target="h3" target-addr="c:3"/>'
-                           '<member node="h3" addr="c:3" inc="2" status="suspect"/></env>')
+    old = etree.fromstring(
+        '<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1">'
+        '<ping-req seq="5" target="h3" target-addr="c:3"/>'
+        '<member node="h3" addr="c:3" inc="2" status="suspect"/></env>'
+    )
     back = decode(old)
     assert back.msg == PingReq(5, "h3", "c:3", False) and back.members[0].by == ""
 
@@ -556,8 +590,10 @@ def histories(draw):
             states.append(_el("vm", id_, main, pad, status=v))
         else:
             states.append(_el(kind, id_, v, pad))
+
     def own(el, o):
         return any(w[0] == o for w in _writes_of(el))
+
     # origin c is a third host that one of the two has fully synced with (so is complete for)
     c_at = draw(st.sampled_from("ab"))
     at_a = [e for e in states if own(e, "a") or (c_at == "a" and own(e, "c")) or draw(st.booleans())]
@@ -595,8 +631,10 @@ def _dominated(d: Dom, kind, id_, name, v: Version) -> bool:
 def _complete(all_states, d: Dom) -> dict:
     """The ground-truth complete vector of replica ``d``: for each origin, the greatest stamp up to
     which every write of that origin is held (or dominated) there."""
-    writes = sorted({(w[0], w[1], w[2], w[3], w[4]): w for el in all_states for w in _writes_of(el)}.values(),
-                    key=lambda w: (w[0], w[1]))
+    writes = sorted(
+        {(w[0], w[1], w[2], w[3], w[4]): w for el in all_states for w in _writes_of(el)}.values(),
+        key=lambda w: (w[0], w[1]),
+    )
     cvv = {}
     for o in ORIGINS:
         for _origin, stamp, kind, id_, name, v in (w for w in writes if w[0] == o):
@@ -611,7 +649,7 @@ def _round(src: Dom, src_cvv: dict, dst: Dom, dst_cvv: dict, budget: int):
     ents, claims = src.delta(dict(dst_cvv), dict(src_cvv), budget)
     sizes = [len(entity_bytes(e)) for e in ents]
     assert len(ents) <= 1 or sum(sizes) <= budget
-    for o, s in claims.items():   # never more than the sender is complete up to (or the receiver had)
+    for o, s in claims.items():  # never more than the sender is complete up to (or the receiver had)
         assert s <= max(src_cvv.get(o, (-1, -1)), dst_cvv.get(o, (-1, -1)))
     for e in ents:
         dst.merge(e, validate=False)

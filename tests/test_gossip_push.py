@@ -1,5 +1,6 @@
 """Local writes are pushed one round at a time: what is written while a push round is under way
 leaves together in the next one (GossipService._local)."""
+
 from __future__ import annotations
 
 import random
@@ -40,19 +41,30 @@ class _HeldSends:
         return defer.succeed(None)
 
     def pushes_of(self, cluster_id):
-        return [(env, d) for env, d in self.sent if isinstance(env.msg, Gossip)
-                and any(e.get("id") == cluster_id for e in env.entities)]
+        return [
+            (env, d)
+            for env, d in self.sent
+            if isinstance(env.msg, Gossip) and any(e.get("id") == cluster_id for e in env.entities)
+        ]
 
 
 def _service():
     clock = ttask.Clock()
     dom = Dom(HybridClock("host1", lambda: int(clock.seconds() * 1000)))
-    core = GossipCore("host1", "127.0.0.1:1", LOCAL_TEST, random.Random(3), DomPortAdapter(dom),
-                      clock.seconds())
+    core = GossipCore(
+        "host1", "127.0.0.1:1", LOCAL_TEST, random.Random(3), DomPortAdapter(dom), clock.seconds()
+    )
     # three live peers, learnt from a gossip message of one of them
-    core.receive(Envelope("host2", "127.0.0.1:2", "host1", Gossip(),
-                          tuple(MemberState(f"host{i}", f"127.0.0.1:{i}", 0, "alive") for i in (2, 3, 4))),
-                 clock.seconds())
+    core.receive(
+        Envelope(
+            "host2",
+            "127.0.0.1:2",
+            "host1",
+            Gossip(),
+            tuple(MemberState(f"host{i}", f"127.0.0.1:{i}", 0, "alive") for i in (2, 3, 4)),
+        ),
+        clock.seconds(),
+    )
     sends = _HeldSends()
     svc = GossipService(core, _Commits(), sends, clock)
     svc.start()
@@ -67,17 +79,17 @@ def test_writes_during_a_push_round_leave_together_in_the_next():
     svc, dom, sends, clock = _service()
     first = _write(svc, dom, "c1")
     round1 = sends.pushes_of("c1")
-    assert len(round1) == svc.core.cfg.fanout          # pushed at once, to fanout peers
+    assert len(round1) == svc.core.cfg.fanout  # pushed at once, to fanout peers
     acks = []
     for name in ("c2", "c3"):
         _write(svc, dom, name).addCallback(acks.append)
-    assert sends.pushes_of("c2") == [] and sends.pushes_of("c3") == []   # waiting for round 1
+    assert sends.pushes_of("c2") == [] and sends.pushes_of("c3") == []  # waiting for round 1
     for _, d in round1:
         d.callback(True)
     assert first.called and first.result == len(round1)
     round2 = sends.pushes_of("c2")
-    assert len(round2) == svc.core.cfg.fanout and round2 == sends.pushes_of("c3")   # one round
-    assert acks == []                                   # acknowledged once round 2 is answered
+    assert len(round2) == svc.core.cfg.fanout and round2 == sends.pushes_of("c3")  # one round
+    assert acks == []  # acknowledged once round 2 is answered
     for _, d in round2:
         d.callback(True)
     assert acks == [len(round2), len(round2)]
@@ -95,7 +107,7 @@ def test_a_silent_peer_holds_the_next_round_for_push_gap_only():
     _write(svc, dom, "c1")
     round1 = sends.pushes_of("c1")
     for _, d in round1[1:]:
-        d.callback(True)                                # one peer never answers
+        d.callback(True)  # one peer never answers
     waiting = _write(svc, dom, "c2")
     assert sends.pushes_of("c2") == []
     clock.advance(PUSH_GAP_S / 2)
@@ -114,5 +126,6 @@ def test_stopping_releases_the_writes_waiting_for_a_round():
     waiting = _write(svc, dom, "c2")
     svc.stop(leave=False)
     assert waiting.called and waiting.result == 0
-    assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls()
-                                              if c.func == svc._push_slot_free)
+    assert not clock.getDelayedCalls() or all(
+        not c.active() for c in clock.getDelayedCalls() if c.func == svc._push_slot_free
+    )

@@ -3,6 +3,7 @@
 Simulated time only; hypothesis picks seeds, faults and schedules. Bounds are derived from the
 config (probe interval, suspicion timeouts, health multiplier, sync interval), not tuned to pass.
 """
+
 from __future__ import annotations
 
 from hypothesis import example, given, settings
@@ -12,7 +13,7 @@ from vmwebd.dom.records import VClusterRec
 from vmwebd.gossip.core import ALIVE, DEAD, LEFT, LOCAL_TEST, SUSPECT, GossipConfig
 from vmwebd.gossip.sim import Simulation
 
-CFG = LOCAL_TEST   # probe 0.5 s, timeout 0.2 s, suspicion mult 3, gossip 0.1 s, sync 2 s
+CFG = LOCAL_TEST  # probe 0.5 s, timeout 0.2 s, suspicion mult 3, gossip 0.1 s, sync 2 s
 # Small sync messages, so anti-entropy regularly has more to send than one message holds.
 SMALL_SYNC = GossipConfig(**{**CFG.__dict__, "max_sync_bytes": 600})
 
@@ -30,6 +31,7 @@ def record_changes(sim):
     def logged(src, out):
         log.extend((sim.now, src, *ch) for ch in out.changes)
         carry(src, out)
+
     sim._carry = logged
     return log
 
@@ -48,23 +50,37 @@ def crash_bound(cfg, n):
     return (n + 1) * cfg.probe_interval + cfg.suspicion_max_timeout(n) + 20 * cfg.gossip_interval
 
 
-events = st.lists(st.tuples(st.sampled_from(["write", "write", "write", "crash", "restart", "partition",
-                                             "cut", "heal", "run"]),
-                            st.integers(0, 99), st.integers(0, 99), st.floats(0.0, 3.0)),
-                  min_size=1, max_size=25)
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "write", "write", "crash", "restart", "partition", "cut", "heal", "run"]),
+        st.integers(0, 99),
+        st.integers(0, 99),
+        st.floats(0.0, 3.0),
+    ),
+    min_size=1,
+    max_size=25,
+)
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(5, 9), seed=st.integers(0, 2**32), drop=st.floats(0, 0.3), dup=st.floats(0, 0.2),
-       slow=st.floats(0.002, 0.3), small_sync=st.booleans(), schedule=events)
-def test_replicas_converge_after_any_faults_once_healed_and_restarted(n, seed, drop, dup, slow, small_sync,
-                                                                     schedule):
+@given(
+    n=st.integers(5, 9),
+    seed=st.integers(0, 2**32),
+    drop=st.floats(0, 0.3),
+    dup=st.floats(0, 0.2),
+    slow=st.floats(0.002, 0.3),
+    small_sync=st.booleans(),
+    schedule=events,
+)
+def test_replicas_converge_after_any_faults_once_healed_and_restarted(
+    n, seed, drop, dup, slow, small_sync, schedule
+):
     """After writes under drops, duplicates, delays, partitions and crashes, healing and restarting everyone
     brings every replica to the same digest, holding every write, within a bounded time."""
     cfg = SMALL_SYNC if small_sync else CFG
     sim = Simulation(n, seed, cfg, drop=drop, dup=dup, delay=(0.001, slow))
     ids = list(sim.hosts)
-    latest = {}   # cluster id -> version of its last write
+    latest = {}  # cluster id -> version of its last write
     k = 0
     for action, x, y, dt in schedule:
         live = [h.id for h in sim.live()]
@@ -83,10 +99,14 @@ def test_replicas_converge_after_any_faults_once_healed_and_restarted(n, seed, d
             sim.restart(i)
     bound = sync_bound(cfg, n)
     t0 = sim.now
-    done = sim.run(bound, until=lambda: sim.converged() and all(sim.holders("vcluster", c, v) == n
-                                                                 for c, v in latest.items()))
-    assert done, (f"not converged {bound:.0f} s after healing: {len(sim.digests())} digests, "
-                  f"holders {[sim.holders('vcluster', c, v) for c, v in latest.items()]}")
+    done = sim.run(
+        bound,
+        until=lambda: sim.converged() and all(sim.holders("vcluster", c, v) == n for c, v in latest.items()),
+    )
+    assert done, (
+        f"not converged {bound:.0f} s after healing: {len(sim.digests())} digests, "
+        f"holders {[sim.holders('vcluster', c, v) for c, v in latest.items()]}"
+    )
     assert sim.now - t0 <= bound
     assert len(sim.live()) == n
 
@@ -106,8 +126,9 @@ def test_restarted_host_catches_up_on_writes_made_while_it_was_down(n, seed, wri
     sim.run(5)
     sim.restart(victim)
     bound = sync_bound(CFG, n)
-    assert sim.run(bound, until=lambda: all(sim.hosts[victim].dom.version_of("vcluster", f"c{i}")
-                                            for i in range(writes)))
+    assert sim.run(
+        bound, until=lambda: all(sim.hosts[victim].dom.version_of("vcluster", f"c{i}") for i in range(writes))
+    )
     assert sim.run(bound, until=sim.converged)
 
 
@@ -152,9 +173,10 @@ def test_cleanly_stopped_host_is_seen_as_left(n, seed, dup):
     assert sim.run(30, until=lambda: membership_complete(sim))
     gone = f"h{seed % n}"
     sim.stop(gone)
-    assert sim.run(10 * CFG.gossip_interval * n, until=lambda: all(h.core.status_of(gone) == LEFT
-                                                                     for h in sim.live()))
-    sim.run(CFG.suspicion_timeout(n) + 5)   # and it stays left: no one probes or suspects it
+    assert sim.run(
+        10 * CFG.gossip_interval * n, until=lambda: all(h.core.status_of(gone) == LEFT for h in sim.live())
+    )
+    sim.run(CFG.suspicion_timeout(n) + 5)  # and it stays left: no one probes or suspects it
     assert all(h.core.status_of(gone) == LEFT for h in sim.live())
 
 
@@ -173,18 +195,32 @@ def test_partition_heals_and_both_sides_rejoin_and_converge(n, seed, drop, cut):
     # score climbs to the cap, stretching its probe period up to awareness_max_multiplier times,
     # and nobody confirms its suspicions, so they run the longest timeout. Every member is probed
     # within two rounds (the one under way and the next) of n - 1 probes.
-    bound = (2 * (n - 1) * CFG.awareness_max_multiplier * CFG.probe_interval
-             + CFG.suspicion_max_timeout(n) + 5)
-    assert sim.run(bound, until=lambda: all(sim.hosts[a].core.status_of(b) == DEAD
-                                            for a in left for b in right)
-                   and all(sim.hosts[b].core.status_of(a) == DEAD for a in left for b in right))
-    assert sim.run(sync_bound(CFG, n), until=lambda: sim.holders("vcluster", "west") == len(left)
-                   and sim.holders("vcluster", "east") == len(right))
+    bound = 2 * (n - 1) * CFG.awareness_max_multiplier * CFG.probe_interval + CFG.suspicion_max_timeout(n) + 5
+    assert sim.run(
+        bound,
+        until=lambda: (
+            all(sim.hosts[a].core.status_of(b) == DEAD for a in left for b in right)
+            and all(sim.hosts[b].core.status_of(a) == DEAD for a in left for b in right)
+        ),
+    )
+    assert sim.run(
+        sync_bound(CFG, n),
+        until=lambda: (
+            sim.holders("vcluster", "west") == len(left) and sim.holders("vcluster", "east") == len(right)
+        ),
+    )
     sim.heal()
     # every dead_sync_every-th sync goes to a dead host: that, and the refutation it causes, rejoins
     heal_bound = 3 * CFG.dead_sync_every * 1.5 * CFG.sync_interval + sync_bound(CFG, n)
-    assert sim.run(heal_bound, until=lambda: membership_complete(sim) and sim.converged()
-                   and sim.holders("vcluster", "west") == n and sim.holders("vcluster", "east") == n)
+    assert sim.run(
+        heal_bound,
+        until=lambda: (
+            membership_complete(sim)
+            and sim.converged()
+            and sim.holders("vcluster", "west") == n
+            and sim.holders("vcluster", "east") == n
+        ),
+    )
 
 
 @settings(max_examples=5, deadline=None)
@@ -196,7 +232,7 @@ def test_ticking_only_cores_with_work_due_changes_nothing(n, seed, drop, dup):
         sim = Simulation(n, seed, CFG, drop=drop, dup=dup, delay=(0.001, 0.2))
         sim.lazy_ticks = lazy
         log = record_changes(sim)
-        sim.slow("h4", 3 * CFG.probe_interval)   # failed probes, nacks, long suspicions
+        sim.slow("h4", 3 * CFG.probe_interval)  # failed probes, nacks, long suspicions
         sim.run(5)
         sim.write("h1", VClusterRec(id="a", owner="u"))
         sim.crash("h2")
@@ -208,8 +244,9 @@ def test_ticking_only_cores_with_work_due_changes_nothing(n, seed, drop, dup):
         sim.restart("h2")
         sim.stop("h3")
         sim.run(15)
-        runs.append((log, sim.stats, sorted(sim.digests()), sim.now,
-                     [h.core.member_states() for h in sim.live()]))
+        runs.append(
+            (log, sim.stats, sorted(sim.digests()), sim.now, [h.core.member_states() for h in sim.live()])
+        )
     assert runs[0] == runs[1]
 
 
@@ -217,7 +254,7 @@ def test_ticking_only_cores_with_work_due_changes_nothing(n, seed, drop, dup):
 # The slow host reads each message 3 to 6 probe intervals after it arrives, so every Ack to its
 # probes is late; its timers fire on time. Plain SWIM (LOCAL_TEST's timing, Lifeguard off) then
 # lets it suspect every peer it probes and declare them dead before their refutations get through.
-SLOW_LAG = st.floats(3.0, 6.0)   # in probe intervals
+SLOW_LAG = st.floats(3.0, 6.0)  # in probe intervals
 
 
 def with_slow_host(cfg, n, seed, lag_periods):
@@ -246,7 +283,7 @@ def test_without_lifeguard_a_slow_host_declares_healthy_peers_dead(n, seed, lag)
 
 @settings(max_examples=8, deadline=None)
 @given(n=st.integers(5, 9), seed=st.integers(0, 2**32), lag=SLOW_LAG, writes=st.integers(0, 5))
-@example(n=8, seed=834, lag=5.90625, writes=4)   # a suspicion raised by the slow host at the end
+@example(n=8, seed=834, lag=5.90625, writes=4)  # a suspicion raised by the slow host at the end
 def test_with_lifeguard_no_healthy_host_is_ever_declared_dead_because_of_a_slow_host(n, seed, lag, writes):
     """Lifeguard on: over 60 s with a slow host, no host declares any healthy host dead; the slow
     host's health score has risen (it slowed its own probing); the healthy hosts see each other
@@ -266,8 +303,10 @@ def test_with_lifeguard_no_healthy_host_is_ever_declared_dead_because_of_a_slow_
     sim.slow(slow, 0)
     assert sim.run(sync_bound(CFG, n), until=sim.converged)
     # ... and once the slow host is itself again, alive to every healthy host.
-    assert sim.run(sync_bound(CFG, n), until=lambda: all(
-        sim.hosts[a].core.status_of(b) == ALIVE for a in healthy for b in healthy))
+    assert sim.run(
+        sync_bound(CFG, n),
+        until=lambda: all(sim.hosts[a].core.status_of(b) == ALIVE for a in healthy for b in healthy),
+    )
     assert declared_dead(log, healthy) == []
 
 

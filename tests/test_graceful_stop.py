@@ -7,6 +7,7 @@ The test driver carries out a shutdown request at once (the domain is shut off w
 that need such a guest redefine the domain that way through the host's own libvirt connection,
 and time the graceful stop with a ``task.Clock`` given to the reconciler (``stop_clock``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ def ignore_acpi(node, name):
     """Makes domain ``name`` a guest that does not power off when asked: its definition says
     ``<on_poweroff>restart</on_poweroff>``, and it is started again so that its running
     definition says so too (behind the reconciler's back, which is not looking: no pass runs)."""
+
     def redefine(conn):
         dom = conn.lookupByName(name)
         root = etree.fromstring(dom.XMLDesc(0))
@@ -47,6 +49,7 @@ def ignore_acpi(node, name):
         conn.defineXML(etree.tostring(root, encoding="unicode"))
         dom.destroy()
         dom.create()
+
     yield node.driver._run("redefine", name, redefine)
 
 
@@ -58,9 +61,11 @@ def vm_status(node, vm_id):
 
 def stopping(node, vm_id):
     """Fires True once the VM's host reports it stopping (bounded)."""
+
     def seen():
         st = vm_status(node, vm_id)
         return st is not None and st.state == "stopping"
+
     return node.domsvc.wait_for(seen, WAIT)
 
 
@@ -68,6 +73,7 @@ def fault_of(d):
     def failed(f):
         f.trap(ApiFault)
         return f.value
+
     return d.addCallbacks(lambda r: pytest.fail(f"expected a fault, got {r!r}"), failed)
 
 
@@ -83,13 +89,17 @@ def test_stop_asks_the_guest_and_force_powers_off(start_node):
     v = yield h.call("StopVm", "gs", "pc0")
     assert (v["state"], v["desired"], v["detail"] or "") == ("shutoff", "stopped", "")
     assert (yield libvirt_state(node, domain_name("gs/pc0"))) == (
-        libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN)
+        libvirt.VIR_DOMAIN_SHUTOFF,
+        libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN,
+    )
     assert node.domsvc.dom.get(VmRec, "gs/pc0").force is None
 
     v = yield h.call("StopVm", "gs", "pc1", True)
     assert (v["state"], v["detail"]) == ("shutoff", "powered off at once (forced)")
     assert (yield libvirt_state(node, domain_name("gs/pc1"))) == (
-        libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+        libvirt.VIR_DOMAIN_SHUTOFF,
+        libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED,
+    )
     assert node.domsvc.dom.get(VmRec, "gs/pc1").force is True
 
     v = yield h.call("StartVm", "gs", "pc1")
@@ -117,20 +127,24 @@ def test_a_guest_that_ignores_the_request_is_powered_off_after_the_timeout(start
     assert st.state == "stopping" and "after 40 s" in st.detail, st
     assert (yield node.driver.state(name)).state == "running"
 
-    clock.advance(1)          # first look: still running, nothing done
+    clock.advance(1)  # first look: still running, nothing done
     yield rec.idle()
-    clock.advance(20)         # past the retry: asked again (it restarts again), still in time
+    clock.advance(20)  # past the retry: asked again (it restarts again), still in time
     yield rec.idle()
     assert vm_status(node, vm.id).state == "stopping"
     assert (yield node.driver.state(name)).state == "running"
 
-    clock.advance(19)         # 40 s after the request
+    clock.advance(19)  # 40 s after the request
     yield rec.idle()
     st = vm_status(node, vm.id)
-    assert (st.state, st.detail) == ("shutoff", "did not shut down within 40 s of being asked; "
-                                                "powered off"), st
-    assert (yield libvirt_state(node, name)) == (libvirt.VIR_DOMAIN_SHUTOFF,
-                                                 libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED)
+    assert (st.state, st.detail) == (
+        "shutoff",
+        "did not shut down within 40 s of being asked; powered off",
+    ), st
+    assert (yield libvirt_state(node, name)) == (
+        libvirt.VIR_DOMAIN_SHUTOFF,
+        libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED,
+    )
     assert not clock.getDelayedCalls() and not rec._stopping
     # A pass later leaves it off and keeps saying how it went off.
     yield rec.settled()
@@ -170,10 +184,10 @@ def test_scale_down_and_destroy_wait_for_guests_unless_forced(start_node):
         yield ignore_acpi(node, domain_name(f"sd/{n}"))
     clock = rec.stop_clock = task.Clock()
 
-    scaling = node.manager.scale("sd", 3)           # removes pc3, which ignores the request
+    scaling = node.manager.scale("sd", 3)  # removes pc3, which ignores the request
     assert (yield stopping(node, "sd/pc3"))
     assert not scaling.called
-    clock.advance(60)                               # the default stop_timeout_s
+    clock.advance(60)  # the default stop_timeout_s
     yield rec.idle()
     view = yield scaling
     assert [v.name for v in view.vms] == ["pc0", "pc1", "pc2"]
@@ -183,7 +197,7 @@ def test_scale_down_and_destroy_wait_for_guests_unless_forced(start_node):
     assert [v["name"] for v in c["vms"]] == ["pc0", "pc1"]
     assert domain_name("sd/pc2") not in {d.name for d in (yield node.driver.list_domains())}
 
-    destroying = node.manager.destroy("sd")          # pc0 shuts down when asked, pc1 does not
+    destroying = node.manager.destroy("sd")  # pc0 shuts down when asked, pc1 does not
     assert (yield stopping(node, "sd/pc1")) and not destroying.called
     assert (yield h.call("DestroyCluster", "sd", True)) == "destroyed"
     assert (yield destroying) is True
@@ -251,18 +265,27 @@ def test_bad_stops_and_timeouts_are_refused_naming_the_field(start_node):
     dom = node.domsvc.dom
 
     def state():
-        return (dom.get(VmRec, "bad/pc0"), dom.version_of("vm", "bad/pc0"), vm_status(node, "bad/pc0"),
-                dom.all(SettingRec))
+        return (
+            dom.get(VmRec, "bad/pc0"),
+            dom.version_of("vm", "bad/pc0"),
+            vm_status(node, "bad/pc0"),
+            dom.all(SettingRec),
+        )
+
     before = state()
 
     f = yield fault_of(h.call("StopVm", "bad", "pc0", True))
-    assert f.code == "Client.InvalidArgument" and f.message.startswith("force: VM bad/pc0 is not running (it is shutoff)"), f
+    assert f.code == "Client.InvalidArgument" and f.message.startswith(
+        "force: VM bad/pc0 is not running (it is shutoff)"
+    ), f
     f = yield fault_of(h.call("StopVm", "bad", "pc0"))
     assert (f.code, f.message) == ("Client.InvalidArgument", "vm: VM bad/pc0 is already stopped")
-    for value, why in (("-1", "must be between 0 and 3600 seconds"),
-                       ("86400", "must be between 0 and 3600 seconds"),
-                       ("1.5", "must be a whole number of seconds"),
-                       ("soon", "must be a whole number of seconds")):
+    for value, why in (
+        ("-1", "must be between 0 and 3600 seconds"),
+        ("86400", "must be between 0 and 3600 seconds"),
+        ("1.5", "must be a whole number of seconds"),
+        ("soon", "must be a whole number of seconds"),
+    ):
         f = yield fault_of(h.call("SetSetting", "stop_timeout_s", value))
         assert f.code == "Client.InvalidArgument", f
         assert f.message == f"stop_timeout_s: {value!r}: {why}", f
@@ -278,9 +301,14 @@ def test_bad_stops_and_timeouts_are_refused_naming_the_field(start_node):
 def vmweb(node, *args):
     """Runs the ``vmweb`` command line against the node (bounded), as the test admin."""
     return threads.deferToThread(
-        subprocess.run, [sys.executable, "-m", "vmwebd.cli", "--host", node.api_address, *args],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-        env=child_env(VMWEB_USER=ADMIN[0], VMWEB_PASSWORD=ADMIN[1]))
+        subprocess.run,
+        [sys.executable, "-m", "vmwebd.cli", "--host", node.api_address, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=child_env(VMWEB_USER=ADMIN[0], VMWEB_PASSWORD=ADMIN[1]),
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -293,14 +321,17 @@ def test_cli_shows_the_timeout_and_takes_force(start_node):
 
     p = yield vmweb(h.node, "vm", "stop", "cli", "pc0")
     assert p.returncode == 0, p
-    assert p.stderr == ("cli/pc0: asking the guest to shut down; powered off if still running "
-                        "after 60 s (stop_timeout_s; --force: at once)\n")
+    assert p.stderr == (
+        "cli/pc0: asking the guest to shut down; powered off if still running "
+        "after 60 s (stop_timeout_s; --force: at once)\n"
+    )
     assert p.stdout.splitlines()[1].split()[3] == "shutoff"
 
     p = yield vmweb(h.node, "vm", "stop", "--force", "cli", "pc0")
     assert p.returncode == 1, p
     assert p.stderr.splitlines()[-1].startswith(
-        "vmweb: Client.InvalidArgument: force: VM cli/pc0 is not running (it is shutoff)"), p.stderr
+        "vmweb: Client.InvalidArgument: force: VM cli/pc0 is not running (it is shutoff)"
+    ), p.stderr
 
     p = yield vmweb(h.node, "vm", "stop", "cli", "pc1", "--force")
     assert p.returncode == 0 and p.stderr == "cli/pc1: powering off at once (--force)\n", p

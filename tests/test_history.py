@@ -2,6 +2,7 @@
 the wire form and its checks, the peer endpoint's rule; then on in-process nodes over HTTP:
 ``/history.json`` (any logged-in user, as the host view) and a host's page at another host
 showing that host's samples, asked of it over the peers' mutual TLS."""
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ def s(t, load=0.5, mem=1000, vms=1) -> Sample:
 
 # -- the ring ----------------------------------------------------------------------------------------
 
+
 def test_the_default_ring_keeps_six_hours_at_one_sample_every_30_s():
     """720 samples 30 s apart: six hours."""
     assert CAPACITY * INTERVAL_SECONDS == 6 * 3600
@@ -71,6 +73,7 @@ def test_a_ring_holds_at_least_one_sample():
 
 # -- the sampler --------------------------------------------------------------------------------------
 
+
 def test_the_sampler_takes_one_sample_at_start_and_one_every_interval():
     """On a task.Clock: a sample at start, then one each 30 s, none in between; stop ends it."""
     clock = task.Clock()
@@ -81,6 +84,7 @@ def test_the_sampler_takes_one_sample_at_start_and_one_every_interval():
     def probe():
         asked.append(clock.seconds())
         return defer.succeed(s(int(clock.seconds()), vms=len(asked)))
+
     sampler = Sampler(ring, clock, probe, interval=30)
     sampler.start()
     assert [x.t for x in ring.samples()] == [1_000_000]
@@ -106,6 +110,7 @@ def test_a_slow_probe_makes_ticks_skip_instead_of_piling_up():
     def probe():
         pending.append(defer.Deferred())
         return pending[-1]
+
     sampler = Sampler(ring, clock, probe, interval=30)
     sampler.start()
     clock.pump([30, 30, 30])
@@ -128,6 +133,7 @@ def test_a_failing_probe_loses_one_sample_and_the_sampler_goes_on():
         if len(calls) == 1:
             return defer.fail(RuntimeError("hypervisor gone"))
         return defer.succeed(s(int(clock.seconds())))
+
     sampler = Sampler(ring, clock, probe, interval=30)
     sampler.start()
     assert len(ring) == 0
@@ -137,6 +143,7 @@ def test_a_failing_probe_loses_one_sample_and_the_sampler_goes_on():
 
 
 # -- the wire form --------------------------------------------------------------------------------------
+
 
 def test_the_wire_form_round_trips():
     """to_json then from_json gives the same samples, in order."""
@@ -150,15 +157,18 @@ def test_the_wire_form_round_trips():
     assert from_json(body, "host1") == ring.samples()
 
 
-@pytest.mark.parametrize("doc, words", [
-    ({"host": "host2", "samples": []}, "not about host host1"),
-    ({"host": "host1"}, "no list of samples"),
-    ({"host": "host1", "samples": [[1, 0.1, 2, 3]] * 4}, "too many"),
-    ({"host": "host1", "samples": [[1, 0.1, 2]]}, "malformed sample"),
-    ({"host": "host1", "samples": [[1, "0.1", 2, 3]]}, "malformed sample"),
-    ({"host": "host1", "samples": [[1, True, 2, 3]]}, "malformed sample"),
-    ({"host": "host1", "samples": [[2, 0.1, 2, 3], [1, 0.1, 2, 3]]}, "out of time order"),
-])
+@pytest.mark.parametrize(
+    "doc, words",
+    [
+        ({"host": "host2", "samples": []}, "not about host host1"),
+        ({"host": "host1"}, "no list of samples"),
+        ({"host": "host1", "samples": [[1, 0.1, 2, 3]] * 4}, "too many"),
+        ({"host": "host1", "samples": [[1, 0.1, 2]]}, "malformed sample"),
+        ({"host": "host1", "samples": [[1, "0.1", 2, 3]]}, "malformed sample"),
+        ({"host": "host1", "samples": [[1, True, 2, 3]]}, "malformed sample"),
+        ({"host": "host1", "samples": [[2, 0.1, 2, 3], [1, 0.1, 2, 3]]}, "out of time order"),
+    ],
+)
 def test_a_malformed_answer_is_refused_saying_why(doc, words):
     """Another host's answer is checked: the host named, the count, each sample's form, time order."""
     with pytest.raises(HistoryUnavailable) as e:
@@ -175,6 +185,7 @@ def test_not_json_is_refused():
 
 
 # -- the peer endpoint -------------------------------------------------------------------------------------
+
 
 def test_the_peer_endpoint_answers_grid_hosts_only():
     """``/history`` on the peer port: 403 without a grid host's certificate, the JSON with one."""
@@ -197,9 +208,11 @@ def test_the_peer_endpoint_answers_grid_hosts_only():
 
 # -- on nodes ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def two_hosts(start_node, tmp_path):
     """host1 and host2 in one grid (certificates from one CA, host2 seeded with host1)."""
+
     @pytest_twisted.inlineCallbacks
     def start():
         ca = tmp_path / "ca"
@@ -209,11 +222,16 @@ def two_hosts(start_node, tmp_path):
             certs[host] = tmp_path / f"{host}-pki"
             pki.issue_host_cert(ca, host, certs[host], ["127.0.0.1"])
         a = yield start_node("host1", extra=f'<peers cert-dir="{certs["host1"]}" timing="local"/>')
-        b = yield start_node("host2", extra=f'<peers cert-dir="{certs["host2"]}" timing="local" '
-                                            f'seeds="{a.node.peer_address}"/>')
-        yield b.node.domsvc.wait_for(lambda: b.node.domsvc.dom.get(HostRec, "host1") is not None
-                                     and b.node.peer_address_of("host1"), 30)
+        b = yield start_node(
+            "host2",
+            extra=f'<peers cert-dir="{certs["host2"]}" timing="local" seeds="{a.node.peer_address}"/>',
+        )
+        yield b.node.domsvc.wait_for(
+            lambda: b.node.domsvc.dom.get(HostRec, "host1") is not None and b.node.peer_address_of("host1"),
+            30,
+        )
         return a, b
+
     return start
 
 
@@ -262,6 +280,7 @@ def test_history_json_needs_a_login_and_serves_any_user(start_node):
         assert r.status_code == 404 and "no host 'host9'" in r.json()["error"]
         r = b.s.get(base + "/history.json", timeout=10)
         assert r.status_code == 404
+
     yield threads.deferToThread(story)
 
 
@@ -292,6 +311,7 @@ def test_a_page_at_another_host_shows_this_hosts_samples(two_hosts):
         # The peer endpoint itself takes no one without a grid certificate.
         with pytest.raises(requests.exceptions.RequestException):
             requests.get(f"https://{a.node.peer_address}/history", verify=False, timeout=10)
+
     yield threads.deferToThread(story)
 
 
@@ -313,12 +333,14 @@ def test_a_host_that_cannot_be_asked_leaves_the_charts_empty_saying_why(start_no
         assert r.status_code == 502 and "runs without peers" in r.json()["error"]
         page = br.s.get(br.base + "/host/nope%3Cb%3E", timeout=10)
         assert page.status_code == 404 and "&#x27;nope&lt;b&gt;&#x27;" in page.text
+
     yield threads.deferToThread(story)
 
 
 def test_escaping_of_host_names_in_the_chart_page():
     """A host id with markup in it is text on the page (the builder escapes it)."""
     from vmwebd.web.charts import svg_chart
+
     svg = svg_chart([1, 2], [0.5, 1.0], 4.0, "", "<b>x</b>")
     assert "<b>" not in svg and "&lt;b&gt;" in svg
     assert re.search(r'<polyline points="[0-9., ]+"', svg)

@@ -50,15 +50,21 @@ def driver(host_uri, opened):
         opened.append(conn)
         return conn
 
-    d = LibvirtDriver(host_uri, reactor=reactor, open_connection=open_connection,
-                      host_probe=lambda: (0.25, 1_000_000))
+    d = LibvirtDriver(
+        host_uri, reactor=reactor, open_connection=open_connection, host_probe=lambda: (0.25, 1_000_000)
+    )
     yield d
     pytest_twisted.blockon(d.close())
 
 
 def spec(name="vmweb-c1-node0", **kw):
-    fields = dict(vcpus=1, memory_mib=128, disk_path=f"/var/lib/vmweb/{name}.qcow2",
-                  network="vmweb-c1", mac="52:54:00:00:00:01")
+    fields = dict(
+        vcpus=1,
+        memory_mib=128,
+        disk_path=f"/var/lib/vmweb/{name}.qcow2",
+        network="vmweb-c1",
+        mac="52:54:00:00:00:01",
+    )
     fields.update(kw)
     return DomainSpec(name=name, **fields)
 
@@ -127,9 +133,16 @@ def test_start_resumes_a_paused_domain(driver, opened):
 def test_domain_xml_and_metadata_round_trip(driver, opened):
     """The defined domain is type qemu with our disk, NIC and metadata, escaped intact."""
     meta = {"cluster": "c1", "odd": "<a href='x'>&amp;</a>"}
-    yield driver.define(spec(ip="10.1.0.5", kernel="/boot/vmlinuz", initrd="/boot/initrd",
-                             cmdline="console=ttyS0 guestip=10.1.0.5 x=<&>",
-                             serial_log="/tmp/vmweb-serial.log", metadata=meta))
+    yield driver.define(
+        spec(
+            ip="10.1.0.5",
+            kernel="/boot/vmlinuz",
+            initrd="/boot/initrd",
+            cmdline="console=ttyS0 guestip=10.1.0.5 x=<&>",
+            serial_log="/tmp/vmweb-serial.log",
+            metadata=meta,
+        )
+    )
     assert (yield driver.get_metadata("vmweb-c1-node0")) == {**meta, "ip": "10.1.0.5"}
     xml = opened[0].lookupByName("vmweb-c1-node0").XMLDesc(0)
     assert "type='qemu'" in xml
@@ -146,8 +159,9 @@ def test_metadata_of_domain_defined_elsewhere_is_empty(driver, opened):
     """A domain defined without our metadata reports an empty dict, not an error."""
     opened_conn = yield driver.list_domains()  # opens the connection
     assert opened_conn == []
-    opened[0].defineXML("<domain type='test'><name>foreign</name><memory>65536</memory>"
-                        "<os><type>hvm</type></os></domain>")
+    opened[0].defineXML(
+        "<domain type='test'><name>foreign</name><memory>65536</memory><os><type>hvm</type></os></domain>"
+    )
     assert (yield driver.get_metadata("foreign")) == {}
 
 
@@ -233,8 +247,9 @@ def test_network_define_and_destroy(driver, opened):
 def test_host_facts_match_node_file(driver):
     """host_facts reports the node file's CPUs and memory, and free memory shrinks as VMs run."""
     facts = yield driver.host_facts()
-    assert facts == HostFacts(cpus=3, memory_mib=4096, free_memory_mib=4096, load1=0.25,
-                              hostname=facts.hostname)
+    assert facts == HostFacts(
+        cpus=3, memory_mib=4096, free_memory_mib=4096, load1=0.25, hostname=facts.hostname
+    )
     yield driver.define(spec(memory_mib=1024))
     yield driver.start("vmweb-c1-node0")
     assert (yield driver.host_facts()).free_memory_mib == 3072

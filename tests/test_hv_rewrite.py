@@ -1,5 +1,6 @@
 """Names of vmweb's libvirt objects and the domain XML rewritten for a migration's destination
 (vmwebd/hv/naming.py, vmwebd/hv/xmlrewrite.py: text in, text out)."""
+
 from lxml import etree
 
 from vmwebd.hv.naming import PREFIX, domain_name, network_name, seed_name, volume_name
@@ -21,9 +22,14 @@ PTY_DOMAIN = """<domain type='qemu'><name>vmweb-lab-n1</name><devices>
 
 def _sources(xml):
     root = etree.fromstring(xml.encode())
-    return ([d.find("source").get("file") for d in root.iterfind("devices/disk")],
-            [s.find("source").get("path") for s in root.iterfind("devices/*")
-             if s.tag in ("serial", "console") and s.find("source") is not None])
+    return (
+        [d.find("source").get("file") for d in root.iterfind("devices/disk")],
+        [
+            s.find("source").get("path")
+            for s in root.iterfind("devices/*")
+            if s.tag in ("serial", "console") and s.find("source") is not None
+        ],
+    )
 
 
 def test_names_of_a_vms_libvirt_objects():

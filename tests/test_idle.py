@@ -1,5 +1,6 @@
 """A host at rest writes nothing: its heartbeat rewrites its record only when something in it
 moved on in substance (or the refresh time passed), so a grid at rest spreads no rumors."""
+
 import pytest_twisted
 
 from vmwebd.dom.gc import parse_cvv

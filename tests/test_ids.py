@@ -1,4 +1,5 @@
 """The one host-id rule (vmwebd.ids) and the places that must agree with it."""
+
 from __future__ import annotations
 
 import re

@@ -1,4 +1,5 @@
 """Importing a base image into the content store: whole under its content name, or nothing."""
+
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,6 @@
 """Logs under systemd: journal entries with priorities and fields (native protocol, or
 ``<N>``-prefixed lines), text lines elsewhere, and a clean stop that logs no error."""
+
 from __future__ import annotations
 
 import io
@@ -39,9 +40,9 @@ def parse_entry(data: bytes) -> dict[str, str]:
             out[k.decode()] = v.decode()
             i = nl + 1
         else:
-            (n,) = struct.unpack("<Q", data[nl + 1:nl + 9])
-            out[line.decode()] = data[nl + 9:nl + 9 + n].decode()
-            assert data[nl + 9 + n:nl + 10 + n] == b"\n"
+            (n,) = struct.unpack("<Q", data[nl + 1 : nl + 9])
+            out[line.decode()] = data[nl + 9 : nl + 9 + n].decode()
+            assert data[nl + 9 + n : nl + 10 + n] == b"\n"
             i = nl + 10 + n
     return out
 
@@ -62,28 +63,44 @@ def events_of(fn) -> list[dict]:
 
 # -- the mapping -----------------------------------------------------------------------------------
 
+
 def test_levels_become_syslog_priorities():
     """critical 2, error 3, warn 4, info 6, debug 7."""
-    evs = events_of(lambda log: [getattr(log, lvl)("x") for lvl in
-                                 ("critical", "error", "warn", "info", "debug")])
+    evs = events_of(
+        lambda log: [getattr(log, lvl)("x") for lvl in ("critical", "error", "warn", "info", "debug")]
+    )
     assert [logs.priority_of(e) for e in evs] == [2, 3, 4, 6, 7]
 
 
 def test_format_keys_become_fields():
     """The keys an event carries (host, cluster, vm, user or by, request_id, faultcode) become
     HOST, CLUSTER, VM, USER, REQUEST_ID, FAULTCODE; absent or empty ones are left out."""
-    (e,) = events_of(lambda log: log.info(
-        "audit {request_id}: {user} {op} {object}: {faultcode}", request_id="h1/17.0",
-        user="alice", op="StopVm", object="vm/c1/web-0", faultcode="Client.NotAuthorized",
-        host="h1", cluster="c1", vm="c1/web-0"))
+    (e,) = events_of(
+        lambda log: log.info(
+            "audit {request_id}: {user} {op} {object}: {faultcode}",
+            request_id="h1/17.0",
+            user="alice",
+            op="StopVm",
+            object="vm/c1/web-0",
+            faultcode="Client.NotAuthorized",
+            host="h1",
+            cluster="c1",
+            vm="c1/web-0",
+        )
+    )
     f = logs.fields_of(e)
     assert f["MESSAGE"] == "audit h1/17.0: alice StopVm vm/c1/web-0: Client.NotAuthorized"
-    assert (f["PRIORITY"], f["HOST"], f["CLUSTER"], f["VM"], f["USER"], f["REQUEST_ID"],
-            f["FAULTCODE"]) == ("6", "h1", "c1", "c1/web-0", "alice", "h1/17.0",
-                                "Client.NotAuthorized")
+    assert (f["PRIORITY"], f["HOST"], f["CLUSTER"], f["VM"], f["USER"], f["REQUEST_ID"], f["FAULTCODE"]) == (
+        "6",
+        "h1",
+        "c1",
+        "c1/web-0",
+        "alice",
+        "h1/17.0",
+        "Client.NotAuthorized",
+    )
     assert f["LOG_NAMESPACE"] == "vmwebd.test" and f["SYSLOG_IDENTIFIER"] == "vmwebd"
-    (e,) = events_of(lambda log: log.info("user {name} deleted by {by}", name="bob", by="root",
-                                          cluster=""))
+    (e,) = events_of(lambda log: log.info("user {name} deleted by {by}", name="bob", by="root", cluster=""))
     f = logs.fields_of(e)
     assert f["USER"] == "root" and "CLUSTER" not in f and "HOST" not in f
 
@@ -102,6 +119,7 @@ def _failure_event(log):
 
 
 # -- the observer ----------------------------------------------------------------------------------
+
 
 def test_observer_sends_one_datagram_per_event_to_the_journal_socket(tmp_path):
     """With journald's socket there, each event is one datagram with its fields, a traceback in
@@ -157,6 +175,7 @@ def test_auto_picks_the_journal_only_when_it_reads_our_output(tmp_path):
 
 # -- a real daemon ---------------------------------------------------------------------------------
 
+
 class JournalSocket:
     """A datagram socket playing journald's native socket, read by a thread until closed."""
 
@@ -193,12 +212,28 @@ def run_daemon(tmp_path, journal_socket: str):
     notify = NotifySocket(tmp_path)
     with open(log_path, "wb") as log:
         st = os.fstat(log.fileno())
-        env = child_env(NOTIFY_SOCKET=notify.path, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}",
-                        INVOCATION_ID="0123456789abcdef")
-        proc = subprocess.Popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(config),
-                                 "--no-fsync", "--journal-socket", journal_socket],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                env=env, cwd=REPO)
+        env = child_env(
+            NOTIFY_SOCKET=notify.path,
+            JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}",
+            INVOCATION_ID="0123456789abcdef",
+        )
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vmwebd.daemon",
+                "--config",
+                str(config),
+                "--no-fsync",
+                "--journal-socket",
+                journal_socket,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env=env,
+            cwd=REPO,
+        )
     try:
         notify.wait_for("READY", "1", alive=lambda: proc.poll() is None)
     except BaseException:
@@ -239,16 +274,21 @@ def test_daemon_under_systemd_sends_entries_with_fields_and_stops_cleanly(tmp_pa
     entries = journal.entries
     assert entries, log_path.read_text()
     assert all(e["SYSLOG_IDENTIFIER"] == "vmwebd" and e["PRIORITY"] in "234567" for e in entries)
-    bad = [e["MESSAGE"] for e in entries if int(e["PRIORITY"]) <= 3 or "Traceback" in e["MESSAGE"]
-           or "driver is closed" in e["MESSAGE"]]
+    bad = [
+        e["MESSAGE"]
+        for e in entries
+        if int(e["PRIORITY"]) <= 3 or "Traceback" in e["MESSAGE"] or "driver is closed" in e["MESSAGE"]
+    ]
     assert bad == []
-    refused = [e for e in entries if e.get("FAULTCODE") == "Client.NotAuthorized"
-               and e.get("LOG_NAMESPACE") == "vmwebd.audit"]
+    refused = [
+        e
+        for e in entries
+        if e.get("FAULTCODE") == "Client.NotAuthorized" and e.get("LOG_NAMESPACE") == "vmwebd.audit"
+    ]
     assert len(refused) == 1
     assert refused[0]["USER"] == "alice" and refused[0]["REQUEST_ID"].startswith("host1/")
     assert refused[0]["PRIORITY"] == "6"
-    created = [e for e in entries if e.get("LOG_NAMESPACE") == "vmwebd.audit"
-               and e.get("CLUSTER") == "c1"]
+    created = [e for e in entries if e.get("LOG_NAMESPACE") == "vmwebd.audit" and e.get("CLUSTER") == "c1"]
     assert [e["USER"] for e in created] == [ADMIN[0]]
     assert any(e["MESSAGE"].startswith("Received SIGTERM") for e in entries)
     # Everything went to the socket: the stream holds nothing but what bypasses the logger.
@@ -267,5 +307,7 @@ def test_daemon_without_journal_socket_prefixes_every_line_and_stops_cleanly(tmp
     lines = log_path.read_text(errors="replace").splitlines()
     assert lines and all(line[:3] in ("<2>", "<3>", "<4>", "<6>", "<7>") for line in lines), lines
     assert [line for line in lines if line[:3] in ("<2>", "<3>") or "Traceback" in line] == []
-    assert any(line.startswith("<6>audit ") and "alice SetQuota user/alice: Client.NotAuthorized"
-               in line for line in lines)
+    assert any(
+        line.startswith("<6>audit ") and "alice SetQuota user/alice: Client.NotAuthorized" in line
+        for line in lines
+    )

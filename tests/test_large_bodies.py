@@ -5,6 +5,7 @@ temporary file; both must reach the service intact, on a user-style endpoint and
 endpoint (mutual TLS, as the daemon serves it). Servers run on loopback ports on the real reactor;
 blocking clients run in the reactor's thread pool.
 """
+
 from __future__ import annotations
 
 import gc
@@ -20,6 +21,7 @@ from lxml import etree
 
 # isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+
 # isort: on
 from spyne import Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
@@ -42,7 +44,7 @@ from vmwebd.gossip.service import PeerClient, soap_body
 
 TNS = "urn:vmweb:test:bodies:1"
 LIMIT = 256 * 1024
-TWISTED_MEMORY_LIMIT = 100_000   # twisted.web.http.Request.gotLength: a tempfile from here on
+TWISTED_MEMORY_LIMIT = 100_000  # twisted.web.http.Request.gotLength: a tempfile from here on
 SIZES = [TWISTED_MEMORY_LIMIT - 1, TWISTED_MEMORY_LIMIT, TWISTED_MEMORY_LIMIT + 1, 101_000, LIMIT]
 
 
@@ -74,7 +76,7 @@ class BodyService(Service):
         _Held.calls.append((ctx.transport.req, d))
         if _Held.arrived is not None:
             arrived, _Held.arrived = _Held.arrived, None
-            reactor.callLater(0, arrived.callback, None)   # once spyne holds the Deferred
+            reactor.callLater(0, arrived.callback, None)  # once spyne holds the Deferred
         return d
 
 
@@ -94,9 +96,13 @@ def twisted_errors():
     events = []
 
     def observe(event):
-        if "log_failure" in event or event.get("isError") or event.get("log_level") in (
-                LogLevel.error, LogLevel.critical):
+        if (
+            "log_failure" in event
+            or event.get("isError")
+            or event.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ):
             events.append(event)
+
     globalLogPublisher.addObserver(observe)
     yield events
     globalLogPublisher.removeObserver(observe)
@@ -112,8 +118,9 @@ def describe(events) -> list[str]:
 
 def envelope_of_size(size: int, op: str) -> tuple[bytes, str]:
     """A SOAP call of ``op(text)`` exactly ``size`` bytes long, and the text it carries."""
-    head = (f'<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}"><soapenv:Body>'
-            f"<t:{op}><t:text>").encode()
+    head = (
+        f'<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}"><soapenv:Body><t:{op}><t:text>'
+    ).encode()
     tail = f"</t:text></t:{op}></soapenv:Body></soapenv:Envelope>".encode()
     n = size - len(head) - len(tail)
     text = ("0123456789abcdef" * (n // 16 + 1))[:n]
@@ -127,8 +134,9 @@ def _http_post(port: int, body: bytes, chunked: bool) -> tuple[int, bytes]:
     try:
         headers = {"Content-Type": "text/xml; charset=utf-8", "SOAPAction": '""'}
         if chunked:
-            conn.request("POST", "/soap", body=iter([body[:4096], body[4096:]]), headers=headers,
-                         encode_chunked=True)
+            conn.request(
+                "POST", "/soap", body=iter([body[:4096], body[4096:]]), headers=headers, encode_chunked=True
+            )
         else:
             conn.request("POST", "/soap", body=body, headers=headers)
         response = conn.getresponse()
@@ -152,6 +160,7 @@ def fault_of(answer: bytes) -> tuple[str, str]:
 
 
 # -- a user-style service -----------------------------------------------------------------------
+
 
 @pytest_twisted.inlineCallbacks
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
@@ -182,8 +191,9 @@ def test_one_byte_over_the_limit_is_refused(server, chunked):
 
 
 def _zeep_digest(port: int, text: str) -> str:
-    client = zeep.Client(f"http://127.0.0.1:{port}/soap?wsdl",
-                         transport=zeep.Transport(timeout=30, operation_timeout=30))
+    client = zeep.Client(
+        f"http://127.0.0.1:{port}/soap?wsdl", transport=zeep.Transport(timeout=30, operation_timeout=30)
+    )
     try:
         return client.service.Digest(text)
     finally:
@@ -193,7 +203,7 @@ def _zeep_digest(port: int, text: str) -> str:
 @pytest_twisted.inlineCallbacks
 def test_a_101000_byte_call_through_zeep(server):
     """The call users reported (about 101,000 bytes, sent by zeep) gets its answer."""
-    text = "é" * 50_500   # two bytes each in UTF-8
+    text = "é" * 50_500  # two bytes each in UTF-8
     assert (yield threads.deferToThread(_zeep_digest, server, text)) == digest(text)
 
 
@@ -209,6 +219,7 @@ def test_real_user_endpoint_parses_a_large_call(start_node):
 
 # -- answers leave nothing behind ---------------------------------------------------------------
 
+
 @pytest_twisted.inlineCallbacks
 def test_normal_calls_log_no_errors(server, twisted_errors):
     """Ordinary calls, small and large, plain and Deferred, log no error (in particular no
@@ -218,15 +229,19 @@ def test_normal_calls_log_no_errors(server, twisted_errors):
             body, text = envelope_of_size(size, op)
             status, answer = yield http_post(server, body)
             assert (status, result_of(answer, op)) == (200, digest(text))
-    gc.collect()   # an unhandled failure in a Deferred is only logged once it is collected
+    gc.collect()  # an unhandled failure in a Deferred is only logged once it is collected
     assert describe(twisted_errors) == []
 
 
 def _hold_request() -> bytes:
-    body = (f'<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}">'
-            f"<soapenv:Body><t:Hold/></soapenv:Body></soapenv:Envelope>").encode()
-    return (b"POST /soap HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\nConnection: close\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    body = (
+        f'<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}">'
+        f"<soapenv:Body><t:Hold/></soapenv:Body></soapenv:Envelope>"
+    ).encode()
+    return (
+        b"POST /soap HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    ) + body
 
 
 class _Collect(Protocol):
@@ -250,11 +265,11 @@ def test_an_answer_is_written_at_once(server):
     client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server), _Collect())
     client.transport.write(_hold_request())
     yield _Held.arrived
-    (request, held), = _Held.calls
+    ((request, held),) = _Held.calls
     held.callback("answer")
     assert request.finished and request.producer is None, client.data
     assert request.responseHeaders.getRawHeaders(b"content-length") is not None
-    yield client.lost   # the server closes: the call asked for Connection: close
+    yield client.lost  # the server closes: the call asked for Connection: close
     assert client.data.startswith(b"HTTP/1.1 200 ") and b"answer" in client.data
 
 
@@ -267,7 +282,7 @@ def test_a_client_leaving_before_its_answer_leaves_no_errors(server, twisted_err
     client = yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server), _Collect())
     client.transport.write(_hold_request())
     yield _Held.arrived
-    (request, held), = _Held.calls
+    ((request, held),) = _Held.calls
     gone = request.notifyFinish()
     client.transport.abortConnection()
     yield gone.addErrback(lambda _: None)
@@ -281,6 +296,7 @@ def test_a_client_leaving_before_its_answer_leaves_no_errors(server, twisted_err
 
 
 # -- the peer endpoint, over mutual TLS ---------------------------------------------------------
+
 
 class _RecordingGossip:
     def __init__(self):
@@ -304,23 +320,26 @@ def peer_creds(tmp_path_factory):
 def peer(peer_creds):
     gossip = _RecordingGossip()
     root = Resource()
-    root.putChild(b"peer", build_peer_api(gossip, LIMIT, require_identity=True,
-                                          identity_of=tls.peer_host_id))
+    root.putChild(b"peer", build_peer_api(gossip, LIMIT, require_identity=True, identity_of=tls.peer_host_id))
     port = tls.listen_tls(reactor, 0, Site(root), peer_creds["host1"], "127.0.0.1")
     yield gossip, port.getHost().port
     port.stopListening()
 
 
 def _members(n: int) -> tuple[MemberState, ...]:
-    return tuple(MemberState(f"member{i}", f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8570",
-                             i, "alive") for i in range(n))
+    return tuple(
+        MemberState(f"member{i}", f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8570", i, "alive")
+        for i in range(n)
+    )
 
 
 def deliver_of_size(size: int) -> tuple[bytes, int]:
     """A Deliver call of exactly ``size`` bytes: an envelope with as many member rumors as fit,
     then XML whitespace after the SOAP envelope; returns it and the number of rumors."""
+
     def body(n):
         return soap_body(encode(Envelope("host2", "127.0.0.1:1", "host1", Gossip(), _members(n))))
+
     per_member = (len(body(200)) - len(body(100))) / 100
     n = int((size - len(body(0))) / per_member)
     while len(body(n)) > size:
@@ -331,9 +350,12 @@ def deliver_of_size(size: int) -> tuple[bytes, int]:
 
 def post_peer(creds, port: int, body: bytes) -> defer.Deferred:
     agent = Agent(reactor, contextFactory=tls.client_policy(creds))
-    d = agent.request(b"POST", f"https://127.0.0.1:{port}/peer".encode(),
-                      Headers({b"Content-Type": [b"text/xml; charset=utf-8"]}),
-                      FileBodyProducer(BytesIO(body)))
+    d = agent.request(
+        b"POST",
+        f"https://127.0.0.1:{port}/peer".encode(),
+        Headers({b"Content-Type": [b"text/xml; charset=utf-8"]}),
+        FileBodyProducer(BytesIO(body)),
+    )
     return d.addCallback(lambda r: readBody(r).addCallback(lambda b: (r.code, b)))
 
 
@@ -348,7 +370,7 @@ def test_peer_deliver_up_to_the_limit(peer, peer_creds, twisted_errors, size):
     code, answer = yield post_peer(peer_creds["host2"], port, body)
     assert code == 200, answer[:300]
     assert result_of(answer, "Deliver", PEER_NS) == "ok"
-    env, = gossip.received
+    (env,) = gossip.received
     assert env.src == "host2" and len(env.members) == n
     assert env.members[-1].node == f"member{n - 1}"
     assert describe(twisted_errors) == []

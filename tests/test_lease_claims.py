@@ -1,6 +1,7 @@
 """A lease record carries its deciding ballot as version: stamped when the Paxos round began,
 written when it ended. Anti-entropy must still bring it to a peer that missed the Commit, although
 the proposer wrote later things meanwhile and the peer synced in between."""
+
 from vmwebd.dom.document import Dom
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.records import LeaseRec, SettingRec
@@ -24,18 +25,22 @@ def scenario(hold: bool) -> bool:
     a = Dom(HybridClock("a", lambda: now[0]))
     b = Dom(HybridClock("b", lambda: now[0]))
     open_ballots = []
-    port_a = DomPortAdapter(a, validate=False, me="a",
-                            floor=(lambda: min(open_ballots) if open_ballots else None) if hold else None)
+    port_a = DomPortAdapter(
+        a,
+        validate=False,
+        me="a",
+        floor=(lambda: min(open_ballots) if open_ballots else None) if hold else None,
+    )
     port_b = DomPortAdapter(b, validate=False, me="b")
     cvv_a, cvv_b = {}, {}
 
     a.put(SettingRec(id="placement", value="spread"))
-    ballot = a.clock.tick()                 # a Paxos round starts at host a
+    ballot = a.clock.tick()  # a Paxos round starts at host a
     open_ballots.append(ballot)
     now[0] += 5
-    a.put(SettingRec(id="cpu_overcommit", value="2.0"))   # a writes on meanwhile
+    a.put(SettingRec(id="cpu_overcommit", value="2.0"))  # a writes on meanwhile
     cvv_a["a"] = a.clock.reading()
-    sync(port_a, cvv_a, port_b, cvv_b)      # b catches up with a, in the middle of the round
+    sync(port_a, cvv_a, port_b, cvv_b)  # b catches up with a, in the middle of the round
 
     # The round ends: a records the decided lease; b never got the Commit message.
     a.put(LeaseRec(id="ip/lab/10.77.1.5", holder="vm:c1/n0#t", granted_at=ballot.wall_ms), version=ballot)

@@ -1,5 +1,6 @@
 """One proposer for the grid: operations forwarded to it, answered with their Outcome, and run
 here after all when it does not answer."""
+
 from __future__ import annotations
 
 import pytest_twisted
@@ -19,19 +20,35 @@ def round_trip(msg):
 def test_forward_and_outcome_travel_whole():
     """A forwarded operation keeps its compare-and-set pairs and its updates (entries, limit),
     and every kind of outcome comes back as it was."""
-    cap = SetUpdate(frozenset({Entry("c/a", "t1", 2, 1024)}), frozenset({Entry("c/b", "t2", 1, 512)}),
-                    True, (32.0, 16384), "host1")
+    cap = SetUpdate(
+        frozenset({Entry("c/a", "t1", 2, 1024)}),
+        frozenset({Entry("c/b", "t2", 1, 512)}),
+        True,
+        (32.0, 16384),
+        "host1",
+    )
     quota = SetUpdate(frozenset({Entry("c/a", "t1")}), frozenset(), False, 16, "alice")
     free = SetUpdate(frozenset(), frozenset({Entry("c/z", "t", 1, 1)}), True, None, "host2")
-    cas = {"ip/lab/10.0.0.5": (None, "vm:c/a#t"), "mac/52:54:00:00:00:01": ("vm:c/b#t", None),
-           "cap/host1": (cap, None), "quota/alice": (quota, None), "cap/host2": (free, None)}
+    cas = {
+        "ip/lab/10.0.0.5": (None, "vm:c/a#t"),
+        "mac/52:54:00:00:00:01": ("vm:c/b#t", None),
+        "cap/host1": (cap, None),
+        "quota/alice": (quota, None),
+        "cap/host2": (free, None),
+    }
     assert round_trip(paxos.Forward("host1-7-99", cas)) == paxos.Forward("host1-7-99", cas)
     b = Version(10**12, 3, "host2")
-    for r in (paxos.Decided("o", b, {"k": "v", "j": None}), paxos.Decided("o", None, {}),
-              paxos.NoQuorum("o", 1, 2, 3)):
+    for r in (
+        paxos.Decided("o", b, {"k": "v", "j": None}),
+        paxos.Decided("o", None, {}),
+        paxos.NoQuorum("o", 1, 2, 3),
+    ):
         assert round_trip(paxos.Outcome("o", r)) == paxos.Outcome("o", r)
     c = round_trip(paxos.Outcome("o", paxos.Conflict("o", "cap/host1", "x", {"cap/host1": "x", "q": None})))
-    assert c.result == paxos.Conflict("o", "cap/host1", "x") and c.result.seen == {"cap/host1": "x", "q": None}
+    assert c.result == paxos.Conflict("o", "cap/host1", "x") and c.result.seen == {
+        "cap/host1": "x",
+        "q": None,
+    }
 
 
 @pytest_twisted.inlineCallbacks
@@ -47,7 +64,7 @@ def test_an_operation_goes_to_the_proposer_and_its_outcome_settles_it(start_node
     decided = paxos.Decided(fwd.op, Version(10**12, 0, "host9"), {"name/x/a": "h#1"})
     yield leases.receive("host9", [paxos.Outcome(fwd.op, decided)])
     assert (yield d) == decided
-    assert leases.core.committed("name/x/a") == (None, None)      # not run here
+    assert leases.core.committed("name/x/a") == (None, None)  # not run here
 
 
 @pytest_twisted.inlineCallbacks
@@ -76,13 +93,15 @@ def test_the_proposer_runs_a_forwarded_operation_once_and_answers_inline(start_n
     h = yield start_node()
     leases = h.node.leases
     fwd = paxos.Forward("host9-1-5", {"name/x/c": (None, "h#3")})
-    first, again = yield defer.gatherResults([leases.receive("host9", [fwd], inline=True),
-                                              leases.receive("host9", [fwd], inline=True)])
+    first, again = yield defer.gatherResults(
+        [leases.receive("host9", [fwd], inline=True), leases.receive("host9", [fwd], inline=True)]
+    )
     assert first == again and len(first) == 1 and isinstance(first[0], paxos.Outcome)
     assert isinstance(first[0].result, paxos.Decided) and first[0].result.values == {"name/x/c": "h#3"}
     # Refused: the Conflict travels back as it is (no error raised here)
-    taken = yield leases.receive("host9", [paxos.Forward("host9-2-5", {"name/x/c": (None, "h#4")})],
-                                 inline=True)
+    taken = yield leases.receive(
+        "host9", [paxos.Forward("host9-2-5", {"name/x/c": (None, "h#4")})], inline=True
+    )
     assert isinstance(taken[0].result, paxos.Conflict) and taken[0].result.holder == "h#3"
 
 
@@ -91,10 +110,15 @@ def test_a_value_accepted_and_committed_at_one_ballot_travels_once():
     ballot, and reads back the same; different or missing values travel as they are."""
     b1, b2 = Version(10**12, 1, "host1"), Version(10**12, 2, "host1")
     big = ",".join(f"c/vm{i}:t:1:512" for i in range(200))
-    entries = {"cap/host1": (b2, big, b2, big), "ip/a": (b2, "vm:x#1", b1, "vm:y#1"),
-               "ip/b": (b1, None, b1, None), "ip/c": (None, None, None, None)}
+    entries = {
+        "cap/host1": (b2, big, b2, big),
+        "ip/a": (b2, "vm:x#1", b1, "vm:y#1"),
+        "ip/b": (b1, None, b1, None),
+        "ip/c": (None, None, None, None),
+    }
     el = encode(Envelope("host1", "127.0.0.1:1", "host2", paxos.Promise("r1", b2, entries)))
     from lxml import etree
+
     assert etree.tostring(el).count(big.encode()) == 1
     assert decode(el).msg.entries == entries
 
@@ -113,17 +137,18 @@ def test_operations_asked_while_forwards_are_out_leave_together(start_node):
         d = defer.Deferred()
         requests.append((list(msgs), d))
         return d
+
     leases.send = send
     ops = [leases.propose({f"name/x/f{i}": (None, f"h#{i}")}) for i in range(7)]
-    assert [len(m) for m, _ in requests] == [1, 1]            # two out, five waiting
+    assert [len(m) for m, _ in requests] == [1, 1]  # two out, five waiting
     first, d1 = requests[0]
     decided = paxos.Decided(first[0].op, Version(10**12, 0, "host9"), {"name/x/f0": "h#0"})
     yield leases.receive("host9", [paxos.Outcome(first[0].op, decided)])
     d1.callback(True)
-    assert [len(m) for m, _ in requests] == [1, 1, 5]         # the five, in one request
+    assert [len(m) for m, _ in requests] == [1, 1, 5]  # the five, in one request
     assert (yield ops[0]) == decided
     assert [f.cas for f in requests[2][0]] == [{f"name/x/f{i}": (None, f"h#{i}")} for i in range(2, 7)]
-    requests[2][1].callback(False)                           # not delivered: run here at once
+    requests[2][1].callback(False)  # not delivered: run here at once
     for i in range(2, 7):
         r = yield ops[i]
         assert isinstance(r, paxos.Decided) and r.values == {f"name/x/f{i}": f"h#{i}"}

@@ -1,5 +1,6 @@
 """The lease service's Twisted layer and transport: group commit of acceptor records, answers
 handed back inline, answers taken only from the host asked, bundles only to peers that read them."""
+
 from __future__ import annotations
 
 import threading
@@ -22,6 +23,7 @@ def test_records_handed_in_during_a_write_go_down_together_in_order():
     """While one write is under way, three more callers' records wait and then go down in one
     write (one fsync); every caller's Deferred fires only once its records were written."""
     from twisted.internet import reactor
+
     pool = ThreadPool(1, 1, "test-group-commit")
     pool.start()
     release = threading.Event()
@@ -31,6 +33,7 @@ def test_records_handed_in_during_a_write_go_down_together_in_order():
         if not writes:
             release.wait(10)
         writes.append(list(records))
+
     try:
         g = GroupCommit(reactor, pool, append_many)
         first = g.append([b"a"])
@@ -52,8 +55,9 @@ def test_an_acceptor_answers_inline_after_its_promise_is_durable(start_node):
     sent = []
     leases.send = lambda dst, msgs: sent.append((dst, msgs)) or defer.succeed(True)
     ballot = Version(10**12, 0, "host9")
-    answers = yield leases.receive("host9", [paxos.Prepare("host9.1", ballot, ("ip/lab/10.0.0.9",))],
-                                   inline=True)
+    answers = yield leases.receive(
+        "host9", [paxos.Prepare("host9.1", ballot, ("ip/lab/10.0.0.9",))], inline=True
+    )
     assert [type(m) for m in answers] == [paxos.Promise] and answers[0].ballot == ballot
     assert leases.core.keys["ip/lab/10.0.0.9"].promised == ballot
     assert sent == []
@@ -92,11 +96,16 @@ def test_answers_are_taken_only_from_the_host_asked():
     """An answer riding back on host2's response is delivered to the lease service; one that
     claims to come from host3 is dropped."""
     ballot = Version(5, 0, "host1")
-    client = _Client(False, lambda env: [
-        Envelope("host2", "a:2", "host1", paxos.Promise(env.msg.op, ballot, {})),
-        Envelope("host3", "a:3", "host1", paxos.Promise(env.msg.op, ballot, {}))])
-    t = PaxosTransport("host1", client, lambda h: f"127.0.0.1:{h[-1]}", lambda: "127.0.0.1:1",
-                       leases=_Leases())
+    client = _Client(
+        False,
+        lambda env: [
+            Envelope("host2", "a:2", "host1", paxos.Promise(env.msg.op, ballot, {})),
+            Envelope("host3", "a:3", "host1", paxos.Promise(env.msg.op, ballot, {})),
+        ],
+    )
+    t = PaxosTransport(
+        "host1", client, lambda h: f"127.0.0.1:{h[-1]}", lambda: "127.0.0.1:1", leases=_Leases()
+    )
     t.send("host2", [paxos.Prepare("host1.1", ballot, ("k",))])
     assert t.leases.got == [("host2", [paxos.Promise("host1.1", ballot, {})])]
 
@@ -104,13 +113,18 @@ def test_answers_are_taken_only_from_the_host_asked():
 def test_several_messages_travel_as_one_bundle_only_to_a_peer_that_reads_them():
     """A Commit and a Prepare for one host: one request holding a bundle when the peer said it
     reads bundles, two requests otherwise."""
-    msgs = [paxos.Commit(Version(5, 0, "host1"), {"k": "vm:a"}), paxos.Prepare("host1.2", Version(6, 0, "host1"), ("j",))]
+    msgs = [
+        paxos.Commit(Version(5, 0, "host1"), {"k": "vm:a"}),
+        paxos.Prepare("host1.2", Version(6, 0, "host1"), ("j",)),
+    ]
     for reads, requests in ((True, 1), (False, 2)):
         client = _Client(reads)
         t = PaxosTransport("host1", client, lambda h: "127.0.0.1:2", lambda: "127.0.0.1:1")
         t.send("host2", msgs)
         assert len(client.posted) == requests
-        got = [m for env in client.posted for m in (env.msg.msgs if isinstance(env.msg, Bundle) else (env.msg,))]
+        got = [
+            m for env in client.posted for m in (env.msg.msgs if isinstance(env.msg, Bundle) else (env.msg,))
+        ]
         assert got == msgs
 
 
@@ -128,6 +142,7 @@ def test_records_nothing_waits_for_ride_along_with_the_next_write_or_go_later():
     """Records appended 'later' start no write of their own: they go down with the next write
     someone waits for, or by themselves once ``later_s`` has passed without one."""
     from twisted.internet import reactor, task
+
     pool = ThreadPool(1, 1, "test-group-commit-later")
     pool.start()
     writes = []
@@ -151,6 +166,7 @@ def test_records_nothing_waits_for_ride_along_with_the_next_write_or_go_later():
 
 def _wire(msg):
     from lxml import etree
+
     env = Envelope(src="h1", src_addr="127.0.0.1:1", dst="h2", msg=msg)
     return decode(etree.fromstring(etree.tostring(encode(env)))).msg
 
@@ -162,8 +178,9 @@ def test_values_named_instead_of_carried_survive_the_wire():
     big = "x" * paxos.BIG_VALUE
     prep = _wire(paxos.Prepare("r1", b, ("cap/a", "ip/x"), {"cap/a": c}))
     assert prep.keys == ("cap/a", "ip/x") and prep.known == {"cap/a": c}
-    prom = _wire(paxos.Promise("r1", b, {"cap/a": (c, paxos.KNOWN, c, paxos.KNOWN),
-                                         "ip/x": (None, None, c, "vm:1")}))
+    prom = _wire(
+        paxos.Promise("r1", b, {"cap/a": (c, paxos.KNOWN, c, paxos.KNOWN), "ip/x": (None, None, c, "vm:1")})
+    )
     assert prom.entries["cap/a"][1] is paxos.KNOWN and prom.entries["cap/a"][3] is paxos.KNOWN
     assert prom.entries["ip/x"] == (None, None, c, "vm:1")
     com = _wire(paxos.Commit(b, {"cap/a": paxos.ACCEPTED, "ip/x": "vm:1", "ip/y": None}))
@@ -180,9 +197,16 @@ def test_a_promise_naming_a_known_value_without_its_ballot_is_malformed():
     from lxml import etree
 
     from vmwebd.errors import MalformedRequest
+
     b = Version(1000, 0, "h1")
-    env = encode(Envelope(src="h1", src_addr="127.0.0.1:1", dst="h2",
-                          msg=paxos.Promise("r1", b, {"cap/a": (None, None, None, None)})))
+    env = encode(
+        Envelope(
+            src="h1",
+            src_addr="127.0.0.1:1",
+            dst="h2",
+            msg=paxos.Promise("r1", b, {"cap/a": (None, None, None, None)}),
+        )
+    )
     for entry in env.iter("{*}entry"):
         entry.set("com-known", "1")
     with pytest.raises(MalformedRequest, match="com-known"):

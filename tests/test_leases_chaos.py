@@ -2,6 +2,7 @@
 every host, hosts paused (SIGSTOP), killed (SIGKILL) and restarted; then every replica agrees and
 nothing unique was handed out twice. Also: without a majority, leasing fails fast and clearly.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,14 @@ from vmwebd.demo import write_host_config
 from vmwebd.gossip import pki
 
 NS = "{urn:vmweb:dom:1}"
-ADMIN, PASSWORD = "chaos", "chaos-password-1"   # the grid's first admin (when the API has users)
-GRACE_MS = 300_000          # Reconciler.lease_grace_s: orphan leases younger than this may stay
-EXPECTED_FAULTS = {"Server.NoQuorum", "Server.PoolExhausted", "Client.NameTaken",
-                   "Server.AllocationContended"}
+ADMIN, PASSWORD = "chaos", "chaos-password-1"  # the grid's first admin (when the API has users)
+GRACE_MS = 300_000  # Reconciler.lease_grace_s: orphan leases younger than this may stay
+EXPECTED_FAULTS = {
+    "Server.NoQuorum",
+    "Server.PoolExhausted",
+    "Client.NameTaken",
+    "Server.AllocationContended",
+}
 
 
 def _bootstrap_admin(state_dir: Path) -> None:
@@ -41,7 +46,7 @@ def api_client(address: str, timeout: float) -> ApiClient:
     """A user-API client that authenticates as ADMIN (HTTP Basic on every call)."""
     try:
         return ApiClient(address, timeout=timeout, user=ADMIN, password=PASSWORD)
-    except TypeError:       # a client from before user accounts
+    except TypeError:  # a client from before user accounts
         return ApiClient(address, timeout=timeout)
 
 
@@ -67,10 +72,19 @@ class SmallPoolGrid:
             hid = f"host{i + 1}"
             cert = base / hid / "pki"
             pki.issue_host_cert(ca, hid, cert, ["127.0.0.1"])
-            cfg = write_host_config(base / hid, hid, api[i], peer[i], 8, 16384,
-                                    pool_cidr=pool_cidr, reserve="", reconcile_interval=0.5,
-                                    extra=f'<peers seeds="127.0.0.1:{peer[0]}" cert-dir="{cert}" '
-                                          f'timing="{timing}" members="{members}"/>')
+            cfg = write_host_config(
+                base / hid,
+                hid,
+                api[i],
+                peer[i],
+                8,
+                16384,
+                pool_cidr=pool_cidr,
+                reserve="",
+                reconcile_interval=0.5,
+                extra=f'<peers seeds="127.0.0.1:{peer[0]}" cert-dir="{cert}" '
+                f'timing="{timing}" members="{members}"/>',
+            )
             _bootstrap_admin(base / hid / "state")
             self.daemons.append(Daemon(cfg, api_port=api[i]))
         for d in self.daemons:
@@ -158,15 +172,19 @@ def check_replica(host: str, rep: dict, now_ms: int) -> list[str]:
         for key in (f"ip/lab/{el.get('ip')}", f"mac/{el.get('mac')}"):
             got = leases.get(key)
             if got is None or got.get("holder") != holder:
-                bad.append(f"{host}: VM {vm_id} uses {key} but the lease says "
-                           f"{None if got is None else got.get('holder')}")
+                bad.append(
+                    f"{host}: VM {vm_id} uses {key} but the lease says "
+                    f"{None if got is None else got.get('holder')}"
+                )
     for name, c in clusters.items():
         holder = f"vcluster:{name}#{c.get('token')}"
         for key in (f"name/vcluster/{name}", f"vni/{c.get('vni')}"):
             got = leases.get(key)
             if got is None or got.get("holder") != holder:
-                bad.append(f"{host}: cluster {name} uses {key} but the lease says "
-                           f"{None if got is None else got.get('holder')}")
+                bad.append(
+                    f"{host}: cluster {name} uses {key} but the lease says "
+                    f"{None if got is None else got.get('holder')}"
+                )
     for key, el in leases.items():
         kind, _, rest = el.get("holder").partition(":")
         ref, _, token = rest.rpartition("#")
@@ -190,11 +208,11 @@ class Log:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.created: list[tuple[str, str, dict]] = []     # (name, host, reply)
-        self.destroyed: set[str] = set()                    # acknowledged or maybe destroyed
+        self.created: list[tuple[str, str, dict]] = []  # (name, host, reply)
+        self.destroyed: set[str] = set()  # acknowledged or maybe destroyed
         self.outcomes: Counter = Counter()
         self.unexpected: list[str] = []
-        self.timeline: list[tuple] = []                    # (time, host, outcome, detail)
+        self.timeline: list[tuple] = []  # (time, host, outcome, detail)
 
     def note(self, host: str, outcome: str, detail: str = "") -> None:
         with self.lock:
@@ -216,7 +234,7 @@ def client_loop(grid: SmallPoolGrid, i: int, stop: threading.Event, log: Log, se
             if mine and rng.random() < 0.25:
                 name = mine.pop(rng.randrange(len(mine)))
                 with log.lock:
-                    log.destroyed.add(name)         # even unacknowledged: it may have happened
+                    log.destroyed.add(name)  # even unacknowledged: it may have happened
                 client.call("DestroyCluster", name)
                 with log.lock:
                     log.outcomes["destroy ok"] += 1
@@ -237,7 +255,7 @@ def client_loop(grid: SmallPoolGrid, i: int, stop: threading.Event, log: Log, se
             if f.code not in EXPECTED_FAULTS:
                 with log.lock:
                     log.unexpected.append(f"{host}: {f}")
-        except Exception as e:   # transport: host paused, killed, restarting
+        except Exception as e:  # transport: host paused, killed, restarting
             client = None
             log.note(host, f"transport {type(e).__name__}")
             stop.wait(0.3)
@@ -286,8 +304,9 @@ def grid5(tmp_path):
 # between suspect and alive because every delivery was schema-checked by libxml2's RelaxNG, which
 # is exponential in optional attributes (vmwebd/dom/validate.py). With the linear validator it
 # passed 3 runs of 3 here, so it runs in CI; VMWEB_CHAOS=0 skips it on a slow machine.
-chaos = pytest.mark.skipif(os.environ.get("VMWEB_CHAOS") == "0",
-                           reason="5-daemon chaos run skipped: VMWEB_CHAOS=0")
+chaos = pytest.mark.skipif(
+    os.environ.get("VMWEB_CHAOS") == "0", reason="5-daemon chaos run skipped: VMWEB_CHAOS=0"
+)
 
 
 @chaos
@@ -297,8 +316,10 @@ def test_no_address_or_name_is_handed_out_twice_under_pauses_kills_and_restarts(
     grid = grid5
     log, events, stop = Log(), [], threading.Event()
     until = time.monotonic() + 30.0
-    workers = [threading.Thread(target=client_loop, args=(grid, i, stop, log, 100 + i), daemon=True)
-               for i in range(5)]
+    workers = [
+        threading.Thread(target=client_loop, args=(grid, i, stop, log, 100 + i), daemon=True)
+        for i in range(5)
+    ]
     chaos = threading.Thread(target=chaos_loop, args=(grid, stop, events, 7, until), daemon=True)
     for t in workers + [chaos]:
         t.start()
@@ -313,7 +334,7 @@ def test_no_address_or_name_is_handed_out_twice_under_pauses_kills_and_restarts(
     assert log.outcomes["create ok"] > 0, log.outcomes
     assert not log.unexpected, log.unexpected
 
-    for i, d in enumerate(grid.daemons):       # everyone back (the chaos loop restores, to be sure)
+    for i, d in enumerate(grid.daemons):  # everyone back (the chaos loop restores, to be sure)
         if not d.alive():
             grid.restart(i)
     wait_until(grid.all_alive, 60, "all five hosts alive again in every view", every=1.0)
@@ -340,6 +361,7 @@ def test_no_address_or_name_is_handed_out_twice_under_pauses_kills_and_restarts(
         if any(el.get("state") == "destroying" for el in live(reps[0], "vcluster").values()):
             return None
         return reps
+
     reps = wait_until(converged, 40, "the five replicas to agree on clusters, VMs and leases", every=0.5)
 
     now_ms = int(time.time() * 1000)
@@ -353,8 +375,9 @@ def test_no_address_or_name_is_handed_out_twice_under_pauses_kills_and_restarts(
             continue
         assert name in clusters, f"cluster {name} acknowledged by {host} is missing"
         vms = {vm_id: el for vm_id, el in live(reps[0], "vm").items() if el.get("cluster") == name}
-        assert sorted((el.get("ip"), el.get("mac")) for el in vms.values()) == \
-            sorted((vm["ip"], vm["mac"]) for vm in reply["vms"]), f"cluster {name} changed addresses"
+        assert sorted((el.get("ip"), el.get("mac")) for el in vms.values()) == sorted(
+            (vm["ip"], vm["mac"]) for vm in reply["vms"]
+        ), f"cluster {name} changed addresses"
     for name in log.destroyed:
         assert name not in clusters, f"cluster {name} was destroyed but is still there"
 
@@ -396,9 +419,16 @@ def test_without_a_majority_leasing_fails_fast_naming_the_count_and_resumes_by_i
 
     grid.restart(1)
     grid.restart(2)
-    made = wait_until(lambda: c0.call("CreateCluster", "lonely", "lab", ADMIN, 1), 30,
-                      "leases to resume once the killed hosts are back", every=0.5)
+    made = wait_until(
+        lambda: c0.call("CreateCluster", "lonely", "lab", ADMIN, 1),
+        30,
+        "leases to resume once the killed hosts are back",
+        every=0.5,
+    )
     assert len(made["vms"]) == 1
     for i in (1, 2):
-        wait_until(lambda i=i: "lonely" in {c["name"] for c in grid.call(i, "ListClusters", None)},
-                   20, f"host{i + 1} to learn of 'lonely'")
+        wait_until(
+            lambda i=i: "lonely" in {c["name"] for c in grid.call(i, "ListClusters", None)},
+            20,
+            f"host{i + 1} to learn of 'lonely'",
+        )

@@ -1,4 +1,5 @@
 """A cluster's whole life on one host, through the real SOAP API (zeep) and the libvirt test driver."""
+
 from pathlib import Path
 
 import pytest
@@ -113,12 +114,20 @@ def test_orphan_domain_is_removed(start_node):
     """A vmweb domain the DOM does not know (left from a crash) is destroyed and undefined, and
     a libvirt network of ours (clusters had one before segments) is removed."""
     from vmwebd.hv.driver import DomainSpec
+
     h = yield start_node()
     node = h.node
     yield node.driver.define_network("vmweb-ghost", "vmbr9")
-    yield node.driver.define(DomainSpec(name="vmweb-ghost-node0", vcpus=1, memory_mib=128,
-                                        disk_path="/nonexistent.qcow2", network="vmweb-ghost",
-                                        mac="52:54:00:00:00:01"))
+    yield node.driver.define(
+        DomainSpec(
+            name="vmweb-ghost-node0",
+            vcpus=1,
+            memory_mib=128,
+            disk_path="/nonexistent.qcow2",
+            network="vmweb-ghost",
+            mac="52:54:00:00:00:01",
+        )
+    )
     yield node.driver.start("vmweb-ghost-node0")
     yield node.reconciler.settled()
     assert (yield node.driver.state("vmweb-ghost-node0")).state == "missing"
@@ -145,7 +154,9 @@ def test_listings_settings_and_dom(start_node):
     ts = yield h.call("ListTemplates")
     assert {"hpc", "webtier", "lab"} <= {t["name"] for t in ts}
     hosts = yield h.call("ListHosts")
-    assert [(x["id"], x["cpus"], x["memory_mib"], x["liveness"]) for x in hosts] == [("host1", 12, 24576, "alive")]
+    assert [(x["id"], x["cpus"], x["memory_mib"], x["liveness"]) for x in hosts] == [
+        ("host1", 12, 24576, "alive")
+    ]
     yield h.call("CreateCluster", "a1", "lab", "alice", 1)
     yield h.call("CreateCluster", "b1", "lab", "bob", 1)
     assert [c["name"] for c in (yield h.call("ListClusters", "alice"))] == ["a1"]
@@ -179,6 +190,7 @@ def dom_but_audit(node) -> bytes:
     import copy
 
     from lxml import etree
+
     root = copy.deepcopy(node.domsvc.dom.root)
     for box in ("audits", "hosts"):
         root.remove(root.find("{urn:vmweb:dom:1}" + box))
@@ -192,8 +204,10 @@ def test_bad_requests_get_specific_faults_and_change_nothing(start_node):
     yield h.call("CreateCluster", "taken", "lab", "alice", 1)
     yield h.node.reconciler.settled()
     before = dom_but_audit(h.node)
-    for args, code, needle in BAD_CALLS + [(("CreateCluster", "taken", "lab", "bob", 1), "Client.NameTaken", "taken"),
-                                           (("StopVm", "taken", "nosuch"), "Client.NoSuchVm", "nosuch")]:
+    for args, code, needle in BAD_CALLS + [
+        (("CreateCluster", "taken", "lab", "bob", 1), "Client.NameTaken", "taken"),
+        (("StopVm", "taken", "nosuch"), "Client.NoSuchVm", "nosuch"),
+    ]:
         with pytest.raises(ApiFault) as e:
             yield h.call(*args)
         assert e.value.code == code, (args, e.value)
@@ -262,20 +276,54 @@ def test_ended_migrations_are_deleted_after_the_history_period_by_their_source(s
     evacuation's by its destination); newer ones, other hosts' and moves under way stay."""
     from vmwebd.dom.records import MigrationRec
     from vmwebd.migrate.state import HISTORY_MS
+
     h = yield start_node()
     node = h.node
     now = int(node.now_ms())
     old = now - HISTORY_MS - 1000
     yield node.domsvc.put(
-        MigrationRec(id="old", vm="c/pc0", source="host1", dest="host2", phase="done", mode="cold",
-                     started_at=old, finished_at=old),
-        MigrationRec(id="oldevac", vm="c/pc1", source="host2", dest="host1", phase="done",
-                     mode="evacuate", started_at=old, finished_at=old),
-        MigrationRec(id="recent", vm="c/pc0", source="host1", dest="host2", phase="failed", mode="cold",
-                     started_at=now - 1000, finished_at=now - 500),
-        MigrationRec(id="others", vm="c/pc2", source="host2", dest="host3", phase="done", mode="cold",
-                     started_at=old, finished_at=old))
+        MigrationRec(
+            id="old",
+            vm="c/pc0",
+            source="host1",
+            dest="host2",
+            phase="done",
+            mode="cold",
+            started_at=old,
+            finished_at=old,
+        ),
+        MigrationRec(
+            id="oldevac",
+            vm="c/pc1",
+            source="host2",
+            dest="host1",
+            phase="done",
+            mode="evacuate",
+            started_at=old,
+            finished_at=old,
+        ),
+        MigrationRec(
+            id="recent",
+            vm="c/pc0",
+            source="host1",
+            dest="host2",
+            phase="failed",
+            mode="cold",
+            started_at=now - 1000,
+            finished_at=now - 500,
+        ),
+        MigrationRec(
+            id="others",
+            vm="c/pc2",
+            source="host2",
+            dest="host3",
+            phase="done",
+            mode="cold",
+            started_at=old,
+            finished_at=old,
+        ),
+    )
     yield node.migrations.sweep()
     left = sorted(m.id for m in node.domsvc.dom.all(MigrationRec))
     assert left == ["others", "recent"]
-    assert node.domsvc.dom.version_of("migration", "old") is not None   # a tombstone, for now
+    assert node.domsvc.dom.version_of("migration", "old") is not None  # a tombstone, for now

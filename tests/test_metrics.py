@@ -1,6 +1,7 @@
 """Prometheus metrics at /metrics: real nodes in-process scraped over HTTP and parsed with
 prometheus_client's own parser; series move after SOAP calls; access as the config says; config
 errors; the scrape-time collector at 10,000 VMs."""
+
 from __future__ import annotations
 
 import time
@@ -51,6 +52,7 @@ def get_metrics(node, auth=None) -> defer.Deferred:
         r = scrape(node, auth)
         assert r.status_code == 200, r.text
         return samples(r.text)
+
     return threads.deferToThread(fetch)
 
 
@@ -68,6 +70,7 @@ def until_scraped(node, pred, what: str, auth=None, timeout: float = WAIT) -> de
             if reactor.seconds() > deadline:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}")
             yield task.deferLater(reactor, 0.1, lambda: None)
+
     return run()
 
 
@@ -87,14 +90,17 @@ def test_soap_calls_count_by_operation_and_fault_and_vms_show_by_state(start_nod
     assert e.value.code == "Client.NoSuchCluster"
     after = yield get_metrics(h.node)
     assert value(after, "vmweb_soap_requests_total", operation="CreateCluster", fault="none") == 1
-    assert value(after, "vmweb_soap_requests_total", operation="GetCluster",
-                 fault="Client.NoSuchCluster") == 1
+    assert (
+        value(after, "vmweb_soap_requests_total", operation="GetCluster", fault="Client.NoSuchCluster") == 1
+    )
     assert value(after, "vmweb_soap_request_duration_seconds_count", operation="CreateCluster") == 1
     assert value(after, "vmweb_soap_request_duration_seconds_sum", operation="CreateCluster") > 0
-    assert value(after, "vmweb_paxos_rounds_total", outcome="decided") > \
-        value(before, "vmweb_paxos_rounds_total", outcome="decided")
-    assert value(after, "vmweb_paxos_round_duration_seconds_count", outcome="decided") == \
-        value(after, "vmweb_paxos_rounds_total", outcome="decided")
+    assert value(after, "vmweb_paxos_rounds_total", outcome="decided") > value(
+        before, "vmweb_paxos_rounds_total", outcome="decided"
+    )
+    assert value(after, "vmweb_paxos_round_duration_seconds_count", outcome="decided") == value(
+        after, "vmweb_paxos_rounds_total", outcome="decided"
+    )
     assert value(after, "vmweb_dom_entities", kind="vm") == 3
     assert value(after, "vmweb_dom_entities", kind="vcluster") == 1
     assert total(after, "vmweb_vms", host="host1") == 3
@@ -102,8 +108,10 @@ def test_soap_calls_count_by_operation_and_fault_and_vms_show_by_state(start_nod
     # Without peers the failure detector knows nobody; every state is still reported.
     assert {dict(k)["state"] for k in after["vmweb_members"]} == {"alive", "suspect", "dead", "left"}
     running = yield until_scraped(
-        h.node, lambda p: value(p, "vmweb_vms", host="host1", state="running") == 3,
-        "the three VMs running on host1")
+        h.node,
+        lambda p: value(p, "vmweb_vms", host="host1", state="running") == 3,
+        "the three VMs running on host1",
+    )
     assert total(running, "vmweb_vms") == 3
 
 
@@ -114,16 +122,19 @@ def test_a_refused_request_and_a_cached_read_are_counted(start_node):
     h = yield start_node(extra=OPEN)
     yield h.call("CreateCluster", "c1", "lab", "alice", 1)
     yield h.call("GetCluster", "c1")
-    yield h.call("GetCluster", "c1")     # same caller, same DOM: from the cache
+    yield h.call("GetCluster", "c1")  # same caller, same DOM: from the cache
 
     def post_garbage():
-        return requests.post(f"http://{h.node.api_address}/soap", data=b"not xml",
-                             auth=ADMIN, timeout=10).status_code
+        return requests.post(
+            f"http://{h.node.api_address}/soap", data=b"not xml", auth=ADMIN, timeout=10
+        ).status_code
+
     code = yield threads.deferToThread(post_garbage)
     assert code == 500
     parsed = yield get_metrics(h.node)
-    assert value(parsed, "vmweb_soap_requests_total", operation="unknown",
-                 fault="Client.MalformedRequest") == 1
+    assert (
+        value(parsed, "vmweb_soap_requests_total", operation="unknown", fault="Client.MalformedRequest") == 1
+    )
     assert value(parsed, "vmweb_soap_requests_total", operation="GetCluster", fault="none") == 2
 
 
@@ -144,16 +155,20 @@ def test_login_mode_serves_admins_only(start_node):
         assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
         assert "vmweb_dom_entities" in samples(r.text)
         import re
+
         s = requests.Session()
         page = s.get(f"http://{node.api_address}/login", timeout=10)
         token = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-        s.post(f"http://{node.api_address}/login", data={"csrf": token, "name": ADMIN[0],
-                                                         "password": ADMIN[1]},
-               allow_redirects=False, timeout=10)
+        s.post(
+            f"http://{node.api_address}/login",
+            data={"csrf": token, "name": ADMIN[0], "password": ADMIN[1]},
+            allow_redirects=False,
+            timeout=10,
+        )
         r = scrape(node, session=s)
         assert r.status_code == 200 and "vmweb_soap_requests" in r.text
-        assert requests.post(f"http://{node.api_address}/metrics", auth=ADMIN,
-                             timeout=10).status_code == 405
+        assert requests.post(f"http://{node.api_address}/metrics", auth=ADMIN, timeout=10).status_code == 405
+
     yield threads.deferToThread(check)
 
 
@@ -171,6 +186,7 @@ def test_disabled_metrics_are_not_served(start_node):
 def test_each_node_has_its_own_registry(start_node):
     """Two nodes in one process count apart, and nothing goes to the library's global registry."""
     from prometheus_client import REGISTRY
+
     a = yield start_node("host1", extra=OPEN)
     b = yield start_node("host2", extra=OPEN)
     yield a.call("CreateCluster", "only-a", "lab", "alice", 1)
@@ -192,15 +208,23 @@ def test_gossip_traffic_and_members_are_counted(start_node, tmp_path):
         certs[host] = tmp_path / f"{host}-pki"
         pki.issue_host_cert(ca, host, certs[host], ["127.0.0.1"])
     a = yield start_node("host1", extra=f'<peers cert-dir="{certs["host1"]}" timing="local"/>{OPEN}')
-    b = yield start_node("host2", extra=f'<peers cert-dir="{certs["host2"]}" timing="local" '
-                                        f'seeds="{a.node.peer_address}"/>{OPEN}')
+    b = yield start_node(
+        "host2",
+        extra=f'<peers cert-dir="{certs["host2"]}" timing="local" seeds="{a.node.peer_address}"/>{OPEN}',
+    )
     for n in (a, b):
         parsed = yield until_scraped(
-            n.node, lambda p: value(p, "vmweb_members", state="alive") == 2
-            and total(p, "vmweb_gossip_messages_received_total", via="request") > 0
-            and total(p, "vmweb_gossip_messages_sent_total") > 0,
-            f"{n.node.host_id} to see both hosts alive, having sent and received envelopes")
-        assert total(parsed, "vmweb_gossip_bytes_sent_total") > total(parsed, "vmweb_gossip_messages_sent_total")
+            n.node,
+            lambda p: (
+                value(p, "vmweb_members", state="alive") == 2
+                and total(p, "vmweb_gossip_messages_received_total", via="request") > 0
+                and total(p, "vmweb_gossip_messages_sent_total") > 0
+            ),
+            f"{n.node.host_id} to see both hosts alive, having sent and received envelopes",
+        )
+        assert total(parsed, "vmweb_gossip_bytes_sent_total") > total(
+            parsed, "vmweb_gossip_messages_sent_total"
+        )
         assert value(parsed, "vmweb_gossip_bytes_received_total", via="request") > 0
         kinds = {dict(k)["kind"] for k in parsed["vmweb_gossip_messages_sent_total"]}
         assert kinds & {"ping", "sync", "gossip", "sync-reply"}, kinds
@@ -209,11 +233,15 @@ def test_gossip_traffic_and_members_are_counted(start_node, tmp_path):
 
 # -- the config --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("element, field, words", [
-    ('<metrics auth="sometimes"/>', "metrics/@auth", "'sometimes' is not an access mode (login, none)"),
-    ('<metrics enabled="yes"/>', "metrics/@enabled", "'yes' is not true or false"),
-    ('<metrics port="9100"/>', "metrics/@port", "unknown attribute"),
-])
+
+@pytest.mark.parametrize(
+    "element, field, words",
+    [
+        ('<metrics auth="sometimes"/>', "metrics/@auth", "'sometimes' is not an access mode (login, none)"),
+        ('<metrics enabled="yes"/>', "metrics/@enabled", "'yes' is not true or false"),
+        ('<metrics port="9100"/>', "metrics/@port", "unknown attribute"),
+    ],
+)
 def test_a_wrong_metrics_element_is_a_config_error(tmp_path, element, field, words):
     """A wrong metrics attribute is a ConfigError naming the file, its line and the attribute."""
     cfg = write_host_config(tmp_path / "h", "host1", 0, 0, 4, 4096, extra=element)
@@ -227,6 +255,7 @@ def test_a_wrong_metrics_element_is_a_config_error(tmp_path, element, field, wor
 def test_the_daemon_reports_a_wrong_metrics_element_without_a_traceback(tmp_path, capsys):
     """vmwebd exits 2 with one line naming file, line and attribute, and no traceback."""
     from vmwebd.daemon import main
+
     cfg = write_host_config(tmp_path / "h", "host1", 0, 0, 4, 4096, extra='<metrics auth="open"/>')
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -238,15 +267,18 @@ def test_defaults_serve_metrics_to_admins():
     """No metrics element: served, to admins (and the example config says the same)."""
     from procs import REPO
     from vmwebd.config import MetricsConfig
+
     assert MetricsConfig() == MetricsConfig(enabled=True, auth="login")
     assert load_config(REPO / "conf" / "vmwebd.xml").metrics == MetricsConfig()
 
 
 # -- scrape cost -------------------------------------------------------------------------------
 
+
 class _Store:
     def stats(self):
         from vmwebd.dom.store import StoreStats
+
         return StoreStats(0, 0, 0)
 
 
@@ -260,11 +292,13 @@ def big_dom(vms: int, hosts: int = 50):
     from vmwebd.dom.document import Dom
     from vmwebd.dom.hlc import HybridClock
     from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus
+
     ms = [1_700_000_000_000]
 
     def now():
         ms[0] += 1
         return ms[0]
+
     dom = Dom(HybridClock("host0", now))
     states = ("running", "running", "running", "shutoff", "error")
     for c in range(vms // 10):
@@ -272,14 +306,31 @@ def big_dom(vms: int, hosts: int = 50):
         for i in range(10):
             vid = f"c{c}/n{i}"
             host = f"host{(c * 10 + i) % hosts}"
-            dom.put(VmRec(id=vid, cluster=f"c{c}", name=f"n{i}", host=host, token=f"t{c}-{i}",
-                          ip=f"10.{c // 250}.{c % 250}.{i + 2}"))
+            dom.put(
+                VmRec(
+                    id=vid,
+                    cluster=f"c{c}",
+                    name=f"n{i}",
+                    host=host,
+                    token=f"t{c}-{i}",
+                    ip=f"10.{c // 250}.{c % 250}.{i + 2}",
+                )
+            )
             dom.put(VmStatus(id=vid, host=host, state=states[i % len(states)], token=f"t{c}-{i}"))
             dom.put(LeaseRec(id=f"ip/lab/10.{c // 250}.{c % 250}.{i + 2}", holder=vid))
     for m in range(20):
-        dom.put(MigrationRec(id=f"m{m}", vm="c0/n0", source="host0", dest="host1",
-                             phase="done" if m % 2 else "migrating", mode="live",
-                             bytes=1 << 20, downtime_ms=30 + m))
+        dom.put(
+            MigrationRec(
+                id=f"m{m}",
+                vm="c0/n0",
+                source="host0",
+                dest="host1",
+                phase="done" if m % 2 else "migrating",
+                mode="live",
+                bytes=1 << 20,
+                downtime_ms=30 + m,
+            )
+        )
     return dom
 
 
@@ -290,6 +341,7 @@ def test_scrape_at_10000_vms_reads_indexes_and_decodes_only_after_a_change():
 
     from vmwebd.dom.records import VmStatus
     from vmwebd.metrics import StateCollector
+
     dom = big_dom(10_000)
     collector = StateCollector(_DomSvc(dom), lambda: {"host0": "alive", "host1": "suspect"}, lambda: None)
     registry = CollectorRegistry()
@@ -315,6 +367,7 @@ def test_scrape_at_10000_vms_reads_indexes_and_decodes_only_after_a_change():
     assert total(again, "vmweb_vms", state="error") == 1_999
     assert total(again, "vmweb_vms") == 9_999 and value(again, "vmweb_dom_entities", kind="vm") == 9_999
     # Generous bounds (a shared 2-core machine): both take about a millisecond.
-    assert warm < 0.05 and changed < 0.05, \
-        f"scrapes took {warm * 1000:.1f} ms unchanged, {changed * 1000:.1f} ms after a change " \
+    assert warm < 0.05 and changed < 0.05, (
+        f"scrapes took {warm * 1000:.1f} ms unchanged, {changed * 1000:.1f} ms after a change "
         f"(first: {cold * 1000:.0f} ms)"
+    )

@@ -1,6 +1,7 @@
 """The migration manager carries out the phase machine's answers, on one real node (libvirt's
 test driver): a sweep's timeout, a restart in the middle of a move, a VM gone before its
 destination prepares. The decisions themselves are tests/test_migration_phases.py's."""
+
 import pytest_twisted
 
 from vmwebd.dom.records import MigrationRec, VmRec
@@ -9,8 +10,15 @@ from vmwebd.migrate.phases import Limits
 
 def _migration(node, mid, **kw):
     now = int(node.now_ms())
-    fields = dict(id=mid, vm="lab1/pc0", source="host1", dest="host2", phase="prepare",
-                  mode="cold", started_at=now - 1000)
+    fields = dict(
+        id=mid,
+        vm="lab1/pc0",
+        source="host1",
+        dest="host2",
+        phase="prepare",
+        mode="cold",
+        started_at=now - 1000,
+    )
     fields.update(kw)
     return MigrationRec(**fields)
 
@@ -45,13 +53,13 @@ def test_a_source_restarted_during_a_live_move_fails_it_and_a_destination_resume
     yield h.call("CreateCluster", "lab1", "lab", "alice", 1)
     yield node.reconciler.settled()
     vm = node.domsvc.dom.all(VmRec)[0]
-    yield node.domsvc.put(_migration(node, "m2", vm=vm.id, phase="migrating", mode="live"),
-                          _migration(node, "m3", vm="lab1/other", source="host2", dest="host1",
-                                     phase="ready", mode="live"))
+    yield node.domsvc.put(
+        _migration(node, "m2", vm=vm.id, phase="migrating", mode="live"),
+        _migration(node, "m3", vm="lab1/other", source="host2", dest="host1", phase="ready", mode="live"),
+    )
     node.migrations.resume()
     m = yield node.migrations.wait("m2", 10)
-    assert m.phase == "failed" and m.error == "phase migrating: host host1 restarted during " \
-                                              "phase 'migrating'"
+    assert m.phase == "failed" and m.error == "phase migrating: host host1 restarted during phase 'migrating'"
     assert node.domsvc.dom.get(MigrationRec, "m3").phase == "ready"
 
 

@@ -5,6 +5,7 @@ every failure (none, the other host dead, a driver error, a timeout passed, the 
 host restarted), the action :func:`decide` must answer; a hypothesis model then runs the machine
 on three hosts through random faults and checks where the VM ends up.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,7 @@ URI = "qemu+tls://host2/system"
 
 
 def mig(phase: str, mode: str = "live", **kw) -> MigrationRec:
-    return MigrationRec(id="m1", vm=VM, source=SRC, dest=DST, phase=phase, mode=mode,
-                        started_at=T0, **kw)
+    return MigrationRec(id="m1", vm=VM, source=SRC, dest=DST, phase=phase, mode=mode, started_at=T0, **kw)
 
 
 def vmrec(host: str = SRC, desired: str = "running") -> VmRec:
@@ -243,8 +243,10 @@ failed       bystander  timeout       Nothing()
 failed       bystander  vm_missing    Nothing()
 failed       bystander  restart       Nothing()
 """
-_NAMES = {c.__name__: c for c in (Abort, CleanUp, Finish, MigrateMemory, Nothing, PrepareDest,
-                                    RestoreDest, SaveMemory, Wait)}
+_NAMES = {
+    c.__name__: c
+    for c in (Abort, CleanUp, Finish, MigrateMemory, Nothing, PrepareDest, RestoreDest, SaveMemory, Wait)
+}
 _NAMES.update(URI=URI, GONE=GONE)
 
 
@@ -267,8 +269,7 @@ def test_the_table_covers_every_phase_role_and_failure_once():
     assert {p.value for p in Phase} == {c.split("/")[0] for c in CASES}
 
 
-@pytest.mark.parametrize("case,role,failure,expected", ROWS,
-                         ids=[f"{c}-{r}-{f}" for c, r, f, _ in ROWS])
+@pytest.mark.parametrize("case,role,failure,expected", ROWS, ids=[f"{c}-{r}-{f}" for c, r, f, _ in ROWS])
 def test_decision_table(case, role, failure, expected):
     """The host of each role answers each phase under each failure as the table says."""
     assert run(case, role, failure) == expected
@@ -278,8 +279,8 @@ def test_the_docs_draw_and_tabulate_the_phases_of_the_enum():
     """docs/migration.md's phase diagram boxes, and its who-does-what table lists, exactly the
     phases of the enum."""
     doc = (Path(__file__).parent.parent / "docs" / "migration.md").read_text()
-    section = doc[doc.index("## The phase machine"):]
-    diagram = section[section.index("```"):section.index("```", section.index("```") + 3)]
+    section = doc[doc.index("## The phase machine") :]
+    diagram = section[section.index("```") : section.index("```", section.index("```") + 3)]
     boxed = set(re.findall(r"\| +([a-z]+) +\|", diagram))
     rows = set(re.findall(r"^\| `([a-z]+)` \|", section, re.M))
     assert boxed == rows == {p.value for p in Phase}
@@ -293,12 +294,15 @@ def test_a_destination_down_within_its_grace_is_waited_for_and_the_grace_is_a_li
     sweep = Observations(trigger=Trigger.SWEEP, peer_down_since=now - 59_000)
     assert decide(m, vmrec(), SRC, now, sweep) == Wait("destination (not alive)")
     short = Limits(host_down_grace_s=30.0, prepare_timeout_s=10.0)
-    assert decide(m, vmrec(), SRC, now, sweep, short) == \
-        Abort("prepare", "host host2 has not been alive for 59 s")
-    assert decide(m, vmrec(), SRC, T0 + 11_000, Observations(trigger=Trigger.SWEEP), short) == \
-        Abort("prepare", "host host2 did not prepare within 10 s")
-    assert decide(m, vmrec(), SRC, T0 + 10_000, Observations(trigger=Trigger.SWEEP), short) == \
-        Wait("destination")
+    assert decide(m, vmrec(), SRC, now, sweep, short) == Abort(
+        "prepare", "host host2 has not been alive for 59 s"
+    )
+    assert decide(m, vmrec(), SRC, T0 + 11_000, Observations(trigger=Trigger.SWEEP), short) == Abort(
+        "prepare", "host host2 did not prepare within 10 s"
+    )
+    assert decide(m, vmrec(), SRC, T0 + 10_000, Observations(trigger=Trigger.SWEEP), short) == Wait(
+        "destination"
+    )
 
 
 @pytest.mark.parametrize("trigger", list(Trigger))
@@ -308,14 +312,15 @@ def test_an_abandoned_migration_is_left_alone_by_everyone(trigger, case, role):
     """Unfinished after STALE_MS (its hosts crashed): nobody acts, waits or times it out."""
     obs = Observations(trigger=trigger, peer_down_since=T0, dest_migrate_uri=URI)
     assert decide(CASES[case], vmrec(), ROLE_HOST[role], T0 + STALE_MS, obs) == Nothing()
-    assert decide(CASES[case], vmrec(), ROLE_HOST[role], T0 + STALE_MS - 1, obs) != Nothing() \
+    assert (
+        decide(CASES[case], vmrec(), ROLE_HOST[role], T0 + STALE_MS - 1, obs) != Nothing()
         or role == "bystander"
+    )
 
 
 def test_a_failed_migration_is_cleaned_up_however_old():
     """``failed`` is terminal, not abandoned: its cleanup happens whenever the change arrives."""
-    assert decide(CASES["failed"], vmrec(), DST, T0 + 10 * STALE_MS) == \
-        CleanUp(remove_dest_copy=True)
+    assert decide(CASES["failed"], vmrec(), DST, T0 + 10 * STALE_MS) == CleanUp(remove_dest_copy=True)
 
 
 def test_actions_carry_what_the_driver_and_the_entity_say():
@@ -324,17 +329,21 @@ def test_actions_carry_what_the_driver_and_the_entity_say():
     files = Observations(volumes_on_disk=True, dest_migrate_uri=URI)
     memory = Observations(volumes_on_disk=False)
     assert decide(mig("ready", mode="cold"), vmrec(), SRC, T0, memory) == SaveMemory(False)
-    assert decide(mig("saved", mode="cold", disk_bytes=5, bytes=5), vmrec(), DST, T0, files) == \
-        RestoreDest(fetch_disk=True, fetch_state=False)
-    assert decide(mig("saved", mode="cold", disk_bytes=5, bytes=9), vmrec(), DST, T0, memory) == \
-        RestoreDest(fetch_disk=False, fetch_state=True)
+    assert decide(mig("saved", mode="cold", disk_bytes=5, bytes=5), vmrec(), DST, T0, files) == RestoreDest(
+        fetch_disk=True, fetch_state=False
+    )
+    assert decide(mig("saved", mode="cold", disk_bytes=5, bytes=9), vmrec(), DST, T0, memory) == RestoreDest(
+        fetch_disk=False, fetch_state=True
+    )
     assert decide(mig("saved", mode="cold"), vmrec(), DST, T0, files) == RestoreDest(False, False)
     assert decide(mig("prepare", requested_by="balancer"), vmrec(), DST, T0) == PrepareDest(True)
-    assert decide(mig("ready"), vmrec(), SRC, T0, memory) == \
-        Abort("ready", "on host host1: host 'host2' publishes no migration URI")
-    assert decide(mig("prepare"), vmrec(desired="absent"), DST, T0) == \
-        Abort("prepare", "on host host2: " + GONE)
-    assert decide(mig("sideways"), vmrec(), DST, T0) == Nothing()   # a phase unknown here
+    assert decide(mig("ready"), vmrec(), SRC, T0, memory) == Abort(
+        "ready", "on host host1: host 'host2' publishes no migration URI"
+    )
+    assert decide(mig("prepare"), vmrec(desired="absent"), DST, T0) == Abort(
+        "prepare", "on host host2: " + GONE
+    )
+    assert decide(mig("sideways"), vmrec(), DST, T0) == Nothing()  # a phase unknown here
 
 
 def test_cleanup_leaves_a_copy_the_vm_now_runs_on():
@@ -363,6 +372,7 @@ def test_the_machine_agrees_with_what_every_host_reads_about_migrations():
     """migrate/state.py's terminal phases and abandonment (read by the reconciler and the
     views) are the machine's."""
     from vmwebd.migrate import state
+
     assert set(state.TERMINAL) == phases.TERMINAL
     assert phases.DEFAULT_LIMITS.stale_ms == state.STALE_MS
 
@@ -390,9 +400,14 @@ def test_small_rules():
 
 # -- a model of three hosts --------------------------------------------------------------------
 #: The edges of the diagram in docs/migration.md (a phase may also be written again unchanged).
-EDGES = {("prepare", "ready"), ("ready", "migrating"), ("migrating", "done"),
-         ("ready", "saved"), ("saved", "restored"), ("restored", "done")} | \
-    {(p.value, "failed") for p in Phase if p not in phases.TERMINAL}
+EDGES = {
+    ("prepare", "ready"),
+    ("ready", "migrating"),
+    ("migrating", "done"),
+    ("ready", "saved"),
+    ("saved", "restored"),
+    ("restored", "done"),
+} | {(p.value, "failed") for p in Phase if p not in phases.TERMINAL}
 HOSTS = (SRC, DST, OTHER)
 
 
@@ -424,8 +439,9 @@ class World:
         self.history.append(self.m.phase)
 
     def obs(self, trigger=Trigger.CHANGED, since=None):
-        return Observations(trigger=trigger, peer_down_since=since, dest_migrate_uri=URI,
-                            volumes_on_disk=True)
+        return Observations(
+            trigger=trigger, peer_down_since=since, dest_migrate_uri=URI, volumes_on_disk=True
+        )
 
     def fail(self, a: Abort):
         if phases.may_fail(self.m, self.m, self.vm):
@@ -453,17 +469,17 @@ class World:
         elif isinstance(a, MigrateMemory):
             self.write(phase="migrating")
             if error or SRC not in self.running or DST in self.crashed:
-                raise RuntimeError("migration failed")   # the VM stays where it ran
+                raise RuntimeError("migration failed")  # the VM stays where it ran
             self.job = True
         elif isinstance(a, SaveMemory):
             if error:
-                raise RuntimeError("save failed")        # the VM keeps running
+                raise RuntimeError("save failed")  # the VM keeps running
             if SRC in self.running:
                 self.running.discard(SRC)
                 self.saved_state = True
             self.write(phase="saved")
         elif isinstance(a, RestoreDest):
-            if error or not self.up(SRC):                # the files come from the source
+            if error or not self.up(SRC):  # the files come from the source
                 raise RuntimeError("restore failed")
             if self.saved_state:
                 self.running.add(DST)
@@ -473,7 +489,7 @@ class World:
             self.write(phase="done")
             self.saved_state = False
             if error:
-                raise RuntimeError("undefine failed")     # after the end: fails nothing
+                raise RuntimeError("undefine failed")  # after the end: fails nothing
         elif isinstance(a, CleanUp):
             if a.remove_dest_copy:
                 self.running.discard(DST)
@@ -509,7 +525,7 @@ class World:
         self.running.discard(h)
         self.down_since[h] = {}
         if h == SRC:
-            self.job = False          # libvirt's job dies with its host (the VM did too)
+            self.job = False  # libvirt's job dies with its host (the VM did too)
 
     def restart(self, h):
         if h not in self.crashed:
@@ -534,8 +550,7 @@ class World:
             self.write(phase="done")
         else:
             # Nothing moved; the executor that started the job fails the move.
-            after = phases.after_error(dataclasses.replace(self.m, phase="ready"), self.m, SRC,
-                                       "job failed")
+            after = phases.after_error(dataclasses.replace(self.m, phase="ready"), self.m, SRC, "job failed")
             if isinstance(after, Abort):
                 self.fail(after)
 
@@ -618,11 +633,24 @@ def _weighted(kinds, targets):
 
 
 #: Events, repeated for weight: deliveries most often, faults less, the VM's deletion rarely.
-EVENTS = (_weighted([("kick", 6), ("sweep", 2), ("error", 1), ("crash", 2), ("restart", 2),
-                     ("freeze", 1), ("thaw", 1), ("reconcile", 1)], [SRC, DST])
-          + _weighted([("kick", 1), ("crash", 1)], [OTHER])
-          + _weighted([("job_done", 2), ("job_error", 1), ("delete_vm", 1)], [None])
-          + _weighted([("tick", 2)], [1, 20, 61, 181]))
+EVENTS = (
+    _weighted(
+        [
+            ("kick", 6),
+            ("sweep", 2),
+            ("error", 1),
+            ("crash", 2),
+            ("restart", 2),
+            ("freeze", 1),
+            ("thaw", 1),
+            ("reconcile", 1),
+        ],
+        [SRC, DST],
+    )
+    + _weighted([("kick", 1), ("crash", 1)], [OTHER])
+    + _weighted([("job_done", 2), ("job_error", 1), ("delete_vm", 1)], [None])
+    + _weighted([("tick", 2)], [1, 20, 61, 181])
+)
 events = st.sampled_from(EVENTS)
 
 
@@ -660,17 +688,21 @@ def test_a_destination_that_never_comes_back_is_given_up_by_its_source(mode, scr
         assert w.running == {SRC}, (w.history, w.running)
 
 
-HAPPY = {"live": [("kick", DST), ("kick", SRC), ("job_done", None)],
-         "cold": [("kick", DST), ("kick", SRC), ("kick", DST), ("kick", SRC)]}
-FAULTS = {"crash": [("crash", "H")], "freeze": [("freeze", "H"), ("tick", 61), ("sweep", SRC),
-                                                ("tick", 61), ("sweep", SRC), ("thaw", "H")],
-          "error": [("error", "H")], "vm deleted": [("delete_vm", None)]}
+HAPPY = {
+    "live": [("kick", DST), ("kick", SRC), ("job_done", None)],
+    "cold": [("kick", DST), ("kick", SRC), ("kick", DST), ("kick", SRC)],
+}
+FAULTS = {
+    "crash": [("crash", "H")],
+    "freeze": [("freeze", "H"), ("tick", 61), ("sweep", SRC), ("tick", 61), ("sweep", SRC), ("thaw", "H")],
+    "error": [("error", "H")],
+    "vm deleted": [("delete_vm", None)],
+}
 
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("host", [SRC, DST])
-@pytest.mark.parametrize("mode,steps", [(mode, n) for mode in HAPPY
-                                        for n in range(len(HAPPY[mode]) + 1)])
+@pytest.mark.parametrize("mode,steps", [(mode, n) for mode in HAPPY for n in range(len(HAPPY[mode]) + 1)])
 def test_a_fault_at_either_host_in_every_phase_ends_the_move(mode, steps, host, fault):
     """The move stopped after each step of its happy path by a crash (and restart), a freeze
     long enough to be called dead, a driver error, or the VM's deletion, at either host, still

@@ -3,6 +3,7 @@
 The test driver has no migration API, so these moves are cold (save, move, restore); the live
 path runs against real libvirtd hosts in tests/test_realhosts_vmweb.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,15 +31,20 @@ def vm_of(client, cluster, name):
 
 def migration_leases(client):
     dom = etree.fromstring(client.call("GetDom").encode())
-    return [e.get("id") for e in dom.iter(f"{NS}lease")
-            if e.get("deleted") != "true" and e.get("id", "").startswith("migration/")]
+    return [
+        e.get("id")
+        for e in dom.iter(f"{NS}lease")
+        if e.get("deleted") != "true" and e.get("id", "").startswith("migration/")
+    ]
 
 
 def running_everywhere(grid, cluster, n, hosts=range(3)):
     """Waits until ``hosts`` (default: all three) see ``n`` VMs of ``cluster`` running; their views."""
+
     def check():
         views = [grid.client(i).call("GetCluster", cluster) for i in hosts]
         return all(sum(v["state"] == "running" for v in c["vms"]) == n for c in views) and views
+
     return wait_until(check, 30, f"{cluster}: {n} VMs running, seen at hosts {list(hosts)}")
 
 
@@ -62,9 +68,16 @@ def test_cold_migration_requested_at_a_third_host_moves_the_vm_and_every_host_ag
     assert m["phase"] == "done", m["error"]
     assert m["bytes"] > 0 and m["total_ms"] >= 0
     for i in range(3):
-        moved = wait_until(lambda i=i: (v := vm_of(grid.client(i), "mig1", vm["name"]))["host"] == dest
-                           and v["state"] == "running" and v, 30, f"host{i + 1} to see the VM on {dest}")
-        assert moved["ip"] == vm["ip"] and moved["mac"] == vm["mac"]   # addresses move with it
+        moved = wait_until(
+            lambda i=i: (
+                (v := vm_of(grid.client(i), "mig1", vm["name"]))["host"] == dest
+                and v["state"] == "running"
+                and v
+            ),
+            30,
+            f"host{i + 1} to see the VM on {dest}",
+        )
+        assert moved["ip"] == vm["ip"] and moved["mac"] == vm["mac"]  # addresses move with it
     wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the migration lease given back")
     # The VM keeps being looked after at its new host: stop and start it there.
     assert grid.client(0).call("StopVm", "mig1", vm["name"])["state"] == "shutoff"
@@ -122,8 +135,10 @@ def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refus
     write_qcow2(src_file, 256 << 20, os.urandom(300_000))
     img = grid.client(0).call("AddImage", "debian-12", str(src_file), "qcow2", "", "", "")
     assert img["hosts"] == ["host1"] and len(img["sha256"]) == 64
-    with pytest.raises(ApiFault) as e:   # not an admin
-        user_client(grid.daemons[0].address, "alice").call("AddImage", "other", str(src_file), "qcow2", "", "", "")
+    with pytest.raises(ApiFault) as e:  # not an admin
+        user_client(grid.daemons[0].address, "alice").call(
+            "AddImage", "other", str(src_file), "qcow2", "", "", ""
+        )
     assert e.value.code == "Client.NotAuthorized"
     # A VM moving to a host without the image: the destination fetches it from host1 first.
     vm = next(v for v in c["vms"] if v["host"] != "host1")
@@ -131,9 +146,15 @@ def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refus
     m = grid.client(0).call("MigrateVm", "mig3", vm["name"], dest)
     m = wait_until(lambda: finished(grid.client(0), m["id"]), 60, "the migration")
     assert m["phase"] == "done", m["error"]
-    holders = wait_until(lambda: set(next(i for i in grid.client(0).call("ListImages")
-                                          if i["name"] == "debian-12")["hosts"]) >= {"host1", dest} and True,
-                         30, f"{dest} to report it holds the image")
+    holders = wait_until(
+        lambda: (
+            set(next(i for i in grid.client(0).call("ListImages") if i["name"] == "debian-12")["hosts"])
+            >= {"host1", dest}
+            and True
+        ),
+        30,
+        f"{dest} to report it holds the image",
+    )
     assert holders
     fetched = grid.base / dest / "images" / img["file"]
     assert fetched.read_bytes() == src_file.read_bytes()
@@ -152,7 +173,7 @@ def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refus
     # Leave host1's corrupt copy as the only one served: dest's copy is hidden (its server then
     # answers 404 although the DOM says it holds the image).
     hidden = fetched.with_suffix(".hidden")
-    fetched.rename(hidden)   # dest still claims it in the DOM; its server now answers 404
+    fetched.rename(hidden)  # dest still claims it in the DOM; its server now answers 404
     m = grid.client(1).call("MigrateVm", "mig3", vm2["name"], other)
     m = wait_until(lambda: finished(grid.client(1), m["id"]), 60, "the failing migration")
     assert m["phase"] == "failed"
@@ -161,16 +182,20 @@ def test_content_image_is_fetched_by_the_destination_and_a_corrupt_copy_is_refus
     for i in range(3):
         v = wait_until(lambda i=i: vm_of(grid.client(i), "mig3", vm2["name"]), 10, "vm view")
         assert v["host"] == dest
-    wait_until(lambda: vm_of(grid.client(0), "mig3", vm2["name"])["state"] == "running", 20,
-               "the VM running at its source")
+    wait_until(
+        lambda: vm_of(grid.client(0), "mig3", vm2["name"])["state"] == "running",
+        20,
+        "the VM running at its source",
+    )
     wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the lease given back")
     assert not (grid.base / other / "images" / img["file"]).exists()
 
 
 def host_loads(client) -> dict[str, float]:
     hs = client.call("ListHosts")
-    return {h["id"]: max(h["used_vcpus"] / (h["cpus"] * 4.0), h["used_memory_mib"] / h["memory_mib"])
-            for h in hs}
+    return {
+        h["id"]: max(h["used_vcpus"] / (h["cpus"] * 4.0), h["used_memory_mib"] / h["memory_mib"]) for h in hs
+    }
 
 
 @pytest.mark.slow
@@ -183,17 +208,26 @@ def test_balancer_spreads_a_packed_grid_without_moving_any_vm_back(grid):
     assert {v["host"] for v in c["vms"]} == {"host1"}
     running_everywhere(grid, "bal", 12)
     hs = admin.call("ListHosts")
-    ideal = max(sum(h["used_vcpus"] for h in hs) / (sum(h["cpus"] for h in hs) * 4.0),
-                sum(h["used_memory_mib"] for h in hs) / sum(h["memory_mib"] for h in hs))
+    ideal = max(
+        sum(h["used_vcpus"] for h in hs) / (sum(h["cpus"] for h in hs) * 4.0),
+        sum(h["used_memory_mib"] for h in hs) / sum(h["memory_mib"] for h in hs),
+    )
     threshold = 0.05
-    for key, value in (("balancer.threshold", str(threshold)), ("balancer.interval", "1"),
-                       ("balancer.min-residence", "3600"), ("balancer.enabled", "true")):
+    for key, value in (
+        ("balancer.threshold", str(threshold)),
+        ("balancer.interval", "1"),
+        ("balancer.min-residence", "3600"),
+        ("balancer.enabled", "true"),
+    ):
         admin.call("SetSetting", key, value)
 
     def balanced():
         loads = host_loads(grid.client(1))
-        busy = [m for m in grid.client(1).call("ListMigrations") or [] if m["phase"] not in ("done", "failed")]
+        busy = [
+            m for m in grid.client(1).call("ListMigrations") or [] if m["phase"] not in ("done", "failed")
+        ]
         return not busy and loads["host1"] <= ideal + threshold and loads
+
     loads = wait_until(balanced, 120, "host1 to shed VMs down to the grid load + threshold")
     admin.call("SetSetting", "balancer.enabled", "false")
     migrations = admin.call("ListMigrations") or []
@@ -221,6 +255,7 @@ def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid
     import sys
 
     from tests.procs import ADMIN, child_env
+
     admin_file = grid.base / "admin-credentials"
     admin_file.write_text(f"{ADMIN[0]}:{ADMIN[1]}\n")
     keep = grid.client(0).call("CreateCluster", "evac", "lab", "alice", 7)
@@ -231,11 +266,12 @@ def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid
     doomed_on3 = [v["name"] for v in doomed["vms"] if v["host"] == "host3"]
     assert on3 and doomed_on3, "spread placement puts VMs of both clusters on host3"
     # A live host is not evacuated; nor by a user; nor a host that does not exist.
-    for client, host, code in [(grid.client(1), "host3", "Client.HostAlive"),
-                               (grid.client(1), "host2", "Client.HostAlive"),
-                               (grid.client(1), "host9", "Client.NoSuchHost"),
-                               (user_client(grid.daemons[1].address, "alice"), "host3",
-                                "Client.NotAuthorized")]:
+    for client, host, code in [
+        (grid.client(1), "host3", "Client.HostAlive"),
+        (grid.client(1), "host2", "Client.HostAlive"),
+        (grid.client(1), "host9", "Client.NoSuchHost"),
+        (user_client(grid.daemons[1].address, "alice"), "host3", "Client.NotAuthorized"),
+    ]:
         with pytest.raises(ApiFault) as e:
             client.call("EvacuateHost", host)
         assert e.value.code == code, (host, e.value)
@@ -243,18 +279,37 @@ def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid
     host3.send_signal(signal.SIGSTOP)
     try:
         for i in (0, 1):
-            wait_until(lambda i=i: grid.liveness(i).get("host3") == "dead", 30, f"host{i + 1} to see host3 dead")
+            wait_until(
+                lambda i=i: grid.liveness(i).get("host3") == "dead", 30, f"host{i + 1} to see host3 dead"
+            )
         # Its VMs cannot be migrated away, and a destroy cannot finish while one of them is there.
         with pytest.raises(ApiFault) as e:
             grid.client(0).call("MigrateVm", "evac", next(iter(on3)), "")
         assert e.value.code == "Server.NoCapacity" and "not alive" in e.value.message
         # The destroy answers once only host3's VMs are left (not after its time-out), and the
         # CLI says what it waits for.
-        out = subprocess.run([sys.executable, "-m", "vmwebd.cli", "--host", grid.daemons[0].url,
-                              "--credentials", str(admin_file), "cluster", "destroy", "evac2"],
-                             capture_output=True, text=True, env=child_env(), timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vmwebd.cli",
+                "--host",
+                grid.daemons[0].url,
+                "--credentials",
+                str(admin_file),
+                "cluster",
+                "destroy",
+                "evac2",
+            ],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
-        assert "cluster evac2 destroying" in out.stdout and "vmweb host evacuate host3" in out.stdout, out.stdout
+        assert "cluster evac2 destroying" in out.stdout and "vmweb host evacuate host3" in out.stdout, (
+            out.stdout
+        )
         assert {v["name"] for v in grid.client(1).call("GetCluster", "evac2")["vms"]} == set(doomed_on3)
         moves = grid.client(1).call("EvacuateHost", "host3")
         assert sorted(m["vm"] for m in moves) == sorted(f"evac/{n}" for n in on3)
@@ -264,26 +319,34 @@ def test_dead_hosts_vms_are_evacuated_and_its_old_copies_go_when_it_returns(grid
             c = running_everywhere(grid, "evac", 7, hosts=(i,))[0]
             for v in c["vms"]:
                 assert v["host"] != "host3", v
-                if v["name"] in on3:   # same addresses, a fresh VM
+                if v["name"] in on3:  # same addresses, a fresh VM
                     assert (v["ip"], v["mac"]) == (on3[v["name"]]["ip"], on3[v["name"]]["mac"])
                     assert v["restarts"] == 0 and not v["detail"], v
-        for i in (0, 1):   # host3's VMs of evac2 were deleted: the destroy finished
-            wait_until(lambda i=i: grid.client(i).call("ListClusters", "bob") in ([], None), 30,
-                       f"evac2 gone at host{i + 1}")
-        assert all(m["phase"] == "done" for m in grid.client(0).call("ListMigrations")
-                   if m["mode"] == "evacuate")
+        for i in (0, 1):  # host3's VMs of evac2 were deleted: the destroy finished
+            wait_until(
+                lambda i=i: grid.client(i).call("ListClusters", "bob") in ([], None),
+                30,
+                f"evac2 gone at host{i + 1}",
+            )
+        assert all(
+            m["phase"] == "done" for m in grid.client(0).call("ListMigrations") if m["mode"] == "evacuate"
+        )
         wait_until(lambda: migration_leases(grid.client(0)) == [], 20, "the evacuation's leases given back")
     finally:
         host3.send_signal(signal.SIGCONT)
     # host3 is back: it learns where its VMs went and removes its own copies (orphans).
-    wait_until(lambda: all(grid.liveness(i).get("host3") == "alive" for i in range(3)), 30, "host3 alive again")
+    wait_until(
+        lambda: all(grid.liveness(i).get("host3") == "alive" for i in range(3)), 30, "host3 alive again"
+    )
     running_everywhere(grid, "evac", 7)
     gone = [f"vmweb-evac-{n}" for n in on3] + [f"vmweb-evac2-{n}" for n in doomed_on3]
-    wait_until(lambda: all(f"removing orphan domain {d} on host3" in grid.daemons[2].log() for d in gone),
-               30, f"host3 to remove {gone}")
+    wait_until(
+        lambda: all(f"removing orphan domain {d} on host3" in grid.daemons[2].log() for d in gone),
+        30,
+        f"host3 to remove {gone}",
+    )
     assert {v["host"] for v in grid.client(2).call("GetCluster", "evac")["vms"]} <= {"host1", "host2"}
     assert grid.client(2).call("ListClusters", "bob") in ([], None)
-
 
 
 @pytest.mark.slow
@@ -292,12 +355,14 @@ def test_draining_a_host_moves_its_vms_away_and_keeps_new_ones_off_until_undrain
     running_everywhere(grid, "drn", 7)
     on1 = sorted(f"drn/{v['name']}" for v in c["vms"] if v["host"] == "host1")
     assert on1, "spread placement puts VMs on host1"
-    for client, host, code in [(user_client(grid.daemons[1].address, "alice"), "host1", "Client.NotAuthorized"),
-                               (grid.client(1), "host9", "Client.NoSuchHost")]:
+    for client, host, code in [
+        (user_client(grid.daemons[1].address, "alice"), "host1", "Client.NotAuthorized"),
+        (grid.client(1), "host9", "Client.NoSuchHost"),
+    ]:
         with pytest.raises(ApiFault) as e:
             client.call("DrainHost", host)
         assert e.value.code == code, (host, e.value)
-    ms = grid.client(1).call("DrainHost", "host1")      # asked at host2
+    ms = grid.client(1).call("DrainHost", "host1")  # asked at host2
     assert sorted(m["vm"] for m in ms) == on1 and all(m["id"] and m["source"] == "host1" for m in ms)
     assert all(m["dest"] in ("host2", "host3") for m in ms)
     for m in ms:
@@ -305,9 +370,14 @@ def test_draining_a_host_moves_its_vms_away_and_keeps_new_ones_off_until_undrain
         assert done["phase"] == "done", done["error"]
     running_everywhere(grid, "drn", 7)
     for i in range(3):
-        wait_until(lambda i=i: not any(v["host"] == "host1" for v in grid.client(i).call("GetCluster", "drn")["vms"])
-                   and next(h for h in grid.client(i).call("ListHosts") if h["id"] == "host1")["draining"],
-                   30, f"host{i + 1} to see host1 drained and draining")
+        wait_until(
+            lambda i=i: (
+                not any(v["host"] == "host1" for v in grid.client(i).call("GetCluster", "drn")["vms"])
+                and next(h for h in grid.client(i).call("ListHosts") if h["id"] == "host1")["draining"]
+            ),
+            30,
+            f"host{i + 1} to see host1 drained and draining",
+        )
     # No new VM goes to a draining host, not even when asked there or by name.
     new = grid.client(0).call("CreateCluster", "drn2", "lab", "bob", 3)
     assert "host1" not in {v["host"] for v in new["vms"]}
@@ -316,8 +386,11 @@ def test_draining_a_host_moves_its_vms_away_and_keeps_new_ones_off_until_undrain
     assert e.value.code == "Server.NoCapacity" and "drained" in e.value.message
     # Undrained, host1 (the biggest, now empty) takes new VMs again.
     assert grid.client(2).call("UndrainHost", "host1") is True
-    wait_until(lambda: not next(h for h in grid.client(0).call("ListHosts") if h["id"] == "host1")["draining"],
-               30, "host1 to see its drain ended")
+    wait_until(
+        lambda: not next(h for h in grid.client(0).call("ListHosts") if h["id"] == "host1")["draining"],
+        30,
+        "host1 to see its drain ended",
+    )
     again = grid.client(0).call("CreateCluster", "drn3", "lab", "bob", 4)
     assert "host1" in {v["host"] for v in again["vms"]}
 
@@ -328,6 +401,7 @@ def test_vms_placed_on_a_host_frozen_just_before_a_create_run_elsewhere_once_it_
     the create is answered without waiting for host3, its VMs there never ran and, once host3 is
     dead, each is re-placed by exactly one host with its IP and MAC; VMs that ran on host3 stay."""
     import signal
+
     grid.client(0).call("CreateCluster", "ran", "lab", "alice", 7)
     ran_on3 = {v["name"]: v for v in running_everywhere(grid, "ran", 7)[0]["vms"] if v["host"] == "host3"}
     assert ran_on3, "spread placement puts VMs of 'ran' on host3"
@@ -343,9 +417,10 @@ def test_vms_placed_on_a_host_frozen_just_before_a_create_run_elsewhere_once_it_
             if v["name"] in fresh_on3:
                 assert (v["ip"], v["mac"]) == (fresh_on3[v["name"]]["ip"], fresh_on3[v["name"]]["mac"])
         moves = [m for m in grid.client(1).call("ListMigrations") or [] if m["vm"].startswith("fresh/")]
-        assert sorted(m["vm"] for m in moves) == sorted(f"fresh/{n}" for n in fresh_on3)   # one each
-        assert {(m["mode"], m["source"], m["phase"], m["requested_by"]) for m in moves} == \
-            {("evacuate", "host3", "done", "auto: never ran")}
+        assert sorted(m["vm"] for m in moves) == sorted(f"fresh/{n}" for n in fresh_on3)  # one each
+        assert {(m["mode"], m["source"], m["phase"], m["requested_by"]) for m in moves} == {
+            ("evacuate", "host3", "done", "auto: never ran")
+        }
         # What ran on host3 waits for it (or an admin's evacuate), with its host named.
         for v in grid.client(0).call("GetCluster", "ran")["vms"]:
             if v["name"] in ran_on3:

@@ -5,6 +5,7 @@ Two "hosts" (namespaces A and B) sit on one underlay, a bridge in a third namesp
 whose one NIC is a veth whose other end is on a segment's bridge. Nothing is made in the namespace
 the tests run in.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -32,17 +33,24 @@ OUTSIDE = "192.0.2.254"
 MTU = 1450
 
 
-def seg(vni, cluster, mode="isolated", subnet="10.10.0.0/24", peers=(), mtu=MTU,
-        local=()) -> Segment:
+def seg(vni, cluster, mode="isolated", subnet="10.10.0.0/24", peers=(), mtu=MTU, local=()) -> Segment:
     net = ipaddress.IPv4Network(subnet)
-    return Segment(vni=vni, cluster=cluster, mode=mode, mtu=mtu, subnet=subnet,
-                   gateway=str(net.network_address + 1), peers=tuple(sorted(peers)),
-                   local=tuple(local) if mode == "nat" else ())
+    return Segment(
+        vni=vni,
+        cluster=cluster,
+        mode=mode,
+        mtu=mtu,
+        subnet=subnet,
+        gateway=str(net.network_address + 1),
+        peers=tuple(sorted(peers)),
+        local=tuple(local) if mode == "nat" else (),
+    )
 
 
 def plan(host: str, *segments: Segment, underlay: str | None = None) -> HostPlan:
-    return HostPlan(host=host, underlay=UNDERLAY[host] if underlay is None else underlay,
-                    segments=tuple(sorted(segments)))
+    return HostPlan(
+        host=host, underlay=UNDERLAY[host] if underlay is None else underlay, segments=tuple(sorted(segments))
+    )
 
 
 def apply(devices: NetlinkDevices, p: HostPlan):
@@ -57,14 +65,14 @@ class Grid:
 
     def devices(self, host: str, **kw) -> NetlinkDevices:
         from twisted.internet import reactor
+
         return NetlinkDevices(reactor, netns=self.hosts[host], **kw)
 
     def links(self, host: str) -> dict[str, dict]:
         return self.ns.links(self.hosts[host])
 
     def guest(self, tag: str, host: str, s: Segment, address: str) -> str:
-        g = self.ns.guest(tag, self.hosts[host], s.bridge, f"{address}/{s.prefix}", s.mtu,
-                          gateway=s.gateway)
+        g = self.ns.guest(tag, self.hosts[host], s.bridge, f"{address}/{s.prefix}", s.mtu, gateway=s.gateway)
         self.guests.append(g)
         return g
 
@@ -95,13 +103,28 @@ def grid():
             spaces.veth(hosts[h], "ul", switch, f"sw-{h}")
             spaces.ip(switch, "link", "set", f"sw-{h}", "master", "sw0")
             spaces.ip(hosts[h], "addr", "add", f"{addr}/24", "dev", "ul")
-        probe = spaces.ip(hosts["a"], "link", "add", "vxprobe", "type", "vxlan", "id", "1",
-                          "dstport", str(VXLAN_PORT), "local", UNDERLAY["a"], check=False)
+        probe = spaces.ip(
+            hosts["a"],
+            "link",
+            "add",
+            "vxprobe",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            str(VXLAN_PORT),
+            "local",
+            UNDERLAY["a"],
+            check=False,
+        )
         if probe.returncode != 0:
             pytest.skip(f"vxlan devices cannot be made here: {probe.stderr.strip()}")
         spaces.ip(hosts["a"], "link", "del", "vxprobe")
-        if shutil.which("nft") is None or \
-                spaces.exec(hosts["a"], "nft", "list", "tables", check=False).returncode != 0:
+        if (
+            shutil.which("nft") is None
+            or spaces.exec(hosts["a"], "nft", "list", "tables", check=False).returncode != 0
+        ):
             pytest.skip("nftables (the nft command) is not usable here")
         yield Grid(spaces, switch, hosts)
     finally:
@@ -120,15 +143,19 @@ def test_ruleset_text_is_accepted_by_nft(tmp_path):
     """Every shape of plan yields a script the real nft accepts in check mode."""
     if shutil.which("nft") is None:
         pytest.skip("needs the nft command")
-    spaces = Namespaces(prefix=f"vmwt-{id(tmp_path) & 0xffff:x}")
+    spaces = Namespaces(prefix=f"vmwt-{id(tmp_path) & 0xFFFF:x}")
     try:
         ns = spaces.add("c")
         plans = [
             plan("a"),
             plan("a", seg(100, "lab1")),
-            plan("a", seg(100, "lab1", "nat", peers=["192.0.2.2"]), seg(200, "lab2"),
-                 seg(300, "lab3", "nat", "10.30.0.0/26")),
-            plan("a", Segment(400, "old", "nat", MTU, "", "", ())),   # nat without a subnet
+            plan(
+                "a",
+                seg(100, "lab1", "nat", peers=["192.0.2.2"]),
+                seg(200, "lab2"),
+                seg(300, "lab3", "nat", "10.30.0.0/26"),
+            ),
+            plan("a", Segment(400, "old", "nat", MTU, "", "", ())),  # nat without a subnet
         ]
         for i, p in enumerate(plans):
             path = tmp_path / f"rules{i}.nft"
@@ -163,9 +190,11 @@ def test_devices_are_made_as_planned(hosts):
     """Bridge and VXLAN device have the planned id, port, local address, learning off, MTU,
     master and marker; forwarding entries are exactly the peers; only a nat bridge has an
     address, the gateway, with the gateway MAC; IPv4 forwarding is on."""
-    nat, iso = seg(100, "lab1", "nat", peers=["192.0.2.2", "192.0.2.3"]), \
-        seg(200, "lab2", "isolated", "10.20.0.0/24", peers=["192.0.2.2"])
-    res = (yield apply(hosts.devices("a"), plan("a", nat, iso)))
+    nat, iso = (
+        seg(100, "lab1", "nat", peers=["192.0.2.2", "192.0.2.3"]),
+        seg(200, "lab2", "isolated", "10.20.0.0/24", peers=["192.0.2.2"]),
+    )
+    res = yield apply(hosts.devices("a"), plan("a", nat, iso))
     assert res.failed == {} and res.changed
     links = hosts.links("a")
     for s in (nat, iso):
@@ -175,8 +204,12 @@ def test_devices_are_made_as_planned(hosts):
         assert br["linkinfo"]["info_data"]["forward_delay"] == 0
         info = vx["linkinfo"]["info_data"]
         assert vx["linkinfo"]["info_kind"] == "vxlan"
-        assert (info["id"], info["port"], info["local"], info["learning"]) == \
-            (s.vni, VXLAN_PORT, UNDERLAY["a"], False)
+        assert (info["id"], info["port"], info["local"], info["learning"]) == (
+            s.vni,
+            VXLAN_PORT,
+            UNDERLAY["a"],
+            False,
+        )
         assert info["link"] == "ul"
         assert vx["master"] == s.bridge
         assert br["mtu"] == vx["mtu"] == MTU
@@ -201,14 +234,15 @@ def test_reapply_is_a_no_op_and_a_change_touches_only_what_differs(hosts):
     before = {n: lk["ifindex"] for n, lk in hosts.links("a").items()}
     assert (yield apply(devices, p)) == Applied()
     assert devices.current() == p
-    p2 = plan("a", seg(100, "lab1", "nat", peers=["192.0.2.3", "192.0.2.4"]),
-              seg(200, "lab2", peers=["192.0.2.2"]))
-    res = (yield apply(devices, p2))
+    p2 = plan(
+        "a", seg(100, "lab1", "nat", peers=["192.0.2.3", "192.0.2.4"]), seg(200, "lab2", peers=["192.0.2.2"])
+    )
+    res = yield apply(devices, p2)
     assert res.changed and res.failed == {} and res.removed == ()
     assert hosts.ns.fdb_zero(hosts.hosts["a"], "vmvx100") == {"192.0.2.3", "192.0.2.4"}
     assert hosts.ns.fdb_zero(hosts.hosts["a"], "vmvx200") == {"192.0.2.2"}
     assert {n: lk["ifindex"] for n, lk in hosts.links("a").items()} == before
-    assert (yield apply(hosts.devices("a"), p2)) == Applied()    # a new instance sees the same
+    assert (yield apply(hosts.devices("a"), p2)) == Applied()  # a new instance sees the same
 
 
 @pytest_twisted.inlineCallbacks
@@ -217,12 +251,12 @@ def test_a_segment_left_out_is_removed(hosts):
     plan leaves no device and no table of ours."""
     devices = hosts.devices("a")
     (yield apply(devices, plan("a", seg(100, "lab1", "nat", peers=["192.0.2.2"]), seg(200, "lab2"))))
-    res = (yield apply(devices, plan("a", seg(200, "lab2"))))
+    res = yield apply(devices, plan("a", seg(200, "lab2")))
     assert res.removed == ("vmbr100", "vmvx100") and res.changed and res.failed == {}
     links = hosts.links("a")
     assert "vmbr100" not in links and "vmvx100" not in links and "vmbr200" in links
     assert "vmvx100" not in run("bridge", "-n", hosts.hosts["a"], "fdb", "show").stdout
-    res = (yield apply(devices, plan("a")))
+    res = yield apply(devices, plan("a"))
     assert res.removed == ("vmbr200", "vmvx200")
     assert set(hosts.links("a")) == {"lo", "ul"}
     assert NftRules(hosts.hosts["a"]).loaded_digests() == (None, None)
@@ -239,7 +273,7 @@ def test_a_new_underlay_address_remakes_only_the_vxlan_devices(hosts):
     (yield apply(devices, plan("a", s)))
     before = hosts.links("a")
     hosts.ns.ip(ns, "addr", "add", "192.0.2.11/24", "dev", "ul")
-    res = (yield apply(devices, plan("a", s, underlay="192.0.2.11")))
+    res = yield apply(devices, plan("a", s, underlay="192.0.2.11"))
     assert res.changed and res.failed == {}
     after = hosts.links("a")
     assert after["vmvx100"]["linkinfo"]["info_data"]["local"] == "192.0.2.11"
@@ -255,7 +289,7 @@ def test_a_leftover_of_a_previous_run_is_removed(hosts):
     """Devices made by an earlier instance (before a crash) and not in a new instance's plan
     are recognised by their marker and deleted."""
     (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1"), seg(200, "lab2"))))
-    res = (yield apply(hosts.devices("a"), plan("a", seg(200, "lab2"))))
+    res = yield apply(hosts.devices("a"), plan("a", seg(200, "lab2")))
     assert res.removed == ("vmbr100", "vmvx100")
     assert "vmbr100" not in hosts.links("a")
 
@@ -265,30 +299,55 @@ def test_devices_not_ours_are_left_alone(hosts):
     """A vmvx device without our marker fails its segment, named, and stays as it was; so does a
     VXLAN device of another name using the segment's network id; other segments are made."""
     ns = hosts.hosts["a"]
-    hosts.ns.ip(ns, "link", "add", "vmvx100", "type", "vxlan", "id", "999", "dstport",
-                str(VXLAN_PORT), "local", UNDERLAY["a"])
-    hosts.ns.ip(ns, "link", "add", "other300", "type", "vxlan", "id", "300", "dstport",
-                str(VXLAN_PORT), "local", UNDERLAY["a"])
+    hosts.ns.ip(
+        ns,
+        "link",
+        "add",
+        "vmvx100",
+        "type",
+        "vxlan",
+        "id",
+        "999",
+        "dstport",
+        str(VXLAN_PORT),
+        "local",
+        UNDERLAY["a"],
+    )
+    hosts.ns.ip(
+        ns,
+        "link",
+        "add",
+        "other300",
+        "type",
+        "vxlan",
+        "id",
+        "300",
+        "dstport",
+        str(VXLAN_PORT),
+        "local",
+        UNDERLAY["a"],
+    )
     hosts.ns.ip(ns, "link", "add", "vmbr400", "type", "bridge")
     before = hosts.links("a")
-    res = (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1"), seg(200, "lab2"),
-                                                seg(300, "lab3"), seg(400, "lab4", "nat"))))
+    res = yield apply(
+        hosts.devices("a"),
+        plan("a", seg(100, "lab1"), seg(200, "lab2"), seg(300, "lab3"), seg(400, "lab4", "nat")),
+    )
     assert set(res.failed) == {100, 300, 400}
     assert "device vmvx100 exists and is not vmweb's" in res.failed[100]
     assert "other300" in res.failed[300] and "300" in res.failed[300]
     assert "device vmbr400 exists and is not vmweb's" in res.failed[400]
     assert hosts.ns.addresses(ns, "vmbr400") == [] and "vmvx400" not in hosts.links("a")
     rules = hosts.ns.exec(ns, "nft", "list", "table", "inet", "vmweb").stdout
-    assert '"vmbr200"' in rules and '"vmbr400"' not in rules    # nothing forwarded for others
+    assert '"vmbr200"' in rules and '"vmbr400"' not in rules  # nothing forwarded for others
     after = hosts.links("a")
     for name in ("vmvx100", "other300"):
         assert after[name]["ifindex"] == before[name]["ifindex"]
-        assert after[name]["linkinfo"]["info_data"]["id"] == \
-            before[name]["linkinfo"]["info_data"]["id"]
+        assert after[name]["linkinfo"]["info_data"]["id"] == before[name]["linkinfo"]["info_data"]["id"]
         assert "ifalias" not in after[name] and "master" not in after[name]
     assert "vmvx200" in after and "vmbr300" not in after
     # and an empty plan still does not touch them
-    res = (yield apply(hosts.devices("a"), plan("a")))
+    res = yield apply(hosts.devices("a"), plan("a"))
     assert "vmvx100" in hosts.links("a") and "vmvx100" not in res.removed
 
 
@@ -296,8 +355,9 @@ def test_devices_not_ours_are_left_alone(hosts):
 def test_missing_underlay_fails_every_segment(hosts):
     """With the underlay address on no interface, every segment fails naming it; check_underlay
     raises a ConfigError naming it, and names the interface of one that is there."""
-    res = (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1"), seg(200, "lab2"),
-                                         underlay="192.0.2.77")))
+    res = yield apply(
+        hosts.devices("a"), plan("a", seg(100, "lab1"), seg(200, "lab2"), underlay="192.0.2.77")
+    )
     assert set(res.failed) == {100, 200}
     assert all("192.0.2.77" in why for why in res.failed.values())
     assert "vmbr100" not in hosts.links("a")
@@ -313,6 +373,7 @@ def test_a_missing_namespace_fails_every_segment_and_is_not_created(hosts):
     """An executor for a namespace that does not exist reports every segment failed, naming it,
     and creates no namespace."""
     from twisted.internet import reactor
+
     name = f"{hosts.ns.prefix}-missing"
     res = yield apply(NetlinkDevices(reactor, netns=name), plan("a", seg(100, "lab1")))
     assert set(res.failed) == {100} and name in res.failed[100]
@@ -322,7 +383,7 @@ def test_a_missing_namespace_fails_every_segment_and_is_not_created(hosts):
 @pytest_twisted.inlineCallbacks
 def test_an_mtu_the_underlay_cannot_carry_fails_that_segment(hosts):
     """A guest MTU above the underlay's minus the VXLAN overhead fails the segment, saying so."""
-    res = (yield apply(hosts.devices("a"), plan("a", seg(100, "lab1", mtu=1480), seg(200, "lab2"))))
+    res = yield apply(hosts.devices("a"), plan("a", seg(100, "lab1", mtu=1480), seg(200, "lab2")))
     assert set(res.failed) == {100}
     assert "vmvx100" in res.failed[100] and "MTU 1480" in res.failed[100]
     assert "vmvx200" in hosts.links("a")
@@ -345,6 +406,7 @@ def test_applies_run_off_the_reactor_thread_one_at_a_time(hosts):
                 seen["inside"] -= 1
 
     from twisted.internet import defer, reactor
+
     devices = Watched(reactor, netns=hosts.hosts["a"])
     plans = [plan("a", seg(100 + i, f"c{i}")) for i in range(4)]
     yield defer.gatherResults([devices.apply(p) for p in plans])
@@ -382,11 +444,18 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     a3 = hosts.guest("a3", "a", lab3, "10.30.0.2")
     a4 = hosts.guest("a4", "a", lab4, "10.10.0.7")
     # a counter on the outside tells which source addresses reach it
-    hosts.ns.exec(hosts.switch, "nft", "-f", "-", stdin=(
-        "table inet probe {\n chain in {\n type filter hook input priority 0;\n"
-        f" ip saddr {UNDERLAY['a']} icmp type echo-request counter\n"
-        f" ip saddr {UNDERLAY['b']} icmp type echo-request counter\n"
-        " ip saddr 10.0.0.0/8 counter\n }\n}\n"))
+    hosts.ns.exec(
+        hosts.switch,
+        "nft",
+        "-f",
+        "-",
+        stdin=(
+            "table inet probe {\n chain in {\n type filter hook input priority 0;\n"
+            f" ip saddr {UNDERLAY['a']} icmp type echo-request counter\n"
+            f" ip saddr {UNDERLAY['b']} icmp type echo-request counter\n"
+            " ip saddr 10.0.0.0/8 counter\n }\n}\n"
+        ),
+    )
 
     ping = hosts.ns
     assert ping.reaches(a1, "10.10.0.3"), "lab1 across hosts"
@@ -394,9 +463,12 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     assert ping.reaches(a2, "10.10.0.5") and ping.reaches(b2, "10.10.0.4"), "lab2 across hosts"
     assert ping.reaches(a1, "10.10.0.1") and ping.reaches(b1, "10.10.0.1"), "gateway on each host"
     assert ping.reaches(a1, OUTSIDE) and ping.reaches(b1, OUTSIDE), "nat out"
-    counters = [int(n) for n in re.findall(
-        r"counter packets (\d+)", ping.exec(hosts.switch, "nft", "list", "table", "inet",
-                                            "probe").stdout)]
+    counters = [
+        int(n)
+        for n in re.findall(
+            r"counter packets (\d+)", ping.exec(hosts.switch, "nft", "list", "table", "inet", "probe").stdout
+        )
+    ]
     assert counters[0] >= 1 and counters[1] >= 1 and counters[2] == 0, counters
     assert ping.reaches(a3, "10.30.0.1")
     assert ping.reaches(a4, OUTSIDE), "a second nat cluster of the same network out"
@@ -416,7 +488,7 @@ def test_segments_carry_their_traffic_and_nothing_else(hosts):
     # the rules are what keeps lab1 from lab3: without them the host routes between them
     ping.exec(hosts.hosts["a"], "nft", "delete", "table", "inet", "vmweb")
     assert ping.reaches(a1, "10.30.0.2")
-    res = (yield apply(devices["a"], plan("a", lab1["a"], lab2["a"], lab3, lab4)))
+    res = yield apply(devices["a"], plan("a", lab1["a"], lab2["a"], lab3, lab4))
     assert res.changed and res.failed == {}
     wait_until(lambda: not ping.ping(a1, "10.30.0.2"), "lab1 cut from lab3 again", timeout=8)
 
@@ -426,14 +498,24 @@ def test_apply_time_grows_with_segments(hosts, capsys):
     """Measures an apply of 1, 10 and 40 segments, then a no-op re-apply (printed with -s)."""
     devices = hosts.devices("a")
     for n in (1, 10, 40):
-        p = plan("a", *[seg(1000 + i, f"m{i}", "nat" if i % 2 else "isolated",
-                            f"10.{i // 250 + 64}.{i % 250}.0/24", peers=["192.0.2.2", "192.0.2.3"])
-                        for i in range(n)])
+        p = plan(
+            "a",
+            *[
+                seg(
+                    1000 + i,
+                    f"m{i}",
+                    "nat" if i % 2 else "isolated",
+                    f"10.{i // 250 + 64}.{i % 250}.0/24",
+                    peers=["192.0.2.2", "192.0.2.3"],
+                )
+                for i in range(n)
+            ],
+        )
         t0 = time.monotonic()
-        res = (yield apply(devices, p))
+        res = yield apply(devices, p)
         made = time.monotonic() - t0
         t0 = time.monotonic()
-        again = (yield apply(devices, p))
+        again = yield apply(devices, p)
         noop = time.monotonic() - t0
         assert res.failed == {} and not again.changed
         with capsys.disabled():

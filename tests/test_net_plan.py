@@ -1,5 +1,6 @@
 """The network plan is a pure function of the DOM: checked against a brute-force reading of the
 same records, and across replicas that received the same records in another order."""
+
 import ipaddress
 import random
 
@@ -23,26 +24,51 @@ def grids(draw):
     hosts = []
     for i, h in enumerate(HOSTS):
         how = draw(st.sampled_from(["underlay", "peer", "none"]))
-        hosts.append(HostRec(id=h, underlay=f"10.0.0.{i + 1}" if how == "underlay" else "",
-                             peer=f"10.0.1.{i + 1}:8570" if how == "peer" else "0.0.0.0:8570"))
+        hosts.append(
+            HostRec(
+                id=h,
+                underlay=f"10.0.0.{i + 1}" if how == "underlay" else "",
+                peer=f"10.0.1.{i + 1}:8570" if how == "peer" else "0.0.0.0:8570",
+            )
+        )
     clusters, vms, migrations = [], [], []
     for c in range(draw(st.integers(0, 4))):
         cid = f"c{c}"
-        clusters.append(VClusterRec(id=cid, owner="u", vni=100 + c,
-                                    mode=draw(st.sampled_from(["isolated", "nat"])),
-                                    subnet="10.77.0.0/16", gateway="10.77.0.1",
-                                    mtu=draw(st.sampled_from([0, 1450, 8950]))))
+        clusters.append(
+            VClusterRec(
+                id=cid,
+                owner="u",
+                vni=100 + c,
+                mode=draw(st.sampled_from(["isolated", "nat"])),
+                subnet="10.77.0.0/16",
+                gateway="10.77.0.1",
+                mtu=draw(st.sampled_from([0, 1450, 8950])),
+            )
+        )
         for n in range(draw(st.integers(0, 6))):
-            vms.append(VmRec(id=f"{cid}/n{n}", cluster=cid, name=f"n{n}",
-                             host=draw(st.sampled_from(HOSTS)), ip=f"10.77.{c + 1}.{n + 1}",
-                             desired=draw(st.sampled_from(["running", "running", "stopped", "absent"]))))
+            vms.append(
+                VmRec(
+                    id=f"{cid}/n{n}",
+                    cluster=cid,
+                    name=f"n{n}",
+                    host=draw(st.sampled_from(HOSTS)),
+                    ip=f"10.77.{c + 1}.{n + 1}",
+                    desired=draw(st.sampled_from(["running", "running", "stopped", "absent"])),
+                )
+            )
     for k in range(draw(st.integers(0, 3))):
         if not vms:
             break
         vm = draw(st.sampled_from(vms))
-        migrations.append(MigrationRec(id=f"m{k}", vm=vm.id, source=vm.host,
-                                       dest=draw(st.sampled_from(HOSTS)),
-                                       phase=draw(st.sampled_from(PHASES))))
+        migrations.append(
+            MigrationRec(
+                id=f"m{k}",
+                vm=vm.id,
+                source=vm.host,
+                dest=draw(st.sampled_from(HOSTS)),
+                phase=draw(st.sampled_from(PHASES)),
+            )
+        )
     return hosts, clusters, vms, migrations
 
 
@@ -92,8 +118,7 @@ def test_plan_is_the_same_at_every_replica_and_says_what_the_records_say(grid, s
             assert set(seg.peers) == want
             assert list(seg.peers) == sorted(seg.peers)
             assert seg.mtu == (c.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU))
-            local = {vm.ip for vm in vms if vm.cluster == c.id and vm.host == h
-                     and vm.desired != "absent"}
+            local = {vm.ip for vm in vms if vm.cluster == c.id and vm.host == h and vm.desired != "absent"}
             assert set(seg.local) == (local if c.mode == "nat" else set())
     for h, plan in plans.items():
         assert plan.underlay == underlays.get(h, "")
@@ -102,10 +127,14 @@ def test_plan_is_the_same_at_every_replica_and_says_what_the_records_say(grid, s
 
 
 def test_a_cluster_on_one_host_has_a_segment_without_peers_and_none_elsewhere():
-    dom = replica([HostRec(id="h0", underlay="10.0.0.1"), HostRec(id="h1", underlay="10.0.0.2"),
-                   VClusterRec(id="c", vni=101, mode="nat", subnet="10.77.0.0/16",
-                               gateway="10.77.0.1"),
-                   VmRec(id="c/n0", cluster="c", host="h0", ip="10.77.1.1")])
+    dom = replica(
+        [
+            HostRec(id="h0", underlay="10.0.0.1"),
+            HostRec(id="h1", underlay="10.0.0.2"),
+            VClusterRec(id="c", vni=101, mode="nat", subnet="10.77.0.0/16", gateway="10.77.0.1"),
+            VmRec(id="c/n0", cluster="c", host="h0", ip="10.77.1.1"),
+        ]
+    )
     seg = plan_host(dom, "h0").segment(101)
     assert seg.peers == () and seg.routed and seg.local == ("10.77.1.1",)
     assert seg.gateway_mac == "02:76:6d:00:00:65"
@@ -127,7 +156,7 @@ def test_pool_addresses_are_never_network_broadcast_or_gateway(prefix, base, wid
         assert a in cidr and a in pool
         assert a not in (cidr.network_address, cidr.broadcast_address, gw)
         if prefix < 24:
-            assert int(a) & 0xff not in (0, 255)
+            assert int(a) & 0xFF not in (0, 255)
     assert gw not in pool and cidr.network_address not in pool and cidr.broadcast_address not in pool
     if prefix <= 29:
         assert addrs, "a pool of 4 or more addresses holds a VM"

@@ -1,6 +1,7 @@
 """The package as pip installs it: the wheel holds the example config, the scenario templates, the
 web files and the schema; an installed wheel hands out its example config; every library the
 code imports is declared."""
+
 from __future__ import annotations
 
 import ast
@@ -34,9 +35,25 @@ def wheel(tmp_path_factory) -> Path:
     skip = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "vmwebd", src / "vmwebd", symlinks=True, ignore=skip)
     shutil.copytree(REPO / "conf", src / "conf", ignore=skip)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps",
-                           "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(src),
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
+    )
     assert proc.returncode == 0, proc.stderr
     wheels = list((tmp / "dist").glob("vmweb-*.whl"))
     assert len(wheels) == 1, wheels
@@ -55,8 +72,9 @@ def test_wheel_holds_config_templates_web_files_and_schema(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {"vmwebd/conf/vmwebd.xml", "vmwebd/dom/schema.rng"}
     wanted |= {f"vmwebd/conf/templates/{p.name}" for p in (REPO / "conf" / "templates").glob("*.xml")}
-    wanted |= {f"vmwebd/web/static/{p.name}" for p in (REPO / "vmwebd" / "web" / "static").iterdir()
-               if p.is_file()}
+    wanted |= {
+        f"vmwebd/web/static/{p.name}" for p in (REPO / "vmwebd" / "web" / "static").iterdir() if p.is_file()
+    }
     wanted |= {f"vmwebd/{p.relative_to(REPO / 'vmwebd')}" for p in (REPO / "vmwebd").rglob("*.rng")}
     assert len(wanted) > 6 and wanted - names == set()
     entry_points = zipfile.ZipFile(wheel).read(f"vmweb-{__version__}.dist-info/entry_points.txt").decode()
@@ -66,8 +84,7 @@ def test_wheel_holds_config_templates_web_files_and_schema(wheel):
 def test_wheel_metadata(wheel):
     """The wheel's version is vmwebd.__version__; requests and argcomplete are requirements;
     libvirt-python is required only by the daemon extra."""
-    meta = email.message_from_bytes(
-        zipfile.ZipFile(wheel).read(f"vmweb-{__version__}.dist-info/METADATA"))
+    meta = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"vmweb-{__version__}.dist-info/METADATA"))
     assert meta["Version"] == __version__
     requires = meta.get_all("Requires-Dist")
     plain = {re.split(r"[<>=!;\[ ]", r)[0].lower() for r in requires if "extra ==" not in r}
@@ -80,31 +97,71 @@ def test_installed_wheel_writes_its_example_config(wheel, tmp_path):
     """From the installed wheel (not the source tree), vmwebd --write-example-config DIR writes a
     config that loads as is, with its templates beside it, and --print-example-config prints it."""
     target = tmp_path / "site"
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q",
-                           "--target", str(target), str(wheel)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     env = dict(os.environ, PYTHONPATH=str(target))
     env.pop("NOTIFY_SOCKET", None)
-    where = subprocess.run([sys.executable, "-c", "import vmwebd; print(vmwebd.__file__)"],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
-    assert where.stdout.startswith(str(target)), where      # the installed copy, not the repo's
-    printed = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--print-example-config"],
-                             capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    where = subprocess.run(
+        [sys.executable, "-c", "import vmwebd; print(vmwebd.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert where.stdout.startswith(str(target)), where  # the installed copy, not the repo's
+    printed = subprocess.run(
+        [sys.executable, "-m", "vmwebd.daemon", "--print-example-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     assert printed.returncode == 0 and printed.stdout == (REPO / "conf" / "vmwebd.xml").read_text()
     etc = tmp_path / "etc" / "vmwebd"
-    wrote = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--write-example-config", str(etc)],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    wrote = subprocess.run(
+        [sys.executable, "-m", "vmwebd.daemon", "--write-example-config", str(etc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     assert wrote.returncode == 0, wrote.stderr
-    assert sorted(p.name for p in (etc / "templates").iterdir()) == \
-        sorted(p.name for p in (REPO / "conf" / "templates").glob("*.xml"))
+    assert sorted(p.name for p in (etc / "templates").iterdir()) == sorted(
+        p.name for p in (REPO / "conf" / "templates").glob("*.xml")
+    )
     from vmwebd.config import load_config
     from vmwebd.templates import load_templates
+
     config = load_config(etc / "vmwebd.xml")
     assert config.templates_dir == etc / "templates"
     assert set(load_templates(config.templates_dir)) == set(load_templates(REPO / "conf" / "templates"))
-    again = subprocess.run([sys.executable, "-m", "vmwebd.daemon", "--write-example-config", str(etc)],
-                           capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    again = subprocess.run(
+        [sys.executable, "-m", "vmwebd.daemon", "--write-example-config", str(etc)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
     assert again.returncode == 2 and "--write-example-config" in again.stderr
     assert "exists already" in again.stderr
 
@@ -112,9 +169,11 @@ def test_installed_wheel_writes_its_example_config(wheel, tmp_path):
 def test_every_imported_library_is_declared():
     """Every third-party module vmwebd imports comes from a distribution pyproject.toml names
     (in its dependencies or an extra)."""
-    declared = {re.split(r"[<>=!;\[ ]", r)[0].lower().replace("_", "-")
-                for r in PYPROJECT["project"]["dependencies"]
-                + [r for rs in PYPROJECT["project"]["optional-dependencies"].values() for r in rs]}
+    declared = {
+        re.split(r"[<>=!;\[ ]", r)[0].lower().replace("_", "-")
+        for r in PYPROJECT["project"]["dependencies"]
+        + [r for rs in PYPROJECT["project"]["optional-dependencies"].values() for r in rs]
+    }
     providers = importlib.metadata.packages_distributions()
     missing = {}
     for path in (REPO / "vmwebd").rglob("*.py"):
@@ -148,8 +207,11 @@ def test_the_daemon_without_the_libvirt_binding_says_so_in_one_line():
     line naming the package and the extra to install, no traceback."""
     import subprocess
     import sys
-    code = ("import sys; sys.modules['libvirt'] = None; from vmwebd.daemon import main; "
-            "sys.exit(main(['--config', '/nonexistent/vmwebd.xml']))")
+
+    code = (
+        "import sys; sys.modules['libvirt'] = None; from vmwebd.daemon import main; "
+        "sys.exit(main(['--config', '/nonexistent/vmwebd.xml']))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2, p.stderr
     assert "libvirt-python" in p.stderr and "vmweb[daemon]" in p.stderr

@@ -1,5 +1,6 @@
 """The Paxos core on the deterministic simulator: safety under random faulty schedules, liveness in
 benign conditions, batching, and durable promises across restarts."""
+
 from __future__ import annotations
 
 import random
@@ -14,16 +15,16 @@ from vmwebd.lease.paxos_sim import PaxosSim
 
 KEYS = ("ip/lab/10.0.0.1", "ip/lab/10.0.0.2", "mac/52:54:00:00:00:01")
 HOLDERS = ("vm:a", "vm:b", "vm:c")
-GRID = 0.01         # schedule times are multiples of 10 ms, so ballots of different incarnations can meet
+GRID = 0.01  # schedule times are multiples of 10 ms, so ballots of different incarnations can meet
 FAULTS = ("crash", "restart", "rewind", "partition", "heal")
-WINDOW = 0.8        # faults and operations happen in the first 0.8 s
+WINDOW = 0.8  # faults and operations happen in the first 0.8 s
 
 
 # -- random schedules ------------------------------------------------------------------------------
 def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCore) -> PaxosSim:
     """Plays one schedule, then heals, restarts everyone and probes every key; checks safety."""
     sim = PaxosSim(n, seed, drop=drop, dup=dup, delay=(0.001, max_delay), core_factory=core)
-    extra = 6 - len(ops)                # at most 6 operations in all (before the probes)
+    extra = 6 - len(ops)  # at most 6 operations in all (before the probes)
     for i, (step, host, keys, holder, kind) in enumerate(ops):
         # kind 0: a release; 1: an acquisition the holder releases again 50-250 ms later (while
         # there is room); else an acquisition it keeps.
@@ -32,14 +33,19 @@ def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCor
         if kind == 1 and extra > 0:
             extra -= 1
             back = {k: (holder, None) for k in cas}
-            sim.at((step + 5 + 5 * (i + host) % 25) * GRID, sim.propose, sim.hosts[(host + 1) % n],
-                   f"op{i}-release", back)
+            sim.at(
+                (step + 5 + 5 * (i + host) % 25) * GRID,
+                sim.propose,
+                sim.hosts[(host + 1) % n],
+                f"op{i}-release",
+                back,
+            )
     for step, kind, host, arg in faults:
         h, t = sim.hosts[host % n], step * GRID
         if kind == "crash":
             sim.at(t, sim.crash, h)
         elif kind == "restart":
-            sim.at(t, sim.restart, h, arg * GRID)          # the new clock reads arg*10 ms behind
+            sim.at(t, sim.restart, h, arg * GRID)  # the new clock reads arg*10 ms behind
         elif kind == "rewind":
             # Restarts with a clock reading the time some operation was proposed at again.
             sim.at(t, sim.restart, h, max(0, step - ops[arg % len(ops)][0]) * GRID)
@@ -64,22 +70,29 @@ def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCor
 def op_strategy():
     # (step, host, key indexes, holder, kind) — releases are by a named holder, which may or may
     # not hold the keys; acquisitions of the same free key by different holders race.
-    return st.tuples(st.integers(0, 40), st.integers(0, 4),
-                     st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=3, unique=True),
-                     st.sampled_from(HOLDERS), st.integers(0, 3))
+    return st.tuples(
+        st.integers(0, 40),
+        st.integers(0, 4),
+        st.lists(st.integers(0, len(KEYS) - 1), min_size=1, max_size=3, unique=True),
+        st.sampled_from(HOLDERS),
+        st.integers(0, 3),
+    )
 
 
 def fault_strategy():
     # (step, kind, host, arg): arg is the restart clock lag in steps, or the partition's bit mask.
-    return st.tuples(st.integers(0, 70), st.sampled_from(FAULTS), st.integers(0, 4),
-                     st.integers(0, 31))
+    return st.tuples(st.integers(0, 70), st.sampled_from(FAULTS), st.integers(0, 4), st.integers(0, 31))
 
 
-schedules = st.tuples(st.sampled_from([3, 5]), st.integers(0, 2**32 - 1),
-                      st.sampled_from([0.0, 0.05, 0.2]), st.sampled_from([0.0, 0.1, 0.3]),
-                      st.sampled_from([0.005, 0.03, 0.2]),
-                      st.lists(op_strategy(), min_size=2, max_size=6),
-                      st.lists(fault_strategy(), max_size=8))
+schedules = st.tuples(
+    st.sampled_from([3, 5]),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.0, 0.05, 0.2]),
+    st.sampled_from([0.0, 0.1, 0.3]),
+    st.sampled_from([0.005, 0.03, 0.2]),
+    st.lists(op_strategy(), min_size=2, max_size=6),
+    st.lists(fault_strategy(), max_size=8),
+)
 
 
 @pytest.mark.property
@@ -94,12 +107,29 @@ def test_random_faulty_schedules_are_safe(schedule):
 def random_schedule(rng: random.Random):
     """The same shape of schedule as the hypothesis strategy, from a plain RNG."""
     n = rng.choice([3, 5])
-    ops = [(rng.randint(0, 40), rng.randint(0, 4), rng.sample(range(len(KEYS)), rng.randint(1, 3)),
-            rng.choice(HOLDERS), rng.randint(0, 3)) for _ in range(rng.randint(2, 6))]
-    faults = [(rng.randint(0, 70), rng.choice(FAULTS),
-               rng.randint(0, 4), rng.randint(0, 31)) for _ in range(rng.randint(0, 8))]
-    return (n, rng.getrandbits(32), rng.choice([0.0, 0.05, 0.2]), rng.choice([0.0, 0.1, 0.3]),
-            rng.choice([0.005, 0.03, 0.2]), ops, faults)
+    ops = [
+        (
+            rng.randint(0, 40),
+            rng.randint(0, 4),
+            rng.sample(range(len(KEYS)), rng.randint(1, 3)),
+            rng.choice(HOLDERS),
+            rng.randint(0, 3),
+        )
+        for _ in range(rng.randint(2, 6))
+    ]
+    faults = [
+        (rng.randint(0, 70), rng.choice(FAULTS), rng.randint(0, 4), rng.randint(0, 31))
+        for _ in range(rng.randint(0, 8))
+    ]
+    return (
+        n,
+        rng.getrandbits(32),
+        rng.choice([0.0, 0.05, 0.2]),
+        rng.choice([0.0, 0.1, 0.3]),
+        rng.choice([0.005, 0.03, 0.2]),
+        ops,
+        faults,
+    )
 
 
 class _NoRepair(paxos.PaxosCore):
@@ -139,7 +169,7 @@ def test_restart_with_an_earlier_clock_never_reuses_a_ballot():
     """A proposer that crashes after sending an Accept, and restarts with a clock reading earlier,
     never proposes another value at the same ballot (which let a later round overwrite a decided
     lease with the other value, without a release)."""
-    sim = PaxosSim(3, seed=1, delay=(0.005, 0.005), thrifty=False)     # every phase asks everyone
+    sim = PaxosSim(3, seed=1, delay=(0.005, 0.005), thrifty=False)  # every phase asks everyone
     k = KEYS[0]
     # h0's own store is slow: its loopback Prepare is still queued when the remote promises come.
     sim.hold(lambda src, dst, m: src == dst == "h0")
@@ -156,7 +186,7 @@ def test_restart_with_an_earlier_clock_never_reuses_a_ballot():
     sim.run_until(0.2)
     sim.restart("h0", clock_back=0.1)
     sim.partition({"h0", "h2"}, {"h1"})
-    sim.hold(lambda src, dst, m: isinstance(m, paxos.Commit))      # its commits get lost
+    sim.hold(lambda src, dst, m: isinstance(m, paxos.Commit))  # its commits get lost
     sim.propose("h0", "b", {k: (None, "vm:b")})
     assert sim.run_until_done(["b"], limit=1.0)
     assert isinstance(sim.result("b"), paxos.Decided)
@@ -239,17 +269,17 @@ def test_without_a_majority_an_operation_fails_with_noquorum_in_time(n, how):
     """With a majority unreachable, an operation fails with NoQuorum within the deadline, saying
     how many acceptors answered (the proposer and the hosts on its side) and how many are needed."""
     sim = PaxosSim(n, seed=4, delay=(0.001, 0.02))
-    side = sim.hosts[: (n - 1) // 2]                # h0 (and h1 of 5): a minority
+    side = sim.hosts[: (n - 1) // 2]  # h0 (and h1 of 5): a minority
     if how == "partition":
         sim.partition(side, set(sim.hosts) - set(side))
     else:
-        for h in sim.hosts[len(side):]:
+        for h in sim.hosts[len(side) :]:
             sim.crash(h)
     sim.run_until(0.3)
     start = sim.now
     sim.propose("h0", "op", {KEYS[0]: (None, "vm:a")})
     assert sim.run_until_done(limit=sim.deadline + sim.tick_interval)
-    (t, r), = sim.results["op"]
+    ((t, r),) = sim.results["op"]
     assert r == paxos.NoQuorum("op", reachable=len(side), needed=n // 2 + 1, members=n)
     assert sim.deadline <= t - start <= sim.deadline + sim.tick_interval
     sim.check_safety()
@@ -282,8 +312,16 @@ BATCH_KEYS = tuple(f"ip/lab/10.0.3.{i}" for i in range(6))
 def run_batched_schedule(n, seed, drop, dup, max_delay, inline, bundle, parallel, ops, faults):
     """Bursts of operations at few hosts (so rounds carry several), over a transport with or
     without bundles and inline answers, with faults; then heals, probes and checks safety."""
-    sim = PaxosSim(n, seed, drop=drop, dup=dup, delay=(0.001, max_delay), inline=inline,
-                   bundle=bundle, parallel_rounds=parallel)
+    sim = PaxosSim(
+        n,
+        seed,
+        drop=drop,
+        dup=dup,
+        delay=(0.001, max_delay),
+        inline=inline,
+        bundle=bundle,
+        parallel_rounds=parallel,
+    )
     for i, (step, host, keys, holder, release) in enumerate(ops):
         cas = {BATCH_KEYS[k]: ((holder, None) if release else (None, holder)) for k in keys}
         sim.at(step * GRID, sim.propose, sim.hosts[host % min(n, 2)], f"op{i}", cas)
@@ -311,13 +349,27 @@ def run_batched_schedule(n, seed, drop, dup, max_delay, inline, bundle, parallel
 
 
 batched_schedules = st.tuples(
-    st.sampled_from([3, 5]), st.integers(0, 2**32 - 1), st.sampled_from([0.0, 0.1, 0.3]),
-    st.sampled_from([0.0, 0.1, 0.3]), st.sampled_from([0.005, 0.03, 0.1]), st.booleans(), st.booleans(),
+    st.sampled_from([3, 5]),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.0, 0.1, 0.3]),
+    st.sampled_from([0.0, 0.1, 0.3]),
+    st.sampled_from([0.005, 0.03, 0.1]),
+    st.booleans(),
+    st.booleans(),
     st.sampled_from([1, 2, 3]),
-    st.lists(st.tuples(st.integers(0, 12), st.integers(0, 1),
-                       st.lists(st.integers(0, len(BATCH_KEYS) - 1), min_size=1, max_size=3, unique=True),
-                       st.sampled_from(HOLDERS), st.booleans()), min_size=2, max_size=12),
-    st.lists(fault_strategy(), max_size=6))
+    st.lists(
+        st.tuples(
+            st.integers(0, 12),
+            st.integers(0, 1),
+            st.lists(st.integers(0, len(BATCH_KEYS) - 1), min_size=1, max_size=3, unique=True),
+            st.sampled_from(HOLDERS),
+            st.booleans(),
+        ),
+        min_size=2,
+        max_size=12,
+    ),
+    st.lists(fault_strategy(), max_size=6),
+)
 
 
 @pytest.mark.property
@@ -336,13 +388,32 @@ def test_the_checker_catches_a_broken_core_in_batched_schedules():
     rng = random.Random(11)
     for _ in range(600):
         n = rng.choice([3, 5])
-        ops = [(rng.randint(0, 12), rng.randint(0, 1), rng.sample(range(len(BATCH_KEYS)), rng.randint(1, 3)),
-                rng.choice(HOLDERS), rng.random() < 0.3) for _ in range(rng.randint(2, 12))]
-        faults = [(rng.randint(0, 70), rng.choice(FAULTS), rng.randint(0, 4), rng.randint(0, 31))
-                  for _ in range(rng.randint(0, 6))]
-        sim_args = (n, rng.getrandbits(32), rng.choice([0.0, 0.1, 0.3]), rng.choice([0.0, 0.1, 0.3]),
-                    rng.choice([0.005, 0.03, 0.1]), rng.random() < 0.5, rng.random() < 0.5, rng.choice([1, 2, 3]),
-                    ops, faults)
+        ops = [
+            (
+                rng.randint(0, 12),
+                rng.randint(0, 1),
+                rng.sample(range(len(BATCH_KEYS)), rng.randint(1, 3)),
+                rng.choice(HOLDERS),
+                rng.random() < 0.3,
+            )
+            for _ in range(rng.randint(2, 12))
+        ]
+        faults = [
+            (rng.randint(0, 70), rng.choice(FAULTS), rng.randint(0, 4), rng.randint(0, 31))
+            for _ in range(rng.randint(0, 6))
+        ]
+        sim_args = (
+            n,
+            rng.getrandbits(32),
+            rng.choice([0.0, 0.1, 0.3]),
+            rng.choice([0.0, 0.1, 0.3]),
+            rng.choice([0.005, 0.03, 0.1]),
+            rng.random() < 0.5,
+            rng.random() < 0.5,
+            rng.choice([1, 2, 3]),
+            ops,
+            faults,
+        )
         try:
             _run_with_core(_NoRepair, *sim_args)
         except AssertionError:
@@ -355,6 +426,7 @@ def _run_with_core(core, *args):
 
     def init(self, *a, **kw):
         original(self, *a, core_factory=core, **kw)
+
     PaxosSim.__init__ = init
     try:
         return run_batched_schedule(*args)
@@ -383,7 +455,7 @@ def test_a_conflict_in_a_batch_does_not_hold_up_the_others():
     sim.propose("h1", "held", {"ip/lab/10.0.5.1": (None, "vm:other")})
     assert sim.run_until_done(limit=1.0)
     sim.run_until(sim.now + 0.05)
-    sim.propose("h0", "first", {"ip/lab/10.0.5.9": (None, "vm:a")})   # the round the others wait for
+    sim.propose("h0", "first", {"ip/lab/10.0.5.9": (None, "vm:a")})  # the round the others wait for
     for i, key in enumerate(["ip/lab/10.0.5.1", "ip/lab/10.0.5.2", "ip/lab/10.0.5.3"]):
         sim.propose("h0", f"b{i}", {key: (None, "vm:a")})
     assert sim.run_until_done(limit=1.0)
@@ -403,7 +475,7 @@ def test_an_operation_on_a_key_in_flight_waits_for_the_repair_and_the_others_go_
     sim.hold(lambda src, dst, m: src == "h2" and isinstance(m, paxos.Commit))
     sim.propose("h2", "gone", {k: (None, "vm:dead")})
     assert sim.run_until_done(["gone"], limit=1.0)
-    sim.crash("h2")                 # decided, but its Commit never left
+    sim.crash("h2")  # decided, but its Commit never left
     sim.stop_holding()
     sim.drop_held()
     sim.propose("h0", "first", {"ip/lab/10.0.6.9": (None, "vm:a")})
@@ -416,8 +488,9 @@ def test_an_operation_on_a_key_in_flight_waits_for_the_repair_and_the_others_go_
     sim.check_safety()
 
 
-@pytest.mark.parametrize("inline, thrifty, requests", [(False, False, 10), (True, False, 6),
-                                                      (False, True, 6), (True, True, 4)])
+@pytest.mark.parametrize(
+    "inline, thrifty, requests", [(False, False, 10), (True, False, 6), (False, True, 6), (True, True, 4)]
+)
 def test_answers_inline_and_thrifty_phases_save_requests(inline, thrifty, requests):
     """One uncontended operation at three hosts: with every answer a request of its own and
     every phase asking both others, 10 requests; answers riding back inline, 6 (Prepare, Accept,
@@ -436,8 +509,7 @@ def test_a_commit_and_the_next_prepare_travel_in_one_bundle():
     next go to each acceptor in one request."""
     counts = {}
     for bundle in (False, True):
-        sim = PaxosSim(3, seed=13, delay=(0.002, 0.002), bundle=bundle, parallel_rounds=1,
-                       thrifty=False)
+        sim = PaxosSim(3, seed=13, delay=(0.002, 0.002), bundle=bundle, parallel_rounds=1, thrifty=False)
         for i in range(3):
             sim.propose("h0", f"op{i}", {"ip/lab/10.0.8.1": (None if i == 0 else f"vm:{i - 1}", f"vm:{i}")})
         assert sim.run_until_done(limit=1.0)
@@ -457,7 +529,7 @@ def test_an_operation_waiting_behind_a_slow_round_is_not_failed_as_without_a_maj
     sim.hold(lambda src, dst, m: isinstance(m, paxos.Accept))
     sim.propose("h0", "first", {k: (None, "vm:a")})
     sim.propose("h0", "second", {k: ("vm:a", None)})
-    sim.run_until(2.0)                  # past the deadline of both: neither has failed
+    sim.run_until(2.0)  # past the deadline of both: neither has failed
     assert sim.result("first") is None and sim.result("second") is None
     sim.stop_holding()
     sim.release()
@@ -492,6 +564,7 @@ def test_large_values_cross_the_wire_once_per_change(elide_at):
 
     from vmwebd.gossip.codec import encode
     from vmwebd.gossip.messages import Envelope
+
     sim = PaxosSim(3, seed=7, elide_at=elide_at)
     k = "cap/host1"
     value = None
@@ -501,7 +574,7 @@ def test_large_values_cross_the_wire_once_per_change(elide_at):
         assert sim.run_until_done([f"op{i}"], limit=3.0)
         assert isinstance(sim.result(f"op{i}"), paxos.Decided)
         value = new
-    sim.run_until(sim.now + 0.5)        # the last Commit reaches every acceptor
+    sim.run_until(sim.now + 0.5)  # the last Commit reaches every acceptor
     sim.check_safety(registers=("cap/",))
     for h in sim.hosts:
         assert sim.cores[h].committed(k)[1] == value
@@ -522,7 +595,7 @@ def test_large_values_cross_the_wire_once_per_change(elide_at):
         # the bare majority asked gets the value whole).
         assert small["Promise"] == len(sizes["Promise"]) >= 1
         assert small["Commit"] >= 1
-    assert min(sizes["Accept"]) > len(value)    # the new value itself travels once
+    assert min(sizes["Accept"]) > len(value)  # the new value itself travels once
 
 
 def test_answers_slower_than_the_retry_timer_count_as_a_majority_answering():

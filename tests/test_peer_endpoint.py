@@ -1,4 +1,5 @@
 """The peer endpoint and its wire format: strict decoding, identity bound to the TLS certificate."""
+
 from __future__ import annotations
 
 from io import BytesIO
@@ -40,44 +41,81 @@ def _entity():
     return d.put(VClusterRec(id="c", owner="o"))
 
 
-@pytest.mark.parametrize("msg", [
-    Ping(1, "h2"), Ack(2, "h3"), PingReq(3, "h4", "10.0.0.4:8570"), Gossip(),
-    Sync({"h1": (5, 0)}, (MemberState("h1", "a:1", 0, "alive"),)),
-    SyncReply((_entity(),), {"h1": (5, 0)}, {"h2": (1, 1)}, ()), SyncDelta((_entity(),), {"h1": (9, 2)}),
-    paxos.Prepare("op1", Version(5, 1, "h1"), ("ip/lab/10.0.0.1", "mac/52:54:00:00:00:01")),
-    paxos.Promise("op1", Version(5, 1, "h1"), {"a": (Version(4, 0, "h2"), "vm:x/y", None, None),
-                                               "b": (None, None, Version(3, 0, "h3"), None),
-                                               "c": (None, None, None, None)}),
-    paxos.Accept("op1", Version(5, 1, "h1"), {"a": "vm:x/y", "b": None}),
-    paxos.Accepted("op1", Version(5, 1, "h1")),
-    paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y", "b": None}),
-    paxos.Nack("op1", Version(5, 1, "h1"), Version(6, 0, "h2")),
-    Bundle((paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y"}),
-            paxos.Prepare("op2", Version(5, 2, "h1"), ("b",)))),
-])
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Ping(1, "h2"),
+        Ack(2, "h3"),
+        PingReq(3, "h4", "10.0.0.4:8570"),
+        Gossip(),
+        Sync({"h1": (5, 0)}, (MemberState("h1", "a:1", 0, "alive"),)),
+        SyncReply((_entity(),), {"h1": (5, 0)}, {"h2": (1, 1)}, ()),
+        SyncDelta((_entity(),), {"h1": (9, 2)}),
+        paxos.Prepare("op1", Version(5, 1, "h1"), ("ip/lab/10.0.0.1", "mac/52:54:00:00:00:01")),
+        paxos.Promise(
+            "op1",
+            Version(5, 1, "h1"),
+            {
+                "a": (Version(4, 0, "h2"), "vm:x/y", None, None),
+                "b": (None, None, Version(3, 0, "h3"), None),
+                "c": (None, None, None, None),
+            },
+        ),
+        paxos.Accept("op1", Version(5, 1, "h1"), {"a": "vm:x/y", "b": None}),
+        paxos.Accepted("op1", Version(5, 1, "h1")),
+        paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y", "b": None}),
+        paxos.Nack("op1", Version(5, 1, "h1"), Version(6, 0, "h2")),
+        Bundle(
+            (
+                paxos.Commit(Version(5, 1, "h1"), {"a": "vm:x/y"}),
+                paxos.Prepare("op2", Version(5, 2, "h1"), ("b",)),
+            )
+        ),
+    ],
+)
 def test_every_message_kind_round_trips(msg):
     """Each message kind, with piggybacked rumors, decodes to what was encoded."""
     env = Envelope("h1", "127.0.0.1:1", "h2", msg, (MemberState("h9", "b:2", 3, "dead"),), (_entity(),))
     back = decode(etree.fromstring(etree.tostring(encode(env))))
-    assert (back.src, back.src_addr, back.dst, back.members, back.version) == \
-        (env.src, env.src_addr, env.dst, env.members, env.version)
+    assert (back.src, back.src_addr, back.dst, back.members, back.version) == (
+        env.src,
+        env.src_addr,
+        env.dst,
+        env.members,
+        env.version,
+    )
     assert type(back.msg) is type(msg)
     assert [e.get("id") for e in back.entities] == ["c"]
     if not isinstance(msg, (SyncReply, SyncDelta)):
         assert back.msg == msg
 
 
-@pytest.mark.parametrize("xml, field", [
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="x" target="h2"/></env>', "ping/@seq"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="1"/></env>', "@target"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="H 1" src-addr="a:1"><gossip/></env>', "env/@src"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"></env>', "one message"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><gossip/><member node="h2" addr="x" inc="0" status="zombie"/></env>', "member/@status"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><sync><cvv origin="h1" stamp="12"/></sync></env>', "cvv/@stamp"),
-    ('<other xmlns="urn:vmweb:peer:1"/>', "expected"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle><ping seq="1" target="h2"/></bundle></env>', "bundle/ping"),
-    ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle/></env>', "bundle is empty"),
-])
+@pytest.mark.parametrize(
+    "xml, field",
+    [
+        (
+            '<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="x" target="h2"/></env>',
+            "ping/@seq",
+        ),
+        ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><ping seq="1"/></env>', "@target"),
+        ('<env xmlns="urn:vmweb:peer:1" v="1" src="H 1" src-addr="a:1"><gossip/></env>', "env/@src"),
+        ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"></env>', "one message"),
+        (
+            '<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><gossip/><member node="h2" addr="x" inc="0" status="zombie"/></env>',
+            "member/@status",
+        ),
+        (
+            '<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><sync><cvv origin="h1" stamp="12"/></sync></env>',
+            "cvv/@stamp",
+        ),
+        ('<other xmlns="urn:vmweb:peer:1"/>', "expected"),
+        (
+            '<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle><ping seq="1" target="h2"/></bundle></env>',
+            "bundle/ping",
+        ),
+        ('<env xmlns="urn:vmweb:peer:1" v="1" src="h1" src-addr="a:1"><bundle/></env>', "bundle is empty"),
+    ],
+)
 def test_malformed_envelopes_name_the_field(xml, field):
     """A malformed envelope is refused with MalformedRequest naming the faulty field."""
     with pytest.raises(MalformedRequest, match=field.replace("/", ".").replace("@", ".")):
@@ -95,9 +133,14 @@ def pki_dir(tmp_path):
 
 def _post(creds, port, body: bytes):
     from twisted.internet import reactor
+
     agent = Agent(reactor, contextFactory=tls.client_policy(creds))
-    d = agent.request(b"POST", f"https://127.0.0.1:{port}/peer".encode(),
-                      Headers({b"Content-Type": [b"text/xml"]}), FileBodyProducer(BytesIO(body)))
+    d = agent.request(
+        b"POST",
+        f"https://127.0.0.1:{port}/peer".encode(),
+        Headers({b"Content-Type": [b"text/xml"]}),
+        FileBodyProducer(BytesIO(body)),
+    )
     return d.addCallback(lambda r: readBody(r).addCallback(lambda b: (r.code, b)))
 
 
@@ -123,7 +166,9 @@ def test_garbage_envelope_gets_malformed_request_and_changes_nothing(start_node,
     before = h.node.domsvc.dom.canonical_digest()
     port = h.node.peer_port.getHost().port
     creds2 = pki.load_host_credentials(pki_dir / "host2" / "pki")
-    bad = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1"><ping seq="x" target="host1"/></env>')
+    bad = etree.fromstring(
+        '<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1"><ping seq="x" target="host1"/></env>'
+    )
     code, body = yield _post(creds2, port, soap_body(bad))
     assert code == 500 and b"Client.MalformedRequest" in body and b"seq" in body
     assert h.node.domsvc.dom.canonical_digest() == before
@@ -150,7 +195,9 @@ class _AcceptingGossip:
         self.received += 1
         self.inline.append(inline)
         if inline and isinstance(env.msg, Ping):
-            return defer.succeed([encode(Envelope("host1", "127.0.0.1:1", env.src, Ack(env.msg.seq, "host1")))])
+            return defer.succeed(
+                [encode(Envelope("host1", "127.0.0.1:1", env.src, Ack(env.msg.seq, "host1")))]
+            )
         return defer.succeed(None)
 
 
@@ -159,19 +206,21 @@ def counting_peer(pki_dir):
     """host1's peer endpoint alone (mutual TLS, identity checked) on a loopback port, counting
     the connections it accepts; yields (site, gossip, address)."""
     from twisted.internet import reactor
+
     gossip = _AcceptingGossip()
     root = Resource()
-    root.putChild(b"peer", build_peer_api(gossip, 1 << 20, require_identity=True,
-                                          identity_of=tls.peer_host_id))
+    root.putChild(
+        b"peer", build_peer_api(gossip, 1 << 20, require_identity=True, identity_of=tls.peer_host_id)
+    )
     site = _CountingSite(root)
-    port = tls.listen_tls(reactor, 0, site, pki.load_host_credentials(pki_dir / "host1" / "pki"),
-                          "127.0.0.1")
+    port = tls.listen_tls(reactor, 0, site, pki.load_host_credentials(pki_dir / "host1" / "pki"), "127.0.0.1")
     yield site, gossip, f"127.0.0.1:{port.getHost().port}"
     port.stopListening()
 
 
 def _client(pki_dir, **kw) -> PeerClient:
     from twisted.internet import reactor
+
     return PeerClient(reactor, tls.client_policy(pki.load_host_credentials(pki_dir / "host2" / "pki")), **kw)
 
 
@@ -212,6 +261,7 @@ def test_overlapping_sends_keep_their_connections(counting_peer, pki_dir, per_pe
 def test_peer_client_refuses_an_empty_pool():
     """A pool of no connections per peer is a configuration error naming the parameter."""
     from twisted.internet import reactor
+
     with pytest.raises(ValueError, match="connections_per_peer"):
         PeerClient(reactor, connections_per_peer=0)
 
@@ -262,13 +312,15 @@ def test_a_service_hands_back_its_replies_to_the_sender_and_sends_the_rest():
 
     clock = ttask.Clock()
     dom = Dom(HybridClock("host1", lambda: 5))
-    core = GossipCore("host1", "127.0.0.1:1", LOCAL_TEST, random.Random(1), DomPortAdapter(dom),
-                      clock.seconds())
+    core = GossipCore(
+        "host1", "127.0.0.1:1", LOCAL_TEST, random.Random(1), DomPortAdapter(dom), clock.seconds()
+    )
     sends = _Sends()
     svc = GossipService(core, _Commits(), sends, clock)
     answered = []
-    svc.receive(Envelope("host2", "127.0.0.1:2", "host1", Ping(3, "host1")), inline=True) \
-        .addCallback(answered.append)
+    svc.receive(Envelope("host2", "127.0.0.1:2", "host1", Ping(3, "host1")), inline=True).addCallback(
+        answered.append
+    )
     assert len(answered) == 1 and [decode(e).msg for e in answered[0]] == [Ack(3, "host1")]
     assert not any(env.dst == "host2" and isinstance(env.msg, Ack) for env in sends.sent)
     plain = []
@@ -296,14 +348,20 @@ def both_peer_endpoints(pki_dir):
     """host1's peer endpoint twice on loopback ports: Deliver served directly (as the daemon
     does) and through spyne's machinery; yields {direct: (gossip, port)}."""
     from twisted.internet import reactor
+
     out, ports = {}, []
     for direct in (True, False):
         gossip = _AcceptingGossip()
         root = Resource()
-        root.putChild(b"peer", build_peer_api(gossip, 1 << 20, require_identity=True,
-                                              identity_of=tls.peer_host_id, direct=direct))
-        port = tls.listen_tls(reactor, 0, Site(root), pki.load_host_credentials(pki_dir / "host1" / "pki"),
-                              "127.0.0.1")
+        root.putChild(
+            b"peer",
+            build_peer_api(
+                gossip, 1 << 20, require_identity=True, identity_of=tls.peer_host_id, direct=direct
+            ),
+        )
+        port = tls.listen_tls(
+            reactor, 0, Site(root), pki.load_host_credentials(pki_dir / "host1" / "pki"), "127.0.0.1"
+        )
         ports.append(port)
         out[direct] = (gossip, port.getHost().port)
     yield out
@@ -313,10 +371,14 @@ def both_peer_endpoints(pki_dir):
 
 def _post_replies(creds, port, body: bytes):
     from twisted.internet import reactor
+
     agent = Agent(reactor, contextFactory=tls.client_policy(creds))
-    d = agent.request(b"POST", f"https://127.0.0.1:{port}/peer".encode(),
-                      Headers({b"Content-Type": [b"text/xml"], b"X-Vmweb-Replies": [b"1"]}),
-                      FileBodyProducer(BytesIO(body)))
+    d = agent.request(
+        b"POST",
+        f"https://127.0.0.1:{port}/peer".encode(),
+        Headers({b"Content-Type": [b"text/xml"], b"X-Vmweb-Replies": [b"1"]}),
+        FileBodyProducer(BytesIO(body)),
+    )
     return d.addCallback(lambda r: readBody(r).addCallback(lambda b: (r.code, b)))
 
 
@@ -336,19 +398,26 @@ def test_deliver_served_directly_answers_what_spyne_answers(both_peer_endpoints,
     creds2 = pki.load_host_credentials(pki_dir / "host2" / "pki")
     ping = encode(Envelope("host2", "127.0.0.1:1", "host1", Ping(7, "host1")))
     forged = encode(Envelope("host3", "127.0.0.1:1", "host1", Gossip()))
-    bad = etree.fromstring('<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1">'
-                           '<ping seq="x" target="host1"/></env>')
+    bad = etree.fromstring(
+        '<env xmlns="urn:vmweb:peer:1" v="1" src="host2" src-addr="a:1"><ping seq="x" target="host1"/></env>'
+    )
     with_header = soap_body(encode(Envelope("host2", "127.0.0.1:1", "host1", Gossip()))).replace(
-        b"<soap:Body>", b"<soap:Header/><soap:Body>")
-    bodies = [soap_body(_gossip_from_host2()), soap_body(ping), soap_body(forged), soap_body(bad),
-              with_header]
+        b"<soap:Body>", b"<soap:Header/><soap:Body>"
+    )
+    bodies = [
+        soap_body(_gossip_from_host2()),
+        soap_body(ping),
+        soap_body(forged),
+        soap_body(bad),
+        with_header,
+    ]
     seen = {}
     for direct, (gossip, port) in both_peer_endpoints.items():
         seen[direct] = []
         for body in bodies:
             code, answer = yield _post_replies(creds2, port, body)
             seen[direct].append((code, _result_or_fault(answer)))
-        assert gossip.received == 3     # the honest gossip, the ping, the one with a header
+        assert gossip.received == 3  # the honest gossip, the ping, the one with a header
     assert seen[True] == seen[False]
     kinds = [(code, answer[0]) for code, answer in seen[True]]
     assert kinds == [(200, "result"), (200, "result"), (500, "fault"), (500, "fault"), (200, "result")]

@@ -1,4 +1,5 @@
 """Several real vmwebd processes on loopback forming one grid with no master (mutual TLS, gossip)."""
+
 from __future__ import annotations
 
 import time
@@ -48,10 +49,18 @@ class Grid:
             cert = base / hid / "pki"
             pki.issue_host_cert(ca, hid, cert, ["127.0.0.1"])
             cpus, mem = SIZES[i % len(SIZES)]
-            cfg = write_host_config(base / hid, hid, self.api[i], self.peer[i], cpus, mem,
-                                    reconcile_interval=0.5, api_tls=api_tls,
-                                    extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" '
-                                          f'timing="local" members="{members}"/>')
+            cfg = write_host_config(
+                base / hid,
+                hid,
+                self.api[i],
+                self.peer[i],
+                cpus,
+                mem,
+                reconcile_interval=0.5,
+                api_tls=api_tls,
+                extra=f'<peers seeds="127.0.0.1:{self.peer[0]}" cert-dir="{cert}" '
+                f'timing="local" members="{members}"/>',
+            )
             bootstrap_admin(base / hid / "state")
             self.daemons.append(Daemon(cfg, api_port=self.api[i], scheme=scheme))
         for d in self.daemons:
@@ -74,9 +83,14 @@ class Grid:
 def grid(tmp_path):
     g = Grid(tmp_path, 3)
     try:
-        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 3
-                               for i in range(3)), 30, "three hosts to see each other alive")
-        create_users(g.client(0))   # acknowledged once the other hosts have the accounts too
+        wait_until(
+            lambda: all(
+                set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 3 for i in range(3)
+            ),
+            30,
+            "three hosts to see each other alive",
+        )
+        create_users(g.client(0))  # acknowledged once the other hosts have the accounts too
         yield g
     finally:
         g.close()
@@ -92,8 +106,12 @@ def all_running(client, name, n):
 def test_cluster_created_at_one_host_runs_on_several_and_reads_the_same_everywhere(grid):
     """A cluster created at host2 is placed on several hosts, each runs its VMs, all hosts agree."""
     grid.client(1).call("CreateCluster", "spread1", "hpc", "alice", 7)
-    views = [wait_until(lambda i=i: all_running(grid.client(i), "spread1", 7), 30, f"spread1 running at host{i + 1}")
-             for i in range(3)]
+    views = [
+        wait_until(
+            lambda i=i: all_running(grid.client(i), "spread1", 7), 30, f"spread1 running at host{i + 1}"
+        )
+        for i in range(3)
+    ]
     assert views[0] == views[1] == views[2]
     hosts = {v["host"] for v in views[0]["vms"]}
     assert len(hosts) >= 2, hosts
@@ -102,8 +120,11 @@ def test_cluster_created_at_one_host_runs_on_several_and_reads_the_same_everywhe
     # destroy at a third host: every host gives back its VMs, and the name is free again everywhere
     assert grid.client(2).call("DestroyCluster", "spread1") == "destroyed"
     for i in range(3):
-        wait_until(lambda i=i: grid.client(i).call("ListClusters", None) in ([], None), 20,
-                   f"spread1 gone at host{i + 1}")
+        wait_until(
+            lambda i=i: grid.client(i).call("ListClusters", None) in ([], None),
+            20,
+            f"spread1 gone at host{i + 1}",
+        )
     dom = etree.fromstring(grid.client(0).call("GetDom").encode())
     live_leases = [e for e in dom.iter("{urn:vmweb:dom:1}lease") if e.get("deleted") != "true"]
     assert live_leases == []
@@ -116,10 +137,11 @@ def test_killed_host_is_declared_dead_then_rejoins_and_catches_up(grid):
     for i in (0, 1):
         wait_until(lambda i=i: grid.liveness(i).get("host3") == "dead", 30, f"host{i + 1} to see host3 dead")
     c = grid.client(0).call("CreateCluster", "missed", "lab", "bob", 4)
-    assert "host3" not in {v["host"] for v in c["vms"]}   # no VM placed on a dead host
+    assert "host3" not in {v["host"] for v in c["vms"]}  # no VM placed on a dead host
     grid.daemons[2].start()
-    wait_until(lambda: all(grid.liveness(i).get("host3") == "alive" for i in (0, 1)), 30,
-               "host3 seen alive again")
+    wait_until(
+        lambda: all(grid.liveness(i).get("host3") == "alive" for i in (0, 1)), 30, "host3 seen alive again"
+    )
     caught_up = wait_until(lambda: all_running(grid.client(2), "missed", 4), 30, "host3 to learn of 'missed'")
     assert caught_up["owner"] == "bob"
 
@@ -143,6 +165,7 @@ def test_host_killed_right_after_acknowledging_leaves_no_half_made_cluster(grid)
         cl = grid.client(1).call("GetCluster", "orphaned")
         states = {v["name"]: v["state"] for v in cl["vms"]}
         return all(states.get(n) == "running" for n in elsewhere) and len(states) == 6
+
     wait_until(others_built, 30, "host2 and host3 to run their VMs of 'orphaned'")
 
 
@@ -151,19 +174,28 @@ def test_membership_changes_through_consensus_one_host_at_a_time(grid):
     """RemoveHost/AddHost change the consensus members at every host; quorum follows the members."""
     assert grid.client(0).call("RemoveHost", "host3") == ["host1", "host2"]
     for i in range(3):
-        wait_until(lambda i=i: {h["id"]: h["member"] for h in grid.client(i).call("ListHosts")}
-                   == {"host1": True, "host2": True, "host3": False}, 20, f"host{i + 1} to see 2 members")
-    grid.daemons[2].kill()      # not a member: leases go on with 2 of 2
+        wait_until(
+            lambda i=i: (
+                {h["id"]: h["member"] for h in grid.client(i).call("ListHosts")}
+                == {"host1": True, "host2": True, "host3": False}
+            ),
+            20,
+            f"host{i + 1} to see 2 members",
+        )
+    grid.daemons[2].kill()  # not a member: leases go on with 2 of 2
     grid.client(1).call("CreateCluster", "after-remove", "lab", "dave", 2)
-    grid.daemons[1].kill()      # now 1 of 2 members: no quorum, a clear error, reads keep working
+    grid.daemons[1].kill()  # now 1 of 2 members: no quorum, a clear error, reads keep working
     with pytest.raises(Exception) as e:
         grid.client(0).call("CreateCluster", "no-quorum", "lab", "dave", 1)
     assert getattr(e.value, "code", "") == "Server.NoQuorum", e.value
     assert "2 needed" in e.value.message
     assert [c["name"] for c in grid.client(0).call("ListClusters", None)] == ["after-remove"]
     grid.daemons[1].start()
-    wait_until(lambda: grid.client(0).call("CreateCluster", "resumed", "lab", "dave", 1), 30,
-               "leases to resume once host2 is back")
+    wait_until(
+        lambda: grid.client(0).call("CreateCluster", "resumed", "lab", "dave", 1),
+        30,
+        "leases to resume once host2 is back",
+    )
     grid.daemons[2].start()
     assert grid.client(0).call("AddHost", "host3") == ["host1", "host2", "host3"]
 
@@ -171,8 +203,12 @@ def test_membership_changes_through_consensus_one_host_at_a_time(grid):
 def traces(client, prefix: str) -> list[str]:
     """Entities (live or tombstones) whose id names ``prefix``, in a host's DOM."""
     dom = etree.fromstring(client.call("GetDom").encode())
-    return [f"{etree.QName(e).localname}:{e.get('id')}{' (deleted)' if e.get('deleted') == 'true' else ''}"
-            for c in dom for e in c if prefix in (e.get("id") or "")]
+    return [
+        f"{etree.QName(e).localname}:{e.get('id')}{' (deleted)' if e.get('deleted') == 'true' else ''}"
+        for c in dom
+        for e in c
+        if prefix in (e.get("id") or "")
+    ]
 
 
 @pytest.mark.slow
@@ -186,10 +222,12 @@ def test_tombstones_of_a_destroyed_cluster_are_collected_everywhere_and_stay_gon
         wait_until(lambda i=i: all_running(grid.client(i), "gcme", 4), 30, f"gcme running at host{i + 1}")
     assert grid.client(2).call("DestroyCluster", "gcme") == "destroyed"
     assert any("(deleted)" in t for t in traces(grid.client(0), "gcme"))
-    def left(i):   # lease records keep their tombstones (vmwebd/dom/gc.py: NEVER_COLLECTED)
+
+    def left(i):  # lease records keep their tombstones (vmwebd/dom/gc.py: NEVER_COLLECTED)
         found = traces(grid.client(i), "gcme")
         assert all(t.endswith("(deleted)") for t in found if t.startswith("lease:")), found
         return [t for t in found if not t.startswith("lease:")]
+
     for i in range(3):
         wait_until(lambda i=i: left(i) == [], 90, f"no trace of gcme at host{i + 1}")
     grid.daemons[2].kill()

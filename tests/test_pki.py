@@ -4,6 +4,7 @@ The network tests run a twisted.web Site behind :func:`server_context` on 127.0.
 reactor (pytest-twisted) and call it with a real ``Agent``; the resource records whether it was
 ever rendered, so a refused peer is shown to be cut off before the HTTP layer read anything.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -159,10 +160,15 @@ def test_load_host_credentials_refuses_an_expired_certificate(cluster):
     ca = _cert(cluster / "ca" / "ca.crt")
     cert = _cert(cluster / "host2" / "host.crt")
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(ca.subject)
-               .public_key(cert.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(days=800))
-               .not_valid_after(now - datetime.timedelta(days=70)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(ca.subject)
+        .public_key(cert.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=800))
+        .not_valid_after(now - datetime.timedelta(days=70))
+    )
     for ext in cert.extensions:
         builder = builder.add_extension(ext.value, ext.critical)
     expired = builder.sign(ca_key, hashes.SHA256())
@@ -233,7 +239,9 @@ def net(cluster):
     class Net:
         recorder = resource
         url = f"https://127.0.0.1:{port.getHost().port}/".encode()
-        creds = {name: pki.load_host_credentials(cluster / name) for name in ("host2", "intruder", "impostor")}
+        creds = {
+            name: pki.load_host_credentials(cluster / name) for name in ("host2", "intruder", "impostor")
+        }
         creds["host1"] = host1
 
         @staticmethod
@@ -295,8 +303,9 @@ def test_client_refuses_a_server_certificate_from_another_ca(net):
     """client_policy refuses a server whose certificate comes from another CA, even one asking nothing of us."""
     impostor = ssl.PrivateCertificate.loadPEM(net.creds["impostor"].cert_pem + net.creds["impostor"].key_pem)
     evil = Recorder()
-    url = net.listen(evil, ssl.CertificateOptions(privateKey=impostor.privateKey.original,
-                                                  certificate=impostor.original))
+    url = net.listen(
+        evil, ssl.CertificateOptions(privateKey=impostor.privateKey.original, certificate=impostor.original)
+    )
     with pytest.raises(REFUSED) as e:
         yield _agent(tls.client_policy(net.creds["host2"])).request(b"GET", url)
     assert "certificate verify failed" in _reasons(e.value)
@@ -306,7 +315,9 @@ def test_client_refuses_a_server_certificate_from_another_ca(net):
 @pytest_twisted.inlineCallbacks
 def test_client_checks_the_expected_host_id_when_given(net):
     """With expected_host_id, the server's certificate must name that host: host1 passes, host3 fails."""
-    response = yield _agent(tls.client_policy(net.creds["host2"], expected_host_id="host1")).request(b"GET", net.url)
+    response = yield _agent(tls.client_policy(net.creds["host2"], expected_host_id="host1")).request(
+        b"GET", net.url
+    )
     assert response.code == 200
     yield readBody(response)
     policy = tls.client_policy(net.creds["host2"], expected_host_id=lambda host, port: "host3")

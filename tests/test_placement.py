@@ -1,4 +1,5 @@
 """Placement strategies: spread in proportion to capacity, pack onto few hosts, clear errors."""
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,9 +36,11 @@ def test_unknown_strategy_is_invalid_argument():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 32), st.integers(512, 65536)), min_size=1, max_size=6),
-       st.lists(st.tuples(st.integers(1, 4), st.integers(128, 4096)), min_size=1, max_size=40),
-       st.sampled_from(["spread", "pack"]))
+@given(
+    st.lists(st.tuples(st.integers(1, 32), st.integers(512, 65536)), min_size=1, max_size=6),
+    st.lists(st.tuples(st.integers(1, 4), st.integers(128, 4096)), min_size=1, max_size=40),
+    st.sampled_from(["spread", "pack"]),
+)
 def test_placement_never_overcommits(hostspecs, vmspecs, strategy):
     """Whatever the sizes, a placement never puts more on a host than its capacity allows."""
     hosts = [HostLoad(f"h{i}", c, m) for i, (c, m) in enumerate(hostspecs)]

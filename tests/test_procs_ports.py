@@ -1,4 +1,5 @@
 """Ports for test daemons (tests/procs.py: free_port): reserved, never twice, never one in use."""
+
 from __future__ import annotations
 
 import fcntl

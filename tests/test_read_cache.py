@@ -1,5 +1,6 @@
 """Reads repeated while nothing they read has changed are answered from the response cache, and
 never with a stale or another caller's answer. Real daemon parts in-process, real SOAP (zeep)."""
+
 import pytest_twisted
 
 from vmwebd.api.soap import ResponseCache
@@ -60,7 +61,7 @@ def test_the_cache_keeps_within_its_size_dropping_the_least_recently_used():
     cache = ResponseCache(lambda r, b: None, max_bytes=10)
     cache.put("a", b"t", b"1234")
     cache.put("b", b"t", b"1234")
-    assert cache.get("a") is not None          # a is now the most recently used
+    assert cache.get("a") is not None  # a is now the most recently used
     cache.put("c", b"t", b"1234")
     assert cache.get("b") is None and cache.get("a") is not None and cache.get("c") is not None
     cache.put("huge", b"t", b"x" * 11)

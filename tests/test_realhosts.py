@@ -9,6 +9,7 @@ answers on its address at the destination, and what it wrote to its disk is at t
 Skipped only where the machine cannot run real hosts (not root, no network namespaces, no libvirtd
 or QEMU, or VMWEB_REALHOSTS=0): see lab.hosts.lab_available.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,11 @@ BASE_MIB = 128
 
 def overlay_xml(name: str, backing: str, capacity_mib: int = BASE_MIB) -> str:
     """A qcow2 volume over ``backing`` (a path as the host sees it), for the storage-pool API."""
-    return (f"<volume><name>{name}</name><capacity unit='MiB'>{capacity_mib}</capacity>"
-            "<target><format type='qcow2'/><compat>1.1</compat></target>"
-            f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>")
+    return (
+        f"<volume><name>{name}</name><capacity unit='MiB'>{capacity_mib}</capacity>"
+        "<target><format type='qcow2'/><compat>1.1</compat></target>"
+        f"<backingStore><path>{backing}</path><format type='qcow2'/></backingStore></volume>"
+    )
 
 
 def place_base(lab, hosts) -> str:
@@ -64,30 +67,44 @@ def test_live_migration_moves_overlay_and_guest_keeps_running(lab2, guest_artifa
     token = secrets.token_hex(8)
     guest_ip = f"10.77.{lab2.k}.50"
     disk = f"{h1.images_dir}/{name}.qcow2"
-    serial = f"/var/log/libvirt/qemu/{name}.serial.log"   # the same path is a different file per host
+    serial = f"/var/log/libvirt/qemu/{name}.serial.log"  # the same path is a different file per host
     src_log, dst_log = h1.host_path(serial), h2.host_path(serial)
 
     base = place_base(lab2, [h1, h2])
-    for h in (h1, h2):   # h2's overlay is empty: the migration fills it
+    for h in (h1, h2):  # h2's overlay is empty: the migration fills it
         vol = h.conn.storagePoolLookupByName("default").createXML(overlay_xml(f"{name}.qcow2", base), 0)
         assert vol.path() == disk
 
-    xml = guest_domain_xml(name, guest_artifacts.kernel, guest_artifacts.initrd, disk, serial,
-                           bridge="br0", cmdline_extra=f"vmweb.token={token} guestip={guest_ip}/24")
+    xml = guest_domain_xml(
+        name,
+        guest_artifacts.kernel,
+        guest_artifacts.initrd,
+        disk,
+        serial,
+        bridge="br0",
+        cmdline_extra=f"vmweb.token={token} guestip={guest_ip}/24",
+    )
     t0 = time.monotonic()
     dom = h1.conn.defineXML(xml)
     dom.create()
     try:
         wait_for(lambda: has_line(src_log, f"VMWEB-GUEST-UP name={name}"), 90, "VMWEB-GUEST-UP at h1")
         boot_s = time.monotonic() - t0
-        written = wait_for(lambda: [ln for ln in read_serial(src_log) if ln.startswith("VMWEB-DISK-")],
-                           60, "VMWEB-DISK-WRITTEN at h1")
+        written = wait_for(
+            lambda: [ln for ln in read_serial(src_log) if ln.startswith("VMWEB-DISK-")],
+            60,
+            "VMWEB-DISK-WRITTEN at h1",
+        )
         assert written[0] == f"VMWEB-DISK-WRITTEN token={token} bytes={PATTERN_BYTES}"
         wait_for(lambda: max(ticks(read_serial(src_log)), default=0) >= 2, 30, "ticks at h1")
 
-        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
-                 | libvirt.VIR_MIGRATE_NON_SHARED_INC | libvirt.VIR_MIGRATE_PERSIST_DEST
-                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_NON_SHARED_INC
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+        )
         t1 = time.monotonic()
         dom.migrateToURI3(h2.migrate_uri, {}, flags)
         migrate_s = time.monotonic() - t1
@@ -105,16 +122,22 @@ def test_live_migration_moves_overlay_and_guest_keeps_running(lab2, guest_artifa
         # The guest goes on: the ticks continue at h2 from where h1's stopped, no boot there.
         src_ticks = ticks(read_serial(src_log))
         last_src = max(src_ticks)
-        wait_for(lambda: max(ticks(read_serial(dst_log)), default=0) >= last_src + 3, 30,
-                 f"ticks past {last_src + 2} at h2")
+        wait_for(
+            lambda: max(ticks(read_serial(dst_log)), default=0) >= last_src + 3,
+            30,
+            f"ticks past {last_src + 2} at h2",
+        )
         dst_lines = read_serial(dst_log)
         dst_ticks = ticks(dst_lines)
         assert not any("VMWEB-GUEST-UP" in ln for ln in dst_lines), dst_lines[:5]
         assert dst_ticks[0] > last_src, (src_ticks[-3:], dst_ticks[:3])
         assert dst_ticks == list(range(dst_ticks[0], dst_ticks[0] + len(dst_ticks))), dst_ticks
         # ... and answers on its address from h2's network.
-        wait_for(lambda: h2.run(["busybox", "ping", "-c", "1", "-W", "1", guest_ip],
-                                check=False).returncode == 0, 20, f"ping reply from {guest_ip} at h2")
+        wait_for(
+            lambda: h2.run(["busybox", "ping", "-c", "1", "-W", "1", guest_ip], check=False).returncode == 0,
+            20,
+            f"ping reply from {guest_ip} at h2",
+        )
 
         d2.destroy()
         # Incremental: the overlay at h2 still has the base under it and holds only the writes.
@@ -140,9 +163,14 @@ def test_live_migration_moves_overlay_and_guest_keeps_running(lab2, guest_artifa
                 d.destroy()
             d.undefine()
 
-    timings = {"lab_start_s": round(lab2.timings["start"], 2), "boot_to_marker_s": round(boot_s, 2),
-               "migrate_call_s": round(migrate_s, 2), "downtime_ms": downtime_ms,
-               "memory_bytes": stats.get("memory_processed"), "overlay_at_h2_bytes": info["actual-size"]}
+    timings = {
+        "lab_start_s": round(lab2.timings["start"], 2),
+        "boot_to_marker_s": round(boot_s, 2),
+        "migrate_call_s": round(migrate_s, 2),
+        "downtime_ms": downtime_ms,
+        "memory_bytes": stats.get("memory_processed"),
+        "overlay_at_h2_bytes": info["actual-size"],
+    }
     for k, v in timings.items():
         record_property(k, v)
     print("real-host migration:", timings)

@@ -29,6 +29,7 @@ Skipped only where real hosts cannot run (see lab.hosts.lab_available); the modu
 one grid and run in order (about a minute here; the first test also checks the guest's seed
 parser against vmwebd's own seed files, without real hosts).
 """
+
 from __future__ import annotations
 
 import re
@@ -65,9 +66,11 @@ def template(name: str, mode: str, image: str) -> str:
 """
 
 
-TEMPLATES = {"iso": template("iso", "isolated", "probe"),
-             "plain": template("plain", "isolated", "tiny"),
-             "nat": template("nat", "nat", "probe")}
+TEMPLATES = {
+    "iso": template("iso", "isolated", "probe"),
+    "plain": template("plain", "isolated", "tiny"),
+    "nat": template("nat", "nat", "probe"),
+}
 
 
 # -- the guest's seed parser against vmwebd's own seeds (no real host needed) -------------------
@@ -78,13 +81,24 @@ def test_lab_guest_reads_the_seeds_vmwebd_writes(gateway):
     the files vmwebd's seed builder makes."""
     seed = pytest.importorskip("vmwebd.net.seed")
     spec = seed.SeedSpec(
-        instance_id="vmweb-ca-node-1-0a1b2c", hostname="node-1", fqdn="node-1.ca",
-        mac="52:54:00:0a:1b:2c", address="10.88.0.5/24", gateway=gateway, dns=("10.88.0.1",),
-        mtu=1450, hosts=(("10.88.0.5", "node-1.ca", "node-1"), ("10.88.0.6", "node-2.ca", "node-2")),
-        ssh_keys=("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk alice@lab",))
+        instance_id="vmweb-ca-node-1-0a1b2c",
+        hostname="node-1",
+        fqdn="node-1.ca",
+        mac="52:54:00:0a:1b:2c",
+        address="10.88.0.5/24",
+        gateway=gateway,
+        dns=("10.88.0.1",),
+        mtu=1450,
+        hosts=(("10.88.0.5", "node-1.ca", "node-1"), ("10.88.0.6", "node-2.ca", "node-2")),
+        ssh_keys=("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk alice@lab",),
+    )
     got = parse_seed(seed.seed_files(spec))
-    assert (got["ADDR"], got["GW"], got["MTU"], got["MAC"]) == ("10.88.0.5/24", gateway, "1450",
-                                                                "52:54:00:0a:1b:2c")
+    assert (got["ADDR"], got["GW"], got["MTU"], got["MAC"]) == (
+        "10.88.0.5/24",
+        gateway,
+        "1450",
+        "52:54:00:0a:1b:2c",
+    )
     assert (got["HOSTN"], got["FQDN"], got["HOSTS"]) == ("node-1", "node-1.ca", "1")
     assert got["hosts"] == seed.hosts_text(spec)
 
@@ -119,24 +133,43 @@ class Net:
 
     def seed_of(self, cluster: str, name: str, timeout: float = 90) -> dict:
         v = self.vm(cluster, name)
-        return wait_for(lambda: seed_applied(self.lines(cluster, name)), timeout,
-                        f"{cluster}/{name} on {v['host']} to apply its seed "
-                        f"(console: {self.lines(cluster, name)[-8:]})")
+        return wait_for(
+            lambda: seed_applied(self.lines(cluster, name)),
+            timeout,
+            f"{cluster}/{name} on {v['host']} to apply its seed (console: {self.lines(cluster, name)[-8:]})",
+        )
 
-    def wait_reach(self, cluster: str, name: str, target: str, kind: str = "", ok: bool = True,
-                   after: float = 0.0, count: int = 1, timeout: float = 60):
+    def wait_reach(
+        self,
+        cluster: str,
+        name: str,
+        target: str,
+        kind: str = "",
+        ok: bool = True,
+        after: float = 0.0,
+        count: int = 1,
+        timeout: float = 60,
+    ):
         """Waits for ``count`` checks of ``target`` with outcome ``ok`` after guest time ``after``."""
+
         def seen():
-            rs = [r for r in reaches(self.lines(cluster, name), target, kind)
-                  if r.ok == ok and r.t > after]
+            rs = [r for r in reaches(self.lines(cluster, name), target, kind) if r.ok == ok and r.t > after]
             return rs if len(rs) >= count else None
+
         try:
-            return wait_for(seen, timeout, f"{cluster}/{name} to print {count} "
-                            f"VMWEB-REACH{'-' + kind if kind else ''} {target} {'ok' if ok else 'fail'}")
+            return wait_for(
+                seen,
+                timeout,
+                f"{cluster}/{name} to print {count} "
+                f"VMWEB-REACH{'-' + kind if kind else ''} {target} {'ok' if ok else 'fail'}",
+            )
         except TimeoutError as e:
-            raise AssertionError(f"{e}\nconsole of {cluster}/{name}:\n"
-                                 + "\n".join(self.lines(cluster, name)[-25:])
-                                 + "\n" + self.grid.logs(1500)) from None
+            raise AssertionError(
+                f"{e}\nconsole of {cluster}/{name}:\n"
+                + "\n".join(self.lines(cluster, name)[-25:])
+                + "\n"
+                + self.grid.logs(1500)
+            ) from None
 
     def devices(self, host) -> dict[str, str]:
         """What ``host`` has of vmweb's: links, fdb entries, nft ruleset."""
@@ -149,17 +182,33 @@ class Net:
 @pytest.fixture(scope="module")
 def net(lab3, guest_artifacts, tmp_path_factory):  # noqa: F811
     base = tmp_path_factory.mktemp("netgrid")
-    grid = Grid(lab3, base, TEMPLATES, pool_cidr=POOL, pool_reserve=None,
-                images='<image name="tiny" file="tiny-blank.qcow2" size-mib="128"/>'
-                       '<image name="probe" file="probe-blank.qcow2" size-mib="128"/>')
+    grid = Grid(
+        lab3,
+        base,
+        TEMPLATES,
+        pool_cidr=POOL,
+        pool_reserve=None,
+        images='<image name="tiny" file="tiny-blank.qcow2" size-mib="128"/>'
+        '<image name="probe" file="probe-blank.qcow2" size-mib="128"/>',
+    )
     try:
         n = Net(grid)
         blank = base / "tiny-base.qcow2"
         make_base_image(blank, 128)
         n.blank = blank
         n.vmweb("host", "drain", "h3")
-        n.vmweb("image", "add", "tiny", str(blank), "--kernel", str(guest_artifacts.kernel),
-                "--initrd", str(guest_artifacts.initrd), "--cmdline", f"console=ttyS0 quiet {clock_args()}")
+        n.vmweb(
+            "image",
+            "add",
+            "tiny",
+            str(blank),
+            "--kernel",
+            str(guest_artifacts.kernel),
+            "--initrd",
+            str(guest_artifacts.initrd),
+            "--cmdline",
+            f"console=ttyS0 quiet {clock_args()}",
+        )
         yield n
     finally:
         grid.close()
@@ -181,16 +230,24 @@ def test_a_cluster_is_one_segment_whose_guests_reach_each_other_by_name(net, gue
     """B (isolated, 2 guests over h1 and h2) and then A (isolated, 2 guests over h1 and h2): each
     guest configures itself from its seed and reaches the other member of its cluster by name."""
     t0 = time.monotonic()
-    b = net.vmweb("cluster", "create", "cb", "--template", "plain", "--owner", "admin",
-                  "--count", "2")
+    b = net.vmweb("cluster", "create", "cb", "--template", "plain", "--owner", "admin", "--count", "2")
     assert sorted(on_hosts(b).values()) == ["h1", "h2"], b["vms"]
     net.show("cb")
     b1 = net.vm("cb", vm_names(b)[0])
     # A's and N's image: outside = h3's lab address, probe = B's first guest.
-    net.vmweb("image", "add", "probe", str(net.blank), "--kernel", str(guest_artifacts.kernel),
-              "--initrd", str(guest_artifacts.initrd), "--cmdline",
-              f"console=ttyS0 quiet {clock_args()} vmweb.outside={net.outside} "
-              f"vmweb.probe={b1['ip']} vmweb.dense=1")
+    net.vmweb(
+        "image",
+        "add",
+        "probe",
+        str(net.blank),
+        "--kernel",
+        str(guest_artifacts.kernel),
+        "--initrd",
+        str(guest_artifacts.initrd),
+        "--cmdline",
+        f"console=ttyS0 quiet {clock_args()} vmweb.outside={net.outside} "
+        f"vmweb.probe={b1['ip']} vmweb.dense=1",
+    )
     a = net.vmweb("cluster", "create", "ca", "--template", "iso", "--owner", "admin", "--count", "2")
     assert sorted(on_hosts(a).values()) == ["h1", "h2"], a["vms"]
     for cluster in ("cb", "ca"):
@@ -215,8 +272,9 @@ def test_a_cluster_is_one_segment_whose_guests_reach_each_other_by_name(net, gue
             vni = net.clusters[cluster]["vni"]
             assert f"vmbr{vni}:" in d["links"] and f"vmvx{vni}:" in d["links"], d["links"]
             assert f"vxlan id {vni} " in d["links"], d["links"]
-            assert re.search(rf"^00:00:00:00:00:00 dev vmvx{vni} dst {re.escape(other.addr)}\b",
-                             d["fdb"], re.M), d["fdb"]
+            assert re.search(
+                rf"^00:00:00:00:00:00 dev vmvx{vni} dst {re.escape(other.addr)}\b", d["fdb"], re.M
+            ), d["fdb"]
         assert "table inet vmweb" in d["nft"], d["nft"]
     assert "vmbr" not in net.devices(net.h3)["links"]
     print(f"\nA and B up and reaching within themselves in {time.monotonic() - t0:.1f} s")
@@ -232,8 +290,9 @@ def test_guests_of_another_cluster_are_unreachable(net):
         fails = net.wait_reach("ca", name, b1["ip"], kind="PROBE", ok=False, count=3)
         oks = reaches(net.lines("ca", name), other)
         assert any(r.ok and r.t > fails[0].t for r in oks), "A's own member was not reached meanwhile"
-        assert not any(r.ok for r in reaches(net.lines("ca", name), b1["ip"], "PROBE")), \
+        assert not any(r.ok for r in reaches(net.lines("ca", name), b1["ip"], "PROBE")), (
             f"ca/{name} reached B's guest {b1['ip']}"
+        )
 
 
 @slow
@@ -251,16 +310,22 @@ def test_a_nat_guest_reaches_outside_and_an_isolated_one_does_not(net):
     assert not any(r.ok for r in reaches(net.lines("cn", name), b1["ip"], "PROBE"))
     for a in vm_names(net.clusters["ca"]):
         net.wait_reach("ca", a, net.outside, kind="OUT", ok=False, count=2)
-        assert not any(r.ok for r in reaches(net.lines("ca", a), net.outside, "OUT")), \
+        assert not any(r.ok for r in reaches(net.lines("ca", a), net.outside, "OUT")), (
             f"isolated ca/{a} reached {net.outside}"
+        )
     # B and N are no longer needed: fewer guests on two cores for what follows.
     for cluster in ("cb", "cn"):
         assert net.vmweb("cluster", "destroy", cluster)["state"] == "destroyed"
         vni = net.clusters[cluster]["vni"]
         for h in net.lab.hosts:
-            wait_for(lambda h=h, vni=vni: f"vmbr{vni}:" not in net.devices(h)["links"]
-                     and f"vmvx{vni}:" not in net.devices(h)["links"], 60,
-                     f"{h.name} to remove the devices of {cluster} (network id {vni})")
+            wait_for(
+                lambda h=h, vni=vni: (
+                    f"vmbr{vni}:" not in net.devices(h)["links"]
+                    and f"vmvx{vni}:" not in net.devices(h)["links"]
+                ),
+                60,
+                f"{h.name} to remove the devices of {cluster} (network id {vni})",
+            )
 
 
 @slow
@@ -284,7 +349,7 @@ def test_live_migration_keeps_the_segment(net, record_property):
     # After the move: three more ok in a row from the peer, and the mover reaching the peer.
     t_done = reaches(net.lines("ca", peer), mover)[-1].t
     net.wait_reach("ca", peer, mover, after=t_done, count=3, timeout=60)
-    net.wait_reach("ca", mover, peer, count=2, timeout=60)   # its console at h3
+    net.wait_reach("ca", mover, peer, count=2, timeout=60)  # its console at h3
     peer_lines = net.lines("ca", peer)
     window = [r for r in reaches(peer_lines, mover) if r.t >= t_start]
     oks = [r for r in window if r.ok]
@@ -294,12 +359,14 @@ def test_live_migration_keeps_the_segment(net, record_property):
     # The peer's ten-a-second pings of the mover: the longest stall (missing replies or a late one).
     stalls = [e for e in dense_events(peer_lines, mover) if e["t"] >= t_start]
     stall = max((e["stall_ms"] for e in stalls), default=0.0)
-    msg = (f"live migration h1->h3 (vmweb vm migrate {wall:.1f} s, QEMU downtime "
-           f"{m.get('downtime_ms')} ms): the peer's pings every 100 ms stalled {stall:.0f} ms at "
-           f"most ({len(stalls)} events: {[(e['lost'], e['rtt_ms']) for e in stalls]}); "
-           f"its once-a-second checks: {len(window)} in the window, {fails} failed, longest "
-           f"interval between successes {gap:.2f} s (usual {cadence:.2f} s), worst round trip "
-           f"{worst_rtt:.1f} ms")
+    msg = (
+        f"live migration h1->h3 (vmweb vm migrate {wall:.1f} s, QEMU downtime "
+        f"{m.get('downtime_ms')} ms): the peer's pings every 100 ms stalled {stall:.0f} ms at "
+        f"most ({len(stalls)} events: {[(e['lost'], e['rtt_ms']) for e in stalls]}); "
+        f"its once-a-second checks: {len(window)} in the window, {fails} failed, longest "
+        f"interval between successes {gap:.2f} s (usual {cadence:.2f} s), worst round trip "
+        f"{worst_rtt:.1f} ms"
+    )
     print("\n" + msg)
     record_property("migration_stall_ms", round(stall))
     record_property("migration_gap_s", round(gap, 2))
@@ -307,8 +374,11 @@ def test_live_migration_keeps_the_segment(net, record_property):
     assert gap < 15 and stall < 15000, msg
     # h1 held A only through the mover: its segment there goes.
     vni = net.clusters["ca"]["vni"]
-    wait_for(lambda: f"vmbr{vni}:" not in net.devices(net.h1)["links"], 60,
-             f"h1 to remove A's bridge vmbr{vni} once no member of A is there")
+    wait_for(
+        lambda: f"vmbr{vni}:" not in net.devices(net.h1)["links"],
+        60,
+        f"h1 to remove A's bridge vmbr{vni} once no member of A is there",
+    )
 
 
 @slow
@@ -336,11 +406,13 @@ def test_destroy_leaves_no_device_entry_or_rule(net):
         out = {}
         for h in net.lab.hosts:
             d = net.devices(h)
-            bad = [line.strip() for line in d["links"].splitlines()
-                   if ": vmbr" in line or ": vmvx" in line]
+            bad = [line.strip() for line in d["links"].splitlines() if ": vmbr" in line or ": vmvx" in line]
             bad += [line.strip() for line in d["fdb"].splitlines() if "vmvx" in line or "vmbr" in line]
-            bad += [line.strip() for line in d["nft"].splitlines()
-                    if line.startswith(("table inet vmweb", "table bridge vmweb"))]
+            bad += [
+                line.strip()
+                for line in d["nft"].splitlines()
+                if line.startswith(("table inet vmweb", "table bridge vmweb"))
+            ]
             if bad:
                 out[h.name] = bad
         return out

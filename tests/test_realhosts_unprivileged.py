@@ -12,6 +12,7 @@ guest is untouched.
 
 Skipped where real hosts cannot run (see lab.hosts.lab_available) or there is no libvirt-qemu.
 """
+
 from __future__ import annotations
 
 import configparser
@@ -58,7 +59,7 @@ def qemu_uids(host) -> list[int]:
                 continue
             status = open(f"/proc/{pid}/status").read()
         except OSError:
-            continue        # gone meanwhile
+            continue  # gone meanwhile
         uids += [int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:")]
     return uids
 
@@ -72,8 +73,15 @@ def grid(lab1_unprivileged, guest_artifacts, tmp_path):  # noqa: F811
     # the daemon with the unit's UMask.
     state.mkdir(mode=0o700)
     os.chmod(state, unit_setting("StateDirectoryMode", "0755"))
-    g = Grid(lab, tmp_path, {"tiny": TEMPLATE}, umask=unit_setting("UMask", "0022"),
-             state_dir=STATE, storage_dir=STORAGE, console_dir=CONSOLE)
+    g = Grid(
+        lab,
+        tmp_path,
+        {"tiny": TEMPLATE},
+        umask=unit_setting("UMask", "0022"),
+        state_dir=STATE,
+        storage_dir=STORAGE,
+        console_dir=CONSOLE,
+    )
     try:
         yield lab, g, tmp_path
     finally:
@@ -89,6 +97,7 @@ def reachable_artifacts(guest_artifacts):  # noqa: F811
     import tempfile
     from pathlib import Path
     from types import SimpleNamespace
+
     where = Path(tempfile.mkdtemp(prefix="vmweb-guest-", dir="/var/tmp"))
     try:
         where.chmod(0o755)
@@ -111,18 +120,31 @@ def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, rea
     qemu = pwd.getpwnam("libvirt-qemu")
     base = tmp / "tiny-base.qcow2"
     make_base_image(base, 128)
-    img, _ = g.vmweb(h1, "image", "add", "tiny", str(base), "--kernel", str(reachable_artifacts.kernel),
-                     "--initrd", str(reachable_artifacts.initrd), "--cmdline", "console=ttyS0 quiet")
+    img, _ = g.vmweb(
+        h1,
+        "image",
+        "add",
+        "tiny",
+        str(base),
+        "--kernel",
+        str(reachable_artifacts.kernel),
+        "--initrd",
+        str(reachable_artifacts.initrd),
+        "--cmdline",
+        "console=ttyS0 quiet",
+    )
     assert img["hosts"] == ["h1"]
 
-    c, r = g.vmweb(h1, "cluster", "create", "up", "--template", "tiny", "--owner", "admin",
-                   "--count", "1", check=False)
+    c, r = g.vmweb(
+        h1, "cluster", "create", "up", "--template", "tiny", "--owner", "admin", "--count", "1", check=False
+    )
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{g.logs()}"
     (vm,) = c["vms"]
     assert vm["state"] == "running", vm
     log = console(h1, f"up/{vm['name']}", CONSOLE)
-    wait_for(lambda: any(line.startswith("VMWEB-GUEST-UP") for line in read_serial(log)), 90,
-             "the guest to boot")
+    wait_for(
+        lambda: any(line.startswith("VMWEB-GUEST-UP") for line in read_serial(log)), 90, "the guest to boot"
+    )
     applied = wait_for(lambda: seed_applied(read_serial(log)), 90, "the guest to read its seed")
     assert applied["ip"].split("/")[0] == vm["ip"], applied
     uids = qemu_uids(h1)
@@ -132,7 +154,7 @@ def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, rea
     # image readable by its group (or given to its user by libvirt while a guest runs).
     st = os.stat(h1.host_path(STORAGE))
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o710, 0, qemu.pw_gid)
-    image = h1.host_path(f"{STORAGE}/tiny-{img['sha256'][:12]}.qcow2")   # its content name
+    image = h1.host_path(f"{STORAGE}/tiny-{img['sha256'][:12]}.qcow2")  # its content name
     st = os.stat(image)
     assert stat.S_IMODE(st.st_mode) & 0o007 == 0, oct(st.st_mode)
     assert st.st_gid == qemu.pw_gid or st.st_uid == qemu.pw_uid, (st.st_uid, st.st_gid)
@@ -140,8 +162,9 @@ def test_a_guest_boots_with_qemu_as_libvirt_qemu_from_the_stock_layout(grid, rea
     # The bad case: the state directory closed to QEMU (as the unit made it before it let QEMU
     # through). A new VM is in error, saying what and for whom; the running guest goes on.
     os.chmod(h1.host_path(STATE), 0o700)
-    c2, r2 = g.vmweb(h1, "cluster", "create", "shut", "--template", "tiny", "--owner", "admin",
-                     "--count", "1", check=False)
+    c2, r2 = g.vmweb(
+        h1, "cluster", "create", "shut", "--template", "tiny", "--owner", "admin", "--count", "1", check=False
+    )
     assert r2.returncode == 3, f"{r2.stdout}\n{r2.stderr}"
     (bad,) = c2["vms"]
     assert bad["state"] == "error", bad

@@ -13,6 +13,7 @@ at the destination.
 
 Skipped only where real hosts cannot run (see lab.hosts.lab_available).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,17 +46,29 @@ def grid(lab2, guest_artifacts, tmp_path):  # noqa: F811
 def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifacts):  # noqa: F811
     lab, creds, tmp = grid
     h1, h2 = lab.hosts
-    base = tmp / "tiny-base.qcow2"          # on the shared root filesystem: h1 reads it there
+    base = tmp / "tiny-base.qcow2"  # on the shared root filesystem: h1 reads it there
     make_base_image(base, 128)
-    img, _ = vmweb(h1, creds, "image", "add", "tiny", str(base),
-                   "--kernel", str(guest_artifacts.kernel), "--initrd", str(guest_artifacts.initrd),
-                   "--cmdline", "console=ttyS0 quiet")
+    img, _ = vmweb(
+        h1,
+        creds,
+        "image",
+        "add",
+        "tiny",
+        str(base),
+        "--kernel",
+        str(guest_artifacts.kernel),
+        "--initrd",
+        str(guest_artifacts.initrd),
+        "--cmdline",
+        "console=ttyS0 quiet",
+    )
     assert img["hosts"] == ["h1"] and len(img["sha256"]) == 64
 
-    c, _ = vmweb(h1, creds, "cluster", "create", "rg", "--template", "tiny", "--owner", "admin",
-                 "--count", "2")
+    c, _ = vmweb(
+        h1, creds, "cluster", "create", "rg", "--template", "tiny", "--owner", "admin", "--count", "2"
+    )
     by_host = {v["host"]: v for v in c["vms"]}
-    assert set(by_host) == {"h1", "h2"}, c["vms"]      # one real guest on each host
+    assert set(by_host) == {"h1", "h2"}, c["vms"]  # one real guest on each host
     # h2 had to fetch the base image from h1 (and checked its hash) before booting its guest.
     images, _ = vmweb(h2, creds, "image", "list")
     assert sorted(next(i for i in images if i["name"] == "tiny")["hosts"]) == ["h1", "h2"]
@@ -64,15 +77,21 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
     for host_name, v in by_host.items():
         host = h1 if host_name == "h1" else h2
         log = console(host, f"rg/{v['name']}")
-        wait_for(lambda log=log: any(line.startswith("VMWEB-GUEST-UP") for line in read_serial(log)),
-                 90, f"the guest on {host_name} to boot")
+        wait_for(
+            lambda log=log: any(line.startswith("VMWEB-GUEST-UP") for line in read_serial(log)),
+            90,
+            f"the guest on {host_name} to boot",
+        )
 
     vm = by_host["h1"]
     vm_id = f"rg/{vm['name']}"
     token = guest_token(vm_id)
     src_log, dst_log = console(h1, vm_id), console(h2, vm_id)
-    wait_for(lambda: any(line.startswith(f"VMWEB-DISK-WRITTEN token={token}")
-                         for line in read_serial(src_log)), 90, "the guest on h1 to write its disk")
+    wait_for(
+        lambda: any(line.startswith(f"VMWEB-DISK-WRITTEN token={token}") for line in read_serial(src_log)),
+        90,
+        "the guest on h1 to write its disk",
+    )
     wait_for(lambda: len(ticks(read_serial(src_log))) >= 2, 30, "the guest on h1 to tick")
 
     m, r = vmweb(h2, creds, "vm", "migrate", "rg", vm["name"], "--to", "h2")
@@ -86,11 +105,15 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
         c, r = vmweb(h, creds, "cluster", "show", "rg", check=False)
         v = next((v for v in (c or {}).get("vms", []) if v["name"] == vm["name"]), None)
         return v is not None and v["host"] == "h2" and v["state"] == "running"
+
     for h in (h1, h2):
         wait_for(lambda h=h: on_h2(h), 60, f"{h.name} to see the VM running on h2")
     # The guest kept running: its counter goes on at the destination, and it did not boot again.
-    wait_for(lambda: ticks(read_serial(dst_log)) and max(ticks(read_serial(dst_log))) > last_at_source + 1,
-             30, "the guest to tick on at h2")
+    wait_for(
+        lambda: ticks(read_serial(dst_log)) and max(ticks(read_serial(dst_log))) > last_at_source + 1,
+        30,
+        "the guest to tick on at h2",
+    )
     dst_lines = read_serial(dst_log)
     assert not any(line.startswith("VMWEB-GUEST-UP") for line in dst_lines), dst_lines[:5]
     assert min(ticks(dst_lines)) > 1

@@ -1,6 +1,7 @@
 """The reconciler acts on what changed: a change to one VM is carried out by a pass over that VM
 alone, a status write or another host's VM starts no pass, and the full pass stays for its interval.
 Real libvirt test driver, one host in-process, the sweep interval set far beyond the test."""
+
 import dataclasses
 
 import pytest_twisted
@@ -42,8 +43,11 @@ def test_a_change_to_one_vm_is_carried_out_without_a_full_pass(start_node):
     assert rec.full_passes == full
 
     yield h.call("DestroyCluster", "lab1")
-    assert (yield node.domsvc.wait_for(lambda: dom.get(VClusterRec, "lab1") is None
-                                       or dom.count("vm", "cluster", "lab1") == 1, WAIT))
+    assert (
+        yield node.domsvc.wait_for(
+            lambda: dom.get(VClusterRec, "lab1") is None or dom.count("vm", "cluster", "lab1") == 1, WAIT
+        )
+    )
     # lab1/compute1 is still assigned to host9, which is not here to remove it; the rest went.
     names = {d.name for d in (yield node.driver.list_domains())}
     assert not any(n.startswith("vmweb-lab1-") for n in names)
@@ -64,8 +68,17 @@ def test_status_writes_and_other_hosts_vms_start_no_pass(start_node):
 
     vm = dom.get(VmRec, "lab2/head0")
     st = status_of(dom, vm)
-    yield node.domsvc.put(VmStatus(id=vm.id, host=node.host_id, state=st.state, detail="",
-                                   restarts=st.restarts, observed_at=st.observed_at + 1, token=vm.token))
+    yield node.domsvc.put(
+        VmStatus(
+            id=vm.id,
+            host=node.host_id,
+            state=st.state,
+            detail="",
+            restarts=st.restarts,
+            observed_at=st.observed_at + 1,
+            token=vm.token,
+        )
+    )
     assert not rec.pending()
     yield node.domsvc.put(VmRec(id="far/node0", cluster="far", name="node0", host="host9"))
     assert not rec.pending()

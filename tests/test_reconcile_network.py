@@ -2,6 +2,7 @@
 cluster held here that comes, goes or moves anywhere in the grid changes the forwarding entries and
 the hosts files, without a full pass; a segment that cannot be made shows in its VMs' status while
 the others run. One host in-process on libvirt's test driver; devices planned and recorded."""
+
 import dataclasses
 
 import pytest_twisted
@@ -11,8 +12,7 @@ from vmwebd.net import seed
 from vmwebd.net.devices import Applied, RecordedDevices
 
 WAIT = 30.0
-KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSMi7ZzX2pZp1w "
-       "alice@laptop")
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIK0wmN/Cr3JXqmLW7u+g9pTh+wyqDHpSMi7ZzX2pZp1w alice@laptop"
 
 
 def hosts_file(path) -> str:
@@ -36,8 +36,17 @@ def test_members_elsewhere_change_the_segment_and_the_seeds_here(start_node):
 
     # another host, and a new member of lab1 placed there (as a scale at that host would)
     yield node.domsvc.put(HostRec(id="host9", peer="10.0.0.9:8570", underlay="192.0.2.9"))
-    yield node.domsvc.put(VmRec(id="lab1/pc7", cluster="lab1", name="pc7", host="host9",
-                                ip="10.77.1.77", mac="52:54:00:00:07:07", token="t7"))
+    yield node.domsvc.put(
+        VmRec(
+            id="lab1/pc7",
+            cluster="lab1",
+            name="pc7",
+            host="host9",
+            ip="10.77.1.77",
+            mac="52:54:00:00:07:07",
+            token="t7",
+        )
+    )
     yield rec.idle()
     assert node.net.current().segment(c.vni).peers == ("192.0.2.9",)
     assert "10.77.1.77 pc7.lab1 pc7" in hosts_file(pc0)
@@ -74,8 +83,11 @@ class RefusingDevices(RecordedDevices):
 
     def apply(self, plan):
         d = super().apply(plan)
-        failed = {s.vni: f"device vmvx{s.vni} exists and is not vmweb's"
-                  for s in plan.segments if s.vni in self.refuse}
+        failed = {
+            s.vni: f"device vmvx{s.vni} exists and is not vmweb's"
+            for s in plan.segments
+            if s.vni in self.refuse
+        }
         return d.addCallback(lambda a: Applied(failed=failed, removed=a.removed, changed=a.changed))
 
 
@@ -86,7 +98,7 @@ def test_a_segment_that_cannot_be_made_shows_in_its_vms_and_spares_the_others(st
     node, rec = h.node, h.node.reconciler
     dom = node.domsvc.dom
     yield h.call("CreateCluster", "good", "lab", "alice", 1)
-    refuse.add(dom.get(VClusterRec, "good").vni + 1)        # the next network id
+    refuse.add(dom.get(VClusterRec, "good").vni + 1)  # the next network id
     yield h.call("CreateCluster", "bad", "lab", "bob", 1)
     assert dom.get(VClusterRec, "bad").vni in refuse
     yield rec.settled()

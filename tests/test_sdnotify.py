@@ -1,4 +1,5 @@
 """Tests of the systemd notify protocol (vmwebd.sdnotify) and of systemd/vmwebd.service."""
+
 from __future__ import annotations
 
 import configparser
@@ -94,9 +95,7 @@ def test_no_socket_is_a_no_op(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     notifier = Notifier()
     assert not notifier.enabled
-    assert [notifier.ready(), notifier.status("x"), notifier.watchdog(), notifier.stopping()] == [
-        False
-    ] * 4
+    assert [notifier.ready(), notifier.status("x"), notifier.watchdog(), notifier.stopping()] == [False] * 4
 
 
 def test_unreachable_socket_does_not_raise(tmp_path):
@@ -141,25 +140,21 @@ def test_unit_passes_systemd_analyze_verify(tmp_path):
     """systemd-analyze verify finds nothing wrong with the unit but, maybe, a missing binary."""
     text = UNIT.read_text()
     binary = next(
-        line.split("=", 1)[1].split()[0] for line in text.splitlines()
-        if line.startswith("ExecStart=")
+        line.split("=", 1)[1].split()[0] for line in text.splitlines() if line.startswith("ExecStart=")
     )
     # verify also checks that ExecStart's binary exists; it is not installed on a dev machine, so
     # check a copy that runs /bin/true, and the original for that one complaint only.
     copy = tmp_path / "vmwebd.service"
     copy.write_text(text.replace(f"ExecStart={binary} ", f"ExecStart={shutil.which('true')} "))
     assert copy.read_text() != text
-    result = subprocess.run(
-        ["systemd-analyze", "verify", str(copy)], capture_output=True, text=True
-    )
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
-    original = subprocess.run(
-        ["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True
-    )
+    original = subprocess.run(["systemd-analyze", "verify", str(UNIT)], capture_output=True, text=True)
     complaints = [line for line in (original.stdout + original.stderr).splitlines() if line]
     if os.access(binary, os.X_OK):
         assert complaints == []
     else:
-        assert complaints == [f"vmwebd.service: Command {binary} is not executable: "
-                              "No such file or directory"]
+        assert complaints == [
+            f"vmwebd.service: Command {binary} is not executable: No such file or directory"
+        ]

@@ -1,6 +1,7 @@
 """Guests' cloud-init NoCloud seeds: every seed is checked with Debian's real cloud-init (its
 schema check and its network renderers), the ISO is read back, and a property over cluster shapes
 checks /etc/hosts, the address and determinism."""
+
 import ipaddress
 import os
 import re
@@ -23,19 +24,28 @@ from vmwebd.net import seed
 from vmwebd.net.seed import SeedSpec, build_iso, kernel_ip_arg, read_iso, seed_files, seed_for, write_seed
 
 CLOUD_INIT = "/usr/bin/cloud-init"
-needs_cloud_init = pytest.mark.skipif(not os.path.exists(CLOUD_INIT),
-                                      reason="Debian's cloud-init is not installed")
+needs_cloud_init = pytest.mark.skipif(
+    not os.path.exists(CLOUD_INIT), reason="Debian's cloud-init is not installed"
+)
 
 
 def openssh_key(kind="ed25519", comment="alice@laptop") -> str:
-    priv = ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else ec.generate_private_key(ec.SECP256R1())
-    line = priv.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                          serialization.PublicFormat.OpenSSH).decode()
+    priv = (
+        ed25519.Ed25519PrivateKey.generate() if kind == "ed25519" else ec.generate_private_key(ec.SECP256R1())
+    )
+    line = (
+        priv.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
     return f"{line} {comment}" if comment else line
 
 
-KEYS = [openssh_key("ed25519", "alice@laptop"), openssh_key("ecdsa", "alice, work"),
-        openssh_key("ed25519", "")]
+KEYS = [
+    openssh_key("ed25519", "alice@laptop"),
+    openssh_key("ecdsa", "alice, work"),
+    openssh_key("ed25519", ""),
+]
 
 
 def vm_ips(subnet: str, gateway: str, n: int) -> list[str]:
@@ -49,21 +59,42 @@ def vm_ips(subnet: str, gateway: str, n: int) -> list[str]:
     return out
 
 
-def make_dom(names, mode="nat", subnet="10.77.2.0/23", keys=(), dns="10.77.2.1", mtu=0,
-             absent=(), cluster="lab", order=None) -> Dom:
+def make_dom(
+    names,
+    mode="nat",
+    subnet="10.77.2.0/23",
+    keys=(),
+    dns="10.77.2.1",
+    mtu=0,
+    absent=(),
+    cluster="lab",
+    order=None,
+) -> Dom:
     """A real DOM with user alice owning cluster ``cluster`` of VMs ``names``."""
     dom = Dom(HybridClock("h1", lambda: 0))
     dom.put(UserRec(id="alice", ssh_keys=UserRec.encode_ssh_keys(keys)))
     gateway = str(ipaddress.IPv4Network(subnet).network_address + 1) if subnet else ""
-    dom.put(VClusterRec(id=cluster, owner="alice", vni=4101, mode=mode, subnet=subnet,
-                        gateway=gateway, mtu=mtu, dns=dns))
+    dom.put(
+        VClusterRec(
+            id=cluster, owner="alice", vni=4101, mode=mode, subnet=subnet, gateway=gateway, mtu=mtu, dns=dns
+        )
+    )
     ips = vm_ips(subnet or "10.9.9.0/24", gateway, len(names))
     assert len(ips) == len(names), f"{subnet} holds {len(ips)} VMs, not {len(names)}"
-    recs = [VmRec(id=f"{cluster}/{n}", cluster=cluster, name=n, ip=ip,
-                  mac="52:54:00:%02x:%02x:%02x" % (7, i >> 8, i & 0xff), token=f"t{i}",
-                  desired="absent" if n in absent else "running", vcpus=2)
-            for i, (n, ip) in enumerate(zip(names, ips))]
-    for r in (order(recs) if order else recs):
+    recs = [
+        VmRec(
+            id=f"{cluster}/{n}",
+            cluster=cluster,
+            name=n,
+            ip=ip,
+            mac="52:54:00:%02x:%02x:%02x" % (7, i >> 8, i & 0xFF),
+            token=f"t{i}",
+            desired="absent" if n in absent else "running",
+            vcpus=2,
+        )
+        for i, (n, ip) in enumerate(zip(names, ips))
+    ]
+    for r in order(recs) if order else recs:
         dom.put(r)
     return dom
 
@@ -99,7 +130,8 @@ def test_nat_seed_files_exact_layout():
         "        addresses:\n"
         "        - 10.77.2.1\n"
         "      set-name: eth0\n"
-        "  version: 2\n")
+        "  version: 2\n"
+    )
     assert files["user-data"].decode() == (
         "#cloud-config\n"
         "fqdn: web-1.lab\n"
@@ -117,7 +149,8 @@ def test_nat_seed_files_exact_layout():
         "    10.77.2.4 web-10.lab web-10\n"
         "  owner: root:root\n"
         "  path: /etc/hosts\n"
-        "  permissions: '0644'\n")
+        "  permissions: '0644'\n"
+    )
 
 
 def test_awk_contract_lines():
@@ -146,10 +179,13 @@ def test_isolated_has_no_gateway_and_legacy_cluster_falls_back_to_24():
 
 def test_kernel_ip_arg():
     """The kernel's ip= argument: client, empty server, gateway (or empty), netmask, name."""
-    assert kernel_ip_arg(spec_of(make_dom(["web-1"]))) == \
-        "ip=10.77.2.2::10.77.2.1:255.255.254.0:web-1:eth0:off"
-    assert kernel_ip_arg(spec_of(make_dom(["web-1"], mode="isolated", subnet="10.5.0.0/26"))) == \
-        "ip=10.5.0.2:::255.255.255.192:web-1:eth0:off"
+    assert (
+        kernel_ip_arg(spec_of(make_dom(["web-1"]))) == "ip=10.77.2.2::10.77.2.1:255.255.254.0:web-1:eth0:off"
+    )
+    assert (
+        kernel_ip_arg(spec_of(make_dom(["web-1"], mode="isolated", subnet="10.5.0.0/26")))
+        == "ip=10.5.0.2:::255.255.255.192:web-1:eth0:off"
+    )
 
 
 def test_instance_id_changes_with_a_new_creation():
@@ -166,10 +202,12 @@ def test_cluster_hosts_text_and_mpi_hostfile():
     """The hosts lines list every member with an address; the MPI hostfile only the members
     observed running in this creation, with their vCPUs as slots."""
     from vmwebd.dom.records import VmStatus
+
     dom = make_dom(["n-1", "n-10", "n-2", "gone"], absent={"gone"})
     c = dom.get(VClusterRec, "lab")
     assert seed.cluster_hosts_text(dom, c) == (
-        "10.77.2.2 n-1.lab n-1\n10.77.2.4 n-2.lab n-2\n10.77.2.3 n-10.lab n-10\n")
+        "10.77.2.2 n-1.lab n-1\n10.77.2.4 n-2.lab n-2\n10.77.2.3 n-10.lab n-10\n"
+    )
     assert seed.mpi_hostfile(dom, c) == ""
     dom.put(VmStatus(id="lab/n-1", state="running", token="t0"))
     dom.put(VmStatus(id="lab/n-10", state="running", token="t1"))
@@ -177,10 +215,16 @@ def test_cluster_hosts_text_and_mpi_hostfile():
     assert seed.mpi_hostfile(dom, c) == "n-1.lab slots=2\nn-10.lab slots=2\n"
 
 
-@pytest.mark.parametrize("field,change", [
-    ("ip", {"ip": ""}), ("ip", {"ip": "10.77.2.1"}), ("ip", {"ip": "10.99.0.5"}),
-    ("mac", {"mac": "nope"}), ("cluster", {"cluster": "gone"}),
-])
+@pytest.mark.parametrize(
+    "field,change",
+    [
+        ("ip", {"ip": ""}),
+        ("ip", {"ip": "10.77.2.1"}),
+        ("ip", {"ip": "10.99.0.5"}),
+        ("mac", {"mac": "nope"}),
+        ("cluster", {"cluster": "gone"}),
+    ],
+)
 def test_bad_vm_refused_naming_the_field(field, change):
     """A VM lacking what a seed needs is refused with the field named."""
     dom = make_dom(["web-1"])
@@ -207,8 +251,9 @@ SHAPES = {
     "nat-keys": dict(mode="nat", keys=KEYS),
     "isolated-nokeys": dict(mode="isolated", keys=(), dns=""),
     "legacy": dict(mode="nat", subnet="", dns=""),
-    "nat-mtu-small-segment": dict(mode="nat", subnet="192.168.50.64/27", mtu=8950, dns="9.9.9.9 1.1.1.1",
-                                  keys=KEYS[:1]),
+    "nat-mtu-small-segment": dict(
+        mode="nat", subnet="192.168.50.64/27", mtu=8950, dns="9.9.9.9 1.1.1.1", keys=KEYS[:1]
+    ),
 }
 
 
@@ -230,8 +275,21 @@ def test_cloud_init_accepts_user_data(shape, tmp_path):
 def _net_convert(files, tmp_path, output_kind) -> str:
     (tmp_path / "network-config").write_bytes(files["network-config"])
     out = tmp_path / f"out-{output_kind}"
-    r = _cloud_init("devel", "net-convert", "-p", "network-config", "-k", "yaml", "-d", str(out),
-                    "-D", "debian", "-O", output_kind, cwd=tmp_path)
+    r = _cloud_init(
+        "devel",
+        "net-convert",
+        "-p",
+        "network-config",
+        "-k",
+        "yaml",
+        "-d",
+        str(out),
+        "-D",
+        "debian",
+        "-O",
+        output_kind,
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     return "\n".join(p.read_text() for p in sorted(out.rglob("*")) if p.is_file())
 
@@ -278,13 +336,16 @@ def test_iso_reads_back_with_cidata_label_and_real_names():
     data = build_iso(files)
     iso = pycdlib.PyCdlib()
     import io
+
     iso.open_fp(io.BytesIO(data))
     try:
         assert iso.pvd.volume_identifier.decode().rstrip() == "cidata"
-        rr = sorted(c.rock_ridge.name().decode() for c in iso.list_children(rr_path="/")
-                    if not c.is_dir())
-        joliet = sorted(c.file_identifier().decode("utf-16-be")
-                        for c in iso.list_children(joliet_path="/") if not c.is_dir())
+        rr = sorted(c.rock_ridge.name().decode() for c in iso.list_children(rr_path="/") if not c.is_dir())
+        joliet = sorted(
+            c.file_identifier().decode("utf-16-be")
+            for c in iso.list_children(joliet_path="/")
+            if not c.is_dir()
+        )
         assert rr == joliet == ["meta-data", "network-config", "user-data"]
         for name, content in files.items():
             buf = io.BytesIO()
@@ -313,7 +374,7 @@ def test_write_seed_writes_only_when_content_changes(tmp_path):
     before = p.stat().st_mtime_ns, p.read_bytes()
     assert write_seed(p, spec_of(dom)) is False
     assert (p.stat().st_mtime_ns, p.read_bytes()) == before
-    dom.put(UserRec(id="alice", ssh_keys=UserRec.encode_ssh_keys(KEYS[:1])))   # a key added
+    dom.put(UserRec(id="alice", ssh_keys=UserRec.encode_ssh_keys(KEYS[:1])))  # a key added
     assert write_seed(p, spec_of(dom)) is True
     assert KEYS[0].encode() in read_iso(p.read_bytes())[1]["user-data"]
     p.write_bytes(b"not an iso")
@@ -326,9 +387,15 @@ def test_write_seed_writes_only_when_content_changes(tmp_path):
 @st.composite
 def clusters(draw):
     prefix = draw(st.integers(22, 28))
-    n = draw(st.integers(1, min(30, 2 ** (32 - prefix) - 3)))     # what the segment holds
-    names = draw(st.lists(st.sampled_from([f"{r}-{i}" for r in ("web", "db", "n") for i in range(40)]),
-                          min_size=n, max_size=n, unique=True))
+    n = draw(st.integers(1, min(30, 2 ** (32 - prefix) - 3)))  # what the segment holds
+    names = draw(
+        st.lists(
+            st.sampled_from([f"{r}-{i}" for r in ("web", "db", "n") for i in range(40)]),
+            min_size=n,
+            max_size=n,
+            unique=True,
+        )
+    )
     absent = draw(st.sets(st.sampled_from(names), max_size=len(names) - 1))
     mode = draw(st.sampled_from(["nat", "isolated"]))
     keys = draw(st.lists(st.sampled_from(KEYS), max_size=3, unique=True))
@@ -346,8 +413,9 @@ def test_property_hosts_address_determinism(shape):
     the gateway is there only in nat mode, and the files do not depend on write order."""
     names, absent, mode, keys, subnet = shape
     dom = make_dom(names, mode=mode, subnet=subnet, keys=keys, absent=absent)
-    other = make_dom(names, mode=mode, subnet=subnet, keys=keys, absent=absent,
-                     order=lambda rs: list(reversed(rs)))
+    other = make_dom(
+        names, mode=mode, subnet=subnet, keys=keys, absent=absent, order=lambda rs: list(reversed(rs))
+    )
     net = ipaddress.IPv4Network(subnet)
     gw = net.network_address + 1
     live = [n for n in names if n not in absent]

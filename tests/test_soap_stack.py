@@ -17,6 +17,7 @@ from lxml import etree
 
 # isort: off
 import vmwebd.api  # noqa: F401  (spyne's compatibility fixes come before spyne)
+
 # isort: on
 from spyne import Integer, Service, Unicode, rpc
 from twisted.internet import defer, reactor, threads
@@ -151,8 +152,10 @@ def faultcode_of(body: bytes) -> tuple[str, str]:
 
 
 def envelope(inner: str, prolog: str = "") -> bytes:
-    return (f'{prolog}<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}">'
-            f"<soapenv:Body>{inner}</soapenv:Body></soapenv:Envelope>").encode()
+    return (
+        f'{prolog}<soapenv:Envelope xmlns:soapenv="{SOAP11_ENV_NS}" xmlns:t="{TNS}">'
+        f"<soapenv:Body>{inner}</soapenv:Body></soapenv:Envelope>"
+    ).encode()
 
 
 @defer.inlineCallbacks
@@ -170,7 +173,9 @@ def test_compat_fixes_spynes_own_twisted_resource():
     from spyne.protocol.soap import Soap11
     from spyne.server.twisted import TwistedWebResource
 
-    app = Application([ToyService], tns=TNS, name="Raw", in_protocol=Soap11(validator="lxml"), out_protocol=Soap11())
+    app = Application(
+        [ToyService], tns=TNS, name="Raw", in_protocol=Soap11(validator="lxml"), out_protocol=Soap11()
+    )
     root = Resource()
     root.putChild(b"raw", TwistedWebResource(app))
     port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
@@ -188,7 +193,9 @@ def test_wsdl_names_tns_and_the_address_used(server):
     assert status == 200
     wsdl = etree.fromstring(body)
     assert wsdl.get("targetNamespace") == TNS
-    locations = wsdl.xpath("//soap:address/@location", namespaces={"soap": "http://schemas.xmlsoap.org/wsdl/soap/"})
+    locations = wsdl.xpath(
+        "//soap:address/@location", namespaces={"soap": "http://schemas.xmlsoap.org/wsdl/soap/"}
+    )
     assert locations == [server]
 
 
@@ -206,6 +213,7 @@ def test_calls_run_no_full_garbage_collection(server, monkeypatch):
     import gc
 
     import spyne.context
+
     collected = []
     real = gc.collect
     monkeypatch.setattr(spyne.context, "_LAST_GC_RUN", 0.0)
@@ -291,7 +299,9 @@ def test_wrong_type_is_client_fault_naming_the_field(server):
 BILLION_LAUGHS = envelope(
     "<t:Echo><t:text>&lol9;</t:text></t:Echo>",
     prolog='<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-    + "".join(f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10))
+    + "".join(
+        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10)
+    )
     + "]>",
 )
 
@@ -312,11 +322,15 @@ def test_external_entity_is_refused(server, tmp_path, encoding):
     """An external entity naming a local file is refused and the file's content never comes back."""
     secret = tmp_path / "secret.txt"
     secret.write_text("TOP-SECRET-7f3a9")
-    xml = envelope(
-        "<t:Echo><t:text>&xxe;</t:text></t:Echo>",
-        prolog=f'<?xml version="1.0" encoding="{encoding}"?>'
-        f'<!DOCTYPE foo [<!ENTITY xxe SYSTEM "file://{secret}">]>',
-    ).decode().encode(encoding)
+    xml = (
+        envelope(
+            "<t:Echo><t:text>&xxe;</t:text></t:Echo>",
+            prolog=f'<?xml version="1.0" encoding="{encoding}"?>'
+            f'<!DOCTYPE foo [<!ENTITY xxe SYSTEM "file://{secret}">]>',
+        )
+        .decode()
+        .encode(encoding)
+    )
     status, body = yield http_request(server, "POST", xml)
     assert status == 500
     assert faultcode_of(body)[0] == "Client.MalformedRequest"
@@ -327,8 +341,9 @@ def test_external_entity_is_refused(server, tmp_path, encoding):
 @pytest_twisted.inlineCallbacks
 def test_external_dtd_is_refused(server):
     """A DOCTYPE pointing at an external DTD (with no internal subset) is refused too."""
-    xml = envelope("<t:Echo><t:text>x</t:text></t:Echo>",
-                   prolog='<!DOCTYPE foo SYSTEM "file:///etc/hostname">')
+    xml = envelope(
+        "<t:Echo><t:text>x</t:text></t:Echo>", prolog='<!DOCTYPE foo SYSTEM "file:///etc/hostname">'
+    )
     status, body = yield http_request(server, "POST", xml)
     assert faultcode_of(body)[0] == "Client.MalformedRequest"
 
@@ -383,13 +398,16 @@ def test_spynes_six_moves_import_through_our_finder_on_every_python():
     compat.prepare_imports()
     compat.prepare_imports()
     assert sum(isinstance(f, compat._SixMovesFinder) for f in sys.meta_path) == 1
-    for name, real in (("spyne.util.six.moves.collections_abc", collections.abc),
-                       ("spyne.util.six.moves.urllib.parse", None)):
+    for name, real in (
+        ("spyne.util.six.moves.collections_abc", collections.abc),
+        ("spyne.util.six.moves.urllib.parse", None),
+    ):
         spec = importlib.util.find_spec(name)
         assert spec is not None and isinstance(spec.loader, compat._SixMovesLoader), name
         module = importlib.import_module(name)
         if real is not None:
             assert module is real
     from spyne.util.six.moves.urllib.parse import urlsplit
+
     assert urlsplit is urllib.parse.urlsplit
     assert importlib.util.find_spec("spyne.util.six.moves.no_such_move") is None

@@ -1,5 +1,6 @@
 """Users' SSH public keys: strict validation, the DOM representation, permissions, and the SOAP,
 CLI and web ways to add, list and remove them; plus a cluster's hosts file over SOAP and the CLI."""
+
 from __future__ import annotations
 
 import base64
@@ -41,8 +42,11 @@ def _ssh_string(b: bytes) -> bytes:
 
 
 def _openssh(priv) -> str:
-    return priv.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                          serialization.PublicFormat.OpenSSH).decode()
+    return (
+        priv.public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        .decode()
+    )
 
 
 def _line(kind: str, blob: bytes, comment: str = "") -> str:
@@ -51,18 +55,27 @@ def _line(kind: str, blob: bytes, comment: str = "") -> str:
 
 
 def sk_ed25519() -> str:
-    raw = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = (
+        ed25519.Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
     kind = "sk-ssh-ed25519@openssh.com"
     return _line(kind, _ssh_string(kind.encode()) + _ssh_string(raw) + _ssh_string(b"ssh:"), "yubikey")
 
 
 def sk_ecdsa() -> str:
-    point = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    point = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
     kind = "sk-ecdsa-sha2-nistp256@openssh.com"
-    return _line(kind, _ssh_string(kind.encode()) + _ssh_string(b"nistp256") + _ssh_string(point)
-                 + _ssh_string(b"ssh:"), "token")
+    return _line(
+        kind,
+        _ssh_string(kind.encode()) + _ssh_string(b"nistp256") + _ssh_string(point) + _ssh_string(b"ssh:"),
+        "token",
+    )
 
 
 GOOD = {
@@ -97,8 +110,12 @@ def test_fingerprint_is_the_one_openssh_prints(kind, tmp_path):
     """Our fingerprint is what `ssh-keygen -l` prints for the same key."""
     line = GOOD[kind]()
     (tmp_path / "k.pub").write_text(line + "\n")
-    out = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(tmp_path / "k.pub")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", str(tmp_path / "k.pub")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split()[1] == parse_ssh_key(line).fingerprint
 
 
@@ -111,10 +128,15 @@ def _rsa_1024() -> str:
 
 
 def _ecdsa_wrong_curve() -> str:
-    point = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
-    return _line("ecdsa-sha2-nistp256", _ssh_string(b"ecdsa-sha2-nistp256") + _ssh_string(b"nistp384")
-                 + _ssh_string(point))
+    point = (
+        ec.generate_private_key(ec.SECP384R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    )
+    return _line(
+        "ecdsa-sha2-nistp256",
+        _ssh_string(b"ecdsa-sha2-nistp256") + _ssh_string(b"nistp384") + _ssh_string(point),
+    )
 
 
 BAD = [
@@ -127,8 +149,8 @@ BAD = [
     (_line("ssh-ed25519", _ed_blob(key=b"k" * 31)), "31 bytes, not 32"),
     (_line("ssh-ed25519", _ed_blob(extra=b"\0")), "bytes after the key"),
     (_line("ssh-ed25519", _ssh_string(b"ssh-ed25519")), "ends early"),
-    (None, "1024 bits"),                                       # RSA too short, made below
-    (None, "curve"),                                           # ECDSA of another curve, made below
+    (None, "1024 bits"),  # RSA too short, made below
+    (None, "curve"),  # ECDSA of another curve, made below
     (ed_key("evil\x1b[2Jcomment"), "control character"),
     (ed_key() + "\n" + ed_key(), "line break"),
     (ed_key("x" * 300), "comment has at most"),
@@ -159,16 +181,19 @@ def test_a_key_file_names_the_bad_line():
 
 
 # -- the DOM representation ------------------------------------------------------------------------
-comments = st.text(st.characters(min_codepoint=0x20, blacklist_categories=("Cs", "Cc")), max_size=40) \
-    .map(str.strip)
+comments = st.text(st.characters(min_codepoint=0x20, blacklist_categories=("Cs", "Cc")), max_size=40).map(
+    str.strip
+)
 
 
 @given(st.lists(comments, min_size=0, max_size=5))
 def test_keys_survive_the_dom_and_xml_text_whatever_their_comments(cs):
     """Keys whose comments hold commas, percent signs, spaces or any Unicode come back equal
     from the ssh-keys attribute, through XML text, and the entity is valid for the schema."""
-    keys = [f"ssh-ed25519 {base64.b64encode(_ed_blob(key=bytes([i]) * 32)).decode()}"
-            + (f" {c}" if c else "") for i, c in enumerate(cs)]
+    keys = [
+        f"ssh-ed25519 {base64.b64encode(_ed_blob(key=bytes([i]) * 32)).decode()}" + (f" {c}" if c else "")
+        for i, c in enumerate(cs)
+    ]
     dom = Dom(HybridClock("h1", lambda: 0))
     el = dom.put(UserRec(id="alice", ssh_keys=UserRec.encode_ssh_keys(keys)))
     assert entity_error(el) is None
@@ -189,11 +214,14 @@ def test_soap_add_list_remove_and_permissions(start_node):
     added = yield alice.call("AddSshKey", None, k1)
     assert added["key"] == k1 and added["fingerprint"] == parse_ssh_key(k1).fingerprint
     assert added["comment"] == "alice@laptop" and added["type"] == "ssh-ed25519"
-    yield h.call("AddSshKey", "alice", k2)                       # an admin adds to anyone
+    yield h.call("AddSshKey", "alice", k2)  # an admin adds to anyone
     listed = yield alice.call("ListSshKeys", "alice")
     assert [k["key"] for k in listed] == [k1, k2]
-    for op, args in [("ListSshKeys", ("alice",)), ("AddSshKey", ("alice", ed_key())),
-                     ("RemoveSshKey", ("alice", added["fingerprint"]))]:
+    for op, args in [
+        ("ListSshKeys", ("alice",)),
+        ("AddSshKey", ("alice", ed_key())),
+        ("RemoveSshKey", ("alice", added["fingerprint"])),
+    ]:
         f = yield fault_of(bob.call(op, *args))
         assert f.code == "Client.NotAuthorized" and "'alice'" in f.message, (op, f)
     assert not (yield bob.call("ListSshKeys", None))
@@ -205,7 +233,7 @@ def test_soap_add_list_remove_and_permissions(start_node):
     assert nouser.code == "Client.NoSuchUser"
     gone = yield alice.call("RemoveSshKey", None, added["fingerprint"])
     assert gone["key"] == k1
-    gone = yield h.call("RemoveSshKey", "alice", k2)             # by its whole line
+    gone = yield h.call("RemoveSshKey", "alice", k2)  # by its whole line
     assert gone["key"] == k2
     missing = yield fault_of(alice.call("RemoveSshKey", None, added["fingerprint"]))
     assert missing.code == "Client.NoSuchSshKey"
@@ -221,7 +249,9 @@ def test_keys_survive_password_quota_and_bootstrap_changes(start_node):
     yield h.as_user("carol").call("AddSshKey", None, key)
     yield h.call("SetPassword", "carol", "carols-new-password")
     yield h.call("SetQuota", "carol", 7)
-    assert [k["key"] for k in (yield h.as_user("carol", "carols-new-password").call("ListSshKeys", None))] == [key]
+    assert [
+        k["key"] for k in (yield h.as_user("carol", "carols-new-password").call("ListSshKeys", None))
+    ] == [key]
     akey = ed_key("root")
     yield h.call("AddSshKey", None, akey)
     state = h.node.config.state_dir
@@ -243,6 +273,7 @@ def test_a_users_key_list_is_bounded(start_node):
 
 def _principal(h, name):
     from vmwebd.auth import Principal
+
     return Principal(name, h.node.domsvc.dom.get(UserRec, name).role)
 
 
@@ -293,8 +324,9 @@ def test_cli_user_key_commands_and_cluster_hosts(start_node, tmp_path):
         assert r.returncode == 1 and r.stderr.startswith("vmweb: Client.InvalidArgument: key 2:"), r.stderr
         other = vmweb(addr, "user", "key", "list", "--user", "alice", env=env)
         assert other.returncode == 1 and "Client.NotAuthorized" in other.stderr
-        admin = vmweb(addr, "--user", ADMIN[0], "--password", ADMIN[1], "--json", "user", "key",
-                      "list", "--user", "bob")
+        admin = vmweb(
+            addr, "--user", ADMIN[0], "--password", ADMIN[1], "--json", "user", "key", "list", "--user", "bob"
+        )
         assert admin.returncode == 0 and fp1 in admin.stdout
         r = vmweb(addr, "user", "key", "remove", fp1, env=env)
         assert r.returncode == 0 and f"removed {fp1}" in r.stdout
@@ -305,6 +337,7 @@ def test_cli_user_key_commands_and_cluster_hosts(start_node, tmp_path):
         mpi = vmweb(addr, "cluster", "hosts", "c1", "--mpi", env=env)
         assert mpi.returncode == 0
         assert all(re.fullmatch(r"[a-z0-9-]+\.c1 slots=\d+", ln) for ln in mpi.stdout.splitlines())
+
     yield threads.deferToThread(story)
 
 
@@ -322,24 +355,40 @@ def test_web_form_adds_lists_and_removes_keys_escaped(start_node):
         assert b.login("alice", password_of("alice")).status_code == 303
         page = b.s.get(b.base + "/owner", timeout=10)
         assert "My SSH keys" in page.text and "No SSH keys yet." in page.text
-        page = b.s.post(b.base + "/action/user/key/add", timeout=10,
-                        data={"csrf": b.csrf(), "name": "alice", "key": key + "\r\n", "back": "/owner"})
+        page = b.s.post(
+            b.base + "/action/user/key/add",
+            timeout=10,
+            data={"csrf": b.csrf(), "name": "alice", "key": key + "\r\n", "back": "/owner"},
+        )
         assert f"SSH key {fp} added to alice." in page.text
         assert "<script>alert(1)</script>" not in page.text
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text and f'data-key="{fp}"' in page.text
-        bad = b.s.post(b.base + "/action/user/key/add", timeout=10,
-                       data={"csrf": b.csrf(), "name": "alice", "key": "ssh-ed25519 ???", "back": "/owner"})
+        bad = b.s.post(
+            b.base + "/action/user/key/add",
+            timeout=10,
+            data={"csrf": b.csrf(), "name": "alice", "key": "ssh-ed25519 ???", "back": "/owner"},
+        )
         assert "key 1: ssh-ed25519 key: its blob is not base64" in bad.text
-        nocsrf = b.s.post(b.base + "/action/user/key/remove", timeout=10,
-                          data={"name": "alice", "fingerprint": fp, "back": "/owner"})
+        nocsrf = b.s.post(
+            b.base + "/action/user/key/remove",
+            timeout=10,
+            data={"name": "alice", "fingerprint": fp, "back": "/owner"},
+        )
         assert nocsrf.status_code == 403
         b2 = Browserless(h.node.api_address)
         b2.login("bob", password_of("bob"))
-        forged = b2.s.post(b2.base + "/action/user/key/remove", timeout=10,
-                           data={"csrf": b2.csrf(), "name": "alice", "fingerprint": fp, "back": "/owner"})
+        forged = b2.s.post(
+            b2.base + "/action/user/key/remove",
+            timeout=10,
+            data={"csrf": b2.csrf(), "name": "alice", "fingerprint": fp, "back": "/owner"},
+        )
         assert "may only see or change their own SSH keys" in forged.text
-        page = b.s.post(b.base + "/action/user/key/remove", timeout=10,
-                        data={"csrf": b.csrf(), "name": "alice", "fingerprint": fp, "back": "/owner"})
+        page = b.s.post(
+            b.base + "/action/user/key/remove",
+            timeout=10,
+            data={"csrf": b.csrf(), "name": "alice", "fingerprint": fp, "back": "/owner"},
+        )
         assert f"SSH key {fp} removed from alice." in page.text and "No SSH keys yet." in page.text
+
     yield threads.deferToThread(story)
     assert h.node.domsvc.dom.get(UserRec, "alice").ssh_keys == ""

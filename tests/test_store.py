@@ -1,4 +1,5 @@
 """Tests of the durable record store: framing, recovery, compaction, and SIGKILL durability."""
+
 from __future__ import annotations
 
 import importlib.util

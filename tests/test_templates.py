@@ -1,4 +1,5 @@
 """Tests for vmwebd.templates: loading, validation errors, XML round trip and pure planning."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,14 +30,19 @@ IMAGES = {"debian-12"}
 POOLS = {"lab"}
 
 
-def tpl(*roles: str, head: str = '<template name="t" description="d">',
-        network: str = '<network mode="isolated" pool="lab"/>') -> str:
+def tpl(
+    *roles: str,
+    head: str = '<template name="t" description="d">',
+    network: str = '<network mode="isolated" pool="lab"/>',
+) -> str:
     """A template with ``head`` on line 1, ``network`` on line 2 and one role per line from line 3."""
     return "\n".join([head, network, *roles, "</template>"]) + "\n"
 
 
 def role(name="r", count="rest", vcpus="1", memory="512", image="debian-12", extra="") -> str:
-    return f'<role name="{name}" count="{count}" vcpus="{vcpus}" memory-mib="{memory}" image="{image}"{extra}/>'
+    return (
+        f'<role name="{name}" count="{count}" vcpus="{vcpus}" memory-mib="{memory}" image="{image}"{extra}/>'
+    )
 
 
 def role_obj(name, count, vcpus=1, memory=512) -> Role:
@@ -83,27 +89,79 @@ def test_shipped_lab_template_is_n_identical_machines():
 
 BAD = [
     # (id, text, line, field, fragment)
-    ("two-rest", tpl(role("a"), role("b")), 4, "template/role/@count", "only one role may have count=\"rest\" (first at line 3)"),
+    (
+        "two-rest",
+        tpl(role("a"), role("b")),
+        4,
+        "template/role/@count",
+        "only one role may have count=\"rest\" (first at line 3)",
+    ),
     ("unknown-image", tpl(role(image="ubuntu")), 3, "template/role/@image", "no image named 'ubuntu'"),
-    ("unknown-pool", tpl(role(), network='<network mode="isolated" pool="wan"/>'), 2, "template/network/@pool", "no IP pool named 'wan'"),
-    ("bad-mode", tpl(role(), network='<network mode="bridged" pool="lab"/>'), 2, "template/network/@mode", "'bridged'"),
-    ("bad-dns", tpl(role(), network='<network mode="nat" pool="lab" dns="192.0.2.53 192.0.2.300"/>'), 2,
-     "template/network/@dns", "'192.0.2.300' is not an IPv4 address"),
-    ("many-dns", tpl(role(), network='<network mode="nat" pool="lab" dns="192.0.2.1 192.0.2.2 192.0.2.3 192.0.2.4"/>'), 2,
-     "template/network/@dns", "at most 3"),
+    (
+        "unknown-pool",
+        tpl(role(), network='<network mode="isolated" pool="wan"/>'),
+        2,
+        "template/network/@pool",
+        "no IP pool named 'wan'",
+    ),
+    (
+        "bad-mode",
+        tpl(role(), network='<network mode="bridged" pool="lab"/>'),
+        2,
+        "template/network/@mode",
+        "'bridged'",
+    ),
+    (
+        "bad-dns",
+        tpl(role(), network='<network mode="nat" pool="lab" dns="192.0.2.53 192.0.2.300"/>'),
+        2,
+        "template/network/@dns",
+        "'192.0.2.300' is not an IPv4 address",
+    ),
+    (
+        "many-dns",
+        tpl(role(), network='<network mode="nat" pool="lab" dns="192.0.2.1 192.0.2.2 192.0.2.3 192.0.2.4"/>'),
+        2,
+        "template/network/@dns",
+        "at most 3",
+    ),
     ("vcpus-zero", tpl(role(vcpus="0")), 3, "template/role/@vcpus", "out of range"),
     ("vcpus-text", tpl(role(vcpus="two")), 3, "template/role/@vcpus", "not an integer"),
     ("memory-small", tpl(role(memory="32")), 3, "template/role/@memory-mib", "out of range"),
     ("count-zero", tpl(role(count="0")), 3, "template/role/@count", "out of range"),
     ("count-text", tpl(role(count="many")), 3, "template/role/@count", "not an integer"),
-    ("dup-role", tpl(role("a", "1"), role("a", "rest")), 4, "template/role/@name", "duplicate role name 'a' (first at line 3)"),
+    (
+        "dup-role",
+        tpl(role("a", "1"), role("a", "rest")),
+        4,
+        "template/role/@name",
+        "duplicate role name 'a' (first at line 3)",
+    ),
     ("role-digit-end", tpl(role("node1")), 3, "template/role/@name", "not a valid role name"),
     ("role-upper", tpl(role("Head")), 3, "template/role/@name", "not a valid role name"),
-    ("role-missing-attr", tpl('<role name="r" count="rest" vcpus="1" image="debian-12"/>'), 3, "template/role/@memory-mib", "required"),
+    (
+        "role-missing-attr",
+        tpl('<role name="r" count="rest" vcpus="1" image="debian-12"/>'),
+        3,
+        "template/role/@memory-mib",
+        "required",
+    ),
     ("role-unknown-attr", tpl(role(extra=' cpu="2"')), 3, "template/role/@cpu", "unknown attribute"),
     ("unknown-element", tpl(role(), "<disk/>"), 4, "template/disk", "unknown element"),
-    ("no-network", "<template name=\"t\">\n" + role() + "\n</template>", 1, "template/network", "required element"),
-    ("two-networks", tpl(role(), '<network mode="nat" pool="lab"/>'), 4, "template/network", "only once (first at line 2)"),
+    (
+        "no-network",
+        "<template name=\"t\">\n" + role() + "\n</template>",
+        1,
+        "template/network",
+        "required element",
+    ),
+    (
+        "two-networks",
+        tpl(role(), '<network mode="nat" pool="lab"/>'),
+        4,
+        "template/network",
+        "only once (first at line 2)",
+    ),
     ("no-roles", tpl(), 1, "template/role", "at least one role"),
     ("bad-name", tpl(role(), head='<template name="HPC">'), 1, "template/@name", "not a valid template name"),
     ("no-name", tpl(role(), head="<template>"), 1, "template/@name", "required attribute"),
@@ -173,7 +231,12 @@ def test_to_xml_uses_the_file_format_names():
     assert el.tag == "template" and el.get("name") == "hpc"
     assert el.find("network").attrib == {"mode": "isolated", "pool": "lab"}
     assert [dict(r.attrib) for r in el.findall("role")][1] == {
-        "name": "compute", "count": "rest", "vcpus": "1", "memory-mib": "512", "image": "debian-12"}
+        "name": "compute",
+        "count": "rest",
+        "vcpus": "1",
+        "memory-mib": "512",
+        "image": "debian-12",
+    }
 
 
 def test_from_xml_ignores_only_named_extra_attributes():
@@ -294,8 +357,13 @@ def templates(draw, rest=None):
     has_rest = draw(st.booleans()) if rest is None else rest
     rest_index = draw(st.integers(0, len(role_names) - 1)) if has_rest else None
     roles = tuple(
-        Role(name, None if i == rest_index else draw(st.integers(1, 3)),
-             draw(st.integers(1, 64)), draw(st.integers(64, 8192)), draw(st.sampled_from(["debian-12", "alpine"])))
+        Role(
+            name,
+            None if i == rest_index else draw(st.integers(1, 3)),
+            draw(st.integers(1, 64)),
+            draw(st.integers(64, 8192)),
+            draw(st.sampled_from(["debian-12", "alpine"])),
+        )
         for i, name in enumerate(role_names)
     )
     network = NetworkSpec(draw(st.sampled_from(NETWORK_MODES)), draw(st.sampled_from(["lab", "wan-2"])))

@@ -6,6 +6,7 @@ sees it on host B's page, scales it there, and destroys it; the views are saved 
 under ``tests/.screenshots/`` (laptop and phone sizes). The security tests use the same browser.
 A second grid serves its pages over https (``api-tls="grid"``) to a browser that trusts its CA.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,9 +27,19 @@ pytestmark = pytest.mark.slow
 SHOTS = Path(__file__).resolve().parent / ".screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--disable-default-apps", "--disable-extensions"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--disable-default-apps",
+    "--disable-extensions",
+]
 WAIT = 30.0
 LAPTOP = (1280, 900)
 PHONE = (390, 844)
@@ -39,8 +50,13 @@ def grid(tmp_path_factory):
     """Two vmwebd processes forming one grid (mutual TLS, gossip); accounts alice (quota 6) and bob."""
     g = Grid(tmp_path_factory.mktemp("webgrid"), 2)
     try:
-        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2
-                               for i in range(2)), 30, "two hosts to see each other alive")
+        wait_until(
+            lambda: all(
+                set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2 for i in range(2)
+            ),
+            30,
+            "two hosts to see each other alive",
+        )
         create_users(g.client(0), ("alice", "bob"), quota=6)
         yield g
     finally:
@@ -52,6 +68,7 @@ def _chromium(profile: str, env: dict | None = None):
     browser's environment)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail("chromium and chromium-driver are needed (scripts/bootstrap.sh installs them)")
     opts = webdriver.ChromeOptions()
@@ -89,18 +106,26 @@ def wait_for(driver, pred, what: str, timeout: float = WAIT):
         TimeoutException,
     )
     from selenium.webdriver.support.ui import WebDriverWait
+
     # A page that is being replaced (a form just posted, a live update) can drop an element between
     # finding it and reading it: that is "not yet", not a failure, so the wait polls again.
-    wait = WebDriverWait(driver, timeout, poll_frequency=0.1,
-                         ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    wait = WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
     try:
         return wait.until(lambda d: pred(d))
     except TimeoutException as e:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what} (at {driver.current_url})") from e
+        raise AssertionError(
+            f"timed out after {timeout} s waiting for {what} (at {driver.current_url})"
+        ) from e
 
 
 def css(driver, selector):
     from selenium.webdriver.common.by import By
+
     return driver.find_elements(By.CSS_SELECTOR, selector)
 
 
@@ -110,7 +135,9 @@ def login(driver, grid, i: int, name: str, password: str | None = None):
     css(driver, "#login-name")[0].send_keys(name)
     css(driver, "#login-password")[0].send_keys(password_of(name) if password is None else password)
     css(driver, "#login-submit")[0].click()
-    wait_for(driver, lambda d: d.current_url.endswith("/owner") or css(d, ".flash.error"), "the login to answer")
+    wait_for(
+        driver, lambda d: d.current_url.endswith("/owner") or css(d, ".flash.error"), "the login to answer"
+    )
 
 
 def flashes(driver) -> list[str]:
@@ -128,8 +155,10 @@ def all_running(driver, cluster: str, n: int) -> bool:
 
 def screen(driver, size=LAPTOP, mobile: bool = False) -> None:
     """Makes the page's viewport ``size`` (a phone's, with ``mobile``: the viewport meta applies)."""
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                           {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": mobile})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": mobile},
+    )
 
 
 def shot(driver, name: str, size=LAPTOP, mobile: bool = False) -> Path:
@@ -148,6 +177,7 @@ def submit(driver, form_selector: str, **fields):
     form = css(driver, form_selector)[0]
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
+
     for name, value in fields.items():
         field = form.find_element(By.NAME, name)
         if field.tag_name == "select":
@@ -163,6 +193,7 @@ def session_cookies(driver) -> dict:
 
 
 # -- the user's story ------------------------------------------------------------------------------
+
 
 def test_user_builds_watches_scales_and_destroys_a_cluster_across_two_hosts(grid, browser):
     """Alice creates a cluster on host A's page, sees it come up on host B's page without a reload, scales it there, destroys it, and every view is captured."""
@@ -238,23 +269,37 @@ def test_admin_changes_a_setting_that_reaches_the_other_host(grid, browser):
     login(d, grid, 0, *ADMIN)
     d.get(url(grid, 0, "/settings"))
     text = css(d, "main")[0].text
-    for needle in ("placement", "cpu_overcommit", "Address pools", "10.77.0.0/16", "gossip interval",
-                   "probe interval", "consensus members"):
+    for needle in (
+        "placement",
+        "cpu_overcommit",
+        "Address pools",
+        "10.77.0.0/16",
+        "gossip interval",
+        "probe interval",
+        "consensus members",
+    ):
         assert needle in text, needle
     submit(d, "form:has(#setting-placement)", value="pack")
     wait_for(d, lambda d: any("placement is now pack" in f for f in flashes(d)), "the setting's message")
     shot(d, "settings-view")
-    wait_until(lambda: {s["key"]: s["value"] for s in grid.client(1).call("GetSettings")}["placement"] == "pack",
-               10, "host2 to read placement=pack")
+    wait_until(
+        lambda: {s["key"]: s["value"] for s in grid.client(1).call("GetSettings")}["placement"] == "pack",
+        10,
+        "host2 to read placement=pack",
+    )
     grid.client(1).call("SetSetting", "placement", "spread")
     # the admin's owner view has the account forms
     d.get(url(grid, 0, "/owner"))
     assert css(d, "#user-create") and {e.text for e in css(d, "table.users tbody tr td:first-child")} >= {
-        "admin", "alice", "bob"}
+        "admin",
+        "alice",
+        "bob",
+    }
     shot(d, "owner-view-admin")
 
 
 # -- security -----------------------------------------------------------------------------------------
+
 
 def test_wrong_password_gets_no_session(grid, browser):
     """A wrong password stays on the login page with a message that does not say which part was wrong, and sets no session."""
@@ -281,8 +326,12 @@ def test_pages_and_actions_need_a_session(grid):
         r = s.post(url(grid, 0, "/action/destroy"), data={"cluster": "keep1", "csrf": "guess"}, timeout=10)
         assert r.status_code == 403
         forged = {"vmweb-session-host1": "forged-token"}
-        r = s.post(url(grid, 0, "/action/destroy"), data={"cluster": "keep1", "csrf": "guess"},
-                   cookies=forged, timeout=10)
+        r = s.post(
+            url(grid, 0, "/action/destroy"),
+            data={"cluster": "keep1", "csrf": "guess"},
+            cookies=forged,
+            timeout=10,
+        )
         assert r.status_code == 403
         assert grid.client(0).call("GetCluster", "keep1")["state"] != "destroying"
     finally:
@@ -330,17 +379,23 @@ def test_form_without_its_csrf_token_is_refused(grid, browser):
         cookies = session_cookies(d)
         token = css(d, "form[action='/action/destroy'] input[name=csrf]")[0].get_attribute("value")
         target = url(grid, 0, "/action/destroy")
-        cases = [({"cluster": "csrf1"}, {}), ({"cluster": "csrf1", "csrf": "x" * len(token)}, {}),
-                 ({"cluster": "csrf1", "csrf": token}, {"Origin": "http://evil.example"})]
+        cases = [
+            ({"cluster": "csrf1"}, {}),
+            ({"cluster": "csrf1", "csrf": "x" * len(token)}, {}),
+            ({"cluster": "csrf1", "csrf": token}, {"Origin": "http://evil.example"}),
+        ]
         for data, headers in cases:
-            r = requests.post(target, data=data, cookies=cookies, headers=headers, allow_redirects=False,
-                              timeout=10)
+            r = requests.post(
+                target, data=data, cookies=cookies, headers=headers, allow_redirects=False, timeout=10
+            )
             assert r.status_code == 403, (data, headers, r.status_code)
         # The browser itself, with the token field removed from the page's form:
         d.execute_script("""document.querySelectorAll("article[data-cluster='csrf1'] form[action='/action/destroy'] "
                             + "input[name=csrf]").forEach(function (e) { e.remove(); });""")
         css(d, "article[data-cluster='csrf1'] form[action='/action/destroy'] button")[0].click()
-        wait_for(d, lambda d: "security token" in d.find_element("tag name", "main").text, "the CSRF refusal page")
+        wait_for(
+            d, lambda d: "security token" in d.find_element("tag name", "main").text, "the CSRF refusal page"
+        )
         shot(d, "csrf-refused")
         assert grid.client(0).call("GetCluster", "csrf1")["state"] != "destroying"
     finally:
@@ -358,18 +413,27 @@ def test_html_in_names_is_shown_escaped(grid, browser):
     submit(d, "form[action='/action/create']", name=HOSTILE, template="lab", count=1)
     # Each wait is for that refusal's own words with the text itself, literally: a looser wait can
     # be met by the page being replaced, and a read after it can see neither page.
-    wait_for(d, lambda d: any(HOSTILE in f and "cluster" in f for f in flashes(d)),
-             "the refusal of a cluster named with markup, showing the name as text")
+    wait_for(
+        d,
+        lambda d: any(HOSTILE in f and "cluster" in f for f in flashes(d)),
+        "the refusal of a cluster named with markup, showing the name as text",
+    )
     submit(d, "form[action='/action/user/create']", name=HOSTILE, password="long-enough-pw")
-    wait_for(d, lambda d: any(HOSTILE in f and "user name" in f for f in flashes(d)),
-             "the refusal of a user named with markup, showing the name as text")
+    wait_for(
+        d,
+        lambda d: any(HOSTILE in f and "user name" in f for f in flashes(d)),
+        "the refusal of a user named with markup, showing the name as text",
+    )
     assert not css(d, "#flashes img") and not css(d, "#flashes script")
     shot(d, "escaped-names")
     # A tampered form: an owner name with markup (the page only offers real accounts).
     token = css(d, "form[action='/action/create'] input[name=csrf]")[0].get_attribute("value")
-    r = requests.post(url(grid, 0, "/action/create"), cookies=session_cookies(d),
-                      data={"csrf": token, "name": "ok1", "template": "lab", "owner": HOSTILE, "count": "1"},
-                      timeout=10)
+    r = requests.post(
+        url(grid, 0, "/action/create"),
+        cookies=session_cookies(d),
+        data={"csrf": token, "name": "ok1", "template": "lab", "owner": HOSTILE, "count": "1"},
+        timeout=10,
+    )
     assert r.status_code == 200 and "&lt;img src=x" in r.text and HOSTILE not in r.text
     d.get(url(grid, 0, "/owner"))
     # The login form gives the name back as the input's value, not as markup.
@@ -393,8 +457,12 @@ def test_non_admin_gets_no_settings(grid, browser):
     shot(d, "settings-refused")
     d.get(url(grid, 0, "/owner"))
     token = css(d, "form[action='/action/create'] input[name=csrf]")[0].get_attribute("value")
-    r = requests.post(url(grid, 0, "/action/setting"), cookies=session_cookies(d),
-                      data={"csrf": token, "key": "placement", "value": "pack", "back": "/owner"}, timeout=10)
+    r = requests.post(
+        url(grid, 0, "/action/setting"),
+        cookies=session_cookies(d),
+        data={"csrf": token, "key": "placement", "value": "pack", "back": "/owner"},
+        timeout=10,
+    )
     assert r.status_code == 200 and "changing system settings is for admins" in r.text
     assert {s["key"]: s["value"] for s in grid.client(0).call("GetSettings")}["placement"] == "spread"
 
@@ -409,13 +477,19 @@ def test_no_password_reaches_a_log(grid):
 
 # -- over TLS ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tls_grid(tmp_path_factory):
     """Two vmwebd processes serving their pages over https with their grid certificates."""
     g = Grid(tmp_path_factory.mktemp("webgrid-tls"), 2, api_tls="grid")
     try:
-        wait_until(lambda: all(set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2
-                               for i in range(2)), 30, "two TLS hosts to see each other alive")
+        wait_until(
+            lambda: all(
+                set(g.liveness(i).values()) == {"alive"} and len(g.liveness(i)) == 2 for i in range(2)
+            ),
+            30,
+            "two TLS hosts to see each other alive",
+        )
         create_users(g.client(0), ("alice",), quota=6)
         yield g
     finally:
@@ -428,13 +502,17 @@ def tls_browser(tls_grid):
     an authority in the NSS database of the browser's home (no flag to ignore certificate errors)."""
     certutil = shutil.which("certutil")
     if certutil is None:
-        pytest.fail("certutil is needed to make Chromium trust the test CA (Debian's libnss3-tools; "
-                    "scripts/bootstrap.sh installs it)")
+        pytest.fail(
+            "certutil is needed to make Chromium trust the test CA (Debian's libnss3-tools; "
+            "scripts/bootstrap.sh installs it)"
+        )
     home = tempfile.mkdtemp(prefix="vmweb-chromium-home-")
     nssdb = Path(home) / ".pki" / "nssdb"
     nssdb.mkdir(parents=True)
-    for args in (["-N", "--empty-password"],
-                 ["-A", "-t", "C,,", "-n", "vmweb test grid CA", "-i", str(tls_grid.ca)]):
+    for args in (
+        ["-N", "--empty-password"],
+        ["-A", "-t", "C,,", "-n", "vmweb test grid CA", "-i", str(tls_grid.ca)],
+    ):
         subprocess.run([certutil, "-d", f"sql:{nssdb}", *args], check=True, capture_output=True, timeout=30)
     driver = _chromium(str(Path(home) / "profile"), env={**os.environ, "HOME": home})
     try:
@@ -451,7 +529,7 @@ def test_login_and_pages_over_https(tls_grid, tls_browser):
     base = [tls_grid.daemons[i].url for i in range(2)]
     assert all(b.startswith("https://") for b in base)
     d.get(base[0] + "/login")
-    assert css(d, "#login-name"), d.page_source[:300]    # the page itself, not a certificate warning
+    assert css(d, "#login-name"), d.page_source[:300]  # the page itself, not a certificate warning
     css(d, "#login-name")[0].send_keys("alice")
     css(d, "#login-password")[0].send_keys(password_of("alice"))
     css(d, "#login-submit")[0].click()

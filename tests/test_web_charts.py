@@ -2,6 +2,7 @@
 page, whose three charts (load, used memory, VMs) uPlot draws from host1's samples, asked of
 host1 over the peer endpoint. Captured at laptop (1366×768) and phone (390×844) sizes as
 ``docs/screenshots/host-charts-*.png``."""
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ def six_hours(end: int) -> list[Sample]:
     out = []
     for i in range(719):
         t = end - (719 - i) * 30
-        vms = (0 if i < 60 else 2 if i < 200 else 5 if i < 420 else 3 if i < 600 else 4)
+        vms = 0 if i < 60 else 2 if i < 200 else 5 if i < 420 else 3 if i < 600 else 4
         load = max(0.0, 0.4 + vms * 0.45 + 0.8 * math.sin(i / 35) ** 2 + rng.uniform(-0.25, 0.25))
         mem = 900 + vms * 1024 + rng.randint(-60, 60)
         out.append(Sample(t, round(load, 2), mem, vms))
@@ -38,7 +39,8 @@ def fits(d) -> bool:
     """Every chart uPlot drew is as wide as its figure, or narrower."""
     return d.execute_script(
         "return Array.prototype.every.call(document.querySelectorAll('figure.chart'), function (f) {"
-        "  var u = f.querySelector('.uplot'); return u && u.offsetWidth <= f.clientWidth; })")
+        "  var u = f.querySelector('.uplot'); return u && u.offsetWidth <= f.clientWidth; })"
+    )
 
 
 @pytest_twisted.inlineCallbacks
@@ -96,4 +98,5 @@ def test_the_host_view_links_a_host_page_whose_charts_show_that_hosts_samples(tw
             d.save_screenshot(str(SHOTS / "host-charts-nojs-laptop.png"))
         finally:
             d.execute_cdp_cmd("Emulation.setScriptExecutionDisabled", {"value": False})
+
     yield in_thread(story)

@@ -5,6 +5,7 @@ reactor serves the pages), plus the same rules over plain HTTP without a script.
 The pages are captured at laptop (1366×768) and phone (390×844) sizes under
 ``docs/screenshots/``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -91,12 +92,18 @@ def in_thread(fn, *args):
 def make_cluster(node, name: str, owner: str, count: int):
     """Creates a cluster and waits until its VMs run."""
     yield node.manager.create(name, "lab", owner, count)
-    yield node.domsvc.wait_for(lambda: all(
-        (st := status_of(node.domsvc.dom, vm)) is not None and st.state == "running"
-        for vm in node.domsvc.dom.all(VmRec) if vm.cluster == name), 30)
+    yield node.domsvc.wait_for(
+        lambda: all(
+            (st := status_of(node.domsvc.dom, vm)) is not None and st.state == "running"
+            for vm in node.domsvc.dom.all(VmRec)
+            if vm.cluster == name
+        ),
+        30,
+    )
 
 
 # -- cluster and VM pages ---------------------------------------------------------------------------
+
 
 @pytest_twisted.inlineCallbacks
 def test_links_reach_the_cluster_and_vm_pages_which_show_everything_at_a_glance(start_node, browser):
@@ -106,9 +113,21 @@ def test_links_reach_the_cluster_and_vm_pages_which_show_everything_at_a_glance(
     h = yield start_node()
     node = h.node
     yield make_cluster(node, "lab1", "alice", 3)
-    yield node.domsvc.put(MigrationRec(id="m1", vm="lab1/pc1", source="host9", dest="host1", phase="done",
-                                       mode="live", requested_by="alice", started_at=1_796_000_000_000,
-                                       bytes=70 << 20, total_ms=950, downtime_ms=257))
+    yield node.domsvc.put(
+        MigrationRec(
+            id="m1",
+            vm="lab1/pc1",
+            source="host9",
+            dest="host1",
+            phase="done",
+            mode="live",
+            requested_by="alice",
+            started_at=1_796_000_000_000,
+            bytes=70 << 20,
+            total_ms=950,
+            downtime_ms=257,
+        )
+    )
     base = f"http://{node.api_address}"
     vms = {v.name: v for v in node.domsvc.dom.all(VmRec) if v.cluster == "lab1"}
 
@@ -133,8 +152,16 @@ def test_links_reach_the_cluster_and_vm_pages_which_show_everything_at_a_glance(
         wait_for(d, lambda d: d.current_url == base + "/vm/lab1/pc1", "the VM page")
         assert css(d, "h1")[0].text == "VM lab1/pc1"
         facts = css(d, "dl.facts")[0].text
-        for needle in ("running", "host1", vms["pc1"].ip, vms["pc1"].mac, "Restarts", "Host says", "vCPUs",
-                       "512 MiB"):
+        for needle in (
+            "running",
+            "host1",
+            vms["pc1"].ip,
+            vms["pc1"].mac,
+            "Restarts",
+            "Host says",
+            "vCPUs",
+            "512 MiB",
+        ):
             assert needle in facts, (needle, facts)
         moves = [e.text for e in css(d, "tr[data-migration]")]
         assert len(moves) == 1 and "host9" in moves[0] and "257 ms" in moves[0] and "done" in moves[0], moves
@@ -147,6 +174,7 @@ def test_links_reach_the_cluster_and_vm_pages_which_show_everything_at_a_glance(
         css(d, "article.host a.vm-id[href='/vm/lab1/pc0']")[0].click()
         wait_for(d, lambda d: d.current_url == base + "/vm/lab1/pc0", "the VM page from the host view")
         assert "This VM has not moved." in main_text(d)
+
     yield in_thread(story)
 
 
@@ -181,13 +209,15 @@ def test_another_users_cluster_and_vm_pages_are_refused_saying_why(start_node, b
         d.get(base + "/cluster/alices")
         text = main_text(d)
         assert "user 'bob' may not see or change cluster 'alices': it belongs to another user" in text, text
-        assert css(d, "nav a[href='/owner']")     # still logged in, with the navigation
+        assert css(d, "nav a[href='/owner']")  # still logged in, with the navigation
         snap(d, "cluster-page-refused")
+
     yield in_thread(plain)
     yield in_thread(story)
 
 
 # -- search and filter ------------------------------------------------------------------------------
+
 
 @pytest_twisted.inlineCallbacks
 def test_filters_on_the_owner_and_host_views_hide_what_does_not_match(start_node, browser):
@@ -229,30 +259,42 @@ def test_filters_on_the_owner_and_host_views_hide_what_does_not_match(start_node
         css(d, "#filter-clear")[0].click()
         wait_for(d, lambda d: len(row_ids(d)) == 3, "all rows back once the filter is cleared")
         from selenium.webdriver.support.ui import Select
-        Select(css(d, "#filter-owner")[0]).select_by_value("bob")      # applies at once
+
+        Select(css(d, "#filter-owner")[0]).select_by_value("bob")  # applies at once
         wait_for(d, lambda d: row_ids(d) == ["web1/pc0"], "only bob's VM")
         assert d.current_url == base + "/owner?q=&owner=bob&host=&state="
         polls = int(css(d, "body")[0].get_attribute("data-polls") or 0)
-        wait_for(d, lambda d: int(css(d, "body")[0].get_attribute("data-polls") or 0) > polls + 1,
-                 "the page to poll its live state")
+        wait_for(
+            d,
+            lambda d: int(css(d, "body")[0].get_attribute("data-polls") or 0) > polls + 1,
+            "the page to poll its live state",
+        )
         assert row_ids(d) == ["web1/pc0"]
         snap(d, "owner-view-filtered", max_height=900)
 
         d.get(base + "/hosts")
         assert [e.get_attribute("data-host") for e in css(d, "article.host")] == ["host1", "host9"]
         Select(css(d, "#filter-host")[0]).select_by_value("host9")
-        wait_for(d, lambda d: [e.get_attribute("data-host") for e in css(d, "article.host")] == ["host9"],
-                 "only host9 on the host view")
+        wait_for(
+            d,
+            lambda d: [e.get_attribute("data-host") for e in css(d, "article.host")] == ["host9"],
+            "only host9 on the host view",
+        )
         Select(css(d, "#filter-host")[0]).select_by_value("")
         css(d, "#filter-q")[0].send_keys("web1\n")
-        wait_for(d, lambda d: [e.text for e in css(d, "article.host .vm-id")] == ["web1/pc0"],
-                 "only web1's VM on the host view")
+        wait_for(
+            d,
+            lambda d: [e.text for e in css(d, "article.host .vm-id")] == ["web1/pc0"],
+            "only web1's VM on the host view",
+        )
         snap(d, "host-view-filtered")
+
     yield in_thread(plain)
     yield in_thread(story)
 
 
 # -- confirmation before destroying -----------------------------------------------------------------
+
 
 def confirm_page(d, question: str):
     wait_for(d, lambda d: css(d, "#confirm-question"), "the confirmation page")
@@ -300,8 +342,13 @@ def test_destroy_scale_down_and_stop_ask_first_and_cancel_changes_nothing(start_
         css(d, "#scale-submit")[0].click()
         confirm_page(d, "Scale cluster lab1 down from 4 to 3 VMs?")
         css(d, "#confirm-yes")[0].click()
-        wait_for(d, lambda d: d.current_url == base + "/cluster/lab1" and row_ids(d) == [
-            "lab1/pc0", "lab1/pc1", "lab1/pc2"], "lab1 down to 3 VMs on its page")
+        wait_for(
+            d,
+            lambda d: (
+                d.current_url == base + "/cluster/lab1" and row_ids(d) == ["lab1/pc0", "lab1/pc1", "lab1/pc2"]
+            ),
+            "lab1 down to 3 VMs on its page",
+        )
         assert dom.get(VClusterRec, "lab1").count == 3
         # Up again: nothing is lost, nothing is asked.
         count = css(d, "#scale-count")[0]
@@ -322,17 +369,27 @@ def test_destroy_scale_down_and_stop_ask_first_and_cancel_changes_nothing(start_
         css(d, "#vm-power")[0].click()
         confirm_page(d, "Stop VM pc0 of cluster lab1?")
         css(d, "#confirm-yes")[0].click()
-        wait_for(d, lambda d: d.current_url == base + "/vm/lab1/pc0"
-                 and css(d, "[data-k='v:lab1/pc0:state']")[0].text == "shutoff", "pc0 shut off")
+        wait_for(
+            d,
+            lambda d: (
+                d.current_url == base + "/vm/lab1/pc0"
+                and css(d, "[data-k='v:lab1/pc0:state']")[0].text == "shutoff"
+            ),
+            "pc0 shut off",
+        )
         assert css(d, "#vm-power")[0].text == "Start"
 
         d.get(base + "/cluster/lab1")
         css(d, "#destroy-submit")[0].click()
         confirm_page(d, "Destroy cluster lab1 and its 4 VMs?")
         css(d, "#confirm-yes")[0].click()
-        wait_for(d, lambda d: d.current_url == base + "/owner" and not css(d, "article[data-cluster='lab1']"),
-                 "lab1 gone from the owner view")
+        wait_for(
+            d,
+            lambda d: d.current_url == base + "/owner" and not css(d, "article[data-cluster='lab1']"),
+            "lab1 gone from the owner view",
+        )
         assert any("lab1" in f for f in flashes(d)), flashes(d)
+
     yield in_thread(story)
     yield node.domsvc.wait_for(lambda: dom.get(VClusterRec, "lab1") is None, 30)
     assert dom.get(VClusterRec, "lab1") is None
@@ -341,9 +398,13 @@ def test_destroy_scale_down_and_stop_ask_first_and_cancel_changes_nothing(start_
 def ed25519_line(comment: str) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
+
     key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + \
-        " " + comment
+    return (
+        key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+        + " "
+        + comment
+    )
 
 
 def form_fields(page: str, question_id: str = "confirm-question") -> dict:
@@ -358,6 +419,7 @@ def test_drain_evacuate_user_delete_and_key_removal_ask_first_without_a_script(s
     key first answer with a page naming what is lost, which changes nothing; posting its form does
     it; another user's destroy is refused at the question already."""
     from vmwebd.settings import drained_hosts
+
     h = yield start_node()
     node = h.node
     dom = node.domsvc.dom
@@ -366,14 +428,19 @@ def test_drain_evacuate_user_delete_and_key_removal_ask_first_without_a_script(s
     yield make_cluster(node, "gone1", "alice", 1)
     moved = next(v for v in dom.all(VmRec) if v.cluster == "gone1")
     node.migrations.replace_grace_s = 3600
-    yield node.domsvc.put(HostRec(id="host9", liveness="left", cpus=4, memory_mib=8192),
-                          dataclasses.replace(moved, host="host9"))
+    yield node.domsvc.put(
+        HostRec(id="host9", liveness="left", cpus=4, memory_mib=8192),
+        dataclasses.replace(moved, host="host9"),
+    )
     base = f"http://{node.api_address}"
     key = ed25519_line("alice@laptop")
 
     def ask(b, action, **data):
-        page = b.s.post(base + f"/action/{action}", timeout=30,
-                        data={"csrf": b.csrf(), "confirm": "ask", "back": "/hosts", **data})
+        page = b.s.post(
+            base + f"/action/{action}",
+            timeout=30,
+            data={"csrf": b.csrf(), "confirm": "ask", "back": "/hosts", **data},
+        )
         assert page.status_code == 200
         return page.text
 
@@ -402,14 +469,18 @@ def test_drain_evacuate_user_delete_and_key_removal_ask_first_without_a_script(s
         page = ask(admin, "user/delete", name="carol")
         assert "Delete user carol?" in page and "carol can no longer log in" in page
         from vmwebd.dom.records import UserRec
+
         assert dom.get(UserRec, "carol") is not None
         assert "User carol deleted." in act(admin, "user/delete", page)
         assert dom.get(UserRec, "carol") is None
 
         alice = Browserless(node.api_address)
         alice.login("alice", password_of("alice"))
-        alice.s.post(base + "/action/user/key/add", timeout=30,
-                     data={"csrf": alice.csrf(), "name": "alice", "key": key, "back": "/owner"})
+        alice.s.post(
+            base + "/action/user/key/add",
+            timeout=30,
+            data={"csrf": alice.csrf(), "name": "alice", "key": key, "back": "/owner"},
+        )
         fingerprint = node.access.ssh_keys(node_principal("alice"), "alice")[0].fingerprint
         page = ask(alice, "user/key/remove", name="alice", fingerprint=fingerprint)
         assert f"Remove SSH key {fingerprint} from alice?" in page and "alice@laptop" in page
@@ -420,13 +491,18 @@ def test_drain_evacuate_user_delete_and_key_removal_ask_first_without_a_script(s
         # Bob's question about alice's cluster is refused as the action would be.
         bob = Browserless(node.api_address)
         bob.login("bob", password_of("bob"))
-        page = bob.s.post(base + "/action/destroy", timeout=30,
-                          data={"csrf": bob.csrf(), "confirm": "ask", "cluster": "lab1", "back": "/owner"}).text
+        page = bob.s.post(
+            base + "/action/destroy",
+            timeout=30,
+            data={"csrf": bob.csrf(), "confirm": "ask", "cluster": "lab1", "back": "/owner"},
+        ).text
         assert "confirm-question" not in page and "may not see or change cluster" in page
         assert dom.get(VClusterRec, "lab1").state != "destroying"
+
     yield in_thread(story)
 
 
 def node_principal(name: str):
     from vmwebd.auth import Principal
+
     return Principal(name, "user")

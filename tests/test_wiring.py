@@ -1,5 +1,6 @@
 """The node as a MultiService of its parts (vmwebd/node.py, vmwebd/parts.py): started in order,
 stopped in the reverse order, each waited for; a second stop does nothing."""
+
 import pytest_twisted
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
@@ -18,12 +19,13 @@ def test_a_started_node_runs_its_parts_and_stops_them_all(start_node):
     assert all(p.running for p in node), [p.name for p in node if not p.running]
     yield node.stop()
     assert not node.running and not any(p.running for p in node)
-    yield node.stop()          # nothing left to stop
+    yield node.stop()  # nothing left to stop
 
 
 def test_parts_start_in_order_and_stop_in_reverse_each_waited_for():
     """What Node does with its parts: a start or stop returning a Deferred holds the next one."""
     from vmwebd.node import Node
+
     seen = []
     gate = defer.Deferred()
 
@@ -31,7 +33,9 @@ def test_parts_start_in_order_and_stop_in_reverse_each_waited_for():
         def start():
             seen.append(f"start {name}")
             return gate if slow else None
+
         return Part(name, start=start, stop=lambda: seen.append(f"stop {name}"))
+
     node = MultiService()
     for p in (part("a"), part("b", slow=True), part("c")):
         node.addService(p)
@@ -73,11 +77,19 @@ def test_a_start_that_fails_while_composing_closes_what_it_opened(tmp_path):
     from vmwebd.errors import ConfigError
     from vmwebd.gossip import pki
     from vmwebd.node import Node
+
     ca = tmp_path / "ca"
     pki.init_ca(ca)
     pki.issue_host_cert(ca, "host2", tmp_path / "host2-pki", ["127.0.0.1"])
-    cfg = write_host_config(tmp_path / "host1", "host1", 0, 0, 8, 16384,
-                            extra=f'<peers cert-dir="{tmp_path / "host2-pki"}" timing="local"/>')
+    cfg = write_host_config(
+        tmp_path / "host1",
+        "host1",
+        0,
+        0,
+        8,
+        16384,
+        extra=f'<peers cert-dir="{tmp_path / "host2-pki"}" timing="local"/>',
+    )
     node = Node(load_config(cfg), reactor, fsync=False)
     with pytest.raises(ConfigError, match="is for host 'host2'"):
         yield node.start()

@@ -1,4 +1,5 @@
 """The one safe XML reader (vmwebd.xmlsafe): what it refuses, and that its callers use it."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,11 @@ from lxml import etree
 from vmwebd import xmlsafe
 from vmwebd.xmlsafe import UnsafeXml
 
-LAUGHS = ('<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
-          + "".join(f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1) if i > 1 else "&lol;") * 10}">' for i in range(1, 10))
-          + ']>\n<lolz>&lol9;</lolz>').encode()
+LAUGHS = (
+    '<?xml version="1.0"?>\n<!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + "".join(f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1) if i > 1 else "&lol;") * 10}">' for i in range(1, 10))
+    + ']>\n<lolz>&lol9;</lolz>'
+).encode()
 
 
 def refused(data: bytes, **kw) -> UnsafeXml:

@@ -13,6 +13,7 @@ def version() -> str:
     running from a source tree that was never installed."""
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as dist_version
+
     try:
         return dist_version("vmweb")
     except PackageNotFoundError:

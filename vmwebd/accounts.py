@@ -12,6 +12,7 @@
   fields match that type, a one-line comment) before it is kept.
 * **Who is calling** (:class:`Principal`): an authenticated user, as one request sees it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -59,8 +60,8 @@ SSH_KEY_TYPES: dict[str, tuple[str, ...]] = {
 }
 #: Bytes of an uncompressed EC point (0x04, X, Y) per curve.
 _EC_POINT_BYTES = {"nistp256": 65, "nistp384": 97, "nistp521": 133}
-MAX_SSH_KEYS = 32                # per user (a guest's seed carries them all)
-MAX_SSH_KEY_CHARS = 4096         # one key line: an RSA key of 16384 bits fits
+MAX_SSH_KEYS = 32  # per user (a guest's seed carries them all)
+MAX_SSH_KEY_CHARS = 4096  # one key line: an RSA key of 16384 bits fits
 MAX_SSH_COMMENT = 256
 MIN_RSA_BITS = 2048
 
@@ -97,12 +98,13 @@ def _ssh_fields(blob: bytes, kinds: tuple[str, ...], key_type: str) -> str | Non
         nonlocal pos
         if pos + 4 > len(blob):
             return None
-        n = int.from_bytes(blob[pos:pos + 4], "big")
+        n = int.from_bytes(blob[pos : pos + 4], "big")
         if pos + 4 + n > len(blob):
             return None
-        out = blob[pos + 4:pos + 4 + n]
+        out = blob[pos + 4 : pos + 4 + n]
         pos += 4 + n
         return out
+
     if take() is None:
         return "its blob is too short"
     values = []
@@ -137,17 +139,20 @@ def parse_ssh_key(text, field: str = "key") -> SshKey:
         raise InvalidArgument(field, "an SSH public key is required")
     text = text.strip()
     if len(text) > MAX_SSH_KEY_CHARS:
-        raise InvalidArgument(field, f"an SSH public key line has at most {MAX_SSH_KEY_CHARS} "
-                                     f"characters, not {len(text)}")
+        raise InvalidArgument(
+            field, f"an SSH public key line has at most {MAX_SSH_KEY_CHARS} characters, not {len(text)}"
+        )
     if any(ord(c) < 0x20 or c == "\x7f" for c in text):
-        raise InvalidArgument(field, "holds a line break or a control character (give one key per "
-                                     "line)")
+        raise InvalidArgument(field, "holds a line break or a control character (give one key per line)")
     parts = text.split(None, 2)
     kind = parts[0]
     if kind not in SSH_KEY_TYPES:
-        raise InvalidArgument(field, f"{kind[:40]!r} is not an SSH key type accepted here (one of "
-                                     f"{', '.join(SSH_KEY_TYPES)}); options before the key are "
-                                     "not accepted either")
+        raise InvalidArgument(
+            field,
+            f"{kind[:40]!r} is not an SSH key type accepted here (one of "
+            f"{', '.join(SSH_KEY_TYPES)}); options before the key are "
+            "not accepted either",
+        )
     if len(parts) < 2:
         raise InvalidArgument(field, f"{kind} key has no base64 blob")
     blob_text = parts[1]
@@ -155,7 +160,7 @@ def parse_ssh_key(text, field: str = "key") -> SshKey:
         blob = base64.b64decode(blob_text, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidArgument(field, f"{kind} key: its blob is not base64") from None
-    if len(blob) < 4 or blob[4:4 + int.from_bytes(blob[:4], "big")] != kind.encode("ascii"):
+    if len(blob) < 4 or blob[4 : 4 + int.from_bytes(blob[:4], "big")] != kind.encode("ascii"):
         raise InvalidArgument(field, f"{kind} key: its blob holds another key type")
     why = _ssh_fields(blob, SSH_KEY_TYPES[kind], kind)
     if why:
@@ -186,8 +191,9 @@ def _b64(data: bytes) -> str:
 def hash_password(password: str, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
     """An scrypt hash of ``password`` with a fresh 16-byte salt, parameters included."""
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode("utf-8"), salt=salt, n=n, r=r, p=p,
-                            maxmem=_SCRYPT_MAXMEM, dklen=_HASH_BYTES)
+    digest = hashlib.scrypt(
+        password.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=_HASH_BYTES
+    )
     return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
@@ -198,11 +204,12 @@ def verify_password(password: str, stored: str) -> bool:
         if scheme != "scrypt":
             return False
         n, r, p = int(n), int(r), int(p)
-        if n > (1 << 20) or r > 32 or p > 16:   # a hash from the DOM must not make us burn memory
+        if n > (1 << 20) or r > 32 or p > 16:  # a hash from the DOM must not make us burn memory
             return False
         salt_b, digest_b = base64.b64decode(salt, validate=True), base64.b64decode(digest, validate=True)
-        got = hashlib.scrypt(password.encode("utf-8"), salt=salt_b, n=n, r=r, p=p,
-                             maxmem=_SCRYPT_MAXMEM, dklen=len(digest_b))
+        got = hashlib.scrypt(
+            password.encode("utf-8"), salt=salt_b, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM, dklen=len(digest_b)
+        )
     except (ValueError, binascii.Error):
         return False
     return hmac.compare_digest(got, digest_b)
@@ -221,8 +228,9 @@ def check_new_password(password, field: str = "password") -> str:
 
 def check_user_name(name, field: str = "name") -> str:
     if not isinstance(name, str) or not OWNER_RE.match(name):
-        raise InvalidArgument(field, f"{name!r} is not a valid user name "
-                                     "(a-z or _, then up to 31 of a-z 0-9 _ . -)")
+        raise InvalidArgument(
+            field, f"{name!r} is not a valid user name (a-z or _, then up to 31 of a-z 0-9 _ . -)"
+        )
     return name
 
 
@@ -256,4 +264,3 @@ def write_bootstrap_admin(state_dir: str | Path, name: str, password: str) -> Pa
     path = state_dir / BOOTSTRAP_FILE
     write_atomic(path, f"{name}:{hash_password(password)}\n", mode=0o600)
     return path
-

@@ -13,6 +13,7 @@
 TLS 1.2 at least, as for peers. :func:`check_cert_files` is pure ``cryptography`` (the config
 loader uses it); :func:`server_options` builds the Twisted context factory.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -74,12 +75,17 @@ def load_cert_files(cert_path, key_path):
     try:
         certs = x509.load_pem_x509_certificates(cert_data)
     except ValueError:
-        raise CertFileError(cert_path, "is not a PEM certificate (-----BEGIN CERTIFICATE-----)", "cert") from None
+        raise CertFileError(
+            cert_path, "is not a PEM certificate (-----BEGIN CERTIFICATE-----)", "cert"
+        ) from None
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
     except TypeError:
-        raise CertFileError(key_path, "is an encrypted key: the daemon needs it unencrypted "
-                                      "(readable by its user only)", "key") from None
+        raise CertFileError(
+            key_path,
+            "is an encrypted key: the daemon needs it unencrypted (readable by its user only)",
+            "key",
+        ) from None
     except (ValueError, UnsupportedAlgorithm):
         raise CertFileError(key_path, "is not a PEM private key", "key") from None
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -90,8 +96,9 @@ def load_cert_files(cert_path, key_path):
     if leaf.not_valid_after_utc <= now:
         raise CertFileError(cert_path, f"expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC", "cert")
     if leaf.not_valid_before_utc > now:
-        raise CertFileError(cert_path, f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
-                            "cert")
+        raise CertFileError(
+            cert_path, f"is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC", "cert"
+        )
     return certs, key
 
 
@@ -115,11 +122,16 @@ def server_options(config):
 
     if mode == "grid":
         from vmwebd.gossip.pki import load_host_credentials
+
         cert_dir = grid_cert_dir(config)
         creds = load_host_credentials(cert_dir)
         if creds.host_id != config.host.id:
-            raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
-                              f"is for host {creds.host_id!r}, but this host is {config.host.id!r}")
+            raise ConfigError(
+                str(cert_dir / "host.crt"),
+                None,
+                "certificate",
+                f"is for host {creds.host_id!r}, but this host is {config.host.id!r}",
+            )
         certs = [x509.load_pem_x509_certificate(creds.cert_pem)]
         key = serialization.load_pem_private_key(creds.key_pem, password=None)
     else:

@@ -8,6 +8,7 @@ worst a stray ``.NAME.*.tmp``), never a truncated one.
 :func:`write_atomic` writes bytes or text in one call; :class:`AtomicFile` is the streaming form
 (copying an image while hashing it, choosing the final name only once the hash is known).
 """
+
 from __future__ import annotations
 
 import os
@@ -96,8 +97,9 @@ class AtomicFile:
     def __enter__(self) -> AtomicFile:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             self.discard()
         elif self.committed is None:
@@ -108,8 +110,13 @@ class AtomicFile:
                 raise
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes | str, mode: int | None = 0o600,
-                 fsync: bool = True, replace: bool = True) -> Path:
+def write_atomic(
+    path: str | os.PathLike[str],
+    data: bytes | str,
+    mode: int | None = 0o600,
+    fsync: bool = True,
+    replace: bool = True,
+) -> Path:
     """Writes ``data`` (text as UTF-8) to ``path`` atomically; see :class:`AtomicFile`."""
     raw = data.encode() if isinstance(data, str) else data
     with AtomicFile(path, mode=mode, fsync=fsync) as f:

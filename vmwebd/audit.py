@@ -18,6 +18,7 @@ Who reads what: an admin reads every record, a user only their own through ``Lis
 ``GetDom`` shows a user none (:meth:`vmwebd.app.Application.dom_xml`): a record names what its user
 typed, another user's cluster included.
 """
+
 from __future__ import annotations
 
 import functools
@@ -89,13 +90,14 @@ def _own_user(a) -> str:
 #: Every Application method that changes the grid. tests/test_audit.py checks that each public method
 #: of Application is either here or in READS, so a new one cannot be forgotten.
 AUDITED: dict[str, Audited] = {
-    "create_cluster": Audited("CreateCluster", _cluster,
-                              lambda a: f"template {a['template']}, owner {a['owner']}, {a['count']} VMs"),
-    "scale_cluster": Audited("ScaleCluster", _cluster,
-                             lambda a: f"to {a['count']} VMs" + _forced(a)),
+    "create_cluster": Audited(
+        "CreateCluster", _cluster, lambda a: f"template {a['template']}, owner {a['owner']}, {a['count']} VMs"
+    ),
+    "scale_cluster": Audited("ScaleCluster", _cluster, lambda a: f"to {a['count']} VMs" + _forced(a)),
     "destroy_cluster": Audited("DestroyCluster", _cluster, lambda a: _forced(a).lstrip(", ")),
-    "set_vm_power": Audited(lambda a: "StartVm" if a["desired"] == "running" else "StopVm", _vm,
-                            lambda a: _forced(a).lstrip(", ")),
+    "set_vm_power": Audited(
+        lambda a: "StartVm" if a["desired"] == "running" else "StopVm", _vm, lambda a: _forced(a).lstrip(", ")
+    ),
     "migrate_vm": Audited("MigrateVm", _vm, lambda a: f"to {a['dest']}" if a["dest"] else ""),
     "evacuate_host": Audited("EvacuateHost", _host),
     "add_member": Audited("AddHost", _host),
@@ -104,9 +106,11 @@ AUDITED: dict[str, Audited] = {
     "undrain_host": Audited("UndrainHost", _host),
     "add_image": Audited("AddImage", lambda a: f"image/{a['name']}", lambda a: f"from {a['path']}"),
     "set_setting": Audited("SetSetting", lambda a: f"setting/{a['key']}", lambda a: f"= {a['value']}"),
-    "create_user": Audited("CreateUser", _user,
-                           lambda a: f"role {a['role'] or 'user'}"
-                                     + (f", quota {a['quota']}" if a["quota"] is not None else "")),
+    "create_user": Audited(
+        "CreateUser",
+        _user,
+        lambda a: f"role {a['role'] or 'user'}" + (f", quota {a['quota']}" if a["quota"] is not None else ""),
+    ),
     "delete_user": Audited("DeleteUser", _user),
     "set_password": Audited("SetPassword", _user),
     "set_quota": Audited("SetQuota", _user, lambda a: f"quota {a['quota']}"),
@@ -115,15 +119,27 @@ AUDITED: dict[str, Audited] = {
     "remove_ssh_key": Audited("RemoveSshKey", _own_user),
 }
 #: Application methods that change nothing (and checks used by the others): not recorded.
-READS = frozenset({
-    "require_admin", "used", "cluster", "clusters", "migration", "migrations", "dom_xml",
-    "users", "user", "ssh_keys", "cluster_hosts", "list_audit",
-})
+READS = frozenset(
+    {
+        "require_admin",
+        "used",
+        "cluster",
+        "clusters",
+        "migration",
+        "migrations",
+        "dom_xml",
+        "users",
+        "user",
+        "ssh_keys",
+        "cluster_hosts",
+        "list_audit",
+    }
+)
 
 
 def _short(value, limit: int) -> str:
     text = str(value)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def faultcode_of(exc: BaseException) -> tuple[str, str]:
@@ -138,8 +154,15 @@ class AuditLog:
     """This host's side of the audit trail: writes a record per audited call, keeps this host's
     records within ``keep`` and ``max_age_ms``, and answers queries from the replica."""
 
-    def __init__(self, host_id: str, domsvc, now_ms: Callable[[], int], clock=None,
-                 keep: int = KEEP_PER_HOST, max_age_ms: int = MAX_AGE_MS):
+    def __init__(
+        self,
+        host_id: str,
+        domsvc,
+        now_ms: Callable[[], int],
+        clock=None,
+        keep: int = KEEP_PER_HOST,
+        max_age_ms: int = MAX_AGE_MS,
+    ):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -157,7 +180,8 @@ class AuditLog:
         self._expiry = task.LoopingCall(self.expire)
         self._expiry.clock = self.clock
         self._expiry.start(EXPIRE_SECONDS, now=True).addErrback(
-            lambda f: log.failure("audit expiry on {host} stopped", failure=f, host=self.host_id))
+            lambda f: log.failure("audit expiry on {host} stopped", failure=f, host=self.host_id)
+        )
 
     def stop(self) -> None:
         if self._expiry is not None and self._expiry.running:
@@ -165,42 +189,76 @@ class AuditLog:
         self._expiry = None
 
     # -- writing -----------------------------------------------------------------------------
-    def record(self, user: str, op: str, obj: str, started_ms: int, error: BaseException | None,
-               detail: str = "") -> defer.Deferred:
+    def record(
+        self, user: str, op: str, obj: str, started_ms: int, error: BaseException | None, detail: str = ""
+    ) -> defer.Deferred:
         """Writes (and logs) the record of one call; fires once it is durable, never with an
         error (an audit record that cannot be written is logged, and the call's answer stands)."""
         try:
             outcome, message = ("ok", "") if error is None else faultcode_of(error)
             v = self.dom.clock.tick()
-            rec = AuditRec(id=f"{self.host_id}/{v.wall_ms}.{v.counter}", at=started_ms,
-                           host=self.host_id, user=_short(user, _OBJECT_MAX), op=op,
-                           object=_short(obj, _OBJECT_MAX), outcome=outcome,
-                           detail=_short(message or detail, DETAIL_MAX),
-                           ms=max(0, int(self.now_ms()) - started_ms))
+            rec = AuditRec(
+                id=f"{self.host_id}/{v.wall_ms}.{v.counter}",
+                at=started_ms,
+                host=self.host_id,
+                user=_short(user, _OBJECT_MAX),
+                op=op,
+                object=_short(obj, _OBJECT_MAX),
+                outcome=outcome,
+                detail=_short(message or detail, DETAIL_MAX),
+                ms=max(0, int(self.now_ms()) - started_ms),
+            )
             self._log(rec)
             entities = [self.dom.put(rec)] + [self.dom.delete("audit", i) for i in self._overflow()]
             # Durable here before the answer; peers learn it from the push that follows.
             d = self.domsvc.commit_local(entities, wait_push=False)
         except Exception:
-            log.failure("audit record of {op} by {user} on {host} not written", op=op, user=user,
-                        host=self.host_id)
+            log.failure(
+                "audit record of {op} by {user} on {host} not written", op=op, user=user, host=self.host_id
+            )
             return defer.succeed(None)
-        return d.addErrback(lambda f: log.failure("audit record of {op} by {user} on {host} not "
-                                                  "written", failure=f, op=op, user=user,
-                                                  host=self.host_id))
+        return d.addErrback(
+            lambda f: log.failure(
+                "audit record of {op} by {user} on {host} not written",
+                failure=f,
+                op=op,
+                user=user,
+                host=self.host_id,
+            )
+        )
 
     def _log(self, rec: AuditRec) -> None:
         kind, _, rest = rec.object.partition("/")
-        where = {"cluster": rest} if kind == "cluster" else \
-            {"cluster": rest.partition("/")[0], "vm": rest} if kind == "vm" else {}
+        where = (
+            {"cluster": rest}
+            if kind == "cluster"
+            else {"cluster": rest.partition("/")[0], "vm": rest}
+            if kind == "vm"
+            else {}
+        )
         level = log.warn if rec.outcome.startswith("Server") else log.info
         if rec.outcome == "ok":
-            level("audit {request_id}: {user} {op} {object}: ok", request_id=rec.id, user=rec.user,
-                  op=rec.op, object=rec.object, host=rec.host, **where)
+            level(
+                "audit {request_id}: {user} {op} {object}: ok",
+                request_id=rec.id,
+                user=rec.user,
+                op=rec.op,
+                object=rec.object,
+                host=rec.host,
+                **where,
+            )
         else:
-            level("audit {request_id}: {user} {op} {object}: {faultcode}: {detail}",
-                  request_id=rec.id, user=rec.user, op=rec.op, object=rec.object, host=rec.host,
-                  faultcode=rec.outcome, detail=rec.detail, **where)
+            level(
+                "audit {request_id}: {user} {op} {object}: {faultcode}: {detail}",
+                request_id=rec.id,
+                user=rec.user,
+                op=rec.op,
+                object=rec.object,
+                host=rec.host,
+                faultcode=rec.outcome,
+                detail=rec.detail,
+                **where,
+            )
 
     def own(self) -> list[AuditRec]:
         """This host's records, oldest first."""
@@ -213,7 +271,7 @@ class AuditLog:
         if n <= self.keep:
             return []
         target = max(0, self.keep - max(1, self.keep // 10))
-        return [r.id for r in self.own()[:n - target]]
+        return [r.id for r in self.own()[: n - target]]
 
     def expire(self) -> defer.Deferred:
         """Deletes this host's records older than ``max_age_ms`` (a bounded batch per call)."""
@@ -221,8 +279,12 @@ class AuditLog:
         old = [r.id for r in self.own() if r.at < cutoff][:1000]
         if not old:
             return defer.succeed(0)
-        log.info("deleting {n} audit records of {host} older than {days} days", n=len(old),
-                 host=self.host_id, days=self.max_age_ms // 86400000)
+        log.info(
+            "deleting {n} audit records of {host} older than {days} days",
+            n=len(old),
+            host=self.host_id,
+            days=self.max_age_ms // 86400000,
+        )
         return self.domsvc.delete(*(("audit", i) for i in old)).addCallback(lambda _: len(old))
 
     # -- reading -----------------------------------------------------------------------------
@@ -283,7 +345,7 @@ def _audited(method, spec: Audited):
             op = spec.op(a) if callable(spec.op) else spec.op
             obj = spec.object(a)
             detail = spec.detail(a) if spec.detail is not None else ""
-        except Exception:           # arguments the method itself will refuse: record it as is
+        except Exception:  # arguments the method itself will refuse: record it as is
             op = spec.op if isinstance(spec.op, str) else method.__name__
             obj, detail = "?", ""
         user = getattr(p, "name", "?")
@@ -300,6 +362,8 @@ def _audited(method, spec: Audited):
             error = outcome.value if isinstance(outcome, Failure) else None
             # The answer waits for the record to be durable (and the record never fails it).
             return audit.record(user, op, obj, started, error, detail).addCallback(lambda _: outcome)
+
         return result.addBoth(ended)
+
     call.audited = spec
     return call

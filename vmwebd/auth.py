@@ -14,6 +14,7 @@ may do are :mod:`vmwebd.app`; accounts' data and its checks :mod:`vmwebd.account
   wrong password gets the fault ``Client.NotAuthorized`` with HTTP 401; :func:`principal_of`
   gives a request's caller (a :class:`~vmwebd.accounts.Principal`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -124,8 +125,11 @@ class Authenticator:
             if key in self._ok:
                 self._ok.move_to_end(key)
                 return Principal(rec.id, rec.role)
-        ok = yield threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                             lambda: self._verify(password, stored or _dummy_hash()))
+        ok = yield threads.deferToThreadPool(
+            self.reactor,
+            self.reactor.getThreadPool(),
+            lambda: self._verify(password, stored or _dummy_hash()),
+        )
         # The user may have changed (or gone) while scrypt ran: judge against the record now.
         rec = self.dom.get(UserRec, name) if rec is not None else None
         if not ok or stored is None or rec is None or rec.password_hash != stored:
@@ -145,8 +149,12 @@ def read_bootstrap_admin(path: Path) -> tuple[str, str]:
     text = path.read_text(encoding="utf-8").strip()
     name, _, stored = text.partition(":")
     if not OWNER_RE.match(name) or not stored.startswith("scrypt$") or "\n" in text:
-        raise ConfigError(str(path), 1, "bootstrap-admin",
-                          "expected one line 'name:scrypt$...' (write it with `vmweb user bootstrap`)")
+        raise ConfigError(
+            str(path),
+            1,
+            "bootstrap-admin",
+            "expected one line 'name:scrypt$...' (write it with `vmweb user bootstrap`)",
+        )
     return name, stored
 
 
@@ -160,11 +168,15 @@ def apply_bootstrap_admin(domsvc, state_dir: Path) -> defer.Deferred:
     cur = domsvc.dom.get(UserRec, name)
     quota = max(cur.quota_vms if cur else 0, DEFAULT_QUOTA * 4)
     # An existing account keeps everything else it has (its SSH keys).
-    rec = (dataclasses.replace(cur, role="admin", password_hash=stored, quota_vms=quota) if cur
-           else UserRec(id=name, role="admin", password_hash=stored, quota_vms=quota))
+    rec = (
+        dataclasses.replace(cur, role="admin", password_hash=stored, quota_vms=quota)
+        if cur
+        else UserRec(id=name, role="admin", password_hash=stored, quota_vms=quota)
+    )
     d = domsvc.put(rec)
-    log.info("user {name} is an admin, with the password from {path} (file now deleted)",
-             name=name, path=str(path))
+    log.info(
+        "user {name} is an admin, with the password from {path} (file now deleted)", name=name, path=str(path)
+    )
     return d.addCallback(lambda _: path.unlink(missing_ok=True))
 
 
@@ -204,14 +216,15 @@ class BasicAuthGuard(Resource):
             return self.inner.render(request)
         creds = parse_basic(request.getHeader(b"authorization"))
         if creds is None:
-            return _unauthorized(request, NotAuthorized(
-                "this call needs a user name and password (HTTP Basic)"))
+            return _unauthorized(
+                request, NotAuthorized("this call needs a user name and password (HTTP Basic)")
+            )
         d = self.authn.authenticate(creds[0], creds[1], client_address(request))
         finished = []
         request.notifyFinish().addBoth(finished.append)
 
         def go(principal):
-            if finished:            # the client went away while scrypt ran
+            if finished:  # the client went away while scrypt ran
                 return
             request.vmweb_principal = principal
             out = self.inner.render(request)
@@ -227,12 +240,14 @@ class BasicAuthGuard(Resource):
                 log.failure("authentication crashed", failure=f)
             request.write(_unauthorized(request, exc))
             request.finish()
+
         d.addCallbacks(go, refuse)
         return NOT_DONE_YET
 
 
 def _unauthorized(request, exc: NotAuthorized) -> bytes:
     from vmwebd.api.soap import _fault_body  # the same fault envelope as every other refusal
+
     request.setResponseCode(401)
     request.setHeader(b"WWW-Authenticate", b'Basic realm="vmweb", charset="UTF-8"')
     request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
@@ -245,4 +260,3 @@ def principal_of(request) -> Principal:
     if not isinstance(p, Principal):
         raise NotAuthorized("this call needs a user name and password")
     return p
-

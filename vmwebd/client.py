@@ -8,6 +8,7 @@ host dialled; a failure raises :class:`ApiTlsError` naming the host.
 This module is the command line's only way to the grid, so it imports no server code (no spyne,
 no Twisted, no libvirt): ``vmweb`` installs and starts with zeep and requests alone.
 """
+
 from __future__ import annotations
 
 import re
@@ -80,8 +81,11 @@ def _ssl_error_in(e: BaseException) -> ssl.SSLError | None:
         if isinstance(x, ssl.SSLError):
             return x
         todo.extend(a for a in getattr(x, "args", ()) if isinstance(a, BaseException))
-        todo.extend(v for v in (getattr(x, "reason", None), x.__cause__, x.__context__)
-                    if isinstance(v, BaseException))
+        todo.extend(
+            v
+            for v in (getattr(x, "reason", None), x.__cause__, x.__context__)
+            if isinstance(v, BaseException)
+        )
     return None
 
 
@@ -106,9 +110,15 @@ class _Session(requests.Session):
 class ApiClient:
     """Calls a host's user API; results come back as plain dicts and lists."""
 
-    def __init__(self, address: str, timeout: float = 180.0, user: str | None = None,
-                 password: str | None = None, ca: str | Path | None = None,
-                 connect_timeout: float = 10.0):
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 180.0,
+        user: str | None = None,
+        password: str | None = None,
+        ca: str | Path | None = None,
+        connect_timeout: float = 10.0,
+    ):
         """``user``/``password``: HTTP Basic credentials sent with every call (the WSDL is public).
         ``ca``: a PEM file of the CA(s) to trust over TLS (default: the system's trust store).
         ``timeout`` bounds each call, ``connect_timeout`` the fetch of the WSDL."""
@@ -125,8 +135,9 @@ class ApiClient:
         if user is not None:
             session.auth = requests.auth.HTTPBasicAuth(user, password or "")
         transport = Transport(session=session, timeout=connect_timeout, operation_timeout=timeout)
-        settings = zeep.Settings(strict=True, xml_huge_tree=False, forbid_dtd=True,
-                                 forbid_entities=True, forbid_external=True)
+        settings = zeep.Settings(
+            strict=True, xml_huge_tree=False, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
         try:
             self._client = zeep.Client(self.url + "?wsdl", transport=transport, settings=settings)
         except requests.exceptions.SSLError as e:
@@ -142,7 +153,7 @@ class ApiClient:
         except zeep.exceptions.Fault as f:
             raise ApiFault(local_faultcode(f.code or "Server"), f.message or "") from None
         except zeep.exceptions.TransportError as e:
-            if e.status_code == 401:     # a 401 without a SOAP body (e.g. from a proxy)
+            if e.status_code == 401:  # a 401 without a SOAP body (e.g. from a proxy)
                 raise ApiFault("Client.NotAuthorized", "user name or password refused") from None
             raise
         return _plain(serialize_object(result))
@@ -152,7 +163,7 @@ def _plain(value):
     """zeep returns arrays as ``{'TypeName': [...]}`` wrappers and OrderedDicts; flatten both."""
     if isinstance(value, dict):
         if len(value) == 1:
-            (k, v), = value.items()
+            ((k, v),) = value.items()
             if isinstance(v, list):
                 return [_plain(x) for x in v]
         return {k: _plain(v) for k, v in value.items()}
@@ -162,6 +173,7 @@ def _plain(value):
 
 
 # -- a VM's console ------------------------------------------------------------------------------
+
 
 class ConsoleRefused(Exception):
     """The host refused the console (a 401, an ``error`` event); ``code`` as a SOAP faultcode."""
@@ -183,12 +195,21 @@ class ConsoleConnection:
     #: The largest message sent (the host takes up to 64 KiB).
     CHUNK = 16 * 1024
 
-    def __init__(self, address: str, cluster: str, vm: str, user: str | None = None,
-                 password: str | None = None, ca: str | Path | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        address: str,
+        cluster: str,
+        vm: str,
+        user: str | None = None,
+        password: str | None = None,
+        ca: str | Path | None = None,
+        timeout: float = 30.0,
+    ):
         import base64
         from urllib.parse import quote
 
         import websocket  # websocket-client: a small blocking client, no server code
+
         self._ws_mod = websocket
         base = base_url(address)
         scheme, _, rest = base.partition("://")
@@ -209,19 +230,28 @@ class ConsoleConnection:
             if isinstance(cafile, str):
                 sslopt["ca_certs"] = cafile
         try:
-            self.ws = websocket.create_connection(url, header=headers, sslopt=sslopt, timeout=timeout,
-                                                  suppress_origin=True, enable_multithread=True)
+            self.ws = websocket.create_connection(
+                url,
+                header=headers,
+                sslopt=sslopt,
+                timeout=timeout,
+                suppress_origin=True,
+                enable_multithread=True,
+            )
         except websocket.WebSocketBadStatusException as e:
             body = (e.resp_body or b"").decode("utf-8", "replace").strip()
             if e.status_code == 401:
-                raise ConsoleRefused("Client.NotAuthorized", body or "user name or password refused") from None
-            raise ConsoleRefused("Client" if e.status_code < 500 else "Server",
-                                 f"HTTP {e.status_code}: {body}") from None
+                raise ConsoleRefused(
+                    "Client.NotAuthorized", body or "user name or password refused"
+                ) from None
+            raise ConsoleRefused(
+                "Client" if e.status_code < 500 else "Server", f"HTTP {e.status_code}: {body}"
+            ) from None
         except ssl.SSLCertVerificationError as e:
             raise ApiTlsError(base, f"certificate verify failed: {e.verify_message}".rstrip(".")) from None
         except ssl.SSLError as e:
             raise ApiTlsError(base, str(e), certificate=False) from None
-        except websocket.WebSocketException as e:      # not a WebSocket there, a bad answer
+        except websocket.WebSocketException as e:  # not a WebSocket there, a bad answer
             raise ConnectionError(f"no console WebSocket at {base}: {e}") from None
         # Wait for the host to attach us (what the console printed lately comes first).
         self._backlog: list = []
@@ -254,6 +284,7 @@ class ConsoleConnection:
             return "output", data
         if opcode == ws.ABNF.OPCODE_TEXT:
             import json
+
             try:
                 doc = json.loads(data)
                 self.code = str(doc.get("code") or "Server.ConsoleUnavailable")
@@ -264,11 +295,10 @@ class ConsoleConnection:
 
     def send(self, data: bytes) -> None:
         for i in range(0, len(data), self.CHUNK):
-            self.ws.send_binary(data[i:i + self.CHUNK])
+            self.ws.send_binary(data[i : i + self.CHUNK])
 
     def close(self) -> None:
         try:
             self.ws.close(timeout=2)
         except Exception:
-            pass     # already gone: nothing to release but the socket, which close() freed
-
+            pass  # already gone: nothing to release but the socket, which close() freed

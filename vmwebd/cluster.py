@@ -4,6 +4,7 @@
 allocator, and writes the desired state into the DOM (durably, before answering). The hosts'
 reconcilers then make it so. Reads answer from the local replica.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,8 +77,7 @@ class HostView:
     draining: bool = False
 
 
-def host_loads(dom, live: set[str], exclude: str | None = None,
-               placing: bool = False) -> dict[str, HostLoad]:
+def host_loads(dom, live: set[str], exclude: str | None = None, placing: bool = False) -> dict[str, HostLoad]:
     """The load of every live host (``exclude`` left out; with ``placing``, the hosts being
     drained too): its capacity and the vCPUs and memory of the VMs the DOM assigns to it."""
     skip = drained_hosts(dom) if placing else set()
@@ -91,8 +91,8 @@ def host_loads(dom, live: set[str], exclude: str | None = None,
 
 @dataclass(frozen=True)
 class HostUsage:
-    vms: int                 # VMs the DOM assigns to the host, those being removed included
-    vcpus: int               # vCPUs and memory of those not being removed
+    vms: int  # VMs the DOM assigns to the host, those being removed included
+    vcpus: int  # vCPUs and memory of those not being removed
     memory_mib: int
 
 
@@ -136,22 +136,34 @@ def capacity_limits(dom):
     def quota(owner: str):
         rec = dom.get(UserRec, owner)
         return rec.quota_vms if rec is not None else None
+
     return capacity, quota
 
 
 def _check_name(name, field_="name") -> str:
     if not isinstance(name, str) or not CLUSTER_NAME_RE.match(name):
-        raise InvalidArgument(field_, f"{name!r} is not a valid cluster name "
-                              "(lower-case letter, then up to 23 of a-z 0-9 -)")
+        raise InvalidArgument(
+            field_, f"{name!r} is not a valid cluster name (lower-case letter, then up to 23 of a-z 0-9 -)"
+        )
     return name
 
 
 class ClusterManager:
-    def __init__(self, host_id: str, domsvc, allocator, limits, now_ms, wait_timeout: float = 120.0,
-                 guest_mtu: int = addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
-                 live_hosts: HostSet | None = None, liveness: Liveness | None = None,
-                 placeable_hosts: HostSet | None = None, members: Callable[[], tuple[str, ...]] | None = None,
-                 view_generation: Callable[[], int] | None = None):
+    def __init__(
+        self,
+        host_id: str,
+        domsvc,
+        allocator,
+        limits,
+        now_ms,
+        wait_timeout: float = 120.0,
+        guest_mtu: int = addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
+        live_hosts: HostSet | None = None,
+        liveness: Liveness | None = None,
+        placeable_hosts: HostSet | None = None,
+        members: Callable[[], tuple[str, ...]] | None = None,
+        view_generation: Callable[[], int] | None = None,
+    ):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -192,11 +204,32 @@ class ClusterManager:
         vms = []
         for vm in sorted(self._vms_of(name), key=lambda v: _natural(v.name)):
             st = status_of(self.dom, vm)
-            vms.append(VmView(vm.name, vm.role, vm.host, st.state if st else "pending", vm.desired,
-                              vm.ip, vm.mac, vm.vcpus, vm.memory_mib,
-                              self._detail(vm, st), st.restarts if st else 0))
-        return ClusterView(c.id, c.owner, c.template, c.count, _cluster_state(c, vms), c.vni,
-                           network_text(c), bridge_name(c.vni) if c.vni else c.bridge, vms)
+            vms.append(
+                VmView(
+                    vm.name,
+                    vm.role,
+                    vm.host,
+                    st.state if st else "pending",
+                    vm.desired,
+                    vm.ip,
+                    vm.mac,
+                    vm.vcpus,
+                    vm.memory_mib,
+                    self._detail(vm, st),
+                    st.restarts if st else 0,
+                )
+            )
+        return ClusterView(
+            c.id,
+            c.owner,
+            c.template,
+            c.count,
+            _cluster_state(c, vms),
+            c.vni,
+            network_text(c),
+            bridge_name(c.vni) if c.vni else c.bridge,
+            vms,
+        )
 
     def host_state(self, host: str) -> str:
         """How ``host`` looks from here: alive, suspect, dead, left or unknown."""
@@ -217,11 +250,15 @@ class ClusterManager:
         if state == "alive":
             return own or (f"waiting for host {host} to start it" if pending else "")
         if state == "suspect":
-            why = (f"host {host} is suspect (not answering); if it is declared dead, a VM that "
-                   "never ran there is placed on a live host automatically")
+            why = (
+                f"host {host} is suspect (not answering); if it is declared dead, a VM that "
+                "never ran there is placed on a live host automatically"
+            )
         else:
-            why = (f"host {host} is {state}; a VM that never ran there is placed on a live host "
-                   f"automatically, else an admin can run: vmweb host evacuate {host}")
+            why = (
+                f"host {host} is {state}; a VM that never ran there is placed on a live host "
+                f"automatically, else an admin can run: vmweb host evacuate {host}"
+            )
         if not pending:
             why = f"last reported {st.state} by host {host}, which is {state} now"
         return f"{why} ({own})" if own else why
@@ -237,10 +274,22 @@ class ClusterManager:
         drained = drained_hosts(self.dom)
         for h in sorted(self.dom.all(HostRec), key=lambda h: h.id):
             load = loads.get(h.id)
-            out.append(HostView(h.id, self.liveness(h.id) if h.liveness != "left" else "left", h.api, h.cpus, h.memory_mib, h.free_memory_mib,
-                                h.load1, host_usage(self.dom, h.id).vms,
-                                load.used_vcpus if load else 0, load.used_memory_mib if load else 0,
-                                h.id in self.members(), h.id in drained))
+            out.append(
+                HostView(
+                    h.id,
+                    self.liveness(h.id) if h.liveness != "left" else "left",
+                    h.api,
+                    h.cpus,
+                    h.memory_mib,
+                    h.free_memory_mib,
+                    h.load1,
+                    host_usage(self.dom, h.id).vms,
+                    load.used_vcpus if load else 0,
+                    load.used_memory_mib if load else 0,
+                    h.id in self.members(),
+                    h.id in drained,
+                )
+            )
         return out
 
     def _vms_of(self, cluster: str) -> list[VmRec]:
@@ -256,14 +305,19 @@ class ClusterManager:
         loads = host_loads(self.dom, self.placeable_hosts(), placing=True)
         if change is not None:
             reserved_loads(loads, change)
-        return place(list(loads.values()), vms, get_setting(self.dom, "placement"),
-                     float(get_setting(self.dom, "cpu_overcommit")))
+        return place(
+            list(loads.values()),
+            vms,
+            get_setting(self.dom, "placement"),
+            float(get_setting(self.dom, "cpu_overcommit")),
+        )
 
     def _reserving(self, vms: list[tuple[str, int, int]], owner: str, tokens: dict, hosts: dict):
         """The ``reserve`` step of an allocation: places ``vms`` from the change's capacity sets,
         records the placement in ``hosts`` and returns the change's compare-and-set, checked
         against every host's capacity and the owner's quota. ``tokens`` are the VMs' creation
         tokens (a reservation names the creation it is for)."""
+
         def reserve(change: Change) -> dict:
             placed = self._place(vms, change)
             hosts.clear()
@@ -271,6 +325,7 @@ class ClusterManager:
             for vm_id, vcpus, mem in vms:
                 change.reserve(vm_id, placed[vm_id], vcpus, mem, owner, tokens[vm_id])
             return change.ops(*capacity_limits(self.dom))
+
         return reserve
 
     # -- writes ---------------------------------------------------------------------------
@@ -284,33 +339,67 @@ class ClusterManager:
         if self.dom.get(VClusterRec, name) is not None:
             raise NameTaken("virtual cluster", name)
         if len(self.dom.ids("vcluster")) >= self.limits.max_clusters:
-            raise InvalidArgument("name", f"the grid already has {self.limits.max_clusters} clusters (the limit)")
+            raise InvalidArgument(
+                "name", f"the grid already has {self.limits.max_clusters} clusters (the limit)"
+            )
         planned = expand(t, count, self.limits.max_vms_per_cluster)
         vm_ids = [f"{name}/{vm}" for vm, _ in planned]
         token = self.new_token()
         pool = self.allocator.pool(t.network.pool)
         hosts: dict[str, str] = {}
         tokens = {i: secrets.token_hex(4) for i in vm_ids}
-        reserve = self._reserving([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned],
-                                  owner, tokens, hosts)
-        vni, addrs = yield self.allocator.allocate_cluster(name, token, vm_ids, t.network.pool,
-                                                           reserve=reserve)
-        cluster = VClusterRec(id=name, owner=owner, template=t.name, count=count, vni=vni,
-                              network=network_name(name), bridge=bridge_name(vni), state="active",
-                              created_at=int(self.now_ms()), token=token, mode=t.network.mode,
-                              subnet=str(pool.cidr), gateway=str(pool.gateway_address),
-                              mtu=self.guest_mtu, dns=" ".join(t.network.dns))
-        recs = [cluster] + [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"],
-                                         tokens[f"{name}/{vm}"]) for vm, role in planned]
+        reserve = self._reserving(
+            [(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in planned], owner, tokens, hosts
+        )
+        vni, addrs = yield self.allocator.allocate_cluster(
+            name, token, vm_ids, t.network.pool, reserve=reserve
+        )
+        cluster = VClusterRec(
+            id=name,
+            owner=owner,
+            template=t.name,
+            count=count,
+            vni=vni,
+            network=network_name(name),
+            bridge=bridge_name(vni),
+            state="active",
+            created_at=int(self.now_ms()),
+            token=token,
+            mode=t.network.mode,
+            subnet=str(pool.cidr),
+            gateway=str(pool.gateway_address),
+            mtu=self.guest_mtu,
+            dns=" ".join(t.network.dns),
+        )
+        recs = [cluster] + [
+            self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"], tokens[f"{name}/{vm}"])
+            for vm, role in planned
+        ]
         yield self.domsvc.put(*recs)
-        log.info("cluster {name} created for {owner}: {n} VMs of {template}",
-                 name=name, owner=owner, n=count, template=t.name)
+        log.info(
+            "cluster {name} created for {owner}: {n} VMs of {template}",
+            name=name,
+            owner=owner,
+            n=count,
+            template=t.name,
+        )
         return self.cluster(name)
 
     def _vm_rec(self, cluster, vm, role, host, addr, token) -> VmRec:
-        return VmRec(id=f"{cluster}/{vm}", cluster=cluster, name=vm, role=role.name, host=host,
-                     vcpus=role.vcpus, memory_mib=role.memory_mib, image=role.image,
-                     ip=addr.ip, mac=addr.mac, desired="running", token=token)
+        return VmRec(
+            id=f"{cluster}/{vm}",
+            cluster=cluster,
+            name=vm,
+            role=role.name,
+            host=host,
+            vcpus=role.vcpus,
+            memory_mib=role.memory_mib,
+            image=role.image,
+            ip=addr.ip,
+            mac=addr.mac,
+            desired="running",
+            token=token,
+        )
 
     @defer.inlineCallbacks
     def scale(self, name, count, force: bool = False) -> ClusterView:
@@ -325,27 +414,37 @@ class ClusterManager:
             raise InvalidArgument("name", f"cluster {name!r} is being destroyed")
         t = self.template(c.template)
         existing = [vm for vm in self._vms_of(name) if vm.desired != "absent"]
-        to_add, to_remove = plan_scale(t, [vm.name for vm in existing], count,
-                                       self.limits.max_vms_per_cluster)
+        to_add, to_remove = plan_scale(
+            t, [vm.name for vm in existing], count, self.limits.max_vms_per_cluster
+        )
         recs = []
         if to_add:
             vm_ids = [f"{name}/{vm}" for vm, _ in to_add]
             hosts: dict[str, str] = {}
             tokens = {i: secrets.token_hex(4) for i in vm_ids}
-            reserve = self._reserving([(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add],
-                                      c.owner, tokens, hosts)
-            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool, c.token,
-                                                      reserve=reserve)
-            recs += [self._vm_rec(name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"],
-                                  tokens[f"{name}/{vm}"]) for vm, role in to_add]
+            reserve = self._reserving(
+                [(f"{name}/{vm}", r.vcpus, r.memory_mib) for vm, r in to_add], c.owner, tokens, hosts
+            )
+            addrs = yield self.allocator.allocate_vms(vm_ids, t.network.pool, c.token, reserve=reserve)
+            recs += [
+                self._vm_rec(
+                    name, vm, role, hosts[f"{name}/{vm}"], addrs[f"{name}/{vm}"], tokens[f"{name}/{vm}"]
+                )
+                for vm, role in to_add
+            ]
         removed_ids = [f"{name}/{vm}" for vm in to_remove]
         for vm in existing:
             if vm.id in removed_ids:
                 recs.append(_replace(vm, desired="absent", force=force or None))
         recs.append(_replace(c, count=count))
         yield self.domsvc.put(*recs)
-        log.info("cluster {name} scaled to {count} (+{a} -{r})", name=name, count=count,
-                 a=len(to_add), r=len(to_remove))
+        log.info(
+            "cluster {name} scaled to {count} (+{a} -{r})",
+            name=name,
+            count=count,
+            a=len(to_add),
+            r=len(to_remove),
+        )
         if removed_ids:
             yield self.domsvc.wait_for(lambda: self._only_on_dead_hosts(removed_ids), self.wait_timeout)
         return self.cluster(name)
@@ -374,13 +473,21 @@ class ClusterManager:
         if c is None:
             raise NoSuchCluster(name)
         recs = [_replace(c, state="destroying")]
-        recs += [_replace(vm, desired="absent", force=force or None) for vm in self._vms_of(name)
-                 if vm.desired != "absent" or (force and not vm.force)]
+        recs += [
+            _replace(vm, desired="absent", force=force or None)
+            for vm in self._vms_of(name)
+            if vm.desired != "absent" or (force and not vm.force)
+        ]
         yield self.domsvc.put(*recs)
         log.info("cluster {name} being destroyed", name=name)
         ids = [vm.id for vm in self._vms_of(name)]
-        yield self.domsvc.wait_for(lambda: self.dom.get(VClusterRec, name) is None or (
-            any(self.dom.get(VmRec, i) for i in ids) and self._only_on_dead_hosts(ids)), self.wait_timeout)
+        yield self.domsvc.wait_for(
+            lambda: (
+                self.dom.get(VClusterRec, name) is None
+                or (any(self.dom.get(VmRec, i) for i in ids) and self._only_on_dead_hosts(ids))
+            ),
+            self.wait_timeout,
+        )
         return self.dom.get(VClusterRec, name) is None
 
     @defer.inlineCallbacks
@@ -409,8 +516,9 @@ class ClusterManager:
                 yield self.domsvc.put(_replace(rec, desired=desired, force=None))
         else:
             if force and observed not in ("running", "stopping", "paused"):
-                raise InvalidArgument("force", f"VM {rec.id} is not running (it is {observed}): "
-                                      "there is nothing to power off")
+                raise InvalidArgument(
+                    "force", f"VM {rec.id} is not running (it is {observed}): there is nothing to power off"
+                )
             if not force and rec.desired == "stopped" and observed == "shutoff":
                 raise InvalidArgument("vm", f"VM {rec.id} is already stopped")
             if rec.desired != desired or (force and not rec.force):
@@ -421,6 +529,7 @@ class ClusterManager:
             cur = self.dom.get(VmRec, rec.id)
             st = status_of(self.dom, cur) if cur is not None else None
             return st is not None and st.state in (want, "error")
+
         yield self.domsvc.wait_for(reached, self.wait_timeout)
         return next(v for v in self.cluster(cluster).vms if v.name == vm)
 
@@ -437,7 +546,7 @@ def _check_force(force) -> bool:
 def network_text(c: VClusterRec) -> str:
     """How a cluster's network reads in views: its mode, addresses and way out."""
     if not c.subnet:
-        return c.network                       # made before segments: its libvirt network
+        return c.network  # made before segments: its libvirt network
     out = f"{c.mode} {c.subnet}"
     if c.mode == "nat" and c.gateway:
         out += f" via {c.gateway}"

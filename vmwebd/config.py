@@ -44,6 +44,7 @@ XML is read with :mod:`vmwebd.xmlsafe` (no DTD, no entities, no network, bounded
 :func:`parse_xml` and :func:`read_xml_file`, which :mod:`vmwebd.templates` uses too: they turn its
 refusals into :class:`~vmwebd.errors.ConfigError`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -251,8 +252,9 @@ class IpPool:
             a = ipaddress.IPv4Address(str(addr))
         except ValueError:
             return False
-        return (addressing.leasable(self.cidr, self.gateway_address, a)
-                and not any(a in r for r in self.reserve))
+        return addressing.leasable(self.cidr, self.gateway_address, a) and not any(
+            a in r for r in self.reserve
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,8 +391,7 @@ def parse_xml(data: bytes, source: str, max_bytes: int = MAX_XML_FILE_BYTES) -> 
     entity references and processing instructions (:func:`vmwebd.xmlsafe.parse`, strict).
     """
     try:
-        return xmlsafe.parse(data, source, max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS),
-                             strict=True)
+        return xmlsafe.parse(data, source, max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS), strict=True)
     except UnsafeXml as e:
         raise _config_error(e) from None
 
@@ -398,8 +399,7 @@ def parse_xml(data: bytes, source: str, max_bytes: int = MAX_XML_FILE_BYTES) -> 
 def read_xml_file(path: str | Path, max_bytes: int = MAX_XML_FILE_BYTES) -> etree._Element:
     """Read and safely parse an XML file (see :func:`parse_xml`); errors name the file."""
     try:
-        return xmlsafe.read_file(str(path), max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS),
-                                 strict=True)
+        return xmlsafe.read_file(str(path), max_bytes, xml_parser=xmlsafe.parser(**_XML_OPTIONS), strict=True)
     except UnsafeXml as e:
         raise _config_error(e) from None
 
@@ -427,7 +427,8 @@ class ElementReader:
         for name in el.attrib:
             if name not in allowed:
                 raise self.error(
-                    el, _join(where, "@" + name),
+                    el,
+                    _join(where, "@" + name),
                     f"unknown attribute (allowed: {', '.join(allowed) or 'none'})",
                 )
         for name in required:
@@ -451,7 +452,8 @@ class ElementReader:
                 raise self.error(child, _join(where, tag), f"unknown element (allowed here: {allowed})")
             if tag in single and found[tag]:
                 raise self.error(
-                    child, _join(where, tag),
+                    child,
+                    _join(where, tag),
                     f"may appear only once (first at line {found[tag][0].sourceline})",
                 )
             found[tag].append(child)
@@ -512,9 +514,23 @@ class _Loader(ElementReader):
             raise self.error(root, str(root.tag), "the root element must be <vmwebd>")
         self.attrs(root, "vmwebd")
         kids = self.children(
-            root, "",
-            single=("host", "listen", "state", "libvirt", "storage", "images", "pools",
-                    "limits", "templates", "reconcile", "peers", "network", "metrics"),
+            root,
+            "",
+            single=(
+                "host",
+                "listen",
+                "state",
+                "libvirt",
+                "storage",
+                "images",
+                "pools",
+                "limits",
+                "templates",
+                "reconcile",
+                "peers",
+                "network",
+                "metrics",
+            ),
         )
 
         def one(tag):
@@ -537,20 +553,37 @@ class _Loader(ElementReader):
         network = self._network_config(one("network"), listen)
         metrics = self._metrics(one("metrics"))
         if listen.api.port and listen.api == listen.peer:
-            raise self.error(one("listen"), "listen/@peer",
-                             f"is the same address as listen/@api ({listen.api})")
+            raise self.error(
+                one("listen"), "listen/@peer", f"is the same address as listen/@api ({listen.api})"
+            )
         if listen.api_tls == "grid":
             cert_dir = peers.cert_dir or state_dir / "pki"
             if not (cert_dir / "host.crt").is_file():
-                raise self.error(one("listen"), "listen/@api-tls",
-                                 f"'grid' serves the host's grid certificate, but {cert_dir / 'host.crt'} "
-                                 "does not exist (make it with `vmweb init` or `vmweb host add`, or set "
-                                 "peers/@cert-dir)")
+                raise self.error(
+                    one("listen"),
+                    "listen/@api-tls",
+                    f"'grid' serves the host's grid certificate, but {cert_dir / 'host.crt'} "
+                    "does not exist (make it with `vmweb init` or `vmweb host add`, or set "
+                    "peers/@cert-dir)",
+                )
         return Config(
-            host=host, templates_dir=templates_dir, listen=listen, state_dir=state_dir,
-            libvirt_uri=libvirt_uri, migrate_uri=migrate_uri, storage=storage, images=images, ip_pools=ip_pools, mac=mac,
-            vni=vni, limits=limits, reconcile_interval=reconcile, peers=peers, network=network,
-            metrics=metrics, source=source,
+            host=host,
+            templates_dir=templates_dir,
+            listen=listen,
+            state_dir=state_dir,
+            libvirt_uri=libvirt_uri,
+            migrate_uri=migrate_uri,
+            storage=storage,
+            images=images,
+            ip_pools=ip_pools,
+            mac=mac,
+            vni=vni,
+            limits=limits,
+            reconcile_interval=reconcile,
+            peers=peers,
+            network=network,
+            metrics=metrics,
+            source=source,
         )
 
     def _host(self, el) -> HostConfig:
@@ -560,7 +593,8 @@ class _Loader(ElementReader):
         cpus = self.integer(el, "host/@cpus", a["cpus"], 1, 4096) if "cpus" in a else None
         mem = (
             self.integer(el, "host/@memory-mib", a["memory-mib"], 64, 64 * 1024 * 1024)
-            if "memory-mib" in a else None
+            if "memory-mib" in a
+            else None
         )
         return HostConfig(hid, cpus, mem)
 
@@ -617,10 +651,14 @@ class _Loader(ElementReader):
         if el is None:
             return ""
         uri = el.get("migrate-uri", "")
-        if uri and (not _URI_SCHEME_RE.match(uri) or any(c.isspace() for c in uri)
-                    or uri.startswith("test:")):
-            raise self.error(el, "libvirt/@migrate-uri", f"{uri!r} is not a libvirt URI another "
-                             "host can reach (e.g. qemu+tls://host7.lab/system)")
+        if uri and (
+            not _URI_SCHEME_RE.match(uri) or any(c.isspace() for c in uri) or uri.startswith("test:")
+        ):
+            raise self.error(
+                el,
+                "libvirt/@migrate-uri",
+                f"{uri!r} is not a libvirt URI another host can reach (e.g. qemu+tls://host7.lab/system)",
+            )
         return uri
 
     def _libvirt(self, el) -> str:
@@ -639,7 +677,7 @@ class _Loader(ElementReader):
                 raise self.error(el, "libvirt/@uri", f"test driver file {str(target)!r} does not exist")
             uri = f"test://{target}"
         elif uri.startswith("test:///") and uri != "test:///default":
-            target = Path(uri[len("test://"):])
+            target = Path(uri[len("test://") :])
             if not target.is_file():
                 raise self.error(el, "libvirt/@uri", f"test driver file {str(target)!r} does not exist")
         return uri
@@ -651,13 +689,17 @@ class _Loader(ElementReader):
             return StorageConfig(DEFAULT_STORAGE_POOL, default_dir, default_console)
         self.children(el, "storage")
         a = self.attrs(el, "storage", optional=("pool", "dir", "console-dir"))
-        pool = self.matching(el, "storage/@pool", a.get("pool", DEFAULT_STORAGE_POOL), _LIBVIRT_POOL_RE,
-                             "libvirt pool name")
+        pool = self.matching(
+            el, "storage/@pool", a.get("pool", DEFAULT_STORAGE_POOL), _LIBVIRT_POOL_RE, "libvirt pool name"
+        )
         for key in ("dir", "console-dir"):
             if key in a and not a[key].strip():
                 raise self.error(el, f"storage/@{key}", "is empty")
-        return StorageConfig(pool, self._path(a["dir"]) if "dir" in a else default_dir,
-                             self._path(a["console-dir"]) if "console-dir" in a else default_console)
+        return StorageConfig(
+            pool,
+            self._path(a["dir"]) if "dir" in a else default_dir,
+            self._path(a["console-dir"]) if "console-dir" in a else default_console,
+        )
 
     def _images(self, el) -> tuple[ImageConfig, ...]:
         if el is None:
@@ -670,18 +712,21 @@ class _Loader(ElementReader):
             a = self.attrs(im, "images/image", required=("name", "file", "size-mib"), optional=("format",))
             name = self.matching(im, "images/image/@name", a["name"], _NAME_RE, "image name")
             if name in seen:
-                raise self.error(im, "images/image/@name",
-                                 f"duplicate image name {name!r} (first at line {seen[name]})")
+                raise self.error(
+                    im, "images/image/@name", f"duplicate image name {name!r} (first at line {seen[name]})"
+                )
             seen[name] = im.sourceline
             f = a["file"]
             if not f or "/" in f or f in (".", "..") or "\0" in f:
-                raise self.error(im, "images/image/@file",
-                                 f"{f!r} must be a plain file name inside the storage dir")
+                raise self.error(
+                    im, "images/image/@file", f"{f!r} must be a plain file name inside the storage dir"
+                )
             size = self.integer(im, "images/image/@size-mib", a["size-mib"], 1, 16 * 1024 * 1024)
             fmt = a.get("format", "qcow2")
             if fmt not in _IMAGE_FORMATS:
-                raise self.error(im, "images/image/@format",
-                                 f"{fmt!r} is not one of {', '.join(_IMAGE_FORMATS)}")
+                raise self.error(
+                    im, "images/image/@format", f"{fmt!r} is not one of {', '.join(_IMAGE_FORMATS)}"
+                )
             out.append(ImageConfig(name, f, size, fmt))
         return tuple(out)
 
@@ -710,18 +755,21 @@ class _Loader(ElementReader):
         for el in els:
             self.children(el, "pools/ip")
             a = self.attrs(el, "pools/ip", required=("name", "cidr"), optional=("reserve", "gateway"))
-            name = self.matching(el, "pools/ip/@name", a["name"], _POOL_NAME_RE,
-                                 "pool name ([a-z][a-z0-9-]{0,30})")
+            name = self.matching(
+                el, "pools/ip/@name", a["name"], _POOL_NAME_RE, "pool name ([a-z][a-z0-9-]{0,30})"
+            )
             if name in lines:
-                raise self.error(el, "pools/ip/@name",
-                                 f"duplicate pool name {name!r} (first at line {lines[name]})")
+                raise self.error(
+                    el, "pools/ip/@name", f"duplicate pool name {name!r} (first at line {lines[name]})"
+                )
             cidr = self._network(el, "pools/ip/@cidr", a["cidr"])
             if cidr.prefixlen > 30:
                 raise self.error(el, "pools/ip/@cidr", f"{a['cidr']!r} is too small (at most /30)")
             for other in out:
                 if cidr.overlaps(other.cidr):
                     raise self.error(
-                        el, "pools/ip/@cidr",
+                        el,
+                        "pools/ip/@cidr",
                         f"{cidr} overlaps pool {other.name!r} ({other.cidr}, line {lines[other.name]})",
                     )
             reserve = []
@@ -735,16 +783,19 @@ class _Loader(ElementReader):
                 try:
                     gateway = ipaddress.IPv4Address(a["gateway"])
                 except ValueError:
-                    raise self.error(el, "pools/ip/@gateway",
-                                     f"{a['gateway']!r} is not an IPv4 address") from None
+                    raise self.error(
+                        el, "pools/ip/@gateway", f"{a['gateway']!r} is not an IPv4 address"
+                    ) from None
                 if gateway not in cidr or gateway in (cidr.network_address, cidr.broadcast_address):
-                    raise self.error(el, "pools/ip/@gateway",
-                                     f"{gateway} is not a host address of {cidr}")
+                    raise self.error(el, "pools/ip/@gateway", f"{gateway} is not a host address of {cidr}")
             pool = IpPool(name, cidr, tuple(reserve), gateway)
             if pool.first_address() is None:
                 field = "pools/ip/@reserve" if reserve else "pools/ip/@cidr"
-                raise self.error(el, field, f"leaves no address for a VM in {cidr} besides its "
-                                 f"gateway {pool.gateway_address}")
+                raise self.error(
+                    el,
+                    field,
+                    f"leaves no address for a VM in {cidr} besides its gateway {pool.gateway_address}",
+                )
             lines[name] = el.sourceline
             out.append(pool)
         return tuple(out)
@@ -760,7 +811,8 @@ class _Loader(ElementReader):
             raise self.error(el, "pools/mac/@prefix", f"{text!r} is a multicast prefix")
         if not first & 0x02:
             raise self.error(
-                el, "pools/mac/@prefix",
+                el,
+                "pools/mac/@prefix",
                 f"{text!r} is not locally administered "
                 "(second bit of the first octet unset; use e.g. 52:54:00)",
             )
@@ -770,7 +822,9 @@ class _Loader(ElementReader):
         self.children(el, "pools/vni")
         a = self.attrs(el, "pools/vni", optional=("first", "last"))
         top = 2**24 - 1  # VXLAN VNIs are 24 bits
-        first = self.integer(el, "pools/vni/@first", a["first"], 1, top) if "first" in a else DEFAULT_VNI_FIRST
+        first = (
+            self.integer(el, "pools/vni/@first", a["first"], 1, top) if "first" in a else DEFAULT_VNI_FIRST
+        )
         last = self.integer(el, "pools/vni/@last", a["last"], 1, top) if "last" in a else DEFAULT_VNI_LAST
         if first > last:
             raise self.error(el, "pools/vni/@last", f"{last} is below first ({first})")
@@ -800,8 +854,9 @@ class _Loader(ElementReader):
         d = self._path(text) if text.strip() else None
         if d is None or not d.is_dir():
             shown = str(d) if d is not None else text
-            raise self.error(el if el is not None else root, "templates/@dir",
-                             f"directory {shown!r} does not exist")
+            raise self.error(
+                el if el is not None else root, "templates/@dir", f"directory {shown!r} does not exist"
+            )
         return d
 
     def _reconcile(self, el) -> float:
@@ -834,7 +889,6 @@ class _Loader(ElementReader):
             raise self.error(el, "peers/@members", "lists a host twice")
         return PeersConfig(seeds, fanout, cert_dir, members, timing)
 
-
     def _metrics(self, el) -> MetricsConfig:
         if el is None:
             return MetricsConfig()
@@ -845,8 +899,9 @@ class _Loader(ElementReader):
             raise self.error(el, "metrics/@enabled", f"{enabled!r} is not true or false")
         auth = a.get("auth", "login")
         if auth not in METRICS_AUTH_MODES:
-            raise self.error(el, "metrics/@auth",
-                             f"{auth!r} is not an access mode ({', '.join(METRICS_AUTH_MODES)})")
+            raise self.error(
+                el, "metrics/@auth", f"{auth!r} is not an access mode ({', '.join(METRICS_AUTH_MODES)})"
+            )
         return MetricsConfig(enabled == "true", auth)
 
     def _network_config(self, el, listen: ListenConfig) -> NetworkConfig:
@@ -859,18 +914,19 @@ class _Loader(ElementReader):
             try:
                 underlay = str(ipaddress.IPv4Address(a["underlay"]))
             except ValueError:
-                raise self.error(el, "network/@underlay",
-                                 f"{a['underlay']!r} is not an IPv4 address") from None
+                raise self.error(
+                    el, "network/@underlay", f"{a['underlay']!r} is not an IPv4 address"
+                ) from None
             if underlay == "0.0.0.0" or ipaddress.IPv4Address(underlay).is_multicast:
-                raise self.error(el, "network/@underlay",
-                                 f"{underlay} cannot be a host's own address")
-        mtu = (self.integer(el, "network/@underlay-mtu", a["underlay-mtu"],
-                            addressing.MIN_UNDERLAY_MTU, 65535)
-               if "underlay-mtu" in a else addressing.DEFAULT_UNDERLAY_MTU)
+                raise self.error(el, "network/@underlay", f"{underlay} cannot be a host's own address")
+        mtu = (
+            self.integer(el, "network/@underlay-mtu", a["underlay-mtu"], addressing.MIN_UNDERLAY_MTU, 65535)
+            if "underlay-mtu" in a
+            else addressing.DEFAULT_UNDERLAY_MTU
+        )
         devices = a.get("devices", "auto")
         if devices not in DEVICE_MODES:
-            raise self.error(el, "network/@devices",
-                             f"{devices!r} is not one of {', '.join(DEVICE_MODES)}")
+            raise self.error(el, "network/@devices", f"{devices!r} is not one of {', '.join(DEVICE_MODES)}")
         return NetworkConfig(underlay, mtu, devices)
 
 

@@ -12,6 +12,7 @@ The log goes to journald, with priorities and fields, when systemd connected our
 journal (``--log-target auto``, the default; ``journal`` or ``text`` to choose), else one line
 per event on standard error (see :mod:`vmwebd.logs`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,34 +35,56 @@ def _missing_hypervisor_binding() -> str:
     try:
         import libvirt  # noqa: F401
     except ImportError as e:
-        return (f"the libvirt Python binding (package libvirt-python) is not installed for "
-                f"{sys.executable} ({e}); install vmweb with its daemon extra: "
-                "pip install 'vmweb[daemon]'")
+        return (
+            f"the libvirt Python binding (package libvirt-python) is not installed for "
+            f"{sys.executable} ({e}); install vmweb with its daemon extra: "
+            "pip install 'vmweb[daemon]'"
+        )
     return ""
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="vmwebd", description="vmweb daemon: one per physical host")
     ap.add_argument("--config", default="/etc/vmwebd/vmwebd.xml", help="path to vmwebd.xml")
-    ap.add_argument("--no-fsync", action="store_true",
-                    help="skip fsync of the DOM journal (throw-away demos and tests only)")
-    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"],
-                    help="the least important messages logged (default info)")
-    ap.add_argument("--log-target", default="auto", choices=logs.TARGETS,
-                    help="journal: entries with priorities and fields to journald; text: one "
-                         "line per event on standard error; auto (default): journal when systemd "
-                         "connected our output to the journal ($JOURNAL_STREAM), else text")
-    ap.add_argument("--journal-socket", default=logs.JOURNAL_SOCKET, metavar="PATH",
-                    help=f"journald's native socket (default {logs.JOURNAL_SOCKET}; empty: write "
-                         "<N>-prefixed lines to the journal stream instead)")
-    ap.add_argument("--version", action="version", version=f"vmwebd {version()}",
-                    help="print vmwebd's version and exit")
+    ap.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync of the DOM journal (throw-away demos and tests only)",
+    )
+    ap.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warn", "error"],
+        help="the least important messages logged (default info)",
+    )
+    ap.add_argument(
+        "--log-target",
+        default="auto",
+        choices=logs.TARGETS,
+        help="journal: entries with priorities and fields to journald; text: one "
+        "line per event on standard error; auto (default): journal when systemd "
+        "connected our output to the journal ($JOURNAL_STREAM), else text",
+    )
+    ap.add_argument(
+        "--journal-socket",
+        default=logs.JOURNAL_SOCKET,
+        metavar="PATH",
+        help=f"journald's native socket (default {logs.JOURNAL_SOCKET}; empty: write "
+        "<N>-prefixed lines to the journal stream instead)",
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"vmwebd {version()}", help="print vmwebd's version and exit"
+    )
     example = ap.add_mutually_exclusive_group()
-    example.add_argument("--print-example-config", action="store_true",
-                         help="print the example vmwebd.xml and exit")
-    example.add_argument("--write-example-config", metavar="DIR",
-                         help="write the example vmwebd.xml and its templates/ into DIR (made if "
-                              "missing; no file is overwritten) and exit")
+    example.add_argument(
+        "--print-example-config", action="store_true", help="print the example vmwebd.xml and exit"
+    )
+    example.add_argument(
+        "--write-example-config",
+        metavar="DIR",
+        help="write the example vmwebd.xml and its templates/ into DIR (made if "
+        "missing; no file is overwritten) and exit",
+    )
     args = ap.parse_args(argv)
     if args.print_example_config:
         sys.stdout.write(examples.example_config())
@@ -88,11 +111,11 @@ def main(argv=None) -> int:
     # spyne logs every fault through the stdlib at ERROR; our SOAP stack already logs them once,
     # with the right level, through twisted.logger.
     import logging
+
     logging.getLogger("spyne").setLevel(logging.CRITICAL)
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(args.log_level))
     observer = logs.make_observer(args.log_target, socket_path=args.journal_socket or None)
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])],
-                                     redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [predicate])], redirectStandardIO=False)
 
     from twisted.internet import reactor
 

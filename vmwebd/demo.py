@@ -12,6 +12,7 @@ At every start the demo gives the admin account ``admin`` a fresh random passwor
 host1's ``bootstrap-admin`` file), prints it, and writes ``.demo/admin-credentials`` (one line,
 ``user:password``, mode 0600) for scripts: ``export VMWEB_CREDENTIALS=.demo/admin-credentials``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,11 +31,22 @@ DEMO_ADMIN = "admin"
 HOST_SIZES = [(16, 32768), (8, 16384), (4, 8192), (8, 16384), (16, 32768)]
 
 
-def write_host_config(directory: Path, host_id: str, api_port: int, peer_port: int,
-                      cpus: int, memory_mib: int, templates_dir: Path = REPO / "conf" / "templates",
-                      pool_cidr: str = "10.77.0.0/16", reserve: str = "10.77.0.0/24",
-                      reconcile_interval: float = 2.0, max_vms: int = 256,
-                      extra: str = "", image_mib: int = 256, api_tls: str = "off") -> Path:
+def write_host_config(
+    directory: Path,
+    host_id: str,
+    api_port: int,
+    peer_port: int,
+    cpus: int,
+    memory_mib: int,
+    templates_dir: Path = REPO / "conf" / "templates",
+    pool_cidr: str = "10.77.0.0/16",
+    reserve: str = "10.77.0.0/24",
+    reconcile_interval: float = 2.0,
+    max_vms: int = 256,
+    extra: str = "",
+    image_mib: int = 256,
+    api_tls: str = "off",
+) -> Path:
     """Writes a complete host directory (config, test-driver node, state dir); returns the config.
 
     ``api_tls``: ``listen/@api-tls`` (``grid`` needs the host's certificate in ``extra``'s
@@ -83,19 +95,25 @@ def main(argv=None) -> int:
     ap.add_argument("--hosts", type=int, default=3)
     ap.add_argument("--dir", default=str(REPO / ".demo"))
     ap.add_argument("--first-port", type=int, default=8471)
-    ap.add_argument("--api-tls", choices=["grid", "off"], default="grid",
-                    help="serve the user API over TLS with the demo CA's host certificates (grid, "
-                         "default) or plain HTTP (off)")
+    ap.add_argument(
+        "--api-tls",
+        choices=["grid", "off"],
+        default="grid",
+        help="serve the user API over TLS with the demo CA's host certificates (grid, "
+        "default) or plain HTTP (off)",
+    )
     args = ap.parse_args(argv)
     base = Path(args.dir)
     procs = []
     venv_bin = Path(sys.executable).parent
     vmwebd = venv_bin / "vmwebd"
     from vmwebd.gossip import pki
+
     ca_dir = base / "ca"
     if not (ca_dir / "ca.crt").exists():
         pki.init_ca(ca_dir, grid_name="vmweb-demo")
     from vmwebd.accounts import generate_password, write_bootstrap_admin
+
     admin_password = generate_password()
     # Every host makes (or resets) the admin at its start, from the same hash, so each one
     # accepts the password at once, before gossip has run.
@@ -119,30 +137,50 @@ def main(argv=None) -> int:
         cert_dir = base / hid / "pki"
         if not (cert_dir / "host.crt").exists():
             pki.issue_host_cert(ca_dir, hid, cert_dir, ["127.0.0.1", "localhost"])
-        peers = (f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local" '
-                 f'members="{members}"/>'
-                 # segments are planned and recorded (test driver); each host its own loopback
-                 # address, so the recorded forwarding entries name the other hosts
-                 f'<network underlay="127.0.0.{i + 1}" devices="record"/>')
-        cfg = write_host_config(base / hid, hid, args.first_port + i, args.first_port + 100 + i, cpus, mem,
-                                extra=peers, api_tls=args.api_tls)
+        peers = (
+            f'<peers seeds="{seed}" fanout="3" cert-dir="{cert_dir}" timing="local" '
+            f'members="{members}"/>'
+            # segments are planned and recorded (test driver); each host its own loopback
+            # address, so the recorded forwarding entries name the other hosts
+            f'<network underlay="127.0.0.{i + 1}" devices="record"/>'
+        )
+        cfg = write_host_config(
+            base / hid,
+            hid,
+            args.first_port + i,
+            args.first_port + 100 + i,
+            cpus,
+            mem,
+            extra=peers,
+            api_tls=args.api_tls,
+        )
         log = open(base / hid / "vmwebd.log", "ab")
-        cmd = [str(vmwebd) if vmwebd.exists() else sys.executable, *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
-               "--config", str(cfg)]
+        cmd = [
+            str(vmwebd) if vmwebd.exists() else sys.executable,
+            *([] if vmwebd.exists() else ["-m", "vmwebd.daemon"]),
+            "--config",
+            str(cfg),
+        ]
         procs.append((hid, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)))
         site = f"{scheme}://127.0.0.1:{args.first_port + i}"
-        print(f"{hid}: {cpus} CPUs, {mem} MiB — web pages {site}/ , "
-              f"user API {site}/soap (log {_shown(base / hid / 'vmwebd.log')})")
+        print(
+            f"{hid}: {cpus} CPUs, {mem} MiB — web pages {site}/ , "
+            f"user API {site}/soap (log {_shown(base / hid / 'vmwebd.log')})"
+        )
     print()
     print(f"Admin user: {DEMO_ADMIN}   password: {admin_password}   (also in {_shown(creds)})")
     if tls:
-        print(f"TLS: the hosts' certificates come from the demo CA {_shown(ca_dir / 'ca.crt')}; let your "
-              "browser trust it (or accept its warning) for the web pages.")
+        print(
+            f"TLS: the hosts' certificates come from the demo CA {_shown(ca_dir / 'ca.crt')}; let your "
+            "browser trust it (or accept its warning) for the web pages."
+        )
     print()
     print("Try, in another terminal:")
     host = f"{scheme}://127.0.0.1:{args.first_port}" if tls else f"127.0.0.1:{args.first_port}"
-    print(f"  export VMWEB_HOST={host} VMWEB_CREDENTIALS={_shown(creds)}"
-          + (f" VMWEB_CA={_shown(ca_dir / 'ca.crt')}" if tls else ""))
+    print(
+        f"  export VMWEB_HOST={host} VMWEB_CREDENTIALS={_shown(creds)}"
+        + (f" VMWEB_CA={_shown(ca_dir / 'ca.crt')}" if tls else "")
+    )
     print("  .venv/bin/vmweb templates")
     print("  .venv/bin/vmweb user create alice --quota 16      # prints alice's password: log in with it")
     print("  .venv/bin/vmweb cluster create lab1 --template hpc --owner alice --count 4")
@@ -155,6 +193,7 @@ def main(argv=None) -> int:
 
     def stop(*_):
         stopping.append(1)
+
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
@@ -163,8 +202,11 @@ def main(argv=None) -> int:
             for hid, p in procs:
                 if p.poll() is not None and hid not in reported:
                     # Killing a host is a fine experiment: the others carry on and mark it dead.
-                    print(f"{hid} exited with {p.returncode} (see {base / hid / 'vmwebd.log'}); "
-                          f"the other hosts carry on", flush=True)
+                    print(
+                        f"{hid} exited with {p.returncode} (see {base / hid / 'vmwebd.log'}); "
+                        f"the other hosts carry on",
+                        flush=True,
+                    )
                     reported.add(hid)
             if len(reported) == len(procs):
                 break

@@ -5,6 +5,7 @@ demo, the tests and an installed package read the same files). ``vmwebd --print-
 and ``vmwebd --write-example-config DIR`` hand them out; the config names its templates directory
 relative to itself (``<templates dir="templates"/>``), so a directory written here works as is.
 """
+
 from __future__ import annotations
 
 from importlib import resources
@@ -35,8 +36,7 @@ def write_example_config(directory: str | Path) -> list[Path]:
     no file is written."""
     directory = Path(directory)
     files = {directory / CONFIG_NAME: example_config()}
-    files.update({directory / TEMPLATES_DIR / name: text
-                  for name, text in example_templates().items()})
+    files.update({directory / TEMPLATES_DIR / name: text for name, text in example_templates().items()})
     for path in files:
         if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} exists already (not overwritten)")

@@ -14,6 +14,7 @@ Gossiping them instead would cost every host a copy of every host's ring: 16 hos
 (a host record is rewritten at most every 60 s at rest precisely to keep that traffic small),
 for charts someone looks at now and then. Asking the owner costs one ~22 KB answer per look.
 """
+
 from __future__ import annotations
 
 import collections
@@ -113,6 +114,7 @@ class Sampler:
         def failed(f):
             self.busy = False
             log.warn("history: no sample this time: {err}", err=f.getErrorMessage())
+
         # Not returned: LoopingCall would otherwise wait for it, and a failure would stop it.
         defer.maybeDeferred(self.probe).addCallbacks(done, failed)
 
@@ -120,9 +122,15 @@ class Sampler:
 def to_json(host_id: str, ring: HistoryRing) -> bytes:
     """The wire form of ``ring``: ``{"host", "interval_s", "capacity", "samples": [[t, load1,
     mem_used_mib, vms], ...]}``, oldest first."""
-    return json.dumps({"host": host_id, "interval_s": ring.interval, "capacity": ring.capacity,
-                       "samples": [s.as_list() for s in ring.samples()]},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "host": host_id,
+            "interval_s": ring.interval,
+            "capacity": ring.capacity,
+            "samples": [s.as_list() for s in ring.samples()],
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def from_json(body: bytes, host_id: str, capacity: int = CAPACITY) -> list[Sample]:
@@ -137,9 +145,13 @@ def from_json(body: bytes, host_id: str, capacity: int = CAPACITY) -> list[Sampl
             raise ValueError("no list of samples, or too many")
         out = []
         for row in rows:
-            if (not isinstance(row, list) or len(row) != 4
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                               for x in row)):
+            if (
+                not isinstance(row, list)
+                or len(row) != 4
+                or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in row
+                )
+            ):
                 raise ValueError(f"a malformed sample {str(row)[:40]}")
             s = Sample(int(row[0]), float(row[1]), int(row[2]), int(row[3]))
             if out and s.t <= out[-1].t:
@@ -190,16 +202,26 @@ class HistoryService:
     driver's); ``peer_address_of`` and ``host_creds`` (None: this host runs without peers): how
     another host is asked, over the peers' mutual TLS."""
 
-    def __init__(self, host_id: str, reactor, facts: HostFacts, domsvc, *, memory_mib: int | None = None,
-                 peer_address_of: PeerDirectory, host_creds=None,
-                 capacity: int = CAPACITY, interval: float = INTERVAL_SECONDS):
+    def __init__(
+        self,
+        host_id: str,
+        reactor,
+        facts: HostFacts,
+        domsvc,
+        *,
+        memory_mib: int | None = None,
+        peer_address_of: PeerDirectory,
+        host_creds=None,
+        capacity: int = CAPACITY,
+        interval: float = INTERVAL_SECONDS,
+    ):
         self.host_id, self.reactor, self.facts, self.domsvc = host_id, reactor, facts, domsvc
         self.memory_mib = memory_mib
         self.peer_address_of, self.host_creds = peer_address_of, host_creds
         self.ring = HistoryRing(capacity, interval)
         self.sampler = Sampler(self.ring, reactor, self.probe, interval)
         self._agent = None
-        self._expected: dict[tuple[str, int], str] = {}    # peer (address, port) -> host id asked
+        self._expected: dict[tuple[str, int], str] = {}  # peer (address, port) -> host id asked
 
     def start(self) -> None:
         self.sampler.start()
@@ -212,11 +234,17 @@ class HistoryService:
 
     def probe(self) -> defer.Deferred:
         """One sample of this host: the driver's facts (off the reactor thread) and the DOM."""
+
         def sample(facts):
             memory = self.memory_mib or facts.memory_mib
             used = max(0, memory - min(memory, facts.free_memory_mib))
-            return Sample(int(self.reactor.seconds()), round(float(facts.load1), 2), int(used),
-                          self.domsvc.dom.count("vm", "host", self.host_id))
+            return Sample(
+                int(self.reactor.seconds()),
+                round(float(facts.load1), 2),
+                int(used),
+                self.domsvc.dom.count("vm", "host", self.host_id),
+            )
+
         return self.facts.host_facts().addCallback(sample)
 
     def samples_of(self, host_id: str) -> defer.Deferred:
@@ -230,6 +258,7 @@ class HistoryService:
     def _fetch(self, host_id: str):
         from twisted.web.client import Agent, readBody
         from twisted.web.http_headers import Headers
+
         if self.host_creds is None:
             raise HistoryUnavailable(host_id, f"host {self.host_id} runs without peers")
         addr = self.peer_address_of(host_id)
@@ -237,18 +266,25 @@ class HistoryService:
             raise HistoryUnavailable(host_id, f"host {self.host_id} does not know where it is")
         if self._agent is None:
             from vmwebd.gossip import tls
+
             # The answering host must hold the certificate of the host asked about.
-            self._agent = Agent(self.reactor, contextFactory=tls.client_policy(
-                self.host_creds, lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port))),
-                connectTimeout=FETCH_TIMEOUT_SECONDS)
+            self._agent = Agent(
+                self.reactor,
+                contextFactory=tls.client_policy(
+                    self.host_creds,
+                    lambda hostname, port: self._expected.get((hostname.decode("ascii", "replace"), port)),
+                ),
+                connectTimeout=FETCH_TIMEOUT_SECONDS,
+            )
         host, _, port = addr.rpartition(":")
         try:
             self._expected[(host.strip("[]"), int(port))] = host_id
         except ValueError:
             raise HistoryUnavailable(host_id, f"its peer address {addr!r} is not host:port") from None
         try:
-            d = self._agent.request(b"GET", f"https://{addr}/history".encode(),
-                                    Headers({b"User-Agent": [b"vmwebd"]}))
+            d = self._agent.request(
+                b"GET", f"https://{addr}/history".encode(), Headers({b"User-Agent": [b"vmwebd"]})
+            )
             d.addTimeout(FETCH_TIMEOUT_SECONDS, self.reactor)
             response = yield d
             if response.code != 200:
@@ -259,8 +295,10 @@ class HistoryService:
         except HistoryUnavailable:
             raise
         except defer.TimeoutError:
-            raise HistoryUnavailable(host_id, f"it did not answer within {FETCH_TIMEOUT_SECONDS:g} s") from None
-        except Exception as e:    # refused, reset, TLS: the page says so, the log keeps the detail
+            raise HistoryUnavailable(
+                host_id, f"it did not answer within {FETCH_TIMEOUT_SECONDS:g} s"
+            ) from None
+        except Exception as e:  # refused, reset, TLS: the page says so, the log keeps the detail
             log.info("history: asking {host} at {addr}: {err!r}", host=host_id, addr=addr, err=e)
             raise HistoryUnavailable(host_id, "it could not be reached") from None
         if len(body) > MAX_ANSWER_BYTES:
@@ -268,5 +306,15 @@ class HistoryService:
         return from_json(body, host_id, self.ring.capacity)
 
 
-__all__ = ["Sample", "HistoryRing", "Sampler", "HistoryResource", "HistoryService", "HistoryUnavailable",
-           "to_json", "from_json", "INTERVAL_SECONDS", "CAPACITY"]
+__all__ = [
+    "Sample",
+    "HistoryRing",
+    "Sampler",
+    "HistoryResource",
+    "HistoryService",
+    "HistoryUnavailable",
+    "to_json",
+    "from_json",
+    "INTERVAL_SECONDS",
+    "CAPACITY",
+]

@@ -5,6 +5,7 @@ common names, peer envelopes and lease holders, so every one of those checks it 
 module. The pattern is also written once in ``dom/schema.rng`` (RelaxNG cannot import it);
 ``tests/test_ids.py`` checks the two agree.
 """
+
 from __future__ import annotations
 
 import re

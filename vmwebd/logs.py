@@ -18,6 +18,7 @@ it speaks is small and stable, so vmwebd speaks it itself.
 Elsewhere (a terminal, a file, the tests) the log stays one text line per event, with its time,
 namespace and level, as Twisted writes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,7 @@ def message_of(event: Mapping) -> str:
 
 def fields_of(event: Mapping) -> dict[str, str]:
     """The journal fields of an event: MESSAGE, PRIORITY, where it was logged, and FIELDS."""
-    out = {"MESSAGE": message_of(event), "PRIORITY": str(priority_of(event)),
-           "SYSLOG_IDENTIFIER": "vmwebd"}
+    out = {"MESSAGE": message_of(event), "PRIORITY": str(priority_of(event)), "SYSLOG_IDENTIFIER": "vmwebd"}
     namespace = event.get("log_namespace")
     if namespace:
         out["LOG_NAMESPACE"] = str(namespace)
@@ -108,8 +108,12 @@ class JournalObserver:
     """Sends each event to journald: over the native socket when there is one, else as
     ``<N>``-prefixed lines on ``stream`` (the one journald reads)."""
 
-    def __init__(self, stream: TextIO, socket_path: str | None = JOURNAL_SOCKET,
-                 sock_factory: Callable[[], socket.socket] | None = None):
+    def __init__(
+        self,
+        stream: TextIO,
+        socket_path: str | None = JOURNAL_SOCKET,
+        sock_factory: Callable[[], socket.socket] | None = None,
+    ):
         self.stream = stream
         self.socket_path = socket_path or None
         self._sock = None
@@ -125,17 +129,17 @@ class JournalObserver:
                 self._sock.sendto(encode_entry(fields_of(event)), self.socket_path)
                 return
             except OSError:
-                pass        # no journald there, or the entry is too large: the stream takes it
+                pass  # no journald there, or the entry is too large: the stream takes it
         try:
             self.stream.write(prefixed_lines(event))
             self.stream.flush()
         except (OSError, ValueError):
-            pass            # nowhere left to log to; never raise into the logging system
+            pass  # nowhere left to log to; never raise into the logging system
 
 
 def _dgram_socket() -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.setblocking(False)    # a journald that cannot keep up loses entries, never the reactor
+    s.setblocking(False)  # a journald that cannot keep up loses entries, never the reactor
     return s
 
 
@@ -156,8 +160,13 @@ def journal_stream(env: Mapping[str, str], streams) -> TextIO | None:
     return None
 
 
-def make_observer(target: str = "auto", env: Mapping[str, str] | None = None, stdout=None,
-                  stderr=None, socket_path: str | None = JOURNAL_SOCKET):
+def make_observer(
+    target: str = "auto",
+    env: Mapping[str, str] | None = None,
+    stdout=None,
+    stderr=None,
+    socket_path: str | None = JOURNAL_SOCKET,
+):
     """The observer the daemon logs to: ``journal`` (journald), ``text`` (one line per event
     on standard error, as before) or ``auto`` (journald when it reads our output)."""
     if target not in TARGETS:

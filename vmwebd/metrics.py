@@ -18,6 +18,7 @@ which only the reactor thread may touch.
 
 The series, their labels and example queries are in ``docs/metrics.md``.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,34 +58,63 @@ class NodeMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.soap_requests = Counter(
-            "vmweb_soap_requests", "SOAP calls of the user API answered, by operation and fault "
+            "vmweb_soap_requests",
+            "SOAP calls of the user API answered, by operation and fault "
             "(none: answered; a faultcode; disconnected: the client left first)",
-            ["operation", "fault"], registry=r)
+            ["operation", "fault"],
+            registry=r,
+        )
         self.soap_seconds = Histogram(
-            "vmweb_soap_request_duration_seconds", "Time from a SOAP call's arrival to its answer",
-            ["operation"], buckets=SOAP_BUCKETS, registry=r)
+            "vmweb_soap_request_duration_seconds",
+            "Time from a SOAP call's arrival to its answer",
+            ["operation"],
+            buckets=SOAP_BUCKETS,
+            registry=r,
+        )
         self.paxos_rounds = Counter(
-            "vmweb_paxos_rounds", "Lease proposals made by this host, by outcome "
-            "(decided, conflict, noquorum, error)", ["outcome"], registry=r)
+            "vmweb_paxos_rounds",
+            "Lease proposals made by this host, by outcome (decided, conflict, noquorum, error)",
+            ["outcome"],
+            registry=r,
+        )
         self.paxos_seconds = Histogram(
-            "vmweb_paxos_round_duration_seconds", "Time from a lease proposal to its outcome",
-            ["outcome"], buckets=PAXOS_BUCKETS, registry=r)
+            "vmweb_paxos_round_duration_seconds",
+            "Time from a lease proposal to its outcome",
+            ["outcome"],
+            buckets=PAXOS_BUCKETS,
+            registry=r,
+        )
         self.gossip_messages_sent = Counter(
-            "vmweb_gossip_messages_sent", "Peer envelopes this host posted and a peer accepted, "
-            "by message kind (gossip and consensus)", ["kind"], registry=r)
+            "vmweb_gossip_messages_sent",
+            "Peer envelopes this host posted and a peer accepted, by message kind (gossip and consensus)",
+            ["kind"],
+            registry=r,
+        )
         self.gossip_bytes_sent = Counter(
-            "vmweb_gossip_bytes_sent", "Bytes of the peer requests counted in "
-            "vmweb_gossip_messages_sent", ["kind"], registry=r)
+            "vmweb_gossip_bytes_sent",
+            "Bytes of the peer requests counted in vmweb_gossip_messages_sent",
+            ["kind"],
+            registry=r,
+        )
         self.gossip_send_failures = Counter(
-            "vmweb_gossip_send_failures", "Peer envelopes whose post failed (timeout, refused, "
-            "not HTTP 200): lost messages", ["kind"], registry=r)
+            "vmweb_gossip_send_failures",
+            "Peer envelopes whose post failed (timeout, refused, not HTTP 200): lost messages",
+            ["kind"],
+            registry=r,
+        )
         self.gossip_messages_received = Counter(
-            "vmweb_gossip_messages_received", "Peer envelopes received, by message kind and how "
+            "vmweb_gossip_messages_received",
+            "Peer envelopes received, by message kind and how "
             "(request: posted here by a peer; reply: in the response to one of ours)",
-            ["kind", "via"], registry=r)
+            ["kind", "via"],
+            registry=r,
+        )
         self.gossip_bytes_received = Counter(
-            "vmweb_gossip_bytes_received", "Bytes of peer requests posted here and of the "
-            "responses read by this host", ["via"], registry=r)
+            "vmweb_gossip_bytes_received",
+            "Bytes of peer requests posted here and of the responses read by this host",
+            ["via"],
+            registry=r,
+        )
 
     # -- vmwebd.api.soap.SoapObserver ----------------------------------------------------------
     def soap_call(self, operation: str, fault: str, seconds: float) -> None:
@@ -171,7 +201,7 @@ class _LiveCounts:
             if kind == "vm" and self._vms_read:
                 for id_ in ids:
                     self._count_vm(id_)
-        if not self._vms_read:          # the first time: every VM, once
+        if not self._vms_read:  # the first time: every VM, once
             self._vms_read = True
             for id_ in self.live["vm"]:
                 self._count_vm(id_)
@@ -207,7 +237,7 @@ class StateCollector:
         self._migrations = _ByGeneration(dom, ("migration",), self._count_migrations)
 
     def describe(self):
-        return []       # families are built at each scrape; nothing to check at registration
+        return []  # families are built at each scrape; nothing to check at registration
 
     def collect(self):
         self._counts.refresh()
@@ -219,8 +249,11 @@ class StateCollector:
 
     # -- membership ------------------------------------------------------------------------
     def _members(self):
-        g = GaugeMetricFamily("vmweb_members", "Hosts known to this host's failure detector, by "
-                              "state (this host included; none without peers)", labels=["state"])
+        g = GaugeMetricFamily(
+            "vmweb_members",
+            "Hosts known to this host's failure detector, by state (this host included; none without peers)",
+            labels=["state"],
+        )
         counts = dict.fromkeys(MEMBER_STATES, 0)
         for status in self.members().values():
             counts[status] = counts.get(status, 0) + 1
@@ -231,8 +264,9 @@ class StateCollector:
     # -- the DOM ----------------------------------------------------------------------------
     def _dom(self):
         dom = self.domsvc.dom
-        g = GaugeMetricFamily("vmweb_dom_entities", "Live entities in this host's DOM replica, "
-                              "by kind", labels=["kind"])
+        g = GaugeMetricFamily(
+            "vmweb_dom_entities", "Live entities in this host's DOM replica, by kind", labels=["kind"]
+        )
         live = 0
         for kind, ids in self._counts.live.items():
             n = len(ids)
@@ -240,20 +274,32 @@ class StateCollector:
             g.add_metric([kind], n)
         yield g
         stored = dom.size()
-        yield GaugeMetricFamily("vmweb_dom_stored_entities", "Entities held by this replica, "
-                                "tombstones included", value=stored)
-        yield GaugeMetricFamily("vmweb_dom_tombstones", "Deleted entities not yet collected",
-                                value=stored - live)
+        yield GaugeMetricFamily(
+            "vmweb_dom_stored_entities", "Entities held by this replica, tombstones included", value=stored
+        )
+        yield GaugeMetricFamily(
+            "vmweb_dom_tombstones", "Deleted entities not yet collected", value=stored - live
+        )
         stats = self.domsvc.store.stats()
-        yield GaugeMetricFamily("vmweb_dom_journal_bytes", "Size of the DOM store's journal "
-                                "since its last snapshot", value=stats.journal_bytes)
-        yield GaugeMetricFamily("vmweb_dom_journal_records", "Records in the DOM store's journal "
-                                "since its last snapshot", value=stats.records_since_snapshot)
+        yield GaugeMetricFamily(
+            "vmweb_dom_journal_bytes",
+            "Size of the DOM store's journal since its last snapshot",
+            value=stats.journal_bytes,
+        )
+        yield GaugeMetricFamily(
+            "vmweb_dom_journal_records",
+            "Records in the DOM store's journal since its last snapshot",
+            value=stats.records_since_snapshot,
+        )
 
     def _vm_families(self):
-        g = GaugeMetricFamily("vmweb_vms", "VMs in the grid by the host they are placed on (empty: "
-                              "not placed) and their observed state (pending until their host "
-                              "reports)", labels=["host", "state"])
+        g = GaugeMetricFamily(
+            "vmweb_vms",
+            "VMs in the grid by the host they are placed on (empty: "
+            "not placed) and their observed state (pending until their host "
+            "reports)",
+            labels=["host", "state"],
+        )
         for (host, state), n in sorted(self._counts.vms.items()):
             g.add_metric([host, state], n)
         yield g
@@ -261,7 +307,7 @@ class StateCollector:
     # -- migrations -------------------------------------------------------------------------
     def _count_migrations(self):
         phases: dict[tuple[str, str], int] = {}
-        done: dict[str, list] = {}      # mode -> [count, bytes, downtime ms sum, downtime ms max]
+        done: dict[str, list] = {}  # mode -> [count, bytes, downtime ms sum, downtime ms max]
         for m in self.domsvc.dom.all(MigrationRec):
             key = (m.phase, m.mode)
             phases[key] = phases.get(key, 0) + 1
@@ -275,19 +321,29 @@ class StateCollector:
 
     def _migration_families(self):
         phases, done = self._migrations.get()
-        g = GaugeMetricFamily("vmweb_migrations", "Migration records in the DOM by phase and mode "
-                              "(records are collected some time after they end)",
-                              labels=["phase", "mode"])
+        g = GaugeMetricFamily(
+            "vmweb_migrations",
+            "Migration records in the DOM by phase and mode (records are collected some time after they end)",
+            labels=["phase", "mode"],
+        )
         for (phase, mode), n in sorted(phases.items()):
             g.add_metric([phase, mode], n)
         yield g
-        nb = GaugeMetricFamily("vmweb_migrations_done_bytes", "Disk and memory bytes moved by the "
-                               "finished (done) migrations still recorded in the DOM", labels=["mode"])
-        dt = GaugeMetricFamily("vmweb_migrations_done_downtime_seconds", "Sum of the downtime of "
-                               "the finished migrations still recorded in the DOM", labels=["mode"])
-        mx = GaugeMetricFamily("vmweb_migrations_done_downtime_max_seconds", "Longest downtime "
-                               "among the finished migrations still recorded in the DOM",
-                               labels=["mode"])
+        nb = GaugeMetricFamily(
+            "vmweb_migrations_done_bytes",
+            "Disk and memory bytes moved by the finished (done) migrations still recorded in the DOM",
+            labels=["mode"],
+        )
+        dt = GaugeMetricFamily(
+            "vmweb_migrations_done_downtime_seconds",
+            "Sum of the downtime of the finished migrations still recorded in the DOM",
+            labels=["mode"],
+        )
+        mx = GaugeMetricFamily(
+            "vmweb_migrations_done_downtime_max_seconds",
+            "Longest downtime among the finished migrations still recorded in the DOM",
+            labels=["mode"],
+        )
         for mode, (_, nbytes, down_ms, max_ms) in sorted(done.items()):
             nb.add_metric([mode], nbytes)
             dt.add_metric([mode], down_ms / 1000.0)
@@ -303,17 +359,31 @@ class StateCollector:
             return
         # Read from the reconciler's own counters and state; it keeps no count of actions or
         # failures (a VM that failed shows in vmweb_vms with state error or crashed).
-        yield CounterMetricFamily("vmweb_reconcile_passes", "Reconciliation passes run on this "
-                                  "host (for changes, full, or network)", value=r.passes)
-        yield CounterMetricFamily("vmweb_reconcile_full_passes", "Full reconciliation passes over "
-                                  "every VM of this host", value=r.full_passes)
-        yield GaugeMetricFamily("vmweb_reconcile_busy", "1 while a reconciliation pass runs or "
-                                "is scheduled", value=1 if r.pending() else 0)
-        yield GaugeMetricFamily("vmweb_reconcile_queued_vms", "VMs whose change waits for the "
-                                "next pass", value=len(getattr(r, "_dirty_vms", ())))
-        yield GaugeMetricFamily("vmweb_reconcile_failed_segments", "Cluster network segments "
-                                "the last network pass could not make on this host",
-                                value=len(getattr(r, "_net_failed", None) or ()))
+        yield CounterMetricFamily(
+            "vmweb_reconcile_passes",
+            "Reconciliation passes run on this host (for changes, full, or network)",
+            value=r.passes,
+        )
+        yield CounterMetricFamily(
+            "vmweb_reconcile_full_passes",
+            "Full reconciliation passes over every VM of this host",
+            value=r.full_passes,
+        )
+        yield GaugeMetricFamily(
+            "vmweb_reconcile_busy",
+            "1 while a reconciliation pass runs or is scheduled",
+            value=1 if r.pending() else 0,
+        )
+        yield GaugeMetricFamily(
+            "vmweb_reconcile_queued_vms",
+            "VMs whose change waits for the next pass",
+            value=len(getattr(r, "_dirty_vms", ())),
+        )
+        yield GaugeMetricFamily(
+            "vmweb_reconcile_failed_segments",
+            "Cluster network segments the last network pass could not make on this host",
+            value=len(getattr(r, "_net_failed", None) or ()),
+        )
 
 
 class MetricsPage(Resource):
@@ -325,8 +395,13 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry, auth: str = "login", authenticator=None,
-                 session_user: Callable | None = None):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        auth: str = "login",
+        authenticator=None,
+        session_user: Callable | None = None,
+    ):
         super().__init__()
         if auth not in ("none", "login"):
             raise ValueError(f"auth must be none or login, not {auth!r}")
@@ -345,6 +420,7 @@ class MetricsPage(Resource):
         if user is not None:
             return self._as(request, user)
         from vmwebd.auth import client_address, parse_basic
+
         creds = parse_basic(request.getHeader(b"authorization"))
         if creds is None:
             return self._plain(request, 401, "metrics need an admin's login (HTTP Basic)")
@@ -357,11 +433,13 @@ class MetricsPage(Resource):
 
         def refused(f):
             from vmwebd.errors import NotAuthorized
+
             if not f.check(NotAuthorized):
                 log.failure("metrics: authentication crashed", failure=f)
             text = f.value.message if f.check(NotAuthorized) else "authentication failed"
             if not finished:
                 _write(request, self._plain(request, 401, text))
+
         self.authn.authenticate(creds[0], creds[1], client_address(request)).addCallbacks(checked, refused)
         return NOT_DONE_YET
 

@@ -9,6 +9,7 @@ the image scan, the lease service, gossip and the peer endpoint, the host heartb
 reconciler, the migration loops, the load history and, last, the user API. :meth:`Node.stop`
 stops them in the reverse order, each bounded (docs/architecture.md, "Wiring").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,17 @@ from vmwebd.settings import get_setting
 from vmwebd.templates import load_templates, to_dom_body
 
 log = Logger()
-PAXOS_KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
-               paxos.Forward, paxos.Outcome, Bundle)
+PAXOS_KINDS = (
+    paxos.Prepare,
+    paxos.Promise,
+    paxos.Accept,
+    paxos.Accepted,
+    paxos.Commit,
+    paxos.Nack,
+    paxos.Forward,
+    paxos.Outcome,
+    Bundle,
+)
 HEARTBEAT_SECONDS = 10.0
 SWEEP_SECONDS = 15.0
 BALANCE_TICK_SECONDS = 1.0
@@ -74,9 +84,13 @@ class QuietSite(Site):
         self.soap_observer = soap_observer
 
     def log(self, request):
-        log.debug("{method} {uri} {code} from {peer}", method=request.method.decode("ascii", "replace"),
-                  uri=request.uri.decode("ascii", "replace"), code=request.code,
-                  peer=getattr(request.getClientAddress(), "host", "?"))
+        log.debug(
+            "{method} {uri} {code} from {peer}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("ascii", "replace"),
+            code=request.code,
+            peer=getattr(request.getClientAddress(), "host", "?"),
+        )
 
 
 class _PeerInbox:
@@ -100,8 +114,9 @@ class Node(MultiService):
     Without a cluster certificate the host runs alone: no peer endpoint, no gossip
     (:attr:`gossip` and :attr:`paxos_transport` stay None)."""
 
-    def __init__(self, config: Config, reactor, fsync: bool = True, driver=None, rng=None,
-                 gossip_config=None, net=None):
+    def __init__(
+        self, config: Config, reactor, fsync: bool = True, driver=None, rng=None, gossip_config=None, net=None
+    ):
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -112,7 +127,7 @@ class Node(MultiService):
         self.port = None
         self.domsvc = None
         self.gossip = None
-        self.host_creds = None     # this host's grid certificate and key (None: no peers)
+        self.host_creds = None  # this host's grid certificate and key (None: no peers)
         self.paxos_transport = None
         self.peer_port = None
         self.peer_address: str | None = None
@@ -225,54 +240,129 @@ class Node(MultiService):
         cfg = self.config
         creds = self._load_credentials()
         self.host_creds = creds
-        self.images = ImageStore(self.host_id, self.domsvc, self.driver, cfg.storage.pool,
-                                 cfg.storage.dir, self.cert_dir, self.reactor, self.live_hosts,
-                                 self.peer_address_of, publish=self.heartbeat)
+        self.images = ImageStore(
+            self.host_id,
+            self.domsvc,
+            self.driver,
+            cfg.storage.pool,
+            cfg.storage.dir,
+            self.cert_dir,
+            self.reactor,
+            self.live_hosts,
+            self.peer_address_of,
+            publish=self.heartbeat,
+        )
         self.leases = LeaseService(
-            self.host_id, self.domsvc, cfg.state_dir / "paxos", self.reactor, clock,
-            random.Random(self.rng.random()), cfg.peers.members or (self.host_id,), self.send_peer,
-            fsync=self.fsync, on_round=self.metrics.paxos_round, proposer_for=self._proposer_for,
-            non_members_alive=self._non_members_alive, note_own=self._note_own)
+            self.host_id,
+            self.domsvc,
+            cfg.state_dir / "paxos",
+            self.reactor,
+            clock,
+            random.Random(self.rng.random()),
+            cfg.peers.members or (self.host_id,),
+            self.send_peer,
+            fsync=self.fsync,
+            on_round=self.metrics.paxos_round,
+            proposer_for=self._proposer_for,
+            non_members_alive=self._non_members_alive,
+            note_own=self._note_own,
+        )
         table = PaxosLeaseTable(self.leases)
-        self.allocator = Allocator(table, {p.name: p for p in cfg.ip_pools}, cfg.mac, cfg.vni, self.rng,
-                                   lane=self._lease_lane, hosts=lambda: self.domsvc.dom.ids("host"))
-        self.manager = ClusterManager(self.host_id, self.domsvc, self.allocator, cfg.limits, self.now_ms,
-                                      guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
-                                      live_hosts=self.live_hosts, liveness=self.liveness,
-                                      placeable_hosts=self.placeable_hosts, members=self.leases.members,
-                                      view_generation=lambda: self.membership_generation)
+        self.allocator = Allocator(
+            table,
+            {p.name: p for p in cfg.ip_pools},
+            cfg.mac,
+            cfg.vni,
+            self.rng,
+            lane=self._lease_lane,
+            hosts=lambda: self.domsvc.dom.ids("host"),
+        )
+        self.manager = ClusterManager(
+            self.host_id,
+            self.domsvc,
+            self.allocator,
+            cfg.limits,
+            self.now_ms,
+            guest_mtu=addressing.guest_mtu(cfg.network.underlay_mtu),
+            live_hosts=self.live_hosts,
+            liveness=self.liveness,
+            placeable_hosts=self.placeable_hosts,
+            members=self.leases.members,
+            view_generation=lambda: self.membership_generation,
+        )
         if self.net is None:
             self.net = make_devices(self.config, self.reactor)
         storage = StorageLayout(cfg.storage.pool, str(cfg.storage.dir), str(cfg.storage.console_dir))
-        self.reconciler = Reconciler(self.host_id, self.domsvc, self.driver, self.allocator,
-                                     storage, self.reactor, self.now_ms, cfg.reconcile_interval,
-                                     images=self.images, rng=random.Random(self.rng.random()),
-                                     net=self.net)
+        self.reconciler = Reconciler(
+            self.host_id,
+            self.domsvc,
+            self.driver,
+            self.allocator,
+            storage,
+            self.reactor,
+            self.now_ms,
+            cfg.reconcile_interval,
+            images=self.images,
+            rng=random.Random(self.rng.random()),
+            net=self.net,
+        )
         self.migrations = MigrationManager(
-            self.host_id, self.domsvc, self.driver, self.images, self.reconciler, table, storage,
-            self.now_ms, self.live_hosts, self.peer_address_of, self.cert_dir,
+            self.host_id,
+            self.domsvc,
+            self.driver,
+            self.images,
+            self.reconciler,
+            table,
+            storage,
+            self.now_ms,
+            self.live_hosts,
+            self.peer_address_of,
+            self.cert_dir,
             overcommit=lambda: float(get_setting(self.domsvc.dom, "cpu_overcommit")),
-            clock=self.reactor, liveness=self.liveness, placeable_hosts=self.placeable_hosts,
-            allocator=self.allocator, placement=lambda: get_setting(self.domsvc.dom, "placement"),
+            clock=self.reactor,
+            liveness=self.liveness,
+            placeable_hosts=self.placeable_hosts,
+            allocator=self.allocator,
+            placement=lambda: get_setting(self.domsvc.dom, "placement"),
             migrate_uri=cfg.migrate_uri if cfg.migrate_uri and self.driver.supports_live_migration else "",
-            push_to=self._push_to)
+            push_to=self._push_to,
+        )
         # Its ring is served on the peer endpoint.
-        self.history = HistoryService(self.host_id, self.reactor, self.driver, self.domsvc,
-                                      memory_mib=cfg.host.memory_mib, peer_address_of=self.peer_address_of,
-                                      host_creds=creds)
+        self.history = HistoryService(
+            self.host_id,
+            self.reactor,
+            self.driver,
+            self.domsvc,
+            memory_mib=cfg.host.memory_mib,
+            peer_address_of=self.peer_address_of,
+            host_creds=creds,
+        )
         # The operations users ask for, with their permission checks (SOAP, the web pages and
         # the consoles ask it), each change recorded in the audit trail.
         self.audit = AuditLog(self.host_id, self.domsvc, self.now_ms, clock=self.reactor)
         self.access = build_application(
-            manager=self.manager, domsvc=self.domsvc, migrations=self.migrations, members=self.leases,
-            images=self.images, audit=self.audit, now_ms=self.now_ms, run=thread_pool_runner(self.reactor))
+            manager=self.manager,
+            domsvc=self.domsvc,
+            migrations=self.migrations,
+            members=self.leases,
+            images=self.images,
+            audit=self.audit,
+            now_ms=self.now_ms,
+            run=thread_pool_runner(self.reactor),
+        )
         # VMs' serial consoles (vmwebd/console/): who may see a cluster is the application's say.
         self.consoles = ConsoleService(
-            self.host_id, self.reactor, self.domsvc, self.driver.open_console, self.access.cluster,
-            relay=Relay(self.host_id, self.reactor, self.peer_address_of, creds) if creds else None)
+            self.host_id,
+            self.reactor,
+            self.domsvc,
+            self.driver.open_console,
+            self.access.cluster,
+            relay=Relay(self.host_id, self.reactor, self.peer_address_of, creds) if creds else None,
+        )
         if cfg.metrics.enabled:
-            self.metrics.registry.register(StateCollector(
-                self.domsvc, self._member_states, lambda: self.reconciler))
+            self.metrics.registry.register(
+                StateCollector(self.domsvc, self._member_states, lambda: self.reconciler)
+            )
 
         # The parts, in start order (stopped in the reverse one).
         self.addService(Part("store", stop=self.domsvc.close))
@@ -296,13 +386,21 @@ class Node(MultiService):
         """This host's grid certificate and key, or None (and a warning) without one."""
         cert_dir = self.cert_dir
         if not (cert_dir / "host.crt").exists():
-            log.warn("no cluster certificate in {dir}: host {host} runs alone, without peers "
-                     "(create one with `vmweb init` or `vmweb host add`)", dir=str(cert_dir), host=self.host_id)
+            log.warn(
+                "no cluster certificate in {dir}: host {host} runs alone, without peers "
+                "(create one with `vmweb init` or `vmweb host add`)",
+                dir=str(cert_dir),
+                host=self.host_id,
+            )
             return None
         creds = load_host_credentials(cert_dir)
         if creds.host_id != self.host_id:
-            raise ConfigError(str(cert_dir / "host.crt"), None, "certificate",
-                              f"is for host {creds.host_id!r}, but this host is {self.host_id!r}")
+            raise ConfigError(
+                str(cert_dir / "host.crt"),
+                None,
+                "certificate",
+                f"is for host {creds.host_id!r}, but this host is {self.host_id!r}",
+            )
         return creds
 
     def _compose_peers(self, creds) -> None:
@@ -312,19 +410,23 @@ class Node(MultiService):
         gcfg = self.gossip_config or (LOCAL_TEST if cfg.peers.timing == "local" else LAN)
         gcfg = dataclasses.replace(gcfg, fanout=cfg.peers.fanout)
         client = PeerClient(self.reactor, tls.client_policy(creds), observer=self.metrics)
-        self.paxos_transport = PaxosTransport(self.host_id, client, self.peer_address_of,
-                                              lambda: self.peer_address, leases=self.leases)
+        self.paxos_transport = PaxosTransport(
+            self.host_id, client, self.peer_address_of, lambda: self.peer_address, leases=self.leases
+        )
         from vmwebd.api.peer import build_peer_api
+
         root = Resource()
         inbox = _PeerInbox(self.metrics, self.paxos_transport, lambda: self.gossip)
-        peer_api = build_peer_api(inbox, gcfg.max_sync_bytes * 2 + (1 << 20),
-                                  require_identity=True, identity_of=tls.peer_host_id)
-        root.putChild(b"peer", CountingResource(
-            peer_api, lambda n: self.metrics.peer_bytes_received("request", n)))
+        peer_api = build_peer_api(
+            inbox, gcfg.max_sync_bytes * 2 + (1 << 20), require_identity=True, identity_of=tls.peer_host_id
+        )
+        root.putChild(
+            b"peer", CountingResource(peer_api, lambda n: self.metrics.peer_bytes_received("request", n))
+        )
         # Files peers pull from here: content images, and a cold migration's disk and memory.
         root.putChild(b"image", FileResource(image_resolver(self.images), tls.peer_host_id))
         root.putChild(b"migration", FileResource(self.migrations.resolve_file, tls.peer_host_id))
-        root.putChild(b"history", self.history.resource(tls.peer_host_id))    # vmwebd/history.py
+        root.putChild(b"history", self.history.resource(tls.peer_host_id))  # vmwebd/history.py
         root.putChild(b"console", PeerConsoleResource(self.consoles, tls.peer_host_id))
         # Peers POST SOAP, never HTML forms: without form parsing, twisted.web does not read
         # the Content-Type of every request with the email package (~7% of a busy host's CPU).
@@ -338,36 +440,53 @@ class Node(MultiService):
         state_file = cfg.state_dir / "gossip-state.json"
         cvv, incarnation = load_state(state_file)
         if not any(True for _ in self.domsvc.dom.entities()):
-            cvv = {}   # a replica started afresh holds nothing, whatever an old vector says
+            cvv = {}  # a replica started afresh holds nothing, whatever an old vector says
         own = self.domsvc.dom.version_vector().get(self.host_id)
         if own is not None:
             cvv[self.host_id] = max(own, tuple(cvv.get(self.host_id, (-1, -1))))
         known = tuple((h.id, h.peer) for h in self.domsvc.dom.all(HostRec) if h.id != self.host_id and h.peer)
         # The adapter reads the vector of the core built on it.
-        port = DomPortAdapter(self.domsvc.dom, me=self.host_id, floor=self.leases.open_ballot_floor,
-                              complete=lambda: core.cvv)
-        core = GossipCore(self.host_id, peer_addr, gcfg, random.Random(self.rng.random()),
-                          port, self.reactor.seconds(),
-                          incarnation=incarnation, cvv=cvv,
-                          seeds=tuple(str(s) for s in cfg.peers.seeds), known=known)
-        self.gossip = GossipService(core, self.domsvc, client, self.reactor, state_file,
-                                    listeners=[self._member_changed])
+        port = DomPortAdapter(
+            self.domsvc.dom, me=self.host_id, floor=self.leases.open_ballot_floor, complete=lambda: core.cvv
+        )
+        core = GossipCore(
+            self.host_id,
+            peer_addr,
+            gcfg,
+            random.Random(self.rng.random()),
+            port,
+            self.reactor.seconds(),
+            incarnation=incarnation,
+            cvv=cvv,
+            seeds=tuple(str(s) for s in cfg.peers.seeds),
+            known=known,
+        )
+        self.gossip = GossipService(
+            core, self.domsvc, client, self.reactor, state_file, listeners=[self._member_changed]
+        )
         # Stopped (the port closed) after gossip has said goodbye through it.
         self.addService(listener)
         self.addService(Part("gossip", start=self._start_gossip, stop=self._leave_grid))
 
     def _start_gossip(self) -> None:
         self.gossip.start()
-        log.info("host {host} gossiping on {addr} (seeds: {seeds})", host=self.host_id,
-                 addr=self.peer_address, seeds=", ".join(str(s) for s in self.config.peers.seeds) or "none")
+        log.info(
+            "host {host} gossiping on {addr} (seeds: {seeds})",
+            host=self.host_id,
+            addr=self.peer_address,
+            seeds=", ".join(str(s) for s in self.config.peers.seeds) or "none",
+        )
 
     @defer.inlineCallbacks
     def _leave_grid(self):
         try:
             yield self.gossip.stop(leave=self._leave).addTimeout(self.LEAVE_SECONDS, self.reactor)
         except defer.TimeoutError:
-            log.warn("peers did not hear that host {host} leaves within {s} s; they will "
-                     "find out by probing", host=self.host_id, s=self.LEAVE_SECONDS)
+            log.warn(
+                "peers did not hear that host {host} leaves within {s} s; they will find out by probing",
+                host=self.host_id,
+                s=self.LEAVE_SECONDS,
+            )
 
     @defer.inlineCallbacks
     def _drain_reconciler(self):
@@ -376,8 +495,11 @@ class Node(MultiService):
         try:
             yield self.reconciler.idle().addTimeout(self.DRAIN_SECONDS, self.reactor)
         except defer.TimeoutError:
-            log.warn("a reconcile pass on {host} still runs after {s} s; stopping anyway",
-                     host=self.host_id, s=self.DRAIN_SECONDS)
+            log.warn(
+                "a reconcile pass on {host} still runs after {s} s; stopping anyway",
+                host=self.host_id,
+                s=self.DRAIN_SECONDS,
+            )
         self.reconciler.stop()
 
     @defer.inlineCallbacks
@@ -403,8 +525,7 @@ class Node(MultiService):
         """This host's lane (see Allocator.lane): its place among the hosts of the grid that have
         not left, members or not (any host takes requests: hosts outside the consensus members
         sharing one lane kept racing each other for the same values)."""
-        hosts = sorted({h.id for h in self.domsvc.dom.all(HostRec) if h.liveness != "left"}
-                       | {self.host_id})
+        hosts = sorted({h.id for h in self.domsvc.dom.all(HostRec) if h.liveness != "left"} | {self.host_id})
         return hosts.index(self.host_id), len(hosts)
 
     #: A proposer suspected for less than this is still asked (a loaded proposer is slow to
@@ -424,8 +545,9 @@ class Node(MultiService):
                 return None
             status = self.gossip.core.status_of(m)
             since = self.gossip.core.suspected_since(m)
-            if status == "alive" or (status == "suspect" and since is not None
-                                     and now - since < self.PROPOSER_PATIENCE_S):
+            if status == "alive" or (
+                status == "suspect" and since is not None and now - since < self.PROPOSER_PATIENCE_S
+            ):
                 return m
         return None
 
@@ -440,13 +562,14 @@ class Node(MultiService):
         """Every few seconds: when the balancer is on and its interval has passed, one look."""
         from vmwebd.migrate.balancer import policy_from_settings
         from vmwebd.settings import all_settings
+
         # The policy is read again only when a setting changed (this runs every second).
         gen = self.domsvc.dom.kind_generation("setting")
         if self._policy_gen != gen:
             self._policy_gen = gen
             try:
                 self._policy = policy_from_settings(all_settings(self.domsvc.dom))
-            except Exception as e:   # a bad value that reached the DOM: say so, do nothing
+            except Exception as e:  # a bad value that reached the DOM: say so, do nothing
                 log.warn("balancer settings: {err}", err=e)
                 self._policy = None
         policy = self._policy
@@ -503,8 +626,9 @@ class Node(MultiService):
     def sweep(self):
         """Every SWEEP_SECONDS: migrations stuck on a gone host, and VMs that never ran on a
         dead host (re-placed elsewhere)."""
-        return defer.DeferredList([self.migrations.sweep(), self.migrations.replace_never_ran()],
-                                  consumeErrors=True)
+        return defer.DeferredList(
+            [self.migrations.sweep(), self.migrations.replace_never_ran()], consumeErrors=True
+        )
 
     def liveness(self, host_id: str) -> str:
         if host_id == self.host_id:
@@ -529,16 +653,22 @@ class Node(MultiService):
         for name, t in sorted(templates.items()):
             rec = TemplateRec(id=name, description=t.description, body=(to_dom_body(t),))
             cur = dom.get(TemplateRec, name)
-            if cur is None or cur.description != rec.description or \
-                    [_xml(b) for b in cur.body] != [_xml(b) for b in rec.body]:
+            if (
+                cur is None
+                or cur.description != rec.description
+                or [_xml(b) for b in cur.body] != [_xml(b) for b in rec.body]
+            ):
                 recs.append(rec)
         for img in cfg.images:
             rec = ImageRec(id=img.name, file=img.file, format=img.format, size_mib=img.size_mib)
             cur = dom.get(ImageRec, img.name)
             if cur is not None and cur.sha256:
                 # Registered by content (`vmweb image add`): that one wins over a blank image.
-                log.warn("image {name} of the config is a content image in the grid; the config's "
-                         "blank image is not used", name=img.name)
+                log.warn(
+                    "image {name} of the config is a content image in the grid; the config's "
+                    "blank image is not used",
+                    name=img.name,
+                )
             elif cur != rec:
                 recs.append(rec)
         return self.domsvc.put(*recs)
@@ -552,11 +682,14 @@ class Node(MultiService):
         a grid of N hosts would otherwise spread N records every heartbeat forever."""
         if prev is None or self.now_ms() - self._record_written_ms >= self.REFRESH_SECONDS * 1000:
             return True
-        if dataclasses.replace(rec, load1=prev.load1, free_memory_mib=prev.free_memory_mib,
-                               cvv=prev.cvv) != prev:
-            return True       # capacity, addresses, images, VM count, liveness
-        if abs(rec.load1 - prev.load1) >= max(0.5, 0.25 * rec.cpus) or \
-                abs(rec.free_memory_mib - prev.free_memory_mib) >= 0.1 * max(rec.memory_mib, 1):
+        if (
+            dataclasses.replace(rec, load1=prev.load1, free_memory_mib=prev.free_memory_mib, cvv=prev.cvv)
+            != prev
+        ):
+            return True  # capacity, addresses, images, VM count, liveness
+        if abs(rec.load1 - prev.load1) >= max(0.5, 0.25 * rec.cpus) or abs(
+            rec.free_memory_mib - prev.free_memory_mib
+        ) >= 0.1 * max(rec.memory_mib, 1):
             return True
         # What we hold moved on from what the record publishes, by more than host records: each
         # host's own record moves its origin on, and counting that would have every host rewrite
@@ -577,16 +710,22 @@ class Node(MultiService):
         cfg = self.config
         prev = self.domsvc.dom.get(HostRec, self.host_id)
         rec = HostRec(
-            id=self.host_id, api=self.advertised_api,
-            peer=self.peer_address or str(cfg.listen.peer), liveness="alive",
+            id=self.host_id,
+            api=self.advertised_api,
+            peer=self.peer_address or str(cfg.listen.peer),
+            liveness="alive",
             incarnation=prev.incarnation if prev else 0,
-            cpus=cfg.host.cpus or facts.cpus, memory_mib=cfg.host.memory_mib or facts.memory_mib,
-            free_memory_mib=facts.free_memory_mib, load1=round(facts.load1, 2),
+            cpus=cfg.host.cpus or facts.cpus,
+            memory_mib=cfg.host.memory_mib or facts.memory_mib,
+            free_memory_mib=facts.free_memory_mib,
+            load1=round(facts.load1, 2),
             vms=self.domsvc.dom.count("vm", "host", self.host_id),
             started_at=prev.started_at if prev else self.now_ms(),
             images=self.images.images_attr(),
             migrate_uri=self.migrations.migrate_uri,
-            cvv="", underlay=self.underlay)
+            cvv="",
+            underlay=self.underlay,
+        )
         held = dict(self.complete_vector())
         rec = dataclasses.replace(rec, cvv=format_cvv(held))
         if self._worth_writing(prev, rec, held):
@@ -619,6 +758,7 @@ class Node(MultiService):
             if n:
                 log.info("collected {n} tombstones every host holds", n=n)
             return n
+
         return self.domsvc.forget(keys).addCallback(done)
 
     def listen(self):
@@ -628,33 +768,53 @@ class Node(MultiService):
         from vmwebd.api.service import build_user_api
         from vmwebd.auth import Authenticator, BasicAuthGuard, apply_bootstrap_admin
         from vmwebd.web.site import WebRoot
+
         # The replica has the admin at once; the file goes once that is durable.
         apply_bootstrap_admin(self.domsvc, self.config.state_dir).addErrback(
-            lambda f: log.failure("could not record the bootstrap admin", failure=f))
+            lambda f: log.failure("could not record the bootstrap admin", failure=f)
+        )
         self.authn = Authenticator(self.domsvc.dom, self.reactor)
         self.audit.start()
-        root = WebRoot(self.access, reactor=self.reactor, host_id=self.host_id, dom=self.domsvc.dom,
-                       manager=self.manager, authn=self.authn, history=self.history, config=self.config,
-                       gossip_config=lambda: self.gossip.core.cfg if self.gossip is not None else None,
-                       members=self.leases.members)
-        api = build_user_api(self.access, self.manager, self.domsvc.dom, self.host_id, self.complete_vector,
-                             self.config.limits.max_request_bytes)
+        root = WebRoot(
+            self.access,
+            reactor=self.reactor,
+            host_id=self.host_id,
+            dom=self.domsvc.dom,
+            manager=self.manager,
+            authn=self.authn,
+            history=self.history,
+            config=self.config,
+            gossip_config=lambda: self.gossip.core.cfg if self.gossip is not None else None,
+            members=self.leases.members,
+        )
+        api = build_user_api(
+            self.access,
+            self.manager,
+            self.domsvc.dom,
+            self.host_id,
+            self.complete_vector,
+            self.config.limits.max_request_bytes,
+        )
         root.putChild(b"soap", BasicAuthGuard(api, self.authn))
         root.putChild(b"console", UserConsoleResource(self.consoles, root.session_user, self.authn))
         mcfg = self.config.metrics
         if mcfg.enabled:
-            root.putChild(b"metrics", MetricsPage(self.metrics.registry, mcfg.auth, self.authn,
-                                                  root.session_user))
+            root.putChild(
+                b"metrics", MetricsPage(self.metrics.registry, mcfg.auth, self.authn, root.session_user)
+            )
         self.site = QuietSite(root, soap_observer=self.metrics)
         self.site.displayTracebacks = False
         addr = self.config.listen.api
-        tls_options = apitls.server_options(self.config)    # None: api-tls="off"
+        tls_options = apitls.server_options(self.config)  # None: api-tls="off"
         if tls_options is not None:
             self.port = self.reactor.listenSSL(addr.port, self.site, tls_options, interface=addr.host)
         else:
             if not apitls.is_loopback(addr.host):
-                log.warn("the user API on {addr} is plain HTTP: passwords and session cookies cross the "
-                         "network in clear (set listen/@api-tls to grid or files)", addr=str(addr))
+                log.warn(
+                    "the user API on {addr} is plain HTTP: passwords and session cookies cross the "
+                    "network in clear (set listen/@api-tls to grid or files)",
+                    addr=str(addr),
+                )
             self.port = self.reactor.listenTCP(addr.port, self.site, interface=addr.host)
 
     @property
@@ -673,8 +833,11 @@ class Node(MultiService):
     @property
     def advertised_api(self) -> str:
         """This host's API in its DOM record: ``host:port`` over HTTP, ``https://host:port`` over TLS."""
-        addr = self.config.listen.api if self.port is None else \
-            Address(self.config.listen.api.host, self.api_port)
+        addr = (
+            self.config.listen.api
+            if self.port is None
+            else Address(self.config.listen.api.host, self.api_port)
+        )
         return str(addr) if self.api_scheme == "http" else f"https://{addr}"
 
     @property

@@ -7,6 +7,7 @@ connections once started. Unlike ``MultiService``, the node starts and stops its
 the other, waiting for a part whose start or stop returns a Deferred (see
 :meth:`vmwebd.node.Node.startService`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,9 @@ class Part(Service):
     """A service whose start and stop are ``start()`` and ``stop()`` (either may be left out, and
     either may return a Deferred, returned by ``startService`` / ``stopService``)."""
 
-    def __init__(self, name: str, start: Callable[[], Any] | None = None,
-                 stop: Callable[[], Any] | None = None):
+    def __init__(
+        self, name: str, start: Callable[[], Any] | None = None, stop: Callable[[], Any] | None = None
+    ):
         self.name = name
         self._start, self._stop = start, stop
 
@@ -39,8 +41,7 @@ class Loop(Service):
     starts; with ``first``, ``fn`` runs once at start and the start waits for it (a failure then
     fails the start). A call under way when the loop stops is not waited for."""
 
-    def __init__(self, name: str, fn: Callable[[], Any], interval: float, clock: Any,
-                 first: bool = False):
+    def __init__(self, name: str, fn: Callable[[], Any], interval: float, clock: Any, first: bool = False):
         self.name = name
         self.fn, self.interval, self.first = fn, interval, first
         self._loop = task.LoopingCall(fn)
@@ -57,6 +58,7 @@ class Loop(Service):
             if self.running:
                 self._loop.start(self.interval, now=False)
             return result
+
         return defer.maybeDeferred(self.fn).addCallback(loop)
 
     def stopService(self) -> None:

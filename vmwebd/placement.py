@@ -5,6 +5,7 @@ VMs the DOM assigns to it. ``spread`` puts each VM where the utilisation after p
 (normalised per host, so a host with twice the capacity gets about twice the VMs); ``pack`` fills
 the most used host that still fits, leaving whole hosts free.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,12 +29,15 @@ class HostLoad:
         return max((self.used_vcpus + add_vcpus) / cpu_cap, (self.used_memory_mib + add_mem) / mem_cap)
 
     def fits(self, overcommit: float, vcpus: int, mem: int) -> bool:
-        return (self.used_vcpus + vcpus <= self.cpus * overcommit
-                and self.used_memory_mib + mem <= self.memory_mib)
+        return (
+            self.used_vcpus + vcpus <= self.cpus * overcommit
+            and self.used_memory_mib + mem <= self.memory_mib
+        )
 
 
-def place(hosts: list[HostLoad], vms: list[tuple[str, int, int]], strategy: str = "spread",
-          overcommit: float = 4.0) -> dict[str, str]:
+def place(
+    hosts: list[HostLoad], vms: list[tuple[str, int, int]], strategy: str = "spread", overcommit: float = 4.0
+) -> dict[str, str]:
     """Assigns each ``(vm_id, vcpus, memory_mib)`` a host; raises NoCapacity if one does not fit.
 
     ``hosts`` is not modified. Ties are broken by host id, so the result is deterministic.
@@ -46,8 +50,13 @@ def place(hosts: list[HostLoad], vms: list[tuple[str, int, int]], strategy: str 
     for vm_id, vcpus, mem in sorted(vms, key=lambda v: (-v[2], -v[1], v[0])):
         fitting = [h for h in loads.values() if h.fits(overcommit, vcpus, mem)]
         if not fitting:
-            free = ", ".join(f"{h.host}: {h.memory_mib - h.used_memory_mib} MiB free"
-                             for h in sorted(loads.values(), key=lambda h: h.host)) or "no live hosts"
+            free = (
+                ", ".join(
+                    f"{h.host}: {h.memory_mib - h.used_memory_mib} MiB free"
+                    for h in sorted(loads.values(), key=lambda h: h.host)
+                )
+                or "no live hosts"
+            )
             raise NoCapacity(f"no host can take VM {vm_id!r} ({vcpus} vCPUs, {mem} MiB): {free}")
         if strategy == "spread":
             best = min(fitting, key=lambda h: (h.utilisation(overcommit, vcpus, mem), h.host))

@@ -21,6 +21,7 @@ pass of :class:`Reconciler`:
 Passes never overlap; a kick during a pass schedules one more. All hypervisor calls go through the
 driver, which runs them off the reactor thread.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,9 +58,9 @@ log = Logger()
 
 @dataclass(frozen=True)
 class StorageLayout:
-    pool: str                      # libvirt storage pool holding base images and overlays
-    dir: str = ""                  # its directory
-    console_dir: str = ""          # where guests' serial consoles are logged (real guests only)
+    pool: str  # libvirt storage pool holding base images and overlays
+    dir: str = ""  # its directory
+    console_dir: str = ""  # where guests' serial consoles are logged (real guests only)
 
 
 #: What a VM's status detail says when it was found stopped and left so (restart_stopped false).
@@ -70,11 +71,11 @@ NOT_RESTARTED = "not restarted (restart_stopped is false)"
 class _Stopping:
     """A guest asked to shut down, here: when it must be off by (``stop_clock`` seconds)."""
 
-    token: str                  # the creation of the VM it was asked for
-    timeout: int                # stop_timeout_s when it was asked
+    token: str  # the creation of the VM it was asked for
+    timeout: int  # stop_timeout_s when it was asked
     deadline: float
-    asked_at: float             # when it was last asked (the request is repeated)
-    call: object = field(default=None, repr=False)   # the next look at it
+    asked_at: float  # when it was last asked (the request is repeated)
+    call: object = field(default=None, repr=False)  # the next look at it
 
 
 def guest_token(vm_id: str) -> str:
@@ -107,17 +108,28 @@ class Reconciler:
     #: request, e.g. while booting).
     STOP_RETRY = 10.0
 
-    def __init__(self, host_id: str, domsvc, driver, allocator, storage: StorageLayout,
-                 clock, now_ms, interval: float = 30.0, images=None, rng=None,
-                 net=None):
+    def __init__(
+        self,
+        host_id: str,
+        domsvc,
+        driver,
+        allocator,
+        storage: StorageLayout,
+        clock,
+        now_ms,
+        interval: float = 30.0,
+        images=None,
+        rng=None,
+        net=None,
+    ):
         self.host_id = host_id
         #: This host's network executor (see vmwebd.net.devices).
         self.net = net if net is not None else RecordedDevices()
-        self._net_failed: dict[int, str] = {}      # network id -> why its segment is not here
+        self._net_failed: dict[int, str] = {}  # network id -> why its segment is not here
         self._net_dirty = False
         self._held: frozenset[str] = frozenset()  # clusters in the plan last applied
-        self._seed_clusters: set[str] = set()     # clusters whose VMs here need their seed checked
-        self._seeds: dict[str, object] = {}        # seed path -> the SeedSpec written there
+        self._seed_clusters: set[str] = set()  # clusters whose VMs here need their seed checked
+        self._seeds: dict[str, object] = {}  # seed path -> the SeedSpec written there
         self._plans = PlanCache()
         self._underlays: dict[str, str] = {}
         self.images = images
@@ -135,13 +147,14 @@ class Reconciler:
         self.lease_grace_s = 300.0
         self._running = False
         self._again = False
-        self._full = False                   # the next pass looks at everything
+        self._full = False  # the next pass looks at everything
         self._dirty_vms: set[str] = set()
         self._dirty_clusters: set[str] = set()
-        self._seen: dict[str, tuple] = {}     # VM id -> (host, desired, token, cluster) last seen
+        self._seen: dict[str, tuple] = {}  # VM id -> (host, desired, token, cluster) last seen
         self._lease_cursor = 0
-        self.capacity = CapacitySweep(host_id, self.dom, allocator, now_ms,
-                                      lambda now: in_flight(self.dom, now))
+        self.capacity = CapacitySweep(
+            host_id, self.dom, allocator, now_ms, lambda now: in_flight(self.dom, now)
+        )
         self._scheduled = None
         self._sweep = None
         self.passes = 0
@@ -151,7 +164,7 @@ class Reconciler:
         #: Times graceful stops (a deadline and the looks until it); the reactor, or a test's
         #: ``task.Clock``.
         self.stop_clock = clock
-        self._stopping: dict[str, _Stopping] = {}     # VM id -> its guest asked to shut down
+        self._stopping: dict[str, _Stopping] = {}  # VM id -> its guest asked to shut down
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
@@ -182,7 +195,7 @@ class Reconciler:
             now = self._seen_key(vm) if vm is not None else None
             before = self._seen.get(id_)
             if now == before:
-                return              # a status written, nothing this host acts on changed
+                return  # a status written, nothing this host acts on changed
             if now is None:
                 self._seen.pop(id_, None)
             else:
@@ -231,8 +244,7 @@ class Reconciler:
     def _seen_key(self, vm: VmRec) -> tuple:
         """What of a VM's main part this host acts on: host, desired state, creation, cluster,
         and the part's version (a start asked again of a VM left off rewrites the part alone)."""
-        return (vm.host, vm.desired, vm.token, vm.cluster, vm.force,
-                self.dom.version_of("vm", vm.id))
+        return (vm.host, vm.desired, vm.token, vm.cluster, vm.force, self.dom.version_of("vm", vm.id))
 
     def kick(self) -> None:
         """Asks for a full pass soon (coalesced with other requests)."""
@@ -291,8 +303,14 @@ class Reconciler:
                     waiters = []
                 waiters += self._idle_waiters
                 self._idle_waiters = []
-                if not (self._again or self._full or self._dirty_vms or self._dirty_clusters
-                        or self._net_dirty or self._seed_clusters):
+                if not (
+                    self._again
+                    or self._full
+                    or self._dirty_vms
+                    or self._dirty_clusters
+                    or self._net_dirty
+                    or self._seed_clusters
+                ):
                     break
         finally:
             self._running = False
@@ -336,7 +354,7 @@ class Reconciler:
                 if vm is not None and vm.host == self.host_id and id_ not in moving:
                     mine.append(vm)
             names = [domain_name(id_) for id_ in sorted(vm_ids)]
-            candidates = set(names)      # only these may be found orphans in this pass
+            candidates = set(names)  # only these may be found orphans in this pass
             if len(names) > self.FEW_DOMAINS:
                 domains = {d.name: d for d in (yield self.driver.list_domains())}
             else:
@@ -424,8 +442,9 @@ class Reconciler:
             log.failure("network plan on {host} not applied", host=self.host_id)
             result = Applied(failed={s.vni: f"network devices not made: {e}" for s in plan.segments})
         if result.removed:
-            log.info("removed network devices on {host}: {devs}", host=self.host_id,
-                     devs=", ".join(result.removed))
+            log.info(
+                "removed network devices on {host}: {devs}", host=self.host_id, devs=", ".join(result.removed)
+            )
         for vni, why in sorted(result.failed.items()):
             if self._net_failed.get(vni) != why:
                 log.warn("segment {vni} on {host}: {why}", vni=vni, host=self.host_id, why=why)
@@ -463,6 +482,7 @@ class Reconciler:
         def written(_):
             self._seeds[path] = spec
             return path
+
         return threads.deferToThread(_write_seed, path, spec).addCallback(written)
 
     @defer.inlineCallbacks
@@ -487,8 +507,11 @@ class Reconciler:
 
     def _mine_in(self, cluster: str, moving) -> list[VmRec]:
         """The VMs of ``cluster`` assigned here and not being moved."""
-        return [vm for vm in self.dom.select(VmRec, "cluster", cluster)
-                if vm.host == self.host_id and vm.id not in moving]
+        return [
+            vm
+            for vm in self.dom.select(VmRec, "cluster", cluster)
+            if vm.host == self.host_id and vm.id not in moving
+        ]
 
     def _release_orphan_leases(self):
         """Gives back leases whose holder is gone; looks at a bounded slice of them per pass."""
@@ -497,7 +520,7 @@ class Reconciler:
         if not ids:
             return defer.succeed(None)
         start = self._lease_cursor % len(ids)
-        batch = ids[start:start + self.LEASES_PER_PASS]
+        batch = ids[start : start + self.LEASES_PER_PASS]
         self._lease_cursor = start + len(batch)
         stale = {}
         for lease_id in batch:
@@ -520,8 +543,11 @@ class Reconciler:
                     stale[lease.id] = lease.holder
         if not stale:
             return defer.succeed(None)
-        log.info("releasing {n} leases whose holders do not exist: {keys}", n=len(stale),
-                 keys=", ".join(sorted(stale)[:10]))
+        log.info(
+            "releasing {n} leases whose holders do not exist: {keys}",
+            n=len(stale),
+            keys=", ".join(sorted(stale)[:10]),
+        )
         return self.allocator.table.release(stale)
 
     def _write_statuses(self, statuses):
@@ -561,8 +587,9 @@ class Reconciler:
                         return self._status(vm, prev, state, detail, restarts)
                 self._forget_stop(vm.id)
                 yield self._remove_domain(name)
-                yield self.allocator.release_vm(vm, cluster.token if cluster else "",
-                                                owner=cluster.owner if cluster else None)
+                yield self.allocator.release_vm(
+                    vm, cluster.token if cluster else "", owner=cluster.owner if cluster else None
+                )
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
                 return None
@@ -583,10 +610,14 @@ class Reconciler:
             elif vm.desired == "stopped":
                 if state in ("running", "paused"):
                     state, detail = yield self._power_off(vm, name, state)
-                elif (vm.id in self._stopping or prev is None or prev.state != "shutoff"
-                      or NOT_RESTARTED in prev.detail):
+                elif (
+                    vm.id in self._stopping
+                    or prev is None
+                    or prev.state != "shutoff"
+                    or NOT_RESTARTED in prev.detail
+                ):
                     self._forget_stop(vm.id)
-                    detail = ""                  # e.g. its guest shut down when asked
+                    detail = ""  # e.g. its guest shut down when asked
                 # else: off already, and its detail (how it was powered off) stays
         except VmwebError as e:
             state, detail = "error", str(e)
@@ -596,8 +627,15 @@ class Reconciler:
     def _status(self, vm: VmRec, prev, state: str, detail: str, restarts: int) -> VmStatus | None:
         """The status part to write for ``vm`` (None when the one recorded says the same)."""
         if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
-            return VmStatus(id=vm.id, host=self.host_id, state=state, detail=detail,
-                            restarts=restarts, observed_at=int(self.now_ms()), token=vm.token)
+            return VmStatus(
+                id=vm.id,
+                host=self.host_id,
+                state=state,
+                detail=detail,
+                restarts=restarts,
+                observed_at=int(self.now_ms()),
+                token=vm.token,
+            )
         return None
 
     def _should_start(self, vm: VmRec, prev, state: str) -> tuple[bool, bool, str]:
@@ -621,8 +659,12 @@ class Reconciler:
             return True, False, ""
         if left_off:
             return False, False, prev.detail
-        log.info("VM {vm} on {host} found {state}; not restarted (restart_stopped is false)",
-                 vm=vm.id, host=self.host_id, state=state)
+        log.info(
+            "VM {vm} on {host} found {state}; not restarted (restart_stopped is false)",
+            vm=vm.id,
+            host=self.host_id,
+            state=state,
+        )
         return False, False, f"found {state} behind vmweb's back; {NOT_RESTARTED}"
 
     def _asked_after_status(self, vm: VmRec) -> bool:
@@ -648,24 +690,30 @@ class Reconciler:
         if vm.force or timeout == 0 or state == "paused":
             self._forget_stop(vm.id)
             yield self.driver.destroy(name)
-            why = ("forced" if vm.force else "stop_timeout_s is 0" if timeout == 0
-                   else "it was paused")
-            log.info("VM {vm} on {host} powered off at once ({why})", vm=vm.id, host=self.host_id,
-                     why=why)
+            why = "forced" if vm.force else "stop_timeout_s is 0" if timeout == 0 else "it was paused"
+            log.info("VM {vm} on {host} powered off at once ({why})", vm=vm.id, host=self.host_id, why=why)
             return "shutoff", f"powered off at once ({why})"
         now = self.stop_clock.seconds()
         stop = self._stopping.get(vm.id)
         if stop is None or stop.token != vm.token:
             self._forget_stop(vm.id)
             stop = self._stopping[vm.id] = _Stopping(vm.token, timeout, now + timeout, now)
-            log.info("VM {vm} on {host}: guest asked to shut down, powered off after {t} s",
-                     vm=vm.id, host=self.host_id, t=timeout)
+            log.info(
+                "VM {vm} on {host}: guest asked to shut down, powered off after {t} s",
+                vm=vm.id,
+                host=self.host_id,
+                t=timeout,
+            )
             yield self.driver.shutdown(name)
         elif now >= stop.deadline:
             self._forget_stop(vm.id)
             yield self.driver.destroy(name)
-            log.info("VM {vm} on {host} did not shut down within {t} s; powered off",
-                     vm=vm.id, host=self.host_id, t=stop.timeout)
+            log.info(
+                "VM {vm} on {host} did not shut down within {t} s; powered off",
+                vm=vm.id,
+                host=self.host_id,
+                t=stop.timeout,
+            )
             return "shutoff", f"did not shut down within {stop.timeout} s of being asked; powered off"
         elif now - stop.asked_at >= self.STOP_RETRY:
             stop.asked_at = now
@@ -676,8 +724,9 @@ class Reconciler:
             return "shutoff", ""
         self._look_again(vm.id, stop)
         # The same words at every look: the status is written once, not once a second.
-        return "stopping", (f"asked its guest to shut down; powered off if still running after "
-                            f"{stop.timeout} s")
+        return "stopping", (
+            f"asked its guest to shut down; powered off if still running after {stop.timeout} s"
+        )
 
     def _look_again(self, vm_id: str, stop: _Stopping) -> None:
         if stop.call is not None and stop.call.active():
@@ -692,7 +741,7 @@ class Reconciler:
         stop.call = None
         vm = self.dom.get(VmRec, vm_id)
         if vm is None or vm.host != self.host_id or vm.token != stop.token:
-            self._forget_stop(vm_id)          # gone, moved or made anew: nothing to finish here
+            self._forget_stop(vm_id)  # gone, moved or made anew: nothing to finish here
             return
         self._dirty_vms.add(vm_id)
         self._schedule()
@@ -707,31 +756,46 @@ class Reconciler:
         if cluster is None:
             raise VmwebError(f"VM {vm.id}: its cluster {vm.cluster!r} is not in the DOM")
         image = yield self.images.ensure(vm.image)
-        disk = yield self.driver.create_overlay(self.storage.pool, volume_name(vm.id), image.path,
-                                                image.size_mib, image.format)
+        disk = yield self.driver.create_overlay(
+            self.storage.pool, volume_name(vm.id), image.path, image.size_mib, image.format
+        )
         seed = yield self.write_seed(vm, force=False)
         yield self.driver.define(self.spec_for(vm, cluster, image, disk, seed))
 
-    def spec_for(self, vm: VmRec, cluster: VClusterRec, image, disk: str,
-                 seed: str | None = None) -> DomainSpec:
+    def spec_for(
+        self, vm: VmRec, cluster: VClusterRec, image, disk: str, seed: str | None = None
+    ) -> DomainSpec:
         """The domain of ``vm`` on this host, over overlay ``disk`` (also used by migrations)."""
         rec = image.record
         name = domain_name(vm.id)
         cmdline = None
         if rec.kernel:
             ip_arg = seeds.kernel_ip_arg(seeds.seed_for(self.dom, vm)) if vm.ip else ""
-            cmdline = " ".join(x for x in (
-                rec.cmdline, f"vmweb.name={name}", f"vmweb.token={guest_token(vm.id)}", ip_arg)
-                if x)
+            cmdline = " ".join(
+                x
+                for x in (rec.cmdline, f"vmweb.name={name}", f"vmweb.token={guest_token(vm.id)}", ip_arg)
+                if x
+            )
         serial = None
         if self.driver.runs_guests and self.storage.console_dir:
             serial = f"{self.storage.console_dir}/{name}.log"
         return DomainSpec(
-            name=name, vcpus=vm.vcpus, memory_mib=vm.memory_mib, disk_path=disk,
-            network="", bridge=bridge_name(cluster.vni), mtu=self._mtu(cluster), mac=vm.mac,
-            ip=vm.ip, kernel=rec.kernel or None, initrd=rec.initrd or None, cmdline=cmdline,
-            serial_log=serial, seed_path=seed or None,
-            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner})
+            name=name,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            disk_path=disk,
+            network="",
+            bridge=bridge_name(cluster.vni),
+            mtu=self._mtu(cluster),
+            mac=vm.mac,
+            ip=vm.ip,
+            kernel=rec.kernel or None,
+            initrd=rec.initrd or None,
+            cmdline=cmdline,
+            serial_log=serial,
+            seed_path=seed or None,
+            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner},
+        )
 
     @staticmethod
     def _mtu(cluster: VClusterRec) -> int:

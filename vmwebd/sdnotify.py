@@ -9,6 +9,7 @@ See sd_notify(3). Without ``NOTIFY_SOCKET`` (not started by systemd) every call 
 Sending never blocks (the socket is non-blocking) and never raises: a daemon must not die because
 its supervisor is slow or gone. A failed send is logged and reported by returning False.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,9 +68,7 @@ class Notifier:
                 )
             self._socket.sendto(message, self._address())
         except OSError as e:
-            self.log.warn(
-                "cannot notify systemd at {path}: {error}", path=self.socket_path, error=e
-            )
+            self.log.warn("cannot notify systemd at {path}: {error}", path=self.socket_path, error=e)
             return False
         return True
 

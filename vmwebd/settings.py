@@ -3,6 +3,7 @@
 Each known key has a default, a validator and a description; SetSetting refuses unknown keys and
 bad values with an error naming the key.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ def _choice(*options):
         if v not in options:
             raise ValueError(f"must be one of {', '.join(options)}")
         return v
+
     return check
 
 
@@ -29,6 +31,7 @@ def _float_range(lo, hi):
         if not lo <= f <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return repr(f)
+
     return check
 
 
@@ -41,6 +44,7 @@ def _int_range(lo, hi, unit=""):
         if not lo <= i <= hi:
             raise ValueError(f"must be between {lo} and {hi}" + (f" {unit}" if unit else ""))
         return str(i)
+
     return check
 
 
@@ -56,32 +60,68 @@ class SettingDef:
 STOP_TIMEOUT_MAX_S = 3600
 
 
-SETTINGS: dict[str, SettingDef] = {s.key: s for s in [
-    SettingDef("placement", "spread", _choice("spread", "pack"),
-               "How new VMs are placed: spread (by free capacity, per host) or pack (fill hosts)"),
-    SettingDef("cpu_overcommit", "4.0", _float_range(1.0, 32.0),
-               "vCPUs a host may carry per physical CPU"),
-    SettingDef("restart_stopped", "true", _choice("true", "false"),
-               "Start again a VM found stopped behind vmweb's back (false: leave it off, "
-               "and say so in its status)"),
-    # How long a stop waits for the guest (docs/lifecycle.md). An hour at most: a stop that waits
-    # longer is a stop nobody is watching any more.
-    SettingDef("stop_timeout_s", "60", _int_range(0, STOP_TIMEOUT_MAX_S, "seconds"),
-               "Seconds a stopped or removed VM's guest has to shut down when asked (ACPI) "
-               "before it is powered off (0: at once)"),
-    # The load balancer (vmwebd/migrate/balancer.py, docs/balancer.md). Off by default: a move
-    # costs bandwidth and a pause, and on a driver without live migration it restarts the VM.
-    SettingDef("balancer.enabled", "false", _choice("true", "false"),
-               "Move VMs away from hosts loaded well above the grid's load (live migration)"),
-    SettingDef("balancer.threshold", "0.2", _float_range(0.0, 1.0),
-               "How far above the grid's load (0..1, share of capacity) a host must be before it moves a VM"),
-    SettingDef("balancer.interval", "60.0", _float_range(1.0, 86400.0),
-               "Seconds between two looks of a host at its load"),
-    SettingDef("dom.tombstone-settle", "600.0", _float_range(0.0, 604800.0),
-               "Seconds a deletion's tombstone is kept at least, even once every host holds it"),
-    SettingDef("balancer.min-residence", "1800.0", _float_range(0.0, 604800.0),
-               "Seconds a VM stays where the balancer put it before it may move again"),
-]}
+SETTINGS: dict[str, SettingDef] = {
+    s.key: s
+    for s in [
+        SettingDef(
+            "placement",
+            "spread",
+            _choice("spread", "pack"),
+            "How new VMs are placed: spread (by free capacity, per host) or pack (fill hosts)",
+        ),
+        SettingDef(
+            "cpu_overcommit", "4.0", _float_range(1.0, 32.0), "vCPUs a host may carry per physical CPU"
+        ),
+        SettingDef(
+            "restart_stopped",
+            "true",
+            _choice("true", "false"),
+            "Start again a VM found stopped behind vmweb's back (false: leave it off, "
+            "and say so in its status)",
+        ),
+        # How long a stop waits for the guest (docs/lifecycle.md). An hour at most: a stop that waits
+        # longer is a stop nobody is watching any more.
+        SettingDef(
+            "stop_timeout_s",
+            "60",
+            _int_range(0, STOP_TIMEOUT_MAX_S, "seconds"),
+            "Seconds a stopped or removed VM's guest has to shut down when asked (ACPI) "
+            "before it is powered off (0: at once)",
+        ),
+        # The load balancer (vmwebd/migrate/balancer.py, docs/balancer.md). Off by default: a move
+        # costs bandwidth and a pause, and on a driver without live migration it restarts the VM.
+        SettingDef(
+            "balancer.enabled",
+            "false",
+            _choice("true", "false"),
+            "Move VMs away from hosts loaded well above the grid's load (live migration)",
+        ),
+        SettingDef(
+            "balancer.threshold",
+            "0.2",
+            _float_range(0.0, 1.0),
+            "How far above the grid's load (0..1, share of capacity) a host must be before it moves a VM",
+        ),
+        SettingDef(
+            "balancer.interval",
+            "60.0",
+            _float_range(1.0, 86400.0),
+            "Seconds between two looks of a host at its load",
+        ),
+        SettingDef(
+            "dom.tombstone-settle",
+            "600.0",
+            _float_range(0.0, 604800.0),
+            "Seconds a deletion's tombstone is kept at least, even once every host holds it",
+        ),
+        SettingDef(
+            "balancer.min-residence",
+            "1800.0",
+            _float_range(0.0, 604800.0),
+            "Seconds a VM stays where the balancer put it before it may move again",
+        ),
+    ]
+}
 
 
 #: A host being drained for maintenance has a setting entity ``drain/<host>`` = ``true`` (one
@@ -91,8 +131,11 @@ DRAIN_PREFIX = "drain/"
 
 def drained_hosts(dom) -> set[str]:
     """Hosts an admin is draining: no new VMs are placed there, the balancer moves none there."""
-    return {r.id[len(DRAIN_PREFIX):] for r in dom.all(SettingRec)
-            if r.id.startswith(DRAIN_PREFIX) and r.value == "true"}
+    return {
+        r.id[len(DRAIN_PREFIX) :]
+        for r in dom.all(SettingRec)
+        if r.id.startswith(DRAIN_PREFIX) and r.value == "true"
+    }
 
 
 def drain_record(host: str, on: bool) -> SettingRec:

@@ -20,6 +20,7 @@ and index unambiguously (:func:`role_of`).
 Planning (:func:`expand`, :func:`plan_scale`) is pure: names in, names out; the caller leases
 addresses, places VMs and writes the DOM.
 """
+
 from __future__ import annotations
 
 import copy
@@ -107,8 +108,13 @@ class Template:
             net.set("dns", " ".join(self.network.dns))
         for r in self.roles:
             etree.SubElement(
-                el, "role", name=r.name, count="rest" if r.is_rest else str(r.count),
-                vcpus=str(r.vcpus), **{"memory-mib": str(r.memory_mib)}, image=r.image,
+                el,
+                "role",
+                name=r.name,
+                count="rest" if r.is_rest else str(r.count),
+                vcpus=str(r.vcpus),
+                **{"memory-mib": str(r.memory_mib)},
+                image=r.image,
             )
         return el
 
@@ -155,8 +161,9 @@ class _TemplateReader(ElementReader):
             raise self.error(root, str(root.tag), "the root element must be <template>")
         extra = tuple(a for a in root.attrib if a in ignore)
         a = self.attrs(root, "template", required=("name",), optional=("description",) + extra)
-        name = self.matching(root, "template/@name", a["name"], _TEMPLATE_NAME_RE,
-                             "template name ([a-z][a-z0-9-]{0,62})")
+        name = self.matching(
+            root, "template/@name", a["name"], _TEMPLATE_NAME_RE, "template name ([a-z][a-z0-9-]{0,62})"
+        )
         description = a.get("description", "")
         if len(description) > _MAX_DESCRIPTION:
             raise self.error(root, "template/@description", f"is longer than {_MAX_DESCRIPTION} characters")
@@ -172,12 +179,18 @@ class _TemplateReader(ElementReader):
         for el in kids["role"]:
             role = self._role(el)
             if role.name in lines:
-                raise self.error(el, "template/role/@name",
-                                 f"duplicate role name {role.name!r} (first at line {lines[role.name]})")
+                raise self.error(
+                    el,
+                    "template/role/@name",
+                    f"duplicate role name {role.name!r} (first at line {lines[role.name]})",
+                )
             if role.is_rest:
                 if rest_line is not None:
-                    raise self.error(el, "template/role/@count",
-                                     f"only one role may have count=\"rest\" (first at line {rest_line})")
+                    raise self.error(
+                        el,
+                        "template/role/@count",
+                        f"only one role may have count=\"rest\" (first at line {rest_line})",
+                    )
                 rest_line = el.sourceline
             lines[role.name] = el.sourceline
             roles.append(role)
@@ -187,19 +200,22 @@ class _TemplateReader(ElementReader):
         self.children(el, "template/network")
         a = self.attrs(el, "template/network", required=("mode", "pool"), optional=("dns",))
         if a["mode"] not in NETWORK_MODES:
-            raise self.error(el, "template/network/@mode",
-                             f"{a['mode']!r} is not one of {', '.join(NETWORK_MODES)}")
+            raise self.error(
+                el, "template/network/@mode", f"{a['mode']!r} is not one of {', '.join(NETWORK_MODES)}"
+            )
         pool = self.matching(el, "template/network/@pool", a["pool"], _POOL_NAME_RE, "pool name")
         if self.known_pools is not None and pool not in self.known_pools:
-            raise self.error(el, "template/network/@pool",
-                             f"no IP pool named {pool!r} in the config (known: {_known(self.known_pools)})")
+            raise self.error(
+                el,
+                "template/network/@pool",
+                f"no IP pool named {pool!r} in the config (known: {_known(self.known_pools)})",
+            )
         dns = []
         for part in a.get("dns", "").replace(",", " ").split():
             try:
                 dns.append(str(ipaddress.IPv4Address(part)))
             except ValueError:
-                raise self.error(el, "template/network/@dns",
-                                 f"{part!r} is not an IPv4 address") from None
+                raise self.error(el, "template/network/@dns", f"{part!r} is not an IPv4 address") from None
         if len(dns) > 3:
             raise self.error(el, "template/network/@dns", "at most 3 name servers")
         return NetworkSpec(a["mode"], pool, tuple(dns))
@@ -207,16 +223,27 @@ class _TemplateReader(ElementReader):
     def _role(self, el) -> Role:
         self.children(el, "template/role")
         a = self.attrs(el, "template/role", required=("name", "count", "vcpus", "memory-mib", "image"))
-        name = self.matching(el, "template/role/@name", a["name"], _ROLE_NAME_RE,
-                             "role name (lower-case letters, digits and '-', ending with a letter)")
-        count = None if a["count"] == "rest" else self.integer(
-            el, "template/role/@count", a["count"], 1, _MAX_FIXED_COUNT)
+        name = self.matching(
+            el,
+            "template/role/@name",
+            a["name"],
+            _ROLE_NAME_RE,
+            "role name (lower-case letters, digits and '-', ending with a letter)",
+        )
+        count = (
+            None
+            if a["count"] == "rest"
+            else self.integer(el, "template/role/@count", a["count"], 1, _MAX_FIXED_COUNT)
+        )
         vcpus = self.integer(el, "template/role/@vcpus", a["vcpus"], 1, _MAX_VCPUS)
         memory = self.integer(el, "template/role/@memory-mib", a["memory-mib"], 64, _MAX_MEMORY_MIB)
         image = self.matching(el, "template/role/@image", a["image"], _IMAGE_NAME_RE, "image name")
         if self.known_images is not None and image not in self.known_images:
-            raise self.error(el, "template/role/@image",
-                             f"no image named {image!r} in the config (known: {_known(self.known_images)})")
+            raise self.error(
+                el,
+                "template/role/@image",
+                f"no image named {image!r} in the config (known: {_known(self.known_images)})",
+            )
         return Role(name, count, vcpus, memory, image)
 
 
@@ -277,8 +304,12 @@ def load_templates(
         root = read_xml_file(path)
         t = _TemplateReader(str(path), known_images, known_pools).read(root, ())
         if t.name in out:
-            raise ConfigError(str(path), root.sourceline, "template/@name",
-                              f"duplicate template name {t.name!r} (also in {where[t.name]})")
+            raise ConfigError(
+                str(path),
+                root.sourceline,
+                "template/@name",
+                f"duplicate template name {t.name!r} (also in {where[t.name]})",
+            )
         out[t.name] = t
         where[t.name] = f"{path.name}:{root.sourceline}"
     return out
@@ -355,8 +386,9 @@ def plan_scale(
     for name in existing_vm_names:
         parsed = role_of(template, name)
         if parsed is None:
-            raise InvalidArgument("existing_vm_names",
-                                  f"VM {name!r} is not named after a role of template {template.name!r}")
+            raise InvalidArgument(
+                "existing_vm_names", f"VM {name!r} is not named after a role of template {template.name!r}"
+            )
         role, index = parsed
         if index in have[role.name]:
             raise InvalidArgument("existing_vm_names", f"VM {name!r} is listed twice")
@@ -376,7 +408,8 @@ def plan_scale(
     if target < 0:
         # Only reachable when a cluster holds more fixed-role VMs than its template says.
         raise InvalidArgument(
-            "count", f"the cluster keeps its {fixed_after} fixed-role VMs, cannot shrink to {new_count}")
+            "count", f"the cluster keeps its {fixed_after} fixed-role VMs, cannot shrink to {new_count}"
+        )
     current = have[rest.name]
     if target >= len(current):
         to_add += [(vm_name(rest, i), rest) for i in _lowest_unused(current, target - len(current))]

@@ -1,6 +1,7 @@
 """Points in time as people type them: an ISO 8601 time or a span back from now (``90s``, ``30m``,
 ``1h``, ``2d``, ``1w``). No server code: the CLI checks ``--since`` with it before sending.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,10 @@ def parse_since(text: str, now_s: float, naive: tzinfo = timezone.utc) -> float:
     try:
         when = datetime.fromisoformat(t[:-1] + "+00:00" if t[-1:] in "zZ" else t)
     except ValueError:
-        raise ValueError(f"{t[:40]!r} is neither an ISO 8601 time (2026-12-01T10:00, with an "
-                         "optional zone) nor a span back from now (90s, 30m, 1h, 2d, 1w)") from None
+        raise ValueError(
+            f"{t[:40]!r} is neither an ISO 8601 time (2026-12-01T10:00, with an "
+            "optional zone) nor a span back from now (90s, 30m, 1h, 2d, 1w)"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=naive)
     return max(0.0, when.timestamp())

@@ -5,6 +5,7 @@ docs/architecture.md, "Wiring"). Most collaborators are another service or one o
 views of the grid; those that tests replace with doubles, or that have more than one
 implementation (the node's view with peers, a single host's view without), are typed here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -76,5 +77,15 @@ class EntitySink(Protocol):
     def __call__(self, entities: Iterable[Any], /) -> None: ...
 
 
-__all__ = ["HostSet", "Liveness", "PeerDirectory", "Publisher", "PeerSender", "LeaseReceiver",
-           "HostFacts", "ClusterReader", "ConsoleRelay", "EntitySink"]
+__all__ = [
+    "HostSet",
+    "Liveness",
+    "PeerDirectory",
+    "Publisher",
+    "PeerSender",
+    "LeaseReceiver",
+    "HostFacts",
+    "ClusterReader",
+    "ConsoleRelay",
+    "EntitySink",
+]

@@ -16,6 +16,7 @@ DOM snapshot read back from disk. The reader
 The parser options are also exported (:data:`PARSER_OPTIONS`, :func:`parser`) for the one
 place that must hand a parser to a library instead (spyne's SOAP input protocol).
 """
+
 from __future__ import annotations
 
 from typing import Any, Final
@@ -68,8 +69,14 @@ def _line_of(data: bytes, needle: bytes) -> int | None:
     return data.count(b"\n", 0, i) + 1 if i >= 0 else None
 
 
-def parse(data: bytes, source: str, max_bytes: int, *, xml_parser: etree.XMLParser | None = None,
-          strict: bool = False) -> etree._Element:
+def parse(
+    data: bytes,
+    source: str,
+    max_bytes: int,
+    *,
+    xml_parser: etree.XMLParser | None = None,
+    strict: bool = False,
+) -> etree._Element:
     """The root element of ``data``, parsed safely, or :class:`UnsafeXml` naming ``source``.
 
     ``xml_parser`` must come from :func:`parser` (to add options such as ``remove_comments``);
@@ -77,8 +84,7 @@ def parse(data: bytes, source: str, max_bytes: int, *, xml_parser: etree.XMLPars
     instructions anywhere in the document (config files and templates: neither has a use there).
     """
     if len(data) > max_bytes:
-        raise UnsafeXml(source, None, "size",
-                        f"is {len(data)} bytes, larger than the {max_bytes}-byte limit")
+        raise UnsafeXml(source, None, "size", f"is {len(data)} bytes, larger than the {max_bytes}-byte limit")
     if b"<!" in data:  # one quick scan on the hot path (peers' entities have no declarations)
         for marker, field in _FORBIDDEN:
             line = _line_of(data, marker)
@@ -116,8 +122,9 @@ def _refuse_entities_and_pis(root: etree._Element, source: str) -> None:
         prev = prev.getprevious()
 
 
-def read_file(path: str, max_bytes: int, *, xml_parser: etree.XMLParser | None = None,
-              strict: bool = False) -> etree._Element:
+def read_file(
+    path: str, max_bytes: int, *, xml_parser: etree.XMLParser | None = None, strict: bool = False
+) -> etree._Element:
     """Reads at most ``max_bytes + 1`` bytes of file ``path`` and parses them with :func:`parse`
     (the file's name is the source). An unreadable file is :class:`UnsafeXml` with field
     ``"file"``."""

@@ -20,6 +20,7 @@ records c, c+1, ... in order.
 (open, write, fsync, fdatasync, replace, unlink, ftruncate) made during its first compaction, so a
 test can crash it at every step of a compaction in turn.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@
 * :mod:`lab.fixtures` gives pytest fixtures that skip with a clear reason where the machine cannot
   run them (not root, no network namespaces, no libvirtd/QEMU, or ``VMWEB_REALHOSTS=0``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,6 +21,7 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     """Polls ``predicate()`` until it returns something truthy, and returns that; after ``timeout``
     seconds raises TimeoutError naming ``what`` (the deadline is the assertion, never a sleep)."""
     import time
+
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

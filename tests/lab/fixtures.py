@@ -7,6 +7,7 @@
 They skip (with the reason from :func:`lab.hosts.lab_available`) where this machine cannot run
 real hosts: not root, no network namespaces, no libvirtd/QEMU, or ``VMWEB_REALHOSTS=0``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -54,9 +55,12 @@ def lab1_unprivileged(tmp_path_factory):
     """One real libvirt host whose libvirtd runs QEMU as ``libvirt-qemu`` under the distribution's
     DAC rules, as a stock Debian host does (skipped where that account does not exist)."""
     import pwd
+
     try:
         pwd.getpwnam("libvirt-qemu")
     except KeyError:
-        pytest.skip("no libvirt-qemu account here (libvirt-daemon-system creates it, and so does "
-                    "scripts/bootstrap.sh)")
+        pytest.skip(
+            "no libvirt-qemu account here (libvirt-daemon-system creates it, and so does "
+            "scripts/bootstrap.sh)"
+        )
     yield from _lab(1, tmp_path_factory, qemu_user="libvirt-qemu")

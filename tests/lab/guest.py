@@ -63,6 +63,7 @@ after, ``VMWEB-BENCH-CLOCK <clocksource>`` (give such guests :func:`clock_args`)
 Everything is cached in ``<repo>/.cache/guest``; :func:`build_guest` is idempotent and safe to call
 from several processes at once (a file lock).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -84,8 +85,17 @@ from lxml import etree
 from . import CACHE
 
 #: The virtio modules (disk and NIC), in a working load order.
-MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-           "failover", "net_failover", "virtio_net", "virtio_blk")
+MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_blk",
+)
 #: What a CD-ROM needs: the IDE controller of QEMU's ``pc`` machine (PIIX; ata_generic as a
 #: fallback), the SATA (AHCI) one of ``q35``, the SCSI CD-ROM driver and the ISO 9660 filesystem.
 #: Their dependencies (libata, scsi_mod, cdrom, ...) are found in the modules themselves.
@@ -179,7 +189,8 @@ END {
 }
 """
 
-INIT = r"""#!/bin/sh
+INIT = (
+    r"""#!/bin/sh
 # vmweb lab guest: see tests/lab/guest.py
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 /bin/busybox --install -s
@@ -449,8 +460,10 @@ while true; do
   n=$((n+1))
   sleep 1
 done
-""".replace("@BYTES@", str(PATTERN_BYTES)).replace("@SEEK@", str(PATTERN_OFFSET // 65536)) \
-   .replace("@PORT@", str(BENCH_PORT))
+""".replace("@BYTES@", str(PATTERN_BYTES))
+    .replace("@SEEK@", str(PATTERN_OFFSET // 65536))
+    .replace("@PORT@", str(BENCH_PORT))
+)
 
 
 def init_script(modules: list[str] | tuple[str, ...]) -> str:
@@ -486,13 +499,14 @@ def _run(argv, **kw) -> subprocess.CompletedProcess:
 
 def _kernel_packages() -> list[str]:
     """The installable ``linux-image-6.1.0-N-amd64`` names, newest ABI first."""
+
     def search():
         out = _run(["apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"]).stdout
         names = [line.split(" ", 1)[0] for line in out.splitlines() if line.strip()]
         return sorted(names, key=lambda n: int(n.split("-")[3]), reverse=True)
 
     names = search()
-    if not names:   # apt's lists were never fetched on this machine
+    if not names:  # apt's lists were never fetched on this machine
         _run(["apt-get", "update", "-qq"])
         names = search()
     if not names:
@@ -504,22 +518,22 @@ def _modinfo(data: bytes) -> dict[str, list[str]]:
     """The key=value pairs of a kernel module's ``.modinfo`` ELF section."""
     if data[:4] != b"\x7fELF" or data[4] != 2:
         raise ValueError("not a 64-bit ELF module")
-    u16 = lambda o: int.from_bytes(data[o:o + 2], "little")      # noqa: E731
-    u32 = lambda o: int.from_bytes(data[o:o + 4], "little")      # noqa: E731
-    u64 = lambda o: int.from_bytes(data[o:o + 8], "little")      # noqa: E731
+    u16 = lambda o: int.from_bytes(data[o : o + 2], "little")  # noqa: E731
+    u32 = lambda o: int.from_bytes(data[o : o + 4], "little")  # noqa: E731
+    u64 = lambda o: int.from_bytes(data[o : o + 8], "little")  # noqa: E731
     shoff, shentsize, shnum, shstrndx = u64(0x28), u16(0x3A), u16(0x3C), u16(0x3E)
 
     def section(i):
         base = shoff + i * shentsize
-        return u32(base), u64(base + 0x18), u64(base + 0x20)     # name, offset, size
+        return u32(base), u64(base + 0x18), u64(base + 0x20)  # name, offset, size
 
     _, strtab, _ = section(shstrndx)
     for i in range(shnum):
         name, off, size = section(i)
         end = data.index(b"\0", strtab + name)
-        if data[strtab + name:end] == b".modinfo":
+        if data[strtab + name : end] == b".modinfo":
             out: dict[str, list[str]] = {}
-            for item in data[off:off + size].split(b"\0"):
+            for item in data[off : off + size].split(b"\0"):
                 key, sep, value = item.decode("utf-8", "replace").partition("=")
                 if sep:
                     out.setdefault(key, []).append(value)
@@ -566,8 +580,12 @@ def _fetch_kernel(dest: Path) -> dict:
         tmp = Path(tmp)
         errors = []
         for name in _kernel_packages()[:3]:
-            r = subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", name],
-                               cwd=tmp, capture_output=True, text=True)
+            r = subprocess.run(
+                ["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", name],
+                cwd=tmp,
+                capture_output=True,
+                text=True,
+            )
             if r.returncode == 0:
                 break
             errors.append(f"{name}: {r.stderr.strip()[-300:]}")
@@ -607,8 +625,21 @@ class _Cpio:
 
     def _entry(self, name: str, mode: int, data: bytes = b"", rdev=(0, 0)):
         namez = name.encode() + b"\0"
-        fields = [self.ino, mode, 0, 0, 2 if mode & 0o040000 else 1, 0, len(data), 0, 0,
-                  rdev[0], rdev[1], len(namez), 0]
+        fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            2 if mode & 0o040000 else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(namez),
+            0,
+        ]
         self.ino += 1
         self.buf.write(b"070701" + b"".join(b"%08X" % f for f in fields) + namez)
         self.buf.write(b"\0" * (-(110 + len(namez)) % 4))
@@ -634,8 +665,24 @@ class _Cpio:
 
 def _initramfs(modules_dir: Path, modules: list[str]) -> bytes:
     c = _Cpio()
-    for d in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
-              "etc", "lib", "lib/modules", "lib/vmweb", "mnt", "run"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "root",
+        "etc",
+        "lib",
+        "lib/modules",
+        "lib/vmweb",
+        "mnt",
+        "run",
+    ):
         c.dir(d)
     c.chardev("dev/console", 5, 1)
     c.chardev("dev/null", 1, 3, 0o666)
@@ -660,7 +707,7 @@ def _is_static(path: Path) -> bool:
     phnum = int.from_bytes(data[0x38:0x3A], "little")
     for i in range(phnum):
         off = phoff + i * phentsize
-        if int.from_bytes(data[off:off + 4], "little") == 3:     # PT_INTERP
+        if int.from_bytes(data[off : off + 4], "little") == 3:  # PT_INTERP
             return False
     return True
 
@@ -678,19 +725,19 @@ def _pvh_vmlinux(bzimage: bytes) -> bytes | None:
         return None
     if elf[:4] != b"\x7fELF" or elf[4] != 2:
         return None
-    u16 = lambda o: int.from_bytes(elf[o:o + 2], "little")      # noqa: E731
-    u32 = lambda o: int.from_bytes(elf[o:o + 4], "little")      # noqa: E731
-    u64 = lambda o: int.from_bytes(elf[o:o + 8], "little")      # noqa: E731
+    u16 = lambda o: int.from_bytes(elf[o : o + 2], "little")  # noqa: E731
+    u32 = lambda o: int.from_bytes(elf[o : o + 4], "little")  # noqa: E731
+    u64 = lambda o: int.from_bytes(elf[o : o + 8], "little")  # noqa: E731
     phoff, phentsize, phnum = u64(0x20), u16(0x36), u16(0x38)
     for i in range(phnum):
         ph = phoff + i * phentsize
-        if u32(ph) != 4:                                        # PT_NOTE
+        if u32(ph) != 4:  # PT_NOTE
             continue
         off, end = u64(ph + 8), u64(ph + 8) + u64(ph + 32)
         while off + 12 <= end:
             namesz, descsz, ntype = u32(off), u32(off + 4), u32(off + 8)
-            name = elf[off + 12:off + 12 + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == 18:                  # XEN_ELFNOTE_PHYS32_ENTRY
+            name = elf[off + 12 : off + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == 18:  # XEN_ELFNOTE_PHYS32_ENTRY
                 return elf
             off += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
     return None
@@ -711,8 +758,11 @@ def build_guest(cache_dir: Path | None = None) -> GuestArtifacts:
             have = {}
         modules = cache_dir / "modules"
         order = have.get("modules") or []
-        if not (kernel.exists() and set(MODULES + CDROM_MODULES) <= set(order)
-                and all((modules / f"{m}.ko").exists() for m in order)):
+        if not (
+            kernel.exists()
+            and set(MODULES + CDROM_MODULES) <= set(order)
+            and all((modules / f"{m}.ko").exists() for m in order)
+        ):
             have = _fetch_kernel(cache_dir)
             order = have["modules"]
         if "kernel" not in have:
@@ -721,8 +771,9 @@ def build_guest(cache_dir: Path | None = None) -> GuestArtifacts:
             if elf:
                 (cache_dir / "vmlinux.tmp").write_bytes(elf)
                 os.replace(cache_dir / "vmlinux.tmp", cache_dir / "vmlinux")
-        want = hashlib.sha256(f"{LAYOUT}\n{init_script(order)}\n{NETCFG_AWK}\n{USERDATA_AWK}".encode()
-                              + BUSYBOX.read_bytes()).hexdigest()[:16]
+        want = hashlib.sha256(
+            f"{LAYOUT}\n{init_script(order)}\n{NETCFG_AWK}\n{USERDATA_AWK}".encode() + BUSYBOX.read_bytes()
+        ).hexdigest()[:16]
         if have.get("initrd") != want or not initrd.exists():
             tmp = initrd.with_suffix(".tmp")
             tmp.write_bytes(_initramfs(modules, order))
@@ -775,11 +826,21 @@ def make_base_image(path: Path, size_mib: int, fill: str = "zero") -> Path:
     return path
 
 
-def guest_domain_xml(name: str, kernel: Path | str, initrd: Path | str, disk_path: str,
-                     serial_log: str, bridge: str | None = None, mem_mib: int = 128,
-                     cmdline_extra: str = "", seed_iso: str | None = None,
-                     cdrom_bus: str = "ide", mac: str | None = None, mtu: int = 0,
-                     machine: str | None = None) -> str:
+def guest_domain_xml(
+    name: str,
+    kernel: Path | str,
+    initrd: Path | str,
+    disk_path: str,
+    serial_log: str,
+    bridge: str | None = None,
+    mem_mib: int = 128,
+    cmdline_extra: str = "",
+    seed_iso: str | None = None,
+    cdrom_bus: str = "ide",
+    mac: str | None = None,
+    mtu: int = 0,
+    machine: str | None = None,
+) -> str:
     """The domain: TCG (``type='qemu'``; the emulated /dev/kvm here hangs guests), a qemu64 CPU,
     direct kernel boot, one virtio qcow2 disk (vda), a virtio NIC on ``bridge`` if given (with
     ``mac`` and ``mtu`` if given), a CD-ROM holding ``seed_iso`` if given (on ``cdrom_bus``: "ide"
@@ -797,8 +858,9 @@ def guest_domain_xml(name: str, kernel: Path | str, initrd: Path | str, disk_pat
         ostype.set("machine", machine)
     E(os_, "kernel").text = str(kernel)
     E(os_, "initrd").text = str(initrd)
-    E(os_, "cmdline").text = " ".join(p for p in (f"console=ttyS0 quiet vmweb.name={name}",
-                                                  cmdline_extra.strip()) if p)
+    E(os_, "cmdline").text = " ".join(
+        p for p in (f"console=ttyS0 quiet vmweb.name={name}", cmdline_extra.strip()) if p
+    )
     cpu = E(dom, "cpu", mode="custom", match="exact")
     E(cpu, "model", fallback="allow").text = "qemu64"
     E(dom, "clock", offset="utc")
@@ -852,6 +914,7 @@ def make_seed_iso(path: Path | str, files: dict[str, str | bytes]) -> Path:
     """A NoCloud seed: an ISO 9660 image labelled ``cidata`` holding ``files`` (name -> text)
     under their own names in Rock Ridge and Joliet (for guests built here, without vmwebd)."""
     import pycdlib
+
     path = Path(path)
     iso = pycdlib.PyCdlib()
     iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
@@ -898,8 +961,13 @@ def seed_applied(lines: list[str]) -> dict | None:
     found = None
     for line in lines:
         if m := _SEED.search(line):
-            found = {"ip": m.group(1), "gw": None if m.group(2) == "none" else m.group(2),
-                     "mtu": int(m.group(3)), "host": m.group(4), "hosts": int(m.group(5) or 0)}
+            found = {
+                "ip": m.group(1),
+                "gw": None if m.group(2) == "none" else m.group(2),
+                "mtu": int(m.group(3)),
+                "host": m.group(4),
+                "hosts": int(m.group(5) or 0),
+            }
     return found
 
 
@@ -907,11 +975,11 @@ def seed_applied(lines: list[str]) -> dict | None:
 class Reach:
     """One reachability check the guest printed."""
 
-    kind: str           # "" (an /etc/hosts entry), "OUT" or "PROBE"
+    kind: str  # "" (an /etc/hosts entry), "OUT" or "PROBE"
     target: str
     ok: bool
     rtt_ms: float | None
-    t: float            # the guest's uptime when it sent the ping
+    t: float  # the guest's uptime when it sent the ping
 
 
 _REACH = re.compile(r"VMWEB-REACH(?:-(OUT|PROBE))? (\S+) (ok|fail)(?: rtt=([\d.]+))? t=([\d.]+)")
@@ -923,8 +991,15 @@ def reaches(lines: list[str], target: str | None = None, kind: str = "") -> list
     for line in lines:
         m = _REACH.search(line)
         if m and (m.group(1) or "") == kind and (target is None or m.group(2) == target):
-            out.append(Reach(kind, m.group(2), m.group(3) == "ok",
-                             float(m.group(4)) if m.group(4) else None, float(m.group(5))))
+            out.append(
+                Reach(
+                    kind,
+                    m.group(2),
+                    m.group(3) == "ok",
+                    float(m.group(4)) if m.group(4) else None,
+                    float(m.group(5)),
+                )
+            )
     return out
 
 
@@ -960,6 +1035,13 @@ def dense_events(lines: list[str], target: str | None = None) -> list[dict]:
             continue
         lost = int(m.group(3) or 0)
         rtt = float(m.group(4) or m.group(5))
-        out.append({"target": m.group(2), "lost": lost, "rtt_ms": rtt, "t": float(m.group(6)),
-                    "stall_ms": lost * 100 + rtt})
+        out.append(
+            {
+                "target": m.group(2),
+                "lost": lost,
+                "rtt_ms": rtt,
+                "t": float(m.group(6)),
+                "stall_ms": lost * 100 + rtt,
+            }
+        )
     return out

@@ -31,6 +31,7 @@ A lab is recorded under ``/run/vmwlab`` (its number k, its owner's pid) while it
 first removes what any lab whose owner died left behind (its processes, found through
 ``ip netns pids``, its namespaces and its bridge), so a crashed run does not break the next.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -91,8 +92,7 @@ def lab_available() -> tuple[bool, str]:
         return False, "real-host tier needs root (network namespaces, bind mounts, libvirtd)"
     missing = [b for b in _BINARIES if shutil.which(b) is None]
     if missing:
-        return False, (f"real-host tier needs {', '.join(missing)} "
-                       "(bash scripts/bootstrap.sh installs them)")
+        return False, (f"real-host tier needs {', '.join(missing)} (bash scripts/bootstrap.sh installs them)")
     if not Path("/bin/busybox").exists():
         return False, "real-host tier needs busybox-static (the guest's userland)"
     try:
@@ -176,7 +176,7 @@ class LabHost:
         self.addr = f"10.77.{lab.k}.{index}"
         self.root = lab.workdir / self.name
         self.sock_dir = self.root / "sock"
-        if len(str(self.sock_dir / "libvirt-admin-sock")) > 100:    # sun_path holds 108 bytes
+        if len(str(self.sock_dir / "libvirt-admin-sock")) > 100:  # sun_path holds 108 bytes
             raise ValueError(f"lab workdir {lab.workdir} is too long for unix socket paths")
         self.uri = f"qemu+unix:///system?socket={self.sock_dir}/libvirt-sock"
         #: What a source libvirtd (in its own namespaces) dials for PEER2PEER: see the module doc.
@@ -197,7 +197,7 @@ class LabHost:
         for prefix, sub in BIND_DIRS.items():
             if inner == prefix or inner.startswith(prefix + "/"):
                 return self.root / sub / os.path.relpath(inner, prefix)
-        return Path(inner)          # not bind-mounted: the same file in every namespace
+        return Path(inner)  # not bind-mounted: the same file in every namespace
 
     # -- processes on the host ---------------------------------------------------------------
     def _enter(self, argv) -> list[str]:
@@ -221,6 +221,7 @@ class LabHost:
     def connect(self):
         """A new libvirt connection to this host's libvirtd (the caller closes it)."""
         import libvirt
+
         return libvirt.open(self.uri)
 
     @property
@@ -232,7 +233,7 @@ class LabHost:
 
     # -- set-up --------------------------------------------------------------------------------
     def _write_config(self) -> None:
-        if self.root.exists():      # a previous lab's host: start afresh
+        if self.root.exists():  # a previous lab's host: start afresh
             shutil.rmtree(self.root)
         for sub in BIND_DIRS.values():
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -249,27 +250,25 @@ class LabHost:
             "listen_tcp = 0\n"
             "listen_tls = 0\n"
             f'host_uuid = "{self.host_uuid}"\n'
-            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
+            'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
+        )
         if self.lab.qemu_user:
             # A stock host's account and DAC rules (the distribution's qemu.conf defaults):
             # libvirtd gives QEMU the files a domain names while it runs, and remembers (in
             # extended attributes) whom to give them back to.
-            account = (f'user = "{self.lab.qemu_user}"\n'
-                       f'group = "{self.lab.qemu_user}"\n'
-                       "dynamic_ownership = 1\n")
+            account = (
+                f'user = "{self.lab.qemu_user}"\ngroup = "{self.lab.qemu_user}"\ndynamic_ownership = 1\n'
+            )
         else:
-            account = ('user = "root"\n'
-                       'group = "root"\n'
-                       "dynamic_ownership = 0\n"
-                       "remember_owner = 0\n")
+            account = 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nremember_owner = 0\n'
         (etc / "qemu.conf").write_text(
-            account +
-            'security_driver = "none"\n'
+            account + 'security_driver = "none"\n'
             'stdio_handler = "file"\n'
             "cgroup_controllers = [ ]\n"
             "namespaces = [ ]\n"
             f'migration_host = "{self.addr}"\n'
-            f'migration_address = "{self.addr}"\n')
+            f'migration_address = "{self.addr}"\n'
+        )
 
     def _setup_net(self) -> None:
         k, i = self.lab.k, self.index
@@ -288,16 +287,32 @@ class LabHost:
         _sh(*ns, "link", "set", "br0", "up")
 
     def _start_libvirtd(self) -> None:
-        mounts = "; ".join(f"mkdir -p {inner} && mount --bind {self.root / sub} {inner}"
-                           for inner, sub in BIND_DIRS.items())
+        mounts = "; ".join(
+            f"mkdir -p {inner} && mount --bind {self.root / sub} {inner}" for inner, sub in BIND_DIRS.items()
+        )
         script = f"set -e; {mounts}; exec libvirtd -f /etc/libvirt/libvirtd.conf -p /run/libvirt/libvirtd.pid"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LIBVIRT", "VIR_"))}
         out = open(self.root / "libvirtd.out", "ab")
         self._proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, "unshare", "-m", "--propagation", "private",
-             "sh", "-c", script],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         out.close()
         self.libvirtd_pid = self._proc.pid
 
@@ -305,11 +320,13 @@ class LabHost:
         """Waits for the socket, then for a connection that answers with QEMU's capabilities
         (which makes libvirtd probe QEMU, or load the probe's cache)."""
         import libvirt
+
         sock = self.sock_dir / "libvirt-sock"
         while True:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"libvirtd of {self.name} exited ({self._proc.returncode}): "
-                                   f"{self._log_tail()}")
+                raise RuntimeError(
+                    f"libvirtd of {self.name} exited ({self._proc.returncode}): {self._log_tail()}"
+                )
             if sock.exists():
                 try:
                     conn = libvirt.open(self.uri)
@@ -336,6 +353,7 @@ class LabHost:
 
     def _define_pool(self) -> None:
         import libvirt
+
         conn = self.conn
         try:
             pool = conn.storagePoolLookupByName("default")
@@ -346,8 +364,8 @@ class LabHost:
                 pool.create(0)
             return
         pool = conn.storagePoolDefineXML(
-            "<pool type='dir'><name>default</name>"
-            f"<target><path>{IMAGES_DIR}</path></target></pool>", 0)
+            f"<pool type='dir'><name>default</name><target><path>{IMAGES_DIR}</path></target></pool>", 0
+        )
         pool.create(0)
 
     def _stop(self) -> None:
@@ -389,8 +407,13 @@ class Lab:
     that account, ``dynamic_ownership = 1``), as a stock host does; by default QEMU runs as root.
     """
 
-    def __init__(self, n: int = 2, workdir: Path | str | None = None, caps_cache: Path | None = CAPS_CACHE,
-                 qemu_user: str | None = None):
+    def __init__(
+        self,
+        n: int = 2,
+        workdir: Path | str | None = None,
+        caps_cache: Path | None = CAPS_CACHE,
+        qemu_user: str | None = None,
+    ):
         if not 1 <= n <= 60:
             raise ValueError("a lab has 1 to 60 hosts")
         self.n = n
@@ -435,7 +458,7 @@ class Lab:
             for ns in _list_netns():
                 if ns.startswith(NS_PREFIX + "k"):
                     try:
-                        k = int(ns[len(NS_PREFIX) + 1:].split("-")[0])
+                        k = int(ns[len(NS_PREFIX) + 1 :].split("-")[0])
                     except ValueError:
                         continue
                     if k not in live:
@@ -445,8 +468,9 @@ class Lab:
                 raise RuntimeError("254 labs are running")
             self.k = k
             self.bridge = f"vwl{k}br"
-            (RUNTIME / f"k{k}.json").write_text(json.dumps(
-                {"k": k, "owner": os.getpid(), "workdir": str(self.workdir)}))
+            (RUNTIME / f"k{k}.json").write_text(
+                json.dumps({"k": k, "owner": os.getpid(), "workdir": str(self.workdir)})
+            )
 
     # -- start / stop ------------------------------------------------------------------------
     def start(self) -> "Lab":
@@ -456,6 +480,7 @@ class Lab:
         t0 = time.monotonic()
         if self.workdir is None:
             import tempfile
+
             self.workdir = Path(tempfile.mkdtemp(prefix="vmwlab-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._claim()

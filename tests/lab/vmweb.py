@@ -9,6 +9,7 @@
 * :class:`Grid` starts a daemon on every host of a lab with a set of templates and waits until
   each one sees all of them alive.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,14 @@ from pathlib import Path
 from . import REPO, wait_for
 
 API_PORT, PEER_PORT = 8471, 8571
-STORAGE = "/var/lib/libvirt/vmweb"          # bind-mounted: a different directory on each host
+STORAGE = "/var/lib/libvirt/vmweb"  # bind-mounted: a different directory on each host
 CONSOLE = "/var/log/libvirt/vmweb-console"
 
 
 def _procs():
     # The test tier's process helpers (the repo root is importable under pytest and in benches).
     from tests import procs
+
     return procs
 
 
@@ -37,10 +39,15 @@ class LabDaemon:
         self.log_path = config.parent / "vmwebd.log"
         self.notify = procs.NotifySocket(config.parent)
         with open(self.log_path, "ab") as log:
-            self.proc = host.popen([sys.executable, "-m", "vmwebd.daemon", "--config", str(config),
-                                    "--no-fsync"], stdin=None, stdout=log, stderr=log,
-                                   env=procs.child_env(NOTIFY_SOCKET=self.notify.path), cwd=REPO,
-                                   umask=-1 if umask is None else umask)
+            self.proc = host.popen(
+                [sys.executable, "-m", "vmwebd.daemon", "--config", str(config), "--no-fsync"],
+                stdin=None,
+                stdout=log,
+                stderr=log,
+                env=procs.child_env(NOTIFY_SOCKET=self.notify.path),
+                cwd=REPO,
+                umask=-1 if umask is None else umask,
+            )
 
     def wait_ready(self):
         try:
@@ -61,11 +68,21 @@ class LabDaemon:
         self.notify.close()
 
 
-def write_config(lab, host, base: Path, templates: Path, cert_dir: Path,
-                 pool_cidr: str | None = None, pool_reserve: str | None = None,
-                 images: str = '<image name="tiny" file="tiny-blank.qcow2" size-mib="128"/>',
-                 reconcile_interval: float = 2, extra: str = "", state_dir: str | None = None,
-                 storage_dir: str = STORAGE, console_dir: str = CONSOLE) -> Path:
+def write_config(
+    lab,
+    host,
+    base: Path,
+    templates: Path,
+    cert_dir: Path,
+    pool_cidr: str | None = None,
+    pool_reserve: str | None = None,
+    images: str = '<image name="tiny" file="tiny-blank.qcow2" size-mib="128"/>',
+    reconcile_interval: float = 2,
+    extra: str = "",
+    state_dir: str | None = None,
+    storage_dir: str = STORAGE,
+    console_dir: str = CONSOLE,
+) -> Path:
     """``<base>/<host>/vmwebd.xml`` for ``host``'s daemon (and its state directory, with the test
     admin's bootstrap file). The IP pool ``lab`` is ``pool_cidr`` (default the lab's own
     10.77.k.0/24, its first /27 reserved for the hosts); ``extra`` is XML put inside ``<vmwebd>``.
@@ -105,17 +122,20 @@ def vmweb(host, creds: Path, *args, check=True, timeout: float = 600):
     """Runs the CLI on ``host`` against its own vmwebd; returns (parsed --json output, the
     CompletedProcess). With ``check``, a non-zero exit is an AssertionError carrying its output."""
     env = _procs().child_env(VMWEB_HOST=f"{host.addr}:{API_PORT}", VMWEB_CREDENTIALS=str(creds))
-    r = host.run([sys.executable, "-m", "vmwebd.cli", "--json", *args], env=env, cwd=REPO,
-                 check=False, timeout=timeout)
+    r = host.run(
+        [sys.executable, "-m", "vmwebd.cli", "--json", *args], env=env, cwd=REPO, check=False, timeout=timeout
+    )
     if check and r.returncode != 0:
-        raise AssertionError(f"vmweb {' '.join(args)} on {host.name} exited {r.returncode}:\n"
-                             f"{r.stdout}\n{r.stderr}")
+        raise AssertionError(
+            f"vmweb {' '.join(args)} on {host.name} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+        )
     return (json.loads(r.stdout) if r.stdout.strip() else None), r
 
 
 def console(host, vm_id: str, console_dir: str = CONSOLE) -> Path:
     """The root-namespace path of the serial log of VM ``CLUSTER/NAME`` on ``host``."""
     from vmwebd.reconcile import domain_name
+
     return host.host_path(f"{console_dir}/{domain_name(vm_id)}.log")
 
 
@@ -125,9 +145,9 @@ class Grid:
     ``config_kw`` goes to :func:`write_config`; ``umask`` is the daemons' (default: this
     process's). :meth:`close` kills the daemons."""
 
-    def __init__(self, lab, base: Path, templates: dict[str, str], umask: int | None = None,
-                 **config_kw):
+    def __init__(self, lab, base: Path, templates: dict[str, str], umask: int | None = None, **config_kw):
         from vmwebd.gossip import pki
+
         procs = _procs()
         self.lab, self.base = lab, Path(base)
         self.daemons: list[LabDaemon] = []
@@ -143,8 +163,9 @@ class Grid:
             for h in lab.hosts:
                 cert = self.base / h.name / "pki"
                 pki.issue_host_cert(ca, h.name, cert, [h.addr])
-                self.daemons.append(LabDaemon(h, write_config(lab, h, self.base, tdir, cert,
-                                                              **config_kw), umask=umask))
+                self.daemons.append(
+                    LabDaemon(h, write_config(lab, h, self.base, tdir, cert, **config_kw), umask=umask)
+                )
             for d in self.daemons:
                 d.wait_ready()
             n = len(lab.hosts)
@@ -152,8 +173,10 @@ class Grid:
             def all_alive(h):
                 hosts, _ = self.vmweb(h, "hosts")
                 return len(hosts) == n and all(x["liveness"] == "alive" for x in hosts)
-            wait_for(lambda: all(all_alive(h) for h in lab.hosts), 60,
-                     f"all {n} vmwebd to see each other alive")
+
+            wait_for(
+                lambda: all(all_alive(h) for h in lab.hosts), 60, f"all {n} vmwebd to see each other alive"
+            )
         except BaseException:
             self.close()
             raise

@@ -2,6 +2,7 @@
 
 Importing this package first puts spyne's compatibility fixes that must precede its first import
 in place (see :mod:`vmwebd.api.compat`)."""
+
 from vmwebd.api import compat
 
 compat.prepare_imports()

@@ -74,8 +74,10 @@ def prepare_imports() -> None:
     try:
         import cgi  # noqa: F401  (spyne needs it; the standard library's until 3.12)
     except ImportError:
-        raise ImportError("spyne needs the cgi module, removed from Python 3.13's standard "
-                          "library: install the legacy-cgi package (pip install legacy-cgi)") from None
+        raise ImportError(
+            "spyne needs the cgi module, removed from Python 3.13's standard "
+            "library: install the legacy-cgi package (pip install legacy-cgi)"
+        ) from None
     _prepared = True
 
 

@@ -4,6 +4,7 @@ Every peer message kind travels as an envelope (see :mod:`vmwebd.gossip.codec`).
 the connection's verified client certificate names the sending host, and an envelope claiming to
 come from another host is refused (``Client.NotAuthorized``).
 """
+
 from __future__ import annotations
 
 from lxml import etree
@@ -28,6 +29,7 @@ _UNKNOWN = object()
 def _cached_identity(identity_of):
     """``identity_of(request)``, read once per connection: the client certificate of a TLS
     connection does not change, and reading it for every request cost ~0.1 ms each."""
+
     def identity(req):
         channel = getattr(req, "channel", None)
         who = getattr(channel, "_vmweb_peer_id", _UNKNOWN)
@@ -36,6 +38,7 @@ def _cached_identity(identity_of):
             if channel is not None:
                 channel._vmweb_peer_id = who
         return who
+
     return identity
 
 
@@ -59,12 +62,14 @@ def _deliverer(gossip, require_identity: bool, identity_of):
         if require_identity:
             who = identity_of(request)
             if who != env.src:
-                raise NotAuthorized(f"envelope claims to come from {env.src!r} but the "
-                                    f"connection's certificate is {who!r}")
+                raise NotAuthorized(
+                    f"envelope claims to come from {env.src!r} but the connection's certificate is {who!r}"
+                )
         # A sender that reads replies in the response gets them there (see REPLIES_HEADER).
         inline = request.getHeader(REPLIES_HEADER) == b"1"
         request.setHeader(BUNDLES_HEADER, b"1")
         return gossip.receive(env, inline).addCallback(_answer)
+
     return deliver
 
 
@@ -75,6 +80,7 @@ def make_peer_service(gossip, require_identity: bool, identity_of, deliver=None)
         @rpc(AnyXml, _returns=Unicode)
         def Deliver(ctx, envelope):
             return deliver(envelope, ctx.transport.req)
+
     return VmwebPeer
 
 
@@ -84,6 +90,7 @@ def _direct_deliver(deliver):
     was about 60% of a peer request's time in the daemon (py-spy, 5 daemons creating clusters
     at once, measured 2026-12-02). The answer is what spyne sends; any other shape of call is
     left to spyne."""
+
     def direct(request, root, obs):
         call = call_element(root, NS, "Deliver")
         if call is None:
@@ -94,16 +101,21 @@ def _direct_deliver(deliver):
         inner = [c for c in args[0] if isinstance(c.tag, str)]
         if len(inner) != 1:
             return None
-        return answer_direct(request, defer.maybeDeferred(deliver, inner[0], request), NS,
-                             "Deliver", obs)
+        return answer_direct(request, defer.maybeDeferred(deliver, inner[0], request), NS, "Deliver", obs)
+
     return direct
 
 
-def build_peer_api(gossip, max_body_bytes: int, require_identity: bool = False, identity_of=None,
-                   direct: bool = True):
+def build_peer_api(
+    gossip, max_body_bytes: int, require_identity: bool = False, identity_of=None, direct: bool = True
+):
     """The peer endpoint's resource; ``direct=False`` serves every call through spyne (the
     tests compare both)."""
     deliver = _deliverer(gossip, require_identity, identity_of)
-    return build_soap_resource([make_peer_service(gossip, require_identity, identity_of, deliver)],
-                               tns=NS, name=PEER_SERVICE_NAME, max_body_bytes=max_body_bytes,
-                               direct=_direct_deliver(deliver) if direct else None)
+    return build_soap_resource(
+        [make_peer_service(gossip, require_identity, identity_of, deliver)],
+        tns=NS,
+        name=PEER_SERVICE_NAME,
+        max_body_bytes=max_body_bytes,
+        direct=_direct_deliver(deliver) if direct else None,
+    )

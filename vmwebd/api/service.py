@@ -6,6 +6,7 @@ operation calls the application (:class:`vmwebd.app.Application`), which checks 
 may see and do; errors are VmwebErrors, which the SOAP stack turns into faults with specific
 faultcodes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ SERVICE_NAME = "VmwebApi"
 class RoleInfo(ComplexModel):
     __namespace__ = TNS
     name = Unicode
-    count = Unicode          # a number, or "rest"
+    count = Unicode  # a number, or "rest"
     vcpus = Integer
     memory_mib = Integer
     image = Unicode
@@ -98,11 +99,12 @@ class HostInfo(ComplexModel):
 
 class DigestInfo(ComplexModel):
     """What a replica holds, as a hash: two hosts whose digests are equal hold the same DOM."""
+
     __namespace__ = TNS
     host = Unicode
-    digest = Unicode         # sha256 hex of the replica's content, independent of arrival order
-    entities = Integer       # entities held, tombstones included
-    complete = Unicode       # up to where it holds everything, per origin: "origin:wall.counter ..."
+    digest = Unicode  # sha256 hex of the replica's content, independent of arrival order
+    entities = Integer  # entities held, tombstones included
+    complete = Unicode  # up to where it holds everything, per origin: "origin:wall.counter ..."
 
 
 class SettingInfo(ComplexModel):
@@ -114,6 +116,7 @@ class SettingInfo(ComplexModel):
 
 class UserInfo(ComplexModel):
     """A user account as callers see it: never the password hash."""
+
     __namespace__ = TNS
     name = Unicode
     role = Unicode
@@ -127,6 +130,7 @@ class UserInfo(ComplexModel):
 class SshKeyInfo(ComplexModel):
     """One of a user's SSH public keys: ``key`` the whole OpenSSH line, ``fingerprint`` as
     ``ssh-keygen -l`` prints it (``SHA256:…``)."""
+
     __namespace__ = TNS
     type = Unicode
     key = Unicode
@@ -137,6 +141,7 @@ class SshKeyInfo(ComplexModel):
 class ClusterHostsInfo(ComplexModel):
     """A cluster's names: ``hosts`` its members' ``/etc/hosts`` lines (``IP FQDN NAME``), ``mpi``
     an MPI hostfile (``FQDN slots=VCPUS`` per running member)."""
+
     __namespace__ = TNS
     name = Unicode
     hosts = Unicode
@@ -146,6 +151,7 @@ class ClusterHostsInfo(ComplexModel):
 class MigrationInfo(ComplexModel):
     """One move of a VM: phase prepare → ready → migrating (live) or saved → restored (cold)
     → done | failed; sizes in bytes, times in ms (downtime as QEMU reports it)."""
+
     __namespace__ = TNS
     id = Unicode
     vm = Unicode
@@ -180,6 +186,7 @@ class ImageInfo(ComplexModel):
 class AuditInfo(ComplexModel):
     """One change asked of the grid: when (``at``, ms since the epoch), by whom, which operation
     on which object, ``ok`` or the faultcode, at which host; ``id`` is unique in the grid."""
+
     __namespace__ = TNS
     id = Unicode
     at = Integer
@@ -193,33 +200,78 @@ class AuditInfo(ComplexModel):
 
 
 def migration_info(m) -> MigrationInfo:
-    return MigrationInfo(id=m.id, vm=m.vm, source=m.source, dest=m.dest, phase=m.phase,
-                         mode=m.mode, requested_by=m.requested_by, started_at=m.started_at,
-                         finished_at=m.finished_at, bytes=m.bytes, disk_bytes=m.disk_bytes,
-                         total_ms=m.total_ms, downtime_ms=m.downtime_ms, error=m.error)
+    return MigrationInfo(
+        id=m.id,
+        vm=m.vm,
+        source=m.source,
+        dest=m.dest,
+        phase=m.phase,
+        mode=m.mode,
+        requested_by=m.requested_by,
+        started_at=m.started_at,
+        finished_at=m.finished_at,
+        bytes=m.bytes,
+        disk_bytes=m.disk_bytes,
+        total_ms=m.total_ms,
+        downtime_ms=m.downtime_ms,
+        error=m.error,
+    )
 
 
 def image_info(rec, dom) -> ImageInfo:
     from vmwebd.dom.records import HostRec
-    hosts = sorted(h.id for h in dom.all(HostRec) if rec.id in h.images.split()) if rec.sha256 \
+
+    hosts = (
+        sorted(h.id for h in dom.all(HostRec) if rec.id in h.images.split())
+        if rec.sha256
         else ["(blank: every host)"]
-    return ImageInfo(name=rec.id, file=rec.file, format=rec.format, size_mib=rec.size_mib,
-                     sha256=rec.sha256, bytes=rec.bytes, kernel=rec.kernel, initrd=rec.initrd,
-                     cmdline=rec.cmdline, hosts=hosts)
+    )
+    return ImageInfo(
+        name=rec.id,
+        file=rec.file,
+        format=rec.format,
+        size_mib=rec.size_mib,
+        sha256=rec.sha256,
+        bytes=rec.bytes,
+        kernel=rec.kernel,
+        initrd=rec.initrd,
+        cmdline=rec.cmdline,
+        hosts=hosts,
+    )
 
 
 def template_info(t) -> TemplateInfo:
     return TemplateInfo(
-        name=t.name, description=t.description, min_count=min_count(t), pool=t.network.pool,
+        name=t.name,
+        description=t.description,
+        min_count=min_count(t),
+        pool=t.network.pool,
         network_mode=t.network.mode,
-        roles=[RoleInfo(name=r.name, count="rest" if r.is_rest else str(r.count), vcpus=r.vcpus,
-                        memory_mib=r.memory_mib, image=r.image) for r in t.roles])
+        roles=[
+            RoleInfo(
+                name=r.name,
+                count="rest" if r.is_rest else str(r.count),
+                vcpus=r.vcpus,
+                memory_mib=r.memory_mib,
+                image=r.image,
+            )
+            for r in t.roles
+        ],
+    )
 
 
 def cluster_info(c) -> ClusterInfo:
-    return ClusterInfo(name=c.name, owner=c.owner, template=c.template, count=c.count,
-                       state=c.state, vni=c.vni, network=c.network, bridge=c.bridge,
-                       vms=[VmInfo(**vars(v)) for v in c.vms])
+    return ClusterInfo(
+        name=c.name,
+        owner=c.owner,
+        template=c.template,
+        count=c.count,
+        state=c.state,
+        vni=c.vni,
+        network=c.network,
+        bridge=c.bridge,
+        vms=[VmInfo(**vars(v)) for v in c.vms],
+    )
 
 
 def ssh_key_info(k) -> SshKeyInfo:
@@ -237,8 +289,13 @@ def _caller(ctx):
     return principal_of(ctx.transport.req)
 
 
-def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: str,
-                      complete_vector: Callable[[], dict[str, Any]]) -> type[Service]:
+def make_user_service(
+    app: Application,
+    mgr: ClusterManager,
+    dom: Dom,
+    host_id: str,
+    complete_vector: Callable[[], dict[str, Any]],
+) -> type[Service]:
     """The user API on one daemon's application ``app`` (every operation with its checks), with
     what its reads need: the cluster manager ``mgr`` (templates, hosts), the replica ``dom``,
     this host's id and ``complete_vector`` (up to where this replica holds everything)."""
@@ -253,8 +310,7 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
         def CreateCluster(ctx, name, template, owner, count):
             _required(name, "name"), _required(template, "template"), _required(owner, "owner")
             _required(count, "count")
-            return app.create_cluster(_caller(ctx), name, template, owner, count) \
-                .addCallback(cluster_info)
+            return app.create_cluster(_caller(ctx), name, template, owner, count).addCallback(cluster_info)
 
         # ``force`` (appended, optional: older clients leave it out) powers removed VMs off at
         # once instead of asking their guests to shut down within stop_timeout_s.
@@ -266,7 +322,9 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
         @rpc(Unicode, Boolean, _returns=Unicode)
         def DestroyCluster(ctx, name, force):
             _required(name, "name")
-            return app.destroy_cluster(_caller(ctx), name, bool(force)).addCallback(lambda done: "destroyed" if done else "destroying")
+            return app.destroy_cluster(_caller(ctx), name, bool(force)).addCallback(
+                lambda done: "destroyed" if done else "destroying"
+            )
 
         @rpc(Unicode, _returns=ClusterInfo)
         def GetCluster(ctx, name):
@@ -287,14 +345,18 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
         @rpc(Unicode, Unicode, _returns=VmInfo)
         def StartVm(ctx, cluster, vm):
             _required(cluster, "cluster"), _required(vm, "vm")
-            return app.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(lambda v: VmInfo(**vars(v)))
+            return app.set_vm_power(_caller(ctx), cluster, vm, "running").addCallback(
+                lambda v: VmInfo(**vars(v))
+            )
 
         @rpc(Unicode, Unicode, Boolean, _returns=VmInfo)
         def StopVm(ctx, cluster, vm, force):
             """Asks the guest to shut down, powered off after stop_timeout_s; ``force``
             (optional) powers it off at once."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return app.set_vm_power(_caller(ctx), cluster, vm, "stopped", bool(force)).addCallback(lambda v: VmInfo(**vars(v)))
+            return app.set_vm_power(_caller(ctx), cluster, vm, "stopped", bool(force)).addCallback(
+                lambda v: VmInfo(**vars(v))
+            )
 
         @rpc(_returns=Array(HostInfo))
         def ListHosts(ctx):
@@ -311,20 +373,24 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             """A digest of this host's replica: anyone may compare hosts' digests to see that
             their replicas are equal (kept up to date on every change, never a scan)."""
             _caller(ctx)
-            return DigestInfo(host=host_id, digest=dom.digest(), entities=dom.size(),
-                              complete=format_cvv(complete_vector()))
+            return DigestInfo(
+                host=host_id, digest=dom.digest(), entities=dom.size(), complete=format_cvv(complete_vector())
+            )
 
         @rpc(_returns=Array(SettingInfo))
         def GetSettings(ctx):
             _caller(ctx)
-            return [SettingInfo(key=k, value=v, description=SETTINGS[k].description)
-                    for k, v in all_settings(dom).items()]
+            return [
+                SettingInfo(key=k, value=v, description=SETTINGS[k].description)
+                for k, v in all_settings(dom).items()
+            ]
 
         @rpc(Unicode, Unicode, _returns=SettingInfo)
         def SetSetting(ctx, key, value):
             _required(key, "key")
             return app.set_setting(_caller(ctx), key, value).addCallback(
-                lambda rec: SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description))
+                lambda rec: SettingInfo(key=rec.id, value=rec.value, description=SETTINGS[rec.id].description)
+            )
 
         @rpc(Unicode, _returns=Array(Unicode))
         def AddHost(ctx, host):
@@ -343,8 +409,9 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
         def CreateUser(ctx, name, password, role, quota):
             """Creates a user account (admins only); role admin or user (default), quota in VMs."""
             _required(name, "name"), _required(password, "password")
-            return app.create_user(_caller(ctx), name, password, role, quota) \
-                .addCallback(lambda u: UserInfo(**vars(u)))
+            return app.create_user(_caller(ctx), name, password, role, quota).addCallback(
+                lambda u: UserInfo(**vars(u))
+            )
 
         @rpc(Unicode, _returns=Boolean)
         def DeleteUser(ctx, name):
@@ -387,8 +454,9 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             """Removes a key given by its fingerprint (``SHA256:…``) or its OpenSSH line; answers
             with the key removed."""
             _required(key_or_fingerprint, "key_or_fingerprint")
-            return app.remove_ssh_key(_caller(ctx), user or None, key_or_fingerprint) \
-                .addCallback(ssh_key_info)
+            return app.remove_ssh_key(_caller(ctx), user or None, key_or_fingerprint).addCallback(
+                ssh_key_info
+            )
 
         # -- migration and images --------------------------------------------------------
         @rpc(Unicode, Unicode, Unicode, _returns=MigrationInfo)
@@ -396,8 +464,7 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             """Starts moving a VM to host ``to`` (empty: the least loaded host that fits).
             Answers once the move is reserved (its lease held); follow it with GetMigration."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return app.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
-                migration_info)
+            return app.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(migration_info)
 
         @rpc(Unicode, _returns=Array(MigrationInfo))
         def EvacuateHost(ctx, host):
@@ -405,7 +472,8 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             with the same addresses (admins only); answers with one ``evacuate`` move per VM."""
             _required(host, "host")
             return app.evacuate_host(_caller(ctx), host).addCallback(
-                lambda ms: [migration_info(m) for m in ms])
+                lambda ms: [migration_info(m) for m in ms]
+            )
 
         @rpc(Unicode, _returns=Array(MigrationInfo))
         def DrainHost(ctx, host):
@@ -417,8 +485,10 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             def answer(result):
                 started, refused = result
                 return [migration_info(m) for m in started] + [
-                    MigrationInfo(id="", vm=vm, source=host, dest="", phase="failed", mode="",
-                                  error=reason) for vm, reason in refused]
+                    MigrationInfo(id="", vm=vm, source=host, dest="", phase="failed", mode="", error=reason)
+                    for vm, reason in refused
+                ]
+
             return app.drain_host(_caller(ctx), host).addCallback(answer)
 
         @rpc(Unicode, _returns=Boolean)
@@ -441,13 +511,15 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             """Registers a base image by content from ``file``, a path on the host that takes
             this call (admins only); other hosts fetch it from there when they need it."""
             _required(name, "name"), _required(file, "file")
-            return app.add_image(_caller(ctx), name, file, format, kernel, initrd,
-                                 cmdline).addCallback(lambda r: image_info(r, dom))
+            return app.add_image(_caller(ctx), name, file, format, kernel, initrd, cmdline).addCallback(
+                lambda r: image_info(r, dom)
+            )
 
         @rpc(_returns=Array(ImageInfo))
         def ListImages(ctx):
             _caller(ctx)
             from vmwebd.dom.records import ImageRec
+
             return [image_info(r, dom) for r in sorted(dom.all(ImageRec), key=lambda r: r.id)]
 
         @rpc(Unicode, Unicode, Integer, _returns=Array(AuditInfo))
@@ -456,8 +528,10 @@ def make_user_service(app: Application, mgr: ClusterManager, dom: Dom, host_id: 
             a user their own. ``since``: an ISO 8601 time (UTC unless it names a zone) or a span
             back from now (``90s``, ``30m``, ``1h``, ``2d``, ``1w``); ``limit`` from 1 to 10,000
             (empty: 100)."""
-            return [AuditInfo(**{f: getattr(r, f) for f in AuditInfo._type_info})
-                    for r in app.list_audit(_caller(ctx), user or None, since or None, limit)]
+            return [
+                AuditInfo(**{f: getattr(r, f) for f in AuditInfo._type_info})
+                for r in app.list_audit(_caller(ctx), user or None, since or None, limit)
+            ]
 
     return VmwebApi
 
@@ -475,20 +549,38 @@ def read_cache_key(dom, view_generation=lambda: 0):
     body), who calls, the generations of the DOM kinds the answer reads, and
     ``view_generation()`` (hosts' liveness as seen here, which a pending VM's detail names);
     None if not cached."""
+
     def key_of(request, body: bytes):
         op = soap_operation(body)
         kinds = CACHED_READS.get(op)
         if kinds is None:
             return None
         p = principal_of(request)
-        return (op, hashlib.sha256(body).digest(), p.name, p.role,
-                tuple(dom.kind_generation(k) for k in kinds), view_generation())
+        return (
+            op,
+            hashlib.sha256(body).digest(),
+            p.name,
+            p.role,
+            tuple(dom.kind_generation(k) for k in kinds),
+            view_generation(),
+        )
+
     return key_of
 
 
-def build_user_api(app: Application, mgr: ClusterManager, dom: Dom, host_id: str,
-                   complete_vector: Callable[[], dict[str, Any]], max_body_bytes: int):
+def build_user_api(
+    app: Application,
+    mgr: ClusterManager,
+    dom: Dom,
+    host_id: str,
+    complete_vector: Callable[[], dict[str, Any]],
+    max_body_bytes: int,
+):
     """The SOAP resource of the user API (see :func:`make_user_service` for the arguments)."""
-    return build_soap_resource([make_user_service(app, mgr, dom, host_id, complete_vector)], tns=TNS,
-                               name=SERVICE_NAME, max_body_bytes=max_body_bytes,
-                               cache=ResponseCache(read_cache_key(dom, lambda: mgr.view_generation())))
+    return build_soap_resource(
+        [make_user_service(app, mgr, dom, host_id, complete_vector)],
+        tns=TNS,
+        name=SERVICE_NAME,
+        max_body_bytes=max_body_bytes,
+        cache=ResponseCache(read_cache_key(dom, lambda: mgr.view_generation())),
+    )

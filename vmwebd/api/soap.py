@@ -110,18 +110,30 @@ def fault_from_exception(exc: BaseException, operation: str = "?", failure: Fail
         return exc
     if isinstance(exc, VmwebError):
         if exc.faultcode.startswith("Server"):
-            log.warn("SOAP {operation} failed: {faultcode}: {message}",
-                     operation=operation, faultcode=exc.faultcode, message=exc.message)
+            log.warn(
+                "SOAP {operation} failed: {faultcode}: {message}",
+                operation=operation,
+                faultcode=exc.faultcode,
+                message=exc.message,
+            )
         else:
-            log.info("SOAP {operation} refused: {faultcode}: {message}",
-                     operation=operation, faultcode=exc.faultcode, message=exc.message)
+            log.info(
+                "SOAP {operation} refused: {faultcode}: {message}",
+                operation=operation,
+                faultcode=exc.faultcode,
+                message=exc.message,
+            )
         return Fault(exc.faultcode, exc.message)
     incident = uuid.uuid4().hex[:12]
-    log.failure("SOAP {operation} crashed (incident {incident})",
-                failure=failure if failure is not None else Failure(exc),
-                operation=operation, incident=incident)
-    return Fault("Server.Internal",
-                 f"internal error in {operation} (incident {incident}); see the daemon log")
+    log.failure(
+        "SOAP {operation} crashed (incident {incident})",
+        failure=failure if failure is not None else Failure(exc),
+        operation=operation,
+        incident=incident,
+    )
+    return Fault(
+        "Server.Internal", f"internal error in {operation} (incident {incident}); see the daemon log"
+    )
 
 
 def _operation_name(ctx) -> str:
@@ -249,8 +261,7 @@ def call_element(root: etree._Element, tns: str, operation: str) -> etree._Eleme
     return calls[0]
 
 
-def answer_direct(request: Request, result: Deferred, tns: str, operation: str,
-                  obs: _Observation) -> int:
+def answer_direct(request: Request, result: Deferred, tns: str, operation: str, obs: _Observation) -> int:
     """Writes the answer of a direct call once ``result`` (a Deferred firing with the string the
     operation returns) fires: ``{tns}operationResponse/{tns}operationResult`` as spyne shapes a
     string result, or the fault of the error, as spyne would send it. Returns NOT_DONE_YET."""
@@ -278,6 +289,7 @@ def answer_direct(request: Request, result: Deferred, tns: str, operation: str,
         request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
         obs.done(operation, _faultcode_of(fault))
         _SoapResource._send(request, _fault_body(str(fault.faultcode), str(fault.faultstring)))
+
     result.addCallbacks(ok, failed)
     return NOT_DONE_YET
 
@@ -287,8 +299,13 @@ class _SoapResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, transport: TwistedHttpTransport, max_body_bytes: int, cache=None,
-                 direct: DirectCall | None = None):
+    def __init__(
+        self,
+        transport: TwistedHttpTransport,
+        max_body_bytes: int,
+        cache=None,
+        direct: DirectCall | None = None,
+    ):
         super().__init__()
         self._transport = transport
         self.max_body_bytes = max_body_bytes
@@ -305,8 +322,12 @@ class _SoapResource(Resource):
         obs = _Observation(request)
         if request.method != b"POST":
             request.setHeader(b"Allow", b"GET, HEAD, POST")
-            return self._refuse(request, 405, MalformedRequest(
-                "SOAP calls are POSTed; GET only serves the WSDL at ?wsdl"), obs)
+            return self._refuse(
+                request,
+                405,
+                MalformedRequest("SOAP calls are POSTed; GET only serves the WSDL at ?wsdl"),
+                obs,
+            )
         declared = request.getHeader(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             return self._refuse(request, 413, self._too_large(int(declared)), obs)
@@ -336,8 +357,9 @@ class _SoapResource(Resource):
                 return hit[1]
         answer = self._call(request, body, obs)
         if key is not None and isinstance(answer, bytes) and request.code == 200:
-            self._cache.put(key, request.responseHeaders.getRawHeaders(b"content-type", [b"text/xml"])[0],
-                            answer)
+            self._cache.put(
+                key, request.responseHeaders.getRawHeaders(b"content-type", [b"text/xml"])[0], answer
+            )
         return answer
 
     # -- the call, through spyne's transport (what TwistedWebResource.handle_rpc does, minus the
@@ -365,9 +387,12 @@ class _SoapResource(Resource):
         # answer will have nobody to go to.
         gone = []
         request.notifyFinish().addErrback(gone.append)
-        pending.addCallbacks(self._answer_later, self._fault_later,
-                             callbackArgs=(request, p_ctx, others, gone, obs),
-                             errbackArgs=(request, p_ctx, others, gone, obs))
+        pending.addCallbacks(
+            self._answer_later,
+            self._fault_later,
+            callbackArgs=(request, p_ctx, others, gone, obs),
+            errbackArgs=(request, p_ctx, others, gone, obs),
+        )
         return NOT_DONE_YET
 
     def _answer(self, request: Request, p_ctx, others, obs: _Observation) -> bytes:
@@ -380,8 +405,9 @@ class _SoapResource(Resource):
             self._transport.get_out_string(p_ctx)
             answer = b"".join(p_ctx.out_string)
         except Exception as exc:
-            return self._fault(request, p_ctx, others,
-                               fault_from_exception(exc, _operation_name(p_ctx), Failure()), obs)
+            return self._fault(
+                request, p_ctx, others, fault_from_exception(exc, _operation_name(p_ctx), Failure()), obs
+            )
         request.setResponseCode(int(resp_code[:3]))
         _set_headers(request, p_ctx.transport.resp_headers)
         obs.done(_known_operation(p_ctx))
@@ -406,26 +432,32 @@ class _SoapResource(Resource):
         process_contexts(self._transport, others, p_ctx, error=error)
         return answer
 
-    def _answer_later(self, result, request: Request, p_ctx, others, gone: list,
-                      obs: _Observation) -> None:
+    def _answer_later(self, result, request: Request, p_ctx, others, gone: list, obs: _Observation) -> None:
         if gone:
             return self._drop(request, p_ctx, obs)
         # Shape the result as spyne's Application.process_request does for direct returns.
         descriptor = p_ctx.descriptor
         out_message = descriptor.out_message
-        if (descriptor.is_out_bare() or not issubclass(out_message, ComplexModelBase)
-                or len(out_message._type_info) <= 1):
+        if (
+            descriptor.is_out_bare()
+            or not issubclass(out_message, ComplexModelBase)
+            or len(out_message._type_info) <= 1
+        ):
             p_ctx.out_object = [result]
         else:
             p_ctx.out_object = result
         self._send(request, self._answer(request, p_ctx, others, obs))
 
-    def _fault_later(self, failure: Failure, request: Request, p_ctx, others, gone: list,
-                     obs: _Observation) -> None:
+    def _fault_later(
+        self, failure: Failure, request: Request, p_ctx, others, gone: list, obs: _Observation
+    ) -> None:
         if gone:
             return self._drop(request, p_ctx, obs)
-        error = failure.value if failure.check(Fault) else fault_from_exception(
-            failure.value, _operation_name(p_ctx), failure)
+        error = (
+            failure.value
+            if failure.check(Fault)
+            else fault_from_exception(failure.value, _operation_name(p_ctx), failure)
+        )
         self._send(request, self._fault(request, p_ctx, others, error, obs))
 
     @staticmethod
@@ -436,18 +468,26 @@ class _SoapResource(Resource):
 
     @staticmethod
     def _drop(request: Request, p_ctx, obs: _Observation) -> None:
-        log.debug("SOAP {operation} answered after its client {peer} went away; answer dropped",
-                  operation=_operation_name(p_ctx), peer=_peer(request))
+        log.debug(
+            "SOAP {operation} answered after its client {peer} went away; answer dropped",
+            operation=_operation_name(p_ctx),
+            peer=_peer(request),
+        )
         obs.done(_known_operation(p_ctx), "disconnected")
         p_ctx.close()
 
     def _too_large(self, size: int) -> RequestTooLarge:
         return RequestTooLarge(
-            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes")
+            f"request body of {size} bytes exceeds the limit of {self.max_body_bytes} bytes"
+        )
 
     def _refuse(self, request: Request, code: int, exc: VmwebError, obs: _Observation) -> bytes:
-        log.info("SOAP request from {peer} refused: {faultcode}: {message}",
-                 peer=_peer(request), faultcode=exc.faultcode, message=exc.message)
+        log.info(
+            "SOAP request from {peer} refused: {faultcode}: {message}",
+            peer=_peer(request),
+            faultcode=exc.faultcode,
+            message=exc.message,
+        )
         obs.done("unknown", exc.faultcode)
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"text/xml; charset=utf-8")
@@ -542,9 +582,14 @@ def soap_operation(body: bytes) -> str | None:
     return None
 
 
-def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
-                        max_body_bytes: int = 1 << 20, cache: ResponseCache | None = None,
-                        direct: DirectCall | None = None) -> Resource:
+def build_soap_resource(
+    services: Sequence[type[Service]],
+    tns: str,
+    name: str,
+    max_body_bytes: int = 1 << 20,
+    cache: ResponseCache | None = None,
+    direct: DirectCall | None = None,
+) -> Resource:
     """A twisted.web resource serving ``services`` as SOAP 1.1 (POST) with the WSDL at ``?wsdl``.
 
     Mount it where the endpoint lives (``root.putChild(b"soap", resource)``); it is a leaf.
@@ -555,9 +600,12 @@ def build_soap_resource(services: Sequence[type[Service]], tns: str, name: str,
     if max_body_bytes <= 0:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     app = _VmwebApplication(
-        list(services), tns=tns, name=name,
+        list(services),
+        tns=tns,
+        name=name,
         in_protocol=_SafeSoap11(validator="lxml"),
         out_protocol=Soap11(),
     )
-    return _SoapResource(TwistedHttpTransport(app, max_content_length=max_body_bytes), max_body_bytes,
-                         cache, direct)
+    return _SoapResource(
+        TwistedHttpTransport(app, max_content_length=max_body_bytes), max_body_bytes, cache, direct
+    )

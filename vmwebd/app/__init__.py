@@ -18,6 +18,7 @@ SOAP API (:mod:`vmwebd.api.service`) and the web pages (:mod:`vmwebd.web`) both 
 Reads answer from the local replica; writes go through the cluster manager, the migration
 manager, the lease service, the image store, or straight into the DOM (users, settings).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -40,8 +41,14 @@ class Application:
     """One object with every user-facing operation, each delegated to the part that owns it;
     ``audit`` records the writing ones (:func:`vmwebd.audit.instrument`, applied below)."""
 
-    def __init__(self, clusters: ClusterService, hosts: HostService, users: UserService,
-                 settings: SettingsService, audit: AuditLog):
+    def __init__(
+        self,
+        clusters: ClusterService,
+        hosts: HostService,
+        users: UserService,
+        settings: SettingsService,
+        audit: AuditLog,
+    ):
         self._clusters = clusters
         self._hosts = hosts
         self._users = users
@@ -63,8 +70,9 @@ class Application:
     def clusters(self, p: Principal, owner: str | None = None) -> list[ClusterView]:
         return self._clusters.clusters(p, owner)
 
-    def create_cluster(self, p: Principal, name: str, template: str, owner: str,
-                       count: int) -> defer.Deferred[Any]:
+    def create_cluster(
+        self, p: Principal, name: str, template: str, owner: str, count: int
+    ) -> defer.Deferred[Any]:
         return self._clusters.create_cluster(p, name, template, owner, count)
 
     def scale_cluster(self, p: Principal, name: str, count: int, force: bool = False) -> defer.Deferred[Any]:
@@ -73,8 +81,9 @@ class Application:
     def destroy_cluster(self, p: Principal, name: str, force: bool = False) -> defer.Deferred[Any]:
         return self._clusters.destroy_cluster(p, name, force)
 
-    def set_vm_power(self, p: Principal, cluster: str, vm: str, desired: str,
-                     force: bool = False) -> defer.Deferred[Any]:
+    def set_vm_power(
+        self, p: Principal, cluster: str, vm: str, desired: str, force: bool = False
+    ) -> defer.Deferred[Any]:
         return self._clusters.set_vm_power(p, cluster, vm, desired, force)
 
     def cluster_hosts(self, p: Principal, name: str) -> tuple[str, str]:
@@ -106,8 +115,16 @@ class Application:
         return self._hosts.migrations(p)
 
     # -- the grid --------------------------------------------------------------------------
-    def add_image(self, p: Principal, name: str, path: str, fmt: str | None, kernel: str | None,
-                  initrd: str | None, cmdline: str | None) -> defer.Deferred[Any]:
+    def add_image(
+        self,
+        p: Principal,
+        name: str,
+        path: str,
+        fmt: str | None,
+        kernel: str | None,
+        initrd: str | None,
+        cmdline: str | None,
+    ) -> defer.Deferred[Any]:
         return self._settings.add_image(p, name, path, fmt, kernel, initrd, cmdline)
 
     def set_setting(self, p: Principal, key: str, value: str | None) -> defer.Deferred[Any]:
@@ -116,8 +133,9 @@ class Application:
     def dom_xml(self, p: Principal, pretty: bool = True) -> bytes:
         return self._settings.dom_xml(p, pretty)
 
-    def list_audit(self, p: Principal, user: str | None = None, since: str | None = None,
-                   limit: int | None = None) -> list[AuditRec]:
+    def list_audit(
+        self, p: Principal, user: str | None = None, since: str | None = None, limit: int | None = None
+    ) -> list[AuditRec]:
         return self._settings.list_audit(p, user, since, limit)
 
     # -- users -----------------------------------------------------------------------------
@@ -127,8 +145,9 @@ class Application:
     def user(self, p: Principal, name: str) -> UserView:
         return self._users.user(p, name)
 
-    def create_user(self, p: Principal, name: str, password: str, role: str | None = None,
-                    quota: int | None = None) -> defer.Deferred[UserView]:
+    def create_user(
+        self, p: Principal, name: str, password: str, role: str | None = None, quota: int | None = None
+    ) -> defer.Deferred[UserView]:
         return self._users.create_user(p, name, password, role, quota)
 
     def delete_user(self, p: Principal, name: str) -> defer.Deferred[bool]:
@@ -149,24 +168,38 @@ class Application:
     def add_ssh_key_file(self, p: Principal, name: str | None, text: str) -> defer.Deferred[list[SshKey]]:
         return self._users.add_ssh_key_file(p, name, text)
 
-    def remove_ssh_key(self, p: Principal, name: str | None,
-                       key_or_fingerprint: str) -> defer.Deferred[SshKey]:
+    def remove_ssh_key(
+        self, p: Principal, name: str | None, key_or_fingerprint: str
+    ) -> defer.Deferred[SshKey]:
         return self._users.remove_ssh_key(p, name, key_or_fingerprint)
 
 
 instrument(Application)
 
 
-def build_application(*, manager: ClusterManager, domsvc: DomService, migrations: Migrations,
-                      members: Membership, images: ImageCatalog, audit: AuditLog,
-                      now_ms: Callable[[], int], run: Runner) -> Application:
+def build_application(
+    *,
+    manager: ClusterManager,
+    domsvc: DomService,
+    migrations: Migrations,
+    members: Membership,
+    images: ImageCatalog,
+    audit: AuditLog,
+    now_ms: Callable[[], int],
+    run: Runner,
+) -> Application:
     """The application on its collaborators: the cluster ``manager``, the DOM service, the
     migration manager, the consensus ``members`` (the lease service), the image store, the
     ``audit`` log (started and stopped by its owner), the clock, and ``run`` for blocking work
     (password hashes; :func:`vmwebd.app.users.thread_pool_runner`)."""
     dom = domsvc.dom
-    return Application(ClusterService(manager, dom), HostService(dom, migrations, members),
-                       UserService(domsvc, run), SettingsService(domsvc, images, audit, now_ms), audit)
+    return Application(
+        ClusterService(manager, dom),
+        HostService(dom, migrations, members),
+        UserService(domsvc, run),
+        SettingsService(domsvc, images, audit, now_ms),
+        audit,
+    )
 
 
 __all__ = ["Application", "UserView", "build_application"]

@@ -1,5 +1,6 @@
 """The two permission rules every part of the application shares: admins only, and a cluster's
 owner (or an admin)."""
+
 from __future__ import annotations
 
 from vmwebd.accounts import Principal
@@ -21,6 +22,7 @@ def owned_cluster(dom: Dom, p: Principal, name: object) -> VClusterRec:
     if c is None:
         raise NoSuchCluster(str(name))
     if not p.is_admin and c.owner != p.name:
-        raise NotAuthorized(f"user {p.name!r} may not see or change cluster {name!r}: "
-                            "it belongs to another user")
+        raise NotAuthorized(
+            f"user {p.name!r} may not see or change cluster {name!r}: it belongs to another user"
+        )
     return c

@@ -1,6 +1,7 @@
 """Clusters and their VMs as users ask for them: who may see and change which, quotas (VMs per
 owner, counting those promised to creates and scales still under way at this host), power, and
 a cluster's names for its guests (hosts file, MPI hostfile)."""
+
 from __future__ import annotations
 
 import collections
@@ -40,10 +41,15 @@ class ClusterService:
             raise NoSuchUser(owner)
         used = self.used(owner, skip_cluster) + self._inflight[owner]
         if used + wanted > rec.quota_vms:
-            what = (f"asked for {wanted} VMs" if skip_cluster is None
-                    else f"asked to scale cluster {skip_cluster!r} from {have} to {wanted} VMs")
-            raise QuotaExceeded(f"user {owner!r} has a quota of {rec.quota_vms} VMs, uses "
-                                f"{used} in other clusters, and {what}")
+            what = (
+                f"asked for {wanted} VMs"
+                if skip_cluster is None
+                else f"asked to scale cluster {skip_cluster!r} from {have} to {wanted} VMs"
+            )
+            raise QuotaExceeded(
+                f"user {owner!r} has a quota of {rec.quota_vms} VMs, uses "
+                f"{used} in other clusters, and {what}"
+            )
 
     @defer.inlineCallbacks
     def _holding(self, owner: str, n: int, d_fn: Callable[[], defer.Deferred[Any]]):
@@ -67,11 +73,13 @@ class ClusterService:
             owner = p.name
         return self.mgr.clusters(owner or None)
 
-    def create_cluster(self, p: Principal, name: str, template: str, owner: str,
-                       count: int) -> defer.Deferred[Any]:
+    def create_cluster(
+        self, p: Principal, name: str, template: str, owner: str, count: int
+    ) -> defer.Deferred[Any]:
         if not p.is_admin and owner != p.name:
-            raise NotAuthorized(f"user {p.name!r} may only create clusters of their own "
-                                f"(owner {owner!r} asked)")
+            raise NotAuthorized(
+                f"user {p.name!r} may only create clusters of their own (owner {owner!r} asked)"
+            )
         _check_name(name)
         check_user_name(owner, "owner")
         if self.dom.get(UserRec, owner) is None:
@@ -83,8 +91,9 @@ class ClusterService:
     def scale_cluster(self, p: Principal, name: str, count: int, force: bool = False) -> defer.Deferred[Any]:
         c = owned_cluster(self.dom, p, name)
         existing = [vm.name for vm in self.dom.select(VmRec, "cluster", c.id) if vm.desired != "absent"]
-        to_add, to_remove = plan_scale(self.mgr.template(c.template), existing, count,
-                                       self.mgr.limits.max_vms_per_cluster)
+        to_add, to_remove = plan_scale(
+            self.mgr.template(c.template), existing, count, self.mgr.limits.max_vms_per_cluster
+        )
         after = len(existing) + len(to_add) - len(to_remove)
         if to_add:
             self._check_quota(c.owner, after, c.id, have=len(existing))
@@ -94,8 +103,9 @@ class ClusterService:
         owned_cluster(self.dom, p, name)
         return self.mgr.destroy(name, force)
 
-    def set_vm_power(self, p: Principal, cluster: str, vm: str, desired: str,
-                     force: bool = False) -> defer.Deferred[Any]:
+    def set_vm_power(
+        self, p: Principal, cluster: str, vm: str, desired: str, force: bool = False
+    ) -> defer.Deferred[Any]:
         owned_cluster(self.dom, p, cluster)
         return self.mgr.set_vm_power(cluster, vm, desired, force)
 

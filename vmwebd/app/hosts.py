@@ -1,5 +1,6 @@
 """Hosts and VM moves as users ask for them: consensus members, drain and undrain, evacuating a
 dead host (admins only), migrations (a VM's owner moves their own, an admin any)."""
+
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -18,8 +19,9 @@ class Migrations(Protocol):
     """What the application asks of the migration manager
     (:class:`vmwebd.migrate.manager.MigrationManager`)."""
 
-    def request(self, cluster: str, vm: str, dest: str | None = None,
-                requested_by: str = "") -> defer.Deferred[Any]: ...
+    def request(
+        self, cluster: str, vm: str, dest: str | None = None, requested_by: str = ""
+    ) -> defer.Deferred[Any]: ...
 
     def evacuate(self, host: str, requested_by: str = "") -> defer.Deferred[Any]: ...
 
@@ -34,8 +36,7 @@ class Membership(Protocol):
     """Who decides leases (:class:`vmwebd.lease.service.LeaseService`): one member added or
     removed at a time, decided by the current members; fires with the new members."""
 
-    def change_members(self, add: str | None = None,
-                       remove: str | None = None) -> defer.Deferred[Any]: ...
+    def change_members(self, add: str | None = None, remove: str | None = None) -> defer.Deferred[Any]: ...
 
 
 class HostService:

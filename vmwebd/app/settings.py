@@ -1,6 +1,7 @@
 """The grid's own state as users ask for it: system settings and base images (admins change
 them), the DOM as a caller may see it, and the audit trail (an admin reads anyone's records, a
 user their own)."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,9 @@ from vmwebd.settings import checked_setting
 class ImageCatalog(Protocol):
     """Where base images are registered (:class:`vmwebd.hv.images.ImageStore`)."""
 
-    def add(self, name: str, path: str, fmt: str = "qcow2", kernel: str = "", initrd: str = "",
-            cmdline: str = "") -> defer.Deferred[ImageRec]: ...
+    def add(
+        self, name: str, path: str, fmt: str = "qcow2", kernel: str = "", initrd: str = "", cmdline: str = ""
+    ) -> defer.Deferred[ImageRec]: ...
 
 
 class SettingsService:
@@ -30,8 +32,7 @@ class SettingsService:
     ``images``; ``audit`` answers audit queries, ``now_ms`` is the clock a query's ``since``
     counts back from."""
 
-    def __init__(self, domsvc: DomService, images: ImageCatalog, audit: AuditLog,
-                 now_ms: Callable[[], int]):
+    def __init__(self, domsvc: DomService, images: ImageCatalog, audit: AuditLog, now_ms: Callable[[], int]):
         self.domsvc = domsvc
         self.dom = domsvc.dom
         self.images = images
@@ -43,8 +44,16 @@ class SettingsService:
         rec = checked_setting(key, value if value is not None else "")
         return self.domsvc.put(rec).addCallback(lambda _: rec)
 
-    def add_image(self, p: Principal, name: str, path: str, fmt: str | None, kernel: str | None,
-                  initrd: str | None, cmdline: str | None) -> defer.Deferred[ImageRec]:
+    def add_image(
+        self,
+        p: Principal,
+        name: str,
+        path: str,
+        fmt: str | None,
+        kernel: str | None,
+        initrd: str | None,
+        cmdline: str | None,
+    ) -> defer.Deferred[ImageRec]:
         require_admin(p, "adding base images")
         return self.images.add(name, path, fmt or "qcow2", kernel or "", initrd or "", cmdline or "")
 
@@ -72,22 +81,25 @@ class SettingsService:
                 # Audit records name what their user typed, other users' clusters included (a
                 # refused attempt): ListAudit gives a user their own; the DOM view none.
                 return kind not in ("lease", "audit")
+
             for container in root:
                 for el in list(container):
                     if not keep(el):
                         container.remove(el)
         return etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=pretty)
 
-    def list_audit(self, p: Principal, user: str | None = None, since: str | None = None,
-                   limit: int | None = None) -> list[AuditRec]:
+    def list_audit(
+        self, p: Principal, user: str | None = None, since: str | None = None, limit: int | None = None
+    ) -> list[AuditRec]:
         """Audit records newest first: anyone's for an admin (``user`` to choose one), a user's
         own only; ``since`` an ISO 8601 time or a span back from now (``2d``), ``limit`` at most
         :data:`vmwebd.audit.LIST_MAX` (default :data:`vmwebd.audit.LIST_DEFAULT`)."""
         user = user or None
         if not p.is_admin:
             if user is not None and user != p.name:
-                raise NotAuthorized(f"user {p.name!r} may only read their own audit records, "
-                                    f"not those of {user!r}")
+                raise NotAuthorized(
+                    f"user {p.name!r} may only read their own audit records, not those of {user!r}"
+                )
             user = p.name
         since_ms, limit = check_query(since, limit, self.now_ms())
         return self.audit.query(user, since_ms, limit)

@@ -1,6 +1,7 @@
 """Accounts as users ask for them: an admin creates and deletes users and sets quotas; a user
 sees their own account, changes their own password and manages their own SSH public keys (an
 admin anyone's). Passwords are hashed off the reactor (scrypt is slow on purpose)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,10 @@ Runner = Callable[..., "defer.Deferred[Any]"]
 
 def thread_pool_runner(reactor: Any) -> Runner:
     """A :data:`Runner` on ``reactor``'s thread pool."""
+
     def run(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
     return run
 
 
@@ -68,8 +71,15 @@ class UserService:
     def _user_view(self, rec: UserRec) -> UserView:
         own = self.dom.select(VClusterRec, "owner", rec.id)
         vms = [vm for c in own for vm in self.dom.select(VmRec, "cluster", c.id) if vm.desired != "absent"]
-        return UserView(rec.id, rec.role, rec.quota_vms, len(vms), sum(v.vcpus for v in vms),
-                        sum(v.memory_mib for v in vms), len(own))
+        return UserView(
+            rec.id,
+            rec.role,
+            rec.quota_vms,
+            len(vms),
+            sum(v.vcpus for v in vms),
+            sum(v.memory_mib for v in vms),
+            len(own),
+        )
 
     def users(self, p: Principal) -> list[UserView]:
         recs = sorted(self.dom.all(UserRec), key=lambda u: u.id)
@@ -101,8 +111,9 @@ class UserService:
         return self._run(hash_password, password)
 
     @defer.inlineCallbacks
-    def create_user(self, p: Principal, name: str, password: str, role: str | None = None,
-                    quota: int | None = None):
+    def create_user(
+        self, p: Principal, name: str, password: str, role: str | None = None, quota: int | None = None
+    ):
         require_admin(p, "creating users")
         check_user_name(name)
         check_new_password(password)
@@ -110,12 +121,17 @@ class UserService:
         if self.dom.get(UserRec, name) is not None:
             raise NameTaken("user", name)
         stored = yield self._hash(password)
-        if self.dom.get(UserRec, name) is not None:    # created meanwhile, while scrypt ran
+        if self.dom.get(UserRec, name) is not None:  # created meanwhile, while scrypt ran
             raise NameTaken("user", name)
         rec = UserRec(id=name, role=role, password_hash=stored, quota_vms=quota)
         yield self.domsvc.put(rec)
-        log.info("user {name} ({role}, quota {quota} VMs) created by {by}", name=name, role=role,
-                 quota=quota, by=p.name)
+        log.info(
+            "user {name} ({role}, quota {quota} VMs) created by {by}",
+            name=name,
+            role=role,
+            quota=quota,
+            by=p.name,
+        )
         return self._user_view(rec)
 
     @defer.inlineCallbacks
@@ -128,8 +144,9 @@ class UserService:
             raise InvalidArgument("name", f"user {name!r} cannot delete their own account")
         owned = sorted(c.id for c in self.dom.select(VClusterRec, "owner", name))
         if owned:
-            raise InvalidArgument("name", f"user {name!r} still owns cluster(s) {', '.join(owned)}: "
-                                          "destroy them first")
+            raise InvalidArgument(
+                "name", f"user {name!r} still owns cluster(s) {', '.join(owned)}: destroy them first"
+            )
         yield self.domsvc.delete(("user", name))
         log.info("user {name} deleted by {by}", name=name, by=p.name)
         return True
@@ -165,8 +182,9 @@ class UserService:
         """The account whose keys ``p`` asks about (their own when ``name`` is empty)."""
         name = name or p.name
         if not p.is_admin and name != p.name:
-            raise NotAuthorized(f"user {p.name!r} may only see or change their own SSH keys, "
-                                f"not those of {name!r}")
+            raise NotAuthorized(
+                f"user {p.name!r} may only see or change their own SSH keys, not those of {name!r}"
+            )
         rec = self.dom.get(UserRec, name) if isinstance(name, str) else None
         if rec is None:
             raise NoSuchUser(str(name))
@@ -187,8 +205,9 @@ class UserService:
             raise InvalidArgument("key", "an SSH public key is required")
         return self._add_ssh_keys(p, name, parse_ssh_key_file(text))
 
-    def _add_ssh_keys(self, p: Principal, name: str | None,
-                      new: list[SshKey]) -> defer.Deferred[list[SshKey]]:
+    def _add_ssh_keys(
+        self, p: Principal, name: str | None, new: list[SshKey]
+    ) -> defer.Deferred[list[SshKey]]:
         rec = self._key_owner(p, name)
         have = [parse_ssh_key(k) for k in rec.ssh_key_list()]
         blobs = {k.blob for k in have}
@@ -197,21 +216,32 @@ class UserService:
                 raise SshKeyExists(rec.id, k.fingerprint)
             blobs.add(k.blob)
         if len(have) + len(new) > MAX_SSH_KEYS:
-            raise InvalidArgument("key", f"user {rec.id!r} has {len(have)} SSH keys and may have "
-                                         f"at most {MAX_SSH_KEYS}; remove some first")
+            raise InvalidArgument(
+                "key",
+                f"user {rec.id!r} has {len(have)} SSH keys and may have "
+                f"at most {MAX_SSH_KEYS}; remove some first",
+            )
         encoded = UserRec.encode_ssh_keys([k.line for k in have + new])
         if len(encoded) > SSH_KEYS_ATTR_MAX:
-            raise InvalidArgument("key", f"user {rec.id!r}'s SSH keys would take more than "
-                                         f"{SSH_KEYS_ATTR_MAX} bytes; remove one first")
+            raise InvalidArgument(
+                "key",
+                f"user {rec.id!r}'s SSH keys would take more than "
+                f"{SSH_KEYS_ATTR_MAX} bytes; remove one first",
+            )
         # Read, change and write in one reactor turn: two requests at this host cannot lose
         # each other's key (two hosts changing one account at once: the later write wins).
         d = self.domsvc.put(dataclasses.replace(rec, ssh_keys=encoded))
-        log.info("SSH key(s) {fps} added to user {name} by {by}",
-                 fps=" ".join(k.fingerprint for k in new), name=rec.id, by=p.name)
+        log.info(
+            "SSH key(s) {fps} added to user {name} by {by}",
+            fps=" ".join(k.fingerprint for k in new),
+            name=rec.id,
+            by=p.name,
+        )
         return d.addCallback(lambda _: new)
 
-    def remove_ssh_key(self, p: Principal, name: str | None,
-                       key_or_fingerprint: str) -> defer.Deferred[SshKey]:
+    def remove_ssh_key(
+        self, p: Principal, name: str | None, key_or_fingerprint: str
+    ) -> defer.Deferred[SshKey]:
         """Removes the key given by its fingerprint (``SHA256:…``), its line or its base64 blob;
         fires with the :class:`SshKey` removed."""
         rec = self._key_owner(p, name)
@@ -226,6 +256,7 @@ class UserService:
             raise NoSuchSshKey(rec.id, want)
         keep = [k.line for k in have if k not in gone]
         d = self.domsvc.put(dataclasses.replace(rec, ssh_keys=UserRec.encode_ssh_keys(keep)))
-        log.info("SSH key {fp} removed from user {name} by {by}", fp=gone[0].fingerprint,
-                 name=rec.id, by=p.name)
+        log.info(
+            "SSH key {fp} removed from user {name} by {by}", fp=gone[0].fingerprint, name=rec.id, by=p.name
+        )
         return d.addCallback(lambda _: gone[0])

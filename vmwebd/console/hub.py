@@ -16,6 +16,7 @@ Lifetime: a hub opens with its first viewer and closes with its last (or when th
 the VM stopped); its ring stays while the VM is on this host, so a reload or a second viewer gets
 the last ``RING_BYTES`` at once.
 """
+
 from __future__ import annotations
 
 import queue
@@ -81,11 +82,11 @@ class _Hub:
         self.service, self.vm_id, self.stream, self.ring = service, vm_id, stream, ring
         self.reactor = service.reactor
         self.viewers: list = []
-        self.pending = 0                # bytes queued for the console, not yet written
+        self.pending = 0  # bytes queued for the console, not yet written
         self.paused = False
         self.closing = False
         self.why = ""
-        self.done = defer.Deferred()    # fires once the stream is released
+        self.done = defer.Deferred()  # fires once the stream is released
         self._queue: queue.Queue = queue.Queue()
         self._writer = threading.Thread(target=self._write_loop, name=f"console-w {vm_id}", daemon=True)
         self._reader = threading.Thread(target=self._read_loop, name=f"console-r {vm_id}", daemon=True)
@@ -114,7 +115,7 @@ class _Hub:
         if self.closing or not data:
             return
         for i in range(0, len(data), READ_CHUNK):
-            chunk = bytes(data[i:i + READ_CHUNK])
+            chunk = bytes(data[i : i + READ_CHUNK])
             self.pending += len(chunk)
             self._queue.put(chunk)
         if self.pending > HIGH_WATER and not self.paused:
@@ -141,8 +142,10 @@ class _Hub:
             self.service._begin_close(self)
             self._queue.put(None)
             self.service.run_blocking(self.stream.interrupt).addErrback(
-                lambda f: log.warn("console of {vm}: interrupting its stream: {err}", vm=self.vm_id,
-                                   err=f.getErrorMessage()))
+                lambda f: log.warn(
+                    "console of {vm}: interrupting its stream: {err}", vm=self.vm_id, err=f.getErrorMessage()
+                )
+            )
         return self.service.when_done(self)
 
     def _ended(self, why: str) -> None:
@@ -162,7 +165,7 @@ class _Hub:
                 if not data:
                     break
                 self.reactor.callFromThread(self._output, data)
-        except Exception as e:      # the hypervisor's words reach the viewers and the log
+        except Exception as e:  # the hypervisor's words reach the viewers and the log
             why = str(e)
         self._queue.put(None)
         self._writer.join(WRITER_JOIN_SECONDS)
@@ -203,8 +206,17 @@ class ConsoleService:
     application service's); ``relay``: the way to a console on another host (None: this host
     runs without peers)."""
 
-    def __init__(self, host_id: str, reactor, domsvc, opener, cluster_of: ClusterReader, *,
-                 relay: ConsoleRelay | None = None, ring_bytes: int = RING_BYTES):
+    def __init__(
+        self,
+        host_id: str,
+        reactor,
+        domsvc,
+        opener,
+        cluster_of: ClusterReader,
+        *,
+        relay: ConsoleRelay | None = None,
+        ring_bytes: int = RING_BYTES,
+    ):
         self.host_id = host_id
         self.reactor = reactor
         self.domsvc = domsvc
@@ -215,8 +227,8 @@ class ConsoleService:
         self.hubs: dict[str, _Hub] = {}
         self._opening: dict[str, defer.Deferred] = {}
         self._closing: set[_Hub] = set()
-        self.relay = relay              # a wire.Relay when peers run (see wire.py)
-        self.resources: list = []       # the WebSocket end points (wire.py), each with its live set
+        self.relay = relay  # a wire.Relay when peers run (see wire.py)
+        self.resources: list = []  # the WebSocket end points (wire.py), each with its live set
         self.stopped = False
 
     # -- what tests and the metrics read ------------------------------------------------------
@@ -227,6 +239,7 @@ class ConsoleService:
 
     def run_blocking(self, fn, *args) -> defer.Deferred:
         from twisted.internet.threads import deferToThreadPool
+
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def when_done(self, hub: _Hub) -> defer.Deferred:
@@ -261,8 +274,11 @@ class ConsoleService:
         if v.host == self.host_id:
             return self.attach_local(vm_id, viewer)
         if self.relay is None:
-            return defer.fail(ConsoleUnavailable(
-                vm_id, f"it runs on host {v.host} and host {self.host_id} runs without peers"))
+            return defer.fail(
+                ConsoleUnavailable(
+                    vm_id, f"it runs on host {v.host} and host {self.host_id} runs without peers"
+                )
+            )
         return self.relay.attach(v.host, vm_id, viewer, principal.name)
 
     def attach_local(self, vm_id: str, viewer) -> defer.Deferred:
@@ -274,12 +290,16 @@ class ConsoleService:
         if rec is None or rec.desired == "absent":
             return defer.fail(ConsoleUnavailable(vm_id, "there is no such VM"))
         if rec.host != self.host_id:
-            return defer.fail(ConsoleUnavailable(
-                vm_id, f"it runs on host {rec.host or '(none)'}, not on host {self.host_id}"))
+            return defer.fail(
+                ConsoleUnavailable(
+                    vm_id, f"it runs on host {rec.host or '(none)'}, not on host {self.host_id}"
+                )
+            )
         st = status_of(dom, rec)
         if st is None or st.state != "running":
-            return defer.fail(ConsoleUnavailable(
-                vm_id, f"it is not running (its state is {st.state if st else 'pending'})"))
+            return defer.fail(
+                ConsoleUnavailable(vm_id, f"it is not running (its state is {st.state if st else 'pending'})")
+            )
         hub = self.hubs.get(vm_id)
         if hub is not None and not hub.closing:
             return defer.succeed(hub.attach(viewer))
@@ -295,6 +315,7 @@ class ConsoleService:
         def failed(f):
             d.errback(f)
             return f
+
         opening.addCallbacks(opened, failed)
         opening.addErrback(lambda f: None)  # handed to each waiter above
         return d
@@ -321,11 +342,13 @@ class ConsoleService:
         def failed(f):
             self._opening.pop(vm_id, None)
             if f.check(defer.TimeoutError):
-                raise ConsoleUnavailable(vm_id, f"the hypervisor did not open it within "
-                                                f"{OPEN_TIMEOUT_SECONDS:g} s")
+                raise ConsoleUnavailable(
+                    vm_id, f"the hypervisor did not open it within {OPEN_TIMEOUT_SECONDS:g} s"
+                )
             if f.check(ConsoleUnavailable):
                 return f
             raise ConsoleUnavailable(vm_id, f.getErrorMessage())
+
         d.addCallbacks(opened, failed).chainDeferred(result)
         return result
 
@@ -361,6 +384,10 @@ class ConsoleService:
 
         def late(f):
             f.trap(defer.TimeoutError)
-            log.warn("{n} console streams still open after {s} s; stopping anyway",
-                     n=self.open_streams, s=STOP_SECONDS)
+            log.warn(
+                "{n} console streams still open after {s} s; stopping anyway",
+                n=self.open_streams,
+                s=STOP_SECONDS,
+            )
+
         return defer.DeferredList(waits).addTimeout(STOP_SECONDS, self.reactor).addErrback(late)

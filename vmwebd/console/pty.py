@@ -7,6 +7,7 @@ page and the command line) is the same whatever the source, so those tiers give 
 local source: a program (a shell) on a real pty, read and written through the kernel's pty
 exactly as QEMU's ``<serial type='pty'>`` is. The real-host tier uses the hypervisor's own.
 """
+
 from __future__ import annotations
 
 import errno
@@ -24,8 +25,16 @@ class PtyConsole(ConsoleStream):
     def __init__(self, argv, env=None, cwd=None):
         master, slave = os.openpty()
         try:
-            self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=cwd,
-                                         start_new_session=True, close_fds=True)
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+            )
         except BaseException:
             os.close(master)
             raise
@@ -39,7 +48,7 @@ class PtyConsole(ConsoleStream):
         try:
             return os.read(self._master, n)
         except OSError as e:
-            if e.errno == errno.EIO:    # every holder of the pty's other side has gone
+            if e.errno == errno.EIO:  # every holder of the pty's other side has gone
                 return b""
             raise
 
@@ -47,10 +56,10 @@ class PtyConsole(ConsoleStream):
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(self._master, view):]
+                view = view[os.write(self._master, view) :]
             except OSError as e:
                 if e.errno == errno.EIO:
-                    return                # the program ended: the reader sees the end
+                    return  # the program ended: the reader sees the end
                 raise
 
     def interrupt(self) -> None:
@@ -83,4 +92,5 @@ def shell_opener(prompt: str = "{vm}$ "):
     def opener(name: str):
         env = {"PATH": "/usr/bin:/bin", "PS1": prompt.format(vm=name), "TERM": "xterm", "HOME": "/"}
         return threads.deferToThread(PtyConsole, ["/bin/sh", "-i"], env=env, cwd="/")
+
     return opener

@@ -1,4 +1,5 @@
 """The last bytes a VM's console printed, bounded, so a page shows the last lines at once."""
+
 from __future__ import annotations
 
 #: What a ring keeps by default: a few screens of a busy console.
@@ -21,7 +22,7 @@ class ConsoleRing:
     def append(self, data: bytes) -> None:
         self.total += len(data)
         if len(data) >= self.capacity:
-            self._buf[:] = data[-self.capacity:]
+            self._buf[:] = data[-self.capacity :]
             return
         self._buf += data
         over = len(self._buf) - self.capacity

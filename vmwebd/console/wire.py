@@ -17,6 +17,7 @@ messages of at most ``MAX_INPUT_MESSAGE`` bytes; a larger one is refused (``erro
 - :class:`Relay`: the user's host dials the VM's host at that peer endpoint, presenting its grid
   certificate and requiring the other's to name the VM's host, on the peers' port: no new one.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,6 +91,7 @@ class ViewerProtocol:
         self._live.add(self)
         if self.clock is not None:
             from twisted.internet import task
+
             self._last_pong = self.clock.seconds()
             self._pinger = task.LoopingCall(self._ping)
             self._pinger.clock = self.clock
@@ -103,8 +105,10 @@ class ViewerProtocol:
         if self.gone:
             return
         if self.clock.seconds() - self._last_pong > 2 * PING_SECONDS:
-            log.info("console: a viewer answered no ping for {s:.0f} s; dropping its connection",
-                     s=self.clock.seconds() - self._last_pong)
+            log.info(
+                "console: a viewer answered no ping for {s:.0f} s; dropping its connection",
+                s=self.clock.seconds() - self._last_pong,
+            )
             self._stop_pinging()
             sock = getattr(self.transport, "transport", None)
             if sock is not None:
@@ -112,7 +116,7 @@ class ViewerProtocol:
             return
         try:
             self.transport.ping(b"vmweb")
-        except LocalProtocolError:      # closing already
+        except LocalProtocolError:  # closing already
             self._stop_pinging()
 
     def _stop_pinging(self) -> None:
@@ -138,7 +142,7 @@ class ViewerProtocol:
         if not self.gone and not self.finished:
             try:
                 self.transport.sendBytesMessage(data)
-            except LocalProtocolError:      # the client's close frame came first
+            except LocalProtocolError:  # the client's close frame came first
                 self.finished = True
 
     def ended(self, why: str) -> None:
@@ -184,7 +188,7 @@ class ViewerProtocol:
         try:
             self.transport.sendTextMessage(event(kind, message, fault))
             self.transport.loseConnection(code)
-        except LocalProtocolError:          # the client's close frame came first: it is closing
+        except LocalProtocolError:  # the client's close frame came first: it is closing
             sock = getattr(self.transport, "transport", None)
             if sock is not None:
                 sock.loseConnection()
@@ -196,9 +200,13 @@ class ViewerProtocol:
             att, self.att = self.att, None
             if att is not None:
                 att.detach()
-            self._finish("error", f"a message of {len(data)} bytes is over the limit of "
-                                  f"{MAX_INPUT_MESSAGE} bytes (send a paste in pieces)", CLOSE_TOO_BIG,
-                         "Client.InvalidArgument")
+            self._finish(
+                "error",
+                f"a message of {len(data)} bytes is over the limit of "
+                f"{MAX_INPUT_MESSAGE} bytes (send a paste in pieces)",
+                CLOSE_TOO_BIG,
+                "Client.InvalidArgument",
+            )
             return
         if self.att is not None:
             self.att.write(data)
@@ -218,6 +226,7 @@ class _Factory:
 def _upgrade(request, attach, live: set, clock):
     """Answers ``request`` by turning it into a console WebSocket (400 if it is not one)."""
     from twisted.web.websocket import WebSocketResource
+
     return WebSocketResource(_Factory(attach, live, clock)).render_GET(request)
 
 
@@ -251,6 +260,7 @@ class UserConsoleResource(Resource):
 
     def render_GET(self, request):
         from vmwebd.auth import client_address, parse_basic
+
         request.setHeader(b"Cache-Control", b"no-store")
         where = _vm_path(request)
         if where is None:
@@ -285,14 +295,19 @@ class UserConsoleResource(Resource):
             message = getattr(f.value, "message", "authentication failed")
             request.write(_plain(request, 401, message))
             request.finish()
+
         self.authn.authenticate(creds[0], creds[1], client_address(request)).addCallbacks(go, refuse)
         return NOT_DONE_YET
 
     def _open(self, request, principal, where):
         cluster, vm = where
         log.info("console: {user} opens {cluster}/{vm}", user=principal.name, cluster=cluster, vm=vm)
-        return _upgrade(request, lambda viewer: self.service.attach(principal, cluster, vm, viewer),
-                        self.live, self.service.reactor)
+        return _upgrade(
+            request,
+            lambda viewer: self.service.attach(principal, cluster, vm, viewer),
+            self.live,
+            self.service.reactor,
+        )
 
 
 class PeerConsoleResource(Resource):
@@ -314,8 +329,9 @@ class PeerConsoleResource(Resource):
         if where is None:
             return _plain(request, 404, "no such console: give /console/CLUSTER/VM")
         vm_id = "/".join(where)
-        return _upgrade(request, lambda viewer: self.service.attach_local(vm_id, viewer), self.live,
-                        self.service.reactor)
+        return _upgrade(
+            request, lambda viewer: self.service.attach_local(vm_id, viewer), self.live, self.service.reactor
+        )
 
 
 @implementer(IPushProducer)
@@ -342,7 +358,7 @@ class _RelayClient:
     def __init__(self, relay: "Relay", viewer, vm_id: str, host: str):
         self.relay, self.viewer, self.vm_id, self.host = relay, viewer, vm_id, host
         self.transport = None
-        self.ready = defer.Deferred()     # fires at "ready", fails at "error"
+        self.ready = defer.Deferred()  # fires at "ready", fails at "error"
         self.ended = False
 
     def negotiationStarted(self, transport) -> None:
@@ -393,7 +409,7 @@ class _RelayClient:
             self._producing = False
             try:
                 self.transport.detachProducer()
-            except Exception:       # the connection is gone already: nothing holds it open
+            except Exception:  # the connection is gone already: nothing holds it open
                 pass
         try:
             self.transport.loseConnection()
@@ -408,7 +424,9 @@ class _RelayClient:
             try:
                 self.transport.sendBytesMessage(data)
             except LocalProtocolError:
-                self._end(f"the console of VM {self.vm_id} closed: its host {self.host} closed the connection")
+                self._end(
+                    f"the console of VM {self.vm_id} closed: its host {self.host} closed the connection"
+                )
 
     def detach(self) -> None:
         self.ended = True
@@ -418,7 +436,7 @@ class _RelayClient:
 def _why(message: str, vm_id: str) -> str:
     """The reason in a peer's "the console of VM X is not available: WHY" (or the whole text)."""
     head = f"the console of VM {vm_id} is not available: "
-    return message[len(head):] if message.startswith(head) else message
+    return message[len(head) :] if message.startswith(head) else message
 
 
 class Relay:
@@ -437,6 +455,7 @@ class Relay:
         from twisted.web.websocket import WebSocketClientEndpoint
 
         from vmwebd.gossip import tls
+
         addr = self.peer_address_of(host)
         if not addr or self.host_creds is None:
             raise ConsoleUnavailable(vm_id, f"host {self.host_id} does not know where its host {host} is")
@@ -444,15 +463,19 @@ class Relay:
             # The answering host must hold the certificate of the VM's host.
             self._policies[host] = tls.client_policy(self.host_creds, host)
         cluster, _, vm = vm_id.partition("/")
-        url = (f"https://{addr}/console/{quote(cluster, safe='')}/{quote(vm, safe='')}"
-               f"?user={quote(user, safe='')}")
-        endpoint = WebSocketClientEndpoint.new(self.reactor, url, tlsPolicy=self._policies[host],
-                                               connectTimeout=int(RELAY_TIMEOUT_SECONDS))
+        url = (
+            f"https://{addr}/console/{quote(cluster, safe='')}/{quote(vm, safe='')}"
+            f"?user={quote(user, safe='')}"
+        )
+        endpoint = WebSocketClientEndpoint.new(
+            self.reactor, url, tlsPolicy=self._policies[host], connectTimeout=int(RELAY_TIMEOUT_SECONDS)
+        )
         client = _RelayClient(self, viewer, vm_id, host)
 
         class Factory:
             def buildProtocol(self, url):
                 return client
+
         try:
             connecting = defer.Deferred.fromCoroutine(endpoint.connect(Factory()))
             yield connecting.addTimeout(RELAY_TIMEOUT_SECONDS, self.reactor)
@@ -461,10 +484,13 @@ class Relay:
             raise
         except defer.TimeoutError:
             client.detach()
-            raise ConsoleUnavailable(vm_id, f"its host {host} did not answer within "
-                                            f"{RELAY_TIMEOUT_SECONDS:g} s") from None
+            raise ConsoleUnavailable(
+                vm_id, f"its host {host} did not answer within {RELAY_TIMEOUT_SECONDS:g} s"
+            ) from None
         except Exception as e:
-            log.info("console: relaying {vm} to {host} at {addr}: {err!r}", vm=vm_id, host=host, addr=addr, err=e)
+            log.info(
+                "console: relaying {vm} to {host} at {addr}: {err!r}", vm=vm_id, host=host, addr=addr, err=e
+            )
             client.detach()
             raise ConsoleUnavailable(vm_id, f"its host {host} could not be reached") from None
         return client

@@ -9,6 +9,7 @@ other write. ``tests/test_dom_merge.py`` checks those laws with hypothesis.
 The live document is an lxml tree; a dict index maps (kind, id) to its element, so no lookup ever
 runs XPath. This module does no I/O: :mod:`vmwebd.dom.persist` makes it durable.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,11 @@ _PARSER = xmlsafe.parser(remove_blank_text=True)
 _SCHEMA = None
 # Main-part attributes with a secondary index (kind -> attributes): the reads that select by them
 # (a host's VMs, a cluster's VMs, an owner's clusters) then cost what they return, not the DOM's size.
-INDEXED: dict[str, tuple[str, ...]] = {"vm": ("host", "cluster"), "vcluster": ("owner",),
-                                       "audit": ("host", "user")}
+INDEXED: dict[str, tuple[str, ...]] = {
+    "vm": ("host", "cluster"),
+    "vcluster": ("owner",),
+    "audit": ("host", "user"),
+}
 _DIGEST_MOD = 1 << 256
 
 
@@ -78,8 +82,11 @@ def _version(el: etree._Element) -> Version:
 
 def _part_children(el: etree._Element) -> dict[str, etree._Element]:
     names = PARTS[etree.QName(el).localname]
-    return {etree.QName(c).localname: c for c in el if etree.QName(c).localname in names
-            and etree.QName(c).namespace == NS}
+    return {
+        etree.QName(c).localname: c
+        for c in el
+        if etree.QName(c).localname in names and etree.QName(c).namespace == NS
+    }
 
 
 def _canon(el: etree._Element, skip: Collection[etree._Element] = ()) -> bytes:
@@ -127,13 +134,14 @@ class Dom:
         for kind, cname in CONTAINERS.items():
             self._containers[kind] = etree.SubElement(self.root, _Q + cname)
         self._index: dict[str, dict[str, etree._Element]] = {k: {} for k in CONTAINERS}
-        self._tombstones: set[tuple[str, str]] = set()   # (kind, id) of deleted entities
+        self._tombstones: set[tuple[str, str]] = set()  # (kind, id) of deleted entities
         self._listeners: list[Callable[[str, str], object]] = []
         # Decoded records by (kind, id) then record class; dropped on every change of the entity.
         self._decoded: dict[tuple[str, str], dict[type, Record | None]] = {}
         # (kind, attribute) -> value -> ids of live entities with it; and id -> value held there.
         self._by_attr: dict[tuple[str, str], dict[str, set[str]]] = {
-            (k, a): {} for k, attrs in INDEXED.items() for a in attrs}
+            (k, a): {} for k, attrs in INDEXED.items() for a in attrs
+        }
         self._attr_of: dict[tuple[str, str], dict[str, str]] = {key: {} for key in self._by_attr}
         # (kind, attribute, value) -> a number that grows whenever an entity in that group changes:
         # what is derived from a group (a host's used vCPUs) is cached against it.
@@ -194,16 +202,16 @@ class Dom:
         that group stays valid while this number stays the same."""
         return self._generation.get((kind, attr, value), 0)
 
-    def wrote_between(self, origin: str, after: tuple[int, int], upto: tuple[int, int],
-                      skip: tuple[str, str] | None = None) -> bool:
+    def wrote_between(
+        self, origin: str, after: tuple[int, int], upto: tuple[int, int], skip: tuple[str, str] | None = None
+    ) -> bool:
         """Does the replica hold a part written by ``origin`` with a stamp in (``after``,
         ``upto``], other than the parts of entity ``skip``? (From the versions-by-origin index.)"""
         sl = self._by_origin.get(origin)
         if sl is None or upto <= after:
             return False
         wall, counter = after
-        for _stamp, kind, id_, _part in sl.irange(minimum=((wall, counter + 1),),
-                                                  maximum=(upto, "\uffff")):
+        for _stamp, kind, id_, _part in sl.irange(minimum=((wall, counter + 1),), maximum=(upto, "\uffff")):
             if (kind, id_) != skip:
                 return True
         return False
@@ -236,8 +244,9 @@ class Dom:
             if part is None:
                 return None
             return cls.from_attrs(el.get("id", ""), _attrs(part))
-        body = [c for c in el if etree.QName(c).localname not in PARTS[cls.KIND]
-                or etree.QName(c).namespace != NS]
+        body = [
+            c for c in el if etree.QName(c).localname not in PARTS[cls.KIND] or etree.QName(c).namespace != NS
+        ]
         return cls.from_attrs(el.get("id", ""), _attrs(el), body)
 
     # -- writes (local) -------------------------------------------------------------------
@@ -408,8 +417,9 @@ class Dom:
                     break
         return out
 
-    def delta(self, theirs: dict[str, tuple[int, int]], mine_complete: dict[str, tuple[int, int]],
-              budget_bytes: int) -> tuple[list[etree._Element], dict[str, tuple[int, int]]]:
+    def delta(
+        self, theirs: dict[str, tuple[int, int]], mine_complete: dict[str, tuple[int, int]], budget_bytes: int
+    ) -> tuple[list[etree._Element], dict[str, tuple[int, int]]]:
         """What another replica lacks, within a size budget, and how far it may then count itself
         complete (Scuttlebutt-style anti-entropy).
 

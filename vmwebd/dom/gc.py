@@ -26,6 +26,7 @@ forgot it on purpose, and the gossip layer drops it (:func:`forgotten`).
 A host that never comes back keeps every tombstone from being collected: its record stays in the
 DOM, and the host view shows it dead.
 """
+
 from __future__ import annotations
 
 import re
@@ -66,8 +67,9 @@ def parse_cvv(text: str) -> Vector:
     return out
 
 
-def collectable(dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int,
-                members: Iterable[str] = (), limit: int = 500) -> list[tuple[str, str]]:
+def collectable(
+    dom: Dom, own_cvv: Vector, now_ms: int, settle_ms: int, members: Iterable[str] = (), limit: int = 500
+) -> list[tuple[str, str]]:
     """The (kind, id) of the tombstoned entities this host may forget now (see the module doc).
 
     ``members`` are the hosts the peer layer knows, whatever their state: a host whose record has
@@ -107,7 +109,7 @@ def forgotten(dom: Dom, own_cvv: Vector, el: etree._Element) -> bool:
     removes entities. (Its sub-parts do not matter: the entity was deleted.)"""
     kind, id_ = entity_key(el)
     if kind not in dom._index or kind in NEVER_COLLECTED:
-        return False     # not an entity (the merge refuses it with the reason), or never collected
+        return False  # not an entity (the merge refuses it with the reason), or never collected
     if dom._index[kind].get(id_) is not None:
         return False
     main = part_versions(el)[0]

@@ -5,6 +5,7 @@ reading (wall-clock milliseconds plus a counter) and the id of the host that wro
 totally ordered, so "the newer one wins" is well defined on every replica; the origin breaks ties
 between hosts that wrote in the same millisecond with the same counter.
 """
+
 from __future__ import annotations
 
 import re

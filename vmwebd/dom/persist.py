@@ -7,6 +7,7 @@ journal order equals change order); :meth:`DomService.commit` returns a Deferred
 once the records are on disk. Callers acknowledge a request, or send a message that depends on a
 change, only after that Deferred fires.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,9 @@ def load_dom(directory: str | Path, clock: HybridClock, fsync: bool = True) -> t
 class DomService:
     """The replica plus its durable store, driven from the reactor thread."""
 
-    def __init__(self, dom: Dom, store: DurableStore, reactor: Any, compact_every: int = 4096,
-                 journal_records: int = 0) -> None:
+    def __init__(
+        self, dom: Dom, store: DurableStore, reactor: Any, compact_every: int = 4096, journal_records: int = 0
+    ) -> None:
         # reactor: an IReactorTime that is also an IReactorFromThreads (the real one, or a test's)
         self.dom = dom
         self.store = store
@@ -58,14 +60,14 @@ class DomService:
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-dom-store")
         self._pool.start()
         self._since_snapshot = journal_records
-        self._waiters: list[list[Any]] = []   # [predicate, Deferred, timer]
+        self._waiters: list[list[Any]] = []  # [predicate, Deferred, timer]
         # fn(entities) after local writes are durable; may return a Deferred (the push round)
         self.on_local_commit: list[Callable[[list[etree._Element]], object]] = []
-        self._waiter_check: Any = None   # an IDelayedCall
+        self._waiter_check: Any = None  # an IDelayedCall
         dom.subscribe(self._check_waiters)
         self.push_wait = PUSH_WAIT_S
-        self.push_rounds = 0          # local writes whose push an acknowledgement waited for
-        self.push_waits_cut = 0       # ... of which the push was not answered within push_wait
+        self.push_rounds = 0  # local writes whose push an acknowledgement waited for
+        self.push_waits_cut = 0  # ... of which the push was not answered within push_wait
 
     def commit(self, entities: Sequence[etree._Element | None]) -> defer.Deferred[None]:
         """Persists entity states already applied to the replica; fires when they are durable."""
@@ -92,8 +94,9 @@ class DomService:
     def delete(self, *keys: tuple[str, str]) -> defer.Deferred[None]:
         return self.commit_local([self.dom.delete(kind, id_) for kind, id_ in keys])
 
-    def commit_local(self, entities: Iterable[etree._Element | None],
-                     wait_push: bool = True) -> defer.Deferred[None]:
+    def commit_local(
+        self, entities: Iterable[etree._Element | None], wait_push: bool = True
+    ) -> defer.Deferred[None]:
         """Persists local writes already applied to the replica, then hands them to gossip.
 
         Fires once they are durable here and (``wait_push``) their first push was answered, or
@@ -114,8 +117,8 @@ class DomService:
             ds = [d for d in answers if isinstance(d, defer.Deferred)]
             if not ds or not wait_push:
                 return result
-            return self._bounded(defer.DeferredList(ds, consumeErrors=True)).addCallback(
-                lambda _: result)
+            return self._bounded(defer.DeferredList(ds, consumeErrors=True)).addCallback(lambda _: result)
+
         return self.commit(written).addCallback(spread)
 
     def _bounded(self, pushed: defer.Deferred[Any]) -> defer.Deferred[None]:
@@ -126,15 +129,16 @@ class DomService:
 
         def expire() -> None:
             self.push_waits_cut += 1
-            log.debug("a push was not answered within {s} s; acknowledging without it",
-                      s=self.push_wait)
+            log.debug("a push was not answered within {s} s; acknowledging without it", s=self.push_wait)
             out.callback(None)
+
         timer = self.reactor.callLater(self.push_wait, expire)
 
         def answered(_: object) -> None:
             if timer.active():
                 timer.cancel()
                 out.callback(None)
+
         pushed.addBoth(answered)
         return out
 
@@ -153,7 +157,8 @@ class DomService:
         snapshot = self.dom.to_xml(pretty=False)
         self._since_snapshot = 0
         return deferToThreadPool(self.reactor, self._pool, self.store.compact, snapshot).addCallback(
-            lambda _: n)
+            lambda _: n
+        )
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> defer.Deferred[bool]:
         """Fires True as soon as ``predicate()`` holds (re-checked after every change to the
@@ -167,6 +172,7 @@ class DomService:
             if entry in self._waiters:
                 self._waiters.remove(entry)
                 d.callback(False)
+
         entry[2] = self.reactor.callLater(timeout, expire)
         self._waiters.append(entry)
         return d

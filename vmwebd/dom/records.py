@@ -7,6 +7,7 @@ written only by the host that runs it, its main part by whoever handles the user
 
 Records never hold versions: the :class:`~vmwebd.dom.document.Dom` stamps them on write.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ class Record:
         return []
 
     @classmethod
-    def from_attrs(cls: type[RecT], id_: str, attrs: Mapping[str, str],
-                   body: Iterable[etree._Element] = ()) -> RecT:
+    def from_attrs(
+        cls: type[RecT], id_: str, attrs: Mapping[str, str], body: Iterable[etree._Element] = ()
+    ) -> RecT:
         kwargs: dict[str, object] = {}
         for name, attr, conv, required in _field_specs(cls):
             if name == "body":
@@ -98,9 +100,15 @@ def _field_specs(cls: type[Record]) -> tuple[tuple[str, str, _Converter, bool], 
     if specs is None:
         hints = typing.get_type_hints(cls)
         specs = tuple(
-            (f.name, attr_name(f.name), _converter(hints[f.name]),
-             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-            for f in dataclasses.fields(cls) if f.name != "id")  # type: ignore[arg-type]
+            (
+                f.name,
+                attr_name(f.name),
+                _converter(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.name != "id"
+        )
         _SPECS[cls] = specs
     return specs
 
@@ -114,7 +122,12 @@ def _converter(hint: object) -> _Converter:
     if hint in (str, "str"):
         return str
     origin = typing.get_origin(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType" or origin is not None and type(None) in typing.get_args(hint):
+    if (
+        origin is typing.Union
+        or str(origin) == "types.UnionType"
+        or origin is not None
+        and type(None) in typing.get_args(hint)
+    ):
         inner = [a for a in typing.get_args(hint) if a is not type(None)][0]
         return _converter(inner)
     if hint is bool:
@@ -134,18 +147,18 @@ class HostRec(Record):
     id: str
     api: str = ""
     peer: str = ""
-    liveness: str = "alive"          # alive | suspect | dead | left
+    liveness: str = "alive"  # alive | suspect | dead | left
     incarnation: int = 0
     cpus: int = 0
     memory_mib: int = 0
     free_memory_mib: int = 0
     load1: float = 0.0
     vms: int = 0
-    started_at: int = 0              # ms since epoch
-    images: str = ""                 # names of the content images held here, space-separated
-    migrate_uri: str = ""            # libvirt URI other hosts' libvirtd use to live-migrate here
-    cvv: str = ""                    # what this host holds of the DOM (see vmwebd/dom/gc.py)
-    underlay: str = ""               # address other hosts reach its clusters' segments at (VXLAN)
+    started_at: int = 0  # ms since epoch
+    images: str = ""  # names of the content images held here, space-separated
+    migrate_uri: str = ""  # libvirt URI other hosts' libvirtd use to live-migrate here
+    cvv: str = ""  # what this host holds of the DOM (see vmwebd/dom/gc.py)
+    underlay: str = ""  # address other hosts reach its clusters' segments at (VXLAN)
 
 
 @dataclass(frozen=True)
@@ -155,10 +168,10 @@ class UserRec(Record):
 
     KIND: ClassVar[str] = "user"
     id: str
-    role: str = "user"               # admin | user
+    role: str = "user"  # admin | user
     password_hash: str = ""
     quota_vms: int = 16
-    ssh_keys: str = ""               # OpenSSH public keys, one attribute line (see encode_ssh_keys)
+    ssh_keys: str = ""  # OpenSSH public keys, one attribute line (see encode_ssh_keys)
 
     # One key is ``TYPE BLOB`` or ``TYPE BLOB COMMENT``; type and blob never hold a space or a
     # comma. The attribute joins keys with ``,`` and percent-encodes each comment's ``%``, ``,``,
@@ -169,6 +182,7 @@ class UserRec(Record):
     def encode_ssh_keys(keys: Iterable[str]) -> str:
         """The ``ssh-keys`` attribute for OpenSSH key lines already checked (see vmwebd.accounts)."""
         from urllib.parse import quote
+
         out = []
         for key in keys:
             kind, blob, comment = (key.split(" ", 2) + [""])[:3]
@@ -178,6 +192,7 @@ class UserRec(Record):
     def ssh_key_list(self) -> tuple[str, ...]:
         """The user's OpenSSH public key lines (``TYPE BLOB [COMMENT]``), in the order added."""
         from urllib.parse import unquote
+
         out = []
         for item in self.ssh_keys.split(",") if self.ssh_keys else ():
             kind, _, rest = item.partition(" ")
@@ -187,7 +202,7 @@ class UserRec(Record):
 
 
 #: Printable ASCII a key's comment keeps as is in the ``ssh-keys`` attribute.
-_COMMENT_SAFE = "".join(c for c in map(chr, range(0x21, 0x7f)) if c not in "%,")
+_COMMENT_SAFE = "".join(c for c in map(chr, range(0x21, 0x7F)) if c not in "%,")
 
 
 @dataclass(frozen=True)
@@ -242,16 +257,16 @@ class VClusterRec(Record):
     template: str = ""
     count: int = 0
     vni: int = 0
-    network: str = ""                # libvirt network name
+    network: str = ""  # libvirt network name
     bridge: str = ""
-    state: str = "active"            # creating | active | destroying
+    state: str = "active"  # creating | active | destroying
     created_at: int = 0
-    token: str = ""                  # unique per creation: lease holders carry it
-    mode: str = "isolated"           # isolated | nat (from its template, fixed at creation)
-    subnet: str = ""                 # its segment's IPv4 network, leased (empty: made before segments)
-    gateway: str = ""                # the segment's gateway address (nat mode answers it on each host)
-    mtu: int = 0                     # its guests' MTU (0: the default, see vmwebd/net/addressing.py)
-    dns: str = ""                    # name servers its guests are given, space-separated
+    token: str = ""  # unique per creation: lease holders carry it
+    mode: str = "isolated"  # isolated | nat (from its template, fixed at creation)
+    subnet: str = ""  # its segment's IPv4 network, leased (empty: made before segments)
+    gateway: str = ""  # the segment's gateway address (nat mode answers it on each host)
+    mtu: int = 0  # its guests' MTU (0: the default, see vmwebd/net/addressing.py)
+    dns: str = ""  # name servers its guests are given, space-separated
 
 
 @dataclass(frozen=True)
@@ -269,8 +284,8 @@ class VmRec(Record):
     image: str = ""
     ip: str = ""
     mac: str = ""
-    desired: str = "running"         # running | stopped | absent
-    token: str = ""                  # unique per creation of this VM (a name can come back)
+    desired: str = "running"  # running | stopped | absent
+    token: str = ""  # unique per creation of this VM (a name can come back)
     # How a stop or removal powers the guest off: None asks it to shut down and waits up to the
     # setting stop_timeout_s, True powers it off at once (written only when true, so records
     # that never asked for a forced stop read as before).
@@ -285,11 +300,11 @@ class VmStatus(Record):
     PART: ClassVar[str] = "status"
     id: str
     host: str = ""
-    state: str = "pending"           # pending | running | shutoff | paused | crashed | missing | error | absent
+    state: str = "pending"  # pending | running | shutoff | paused | crashed | missing | error | absent
     detail: str = ""
     restarts: int = 0
     observed_at: int = 0
-    token: str = ""                  # the VmRec token it was observed for
+    token: str = ""  # the VmRec token it was observed for
 
 
 @dataclass(frozen=True)
@@ -297,7 +312,7 @@ class LeaseRec(Record):
     """A unique thing (address, name, network id) and who holds it."""
 
     KIND: ClassVar[str] = "lease"
-    id: str                          # e.g. ip/lab/10.77.1.5, mac/52:54:00:.., name/vcluster/c1, vni/100
+    id: str  # e.g. ip/lab/10.77.1.5, mac/52:54:00:.., name/vcluster/c1, vni/100
     holder: str = ""
     granted_at: int = 0
 
@@ -313,18 +328,18 @@ class MigrationRec(Record):
     vm: str = ""
     source: str = ""
     dest: str = ""
-    phase: str = ""                  # prepare ready migrating saved restored done failed
-    mode: str = ""                   # live | cold
-    requested_by: str = ""           # user name, or "balancer"
+    phase: str = ""  # prepare ready migrating saved restored done failed
+    mode: str = ""  # live | cold
+    requested_by: str = ""  # user name, or "balancer"
     started_at: int = 0
     finished_at: int = 0
-    bytes: int = 0                   # disk + memory bytes moved
+    bytes: int = 0  # disk + memory bytes moved
     disk_bytes: int = 0
     total_ms: int = 0
     downtime_ms: int = 0
-    dest_disk: str = ""              # where the destination put the overlay
-    dest_console: str = ""           # and the serial log
-    dest_seed: str = ""              # and the guest's cloud-init seed
+    dest_disk: str = ""  # where the destination put the overlay
+    dest_console: str = ""  # and the serial log
+    dest_seed: str = ""  # and the guest's cloud-init seed
     error: str = ""
 
 
@@ -337,14 +352,14 @@ class AuditRec(Record):
 
     KIND: ClassVar[str] = "audit"
     id: str
-    at: int = 0                      # ms since epoch, when the request was taken
-    host: str = ""                   # the host that took it
-    user: str = ""                   # who asked
-    op: str = ""                     # the operation, by its SOAP name (CreateCluster, SetQuota...)
-    object: str = ""                 # what it acted on: cluster/c1, vm/c1/web-0, user/bob, host/h2...
-    outcome: str = "ok"              # ok, or the faultcode it was refused or failed with
-    detail: str = ""                 # the fault's message (shortened), empty when ok
-    ms: int = 0                      # how long the request took
+    at: int = 0  # ms since epoch, when the request was taken
+    host: str = ""  # the host that took it
+    user: str = ""  # who asked
+    op: str = ""  # the operation, by its SOAP name (CreateCluster, SetQuota...)
+    object: str = ""  # what it acted on: cluster/c1, vm/c1/web-0, user/bob, host/h2...
+    outcome: str = "ok"  # ok, or the faultcode it was refused or failed with
+    detail: str = ""  # the fault's message (shortened), empty when ok
+    ms: int = 0  # how long the request took
 
 
 def status_of(dom: Dom, vm: VmRec) -> VmStatus | None:
@@ -355,5 +370,16 @@ def status_of(dom: Dom, vm: VmRec) -> VmStatus | None:
     return st if st is not None and st.token == vm.token else None
 
 
-RECORD_TYPES: list[type[Record]] = [HostRec, UserRec, ImageRec, TemplateRec, SettingRec,
-                                    VClusterRec, VmRec, VmStatus, LeaseRec, MigrationRec, AuditRec]
+RECORD_TYPES: list[type[Record]] = [
+    HostRec,
+    UserRec,
+    ImageRec,
+    TemplateRec,
+    SettingRec,
+    VClusterRec,
+    VmRec,
+    VmStatus,
+    LeaseRec,
+    MigrationRec,
+    AuditRec,
+]

@@ -37,6 +37,7 @@ Threading: this is blocking file I/O with no locks. A ``DurableStore`` is *threa
 caller (the Twisted layer) uses one instance from one thread at a time -- typically a dedicated
 single-thread pool -- and never from the reactor thread.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -178,9 +179,7 @@ class DurableStore:
     in the page cache) but not a power loss. Meant for tests and throw-away demos.
     """
 
-    def __init__(
-        self, directory: str | Path, fsync: bool = True, max_record: int = DEFAULT_MAX_RECORD
-    ):
+    def __init__(self, directory: str | Path, fsync: bool = True, max_record: int = DEFAULT_MAX_RECORD):
         if not 0 <= max_record <= _LENGTH_MASK:
             raise ValueError(f"max_record must be between 0 and {_LENGTH_MASK}")
         self.directory = Path(directory)
@@ -348,9 +347,7 @@ class DurableStore:
             self._write_atomically(_name("snapshot", new), header + payload)
             # 2. Its (empty) journal. A crash between 1 and 2 is repaired by open().
             self._create_journal(new)
-            new_fd = os.open(
-                self.directory / _name("journal", new), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-            )
+            new_fd = os.open(self.directory / _name("journal", new), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         except OSError as e:
             self._broken = f"compaction of store {self.directory} failed: {e}"
             raise StoreError(self._broken) from e
@@ -401,9 +398,7 @@ class DurableStore:
         return self.directory / _name("journal", self._generation)
 
     def _create_journal(self, generation: int) -> None:
-        self._write_atomically(
-            _name("journal", generation), _JRNL_HEADER.pack(_JRNL_MAGIC, generation)
-        )
+        self._write_atomically(_name("journal", generation), _JRNL_HEADER.pack(_JRNL_MAGIC, generation))
 
     def _write_atomically(self, name: str, data: bytes) -> None:
         """Write ``data`` to ``name``: temp file, fsync, rename, fsync the directory."""

@@ -8,6 +8,7 @@ a few types, a VM's ``status`` sub-part, a template's foreign-namespace body. Th
 those facts *from schema.rng* (so the schema stays the one source of truth) and checks entities in
 linear time. ``tests/test_dom_validate.py`` checks it agrees with RelaxNG on generated entities.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,10 +32,10 @@ Checker = Callable[[str], bool]
 class ElementSpec:
     """What one element (an entity, or a sub-part) may carry."""
 
-    attrs: dict[str, Checker] = field(default_factory=dict)        # name -> checker(str) -> bool
+    attrs: dict[str, Checker] = field(default_factory=dict)  # name -> checker(str) -> bool
     required: set[str] = field(default_factory=set)
     children: dict[str, ElementSpec] = field(default_factory=dict)  # local name -> spec (same namespace)
-    foreign_children: bool = False                   # any element of another namespace (template body)
+    foreign_children: bool = False  # any element of another namespace (template body)
 
 
 _INT = re.compile(r"^\s*[+-]?[0-9]+\s*$")
@@ -49,6 +50,7 @@ def _string_checker(data: etree._Element) -> Checker:
 
     def check(v: str) -> bool:
         return lo <= len(v) <= hi and (pattern is None or pattern.match(v) is not None)
+
     return check
 
 
@@ -60,7 +62,7 @@ class _Reader:
         """Checker for the content of an <attribute>: a ref, a data or a choice of values."""
         kids = [k for k in node if isinstance(k.tag, str)]
         if not kids:
-            return lambda v: True   # <attribute name=…/> with no pattern: any text
+            return lambda v: True  # <attribute name=…/> with no pattern: any text
         k = kids[0]
         tag = etree.QName(k).localname
         if tag == "ref":
@@ -104,9 +106,8 @@ class _Reader:
             elif tag == "ref":
                 target = self.defines[k.get("name", "")]
                 inner = [x for x in target if isinstance(x.tag, str)]
-                if inner and etree.QName(inner[0]).localname == "element" and \
-                        inner[0].get("name") is None:
-                    spec.foreign_children = True       # anyForeign
+                if inner and etree.QName(inner[0]).localname == "element" and inner[0].get("name") is None:
+                    spec.foreign_children = True  # anyForeign
                 else:
                     self._content(target, spec, required)
             elif tag == "element":
@@ -198,7 +199,7 @@ def _element_error(el: etree._Element, spec: ElementSpec) -> str | None:
     seen = set()
     for child in el:
         if not isinstance(child.tag, str):
-            continue   # comments, processing instructions
+            continue  # comments, processing instructions
         if child.tail is not None and child.tail.strip():
             return f"element {name}: text is not allowed here"
         cq = etree.QName(child)

@@ -5,6 +5,7 @@ replaces the older one. A rumor is sent at most ``limit(n)`` times, ``retransmit
 ceil(log10(n + 1))`` for a grid of ``n`` hosts, which is enough for epidemic spread to reach every
 host with high probability (memberlist's rule). The least-sent rumors go first.
 """
+
 from __future__ import annotations
 
 import math

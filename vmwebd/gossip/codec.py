@@ -10,6 +10,7 @@
 Decoding is strict: unknown kinds, missing or malformed attributes raise
 :class:`~vmwebd.errors.MalformedRequest` naming the field.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,9 +61,10 @@ def _vv(parent, tag: str, vv: dict):
 
 def _members(parent, members):
     for m in members:
-        el = etree.SubElement(parent, _Q + "member", node=m.node, addr=m.addr, inc=str(m.incarnation),
-                              status=m.status)
-        if m.by:   # optional: older peers neither send nor read it
+        el = etree.SubElement(
+            parent, _Q + "member", node=m.node, addr=m.addr, inc=str(m.incarnation), status=m.status
+        )
+        if m.by:  # optional: older peers neither send nor read it
             el.set("by", m.by)
 
 
@@ -116,6 +118,7 @@ def encode(env: Envelope) -> etree._Element:
 
 def _encode_paxos(el, msg) -> None:
     from vmwebd.lease import paxos
+
     if isinstance(msg, paxos.Forward):
         el.set("op", msg.op)
         for k, (expected, new) in sorted(msg.cas.items(), key=lambda kv: kv[0]):
@@ -216,6 +219,7 @@ def _read_values(el, tag: str) -> dict:
 
 def _decode_forwarded(kind, el):
     from vmwebd.lease import capacity, paxos  # noqa: F401  (capacity registers its updates)
+
     name = NAMES[kind]
     op = _attr(el, "op", name)
     if kind is paxos.Forward:
@@ -226,8 +230,9 @@ def _decode_forwarded(kind, el):
             if ups:
                 cls = paxos.UPDATES.get(ups[0].get("kind", ""))
                 if cls is None:
-                    raise MalformedRequest(f"peer envelope: cas {k}: unknown update kind "
-                                           f"{ups[0].get('kind')!r}")
+                    raise MalformedRequest(
+                        f"peer envelope: cas {k}: unknown update kind {ups[0].get('kind')!r}"
+                    )
                 try:
                     cas[k] = (cls.from_attrs(ups[0].attrib), None)
                 except (ValueError, TypeError) as e:
@@ -237,20 +242,28 @@ def _decode_forwarded(kind, el):
         return paxos.Forward(op, cas)
     result = el.get("result")
     if result == "decided":
-        values = {_attr(c, "k", "value"): paxos.ELIDED if c.get("elided") == "1" else c.get("holder")
-                  for c in _children(el, "value")}
+        values = {
+            _attr(c, "k", "value"): paxos.ELIDED if c.get("elided") == "1" else c.get("holder")
+            for c in _children(el, "value")
+        }
         return paxos.Outcome(op, paxos.Decided(op, _ballot(el, "ballot", name, True), values))
     if result == "conflict":
-        return paxos.Outcome(op, paxos.Conflict(op, _attr(el, "key", name), el.get("holder"),
-                                                _read_values(el, "seen")))
+        return paxos.Outcome(
+            op, paxos.Conflict(op, _attr(el, "key", name), el.get("holder"), _read_values(el, "seen"))
+        )
     if result == "noquorum":
-        return paxos.Outcome(op, paxos.NoQuorum(op, _int(el, "reachable", name),
-                                                _int(el, "needed", name), _int(el, "members", name)))
+        return paxos.Outcome(
+            op,
+            paxos.NoQuorum(
+                op, _int(el, "reachable", name), _int(el, "needed", name), _int(el, "members", name)
+            ),
+        )
     raise MalformedRequest(f"peer envelope: {name}/@result: {result!r}")
 
 
 def _decode_paxos(kind, el):
     from vmwebd.lease import paxos
+
     if kind in (paxos.Forward, paxos.Outcome):
         return _decode_forwarded(kind, el)
     name = NAMES[kind]
@@ -258,8 +271,7 @@ def _decode_paxos(kind, el):
     if kind is paxos.Prepare:
         keys = _children(el, "key")
         known = {_attr(c, "k", "key"): _ballot(c, "known", "key") for c in keys if c.get("known")}
-        return paxos.Prepare(_attr(el, "op", name), ballot,
-                             tuple(_attr(c, "k", "key") for c in keys), known)
+        return paxos.Prepare(_attr(el, "op", name), ballot, tuple(_attr(c, "k", "key") for c in keys), known)
     if kind is paxos.Promise:
         entries = {}
         for c in _children(el, "entry"):
@@ -276,8 +288,10 @@ def _decode_paxos(kind, el):
     if kind in (paxos.Accept, paxos.Commit):
         if kind is paxos.Accept:
             return paxos.Accept(_attr(el, "op", name), ballot, _read_values(el, "value"))
-        values = {_attr(c, "k", "value"): paxos.ACCEPTED if c.get("accepted") == "1" else c.get("holder")
-                  for c in _children(el, "value")}
+        values = {
+            _attr(c, "k", "value"): paxos.ACCEPTED if c.get("accepted") == "1" else c.get("holder")
+            for c in _children(el, "value")
+        }
         return paxos.Commit(ballot, values)
     if kind is paxos.Accepted:
         return paxos.Accepted(_attr(el, "op", name), ballot, refs=el.get("refs") == "1")
@@ -304,8 +318,10 @@ def _children(el, tag):
 
 
 def _read_vv(el, tag) -> dict:
-    return {_attr(c, "origin", tag): _parse_stamp(_attr(c, "stamp", tag), f"{tag}/@stamp")
-            for c in _children(el, tag)}
+    return {
+        _attr(c, "origin", tag): _parse_stamp(_attr(c, "stamp", tag), f"{tag}/@stamp")
+        for c in _children(el, tag)
+    }
 
 
 def _read_members(el) -> tuple:
@@ -338,8 +354,11 @@ def decode(root: etree._Element) -> Envelope:
     src = _attr(root, "src", "env")
     if not is_host_id(src):
         raise MalformedRequest(f"peer envelope: env/@src: {src!r} is not a host id")
-    kinds = [c for c in root if isinstance(c.tag, str) and c.tag.startswith(_Q)
-             and etree.QName(c).localname in _BY_NAME]
+    kinds = [
+        c
+        for c in root
+        if isinstance(c.tag, str) and c.tag.startswith(_Q) and etree.QName(c).localname in _BY_NAME
+    ]
     if len(kinds) != 1:
         raise MalformedRequest(f"peer envelope from {src}: expected one message, found {len(kinds)}")
     el = kinds[0]
@@ -347,8 +366,12 @@ def decode(root: etree._Element) -> Envelope:
     if kind in (Ping, Ack, ProbeNack):
         msg = kind(_int(el, "seq", NAMES[kind]), _attr(el, "target", NAMES[kind]))
     elif kind is PingReq:
-        msg = PingReq(_int(el, "seq", "ping-req"), _attr(el, "target", "ping-req"),
-                      _attr(el, "target-addr", "ping-req"), el.get("nack") == "1")
+        msg = PingReq(
+            _int(el, "seq", "ping-req"),
+            _attr(el, "target", "ping-req"),
+            _attr(el, "target-addr", "ping-req"),
+            el.get("nack") == "1",
+        )
     elif kind is Gossip:
         msg = Gossip()
     elif kind is Sync:
@@ -362,19 +385,28 @@ def decode(root: etree._Element) -> Envelope:
                 continue
             inner = _BY_NAME.get(etree.QName(c).localname) if c.tag.startswith(_Q) else None
             if getattr(inner, "__module__", "") != "vmwebd.lease.paxos":
-                raise MalformedRequest(f"peer envelope from {src}: bundle/{etree.QName(c).localname} "
-                                       "is not a consensus message")
+                raise MalformedRequest(
+                    f"peer envelope from {src}: bundle/{etree.QName(c).localname} is not a consensus message"
+                )
             msgs.append(_decode_paxos(inner, c))
         if not msgs:
             raise MalformedRequest(f"peer envelope from {src}: bundle is empty")
         msg = Bundle(tuple(msgs))
     elif kind is SyncReply:
-        msg = SyncReply(_read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"),
-                        _read_members(el))
+        msg = SyncReply(
+            _read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"), _read_members(el)
+        )
     elif kind is SyncDelta:
         msg = SyncDelta(_read_entities(el, "entities"), _read_vv(el, "claim"))
-    return Envelope(src, _attr(root, "src-addr", "env"), root.get("dst"), msg,
-                    _read_members(root), _read_entities(root, "rumors"), version)
+    return Envelope(
+        src,
+        _attr(root, "src-addr", "env"),
+        root.get("dst"),
+        msg,
+        _read_members(root),
+        _read_entities(root, "rumors"),
+        version,
+    )
 
 
 _log = Logger()
@@ -387,11 +419,10 @@ def answers_from(dst: str, elements):
     for el in elements:
         try:
             env = decode(el)
-        except Exception as e:     # noqa: BLE001 (a malformed answer is a lost message)
+        except Exception as e:  # noqa: BLE001 (a malformed answer is a lost message)
             _log.debug("unreadable answer from {dst}: {err}", dst=dst, err=e)
             continue
         if env.src != dst:
-            _log.warn("an answer from host {dst} claims to come from {src}; dropped",
-                      dst=dst, src=env.src)
+            _log.warn("an answer from host {dst} claims to come from {src}; dropped", dst=dst, src=env.src)
             continue
         yield env

@@ -27,6 +27,7 @@ Dissemination:
   round with one peer exchanges complete version vectors and then only what differs, bounded by
   ``max_sync_bytes`` per message (Scuttlebutt-style; see :meth:`vmwebd.dom.document.Dom.delta`).
 """
+
 from __future__ import annotations
 
 import math
@@ -57,23 +58,23 @@ _RANK = {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}
 class GossipConfig:
     """Protocol timing and sizes (seconds, bytes). Presets below; the defaults are LAN."""
 
-    probe_interval: float = 1.0      # memberlist LAN: 1 s
-    probe_timeout: float = 0.5       # memberlist LAN: 500 ms
+    probe_interval: float = 1.0  # memberlist LAN: 1 s
+    probe_timeout: float = 0.5  # memberlist LAN: 500 ms
     indirect_checks: int = 3
-    suspicion_mult: int = 4          # memberlist LAN: 4
-    gossip_interval: float = 0.2     # memberlist LAN: 200 ms
-    fanout: int = 3                  # memberlist LAN: 3 (GossipNodes)
-    retransmit_mult: int = 4         # memberlist LAN: 4
-    sync_interval: float = 10.0      # memberlist LAN push-pull: 30 s; ours is shorter
-    dead_sync_every: int = 3         # every Nth sync goes to a dead (not left) host, to heal partitions
+    suspicion_mult: int = 4  # memberlist LAN: 4
+    gossip_interval: float = 0.2  # memberlist LAN: 200 ms
+    fanout: int = 3  # memberlist LAN: 3 (GossipNodes)
+    retransmit_mult: int = 4  # memberlist LAN: 4
+    sync_interval: float = 10.0  # memberlist LAN push-pull: 30 s; ours is shorter
+    dead_sync_every: int = 3  # every Nth sync goes to a dead (not left) host, to heal partitions
     max_gossip_bytes: int = 64 * 1024
     max_sync_bytes: int = 1024 * 1024
     # Lifeguard (docs/gossip.md, "Local health" and "Suspicion timeouts"); without_lifeguard()
     # turns all four off, which is plain SWIM with suspicion.
-    awareness_max_multiplier: int = 8    # memberlist: 8; probe period and timeout up to 8x; 1 = off
+    awareness_max_multiplier: int = 8  # memberlist: 8; probe period and timeout up to 8x; 1 = off
     suspicion_max_timeout_mult: int = 6  # memberlist: 6; unconfirmed suspicion waits 6x; 1 = off
-    buddy_system: bool = True            # a Ping to a suspect carries the suspicion
-    probe_nacks: bool = True             # PingReq helpers nack when the target does not answer
+    buddy_system: bool = True  # a Ping to a suspect carries the suspicion
+    probe_nacks: bool = True  # PingReq helpers nack when the target does not answer
 
     def suspicion_timeout(self, n: int) -> float:
         """The shortest suspicion: once enough other hosts confirm it (SWIM's fixed timeout)."""
@@ -94,13 +95,19 @@ class GossipConfig:
 
     def without_lifeguard(self) -> "GossipConfig":
         """The same timing as plain SWIM: fixed suspicion timeout, no local health, no buddy, no nacks."""
-        return replace(self, awareness_max_multiplier=1, suspicion_max_timeout_mult=1,
-                       buddy_system=False, probe_nacks=False)
+        return replace(
+            self,
+            awareness_max_multiplier=1,
+            suspicion_max_timeout_mult=1,
+            buddy_system=False,
+            probe_nacks=False,
+        )
 
 
 LAN = GossipConfig()
-LOCAL_TEST = GossipConfig(probe_interval=0.5, probe_timeout=0.2, suspicion_mult=3,
-                          gossip_interval=0.1, sync_interval=2.0)
+LOCAL_TEST = GossipConfig(
+    probe_interval=0.5, probe_timeout=0.2, suspicion_mult=3, gossip_interval=0.1, sync_interval=2.0
+)
 
 
 def suspicion_timeout_after(confirmations: int, k: int, lo: float, hi: float) -> float:
@@ -184,11 +191,12 @@ class Member:
     incarnation: int
     status: str
     since: float
-    by: str = ""    # while suspect: the accuser whose suspicion we hold
+    by: str = ""  # while suspect: the accuser whose suspicion we hold
 
     def state(self) -> MemberState:
-        return MemberState(self.node, self.addr, self.incarnation, self.status,
-                           self.by if self.status == SUSPECT else "")
+        return MemberState(
+            self.node, self.addr, self.incarnation, self.status, self.by if self.status == SUSPECT else ""
+        )
 
 
 @dataclass
@@ -216,11 +224,11 @@ class _Probe:
     seq: int
     target: str
     started: float
-    timeout_at: float       # no Ack by then: indirect probes (probe_timeout, scaled by health)
-    deadline: float         # no Ack by then: suspect (probe_interval, scaled by health)
+    timeout_at: float  # no Ack by then: indirect probes (probe_timeout, scaled by health)
+    deadline: float  # no Ack by then: suspect (probe_interval, scaled by health)
     indirect: bool = False
     acked: bool = False
-    helpers: tuple[str, ...] = ()     # asked to ping the target for us
+    helpers: tuple[str, ...] = ()  # asked to ping the target for us
     nacks: set[str] = field(default_factory=set)
 
 
@@ -228,16 +236,26 @@ class _Probe:
 class _Relay:
     src: str
     src_addr: str
-    seq: int                # the requester's
+    seq: int  # the requester's
     target: str
     expires: float
-    nack_at: float | None   # when to nack the requester, if it asked and the target is silent
+    nack_at: float | None  # when to nack the requester, if it asked and the target is silent
 
 
 class GossipCore:
-    def __init__(self, me: str, addr: str, config: GossipConfig, rng: random.Random, dom: DomPort,
-                 now: float, incarnation: int = 0, cvv: Vector | None = None,
-                 seeds: tuple[str, ...] = (), known: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        me: str,
+        addr: str,
+        config: GossipConfig,
+        rng: random.Random,
+        dom: DomPort,
+        now: float,
+        incarnation: int = 0,
+        cvv: Vector | None = None,
+        seeds: tuple[str, ...] = (),
+        known: tuple[tuple[str, str], ...] = (),
+    ):
         self.me = me
         self.addr = addr
         self.cfg = config
@@ -329,7 +347,7 @@ class GossipCore:
 
     def receive(self, env: Envelope, now: float) -> Output:
         if env.version > PROTOCOL_VERSION or (env.dst is not None and env.dst != self.me):
-            return self._flush()   # a newer protocol, or meant for a host that was here before
+            return self._flush()  # a newer protocol, or meant for a host that was here before
         for ms in env.members:
             self._apply_member(ms, now)
         self._merge(env.entities)
@@ -349,8 +367,9 @@ class GossipCore:
             # The nack uses the unscaled timeout: it must reach the requester before its (scaled)
             # probe period ends, or the requester would blame itself for our slowness.
             nack_at = now + self.cfg.probe_timeout if msg.nack and self.cfg.probe_nacks else None
-            self._relays[self._seq] = _Relay(env.src, env.src_addr, msg.seq, msg.target,
-                                             now + self.cfg.probe_interval, nack_at)
+            self._relays[self._seq] = _Relay(
+                env.src, env.src_addr, msg.seq, msg.target, now + self.cfg.probe_interval, nack_at
+            )
             self._send_to(msg.target, msg.target_addr, Ping(self._seq, msg.target))
         elif isinstance(msg, ProbeNack):
             self._nackers.add(env.src)
@@ -361,8 +380,12 @@ class GossipCore:
             for ms in msg.members:
                 self._apply_member(ms, now)
             ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes)
-            self._send_to(env.src, env.src_addr,
-                          SyncReply(tuple(ents), claims, dict(self.cvv), self.member_states()), rumors=False)
+            self._send_to(
+                env.src,
+                env.src_addr,
+                SyncReply(tuple(ents), claims, dict(self.cvv), self.member_states()),
+                rumors=False,
+            )
         elif isinstance(msg, SyncReply):
             for ms in msg.members:
                 self._apply_member(ms, now)
@@ -385,7 +408,7 @@ class GossipCore:
                 p.indirect = True
                 probed = self.members.get(p.target)
                 helpers = [x for x in self._random_peers(cfg.indirect_checks + 1) if x != p.target]
-                p.helpers = tuple(helpers[:cfg.indirect_checks])
+                p.helpers = tuple(helpers[: cfg.indirect_checks])
                 for h in p.helpers:
                     self._send(h, PingReq(p.seq, p.target, probed.addr if probed else "", cfg.probe_nacks))
             if now >= p.deadline:
@@ -404,8 +427,13 @@ class GossipCore:
             target = self._next_probe_target()
             if target is not None:
                 self._seq += 1
-                self._probe = _Probe(self._seq, target, now, now + self.awareness.scale(cfg.probe_timeout),
-                                     now + self.awareness.scale(cfg.probe_interval))
+                self._probe = _Probe(
+                    self._seq,
+                    target,
+                    now,
+                    now + self.awareness.scale(cfg.probe_timeout),
+                    now + self.awareness.scale(cfg.probe_interval),
+                )
                 m = self.members[target]
                 # buddy system: a suspect target learns of the suspicion from the probe itself and
                 # refutes in its Ack, instead of waiting for the rumor to find it
@@ -508,9 +536,13 @@ class GossipCore:
     def _start_suspicion(self, m: Member, by: str, now: float) -> None:
         live = sum(1 for x in self.members.values() if x.status in (ALIVE, SUSPECT))
         n = len(self.members)
-        self._suspicions[m.node] = Suspicion(now, self.cfg.suspicion_confirmations(live),
-                                             self.cfg.suspicion_timeout(n), self.cfg.suspicion_max_timeout(n),
-                                             {by} if by else set())
+        self._suspicions[m.node] = Suspicion(
+            now,
+            self.cfg.suspicion_confirmations(live),
+            self.cfg.suspicion_timeout(n),
+            self.cfg.suspicion_max_timeout(n),
+            {by} if by else set(),
+        )
         m.by = by
 
     def _confirm(self, m: Member, by: str) -> bool:
@@ -584,8 +616,14 @@ class GossipCore:
         if m is not None:
             self._send_to(node, m.addr, msg, rumors, extra)
 
-    def _send_to(self, node: str | None, addr: str, msg: object, rumors: bool = True,
-                 extra: tuple[MemberState, ...] = ()) -> None:
+    def _send_to(
+        self,
+        node: str | None,
+        addr: str,
+        msg: object,
+        rumors: bool = True,
+        extra: tuple[MemberState, ...] = (),
+    ) -> None:
         members: tuple[MemberState, ...] = extra
         entities: tuple[Entity, ...] = ()
         if rumors:

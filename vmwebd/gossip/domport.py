@@ -1,4 +1,5 @@
 """The DOM as the gossip core sees it: merge, delta, sizes and versions — nothing of the schema."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,7 @@ class DomPortAdapter:
     simulator, whose entities are made by its own cores, may skip it for speed).
     """
 
-    def __init__(self, dom: Dom, validate: bool = True, me: str | None = None, floor=None,
-                 complete=None):
+    def __init__(self, dom: Dom, validate: bool = True, me: str | None = None, floor=None, complete=None):
         self.dom = dom
         self.validate = validate
         # ``floor()``: the lowest version this host (``me``) may still write below its latest
@@ -39,7 +39,7 @@ class DomPortAdapter:
         changed = []
         for el in entities:
             try:
-                if self.dom.holds(el):       # a duplicate or an older state: nothing to do
+                if self.dom.holds(el):  # a duplicate or an older state: nothing to do
                     continue
                 if self.complete is not None and forgotten(self.dom, self.complete(), el):
                     self.forgotten += 1

@@ -5,6 +5,7 @@ A message travels in an :class:`Envelope` that also carries piggybacked rumors: 
 numeric code forever; a new field gets a default so older peers' messages still decode; a kind
 that is no longer sent stays listed (deprecated), never reused. See docs/gossip.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -98,18 +99,25 @@ class SyncDelta:
 
 
 KINDS: dict[int, type] = {k.CODE: k for k in (Ping, Ack, PingReq, Gossip, Sync, SyncReply, SyncDelta)}
-NAMES: dict[type, str] = {Ping: "ping", Ack: "ack", PingReq: "ping-req", Gossip: "gossip",
-                          Sync: "sync", SyncReply: "sync-reply", SyncDelta: "sync-delta"}
+NAMES: dict[type, str] = {
+    Ping: "ping",
+    Ack: "ack",
+    PingReq: "ping-req",
+    Gossip: "gossip",
+    Sync: "sync",
+    SyncReply: "sync-reply",
+    SyncDelta: "sync-delta",
+}
 
 
 @dataclass(frozen=True)
 class Envelope:
     src: str
     src_addr: str
-    dst: str | None          # None: the sender does not know who listens there (a seed)
+    dst: str | None  # None: the sender does not know who listens there (a seed)
     msg: object
-    members: tuple = ()      # piggybacked MemberState rumors
-    entities: tuple = ()     # piggybacked DOM entity states (lxml elements)
+    members: tuple = ()  # piggybacked MemberState rumors
+    entities: tuple = ()  # piggybacked DOM entity states (lxml elements)
     version: int = PROTOCOL_VERSION
 
 
@@ -117,10 +125,17 @@ class Envelope:
 # The message classes live with the Paxos core; their codes are fixed here.
 def _register_paxos_kinds():
     from vmwebd.lease import paxos
-    for code, cls, name in ((8, paxos.Prepare, "prepare"), (9, paxos.Promise, "promise"),
-                            (10, paxos.Accept, "accept"), (11, paxos.Accepted, "accepted"),
-                            (12, paxos.Commit, "commit"), (13, paxos.Nack, "nack"),
-                            (16, paxos.Forward, "forward"), (17, paxos.Outcome, "outcome")):
+
+    for code, cls, name in (
+        (8, paxos.Prepare, "prepare"),
+        (9, paxos.Promise, "promise"),
+        (10, paxos.Accept, "accept"),
+        (11, paxos.Accepted, "accepted"),
+        (12, paxos.Commit, "commit"),
+        (13, paxos.Nack, "nack"),
+        (16, paxos.Forward, "forward"),
+        (17, paxos.Outcome, "outcome"),
+    ):
         cls.CODE = code
         KINDS[code] = cls
         NAMES[cls] = name

@@ -15,6 +15,7 @@ names it was issued for), extended key usage serverAuth + clientAuth, because ev
 the server and the client of its peers. The CA has ``pathlen:0``, so a host certificate can never
 issue further certificates.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,8 +45,9 @@ HOST_VALIDITY = datetime.timedelta(days=730)
 # the issuing host's does not refuse a fresh certificate as "not yet valid".
 CLOCK_SKEW = datetime.timedelta(minutes=10)
 
-_DNS_RE = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
-                     re.IGNORECASE)
+_DNS_RE = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -81,14 +83,21 @@ class HostCredentials:
 def check_host_id(host_id: str) -> str:
     """Returns ``host_id`` if it is a valid host id, else raises :class:`InvalidArgument`."""
     if not is_host_id(host_id):
-        raise InvalidArgument("host_id", f"{host_id!r} is not a host id (lower-case letters, digits "
-                                         "and '-', starting with a letter or digit, at most 63 characters)")
+        raise InvalidArgument(
+            "host_id",
+            f"{host_id!r} is not a host id (lower-case letters, digits "
+            "and '-', starting with a letter or digit, at most 63 characters)",
+        )
     return host_id
 
 
 def _check_grid_name(grid_name: str) -> str:
-    if (not isinstance(grid_name, str) or not grid_name.strip() or len(grid_name) > 53
-            or any(not c.isprintable() for c in grid_name)):
+    if (
+        not isinstance(grid_name, str)
+        or not grid_name.strip()
+        or len(grid_name) > 53
+        or any(not c.isprintable() for c in grid_name)
+    ):
         raise InvalidArgument("grid_name", f"{grid_name!r} must be 1 to 53 printable characters")
     return grid_name
 
@@ -101,7 +110,9 @@ def _san_entries(host_id: str, addresses) -> list[x509.GeneralName]:
             ip = ipaddress.ip_address(text)
         except ValueError:
             if not _DNS_RE.fullmatch(text):
-                raise InvalidArgument("addresses", f"{text!r} is neither an IP address nor a DNS name") from None
+                raise InvalidArgument(
+                    "addresses", f"{text!r} is neither an IP address nor a DNS name"
+                ) from None
             entry: x509.GeneralName = x509.DNSName(text.lower())
         else:
             entry = x509.IPAddress(ip)
@@ -156,8 +167,9 @@ def _load_key(path: Path, data: bytes) -> ec.EllipticCurvePrivateKey:
 
 
 def _key_pem(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert_pem(cert: x509.Certificate) -> bytes:
@@ -187,24 +199,41 @@ def init_ca(directory, grid_name: str = "vmweb") -> CaPaths:
         if p.exists():
             raise CertificateError(p, "a cluster CA already exists here; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, grid_name),
-                      x509.NameAttribute(NameOID.COMMON_NAME, f"{grid_name} cluster CA")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, grid_name),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{grid_name} cluster CA"),
+        ]
+    )
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder()
-            .subject_name(name).issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + CA_VALIDITY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(ski, critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
-                           critical=False)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + CA_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     # Key first: a crash in between leaves a key without a certificate, which init refuses to
     # overwrite and a person can inspect, never a certificate whose key is lost.
     _write_file(paths.key, _key_pem(key), 0o600, replace=False)
@@ -254,31 +283,47 @@ def issue_host_cert(ca_dir, host_id: str, out_dir, addresses=(), replace: bool =
         if paths.ca.resolve() == (ca_dir / CA_CERT).resolve() or existing == ca_pem:
             copy_ca = False
         elif not replace:
-            raise CertificateError(paths.ca, f"holds another CA certificate than {ca_dir / CA_CERT}; "
-                                             "refusing to overwrite it")
+            raise CertificateError(
+                paths.ca, f"holds another CA certificate than {ca_dir / CA_CERT}; refusing to overwrite it"
+            )
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     not_after = min(now + HOST_VALIDITY, ca_cert.not_valid_after_utc)
     org = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     subject = x509.Name(list(org[:1]) + [x509.NameAttribute(NameOID.COMMON_NAME, host_id)])
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (x509.CertificateBuilder()
-            .subject_name(subject).issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - CLOCK_SKEW).not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     if copy_ca:
         _write_file(paths.ca, ca_pem, 0o644, replace=True)
     _write_file(paths.key, _key_pem(key), 0o600, replace=replace)
@@ -326,8 +371,9 @@ def load_host_credentials(cert_dir) -> HostCredentials:
         if c.not_valid_after_utc <= now:
             raise CertificateError(path, f"{what} expired on {c.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
         if c.not_valid_before_utc > now:
-            raise CertificateError(path, f"{what} is not valid before "
-                                         f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+            raise CertificateError(
+                path, f"{what} is not valid before {c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+            )
     host_id = host_id_of(cert)
     if not is_host_id(host_id):
         raise CertificateError(cert_path, f"its common name {host_id!r} is not a host id")

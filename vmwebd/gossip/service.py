@@ -6,6 +6,7 @@ outputs — persisting merged entities first, then sending (style rule: persist 
 :class:`PeerClient` posts envelopes as SOAP to other daemons' peer endpoints (HTTPS with mutual
 TLS when credentials are configured). A failed send is just a lost message: SWIM copes.
 """
+
 from __future__ import annotations
 
 import json
@@ -141,8 +142,14 @@ class PeerClient:
     of its message, and of every envelope and byte that came back in a response.
     """
 
-    def __init__(self, reactor, tls_policy=None, timeout: float = 5.0, connections_per_peer: int = 8,
-                 observer: "PeerObserver | None" = None):
+    def __init__(
+        self,
+        reactor,
+        tls_policy=None,
+        timeout: float = 5.0,
+        connections_per_peer: int = 8,
+        observer: "PeerObserver | None" = None,
+    ):
         if connections_per_peer < 1:
             raise ValueError(f"connections_per_peer must be at least 1, got {connections_per_peer}")
         self.reactor = reactor
@@ -156,14 +163,15 @@ class PeerClient:
         self.observer = observer
         self.sent = 0
         self.failed = 0
-        self._bundles: set[str] = set()     # peer addresses that said they read bundles
+        self._bundles: set[str] = set()  # peer addresses that said they read bundles
 
     def reads_bundles(self, addr: str) -> bool:
         """Did the peer at ``addr`` say, in its last answer, that it reads Bundle envelopes?"""
         return addr in self._bundles
 
-    def send(self, addr: str, env_el: etree._Element, on_reply=None,
-             timeout: float | None = None) -> defer.Deferred:
+    def send(
+        self, addr: str, env_el: etree._Element, on_reply=None, timeout: float | None = None
+    ) -> defer.Deferred:
         """Posts one envelope. With ``on_reply``, the peer may answer in the response itself
         (``REPLIES_HEADER``): ``on_reply(envelope elements)`` is called with what it answered.
         ``timeout``: how long to wait for the answer, if not the client's default (a forwarded
@@ -214,8 +222,16 @@ class PeerClient:
 
 
 class GossipService:
-    def __init__(self, core: GossipCore, domsvc, client: PeerClient, reactor,
-                 state_file: Path | None = None, tick_interval: float = 0.05, listeners=()):
+    def __init__(
+        self,
+        core: GossipCore,
+        domsvc,
+        client: PeerClient,
+        reactor,
+        state_file: Path | None = None,
+        tick_interval: float = 0.05,
+        listeners=(),
+    ):
         self.core = core
         self.domsvc = domsvc
         self.client = client
@@ -230,7 +246,7 @@ class GossipService:
         self._push_gap_call = None
         self.push_gap = PUSH_GAP_S
         self._save_loop = None
-        self.listeners = list(listeners)   # fn(node, old, new) on membership changes
+        self.listeners = list(listeners)  # fn(node, old, new) on membership changes
 
     def now(self) -> float:
         return self.reactor.seconds()
@@ -267,7 +283,7 @@ class GossipService:
 
     def _push_round(self, out) -> defer.Deferred:
         _, sent = self._carry(out)
-        slot = self._pushing = object()     # this round, told apart from the next
+        slot = self._pushing = object()  # this round, told apart from the next
         gap = self._push_gap_call = self.reactor.callLater(self.push_gap, self._push_slot_free, slot)
 
         def answered(result):
@@ -275,6 +291,7 @@ class GossipService:
                 gap.cancel()
             self._push_slot_free(slot)
             return result
+
         sent.addBoth(answered)
         return sent
 
@@ -291,6 +308,7 @@ class GossipService:
                 for w in waiters:
                     w.callback(result)
                 return result
+
             sent.addBoth(release)
         else:
             waiters, self._push_waiters = self._push_waiters, []
@@ -352,12 +370,19 @@ class GossipService:
         sent = defer.Deferred()
 
         def send(_):
-            ds = [self.client.send(s.addr, encode(s.envelope),
-                                   on_reply=None if s.dst is None else partial(self._replied, s.dst))
-                  for s in out.sends]
+            ds = [
+                self.client.send(
+                    s.addr,
+                    encode(s.envelope),
+                    on_reply=None if s.dst is None else partial(self._replied, s.dst),
+                )
+                for s in out.sends
+            ]
             defer.DeferredList(ds, consumeErrors=True).addCallback(
-                lambda results: sent.callback(sum(1 for ok, v in results if ok and v)))
+                lambda results: sent.callback(sum(1 for ok, v in results if ok and v))
+            )
             return _
+
         persisted.addCallback(send)
         return persisted, sent
 
@@ -373,7 +398,7 @@ class GossipService:
         if self._push_gap_call is not None and self._push_gap_call.active():
             self._push_gap_call.cancel()
         if self._pushing is not None:
-            self._push_slot_free(self._pushing)     # the loop is stopped: waiters are released
+            self._push_slot_free(self._pushing)  # the loop is stopped: waiters are released
         if leave:
             yield self._carry(self.core.leave(self.now()))[1]
         yield self._save_state()
@@ -382,15 +407,13 @@ class GossipService:
     def _save_state(self):
         if self.state_file is None:
             return defer.succeed(None)
-        state = {"cvv": {o: list(s) for o, s in self.core.cvv.items()},
-                 "incarnation": self.core.incarnation}
+        state = {"cvv": {o: list(s) for o, s in self.core.cvv.items()}, "incarnation": self.core.incarnation}
         if state == self._saved_cvv:
             return defer.succeed(None)
         self._saved_cvv = state
         # The vector covers entities merged just now: write it once they are on disk, so a
         # restart after kill -9 never claims what its replica lost.
-        return self.domsvc.barrier().addCallback(
-            lambda _: deferToThread(_write_json, self.state_file, state))
+        return self.domsvc.barrier().addCallback(lambda _: deferToThread(_write_json, self.state_file, state))
 
 
 def _write_json(path: Path, obj) -> None:

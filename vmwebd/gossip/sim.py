@@ -7,6 +7,7 @@ but their durable DOM) and restart, or be *slow* (:meth:`Simulation.slow`: a CPU
 that reads its messages late while its timers still fire on time). Everything is driven by one seeded ``random.Random``: the
 same seed gives the same run.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -37,14 +38,23 @@ class SimHost:
     dom: Dom
     core: GossipCore | None
     crashed: bool = False
-    detected_dead_at: dict = field(default_factory=dict)   # node -> first time we saw it dead
-    lag: float = 0.0     # seconds between a message's arrival and its handling (see Simulation.slow)
+    detected_dead_at: dict = field(default_factory=dict)  # node -> first time we saw it dead
+    lag: float = 0.0  # seconds between a message's arrival and its handling (see Simulation.slow)
 
 
 class Simulation:
-    def __init__(self, n: int, seed: int, config: GossipConfig, drop: float = 0.0, dup: float = 0.0,
-                 delay: tuple[float, float] = (0.001, 0.005), tick: float = 0.05,
-                 validate: bool = False, start_at: float = 1_000.0):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        config: GossipConfig,
+        drop: float = 0.0,
+        dup: float = 0.0,
+        delay: tuple[float, float] = (0.001, 0.005),
+        tick: float = 0.05,
+        validate: bool = False,
+        start_at: float = 1_000.0,
+    ):
         self.rng = random.Random(seed)
         self.cfg = config
         self.drop, self.dup, self.delay = drop, dup, delay
@@ -57,7 +67,7 @@ class Simulation:
         self.stats = NetStats()
         self._queue: list = []
         self._seq = itertools.count()
-        self._cut: set[frozenset] = set()   # unordered pairs of hosts that cannot talk
+        self._cut: set[frozenset] = set()  # unordered pairs of hosts that cannot talk
         self._groups: list[set[str]] | None = None
         self.hosts: dict[str, SimHost] = {}
         ids = [f"h{i}" for i in range(n)]
@@ -75,8 +85,16 @@ class Simulation:
         h = self.hosts[hid]
         # The adapter reads the vector of the core built on it (vmwebd/dom/gc.py), as the daemon's.
         port = DomPortAdapter(h.dom, validate=self.validate, complete=lambda: core.cvv)
-        core = h.core = GossipCore(hid, hid, self.cfg, random.Random(self.rng.random()),
-                                   port, self.now, seeds=tuple(seeds), known=tuple(known))
+        core = h.core = GossipCore(
+            hid,
+            hid,
+            self.cfg,
+            random.Random(self.rng.random()),
+            port,
+            self.now,
+            seeds=tuple(seeds),
+            known=tuple(known),
+        )
         h.crashed = False
 
     def _reachable(self, a: str, b: str) -> bool:
@@ -232,8 +250,9 @@ def _due(h: SimHost, now: float) -> bool:
         return True
     if c._suspicions and any(now >= s.deadline() for s in c._suspicions.values()):
         return True
-    if c._relays and any(now >= r.expires or (r.nack_at is not None and now >= r.nack_at)
-                         for r in c._relays.values()):
+    if c._relays and any(
+        now >= r.expires or (r.nack_at is not None and now >= r.nack_at) for r in c._relays.values()
+    ):
         return True
     if now >= c._next_gossip:
         if len(c.queue):

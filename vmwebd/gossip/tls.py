@@ -17,6 +17,7 @@ Identity of a sender: :func:`peer_host_id` gives the host id (CN) of the verifie
 certificate of the connection a request arrived on; the peer SOAP endpoint compares it with the
 host an envelope claims to come from.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Union
@@ -124,8 +125,10 @@ def peer_host_id(request) -> str | None:
     verified against the cluster CA during the handshake, which holds for any listener built from
     :func:`server_context` (it refuses every connection without a valid one).
     """
-    for transport in (getattr(request, "transport", None),
-                      getattr(getattr(request, "channel", None), "transport", None)):
+    for transport in (
+        getattr(request, "transport", None),
+        getattr(getattr(request, "channel", None), "transport", None),
+    ):
         get_cert = getattr(transport, "getPeerCertificate", None)
         if get_cert is not None:
             return host_id_of(get_cert())

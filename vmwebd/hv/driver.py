@@ -80,8 +80,7 @@ class DomainSpec:
         if not isinstance(self.memory_mib, int) or self.memory_mib < 1:
             raise InvalidArgument("memory_mib", f"domain {self.name!r}: must be a positive integer")
         if not _MAC_RE.match(self.mac or ""):
-            raise InvalidArgument("mac", f"domain {self.name!r}: {self.mac!r} is not a "
-                                         "lower-case MAC")
+            raise InvalidArgument("mac", f"domain {self.name!r}: {self.mac!r} is not a lower-case MAC")
         if not self.disk_path:
             raise InvalidArgument("disk_path", f"domain {self.name!r}: must not be empty")
         if not self.network and not self.bridge:
@@ -90,8 +89,7 @@ class DomainSpec:
             raise InvalidArgument("mtu", f"domain {self.name!r}: {self.mtu!r} is not an MTU")
         for key in self.metadata:
             if not isinstance(key, str) or not key:
-                raise InvalidArgument("metadata",
-                                      f"domain {self.name!r}: key {key!r} is not a name")
+                raise InvalidArgument("metadata", f"domain {self.name!r}: key {key!r} is not a name")
 
 
 @dataclass(frozen=True)
@@ -185,13 +183,13 @@ class Driver(abc.ABC):
         """Make a directory pool ``name`` at ``path`` exist, be built, started and autostarted."""
 
     @abc.abstractmethod
-    def create_base_volume(self, pool: str, name: str, capacity_mib: int,
-                           fmt: str = "qcow2") -> Deferred:
+    def create_base_volume(self, pool: str, name: str, capacity_mib: int, fmt: str = "qcow2") -> Deferred:
         """Create an empty base image (or keep the existing one); fires with its path."""
 
     @abc.abstractmethod
-    def create_overlay(self, pool: str, name: str, backing_path: str,
-                       capacity_mib: int, backing_format: str = "qcow2") -> Deferred:
+    def create_overlay(
+        self, pool: str, name: str, backing_path: str, capacity_mib: int, backing_format: str = "qcow2"
+    ) -> Deferred:
         """Create a qcow2 overlay backed by ``backing_path`` (or keep it); fires with its path."""
 
     @abc.abstractmethod
@@ -220,8 +218,9 @@ class Driver(abc.ABC):
         """Fire with the bytes a volume really uses on disk (0 when it is not on disk)."""
         raise NotImplementedError
 
-    def migrate_live(self, name: str, dest_uri: str, dest_xml: str | None,
-                     full_disk: bool = False) -> Deferred:
+    def migrate_live(
+        self, name: str, dest_uri: str, dest_xml: str | None, full_disk: bool = False
+    ) -> Deferred:
         """Live-migrate running domain ``name`` to the libvirt at ``dest_uri`` (peer to peer).
 
         ``full_disk`` False copies only the top image (the overlay, pre-created at the
@@ -250,8 +249,10 @@ class Driver(abc.ABC):
         from twisted.internet.defer import fail
 
         from vmwebd.errors import HypervisorError
-        return fail(HypervisorError(f"open the console of domain {name!r}: this hypervisor "
-                                    f"driver has no consoles"))
+
+        return fail(
+            HypervisorError(f"open the console of domain {name!r}: this hypervisor driver has no consoles")
+        )
 
     # -- host ------------------------------------------------------------------------------
     @abc.abstractmethod

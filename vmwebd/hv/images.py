@@ -18,6 +18,7 @@ the account, before libvirt is asked to start them.
 
 Every read, write and hash runs on a thread, never on the reactor.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -145,9 +146,16 @@ def _peer_connection(addr: str, cert_dir: Path, expect_host: str, timeout: float
     return conn
 
 
-def fetch_file(addr: str, url_path: str, dest: Path, cert_dir: Path, expect_host: str,
-               expected_bytes: int | None = None, sha256: str | None = None,
-               timeout: float = 60.0) -> int:
+def fetch_file(
+    addr: str,
+    url_path: str,
+    dest: Path,
+    cert_dir: Path,
+    expect_host: str,
+    expected_bytes: int | None = None,
+    sha256: str | None = None,
+    timeout: float = 60.0,
+) -> int:
     """GETs ``url_path`` from peer ``addr`` (host:port, mutual TLS) into ``dest``.
 
     Checks the server's certificate names ``expect_host`` and, when given, the size and hash,
@@ -172,10 +180,15 @@ def fetch_file(addr: str, url_path: str, dest: Path, cert_dir: Path, expect_host
                     raise ImageUnavailable(f"fetching {what}: longer than {limit} bytes")
                 h.update(chunk)
                 out.write(chunk)
-            if expected_bytes is not None and size != expected_bytes or \
-                    sha256 is not None and h.hexdigest() != sha256:
-                raise ImageUnavailable(f"fetching {what}: got {size} bytes hashing to "
-                                       f"{h.hexdigest()[:12]}, refused")
+            if (
+                expected_bytes is not None
+                and size != expected_bytes
+                or sha256 is not None
+                and h.hexdigest() != sha256
+            ):
+                raise ImageUnavailable(
+                    f"fetching {what}: got {size} bytes hashing to {h.hexdigest()[:12]}, refused"
+                )
         if sha256 is not None:
             st = dest.stat()
             _sidecar(dest).write_text(f"{size} {st.st_mtime_ns} {sha256}\n")
@@ -187,19 +200,31 @@ def fetch_file(addr: str, url_path: str, dest: Path, cert_dir: Path, expect_host
             conn.close()
 
 
-def download(addr: str, sha256: str, expected_bytes: int, dest: Path, cert_dir: Path,
-             expect_host: str) -> int:
+def download(
+    addr: str, sha256: str, expected_bytes: int, dest: Path, cert_dir: Path, expect_host: str
+) -> int:
     """Fetches content image ``sha256`` from a peer, checking size and hash."""
-    return fetch_file(addr, f"/image/{sha256}", dest, cert_dir, expect_host,
-                      expected_bytes=expected_bytes, sha256=sha256)
+    return fetch_file(
+        addr, f"/image/{sha256}", dest, cert_dir, expect_host, expected_bytes=expected_bytes, sha256=sha256
+    )
 
 
 class ImageStore:
     """The images of one host. ``publish`` is called after the set of held images changes."""
 
-    def __init__(self, host_id: str, domsvc, driver, pool: str, directory: Path,
-                 cert_dir: Path | None, reactor, live_hosts: HostSet, peer_address_of: PeerDirectory,
-                 publish: Publisher | None = None):
+    def __init__(
+        self,
+        host_id: str,
+        domsvc,
+        driver,
+        pool: str,
+        directory: Path,
+        cert_dir: Path | None,
+        reactor,
+        live_hosts: HostSet,
+        peer_address_of: PeerDirectory,
+        publish: Publisher | None = None,
+    ):
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -210,7 +235,7 @@ class ImageStore:
         self.reactor = reactor
         self.live_hosts = live_hosts
         self.peer_address_of = peer_address_of
-        self.held: set[str] = set()          # image names whose file here matches the record
+        self.held: set[str] = set()  # image names whose file here matches the record
         self.publish = publish or (lambda: defer.succeed(None))
         self._fetching: dict[str, list[defer.Deferred]] = {}
         #: The account libvirt runs QEMU as, when it is not root (learnt by ``scan``).
@@ -241,8 +266,11 @@ class ImageStore:
                         perms.share_file(self.dir / r.file, self.qemu)
                 perms.check_reachable(self.dir, self.qemu, read=False)
             except (perms.AccessDenied, OSError) as e:
-                log.error("host {host}: {err}; its VMs cannot start until QEMU reaches the "
-                          "storage directory", host=self.host_id, err=e)
+                log.error(
+                    "host {host}: {err}; its VMs cannot start until QEMU reaches the storage directory",
+                    host=self.host_id,
+                    err=e,
+                )
         return out
 
     def _share(self, path: Path) -> None:
@@ -266,11 +294,13 @@ class ImageStore:
             for boot in (rec.kernel, rec.initrd):
                 if boot:
                     perms.check_reachable(boot, self.qemu, read=False)
+
         try:
             yield threads.deferToThread(check)
         except perms.AccessDenied as e:
-            raise ImageUnavailable(f"image {name!r} on host {self.host_id} is out of QEMU's "
-                                   f"reach: {e}") from None
+            raise ImageUnavailable(
+                f"image {name!r} on host {self.host_id} is out of QEMU's reach: {e}"
+            ) from None
 
     def images_attr(self) -> str:
         return " ".join(sorted(self.held))
@@ -278,8 +308,11 @@ class ImageStore:
     def holders(self, name: str) -> list[str]:
         """Live hosts other than this one that say they hold ``name``."""
         live = self.live_hosts()
-        return sorted(h.id for h in self.dom.all(HostRec)
-                      if h.id != self.host_id and h.id in live and name in h.images.split())
+        return sorted(
+            h.id
+            for h in self.dom.all(HostRec)
+            if h.id != self.host_id and h.id in live and name in h.images.split()
+        )
 
     def path_of_sha(self, sha256: str) -> Path | None:
         for r in self.dom.all(ImageRec):
@@ -289,12 +322,14 @@ class ImageStore:
 
     # -- adding one -------------------------------------------------------------------------
     @defer.inlineCallbacks
-    def add(self, name: str, path: str, fmt: str = "qcow2", kernel: str = "", initrd: str = "",
-            cmdline: str = "") -> ImageRec:
+    def add(
+        self, name: str, path: str, fmt: str = "qcow2", kernel: str = "", initrd: str = "", cmdline: str = ""
+    ) -> ImageRec:
         """Registers the file at ``path`` (on this host) as content image ``name``."""
         if not isinstance(name, str) or not IMAGE_NAME_RE.match(name):
-            raise InvalidArgument("name", f"{name!r} is not a valid image name "
-                                  "(a-z 0-9 then up to 62 of a-z 0-9 . _ -)")
+            raise InvalidArgument(
+                "name", f"{name!r} is not a valid image name (a-z 0-9 then up to 62 of a-z 0-9 . _ -)"
+            )
         if fmt not in FORMATS:
             raise InvalidArgument("format", f"{fmt!r} is not one of {', '.join(FORMATS)}")
         src = Path(path or "")
@@ -311,23 +346,35 @@ class ImageStore:
         size = yield threads.deferToThread(lambda: src.stat().st_size)
         if size > MAX_IMAGE_BYTES:
             raise InvalidArgument("file", f"{path!r} is larger than {MAX_IMAGE_BYTES} bytes")
-        file_name, nbytes, virtual, sha = yield threads.deferToThread(
-            import_file, src, self.dir, name, fmt)
+        file_name, nbytes, virtual, sha = yield threads.deferToThread(import_file, src, self.dir, name, fmt)
         yield threads.deferToThread(self._share, self.dir / file_name)
         cur = self.dom.get(ImageRec, name)
         if cur is not None and cur.sha256 and cur.sha256 != sha:
             # Overlays elsewhere are built on the registered content: never swap it under them.
             raise NameTaken("image", name)
-        rec = ImageRec(id=name, file=file_name, format=fmt, size_mib=max(1, -(-virtual // (1 << 20))),
-                       sha256=sha, bytes=nbytes, kernel=kernel or "", initrd=initrd or "",
-                       cmdline=cmdline or "")
+        rec = ImageRec(
+            id=name,
+            file=file_name,
+            format=fmt,
+            size_mib=max(1, -(-virtual // (1 << 20))),
+            sha256=sha,
+            bytes=nbytes,
+            kernel=kernel or "",
+            initrd=initrd or "",
+            cmdline=cmdline or "",
+        )
         yield self.driver.ensure_pool(self.pool, str(self.dir))
         self.held.add(name)
         if cur != rec:
             yield self.domsvc.put(rec)
         yield self.publish()
-        log.info("image {name} added on {host}: {n} bytes, sha256 {sha}", name=name,
-                 host=self.host_id, n=nbytes, sha=sha[:12])
+        log.info(
+            "image {name} added on {host}: {n} bytes, sha256 {sha}",
+            name=name,
+            host=self.host_id,
+            n=nbytes,
+            sha=sha[:12],
+        )
         return rec
 
     # -- using one --------------------------------------------------------------------------
@@ -369,23 +416,29 @@ class ImageStore:
     def _fetch(self, rec: ImageRec):
         holders = self.holders(rec.id)
         if not holders:
-            raise ImageUnavailable(f"host {self.host_id} needs image {rec.id!r} and no live host "
-                                   "holds it")
+            raise ImageUnavailable(f"host {self.host_id} needs image {rec.id!r} and no live host holds it")
         if self.cert_dir is None:
-            raise ImageUnavailable(f"host {self.host_id} needs image {rec.id!r} but has no grid "
-                                   "certificate to fetch it with")
+            raise ImageUnavailable(
+                f"host {self.host_id} needs image {rec.id!r} but has no grid certificate to fetch it with"
+            )
         random.shuffle(holders)
         errors = []
         for h in holders:
             addr = self.peer_address_of(h)
             if not addr:
                 continue
-            log.info("host {host} fetching image {name} ({n} bytes) from {src}", host=self.host_id,
-                     name=rec.id, n=rec.bytes, src=h)
+            log.info(
+                "host {host} fetching image {name} ({n} bytes) from {src}",
+                host=self.host_id,
+                name=rec.id,
+                n=rec.bytes,
+                src=h,
+            )
             try:
                 yield threads.deferToThread(self.dir.mkdir, parents=True, exist_ok=True)
-                yield threads.deferToThread(download, addr, rec.sha256, rec.bytes,
-                                            self.dir / rec.file, self.cert_dir, h)
+                yield threads.deferToThread(
+                    download, addr, rec.sha256, rec.bytes, self.dir / rec.file, self.cert_dir, h
+                )
                 yield threads.deferToThread(self._share, self.dir / rec.file)
             except ImageUnavailable as e:
                 log.warn("{err}", err=e)
@@ -395,8 +448,10 @@ class ImageStore:
             self.held.add(rec.id)
             yield self.publish()
             return
-        raise ImageUnavailable(f"host {self.host_id} could not fetch image {rec.id!r}: "
-                               + ("; ".join(errors) or "no holder has a peer address"))
+        raise ImageUnavailable(
+            f"host {self.host_id} could not fetch image {rec.id!r}: "
+            + ("; ".join(errors) or "no holder has a peer address")
+        )
 
 
 class FileResource(resource.Resource):
@@ -429,6 +484,7 @@ def image_resolver(store: ImageStore):
         if len(parts) == 1 and SHA_RE.match(parts[0]):
             return store.path_of_sha(parts[0])
         return None
+
     return resolve
 
 
@@ -477,7 +533,7 @@ class _FileSender:
             self.request.finish()
             self._close()
             return
-        self.request.write(chunk)   # may call pauseProducing before it returns
+        self.request.write(chunk)  # may call pauseProducing before it returns
         self._next()
 
     def _failed(self, failure):

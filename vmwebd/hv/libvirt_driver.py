@@ -43,9 +43,11 @@ _STATES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: "other",
 }
 
-_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                   | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                   | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+)
 
 
 def probe_local_host() -> tuple[float, int]:
@@ -59,8 +61,13 @@ def _code(err: libvirt.libvirtError) -> int:
 
 def _domain_info(dom) -> DomainInfo:
     state, max_kib, _mem_kib, vcpus, cpu_time = dom.info()
-    return DomainInfo(name=dom.name(), state=_STATES.get(state, "other"), vcpus=vcpus,
-                      memory_mib=max_kib // 1024, cpu_time_ns=cpu_time)
+    return DomainInfo(
+        name=dom.name(),
+        state=_STATES.get(state, "other"),
+        vcpus=vcpus,
+        memory_mib=max_kib // 1024,
+        cpu_time_ns=cpu_time,
+    )
 
 
 def _scheme(uri: str) -> str:
@@ -78,9 +85,14 @@ class LibvirtDriver(Driver):
 
     log = Logger()
 
-    def __init__(self, uri: str, reactor=None, threadpool: ThreadPool | None = None,
-                 open_connection: Callable[[str], object] = libvirt.open,
-                 host_probe: Callable[[], tuple[float, int]] = probe_local_host):
+    def __init__(
+        self,
+        uri: str,
+        reactor=None,
+        threadpool: ThreadPool | None = None,
+        open_connection: Callable[[str], object] = libvirt.open,
+        host_probe: Callable[[], tuple[float, int]] = probe_local_host,
+    ):
         if reactor is None:
             from twisted.internet import reactor  # only when the caller gave none
         self.uri = uri
@@ -100,8 +112,7 @@ class LibvirtDriver(Driver):
         if threadpool is None:
             threadpool = ThreadPool(minthreads=1, maxthreads=1, name=f"hv {uri}")
             threadpool.start()
-            self._shutdown_trigger = reactor.addSystemEventTrigger(
-                "during", "shutdown", threadpool.stop)
+            self._shutdown_trigger = reactor.addSystemEventTrigger("during", "shutdown", threadpool.stop)
         self._pool = threadpool
 
     def __repr__(self) -> str:
@@ -141,8 +152,7 @@ class LibvirtDriver(Driver):
         try:
             self._conn = self._open_connection(self.uri)
         except libvirt.libvirtError as e:
-            raise HypervisorError(f"open connection to {self.uri}: "
-                                  f"{e.get_error_message() or e}") from e
+            raise HypervisorError(f"open connection to {self.uri}: {e.get_error_message() or e}") from e
         if self._conn is None:  # very old bindings return None instead of raising
             raise HypervisorError(f"open connection to {self.uri}: libvirt returned no connection")
         return self._conn
@@ -329,11 +339,16 @@ class LibvirtDriver(Driver):
         ``VIR_DOMAIN_CONSOLE_FORCE``: a session left open (a console closed a moment ago whose
         stream the daemon has not freed yet, or a ``virsh console``) is taken over."""
         if self._closed:
-            return fail(HypervisorError(f"open the console of domain {name!r} on {self.uri}: "
-                                        f"driver is closed"))
+            return fail(
+                HypervisorError(f"open the console of domain {name!r} on {self.uri}: driver is closed")
+            )
         if not self.runs_guests:
-            return fail(HypervisorError(f"open the console of domain {name!r} on {self.uri}: libvirt's "
-                                        f"test driver has no consoles (its guests do not run)"))
+            return fail(
+                HypervisorError(
+                    f"open the console of domain {name!r} on {self.uri}: libvirt's "
+                    f"test driver has no consoles (its guests do not run)"
+                )
+            )
         uri, opener = self.uri, self._open_connection
 
         def open_console():  # a pool thread
@@ -354,6 +369,7 @@ class LibvirtDriver(Driver):
                 conn.close()
                 raise
             return LibvirtConsole(conn, stream, f"domain {name!r} on {uri}")
+
         return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), open_console)
 
     # -- storage ---------------------------------------------------------------------------
@@ -369,8 +385,9 @@ class LibvirtDriver(Driver):
             else:
                 have = xmlgen.pool_path(pool.XMLDesc(0))
                 if have != path:
-                    raise HypervisorError(f"ensure pool {name!r} on {self.uri}: it exists at "
-                                          f"{have!r}, not at {path!r}")
+                    raise HypervisorError(
+                        f"ensure pool {name!r} on {self.uri}: it exists at {have!r}, not at {path!r}"
+                    )
             if not pool.isActive():
                 pool.create(0)
             else:
@@ -386,8 +403,11 @@ class LibvirtDriver(Driver):
         from us (QEMU as root, no DAC model, or a driver keeping volumes in memory)."""
         if not self.volumes_on_disk:
             return succeed(None)
-        return self._run("get QEMU account of", "host",
-                         lambda conn: perms.account_from_capabilities(conn.getCapabilities()))
+        return self._run(
+            "get QEMU account of",
+            "host",
+            lambda conn: perms.account_from_capabilities(conn.getCapabilities()),
+        )
 
     @staticmethod
     def _find_volume(pool, name):
@@ -415,20 +435,23 @@ class LibvirtDriver(Driver):
             if have != backing_path:
                 raise HypervisorError(
                     f"{op} volume {name!r} in pool {pool_name!r} on {self.uri}: it exists "
-                    f"with backing {have!r}, wanted {backing_path!r}")
+                    f"with backing {have!r}, wanted {backing_path!r}"
+                )
             return vol.path()
 
         return self._run(op, f"volume {name!r} in pool {pool_name!r}", create)
 
-    def create_base_volume(self, pool: str, name: str, capacity_mib: int,
-                           fmt: str = "qcow2") -> Deferred:
-        return self._create_volume("create base", pool, name,
-                                   xmlgen.volume_xml(name, capacity_mib, fmt), None)
+    def create_base_volume(self, pool: str, name: str, capacity_mib: int, fmt: str = "qcow2") -> Deferred:
+        return self._create_volume(
+            "create base", pool, name, xmlgen.volume_xml(name, capacity_mib, fmt), None
+        )
 
-    def create_overlay(self, pool: str, name: str, backing_path: str,
-                       capacity_mib: int, backing_format: str = "qcow2") -> Deferred:
-        xml = xmlgen.volume_xml(name, capacity_mib, "qcow2", backing_path=backing_path,
-                                backing_fmt=backing_format)
+    def create_overlay(
+        self, pool: str, name: str, backing_path: str, capacity_mib: int, backing_format: str = "qcow2"
+    ) -> Deferred:
+        xml = xmlgen.volume_xml(
+            name, capacity_mib, "qcow2", backing_path=backing_path, backing_fmt=backing_format
+        )
         return self._create_volume("create overlay", pool, name, xml, backing_path)
 
     def delete_volume(self, pool: str, name: str) -> Deferred:
@@ -466,8 +489,9 @@ class LibvirtDriver(Driver):
             else:
                 have = xmlgen.network_bridge(net.XMLDesc(0))
                 if have != bridge:
-                    raise HypervisorError(f"define network {name!r} on {self.uri}: it exists "
-                                          f"on bridge {have!r}, not {bridge!r}")
+                    raise HypervisorError(
+                        f"define network {name!r} on {self.uri}: it exists on bridge {have!r}, not {bridge!r}"
+                    )
             if not net.isActive():
                 net.create()
             if not net.autostart():
@@ -491,8 +515,7 @@ class LibvirtDriver(Driver):
         return self._run("destroy", f"network {name!r}", destroy_network)
 
     def list_networks(self) -> Deferred:
-        return self._run("list", "networks",
-                         lambda conn: sorted(n.name() for n in conn.listAllNetworks(0)))
+        return self._run("list", "networks", lambda conn: sorted(n.name() for n in conn.listAllNetworks(0)))
 
     # -- moving domains between hosts --------------------------------------------------------
     def volume_allocation(self, pool: str, name: str) -> Deferred:
@@ -504,15 +527,22 @@ class LibvirtDriver(Driver):
         return self._run("get allocation of", f"volume {name!r}", allocation)
 
     def domain_xml(self, name: str) -> Deferred:
-        return self._run("get XML of", f"domain {name!r}",
-                         lambda conn: conn.lookupByName(name).XMLDesc(
-                             libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        return self._run(
+            "get XML of",
+            f"domain {name!r}",
+            lambda conn: conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
+        )
 
-    def migrate_live(self, name: str, dest_uri: str, dest_xml: str | None,
-                     full_disk: bool = False) -> Deferred:
+    def migrate_live(
+        self, name: str, dest_uri: str, dest_xml: str | None, full_disk: bool = False
+    ) -> Deferred:
         if not self.supports_live_migration:
-            return fail(HypervisorError(f"migrate domain {name!r} from {self.uri}: this driver "
-                                        "cannot migrate live (use a cold migration)"))
+            return fail(
+                HypervisorError(
+                    f"migrate domain {name!r} from {self.uri}: this driver "
+                    "cannot migrate live (use a cold migration)"
+                )
+            )
         if self._closed:
             return fail(HypervisorError(f"migrate domain {name!r} on {self.uri}: driver is closed"))
         # Its own connection and thread: a migration takes seconds to minutes, and the host's
@@ -520,10 +550,13 @@ class LibvirtDriver(Driver):
         return deferToThread(self._migrate_blocking, name, dest_uri, dest_xml, full_disk)
 
     def _migrate_blocking(self, name, dest_uri, dest_xml, full_disk):  # a reactor pool thread
-        flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
-                 | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
-                 | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if full_disk
-                    else libvirt.VIR_MIGRATE_NON_SHARED_INC))
+        flags = (
+            libvirt.VIR_MIGRATE_LIVE
+            | libvirt.VIR_MIGRATE_PEER2PEER
+            | libvirt.VIR_MIGRATE_PERSIST_DEST
+            | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+            | (libvirt.VIR_MIGRATE_NON_SHARED_DISK if full_disk else libvirt.VIR_MIGRATE_NON_SHARED_INC)
+        )
         params = {libvirt.VIR_MIGRATE_PARAM_MIGRATE_DISKS: ["vda"]}
         if dest_xml:
             params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
@@ -542,7 +575,8 @@ class LibvirtDriver(Driver):
                 total_ms=int(stats.get("time_elapsed", total_ms)) or total_ms,
                 downtime_ms=int(stats.get("downtime", 0)),
                 memory_bytes=int(stats.get("memory_processed", stats.get("memory_total", 0))),
-                disk_bytes=int(stats.get("disk_processed", 0)))
+                disk_bytes=int(stats.get("disk_processed", 0)),
+            )
         except libvirt.libvirtError as e:
             err = NoSuchDomain if _code(e) == libvirt.VIR_ERR_NO_DOMAIN else HypervisorError
             raise err(f"{op}: {e.get_error_message() or e}") from e
@@ -594,12 +628,18 @@ class LibvirtDriver(Driver):
             _model, memory_mib, cpus, *_ = conn.getInfo()
             # A simulated host's memory is what its node file says, not this machine's: free
             # memory is the smaller of what its running domains leave and what is really free.
-            used_kib = sum(dom.info()[1] for dom in
-                           conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+            used_kib = sum(
+                dom.info()[1] for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+            )
             load1, available_mib = self._host_probe()
             free = max(0, min(available_mib, memory_mib - used_kib // 1024))
-            return HostFacts(cpus=cpus, memory_mib=memory_mib, free_memory_mib=free,
-                             load1=float(load1), hostname=conn.getHostname())
+            return HostFacts(
+                cpus=cpus,
+                memory_mib=memory_mib,
+                free_memory_mib=free,
+                load1=float(load1),
+                hostname=conn.getHostname(),
+            )
 
         return self._run("get facts of", "host", host_facts)
 
@@ -632,7 +672,9 @@ class LibvirtConsole(ConsoleStream):
             try:
                 sent = self._stream.send(bytes(view))
             except libvirt.libvirtError as e:
-                raise HypervisorError(f"write to the console of {self.what}: {e.get_error_message() or e}") from e
+                raise HypervisorError(
+                    f"write to the console of {self.what}: {e.get_error_message() or e}"
+                ) from e
             if sent < 0:
                 raise HypervisorError(f"write to the console of {self.what}: the stream refused it")
             view = view[sent:]
@@ -642,7 +684,7 @@ class LibvirtConsole(ConsoleStream):
         try:
             self._stream.abort()
         except libvirt.libvirtError:
-            pass    # ended already (the domain stopped): nothing left to wake
+            pass  # ended already (the domain stopped): nothing left to wake
 
     def release(self) -> None:
         if not self._interrupted:

@@ -3,6 +3,7 @@
 Pure functions of a VM's or a cluster's id, shared by the reconciler (which makes these objects)
 and the migration manager (which moves them); kept here so neither imports the other.
 """
+
 from __future__ import annotations
 
 #: Every libvirt object vmweb makes starts with this (objects without it are never touched).

@@ -18,6 +18,7 @@ The account comes from libvirt itself: its capabilities name the DAC security mo
 for QEMU domains (``+UID:+GID``). A libvirt that runs QEMU as root, or has no DAC model (the test
 driver), needs none of this. Everything here blocks on the filesystem: run it off the reactor.
 """
+
 from __future__ import annotations
 
 import grp
@@ -126,13 +127,15 @@ def check_reachable(path: str | os.PathLike, account: QemuAccount, read: bool = 
     for d in reversed(target.parents):
         st = os.stat(d)
         if not _allows(st, account, 1):
-            raise AccessDenied(str(target), account,
-                               f"directory {_describe(d, st)} gives it no search permission")
+            raise AccessDenied(
+                str(target), account, f"directory {_describe(d, st)} gives it no search permission"
+            )
     if read:
         st = os.stat(target)
         if not _allows(st, account, 4):
-            raise AccessDenied(str(target), account,
-                               f"the file {_describe(target, st)} gives it no read permission")
+            raise AccessDenied(
+                str(target), account, f"the file {_describe(target, st)} gives it no read permission"
+            )
 
 
 def share_dir(directory: str | os.PathLike, account: QemuAccount) -> None:
@@ -160,5 +163,14 @@ def share_file(path: str | os.PathLike, account: QemuAccount) -> None:
         os.chmod(path, IMAGE_MODE)
 
 
-__all__ = ["AccessDenied", "IMAGE_MODE", "QemuAccount", "STORAGE_DIR_MODE", "account_from_capabilities",
-           "account_from_label", "check_reachable", "share_dir", "share_file"]
+__all__ = [
+    "AccessDenied",
+    "IMAGE_MODE",
+    "QemuAccount",
+    "STORAGE_DIR_MODE",
+    "account_from_capabilities",
+    "account_from_label",
+    "check_reachable",
+    "share_dir",
+    "share_file",
+]

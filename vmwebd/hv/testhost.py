@@ -18,8 +18,7 @@ from vmwebd.atomicfile import write_atomic
 def node_xml(cpus: int, memory_mib: int) -> str:
     """The test driver's ``<node>`` document for a host of ``cpus`` CPUs and ``memory_mib``."""
     if cpus < 1 or memory_mib < 1:
-        raise ValueError(f"a test host needs cpus >= 1 and memory_mib >= 1, "
-                         f"got {cpus} and {memory_mib}")
+        raise ValueError(f"a test host needs cpus >= 1 and memory_mib >= 1, got {cpus} and {memory_mib}")
     node = E.node(
         E.cpu(
             E.mode("32"),

@@ -68,18 +68,22 @@ def domain_xml(spec: DomainSpec) -> str:
             E.driver(name="qemu", type="qcow2"),
             E.source(file=spec.disk_path),
             E.target(dev="vda", bus="virtio"),
-            type="file", device="disk",
+            type="file",
+            device="disk",
         ),
     )
     if spec.seed_path:
         # The machine type is QEMU's default (i440fx), whose CD-ROMs are on IDE.
-        devices.append(E.disk(
-            E.driver(name="qemu", type="raw"),
-            E.source(file=spec.seed_path),
-            E.target(dev="hdc", bus="ide"),
-            E.readonly(),
-            type="file", device="cdrom",
-        ))
+        devices.append(
+            E.disk(
+                E.driver(name="qemu", type="raw"),
+                E.source(file=spec.seed_path),
+                E.target(dev="hdc", bus="ide"),
+                E.readonly(),
+                type="file",
+                device="cdrom",
+            )
+        )
     devices.append(nic)
     if spec.serial_log:
         # The serial port on a pty, so libvirt can open it as a console (vmwebd/console); what
@@ -128,8 +132,13 @@ def dir_pool_xml(name: str, path: str) -> str:
     return _tostring(E.pool(E.name(name), E.target(E.path(path)), type="dir"))
 
 
-def volume_xml(name: str, capacity_mib: int, fmt: str = "qcow2",
-               backing_path: str | None = None, backing_fmt: str = "qcow2") -> str:
+def volume_xml(
+    name: str,
+    capacity_mib: int,
+    fmt: str = "qcow2",
+    backing_path: str | None = None,
+    backing_fmt: str = "qcow2",
+) -> str:
     """A volume of ``capacity_mib``; with ``backing_path`` it is a copy-on-write overlay."""
     vol = E.volume(
         E.name(name),

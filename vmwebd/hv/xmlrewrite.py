@@ -1,4 +1,5 @@
 """Rewriting a domain's libvirt XML for another host (no libvirt calls: text in, text out)."""
+
 from __future__ import annotations
 
 from lxml import etree
@@ -24,7 +25,7 @@ def retarget_xml(xml: str, disk: str, console: str, seed: str = "") -> str:
         for el in root.iterfind(f"devices/{dev}"):
             src, log = el.find("source"), el.find("log")
             if el.get("type") == "file" and src is not None and console:
-                src.set("path", console)        # a domain defined before serial ports were ptys
+                src.set("path", console)  # a domain defined before serial ports were ptys
             if log is not None and log.get("file") is not None and console:
                 log.set("file", console)
     return etree.tostring(root, encoding="unicode")

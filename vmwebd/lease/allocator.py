@@ -5,6 +5,7 @@ It proposes candidates from the local replica and claims them, all or nothing, t
 it meanwhile), it retries with other candidates, at most ``max_rounds`` times: the bound is visible
 and a test reaches it.
 """
+
 from __future__ import annotations
 
 import random
@@ -57,10 +58,17 @@ def parse_holder(holder: str) -> tuple[str, str, str]:
 
 
 class Allocator:
-    def __init__(self, table: LeaseTable, ip_pools: dict[str, IpPool], mac_pool: MacPool,
-                 vni_pool: VniRange, rng: random.Random, max_rounds: int = 8,
-                 lane: Callable[[], tuple[int, int]] | None = None,
-                 hosts: Callable[[], Iterable[str]] | None = None):
+    def __init__(
+        self,
+        table: LeaseTable,
+        ip_pools: dict[str, IpPool],
+        mac_pool: MacPool,
+        vni_pool: VniRange,
+        rng: random.Random,
+        max_rounds: int = 8,
+        lane: Callable[[], tuple[int, int]] | None = None,
+        hosts: Callable[[], Iterable[str]] | None = None,
+    ):
         self.table = table
         self.ip_pools = ip_pools
         self.mac_pool = mac_pool
@@ -131,14 +139,15 @@ class Allocator:
                 if not is_capacity_key(c.key):
                     raise
                 if change.applied(c.seen):
-                    return ops          # it was decided; a set moved on since
+                    return ops  # it was decided; a set moved on since
                 view = dict(c.seen)
                 continue
             finally:
                 self.ledger.end(ops)
             return ops
-        raise AllocationContended(f"capacity sets kept moving: gave up after "
-                                  f"{max_rounds or 2 * self.max_rounds} rounds")
+        raise AllocationContended(
+            f"capacity sets kept moving: gave up after {max_rounds or 2 * self.max_rounds} rounds"
+        )
 
     @defer.inlineCallbacks
     def _allocate(self, vm_ids, pool_name, token, cluster, reserve=None):
@@ -161,16 +170,28 @@ class Allocator:
                 # After a conflict, draw among more free candidates: hosts racing for the lowest
                 # free values at the same moment would otherwise keep colliding.
                 spread = 8 * _round
-                vnis = vni_candidates(self.vni_pool, self._taken, 1, exclude=bad_vnis,
-                                      rng=self.rng if _round else None, spread=spread,
-                                      lane=lane)
+                vnis = vni_candidates(
+                    self.vni_pool,
+                    self._taken,
+                    1,
+                    exclude=bad_vnis,
+                    rng=self.rng if _round else None,
+                    spread=spread,
+                    lane=lane,
+                )
                 if not vnis:
                     raise PoolExhausted("vni", 1, 0)
                 vni = vnis[0]
                 claims[vni_key(vni)] = cluster_holder(cluster, token)
-            ips = ip_candidates(pool, self._taken, len(vm_ids), exclude=bad_ips,
-                                rng=self.rng if _round else None, spread=8 * _round,
-                                lane=lane)
+            ips = ip_candidates(
+                pool,
+                self._taken,
+                len(vm_ids),
+                exclude=bad_ips,
+                rng=self.rng if _round else None,
+                spread=8 * _round,
+                lane=lane,
+            )
             if len(ips) < len(vm_ids):
                 raise PoolExhausted(pool_name, len(vm_ids), len(ips))
             macs = mac_candidates(self.mac_pool, self._taken, len(vm_ids), self.rng, exclude=bad_macs)
@@ -191,7 +212,7 @@ class Allocator:
             except LeaseConflict as c:
                 if is_capacity_key(c.key):
                     if change.applied(c.seen):
-                        return vni, addrs   # decided after all; a set moved on since
+                        return vni, addrs  # decided after all; a set moved on since
                     # A set moved (another placement decided meanwhile): place again from the
                     # values the round found.
                     view = dict(c.seen)
@@ -212,13 +233,15 @@ class Allocator:
             return vni, addrs
         raise AllocationContended(
             f"could not allocate addresses for {len(vm_ids)} VMs in pool {pool_name!r}: "
-            f"candidates kept being taken, gave up after {rounds} rounds")
+            f"candidates kept being taken, gave up after {rounds} rounds"
+        )
 
     def vm_keys(self, vm, token: str) -> dict[str, str]:
         """Lease keys held by a VM (its IP and MAC), with their holder."""
         holder = vm_holder(vm.id, token)
-        keys = [ip_key(p.name, vm.ip) for p in self.ip_pools.values() if vm.ip] + \
-               ([mac_key(vm.mac)] if vm.mac else [])
+        keys = [ip_key(p.name, vm.ip) for p in self.ip_pools.values() if vm.ip] + (
+            [mac_key(vm.mac)] if vm.mac else []
+        )
         return {k: holder for k in keys if self.table.holder(k) == holder}
 
     @defer.inlineCallbacks
@@ -234,21 +257,24 @@ class Allocator:
             change.unreserve(vm.id, vm.token, where, owner)
             ops.update(change.ops())
             return ops
+
         for _ in range(len(keys) + 1):
             try:
                 yield self.transact(build)
                 return
             except LeaseConflict as c:
-                keys.pop(c.key, None)      # not ours any more: not ours to give back
+                keys.pop(c.key, None)  # not ours any more: not ours to give back
 
     def reserve_existing(self, vm, owner: str) -> defer.Deferred:
         """Records the reservation of a VM that has none on its host (made before reservations
         existed, or lost to a sweep): no limit is checked, the VM is already there."""
+
         def build(change):
             if vm.host in change.find(vm.id, [vm.host]):
                 return None
             change.reserve(vm.id, vm.host, vm.vcpus, vm.memory_mib, owner, vm.token)
             return change.ops()
+
         return self.transact(build)
 
     def release_cluster(self, name: str, vni: int, token: str) -> defer.Deferred:

@@ -26,6 +26,7 @@ with a new token, is another entry. Adding an entry that is there already change
 removing one that is gone neither: operations are idempotent, and a proposer can tell from the
 values a conflict reports whether its change is in (:meth:`Change.applied`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,14 +55,16 @@ def is_capacity_key(key: str) -> bool:
 @dataclass(frozen=True)
 class Entry:
     """One VM in a host's set (``vcpus``/``memory_mib`` 0 in an owner's set)."""
+
     vm: str
     token: str
     vcpus: int = 0
     memory_mib: int = 0
 
     def encode(self, sizes: bool) -> str:
-        return f"{self.vm}:{self.token}:{self.vcpus}:{self.memory_mib}" if sizes \
-            else f"{self.vm}:{self.token}"
+        return (
+            f"{self.vm}:{self.token}:{self.vcpus}:{self.memory_mib}" if sizes else f"{self.vm}:{self.token}"
+        )
 
     @classmethod
     def decode(cls, text: str) -> "Entry":
@@ -108,6 +111,7 @@ class SetUpdate(Update):
     it (:class:`~vmwebd.lease.paxos.Update`); refused when the set grows past ``limit`` — a
     host's ``(vCPUs, MiB)`` or an owner's number of VMs. Adding what is there and removing what
     is gone change nothing, so it is idempotent."""
+
     add: frozenset = frozenset()
     remove: frozenset = frozenset()
     sizes: bool = True
@@ -116,9 +120,12 @@ class SetUpdate(Update):
     KIND = "set"
 
     def to_attrs(self) -> dict[str, str]:
-        out = {"name": self.name, "sizes": "1" if self.sizes else "0",
-               "add": encode(self.add, self.sizes) or "",
-               "remove": encode(self.remove, self.sizes) or ""}
+        out = {
+            "name": self.name,
+            "sizes": "1" if self.sizes else "0",
+            "add": encode(self.add, self.sizes) or "",
+            "remove": encode(self.remove, self.sizes) or "",
+        }
         if self.limit is not None:
             out["limit"] = ",".join(str(x) for x in self.limit) if self.sizes else str(self.limit)
         return out
@@ -130,8 +137,13 @@ class SetUpdate(Update):
         if limit is not None:
             cpu, _, mem = limit.partition(",")
             limit = (float(cpu), int(mem)) if sizes else int(limit)
-        return cls(parse(attrs.get("add") or None), parse(attrs.get("remove") or None), sizes,
-                   limit, attrs.get("name", ""))
+        return cls(
+            parse(attrs.get("add") or None),
+            parse(attrs.get("remove") or None),
+            sizes,
+            limit,
+            attrs.get("name", ""),
+        )
 
     def entries(self, current: str | None) -> frozenset:
         return (parse(current) - self.remove) | self.add
@@ -156,14 +168,18 @@ def over(name: str, sizes: bool, limit, old: frozenset, new: frozenset) -> str:
     if sizes:
         u, before = usage(new), usage(old)
         if u.vcpus > limit[0] or u.memory_mib > limit[1]:
-            return (f"host {name!r} has {limit[1] - before.memory_mib} MiB and "
-                    f"{limit[0] - before.vcpus:g} vCPUs unreserved, "
-                    f"{u.memory_mib - before.memory_mib} MiB and {u.vcpus - before.vcpus} "
-                    "vCPUs asked")
+            return (
+                f"host {name!r} has {limit[1] - before.memory_mib} MiB and "
+                f"{limit[0] - before.vcpus:g} vCPUs unreserved, "
+                f"{u.memory_mib - before.memory_mib} MiB and {u.vcpus - before.vcpus} "
+                "vCPUs asked"
+            )
         return ""
     if len(new) > limit and len(new) > len(old):
-        return (f"user {name!r} has a quota of {limit} VMs, holds {len(old)} and asked for "
-                f"{len(new) - len(old)} more")
+        return (
+            f"user {name!r} has a quota of {limit} VMs, holds {len(old)} and asked for "
+            f"{len(new) - len(old)} more"
+        )
     return ""
 
 
@@ -253,8 +269,18 @@ class Change:
         if owner is not None:
             self._del(quota_key(owner), Entry(vm_id, token))
 
-    def move(self, vm_id: str, token: str, vcpus: int, mem: int, source: str, dest: str,
-             keep_source: bool, owner: str | None = None, new_token: str | None = None) -> None:
+    def move(
+        self,
+        vm_id: str,
+        token: str,
+        vcpus: int,
+        mem: int,
+        source: str,
+        dest: str,
+        keep_source: bool,
+        owner: str | None = None,
+        new_token: str | None = None,
+    ) -> None:
         """The VM goes to ``dest``; with ``keep_source`` the source stays reserved too (a
         migration under way, settled by :meth:`unreserve` on the host it left), else the source
         is freed (a re-placement off a dead host, which also gives the VM ``new_token``)."""
@@ -287,8 +313,11 @@ class Change:
                 return False
         return True
 
-    def ops(self, capacity: Callable[[str], tuple[float, int] | None] = lambda h: None,
-            quota: Callable[[str], int | None] = lambda o: None) -> dict:
+    def ops(
+        self,
+        capacity: Callable[[str], tuple[float, int] | None] = lambda h: None,
+        quota: Callable[[str], int | None] = lambda o: None,
+    ) -> dict:
         """The operation: ``{key: (SetUpdate, None)}``, each update bounded by ``capacity(host)``
         (vCPUs with overcommit, MiB) or ``quota(owner)`` (VMs). Judged here first on the values
         this change sees: a set that would grow past its limit raises NoCapacity or
@@ -300,7 +329,7 @@ class Change:
             add = frozenset(self._adds.get(k, ()))
             remove = frozenset(self._dels.get(k, ()))
             sizes = k.startswith(CAP_PREFIX)
-            name = k[len(CAP_PREFIX):] if sizes else k[len(QUOTA_PREFIX):]
+            name = k[len(CAP_PREFIX) :] if sizes else k[len(QUOTA_PREFIX) :]
             limit = capacity(name) if sizes else quota(name)
             old = self.base(k)
             new = (old - remove) | add

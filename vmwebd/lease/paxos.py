@@ -25,6 +25,7 @@ Acceptor state is returned in :attr:`Output.persist` and must be durable before
 cannot gather a majority within ``deadline`` seconds fails with NoQuorum, saying how many
 acceptors answered and how many are needed.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,7 +35,7 @@ from typing import Any, Union
 
 from vmwebd.dom.hlc import HybridClock, Version
 
-Value = str | None      # a holder, or None for a free key
+Value = str | None  # a holder, or None for a free key
 
 
 class Refused(Exception):
@@ -125,7 +126,7 @@ class Promise:
 class Accept:
     op: str
     ballot: Version
-    values: dict[str, Value]    # key -> value
+    values: dict[str, Value]  # key -> value
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class Commit:
 class Nack:
     op: str
     ballot: Version
-    promised: Version       # the higher ballot the acceptor is bound to
+    promised: Version  # the higher ballot the acceptor is bound to
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ class Forward:
     rivalry over shared keys into batching). Every operation vmweb proposes is idempotent — a
     compare-and-set to a unique holder or an :class:`Update` — so running it twice (the answer
     lost, the requester then running it itself) changes nothing more."""
+
     op: str
     cas: Cas
 
@@ -164,19 +166,20 @@ class Forward:
 @dataclass(frozen=True)
 class Outcome:
     """The result of a forwarded operation: Decided, Conflict or NoQuorum."""
+
     op: str
     result: object
 
 
-UPDATES: dict[str, type[Update]] = {}       # Update.KIND -> class, for the wire (Forward)
+UPDATES: dict[str, type[Update]] = {}  # Update.KIND -> class, for the wire (Forward)
 
 
 # -- results ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Decided:
     op: str
-    ballot: Version | None          # None: nothing had to change
-    values: Mapping[str, Wire]      # what this operation set (key -> value; ELIDED over the wire)
+    ballot: Version | None  # None: nothing had to change
+    values: Mapping[str, Wire]  # what this operation set (key -> value; ELIDED over the wire)
 
 
 @dataclass(frozen=True)
@@ -202,10 +205,10 @@ Result = Union[Decided, Conflict, NoQuorum]
 
 @dataclass
 class Output:
-    persist: list[Record] = field(default_factory=list)     # acceptor records, durable before sends
+    persist: list[Record] = field(default_factory=list)  # acceptor records, durable before sends
     sends: list[tuple[str, Any]] = field(default_factory=list)  # (dst host, message)
-    results: list[Result] = field(default_factory=list)     # Decided | Conflict | NoQuorum
-    commits: list[Commit] = field(default_factory=list)     # Commit messages applied here (record in the DOM)
+    results: list[Result] = field(default_factory=list)  # Decided | Conflict | NoQuorum
+    commits: list[Commit] = field(default_factory=list)  # Commit messages applied here (record in the DOM)
     # Rounds this proposer began or began again, (round id, ballot, op ids): a ballot in here is
     # about to be used; and rounds it ended (round id): none of their ballots will be used again.
     started: list[tuple[str, Version, tuple[str, ...]]] = field(default_factory=list)
@@ -227,13 +230,14 @@ _NO_BALLOT = Version(0, 0, "")
 @dataclass
 class _Op:
     """One compare-and-set asked of this proposer, until it has its result."""
+
     id: str
-    cas: Cas                # key -> (expected, new)
+    cas: Cas  # key -> (expected, new)
     deadline: float
     hard_deadline: float = 0.0  # with a majority answering, retries go on until this time
-    heard: set[str] = field(default_factory=set)    # members that answered a round carrying it
-    since: float = 0.0          # when it was asked
-    round: str | None = None    # the round carrying it now (None: queued)
+    heard: set[str] = field(default_factory=set)  # members that answered a round carrying it
+    since: float = 0.0  # when it was asked
+    round: str | None = None  # the round carrying it now (None: queued)
 
 
 @dataclass
@@ -241,24 +245,29 @@ class _Round:
     """One ballot's worth of work: the operations batched into it, and the Paxos state of the
     attempt. A round that must start over (a Nack, no progress, an in-flight value repaired
     first) keeps its operations and takes a new ballot."""
-    id: str                 # the ``op`` field of its messages
-    ops: list[str]          # op ids carried, in arrival order
-    ballot: Version = _NO_BALLOT    # set by the round's first Prepare
+
+    id: str  # the ``op`` field of its messages
+    ops: list[str]  # op ids carried, in arrival order
+    ballot: Version = _NO_BALLOT  # set by the round's first Prepare
     phase: str = "prepare"  # prepare | accept | backoff
     promises: dict[str, dict[str, Seen]] = field(default_factory=dict)
     accepted: set[str] = field(default_factory=set)
     values: dict[str, Value] = field(default_factory=dict)  # what the Accept of this ballot carries
     carried: list[str] = field(default_factory=list)  # ops whose values are in that Accept
-    own: dict[str, dict[str, Value]] = field(default_factory=dict)  # op -> the values it set (in turn, if shared)
-    known: dict[str, tuple[Version, str]] = field(default_factory=dict)  # key -> (ballot, value) our Prepare named
-    refs: set[str] = field(default_factory=set)     # acceptors whose Accepted said they read ACCEPTED
+    own: dict[str, dict[str, Value]] = field(
+        default_factory=dict
+    )  # op -> the values it set (in turn, if shared)
+    known: dict[str, tuple[Version, str]] = field(
+        default_factory=dict
+    )  # key -> (ballot, value) our Prepare named
+    refs: set[str] = field(default_factory=set)  # acceptors whose Accepted said they read ACCEPTED
     prepare: Prepare | None = None  # this ballot's Prepare (asked again as it is)
-    started: float = 0.0    # when the Prepare of this ballot left
+    started: float = 0.0  # when the Prepare of this ballot left
     retry_at: float = 0.0
     attempts: int = 0
-    asked: set[str] = field(default_factory=set)    # members sent this phase's message
-    widen_at: float | None = None   # then ask every member again, if no majority answered yet
-    wait: float = 0.0               # how long until the next widen
+    asked: set[str] = field(default_factory=set)  # members sent this phase's message
+    widen_at: float | None = None  # then ask every member again, if no majority answered yet
+    wait: float = 0.0  # how long until the next widen
 
 
 def _gt(a: Version | None, b: Version | None) -> bool:
@@ -275,10 +284,20 @@ class PaxosCore:
     conflict of one does not hold up the others). Up to ``parallel_rounds`` rounds run at once.
     """
 
-    def __init__(self, me: str, clock: HybridClock, rng: random.Random, members: Iterable[str],
-                 retry_after: float = 0.5, deadline: float = 3.0, contended_factor: float = 5.0,
-                 parallel_rounds: int = 1, round_keys: int = 1024, thrifty: bool = True,
-                 elide_at: int | None = BIG_VALUE):
+    def __init__(
+        self,
+        me: str,
+        clock: HybridClock,
+        rng: random.Random,
+        members: Iterable[str],
+        retry_after: float = 0.5,
+        deadline: float = 3.0,
+        contended_factor: float = 5.0,
+        parallel_rounds: int = 1,
+        round_keys: int = 1024,
+        thrifty: bool = True,
+        elide_at: int | None = BIG_VALUE,
+    ):
         self.me = me
         self.clock = clock
         self.rng = rng
@@ -287,7 +306,7 @@ class PaxosCore:
         self.deadline = deadline
         self.contended_factor = contended_factor
         self.parallel_rounds = max(1, parallel_rounds)
-        self.round_keys = round_keys        # a round takes more operations up to this many keys
+        self.round_keys = round_keys  # a round takes more operations up to this many keys
         # Thrifty: a phase asks a bare majority (this host and the remote members that answered
         # best lately) and the others only if that majority has not answered in a few round
         # times; every request saved is CPU saved on every host.
@@ -295,11 +314,11 @@ class PaxosCore:
         # Values at least this long cross the wire once per change (see _Said); None: never.
         self.elide_at = elide_at
         self._missed: dict[str, int] = {}  # member -> phases it left unanswered lately
-        self._answering: set[str] = set()   # members that answered since this core started
-        self._heard_at: dict[str, float] = {}   # member -> when it last answered a round here
+        self._answering: set[str] = set()  # members that answered since this core started
+        self._heard_at: dict[str, float] = {}  # member -> when it last answered a round here
         self.keys: dict[str, KeyState] = {}
         self.ops: dict[str, _Op] = {}
-        self.queue: list[str] = []          # op ids waiting for a round, in arrival order
+        self.queue: list[str] = []  # op ids waiting for a round, in arrival order
         self.rounds: dict[str, _Round] = {}
         self._round_ids = 0
         # How long an uncontended round takes here (Prepare to decision), smoothed: a Nack backs
@@ -310,7 +329,7 @@ class PaxosCore:
         # slower than ``retry_after`` (an overloaded grid) does not give up every ballot just
         # before its answers arrive, adding load where there is too much.
         self.answer_time = 0.0
-        self._asked_at: dict[Version, float] = {}   # recent ballots -> when their Prepare left
+        self._asked_at: dict[Version, float] = {}  # recent ballots -> when their Prepare left
         self._out = Output()
 
     @property
@@ -326,7 +345,7 @@ class PaxosCore:
     def _apply_record(self, rec: Record) -> None:
         kind, key, ballot, value = rec
         self.clock.observe(ballot)
-        if kind == "ballot":        # one of our own ballots (see _prepare): only the clock needs it
+        if kind == "ballot":  # one of our own ballots (see _prepare): only the clock needs it
             return
         st = self.keys.setdefault(key, KeyState())
         if kind == "promise":
@@ -348,8 +367,9 @@ class PaxosCore:
     def _on_prepare(self, src: str, m: Prepare) -> None:
         self.clock.observe(m.ballot)
         # Equal ballot: a duplicated Prepare; promising it again is harmless.
-        higher = [p for k in m.keys
-                  if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot]
+        higher = [
+            p for k in m.keys if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot
+        ]
         if higher:
             self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
             return
@@ -368,8 +388,11 @@ class PaxosCore:
 
     def _on_accept(self, src: str, m: Accept) -> None:
         self.clock.observe(m.ballot)
-        higher = [p for k in m.values
-                  if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot]
+        higher = [
+            p
+            for k in m.values
+            if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot
+        ]
         if higher:
             self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
             return
@@ -405,8 +428,13 @@ class PaxosCore:
     def propose(self, op_id: str, cas: Cas, now: float) -> Output:
         """Asks for an all-or-nothing compare-and-set over ``cas = {key: (expected, new)}``: in
         a round of its own at once when a round may start, else in the next round."""
-        self.ops[op_id] = _Op(op_id, dict(cas), now + self.deadline,
-                              hard_deadline=now + self.deadline * self.contended_factor, since=now)
+        self.ops[op_id] = _Op(
+            op_id,
+            dict(cas),
+            now + self.deadline,
+            hard_deadline=now + self.deadline * self.contended_factor,
+            since=now,
+        )
         self.queue.append(op_id)
         self._start_rounds(now)
         return self._flush()
@@ -424,7 +452,7 @@ class PaxosCore:
         taken: list[str] = []
         left: list[str] = []
         busy = set(busy)
-        shared: set[str] = set()    # keys that only updates of the operations taken touch
+        shared: set[str] = set()  # keys that only updates of the operations taken touch
         for op_id in self.queue:
             cas = self.ops[op_id].cas
             ups = {k for k, (exp, _) in cas.items() if isinstance(exp, Update)}
@@ -446,7 +474,7 @@ class PaxosCore:
         while self.queue and len(self.rounds) < self.parallel_rounds:
             ops = self._take_queued(self._busy_keys(), self.round_keys, one_anyway=True)
             if not ops:
-                return      # what waits overlaps a round in flight
+                return  # what waits overlaps a round in flight
             self._round_ids += 1
             rnd = _Round(f"{self.me}.{self._round_ids}", ops)
             self.rounds[rnd.id] = rnd
@@ -484,8 +512,12 @@ class PaxosCore:
         if self.elide_at is not None:
             for k in keys:
                 st = self.keys.get(k)
-                if st is not None and st.com_ballot is not None and st.com_value is not None \
-                        and len(st.com_value) >= self.elide_at:
+                if (
+                    st is not None
+                    and st.com_ballot is not None
+                    and st.com_value is not None
+                    and len(st.com_value) >= self.elide_at
+                ):
                     rnd.known[k] = (st.com_ballot, st.com_value)
         rnd.prepare = Prepare(rnd.id, rnd.ballot, tuple(keys), {k: b for k, (b, _) in rnd.known.items()})
         self._ask(rnd, rnd.prepare, self._quorum(), now)
@@ -499,7 +531,7 @@ class PaxosCore:
             return list(self.members)
         ring = sorted(set(self.members) | {self.me})
         at = ring.index(self.me)
-        others = [m for m in ring[at + 1:] + ring[:at] if m in self.members]
+        others = [m for m in ring[at + 1 :] + ring[:at] if m in self.members]
         others.sort(key=lambda m: (m not in self._answering, self._missed.get(m, 0)))
         first = others[: self.majority - (1 if self.me in self.members else 0)]
         return ([self.me] if self.me in self.members else []) + first
@@ -558,7 +590,7 @@ class PaxosCore:
     def _end_round(self, rnd: _Round, now: float) -> None:
         self.rounds.pop(rnd.id, None)
         self._out.ended.append(rnd.id)
-        for op_id in rnd.ops:       # left without a result: wait for the next round
+        for op_id in rnd.ops:  # left without a result: wait for the next round
             op = self.ops.get(op_id)
             if op is not None:
                 op.round = None
@@ -570,7 +602,7 @@ class PaxosCore:
             self.ops[op_id].heard.add(src)
 
     def _on_promise(self, src: str, m: Promise, now: float) -> None:
-        self._heard_at[src] = now       # late or not, it answers (see tick)
+        self._heard_at[src] = now  # late or not, it answers (see tick)
         asked = self._asked_at.get(m.ballot)
         if asked is not None and src != self.me:
             self.answer_time += 0.2 * (now - asked - self.answer_time)
@@ -602,7 +634,7 @@ class PaxosCore:
         # again at our ballot (repair), and the operations on those keys wait for our next
         # ballot. Every other operation is judged on its own against the current values.
         values = dict(inflight)
-        after = dict(current)       # what each key holds once the operations before are in
+        after = dict(current)  # what each key holds once the operations before are in
         for op_id in list(rnd.ops):
             op = self.ops[op_id]
             if not inflight.keys().isdisjoint(op.cas):
@@ -638,8 +670,12 @@ class PaxosCore:
         rnd.phase = "accept"
         # The members that promised are a majority and likely to accept; any other may too.
         promised = [m for m in self.members if m in rnd.promises]
-        self._ask(rnd, Accept(rnd.id, rnd.ballot, dict(values)),
-                  promised if self.thrifty else list(self.members), now)
+        self._ask(
+            rnd,
+            Accept(rnd.id, rnd.ballot, dict(values)),
+            promised if self.thrifty else list(self.members),
+            now,
+        )
 
     @staticmethod
     def _read_entries(rnd: _Round, entries: dict[str, Entry]) -> dict[str, Seen] | None:
@@ -652,10 +688,14 @@ class PaxosCore:
                 out[k] = (ab, av, cb, cv)
                 continue
             kn = rnd.known.get(k)
-            if kn is None or kn[0] != cb or cv is not KNOWN or \
-                    (isinstance(av, _Said) and (av is not KNOWN or ab != cb)):
+            if (
+                kn is None
+                or kn[0] != cb
+                or cv is not KNOWN
+                or (isinstance(av, _Said) and (av is not KNOWN or ab != cb))
+            ):
                 return None
-            out[k] = (ab, kn[1] if isinstance(av, _Said) else av, cb, kn[1])   # av: KNOWN
+            out[k] = (ab, kn[1] if isinstance(av, _Said) else av, cb, kn[1])  # av: KNOWN
         return out
 
     def _on_accepted(self, src: str, m: Accepted, now: float) -> None:
@@ -673,10 +713,16 @@ class PaxosCore:
             return
         commit = Commit(rnd.ballot, dict(rnd.values))
         # An acceptor whose Accepted we heard has the values: large ones are named, not sent.
-        big = {k for k, v in rnd.values.items() if v is not None and len(v) >= self.elide_at} \
-            if self.elide_at is not None else set()
-        short = Commit(rnd.ballot, {k: ACCEPTED if k in big else v for k, v in rnd.values.items()}) \
-            if big else commit
+        big = (
+            {k for k, v in rnd.values.items() if v is not None and len(v) >= self.elide_at}
+            if self.elide_at is not None
+            else set()
+        )
+        short = (
+            Commit(rnd.ballot, {k: ACCEPTED if k in big else v for k, v in rnd.values.items()})
+            if big
+            else commit
+        )
         for mem in self.members:
             self._out.sends.append((mem, short if mem in rnd.refs and mem != self.me else commit))
         if rnd.attempts == 1:
@@ -685,7 +731,7 @@ class PaxosCore:
             self.ops[op_id]
             self._finish(op_id, Decided(op_id, rnd.ballot, rnd.own.get(op_id, {})))
         if rnd.ops:
-            self._prepare(rnd, now)     # operations waiting on a repaired key: our next ballot
+            self._prepare(rnd, now)  # operations waiting on a repaired key: our next ballot
         else:
             self._end_round(rnd, now)
 
@@ -744,8 +790,9 @@ class PaxosCore:
             # in any round or to an earlier ballot: one waiting for a round waits on other
             # operations, and answers that come after the ballot they answer was given up
             # (hosts slower than the retry timer) come from a majority that is there.
-            heard = max(len(op.heard), sum(1 for m in self.members
-                                           if self._heard_at.get(m, -1.0) >= op.since))
+            heard = max(
+                len(op.heard), sum(1 for m in self.members if self._heard_at.get(m, -1.0) >= op.since)
+            )
             contended = heard >= self.majority
             if now >= (op.hard_deadline if contended else op.deadline):
                 self._finish(op.id, NoQuorum(op.id, heard, self.majority, len(self.members)))

@@ -24,6 +24,7 @@ acceptor recorded, and every result with its time. :meth:`PaxosSim.check_safety`
 Used by ``tests/test_paxos.py``; reusable by a benchmark (``sent`` counts messages by kind,
 ``requests`` the peer requests they took).
 """
+
 from __future__ import annotations
 
 import heapq
@@ -41,27 +42,40 @@ class Proposal:
     host: str
     cas: dict
     at: float
-    ballots: list = field(default_factory=list)     # every ballot the proposer used, in order
+    ballots: list = field(default_factory=list)  # every ballot the proposer used, in order
 
 
 class PaxosSim:
     """N Paxos hosts on a faulty simulated network; see the module docstring."""
 
-    def __init__(self, n: int = 3, seed: int = 0, *, drop: float = 0.0, dup: float = 0.0,
-                 delay: tuple[float, float] = (0.001, 0.010), retry_after: float = 0.5,
-                 deadline: float = 3.0, tick_interval: float = 0.05, core_factory=paxos.PaxosCore,
-                 inline: bool = True, bundle: bool = True, parallel_rounds: int = 2,
-                 thrifty: bool = True, elide_at: int | None | str = "mixed"):
-        self.core_factory = core_factory            # PaxosCore, or a variant under test
-        self.inline = inline                        # answers ride back on the request's response
-        self.bundle = bundle                        # one request per host for an output's messages
+    def __init__(
+        self,
+        n: int = 3,
+        seed: int = 0,
+        *,
+        drop: float = 0.0,
+        dup: float = 0.0,
+        delay: tuple[float, float] = (0.001, 0.010),
+        retry_after: float = 0.5,
+        deadline: float = 3.0,
+        tick_interval: float = 0.05,
+        core_factory=paxos.PaxosCore,
+        inline: bool = True,
+        bundle: bool = True,
+        parallel_rounds: int = 2,
+        thrifty: bool = True,
+        elide_at: int | None | str = "mixed",
+    ):
+        self.core_factory = core_factory  # PaxosCore, or a variant under test
+        self.inline = inline  # answers ride back on the request's response
+        self.bundle = bundle  # one request per host for an output's messages
         self.parallel_rounds = parallel_rounds
-        self.thrifty = thrifty                      # phases ask a bare majority first
+        self.thrifty = thrifty  # phases ask a bare majority first
         # Values named by ballot instead of carried from this length on (PaxosCore.elide_at);
         # "mixed": each core draws every value (1) or the daemon's threshold, so schedules
         # cover both paths and grids where proposers differ.
         self.elide_at = elide_at
-        self._elide_rng = random.Random(seed * 7919 + 1)     # apart: other draws stay as they were
+        self._elide_rng = random.Random(seed * 7919 + 1)  # apart: other draws stay as they were
         self.rng = random.Random(seed)
         self.hosts = [f"h{i}" for i in range(n)]
         self.majority = n // 2 + 1
@@ -69,22 +83,22 @@ class PaxosSim:
         self.retry_after, self.deadline = retry_after, deadline
         self.tick_interval = tick_interval
         self.now = 0.0
-        self._events: list = []                     # (time, seq, kind, payload)
+        self._events: list = []  # (time, seq, kind, payload)
         self._seq = itertools.count()
         self.disk: dict[str, list] = {h: [] for h in self.hosts}
         self.cores: dict[str, paxos.PaxosCore | None] = {}
-        self.groups: list[set] | None = None        # None: everyone reaches everyone
+        self.groups: list[set] | None = None  # None: everyone reaches everyone
         self.ops: dict[str, Proposal] = {}
-        self.results: dict[str, list] = defaultdict(list)       # op -> [(time, result)]
+        self.results: dict[str, list] = defaultdict(list)  # op -> [(time, result)]
         # (key, ballot, value) -> hosts that accepted it; and when a majority first had.
         self.accepts: dict[tuple, set] = defaultdict(set)
         self.chosen_at: dict[tuple, float] = {}
-        self.commits: list = []                     # (time, host, Commit) applied by an acceptor
-        self.sent: Counter = Counter()              # message kind -> number sent
-        self.requests = 0                           # peer requests (a bundle or an inline answer is one)
+        self.commits: list = []  # (time, host, Commit) applied by an acceptor
+        self.sent: Counter = Counter()  # message kind -> number sent
+        self.requests = 0  # peer requests (a bundle or an inline answer is one)
         self.crashes = 0
         self._holds: list = []
-        self._held: list = []                       # (src, dst, msg) held back by ``hold``
+        self._held: list = []  # (src, dst, msg) held back by ``hold``
         for h in self.hosts:
             self.cores[h] = self._boot(h, clock_back=0.0)
         self._push(self.tick_interval, "tick", None)
@@ -93,10 +107,18 @@ class PaxosSim:
     def _boot(self, h: str, clock_back: float) -> paxos.PaxosCore:
         def now_ms(back=clock_back):
             return max(0, int(round((self.now - back) * 1000)))
-        core = self.core_factory(h, HybridClock(h, now_ms), random.Random(self.rng.getrandbits(64)),
-                               self.hosts, retry_after=self.retry_after, deadline=self.deadline,
-                               parallel_rounds=self.parallel_rounds, thrifty=self.thrifty,
-                               elide_at=self._elide_at())
+
+        core = self.core_factory(
+            h,
+            HybridClock(h, now_ms),
+            random.Random(self.rng.getrandbits(64)),
+            self.hosts,
+            retry_after=self.retry_after,
+            deadline=self.deadline,
+            parallel_rounds=self.parallel_rounds,
+            thrifty=self.thrifty,
+            elide_at=self._elide_at(),
+        )
         core.restore(list(self.disk[h]))
         return core
 
@@ -317,8 +339,9 @@ class PaxosSim:
     # -- safety -----------------------------------------------------------------------------
     def history(self, key: str) -> list:
         """The chosen values of ``key`` (accepted by a majority), in ballot order: (ballot, value, time)."""
-        return sorted(((b, v, t) for (k, b, v), t in self.chosen_at.items() if k == key),
-                      key=lambda e: (e[0], e[2]))
+        return sorted(
+            ((b, v, t) for (k, b, v), t in self.chosen_at.items() if k == key), key=lambda e: (e[0], e[2])
+        )
 
     def check_safety(self, registers: tuple[str, ...] = ()) -> None:
         """Raises AssertionError naming the first safety violation found. Keys starting with
@@ -326,7 +349,7 @@ class PaxosSim:
         values may change from one to another directly, not only through a release."""
         # (a) one value per key and ballot, among everything any acceptor accepted.
         per_ballot = defaultdict(set)
-        for (key, ballot, value) in self.accepts:
+        for key, ballot, value in self.accepts:
             per_ballot[(key, ballot)].add(value)
         for (key, ballot), values in per_ballot.items():
             assert len(values) == 1, f"{key}: values {sorted(map(repr, values))} accepted at ballot {ballot}"
@@ -335,9 +358,10 @@ class PaxosSim:
         for h, records in self.disk.items():
             for kind, key, ballot, value in records:
                 if kind == "commit":
-                    assert (key, ballot, value) in self.chosen_at, \
-                        f"{h} committed {key}={value!r} at {ballot}, accepted by only " \
+                    assert (key, ballot, value) in self.chosen_at, (
+                        f"{h} committed {key}={value!r} at {ballot}, accepted by only "
                         f"{sorted(self.accepts.get((key, ballot, value), ()))}"
+                    )
 
         keys = {k for (k, _, _) in self.chosen_at} | {k for p in self.ops.values() for k in p.cas}
         hist = {k: self.history(k) for k in keys}
@@ -361,12 +385,12 @@ class PaxosSim:
                     # (A register's values come from updates applied in turn, some of them by
                     # rounds whose proposer never learnt the outcome: its own invariants are
                     # checked by its callers.)
-                    assert any(_asked(p.cas.get(key), prev, value) for p in self.ops.values()) \
-                        or _folds([self.ops[o].cas[key][0] for o in composed[(key, ballot)]],
-                                  prev, value), \
-                        f"{key} went from {prev!r} to {value!r} at {ballot}: no operation asked that"
-                    assert prev is None or value is None or key.startswith(registers), \
+                    assert any(_asked(p.cas.get(key), prev, value) for p in self.ops.values()) or _folds(
+                        [self.ops[o].cas[key][0] for o in composed[(key, ballot)]], prev, value
+                    ), f"{key} went from {prev!r} to {value!r} at {ballot}: no operation asked that"
+                    assert prev is None or value is None or key.startswith(registers), (
                         f"{key} held by {prev!r} was given to {value!r} at {ballot} without a release"
+                    )
                 prev = value
 
         for op_id, results in self.results.items():
@@ -384,39 +408,48 @@ class PaxosSim:
                             # an update before it in the same round set
                             before = [v for b, v, _ in entries if b < r.ballot]
                             cur = {before[-1] if before else None}
-                            cur |= {self.results[o][0][1].values[key]
-                                    for o in composed[(key, r.ballot)] if o != op_id}
-                            assert any(_folds([expected], c, r.values[key]) for c in cur), \
-                                f"{op_id}: update of {key} decided {r.values[key]!r} at " \
+                            cur |= {
+                                self.results[o][0][1].values[key]
+                                for o in composed[(key, r.ballot)]
+                                if o != op_id
+                            }
+                            assert any(_folds([expected], c, r.values[key]) for c in cur), (
+                                f"{op_id}: update of {key} decided {r.values[key]!r} at "
                                 f"{r.ballot} over none of {cur!r}"
+                            )
                         continue
                     if r.ballot is not None and key in r.values:
                         assert r.values[key] == new, f"{op_id} decided {key}={r.values[key]!r}, asked {new!r}"
-                        assert (key, r.ballot, new) in self.chosen_at, \
+                        assert (key, r.ballot, new) in self.chosen_at, (
                             f"{op_id} reported {key}={new!r} decided at {r.ballot} but no majority accepted it"
+                        )
                         before = [v for b, v, _ in entries if b < r.ballot]
                         cur = before[-1] if before else None
-                        assert cur == expected, \
-                            f"{op_id}: CAS {key} {expected!r}->{new!r} decided at {r.ballot}, but the " \
+                        assert cur == expected, (
+                            f"{op_id}: CAS {key} {expected!r}->{new!r} decided at {r.ballot}, but the "
                             f"value before it was {cur!r}"
+                        )
                         # Linearizable in real time: after everything chosen before it started.
                         done = [b for b, _, t in entries if t <= prop.at]
-                        assert not done or r.ballot > max(done), \
+                        assert not done or r.ballot > max(done), (
                             f"{op_id} decided {key} at {r.ballot}, below {max(done)} chosen before it began"
+                        )
                     else:
                         # Nothing to change for this key: it must have read ``new`` as current.
-                        assert new in self._readable(entries, prop.at, t_end), \
-                            f"{op_id} found {key}={new!r} but it never was during the operation " \
+                        assert new in self._readable(entries, prop.at, t_end), (
+                            f"{op_id} found {key}={new!r} but it never was during the operation "
                             f"(history {[(str(b), v) for b, v, _ in entries]})"
+                        )
             elif isinstance(r, paxos.Conflict):
                 assert r.key in prop.cas, f"{op_id} conflict names {r.key}, not one of its keys"
                 expected, new = prop.cas[r.key]
                 if isinstance(expected, paxos.Update):
-                    continue        # refused on the value the updates before it in its round left
+                    continue  # refused on the value the updates before it in its round left
                 assert r.holder not in (expected, new), f"{op_id}: conflict on {r.key} with {r.holder!r}"
-                assert r.holder in self._readable(hist[r.key], prop.at, t_end), \
-                    f"{op_id}: conflict names {r.key} holder {r.holder!r}, which it was not during " \
+                assert r.holder in self._readable(hist[r.key], prop.at, t_end), (
+                    f"{op_id}: conflict names {r.key} holder {r.holder!r}, which it was not during "
                     f"the operation (history {[(str(b), v) for b, v, _ in hist[r.key]]})"
+                )
 
     @staticmethod
     def _readable(entries, start: float, end: float) -> set:

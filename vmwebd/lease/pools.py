@@ -5,6 +5,7 @@ addresses exist; this module proposes free ones given a ``taken(key)`` predicate
 replica of the lease table). Uniqueness is the lease table's job, not this module's: a candidate
 that turns out taken is simply retried.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,9 +30,15 @@ def name_key(kind: str, name: str) -> str:
     return f"name/{kind}/{name}"
 
 
-def ip_candidates(pool: IpPool, taken: Callable[[str], bool], n: int,
-                  exclude: set[str] = frozenset(), rng: random.Random | None = None,
-                  spread: int = 0, lane: tuple[int, int] = (0, 1)) -> list[str]:
+def ip_candidates(
+    pool: IpPool,
+    taken: Callable[[str], bool],
+    n: int,
+    exclude: set[str] = frozenset(),
+    rng: random.Random | None = None,
+    spread: int = 0,
+    lane: tuple[int, int] = (0, 1),
+) -> list[str]:
     """``n`` free addresses: the lowest ones (readable for lab users), or — with ``rng`` and
     ``spread`` > 0, after a conflict — ``n`` drawn at random among the first ``n + spread`` free
     ones, so that hosts allocating at the same moment stop competing for the same addresses.
@@ -56,15 +63,21 @@ def ip_candidates(pool: IpPool, taken: Callable[[str], bool], n: int,
     return out[:n]
 
 
-def mac_candidates(pool: MacPool, taken: Callable[[str], bool], n: int, rng: random.Random,
-                   exclude: set[str] = frozenset(), max_draws: int = 100_000) -> list[str]:
+def mac_candidates(
+    pool: MacPool,
+    taken: Callable[[str], bool],
+    n: int,
+    rng: random.Random,
+    exclude: set[str] = frozenset(),
+    max_draws: int = 100_000,
+) -> list[str]:
     """``n`` free MACs drawn at random under the prefix (at most ``max_draws`` draws)."""
     out: list[str] = []
     for _ in range(max_draws):
         if len(out) == n:
             break
         tail = rng.getrandbits(24)
-        mac = f"{pool.prefix}:{tail >> 16 & 0xff:02x}:{tail >> 8 & 0xff:02x}:{tail & 0xff:02x}"
+        mac = f"{pool.prefix}:{tail >> 16 & 0xFF:02x}:{tail >> 8 & 0xFF:02x}:{tail & 0xFF:02x}"
         if mac in exclude or mac in out or taken(mac_key(mac)):
             continue
         out.append(mac)
@@ -84,14 +97,29 @@ class _Lane:
                 yield addr
 
 
-def vni_candidates(pool: VniRange, taken: Callable[[str], bool], n: int,
-                   exclude: set[int] = frozenset(), rng: random.Random | None = None,
-                   spread: int = 0, lane: tuple[int, int] = (0, 1)) -> list[int]:
+def vni_candidates(
+    pool: VniRange,
+    taken: Callable[[str], bool],
+    n: int,
+    exclude: set[int] = frozenset(),
+    rng: random.Random | None = None,
+    spread: int = 0,
+    lane: tuple[int, int] = (0, 1),
+) -> list[int]:
     """Like :func:`ip_candidates`, for network ids."""
     i, m = lane
     if m > 1:
-        mine = [v for v in vni_candidates(pool, lambda key: taken(key) or (int(key[4:]) - pool.first) % m != i % m,
-                                          n, exclude, rng, spread)]
+        mine = [
+            v
+            for v in vni_candidates(
+                pool,
+                lambda key: taken(key) or (int(key[4:]) - pool.first) % m != i % m,
+                n,
+                exclude,
+                rng,
+                spread,
+            )
+        ]
         if len(mine) == n:
             return mine
     out = []

@@ -8,6 +8,7 @@ entity in the DOM, versioned with the deciding ballot.
 
 :class:`PaxosLeaseTable` is the allocator's lease table on top of it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,7 +30,7 @@ from vmwebd.lease.table import LeaseConflict
 from vmwebd.wiring import EntitySink, PeerSender
 
 log = Logger()
-MEMBERS_KEY = "config/members"   # the consensus members, itself decided by consensus
+MEMBERS_KEY = "config/members"  # the consensus members, itself decided by consensus
 #: Forward requests out to the proposer at once, and operations one of them carries at most.
 FORWARDS_IN_FLIGHT = 2
 FORWARDS_PER_BUNDLE = 16
@@ -65,7 +66,7 @@ class GroupCommit:
         self._later_call = None
         self._waiters: list[defer.Deferred] = []
         self._busy = False
-        self.writes = 0         # how many writes (fsyncs) it took
+        self.writes = 0  # how many writes (fsyncs) it took
 
     def append(self, records) -> defer.Deferred:
         d = defer.Deferred()
@@ -101,6 +102,7 @@ class GroupCommit:
                 self._write()
             elif self._later and (self._later_call is None or not self._later_call.active()):
                 self._later_call = self.clock.callLater(self.later_s, self._flush_later)
+
         deferToThreadPool(self.reactor, self.pool, self.append_many, batch).addBoth(done)
 
 
@@ -112,19 +114,34 @@ class LeaseService:
     ``on_round(outcome, seconds)``, if given, hears of every proposal once it ends: outcome
     ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock."""
 
-    def __init__(self, me: str, domsvc, store_dir, reactor, clock, rng, members, send: PeerSender,
-                 fsync: bool = True, deadline: float = 3.0, compact_every: int = 20000,
-                 parallel_rounds: int = 1, on_round=None,
-                 proposer_for: Callable[[], str | None] | None = None,
-                 non_members_alive: Callable[[], bool] | None = None, note_own: EntitySink | None = None):
+    def __init__(
+        self,
+        me: str,
+        domsvc,
+        store_dir,
+        reactor,
+        clock,
+        rng,
+        members,
+        send: PeerSender,
+        fsync: bool = True,
+        deadline: float = 3.0,
+        compact_every: int = 20000,
+        parallel_rounds: int = 1,
+        on_round=None,
+        proposer_for: Callable[[], str | None] | None = None,
+        non_members_alive: Callable[[], bool] | None = None,
+        note_own: EntitySink | None = None,
+    ):
         self.me = me
         self.on_round = on_round
         self.domsvc = domsvc
         self.reactor = reactor
         self.send = send
         self.store = DurableStore(store_dir, fsync=fsync)
-        self.core = paxos.PaxosCore(me, clock, rng, members, deadline=deadline,
-                                    parallel_rounds=parallel_rounds)
+        self.core = paxos.PaxosCore(
+            me, clock, rng, members, deadline=deadline, parallel_rounds=parallel_rounds
+        )
         self.compact_every = compact_every
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-paxos-store")
         self._writer = GroupCommit(reactor, self._pool, self.store.append_many)
@@ -157,8 +174,8 @@ class LeaseService:
         self._forwarded: dict[str, defer.Deferred] = {}
         self._serving: dict[str, defer.Deferred] = {}
         self._raw: set[str] = set()
-        self.forwarded = 0          # operations sent to another proposer
-        self.fell_back = 0          # of those, run here after all (no answer in time)
+        self.forwarded = 0  # operations sent to another proposer
+        self.fell_back = 0  # of those, run here after all (no answer in time)
         #: Forward requests to one proposer at a time; operations asked meanwhile leave
         #: together, in one bundle, when one returns (see _send_forwards).
         self.forwards_in_flight = FORWARDS_IN_FLIGHT
@@ -172,8 +189,9 @@ class LeaseService:
         _, records = yield deferToThreadPool(self.reactor, self._pool, self.store.load)
         self.core.restore(_decode(r) for r in records)
         self._adopt_members()
-        self.domsvc.dom.subscribe(lambda kind, id_: kind == "lease" and id_ == MEMBERS_KEY
-                                  and self._adopt_members())
+        self.domsvc.dom.subscribe(
+            lambda kind, id_: kind == "lease" and id_ == MEMBERS_KEY and self._adopt_members()
+        )
         self._since_compact = len(records)
         self._running = True
         self._schedule()
@@ -227,6 +245,7 @@ class LeaseService:
     def change_members(self, add: str | None = None, remove: str | None = None):
         """Adds or removes one member, decided by the current members (so quorums overlap)."""
         from vmwebd.errors import InvalidArgument, NoSuchHost
+
         current = tuple(self.core.members)
         if add is not None:
             if add in current:
@@ -238,16 +257,21 @@ class LeaseService:
             if len(current) == 1:
                 raise InvalidArgument("host", f"{remove!r} is the last consensus member")
             new = tuple(m for m in current if m != remove)
-        result = yield self.propose({MEMBERS_KEY: (",".join(current) if self._members_recorded() else None,
-                                                   ",".join(new))})
+        result = yield self.propose(
+            {MEMBERS_KEY: (",".join(current) if self._members_recorded() else None, ",".join(new))}
+        )
         if isinstance(result, paxos.Conflict):
-            raise InvalidArgument("host", f"the member list changed meanwhile (now {result.holder}); try again")
+            raise InvalidArgument(
+                "host", f"the member list changed meanwhile (now {result.holder}); try again"
+            )
         self.core.set_members(new)
         return new
 
     def _members_recorded(self) -> bool:
-        return self.core.committed(MEMBERS_KEY)[0] is not None or \
-            self.domsvc.dom.get(LeaseRec, MEMBERS_KEY) is not None
+        return (
+            self.core.committed(MEMBERS_KEY)[0] is not None
+            or self.domsvc.dom.get(LeaseRec, MEMBERS_KEY) is not None
+        )
 
     # -- proposals ------------------------------------------------------------------------
     def propose(self, cas: dict) -> defer.Deferred:
@@ -276,9 +300,10 @@ class LeaseService:
 
         def here(_=None):
             if self._forwarded.pop(op_id, None) is None:
-                return              # answered meanwhile
+                return  # answered meanwhile
             self.fell_back += 1
             self._propose_here(op_id, cas, d)
+
         timer = self.reactor.callLater(self.forward_timeout, here)
 
         def stop_timer(result):
@@ -286,6 +311,7 @@ class LeaseService:
             if timer.active():
                 timer.cancel()
             return result
+
         d.addBoth(stop_timer)
         self._fallbacks[op_id] = here
         self._forward_queue.setdefault(to, []).append(paxos.Forward(op_id, cas))
@@ -310,15 +336,17 @@ class LeaseService:
 
             def returned(ok, batch=batch):
                 self._forwards_out[to] -= 1
-                if not ok:          # not delivered: the proposer is gone; run them here now
+                if not ok:  # not delivered: the proposer is gone; run them here now
                     for f in batch:
                         fallback = self._fallbacks.get(f.op)
                         if fallback is not None:
                             fallback()
                 self._send_forwards(to)
+
             # The answer comes once the operations are decided there: wait for it as long as that.
             self.send(to, batch, timeout=self.forward_timeout).addCallbacks(
-                returned, lambda f: returned(False))
+                returned, lambda f: returned(False)
+            )
         if not queue:
             self._forward_queue.pop(to, None)
 
@@ -339,6 +367,7 @@ class LeaseService:
             def done(result):
                 self.reactor.callLater(self.forward_timeout, self._serving.pop, m.op, None)
                 return result
+
             d.addBoth(done)
         out = defer.Deferred()
         d.addBoth(lambda r: (out.callback(paxos.Outcome(m.op, r)), r)[1])
@@ -457,7 +486,8 @@ class LeaseService:
         decided = [m for dst, m in out.sends if dst == self.me and isinstance(m, paxos.Commit)]
         if decided:
             self._record_commits(decided, spread=self.non_members_alive(), own=True).addErrback(
-                lambda f: log.failure("decided leases could not be recorded", failure=f))
+                lambda f: log.failure("decided leases could not be recorded", failure=f)
+            )
         self._release_ballots(out)
         by_dst: dict[str, list] = {}
         for dst, msg in out.sends:
@@ -469,14 +499,15 @@ class LeaseService:
                 self.send(dst, msgs)
         if out.commits:
             self._record_commits(out.commits, spread=False).addErrback(
-                lambda f: log.failure("committed leases could not be recorded", failure=f))
+                lambda f: log.failure("committed leases could not be recorded", failure=f)
+            )
         for result in out.results:
             d = self._pending.pop(result.op, None)
             if d is None:
                 continue
             if result.op in self._raw:
                 self._raw.discard(result.op)
-                d.callback(result)          # a forwarded operation: its requester settles it
+                d.callback(result)  # a forwarded operation: its requester settles it
                 continue
             self._settle(d, result)
 
@@ -486,14 +517,20 @@ class LeaseService:
         if d.called:
             return
         if isinstance(result, paxos.NoQuorum) and result.reachable >= result.needed:
-            d.errback(NoQuorum(
-                f"could not decide a lease in time: {result.reachable} of {result.members} "
-                "member hosts answered but the round did not complete (contention or slow "
-                "hosts); try again"))
+            d.errback(
+                NoQuorum(
+                    f"could not decide a lease in time: {result.reachable} of {result.members} "
+                    "member hosts answered but the round did not complete (contention or slow "
+                    "hosts); try again"
+                )
+            )
         elif isinstance(result, paxos.NoQuorum):
-            d.errback(NoQuorum(
-                f"cannot lease without a majority: {result.reachable} of {result.members} "
-                f"member hosts answered, {result.needed} needed"))
+            d.errback(
+                NoQuorum(
+                    f"cannot lease without a majority: {result.reachable} of {result.members} "
+                    f"member hosts answered, {result.needed} needed"
+                )
+            )
         else:
             d.callback(result)
 
@@ -512,8 +549,11 @@ class LeaseService:
                 if holder is None:
                     entities.append(dom.delete("lease", key, version=c.ballot))
                 else:
-                    entities.append(dom.put(LeaseRec(id=key, holder=holder, granted_at=c.ballot.wall_ms),
-                                             version=c.ballot))
+                    entities.append(
+                        dom.put(
+                            LeaseRec(id=key, holder=holder, granted_at=c.ballot.wall_ms), version=c.ballot
+                        )
+                    )
         if any(MEMBERS_KEY in c.values for c in commits):
             self._adopt_members()
         if spread:
@@ -539,8 +579,7 @@ class PaxosLeaseTable:
     def acquire(self, claims: dict[str, str]):
         result = yield self.service.propose({k: (None, h) for k, h in claims.items()})
         if isinstance(result, paxos.Conflict):
-            raise LeaseConflict(result.key, result.holder or "nobody", result.holder,
-                                result.seen)
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder, result.seen)
         yield self._seen(result)
         return result
 
@@ -548,8 +587,7 @@ class PaxosLeaseTable:
     def cas(self, ops: dict):
         result = yield self.service.propose(dict(ops))
         if isinstance(result, paxos.Conflict):
-            raise LeaseConflict(result.key, result.holder or "nobody", result.holder,
-                                result.seen)
+            raise LeaseConflict(result.key, result.holder or "nobody", result.holder, result.seen)
         yield self._seen(result)
         return result
 
@@ -579,4 +617,5 @@ class PaxosLeaseTable:
         def recorded():
             versions = [dom.version_of("lease", k) for k in keys]
             return all(v is not None and v >= result.ballot for v in versions)
+
         return self.service.domsvc.wait_for(recorded, 5.0)

@@ -16,6 +16,7 @@ Each host's reconciler, at its full pass, runs :class:`CapacitySweep`:
 Every change is a compare-and-set through the allocator's ledger; two hosts doing the same
 removal are harmless (a removed entry is gone for both).
 """
+
 from __future__ import annotations
 
 from twisted.internet import defer
@@ -62,8 +63,11 @@ class CapacitySweep:
             vm = self.dom.get(VmRec, e.vm)
             m = flying.get(e.vm)
             moving_here = m is not None and self.host_id in (m.source, m.dest)
-            stale = vm is None or (vm.token != e.token and not moving_here) or \
-                (vm.host != self.host_id and not moving_here)
+            stale = (
+                vm is None
+                or (vm.token != e.token and not moving_here)
+                or (vm.host != self.host_id and not moving_here)
+            )
             seen_keys.add((mine, e))
             if self._stale(mine, e, stale, now):
                 remove.setdefault(mine, set()).add(e)
@@ -105,10 +109,15 @@ class CapacitySweep:
             def build(change, key=key, gone=gone, new=new):
                 change.adjust(key, add=new, remove=gone)
                 return change.ops()
+
             yield self.allocator.transact(build)
             self.removed += len(gone)
             self.adopted += len(new)
-            log.info("capacity set {key}: {r} entries of VMs not there removed, {a} VMs "
-                     "recorded", key=key, r=len(gone), a=len(new))
+            log.info(
+                "capacity set {key}: {r} entries of VMs not there removed, {a} VMs recorded",
+                key=key,
+                r=len(gone),
+                a=len(new),
+            )
             for e in gone:
                 self._stale_since.pop((key, e), None)

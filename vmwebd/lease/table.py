@@ -4,6 +4,7 @@ The allocator talks to a :class:`LeaseTable`; the one implementation,
 :class:`vmwebd.lease.service.PaxosLeaseTable`, decides every claim by Paxos among the member hosts
 (a grid of one host is a Paxos group of one) and records decided leases in the DOM.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -14,8 +15,7 @@ from twisted.internet import defer
 class LeaseConflict(Exception):
     """A key is already held by someone else."""
 
-    def __init__(self, key: str, holder: str, current: str | None = None,
-                 seen: dict | None = None):
+    def __init__(self, key: str, holder: str, current: str | None = None, seen: dict | None = None):
         super().__init__(f"{key} is already leased to {holder}")
         self.key, self.holder = key, holder
         #: The key's decided value as the round saw it (None: free), and the values of every

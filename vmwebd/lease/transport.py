@@ -8,6 +8,7 @@ answering envelope's ``src`` must be the host the request went to, whose certifi
 connection checked). A peer that answers "ok" (an older one) sends its answers as requests, which
 arrive through :meth:`PaxosTransport.deliver` like any other.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,8 +22,16 @@ from vmwebd.lease import paxos
 from vmwebd.wiring import LeaseReceiver, PeerDirectory
 
 log = Logger()
-KINDS = (paxos.Prepare, paxos.Promise, paxos.Accept, paxos.Accepted, paxos.Commit, paxos.Nack,
-         paxos.Forward, paxos.Outcome)
+KINDS = (
+    paxos.Prepare,
+    paxos.Promise,
+    paxos.Accept,
+    paxos.Accepted,
+    paxos.Commit,
+    paxos.Nack,
+    paxos.Forward,
+    paxos.Outcome,
+)
 
 
 class PaxosTransport:
@@ -32,13 +41,19 @@ class PaxosTransport:
     connections); ``address_of(host)`` says where a host's peer endpoint is (None: unknown, the
     message is dropped); ``my_address()`` is this host's own peer address, for envelopes."""
 
-    def __init__(self, me: str, client, address_of: PeerDirectory, my_address: Callable[[], str | None],
-                 leases: LeaseReceiver | None = None):
+    def __init__(
+        self,
+        me: str,
+        client,
+        address_of: PeerDirectory,
+        my_address: Callable[[], str | None],
+        leases: LeaseReceiver | None = None,
+    ):
         self.me = me
         self.client = client
         self.address_of = address_of
         self.my_address = my_address
-        self.leases = leases        # the LeaseService that delivered messages go to
+        self.leases = leases  # the LeaseService that delivered messages go to
         self.requests = 0
 
     def send(self, dst: str, msgs, timeout: float | None = None) -> defer.Deferred:
@@ -54,13 +69,19 @@ class PaxosTransport:
         elif self.client.reads_bundles(addr):
             units = [Bundle(tuple(msgs))]
         else:
-            units = list(msgs)      # an older peer, or not heard from yet: one request each
+            units = list(msgs)  # an older peer, or not heard from yet: one request each
         ds = []
         for msg in units:
             self.requests += 1
             env = Envelope(self.me, self.my_address(), dst, msg)
-            ds.append(self.client.send(addr, encode(env), on_reply=lambda els, dst=dst: self._answered(dst, els),
-                                       **({"timeout": timeout} if timeout else {})))
+            ds.append(
+                self.client.send(
+                    addr,
+                    encode(env),
+                    on_reply=lambda els, dst=dst: self._answered(dst, els),
+                    **({"timeout": timeout} if timeout else {}),
+                )
+            )
         if len(ds) == 1:
             return ds[0]
         return defer.gatherResults(ds).addCallback(all)
@@ -81,5 +102,6 @@ class PaxosTransport:
         d = self.leases.receive(env.src, msgs, inline=inline)
         if not inline:
             return d
-        return d.addCallback(lambda replies: [encode(Envelope(self.me, self.my_address(), env.src, m))
-                                              for m in replies])
+        return d.addCallback(
+            lambda replies: [encode(Envelope(self.me, self.my_address(), env.src, m)) for m in replies]
+        )

@@ -20,6 +20,7 @@ each migration in flight holds its VM's lease (a test may hold a lease itself un
 is no host, as a user's MigrateVm would). ``python -m vmwebd.migrate.balance_sim`` prints the
 figures quoted in docs/balancer.md.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -49,7 +50,7 @@ class SimHost:
 @dataclass(frozen=True)
 class SimVm:
     id: str
-    host: str            # where it runs at the start
+    host: str  # where it runs at the start
     vcpus: int
     mem_mib: int
     overlay_bytes: int
@@ -59,13 +60,13 @@ class SimVm:
 class SimParams:
     """The simulated world's timing and faults (seconds)."""
 
-    jitter: float = 0.25                               # a host acts every interval × (1 ± jitter)
-    gossip_delay_s: tuple[float, float] = (0.5, 8.0)   # a finished move reaches another host's view
+    jitter: float = 0.25  # a host acts every interval × (1 ± jitter)
+    gossip_delay_s: tuple[float, float] = (0.5, 8.0)  # a finished move reaches another host's view
     detect_delay_s: tuple[float, float] = (3.0, 15.0)  # a crash reaches another host's view
-    bandwidth_bps: float = 100e6                       # bytes per second a migration copies
-    setup_s: float = 2.0                               # fixed part of a migration's time
-    fail_rate: float = 0.0                             # chance a migration fails (VM stays at source)
-    crashes: tuple[tuple[float, str], ...] = ()        # (time, host)
+    bandwidth_bps: float = 100e6  # bytes per second a migration copies
+    setup_s: float = 2.0  # fixed part of a migration's time
+    fail_rate: float = 0.0  # chance a migration fails (VM stays at source)
+    crashes: tuple[tuple[float, str], ...] = ()  # (time, host)
     max_time_s: float = 7 * 86400.0
 
 
@@ -91,11 +92,11 @@ class MigrationTrace:
 
 @dataclass
 class Report:
-    quiet: bool                  # reached a state where no host will ever move anything again
-    time_s: float                # simulated time at the end
+    quiet: bool  # reached a state where no host will ever move anything again
+    time_s: float  # simulated time at the end
     migrations: list[MigrationTrace]
-    refused: int                 # proposals a destination turned down
-    lease_busy: int              # proposals whose VM's lease was held
+    refused: int  # proposals a destination turned down
+    lease_busy: int  # proposals whose VM's lease was held
     grid_load: float
     loads_start: dict[str, float]
     loads_end: dict[str, float]
@@ -134,7 +135,7 @@ class _Flight:
 class _View:
     """What one host believes: where each VM is (with its record's version) and who is alive."""
 
-    place: dict[str, tuple[str, int, int | None]]        # vm -> (host, version, last_moved_ms)
+    place: dict[str, tuple[str, int, int | None]]  # vm -> (host, version, last_moved_ms)
     alive: dict[str, bool] = field(default_factory=dict)
 
 
@@ -143,24 +144,33 @@ class SimInvariantError(AssertionError):
 
 
 class BalanceSim:
-    def __init__(self, hosts: list[SimHost], vms: list[SimVm], policy: BalancerPolicy,
-                 params: SimParams = SimParams(), seed: int = 0, strict: bool = True):
+    def __init__(
+        self,
+        hosts: list[SimHost],
+        vms: list[SimVm],
+        policy: BalancerPolicy,
+        params: SimParams = SimParams(),
+        seed: int = 0,
+        strict: bool = True,
+    ):
         self.rng = random.Random(seed)
         self.policy, self.params, self.strict = policy, params, strict
         self.hosts = {h.id: h for h in hosts}
         self.vms = {v.id: v for v in vms}
         self.now = 0.0
-        self.runs: dict[str, set[str]] = {h: set() for h in self.hosts}   # what each hypervisor runs
-        self.loc = {v.id: v.host for v in vms}                                 # the DOM's vm -> host
+        self.runs: dict[str, set[str]] = {h: set() for h in self.hosts}  # what each hypervisor runs
+        self.loc = {v.id: v.host for v in vms}  # the DOM's vm -> host
         for v in vms:
             self.runs[v.host].add(v.id)
         self.version = {v: 0 for v in self.vms}
         self.last_moved: dict[str, int | None] = {v: None for v in self.vms}
         self.crashed: set[str] = set()
-        self.views = {h: _View({v.id: (v.host, 0, None) for v in vms}, {o: True for o in self.hosts})
-                      for h in self.hosts}
+        self.views = {
+            h: _View({v.id: (v.host, 0, None) for v in vms}, {o: True for o in self.hosts})
+            for h in self.hosts
+        }
         self.leases: dict[str, str] = {}
-        self.flights: dict[str, _Flight] = {}      # vm -> migration in flight
+        self.flights: dict[str, _Flight] = {}  # vm -> migration in flight
         self.trace: list[MigrationTrace] = []
         self.refused = self.lease_busy = 0
         self._queue: list = []
@@ -199,10 +209,19 @@ class BalanceSim:
             self._check()
         hl = self.true_hosts()
         oc = self.policy.cpu_overcommit
-        return Report(quiet=self._quiet, time_s=self.now, migrations=list(self.trace), refused=self.refused,
-                      lease_busy=self.lease_busy, grid_load=grid_load(hl, oc), loads_start=start,
-                      loads_end={h.host_id: h.load(oc) for h in hl}, live_end=set(self.hosts) - self.crashed,
-                      phi_start=phi0, phi_end=imbalance(hl, oc))
+        return Report(
+            quiet=self._quiet,
+            time_s=self.now,
+            migrations=list(self.trace),
+            refused=self.refused,
+            lease_busy=self.lease_busy,
+            grid_load=grid_load(hl, oc),
+            loads_start=start,
+            loads_end={h.host_id: h.load(oc) for h in hl},
+            live_end=set(self.hosts) - self.crashed,
+            phi_start=phi0,
+            phi_end=imbalance(hl, oc),
+        )
 
     # -- the true state -----------------------------------------------------------------------
     def where(self, vm_id: str) -> str:
@@ -213,8 +232,16 @@ class BalanceSim:
         for hid in sorted(self.hosts):
             h = self.hosts[hid]
             mine = [self.vms[v] for v in self.runs[hid]]
-            out.append(HostLoad(hid, h.cpus, h.mem_mib, sum(v.vcpus for v in mine), sum(v.mem_mib for v in mine),
-                                live=hid not in self.crashed))
+            out.append(
+                HostLoad(
+                    hid,
+                    h.cpus,
+                    h.mem_mib,
+                    sum(v.vcpus for v in mine),
+                    sum(v.mem_mib for v in mine),
+                    live=hid not in self.crashed,
+                )
+            )
         return out
 
     def true_vms(self) -> list[VmLoad]:
@@ -235,17 +262,23 @@ class BalanceSim:
         bad = {v: n for v, n in seen.items() if n != 1}
         missing = set(self.vms) - set(seen)
         if bad or missing:
-            raise SimInvariantError(f"at {self.now:.1f} s: VMs on several hosts {bad}, on none {sorted(missing)}")
+            raise SimInvariantError(
+                f"at {self.now:.1f} s: VMs on several hosts {bad}, on none {sorted(missing)}"
+            )
         wrong = sorted(v for v, h in self.loc.items() if v not in self.runs[h])
         if wrong:
-            raise SimInvariantError(f"at {self.now:.1f} s: the record of {wrong} names a host that does not run it")
+            raise SimInvariantError(
+                f"at {self.now:.1f} s: the record of {wrong} names a host that does not run it"
+            )
         for vm, f in self.flights.items():
             if self.leases.get(f"migration/{vm}") != f.move.src:
                 raise SimInvariantError(f"at {self.now:.1f} s: {vm} moves without its lease")
         for key, holder in self.leases.items():
             vm = key.split("/", 1)[1]
             if holder in self.hosts and (vm not in self.flights or self.flights[vm].move.src != holder):
-                raise SimInvariantError(f"at {self.now:.1f} s: lease {key} held by {holder} with no migration")
+                raise SimInvariantError(
+                    f"at {self.now:.1f} s: lease {key} held by {holder} with no migration"
+                )
 
     # -- a host's view ------------------------------------------------------------------------
     def view_of(self, hid: str) -> tuple[list[HostLoad], list[VmLoad]]:
@@ -258,8 +291,17 @@ class BalanceSim:
             used[host][0] += v.vcpus
             used[host][1] += v.mem_mib
             vms.append(self._vm_load(vm_id, host, lm))
-        hosts = [HostLoad(h, self.hosts[h].cpus, self.hosts[h].mem_mib, used[h][0], used[h][1],
-                          live=h == hid or view.alive[h]) for h in sorted(self.hosts)]
+        hosts = [
+            HostLoad(
+                h,
+                self.hosts[h].cpus,
+                self.hosts[h].mem_mib,
+                used[h][0],
+                used[h][1],
+                live=h == hid or view.alive[h],
+            )
+            for h in sorted(self.hosts)
+        ]
         return hosts, vms
 
     def _involving(self, hid: str) -> list[Move]:
@@ -297,7 +339,7 @@ class BalanceSim:
         if isinstance(verdict, str):
             self.refused += 1
             del self.leases[key]
-            if move.dst not in self.crashed:   # the refusal carries the destination's records
+            if move.dst not in self.crashed:  # the refusal carries the destination's records
                 for v in self.runs[move.dst]:
                     self._learn(hid, v, move.dst, self.version[v], self.last_moved[v])
             return
@@ -322,17 +364,23 @@ class BalanceSim:
             if f.move.dst == move.dst:
                 dst = dst.plus(vl)
         m = grid_load(list(loads.values()), self.policy.cpu_overcommit)
-        return assess(self._vm_load(move.vm_id, self.where(move.vm_id)), src, dst, m, self.policy, self._now_ms())
+        return assess(
+            self._vm_load(move.vm_id, self.where(move.vm_id)), src, dst, m, self.policy, self._now_ms()
+        )
 
     def _on_done(self, vm_id: str):
         f = self.flights.pop(vm_id)
         mv = f.move
         del self.leases[f"migration/{vm_id}"]
         if mv.src in self.crashed or mv.dst in self.crashed:
-            self.trace.append(MigrationTrace(vm_id, mv.src, mv.dst, f.start_s, self.now, False, "a host crashed"))
+            self.trace.append(
+                MigrationTrace(vm_id, mv.src, mv.dst, f.start_s, self.now, False, "a host crashed")
+            )
             return
         if self.rng.random() < self.params.fail_rate:
-            self.trace.append(MigrationTrace(vm_id, mv.src, mv.dst, f.start_s, self.now, False, "migration failed"))
+            self.trace.append(
+                MigrationTrace(vm_id, mv.src, mv.dst, f.start_s, self.now, False, "migration failed")
+            )
             return
         oc = self.policy.cpu_overcommit
         before = imbalance(self.true_hosts(), oc)
@@ -351,8 +399,21 @@ class BalanceSim:
                 self._at(self.now + self.rng.uniform(lo, hi), "learn", o, *rec)
         after = self.true_hosts()
         loads = {h.host_id: h.load(oc) for h in after}
-        self.trace.append(MigrationTrace(vm_id, mv.src, mv.dst, f.start_s, self.now, True, mv.reason,
-                                         before, imbalance(after, oc), loads[mv.src], loads[mv.dst]))
+        self.trace.append(
+            MigrationTrace(
+                vm_id,
+                mv.src,
+                mv.dst,
+                f.start_s,
+                self.now,
+                True,
+                mv.reason,
+                before,
+                imbalance(after, oc),
+                loads[mv.src],
+                loads[mv.dst],
+            )
+        )
 
     def _on_learn(self, observer: str, *rec):
         self._pending_news -= 1
@@ -381,16 +442,25 @@ class BalanceSim:
 
 
 # -- scenarios ------------------------------------------------------------------------------------
-SHAPES = ((1, 1024), (1, 2048), (2, 2048), (2, 4096), (4, 8192))   # (vCPUs, MiB)
+SHAPES = ((1, 1024), (1, 2048), (2, 2048), (2, 4096), (4, 8192))  # (vCPUs, MiB)
 
 
-def packed_grid(n_hosts: int, load: float, seed: int, cpus=(16, 8, 4), mib_per_cpu: int = 4096,
-                shapes=SHAPES, overcommit: float = 4.0) -> tuple[list[SimHost], list[SimVm]]:
+def packed_grid(
+    n_hosts: int,
+    load: float,
+    seed: int,
+    cpus=(16, 8, 4),
+    mib_per_cpu: int = 4096,
+    shapes=SHAPES,
+    overcommit: float = 4.0,
+) -> tuple[list[SimHost], list[SimVm]]:
     """An unbalanced start: hosts of cycling sizes (16/8/4 CPUs, 4 GiB per CPU) and VMs of random
     shapes, as many as make the grid's memory ``load`` full, packed first-fit onto the first hosts
     in order (at most ``overcommit`` vCPUs per CPU)."""
     rng = random.Random(seed)
-    hosts = [SimHost(f"h{i:02d}", cpus[i % len(cpus)], cpus[i % len(cpus)] * mib_per_cpu) for i in range(n_hosts)]
+    hosts = [
+        SimHost(f"h{i:02d}", cpus[i % len(cpus)], cpus[i % len(cpus)] * mib_per_cpu) for i in range(n_hosts)
+    ]
     used = {h.id: [0, 0] for h in hosts}
     goal = load * sum(h.mem_mib for h in hosts)
     vms: list[SimVm] = []
@@ -410,12 +480,15 @@ def packed_grid(n_hosts: int, load: float, seed: int, cpus=(16, 8, 4), mib_per_c
 
 def main():
     """Prints the table of docs/balancer.md: packed starts at half load, ten seeds per row."""
+
     def med(xs) -> str:
         xs = sorted(xs)
         f = "{:.0f}" if xs[-1] >= 100 else "{:.3g}"
         return f"{f.format(xs[len(xs) // 2])} ({f.format(xs[0])}–{f.format(xs[-1])})"
 
-    print("| hosts | VMs | θ | failures | spread before | spread after | migrations | bound Φ₀/h | failed | settled (min) |")
+    print(
+        "| hosts | VMs | θ | failures | spread before | spread after | migrations | bound Φ₀/h | failed | settled (min) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n_hosts in (3, 20):
         for threshold in (0.2, 0.1):
@@ -429,10 +502,12 @@ def main():
                     assert r.quiet
                     rs.append(r)
                     n_vms.append(len(vms))
-                print(f"| {n_hosts} | {med(n_vms)} | {threshold} | {fail:.0%} | {med([r.spread_start() for r in rs])} "
-                      f"| {med([r.spread_end() for r in rs])} | {med([len(r.completed) for r in rs])} "
-                      f"| {med([r.phi_start / policy.hysteresis for r in rs])} | {med([len(r.failed) for r in rs])} "
-                      f"| {med([r.settled_s() / 60 for r in rs])} |")
+                print(
+                    f"| {n_hosts} | {med(n_vms)} | {threshold} | {fail:.0%} | {med([r.spread_start() for r in rs])} "
+                    f"| {med([r.spread_end() for r in rs])} | {med([len(r.completed) for r in rs])} "
+                    f"| {med([r.phi_start / policy.hysteresis for r in rs])} | {med([len(r.failed) for r in rs])} "
+                    f"| {med([r.settled_s() / 60 for r in rs])} |"
+                )
 
 
 if __name__ == "__main__":

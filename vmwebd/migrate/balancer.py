@@ -48,6 +48,7 @@ Why VMs do not ping-pong (while no VM is created or removed and no host joins, s
     *Residence.* The arguments restart when ``M`` changes (new VMs, removed VMs, hosts joining); a
     VM that moved stays ``min_residence_ms`` wherever the new situation finds it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -74,17 +75,25 @@ class HostLoad:
 
     def load(self, cpu_overcommit: float) -> float:
         """Share of capacity in use on the busiest resource (vCPUs against cpus × overcommit)."""
-        return max(_share(self.used_vcpus, self.cpus * cpu_overcommit), _share(self.used_mem_mib, self.mem_mib))
+        return max(
+            _share(self.used_vcpus, self.cpus * cpu_overcommit), _share(self.used_mem_mib, self.mem_mib)
+        )
 
     def fits(self, vm: "VmLoad", cpu_overcommit: float) -> bool:
-        return (self.used_vcpus + vm.vcpus <= self.cpus * cpu_overcommit
-                and self.used_mem_mib + vm.mem_mib <= self.mem_mib)
+        return (
+            self.used_vcpus + vm.vcpus <= self.cpus * cpu_overcommit
+            and self.used_mem_mib + vm.mem_mib <= self.mem_mib
+        )
 
     def plus(self, vm: "VmLoad") -> "HostLoad":
-        return replace(self, used_vcpus=self.used_vcpus + vm.vcpus, used_mem_mib=self.used_mem_mib + vm.mem_mib)
+        return replace(
+            self, used_vcpus=self.used_vcpus + vm.vcpus, used_mem_mib=self.used_mem_mib + vm.mem_mib
+        )
 
     def minus(self, vm: "VmLoad") -> "HostLoad":
-        return replace(self, used_vcpus=self.used_vcpus - vm.vcpus, used_mem_mib=self.used_mem_mib - vm.mem_mib)
+        return replace(
+            self, used_vcpus=self.used_vcpus - vm.vcpus, used_mem_mib=self.used_mem_mib - vm.mem_mib
+        )
 
 
 def _share(used: float, capacity: float) -> float:
@@ -152,6 +161,7 @@ def policy_from_settings(settings: Mapping[str, str]) -> BalancerPolicy:
     Values are checked again as SetSetting checks them, so a bad value that reached the DOM some
     other way fails here with an error naming its key.
     """
+
     def value(key: str) -> str:
         return checked_setting(key, settings.get(key, SETTINGS[key].default)).value
 
@@ -193,8 +203,9 @@ def imbalance(hosts: Sequence[HostLoad], cpu_overcommit: float, ideal: float | N
     return sum((h.load(cpu_overcommit) - m) ** 2 for h in hosts)
 
 
-def assess(vm: VmLoad, src: HostLoad, dst: HostLoad, ideal: float, policy: BalancerPolicy,
-           now_ms: int) -> Move | str:
+def assess(
+    vm: VmLoad, src: HostLoad, dst: HostLoad, ideal: float, policy: BalancerPolicy, now_ms: int
+) -> Move | str:
     """The move of ``vm`` from ``src`` to ``dst`` if the rule allows it, else why not (a phrase).
 
     ``src`` and ``dst`` are the loads to judge by: the source's own less what already leaves it,
@@ -216,8 +227,12 @@ def assess(vm: VmLoad, src: HostLoad, dst: HostLoad, ideal: float, policy: Balan
         return f"{dst.host_id} has no room for {vm.vm_id}"
     ls, ld = src.load(oc), dst.load(oc)
     # The loads after the move, without building new records (this runs for every pair).
-    ls2 = max(_share(src.used_vcpus - vm.vcpus, src.cpus * oc), _share(src.used_mem_mib - vm.mem_mib, src.mem_mib))
-    ld2 = max(_share(dst.used_vcpus + vm.vcpus, dst.cpus * oc), _share(dst.used_mem_mib + vm.mem_mib, dst.mem_mib))
+    ls2 = max(
+        _share(src.used_vcpus - vm.vcpus, src.cpus * oc), _share(src.used_mem_mib - vm.mem_mib, src.mem_mib)
+    )
+    ld2 = max(
+        _share(dst.used_vcpus + vm.vcpus, dst.cpus * oc), _share(dst.used_mem_mib + vm.mem_mib, dst.mem_mib)
+    )
     high, low = ideal + th, ideal - th
     if ls > high:
         cap, why = high, f"{src.host_id} at {ls:.3f} is above grid load {ideal:.3f} + {th}"
@@ -236,12 +251,19 @@ def assess(vm: VmLoad, src: HostLoad, dst: HostLoad, ideal: float, policy: Balan
     benefit = (ls - ideal) ** 2 + (ld - ideal) ** 2 - (ls2 - ideal) ** 2 - (ld2 - ideal) ** 2
     if benefit < policy.hysteresis:
         return f"gain {benefit:.5f} is below the hysteresis {policy.hysteresis}"
-    return Move(vm.vm_id, src.host_id, dst.host_id, benefit, vm.cost,
-                f"{why}; {dst.host_id} goes {ld:.3f} -> {ld2:.3f}, {src.host_id} {ls:.3f} -> {ls2:.3f}")
+    return Move(
+        vm.vm_id,
+        src.host_id,
+        dst.host_id,
+        benefit,
+        vm.cost,
+        f"{why}; {dst.host_id} goes {ld:.3f} -> {ld2:.3f}, {src.host_id} {ls:.3f} -> {ls2:.3f}",
+    )
 
 
-def loads_after(hosts: Sequence[HostLoad], vms: Sequence[VmLoad],
-                in_flight: Sequence[Move]) -> dict[str, HostLoad]:
+def loads_after(
+    hosts: Sequence[HostLoad], vms: Sequence[VmLoad], in_flight: Sequence[Move]
+) -> dict[str, HostLoad]:
     """Host id -> load, counting each migration in flight as done (source less the VM,
     destination plus it); moves naming an unknown VM or host are left out."""
     by_id = {h.host_id: h for h in hosts}
@@ -255,8 +277,15 @@ def loads_after(hosts: Sequence[HostLoad], vms: Sequence[VmLoad],
     return by_id
 
 
-def choose_move(me: str, hosts: Sequence[HostLoad], vms: Sequence[VmLoad], policy: BalancerPolicy,
-                now_ms: int, in_flight: Sequence[Move] = (), skip: Collection[str] = ()) -> Move | None:
+def choose_move(
+    me: str,
+    hosts: Sequence[HostLoad],
+    vms: Sequence[VmLoad],
+    policy: BalancerPolicy,
+    now_ms: int,
+    in_flight: Sequence[Move] = (),
+    skip: Collection[str] = (),
+) -> Move | None:
     """The move host ``me`` should start now, or None (disabled, balanced, busy, nothing allowed).
 
     ``hosts``: every member host as ``me``'s replica sees it (its own entry is exact; the grid load
@@ -280,8 +309,11 @@ def choose_move(me: str, hosts: Sequence[HostLoad], vms: Sequence[VmLoad], polic
     mine = by_id[me]
     ls = mine.load(oc)
     dsts = [by_id[h] for h in sorted(by_id) if h != me and by_id[h].live and by_id[h].accepting]
-    if not (ls > ideal + policy.threshold
-            or ls > ideal and any(d.load(oc) < ideal - policy.threshold for d in dsts)):
+    if not (
+        ls > ideal + policy.threshold
+        or ls > ideal
+        and any(d.load(oc) < ideal - policy.threshold for d in dsts)
+    ):
         return None
     # Hosts that no VM of mine may go to, whatever its size (assess would refuse each pair): the
     # destination's load only grows with the VM, and must stay below mine and under the cap.
@@ -292,5 +324,5 @@ def choose_move(me: str, hosts: Sequence[HostLoad], vms: Sequence[VmLoad], polic
         for dst in dsts:
             m = assess(vm, mine, dst, ideal, policy, now_ms)
             if isinstance(m, Move) and (best is None or m.score > best.score):
-                best = m   # strict '>': on a tie the earlier (vm id, destination id) stays
+                best = m  # strict '>': on a tie the earlier (vm id, destination id) stays
     return best

@@ -29,6 +29,7 @@ never ran on a dead host (nothing of theirs can be lost) are re-placed the same 
 asking anyone (:meth:`MigrationManager.replace_never_ran`). Each creation of a VM is re-placed at
 most once, by whichever host wins its ``replaced/<vm>/<token>`` lease.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,11 +117,28 @@ class MigrationManager:
     """The migration side of one host. ``reconciler`` builds domain specs the same way it does
     for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
 
-    def __init__(self, host_id, domsvc, driver, images, reconciler, table, storage, now_ms,
-                 live_hosts: HostSet, peer_address_of: PeerDirectory, cert_dir, overcommit=lambda: 4.0,
-                 clock=None, liveness: Liveness | None = None, placeable_hosts: HostSet | None = None,
-                 allocator=None, placement: Callable[[], str] | None = None, migrate_uri: str = "",
-                 push_to: Callable[[Iterable[str]], object] | None = None):
+    def __init__(
+        self,
+        host_id,
+        domsvc,
+        driver,
+        images,
+        reconciler,
+        table,
+        storage,
+        now_ms,
+        live_hosts: HostSet,
+        peer_address_of: PeerDirectory,
+        cert_dir,
+        overcommit=lambda: 4.0,
+        clock=None,
+        liveness: Liveness | None = None,
+        placeable_hosts: HostSet | None = None,
+        allocator=None,
+        placement: Callable[[], str] | None = None,
+        migrate_uri: str = "",
+        push_to: Callable[[Iterable[str]], object] | None = None,
+    ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
@@ -137,14 +155,14 @@ class MigrationManager:
         self.peer_address_of = peer_address_of
         self.cert_dir = cert_dir
         self.overcommit = overcommit
-        self.migrate_uri = migrate_uri   # what this host publishes for live migrations to it
+        self.migrate_uri = migrate_uri  # what this host publishes for live migrations to it
         #: When migrations are given up (prepare timeout, grace for a dead peer, abandonment).
         self.limits = phases.DEFAULT_LIMITS
         self._working: set[str] = set()
         self._again: set[str] = set()
         self.new_id = lambda: secrets.token_hex(6)
-        self.push_to = push_to or (lambda hosts: None)   # gossip's direct push, with peers
-        self.liveness = liveness or (lambda host: "unknown")   # the failure detector's word on a host
+        self.push_to = push_to or (lambda hosts: None)  # gossip's direct push, with peers
+        self.liveness = liveness or (lambda host: "unknown")  # the failure detector's word on a host
         #: Leases addresses and keeps the capacity ledger.
         self.allocator = allocator
         self.placement = placement or (lambda: "spread")
@@ -155,7 +173,7 @@ class MigrationManager:
         self.replaced_grace_ms = REPLACED_GRACE_MS
         self._dead_since: dict[str, int] = {}
         self._replacing = False
-        self.replaced = 0          # VMs this host re-placed because they never ran on a dead host
+        self.replaced = 0  # VMs this host re-placed because they never ran on a dead host
 
     # -- requests (any host) ---------------------------------------------------------------
     def _vm(self, cluster: str, vm: str) -> VmRec:
@@ -195,37 +213,44 @@ class MigrationManager:
             if dest in drained_hosts(self.dom):
                 raise NoCapacity(f"host {dest!r} is being drained, so VM {vm.id!r} cannot move there")
             if dest not in loads:
-                raise NoCapacity(f"host {dest!r} is not alive ({self.liveness(dest)} as host "
-                                 f"{self.host_id} sees it), so VM {vm.id!r} cannot move there")
+                raise NoCapacity(
+                    f"host {dest!r} is not alive ({self.liveness(dest)} as host "
+                    f"{self.host_id} sees it), so VM {vm.id!r} cannot move there"
+                )
             if not loads[dest].fits(oc, vm.vcpus, vm.memory_mib):
                 h = loads[dest]
-                raise NoCapacity(f"host {dest!r} cannot take VM {vm.id!r} ({vm.vcpus} vCPUs, "
-                                 f"{vm.memory_mib} MiB): {h.memory_mib - h.used_memory_mib} MiB free")
+                raise NoCapacity(
+                    f"host {dest!r} cannot take VM {vm.id!r} ({vm.vcpus} vCPUs, "
+                    f"{vm.memory_mib} MiB): {h.memory_mib - h.used_memory_mib} MiB free"
+                )
             return dest
         fitting = [h for h in loads.values() if h.fits(oc, vm.vcpus, vm.memory_mib)]
         if not fitting:
-            raise NoCapacity(f"no other live host can take VM {vm.id!r} ({vm.vcpus} vCPUs, "
-                             f"{vm.memory_mib} MiB)")
+            raise NoCapacity(
+                f"no other live host can take VM {vm.id!r} ({vm.vcpus} vCPUs, {vm.memory_mib} MiB)"
+            )
         return min(fitting, key=lambda h: (h.utilisation(oc, vm.vcpus, vm.memory_mib), h.host)).host
 
     def mode_for(self, vm: VmRec, dest: str) -> str:
         src, dst = self.dom.get(HostRec, vm.host), self.dom.get(HostRec, dest)
         st = status_of(self.dom, vm)
-        return phases.choose_mode(st is not None and st.state == "running",
-                                  src.migrate_uri if src is not None else "",
-                                  dst.migrate_uri if dst is not None else "")
+        return phases.choose_mode(
+            st is not None and st.state == "running",
+            src.migrate_uri if src is not None else "",
+            dst.migrate_uri if dst is not None else "",
+        )
 
     @defer.inlineCallbacks
-    def request(self, cluster: str, vm: str, dest: str | None = None,
-                requested_by: str = "") -> MigrationRec:
+    def request(self, cluster: str, vm: str, dest: str | None = None, requested_by: str = "") -> MigrationRec:
         """Starts moving ``cluster/vm`` (to ``dest``, or the least loaded host that fits);
         fires with the migration entity once its lease is held and the request is durable."""
         rec = self._vm(cluster, vm)
         if rec.id in in_flight(self.dom, self.now_ms()):
             raise MigrationBusy(f"VM {rec.id!r} is already being moved")
         if self.dom.get(HostRec, rec.host) is None or rec.host not in self.live_hosts():
-            raise NoCapacity(f"VM {rec.id!r} is on host {rec.host!r}, which is not alive: it "
-                             "cannot be migrated from there")
+            raise NoCapacity(
+                f"VM {rec.id!r} is on host {rec.host!r}, which is not alive: it cannot be migrated from there"
+            )
         asked = dest
         dest = self.choose_dest(rec, asked)
         mid = self.new_id()
@@ -237,27 +262,41 @@ class MigrationManager:
             # found if they moved meanwhile.
             to = self.choose_dest(rec, asked, change)
             chosen["dest"] = to
-            change.move(rec.id, rec.token, rec.vcpus, rec.memory_mib, rec.host, to,
-                        keep_source=True)
+            change.move(rec.id, rec.token, rec.vcpus, rec.memory_mib, rec.host, to, keep_source=True)
             ops = change.ops(*capacity_limits(self.dom))
             ops[lease_key(rec.id)] = (None, lease_holder(rec.id, mid))
             return ops
+
         try:
             yield self._transact(build)
             dest = chosen.get("dest", dest)
         except LeaseConflict as e:
             raise MigrationBusy(f"VM {rec.id!r} is already being moved ({e.holder})") from None
-        m = MigrationRec(id=mid, vm=rec.id, source=rec.host, dest=dest, phase="prepare",
-                         mode=self.mode_for(rec, dest), requested_by=requested_by or "",
-                         started_at=int(self.now_ms()))
+        m = MigrationRec(
+            id=mid,
+            vm=rec.id,
+            source=rec.host,
+            dest=dest,
+            phase="prepare",
+            mode=self.mode_for(rec, dest),
+            requested_by=requested_by or "",
+            started_at=int(self.now_ms()),
+        )
         try:
             yield self.domsvc.put(m)
             self.push_to([dest, rec.host])
         except Exception:
             yield self._release(m)
             raise
-        log.info("migration {mid}: {vm} {src} -> {dst} ({mode}) requested by {who}", mid=mid,
-                 vm=rec.id, src=rec.host, dst=dest, mode=m.mode, who=requested_by or "?")
+        log.info(
+            "migration {mid}: {vm} {src} -> {dst} ({mode}) requested by {who}",
+            mid=mid,
+            vm=rec.id,
+            src=rec.host,
+            dst=dest,
+            mode=m.mode,
+            who=requested_by or "?",
+        )
         return m
 
     # -- draining a live host for maintenance (an admin's call) ------------------------------
@@ -271,13 +310,17 @@ class MigrationManager:
         if rec is None:
             raise NoSuchHost(str(host))
         if host not in self.live_hosts():
-            raise InvalidArgument("host", f"host {host!r} is not alive: its VMs cannot be migrated "
-                                          "(vmweb host evacuate re-places the VMs of a dead host)")
+            raise InvalidArgument(
+                "host",
+                f"host {host!r} is not alive: its VMs cannot be migrated "
+                "(vmweb host evacuate re-places the VMs of a dead host)",
+            )
         yield self.domsvc.put(drain_record(host, True))
         started, refused = [], []
         flying = in_flight(self.dom, self.now_ms())
-        for vm in sorted((v for v in self.dom.select(VmRec, "host", host) if v.desired != "absent"),
-                         key=lambda v: v.id):
+        for vm in sorted(
+            (v for v in self.dom.select(VmRec, "host", host) if v.desired != "absent"), key=lambda v: v.id
+        ):
             m = flying.get(vm.id)
             if m is not None:
                 refused.append((vm.id, f"already moving to {m.dest}"))
@@ -287,8 +330,13 @@ class MigrationManager:
                 started.append((yield self.request(cluster, name, None, requested_by=requested_by)))
             except VmwebError as e:
                 refused.append((vm.id, str(e)))
-        log.info("host {host} draining ({who}): {n} moves started, {r} VMs not movable now",
-                 host=host, who=requested_by or "?", n=len(started), r=len(refused))
+        log.info(
+            "host {host} draining ({who}): {n} moves started, {r} VMs not movable now",
+            host=host,
+            who=requested_by or "?",
+            n=len(started),
+            r=len(refused),
+        )
         return started, refused
 
     def undrain(self, host: str) -> defer.Deferred:
@@ -314,9 +362,11 @@ class MigrationManager:
             raise NoSuchHost(str(host))
         state = "left" if rec.liveness == "left" else self.liveness(host)
         if host == self.host_id or state not in ("dead", "left"):
-            raise HostAlive(f"host {host!r} is {'this host' if host == self.host_id else state} "
-                            f"as host {self.host_id} sees it: only a dead host is evacuated (move "
-                            "the VMs of a live host with vm migrate)")
+            raise HostAlive(
+                f"host {host!r} is {'this host' if host == self.host_id else state} "
+                f"as host {self.host_id} sees it: only a dead host is evacuated (move "
+                "the VMs of a live host with vm migrate)"
+            )
         now = int(self.now_ms())
         on_host = sorted(self.dom.select(VmRec, "host", host), key=lambda v: v.id)
         flying = in_flight(self.dom, now)
@@ -329,22 +379,29 @@ class MigrationManager:
         try:
             moves = yield self._re_place(host, keep, requested_by, now) if keep else []
         except LeaseConflict as e:
-            raise MigrationBusy(f"a VM of host {host!r} is being moved ({e.holder}); evacuate "
-                                "again once that move has ended") from None
+            raise MigrationBusy(
+                f"a VM of host {host!r} is being moved ({e.holder}); evacuate again once that move has ended"
+            ) from None
         for vm in gone:
             c = self.dom.get(VClusterRec, vm.cluster)
             yield self.allocator.release_vm(vm, c.token if c else "", owner=c.owner if c else None)
             yield self.domsvc.delete(("vm", vm.id))
         self.push_to(sorted({m.dest for m in moves}))
         self.reconciler.kick()
-        log.info("host {host} evacuated by {who}: {n} VMs re-placed ({where}), {g} being removed "
-                 "deleted", host=host, who=requested_by or "?", n=len(moves),
-                 where=", ".join(f"{m.vm}->{m.dest}" for m in moves) or "none", g=len(gone))
+        log.info(
+            "host {host} evacuated by {who}: {n} VMs re-placed ({where}), {g} being removed deleted",
+            host=host,
+            who=requested_by or "?",
+            n=len(moves),
+            where=", ".join(f"{m.vm}->{m.dest}" for m in moves) or "none",
+            g=len(gone),
+        )
         return moves
 
     @defer.inlineCallbacks
-    def _claim(self, vms: list[VmRec], mids: dict[str, str], host: str, tokens: dict[str, str],
-               plan: dict[str, str]):
+    def _claim(
+        self, vms: list[VmRec], mids: dict[str, str], host: str, tokens: dict[str, str], plan: dict[str, str]
+    ):
         """Takes, in one consensus round, each VM's migration lease and its re-placement lease
         (:func:`replace_key`), and moves each VM's reservation from gone ``host`` to its new
         host (with its new creation token); ``plan`` is filled with the new hosts, placed from
@@ -364,33 +421,47 @@ class MigrationManager:
                 return {}, []
 
             def build(change, keep=keep, claims=claims):
-                placed = place(list(self._loads(exclude=host, change=change).values()),
-                               [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep],
-                               self.placement(), self.overcommit())
+                placed = place(
+                    list(self._loads(exclude=host, change=change).values()),
+                    [(vm.id, vm.vcpus, vm.memory_mib) for vm in keep],
+                    self.placement(),
+                    self.overcommit(),
+                )
                 plan.clear()
                 plan.update(placed)
                 for vm in keep:
                     c = self.dom.get(VClusterRec, vm.cluster)
-                    change.move(vm.id, vm.token, vm.vcpus, vm.memory_mib, host, placed[vm.id],
-                                keep_source=False, owner=c.owner if c else None,
-                                new_token=tokens[vm.id])
+                    change.move(
+                        vm.id,
+                        vm.token,
+                        vm.vcpus,
+                        vm.memory_mib,
+                        host,
+                        placed[vm.id],
+                        keep_source=False,
+                        owner=c.owner if c else None,
+                        new_token=tokens[vm.id],
+                    )
                 ops = change.ops(*capacity_limits(self.dom))
                 ops.update({k: (None, h) for k, h in claims.items()})
                 return ops
+
             try:
                 yield self.allocator.transact(build)
                 return claims, keep
             except LeaseConflict as e:
                 if not e.key.startswith(REPLACED_PREFIX):
                     raise
-                log.info("{key} is held by {holder}: that VM was re-placed already", key=e.key,
-                         holder=e.holder)
+                log.info(
+                    "{key} is held by {holder}: that VM was re-placed already", key=e.key, holder=e.holder
+                )
                 keep = [vm for vm in keep if replace_key(vm) != e.key]
         return {}, []
 
     @defer.inlineCallbacks
-    def _re_place(self, host: str, vms: list[VmRec], requested_by: str,
-                  now: int, still=lambda vm: True) -> list[MigrationRec]:
+    def _re_place(
+        self, host: str, vms: list[VmRec], requested_by: str, now: int, still=lambda vm: True
+    ) -> list[MigrationRec]:
         """Gives ``vms`` of gone ``host`` live hosts (placed under their leases, with their
         reservations): each keeps its name and addresses and gets a new token (the status the
         old host wrote is not this creation's), recorded with a migration of mode ``evacuate``,
@@ -402,33 +473,55 @@ class MigrationManager:
         plan: dict[str, str] = {}
         claims, keep = yield self._claim(vms, mids, host, tokens, plan)
         # Under the leases, what our replica says now.
-        moving = [cur for vm in keep if (cur := self.dom.get(VmRec, vm.id)) is not None
-                  and cur.host == host and cur.token == vm.token and cur.desired != "absent"
-                  and still(cur)]
+        moving = [
+            cur
+            for vm in keep
+            if (cur := self.dom.get(VmRec, vm.id)) is not None
+            and cur.host == host
+            and cur.token == vm.token
+            and cur.desired != "absent"
+            and still(cur)
+        ]
         moved_ids = {vm.id for vm in moving}
         # Leases given back at the end: the migration leases, and the re-placement leases of
         # the VMs not moved after all (those of the moved stay held while the VM lives).
-        back = {k: h for k, h in claims.items()
-                if not k.startswith(REPLACED_PREFIX) or parse_holder(h)[1] not in moved_ids}
+        back = {
+            k: h
+            for k, h in claims.items()
+            if not k.startswith(REPLACED_PREFIX) or parse_holder(h)[1] not in moved_ids
+        }
         moves, recs = [], []
         for vm in moving:
-            moves.append(MigrationRec(id=mids[vm.id], vm=vm.id, source=host, dest=plan[vm.id],
-                                      phase="done", mode="evacuate", requested_by=requested_by,
-                                      started_at=now, finished_at=now))
+            moves.append(
+                MigrationRec(
+                    id=mids[vm.id],
+                    vm=vm.id,
+                    source=host,
+                    dest=plan[vm.id],
+                    phase="done",
+                    mode="evacuate",
+                    requested_by=requested_by,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
             recs.append(_replace(vm, host=plan[vm.id], token=tokens[vm.id]))
         try:
             if recs:
                 # The VMs' new hosts first, then the records of the moves (as _done does).
                 yield self.domsvc.put(*recs, *moves)
         except Exception:
-            back = claims     # nothing was written: nothing is re-placed
+            back = claims  # nothing was written: nothing is re-placed
             raise
         finally:
             if back:
                 yield self.table.release(back).addErrback(
-                    lambda f: log.warn("re-placing VMs of {host}: leases not given back now "
-                                       "({err}); the reconciler will", host=host,
-                                       err=f.getErrorMessage()))
+                    lambda f: log.warn(
+                        "re-placing VMs of {host}: leases not given back now ({err}); the reconciler will",
+                        host=host,
+                        err=f.getErrorMessage(),
+                    )
+                )
         return moves
 
     # -- VMs that never ran on a dead host (automatic) ------------------------------------
@@ -440,8 +533,8 @@ class MigrationManager:
 
     def _replace_later(self) -> None:
         self.replace_never_ran().addErrback(
-            lambda f: log.failure("re-placing VMs that never ran, on {host}", failure=f,
-                                  host=self.host_id))
+            lambda f: log.failure("re-placing VMs that never ran, on {host}", failure=f, host=self.host_id)
+        )
 
     @defer.inlineCallbacks
     def replace_never_ran(self):
@@ -465,24 +558,35 @@ class MigrationManager:
                 if now - since < self.replace_grace_s * 1000:
                     continue
                 flying = in_flight(self.dom, now)
-                vms = sorted((vm for vm in self.dom.select(VmRec, "host", host)
-                              if vm.desired != "absent" and vm.id not in flying
-                              and never_ran(self.dom, vm)), key=lambda v: v.id)
+                vms = sorted(
+                    (
+                        vm
+                        for vm in self.dom.select(VmRec, "host", host)
+                        if vm.desired != "absent" and vm.id not in flying and never_ran(self.dom, vm)
+                    ),
+                    key=lambda v: v.id,
+                )
                 if not vms:
                     continue
                 try:
-                    done = yield self._re_place(host, vms, "auto: never ran", now,
-                                                still=lambda vm: never_ran(self.dom, vm))
+                    done = yield self._re_place(
+                        host, vms, "auto: never ran", now, still=lambda vm: never_ran(self.dom, vm)
+                    )
                 except (VmwebError, LeaseConflict) as e:
-                    log.warn("VMs that never ran on dead host {host} not re-placed now: {err}",
-                             host=host, err=e)
+                    log.warn(
+                        "VMs that never ran on dead host {host} not re-placed now: {err}", host=host, err=e
+                    )
                     continue
                 if done:
                     self.replaced += len(done)
                     self.push_to(sorted({m.dest for m in done}))
-                    log.info("host {host} is dead: {n} VMs that never ran there re-placed by "
-                             "{me} ({where})", host=host, n=len(done), me=self.host_id,
-                             where=", ".join(f"{m.vm}->{m.dest}" for m in done))
+                    log.info(
+                        "host {host} is dead: {n} VMs that never ran there re-placed by {me} ({where})",
+                        host=host,
+                        n=len(done),
+                        me=self.host_id,
+                        where=", ".join(f"{m.vm}->{m.dest}" for m in done),
+                    )
                 moves += done
         finally:
             self._replacing = False
@@ -498,9 +602,11 @@ class MigrationManager:
 
     def wait(self, mid: str, timeout: float) -> defer.Deferred:
         """Fires with the migration once it is done or failed (or as it is after ``timeout``)."""
+
         def finished():
             m = self.dom.get(MigrationRec, mid)
             return m is None or m.phase in TERMINAL
+
         return self.domsvc.wait_for(finished, timeout).addCallback(lambda _: self.get(mid))
 
     # -- reacting to the DOM ---------------------------------------------------------------
@@ -517,7 +623,7 @@ class MigrationManager:
             if isinstance(action, Abort):
                 self._fail(m, action.phase, action.reason)
             elif not isinstance(action, phases.Nothing):
-                self.kick(m.id)   # acts (or waits) as on any change, one step at a time
+                self.kick(m.id)  # acts (or waits) as on any change, one step at a time
 
     def sweep(self) -> defer.Deferred:
         """The source fails its migrations stuck on a destination that is gone or silent, and
@@ -585,11 +691,21 @@ class MigrationManager:
             used[vm.host][1] += vm.memory_mib
             vms.append(bal.VmLoad(vm.id, vm.host, vm.vcpus, vm.memory_mib, 0, last_moved.get(vm.id)))
         drained = drained_hosts(self.dom)
-        loads = [bal.HostLoad(h.id, h.cpus, h.memory_mib, used[h.id][0], used[h.id][1],
-                              live=h.id in live and h.liveness == "alive" and h.id not in drained)
-                 for h in hosts.values()]
-        flying = [bal.Move(m.vm, m.source, m.dest, 0.0, 0, "in flight")
-                  for m in in_flight(self.dom, self.now_ms()).values()]
+        loads = [
+            bal.HostLoad(
+                h.id,
+                h.cpus,
+                h.memory_mib,
+                used[h.id][0],
+                used[h.id][1],
+                live=h.id in live and h.liveness == "alive" and h.id not in drained,
+            )
+            for h in hosts.values()
+        ]
+        flying = [
+            bal.Move(m.vm, m.source, m.dest, 0.0, 0, "in flight")
+            for m in in_flight(self.dom, self.now_ms()).values()
+        ]
         return loads, vms, flying
 
     @defer.inlineCallbacks
@@ -607,21 +723,28 @@ class MigrationManager:
         mine = []
         for v in vms:
             if v.host_id == self.host_id:
-                size = yield self.driver.volume_allocation(self.storage.pool, volume_name(v.vm_id)) \
-                    if self.driver.volumes_on_disk else defer.succeed(0)
+                size = (
+                    yield self.driver.volume_allocation(self.storage.pool, volume_name(v.vm_id))
+                    if self.driver.volumes_on_disk
+                    else defer.succeed(0)
+                )
                 v = dataclasses.replace(v, overlay_bytes=size)
             mine.append(v)
         move = bal.choose_move(self.host_id, hosts, mine, policy, now, flying)
         if move is None:
             return None
         cluster, _, name = move.vm_id.partition("/")
-        log.info("balancer on {host}: moving {vm} to {dst}: {why}", host=self.host_id,
-                 vm=move.vm_id, dst=move.dst, why=move.reason)
+        log.info(
+            "balancer on {host}: moving {vm} to {dst}: {why}",
+            host=self.host_id,
+            vm=move.vm_id,
+            dst=move.dst,
+            why=move.reason,
+        )
         try:
             m = yield self.request(cluster, name, move.dst, requested_by="balancer")
         except VmwebError as e:
-            log.info("balancer on {host}: {vm} not moved now: {err}", host=self.host_id,
-                     vm=move.vm_id, err=e)
+            log.info("balancer on {host}: {vm} not moved now: {err}", host=self.host_id, vm=move.vm_id, err=e)
             return None
         return m
 
@@ -632,16 +755,17 @@ class MigrationManager:
         flying = [f for f in flying if f.vm_id != m.vm]
         busy = sum(1 for f in flying if m.dest in (f.src, f.dst))
         if busy >= policy.max_concurrent:
-            raise VmwebError(f"host {self.host_id} declines the balancer's move: already in "
-                             f"{busy} migration(s) (balancer max {policy.max_concurrent})")
+            raise VmwebError(
+                f"host {self.host_id} declines the balancer's move: already in "
+                f"{busy} migration(s) (balancer max {policy.max_concurrent})"
+            )
         by_id = bal.loads_after(hosts, vms, flying)
         vm_load = next((v for v in vms if v.vm_id == vm.id), None)
         if vm_load is None or m.source not in by_id or m.dest not in by_id:
             return
         ideal = bal.grid_load(list(by_id.values()), policy.cpu_overcommit)
         # Judge by the state before this move (the VM still at its source).
-        verdict = bal.assess(vm_load, by_id[m.source], by_id[m.dest], ideal, policy,
-                             int(self.now_ms()))
+        verdict = bal.assess(vm_load, by_id[m.source], by_id[m.dest], ideal, policy, int(self.now_ms()))
         if not isinstance(verdict, bal.Move):
             raise VmwebError(f"host {self.host_id} declines the balancer's move: {verdict}")
 
@@ -668,25 +792,30 @@ class MigrationManager:
             return
         self._working.add(mid)
         d = defer.maybeDeferred(self._step, mid)
-        d.addErrback(lambda f: log.failure("migration {mid} step on {host}", failure=f, mid=mid,
-                                           host=self.host_id))
+        d.addErrback(
+            lambda f: log.failure("migration {mid} step on {host}", failure=f, mid=mid, host=self.host_id)
+        )
 
         def done(_):
             self._working.discard(mid)
             if mid in self._again:
                 self._again.discard(mid)
                 self.kick(mid)
+
         d.addBoth(done)
 
-    def _decide(self, m: MigrationRec, now, trigger: Trigger = Trigger.CHANGED,
-                peer_down_since: int | None = None) -> phases.Action:
+    def _decide(
+        self, m: MigrationRec, now, trigger: Trigger = Trigger.CHANGED, peer_down_since: int | None = None
+    ) -> phases.Action:
         """The phase machine's answer for ``m`` here, with what this host observes."""
         dest = self.dom.get(HostRec, m.dest)
-        obs = Observations(trigger=trigger, peer_down_since=peer_down_since,
-                           dest_migrate_uri=dest.migrate_uri if dest is not None else "",
-                           volumes_on_disk=bool(self.driver.volumes_on_disk))
-        return phases.decide(m, self.dom.get(VmRec, m.vm), self.host_id, int(now), obs,
-                             self.limits)
+        obs = Observations(
+            trigger=trigger,
+            peer_down_since=peer_down_since,
+            dest_migrate_uri=dest.migrate_uri if dest is not None else "",
+            volumes_on_disk=bool(self.driver.volumes_on_disk),
+        )
+        return phases.decide(m, self.dom.get(VmRec, m.vm), self.host_id, int(now), obs, self.limits)
 
     @defer.inlineCallbacks
     def _step(self, mid: str):
@@ -697,8 +826,13 @@ class MigrationManager:
         me = self.host_id
         action = self._decide(m, self.now_ms())
         if isinstance(action, (*phases.ACTING, Abort)):
-            log.info("migration {mid} of {vm}: host {host} acts on phase {phase}", mid=m.id,
-                     vm=m.vm, host=me, phase=m.phase)
+            log.info(
+                "migration {mid} of {vm}: host {host} acts on phase {phase}",
+                mid=m.id,
+                vm=m.vm,
+                host=me,
+                phase=m.phase,
+            )
         if isinstance(action, Abort):
             yield self._fail(m, action.phase, action.reason)
             return
@@ -745,11 +879,13 @@ class MigrationManager:
         yield self.driver.destroy(domain_name(vm.id))
         yield self.driver.undefine(domain_name(vm.id))
         yield self.driver.delete_volume(self.storage.pool, vol)
-        disk = yield self.driver.create_overlay(self.storage.pool, vol, image.path, image.size_mib,
-                                                image.format)
+        disk = yield self.driver.create_overlay(
+            self.storage.pool, vol, image.path, image.size_mib, image.format
+        )
         spec = self.reconciler.spec_for(vm, cluster, image, disk, seed)
-        yield self._advance(m, "ready", dest_disk=disk, dest_console=spec.serial_log or "",
-                            dest_seed=seed or "")
+        yield self._advance(
+            m, "ready", dest_disk=disk, dest_console=spec.serial_log or "", dest_seed=seed or ""
+        )
 
     @defer.inlineCallbacks
     def _restore(self, m: MigrationRec, action: RestoreDest):
@@ -760,12 +896,14 @@ class MigrationManager:
         work = Path(self.storage.dir)
         state = None
         if action.fetch_disk:
-            yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/disk",
-                                        Path(m.dest_disk), self.cert_dir, m.source)
+            yield threads.deferToThread(
+                fetch_file, src_addr, f"/migration/{m.id}/disk", Path(m.dest_disk), self.cert_dir, m.source
+            )
         if action.fetch_state:  # a memory state was saved
             state = work / f".migrate-{m.id}.state"
-            yield threads.deferToThread(fetch_file, src_addr, f"/migration/{m.id}/state", state,
-                                        self.cert_dir, m.source)
+            yield threads.deferToThread(
+                fetch_file, src_addr, f"/migration/{m.id}/state", state, self.cert_dir, m.source
+            )
         seed = yield self.reconciler.write_seed(vm)
         spec = self.reconciler.spec_for(vm, cluster, image, m.dest_disk, seed)
         yield self.driver.define(spec)
@@ -813,8 +951,9 @@ class MigrationManager:
     def _finish_cold(self, m: MigrationRec):
         vm = self._vm_rec(m)
         name = domain_name(vm.id)
-        yield self._done(m, vm, total_ms=int(self.now_ms() - m.started_at), downtime_ms=int(
-            self.now_ms() - m.started_at))
+        yield self._done(
+            m, vm, total_ms=int(self.now_ms() - m.started_at), downtime_ms=int(self.now_ms() - m.started_at)
+        )
         yield self.driver.undefine(name)
         yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
         yield threads.deferToThread(_unlink, self._state_path(m))
@@ -830,9 +969,16 @@ class MigrationManager:
         done = _replace(m, phase="done", finished_at=now, **stats)
         yield self.domsvc.put(_replace(vm, host=m.dest), done)
         self._nudge(None, done)
-        log.info("migration {mid}: {vm} now on {dst} ({mode}, {ms} ms, downtime {dt} ms, "
-                 "{b} bytes)", mid=m.id, vm=vm.id, dst=m.dest, mode=m.mode, ms=done.total_ms,
-                 dt=done.downtime_ms, b=done.bytes)
+        log.info(
+            "migration {mid}: {vm} now on {dst} ({mode}, {ms} ms, downtime {dt} ms, {b} bytes)",
+            mid=m.id,
+            vm=vm.id,
+            dst=m.dest,
+            mode=m.mode,
+            ms=done.total_ms,
+            dt=done.downtime_ms,
+            b=done.bytes,
+        )
         self.reconciler.kick()
         yield self._release(m, home=m.dest)
 
@@ -851,10 +997,16 @@ class MigrationManager:
     def _fail(self, m: MigrationRec, phase: str, message: str):
         if not phases.may_fail(m, self.dom.get(MigrationRec, m.id), self.dom.get(VmRec, m.vm)):
             return  # it ended (the source records the VM's new host first): nothing to fail
-        log.warn("migration {mid} of {vm} failed in phase {phase}: {msg}", mid=m.id, vm=m.vm,
-                 phase=phase, msg=message)
-        yield self._advance(m, "failed", error=f"phase {phase}: {message}"[:4000],
-                            finished_at=int(self.now_ms()))
+        log.warn(
+            "migration {mid} of {vm} failed in phase {phase}: {msg}",
+            mid=m.id,
+            vm=m.vm,
+            phase=phase,
+            msg=message,
+        )
+        yield self._advance(
+            m, "failed", error=f"phase {phase}: {message}"[:4000], finished_at=int(self.now_ms())
+        )
         yield self._release(m, home=m.source)
 
     def _release(self, m: MigrationRec, home: str | None = None) -> defer.Deferred:
@@ -877,9 +1029,15 @@ class MigrationManager:
             if f.value.key not in lease:
                 return f
             return self._transact(lambda c: build(c, with_lease=False))
+
         d = self._transact(build).addErrback(lease_gone)
-        d.addErrback(lambda f: log.warn("migration {mid}: lease not given back now ({err}); the "
-                                        "reconciler will", mid=m.id, err=f.getErrorMessage()))
+        d.addErrback(
+            lambda f: log.warn(
+                "migration {mid}: lease not given back now ({err}); the reconciler will",
+                mid=m.id,
+                err=f.getErrorMessage(),
+            )
+        )
         return d
 
     @defer.inlineCallbacks
@@ -896,8 +1054,12 @@ class MigrationManager:
                 try:
                     yield self.driver.restore(str(state))
                 except VmwebError as e:
-                    log.warn("migration {mid}: restoring {vm} here failed ({err}); the reconciler "
-                             "will boot it", mid=m.id, vm=m.vm, err=e)
+                    log.warn(
+                        "migration {mid}: restoring {vm} here failed ({err}); the reconciler will boot it",
+                        mid=m.id,
+                        vm=m.vm,
+                        err=e,
+                    )
             yield threads.deferToThread(_unlink, state)
             self.reconciler.kick()
 

@@ -11,6 +11,7 @@ The machine must survive a crash in every phase; the rules for a host restarted 
 entity in its DOM, for a sweep that finds the other host gone or silent, and for an executor that
 failed are all here, so they can be tested as a table (tests/test_migration_phases.py).
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,13 +24,13 @@ from vmwebd.migrate.state import STALE_MS
 class Phase(str, enum.Enum):
     """A migration's phase, as written in the entity's ``phase`` attribute."""
 
-    PREPARE = "prepare"        # asked; the destination makes room (image, network, empty overlay)
-    READY = "ready"            # the destination is ready; the source moves the VM
-    MIGRATING = "migrating"    # live: libvirt copies the overlay, then the memory
-    SAVED = "saved"            # cold: the source saved the memory; the destination pulls it
-    RESTORED = "restored"      # cold: the destination runs the VM; the source records it
-    DONE = "done"              # the VM's host is the destination
-    FAILED = "failed"          # given up; the VM stays at (or goes back to) the source
+    PREPARE = "prepare"  # asked; the destination makes room (image, network, empty overlay)
+    READY = "ready"  # the destination is ready; the source moves the VM
+    MIGRATING = "migrating"  # live: libvirt copies the overlay, then the memory
+    SAVED = "saved"  # cold: the source saved the memory; the destination pulls it
+    RESTORED = "restored"  # cold: the destination runs the VM; the source records it
+    DONE = "done"  # the VM's host is the destination
+    FAILED = "failed"  # given up; the VM stays at (or goes back to) the source
 
     def __str__(self) -> str:
         return self.value
@@ -56,9 +57,9 @@ class Role(enum.Enum):
 class Trigger(enum.Enum):
     """Why the machine is asked."""
 
-    CHANGED = "changed"        # the entity changed here (gossip, our own write, a kick)
-    RESTARTED = "restarted"    # this host just started, with the entity in its DOM
-    SWEEP = "sweep"            # the periodic sweep (timeouts)
+    CHANGED = "changed"  # the entity changed here (gossip, our own write, a kick)
+    RESTARTED = "restarted"  # this host just started, with the entity in its DOM
+    SWEEP = "sweep"  # the periodic sweep (timeouts)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Nothing:
 class Wait:
     """This host takes part, but the other host (or libvirt's job) acts now."""
 
-    on: str = ""               # who or what is awaited, for logs and tests
+    on: str = ""  # who or what is awaited, for logs and tests
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,7 @@ class CleanUp:
     restore_saved: bool = False
 
 
-Action = Nothing | Wait | PrepareDest | MigrateMemory | SaveMemory | RestoreDest | Finish | Abort \
-    | CleanUp
+Action = Nothing | Wait | PrepareDest | MigrateMemory | SaveMemory | RestoreDest | Finish | Abort | CleanUp
 #: The actions that do work on this host (the others only log, or not even that).
 ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish)
 
@@ -211,8 +211,14 @@ def watched_peer(m: MigrationRec, host: str, now: int, limits: Limits = DEFAULT_
     return m.dest
 
 
-def decide(m: MigrationRec | None, vm: VmRec | None, host: str, now: int, obs: Observations = Observations(),
-           limits: Limits = DEFAULT_LIMITS) -> Action:
+def decide(
+    m: MigrationRec | None,
+    vm: VmRec | None,
+    host: str,
+    now: int,
+    obs: Observations = Observations(),
+    limits: Limits = DEFAULT_LIMITS,
+) -> Action:
     """What ``host`` does next about migration ``m`` (VM record ``vm``, None if gone) at
     ``now`` (ms), given ``obs``. Pure: the same inputs give the same answer."""
     if m is None:
@@ -246,15 +252,16 @@ def decide(m: MigrationRec | None, vm: VmRec | None, host: str, now: int, obs: O
     if phase is Phase.PREPARE:
         return PrepareDest(check_balancer=m.requested_by == "balancer")
     if phase is Phase.SAVED:
-        return RestoreDest(fetch_disk=bool(m.disk_bytes) and obs.volumes_on_disk,
-                           fetch_state=m.bytes > m.disk_bytes)
+        return RestoreDest(
+            fetch_disk=bool(m.disk_bytes) and obs.volumes_on_disk, fetch_state=m.bytes > m.disk_bytes
+        )
     if phase is Phase.READY:
         if m.mode != "live":
             return SaveMemory(measure_overlay=obs.volumes_on_disk)
         if not obs.dest_migrate_uri:
             return Abort(phase.value, f"on host {host}: host {m.dest!r} publishes no migration URI")
         return MigrateMemory(uri=obs.dest_migrate_uri)
-    return Finish()   # RESTORED, at the source
+    return Finish()  # RESTORED, at the source
 
 
 def _sweep(m: MigrationRec, phase: Phase, host: str, now: int, obs: Observations, limits: Limits) -> Action:
@@ -262,16 +269,14 @@ def _sweep(m: MigrationRec, phase: Phase, host: str, now: int, obs: Observations
     if watched_peer(m, host, now, limits) is None:
         if role_of(m, host) is Role.BYSTANDER or phase in TERMINAL or abandoned(m, now, limits):
             return Nothing()
-        return Wait()     # nothing times out here but at the source, waiting on the destination
+        return Wait()  # nothing times out here but at the source, waiting on the destination
     if obs.peer_down_since is not None:
         down_ms = now - obs.peer_down_since
         if down_ms >= limits.host_down_grace_s * 1000:
-            return Abort(phase.value,
-                         f"host {m.dest} has not been alive for {down_ms / 1000:.0f} s")
+            return Abort(phase.value, f"host {m.dest} has not been alive for {down_ms / 1000:.0f} s")
         return Wait("destination (not alive)")
     if phase is Phase.PREPARE and now - m.started_at > limits.prepare_timeout_s * 1000:
-        return Abort(phase.value, f"host {m.dest} did not prepare within "
-                                  f"{limits.prepare_timeout_s:.0f} s")
+        return Abort(phase.value, f"host {m.dest} did not prepare within {limits.prepare_timeout_s:.0f} s")
     return Wait("destination")
 
 
@@ -281,12 +286,14 @@ def _clean_up(m: MigrationRec, vm: VmRec | None, host: str) -> Action:
     source_side = m.source == host
     if not (remove_dest or source_side):
         return Nothing()
-    return CleanUp(remove_dest_copy=remove_dest, source_side=source_side,
-                   restore_saved=source_side and vm is not None and vm.host == host)
+    return CleanUp(
+        remove_dest_copy=remove_dest,
+        source_side=source_side,
+        restore_saved=source_side and vm is not None and vm.host == host,
+    )
 
 
-def after_error(m_then: MigrationRec, m_now: MigrationRec | None, host: str,
-                error: str) -> Action:
+def after_error(m_then: MigrationRec, m_now: MigrationRec | None, host: str, error: str) -> Action:
     """An action ``host`` took on ``m_then`` failed with ``error``; ``m_now`` is the entity as
     it is now. Fail the migration in the phase the action was for, unless it ended meanwhile."""
     if m_now is None or phase_of(m_now) in TERMINAL:

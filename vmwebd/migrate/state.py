@@ -1,4 +1,5 @@
 """What every host needs to know about migrations under way (no I/O, no Twisted)."""
+
 from __future__ import annotations
 
 from vmwebd.dom.records import MigrationRec

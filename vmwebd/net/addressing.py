@@ -21,6 +21,7 @@ wastes no addresses per cluster; isolation comes from the segments (and the rule
 same gateway address on several bridges, so it goes on without its prefix route and each local
 guest's address is routed to its own bridge (:attr:`vmwebd.net.plan.Segment.local`).
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -40,8 +41,9 @@ def default_gateway(cidr: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     return cidr.network_address + 1
 
 
-def leasable(cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None,
-             addr: ipaddress.IPv4Address) -> bool:
+def leasable(
+    cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None, addr: ipaddress.IPv4Address
+) -> bool:
     """Whether ``addr`` may be given to a guest by the address plan (reserves aside)."""
     if addr not in cidr:
         return False
@@ -49,16 +51,16 @@ def leasable(cidr: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address | None,
         return False
     if gateway is not None and addr == gateway:
         return False
-    if cidr.prefixlen < 24 and int(addr) & 0xff in (0, 255):
+    if cidr.prefixlen < 24 and int(addr) & 0xFF in (0, 255):
         return False
     return True
 
 
 def gateway_mac(vni: int) -> str:
     """The MAC of a segment's gateway, the same on every host (locally administered, unicast)."""
-    if not 0 <= vni < 2 ** 24:
+    if not 0 <= vni < 2**24:
         raise ValueError(f"network id {vni} is not a 24-bit VXLAN id")
-    return f"02:76:6d:{vni >> 16 & 0xff:02x}:{vni >> 8 & 0xff:02x}:{vni & 0xff:02x}"
+    return f"02:76:6d:{vni >> 16 & 0xFF:02x}:{vni >> 8 & 0xFF:02x}:{vni & 0xFF:02x}"
 
 
 def guest_mtu(underlay_mtu: int) -> int:

@@ -13,6 +13,7 @@ Both run their work off the reactor thread and answer with an :class:`Applied`: 
 could not be made is reported by network id (the reconciler puts the reason in its VMs' status)
 while the others are made.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,13 @@ class RecordedDevices:
         if not self.path:
             return defer.succeed(result)
         text = json.dumps(asdict(plan), indent=1, sort_keys=True)
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      _write_atomic, self.path, text) if self.reactor else \
-            defer.maybeDeferred(_write_atomic, self.path, text)
+        d = (
+            threads.deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), _write_atomic, self.path, text
+            )
+            if self.reactor
+            else defer.maybeDeferred(_write_atomic, self.path, text)
+        )
         return d.addCallback(lambda _: result)
 
 

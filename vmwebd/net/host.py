@@ -1,4 +1,5 @@
 """Which network executor a host uses, and the checks made before the daemon starts."""
+
 from __future__ import annotations
 
 from vmwebd.config import Config
@@ -34,9 +35,13 @@ def check_network(cfg: Config) -> None:
     field = "network/@underlay" if cfg.network.underlay else "listen/@peer"
     source = str(cfg.source) if cfg.source else "vmwebd.xml"
     if not addr:
-        raise ConfigError(source, None, "network/@underlay",
-                          f"listen/@peer is {cfg.listen.peer.host}: set the address other hosts "
-                          "reach this host's VXLAN segments at")
+        raise ConfigError(
+            source,
+            None,
+            "network/@underlay",
+            f"listen/@peer is {cfg.listen.peer.host}: set the address other hosts "
+            "reach this host's VXLAN segments at",
+        )
     check_underlay(addr, source=source, field=field)
 
 

@@ -42,6 +42,7 @@ Failures
 Applying the same plan twice changes nothing (``Applied.changed`` is False); a changed plan changes
 only what differs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,6 +93,7 @@ RT_TABLE_MAIN = 254
 RT_SCOPE_LINK = 253
 RTPROT_STATIC = 4
 
+
 def _is_ours(link) -> bool:
     return (link.get("ifalias") or "").startswith(MARKER)
 
@@ -114,15 +116,16 @@ def _addr_gen_mode(link) -> int | None:
 
 def _vni_of(name: str) -> int | None:
     for prefix in (BRIDGE_PREFIX, VXLAN_PREFIX):
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            return int(name[len(prefix):])
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            return int(name[len(prefix) :])
     return None
 
 
 def _why(e: Exception) -> str:
     if isinstance(e, NetlinkError):
-        return f"{os.strerror(e.code)}" + (f" ({e.args[1]})" if len(e.args) > 1 and e.args[1]
-                                           and e.args[1] != os.strerror(e.code) else "")
+        return f"{os.strerror(e.code)}" + (
+            f" ({e.args[1]})" if len(e.args) > 1 and e.args[1] and e.args[1] != os.strerror(e.code) else ""
+        )
     return str(e) or type(e).__name__
 
 
@@ -154,8 +157,9 @@ class UnderlayError(ValueError):
     """The underlay address is not this host's (or not usable); the message names it."""
 
 
-def check_underlay(address: str, netns: str | None = None, source: str | None = None,
-                   field: str = "network/@underlay") -> str:
+def check_underlay(
+    address: str, netns: str | None = None, source: str | None = None, field: str = "network/@underlay"
+) -> str:
     """The name of the interface that holds ``address`` in this host's (or ``netns``'s) network.
 
     When no interface does (VXLAN segments could not be sent from it), raises
@@ -163,6 +167,7 @@ def check_underlay(address: str, netns: str | None = None, source: str | None = 
     the address; without ``source``, :class:`UnderlayError` (a ``ValueError``) with the reason
     only, for a caller that knows better which file and field the address came from.
     """
+
     def fail(reason: str) -> Exception:
         return ConfigError(source, None, field, reason) if source else UnderlayError(reason)
 
@@ -186,6 +191,7 @@ def _write_sysctl_child(netns: str, path: str, value: bytes) -> bytes:
     # Runs in a forked child: enter the namespace (sysctls under /proc/sys/net are resolved in
     # the namespace of whoever opens them), write if different, answer the previous value.
     from pyroute2 import netns as pyr_netns
+
     pyr_netns.setns(netns, flags=0)
     with open(path, "rb") as f:
         before = f.read().strip()
@@ -206,6 +212,7 @@ def ensure_sysctl(path: str, value: str, netns: str | None = None) -> bool:
                 f.write(want)
         return before != want
     from pyroute2.process import ChildProcess
+
     with ChildProcess(target=_write_sysctl_child, args=[netns, path, want]) as child:
         return child.get_data(timeout=SYSCTL_TIMEOUT) != want
 
@@ -237,12 +244,12 @@ class NetlinkDevices:
         return self._lock.run(self._apply, plan)
 
     def _apply(self, plan: HostPlan) -> defer.Deferred:
-        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                      self.apply_blocking, plan)
+        d = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.apply_blocking, plan)
 
         def done(applied: Applied) -> Applied:
             self._plan = plan
             return applied
+
         return d.addCallback(done)
 
     # -- the blocking part, on a pool thread --------------------------------------------------------
@@ -250,7 +257,7 @@ class NetlinkDevices:
         """What :meth:`apply` does, in the calling thread (never the reactor's)."""
         start = time.monotonic()
         failed: dict[int, str] = {}
-        foreign: set[int] = set()      # segments whose names or id another owner holds
+        foreign: set[int] = set()  # segments whose names or id another owner holds
         removed: list[str] = []
         changed = False
         try:
@@ -288,10 +295,16 @@ class NetlinkDevices:
         ms = (time.monotonic() - start) * 1000
         # a periodic apply that changes nothing is not news
         emit = log.info if changed or failed else log.debug
-        emit("network plan applied: {n} segments, {failed} failed ({reasons}), removed {removed}, "
-             "changed {changed}, in {ms:.0f} ms", n=len(plan.segments), failed=len(failed),
-             reasons="; ".join(f"{v}: {r}" for v, r in sorted(failed.items())) or "-",
-             removed=removed, changed=changed, ms=ms)
+        emit(
+            "network plan applied: {n} segments, {failed} failed ({reasons}), removed {removed}, "
+            "changed {changed}, in {ms:.0f} ms",
+            n=len(plan.segments),
+            failed=len(failed),
+            reasons="; ".join(f"{v}: {r}" for v, r in sorted(failed.items())) or "-",
+            removed=removed,
+            changed=changed,
+            ms=ms,
+        )
         return Applied(failed=failed, removed=tuple(sorted(removed)), changed=changed)
 
     def _remove_unplanned(self, ipr: IPRoute, plan: HostPlan) -> list[str]:
@@ -307,8 +320,7 @@ class NetlinkDevices:
                 data = _info_data(link) if _kind(link) == "vxlan" else None
                 # A VXLAN device of ours with another id than its name says would collide with
                 # the one made for that id: remade rather than kept.
-                if vni not in wanted or (data is not None
-                                         and data.get_attr("IFLA_VXLAN_ID") != vni):
+                if vni not in wanted or (data is not None and data.get_attr("IFLA_VXLAN_ID") != vni):
                     doomed.append(link)
         out = []
         # VXLAN devices first: a bridge goes once nothing of ours is on it.
@@ -316,7 +328,7 @@ class NetlinkDevices:
             try:
                 ipr.link("del", index=link["index"])
             except NetlinkError as e:
-                if e.code != 19:     # ENODEV: gone with its bridge or by another hand meanwhile
+                if e.code != 19:  # ENODEV: gone with its bridge or by another hand meanwhile
                     log.warn("cannot delete {name}: {why}", name=link.get("ifname"), why=_why(e))
                     continue
             if not link.get("ifname").startswith(TEMP_PREFIX):
@@ -331,7 +343,7 @@ class NetlinkDevices:
             return False
         try:
             return ensure_sysctl(IPV4_FORWARD, "1", self.netns)
-        except Exception as e:      # the child reports any error by its class and arguments
+        except Exception as e:  # the child reports any error by its class and arguments
             for s in routed:
                 failed[s.vni] = f"cannot turn IPv4 forwarding on: {_why(e)}"
             return False
@@ -344,8 +356,7 @@ class NetlinkDevices:
         if self.nft is None:
             return False
         if foreign:
-            plan = dataclasses.replace(
-                plan, segments=tuple(s for s in plan.segments if s.vni not in foreign))
+            plan = dataclasses.replace(plan, segments=tuple(s for s in plan.segments if s.vni not in foreign))
         try:
             return self.nft.apply(plan)
         except RulesError as e:
@@ -384,8 +395,7 @@ class _Snapshot:
 class _Segment:
     """Makes one segment's devices; :meth:`make` answers whether anything changed."""
 
-    def __init__(self, ipr: IPRoute, plan: HostPlan, seg: Segment, underlay_index: int,
-                 seen: _Snapshot):
+    def __init__(self, ipr: IPRoute, plan: HostPlan, seg: Segment, underlay_index: int, seen: _Snapshot):
         self.ipr, self.plan, self.seg, self.under = ipr, plan, seg, underlay_index
         self.seen = seen
         self.links = seen.links
@@ -398,7 +408,7 @@ class _Segment:
         try:
             return self.ipr.link("get", ifname=name)[0]
         except NetlinkError as e:
-            if e.code == 19:        # ENODEV
+            if e.code == 19:  # ENODEV
                 return None
             raise
 
@@ -446,7 +456,9 @@ class _Segment:
             if name != self.seg.vxlan:
                 raise SegmentError(
                     f"network id {self.seg.vni} is already used by vxlan device {name} "
-                    f"(UDP {VXLAN_PORT}), which is not vmweb's", foreign=True)
+                    f"(UDP {VXLAN_PORT}), which is not vmweb's",
+                    foreign=True,
+                )
 
     def _create(self, final: str, suffix: str, **kw) -> int:
         temp = f"{TEMP_PREFIX}{self.seg.vni}{suffix}"
@@ -455,8 +467,13 @@ class _Segment:
         try:
             self.ipr.link("set", index=index, ifalias=self.alias)
             # Before it is ever up, so it never gets an IPv6 link-local address.
-            self.ipr.link("set", index=index, af_spec={"attrs": [["AF_INET6", {"attrs": [
-                ["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]})
+            self.ipr.link(
+                "set",
+                index=index,
+                af_spec={
+                    "attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]
+                },
+            )
             self.ipr.link("set", index=index, ifname=final)
         except NetlinkError:
             self.ipr.link("del", index=index)
@@ -471,8 +488,12 @@ class _Segment:
         if link.get("mtu") != self.seg.mtu:
             self._set(index, mtu=self.seg.mtu)
         if _addr_gen_mode(link) != ADDR_GEN_MODE_NONE:
-            self._set(index, af_spec={"attrs": [["AF_INET6", {"attrs": [
-                ["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]})
+            self._set(
+                index,
+                af_spec={
+                    "attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_MODE_NONE]]}]]
+                },
+            )
 
     def _up(self, link, index: int) -> None:
         if not link["flags"] & IFF_UP:
@@ -482,14 +503,18 @@ class _Segment:
         seg = self.seg
         if link is None:
             kw = {"address": seg.gateway_mac} if seg.routed else {}
-            self._create(seg.bridge, "b", kind="bridge", br_stp_state=0, br_forward_delay=0,
-                         mtu=seg.mtu, **kw)
+            self._create(
+                seg.bridge, "b", kind="bridge", br_stp_state=0, br_forward_delay=0, mtu=seg.mtu, **kw
+            )
             link = self._link(seg.bridge)
         index = link["index"]
         self._common(link, index)
         data = _info_data(link)
-        if data is None or data.get_attr("IFLA_BR_STP_STATE") != 0 \
-                or data.get_attr("IFLA_BR_FORWARD_DELAY") != 0:
+        if (
+            data is None
+            or data.get_attr("IFLA_BR_STP_STATE") != 0
+            or data.get_attr("IFLA_BR_FORWARD_DELAY") != 0
+        ):
             self._set(index, kind="bridge", br_stp_state=0, br_forward_delay=0)
         if seg.routed and (link.get("address") or "").lower() != seg.gateway_mac:
             self._set(index, address=seg.gateway_mac)
@@ -498,20 +523,31 @@ class _Segment:
 
     def _vxlan_fits(self, link) -> bool:
         data = _info_data(link)
-        return (_kind(link) == "vxlan" and data is not None
-                and data.get_attr("IFLA_VXLAN_ID") == self.seg.vni
-                and data.get_attr("IFLA_VXLAN_PORT") == VXLAN_PORT
-                and data.get_attr("IFLA_VXLAN_LOCAL") == self.plan.underlay
-                and data.get_attr("IFLA_VXLAN_LEARNING") == 0
-                and data.get_attr("IFLA_VXLAN_LINK") == self.under)
+        return (
+            _kind(link) == "vxlan"
+            and data is not None
+            and data.get_attr("IFLA_VXLAN_ID") == self.seg.vni
+            and data.get_attr("IFLA_VXLAN_PORT") == VXLAN_PORT
+            and data.get_attr("IFLA_VXLAN_LOCAL") == self.plan.underlay
+            and data.get_attr("IFLA_VXLAN_LEARNING") == 0
+            and data.get_attr("IFLA_VXLAN_LINK") == self.under
+        )
 
     def _vxlan(self, link, bridge_index: int) -> int:
         seg = self.seg
         if link is None:
-            self._create(seg.vxlan, "x", kind="vxlan", vxlan_id=seg.vni,
-                         vxlan_local=self.plan.underlay, vxlan_port=VXLAN_PORT,
-                         vxlan_learning=0, vxlan_link=self.under, mtu=seg.mtu,
-                         master=bridge_index)
+            self._create(
+                seg.vxlan,
+                "x",
+                kind="vxlan",
+                vxlan_id=seg.vni,
+                vxlan_local=self.plan.underlay,
+                vxlan_port=VXLAN_PORT,
+                vxlan_learning=0,
+                vxlan_link=self.under,
+                mtu=seg.mtu,
+                master=bridge_index,
+            )
             link = self._link(seg.vxlan)
         index = link["index"]
         self._common(link, index)
@@ -535,8 +571,9 @@ class _Segment:
                 self.ipr.addr("del", index=bridge_index, address=key[0], prefixlen=key[1])
                 self.changed = True
         for address, prefix in want - have:
-            self.ipr.addr("add", index=bridge_index, address=address, prefixlen=prefix,
-                          IFA_FLAGS=IFA_F_NOPREFIXROUTE)
+            self.ipr.addr(
+                "add", index=bridge_index, address=address, prefixlen=prefix, IFA_FLAGS=IFA_F_NOPREFIXROUTE
+            )
             self.changed = True
 
     def _routes(self, bridge_index: int) -> None:
@@ -544,8 +581,14 @@ class _Segment:
         have = self.seen.routes.get(bridge_index, set())
         want = set(self.seg.local) if self.seg.routed else set()
         for dst in sorted(want - have):
-            self.ipr.route("replace", dst=f"{dst}/32", oif=bridge_index, scope=RT_SCOPE_LINK,
-                           proto=RTPROT_STATIC, table=RT_TABLE_MAIN)
+            self.ipr.route(
+                "replace",
+                dst=f"{dst}/32",
+                oif=bridge_index,
+                scope=RT_SCOPE_LINK,
+                proto=RTPROT_STATIC,
+                table=RT_TABLE_MAIN,
+            )
             self.changed = True
         for dst in sorted(have - want):
             self.ipr.route("del", dst=f"{dst}/32", oif=bridge_index, table=RT_TABLE_MAIN)

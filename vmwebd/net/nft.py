@@ -33,6 +33,7 @@ that changes nothing writes nothing.
 Other tables (a host's own firewall) still see the same packets: an ``accept`` here does not
 override a ``drop`` elsewhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,18 +88,27 @@ def _body(plan: HostPlan) -> list[str]:
         bout.append(f"oifname {vx} arp daddr ip {gw} drop comment {c}")
     fwd.append(f"iifname {any_br} drop comment {_comment('vmweb: guests reach no other segment')}")
     fwd.append(f"oifname {any_br} drop comment {_comment('vmweb: nothing opens a way into a segment')}")
-    inp.insert(0, f"iifname {any_br} ct state established,related accept "
-                  f"comment {_comment('vmweb: replies to the host')}")
+    inp.insert(
+        0,
+        f"iifname {any_br} ct state established,related accept "
+        f"comment {_comment('vmweb: replies to the host')}",
+    )
     inp.append(f"iifname {any_br} drop comment {_comment('vmweb: guests do not reach the host')}")
 
-    def chain(name: str, hook: str, rules: list[str], kind: str = "filter",
-              prio: str = "filter") -> list[str]:
-        return ([f"\tchain {name} {{",
-                 f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;"]
-                + [f"\t\t{r}" for r in rules] + ["\t}"])
+    def chain(
+        name: str, hook: str, rules: list[str], kind: str = "filter", prio: str = "filter"
+    ) -> list[str]:
+        return (
+            [f"\tchain {name} {{", f"\t\ttype {kind} hook {hook} priority {prio}; policy accept;"]
+            + [f"\t\t{r}" for r in rules]
+            + ["\t}"]
+        )
 
-    inet = (chain("forward", "forward", fwd) + chain("input", "input", inp)
-            + (chain("postrouting", "postrouting", post, "nat", "srcnat") if post else []))
+    inet = (
+        chain("forward", "forward", fwd)
+        + chain("input", "input", inp)
+        + (chain("postrouting", "postrouting", post, "nat", "srcnat") if post else [])
+    )
     bridge = chain("forward", "forward", bfwd) + chain("output", "output", bout) if bfwd else []
     return ["@inet"] + inet + ["@bridge"] + bridge
 
@@ -118,7 +128,7 @@ def ruleset(plan: HostPlan) -> str:
     if plan.segments:
         body, dg = _body(plan), digest(plan)
         split = body.index("@bridge")
-        for fam, rules in (("inet", body[1:split]), ("bridge", body[split + 1:])):
+        for fam, rules in (("inet", body[1:split]), ("bridge", body[split + 1 :])):
             lines += [f"table {fam} {TABLE} {{", f'\tcomment "vmweb {dg}"'] + rules + ["}"]
     return "\n".join(lines) + "\n"
 
@@ -132,8 +142,7 @@ class NftRules:
     process never changes namespace); without, in the caller's.
     """
 
-    def __init__(self, netns: str | None = None, nft: str = "nft",
-                 timeout: float = DEFAULT_TIMEOUT):
+    def __init__(self, netns: str | None = None, nft: str = "nft", timeout: float = DEFAULT_TIMEOUT):
         self.netns = netns
         self.nft = nft
         self.timeout = timeout
@@ -145,13 +154,18 @@ class NftRules:
     def _run(self, args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
         where = f" in network namespace {self.netns}" if self.netns else ""
         try:
-            return subprocess.run(self._argv(*args), input=stdin, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False)
+            return subprocess.run(
+                self._argv(*args),
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=self.timeout,
+                check=False,
+            )
         except FileNotFoundError as e:
             raise RulesError(f"cannot run {e.filename}{where}: not installed") from None
         except subprocess.TimeoutExpired:
-            raise RulesError(f"nft {' '.join(args)}{where} took more than "
-                             f"{self.timeout:g} s") from None
+            raise RulesError(f"nft {' '.join(args)}{where} took more than {self.timeout:g} s") from None
 
     def loaded_digests(self) -> tuple[str | None, str | None]:
         """The digests the kernel's ``inet`` and ``bridge`` vmweb tables carry (None for a table
@@ -178,5 +192,6 @@ class NftRules:
         if res.returncode != 0:
             where = f" in network namespace {self.netns}" if self.netns else ""
             msg = (res.stderr or res.stdout).strip().splitlines()
-            raise RulesError(f"nft refused vmweb's rules{where}: "
-                             f"{' / '.join(msg[:6]) or f'exit status {res.returncode}'}")
+            raise RulesError(
+                f"nft refused vmweb's rules{where}: {' / '.join(msg[:6]) or f'exit status {res.returncode}'}"
+            )

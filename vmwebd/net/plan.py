@@ -20,6 +20,7 @@ depends neither on time nor on what the hypervisor or the kernel reports.
 Executors (:mod:`vmwebd.net.netlink` on a real host, :mod:`vmwebd.net.record` where no real host is
 there) make the kernel match a :class:`HostPlan` and remove devices of ours that it does not list.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,11 +49,11 @@ class Segment:
 
     vni: int
     cluster: str
-    mode: str                        # isolated | nat
-    mtu: int                         # the guests' MTU (the bridge's and the VXLAN device's)
-    subnet: str                      # the segment's network ("" for clusters made without one)
-    gateway: str                     # its gateway address ("" when it has none)
-    peers: tuple[str, ...]           # underlay addresses of the other holders, sorted
+    mode: str  # isolated | nat
+    mtu: int  # the guests' MTU (the bridge's and the VXLAN device's)
+    subnet: str  # the segment's network ("" for clusters made without one)
+    gateway: str  # its gateway address ("" when it has none)
+    peers: tuple[str, ...]  # underlay addresses of the other holders, sorted
     #: Addresses of the cluster's guests on this host, routed segments only: clusters of one pool
     #: share its network, so the host routes each local guest's address to its own bridge.
     local: tuple[str, ...] = ()
@@ -111,10 +112,9 @@ def _open_migrations(dom) -> list[MigrationRec]:
 
 def holders(dom, cluster: str, migrations: list[MigrationRec] | None = None) -> frozenset[str]:
     """The hosts that hold VMs of ``cluster`` (see the module's docstring)."""
-    out = {vm.host for vm in dom.select(VmRec, "cluster", cluster)
-           if vm.host and vm.desired != "absent"}
+    out = {vm.host for vm in dom.select(VmRec, "cluster", cluster) if vm.host and vm.desired != "absent"}
     prefix = cluster + "/"
-    for m in (_open_migrations(dom) if migrations is None else migrations):
+    for m in _open_migrations(dom) if migrations is None else migrations:
         if m.vm.startswith(prefix):
             out.update(h for h in (m.source, m.dest) if h)
     return frozenset(out)
@@ -131,13 +131,23 @@ def segment_of(dom, cluster: VClusterRec, host: str, hosts: frozenset[str]) -> S
     mine = underlay_of(dom.get(HostRec, host))
     peers.discard(mine)
     seg = Segment(
-        vni=cluster.vni, cluster=cluster.id, mode=cluster.mode or "isolated",
+        vni=cluster.vni,
+        cluster=cluster.id,
+        mode=cluster.mode or "isolated",
         mtu=cluster.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
-        subnet=cluster.subnet, gateway=cluster.gateway, peers=tuple(sorted(peers)))
+        subnet=cluster.subnet,
+        gateway=cluster.gateway,
+        peers=tuple(sorted(peers)),
+    )
     if seg.routed:
-        local = sorted((vm.ip for vm in dom.select(VmRec, "cluster", cluster.id)
-                        if vm.host == host and vm.ip and vm.desired != "absent"),
-                       key=addressing.sort_key)
+        local = sorted(
+            (
+                vm.ip
+                for vm in dom.select(VmRec, "cluster", cluster.id)
+                if vm.host == host and vm.ip and vm.desired != "absent"
+            ),
+            key=addressing.sort_key,
+        )
         seg = dataclasses.replace(seg, local=tuple(local))
     return seg
 
@@ -157,8 +167,7 @@ def plan_host(dom, host: str) -> HostPlan:
         hs = holders(dom, cid, migrations)
         if host in hs:
             segments.append(segment_of(dom, c, host, hs))
-    return HostPlan(host=host, underlay=underlay_of(dom.get(HostRec, host)),
-                    segments=tuple(sorted(segments)))
+    return HostPlan(host=host, underlay=underlay_of(dom.get(HostRec, host)), segments=tuple(sorted(segments)))
 
 
 def plan_grid(dom) -> dict[str, HostPlan]:
@@ -193,15 +202,18 @@ class PlanCache:
             self._migrations_gen = migrations_gen
             self._migrations = _open_migrations(dom)
         migrations = self._migrations
-        candidates = {vm.cluster for vm in dom.select(VmRec, "host", host)
-                      if vm.desired != "absent"}
+        candidates = {vm.cluster for vm in dom.select(VmRec, "host", host) if vm.desired != "absent"}
         for m in migrations:
             if host in (m.source, m.dest):
                 candidates.add(m.vm.partition("/")[0])
         segments = []
         for cid in candidates:
-            key = (host, dom.generation("vm", "cluster", cid), dom.version_of("vcluster", cid),
-                   migrations_gen)
+            key = (
+                host,
+                dom.generation("vm", "cluster", cid),
+                dom.version_of("vcluster", cid),
+                migrations_gen,
+            )
             hit = self._memo.get(cid)
             if hit is not None and hit[0] == key:
                 seg = hit[1]
@@ -217,5 +229,6 @@ class PlanCache:
                 segments.append(seg)
         for cid in [c for c in self._memo if c not in candidates]:
             del self._memo[cid]
-        return HostPlan(host=host, underlay=underlay_of(dom.get(HostRec, host)),
-                        segments=tuple(sorted(segments)))
+        return HostPlan(
+            host=host, underlay=underlay_of(dom.get(HostRec, host)), segments=tuple(sorted(segments))
+        )

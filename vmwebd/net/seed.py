@@ -66,6 +66,7 @@ kernel's own ``ip=`` argument (:func:`kernel_ip_arg`).
 Everything here is a pure function of the DOM except :func:`write_seed`, which blocks on the
 disk: callers run it off the reactor thread.
 """
+
 from __future__ import annotations
 
 import io
@@ -101,15 +102,15 @@ class SeedSpec:
     """Everything one guest's seed says; see the module docstring for the files made from it."""
 
     instance_id: str
-    hostname: str                                   # the VM's name
-    fqdn: str                                       # NAME.CLUSTER
+    hostname: str  # the VM's name
+    fqdn: str  # NAME.CLUSTER
     mac: str
-    address: str                                    # IP/PREFIX
-    gateway: str                                    # "" when the guest has no way out
+    address: str  # IP/PREFIX
+    gateway: str  # "" when the guest has no way out
     dns: tuple[str, ...]
     mtu: int
-    hosts: tuple[tuple[str, str, str], ...]         # (ip, fqdn, short name) of every member
-    ssh_keys: tuple[str, ...]                       # the cluster owner's OpenSSH public keys
+    hosts: tuple[tuple[str, str, str], ...]  # (ip, fqdn, short name) of every member
+    ssh_keys: tuple[str, ...]  # the cluster owner's OpenSSH public keys
 
 
 def natural_key(name: str) -> tuple:
@@ -125,8 +126,7 @@ def members(dom, cluster: str) -> list[VmRec]:
 
 def hosts_of(dom, cluster: VClusterRec) -> tuple[tuple[str, str, str], ...]:
     """``(ip, fqdn, name)`` of every member of ``cluster`` that holds an address."""
-    return tuple((vm.ip, f"{vm.name}.{cluster.id}", vm.name)
-                 for vm in members(dom, cluster.id) if vm.ip)
+    return tuple((vm.ip, f"{vm.name}.{cluster.id}", vm.name) for vm in members(dom, cluster.id) if vm.ip)
 
 
 def cluster_hosts_text(dom, cluster: VClusterRec) -> str:
@@ -152,8 +152,7 @@ def seed_for(dom, vm: VmRec) -> SeedSpec:
     settings are malformed."""
     c = dom.get(VClusterRec, vm.cluster)
     if c is None:
-        raise InvalidArgument("cluster", f"vm {vm.id!r} names cluster {vm.cluster!r}, which "
-                                         "does not exist")
+        raise InvalidArgument("cluster", f"vm {vm.id!r} names cluster {vm.cluster!r}, which does not exist")
     if not _MAC_RE.match(vm.mac or ""):
         raise InvalidArgument("mac", f"vm {vm.id!r} has no valid MAC ({vm.mac!r})")
     try:
@@ -164,13 +163,16 @@ def seed_for(dom, vm: VmRec) -> SeedSpec:
         try:
             net = ipaddress.IPv4Network(c.subnet)
         except ValueError:
-            raise InvalidArgument("subnet", f"cluster {c.id!r} has a malformed subnet "
-                                            f"{c.subnet!r}") from None
-        if ip not in net or (net.prefixlen < 31 and ip in (net.network_address,
-                                                           net.broadcast_address)) \
-                or (c.gateway and vm.ip == c.gateway):
-            raise InvalidArgument("ip", f"vm {vm.id!r} has address {vm.ip}, which is not one a VM "
-                                        f"of segment {c.subnet} may hold")
+            raise InvalidArgument("subnet", f"cluster {c.id!r} has a malformed subnet {c.subnet!r}") from None
+        if (
+            ip not in net
+            or (net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address))
+            or (c.gateway and vm.ip == c.gateway)
+        ):
+            raise InvalidArgument(
+                "ip",
+                f"vm {vm.id!r} has address {vm.ip}, which is not one a VM of segment {c.subnet} may hold",
+            )
         prefix = net.prefixlen
     else:
         prefix = FALLBACK_PREFIX
@@ -179,11 +181,11 @@ def seed_for(dom, vm: VmRec) -> SeedSpec:
         try:
             gw = ipaddress.IPv4Address(c.gateway)
         except ValueError:
-            raise InvalidArgument("gateway", f"cluster {c.id!r} has a malformed gateway "
-                                             f"{c.gateway!r}") from None
+            raise InvalidArgument(
+                "gateway", f"cluster {c.id!r} has a malformed gateway {c.gateway!r}"
+            ) from None
         if gw not in ipaddress.IPv4Interface(f"{ip}/{prefix}").network:
-            raise InvalidArgument("gateway", f"cluster {c.id!r}: gateway {gw} is outside "
-                                             f"{ip}/{prefix}")
+            raise InvalidArgument("gateway", f"cluster {c.id!r}: gateway {gw} is outside {ip}/{prefix}")
         gateway = str(gw)
     dns = tuple(c.dns.split())
     for server in dns:
@@ -192,15 +194,23 @@ def seed_for(dom, vm: VmRec) -> SeedSpec:
         except ValueError:
             raise InvalidArgument("dns", f"cluster {c.id!r}: {server!r} is not an IP address") from None
     if len(dns) > MAX_DNS:
-        raise InvalidArgument("dns", f"cluster {c.id!r} names {len(dns)} name servers; a guest "
-                                     f"takes at most {MAX_DNS}")
+        raise InvalidArgument(
+            "dns", f"cluster {c.id!r} names {len(dns)} name servers; a guest takes at most {MAX_DNS}"
+        )
     owner = dom.get(UserRec, c.owner) if c.owner else None
     keys = owner.ssh_key_list() if owner is not None else ()
     spec = SeedSpec(
         instance_id=f"vmweb-{c.id}-{vm.name}-{vm.token}" if vm.token else f"vmweb-{c.id}-{vm.name}",
-        hostname=vm.name, fqdn=f"{vm.name}.{c.id}", mac=vm.mac, address=f"{ip}/{prefix}",
-        gateway=gateway, dns=dns, mtu=c.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
-        hosts=hosts_of(dom, c), ssh_keys=tuple(keys))
+        hostname=vm.name,
+        fqdn=f"{vm.name}.{c.id}",
+        mac=vm.mac,
+        address=f"{ip}/{prefix}",
+        gateway=gateway,
+        dns=dns,
+        mtu=c.mtu or addressing.guest_mtu(addressing.DEFAULT_UNDERLAY_MTU),
+        hosts=hosts_of(dom, c),
+        ssh_keys=tuple(keys),
+    )
     check_spec(spec)
     return spec
 
@@ -208,12 +218,14 @@ def seed_for(dom, vm: VmRec) -> SeedSpec:
 def check_spec(spec: SeedSpec) -> None:
     """InvalidArgument naming the field if a seed would carry more than a guest should read."""
     if len(spec.ssh_keys) > MAX_SSH_KEYS:
-        raise InvalidArgument("ssh_keys", f"{len(spec.ssh_keys)} SSH keys for {spec.fqdn}; at "
-                                          f"most {MAX_SSH_KEYS}")
+        raise InvalidArgument(
+            "ssh_keys", f"{len(spec.ssh_keys)} SSH keys for {spec.fqdn}; at most {MAX_SSH_KEYS}"
+        )
     for i, key in enumerate(spec.ssh_keys, 1):
         if len(key) > MAX_SSH_KEY_CHARS or any(ord(ch) < 0x20 or ch == "\x7f" for ch in key):
-            raise InvalidArgument("ssh_keys", f"key {i} for {spec.fqdn} is over "
-                                              f"{MAX_SSH_KEY_CHARS} characters or not one line")
+            raise InvalidArgument(
+                "ssh_keys", f"key {i} for {spec.fqdn} is over {MAX_SSH_KEY_CHARS} characters or not one line"
+            )
     if not 68 <= spec.mtu <= 65535:
         raise InvalidArgument("mtu", f"{spec.mtu} is not an MTU from 68 to 65535")
 
@@ -232,8 +244,9 @@ _Dumper.add_representer(str, _str)
 
 
 def _yaml(obj) -> str:
-    return yaml.dump(obj, Dumper=_Dumper, default_flow_style=False, sort_keys=True,
-                     allow_unicode=False, width=1 << 16)
+    return yaml.dump(
+        obj, Dumper=_Dumper, default_flow_style=False, sort_keys=True, allow_unicode=False, width=1 << 16
+    )
 
 
 def hosts_text(spec: SeedSpec) -> str:
@@ -256,8 +269,12 @@ _Dumper.add_representer(_Quoted, _quoted)
 
 
 def network_config(spec: SeedSpec) -> dict:
-    eth = {"match": {"macaddress": _Quoted(spec.mac)}, "set-name": IFACE, "addresses": [spec.address],
-           "mtu": spec.mtu}
+    eth = {
+        "match": {"macaddress": _Quoted(spec.mac)},
+        "set-name": IFACE,
+        "addresses": [spec.address],
+        "mtu": spec.mtu,
+    }
     if spec.gateway:
         # ``gateway4``, not ``routes: [{to: 0.0.0.0/0, via: GW}]``: cloud-init 22.4 renders both
         # for networkd, but for ifupdown (Debian's images) it turns the route into
@@ -275,8 +292,9 @@ def user_data(spec: SeedSpec) -> dict:
         "hostname": spec.hostname,
         "fqdn": spec.fqdn,
         "manage_etc_hosts": False,
-        "write_files": [{"path": "/etc/hosts", "content": hosts_text(spec), "owner": "root:root",
-                         "permissions": "0644"}],
+        "write_files": [
+            {"path": "/etc/hosts", "content": hosts_text(spec), "owner": "root:root", "permissions": "0644"}
+        ],
     }
     if spec.ssh_keys:
         cfg["ssh_authorized_keys"] = list(spec.ssh_keys)
@@ -317,9 +335,9 @@ def build_iso(files: dict[str, bytes]) -> bytes:
     it, so two volumes of the same files differ in their dates; compare what they carry
     (:func:`read_iso`) rather than their bytes."""
     import pycdlib
+
     iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=1, vol_ident=VOLUME_ID, sys_ident="LINUX", rock_ridge="1.09",
-            joliet=3)
+    iso.new(interchange_level=1, vol_ident=VOLUME_ID, sys_ident="LINUX", rock_ridge="1.09", joliet=3)
     seen = set()
     try:
         for name in sorted(files):
@@ -328,8 +346,14 @@ def build_iso(files: dict[str, bytes]) -> bytes:
                 raise InvalidArgument("files", f"{name!r} is not a seed file name")
             seen.add(iso_path)
             data = files[name]
-            iso.add_fp(io.BytesIO(data), len(data), iso_path, rr_name=name,
-                       joliet_path="/" + name, file_mode=0o100444)
+            iso.add_fp(
+                io.BytesIO(data),
+                len(data),
+                iso_path,
+                rr_name=name,
+                joliet_path="/" + name,
+                file_mode=0o100444,
+            )
         out = io.BytesIO()
         iso.write_fp(out)
         return out.getvalue()
@@ -340,6 +364,7 @@ def build_iso(files: dict[str, bytes]) -> bytes:
 def read_iso(data: bytes) -> tuple[str, dict[str, bytes]]:
     """``(volume id, {Rock Ridge name: content})`` of a volume made by :func:`build_iso`."""
     import pycdlib
+
     iso = pycdlib.PyCdlib()
     iso.open_fp(io.BytesIO(data))
     try:
@@ -371,7 +396,7 @@ def write_seed(path: str | os.PathLike, spec: SeedSpec) -> bool:
             return False
     except FileNotFoundError:
         pass
-    except Exception:           # a truncated or foreign file: replace it
+    except Exception:  # a truncated or foreign file: replace it
         pass
     data = build_iso(files)
     # qemu reads it; it holds nothing secret (public keys, names)

@@ -13,6 +13,7 @@ The question is built from what this host's replica holds when it is asked; the 
 checks are the action's own (:class:`vmwebd.app.Application`), so a user asked to confirm something
 they may not do gets the same refusal the action would give.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,27 +55,35 @@ def question(ctx, action: str, field) -> Question | None:
         live = [v for v in c.vms if v.desired != "absent"]
         return Question(
             f"Destroy cluster {c.name} and its {_plural(len(live), 'VM')}?",
-            (f"VMs {', '.join(v.name for v in live)}: stopped and deleted with their disks." if live
-             else "No VM is left in it.",
-             f"Its network ({c.network}) and its addresses are given back.",
-             "This cannot be undone."),
-            f"Destroy {c.name}")
+            (
+                f"VMs {', '.join(v.name for v in live)}: stopped and deleted with their disks."
+                if live
+                else "No VM is left in it.",
+                f"Its network ({c.network}) and its addresses are given back.",
+                "This cannot be undone.",
+            ),
+            f"Destroy {c.name}",
+        )
     if action == "scale":
         c = a.cluster(p, field("cluster"))
         existing = [v.name for v in c.vms if v.desired != "absent"]
         try:
             count = int(field("count").strip())
-            _, remove = plan_scale(ctx.mgr.template(c.template), existing, count,
-                                   ctx.mgr.limits.max_vms_per_cluster)
-        except (ValueError, ClientError):       # the action itself says what is wrong
+            _, remove = plan_scale(
+                ctx.mgr.template(c.template), existing, count, ctx.mgr.limits.max_vms_per_cluster
+            )
+        except (ValueError, ClientError):  # the action itself says what is wrong
             return None
         if not remove:
             return None
         return Question(
             f"Scale cluster {c.name} down from {len(existing)} to {count} VMs?",
-            (f"VMs {', '.join(f'{c.name}/{n}' for n in sorted(remove, key=_natural))}: stopped and deleted with their disks.",
-             "Their addresses are given back."),
-            f"Scale {c.name} down to {count}")
+            (
+                f"VMs {', '.join(f'{c.name}/{n}' for n in sorted(remove, key=_natural))}: stopped and deleted with their disks.",
+                "Their addresses are given back.",
+            ),
+            f"Scale {c.name} down to {count}",
+        )
     if action == "vm" and field("op") == "stop":
         c = a.cluster(p, field("cluster"))
         v = next((v for v in c.vms if v.name == field("vm") and v.desired != "absent"), None)
@@ -82,9 +91,12 @@ def question(ctx, action: str, field) -> Question | None:
             return None
         return Question(
             f"Stop VM {v.name} of cluster {c.name}?",
-            (f"Its guest on {v.host} stops: whatever runs in it now ends.",
-             "Its disk, addresses and host are kept; Start boots it again."),
-            f"Stop {c.name}/{v.name}")
+            (
+                f"Its guest on {v.host} stops: whatever runs in it now ends.",
+                "Its disk, addresses and host are kept; Start boots it again.",
+            ),
+            f"Stop {c.name}/{v.name}",
+        )
     if action in ("drain", "evacuate"):
         a.require_admin(p, "draining hosts" if action == "drain" else "evacuating hosts")
         host = field("host")
@@ -95,25 +107,34 @@ def question(ctx, action: str, field) -> Question | None:
         if action == "drain":
             return Question(
                 f"Drain host {host} and move its {_plural(len(vms), 'VM')} away?",
-                (f"VMs {names}: moved to other hosts, live where they can be (one that cannot move "
-                 "live is stopped and started again there).",
-                 f"{host} takes no new VM until the drain is undone."),
-                f"Drain {host}")
+                (
+                    f"VMs {names}: moved to other hosts, live where they can be (one that cannot move "
+                    "live is stopped and started again there).",
+                    f"{host} takes no new VM until the drain is undone.",
+                ),
+                f"Drain {host}",
+            )
         return Question(
             f"Evacuate host {host} and re-place its {_plural(len(vms), 'VM')}?",
-            (f"VMs {names}: started afresh on live hosts from their base image, same addresses.",
-             f"What they wrote to their disks stays on {host} and is lost to them."),
-            f"Evacuate {host}")
+            (
+                f"VMs {names}: started afresh on live hosts from their base image, same addresses.",
+                f"What they wrote to their disks stays on {host} and is lost to them.",
+            ),
+            f"Evacuate {host}",
+        )
     if action == "user/delete":
         a.require_admin(p, "deleting users")
         rec = ctx.dom.get(UserRec, field("name"))
         if rec is None or rec.id == p.name or ctx.dom.select(VClusterRec, "owner", rec.id):
-            return None                         # the action refuses it, saying why
+            return None  # the action refuses it, saying why
         return Question(
             f"Delete user {rec.id}?",
-            (f"The account {rec.id} ({rec.role}) with its password and "
-             f"{_plural(len(rec.ssh_key_list()), 'SSH key')}: {rec.id} can no longer log in.",),
-            f"Delete {rec.id}")
+            (
+                f"The account {rec.id} ({rec.role}) with its password and "
+                f"{_plural(len(rec.ssh_key_list()), 'SSH key')}: {rec.id} can no longer log in.",
+            ),
+            f"Delete {rec.id}",
+        )
     if action == "user/key/remove":
         name, fingerprint = field("name"), field("fingerprint")
         key = next((k for k in ctx.access.ssh_keys(p, name) if k.fingerprint == fingerprint), None)
@@ -121,9 +142,12 @@ def question(ctx, action: str, field) -> Question | None:
             return None
         return Question(
             f"Remove SSH key {key.fingerprint} from {name}?",
-            (f"The {key.kind} key {key.fingerprint}" + (f" ({key.comment})" if key.comment else "") + ".",
-             "VMs created from now on no longer accept it (VMs made before keep it)."),
-            "Remove key")
+            (
+                f"The {key.kind} key {key.fingerprint}" + (f" ({key.comment})" if key.comment else "") + ".",
+                "VMs created from now on no longer accept it (VMs made before keep it).",
+            ),
+            "Remove key",
+        )
     return None
 
 
@@ -132,11 +156,23 @@ def confirm_view(q: Question, action: str, fields: list[tuple[str, str]], csrf: 
     (every field the first one sent, so options the question does not know of pass through) and
     a Cancel link back to where the user came from."""
     hidden = [el("input", type="hidden", name=k, value=v) for k, v in fields if k not in ("csrf", "confirm")]
-    return el("section",
-              el("h2", q.title, id="confirm-question"),
-              el("ul", *[el("li", line) for line in q.lost], class_="lost"),
-              post_form(f"/action/{action}", csrf, *hidden,
-                        el("div", el("button", q.button, type="submit", class_="danger", id="confirm-yes"),
-                           el("a", "Cancel", href=back, class_="button secondary", id="confirm-cancel"),
-                           class_="actions"), class_="confirm-form"),
-              class_="card confirm", role="alertdialog", aria_labelledby="confirm-question")
+    return el(
+        "section",
+        el("h2", q.title, id="confirm-question"),
+        el("ul", *[el("li", line) for line in q.lost], class_="lost"),
+        post_form(
+            f"/action/{action}",
+            csrf,
+            *hidden,
+            el(
+                "div",
+                el("button", q.button, type="submit", class_="danger", id="confirm-yes"),
+                el("a", "Cancel", href=back, class_="button secondary", id="confirm-cancel"),
+                class_="actions",
+            ),
+            class_="confirm-form",
+        ),
+        class_="card confirm",
+        role="alertdialog",
+        aria_labelledby="confirm-question",
+    )

@@ -11,6 +11,7 @@ fetches the page with the same query). Items that do not match are left out of t
 - ``state``: a VM's state (running, pending, shutoff…); on the host view also a host's state
   (alive, suspect, dead, left, draining), which keeps that host's card with all its VMs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,12 +36,14 @@ class Filter:
     def from_query(cls, query: dict) -> "Filter":
         """From the request's arguments (bytes names to lists of bytes values); anything not
         UTF-8 or too long is ignored."""
+
         def one(name: str) -> str:
             values = (query or {}).get(name.encode()) or [b""]
             try:
                 return values[0].decode("utf-8").strip()[:_MAX_TEXT]
             except UnicodeDecodeError:
                 return ""
+
         return cls(one("q"), one("owner"), one("host"), one("state"))
 
     @property
@@ -51,35 +54,73 @@ class Filter:
         q = self.q.lower()
         return not q or any(q in t.lower() for t in texts if t)
 
-    def vm_matches(self, cluster: str, vm_id: str, ip: str, mac: str, owner: str, host: str,
-                   state: str) -> bool:
+    def vm_matches(
+        self, cluster: str, vm_id: str, ip: str, mac: str, owner: str, host: str, state: str
+    ) -> bool:
         """Whether a VM (as the owner view lists it) passes every field of the filter."""
-        return (self.text_matches(vm_id, ip, mac, cluster, host)
-                and (not self.owner or owner == self.owner)
-                and (not self.host or host == self.host)
-                and (not self.state or state == self.state))
+        return (
+            self.text_matches(vm_id, ip, mac, cluster, host)
+            and (not self.owner or owner == self.owner)
+            and (not self.host or host == self.host)
+            and (not self.state or state == self.state)
+        )
 
 
-def filter_form(action: str, f: Filter, owners: list[str], hosts: list[str], states: tuple[str, ...],
-                shown: int, total: int, what: str) -> Markup:
+def filter_form(
+    action: str,
+    f: Filter,
+    owners: list[str],
+    hosts: list[str],
+    states: tuple[str, ...],
+    shown: int,
+    total: int,
+    what: str,
+) -> Markup:
     """The search form above a view (GET to ``action``), with what the filter leaves shown."""
+
     def select(name: str, label: str, options, current: str, any_label: str) -> Markup:
         opts = [el("option", any_label, value="")]
         opts += [el("option", o, value=o, selected=o == current) for o in options]
         if current and current not in options:
             opts.append(el("option", current, value=current, selected=True))
         return el("label", label, el("select", *opts, name=name, id=f"filter-{name}"))
-    fields = [el("label", "Search",
-                 el("input", type="search", name="q", value=f.q, id="filter-q", autocomplete="off",
-                    autocapitalize="none", spellcheck="false", placeholder="name, IP, MAC…",
-                    maxlength=str(_MAX_TEXT)))]
+
+    fields = [
+        el(
+            "label",
+            "Search",
+            el(
+                "input",
+                type="search",
+                name="q",
+                value=f.q,
+                id="filter-q",
+                autocomplete="off",
+                autocapitalize="none",
+                spellcheck="false",
+                placeholder="name, IP, MAC…",
+                maxlength=str(_MAX_TEXT),
+            ),
+        )
+    ]
     if len(owners) > 1 or f.owner:
         fields.append(select("owner", "Owner", owners, f.owner, "any owner"))
     fields.append(select("host", "Host", hosts, f.host, "any host"))
     fields.append(select("state", "State", states, f.state, "any state"))
-    count = (el("span", f"{shown} of {total} {what} match", id="filter-count", class_="meta", role="status")
-             if f.active else None)
+    count = (
+        el("span", f"{shown} of {total} {what} match", id="filter-count", class_="meta", role="status")
+        if f.active
+        else None
+    )
     clear = el("a", "Clear", href=action, id="filter-clear", class_="button secondary") if f.active else None
-    return el("form", *fields, el("div", el("button", "Filter", type="submit", id="filter-submit"), clear,
-                                  class_="filter-buttons"), count,
-              method="get", action=action, role="search", class_="card filter", id="filter")
+    return el(
+        "form",
+        *fields,
+        el("div", el("button", "Filter", type="submit", id="filter-submit"), clear, class_="filter-buttons"),
+        count,
+        method="get",
+        action=action,
+        role="search",
+        class_="card filter",
+        id="filter",
+    )

@@ -5,6 +5,7 @@
 from an error message can never become markup: there is no way to interpolate a plain ``str``
 without escaping it.
 """
+
 from __future__ import annotations
 
 import html

@@ -6,6 +6,7 @@ records from the DOM. Like the other views, every value goes through
 :func:`~vmwebd.web.html.el`; elements that change while a VM comes up carry the same ``data-k``
 keys as the owner view, so the polling script keeps them current.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -51,47 +52,105 @@ def cluster_page(ctx, name: str) -> tuple[str, Markup]:
         ("Network", c.network),
         ("Network id", str(c.vni) if c.vni else None),
         ("Bridge", el("span", c.bridge, class_="mac") if c.bridge else None),
-        ("VMs asked for", str(c.count)))
-    actions = el("div",
-                 post_form("/action/scale", csrf,
-                           el("input", type="hidden", name="cluster", value=c.name),
-                           el("label", "VMs", el("input", name="count", type="number", min="1", value=str(c.count),
-                                                 required=True, class_="count", inputmode="numeric",
-                                                 id="scale-count")),
-                           el("button", "Scale", type="submit", id="scale-submit"), back=here, confirm=True),
-                 post_form("/action/destroy", csrf,
-                           el("input", type="hidden", name="cluster", value=c.name),
-                           el("button", f"Destroy {c.name}", type="submit", class_="danger", id="destroy-submit"),
-                           back="/owner", confirm=True),
-                 class_="actions")
+        ("VMs asked for", str(c.count)),
+    )
+    actions = el(
+        "div",
+        post_form(
+            "/action/scale",
+            csrf,
+            el("input", type="hidden", name="cluster", value=c.name),
+            el(
+                "label",
+                "VMs",
+                el(
+                    "input",
+                    name="count",
+                    type="number",
+                    min="1",
+                    value=str(c.count),
+                    required=True,
+                    class_="count",
+                    inputmode="numeric",
+                    id="scale-count",
+                ),
+            ),
+            el("button", "Scale", type="submit", id="scale-submit"),
+            back=here,
+            confirm=True,
+        ),
+        post_form(
+            "/action/destroy",
+            csrf,
+            el("input", type="hidden", name="cluster", value=c.name),
+            el("button", f"Destroy {c.name}", type="submit", class_="danger", id="destroy-submit"),
+            back="/owner",
+            confirm=True,
+        ),
+        class_="actions",
+    )
     rows = []
     for v in c.vms:
         vk = f"v:{c.name}/{v.name}"
-        rows.append(el("tr",
-                       el("td", el("a", v.name, href=vm_href(c.name, v.name)), data_label="VM"),
-                       el("td", v.role, data_label="Role"),
-                       el("td", el("a", v.host, href=_host_href(v.host), data_k=f"{vk}:host"),
-                          data_label="Host"),
-                       el("td", badge(v.state, f"{vk}:state"),
-                          el("span", " being removed", class_="meta") if v.desired == "absent" else None,
-                          el("span", v.detail, class_="detail", data_k=f"{vk}:detail"), data_label="State"),
-                       el("td", v.ip, data_label="IP"), el("td", v.mac, class_="mac", data_label="MAC"),
-                       el("td", str(v.vcpus), data_label="vCPU"), el("td", _mib(v.memory_mib), data_label="Memory"),
-                       data_vm=f"{c.name}/{v.name}"))
-    table = (el("div", el("table", el("thead", el("tr", *[el("th", h, scope="col") for h in
-                                                          ("VM", "Role", "Host", "State", "IP", "MAC", "vCPU",
-                                                           "Memory")])),
-                          el("tbody", *rows), class_="vms"), class_="scroll")
-             if rows else el("p", "No VMs.", class_="empty"))
+        rows.append(
+            el(
+                "tr",
+                el("td", el("a", v.name, href=vm_href(c.name, v.name)), data_label="VM"),
+                el("td", v.role, data_label="Role"),
+                el("td", el("a", v.host, href=_host_href(v.host), data_k=f"{vk}:host"), data_label="Host"),
+                el(
+                    "td",
+                    badge(v.state, f"{vk}:state"),
+                    el("span", " being removed", class_="meta") if v.desired == "absent" else None,
+                    el("span", v.detail, class_="detail", data_k=f"{vk}:detail"),
+                    data_label="State",
+                ),
+                el("td", v.ip, data_label="IP"),
+                el("td", v.mac, class_="mac", data_label="MAC"),
+                el("td", str(v.vcpus), data_label="vCPU"),
+                el("td", _mib(v.memory_mib), data_label="Memory"),
+                data_vm=f"{c.name}/{v.name}",
+            )
+        )
+    table = (
+        el(
+            "div",
+            el(
+                "table",
+                el(
+                    "thead",
+                    el(
+                        "tr",
+                        *[
+                            el("th", h, scope="col")
+                            for h in ("VM", "Role", "Host", "State", "IP", "MAC", "vCPU", "Memory")
+                        ],
+                    ),
+                ),
+                el("tbody", *rows),
+                class_="vms",
+            ),
+            class_="scroll",
+        )
+        if rows
+        else el("p", "No VMs.", class_="empty")
+    )
     vcpus = sum(v.vcpus for v in live_vms)
     memory = sum(v.memory_mib for v in live_vms)
     body = frag(
         _crumbs(("Owners", "/owner"), c.owner, c.name),
-        el("div",
-           el("section", facts, actions, class_="card", data_cluster=c.name),
-           el("section", el("h2", "VMs", " ", el("small", f"{len(live_vms)} VMs, {vcpus} vCPUs, {_mib(memory)}")),
-              table),
-           id="live", data_shape=shape_of(ctx)))
+        el(
+            "div",
+            el("section", facts, actions, class_="card", data_cluster=c.name),
+            el(
+                "section",
+                el("h2", "VMs", " ", el("small", f"{len(live_vms)} VMs, {vcpus} vCPUs, {_mib(memory)}")),
+                table,
+            ),
+            id="live",
+            data_shape=shape_of(ctx),
+        ),
+    )
     return f"Cluster {c.name}", body
 
 
@@ -124,51 +183,105 @@ def vm_page(ctx, cluster: str, name: str) -> tuple[str, Markup]:
         ("vCPUs", str(v.vcpus)),
         ("Memory", _mib(v.memory_mib)),
         ("Restarts", str(v.restarts)),
-        ("Host says", el("span", v.detail, class_="detail-text", data_k=f"{k}:detail")))
+        ("Host says", el("span", v.detail, class_="detail-text", data_k=f"{k}:detail")),
+    )
     if v.desired == "absent":
         actions = el("p", "This VM is being removed.", class_="meta")
     else:
         op = "stop" if v.desired == "running" else "start"
-        targets = [h.id for h in ctx.mgr.hosts()
-                   if h.id != v.host and h.liveness == "alive" and not h.draining]
-        actions = el("div",
-                     post_form("/action/vm", csrf, el("input", type="hidden", name="cluster", value=c.name),
-                               el("input", type="hidden", name="vm", value=v.name),
-                               el("input", type="hidden", name="op", value=op),
-                               el("button", op.capitalize(), type="submit", id="vm-power",
-                                  class_="danger" if op == "stop" else None),
-                               back=here, confirm=op == "stop"),
-                     post_form("/action/migrate", csrf, el("input", type="hidden", name="cluster", value=c.name),
-                               el("input", type="hidden", name="vm", value=v.name),
-                               el("label", "To", el("select", el("option", "least loaded host", value=""),
-                                                    *[el("option", t, value=t) for t in targets],
-                                                    name="to", id="migrate-to")),
-                               el("button", "Migrate", type="submit", id="migrate-submit"), back=here),
-                     class_="actions")
+        targets = [
+            h.id for h in ctx.mgr.hosts() if h.id != v.host and h.liveness == "alive" and not h.draining
+        ]
+        actions = el(
+            "div",
+            post_form(
+                "/action/vm",
+                csrf,
+                el("input", type="hidden", name="cluster", value=c.name),
+                el("input", type="hidden", name="vm", value=v.name),
+                el("input", type="hidden", name="op", value=op),
+                el(
+                    "button",
+                    op.capitalize(),
+                    type="submit",
+                    id="vm-power",
+                    class_="danger" if op == "stop" else None,
+                ),
+                back=here,
+                confirm=op == "stop",
+            ),
+            post_form(
+                "/action/migrate",
+                csrf,
+                el("input", type="hidden", name="cluster", value=c.name),
+                el("input", type="hidden", name="vm", value=v.name),
+                el(
+                    "label",
+                    "To",
+                    el(
+                        "select",
+                        el("option", "least loaded host", value=""),
+                        *[el("option", t, value=t) for t in targets],
+                        name="to",
+                        id="migrate-to",
+                    ),
+                ),
+                el("button", "Migrate", type="submit", id="migrate-submit"),
+                back=here,
+            ),
+            class_="actions",
+        )
     moves = [m for m in ctx.access.migrations(ctx.principal) if m.vm == vm_id][::-1]
     if moves:
-        rows = [el("tr", el("td", _when(m.started_at), data_label="Started"),
-                   el("td", m.source, data_label="From"), el("td", m.dest, data_label="To"),
-                   el("td", m.mode, data_label="Mode"), el("td", badge(m.phase), data_label="Phase"),
-                   el("td", _mib(m.bytes // (1 << 20)) if m.bytes else "", data_label="Moved"),
-                   el("td", f"{m.total_ms} ms" if m.total_ms else "", data_label="Time"),
-                   el("td", f"{m.downtime_ms} ms" if m.downtime_ms else "", data_label="Downtime"),
-                   el("td", m.requested_by, data_label="Asked by"),
-                   el("td", el("span", m.error, class_="detail"), data_label="Error"),
-                   data_migration=m.id)
-                for m in moves]
-        head = el("tr", *[el("th", t, scope="col") for t in ("Started", "From", "To", "Mode", "Phase", "Moved",
-                                                              "Time", "Downtime", "Asked by", "Error")])
+        rows = [
+            el(
+                "tr",
+                el("td", _when(m.started_at), data_label="Started"),
+                el("td", m.source, data_label="From"),
+                el("td", m.dest, data_label="To"),
+                el("td", m.mode, data_label="Mode"),
+                el("td", badge(m.phase), data_label="Phase"),
+                el("td", _mib(m.bytes // (1 << 20)) if m.bytes else "", data_label="Moved"),
+                el("td", f"{m.total_ms} ms" if m.total_ms else "", data_label="Time"),
+                el("td", f"{m.downtime_ms} ms" if m.downtime_ms else "", data_label="Downtime"),
+                el("td", m.requested_by, data_label="Asked by"),
+                el("td", el("span", m.error, class_="detail"), data_label="Error"),
+                data_migration=m.id,
+            )
+            for m in moves
+        ]
+        head = el(
+            "tr",
+            *[
+                el("th", t, scope="col")
+                for t in (
+                    "Started",
+                    "From",
+                    "To",
+                    "Mode",
+                    "Phase",
+                    "Moved",
+                    "Time",
+                    "Downtime",
+                    "Asked by",
+                    "Error",
+                )
+            ],
+        )
         history = el("div", el("table", el("thead", head), el("tbody", *rows), class_="vms"), class_="scroll")
     else:
         history = el("p", "This VM has not moved.", class_="empty")
     body = frag(
         _crumbs(("Owners", "/owner"), c.owner, (c.name, cluster_href(c.name)), v.name),
         vm_tabs(c.name, v.name, "overview"),
-        el("div",
-           el("section", facts, actions, class_="card", data_vm=vm_id),
-           el("section", el("h2", "Migrations"), history, class_="card migrations"),
-           id="live", data_shape=shape_of(ctx)))
+        el(
+            "div",
+            el("section", facts, actions, class_="card", data_vm=vm_id),
+            el("section", el("h2", "Migrations"), history, class_="card migrations"),
+            id="live",
+            data_shape=shape_of(ctx),
+        ),
+    )
     return f"VM {vm_id}", body
 
 
@@ -180,10 +293,20 @@ def console_href(cluster: str, vm: str) -> str:
 def vm_tabs(cluster: str, vm: str, current: str) -> Markup:
     """The VM page's tabs: its overview and its console."""
     tabs = []
-    for key, label, href in (("overview", "Overview", vm_href(cluster, vm)),
-                             ("console", "Console", console_href(cluster, vm))):
-        tabs.append(el("a", label, href=href, class_="tab current" if key == current else "tab",
-                       aria_current="page" if key == current else None, id=f"tab-{key}"))
+    for key, label, href in (
+        ("overview", "Overview", vm_href(cluster, vm)),
+        ("console", "Console", console_href(cluster, vm)),
+    ):
+        tabs.append(
+            el(
+                "a",
+                label,
+                href=href,
+                class_="tab current" if key == current else "tab",
+                aria_current="page" if key == current else None,
+                id=f"tab-{key}",
+            )
+        )
     return el("nav", *tabs, class_="tabs", aria_label="VM")
 
 
@@ -203,18 +326,45 @@ def vm_console_page(ctx, cluster: str, name: str, style_nonce: str) -> tuple[str
     else:
         status = f"VM {vm_id} is not running (its state is {v.state}): its console opens once it runs."
     body = frag(
-        _crumbs(("Owners", "/owner"), c.owner, (c.name, cluster_href(c.name)), (v.name, vm_href(c.name, v.name)),
-                "console"),
+        _crumbs(
+            ("Owners", "/owner"),
+            c.owner,
+            (c.name, cluster_href(c.name)),
+            (v.name, vm_href(c.name, v.name)),
+            "console",
+        ),
         vm_tabs(c.name, v.name, "console"),
-        el("section",
-           el("p", status, id="console-status", class_="console-status", role="status"),
-           el("div", class_="console-box", id="console", data_console=ws_path, data_style_nonce=style_nonce,
-              data_vm=vm_id),
-           el("noscript", el("p", "The console needs JavaScript. From a shell: ",
-                             el("code", f"vmweb vm console {c.name} {v.name}"), ".", class_="flash error")),
-           el("p", "Keys go to the VM (Ctrl-C included). On connecting, the last 64 KiB the console "
-                   "printed are shown first; a reload reconnects. From a shell: ",
-              el("code", f"vmweb vm console {c.name} {v.name}"), " (Ctrl-] leaves).", class_="meta"),
-           el("p", el("button", "Reconnect", type="button", id="console-reconnect", hidden=True)),
-           class_="card console-card"))
+        el(
+            "section",
+            el("p", status, id="console-status", class_="console-status", role="status"),
+            el(
+                "div",
+                class_="console-box",
+                id="console",
+                data_console=ws_path,
+                data_style_nonce=style_nonce,
+                data_vm=vm_id,
+            ),
+            el(
+                "noscript",
+                el(
+                    "p",
+                    "The console needs JavaScript. From a shell: ",
+                    el("code", f"vmweb vm console {c.name} {v.name}"),
+                    ".",
+                    class_="flash error",
+                ),
+            ),
+            el(
+                "p",
+                "Keys go to the VM (Ctrl-C included). On connecting, the last 64 KiB the console "
+                "printed are shown first; a reload reconnects. From a shell: ",
+                el("code", f"vmweb vm console {c.name} {v.name}"),
+                " (Ctrl-] leaves).",
+                class_="meta",
+            ),
+            el("p", el("button", "Reconnect", type="button", id="console-reconnect", hidden=True)),
+            class_="card console-card",
+        ),
+    )
     return f"Console of {vm_id}", body

@@ -6,6 +6,7 @@ cookie name carries the host id so hosts on one machine do not overwrite each ot
 also remembers a digest of the user's password hash at login: when the password changes or the
 account goes (anywhere in the grid: the DOM replicates), the session is over.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ class Session:
     hash_digest: str
     created: float
     seen: float
-    flashes: list[tuple[str, str]] = field(default_factory=list)   # (kind, text): kind ok | error
+    flashes: list[tuple[str, str]] = field(default_factory=list)  # (kind, text): kind ok | error
 
     def flash(self, kind: str, text: str) -> None:
         self.flashes.append((kind, text))
@@ -48,8 +49,13 @@ class Session:
 class SessionStore:
     """The sessions of this host, keyed by token; ``clock`` is an IReactorTime."""
 
-    def __init__(self, clock, idle: float = IDLE_SECONDS, absolute: float = ABSOLUTE_SECONDS,
-                 max_sessions: int = MAX_SESSIONS):
+    def __init__(
+        self,
+        clock,
+        idle: float = IDLE_SECONDS,
+        absolute: float = ABSOLUTE_SECONDS,
+        max_sessions: int = MAX_SESSIONS,
+    ):
         self.clock = clock
         self.idle = idle
         self.absolute = absolute
@@ -60,11 +66,12 @@ class SessionStore:
         """A fresh session (a fresh token: never one the browser had before login)."""
         now = self.clock.seconds()
         self._expire(now)
-        if len(self._sessions) >= self.max_sessions:   # the oldest goes
+        if len(self._sessions) >= self.max_sessions:  # the oldest goes
             oldest = min(self._sessions.values(), key=lambda s: s.seen)
             del self._sessions[oldest.token]
-        s = Session(secrets.token_urlsafe(32), user, secrets.token_urlsafe(32),
-                    hash_digest(password_hash), now, now)
+        s = Session(
+            secrets.token_urlsafe(32), user, secrets.token_urlsafe(32), hash_digest(password_hash), now, now
+        )
         self._sessions[s.token] = s
         return s
 

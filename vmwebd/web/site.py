@@ -35,6 +35,7 @@ escaped (:mod:`vmwebd.web.html`) and a Content-Security-Policy allows no inline 
 Permissions are the SOAP API's (:class:`vmwebd.app.Application`): a page or an action never does
 more than the same user could do over SOAP.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,16 +68,21 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-CSP = (b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
-       b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+CSP = (
+    b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+    b"form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 MAX_FORM_BYTES = 64 * 1024
-ACTION_GRACE_SECONDS = 2.0      # an action slower than this answers "on its way"; the page follows it
+ACTION_GRACE_SECONDS = 2.0  # an action slower than this answers "on its way"; the page follows it
 PAGES = ("owner", "hosts", "dom", "settings")
 # Where an action may send the browser back to, besides PAGES: a cluster's or a VM's page (names
 # as the cluster and template rules allow them, so the Location header stays plain ASCII).
 _BACK = re.compile(r"/cluster/[a-z][a-z0-9-]{0,23}|/vm/[a-z][a-z0-9-]{0,23}/[A-Za-z0-9_.-]{1,64}")
-_STATIC_TYPES = {"css": b"text/css; charset=utf-8", "js": b"text/javascript; charset=utf-8",
-                 "txt": b"text/plain; charset=utf-8"}
+_STATIC_TYPES = {
+    "css": b"text/css; charset=utf-8",
+    "js": b"text/javascript; charset=utf-8",
+    "txt": b"text/plain; charset=utf-8",
+}
 # The host page's charts: uPlot (kept in static/ with its licence, uPlot.LICENSE.txt) and ours.
 _CHART_STYLES = ("/static/uPlot.min.css",)
 _CHART_SCRIPTS = ("/static/uPlot.iife.min.js", "/static/charts.js")
@@ -95,7 +101,7 @@ class Ctx:
     mgr: object
     dom: object
     host_id: str
-    query: dict = field(default_factory=dict)     # the request's arguments (a view's filter)
+    query: dict = field(default_factory=dict)  # the request's arguments (a view's filter)
 
     @property
     def csrf(self) -> str:
@@ -120,10 +126,21 @@ class WebRoot(Resource):
     settings page the host's ``config``, ``gossip_config()`` (None without peers) and the
     consensus ``members()``."""
 
-    def __init__(self, app: Application, *, reactor: Any, host_id: str, dom: Dom, manager: ClusterManager,
-                 authn: Authenticator, history: HistoryService, config: Config,
-                 gossip_config: Callable[[], Any], members: Callable[[], Sequence[str]],
-                 grace: float = ACTION_GRACE_SECONDS):
+    def __init__(
+        self,
+        app: Application,
+        *,
+        reactor: Any,
+        host_id: str,
+        dom: Dom,
+        manager: ClusterManager,
+        authn: Authenticator,
+        history: HistoryService,
+        config: Config,
+        gossip_config: Callable[[], Any],
+        members: Callable[[], Sequence[str]],
+        grace: float = ACTION_GRACE_SECONDS,
+    ):
         super().__init__()
         self.app = app
         self.reactor = reactor
@@ -223,8 +240,9 @@ class _Page(Resource):
         if name == "dom.xml" and not rest:
             ctx = self._need_ctx(request)
             request.setHeader(b"Content-Type", b"application/xml; charset=utf-8")
-            request.setHeader(b"Content-Disposition",
-                              f'attachment; filename="vmweb-dom-{self.root.host_id}.xml"'.encode())
+            request.setHeader(
+                b"Content-Disposition", f'attachment; filename="vmweb-dom-{self.root.host_id}.xml"'.encode()
+            )
             request.setHeader(b"Cache-Control", b"no-store")
             return ctx.access.dom_xml(ctx.principal)
         if name == "state.json" and not rest:
@@ -248,14 +266,27 @@ class _Page(Resource):
             return self._login(request)
         ctx = self._need_ctx(request)
         if not ctx.session.csrf_ok(_field(request, "csrf")):
-            log.info("web: {what} by {user} refused: missing or wrong CSRF token", what=request.path,
-                     user=ctx.principal.name)
-            raise _Refused(403, "This form was not sent from this page (its security token is "
-                                "missing or out of date). Reload the page and try again.")
+            log.info(
+                "web: {what} by {user} refused: missing or wrong CSRF token",
+                what=request.path,
+                user=ctx.principal.name,
+            )
+            raise _Refused(
+                403,
+                "This form was not sent from this page (its security token is "
+                "missing or out of date). Reload the page and try again.",
+            )
         if name == "logout" and not rest:
             self.root.sessions.drop(ctx.session.token)
-            request.addCookie(self.root.cookie, b"", path=b"/", max_age=b"0", httpOnly=True,
-                              sameSite="strict", secure=request.isSecure())
+            request.addCookie(
+                self.root.cookie,
+                b"",
+                path=b"/",
+                max_age=b"0",
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+            )
             return self._redirect(request, "/login")
         if name == "action" and rest:
             return self._action(request, ctx, "/".join(rest))
@@ -277,8 +308,15 @@ class _Page(Resource):
             return None
         session, rec = found
         root = self.root
-        return Ctx(Principal(rec.id, rec.role), session, root.app, root.manager, root.dom, root.host_id,
-                   request.args if request.method != b"POST" else {})
+        return Ctx(
+            Principal(rec.id, rec.role),
+            session,
+            root.app,
+            root.manager,
+            root.dom,
+            root.host_id,
+            request.args if request.method != b"POST" else {},
+        )
 
     def _need_ctx(self, request) -> Ctx:
         ctx = self._ctx(request)
@@ -307,6 +345,7 @@ class _Page(Resource):
         body = views.forbidden_view(r.text)
         if r.login:
             from vmwebd.web.html import el, frag
+
             body = frag(body, el("p", el("a", "Log in", href="/login", class_="button")))
         return self._html(request, views.page("Refused", self.root.host_id, body), r.code)
 
@@ -316,8 +355,12 @@ class _Page(Resource):
         flashes = [] if partial else ctx.session.take_flashes()
         name = self.name
         if name == "settings" and not ctx.principal.is_admin:
-            body = views.forbidden_view(f"System settings are for admins; user {ctx.principal.name!r} is not one.")
-            html = views.page("System settings", ctx.host_id, body, ctx.principal, ctx.csrf, "/settings", flashes)
+            body = views.forbidden_view(
+                f"System settings are for admins; user {ctx.principal.name!r} is not one."
+            )
+            html = views.page(
+                "System settings", ctx.host_id, body, ctx.principal, ctx.csrf, "/settings", flashes
+            )
             return self._html(request, html, 403)
         if name == "owner":
             title, body = "Owners", views.owner_view(ctx)
@@ -326,11 +369,15 @@ class _Page(Resource):
         elif name == "dom":
             title, body = "Cluster DOM", views.dom_view(ctx, ctx.access.dom_xml(ctx.principal))
         else:
-            title, body = "System settings", views.settings_view(
-                ctx, self.root.config, self.root.gossip_config(), self.root.members())
+            title, body = (
+                "System settings",
+                views.settings_view(ctx, self.root.config, self.root.gossip_config(), self.root.members()),
+            )
         live = name in ("owner", "hosts")
-        return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf,
-                                              f"/{name}", flashes, live=live))
+        return self._html(
+            request,
+            views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, f"/{name}", flashes, live=live),
+        )
 
     def _detail(self, request, ctx: Ctx, rest: list[str]):
         """A cluster's or a VM's page; another user's is refused (403) saying why, one that does
@@ -347,28 +394,56 @@ class _Page(Resource):
             else:
                 title, body = pages.vm_page(ctx, rest[0], rest[1])
         except NotAuthorized as e:
-            log.info("web: {user} refused {path}: {why}", user=ctx.principal.name, path=request.path,
-                     why=e.message)
+            log.info(
+                "web: {user} refused {path}: {why}", user=ctx.principal.name, path=request.path, why=e.message
+            )
             from vmwebd.web.html import el, frag
-            body = frag(views.forbidden_view(f"Refused: {e.message}."),
-                        el("p", el("a", "Back to the owner view", href="/owner", class_="button")))
-            return self._html(request, views.page("Refused", ctx.host_id, body, ctx.principal, ctx.csrf,
-                                                  flashes=flashes), 403)
+
+            body = frag(
+                views.forbidden_view(f"Refused: {e.message}."),
+                el("p", el("a", "Back to the owner view", href="/owner", class_="button")),
+            )
+            return self._html(
+                request,
+                views.page("Refused", ctx.host_id, body, ctx.principal, ctx.csrf, flashes=flashes),
+                403,
+            )
         except (NoSuchCluster, NoSuchVm, InvalidArgument) as e:
             from vmwebd.web.html import el, frag
-            body = frag(views.forbidden_view(e.message),
-                        el("p", el("a", "Back to the owner view", href="/owner", class_="button")))
-            return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
-                                                  flashes=flashes), 404)
+
+            body = frag(
+                views.forbidden_view(e.message),
+                el("p", el("a", "Back to the owner view", href="/owner", class_="button")),
+            )
+            return self._html(
+                request,
+                views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf, flashes=flashes),
+                404,
+            )
         if console:
             # xterm.js draws with <style> elements it makes: only those carrying this response's
             # nonce (console.js stamps it on them) are allowed; the rest of the policy is the same.
-            request.setHeader(b"Content-Security-Policy", CSP.replace(
-                b"style-src 'self'", b"style-src 'self' 'nonce-" + nonce.encode() + b"'"))
-            return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
-                                                  styles=_CONSOLE_STYLES, scripts=_CONSOLE_SCRIPTS))
-        return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes,
-                                              live=True))
+            request.setHeader(
+                b"Content-Security-Policy",
+                CSP.replace(b"style-src 'self'", b"style-src 'self' 'nonce-" + nonce.encode() + b"'"),
+            )
+            return self._html(
+                request,
+                views.page(
+                    title,
+                    ctx.host_id,
+                    body,
+                    ctx.principal,
+                    ctx.csrf,
+                    "",
+                    flashes,
+                    styles=_CONSOLE_STYLES,
+                    scripts=_CONSOLE_SCRIPTS,
+                ),
+            )
+        return self._html(
+            request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "", flashes, live=True)
+        )
 
     def _host_page(self, request, ctx: Ctx, host: str):
         """A host's page with its charts; the samples are this host's or asked of that host (a
@@ -377,10 +452,16 @@ class _Page(Resource):
         flashes = [] if partial else ctx.session.take_flashes()
         if host not in {h.id for h in ctx.mgr.hosts()}:
             from vmwebd.web.html import el, frag
-            body = frag(views.forbidden_view(f"There is no host {host!r} in this grid."),
-                        el("p", el("a", "Back to the host view", href="/hosts", class_="button")))
-            return self._html(request, views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf,
-                                                  flashes=flashes), 404)
+
+            body = frag(
+                views.forbidden_view(f"There is no host {host!r} in this grid."),
+                el("p", el("a", "Back to the host view", href="/hosts", class_="button")),
+            )
+            return self._html(
+                request,
+                views.page("Not found", ctx.host_id, body, ctx.principal, ctx.csrf, flashes=flashes),
+                404,
+            )
         d = self.root.history.samples_of(host)
 
         def unavailable(f):
@@ -388,11 +469,26 @@ class _Page(Resource):
             return f.value
 
         def render(result):
-            samples, error = ([], result.message) if isinstance(result, HistoryUnavailable) else (result, None)
+            samples, error = (
+                ([], result.message) if isinstance(result, HistoryUnavailable) else (result, None)
+            )
             title, body = charts.host_page(ctx, host, samples, error)
-            return self._html(request, views.page(title, ctx.host_id, body, ctx.principal, ctx.csrf, "/hosts",
-                                                  flashes, live=True, styles=_CHART_STYLES,
-                                                  scripts=_CHART_SCRIPTS))
+            return self._html(
+                request,
+                views.page(
+                    title,
+                    ctx.host_id,
+                    body,
+                    ctx.principal,
+                    ctx.csrf,
+                    "/hosts",
+                    flashes,
+                    live=True,
+                    styles=_CHART_STYLES,
+                    scripts=_CHART_SCRIPTS,
+                ),
+            )
+
         d.addCallbacks(lambda samples: samples, unavailable).addCallback(render)
         return _deliver(request, d)
 
@@ -413,25 +509,40 @@ class _Page(Resource):
         history = self.root.history
 
         def ok(samples):
-            return json.dumps({"host": host, "interval_s": history.ring.interval,
-                               "samples": [s.as_list() for s in samples]}, separators=(",", ":")).encode()
+            return json.dumps(
+                {
+                    "host": host,
+                    "interval_s": history.ring.interval,
+                    "samples": [s.as_list() for s in samples],
+                },
+                separators=(",", ":"),
+            ).encode()
 
         def unavailable(f):
             f.trap(HistoryUnavailable)
             request.setResponseCode(502)
             return json.dumps({"error": f.value.message}).encode()
+
         return _deliver(request, history.samples_of(host).addCallbacks(ok, unavailable))
 
     def _login_page(self, request, name: str = "", flashes=(), code: int = 200):
         import re
         import secrets
+
         # Reuse the browser's current login token when it has one: a browser may load the login
         # page twice (a prerender, a reload in another tab) and must not be left showing a form
         # whose token no longer matches its cookie.
         have = (request.getCookie(self.root.login_cookie) or b"").decode("ascii", "replace")
         token = have if re.fullmatch(r"[A-Za-z0-9_-]{32}", have) else secrets.token_urlsafe(24)
-        request.addCookie(self.root.login_cookie, token.encode(), path=b"/login", max_age=b"3600",
-                          httpOnly=True, sameSite="strict", secure=request.isSecure())
+        request.addCookie(
+            self.root.login_cookie,
+            token.encode(),
+            path=b"/login",
+            max_age=b"3600",
+            httpOnly=True,
+            sameSite="strict",
+            secure=request.isSecure(),
+        )
         return self._html(request, views.login_page(self.root.host_id, token, name, flashes), code)
 
     def _login(self, request):
@@ -439,23 +550,42 @@ class _Page(Resource):
         sent = _field(request, "csrf")
         name, password = _field(request, "name"), _field(request, "password")
         if not cookie or not sent or not _same(cookie.decode("ascii", "replace"), sent):
-            return self._login_page(request, name, [("error", "The login form was out of date; try again.")], 403)
+            return self._login_page(
+                request, name, [("error", "The login form was out of date; try again.")], 403
+            )
         d = self.root.authn.authenticate(name, password, client_address(request))
 
         def ok(principal: Principal):
             rec = self.root.dom.get(UserRec, principal.name)
             session = self.root.sessions.create(principal.name, rec.password_hash)
-            request.addCookie(self.root.cookie, session.token.encode(), path=b"/", httpOnly=True,
-                              sameSite="strict", secure=request.isSecure())
-            request.addCookie(self.root.login_cookie, b"", path=b"/login", max_age=b"0", httpOnly=True,
-                              sameSite="strict", secure=request.isSecure())
-            log.info("web: user {user} logged in from {client}", user=principal.name,
-                     client=client_address(request))
+            request.addCookie(
+                self.root.cookie,
+                session.token.encode(),
+                path=b"/",
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+            )
+            request.addCookie(
+                self.root.login_cookie,
+                b"",
+                path=b"/login",
+                max_age=b"0",
+                httpOnly=True,
+                sameSite="strict",
+                secure=request.isSecure(),
+            )
+            log.info(
+                "web: user {user} logged in from {client}",
+                user=principal.name,
+                client=client_address(request),
+            )
             return self._redirect(request, "/owner")
 
         def refused(f):
             f.trap(NotAuthorized)
             return self._login_page(request, name, [("error", f.value.message)], 200)
+
         d.addCallbacks(ok, refused)
         return _deliver(request, d)
 
@@ -464,7 +594,7 @@ class _Page(Resource):
         back = _field(request, "back")
         back = back if back in {f"/{p}" for p in PAGES} or _BACK.fullmatch(back) else "/owner"
         a, p = ctx.access, ctx.principal
-        f = lambda k: _field(request, k)  # noqa: E731
+        f = lambda k: _field(request, k)
         if f("confirm") == "ask":
             try:
                 q = confirm.question(ctx, action, f)
@@ -472,100 +602,132 @@ class _Page(Resource):
                 ctx.session.flash("error", e.message)
                 return self._redirect(request, back)
             if q is not None:
-                fields = [(k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
-                          for k, vs in request.args.items() for v in vs]
-                return self._html(request, views.page("Confirm", ctx.host_id, confirm.confirm_view(
-                    q, action, fields, ctx.csrf, back), ctx.principal, ctx.csrf))
+                fields = [
+                    (k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
+                    for k, vs in request.args.items()
+                    for v in vs
+                ]
+                return self._html(
+                    request,
+                    views.page(
+                        "Confirm",
+                        ctx.host_id,
+                        confirm.confirm_view(q, action, fields, ctx.csrf, back),
+                        ctx.principal,
+                        ctx.csrf,
+                    ),
+                )
         if action == "create":
             name = f("name")
-            call = lambda: a.create_cluster(p, name, f("template"), f("owner"), _int(f("count"), "count"))  # noqa: E731
-            done = lambda c: f"Cluster {c.name} recorded: {len(c.vms)} VMs are booting."  # noqa: E731
+            call = lambda: a.create_cluster(p, name, f("template"), f("owner"), _int(f("count"), "count"))
+            done = lambda c: f"Cluster {c.name} recorded: {len(c.vms)} VMs are booting."
             slow = f"Creating cluster {name}…"
         elif action == "scale":
             name, count = f("cluster"), f("count")
-            call = lambda: a.scale_cluster(p, name, _int(count, "count"))  # noqa: E731
-            done = lambda c: f"Cluster {c.name} scaled to {c.count} VMs."  # noqa: E731
+            call = lambda: a.scale_cluster(p, name, _int(count, "count"))
+            done = lambda c: f"Cluster {c.name} scaled to {c.count} VMs."
             slow = f"Scaling cluster {name} to {count} VMs…"
         elif action == "destroy":
             name = f("cluster")
-            call = lambda: a.destroy_cluster(p, name)  # noqa: E731
-            done = lambda ok: f"Cluster {name} destroyed." if ok else (  # noqa: E731
-                f"Cluster {name} is being destroyed" + (
-                    f"; it waits for host(s) {', '.join(w)}, not alive (an admin can evacuate them "
-                    "on the host view)." if (w := self.root.manager.hosts_not_alive(name)) else "."))
+            call = lambda: a.destroy_cluster(p, name)
+            done = lambda ok: (
+                f"Cluster {name} destroyed."
+                if ok
+                else (
+                    f"Cluster {name} is being destroyed"
+                    + (
+                        f"; it waits for host(s) {', '.join(w)}, not alive (an admin can evacuate them "
+                        "on the host view)."
+                        if (w := self.root.manager.hosts_not_alive(name))
+                        else "."
+                    )
+                )
+            )
             slow = f"Destroying cluster {name}…"
         elif action == "vm":
             cluster, vm, op = f("cluster"), f("vm"), f("op")
             if op not in ("start", "stop"):
                 op = "start"
-            call = lambda: a.set_vm_power(p, cluster, vm, "running" if op == "start" else "stopped")  # noqa: E731
-            done = lambda v: f"VM {vm} of {cluster} is {v.state}."  # noqa: E731
+            call = lambda: a.set_vm_power(p, cluster, vm, "running" if op == "start" else "stopped")
+            done = lambda v: f"VM {vm} of {cluster} is {v.state}."
             slow = f"{'Starting' if op == 'start' else 'Stopping'} VM {vm} of {cluster}…"
         elif action == "migrate":
             cluster, vm = f("cluster"), f("vm")
-            call = lambda: a.migrate_vm(p, cluster, vm, f("to") or None)  # noqa: E731
-            done = lambda m: f"VM {vm} of {cluster} is moving from {m.source} to {m.dest} ({m.mode})."  # noqa: E731
+            call = lambda: a.migrate_vm(p, cluster, vm, f("to") or None)
+            done = lambda m: f"VM {vm} of {cluster} is moving from {m.source} to {m.dest} ({m.mode})."
             slow = f"Reserving a move of VM {vm} of {cluster}…"
         elif action in ("drain", "undrain"):
             host = f("host")
             if action == "drain":
-                call = lambda: a.drain_host(p, host)  # noqa: E731
-                done = lambda r: (f"Host {host} is draining: {len(r[0])} VMs moving away"  # noqa: E731
-                                  + (f"; not movable now: {'; '.join(f'{vm}: {why}' for vm, why in r[1])}"
-                                     if r[1] else "") + ".")
+                call = lambda: a.drain_host(p, host)
+                done = lambda r: (
+                    f"Host {host} is draining: {len(r[0])} VMs moving away"
+                    + (f"; not movable now: {'; '.join(f'{vm}: {why}' for vm, why in r[1])}" if r[1] else "")
+                    + "."
+                )
                 slow = f"Draining host {host}…"
             else:
-                call = lambda: a.undrain_host(p, host)  # noqa: E731
-                done = lambda _: f"Host {host} takes new VMs again."  # noqa: E731
+                call = lambda: a.undrain_host(p, host)
+                done = lambda _: f"Host {host} takes new VMs again."
                 slow = f"Ending the drain of host {host}…"
         elif action == "evacuate":
             host = f("host")
-            call = lambda: a.evacuate_host(p, host)  # noqa: E731
-            done = lambda ms: (f"Host {host}: {len(ms)} VMs re-placed on live hosts, booting afresh."  # noqa: E731
-                               if ms else f"Host {host} had no VMs to re-place.")
+            call = lambda: a.evacuate_host(p, host)
+            done = lambda ms: (
+                f"Host {host}: {len(ms)} VMs re-placed on live hosts, booting afresh."
+                if ms
+                else f"Host {host} had no VMs to re-place."
+            )
             slow = f"Evacuating host {host}…"
         elif action == "setting":
             key = f("key")
-            call = lambda: a.set_setting(p, key, f("value"))  # noqa: E731
-            done = lambda rec: f"Setting {rec.id} is now {rec.value}."  # noqa: E731
+            call = lambda: a.set_setting(p, key, f("value"))
+            done = lambda rec: f"Setting {rec.id} is now {rec.value}."
             slow = f"Saving setting {key}…"
         elif action == "user/create":
             name = f("name")
-            call = lambda: a.create_user(p, name, f("password"), f("role") or "user",  # noqa: E731
-                                         _int(f("quota") or "16", "quota"))
-            done = lambda u: f"User {u.name} created ({u.role}, quota {u.quota_vms} VMs)."  # noqa: E731
+            call = lambda: a.create_user(
+                p,
+                name,
+                f("password"),
+                f("role") or "user",
+                _int(f("quota") or "16", "quota"),
+            )
+            done = lambda u: f"User {u.name} created ({u.role}, quota {u.quota_vms} VMs)."
             slow = f"Creating user {name}…"
         elif action == "user/delete":
             name = f("name")
-            call = lambda: a.delete_user(p, name)  # noqa: E731
-            done = lambda _: f"User {name} deleted."  # noqa: E731
+            call = lambda: a.delete_user(p, name)
+            done = lambda _: f"User {name} deleted."
             slow = f"Deleting user {name}…"
         elif action == "user/password":
             name = f("name")
-            call = lambda: a.set_password(p, name, f("password"))  # noqa: E731
+            call = lambda: a.set_password(p, name, f("password"))
 
             def done(_):
-                if name == p.name:    # the login making this request stays; the user's other logins end
+                if name == p.name:  # the login making this request stays; the user's other logins end
                     rec = ctx.dom.get(UserRec, name)
                     if rec is not None:
                         ctx.session.hash_digest = hash_digest(rec.password_hash)
                 return f"Password of {name} changed."
+
             slow = f"Changing the password of {name}…"
         elif action == "user/key/add":
             name = f("name")
-            call = lambda: a.add_ssh_key_file(p, name, f("key"))  # noqa: E731
-            done = lambda ks: (f"SSH key{'s' if len(ks) > 1 else ''} "  # noqa: E731
-                               f"{', '.join(k.fingerprint for k in ks)} added to {name}.")
+            call = lambda: a.add_ssh_key_file(p, name, f("key"))
+            done = lambda ks: (
+                f"SSH key{'s' if len(ks) > 1 else ''} {', '.join(k.fingerprint for k in ks)} added to {name}."
+            )
             slow = f"Adding SSH keys to {name}…"
         elif action == "user/key/remove":
             name = f("name")
-            call = lambda: a.remove_ssh_key(p, name, f("fingerprint"))  # noqa: E731
-            done = lambda k: f"SSH key {k.fingerprint} removed from {name}."  # noqa: E731
+            call = lambda: a.remove_ssh_key(p, name, f("fingerprint"))
+            done = lambda k: f"SSH key {k.fingerprint} removed from {name}."
             slow = f"Removing an SSH key of {name}…"
         elif action == "user/quota":
             name = f("name")
-            call = lambda: a.set_quota(p, name, _int(f("quota"), "quota"))  # noqa: E731
-            done = lambda u: f"Quota of {u.name} is now {u.quota_vms} VMs."  # noqa: E731
+            call = lambda: a.set_quota(p, name, _int(f("quota"), "quota"))
+            done = lambda u: f"Quota of {u.name} is now {u.quota_vms} VMs."
             slow = f"Changing the quota of {name}…"
         else:
             return self._plain(request, 404, "no such action")
@@ -591,6 +753,7 @@ class _Page(Resource):
             if not answered:
                 session.flash("ok", slow)
                 answer()
+
         timer = self.root.reactor.callLater(self.root.grace, slow_answer)
 
         def ok(result):
@@ -604,6 +767,7 @@ class _Page(Resource):
             if timer.active():
                 timer.cancel()
             answer()
+
         d.addCallbacks(ok, failed)
         return NOT_DONE_YET
 
@@ -633,6 +797,7 @@ def _int(text: str, field: str) -> int:
 
 def _same(a: str, b: str) -> bool:
     import hmac
+
     return hmac.compare_digest(a.encode(), b.encode())
 
 
@@ -661,5 +826,6 @@ def _deliver(request, d: defer.Deferred):
             request.setResponseCode(500)
             request.write(f"internal error (incident {incident})\n".encode())
             request.finish()
+
     d.addCallback(write).addErrback(crashed)
     return NOT_DONE_YET
