@@ -21,8 +21,10 @@ test-py313: bootstrap
 
 # The in-process tier: no real processes, real hosts or browsers, and not the property tests of
 # seconds each (see the markers in tests/conftest.py and pyproject.toml); `make test` runs them.
+# One worker per core (pytest-xdist): each is its own process with its own reactor; ports are
+# bound as port 0 or reserved under a lock (tests/procs.py), so workers never collide.
 test-fast: bootstrap
-	@$(PY) -m pytest -m "not slow and not process and not realhost and not property" -q $(PYTEST_ARGS)
+	@$(PY) -m pytest -m "not slow and not process and not realhost and not property" -q -n auto $(PYTEST_ARGS)
 
 # The static gates: ruff, mypy --strict on the pure cores, import-linter's contracts (pyproject.toml).
 lint: bootstrap

@@ -380,6 +380,7 @@ def random_grids(draw):
     return hosts, place, sizes, dead, closed, moved, overlay, policy
 
 
+@pytest.mark.property
 @settings(max_examples=300, deadline=None)
 @given(random_grids())
 def test_every_chosen_move_obeys_the_rule_on_the_true_state(g):
@@ -505,6 +506,7 @@ def sim_cases(draw, crashes=False):
     return hosts, vms, policy, params, draw(st.integers(0, 2**32))
 
 
+@pytest.mark.property
 @settings(max_examples=100, deadline=None)
 @given(sim_cases())
 def test_simulated_grid_balances_within_the_potential_bound(case):

@@ -36,6 +36,7 @@ from vmwebd.lease.paxos_sim import PaxosSim
         max_size=20,
     )
 )
+@pytest.mark.property
 def test_sets_round_trip(items):
     entries = {Entry(*t) for t in items}
     assert parse(encode(entries, sizes=True)) == entries

@@ -89,6 +89,7 @@ def test_any_grouping_gives_same_document(ups, rnd):
     assert total.canonical_digest() == merged(ups).canonical_digest()
 
 
+@pytest.mark.property
 @settings(max_examples=100, deadline=None)
 @given(updates())
 def test_merging_own_state_is_idempotent(ups):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
@@ -90,6 +91,7 @@ def entities(draw):
     return el
 
 
+@pytest.mark.property
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(entities())
 def test_fast_validator_agrees_with_relaxng(el):

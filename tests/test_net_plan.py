@@ -141,6 +141,7 @@ def test_a_cluster_on_one_host_has_a_segment_without_peers_and_none_elsewhere():
     assert plan_host(dom, "h1").segments == ()
 
 
+@pytest.mark.property
 @settings(max_examples=200, deadline=None)
 @given(st.integers(8, 30), st.integers(0, 2**32 - 1), st.booleans())
 def test_pool_addresses_are_never_network_broadcast_or_gateway(prefix, base, wide_reserve):
@@ -162,6 +163,7 @@ def test_pool_addresses_are_never_network_broadcast_or_gateway(prefix, base, wid
         assert addrs, "a pool of 4 or more addresses holds a VM"
 
 
+@pytest.mark.property
 @settings(max_examples=100, deadline=None)
 @given(grids(), grids(), st.lists(st.integers(0, 10**6), max_size=30))
 def test_the_plan_cache_answers_what_plan_host_answers(first, second, picks):

@@ -291,6 +291,7 @@ def test_any_records_round_trip(batches):
         assert reopen(Path(d), fsync=False) == (None, [r for b in batches for r in b])
 
 
+@pytest.mark.property
 @given(batches_st, st.data())
 @settings(max_examples=200, deadline=None)
 def test_any_truncation_loads_a_prefix(batches, data):
@@ -306,6 +307,7 @@ def test_any_truncation_loads_a_prefix(batches, data):
         assert reopen(Path(d), fsync=False) == (None, expected)
 
 
+@pytest.mark.property
 @given(batches_st.filter(lambda b: len(b) > 0), st.data())
 @settings(max_examples=200, deadline=None)
 def test_corruption_is_never_silent(batches, data):
