@@ -173,6 +173,8 @@ def test_typing_into_a_vms_console_and_reading_it_back_with_the_ring_replayed(st
     yield threads.deferToThread(story)
     yield until(lambda: h.node.consoles.open_streams == 0, WAIT, "the console stream to close")
     assert b"42-answer" in h.node.consoles.rings["lab1/" + vm.name].snapshot()
+    # Each opening is in the audit trail: who, which VM, granted.
+    assert console_openings(h.node) == [("alice", f"vm/lab1/{vm.name}", "ok")] * 2
 
 
 @pytest_twisted.inlineCallbacks
@@ -211,6 +213,9 @@ def test_a_console_through_another_host_is_relayed_over_the_peers_tls(two_hosts)
         WAIT,
         "the stream and the relay to close",
     )
+    # Recorded once, by the host it was asked of; the relayed hop is not a second opening.
+    assert console_openings(b.node) == [("alice", f"vm/lab2/{vm.name}", "ok")]
+    assert not [r for r in a.node.audit.query(None, 0, 1000) if r.op == "OpenConsole" and r.host == "host1"]
 
 
 @pytest_twisted.inlineCallbacks
@@ -254,6 +259,23 @@ def test_refusals_name_the_vm_and_why(start_node):
 
     yield threads.deferToThread(story)
     assert h.node.consoles.open_streams == 0
+    # Refused openings are in the audit trail too, with the fault each was answered; the two
+    # attempts that never logged in are not openings.
+    assert sorted(console_openings(h.node)) == sorted(
+        [
+            ("bob", f"vm/lab3/{vm.name}", "Client.NotAuthorized"),
+            ("alice", "vm/lab3/nope", "Client.NoSuchVm"),
+            ("alice", "vm/nolab/x", "Client.NoSuchCluster"),
+            ("alice", f"vm/lab3/{vm.name}", "Server.ConsoleUnavailable"),
+            (ADMIN[0], f"vm/lab3/{vm.name}", "Server.ConsoleUnavailable"),
+        ]
+    )
+
+
+def console_openings(node) -> list[tuple[str, str, str]]:
+    """(user, object, outcome) of the console openings in ``node``'s audit trail, oldest first."""
+    recs = [r for r in node.audit.query(None, 0, 1000) if r.op == "OpenConsole"]
+    return [(r.user, r.object, r.outcome) for r in reversed(recs)]
 
 
 @pytest_twisted.inlineCallbacks

@@ -143,7 +143,7 @@ def test_typing_into_a_real_guests_serial_console(lab2, guest_artifacts, tmp_pat
     )
     other = yield threads.deferToThread(conn.createXML, filexml, 0)
     driver = LibvirtDriver(h1.uri, reactor=reactor)
-    service = ConsoleService("h1", reactor, None, driver.open_console, lambda principal, cluster: None)
+    service = ConsoleService("h1", reactor, None, driver.open_console, lambda principal, cluster, vm: None)
     try:
         with pytest.raises(HypervisorError) as e:
             yield driver.open_console("vmweb-console-file")

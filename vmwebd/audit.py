@@ -87,7 +87,7 @@ def _own_user(a) -> str:
     return f"user/{a['name'] or a['p'].name}"
 
 
-#: Every Application method that changes the grid. tests/test_audit.py checks that each public method
+#: Every Application method that changes the grid, and the opening of a VM's console. tests/test_audit.py checks that each public method
 #: of Application is either here or in READS, so a new one cannot be forgotten.
 AUDITED: dict[str, Audited] = {
     "create_cluster": Audited(
@@ -117,6 +117,8 @@ AUDITED: dict[str, Audited] = {
     "add_ssh_key": Audited("AddSshKey", _own_user),
     "add_ssh_key_file": Audited("AddSshKey", _own_user),
     "remove_ssh_key": Audited("RemoveSshKey", _own_user),
+    # Not a change to the grid, but a console gives its user the guest: who opened which is kept.
+    "open_console": Audited("OpenConsole", _vm),
 }
 #: Application methods that change nothing (and checks used by the others): not recorded.
 READS = frozenset(

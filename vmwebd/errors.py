@@ -49,6 +49,16 @@ class NoSuchVm(ClientError):
         super().__init__(f"virtual cluster {cluster!r} has no VM named {vm!r}")
 
 
+class ConsoleUnavailable(VmwebError):
+    """A VM's console cannot be had (not running, not reachable, no console); names the VM."""
+
+    faultcode = "Server.ConsoleUnavailable"
+
+    def __init__(self, vm_id: str, why: str):
+        super().__init__(f"the console of VM {vm_id} is not available: {why}")
+        self.vm_id, self.why = vm_id, why
+
+
 class NoSuchTemplate(ClientError):
     faultcode = "Client.NoSuchTemplate"
 

@@ -350,13 +350,14 @@ class Node(MultiService):
             now_ms=self.now_ms,
             run=thread_pool_runner(self.reactor),
         )
-        # VMs' serial consoles (vmwebd/console/): who may see a cluster is the application's say.
+        # VMs' serial consoles (vmwebd/console/): who may open one is the application's say, and
+        # each opening is in its audit trail.
         self.consoles = ConsoleService(
             self.host_id,
             self.reactor,
             self.domsvc,
             self.driver.open_console,
-            self.access.cluster,
+            self.access.open_console,
             relay=Relay(self.host_id, self.reactor, self.peer_address_of, creds) if creds else None,
         )
         if cfg.metrics.enabled:

@@ -57,10 +57,11 @@ class HostFacts(Protocol):
     def host_facts(self) -> Deferred[Any]: ...
 
 
-class ClusterReader(Protocol):
-    """A cluster's view as ``principal`` may see it (NotAuthorized, NoSuchCluster otherwise)."""
+class ConsoleGate(Protocol):
+    """A VM's view when ``principal`` may open its console now (NotAuthorized, NoSuchCluster,
+    NoSuchVm or ConsoleUnavailable otherwise): the application's ``open_console``."""
 
-    def __call__(self, principal: Any, cluster: str, /) -> Any: ...
+    def __call__(self, principal: Any, cluster: str, vm: str, /) -> Any: ...
 
 
 class ConsoleRelay(Protocol):
@@ -85,7 +86,7 @@ __all__ = [
     "PeerSender",
     "LeaseReceiver",
     "HostFacts",
-    "ClusterReader",
+    "ConsoleGate",
     "ConsoleRelay",
     "EntitySink",
 ]

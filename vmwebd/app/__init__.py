@@ -32,9 +32,10 @@ from vmwebd.app.hosts import HostService, Membership, Migrations
 from vmwebd.app.settings import ImageCatalog, SettingsService
 from vmwebd.app.users import Runner, UserService, UserView
 from vmwebd.audit import AuditLog, instrument
-from vmwebd.cluster import ClusterManager, ClusterView
+from vmwebd.cluster import ClusterManager, ClusterView, VmView
 from vmwebd.dom.persist import DomService
 from vmwebd.dom.records import AuditRec, MigrationRec
+from vmwebd.errors import ConsoleUnavailable, NoSuchVm
 
 
 class Application:
@@ -69,6 +70,20 @@ class Application:
 
     def clusters(self, p: Principal, owner: str | None = None) -> list[ClusterView]:
         return self._clusters.clusters(p, owner)
+
+    def open_console(self, p: Principal, cluster: str, vm: str) -> VmView:
+        """The view of VM ``cluster/vm`` when ``p`` may open its serial console now: its owner or
+        an admin, and the VM running. Raises NotAuthorized, NoSuchCluster, NoSuchVm or
+        ConsoleUnavailable, each naming the VM. Recorded in the audit trail either way: a console
+        lets its user do anything inside the guest, so who opened which one is kept like a
+        change."""
+        c = self._clusters.cluster(p, cluster)
+        v = next((v for v in c.vms if v.name == vm), None)
+        if v is None:
+            raise NoSuchVm(c.name, vm)
+        if v.state != "running":
+            raise ConsoleUnavailable(f"{c.name}/{vm}", f"it is not running (its state is {v.state})")
+        return v
 
     def create_cluster(
         self, p: Principal, name: str, template: str, owner: str, count: int

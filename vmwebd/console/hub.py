@@ -27,9 +27,9 @@ from twisted.logger import Logger
 
 from vmwebd.console.ring import RING_BYTES, ConsoleRing
 from vmwebd.dom.records import VmRec, status_of
-from vmwebd.errors import NoSuchVm, VmwebError
+from vmwebd.errors import ConsoleUnavailable, VmwebError
 from vmwebd.hv.naming import domain_name
-from vmwebd.wiring import ClusterReader, ConsoleRelay
+from vmwebd.wiring import ConsoleGate, ConsoleRelay
 
 log = Logger()
 
@@ -47,16 +47,6 @@ OPEN_TIMEOUT_SECONDS = 15.0
 WRITER_JOIN_SECONDS = 10.0
 #: How long a stopping host waits for its consoles' streams to be released.
 STOP_SECONDS = 5.0
-
-
-class ConsoleUnavailable(VmwebError):
-    """A VM's console cannot be had (not running, not reachable, no console); names the VM."""
-
-    faultcode = "Server.ConsoleUnavailable"
-
-    def __init__(self, vm_id: str, why: str):
-        super().__init__(f"the console of VM {vm_id} is not available: {why}")
-        self.vm_id, self.why = vm_id, why
 
 
 class Attachment:
@@ -202,8 +192,8 @@ class ConsoleService:
 
     ``opener(domain)``: a Deferred firing with a :class:`vmwebd.hv.driver.ConsoleStream` on that
     libvirt domain (the hypervisor driver's ``open_console``); ``domsvc``: the DOM (where VMs
-    run); ``cluster_of(principal, cluster)``: the cluster's view if the principal may see it (the
-    application service's); ``relay``: the way to a console on another host (None: this host
+    run); ``console_gate(principal, cluster, vm)``: the VM's view if the principal may open its
+    console now (the application's ``open_console``, which records each opening); ``relay``: the way to a console on another host (None: this host
     runs without peers)."""
 
     def __init__(
@@ -212,7 +202,7 @@ class ConsoleService:
         reactor,
         domsvc,
         opener,
-        cluster_of: ClusterReader,
+        console_gate: ConsoleGate,
         *,
         relay: ConsoleRelay | None = None,
         ring_bytes: int = RING_BYTES,
@@ -220,7 +210,7 @@ class ConsoleService:
         self.host_id = host_id
         self.reactor = reactor
         self.domsvc = domsvc
-        self.cluster_of = cluster_of
+        self.console_gate = console_gate
         self.opener = opener
         self.ring_bytes = ring_bytes
         self.rings: dict[str, ConsoleRing] = {}
@@ -252,13 +242,10 @@ class ConsoleService:
 
     # -- entry points -----------------------------------------------------------------------
     def check_access(self, principal, cluster: str, vm: str):
-        """The VM's view if ``principal`` may see it (owner or admin): NotAuthorized,
-        NoSuchCluster or NoSuchVm otherwise."""
-        c = self.cluster_of(principal, cluster)
-        v = next((v for v in c.vms if v.name == vm), None)
-        if v is None:
-            raise NoSuchVm(c.name, vm)
-        return v
+        """The VM's view if ``principal`` may open its console now (the application's say,
+        recorded in its audit trail): NotAuthorized, NoSuchCluster, NoSuchVm or
+        ConsoleUnavailable otherwise."""
+        return self.console_gate(principal, cluster, vm)
 
     def attach(self, principal, cluster: str, vm: str, viewer) -> defer.Deferred:
         """Fires with an :class:`Attachment` of ``viewer`` to VM ``cluster/vm``'s console,
@@ -269,8 +256,6 @@ class ConsoleService:
         except VmwebError as e:
             return defer.fail(e)
         vm_id = f"{cluster}/{vm}"
-        if v.state != "running":
-            return defer.fail(ConsoleUnavailable(vm_id, f"it is not running (its state is {v.state})"))
         if v.host == self.host_id:
             return self.attach_local(vm_id, viewer)
         if self.relay is None:

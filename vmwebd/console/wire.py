@@ -31,8 +31,8 @@ from twisted.web.server import NOT_DONE_YET
 from wsproto.utilities import LocalProtocolError
 from zope.interface import implementer
 
-from vmwebd.console.hub import MAX_INPUT_MESSAGE, ConsoleUnavailable
-from vmwebd.errors import VmwebError
+from vmwebd.console.hub import MAX_INPUT_MESSAGE
+from vmwebd.errors import ConsoleUnavailable, VmwebError
 from vmwebd.wiring import PeerDirectory
 
 log = Logger()
