@@ -47,6 +47,44 @@ def test_records_handed_in_during_a_write_go_down_together_in_order():
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_barrier_fires_once_every_record_handed_in_before_it_is_durable():
+    """With nothing pending a barrier fires at once; during a write it fires with that write;
+    with records waiting for the next write it fires with that one (a round's Prepare leaves only
+    once the ballot reserve handed in before it is on disk)."""
+    from twisted.internet import reactor
+
+    pool = ThreadPool(1, 1, "test-group-commit-barrier")
+    pool.start()
+    release = [threading.Event(), threading.Event()]
+    writes = []
+
+    def append_many(records):
+        release[len(writes)].wait(10)
+        writes.append(list(records))
+
+    try:
+        g = GroupCommit(reactor, pool, append_many)
+        assert g.barrier().called
+        first = g.append([b"reserve"])
+        during = g.barrier()
+        assert not during.called
+        second = g.append([b"promise"])  # waits for the next write
+        after_second = g.barrier()
+        release[0].set()
+        yield first
+        yield during
+        assert writes == [[b"reserve"]] and not after_second.called and not second.called
+        release[1].set()
+        yield after_second
+        assert second.called and writes == [[b"reserve"], [b"promise"]]
+        assert g.barrier().called
+    finally:
+        for r in release:
+            r.set()
+        pool.stop()
+
+
+@pytest_twisted.inlineCallbacks
 def test_an_acceptor_answers_inline_after_its_promise_is_durable(start_node):
     """A Prepare delivered with inline answers gets its Promise back from receive (and not as a
     message of its own); the promise is in the acceptor's state."""

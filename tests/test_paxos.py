@@ -164,6 +164,71 @@ def test_the_checker_catches_broken_cores(mutant):
     pytest.fail(f"{mutant.__name__} survived 600 schedules")
 
 
+# -- ballot reserves ------------------------------------------------------------------------------
+def _lone_core(now_ms, records=(), reserve_ms=500):
+    """A proposer among two silent members: its rounds never end (each operation gets a round of
+    its own, up to 64), which leaves its ballots to look at."""
+    from vmwebd.dom.hlc import HybridClock
+
+    core = paxos.PaxosCore(
+        "h0",
+        HybridClock("h0", now_ms),
+        random.Random(1),
+        ["h0", "h1", "h2"],
+        reserve_ms=reserve_ms,
+        parallel_rounds=64,
+    )
+    core.restore(list(records))
+    return core
+
+
+def test_ballots_within_a_reserve_are_recorded_once():
+    """The first round records a reserve 500 ms of clock ahead; rounds below it record nothing;
+    the first ballot past it records the next. With no reserve, every ballot is recorded."""
+    now = [1000]
+    core = _lone_core(lambda: now[0])
+    outs = []
+    for i, at in enumerate([1000, 1001, 1200, 1499, 1500, 1501]):
+        now[0] = at
+        outs.append(core.propose(f"op{i}", {f"k{i}": (None, "x")}, at / 1000))
+    ballots = [[r for r in o.persist if r[0] == "ballot"] for o in outs]
+    assert [len(b) for b in ballots] == [1, 0, 0, 0, 1, 0]
+    assert ballots[0][0][2] == Version(1500, 0, "h0") and ballots[4][0][2] == Version(2000, 0, "h0")
+    assert all(o.started for o in outs)
+    every = _lone_core(lambda: now[0], reserve_ms=0)
+    out = every.propose("a", {"k": (None, "x")}, 1.5)
+    assert [r[2] for r in out.persist if r[0] == "ballot"] == [out.started[0][1]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["propose", "restart"]), st.integers(0, 900), st.integers(0, 3000)),
+        max_size=40,
+    )
+)
+def test_a_restarted_proposer_never_uses_a_ballot_twice(steps):
+    """Whatever the proposals, restarts and clock readings going back (up to 3 s) after a
+    restart, a proposer restored from its persisted records makes every ballot above every ballot
+    it made before: none is used twice."""
+    wall = [5000]
+    back = [0]
+    records: list = []
+    core = _lone_core(lambda: wall[0] - back[0])
+    used: list[Version] = []
+    for n, (what, advance, clock_back) in enumerate(steps):
+        wall[0] += advance
+        if what == "restart":
+            back[0] = clock_back
+            core = _lone_core(lambda: wall[0] - back[0], records)
+            continue
+        out = core.propose(f"op{n}", {f"k{n}": (None, "x")}, wall[0] / 1000)
+        records.extend(out.persist)
+        for _, ballot, _ in out.started:
+            assert all(paxos._gt(ballot, b) for b in used), (ballot, used[-1])
+            used.append(ballot)
+
+
 # -- targeted schedules ---------------------------------------------------------------------------
 def test_restart_with_an_earlier_clock_never_reuses_a_ballot():
     """A proposer that crashes after sending an Accept, and restarts with a clock reading earlier,

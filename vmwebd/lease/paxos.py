@@ -297,6 +297,7 @@ class PaxosCore:
         round_keys: int = 1024,
         thrifty: bool = True,
         elide_at: int | None = BIG_VALUE,
+        reserve_ms: int = 500,
     ):
         self.me = me
         self.clock = clock
@@ -313,6 +314,10 @@ class PaxosCore:
         self.thrifty = thrifty
         # Values at least this long cross the wire once per change (see _Said); None: never.
         self.elide_at = elide_at
+        # Ballots are made durable ahead, ``reserve_ms`` of clock at a time (see _reserve_for);
+        # 0: each ballot is recorded on its own.
+        self.reserve_ms = max(0, reserve_ms)
+        self._reserved: Version | None = None  # the latest reserve handed out to persist
         self._missed: dict[str, int] = {}  # member -> phases it left unanswered lately
         self._answering: set[str] = set()  # members that answered since this core started
         self._heard_at: dict[str, float] = {}  # member -> when it last answered a round here
@@ -490,10 +495,7 @@ class PaxosCore:
                 rnd.ops.append(op_id)
                 self.ops[op_id].round = rnd.id
         rnd.ballot = self.clock.tick()
-        # The ballot is durable before a message carrying it leaves: our own promise may not be
-        # (the loopback can come after the remote ones), and a restart with a clock reading earlier
-        # would then reuse the ballot for other values. Restoring this record moves the clock past it.
-        self._record(("ballot", self.me, rnd.ballot, None))
+        self._reserve_for(rnd.ballot)
         rnd.phase = "prepare"
         rnd.promises, rnd.accepted, rnd.values, rnd.carried = {}, set(), {}, []
         rnd.refs = set()
@@ -521,6 +523,26 @@ class PaxosCore:
                     rnd.known[k] = (st.com_ballot, st.com_value)
         rnd.prepare = Prepare(rnd.id, rnd.ballot, tuple(keys), {k: b for k, (b, _) in rnd.known.items()})
         self._ask(rnd, rnd.prepare, self._quorum(), now)
+
+    def _reserve_for(self, ballot: Version) -> None:
+        """Makes sure ``ballot`` is below a reserve handed out to persist.
+
+        A ballot must be durable before a message carrying it leaves: our own promise may not be
+        (the loopback can come after the remote ones), and a restart with a clock reading earlier
+        would then reuse the ballot for other values. Instead of one record per ballot (an fsync
+        on the way of every round), a ``ballot`` record names a stamp ``reserve_ms`` of clock
+        ahead, and every ballot below it is covered: restoring the record moves the clock past
+        it, so a restarted proposer's ballots are above every ballot it used before. The record
+        is not applied here (that would move the clock ahead now). Carrying out the output, the
+        lease service sends a round's first messages only once every record handed in before
+        them is durable, the reserve included (``Output.started`` says a round began)."""
+        if self._reserved is not None and _gt(self._reserved, ballot):
+            return
+        reserve = ballot
+        if self.reserve_ms:
+            reserve = Version(ballot.wall_ms + self.reserve_ms, 0, self.me)
+        self._reserved = reserve
+        self._out.persist.append(("ballot", self.me, reserve, None))
 
     def _quorum(self) -> list[str]:
         """Whom a phase asks first: everyone, or (thrifty) this host and the remote members that

@@ -65,6 +65,7 @@ class GroupCommit:
         self._later: list = []
         self._later_call = None
         self._waiters: list[defer.Deferred] = []
+        self._writing: list[defer.Deferred] = []  # the waiters of the write under way
         self._busy = False
         self.writes = 0  # how many writes (fsyncs) it took
 
@@ -75,6 +76,19 @@ class GroupCommit:
         if not self._busy:
             self._write()
         return d
+
+    def barrier(self) -> defer.Deferred:
+        """Fires once every record handed to :meth:`append` so far is durable: at once when none
+        is waiting or being written, else with the write that takes the last of them."""
+        if self._batch:
+            d = defer.Deferred()
+            self._waiters.append(d)  # goes down with the next write, which is bound to happen
+            return d
+        if self._busy:
+            d = defer.Deferred()
+            self._writing.append(d)  # fired with the write under way
+            return d
+        return defer.succeed(None)
 
     def append_later(self, records) -> None:
         self._later.extend(records)
@@ -88,6 +102,7 @@ class GroupCommit:
     def _write(self) -> None:
         batch, waiters = self._later + self._batch, self._waiters
         self._batch, self._later, self._waiters = [], [], []
+        self._writing = waiters
         self._busy = True
         self.writes += 1
 
@@ -428,7 +443,14 @@ class LeaseService:
         now = [_encode(r) for r in out.persist if r[0] != "commit"]
         if later:
             self._writer.append_later(later)
-        d = self._writer.append(now) if now else defer.succeed(None)
+        if now:
+            d = self._writer.append(now)
+        elif out.started:
+            # A round begins with a ballot covered by a reserve recorded before (see
+            # PaxosCore._reserve_for): its Prepare leaves once that record is durable.
+            d = self._writer.barrier()
+        else:
+            d = defer.succeed(None)
         # Persist before you speak: nothing below runs until the records are durable.
         d.addCallback(lambda _: self._after_persist(out))
         d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
@@ -489,6 +511,18 @@ class LeaseService:
                 lambda f: log.failure("decided leases could not be recorded", failure=f)
             )
         self._release_ballots(out)
+        # Results first: a decided operation is decided once a majority accepted it, and its
+        # value is in our DOM (above); its requester need not wait while the Commits are encoded
+        # and handed to the transport (about 0.4 ms of this thread per peer, measured in process).
+        for result in out.results:
+            d = self._pending.pop(result.op, None)
+            if d is None:
+                continue
+            if result.op in self._raw:
+                self._raw.discard(result.op)
+                d.callback(result)  # a forwarded operation: its requester settles it
+                continue
+            self._settle(d, result)
         by_dst: dict[str, list] = {}
         for dst, msg in out.sends:
             by_dst.setdefault(dst, []).append(msg)
@@ -501,15 +535,6 @@ class LeaseService:
             self._record_commits(out.commits, spread=False).addErrback(
                 lambda f: log.failure("committed leases could not be recorded", failure=f)
             )
-        for result in out.results:
-            d = self._pending.pop(result.op, None)
-            if d is None:
-                continue
-            if result.op in self._raw:
-                self._raw.discard(result.op)
-                d.callback(result)  # a forwarded operation: its requester settles it
-                continue
-            self._settle(d, result)
 
     @staticmethod
     def _settle(d: defer.Deferred, result) -> None:
