@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import LeaseRec, MigrationRec, VClusterRec, VmRec, VmStatus
 from vmwebd.hv.driver import DOMAIN_STATES
+from vmwebd.hv.naming import PREFIX, domain_name, network_name
 from vmwebd.migrate.state import STALE_MS
 from vmwebd.reconcile_plan import (
     NOT_RESTARTED,
@@ -658,9 +659,21 @@ def test_assigned_here_leaves_out_other_hosts_and_moving_vms():
 def test_orphan_domains():
     mine = [VmRec(id="lab/n1", cluster="lab", host=HOST)]
     found = {"vmweb-lab-n1", "vmweb-lab-n2", "vmweb-lab-n3", "vmweb-old-x", "someone-elses", "vmweb"}
-    assert orphan_domains(found, mine, {"lab/n3"}) == ["vmweb-lab-n2", "vmweb-old-x"]
-    assert orphan_domains(found, mine + [VmRec(id="old/x", host=HOST)], ["lab/n3", "lab/n2"]) == []
-    assert orphan_domains([], mine, ()) == []
+    assert orphan_domains(found, mine, {"lab/n3"}, domain_of=domain_name, prefix=PREFIX) == [
+        "vmweb-lab-n2",
+        "vmweb-old-x",
+    ]
+    assert (
+        orphan_domains(
+            found,
+            mine + [VmRec(id="old/x", host=HOST)],
+            ["lab/n3", "lab/n2"],
+            domain_of=domain_name,
+            prefix=PREFIX,
+        )
+        == []
+    )
+    assert orphan_domains([], mine, (), domain_of=domain_name, prefix=PREFIX) == []
 
 
 def test_stale_networks_go_with_the_last_vm_of_their_cluster_here():
@@ -670,7 +683,7 @@ def test_stale_networks_go_with_the_last_vm_of_their_cluster_here():
         VmRec(id="off/n1", cluster="off", host=HOST, desired="stopped"),
     ]
     found = {"vmweb-lab", "vmweb-gone", "vmweb-off", "vmweb-old", "default"}
-    assert stale_networks(found, mine) == ["vmweb-gone", "vmweb-old"]
+    assert stale_networks(found, mine, network_of=network_name, prefix=PREFIX) == ["vmweb-gone", "vmweb-old"]
 
 
 def test_finished_destroys():

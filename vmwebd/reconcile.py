@@ -43,7 +43,7 @@ from vmwebd.dom.records import (
 )
 from vmwebd.errors import VmwebError
 from vmwebd.hv.driver import DomainSpec
-from vmwebd.hv.naming import domain_name, seed_name, volume_name
+from vmwebd.hv.naming import PREFIX, domain_name, network_name, seed_name, volume_name
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.sweep import CapacitySweep
 from vmwebd.migrate.state import in_flight
@@ -376,10 +376,12 @@ class Reconciler:
         yield self._write_statuses(pending)
 
         # 3. orphans: domains of ours the DOM does not put here, networks no VM here needs
-        for name in plan.orphan_domains(candidates & set(domains), mine, moving):
+        for name in plan.orphan_domains(
+            candidates & set(domains), mine, moving, domain_of=domain_name, prefix=PREFIX
+        ):
             log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
             yield self._guard(f"orphan {name}", self._remove_domain(name))
-        for net in plan.stale_networks(have_nets, mine):
+        for net in plan.stale_networks(have_nets, mine, network_of=network_name, prefix=PREFIX):
             yield self._guard(f"network {net}", self.driver.destroy_network(net))
 
         # 4. finished cluster destructions

@@ -25,7 +25,6 @@ from typing import Protocol, TypeVar
 
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import LeaseRec, MigrationRec, Record, VClusterRec, VmRec, VmStatus
-from vmwebd.hv.naming import PREFIX, domain_name, network_name
 from vmwebd.migrate.state import STALE_MS, TERMINAL
 
 #: What a VM's status detail says when it was found stopped and left so (restart_stopped false).
@@ -358,22 +357,32 @@ def assigned_here(vms: Iterable[VmRec | None], host_id: str, moving: Iterable[st
     return [vm for vm in vms if vm is not None and vm.host == host_id and vm.id not in moving]
 
 
-def orphan_domains(found: Iterable[str], mine: Iterable[VmRec], moving: Iterable[str]) -> list[str]:
-    """Of the domains ``found`` here, those to remove: ours (named with :data:`PREFIX`), of no
-    VM in ``mine`` (the VMs placed here), and of no VM being moved (its domain may be the
-    migration's, here as source or destination). Sorted."""
-    known = {domain_name(vm.id) for vm in mine}
-    moved = {domain_name(v) for v in moving}
-    return sorted(n for n in set(found) if n.startswith(PREFIX) and n not in known and n not in moved)
+def orphan_domains(
+    found: Iterable[str],
+    mine: Iterable[VmRec],
+    moving: Iterable[str],
+    *,
+    domain_of: Callable[[str], str],
+    prefix: str,
+) -> list[str]:
+    """Of the domains ``found`` here, those to remove: ours (named with ``prefix``), of no VM in
+    ``mine`` (the VMs placed here), and of no VM being moved (its domain may be the migration's,
+    here as source or destination). ``domain_of`` names a VM's domain (the naming lives with the
+    hypervisor interface, which this module does not import). Sorted."""
+    known = {domain_of(vm.id) for vm in mine}
+    moved = {domain_of(v) for v in moving}
+    return sorted(n for n in set(found) if n.startswith(prefix) and n not in known and n not in moved)
 
 
-def stale_networks(found: Iterable[str], mine: Iterable[VmRec]) -> list[str]:
-    """Of the libvirt networks ``found`` here, those to destroy: ours, of no cluster with a VM
-    in ``mine`` that is to stay. (libvirt networks are from before segments: each goes with the
-    last VM of its cluster here; domains defined on one still use it until they are made again.)
-    Sorted."""
-    still = {network_name(vm.cluster) for vm in mine if vm.desired != "absent"}
-    return sorted(n for n in set(found) - still if n.startswith(PREFIX))
+def stale_networks(
+    found: Iterable[str], mine: Iterable[VmRec], *, network_of: Callable[[str], str], prefix: str
+) -> list[str]:
+    """Of the libvirt networks ``found`` here, those to destroy: ours (named with ``prefix``),
+    of no cluster with a VM in ``mine`` that is to stay (``network_of`` names a cluster's).
+    libvirt networks are from before segments: each goes with the last VM of its cluster here;
+    domains defined on one still use it until they are made again. Sorted."""
+    still = {network_of(vm.cluster) for vm in mine if vm.desired != "absent"}
+    return sorted(n for n in set(found) - still if n.startswith(prefix))
 
 
 def finished_destroys(clusters: Mapping[str, VClusterRec], vm_counts: Mapping[str, int]) -> list[VClusterRec]:
