@@ -20,6 +20,9 @@ pass of :class:`Reconciler`:
 
 Passes never overlap; a kick during a pass schedules one more. All hypervisor calls go through the
 driver, which runs them off the reactor thread.
+
+What to do is decided by :mod:`vmwebd.reconcile_plan`, a pure function of the DOM's records, what
+the driver reports and the time; this module gathers those inputs and carries out its answers.
 """
 
 from __future__ import annotations
