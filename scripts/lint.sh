@@ -10,7 +10,7 @@ BIN=${VENV:-.venv}/bin
 # The modules mypy checks strictly: protocol cores and the helpers they use.
 STRICT=(vmwebd/dom vmwebd/gossip/core.py vmwebd/lease/paxos.py vmwebd/migrate/balancer.py
         vmwebd/migrate/phases.py vmwebd/placement.py vmwebd/xmlsafe.py vmwebd/ids.py
-        vmwebd/atomicfile.py)
+        vmwebd/atomicfile.py vmwebd/reconcile_plan.py)
 
 failed=()
 echo "== ruff check"

@@ -23,7 +23,8 @@ from twisted.internet import defer, task, threads
 from procs import ADMIN, REPO, child_env
 from vmwebd.client import ApiFault
 from vmwebd.dom.records import SettingRec, VmRec, status_of
-from vmwebd.reconcile import NOT_RESTARTED, domain_name
+from vmwebd.hv.naming import domain_name
+from vmwebd.reconcile_plan import NOT_RESTARTED
 
 WAIT = 30.0
 

@@ -20,6 +20,9 @@ pass of :class:`Reconciler`:
 
 Passes never overlap; a kick during a pass schedules one more. All hypervisor calls go through the
 driver, which runs them off the reactor thread.
+
+What to do is decided by :mod:`vmwebd.reconcile_plan`, a pure function of the DOM's records, what
+the driver reports and the time; this module gathers those inputs and carries out its answers.
 """
 
 from __future__ import annotations
@@ -27,18 +30,18 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from vmwebd import reconcile_plan as plan
 from vmwebd.dom.records import (
     HostRec,
     LeaseRec,
     MigrationRec,
     VClusterRec,
     VmRec,
-    VmStatus,
     status_of,
 )
 from vmwebd.errors import VmwebError
@@ -46,7 +49,7 @@ from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.naming import PREFIX, domain_name, network_name, seed_name, volume_name
 from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.sweep import CapacitySweep
-from vmwebd.migrate.state import STALE_MS, TERMINAL, in_flight
+from vmwebd.migrate.state import in_flight
 from vmwebd.net import addressing
 from vmwebd.net import seed as seeds
 from vmwebd.net.devices import Applied, RecordedDevices
@@ -61,21 +64,6 @@ class StorageLayout:
     pool: str  # libvirt storage pool holding base images and overlays
     dir: str = ""  # its directory
     console_dir: str = ""  # where guests' serial consoles are logged (real guests only)
-
-
-#: What a VM's status detail says when it was found stopped and left so (restart_stopped false).
-NOT_RESTARTED = "not restarted (restart_stopped is false)"
-
-
-@dataclass
-class _Stopping:
-    """A guest asked to shut down, here: when it must be off by (``stop_clock`` seconds)."""
-
-    token: str  # the creation of the VM it was asked for
-    timeout: int  # stop_timeout_s when it was asked
-    deadline: float
-    asked_at: float  # when it was last asked (the request is repeated)
-    call: object = field(default=None, repr=False)  # the next look at it
 
 
 def guest_token(vm_id: str) -> str:
@@ -103,10 +91,10 @@ class Reconciler:
     #: burst of them (a cluster created or destroyed across the grid) costs one pass, not one each.
     NETWORK_DELAY = 0.2
     #: Seconds between two looks at a guest asked to shut down (a change pass over it alone).
-    STOP_POLL = 1.0
+    STOP_POLL = plan.STOP_POLL
     #: Seconds after which a guest still running is asked again (it may have missed the first
     #: request, e.g. while booting).
-    STOP_RETRY = 10.0
+    STOP_RETRY = plan.STOP_RETRY
 
     def __init__(
         self,
@@ -164,7 +152,8 @@ class Reconciler:
         #: Times graceful stops (a deadline and the looks until it); the reactor, or a test's
         #: ``task.Clock``.
         self.stop_clock = clock
-        self._stopping: dict[str, _Stopping] = {}  # VM id -> its guest asked to shut down
+        self._stopping: dict[str, plan.Stopping] = {}  # VM id -> its guest asked to shut down
+        self._stop_calls: dict[str, object] = {}  # VM id -> the next look at its guest
 
     # -- scheduling -----------------------------------------------------------------------
     def start(self) -> None:
@@ -337,22 +326,19 @@ class Reconciler:
         # VMs being moved belong to their migration until it ends: leave them (and their
         # domains, here as source or destination) alone.
         moving = in_flight(self.dom, self.now_ms())
-        moving_domains = {domain_name(v) for v in moving}
         if full:
             ours = self.dom.select(VmRec, "host", self.host_id)
             for vm in ours:
                 self._seen.setdefault(vm.id, self._seen_key(vm))
-            mine = [vm for vm in ours if vm.id not in moving]
+            mine = plan.assigned_here(ours, self.host_id, moving)
             domains = {d.name: d for d in (yield self.driver.list_domains())}
             candidates = set(domains)
             cluster_ids = {c.id for c in self.dom.all(VClusterRec)}
         else:
             vm_ids, cluster_ids = changed
-            mine = []
-            for id_ in sorted(vm_ids):
-                vm = self.dom.get(VmRec, id_)
-                if vm is not None and vm.host == self.host_id and id_ not in moving:
-                    mine.append(vm)
+            mine = plan.assigned_here(
+                (self.dom.get(VmRec, id_) for id_ in sorted(vm_ids)), self.host_id, moving
+            )
             names = [domain_name(id_) for id_ in sorted(vm_ids)]
             candidates = set(names)  # only these may be found orphans in this pass
             if len(names) > self.FEW_DOMAINS:
@@ -393,26 +379,21 @@ class Reconciler:
         yield self._write_statuses(pending)
 
         # 3. orphans: domains of ours the DOM does not put here, networks no VM here needs
-        known = {domain_name(vm.id) for vm in mine}
-        for name in sorted(candidates & set(domains)):
-            if name.startswith(PREFIX) and name not in known and name not in moving_domains:
-                log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
-                yield self._guard(f"orphan {name}", self._remove_domain(name))
-        # libvirt networks of ours are from before segments: each goes with the last VM of its
-        # cluster here (domains defined on one still use it until they are made again)
-        still = {network_name(vm.cluster) for vm in mine if vm.desired != "absent"}
-        for net in sorted(have_nets - still):
-            if net.startswith(PREFIX):
-                yield self._guard(f"network {net}", self.driver.destroy_network(net))
+        for name in plan.orphan_domains(
+            candidates & set(domains), mine, moving, domain_of=domain_name, prefix=PREFIX
+        ):
+            log.info("removing orphan domain {name} on {host}", name=name, host=self.host_id)
+            yield self._guard(f"orphan {name}", self._remove_domain(name))
+        for net in plan.stale_networks(have_nets, mine, network_of=network_name, prefix=PREFIX):
+            yield self._guard(f"network {net}", self.driver.destroy_network(net))
 
         # 4. finished cluster destructions
-        for c in sorted(cluster_ids):
-            rec = clusters.get(c)
-            if rec is not None and rec.state == "destroying" and not self.dom.count("vm", "cluster", c):
-                # Leases first: once the cluster is gone from the DOM, its destroy is done.
-                yield self.allocator.release_cluster(rec.id, rec.vni, rec.token)
-                yield self.domsvc.delete(("vcluster", rec.id))
-                log.info("cluster {name} destroyed", name=rec.id)
+        counts = {c: self.dom.count("vm", "cluster", c) for c in clusters}
+        for rec in plan.finished_destroys(clusters, counts):
+            # Leases first: once the cluster is gone from the DOM, its destroy is done.
+            yield self.allocator.release_cluster(rec.id, rec.vni, rec.token)
+            yield self.domsvc.delete(("vcluster", rec.id))
+            log.info("cluster {name} destroyed", name=rec.id)
 
         # 5. leases whose holder never came to be (a crash between taking the leases and
         #    recording the cluster) or is gone: give them back after a grace period
@@ -516,31 +497,17 @@ class Reconciler:
     def _release_orphan_leases(self):
         """Gives back leases whose holder is gone; looks at a bounded slice of them per pass."""
         now = self.now_ms()
-        ids = self.dom.ids("lease")
-        if not ids:
-            return defer.succeed(None)
-        start = self._lease_cursor % len(ids)
-        batch = ids[start : start + self.LEASES_PER_PASS]
-        self._lease_cursor = start + len(batch)
-        stale = {}
-        for lease_id in batch:
-            lease = self.dom.get(LeaseRec, lease_id)
-            if lease is None or now - lease.granted_at < self.lease_grace_s * 1000:
-                continue
-            kind, ref, token = parse_holder(lease.holder)
-            if kind == "vm":
-                vm = self.dom.get(VmRec, ref)
-                c = self.dom.get(VClusterRec, vm.cluster) if vm else None
-                if c is None or c.token != token:
-                    stale[lease.id] = lease.holder
-            elif kind == "vcluster":
-                c = self.dom.get(VClusterRec, ref)
-                if c is None or c.token != token:
-                    stale[lease.id] = lease.holder
-            elif kind == "migration":
-                m = self.dom.get(MigrationRec, token)
-                if m is None or m.phase in TERMINAL or now - m.started_at >= STALE_MS:
-                    stale[lease.id] = lease.holder
+        batch, self._lease_cursor = plan.lease_batch(
+            self.dom.ids("lease"), self._lease_cursor, self.LEASES_PER_PASS
+        )
+        leases = [lease for lease in (self.dom.get(LeaseRec, i) for i in batch) if lease is not None]
+        stale = {
+            lease.id: lease.holder
+            for lease in leases
+            if plan.lease_orphaned(
+                lease, parse_holder(lease.holder), self.dom, now, self.lease_grace_s * 1000
+            )
+        }
         if not stale:
             return defer.succeed(None)
         log.info(
@@ -572,20 +539,44 @@ class Reconciler:
             self._seeds.pop(path, None)
             yield threads.deferToThread(_unlink, path)
 
+    def _settings(self) -> plan.Settings:
+        return plan.Settings(
+            stop_timeout_s=int(get_setting(self.dom, "stop_timeout_s")),
+            restart_stopped=get_setting(self.dom, "restart_stopped") == "true",
+            stop_retry_s=self.STOP_RETRY,
+        )
+
     @defer.inlineCallbacks
     def _reconcile_vm(self, vm: VmRec, dom_info, cluster: VClusterRec | None):
+        """Carries out what :func:`vmwebd.reconcile_plan.decide_vm` says about ``vm``, whose
+        domain was found as ``dom_info`` (None: missing); fires with the status part to write
+        (None when there is none, or it says what is recorded)."""
         prev = status_of(self.dom, vm)
         name = domain_name(vm.id)
-        state = dom_info.state if dom_info is not None else "missing"
-        restarts = prev.restarts if prev else 0
-        detail = prev.detail if prev else ""
+        action = plan.decide_vm(
+            vm,
+            cluster,
+            dom_info.state if dom_info is not None else "missing",
+            prev,
+            self._stopping.get(vm.id),
+            self.stop_clock.seconds(),
+            self._settings(),
+            host_id=self.host_id,
+            segment_error=self.segment_error(cluster),
+            asked_after_status=plan.asked_after(
+                self.dom.version_of("vm", vm.id), self.dom.version_of("vm", vm.id, "status")
+            ),
+        )
         try:
-            if vm.desired == "absent":
-                if state in ("running", "paused"):
-                    state, detail = yield self._power_off(vm, name, state)
-                    if state == "stopping":
-                        return self._status(vm, prev, state, detail, restarts)
+            if isinstance(action, plan.GuestStop):
+                action = yield self._guest_stop(vm, name, action)
+            if isinstance(action, plan.Nothing):
+                return None
+            if isinstance(action, plan.Remove):
                 self._forget_stop(vm.id)
+                if action.power_off:
+                    yield self.driver.destroy(name)
+                    log.info("VM {vm} on {host}: {why}", vm=vm.id, host=self.host_id, why=action.power_off)
                 yield self._remove_domain(name)
                 yield self.allocator.release_vm(
                     vm, cluster.token if cluster else "", owner=cluster.owner if cluster else None
@@ -593,163 +584,71 @@ class Reconciler:
                 yield self.domsvc.delete(("vm", vm.id))
                 log.info("VM {vm} removed from {host}", vm=vm.id, host=self.host_id)
                 return None
-            net_error = self.segment_error(cluster)
-            if vm.desired == "running" and net_error and state != "running":
-                raise VmwebError(net_error)
-            if vm.desired == "running":
+            if isinstance(action, plan.PowerOff):
                 self._forget_stop(vm.id)
-                if state != "running":
-                    start, restarted, detail = self._should_start(vm, prev, state)
-                    if restarted:
-                        restarts += 1
-                    if start:
-                        if state == "missing":
-                            yield self._create(vm, cluster)
-                        yield self.driver.start(name)
-                        state = "running"
-            elif vm.desired == "stopped":
-                if state in ("running", "paused"):
-                    state, detail = yield self._power_off(vm, name, state)
-                elif (
-                    vm.id in self._stopping
-                    or prev is None
-                    or prev.state != "shutoff"
-                    or NOT_RESTARTED in prev.detail
-                ):
-                    self._forget_stop(vm.id)
-                    detail = ""  # e.g. its guest shut down when asked
-                # else: off already, and its detail (how it was powered off) stays
+                yield self.driver.destroy(name)
+                log.info("VM {vm} on {host}: {why}", vm=vm.id, host=self.host_id, why=action.status.detail)
+            elif isinstance(action, plan.Start):
+                self._forget_stop(vm.id)
+                if action.create:
+                    yield self._create(vm, cluster)
+                yield self.driver.start(name)
+            elif isinstance(action, plan.AwaitStop):
+                self._look_again(vm.id)
+            elif isinstance(action, (plan.Keep, plan.LeaveOff)):
+                self._forget_stop(vm.id)
+                if isinstance(action, plan.LeaveOff) and action.notice:
+                    log.info("VM {vm} on {host} {notice}", vm=vm.id, host=self.host_id, notice=action.notice)
+            elif isinstance(action, plan.Fail):
+                log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=action.status.detail)
+            status = action.status
         except VmwebError as e:
-            state, detail = "error", str(e)
+            status = plan.failed(action, prev, str(e))
             log.warn("VM {vm} on {host}: {err}", vm=vm.id, host=self.host_id, err=e)
-        return self._status(vm, prev, state, detail, restarts)
-
-    def _status(self, vm: VmRec, prev, state: str, detail: str, restarts: int) -> VmStatus | None:
-        """The status part to write for ``vm`` (None when the one recorded says the same)."""
-        if prev is None or (prev.state, prev.detail, prev.restarts) != (state, detail, restarts):
-            return VmStatus(
-                id=vm.id,
-                host=self.host_id,
-                state=state,
-                detail=detail,
-                restarts=restarts,
-                observed_at=int(self.now_ms()),
-                token=vm.token,
-            )
-        return None
-
-    def _should_start(self, vm: VmRec, prev, state: str) -> tuple[bool, bool, str]:
-        """For a VM that should run and is found ``state``: (start it?, is that a restart of one
-        stopped behind our back?, its status detail).
-
-        A VM last seen running was stopped behind our back: started again only when the setting
-        ``restart_stopped`` is true, else left off with a status saying so. A VM left off that
-        way stays off until the setting becomes true or a user starts it (its main part written
-        after that status). Any other VM (new, or stopped by a user and now asked to run) starts.
-        """
-        if prev is None or prev.host != self.host_id:
-            # Never seen running here: new, or placed here from another host (an evacuation).
-            return True, False, ""
-        left_off = prev.state != "running" and NOT_RESTARTED in prev.detail
-        if not left_off and prev.state != "running":
-            return True, False, ""
-        if get_setting(self.dom, "restart_stopped") == "true":
-            return True, True, f"found {state} behind our back; restarted"
-        if left_off and self._asked_after_status(vm):
-            return True, False, ""
-        if left_off:
-            return False, False, prev.detail
-        log.info(
-            "VM {vm} on {host} found {state}; not restarted (restart_stopped is false)",
-            vm=vm.id,
-            host=self.host_id,
-            state=state,
-        )
-        return False, False, f"found {state} behind vmweb's back; {NOT_RESTARTED}"
-
-    def _asked_after_status(self, vm: VmRec) -> bool:
-        """Was the VM's main part written after its status part? Versions are hybrid logical
-        clock readings, so a start request made by a host that had seen the status orders after
-        it, wherever it was made."""
-        main = self.dom.version_of("vm", vm.id)
-        status = self.dom.version_of("vm", vm.id, "status")
-        return main is not None and status is not None and main > status
+        return plan.status_record(vm, self.host_id, prev, status, int(self.now_ms()))
 
     @defer.inlineCallbacks
-    def _power_off(self, vm: VmRec, name: str, state: str):
-        """Carries out a stop (desired ``stopped`` or ``absent``) of domain ``name``, found
-        ``state`` (running or paused); fires with the VM's (state, detail): ``shutoff`` once it
-        is off, ``stopping`` while its guest still has time to shut down.
-
-        The guest is asked to shut down (ACPI) and looked at every ``STOP_POLL`` seconds (a
-        change pass over it alone); once ``stop_timeout_s`` (read when it was asked) has passed
-        it is powered off. A forced stop, a timeout of 0 and a paused guest (it cannot hear the
-        request) are powered off at once. What was asked is kept in memory: a daemon restarted
-        meanwhile asks again, with a new deadline."""
-        timeout = int(get_setting(self.dom, "stop_timeout_s"))
-        if vm.force or timeout == 0 or state == "paused":
+    def _guest_stop(self, vm: VmRec, name: str, action: plan.GuestStop):
+        """Carries out a graceful stop: remembers it, asks the guest (when the plan says so) and
+        looks at the domain; fires with what follows (:func:`vmwebd.reconcile_plan.after_look`).
+        What was asked is kept in memory: a daemon restarted meanwhile asks again, with a new
+        deadline."""
+        if action.fresh:
             self._forget_stop(vm.id)
-            yield self.driver.destroy(name)
-            why = "forced" if vm.force else "stop_timeout_s is 0" if timeout == 0 else "it was paused"
-            log.info("VM {vm} on {host} powered off at once ({why})", vm=vm.id, host=self.host_id, why=why)
-            return "shutoff", f"powered off at once ({why})"
-        now = self.stop_clock.seconds()
-        stop = self._stopping.get(vm.id)
-        if stop is None or stop.token != vm.token:
-            self._forget_stop(vm.id)
-            stop = self._stopping[vm.id] = _Stopping(vm.token, timeout, now + timeout, now)
             log.info(
                 "VM {vm} on {host}: guest asked to shut down, powered off after {t} s",
                 vm=vm.id,
                 host=self.host_id,
-                t=timeout,
+                t=action.stop.timeout,
             )
+        self._stopping[vm.id] = action.stop
+        if action.ask:
             yield self.driver.shutdown(name)
-        elif now >= stop.deadline:
-            self._forget_stop(vm.id)
-            yield self.driver.destroy(name)
-            log.info(
-                "VM {vm} on {host} did not shut down within {t} s; powered off",
-                vm=vm.id,
-                host=self.host_id,
-                t=stop.timeout,
-            )
-            return "shutoff", f"did not shut down within {stop.timeout} s of being asked; powered off"
-        elif now - stop.asked_at >= self.STOP_RETRY:
-            stop.asked_at = now
-            yield self.driver.shutdown(name)
-        # A guest may be off already (at once on the test driver; a quick guest in a second).
-        if (yield self.driver.state(name)).state != "running":
-            self._forget_stop(vm.id)
-            return "shutoff", ""
-        self._look_again(vm.id, stop)
-        # The same words at every look: the status is written once, not once a second.
-        return "stopping", (
-            f"asked its guest to shut down; powered off if still running after {stop.timeout} s"
-        )
+        return plan.after_look(action, (yield self.driver.state(name)).state)
 
-    def _look_again(self, vm_id: str, stop: _Stopping) -> None:
-        if stop.call is not None and stop.call.active():
+    def _look_again(self, vm_id: str) -> None:
+        call = self._stop_calls.get(vm_id)
+        if call is not None and call.active():
             return
-        delay = max(0.0, min(self.STOP_POLL, stop.deadline - self.stop_clock.seconds()))
-        stop.call = self.stop_clock.callLater(delay, self._stop_due, vm_id)
+        delay = plan.look_delay(self._stopping[vm_id], self.stop_clock.seconds(), self.STOP_POLL)
+        self._stop_calls[vm_id] = self.stop_clock.callLater(delay, self._stop_due, vm_id)
 
     def _stop_due(self, vm_id: str) -> None:
+        self._stop_calls.pop(vm_id, None)
         stop = self._stopping.get(vm_id)
         if stop is None:
             return
-        stop.call = None
-        vm = self.dom.get(VmRec, vm_id)
-        if vm is None or vm.host != self.host_id or vm.token != stop.token:
+        if not plan.stop_still_wanted(self.dom.get(VmRec, vm_id), self.host_id, stop):
             self._forget_stop(vm_id)  # gone, moved or made anew: nothing to finish here
             return
         self._dirty_vms.add(vm_id)
         self._schedule()
 
     def _forget_stop(self, vm_id: str) -> None:
-        stop = self._stopping.pop(vm_id, None)
-        if stop is not None and stop.call is not None and stop.call.active():
-            stop.call.cancel()
+        self._stopping.pop(vm_id, None)
+        call = self._stop_calls.pop(vm_id, None)
+        if call is not None and call.active():
+            call.cancel()
 
     @defer.inlineCallbacks
     def _create(self, vm: VmRec, cluster: VClusterRec | None):
