@@ -10,6 +10,7 @@ import pytest_twisted
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
+from vmwebd.blocking import ThreadPoolRunner
 from vmwebd.dom.hlc import Version
 from vmwebd.gossip.codec import decode, encode
 from vmwebd.gossip.messages import Bundle, Envelope
@@ -35,7 +36,7 @@ def test_records_handed_in_during_a_write_go_down_together_in_order():
         writes.append(list(records))
 
     try:
-        g = GroupCommit(reactor, pool, append_many)
+        g = GroupCommit(ThreadPoolRunner(reactor, pool), append_many, reactor)
         first = g.append([b"a"])
         later = [g.append([b"b"]), g.append([b"c", b"d"]), g.append([b"e"])]
         assert not any(d.called for d in later)
@@ -186,7 +187,9 @@ def test_records_nothing_waits_for_ride_along_with_the_next_write_or_go_later():
     writes = []
     clock = task.Clock()
     try:
-        g = GroupCommit(reactor, pool, lambda records: writes.append(list(records)), later_s=0.1, clock=clock)
+        g = GroupCommit(
+            ThreadPoolRunner(reactor, pool), lambda records: writes.append(list(records)), clock, later_s=0.1
+        )
         g.append_later([b"commit-1"])
         assert g.writes == 0
         yield g.append([b"promise"])

@@ -26,6 +26,7 @@ from vmwebd import apitls
 from vmwebd.app import build_application
 from vmwebd.app.users import thread_pool_runner
 from vmwebd.audit import AuditLog
+from vmwebd.blocking import ThreadPoolRunner
 from vmwebd.cluster import ClusterManager
 from vmwebd.config import Address, Config
 from vmwebd.console.hub import ConsoleService
@@ -266,6 +267,8 @@ class Node(MultiService):
             proposer_for=self._proposer_for,
             non_members_alive=self._non_members_alive,
             note_own=self._note_own,
+            # The acceptor store's own thread: its load and group writes, in order.
+            run_blocking=ThreadPoolRunner.dedicated(self.reactor, "vmweb-paxos-store"),
         )
         table = PaxosLeaseTable(self.leases)
         self.allocator = Allocator(
@@ -326,6 +329,7 @@ class Node(MultiService):
             placement=lambda: get_setting(self.domsvc.dom, "placement"),
             migrate_uri=cfg.migrate_uri if cfg.migrate_uri and self.driver.supports_live_migration else "",
             push_to=self._push_to,
+            run_blocking=ThreadPoolRunner(self.reactor),  # file work: the reactor's pool
         )
         # Its ring is served on the peer endpoint.
         self.history = HistoryService(

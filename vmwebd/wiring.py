@@ -8,7 +8,7 @@ implementation (the node's view with peers, a single host's view without), are t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -72,6 +72,20 @@ class ConsoleRelay(Protocol):
     def stop(self) -> None: ...
 
 
+class BlockingRunner(Protocol):
+    """Runs blocking work (file and store I/O) off the reactor thread: ``run(f, *args, **kw)``
+    fires with ``f(*args, **kw)`` or its failure. Production runs it on a thread pool; tests on
+    a ``task.Clock`` run it at once (:mod:`vmwebd.blocking`). ``start`` and ``stop`` bracket
+    its use by the service that owns it (a pool of its own is started and stopped there; a
+    shared pool or an inline runner does nothing)."""
+
+    def __call__(self, f: Callable[..., Any], /, *args: Any, **kw: Any) -> Deferred[Any]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class EntitySink(Protocol):
     """Told of own decided leases recorded without a push (``GossipService.note_own``)."""
 
@@ -89,4 +103,5 @@ __all__ = [
     "ConsoleGate",
     "ConsoleRelay",
     "EntitySink",
+    "BlockingRunner",
 ]

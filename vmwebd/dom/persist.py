@@ -47,18 +47,36 @@ def load_dom(directory: str | Path, clock: HybridClock, fsync: bool = True) -> t
 
 
 class DomService:
-    """The replica plus its durable store, driven from the reactor thread."""
+    """The replica plus its durable store, driven from the reactor thread.
+
+    The store's writes run in order on a thread of its own; or, given ``run_blocking`` (a
+    :class:`vmwebd.wiring.BlockingRunner` that runs one call at a time in the order given, such as
+    a test's inline runner on a ``task.Clock``), through that runner, ``reactor`` then being
+    only a clock."""
 
     def __init__(
-        self, dom: Dom, store: DurableStore, reactor: Any, compact_every: int = 4096, journal_records: int = 0
+        self,
+        dom: Dom,
+        store: DurableStore,
+        reactor: Any,
+        compact_every: int = 4096,
+        journal_records: int = 0,
+        run_blocking: Callable[..., defer.Deferred[Any]] | None = None,
     ) -> None:
         # reactor: an IReactorTime that is also an IReactorFromThreads (the real one, or a test's)
         self.dom = dom
         self.store = store
         self.reactor = reactor
         self.compact_every = compact_every
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-dom-store")
-        self._pool.start()
+        self._pool: ThreadPool | None = None
+        if run_blocking is None:
+            pool = self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-dom-store")
+            pool.start()
+
+            def run_blocking(f: Callable[..., Any], /, *args: Any) -> defer.Deferred[Any]:
+                return deferToThreadPool(reactor, pool, f, *args)
+
+        self._run = run_blocking
         self._since_snapshot = journal_records
         self._waiters: list[list[Any]] = []  # [predicate, Deferred, timer]
         # fn(entities) after local writes are durable; may return a Deferred (the push round)
@@ -80,7 +98,7 @@ class DomService:
             # Serialise now, on the reactor thread, so the snapshot matches the journal order.
             snapshot = self.dom.to_xml(pretty=False)
             self._since_snapshot = 0
-        return deferToThreadPool(self.reactor, self._pool, self._write, records, snapshot)
+        return self._run(self._write, records, snapshot)
 
     def _write(self, records: list[bytes], snapshot: bytes | None) -> None:
         self.store.append_many(records)
@@ -145,7 +163,7 @@ class DomService:
     def barrier(self) -> defer.Deferred[None]:
         """Fires once everything handed to the store before this call is on disk (the store's
         single thread runs in order)."""
-        return deferToThreadPool(self.reactor, self._pool, lambda: None)
+        return self._run(lambda: None)
 
     def forget(self, keys: Iterable[tuple[str, str]]) -> defer.Deferred[int]:
         """Removes collected tombstones (vmwebd/dom/gc.py) and writes a snapshot without them; fires
@@ -156,9 +174,7 @@ class DomService:
             return defer.succeed(0)
         snapshot = self.dom.to_xml(pretty=False)
         self._since_snapshot = 0
-        return deferToThreadPool(self.reactor, self._pool, self.store.compact, snapshot).addCallback(
-            lambda _: n
-        )
+        return self._run(self.store.compact, snapshot).addCallback(lambda _: n)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> defer.Deferred[bool]:
         """Fires True as soon as ``predicate()`` holds (re-checked after every change to the
@@ -194,5 +210,6 @@ class DomService:
         for _, _d, timer in self._waiters:
             timer.cancel()
         self._waiters.clear()
-        self._pool.stop()
+        if self._pool is not None:
+            self._pool.stop()
         self.store.close()

@@ -16,18 +16,17 @@ import json
 from collections.abc import Callable
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from vmwebd.blocking import ThreadPoolRunner
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import LeaseRec
 from vmwebd.dom.store import DurableStore
 from vmwebd.errors import NoQuorum
 from vmwebd.lease import paxos
 from vmwebd.lease.table import LeaseConflict
-from vmwebd.wiring import EntitySink, PeerSender
+from vmwebd.wiring import BlockingRunner, EntitySink, PeerSender
 
 log = Logger()
 MEMBERS_KEY = "config/members"  # the consensus members, itself decided by consensus
@@ -47,20 +46,22 @@ def _decode(data: bytes):
 
 
 class GroupCommit:
-    """Appends records to a store on its own thread, many callers' records in one write and one
-    fsync: while a write is under way, what arrives waits and goes down together in the next.
+    """Appends records to a store through ``run_blocking`` (the store's own thread in
+    production), many callers' records in one write and one fsync: while a write is under way, what arrives waits and goes down together in the next.
     Each caller's Deferred fires once its records are durable, in the order they were handed in.
 
     Records nothing waits for (:meth:`append_later`) ride along with the next write, or go down
     by themselves ``later_s`` after they came if none comes: they never hold up a write others
-    wait for."""
+    wait for. ``clock`` schedules those later writes.
 
-    def __init__(self, reactor, pool: ThreadPool, append_many, later_s: float = 0.1, clock=None):
-        self.reactor = reactor
-        self.pool = pool
+    Writes are handed to ``run_blocking`` one at a time (the next only once the one before is
+    done), so they reach the store in the order they were handed in, whatever the runner."""
+
+    def __init__(self, run_blocking: BlockingRunner, append_many, clock, later_s: float = 0.1):
+        self.run_blocking = run_blocking
         self.append_many = append_many
         self.later_s = later_s
-        self.clock = clock or reactor
+        self.clock = clock
         self._batch: list = []
         self._later: list = []
         self._later_call = None
@@ -118,7 +119,7 @@ class GroupCommit:
             elif self._later and (self._later_call is None or not self._later_call.active()):
                 self._later_call = self.clock.callLater(self.later_s, self._flush_later)
 
-        deferToThreadPool(self.reactor, self.pool, self.append_many, batch).addBoth(done)
+        self.run_blocking(self.append_many, batch).addBoth(done)
 
 
 class LeaseService:
@@ -127,7 +128,10 @@ class LeaseService:
     ``send(dst, msgs)`` carries a list of messages to one peer (the transport bundles them and
     hands what the peer answers inline back to :meth:`receive`); a lost message is fine.
     ``on_round(outcome, seconds)``, if given, hears of every proposal once it ends: outcome
-    ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock."""
+    ``decided``, ``conflict``, ``noquorum`` or ``error``, and its seconds on the reactor's clock.
+    ``run_blocking`` carries out the store's work (its load, every group write): by default a
+    thread of its own, which :meth:`start` starts and :meth:`stop` stops; the node passes that
+    explicitly, a test on a ``task.Clock`` an inline runner (:mod:`vmwebd.blocking`)."""
 
     def __init__(
         self,
@@ -147,6 +151,7 @@ class LeaseService:
         proposer_for: Callable[[], str | None] | None = None,
         non_members_alive: Callable[[], bool] | None = None,
         note_own: EntitySink | None = None,
+        run_blocking: BlockingRunner | None = None,
     ):
         self.me = me
         self.on_round = on_round
@@ -158,8 +163,10 @@ class LeaseService:
             me, clock, rng, members, deadline=deadline, parallel_rounds=parallel_rounds
         )
         self.compact_every = compact_every
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="vmweb-paxos-store")
-        self._writer = GroupCommit(reactor, self._pool, self.store.append_many)
+        self.run_blocking: BlockingRunner = run_blocking or ThreadPoolRunner.dedicated(
+            reactor, "vmweb-paxos-store"
+        )
+        self._writer = GroupCommit(self.run_blocking, self.store.append_many, reactor)
         self._pending: dict[str, defer.Deferred] = {}
         # Ballots of ours a lease record may still carry (see open_ballot_floor): by round
         # (round id -> (since, ballots sent in a Prepare)), and decided but not yet recorded here.
@@ -200,8 +207,8 @@ class LeaseService:
 
     @defer.inlineCallbacks
     def start(self):
-        self._pool.start()
-        _, records = yield deferToThreadPool(self.reactor, self._pool, self.store.load)
+        self.run_blocking.start()
+        _, records = yield self.run_blocking(self.store.load)
         self.core.restore(_decode(r) for r in records)
         self._adopt_members()
         self.domsvc.dom.subscribe(
@@ -236,7 +243,7 @@ class LeaseService:
         for d in list(self._pending.values()):
             d.errback(NoQuorum("the daemon is stopping"))
         self._pending.clear()
-        self._pool.stop()
+        self.run_blocking.stop()
         self.store.close()
 
     # -- membership ------------------------------------------------------------------------

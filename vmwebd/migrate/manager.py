@@ -38,9 +38,10 @@ import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from vmwebd.blocking import ThreadPoolRunner
 from vmwebd.cluster import capacity_limits, host_loads, reserved_loads
 from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec, status_of
 from vmwebd.errors import (
@@ -75,7 +76,7 @@ from vmwebd.migrate.phases import (
 from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import all_settings, drain_record, drained_hosts
-from vmwebd.wiring import HostSet, Liveness, PeerDirectory
+from vmwebd.wiring import BlockingRunner, HostSet, Liveness, PeerDirectory
 
 log = Logger()
 #: How long a host must have been dead (or gone) here before the VMs that never ran on it are
@@ -115,7 +116,10 @@ def _replace(rec, **kw):
 
 class MigrationManager:
     """The migration side of one host. ``reconciler`` builds domain specs the same way it does
-    for new VMs; ``images`` makes base images usable here; ``table`` is the lease table."""
+    for new VMs; ``images`` makes base images usable here; ``table`` is the lease table.
+    ``run_blocking`` carries out the file work around a move (fetching the state and disk files,
+    the state file's directory, size and removal): the reactor's thread pool by default, an
+    inline runner in a test on a ``task.Clock``; ``clock`` schedules its reactions to the DOM."""
 
     def __init__(
         self,
@@ -138,10 +142,17 @@ class MigrationManager:
         placement: Callable[[], str] | None = None,
         migrate_uri: str = "",
         push_to: Callable[[Iterable[str]], object] | None = None,
+        run_blocking: BlockingRunner | None = None,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        if run_blocking is None:
+            # The reactor's own pool, as ``threads.deferToThread`` uses, whatever ``clock`` is.
+            from twisted.internet import reactor
+
+            run_blocking = ThreadPoolRunner(reactor)
+        self.run_blocking: BlockingRunner = run_blocking
         self.host_id = host_id
         self.domsvc = domsvc
         self.dom = domsvc.dom
@@ -896,12 +907,12 @@ class MigrationManager:
         work = Path(self.storage.dir)
         state = None
         if action.fetch_disk:
-            yield threads.deferToThread(
+            yield self.run_blocking(
                 fetch_file, src_addr, f"/migration/{m.id}/disk", Path(m.dest_disk), self.cert_dir, m.source
             )
         if action.fetch_state:  # a memory state was saved
             state = work / f".migrate-{m.id}.state"
-            yield threads.deferToThread(
+            yield self.run_blocking(
                 fetch_file, src_addr, f"/migration/{m.id}/state", state, self.cert_dir, m.source
             )
         seed = yield self.reconciler.write_seed(vm)
@@ -911,7 +922,7 @@ class MigrationManager:
             try:
                 yield self.driver.restore(str(state))
             finally:
-                yield threads.deferToThread(_unlink, state)
+                yield self.run_blocking(_unlink, state)
         yield self._advance(m, "restored")
 
     # -- source ----------------------------------------------------------------------------
@@ -942,9 +953,9 @@ class MigrationManager:
         state_bytes = 0
         if info.state in ("running", "paused"):
             path = self._state_path(m)
-            yield threads.deferToThread(path.parent.mkdir, parents=True, exist_ok=True)
+            yield self.run_blocking(path.parent.mkdir, parents=True, exist_ok=True)
             yield self.driver.save(name, str(path))
-            state_bytes = yield threads.deferToThread(lambda: os.path.getsize(path))
+            state_bytes = yield self.run_blocking(lambda: os.path.getsize(path))
         yield self._advance(m, "saved", disk_bytes=overlay, bytes=overlay + state_bytes)
 
     @defer.inlineCallbacks
@@ -956,7 +967,7 @@ class MigrationManager:
         )
         yield self.driver.undefine(name)
         yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
-        yield threads.deferToThread(_unlink, self._state_path(m))
+        yield self.run_blocking(_unlink, self._state_path(m))
 
     def _state_path(self, m: MigrationRec) -> Path:
         return Path(self.storage.dir) / f".migrate-{m.id}.state"
@@ -1048,7 +1059,7 @@ class MigrationManager:
             yield self.driver.delete_volume(self.storage.pool, volume_name(m.vm))
         if action.source_side:
             state = self._state_path(m)
-            exists = yield threads.deferToThread(state.exists)
+            exists = yield self.run_blocking(state.exists)
             if exists and action.restore_saved:
                 # A cold move failed after the save: bring the VM back as it was.
                 try:
@@ -1060,7 +1071,7 @@ class MigrationManager:
                         vm=m.vm,
                         err=e,
                     )
-            yield threads.deferToThread(_unlink, state)
+            yield self.run_blocking(_unlink, state)
             self.reconciler.kick()
 
 

@@ -1,0 +1,322 @@
+"""Two migration managers on one ``task.Clock``, each over its own host of libvirt's test driver
+(``test:///ABS/node.xml``), carrying out a cold move phase by phase as the phase machine answers.
+
+Everything blocking runs at once on the test's thread: the managers' file work and the DOM
+store through an inline runner, the drivers' libvirt calls through a pool stand-in that runs
+them inline. The two hosts share one DOM replica (standing in for gossip, which would carry
+each change from one to the other). Doubles stand in for what the move needs but is not under
+test: the image store (a base volume made here), the reconciler's domain spec and seed, and the
+allocator's lease and capacity round at the end (recorded, not decided by consensus: the lease
+service on a Clock is tests/test_lease_service_clock.py). A running VM's cold move fetches its
+memory file from the source's peer endpoint over TLS (``vmwebd.hv.images.fetch_file``, called by
+name): that cannot be had in process, so the VMs moved here are stopped ones (no memory to carry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+
+from vmwebd.blocking import InlineRunner
+from vmwebd.dom.hlc import HybridClock
+from vmwebd.dom.persist import DomService, load_dom
+from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec
+from vmwebd.hv.driver import DomainSpec
+from vmwebd.hv.libvirt_driver import LibvirtDriver
+from vmwebd.hv.naming import domain_name, volume_name
+from vmwebd.hv.testhost import write_test_host
+from vmwebd.migrate.manager import MigrationManager
+from vmwebd.reconcile import StorageLayout
+
+START_S = 1_700_000_000.0
+POOL = "vmweb"
+VM = "c1/web"
+
+
+class ClockReactor(task.Clock):
+    """A ``task.Clock`` that also takes calls from a "thread" (the pool stand-in's, which is
+    the test's own): at once."""
+
+    def callFromThread(self, f, *args, **kw):
+        f(*args, **kw)
+
+
+class InlinePool:
+    """Stands in for the driver's one-thread pool: runs each call at once on the caller's thread."""
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kw):
+        try:
+            result = f(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def stop(self):
+        pass
+
+
+@dataclass
+class Image:
+    path: str
+    size_mib: int = 64
+    format: str = "qcow2"
+
+
+class Images:
+    """The image store's part in a move: the base image is usable here."""
+
+    def __init__(self, path: str):
+        self.image = Image(path)
+
+    def ensure(self, name):
+        return defer.succeed(self.image)
+
+
+class Reconciler:
+    """The reconciler's part in a move: the cluster's network, the guest's seed, its domain."""
+
+    def __init__(self):
+        self.kicks = 0
+
+    def apply_network(self):
+        return defer.succeed(None)
+
+    def segment_error(self, cluster):
+        return None
+
+    def write_seed(self, vm):
+        return defer.succeed(None)
+
+    def spec_for(self, vm, cluster, image, disk, seed=None):
+        return DomainSpec(
+            name=domain_name(vm.id),
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            disk_path=disk,
+            network="default",
+            mac=vm.mac,
+            domain_type="test",
+            metadata={"vm": vm.id, "cluster": cluster.id, "owner": cluster.owner},
+        )
+
+    def kick(self):
+        self.kicks += 1
+
+
+class Change:
+    def __init__(self):
+        self.unreserved = []
+
+    def unreserve(self, vm_id, token, hosts, owner):
+        self.unreserved.append((vm_id, tuple(hosts)))
+
+    def ops(self, *limits):
+        return {}
+
+
+class Allocator:
+    """Records the consensus operations a manager asks for (lease and capacity), decided at once."""
+
+    def __init__(self):
+        self.ops = []
+        self.unreserved = []
+
+    def transact(self, build):
+        change = Change()
+        self.ops.append(build(change))
+        self.unreserved += change.unreserved
+        return defer.succeed(None)
+
+
+class Grid:
+    def __init__(self, tmp_path, started=("host1", "host2")):
+        self.clock = ClockReactor()
+        self.live = {"host1", "host2"}
+        self.clock.advance(START_S)
+        self.run = InlineRunner()
+        hlc = HybridClock("host1", self.now_ms)
+        dom, store, n = load_dom(tmp_path / "dom", hlc, fsync=False)
+        self.domsvc = DomService(dom, store, self.clock, journal_records=n, run_blocking=self.run)
+        self.dom = dom
+        self.allocator = Allocator()
+        self.drivers, self.managers, self.reconcilers = {}, {}, {}
+        for h in ("host1", "host2"):
+            (tmp_path / h).mkdir()
+            uri = write_test_host(tmp_path / h / "node.xml", 8, 16384)
+            driver = LibvirtDriver(uri, reactor=self.clock, threadpool=InlinePool())
+            images_dir = tmp_path / h / "images"
+            assert self.done(driver.ensure_pool(POOL, str(images_dir)))
+            base = self.result(driver.create_base_volume(POOL, "debian-12.qcow2", 64))
+            self.drivers[h] = driver
+            self.reconcilers[h] = Reconciler()
+            self.managers[h] = MigrationManager(
+                h,
+                self.domsvc,
+                driver,
+                Images(base),
+                self.reconcilers[h],
+                table=None,
+                storage=StorageLayout(POOL, str(images_dir)),
+                now_ms=self.now_ms,
+                live_hosts=lambda: set(self.live),
+                peer_address_of=lambda host: None,
+                cert_dir=tmp_path / "pki",
+                clock=self.clock,
+                allocator=self.allocator,
+                run_blocking=self.run,
+            )
+        self.put(
+            HostRec(id="host1", cpus=8, memory_mib=16384),
+            HostRec(id="host2", cpus=8, memory_mib=16384),
+            VClusterRec(id="c1", owner="alice", vni=100, token="t1"),
+            VmRec(
+                id=VM,
+                cluster="c1",
+                name="web",
+                host="host1",
+                image="debian-12",
+                mac="52:54:00:00:00:01",
+                token="v1",
+            ),
+        )
+        # The VM at its source, defined and shut off, over its overlay.
+        src = self.drivers["host1"]
+        disk = self.result(src.create_overlay(POOL, volume_name(VM), base, 64))
+        vm, cluster = self.dom.get(VmRec, VM), self.dom.get(VClusterRec, "c1")
+        assert self.done(src.define(self.reconcilers["host1"].spec_for(vm, cluster, None, disk)))
+        self.seen: list[tuple] = []
+        self.dom.subscribe(self._record)
+        for h in started:
+            self.managers[h].start()
+
+    def now_ms(self) -> int:
+        return int(self.clock.seconds() * 1000)
+
+    def result(self, d):
+        """The result of a Deferred that an inline runner fired already (its error raised)."""
+        out = []
+        d.addBoth(out.append)
+        assert out, "blocking work ran inline, so the Deferred has fired"
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        return out[0]
+
+    def done(self, d) -> bool:
+        self.result(d)
+        return True
+
+    def put(self, *recs):
+        assert self.done(self.domsvc.put(*recs))
+
+    def migration(self, mid="m1") -> MigrationRec:
+        return self.dom.get(MigrationRec, mid)
+
+    def run_until_quiet(self):
+        """Runs what is due on the clock (each host reacting to what it saw) until nothing is,
+        without letting any time pass."""
+        for _ in range(50):
+            if not any(c.getTime() <= self.clock.seconds() for c in self.clock.getDelayedCalls()):
+                return
+            self.clock.advance(0)
+        raise AssertionError("the hosts kept reacting to each other")
+
+    def _record(self, kind, id_):
+        """Notes each migration phase as it is written: the VM's host in the DOM, and the
+        domains each host's libvirt holds, at that moment."""
+        if kind == "migration":
+            m = self.migration()
+            host = self.dom.get(VmRec, VM).host
+            self.seen.append((m.phase, host, self.domains("host1"), self.domains("host2")))
+
+    def domains(self, host):
+        return [i.name for i in self.result(self.drivers[host].list_domains())]
+
+    def volumes(self, host):
+        return self.result(self.drivers[host].list_volumes(POOL))
+
+    def close(self):
+        for d in self.drivers.values():
+            self.result(d.close())
+        self.domsvc.close()
+
+
+@pytest.fixture
+def grid(tmp_path):
+    g = Grid(tmp_path)
+    yield g
+    g.close()
+
+
+def _request(grid):
+    """What ``MigrationManager.request`` writes once the lease is held: phase prepare."""
+    grid.put(
+        MigrationRec(
+            id="m1",
+            vm=VM,
+            source="host1",
+            dest="host2",
+            phase="prepare",
+            mode="cold",
+            started_at=grid.now_ms(),
+        )
+    )
+
+
+def test_a_cold_move_runs_phase_by_phase_to_done(grid):
+    name = domain_name(VM)
+    assert grid.domains("host1") == [name] and grid.domains("host2") == []
+    _request(grid)
+    grid.run_until_quiet()
+    # Each phase written in turn by the host the phase machine names, what the hosts hold then.
+    assert grid.seen == [
+        ("prepare", "host1", [name], []),
+        ("ready", "host1", [name], []),  # the destination prepared an empty overlay
+        ("saved", "host1", [name], []),
+        ("restored", "host1", [name], [name]),  # the destination defined the domain
+        ("done", "host2", [name], [name]),  # the VM's new host recorded with the end
+    ]
+    m = grid.migration()
+    assert m.dest_disk.endswith(volume_name(VM)) and m.error == "" and m.bytes == 0  # nothing to carry
+    # The source removed its domain and overlay, the destination keeps its own.
+    assert grid.domains("host1") == [] and volume_name(VM) not in grid.volumes("host1")
+    assert grid.domains("host2") == [name] and volume_name(VM) in grid.volumes("host2")
+    # The lease given back, and the VM's reservation at its source with it.
+    assert grid.allocator.unreserved == [(VM, ("host1",))]
+    assert [k for ops in grid.allocator.ops for k in ops] == [f"migration/{VM}"]
+    assert grid.clock.seconds() == START_S  # no time passed at all
+
+
+@pytest.fixture
+def grid_dest_dead(tmp_path):
+    """host2's manager never runs: host2 died before it could act."""
+    g = Grid(tmp_path, started=("host1",))
+    yield g
+    g.close()
+
+
+def test_a_destination_declared_dead_fails_the_move_in_phase_prepare_after_its_grace(grid_dest_dead):
+    """The destination leaves the live set and never prepares: the source's sweep starts the
+    grace when it first finds it gone, and fails the move in phase prepare once the grace
+    (60 s of clock time) has passed; the VM stays at its source."""
+    grid = grid_dest_dead
+    name = domain_name(VM)
+    grid.live.discard("host2")
+    _request(grid)
+    grid.run_until_quiet()
+    assert grid.migration().phase == "prepare"
+    grid.managers["host1"].sweep()  # the grace starts now
+    grid.clock.advance(59.0)
+    grid.managers["host1"].sweep()
+    assert grid.migration().phase == "prepare"
+    grid.clock.advance(1.0)
+    grid.managers["host1"].sweep()
+    grid.run_until_quiet()
+    m = grid.migration()
+    assert m.phase == "failed" and m.error == "phase prepare: host host2 has not been alive for 60 s", m.error
+    assert [s[:2] for s in grid.seen] == [("prepare", "host1"), ("failed", "host1")]
+    assert grid.dom.get(VmRec, VM).host == "host1" and grid.domains("host1") == [name]
+    assert grid.allocator.unreserved == [(VM, ("host2",))]  # host2's reservation given back
