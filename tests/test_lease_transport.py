@@ -64,7 +64,7 @@ def test_a_barrier_fires_once_every_record_handed_in_before_it_is_durable():
         writes.append(list(records))
 
     try:
-        g = GroupCommit(reactor, pool, append_many)
+        g = GroupCommit(ThreadPoolRunner(reactor, pool), append_many, reactor)
         assert g.barrier().called
         first = g.append([b"reserve"])
         during = g.barrier()
