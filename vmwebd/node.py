@@ -24,7 +24,6 @@ from twisted.web.server import Site
 
 from vmwebd import apitls
 from vmwebd.app import build_application
-from vmwebd.app.users import thread_pool_runner
 from vmwebd.audit import AuditLog
 from vmwebd.blocking import ThreadPoolRunner
 from vmwebd.cluster import ClusterManager
@@ -352,7 +351,7 @@ class Node(MultiService):
             images=self.images,
             audit=self.audit,
             now_ms=self.now_ms,
-            run=thread_pool_runner(self.reactor),
+            run=ThreadPoolRunner(self.reactor),
         )
         # VMs' serial consoles (vmwebd/console/): who may open one is the application's say, and
         # each opening is in its audit trail.

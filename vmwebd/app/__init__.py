@@ -206,7 +206,7 @@ def build_application(
     """The application on its collaborators: the cluster ``manager``, the DOM service, the
     migration manager, the consensus ``members`` (the lease service), the image store, the
     ``audit`` log (started and stopped by its owner), the clock, and ``run`` for blocking work
-    (password hashes; :func:`vmwebd.app.users.thread_pool_runner`)."""
+    (password hashes; the daemon gives a :class:`vmwebd.blocking.ThreadPoolRunner`)."""
     dom = domsvc.dom
     return Application(
         ClusterService(manager, dom),

@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from vmwebd.accounts import (
@@ -35,17 +35,9 @@ log = Logger()
 #: The longest ``ssh-keys`` attribute schema.rng allows.
 SSH_KEYS_ATTR_MAX = 65536
 
-#: Runs a blocking function off the reactor: ``run(f, *args)`` fires with ``f(*args)``.
+#: Runs a blocking function off the reactor: ``run(f, *args)`` fires with ``f(*args)`` (the
+#: daemon gives a :class:`vmwebd.blocking.ThreadPoolRunner`).
 Runner = Callable[..., "defer.Deferred[Any]"]
-
-
-def thread_pool_runner(reactor: Any) -> Runner:
-    """A :data:`Runner` on ``reactor``'s thread pool."""
-
-    def run(f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-
-    return run
 
 
 @dataclass(frozen=True)
@@ -61,7 +53,7 @@ class UserView:
 
 class UserService:
     """Reads answer from ``domsvc``'s replica; changes are written there. ``run`` hashes
-    passwords off the reactor (:func:`thread_pool_runner`)."""
+    passwords off the reactor (a thread-pool runner in the daemon)."""
 
     def __init__(self, domsvc: DomService, run: Runner):
         self.domsvc = domsvc
