@@ -15,6 +15,7 @@ name): that cannot be had in process, so the VMs moved here are stopped ones (no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from twisted.internet import defer, task
@@ -227,7 +228,7 @@ class Grid:
     def _record(self, kind, id_):
         """Notes each migration phase as it is written: the VM's host in the DOM, and the
         domains each host's libvirt holds, at that moment."""
-        if kind == "migration":
+        if kind == "migration" and id_ == "m1":
             m = self.migration()
             host = self.dom.get(VmRec, VM).host
             self.seen.append((m.phase, host, self.domains("host1"), self.domains("host2")))
@@ -320,3 +321,43 @@ def test_a_destination_declared_dead_fails_the_move_in_phase_prepare_after_its_g
     assert [s[:2] for s in grid.seen] == [("prepare", "host1"), ("failed", "host1")]
     assert grid.dom.get(VmRec, VM).host == "host1" and grid.domains("host1") == [name]
     assert grid.allocator.unreserved == [(VM, ("host2",))]  # host2's reservation given back
+
+
+@pytest.fixture
+def grid_stopped(tmp_path):
+    """Neither manager started yet: host1 is about to restart with its DOM as it was left."""
+    g = Grid(tmp_path, started=())
+    yield g
+    g.close()
+
+
+def test_a_restart_removes_the_memory_states_of_moves_that_ended_and_keeps_the_others(grid_stopped):
+    """host1 comes back with memory states on its disk: one of a move that failed while it was
+    down, one of a migration gone from the DOM, one of a move it was saving (failed now: its
+    libvirt job is not to be trusted), and one of a move under way elsewhere. The first three are
+    removed, the last kept; the interrupted one is failed."""
+    g = grid_stopped
+    storage = g.managers["host1"].storage.dir
+
+    def migration(mid, phase, source="host1", dest="host2"):
+        return MigrationRec(
+            id=mid, vm=VM, source=source, dest=dest, phase=phase, mode="cold", started_at=g.now_ms()
+        )
+
+    g.put(
+        migration("ended", "failed"),
+        migration("saving", "saved"),
+        migration("elsewhere", "prepare", source="host2", dest="host1"),
+    )
+    states = {
+        mid: Path(storage) / f".migrate-{mid}.state" for mid in ("ended", "gone", "saving", "elsewhere")
+    }
+    Path(storage).mkdir(parents=True, exist_ok=True)  # the test driver's pool keeps no files
+    for path in states.values():
+        path.write_bytes(b"memory")
+    assert g.result(g.managers["host1"].resume()) is None
+    g.run_until_quiet()
+    assert {mid for mid, path in states.items() if path.exists()} == {"elsewhere"}
+    assert g.migration("saving").phase == "failed"
+    assert "host host1 restarted during phase 'saved'" in g.migration("saving").error
+    assert g.migration("elsewhere").phase in ("prepare", "ready")

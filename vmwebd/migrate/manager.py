@@ -625,16 +625,45 @@ class MigrationManager:
         self.dom.subscribe(self._on_change)
         self.resume()
 
-    def resume(self) -> None:
+    def resume(self) -> defer.Deferred:
         """After a restart: migrations this host was in the middle of cannot be trusted as a
-        source (see :data:`phases.SOURCE_LOST_ON_RESTART`); the others are taken up again."""
+        source (see :data:`phases.SOURCE_LOST_ON_RESTART`); the others are taken up again. Then
+        the memory states left here by moves that ended meanwhile (or are gone from the DOM) are
+        removed. Fires once that is done; never fails (what fails is logged)."""
         now = self.now_ms()
+        failing = []
         for m in self.dom.all(MigrationRec):
             action = self._decide(m, now, Trigger.RESTARTED)
             if isinstance(action, Abort):
-                self._fail(m, action.phase, action.reason)
+                failing.append(
+                    self._fail(m, action.phase, action.reason).addErrback(
+                        lambda f, mid=m.id: log.failure(
+                            "migration {mid}: failing it after the restart did not succeed",
+                            failure=f,
+                            mid=mid,
+                        )
+                    )
+                )
             elif not isinstance(action, phases.Nothing):
                 self.kick(m.id)  # acts (or waits) as on any change, one step at a time
+        d = defer.gatherResults(failing).addCallback(lambda _: self._remove_left_states())
+        return d.addErrback(lambda f: log.failure("leftover migration states not removed", failure=f))
+
+    @defer.inlineCallbacks
+    def _remove_left_states(self):
+        """Removes the memory states (``.migrate-ID.state``, saved by a cold move's source or
+        fetched by its destination) of migrations that ended, or are gone from the DOM, while
+        this host was down: their own clean-up ran without this host (a restarted host does not
+        clean up after failures again, see the phase machine), and a state is as big as the VM's
+        memory. A VM whose move failed that way is booted afresh by the reconciler."""
+        found = yield self.run_blocking(_left_states, Path(self.storage.dir))
+        for mid, path in found:
+            m = self.dom.get(MigrationRec, mid)
+            if m is None or phases.phase_of(m) in phases.TERMINAL:
+                yield self.run_blocking(_unlink, path)
+                log.info(
+                    "migration {mid}: removed its memory state left here ({path})", mid=mid, path=str(path)
+                )
 
     def sweep(self) -> defer.Deferred:
         """The source fails its migrations stuck on a destination that is gone or silent, and
@@ -1073,6 +1102,20 @@ class MigrationManager:
                     )
             yield self.run_blocking(_unlink, state)
             self.reconciler.kick()
+
+
+def _left_states(directory: Path) -> list[tuple[str, Path]]:
+    """(migration id, path) of each memory state file in ``directory``."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    prefix, suffix = ".migrate-", ".state"
+    return [
+        (n[len(prefix) : -len(suffix)], directory / n)
+        for n in sorted(names)
+        if n.startswith(prefix) and n.endswith(suffix) and len(n) > len(prefix) + len(suffix)
+    ]
 
 
 def _unlink(path: Path) -> None:
