@@ -220,3 +220,20 @@ def test_a_restarted_acceptor_keeps_what_it_accepted(grid):
     assert isinstance(second, paxos.Conflict) and second.holder == "vm:a", second
     grid.quiet()
     assert grid.holder("host3", key) in (None, "vm:a") and grid.holder("host2", key) in (None, "vm:a")
+
+
+def test_stopping_ends_the_operations_waiting_on_the_proposer(grid):
+    """host2 forwards its operations to host1, whose answers are slow; host2 stops: the operation
+    it forwarded fails at once naming the stop, and nothing runs at host2 when its fallback
+    would have been due or when host1's outcome arrives."""
+    host2 = grid.svc("host2")
+    host2.proposer_for = lambda: "host1"  # what the node gives: the first member alive
+    grid.wire.delay["host1"] = 5.0
+    d = host2.propose({"k": (None, "vm:x")})
+    grid.quiet(0.5)
+    assert not d.called and host2.forwarded == 1
+    host2.stop()
+    (result,) = grid.run([d])
+    assert isinstance(result, NoQuorum) and "stopping" in str(result)
+    grid.quiet(host2.forward_timeout + 11)
+    assert host2.fell_back == 0 and not host2._forwarded

@@ -243,6 +243,13 @@ class LeaseService:
         for d in list(self._pending.values()):
             d.errback(NoQuorum("the daemon is stopping"))
         self._pending.clear()
+        # Operations asked of the proposer and not answered yet end too (their fallback timers
+        # with them): run here after the stop, they would write to a closed store.
+        self._forward_queue.clear()
+        for op_id in list(self._forwarded):
+            d = self._forwarded.pop(op_id)
+            if not d.called:
+                d.errback(NoQuorum("the daemon is stopping"))
         self.run_blocking.stop()
         self.store.close()
 
@@ -413,6 +420,10 @@ class LeaseService:
         the core answers to ``src`` is not sent: the Deferred fires with those messages."""
         if not isinstance(msgs, (list, tuple)):
             msgs = [msgs]
+        if not self._running:
+            # Not started (the acceptor's state is not loaded) or stopped (the store is closed):
+            # a lost message, which the proposer copes with.
+            return defer.succeed([] if inline else None)
         served = []
         for m in msgs:
             if isinstance(m, paxos.Outcome):
