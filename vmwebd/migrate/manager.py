@@ -940,7 +940,7 @@ class MigrationManager:
                 fetch_file, src_addr, f"/migration/{m.id}/disk", Path(m.dest_disk), self.cert_dir, m.source
             )
         if action.fetch_state:  # a memory state was saved
-            state = work / f".migrate-{m.id}.state"
+            state = _state_file(work, m.id)
             yield self.run_blocking(
                 fetch_file, src_addr, f"/migration/{m.id}/state", state, self.cert_dir, m.source
             )
@@ -999,7 +999,7 @@ class MigrationManager:
         yield self.run_blocking(_unlink, self._state_path(m))
 
     def _state_path(self, m: MigrationRec) -> Path:
-        return Path(self.storage.dir) / f".migrate-{m.id}.state"
+        return _state_file(Path(self.storage.dir), m.id)
 
     @defer.inlineCallbacks
     def _done(self, m: MigrationRec, vm: VmRec, **stats):
@@ -1104,13 +1104,21 @@ class MigrationManager:
             self.reconciler.kick()
 
 
+#: A migration's memory state file is named ``.migrate-ID.state`` (at the source and the destination).
+_STATE_PREFIX, _STATE_SUFFIX = ".migrate-", ".state"
+
+
+def _state_file(directory: Path, mid: str) -> Path:
+    return directory / f"{_STATE_PREFIX}{mid}{_STATE_SUFFIX}"
+
+
 def _left_states(directory: Path) -> list[tuple[str, Path]]:
     """(migration id, path) of each memory state file in ``directory``."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    prefix, suffix = ".migrate-", ".state"
+    prefix, suffix = _STATE_PREFIX, _STATE_SUFFIX
     return [
         (n[len(prefix) : -len(suffix)], directory / n)
         for n in sorted(names)
