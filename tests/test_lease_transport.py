@@ -252,3 +252,20 @@ def test_a_promise_naming_a_known_value_without_its_ballot_is_malformed():
         entry.set("com-known", "1")
     with pytest.raises(MalformedRequest, match="com-known"):
         decode(etree.fromstring(etree.tostring(env)))
+
+
+def test_terms_survive_the_wire():
+    """A term prepare's end, digest and kept start, a whole promise, and an Accept's keys only
+    read are read back as they were sent; a plain Prepare and Promise stay plain."""
+    b, e, k = Version(1000, 0, "h1"), Version(3000, 0, "h1"), Version(900, 2, "h1")
+    digest = tuple(range(0, 2**64, 2**58))
+    prep = _wire(paxos.Prepare("r1", b, (), {}, end=e, digest=digest, keep=k))
+    assert (prep.end, prep.digest, prep.keep, prep.keys) == (e, digest, k, ())
+    plain = _wire(paxos.Prepare("r2", b, ("ip/x",)))
+    assert (plain.end, plain.digest, plain.keep) == (None, (), None)
+    prom = _wire(paxos.Promise("r1", b, {"ip/x": (b, "vm:1", None, None)}, whole=True))
+    assert prom.whole is True and prom.entries == {"ip/x": (b, "vm:1", None, None)}
+    assert _wire(paxos.Promise("r2", b, {})).whole is False
+    acc = _wire(paxos.Accept("r1", b, {"ip/x": "vm:1"}, reads=("cap/a", "quota/u")))
+    assert acc.values == {"ip/x": "vm:1"} and acc.reads == ("cap/a", "quota/u")
+    assert _wire(paxos.Accept("r3", b, {})).reads == ()

@@ -21,9 +21,10 @@ WINDOW = 0.8  # faults and operations happen in the first 0.8 s
 
 
 # -- random schedules ------------------------------------------------------------------------------
-def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCore) -> PaxosSim:
-    """Plays one schedule, then heals, restarts everyone and probes every key; checks safety."""
-    sim = PaxosSim(n, seed, drop=drop, dup=dup, delay=(0.001, max_delay), core_factory=core)
+def run_schedule(n, seed, drop, dup, max_delay, ops, faults, core=paxos.PaxosCore, stable=False) -> PaxosSim:
+    """Plays one schedule, then heals, restarts everyone and probes every key; checks safety.
+    ``stable``: which proposers run rounds within terms (PaxosSim)."""
+    sim = PaxosSim(n, seed, drop=drop, dup=dup, delay=(0.001, max_delay), core_factory=core, stable=stable)
     extra = 6 - len(ops)  # at most 6 operations in all (before the probes)
     for i, (step, host, keys, holder, kind) in enumerate(ops):
         # kind 0: a release; 1: an acquisition the holder releases again 50-250 ms later (while
@@ -688,3 +689,183 @@ def test_the_retry_timer_waits_for_members_slower_than_it(seed):
         assert isinstance(sim.result(f"op{i}"), paxos.Decided), sim.result(f"op{i}")
     assert sim.sent["Prepare"] <= 8 * 5 + 2, dict(sim.sent)
     sim.check_safety()
+
+
+# -- terms: phase 1 once for many rounds ------------------------------------------------------------
+@pytest.mark.property
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedules, st.sampled_from(["first", True]))
+def test_random_faulty_schedules_are_safe_within_terms(schedule, stable):
+    """The same random faulty schedules with rounds run within terms: by the grid's one
+    proposer (the others running both phases), or by every proposer at once (each taking terms
+    from the others): safety holds."""
+    run_schedule(*schedule, stable=stable)
+
+
+class _TermIgnored(paxos.PaxosCore):
+    """Mutant: an acceptor takes any ballot its per-key promises allow, whatever term it
+    promised."""
+
+    def _bound(self, ballot, keys):
+        term, self.term = self.term, None
+        try:
+            return super()._bound(ballot, keys)
+        finally:
+            self.term = term
+
+
+class _StartKept(paxos.PaxosCore):
+    """Mutant: a new term of the same proposer keeps the start of the one before (its ballots
+    from before stay allowed, though its new term never learns what they set)."""
+
+    def _term_span(self, owner, m, end):
+        if self.term is not None and self.term[0] == owner:
+            return min(m.ballot, self.term[1]), max(end, self.term[2])
+        return m.ballot, end
+
+
+class _DirectBesideRepairs(paxos.PaxosCore):
+    """Mutant: rounds skip phase 1 while a round of ours with both phases (repairs) is out."""
+
+    def _may_skip_phase1(self, rnd):
+        return True
+
+
+@pytest.mark.parametrize("mutant", [_TermIgnored, _DirectBesideRepairs])
+def test_the_checker_catches_broken_terms(mutant):
+    """Each way of getting terms wrong found while building them breaks the safety checks
+    within a few hundred random schedules with every proposer taking terms."""
+    rng = random.Random(3)
+    for _ in range(800):
+        try:
+            run_schedule(*random_schedule(rng), core=mutant, stable=True)
+        except AssertionError:
+            return
+    pytest.fail(f"{mutant.__name__} survived 800 schedules")
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_within_a_term_a_lease_is_one_accept_phase(n):
+    """At the grid's proposer, the first operation takes a term (one prepare for every key);
+    the operations after it are phase 2 alone: an Accept to a bare majority and the Commit,
+    no Prepare; decided in one round trip of the simulated network."""
+    sim = PaxosSim(n, seed=21, delay=(0.002, 0.002), stable="first")
+    sim.propose("h0", "first", {"ip/lab/10.0.9.1": (None, "vm:a")})
+    assert sim.run_until_done(limit=1.0)
+    sim.run_until(sim.now + 0.05)
+    assert sim.sent["Prepare"] == n // 2 + 1  # the term prepare, to a bare majority
+    before = dict(sim.sent)
+    for i in range(5):
+        sim.propose("h0", f"op{i}", {f"ip/lab/10.0.9.{i + 2}": (None, "vm:b")})
+        t = sim.now
+        assert sim.run_until_done([f"op{i}"], limit=1.0)
+        assert isinstance(sim.result(f"op{i}"), paxos.Decided)
+        assert sim.now - t <= 2 * 0.002 + 1e-9  # to the acceptors and back (the loopback too)
+    assert sim.sent["Prepare"] == before["Prepare"]
+    assert sim.sent["Accept"] - before["Accept"] == 5 * (n // 2 + 1)
+
+
+def test_within_a_term_a_conflict_and_a_read_wait_for_a_majority():
+    """Within a term, an operation that finds its key held, or finds nothing to change, is
+    answered once a majority accepted the round's reads (never from this host's view alone):
+    with every Accept held, neither has an answer; released, both do."""
+    sim = PaxosSim(3, seed=22, delay=(0.002, 0.002), stable="first")
+    k = "ip/lab/10.0.10.1"
+    sim.propose("h0", "take", {k: (None, "vm:a")})
+    assert sim.run_until_done(limit=1.0)
+    sim.hold(lambda src, dst, m: isinstance(m, paxos.Accept))
+    sim.propose("h0", "again", {k: (None, "vm:a")})  # nothing to change
+    sim.propose("h0", "rival", {k: (None, "vm:b")})  # held by vm:a
+    sim.run_until(sim.now + 0.1)
+    assert sim.result("again") is None and sim.result("rival") is None
+    sim.stop_holding()
+    sim.release()
+    assert sim.run_until_done(limit=1.0)
+    assert sim.result("again") == paxos.Decided("again", None, {})
+    assert isinstance(sim.result("rival"), paxos.Conflict) and sim.result("rival").holder == "vm:a"
+    sim.check_safety()
+
+
+def test_another_proposer_ends_the_term_and_both_decide():
+    """A proposer running both phases (a stand-in for an unreachable grid proposer) is refused
+    below the term, goes above it, and decides; the term's holder, refused in turn on that key,
+    takes a new term that learns the value and conflicts truthfully."""
+    sim = PaxosSim(3, seed=23, delay=(0.002, 0.004), stable="first")
+    k = "ip/lab/10.0.11.1"
+    sim.propose("h0", "warm", {"ip/lab/10.0.11.9": (None, "vm:a")})
+    assert sim.run_until_done(limit=1.0)
+    sim.propose("h1", "plain", {k: (None, "vm:b")})
+    assert sim.run_until_done(limit=2.0)
+    assert isinstance(sim.result("plain"), paxos.Decided)
+    sim.propose("h0", "late", {k: (None, "vm:a")})
+    assert sim.run_until_done(limit=2.0)
+    assert sim.result("late").holder == "vm:b"
+    sim.check_safety()
+
+
+def test_a_term_prepare_names_only_what_differs():
+    """An acceptor answers a term prepare with the keys whose committed values differ from the
+    proposer's (by digest bucket) and the keys in flight, not its whole table."""
+    sim = PaxosSim(3, seed=24, delay=(0.002, 0.002))
+    for i in range(40):
+        sim.propose("h1", f"fill{i}", {f"ip/lab/10.0.12.{i}": (None, "vm:a")})
+    assert sim.run_until_done(limit=5.0)
+    sim.run_until(sim.now + 0.1)  # every Commit in
+    core = sim.cores["h0"]
+    digest = tuple(core._digest)
+    assert any(digest) and digest == tuple(sim.cores["h2"]._digest)
+    core.receive(
+        "h2",
+        paxos.Prepare("t", Version(10**6, 0, "h2"), (), end=Version(10**6 + 9, 0, "h2"), digest=digest),
+        1.0,
+    )
+    out = core.receive(
+        "h2",
+        paxos.Prepare("u", Version(10**6 + 1, 0, "h2"), (), end=Version(10**6 + 9, 0, "h2"), digest=digest),
+        1.0,
+    )
+    assert [m.entries for _, m in out.sends] == [{}]
+    stale = list(digest)
+    b = paxos.bucket_of("ip/lab/10.0.12.7")
+    stale[b] ^= 1
+    out = core.receive(
+        "h2",
+        paxos.Prepare(
+            "v", Version(10**6 + 2, 0, "h2"), (), end=Version(10**6 + 9, 0, "h2"), digest=tuple(stale)
+        ),
+        1.0,
+    )
+    (promise,) = [m for _, m in out.sends]
+    assert promise.whole and "ip/lab/10.0.12.7" in promise.entries
+    assert all(paxos.bucket_of(key) == b for key in promise.entries)
+
+
+@pytest.mark.parametrize("core, safe", [(paxos.PaxosCore, True), (_StartKept, False)])
+def test_a_late_accept_from_a_term_given_up_is_refused(core, safe):
+    """An Accept of a round its proposer gave up (no answer until its deadline) that arrives
+    once the proposer holds a new term is refused: the new term never learnt its value, so a
+    later round would give the key to another holder. Kept from the term before, as the
+    mutant does, it is taken and the key ends up held twice."""
+    sim = PaxosSim(3, seed=25, delay=(0.002, 0.002), stable="first", core_factory=core)
+    k = "ip/lab/10.0.13.1"
+    sim.propose("h0", "warm", {"ip/lab/10.0.13.9": (None, "vm:w")})
+    assert sim.run_until_done(limit=1.0)
+    sim.hold(lambda src, dst, m: isinstance(m, paxos.Accept) and k in m.values)
+    sim.propose("h0", "lost", {k: (None, "vm:a")})
+    assert sim.run_until_done(["lost"], limit=30.0)
+    assert isinstance(sim.result("lost"), paxos.NoQuorum)
+    sim.stop_holding()
+    first = min(m.ballot for _, _, m in sim.held)
+    sim.propose("h0", "warm2", {"ip/lab/10.0.13.8": (None, "vm:w")})  # a new term
+    assert sim.run_until_done(["warm2"], limit=1.0)
+    sim.release(lambda src, dst, m: m.ballot == first)
+    sim.drop_held()
+    sim.run_until(sim.now + 0.05)
+    sim.propose("h0", "other", {k: (None, "vm:b")})
+    assert sim.run_until_done(limit=5.0)
+    if safe:
+        sim.check_safety()
+        assert sim.result("other") == paxos.Decided("other", sim.result("other").ballot, {k: "vm:b"})
+    else:
+        with pytest.raises(AssertionError, match="went from 'vm:a' to 'vm:b'"):
+            sim.check_safety()

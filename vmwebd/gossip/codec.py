@@ -162,11 +162,18 @@ def _encode_paxos(el, msg) -> None:
         el.set("op", msg.op)
     el.set("ballot", str(msg.ballot))
     if isinstance(msg, paxos.Prepare):
+        if msg.end is not None:
+            el.set("end", str(msg.end))
+            el.set("digest", " ".join(f"{d:x}" for d in msg.digest))
+            if msg.keep is not None:
+                el.set("keep", str(msg.keep))
         for k in msg.keys:
             e = etree.SubElement(el, _Q + "key", k=k)
             if k in msg.known:
                 e.set("known", str(msg.known[k]))
     elif isinstance(msg, paxos.Promise):
+        if msg.whole:
+            el.set("whole", "1")
         for k, (ab, av, cb, cv) in sorted(msg.entries.items()):
             e = etree.SubElement(el, _Q + "entry", k=k)
             if ab is not None:
@@ -188,6 +195,9 @@ def _encode_paxos(el, msg) -> None:
                 e.set("accepted", "1")
             elif v is not None:
                 e.set("holder", v)
+        if isinstance(msg, paxos.Accept):
+            for k in msg.reads:
+                etree.SubElement(el, _Q + "read", k=k)
     elif isinstance(msg, paxos.Nack):
         el.set("promised", str(msg.promised))
     elif isinstance(msg, paxos.Accepted) and msg.refs:
@@ -271,7 +281,22 @@ def _decode_paxos(kind, el):
     if kind is paxos.Prepare:
         keys = _children(el, "key")
         known = {_attr(c, "k", "key"): _ballot(c, "known", "key") for c in keys if c.get("known")}
-        return paxos.Prepare(_attr(el, "op", name), ballot, tuple(_attr(c, "k", "key") for c in keys), known)
+        end = _ballot(el, "end", name, True)
+        digest: tuple[int, ...] = ()
+        if end is not None:
+            try:
+                digest = tuple(int(d, 16) for d in (el.get("digest") or "").split())
+            except ValueError:
+                raise MalformedRequest(f"peer envelope: {name}/@digest is not hexadecimal numbers") from None
+        return paxos.Prepare(
+            _attr(el, "op", name),
+            ballot,
+            tuple(_attr(c, "k", "key") for c in keys),
+            known,
+            end=end,
+            digest=digest,
+            keep=_ballot(el, "keep", name, True) if end is not None else None,
+        )
     if kind is paxos.Promise:
         entries = {}
         for c in _children(el, "entry"):
@@ -284,10 +309,11 @@ def _decode_paxos(kind, el):
             if av is None and ab is not None and ab == cb:
                 av = cv
             entries[_attr(c, "k", "entry")] = (ab, av, cb, cv)
-        return paxos.Promise(_attr(el, "op", name), ballot, entries)
+        return paxos.Promise(_attr(el, "op", name), ballot, entries, whole=el.get("whole") == "1")
     if kind in (paxos.Accept, paxos.Commit):
         if kind is paxos.Accept:
-            return paxos.Accept(_attr(el, "op", name), ballot, _read_values(el, "value"))
+            reads = tuple(_attr(c, "k", "read") for c in _children(el, "read"))
+            return paxos.Accept(_attr(el, "op", name), ballot, _read_values(el, "value"), reads)
         values = {
             _attr(c, "k", "value"): paxos.ACCEPTED if c.get("accepted") == "1" else c.get("holder")
             for c in _children(el, "value")

@@ -28,6 +28,7 @@ acceptors answered and how many are needed.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,20 @@ ELIDED = _Said("<elided>")
 #: Values at least this long are named by ballot instead of carried (see :class:`_Said`).
 BIG_VALUE = 256
 
+#: Buckets of the committed-values digest a term prepare carries (see :func:`bucket_of`).
+DIGEST_BUCKETS = 64
+
+
+def bucket_of(key: str) -> int:
+    """The digest bucket of ``key``: stable across hosts and restarts (not Python's hash)."""
+    return hashlib.blake2b(key.encode(), digest_size=2).digest()[0] % DIGEST_BUCKETS
+
+
+def _stamp(key: str, ballot: Version) -> int:
+    """What a key committed at ``ballot`` adds to its bucket (XOR: added and taken back alike)."""
+    return int.from_bytes(hashlib.blake2b(f"{key}\0{ballot}".encode(), digest_size=8).digest(), "big")
+
+
 #: A value as messages carry it: itself, or a stand-in the receiver resolves.
 Wire = Union[str, None, _Said]
 #: What an acceptor answers per key: (accepted ballot, value, committed ballot, value).
@@ -112,6 +127,15 @@ class Prepare:
     #: key -> the committed ballot whose (large) value the proposer has: an acceptor whose
     #: committed ballot is that one answers :data:`KNOWN` instead of the value.
     known: dict[str, Version] = field(default_factory=dict, compare=False)
+    #: A term prepare (see :class:`PaxosCore`, "Terms"): a promise for every key, below this
+    #: ballot for everyone but the proposer (``keys`` is empty).
+    end: Version | None = None
+    #: With ``end``: the proposer's digest of its committed values (see :func:`bucket_of`);
+    #: an acceptor answers the keys of the buckets where its own differs.
+    digest: tuple[int, ...] = ()
+    #: With ``end``: the start of the term the proposer holds and renews (its rounds under way
+    #: in it stay allowed); None: a new term, which allows none of its earlier ballots.
+    keep: Version | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +144,9 @@ class Promise:
     ballot: Version
     # key -> (accepted ballot, accepted value, committed ballot, committed value)
     entries: dict[str, Entry]
+    #: The answer to a term prepare: a promise for every key (an acceptor of an earlier version
+    #: answers a term prepare as a prepare of no key, which must not count as one).
+    whole: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,9 @@ class Accept:
     op: str
     ballot: Version
     values: dict[str, Value]  # key -> value
+    #: Keys the round read but does not change: an acceptor answers Accepted only if it has
+    #: promised no higher ballot for them either (a term's reads are current when it does).
+    reads: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -268,6 +298,13 @@ class _Round:
     asked: set[str] = field(default_factory=set)  # members sent this phase's message
     widen_at: float | None = None  # then ask every member again, if no majority answered yet
     wait: float = 0.0  # how long until the next widen
+    end: Version | None = None  # this ballot's Prepare is a term prepare up to this ballot
+    direct: bool = False  # this ballot is phase 2 alone, within a term
+    accept: Accept | None = None  # this ballot's Accept (asked again as it is)
+    decided: bool = False  # a majority accepted this ballot's values
+    #: Within a term: the results of operations judged without a change (a conflict, nothing
+    #: to do), given once a majority has accepted the round (their reads are current then).
+    deferred: list[Result] = field(default_factory=list)
 
 
 def _gt(a: Version | None, b: Version | None) -> bool:
@@ -282,6 +319,19 @@ class PaxosCore:
     flight (each still all-or-nothing on its own: after the promises, every operation is checked
     against the current values by itself, and only those that can go through are accepted; a
     conflict of one does not hold up the others). Up to ``parallel_rounds`` rounds run at once.
+
+    **Terms** (``stable``: the grid's one proposer). Phase 1 is run once for every key and many
+    rounds instead of once per round: a term prepare at ballot B asks each acceptor to promise
+    that it takes no ballot below E = B + ``term_ms`` from anyone but this proposer, whose own
+    ballots from B up to E it still takes. The acceptors answer the values this proposer may
+    lack: every key accepted but not known committed, and the keys of every digest bucket where
+    their committed values differ from the proposer's (the digest is carried in the prepare).
+    With such promises from a majority the proposer learns the committed values it lacked,
+    repairs what was in flight, and then each round is phase 2 alone: an Accept at a fresh
+    ballot below E carrying the values to set and the keys only read, judged against the
+    values this proposer knows (every decision from then on is its own). A Nack, a round
+    retried, or a change of members ends the term; it is renewed by the next round once half
+    of it has passed. Docs: docs/leases.md, "Terms".
     """
 
     def __init__(
@@ -298,8 +348,17 @@ class PaxosCore:
         thrifty: bool = True,
         elide_at: int | None = BIG_VALUE,
         reserve_ms: int = 500,
+        stable: bool = False,
+        term_ms: int = 2000,
     ):
         self.me = me
+        # Run rounds within terms (see the class docstring) when proposing; the lease service
+        # sets it on the grid's proposer. Off: every round runs both phases.
+        self.stable = stable
+        self.term_ms = max(2, term_ms)
+        self._term: tuple[Version, Version] | None = None  # (B, E) once a majority promised
+        self._ranging: str | None = None  # the round whose term prepare is out
+        self._no_terms_until = 0.0  # a term prepare got no majority: plain rounds until then
         self.clock = clock
         self.rng = rng
         self.members: tuple[str, ...] = tuple(sorted(members))
@@ -322,6 +381,15 @@ class PaxosCore:
         self._answering: set[str] = set()  # members that answered since this core started
         self._heard_at: dict[str, float] = {}  # member -> when it last answered a round here
         self.keys: dict[str, KeyState] = {}
+        # Acceptor: the term it promised, (proposer, start, end): no ballot below ``end`` but
+        # that proposer's from ``start``; the highest ballot promised or accepted per proposer;
+        # the committed-values digest and its keys per bucket; the keys accepted but not known
+        # committed.
+        self.term: tuple[str, Version, Version] | None = None
+        self._top: dict[str, Version] = {}
+        self._digest: list[int] = [0] * DIGEST_BUCKETS
+        self._bucket_keys: list[set[str]] = [set() for _ in range(DIGEST_BUCKETS)]
+        self._inflight: set[str] = set()
         self.ops: dict[str, _Op] = {}
         self.queue: list[str] = []  # op ids waiting for a round, in arrival order
         self.rounds: dict[str, _Round] = {}
@@ -352,18 +420,48 @@ class PaxosCore:
         self.clock.observe(ballot)
         if kind == "ballot":  # one of our own ballots (see _prepare): only the clock needs it
             return
+        if kind == "term":  # key: the proposer; ballot: the term's start; value: its end
+            self.term = (key, ballot, Version.parse(value))
+            self._topped(ballot)
+            return
         st = self.keys.setdefault(key, KeyState())
         if kind == "promise":
             if _gt(ballot, st.promised):
                 st.promised = ballot
+            self._topped(ballot)
         elif kind == "accept":
             if _gt(ballot, st.promised) or ballot == st.promised:
                 st.promised = ballot
             if _gt(ballot, st.acc_ballot):
                 st.acc_ballot, st.acc_value = ballot, value
+            self._topped(ballot)
         elif kind == "commit":
             if _gt(ballot, st.com_ballot):
+                b = bucket_of(key)
+                if st.com_ballot is not None:
+                    self._digest[b] ^= _stamp(key, st.com_ballot)
+                self._digest[b] ^= _stamp(key, ballot)
+                self._bucket_keys[b].add(key)
                 st.com_ballot, st.com_value = ballot, value
+        if _gt(st.acc_ballot, st.com_ballot):
+            self._inflight.add(key)
+        else:
+            self._inflight.discard(key)
+
+    def _topped(self, ballot: Version) -> None:
+        if _gt(ballot, self._top.get(ballot.origin)):
+            self._top[ballot.origin] = ballot
+
+    def _bound(self, ballot: Version, keys: Iterable[str]) -> Version | None:
+        """The highest promise that forbids ``ballot`` for ``keys`` (None: it is allowed)."""
+        higher = [
+            p for k in keys if k in self.keys and (p := self.keys[k].promised) is not None and p > ballot
+        ]
+        if self.term is not None:
+            owner, start, end = self.term
+            if end > ballot and not (owner == ballot.origin and ballot >= start):
+                higher.append(end)
+        return max(higher) if higher else None
 
     def _record(self, rec: Record) -> None:
         self._apply_record(rec)
@@ -371,12 +469,13 @@ class PaxosCore:
 
     def _on_prepare(self, src: str, m: Prepare) -> None:
         self.clock.observe(m.ballot)
+        if m.end is not None:
+            self._on_term_prepare(src, m, m.end)
+            return
         # Equal ballot: a duplicated Prepare; promising it again is harmless.
-        higher = [
-            p for k in m.keys if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot
-        ]
-        if higher:
-            self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
+        bound = self._bound(m.ballot, m.keys)
+        if bound is not None:
+            self._out.sends.append((src, Nack(m.op, m.ballot, bound)))
             return
         entries: dict[str, Entry] = {}
         for k in m.keys:
@@ -391,15 +490,47 @@ class PaxosCore:
             entries[k] = (st.acc_ballot, av, st.com_ballot, cv)
         self._out.sends.append((src, Promise(m.op, m.ballot, entries)))
 
+    def _on_term_prepare(self, src: str, m: Prepare, end: Version) -> None:
+        """Promises every key below ``end`` to the proposer of ``m.ballot`` (see the class
+        docstring), unless another proposer holds a term past it or was promised or accepted a
+        higher ballot for any key; answers what the proposer may lack."""
+        owner = m.ballot.origin
+        bound = [b for o, b in self._top.items() if o != owner and b > m.ballot]
+        if self.term is not None and self.term[0] != owner and self.term[2] > m.ballot:
+            bound.append(self.term[2])
+        if bound:
+            self._out.sends.append((src, Nack(m.op, m.ballot, max(bound))))
+            return
+        start, end = self._term_span(owner, m, end)
+        if self.term != (owner, start, end):
+            self._record(("term", owner, start, str(end)))
+        keys = set(self._inflight)
+        if len(m.digest) == DIGEST_BUCKETS:
+            for b, mine in enumerate(self._digest):
+                if mine != m.digest[b]:
+                    keys |= self._bucket_keys[b]
+        else:  # no digest (or another layout): everything
+            keys = set(self.keys)
+        entries: dict[str, Entry] = {}
+        for k in keys:
+            st = self.keys[k]
+            entries[k] = (st.acc_ballot, st.acc_value, st.com_ballot, st.com_value)
+        self._out.sends.append((src, Promise(m.op, m.ballot, entries, whole=True)))
+
+    def _term_span(self, owner: str, m: Prepare, end: Version) -> tuple[Version, Version]:
+        """The (start, end) a term prepare is granted. A renewal of the term we promised keeps
+        its start: the proposer's rounds under way in it stay allowed. Any other term (after its
+        restart, or after it gave one up) allows none of its ballots from before: an Accept of
+        those arriving late could set a value its new term never learnt."""
+        if self.term is not None and self.term[0] == owner and m.keep is not None and m.keep == self.term[1]:
+            return self.term[1], max(end, self.term[2])
+        return m.ballot, end
+
     def _on_accept(self, src: str, m: Accept) -> None:
         self.clock.observe(m.ballot)
-        higher = [
-            p
-            for k in m.values
-            if k in self.keys and (p := self.keys[k].promised) is not None and p > m.ballot
-        ]
-        if higher:
-            self._out.sends.append((src, Nack(m.op, m.ballot, max(higher))))
+        bound = self._bound(m.ballot, list(m.values) + list(m.reads))
+        if bound is not None:
+            self._out.sends.append((src, Nack(m.op, m.ballot, bound)))
             return
         for k, v in m.values.items():
             self._record(("accept", k, m.ballot, v))
@@ -494,12 +625,22 @@ class PaxosCore:
             for op_id in self._take_queued(self._busy_keys(), room, one_anyway=False):
                 rnd.ops.append(op_id)
                 self.ops[op_id].round = rnd.id
+        if rnd.accept is not None and not rnd.decided:
+            # Begun again after its Accept left (a Nack, no majority in time): those values may
+            # yet be chosen, unknown to a term's reads. The term ends; a new one learns them.
+            self._term = None
+        if rnd.end is not None and rnd.phase == "prepare" and len(rnd.promises) < self.majority:
+            self._no_terms_until = now + self.deadline  # maybe acceptors of an earlier version
+        if self._ranging == rnd.id:
+            self._ranging = None
         rnd.ballot = self.clock.tick()
         self._reserve_for(rnd.ballot)
         rnd.phase = "prepare"
         rnd.promises, rnd.accepted, rnd.values, rnd.carried = {}, set(), {}, []
         rnd.refs = set()
         rnd.own = {}
+        rnd.deferred = []
+        rnd.end, rnd.direct, rnd.accept, rnd.decided = None, False, None, False
         rnd.attempts += 1
         rnd.started = now
         self._asked_at[rnd.ballot] = now
@@ -508,6 +649,15 @@ class PaxosCore:
         self._arm(rnd, now)
         self._out.started.append((rnd.id, rnd.ballot, tuple(rnd.ops)))
         keys = sorted({k for op in rnd.ops for k in self.ops[op].cas})
+        if self.stable and self.me in self.members:
+            term = self._term
+            renew = term is None or rnd.ballot.wall_ms >= term[1].wall_ms - self.term_ms // 2
+            if renew and self._ranging is None and now >= self._no_terms_until:
+                self._term_prepare(rnd, now)
+                return
+            if term is not None and term[0] < rnd.ballot < term[1] and self._may_skip_phase1(rnd):
+                self._direct(rnd, keys, now)
+                return
         # Large committed values this host's acceptor holds are named by ballot: the acceptors
         # that hold the same answer KNOWN instead of sending them back.
         rnd.known = {}
@@ -523,6 +673,33 @@ class PaxosCore:
                     rnd.known[k] = (st.com_ballot, st.com_value)
         rnd.prepare = Prepare(rnd.id, rnd.ballot, tuple(keys), {k: b for k, (b, _) in rnd.known.items()})
         self._ask(rnd, rnd.prepare, self._quorum(), now)
+
+    def _may_skip_phase1(self, rnd: _Round) -> bool:
+        """Phase 2 alone only while every other round of ours is too: the values a round with
+        both phases accepts (repairs) are known here once decided, not before."""
+        return all(r.direct or r is rnd for r in self.rounds.values())
+
+    def _term_prepare(self, rnd: _Round, now: float) -> None:
+        """Phase 1 for every key at once (see the class docstring), with the round's operations
+        judged once a majority promised."""
+        self._ranging = rnd.id
+        rnd.end = Version(rnd.ballot.wall_ms + self.term_ms, 0, self.me)
+        rnd.known = {}
+        keep = self._term[0] if self._term is not None else None
+        rnd.prepare = Prepare(rnd.id, rnd.ballot, (), {}, end=rnd.end, digest=tuple(self._digest), keep=keep)
+        self._ask(rnd, rnd.prepare, self._quorum(), now)
+
+    def _direct(self, rnd: _Round, keys: list[str], now: float) -> None:
+        """Phase 2 alone, within our term: the operations are judged against the values this
+        host knows committed (in a term, every decision is ours and known here at once)."""
+        rnd.direct = True
+        current = {k: (self.keys[k].com_value if k in self.keys else None) for k in keys}
+        values = self._judge(rnd, current, {}, now, defer=True)
+        changed = set(values)
+        rnd.values = values
+        rnd.phase = "accept"
+        rnd.accept = Accept(rnd.id, rnd.ballot, dict(values), tuple(k for k in keys if k not in changed))
+        self._ask(rnd, rnd.accept, self._quorum(), now)
 
     def _reserve_for(self, ballot: Version) -> None:
         """Makes sure ``ballot`` is below a reserve handed out to persist.
@@ -575,7 +752,7 @@ class PaxosCore:
         answered = set(rnd.promises) if rnd.phase == "prepare" else rnd.accepted
         for m in rnd.asked - answered - {self.me}:
             self._missed[m] = self._missed.get(m, 0) + 1
-        msg = rnd.prepare if rnd.phase == "prepare" else Accept(rnd.id, rnd.ballot, dict(rnd.values))
+        msg = rnd.prepare if rnd.phase == "prepare" else rnd.accept
         rest = [m for m in self.members if m not in answered and m != self.me]
         rnd.asked |= set(rest)
         rnd.wait *= 2
@@ -611,6 +788,12 @@ class PaxosCore:
 
     def _end_round(self, rnd: _Round, now: float) -> None:
         self.rounds.pop(rnd.id, None)
+        if self._ranging == rnd.id:
+            self._ranging = None
+        if rnd.accept is not None and not rnd.decided:
+            # Given up before a majority accepted: its values may yet be chosen, which the
+            # term's reads would not know.
+            self._term = None
         self._out.ended.append(rnd.id)
         for op_id in rnd.ops:  # left without a result: wait for the next round
             op = self.ops.get(op_id)
@@ -631,6 +814,8 @@ class PaxosCore:
         rnd = self.rounds.get(m.op)
         if rnd is None or rnd.phase != "prepare" or m.ballot != rnd.ballot:
             return
+        if (rnd.end is not None) != m.whole:
+            return  # a term prepare answered as a plain one (an earlier version): not a promise
         entries = self._read_entries(rnd, m.entries)
         if entries is None:
             return
@@ -640,9 +825,16 @@ class PaxosCore:
         self._arm(rnd, now)
         if len(rnd.promises) < self.majority:
             return
+        keys = {k for op in rnd.ops for k in self.ops[op].cas}
+        if rnd.end is not None:
+            keys |= {k for entries in rnd.promises.values() for k in entries}
         inflight, current = {}, {}
-        for k in {k for op in rnd.ops for k in self.ops[op].cas}:
+        for k in keys:
             acc_b, acc_v, com_b, com_v = None, None, None, None
+            if rnd.end is not None and k in self.keys:
+                # A term prepare names only what differs from ours: our own committed value
+                # is a known decision too (a plain one asks every acceptor of a majority).
+                com_b, com_v = self.keys[k].com_ballot, self.keys[k].com_value
             for entries in rnd.promises.values():
                 ab, av, cb, cv = entries.get(k, (None, None, None, None))
                 if _gt(ab, acc_b):
@@ -652,39 +844,17 @@ class PaxosCore:
             current[k] = com_v
             if _gt(acc_b, com_b):
                 inflight[k] = acc_v
+            if rnd.end is not None and com_b is not None:
+                # What we lacked is learnt: from now on in the term, every key's current value
+                # is the one our acceptor has committed.
+                self._learn(k, com_b, com_v)
+        if rnd.end is not None:
+            self._ranging = None
+            self._term = (rnd.ballot, rnd.end)
         # Someone else's round on these keys may have been decided: its values are proposed
         # again at our ballot (repair), and the operations on those keys wait for our next
         # ballot. Every other operation is judged on its own against the current values.
-        values = dict(inflight)
-        after = dict(current)  # what each key holds once the operations before are in
-        for op_id in list(rnd.ops):
-            op = self.ops[op_id]
-            if not inflight.keys().isdisjoint(op.cas):
-                continue
-            mine = {}
-            for k, (expected, new) in sorted(op.cas.items(), key=lambda kv: kv[0]):
-                cur = after[k]
-                if isinstance(expected, Update):
-                    try:
-                        new = expected.apply(cur)
-                    except Refused:
-                        self._finish(op_id, Conflict(op_id, k, cur, {x: after[x] for x in op.cas}))
-                        break
-                    expected = cur
-                if cur == new:
-                    continue
-                if cur != expected:
-                    self._finish(op_id, Conflict(op_id, k, cur, {x: after[x] for x in op.cas}))
-                    break
-                mine[k] = new
-            else:
-                if not mine:
-                    self._finish(op_id, Decided(op_id, None, {}))
-                else:
-                    values.update(mine)
-                    after.update(mine)
-                    rnd.carried.append(op_id)
-                    rnd.own[op_id] = mine
+        values = self._judge(rnd, current, inflight, now, defer=False)
         if not values:
             self._end_round(rnd, now)
             return
@@ -692,12 +862,61 @@ class PaxosCore:
         rnd.phase = "accept"
         # The members that promised are a majority and likely to accept; any other may too.
         promised = [m for m in self.members if m in rnd.promises]
-        self._ask(
-            rnd,
-            Accept(rnd.id, rnd.ballot, dict(values)),
-            promised if self.thrifty else list(self.members),
-            now,
-        )
+        rnd.accept = Accept(rnd.id, rnd.ballot, dict(values))
+        self._ask(rnd, rnd.accept, promised if self.thrifty else list(self.members), now)
+
+    def _learn(self, key: str, ballot: Version, value: Value) -> None:
+        """Records a value decided at ``ballot`` that our acceptor had not committed (and
+        tells the DOM: a Commit of one key)."""
+        st = self.keys.get(key)
+        if st is None or _gt(ballot, st.com_ballot):
+            self._record(("commit", key, ballot, value))
+            self._out.commits.append(Commit(ballot, {key: value}))
+
+    def _judge(
+        self, rnd: _Round, current: dict[str, Value], inflight: dict[str, Value], now: float, defer: bool
+    ) -> dict[str, Value]:
+        """Judges the round's operations in arrival order against ``current`` (each on its own:
+        those on a key in flight wait for the next ballot): returns the values to accept, the
+        repairs included. An operation that fails, or needs no change, has its result at once,
+        or (``defer``) once the round is accepted."""
+        values = dict(inflight)
+        after = dict(current)  # what each key holds once the operations before are in
+        for op_id in list(rnd.ops):
+            op = self.ops[op_id]
+            if not inflight.keys().isdisjoint(op.cas):
+                continue
+            mine = {}
+            result: Result | None = None
+            for k, (expected, new) in sorted(op.cas.items(), key=lambda kv: kv[0]):
+                cur = after[k]
+                if isinstance(expected, Update):
+                    try:
+                        new = expected.apply(cur)
+                    except Refused:
+                        result = Conflict(op_id, k, cur, {x: after[x] for x in op.cas})
+                        break
+                    expected = cur
+                if cur == new:
+                    continue
+                if cur != expected:
+                    result = Conflict(op_id, k, cur, {x: after[x] for x in op.cas})
+                    break
+                mine[k] = new
+            else:
+                if not mine:
+                    result = Decided(op_id, None, {})
+                else:
+                    values.update(mine)
+                    after.update(mine)
+                    rnd.carried.append(op_id)
+                    rnd.own[op_id] = mine
+            if result is not None:
+                if defer:
+                    rnd.deferred.append(result)
+                else:
+                    self._finish(op_id, result)
+        return values
 
     @staticmethod
     def _read_entries(rnd: _Round, entries: dict[str, Entry]) -> dict[str, Seen] | None:
@@ -733,6 +952,7 @@ class PaxosCore:
         self._arm(rnd, now)
         if len(rnd.accepted) < self.majority:
             return
+        rnd.decided = True
         commit = Commit(rnd.ballot, dict(rnd.values))
         # An acceptor whose Accepted we heard has the values: large ones are named, not sent.
         big = (
@@ -745,15 +965,27 @@ class PaxosCore:
             if big
             else commit
         )
-        for mem in self.members:
+        for mem in self.members if rnd.values else ():  # a round of reads alone sets nothing
             self._out.sends.append((mem, short if mem in rnd.refs and mem != self.me else commit))
+        if self.me in self.members:
+            # Our acceptor knows the decision at once (its Commit through the loopback comes
+            # later): a term's next round reads it there.
+            for k, v in rnd.values.items():
+                st = self.keys.get(k)
+                if st is None or _gt(rnd.ballot, st.com_ballot):
+                    self._record(("commit", k, rnd.ballot, v))
         if rnd.attempts == 1:
             self.round_time += 0.2 * (now - rnd.started - self.round_time)
         for op_id in list(rnd.carried):
-            self.ops[op_id]
             self._finish(op_id, Decided(op_id, rnd.ballot, rnd.own.get(op_id, {})))
+        for result in rnd.deferred:
+            self._finish(result.op, result)
+        rnd.deferred = []
         if rnd.ops:
-            self._prepare(rnd, now)  # operations waiting on a repaired key: our next ballot
+            # Operations waiting on a repaired key: our next ballot (the round succeeded: a
+            # term it began or ran in goes on).
+            rnd.end, rnd.direct = None, False
+            self._prepare(rnd, now)
         else:
             self._end_round(rnd, now)
 
@@ -765,6 +997,8 @@ class PaxosCore:
             return
         self._heard(rnd, src)
         self._answered(src)
+        if rnd.direct or rnd.end is not None:
+            self._term = None  # someone else proposes: no term (a new one is asked on retry)
         # Someone with a higher ballot is working on these keys: back off a random while of a
         # few round times, growing with our attempts (so two proposers do not duel in
         # lock-step), then retry with a higher ballot.
@@ -829,7 +1063,10 @@ class PaxosCore:
         return self._flush()
 
     def set_members(self, members: Iterable[str]) -> None:
-        self.members = tuple(sorted(members))
+        members = tuple(sorted(members))
+        if members != self.members:
+            self._term = None  # promised by a majority of the members before
+        self.members = members
 
     def _flush(self) -> Output:
         out, self._out = self._out, Output()

@@ -65,6 +65,7 @@ class PaxosSim:
         parallel_rounds: int = 2,
         thrifty: bool = True,
         elide_at: int | None | str = "mixed",
+        stable: bool | str = False,
     ):
         self.core_factory = core_factory  # PaxosCore, or a variant under test
         self.inline = inline  # answers ride back on the request's response
@@ -75,6 +76,9 @@ class PaxosSim:
         # "mixed": each core draws every value (1) or the daemon's threshold, so schedules
         # cover both paths and grids where proposers differ.
         self.elide_at = elide_at
+        # Proposers running rounds within terms (PaxosCore.stable): all, none, or "first" (the
+        # first host only: one proposer for the grid, the others plain, as the service runs them).
+        self.stable = stable
         self._elide_rng = random.Random(seed * 7919 + 1)  # apart: other draws stay as they were
         self.rng = random.Random(seed)
         self.hosts = [f"h{i}" for i in range(n)]
@@ -118,6 +122,11 @@ class PaxosSim:
             parallel_rounds=self.parallel_rounds,
             thrifty=self.thrifty,
             elide_at=self._elide_at(),
+            **(
+                {"stable": True}
+                if self.stable is True or (self.stable == "first" and h == self.hosts[0])
+                else {}
+            ),
         )
         core.restore(list(self.disk[h]))
         return core

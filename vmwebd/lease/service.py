@@ -318,8 +318,12 @@ class LeaseService:
             self._propose_here(op_id, cas, d)
         return d
 
-    def _propose_here(self, op_id: str, cas: dict, d: defer.Deferred) -> None:
+    def _propose_here(self, op_id: str, cas: dict, d: defer.Deferred, stable: bool = True) -> None:
+        """Runs the operation with this host as its proposer: the grid's one (``stable``: its
+        rounds run within terms, phase 2 alone), or a stand-in for a proposer that did not
+        answer (both phases every round, so two proposers do not take terms from each other)."""
         self._pending[op_id] = d
+        self.core.stable = stable
         self._carry(self.core.propose(op_id, cas, self.reactor.seconds()))
 
     def _forward(self, to: str, op_id: str, cas: dict, d: defer.Deferred) -> None:
@@ -331,7 +335,7 @@ class LeaseService:
             if self._forwarded.pop(op_id, None) is None:
                 return  # answered meanwhile
             self.fell_back += 1
-            self._propose_here(op_id, cas, d)
+            self._propose_here(op_id, cas, d, stable=False)
 
         timer = self.reactor.callLater(self.forward_timeout, here)
 
