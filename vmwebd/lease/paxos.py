@@ -302,6 +302,7 @@ class _Round:
     direct: bool = False  # this ballot is phase 2 alone, within a term
     accept: Accept | None = None  # this ballot's Accept (asked again as it is)
     decided: bool = False  # a majority accepted this ballot's values
+    hold_own: bool = False  # our own acceptor is asked once another has accepted (see _direct)
     #: Within a term: the results of operations judged without a change (a conflict, nothing
     #: to do), given once a majority has accepted the round (their reads are current then).
     deferred: list[Result] = field(default_factory=list)
@@ -640,7 +641,7 @@ class PaxosCore:
         rnd.refs = set()
         rnd.own = {}
         rnd.deferred = []
-        rnd.end, rnd.direct, rnd.accept, rnd.decided = None, False, None, False
+        rnd.end, rnd.direct, rnd.accept, rnd.decided, rnd.hold_own = None, False, None, False, False
         rnd.attempts += 1
         rnd.started = now
         self._asked_at[rnd.ballot] = now
@@ -699,7 +700,18 @@ class PaxosCore:
         rnd.values = values
         rnd.phase = "accept"
         rnd.accept = Accept(rnd.id, rnd.ballot, dict(values), tuple(k for k in keys if k not in changed))
-        self._ask(rnd, rnd.accept, self._quorum(), now)
+        # Our own acceptor accepts last, once another has: with the others gone (a partition,
+        # a crash), nothing is accepted anywhere, and the operation that fails for want of a
+        # majority leaves no value in flight for the next term to repair (a lease taken by a
+        # request its caller was told had failed).
+        targets = self._quorum()
+        remote = [m for m in targets if m != self.me]
+        if remote and len(targets) > len(remote):
+            self._ask(rnd, rnd.accept, remote, now)
+            rnd.asked.add(self.me)
+            rnd.hold_own = True
+        else:
+            self._ask(rnd, rnd.accept, targets, now)
 
     def _reserve_for(self, ballot: Version) -> None:
         """Makes sure ``ballot`` is below a reserve handed out to persist.
@@ -947,6 +959,9 @@ class PaxosCore:
         self._heard(rnd, src)
         self._answered(src)
         rnd.accepted.add(src)
+        if rnd.hold_own and src != self.me:
+            rnd.hold_own = False
+            self._out.sends.append((self.me, rnd.accept))
         if m.refs:
             rnd.refs.add(src)
         self._arm(rnd, now)
