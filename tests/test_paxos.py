@@ -290,11 +290,13 @@ def test_restarted_acceptor_keeps_its_promises():
 
 # -- liveness in benign conditions ----------------------------------------------------------------
 @pytest.mark.parametrize("n", [3, 5])
-def test_without_faults_every_operation_completes(n):
+@pytest.mark.parametrize("stable", [False, "first"])
+def test_without_faults_every_operation_completes(n, stable):
     """Without faults, concurrent acquisitions and releases of the same keys from every host all
-    end in Decided or Conflict within the deadline, and exactly one acquirer of a free key wins."""
+    end in Decided or Conflict within the deadline, and exactly one acquirer of a free key wins
+    (with the first host running its rounds within terms, too)."""
     for seed in range(30):
-        sim = PaxosSim(n, seed, delay=(0.001, 0.02))
+        sim = PaxosSim(n, seed, delay=(0.001, 0.02), stable=stable)
         rng = random.Random(seed)
         for i, h in enumerate(sim.hosts):
             sim.propose(h, f"acq{i}", {KEYS[0]: (None, HOLDERS[i % 3] + f"/{i}")})
@@ -315,10 +317,11 @@ def test_without_faults_every_operation_completes(n):
                 assert sim.result(op) == paxos.Conflict(op, KEYS[0], holder)
 
 
+@pytest.mark.parametrize("stable", [False, "first"])
 @pytest.mark.parametrize("n,down", [(3, ["h2"]), (5, ["h3", "h4"]), (5, ["h0", "h4"])])
-def test_a_minority_crashed_still_decides(n, down):
+def test_a_minority_crashed_still_decides(n, down, stable):
     """With a minority of the acceptors crashed, operations from the live hosts still decide."""
-    sim = PaxosSim(n, seed=3, drop=0.05, dup=0.1, delay=(0.001, 0.02))
+    sim = PaxosSim(n, seed=3, drop=0.05, dup=0.1, delay=(0.001, 0.02), stable=stable)
     for h in down:
         sim.crash(h)
     live = [h for h in sim.hosts if h not in down]
@@ -329,12 +332,13 @@ def test_a_minority_crashed_still_decides(n, down):
     sim.check_safety()
 
 
+@pytest.mark.parametrize("stable", [False, "first"])
 @pytest.mark.parametrize("how", ["partition", "crash"])
 @pytest.mark.parametrize("n", [3, 5])
-def test_without_a_majority_an_operation_fails_with_noquorum_in_time(n, how):
+def test_without_a_majority_an_operation_fails_with_noquorum_in_time(n, how, stable):
     """With a majority unreachable, an operation fails with NoQuorum within the deadline, saying
     how many acceptors answered (the proposer and the hosts on its side) and how many are needed."""
-    sim = PaxosSim(n, seed=4, delay=(0.001, 0.02))
+    sim = PaxosSim(n, seed=4, delay=(0.001, 0.02), stable=stable)
     side = sim.hosts[: (n - 1) // 2]  # h0 (and h1 of 5): a minority
     if how == "partition":
         sim.partition(side, set(sim.hosts) - set(side))
