@@ -114,7 +114,8 @@ Entry = tuple[Union[Version, None], Wire, Union[Version, None], Wire]
 Seen = tuple[Union[Version, None], Value, Union[Version, None], Value]
 #: One operation: key -> (expected value, or an Update; new value).
 Cas = dict[str, tuple[Union[Value, Update], Value]]
-#: An acceptor record: (kind, key, ballot, value); kind promise | accept | commit | ballot.
+#: An acceptor record: (kind, key, ballot, value); kind promise | accept | commit | ballot | term
+#: | top.
 Record = tuple[str, str, Version, Value]
 
 
@@ -421,8 +422,15 @@ class PaxosCore:
         self.clock.observe(ballot)
         if kind == "ballot":  # one of our own ballots (see _prepare): only the clock needs it
             return
+        if kind == "top":  # a proposer's highest ballot promised or accepted (see snapshot)
+            self._topped(ballot)
+            return
         if kind == "term":  # key: the proposer; ballot: the term's start; value: its end
-            self.term = (key, ballot, Version.parse(value))
+            end = Version.parse(value)
+            # Terms are granted in (start, end) order (a renewal keeps the start and moves the
+            # end; any other term starts past the one before): an older record changes nothing.
+            if self.term is None or (ballot, end) > (self.term[1], self.term[2]):
+                self.term = (key, ballot, end)
             self._topped(ballot)
             return
         st = self.keys.setdefault(key, KeyState())
@@ -448,6 +456,28 @@ class PaxosCore:
             self._inflight.add(key)
         else:
             self._inflight.discard(key)
+
+    def snapshot(self) -> list[Record]:
+        """Records that rebuild, on their own, what :meth:`restore` of every record so far
+        built: the acceptor's state per key, its term, the highest ballot it promised or
+        accepted per proposer, and our proposer's latest ballot reserve. What a compaction of
+        the store keeps instead of every record."""
+        recs: list[Record] = []
+        if self._reserved is not None:
+            recs.append(("ballot", self.me, self._reserved, None))
+        for ballot in self._top.values():  # per proposer: what a term prepare is checked against
+            recs.append(("top", "", ballot, None))
+        if self.term is not None:
+            owner, start, end = self.term
+            recs.append(("term", owner, start, str(end)))
+        for k, st in self.keys.items():
+            if st.promised is not None:
+                recs.append(("promise", k, st.promised, None))
+            if st.acc_ballot is not None:
+                recs.append(("accept", k, st.acc_ballot, st.acc_value))
+            if st.com_ballot is not None:
+                recs.append(("commit", k, st.com_ballot, st.com_value))
+        return recs
 
     def _topped(self, ballot: Version) -> None:
         if _gt(ballot, self._top.get(ballot.origin)):

@@ -59,9 +59,11 @@ class GroupCommit:
     Writes are handed to ``run_blocking`` one at a time (the next only once the one before is
     done), so they reach the store in the order they were handed in, whatever the runner."""
 
-    def __init__(self, run_blocking: BlockingRunner, append_many, clock, later_s: float = 0.1):
+    def __init__(self, run_blocking: BlockingRunner, append_many, clock, later_s: float = 0.1, compact=None):
         self.run_blocking = run_blocking
         self.append_many = append_many
+        self.compact_store = compact  # store.compact(snapshot bytes)
+        self._compact_with: Callable[[], bytes] | None = None
         self.later_s = later_s
         self.clock = clock
         self._batch: list = []
@@ -93,6 +95,14 @@ class GroupCommit:
             return d
         return defer.succeed(None)
 
+    def compact(self, snapshot: Callable[[], bytes]) -> None:
+        """Makes the next write a compaction: ``snapshot()``, called when that write starts
+        (on this thread), must encode the state every record handed in so far built; it
+        replaces the store's journal, and those records are not written on their own."""
+        self._compact_with = snapshot
+        if not self._busy:
+            self._write()
+
     def append_later(self, records) -> None:
         self._later.extend(records)
         if self._later_call is None or not self._later_call.active():
@@ -108,6 +118,10 @@ class GroupCommit:
         self._writing = waiters
         self._busy = True
         self.writes += 1
+        job, arg = self.append_many, batch
+        if self._compact_with is not None and self.compact_store is not None:
+            job, arg = self.compact_store, self._compact_with()
+            self._compact_with = None
 
         def done(result):
             self._busy = False
@@ -121,7 +135,7 @@ class GroupCommit:
             elif self._later and (self._later_call is None or not self._later_call.active()):
                 self._later_call = self.clock.callLater(self.later_s, self._flush_later)
 
-        self.run_blocking(self.append_many, batch).addBoth(done)
+        self.run_blocking(job, arg).addBoth(done)
 
 
 class LeaseService:
@@ -168,7 +182,10 @@ class LeaseService:
         self.run_blocking: BlockingRunner = run_blocking or ThreadPoolRunner.dedicated(
             reactor, "vmweb-paxos-store"
         )
-        self._writer = GroupCommit(self.run_blocking, self.store.append_many, reactor)
+        self._writer = GroupCommit(
+            self.run_blocking, self.store.append_many, reactor, compact=self.store.compact
+        )
+        self.compactions = 0
         self._pending: dict[str, defer.Deferred] = {}
         # Ballots of ours a lease record may still carry (see open_ballot_floor): by round
         # (round id -> (since, ballots sent in a Prepare)), and decided but not yet recorded here.
@@ -218,7 +235,9 @@ class LeaseService:
     @defer.inlineCallbacks
     def start(self):
         self.run_blocking.start()
-        _, records = yield self.run_blocking(self.store.load)
+        snapshot, records = yield self.run_blocking(self.store.load)
+        if snapshot is not None:
+            self.core.restore((k, key, Version.parse(b), v) for k, key, b, v in json.loads(snapshot))
         self.core.restore(_decode(r) for r in records)
         self._adopt_members()
         self.domsvc.dom.subscribe(
@@ -486,11 +505,23 @@ class LeaseService:
             d = self._writer.barrier()
         else:
             d = defer.succeed(None)
+        if self._since_compact >= self.compact_every:
+            # The journal holds every promise and acceptance since the last compaction: the
+            # acceptor's state replaces it with the next write (a restart replays no more than
+            # the state is big).
+            self._since_compact = 0
+            self.compactions += 1
+            self._writer.compact(self._snapshot)
         # Persist before you speak: nothing below runs until the records are durable.
         d.addCallback(lambda _: self._after_persist(out))
         d.addErrback(lambda f: log.failure("paxos state could not be persisted", failure=f))
         self._schedule()
         return d
+
+    def _snapshot(self) -> bytes:
+        """The acceptor's state as one snapshot (see PaxosCore.snapshot): a JSON list of the
+        records a restore replays."""
+        return json.dumps([[k, key, str(b), v] for k, key, b, v in self.core.snapshot()]).encode()
 
     # -- ballots not yet in the DOM ----------------------------------------------------------
     #: A ballot held back from this host's anti-entropy claims for longer than this is let go
