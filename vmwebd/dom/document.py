@@ -282,6 +282,13 @@ class Dom:
             new.set(k, val)
         for child in rec.to_body():
             new.append(copy.deepcopy(child))
+        if rec.id not in self._index[kind]:
+            # A new entity: nothing to merge, and its version is observed above; ``new`` is
+            # ours to keep (what merge would copy in), saving a copy and a parse per lease.
+            self._containers[kind].append(new)
+            self._index[kind][rec.id] = new
+            self._notify(kind, rec.id)
+            return copy.deepcopy(new)
         return self._apply(new)
 
     def delete(self, kind: str, id_: str, version: Version | None = None) -> etree._Element | None:
