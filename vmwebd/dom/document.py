@@ -285,9 +285,7 @@ class Dom:
         if rec.id not in self._index[kind]:
             # A new entity: nothing to merge, and its version is observed above; ``new`` is
             # ours to keep (what merge would copy in), saving a copy and a parse per lease.
-            self._containers[kind].append(new)
-            self._index[kind][rec.id] = new
-            self._notify(kind, rec.id)
+            self._insert(kind, rec.id, new)
             return copy.deepcopy(new)
         return self._apply(new)
 
@@ -328,6 +326,14 @@ class Dom:
         self.merge(remote, validate=False)
         return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id", "")])
 
+    def _insert(self, kind: str, id_: str, el: etree._Element) -> None:
+        """Adds an entity this replica does not hold (``el`` becomes the replica's own)."""
+        self._containers[kind].append(el)
+        self._index[kind][id_] = el
+        if el.get("deleted") == "true":
+            self._tombstones.add((kind, id_))
+        self._notify(kind, id_)
+
     # -- replication ----------------------------------------------------------------------
     def merge(self, remote: etree._Element, validate: bool = True) -> bool:
         """Merges one entity state received from anywhere; returns True if the replica changed."""
@@ -341,12 +347,7 @@ class Dom:
             self.clock.observe(_version(el))
         local = self._index[kind].get(id_)
         if local is None:
-            el = copy.deepcopy(remote)
-            self._containers[kind].append(el)
-            self._index[kind][id_] = el
-            if el.get("deleted") == "true":
-                self._tombstones.add((kind, id_))
-            self._notify(kind, id_)
+            self._insert(kind, id_, copy.deepcopy(remote))
             return True
         changed = False
         rparts, lparts = _part_children(remote), _part_children(local)

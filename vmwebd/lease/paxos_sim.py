@@ -122,11 +122,7 @@ class PaxosSim:
             parallel_rounds=self.parallel_rounds,
             thrifty=self.thrifty,
             elide_at=self._elide_at(),
-            **(
-                {"stable": True}
-                if self.stable is True or (self.stable == "first" and h == self.hosts[0])
-                else {}
-            ),
+            stable=self.stable is True or (self.stable == "first" and h == self.hosts[0]),
         )
         core.restore(list(self.disk[h]))
         return core

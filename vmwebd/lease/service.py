@@ -37,14 +37,23 @@ FORWARDS_PER_BUNDLE = 16
 COMMIT_LINGER_S = 0.02
 
 
-def _encode(rec) -> bytes:
+def _row(rec) -> list:
+    """An acceptor record as JSON holds it: a journal record alone, or one of a snapshot's."""
     kind, key, ballot, value = rec
-    return json.dumps([kind, key, str(ballot), value]).encode()
+    return [kind, key, str(ballot), value]
+
+
+def _unrow(row) -> tuple:
+    kind, key, ballot, value = row
+    return (kind, key, Version.parse(ballot), value)
+
+
+def _encode(rec) -> bytes:
+    return json.dumps(_row(rec)).encode()
 
 
 def _decode(data: bytes):
-    kind, key, ballot, value = json.loads(data)
-    return (kind, key, Version.parse(ballot), value)
+    return _unrow(json.loads(data))
 
 
 class GroupCommit:
@@ -62,8 +71,8 @@ class GroupCommit:
     def __init__(self, run_blocking: BlockingRunner, append_many, clock, later_s: float = 0.1, compact=None):
         self.run_blocking = run_blocking
         self.append_many = append_many
-        self.compact_store = compact  # store.compact(snapshot bytes)
-        self._compact_with: Callable[[], bytes] | None = None
+        self.compact_store = compact  # compact(snapshot): replaces the store's journal
+        self._compact_with: Callable[[], list] | None = None
         self.later_s = later_s
         self.clock = clock
         self._batch: list = []
@@ -95,10 +104,11 @@ class GroupCommit:
             return d
         return defer.succeed(None)
 
-    def compact(self, snapshot: Callable[[], bytes]) -> None:
+    def compact(self, snapshot: Callable[[], list]) -> None:
         """Makes the next write a compaction: ``snapshot()``, called when that write starts
-        (on this thread), must encode the state every record handed in so far built; it
-        replaces the store's journal, and those records are not written on their own."""
+        (on this thread), must give the state every record handed in so far built, which
+        ``compact`` (on the store's side) writes in place of the journal; those records are not
+        written on their own."""
         self._compact_with = snapshot
         if not self._busy:
             self._write()
@@ -182,9 +192,7 @@ class LeaseService:
         self.run_blocking: BlockingRunner = run_blocking or ThreadPoolRunner.dedicated(
             reactor, "vmweb-paxos-store"
         )
-        self._writer = GroupCommit(
-            self.run_blocking, self.store.append_many, reactor, compact=self.store.compact
-        )
+        self._writer = GroupCommit(self.run_blocking, self.store.append_many, reactor, compact=self._compact)
         self.compactions = 0
         self._pending: dict[str, defer.Deferred] = {}
         # Ballots of ours a lease record may still carry (see open_ballot_floor): by round
@@ -235,10 +243,8 @@ class LeaseService:
     @defer.inlineCallbacks
     def start(self):
         self.run_blocking.start()
-        snapshot, records = yield self.run_blocking(self.store.load)
-        if snapshot is not None:
-            self.core.restore((k, key, Version.parse(b), v) for k, key, b, v in json.loads(snapshot))
-        self.core.restore(_decode(r) for r in records)
+        records = yield self.run_blocking(self._load)
+        self.core.restore(records)
         self._adopt_members()
         self.domsvc.dom.subscribe(
             lambda kind, id_: kind == "lease" and id_ == MEMBERS_KEY and self._adopt_members()
@@ -527,10 +533,21 @@ class LeaseService:
         self._schedule()
         return d
 
-    def _snapshot(self) -> bytes:
-        """The acceptor's state as one snapshot (see PaxosCore.snapshot): a JSON list of the
-        records a restore replays."""
-        return json.dumps([[k, key, str(b), v] for k, key, b, v in self.core.snapshot()]).encode()
+    def _snapshot(self) -> list:
+        """The acceptor's state as records (see PaxosCore.snapshot), taken on the reactor; the
+        store's thread encodes them (:meth:`_compact`)."""
+        return self.core.snapshot()
+
+    def _compact(self, records: list) -> None:
+        """On the store's thread: the snapshot, a JSON list of the records a restore replays,
+        replaces the journal."""
+        self.store.compact(json.dumps([_row(r) for r in records]).encode())
+
+    def _load(self) -> list:
+        """On the store's thread: every record a restore replays, the snapshot's first."""
+        snapshot, records = self.store.load()
+        rows = [_unrow(r) for r in json.loads(snapshot)] if snapshot is not None else []
+        return rows + [_decode(r) for r in records]
 
     # -- ballots not yet in the DOM ----------------------------------------------------------
     #: A ballot held back from this host's anti-entropy claims for longer than this is let go
