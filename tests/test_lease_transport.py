@@ -269,3 +269,22 @@ def test_terms_survive_the_wire():
     acc = _wire(paxos.Accept("r1", b, {"ip/x": "vm:1"}, reads=("cap/a", "quota/u")))
     assert acc.values == {"ip/x": "vm:1"} and acc.reads == ("cap/a", "quota/u")
     assert _wire(paxos.Accept("r3", b, {})).reads == ()
+
+
+def test_a_term_prepare_with_a_bad_digest_is_malformed_naming_it():
+    """A term prepare whose digest is not hexadecimal numbers is refused with a MalformedRequest
+    naming the attribute (the envelope changes nothing)."""
+    from lxml import etree
+
+    from vmwebd.errors import MalformedRequest
+
+    b = Version(1000, 0, "h1")
+    env = encode(
+        Envelope(
+            src="h1", src_addr="127.0.0.1:1", dst="h2", msg=paxos.Prepare("r1", b, (), end=b, digest=(1, 2))
+        )
+    )
+    for el in env.iter("{*}prepare"):
+        el.set("digest", "1 zz")
+    with pytest.raises(MalformedRequest, match="prepare/@digest"):
+        decode(etree.fromstring(etree.tostring(env)))
