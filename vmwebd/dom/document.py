@@ -39,6 +39,8 @@ INDEXED: dict[str, tuple[str, ...]] = {
     "audit": ("host", "user"),
 }
 _DIGEST_MOD = 1 << 256
+#: An entity's parts as (origin, stamp, part name), the main part named "" (the origin index).
+_Stamps = tuple[tuple[str, tuple[int, int], str], ...]
 
 
 def schema() -> etree.RelaxNG:
@@ -285,7 +287,8 @@ class Dom:
         if rec.id not in self._index[kind]:
             # A new entity: nothing to merge, and its version is observed above; ``new`` is
             # ours to keep (what merge would copy in), saving a copy and a parse per lease.
-            self._insert(kind, rec.id, new)
+            # Without child elements its one part's version is ``v`` (no need to read it back).
+            self._insert(kind, rec.id, new, None if len(new) else ((v.origin, v.stamp, ""),))
             return copy.deepcopy(new)
         return self._apply(new)
 
@@ -326,13 +329,14 @@ class Dom:
         self.merge(remote, validate=False)
         return copy.deepcopy(self._index[etree.QName(remote).localname][remote.get("id", "")])
 
-    def _insert(self, kind: str, id_: str, el: etree._Element) -> None:
-        """Adds an entity this replica does not hold (``el`` becomes the replica's own)."""
+    def _insert(self, kind: str, id_: str, el: etree._Element, stamps: _Stamps | None = None) -> None:
+        """Adds an entity this replica does not hold (``el`` becomes the replica's own);
+        ``stamps``: its parts' (origin, stamp, part name), when the caller knows them."""
         self._containers[kind].append(el)
         self._index[kind][id_] = el
         if el.get("deleted") == "true":
             self._tombstones.add((kind, id_))
-        self._notify(kind, id_)
+        self._notify(kind, id_, stamps)
 
     # -- replication ----------------------------------------------------------------------
     def merge(self, remote: etree._Element, validate: bool = True) -> bool:
@@ -515,13 +519,14 @@ class Dom:
         """Calls ``fn(kind, id)`` after every change, local or merged."""
         self._listeners.append(fn)
 
-    def _notify(self, kind: str, id_: str) -> None:
-        self._reindex(kind, id_)
+    def _notify(self, kind: str, id_: str, stamps: _Stamps | None = None) -> None:
+        self._reindex(kind, id_, stamps)
         for fn in list(self._listeners):
             fn(kind, id_)
 
-    def _reindex(self, kind: str, id_: str) -> None:
-        """Brings the caches and indexes up to date with entity (kind, id) as it now stands."""
+    def _reindex(self, kind: str, id_: str, stamps: _Stamps | None = None) -> None:
+        """Brings the caches and indexes up to date with entity (kind, id) as it now stands
+        (``stamps``: its parts' versions as :data:`_Stamps`, when the caller knows them)."""
         key = (kind, id_)
         self._decoded.pop(key, None)
         self._digest_dirty.add(key)
@@ -547,10 +552,11 @@ class Dom:
                 ix.setdefault(new, set()).add(id_)
                 held[id_] = new
         old_stamps = self._stamps.pop(key, ())
-        new_stamps: tuple[tuple[str, tuple[int, int], str], ...] = ()
+        new_stamps: _Stamps = ()
         if el is not None:
-            new_stamps = tuple((v.origin, v.stamp, part) for v, part in _part_versions_named(el))
-            self._stamps[key] = new_stamps
+            if stamps is None:
+                stamps = tuple((v.origin, v.stamp, part) for v, part in _part_versions_named(el))
+            new_stamps = self._stamps[key] = stamps
         if old_stamps == new_stamps:
             return
         for origin, stamp, part in old_stamps:

@@ -56,15 +56,15 @@ class Record:
 
     def to_attrs(self) -> dict[str, str]:
         out = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every subclass is a dataclass
-            if f.name in ("id", "body"):
+        for name, attr, _conv, _required in _field_specs(type(self)):
+            if name == "body":
                 continue
-            value = getattr(self, f.name)
+            value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, bool):
                 value = "true" if value else "false"
-            out[attr_name(f.name)] = str(value)
+            out[attr] = str(value)
         return out
 
     def to_body(self) -> list[etree._Element]:
