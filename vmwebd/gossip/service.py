@@ -195,7 +195,9 @@ class PeerClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = connections_per_peer
         self.pool.retryAutomatically = False
-        self.agent = Agent.usingEndpointFactory(reactor, _PeerEndpoints(reactor, tls_policy, timeout), self.pool)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, _PeerEndpoints(reactor, tls_policy, timeout), self.pool
+        )
         self.timeout = timeout
         self.observer = observer
         self.sent = 0
