@@ -7,13 +7,16 @@ them inline. The two hosts share one DOM replica (standing in for gossip, which 
 each change from one to the other). Doubles stand in for what the move needs but is not under
 test: the image store (a base volume made here), the reconciler's domain spec and seed, and the
 allocator's lease and capacity round at the end (recorded, not decided by consensus: the lease
-service on a Clock is tests/test_lease_service_clock.py). A running VM's cold move fetches its
+service on a Clock is tests/test_lease_service_clock.py). A cold move's hand-over lease is
+decided by a real lease service, a Paxos group of one on the same clock, which both managers ask
+(as two hosts ask their grid's). A running VM's cold move fetches its
 memory file from the source's peer endpoint over TLS (``vmwebd.hv.images.fetch_file``, called by
 name): that cannot be had in process, so the VMs moved here are stopped ones (no memory to carry).
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +32,9 @@ from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 from vmwebd.hv.naming import domain_name, volume_name
 from vmwebd.hv.testhost import write_test_host
+from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.migrate.manager import MigrationManager
+from vmwebd.migrate.state import handover_key
 from vmwebd.reconcile import StorageLayout
 
 START_S = 1_700_000_000.0
@@ -144,6 +149,20 @@ class Grid:
         self.domsvc = DomService(dom, store, self.clock, journal_records=n, run_blocking=self.run)
         self.dom = dom
         self.allocator = Allocator()
+        self.leases = LeaseService(
+            "host1",
+            self.domsvc,
+            tmp_path / "paxos",
+            self.clock,
+            hlc,
+            random.Random(7),
+            ("host1",),
+            lambda dst, msgs, timeout=None: defer.succeed(False),  # a group of one sends nothing
+            fsync=False,
+            run_blocking=self.run,
+        )
+        assert self.done(self.leases.start())
+        self.table = PaxosLeaseTable(self.leases)
         self.drivers, self.managers, self.reconcilers = {}, {}, {}
         for h in ("host1", "host2"):
             (tmp_path / h).mkdir()
@@ -160,7 +179,7 @@ class Grid:
                 driver,
                 Images(base),
                 self.reconcilers[h],
-                table=None,
+                table=self.table,
                 storage=StorageLayout(POOL, str(images_dir)),
                 now_ms=self.now_ms,
                 live_hosts=lambda: set(self.live),
@@ -242,6 +261,7 @@ class Grid:
     def close(self):
         for d in self.drivers.values():
             self.result(d.close())
+        self.leases.stop()
         self.domsvc.close()
 
 
@@ -355,9 +375,96 @@ def test_a_restart_removes_the_memory_states_of_moves_that_ended_and_keeps_the_o
     Path(storage).mkdir(parents=True, exist_ok=True)  # the test driver's pool keeps no files
     for path in states.values():
         path.write_bytes(b"memory")
-    assert g.result(g.managers["host1"].resume()) is None
-    g.run_until_quiet()
+    resumed = g.managers["host1"].resume()
+    g.run_until_quiet()  # failing the move saved here takes its hand-over by consensus
+    assert g.result(resumed) is None
     assert {mid for mid, path in states.items() if path.exists()} == {"elsewhere"}
     assert g.migration("saving").phase == "failed"
     assert "host host1 restarted during phase 'saved'" in g.migration("saving").error
     assert g.migration("elsewhere").phase in ("prepare", "ready")
+
+
+def _saved(grid, mid="m1"):
+    """The move as its source leaves it once the VM is saved (a stopped VM: nothing to carry),
+    with the destination's empty overlay prepared."""
+    dest = grid.drivers["host2"]
+    base = grid.managers["host2"].images.image.path
+    disk = grid.result(dest.create_overlay(POOL, volume_name(VM), base, 64))
+    m = MigrationRec(
+        id=mid,
+        vm=VM,
+        source="host1",
+        dest="host2",
+        phase="saved",
+        mode="cold",
+        started_at=grid.now_ms(),
+        dest_disk=disk,
+    )
+    grid.put(m)
+    return m
+
+
+def _give_up_on_host2(grid):
+    """host1's sweep finds host2 out of the live set, and again once the 60 s grace passed."""
+    grid.live.discard("host2")
+    grid.managers["host1"].sweep()
+    grid.clock.advance(60.0)
+    grid.managers["host1"].sweep()
+    grid.run_until_quiet()
+
+
+@pytest.fixture
+def grid_source_only(tmp_path):
+    """Only host1's manager reacts to changes; the test drives host2's by hand, as it would act
+    on a replica that has not heard the latest change yet."""
+    g = Grid(tmp_path, started=("host1",))
+    yield g
+    g.close()
+
+
+def test_a_destination_restoring_a_move_its_source_failed_first_leaves_the_vm_at_the_source(
+    grid_source_only,
+):
+    """host2 is silent for 60 s while the move is saved: host1 fails it, taking the hand-over
+    lease, and brings the VM back. host2, acting on its replica's ``saved`` (the failure not
+    heard yet), asks for the same lease to restore, is refused, and leaves the VM alone: one
+    copy, at the source. Without the lease host2 would define the VM too."""
+    grid = grid_source_only
+    name = domain_name(VM)
+    stale = _saved(grid)
+    _give_up_on_host2(grid)
+    m = grid.migration()
+    assert m.phase == "failed" and "host host2 has not been alive for 60 s" in m.error, m.error
+    assert grid.table.holder(handover_key("m1")) == "handover:fail#m1"
+    mgr = grid.managers["host2"]
+    action = mgr._decide(stale, grid.now_ms())
+    assert type(action).__name__ == "RestoreDest"  # what host2 does on its stale replica
+    d = mgr._restore(stale, action)
+    grid.run_until_quiet()
+    grid.result(d)
+    assert grid.domains("host2") == [] and grid.domains("host1") == [name]
+    assert grid.migration().phase == "failed" and grid.dom.get(VmRec, VM).host == "host1"
+
+
+def test_a_source_giving_up_after_its_destination_took_the_hand_over_waits_for_the_restore(
+    grid_source_only,
+):
+    """host2 took the hand-over to restore, then fell silent for 60 s (a loaded host): host1's
+    sweep does not fail the move (which would restore the VM at host1 while host2 runs it) and
+    keeps waiting; once host2 restores, host1 finishes the move: one copy, at the destination."""
+    grid = grid_source_only
+    name = domain_name(VM)
+    m = _saved(grid)
+    mgr = grid.managers["host2"]
+    took = mgr._take_handover(m, "restore")
+    grid.run_until_quiet()
+    assert grid.result(took) is True
+    _give_up_on_host2(grid)
+    assert grid.migration().phase == "saved"  # not failed: the destination has it
+    assert grid.domains("host1") == [name] and grid.domains("host2") == []
+    grid.live.add("host2")
+    mgr.start()  # host2 acts on what it sees: the move saved, the hand-over its own
+    grid.run_until_quiet()
+    assert [s[:2] for s in grid.seen][-2:] == [("restored", "host1"), ("done", "host2")]
+    assert grid.domains("host1") == [] and grid.domains("host2") == [name]
+    assert grid.table.holder(handover_key("m1")) == "handover:restore#m1"

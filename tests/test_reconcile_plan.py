@@ -749,6 +749,11 @@ LIVE = _Records(
         (("migration", "lab/n1", "m-failed"), GRACE_MS, True),
         (("migration", "lab/n1", "m-stale"), GRACE_MS, True),
         (("migration", "lab/n1", "m-none"), GRACE_MS, True),
+        # A cold move's hand-over is kept as long as its migration is recorded, ended or not.
+        (("handover", "fail", "m-failed"), GRACE_MS, False),
+        (("handover", "restore", "m-stale"), GRACE_MS, False),
+        (("handover", "restore", "m-none"), GRACE_MS, True),
+        (("handover", "restore", "m-none"), GRACE_MS - 1, False),
         (("capacity", "host1", ""), GRACE_MS * 10, False),  # not a kind this looks at
     ],
 )

@@ -418,7 +418,8 @@ def lease_orphaned(
 ) -> bool:
     """Is ``lease`` (its holder parsed as (kind, id, token)) held by something that is gone or
     never came to be? A VM's or a cluster's lease whose cluster is missing or of another
-    creation; a migration's whose migration ended or was abandoned. Leases younger than
+    creation; a migration's whose migration ended or was abandoned; a cold move's hand-over
+    whose migration is deleted. Leases younger than
     ``grace_ms`` are left: their request may still be recording what they are for."""
     if now_ms - lease.granted_at < grace_ms:
         return False
@@ -433,4 +434,6 @@ def lease_orphaned(
     if kind == "migration":
         m = dom.get(MigrationRec, token)
         return m is None or m.phase in TERMINAL or now_ms - m.started_at >= STALE_MS
+    if kind == "handover":  # a cold move's hand-over: kept while its migration is recorded
+        return dom.get(MigrationRec, token) is None
     return False

@@ -50,6 +50,7 @@ from vmwebd.errors import (
     InvalidArgument,
     MigrationBusy,
     NoCapacity,
+    NoQuorum,
     NoSuchHost,
     NoSuchMigration,
     NoSuchVm,
@@ -73,7 +74,17 @@ from vmwebd.migrate.phases import (
     SaveMemory,
     Trigger,
 )
-from vmwebd.migrate.state import TERMINAL, expired, in_flight, lease_holder, lease_key
+from vmwebd.migrate.state import (
+    FAIL,
+    RESTORE,
+    TERMINAL,
+    expired,
+    handover_holder,
+    handover_key,
+    in_flight,
+    lease_holder,
+    lease_key,
+)
 from vmwebd.placement import HostLoad, place
 from vmwebd.settings import all_settings, drain_record, drained_hosts
 from vmwebd.wiring import BlockingRunner, HostSet, Liveness, PeerDirectory
@@ -82,6 +93,9 @@ log = Logger()
 #: How long a host must have been dead (or gone) here before the VMs that never ran on it are
 #: re-placed without an admin: a loaded host flaps to "dead" and back within seconds.
 REPLACE_GRACE_S = 10.0
+#: A destination that could not take a cold move's hand-over for want of a majority tries again
+#: after this long (the VM waits, saved, at its source).
+HANDOVER_RETRY_S = 5.0
 REPLACED_PREFIX = "replaced/"
 #: A re-placement lease whose VM is gone is given back after this long (as the reconciler does
 #: for addresses whose holder never came to be): a replica may hold the lease before the VM.
@@ -929,6 +943,29 @@ class MigrationManager:
 
     @defer.inlineCallbacks
     def _restore(self, m: MigrationRec, action: RestoreDest):
+        try:
+            mine = yield self._take_handover(m, RESTORE)
+        except NoQuorum as e:
+            # Nothing is lost by waiting: the VM stays saved at its source, and the source does
+            # not fail the move without the same lease either.
+            log.warn(
+                "migration {mid}: restoring {vm} waits for a majority ({err}); trying again in {s:.0f} s",
+                mid=m.id,
+                vm=m.vm,
+                err=e,
+                s=HANDOVER_RETRY_S,
+            )
+            self.clock.callLater(HANDOVER_RETRY_S, self.kick, m.id)
+            return
+        if not mine:
+            log.info(
+                "migration {mid}: not restoring {vm} here: the move was failed first (its hand-over "
+                "is taken), the VM goes back to {src}",
+                mid=m.id,
+                vm=m.vm,
+                src=m.source,
+            )
+            return
         vm = self._vm_rec(m)
         cluster = self.dom.get(VClusterRec, vm.cluster)
         image = yield self.images.ensure(vm.image)
@@ -1034,9 +1071,37 @@ class MigrationManager:
         self.push_to(others)
 
     @defer.inlineCallbacks
+    def _take_handover(self, m: MigrationRec, side: str):
+        """Takes cold move ``m``'s hand-over lease for ``side``: RESTORE, the destination runs
+        the saved VM; FAIL, the move is failed and the VM restored at its source. Fires True if
+        this host may go on. Paxos gives the key to one side only, so a destination restoring
+        while the source gives up on it (a slow or cut-off destination) never leaves the VM
+        running at both. A destination failing its own restore may go on too: its clean-up
+        removes its copy."""
+        try:
+            yield self.table.acquire({handover_key(m.id): handover_holder(side, m.id)})
+        except LeaseConflict as e:
+            own_restore = e.current == handover_holder(RESTORE, m.id) and self.host_id == m.dest
+            return side == FAIL and own_restore
+        return True
+
+    @defer.inlineCallbacks
     def _fail(self, m: MigrationRec, phase: str, message: str):
         if not phases.may_fail(m, self.dom.get(MigrationRec, m.id), self.dom.get(VmRec, m.vm)):
             return  # it ended (the source records the VM's new host first): nothing to fail
+        now = self.dom.get(MigrationRec, m.id)
+        if now is not None and phases.phase_of(now) is phases.Phase.SAVED:
+            mine = yield self._take_handover(m, FAIL)
+            if not mine:
+                log.info(
+                    "migration {mid} of {vm}: not failed ({msg}): its destination {dest} took the "
+                    "hand-over and restores the VM there",
+                    mid=m.id,
+                    vm=m.vm,
+                    msg=message,
+                    dest=m.dest,
+                )
+                return
         log.warn(
             "migration {mid} of {vm} failed in phase {phase}: {msg}",
             mid=m.id,

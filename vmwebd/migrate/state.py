@@ -34,6 +34,22 @@ def lease_holder(vm_id: str, mid: str) -> str:
     return f"migration:{vm_id}#{mid}"
 
 
+def handover_key(mid: str) -> str:
+    """The consensus lease that decides who has a cold move saved at its source: the destination,
+    to restore it there, or whoever fails the move, to restore it at the source. Held until the
+    migration entity is deleted: a destination that has not yet heard of the failure must still
+    find it taken."""
+    return f"handover/{mid}"
+
+
+#: The two holders of a hand-over lease: the destination restoring, or the move failed.
+RESTORE, FAIL = "restore", "fail"
+
+
+def handover_holder(side: str, mid: str) -> str:
+    return f"handover:{side}#{mid}"
+
+
 def in_flight(dom, now_ms: int) -> dict[str, MigrationRec]:
     """VM id -> its unfinished, not abandoned migration."""
     out = {}
