@@ -468,3 +468,58 @@ def test_a_source_giving_up_after_its_destination_took_the_hand_over_waits_for_t
     assert [s[:2] for s in grid.seen][-2:] == [("restored", "host1"), ("done", "host2")]
     assert grid.domains("host1") == [] and grid.domains("host2") == [name]
     assert grid.table.holder(handover_key("m1")) == "handover:restore#m1"
+
+
+def _migrating(grid):
+    """A live move as its source's executor leaves it while libvirt's job runs."""
+    m = MigrationRec(
+        id="m1",
+        vm=VM,
+        source="host1",
+        dest="host2",
+        phase="migrating",
+        mode="live",
+        started_at=grid.now_ms(),
+    )
+    grid.put(m)
+    return m
+
+
+def test_a_source_restarted_after_libvirt_finished_its_live_move_records_it_done(grid_stopped):
+    """host1's daemon died during a live move; libvirtd finished it meanwhile: the guest runs at
+    host2 and host1's domain is undefined (UNDEFINE_SOURCE). Restarted, host1 asks libvirt, finds
+    its domain gone and records the move done with the VM on host2, whose guest stays (failing
+    the move would have host2 remove the guest that arrived, and its disk)."""
+    g = grid_stopped
+    name = domain_name(VM)
+    _migrating(g)
+    # What libvirt did while the daemon was down.
+    assert g.done(g.drivers["host1"].undefine(name))
+    dest = g.drivers["host2"]
+    disk = g.result(dest.create_overlay(POOL, volume_name(VM), g.managers["host2"].images.image.path, 64))
+    vm, cluster = g.dom.get(VmRec, VM), g.dom.get(VClusterRec, "c1")
+    assert g.done(dest.define(g.reconcilers["host2"].spec_for(vm, cluster, None, disk)))
+    assert g.done(dest.start(name))
+    resumed = g.managers["host1"].resume()
+    g.run_until_quiet()
+    assert g.result(resumed) is None
+    m = g.migration()
+    assert m.phase == "done" and m.error == "", (m.phase, m.error)
+    assert g.dom.get(VmRec, VM).host == "host2"
+    assert g.domains("host2") == [name] and g.domains("host1") == []
+    assert volume_name(VM) not in g.volumes("host1")  # the source's overlay went with the end
+    assert g.allocator.unreserved == [(VM, ("host1",))]  # host1's reservation given back
+
+
+def test_a_source_restarted_when_libvirt_moved_nothing_fails_the_move_and_keeps_the_vm(grid_stopped):
+    """Same restart, but host1's domain is still defined and no job runs (libvirt gave up when
+    its caller died): the move is failed, the VM stays on host1."""
+    g = grid_stopped
+    name = domain_name(VM)
+    _migrating(g)
+    resumed = g.managers["host1"].resume()
+    g.run_until_quiet()
+    assert g.result(resumed) is None
+    m = g.migration()
+    assert m.phase == "failed" and "host host1 restarted during phase 'migrating'" in m.error
+    assert g.dom.get(VmRec, VM).host == "host1" and g.domains("host1") == [name]

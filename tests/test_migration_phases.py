@@ -25,6 +25,7 @@ from vmwebd.migrate.phases import (
     Finish,
     Limits,
     MigrateMemory,
+    Moved,
     Nothing,
     Observations,
     Phase,
@@ -429,10 +430,17 @@ class World:
         self.down_since = {h: {} for h in HOSTS}
         self.history = ["prepare"]
         self.recovering = False
+        # The source's daemon alone died (libvirtd and its job go on); libvirt finished the
+        # move meanwhile and undefined the source's domain; the restarted source looks again.
+        self.daemon_down = False
+        self.job_orphaned = False  # its caller (the daemon's executor) died
+        self.moved_by_libvirt = False
+        self.looking_again = False
+        self.destroyed_arrived = False
 
     # -- the DOM --
     def up(self, h):
-        return h not in self.crashed and h not in self.frozen
+        return h not in self.crashed and h not in self.frozen and not (h == SRC and self.daemon_down)
 
     def write(self, **kw):
         self.m = dataclasses.replace(self.m, **kw)
@@ -492,6 +500,8 @@ class World:
                 raise RuntimeError("undefine failed")  # after the end: fails nothing
         elif isinstance(a, CleanUp):
             if a.remove_dest_copy:
+                if DST in self.running and self.moved_by_libvirt:
+                    self.destroyed_arrived = True  # the guest libvirt moved, and its disk
                 self.running.discard(DST)
             if a.source_side:
                 if self.saved_state and a.restore_saved and not error:
@@ -526,23 +536,62 @@ class World:
         self.down_since[h] = {}
         if h == SRC:
             self.job = False  # libvirt's job dies with its host (the VM did too)
+            self.job_orphaned = self.daemon_down = False
 
     def restart(self, h):
         if h not in self.crashed:
             return
         self.crashed.discard(h)
-        a = decide(self.m, self.vm, h, self.now, self.obs(Trigger.RESTARTED))
+        self.take_up(h)
+
+    def take_up(self, h):
+        """A restarted host takes the move up as the manager does (asking libvirt, at the source
+        of a live move, what became of its job)."""
+        obs = self.obs(Trigger.RESTARTED)
+        if h == SRC and self.m.phase == "migrating":
+            if self.job:
+                domain = phases.DOMAIN_MIGRATING
+            elif self.moved_by_libvirt:
+                domain = phases.DOMAIN_GONE
+            else:
+                domain = phases.DOMAIN_HERE
+            obs = dataclasses.replace(obs, source_domain=domain)
+        a = decide(self.m, self.vm, h, self.now, obs)
+        self.looking_again = h == SRC and a == Wait("libvirt")
         if isinstance(a, Abort):
             self.fail(a)
+        elif isinstance(a, Moved):
+            self.vm = dataclasses.replace(self.vm, host=DST) if self.vm else None
+            self.write(phase="done")
         elif not isinstance(a, Nothing):
             self.kick(h)
 
+    def daemon_stop(self):
+        """The source's daemon dies alone (kill -9): libvirtd, its job and the guest go on."""
+        if SRC not in self.crashed:
+            self.daemon_down = True
+            self.job_orphaned = self.job_orphaned or self.job
+
+    def daemon_start(self):
+        if self.daemon_down and SRC not in self.crashed:
+            self.daemon_down = False
+            self.take_up(SRC)
+
     def job_ends(self, ok=True):
-        """libvirt's live job at the source ends (the source's daemon records it); it cannot
-        succeed towards a crashed destination."""
-        if not self.job or not self.up(SRC):
+        """libvirt's live job at the source ends (the source's daemon records it, if it runs);
+        it cannot succeed towards a crashed destination."""
+        if not self.job or SRC in self.crashed or SRC in self.frozen:
             return
         self.job = False
+        if self.job_orphaned:
+            # Nobody records it: libvirt moved the guest (undefining the source's domain), or
+            # left it running at the source.
+            self.job_orphaned = False
+            if ok and DST not in self.crashed:
+                self.running.discard(SRC)
+                self.running.add(DST)
+                self.moved_by_libvirt = True
+            return
         if ok and DST not in self.crashed:
             self.running.discard(SRC)
             self.running.add(DST)
@@ -579,6 +628,10 @@ class World:
             self.crash(h)
         elif kind == "restart":
             self.restart(h)
+        elif kind == "daemon_stop":
+            self.daemon_stop()
+        elif kind == "daemon_start":
+            self.daemon_start()
         elif kind == "freeze":
             if h not in self.crashed:
                 self.frozen.add(h)
@@ -601,6 +654,7 @@ class World:
 
     def check(self):
         assert len(self.running) <= 1, f"VM runs on {sorted(self.running)}: {self.history}"
+        assert not self.destroyed_arrived, f"the guest libvirt moved was removed: {self.history}"
         for a, b in zip(self.history, self.history[1:]):
             assert a == b or (a, b) in EDGES, f"{a} -> {b} is no edge: {self.history}"
         if self.m.phase == "failed" and self.vm is not None:
@@ -618,11 +672,14 @@ class World:
             else:
                 self.step(("thaw", h))
                 self.step(("restart", h))
+        self.step(("daemon_start", None))
         for _ in range(rounds):
             for h in HOSTS:
                 self.step(("kick", h))
                 self.step(("sweep", h))
             self.step(("job_done", SRC))
+            if self.looking_again:
+                self.take_up(SRC)  # the source looks at libvirt's job again (JOB_RECHECK_S)
             for h in HOSTS:
                 self.step(("reconcile", h))
             self.step(("tick", 61))
@@ -649,6 +706,7 @@ EVENTS = (
     )
     + _weighted([("kick", 1), ("crash", 1)], [OTHER])
     + _weighted([("job_done", 2), ("job_error", 1), ("delete_vm", 1)], [None])
+    + _weighted([("daemon_stop", 1), ("daemon_start", 1)], [None])
     + _weighted([("tick", 2)], [1, 20, 61, 181])
 )
 events = st.sampled_from(EVENTS)
@@ -716,6 +774,60 @@ def test_a_fault_at_either_host_in_every_phase_ends_the_move(mode, steps, host, 
     assert w.m.phase in ("done", "failed"), w.history
     home = DST if w.m.phase == "done" else SRC
     assert w.running == (set() if w.vm is None else {home}), (w.history, w.running)
+
+
+#: The source's daemon killed while libvirt moves the VM live, and what libvirt's job does
+#: without it: (events while the daemon is down, events after it started again, the end).
+DAEMON_KILLED = {
+    "job finishes while down": ([("job_done", None)], [], "done"),
+    "job fails while down": ([("job_error", None)], [], "failed"),
+    "job runs on, then finishes": ([], [("kick", DST), ("job_done", None)], "done"),
+    "job runs on, then fails": ([], [("kick", DST), ("job_error", None)], "failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAEMON_KILLED))
+def test_a_source_daemon_killed_during_a_live_move_asks_libvirt_and_keeps_the_moved_guest(case):
+    """libvirtd carries on a peer-to-peer move when the daemon that asked for it dies. The
+    restarted source asks libvirt: domain gone, the move is recorded done (failing it would have
+    the destination remove the guest that just arrived, with its disk); job still running, it
+    looks again; domain here without a job, the move failed and the VM stays."""
+    down, after, end = DAEMON_KILLED[case]
+    w = World("live")
+    w.step(("kick", DST))
+    w.step(("kick", SRC))
+    assert w.m.phase == "migrating" and w.job
+    w.step(("daemon_stop", None))
+    for event in down:
+        w.step(event)
+    w.step(("daemon_start", None))
+    for event in after:
+        w.step(event)
+        if w.looking_again:
+            w.take_up(SRC)
+    assert w.m.phase == end, w.history
+    home = DST if end == "done" else SRC
+    w.recover()
+    assert w.m.phase == end and w.vm.host == home and w.running == {home}, (w.history, w.running)
+
+
+def test_a_restarted_source_asks_libvirt_about_a_live_move():
+    """The three answers libvirt can give a source restarted in ``migrating``, and a VM that is
+    being removed (nothing to record: the move fails)."""
+    m = CASES["migrating"]
+
+    def restarted(domain, gone=False):
+        vm = None if gone else vmrec()
+        return decide(m, vm, SRC, T0 + 5_000, Observations(trigger=Trigger.RESTARTED, source_domain=domain))
+
+    assert restarted(phases.DOMAIN_GONE) == Moved()
+    assert restarted(phases.DOMAIN_MIGRATING) == Wait("libvirt")
+    failed = Abort("migrating", "host host1 restarted during phase 'migrating'")
+    assert restarted(phases.DOMAIN_HERE) == failed
+    assert restarted("") == failed  # libvirt could not be asked
+    assert restarted(phases.DOMAIN_GONE, gone=True) == Abort(
+        "migrating", "host host1 restarted during phase 'migrating'"
+    )
 
 
 def test_the_model_reaches_both_ends():

@@ -241,6 +241,11 @@ class Driver(abc.ABC):
         """Fire with the domain's definition as XML (migratable form)."""
         raise NotImplementedError
 
+    def job_running(self, name: str) -> Deferred:
+        """Fire True while a job (such as an outgoing migration) of domain ``name`` runs here;
+        False when none does, or the driver keeps no jobs."""
+        raise NotImplementedError
+
     # -- console ---------------------------------------------------------------------------
     def open_console(self, name: str) -> Deferred:
         """Fire with a :class:`ConsoleStream` on running domain ``name``'s serial console (opened

@@ -533,6 +533,18 @@ class LibvirtDriver(Driver):
             lambda conn: conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
         )
 
+    def job_running(self, name: str) -> Deferred:
+        def running(conn):
+            try:
+                kind = conn.lookupByName(name).jobInfo()[0]
+            except libvirt.libvirtError as e:
+                if _code(e) == libvirt.VIR_ERR_NO_SUPPORT:
+                    return False  # a driver without jobs (the test driver) runs none
+                raise
+            return kind != libvirt.VIR_DOMAIN_JOB_NONE
+
+        return self._run("get the job of", f"domain {name!r}", running)
+
     def migrate_live(
         self, name: str, dest_uri: str, dest_xml: str | None, full_disk: bool = False
     ) -> Deferred:

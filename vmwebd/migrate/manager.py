@@ -68,6 +68,7 @@ from vmwebd.migrate.phases import (
     CleanUp,
     Finish,
     MigrateMemory,
+    Moved,
     Observations,
     PrepareDest,
     RestoreDest,
@@ -96,6 +97,8 @@ REPLACE_GRACE_S = 10.0
 #: A destination that could not take a cold move's hand-over for want of a majority tries again
 #: after this long (the VM waits, saved, at its source).
 HANDOVER_RETRY_S = 5.0
+#: A restarted source whose live move libvirt is still carrying out looks again after this long.
+JOB_RECHECK_S = 2.0
 REPLACED_PREFIX = "replaced/"
 #: A re-placement lease whose VM is gone is given back after this long (as the reconciler does
 #: for addresses whose holder never came to be): a replica may hold the lease before the VM.
@@ -640,28 +643,82 @@ class MigrationManager:
         self.resume()
 
     def resume(self) -> defer.Deferred:
-        """After a restart: migrations this host was in the middle of cannot be trusted as a
-        source (see :data:`phases.SOURCE_LOST_ON_RESTART`); the others are taken up again. Then
-        the memory states left here by moves that ended meanwhile (or are gone from the DOM) are
-        removed. Fires once that is done; never fails (what fails is logged)."""
-        now = self.now_ms()
-        failing = []
-        for m in self.dom.all(MigrationRec):
-            action = self._decide(m, now, Trigger.RESTARTED)
-            if isinstance(action, Abort):
-                failing.append(
-                    self._fail(m, action.phase, action.reason).addErrback(
-                        lambda f, mid=m.id: log.failure(
-                            "migration {mid}: failing it after the restart did not succeed",
-                            failure=f,
-                            mid=mid,
-                        )
-                    )
+        """After a restart: migrations this host was in the middle of as a source are taken up
+        as :data:`phases.SOURCE_LOST_ON_RESTART` says (a saved state is not trusted; of a live
+        move libvirt is asked whether it finished, goes on, or did nothing); the others are
+        taken up again. Then the memory states left here by moves that ended meanwhile (or are
+        gone from the DOM) are removed. Fires once that is done; never fails (what fails is
+        logged)."""
+        ds = [
+            self._after_restart(m).addErrback(
+                lambda f, mid=m.id: log.failure(
+                    "migration {mid}: taking it up after the restart did not succeed", failure=f, mid=mid
                 )
-            elif not isinstance(action, phases.Nothing):
-                self.kick(m.id)  # acts (or waits) as on any change, one step at a time
-        d = defer.gatherResults(failing).addCallback(lambda _: self._remove_left_states())
+            )
+            for m in self.dom.all(MigrationRec)
+        ]
+        d = defer.gatherResults(ds).addCallback(lambda _: self._remove_left_states())
         return d.addErrback(lambda f: log.failure("leftover migration states not removed", failure=f))
+
+    @defer.inlineCallbacks
+    def _after_restart(self, m: MigrationRec):
+        """What this host, restarted, does about ``m``: as the phase machine answers with what
+        libvirt says of a live move this host was the source of."""
+        domain = ""
+        if m.source == self.host_id and phases.phase_of(m) is phases.Phase.MIGRATING:
+            domain = yield self._source_domain(m)
+        action = self._decide(m, self.now_ms(), Trigger.RESTARTED, source_domain=domain)
+        if isinstance(action, Abort):
+            yield self._fail(m, action.phase, action.reason)
+        elif isinstance(action, Moved):
+            yield self._moved(m)
+        elif domain == phases.DOMAIN_MIGRATING:
+            # libvirt's job goes on without the daemon that started it: look again later.
+            log.info(
+                "migration {mid} of {vm}: libvirt is still moving it; looking again in {s:.0f} s",
+                mid=m.id,
+                vm=m.vm,
+                s=JOB_RECHECK_S,
+            )
+            self.clock.callLater(JOB_RECHECK_S, self._recheck, m.id)
+        elif not isinstance(action, phases.Nothing):
+            self.kick(m.id)  # acts (or waits) as on any change, one step at a time
+
+    def _recheck(self, mid: str) -> None:
+        m = self.dom.get(MigrationRec, mid)
+        if m is None or phases.phase_of(m) is not phases.Phase.MIGRATING:
+            return
+        self._after_restart(m).addErrback(
+            lambda f: log.failure("migration {mid}: looking at libvirt's job again", failure=f, mid=mid)
+        )
+
+    @defer.inlineCallbacks
+    def _source_domain(self, m: MigrationRec):
+        """What this host's libvirt says of the domain of live move ``m`` (see
+        ``Observations.source_domain``); "" if it could not be asked."""
+        name = domain_name(m.vm)
+        try:
+            info = yield self.driver.state(name)
+            if info.state == "missing":
+                return phases.DOMAIN_GONE
+            running = yield self.driver.job_running(name)
+        except VmwebError as e:
+            log.warn("migration {mid}: libvirt not asked about {name}: {err}", mid=m.id, name=name, err=e)
+            return ""
+        return phases.DOMAIN_MIGRATING if running else phases.DOMAIN_HERE
+
+    @defer.inlineCallbacks
+    def _moved(self, m: MigrationRec):
+        """libvirt finished live move ``m`` while this host's daemon was down: the end is
+        recorded as the executor would have (without libvirt's figures, gone with its caller)."""
+        vm = self._vm_rec(m)
+        log.info(
+            "migration {mid} of {vm}: libvirt finished the move while this host was down",
+            mid=m.id,
+            vm=m.vm,
+        )
+        yield self._done(m, vm, total_ms=int(self.now_ms() - m.started_at))
+        yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
 
     @defer.inlineCallbacks
     def _remove_left_states(self):
@@ -859,7 +916,12 @@ class MigrationManager:
         d.addBoth(done)
 
     def _decide(
-        self, m: MigrationRec, now, trigger: Trigger = Trigger.CHANGED, peer_down_since: int | None = None
+        self,
+        m: MigrationRec,
+        now,
+        trigger: Trigger = Trigger.CHANGED,
+        peer_down_since: int | None = None,
+        source_domain: str = "",
     ) -> phases.Action:
         """The phase machine's answer for ``m`` here, with what this host observes."""
         dest = self.dom.get(HostRec, m.dest)
@@ -868,6 +930,7 @@ class MigrationManager:
             peer_down_since=peer_down_since,
             dest_migrate_uri=dest.migrate_uri if dest is not None else "",
             volumes_on_disk=bool(self.driver.volumes_on_disk),
+            source_domain=source_domain,
         )
         return phases.decide(m, self.dom.get(VmRec, m.vm), self.host_id, int(now), obs, self.limits)
 

@@ -41,9 +41,12 @@ TERMINAL = frozenset({Phase.DONE, Phase.FAILED})
 DEST_ACTS = frozenset({Phase.PREPARE, Phase.SAVED})
 #: Phases in which the source acts.
 SOURCE_ACTS = frozenset({Phase.READY, Phase.RESTORED})
-#: Phases a restarted source cannot resume: its libvirt job or its saved state is not to be
-#: trusted (it alone knew whether libvirt moved the VM), so it fails the migration.
+#: Phases a restarted source cannot resume as they were: its saved state is not to be trusted,
+#: so it fails the migration; of libvirt's live job it asks libvirt (see ``source_domain``).
 SOURCE_LOST_ON_RESTART = frozenset({Phase.MIGRATING, Phase.SAVED})
+#: What a restarted source's libvirt says of the domain it was moving live
+#: (:attr:`Observations.source_domain`).
+DOMAIN_GONE, DOMAIN_MIGRATING, DOMAIN_HERE = "gone", "migrating", "here"
 
 
 class Role(enum.Enum):
@@ -90,6 +93,11 @@ class Observations:
     dest_migrate_uri: str = ""
     #: The driver keeps volumes as files (a cold move then copies the overlay).
     volumes_on_disk: bool = False
+    #: At a source restarted in ``migrating``, what its libvirt says of the VM's domain: the
+    #: daemon died, not libvirtd, whose peer-to-peer job goes on without it. DOMAIN_GONE: no
+    #: longer defined here (libvirt finished the move and undefined its source); DOMAIN_MIGRATING:
+    #: its outgoing job still runs; DOMAIN_HERE: defined, no job (nothing moved); "": not asked.
+    source_domain: str = ""
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -144,6 +152,12 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class Moved:
+    """Source, ``migrating``, after a restart: libvirt finished the live move while this host's
+    daemon was down (the domain left this host); record the VM's new host and ``done``."""
+
+
+@dataclass(frozen=True)
 class Abort:
     """Write ``failed`` with ``phase {phase}: {reason}`` (unless the move ended meanwhile:
     :func:`may_fail`) and give the lease back."""
@@ -167,9 +181,11 @@ class CleanUp:
     restore_saved: bool = False
 
 
-Action = Nothing | Wait | PrepareDest | MigrateMemory | SaveMemory | RestoreDest | Finish | Abort | CleanUp
+Action = (
+    Nothing | Wait | PrepareDest | MigrateMemory | SaveMemory | RestoreDest | Finish | Moved | Abort | CleanUp
+)
 #: The actions that do work on this host (the others only log, or not even that).
-ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish)
+ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish, Moved)
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -238,6 +254,13 @@ def decide(
     if abandoned(m, now, limits):
         return Nothing()
     if obs.trigger is Trigger.RESTARTED and role is Role.SOURCE and phase in SOURCE_LOST_ON_RESTART:
+        if phase is Phase.MIGRATING and not vm_gone(vm):
+            # Failing a move libvirt finished would have the destination remove the guest that
+            # just arrived (and its disk): ask libvirt what became of the job.
+            if obs.source_domain == DOMAIN_GONE:
+                return Moved()
+            if obs.source_domain == DOMAIN_MIGRATING:
+                return Wait("libvirt")
         return Abort(phase.value, f"host {host} restarted during phase {phase.value!r}")
     if role is Role.DEST:
         if phase not in DEST_ACTS:
