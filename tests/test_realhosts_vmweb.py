@@ -17,13 +17,15 @@ Skipped only where real hosts cannot run (see lab.hosts.lab_available).
 from __future__ import annotations
 
 import os
+import threading
 
+import libvirt
 import pytest
 
 from lab import wait_for
 from lab.fixtures import guest_artifacts, lab2  # noqa: F401  (fixtures)
 from lab.guest import PATTERN_BYTES, PATTERN_OFFSET, make_base_image, pattern, read_serial, ticks
-from lab.vmweb import STORAGE, Grid, console, vmweb
+from lab.vmweb import STORAGE, Grid, LabDaemon, console, vmweb
 from vmwebd.reconcile import domain_name, guest_token
 
 TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
@@ -38,13 +40,15 @@ TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
 def grid(lab2, guest_artifacts, tmp_path):  # noqa: F811
     g = Grid(lab2, tmp_path, {"tiny": TEMPLATE})
     try:
-        yield lab2, g.creds, tmp_path
+        yield lab2, g, tmp_path
     finally:
         g.close()
 
 
-def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifacts):  # noqa: F811
-    lab, creds, tmp = grid
+def _guest_on_h1(lab, creds, tmp, artifacts):
+    """Registers the base image at h1, creates cluster ``rg`` of two real guests (one per host)
+    and waits until the one on h1 booted, wrote its disk pattern and ticks; returns that VM (as
+    the CLI shows it), its id, its disk token, and its serial logs at h1 and h2."""
     h1, h2 = lab.hosts
     base = tmp / "tiny-base.qcow2"  # on the shared root filesystem: h1 reads it there
     make_base_image(base, 128)
@@ -56,9 +60,9 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
         "tiny",
         str(base),
         "--kernel",
-        str(guest_artifacts.kernel),
+        str(artifacts.kernel),
         "--initrd",
-        str(guest_artifacts.initrd),
+        str(artifacts.initrd),
         "--cmdline",
         "console=ttyS0 quiet",
     )
@@ -93,6 +97,14 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
         "the guest on h1 to write its disk",
     )
     wait_for(lambda: len(ticks(read_serial(src_log))) >= 2, 30, "the guest on h1 to tick")
+    return vm, vm_id, token, src_log, dst_log
+
+
+def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifacts):  # noqa: F811
+    lab, g, tmp = grid
+    creds = g.creds
+    h1, h2 = lab.hosts
+    vm, vm_id, token, src_log, dst_log = _guest_on_h1(lab, creds, tmp, guest_artifacts)
 
     m, r = vmweb(h2, creds, "vm", "migrate", "rg", vm["name"], "--to", "h2")
     assert m["phase"] == "done", (m, r.stderr)
@@ -135,3 +147,87 @@ def test_vmweb_live_migrates_a_real_guest_that_keeps_running(grid, guest_artifac
     assert [x["phase"] for x in ms] == ["done"]
     d, _ = vmweb(h2, creds, "cluster", "destroy", "rg")
     assert d["state"] == "destroyed"
+
+
+@pytest.mark.parametrize("restart", ["while libvirt moves it", "once libvirt moved it"])
+def test_a_source_daemon_killed_during_a_live_move_leaves_the_guest_running_once(
+    grid,
+    guest_artifacts,  # noqa: F811
+    restart,
+):
+    """h1's vmwebd is killed (SIGKILL) while libvirt moves its guest to h2, and started again
+    while libvirt's job still runs, or once it finished. libvirtd is not killed: its
+    peer-to-peer job goes on without the daemon that asked for it. The restarted daemon asks its
+    libvirt what became of the move before it decides (failing a move libvirt finished had h2
+    remove the guest that arrived, and h1 boot it afresh), so the guest runs at one host only,
+    the one both DOMs name, without booting again, and the migration ends."""
+    lab, g, tmp = grid
+    creds = g.creds
+    h1, h2 = lab.hosts
+    vm, vm_id, _token, src_log, dst_log = _guest_on_h1(lab, creds, tmp, guest_artifacts)
+    name = domain_name(vm_id)
+    # Slowed down so that the daemon dies in the middle of the move (an idle guest's touched
+    # memory, some tens of MiB, then takes tens of seconds).
+    h1.conn.lookupByName(name).migrateSetMaxSpeed(2)  # MiB/s
+    asked = {}
+    client = threading.Thread(
+        target=lambda: asked.update(
+            out=vmweb(h2, creds, "vm", "migrate", "rg", vm["name"], "--to", "h2", check=False)
+        )
+    )
+    client.start()
+
+    def job(host):
+        try:
+            return host.conn.lookupByName(name).jobInfo()[0]
+        except libvirt.libvirtError:
+            return None  # not defined there
+
+    wait_for(
+        lambda: job(h1) not in (None, libvirt.VIR_DOMAIN_JOB_NONE), 120, "libvirt at h1 to move the guest"
+    )
+    old = g.daemon("h1")
+    old.close()  # SIGKILL: the daemon alone; libvirtd and the guest go on
+    if restart == "once libvirt moved it":
+        wait_for(lambda: job(h1) is None, 180, "libvirt to finish the move (h1's domain undefined)")
+    restarted = LabDaemon(h1, old.config)
+    g.daemons[g.daemons.index(old)] = restarted
+    restarted.wait_ready()
+
+    def ended():
+        ms, _ = vmweb(h2, creds, "migrations", check=False)
+        return bool(ms) and ms[0]["phase"] in ("done", "failed")
+
+    wait_for(ended, 180, "the migration to end")
+    client.join(120)
+    phase = vmweb(h2, creds, "migrations")[0][0]["phase"]
+    print(f"live move, source daemon killed, restarted {restart}: {phase}")
+    home, away, log = (h2, h1, dst_log) if phase == "done" else (h1, h2, src_log)
+
+    def placed(h):
+        c, _ = vmweb(h, creds, "cluster", "show", "rg", check=False)
+        v = next((v for v in (c or {}).get("vms", []) if v["name"] == vm["name"]), None)
+        return v is not None and v["host"] == home.name and v["state"] == "running"
+
+    def active(host):
+        return [d.name() for d in host.conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+
+    for h in (h1, h2):
+        wait_for(lambda h=h: placed(h), 60, f"{h.name} to see the VM running on {home.name}\n{g.logs()}")
+        assert vmweb(h, creds, "migrations")[0][0]["phase"] == phase
+    # One guest, at the host the DOM names (the other's reconciler removed any copy).
+    wait_for(lambda: name not in active(away), 60, f"no copy of the guest to run at {away.name}")
+    assert name in active(home), g.logs()
+    # It did not boot again: no new boot marker, and its counter goes on where it runs.
+    seen = len(ticks(read_serial(log)))
+    wait_for(
+        lambda: len(ticks(read_serial(log))) > seen + 1,
+        60,
+        f"the guest to tick on at {home.name}: state {home.conn.lookupByName(name).state()}, "
+        f"console {read_serial(log)[-5:]}",
+    )
+    lines = read_serial(log)
+    boots = sum(line.startswith("VMWEB-GUEST-UP") for line in lines)
+    assert boots == (0 if home is h2 else 1), lines[:8]
+    assert min(ticks(lines)) > 1
+    vmweb(h1, creds, "cluster", "destroy", "rg")

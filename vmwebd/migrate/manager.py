@@ -661,9 +661,9 @@ class MigrationManager:
         return d.addErrback(lambda f: log.failure("leftover migration states not removed", failure=f))
 
     @defer.inlineCallbacks
-    def _after_restart(self, m: MigrationRec):
+    def _after_restart(self, m: MigrationRec, again: bool = False):
         """What this host, restarted, does about ``m``: as the phase machine answers with what
-        libvirt says of a live move this host was the source of."""
+        libvirt says of a live move this host was the source of (``again``: looked at before)."""
         domain = ""
         if m.source == self.host_id and phases.phase_of(m) is phases.Phase.MIGRATING:
             domain = yield self._source_domain(m)
@@ -674,7 +674,7 @@ class MigrationManager:
             yield self._moved(m)
         elif domain == phases.DOMAIN_MIGRATING:
             # libvirt's job goes on without the daemon that started it: look again later.
-            log.info(
+            (log.debug if again else log.info)(
                 "migration {mid} of {vm}: libvirt is still moving it; looking again in {s:.0f} s",
                 mid=m.id,
                 vm=m.vm,
@@ -688,7 +688,7 @@ class MigrationManager:
         m = self.dom.get(MigrationRec, mid)
         if m is None or phases.phase_of(m) is not phases.Phase.MIGRATING:
             return
-        self._after_restart(m).addErrback(
+        self._after_restart(m, again=True).addErrback(
             lambda f: log.failure("migration {mid}: looking at libvirt's job again", failure=f, mid=mid)
         )
 
