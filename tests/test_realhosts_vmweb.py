@@ -229,5 +229,6 @@ def test_a_source_daemon_killed_during_a_live_move_leaves_the_guest_running_once
     lines = read_serial(log)
     boots = sum(line.startswith("VMWEB-GUEST-UP") for line in lines)
     assert boots == (0 if home is h2 else 1), lines[:8]
-    assert min(ticks(lines)) > 1
+    if home is h2:
+        assert min(ticks(lines)) > 1  # it arrived counting
     vmweb(h1, creds, "cluster", "destroy", "rg")
