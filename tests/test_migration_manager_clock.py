@@ -272,19 +272,18 @@ def grid(tmp_path):
     g.close()
 
 
+def _move(grid, phase, mode, **kw):
+    """Writes move m1 of the VM from host1 to host2 as it stands in ``phase``."""
+    m = MigrationRec(
+        id="m1", vm=VM, source="host1", dest="host2", phase=phase, mode=mode, started_at=grid.now_ms(), **kw
+    )
+    grid.put(m)
+    return m
+
+
 def _request(grid):
     """What ``MigrationManager.request`` writes once the lease is held: phase prepare."""
-    grid.put(
-        MigrationRec(
-            id="m1",
-            vm=VM,
-            source="host1",
-            dest="host2",
-            phase="prepare",
-            mode="cold",
-            started_at=grid.now_ms(),
-        )
-    )
+    _move(grid, "prepare", "cold")
 
 
 def test_a_cold_move_runs_phase_by_phase_to_done(grid):
@@ -384,24 +383,13 @@ def test_a_restart_removes_the_memory_states_of_moves_that_ended_and_keeps_the_o
     assert g.migration("elsewhere").phase in ("prepare", "ready")
 
 
-def _saved(grid, mid="m1"):
+def _saved(grid):
     """The move as its source leaves it once the VM is saved (a stopped VM: nothing to carry),
     with the destination's empty overlay prepared."""
     dest = grid.drivers["host2"]
     base = grid.managers["host2"].images.image.path
     disk = grid.result(dest.create_overlay(POOL, volume_name(VM), base, 64))
-    m = MigrationRec(
-        id=mid,
-        vm=VM,
-        source="host1",
-        dest="host2",
-        phase="saved",
-        mode="cold",
-        started_at=grid.now_ms(),
-        dest_disk=disk,
-    )
-    grid.put(m)
-    return m
+    return _move(grid, "saved", "cold", dest_disk=disk)
 
 
 def _give_up_on_host2(grid):
@@ -472,17 +460,7 @@ def test_a_source_giving_up_after_its_destination_took_the_hand_over_waits_for_t
 
 def _migrating(grid):
     """A live move as its source's executor leaves it while libvirt's job runs."""
-    m = MigrationRec(
-        id="m1",
-        vm=VM,
-        source="host1",
-        dest="host2",
-        phase="migrating",
-        mode="live",
-        started_at=grid.now_ms(),
-    )
-    grid.put(m)
-    return m
+    return _move(grid, "migrating", "live")
 
 
 def test_a_source_restarted_after_libvirt_finished_its_live_move_records_it_done(grid_stopped):
