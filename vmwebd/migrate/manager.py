@@ -672,8 +672,9 @@ class MigrationManager:
             yield self._fail(m, action.phase, action.reason)
         elif isinstance(action, Moved):
             yield self._moved(m)
-        elif domain == phases.DOMAIN_MIGRATING:
-            # libvirt's job goes on without the daemon that started it: look again later.
+        elif isinstance(action, phases.Wait) and domain == phases.DOMAIN_MIGRATING:
+            # libvirt's job goes on without the daemon that started it: look again later (the
+            # machine stops asking once the move is abandoned).
             (log.debug if again else log.info)(
                 "migration {mid} of {vm}: libvirt is still moving it; looking again in {s:.0f} s",
                 mid=m.id,
