@@ -557,7 +557,8 @@ class World:
                 domain = phases.DOMAIN_HERE
             obs = dataclasses.replace(obs, source_domain=domain)
         a = decide(self.m, self.vm, h, self.now, obs)
-        self.looking_again = h == SRC and a == Wait("libvirt")
+        if h == SRC:
+            self.looking_again = a == Wait("libvirt")
         if isinstance(a, Abort):
             self.fail(a)
         elif isinstance(a, Moved):
