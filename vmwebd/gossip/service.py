@@ -137,14 +137,14 @@ class _DialLater:
     host name IDNA-encoded, a TLS wrapper) was 8% of a kept-connection peer round trip's CPU
     (profiled 2026-12-03). Built at connect time, it asks the TLS policy afresh each time."""
 
-    def __init__(self, factory: "_PeerEndpoints", scheme: bytes, host: bytes, port: int):
-        self.factory, self.scheme, self.host, self.port = factory, scheme, host, port
+    def __init__(self, reactor, tls_policy, timeout: float, host: bytes, port: int):
+        self.reactor, self.tls_policy, self.timeout = reactor, tls_policy, timeout  # policy None: http
+        self.host, self.port = host, port
 
     def connect(self, protocol_factory):
-        f = self.factory
-        endpoint = HostnameEndpoint(f.reactor, self.host.decode("ascii"), self.port, timeout=f.timeout)
-        if self.scheme == b"https":
-            endpoint = wrapClientTLS(f.tls_policy.creatorForNetloc(self.host, self.port), endpoint)
+        endpoint = HostnameEndpoint(self.reactor, self.host.decode("ascii"), self.port, timeout=self.timeout)
+        if self.tls_policy is not None:
+            endpoint = wrapClientTLS(self.tls_policy.creatorForNetloc(self.host, self.port), endpoint)
         return endpoint.connect(protocol_factory)
 
 
@@ -154,15 +154,19 @@ class _PeerEndpoints:
 
     def __init__(self, reactor, tls_policy, timeout: float):
         self.reactor, self.tls_policy, self.timeout = reactor, tls_policy, timeout
-        self._known: dict[tuple[bytes, bytes, int], _DialLater] = {}
+        self._known: dict[tuple[bytes, bytes, int], _DialLater] = {}  # by (scheme, host, port)
 
     def endpointForURI(self, uri):
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._known.get(key)
         if endpoint is None:
-            if uri.scheme not in (b"http", b"https"):
-                raise ValueError(f"a peer is reached over http or https, not {uri.scheme!r}")
-            endpoint = self._known[key] = _DialLater(self, *key)
+            if uri.scheme != (b"https" if self.tls_policy is not None else b"http"):
+                raise ValueError(
+                    f"a peer is reached over {'https' if self.tls_policy else 'http'}, not {uri.scheme!r}"
+                )
+            endpoint = self._known[key] = _DialLater(
+                self.reactor, self.tls_policy, self.timeout, uri.host, uri.port
+            )
         return endpoint
 
 

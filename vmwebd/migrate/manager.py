@@ -1151,9 +1151,9 @@ class MigrationManager:
 
     @defer.inlineCallbacks
     def _fail(self, m: MigrationRec, phase: str, message: str):
-        if not phases.may_fail(m, self.dom.get(MigrationRec, m.id), self.dom.get(VmRec, m.vm)):
-            return  # it ended (the source records the VM's new host first): nothing to fail
         now = self.dom.get(MigrationRec, m.id)
+        if not phases.may_fail(m, now, self.dom.get(VmRec, m.vm)):
+            return  # it ended (the source records the VM's new host first): nothing to fail
         if now is not None and phases.phase_of(now) is phases.Phase.SAVED:
             mine = yield self._take_handover(m, FAIL)
             if not mine:
