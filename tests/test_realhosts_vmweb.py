@@ -43,6 +43,8 @@ def grid(lab2, guest_artifacts, tmp_path):  # noqa: F811
         yield lab2, g, tmp_path
     finally:
         g.close()
+        for h in lab2.hosts:  # the lab serves the module's next test
+            h.slow_migrations(None)
 
 
 def _guest_on_h1(lab, creds, tmp, artifacts):
@@ -166,9 +168,9 @@ def test_a_source_daemon_killed_during_a_live_move_leaves_the_guest_running_once
     h1, h2 = lab.hosts
     vm, vm_id, _token, src_log, dst_log = _guest_on_h1(lab, creds, tmp, guest_artifacts)
     name = domain_name(vm_id)
-    # Slowed down so that the daemon dies in the middle of the move (an idle guest's touched
-    # memory, some tens of MiB, then takes tens of seconds).
-    h1.conn.lookupByName(name).migrateSetMaxSpeed(2)  # MiB/s
+    # A slow link, so that the daemon dies in the middle of the move (the guest's memory, 128 MiB
+    # and what it dirties meanwhile, then takes some tens of seconds).
+    h1.slow_migrations(mbit=32)
     asked = {}
     client = threading.Thread(
         target=lambda: asked.update(

@@ -217,6 +217,29 @@ class LabHost:
         kw.setdefault("text", True)
         return subprocess.run(self._enter(argv), **kw)
 
+    def slow_migrations(self, mbit: int | None) -> None:
+        """Limits what this host sends to libvirt's migration ports (QEMU's memory stream and the
+        NBD storage copy, ports 49152-49215 at the destination) to ``mbit`` Mbit/s, as a slow link
+        would; the hosts' other traffic (the vmwebd peers, the CLI) keeps its pace. ``None`` lifts
+        the limit. A link is slowed rather than QEMU's own ``migrateSetMaxSpeed``: with QEMU 7.2
+        under TCG, a move throttled by QEMU left the guest's memory corrupt at the destination (a
+        kernel panic in the slab allocator within a second of its arrival, 3 runs of 3, measured
+        on 2026-12-03), while the same move over a link slowed this way arrived intact."""
+        dev = ("dev", "eth0")
+        self.run(["tc", "qdisc", "del", *dev, "root"], check=False)  # none yet: an error, ignored
+        if mbit is None:
+            return
+        # htb (this kernel has htb and tbf, not prio): what the filter does not classify goes
+        # unshaped (no default class), migration traffic through class 1:30.
+        self.run(["tc", "qdisc", "add", *dev, "root", "handle", "1:", "htb"])
+        self.run(
+            ["tc", "class", "add", *dev, "parent", "1:", "classid", "1:30", "htb", "rate", f"{mbit}mbit"]
+        )
+        self.run(
+            ["tc", "filter", "add", *dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+             "match", "ip", "dport", "49152", "0xffc0", "flowid", "1:30"]
+        )  # fmt: skip
+
     # -- libvirt -----------------------------------------------------------------------------
     def connect(self):
         """A new libvirt connection to this host's libvirtd (the caller closes it)."""
