@@ -329,6 +329,13 @@ def write_grid(base: Path, n: int, peer_ports: list[int]) -> list[Path]:
     return configs
 
 
+# Proposals per request in flight at each throughput level: 60 each keeps 64 in flight for some
+# seconds, long enough for the periodic work (anti-entropy, reconcile passes, compaction) to take
+# its share; a window of a fraction of a second measured a burst (up to twice the sustained rate
+# at 3 in-process hosts, measured on 2026-12-03).
+SUSTAINED_PER_SLOT = 60
+
+
 @defer.inlineCallbacks
 def grid_in_process(base: Path, n: int):
     nodes = []
@@ -404,7 +411,7 @@ def _measure_in_process(n, rounds, base, nodes):
             batched.append(dt)
     tput = {}
     for inflight in (1, 8, 64):
-        total = max(rounds * 2, inflight * 12)
+        total = max(rounds * 2, inflight * SUSTAINED_PER_SLOT)
         sem = defer.DeferredSemaphore(inflight)
         t = time.perf_counter()
         times = yield defer.gatherResults(
@@ -732,7 +739,7 @@ def measure_processes(n: int, rounds: int) -> dict:
         single = {h.name: h.call("single", f"bench/procs/{n}/single/{h.name}", rounds) for h in hosts[:2]}
         tput = {}
         for inflight in (1, 8, 64):
-            total = max(rounds * 2, inflight * 12)
+            total = max(rounds * 2, inflight * SUSTAINED_PER_SLOT)
             each, per_host = ceil(total / n), ceil(inflight / n)
             t0 = time.time()
             for h in hosts:

@@ -501,3 +501,39 @@ def test_a_source_restarted_when_libvirt_moved_nothing_fails_the_move_and_keeps_
     m = g.migration()
     assert m.phase == "failed" and "host host1 restarted during phase 'migrating'" in m.error
     assert g.dom.get(VmRec, VM).host == "host1" and g.domains("host1") == [name]
+
+
+@pytest.fixture
+def grid_dest_only(tmp_path):
+    """Only host2's manager runs: host1 died once its cold move was saved."""
+    g = Grid(tmp_path, started=("host2",))
+    yield g
+    g.close()
+
+
+def test_a_destination_that_restored_a_move_whose_source_died_records_the_end(grid_dest_only):
+    """host2 restores a cold move while host1 (its source) is dead: nobody records the VM's new
+    host in ``restored`` but the source. host2's sweep starts the grace when it first finds
+    host1 out of the live set, and once the grace (60 s) passed records the end in host1's
+    stead: the VM on host2, the move done, host1's reservation given back."""
+    grid = grid_dest_only
+    name = domain_name(VM)
+    _saved(grid)
+    grid.run_until_quiet()
+    assert grid.migration().phase == "restored" and grid.domains("host2") == [name]
+    grid.live.discard("host1")
+    mgr = grid.managers["host2"]
+    mgr.sweep()  # the grace starts now
+    grid.clock.advance(59.0)
+    mgr.sweep()
+    grid.run_until_quiet()
+    assert grid.migration().phase == "restored" and grid.dom.get(VmRec, VM).host == "host1"
+    grid.clock.advance(1.0)
+    mgr.sweep()
+    grid.run_until_quiet()
+    m = grid.migration()
+    assert m.phase == "done" and m.error == "" and m.total_ms >= 60_000, m
+    assert grid.dom.get(VmRec, VM).host == "host2" and grid.domains("host2") == [name]
+    assert [s[:2] for s in grid.seen][-2:] == [("restored", "host1"), ("done", "host2")]
+    assert grid.allocator.unreserved == [(VM, ("host1",))]
+    assert [k for ops in grid.allocator.ops for k in ops] == [f"migration/{VM}"]

@@ -23,6 +23,7 @@ from vmwebd.migrate.phases import (
     Abort,
     CleanUp,
     Finish,
+    FinishForSource,
     Limits,
     MigrateMemory,
     Moved,
@@ -196,9 +197,9 @@ restored     source     timeout       Wait()
 restored     source     vm_missing    Abort("restored", "on host host1: " + GONE)
 restored     source     restart       Finish()
 restored     dest       none          Wait("source")
-restored     dest       peer_dead     Wait()
+restored     dest       peer_dead     FinishForSource()
 restored     dest       driver_error  Wait("source")
-restored     dest       timeout       Wait()
+restored     dest       timeout       Wait("source")
 restored     dest       vm_missing    Wait("source")
 restored     dest       restart       Wait("source")
 restored     bystander  none          Nothing()
@@ -246,7 +247,18 @@ failed       bystander  restart       Nothing()
 """
 _NAMES = {
     c.__name__: c
-    for c in (Abort, CleanUp, Finish, MigrateMemory, Nothing, PrepareDest, RestoreDest, SaveMemory, Wait)
+    for c in (
+        Abort,
+        CleanUp,
+        Finish,
+        FinishForSource,
+        MigrateMemory,
+        Nothing,
+        PrepareDest,
+        RestoreDest,
+        SaveMemory,
+        Wait,
+    )
 }
 _NAMES.update(URI=URI, GONE=GONE)
 
@@ -526,6 +538,9 @@ class World:
         a = decide(self.m, self.vm, h, self.now, self.obs(Trigger.SWEEP, since))
         if isinstance(a, Abort):
             self.fail(a)
+        elif isinstance(a, FinishForSource):
+            self.vm = dataclasses.replace(self.vm, host=DST) if self.vm else None
+            self.write(phase="done")
 
     def crash(self, h):
         if h in self.crashed:
@@ -747,6 +762,20 @@ def test_a_destination_that_never_comes_back_is_given_up_by_its_source(mode, scr
         assert w.running == {SRC}, (w.history, w.running)
 
 
+@settings(max_examples=600, deadline=None)
+@given(script=st.lists(events, max_size=30))
+def test_a_source_that_never_comes_back_after_a_restore_leaves_the_vm_at_its_destination(script):
+    """After any faults, a cold move whose destination restored the VM ends done although its
+    source stays dead: the destination records the end, and the VM runs there alone."""
+    w = World("cold")
+    for event in script:
+        w.step(event)
+    w.recover(dead=(SRC,))
+    if "restored" in w.history and w.vm is not None:
+        assert w.m.phase == "done" and w.vm.host == DST, w.history
+        assert w.running == {DST}, (w.history, w.running)
+
+
 HAPPY = {
     "live": [("kick", DST), ("kick", SRC), ("job_done", None)],
     "cold": [("kick", DST), ("kick", SRC), ("kick", DST), ("kick", SRC)],
@@ -843,3 +872,17 @@ def test_the_model_reaches_both_ends():
     w.step(("sweep", SRC))
     assert w.m.phase == "failed" and w.running == {SRC}
     assert w.m.error == "phase prepare: host host2 has not been alive for 61 s"
+    # A cold move restored at its destination, whose source then died: the destination ends it
+    # once the source has been dead for the grace (60 s), not before.
+    w = World("cold")
+    for event in HAPPY["cold"][:3]:
+        w.step(event)
+    assert w.m.phase == "restored" and w.running == {DST}
+    w.step(("crash", SRC))
+    w.step(("sweep", DST))
+    w.step(("tick", 20))
+    w.step(("sweep", DST))
+    assert w.m.phase == "restored"
+    w.step(("tick", 61))
+    w.step(("sweep", DST))
+    assert w.m.phase == "done" and w.vm.host == DST and w.running == {DST}

@@ -67,6 +67,7 @@ from vmwebd.migrate.phases import (
     Abort,
     CleanUp,
     Finish,
+    FinishForSource,
     MigrateMemory,
     Moved,
     Observations,
@@ -743,7 +744,9 @@ class MigrationManager:
 
         Only the source does: it alone knows whether libvirt moved the VM, so a destination that
         gave up on a source it believed dead could destroy a guest that had just arrived. A dead
-        source's migration is abandoned by everyone after STALE_MS instead."""
+        source's migration is abandoned by everyone after STALE_MS instead, but for a cold move
+        the destination restored: the VM runs there, and the destination records the end in the
+        source's stead (:class:`FinishForSource`)."""
         now = self.now_ms()
         live = self.live_hosts()
         for h in list(self._down_since):
@@ -760,6 +763,8 @@ class MigrationManager:
             action = self._decide(m, now, Trigger.SWEEP, peer_down_since=since)
             if isinstance(action, Abort):
                 ds.append(self._fail(m, action.phase, action.reason))
+            elif isinstance(action, FinishForSource):
+                ds.append(self._finish_for_source(m, now - since if since is not None else 0))
         old = expired(migrations, self.host_id, now)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
@@ -1098,6 +1103,19 @@ class MigrationManager:
         yield self.driver.undefine(name)
         yield self.driver.delete_volume(self.storage.pool, volume_name(vm.id))
         yield self.run_blocking(_unlink, self._state_path(m))
+
+    @defer.inlineCallbacks
+    def _finish_for_source(self, m: MigrationRec, down_ms: int):
+        log.info(
+            "migration {mid} of {vm}: its source {src} has not been alive for {s:.0f} s; the VM "
+            "runs here, so this host records the end",
+            mid=m.id,
+            vm=m.vm,
+            src=m.source,
+            s=down_ms / 1000,
+        )
+        elapsed = int(self.now_ms() - m.started_at)
+        yield self._done(m, self._vm_rec(m), total_ms=elapsed, downtime_ms=elapsed)
 
     def _state_path(self, m: MigrationRec) -> Path:
         return _state_file(Path(self.storage.dir), m.id)

@@ -152,6 +152,15 @@ class Finish:
 
 
 @dataclass(frozen=True)
+class FinishForSource:
+    """Destination, ``restored``, its source out of the live set for the grace: the VM runs
+    here and the source cannot fail the move any more (the destination holds the hand-over), so
+    the destination records the VM's new host and ``done`` in its stead. The source's copy (its
+    stopped domain, overlay and memory state) is removed by the source itself if it comes back:
+    its reconciler removes what the DOM does not put there."""
+
+
+@dataclass(frozen=True)
 class Moved:
     """Source, ``migrating``, after a restart: libvirt finished the live move while this host's
     daemon was down (the domain left this host); record the VM's new host and ``done``."""
@@ -182,10 +191,20 @@ class CleanUp:
 
 
 Action = (
-    Nothing | Wait | PrepareDest | MigrateMemory | SaveMemory | RestoreDest | Finish | Moved | Abort | CleanUp
+    Nothing
+    | Wait
+    | PrepareDest
+    | MigrateMemory
+    | SaveMemory
+    | RestoreDest
+    | Finish
+    | FinishForSource
+    | Moved
+    | Abort
+    | CleanUp
 )
 #: The actions that do work on this host (the others only log, or not even that).
-ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish, Moved)
+ACTING = (PrepareDest, MigrateMemory, SaveMemory, RestoreDest, Finish, FinishForSource, Moved)
 
 
 # -- the machine -----------------------------------------------------------------------------
@@ -219,12 +238,18 @@ def vm_gone(vm: VmRec | None) -> bool:
 
 def watched_peer(m: MigrationRec, host: str, now: int, limits: Limits = DEFAULT_LIMITS) -> str | None:
     """The host whose liveness ``host``'s sweep tracks for ``m``: the destination, while the
-    source waits on it; None otherwise. Only the source times out: it alone knows whether
-    libvirt moved the VM, and a destination that gave up on a source it wrongly believed dead
-    could destroy a guest that had just arrived."""
-    if m.source != host or phase_of(m) not in DEST_ACTS or abandoned(m, now, limits):
+    source waits on it; the source, at the destination of a cold move in ``restored`` (the VM
+    runs there; only its end is to be recorded); None otherwise. Only the source fails a move on
+    a timeout: it alone knows whether libvirt moved the VM, and a destination that gave up on a
+    source it wrongly believed dead could destroy a guest that had just arrived."""
+    if abandoned(m, now, limits):
         return None
-    return m.dest
+    phase = phase_of(m)
+    if m.source == host and phase in DEST_ACTS:
+        return m.dest
+    if m.dest == host and phase is Phase.RESTORED:
+        return m.source
+    return None
 
 
 def decide(
@@ -244,7 +269,7 @@ def decide(
         return Nothing()
     role = role_of(m, host)
     if obs.trigger is Trigger.SWEEP:
-        return _sweep(m, phase, host, now, obs, limits)
+        return _sweep(m, vm, phase, host, now, obs, limits)
     if phase in TERMINAL:
         if phase is Phase.DONE or obs.trigger is Trigger.RESTARTED:
             # A restarted host does not clean up after failures again (its reconciler
@@ -287,17 +312,30 @@ def decide(
     return Finish()  # RESTORED, at the source
 
 
-def _sweep(m: MigrationRec, phase: Phase, host: str, now: int, obs: Observations, limits: Limits) -> Action:
-    """The source's periodic look at a migration waiting on its destination."""
-    if watched_peer(m, host, now, limits) is None:
+def _sweep(
+    m: MigrationRec, vm: VmRec | None, phase: Phase, host: str, now: int, obs: Observations, limits: Limits
+) -> Action:
+    """The source's periodic look at a migration waiting on its destination, and the
+    destination's at a cold move it restored, waiting on its source to record the end."""
+    peer = watched_peer(m, host, now, limits)
+    if peer is None:
         if role_of(m, host) is Role.BYSTANDER or phase in TERMINAL or abandoned(m, now, limits):
             return Nothing()
         return Wait()  # nothing times out here but at the source, waiting on the destination
+    waits_on = "source" if peer == m.source else "destination"
     if obs.peer_down_since is not None:
         down_ms = now - obs.peer_down_since
-        if down_ms >= limits.host_down_grace_s * 1000:
-            return Abort(phase.value, f"host {m.dest} has not been alive for {down_ms / 1000:.0f} s")
-        return Wait("destination (not alive)")
+        if down_ms < limits.host_down_grace_s * 1000:
+            return Wait(f"{waits_on} (not alive)")
+        gone = f"host {peer} has not been alive for {down_ms / 1000:.0f} s"
+        if peer == m.dest:
+            return Abort(phase.value, gone)
+        if vm_gone(vm):
+            # Removed meanwhile: the source would have failed the move (the copy here goes).
+            return Abort(phase.value, f"{gone}; on host {host}: VM {m.vm!r} is gone")
+        return FinishForSource()
+    if peer == m.source:
+        return Wait("source")
     if phase is Phase.PREPARE and now - m.started_at > limits.prepare_timeout_s * 1000:
         return Abort(phase.value, f"host {m.dest} did not prepare within {limits.prepare_timeout_s:.0f} s")
     return Wait("destination")
