@@ -22,12 +22,14 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import defer, task
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from vmwebd.blocking import InlineRunner
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec
+from vmwebd.errors import NoQuorum
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 from vmwebd.hv.naming import domain_name, volume_name
@@ -537,3 +539,46 @@ def test_a_destination_that_restored_a_move_whose_source_died_records_the_end(gr
     assert [s[:2] for s in grid.seen][-2:] == [("restored", "host1"), ("done", "host2")]
     assert grid.allocator.unreserved == [(VM, ("host1",))]
     assert [k for ops in grid.allocator.ops for k in ops] == [f"migration/{VM}"]
+
+
+def test_a_sweep_that_cannot_fail_a_move_says_why_and_tries_again(grid_source_only, monkeypatch):
+    """host2 is silent past the grace while the move is saved, and host1 cannot take the
+    hand-over (no majority): its sweep logs why the move was not failed, ends without an error,
+    and fails the move at its next sweep once the majority is back."""
+    grid = grid_source_only
+    _saved(grid)
+    mgr = grid.managers["host1"]
+    take = mgr._take_handover
+    monkeypatch.setattr(
+        mgr, "_take_handover", lambda m, side: defer.fail(NoQuorum("cannot lease without a majority"))
+    )
+    events = []
+
+    def observe(event):
+        if event.get("log_level") is not None and event["log_level"] >= LogLevel.warn:
+            events.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        grid.live.discard("host2")
+        _sweep(grid, mgr)
+        grid.clock.advance(60.0)
+        _sweep(grid, mgr)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert grid.migration().phase == "saved"
+    said = [e["log_format"].format(**e) for e in events if "at this sweep" in e.get("log_format", "")]
+    assert said == [
+        "migration m1: failing it at this sweep failed (cannot lease without a majority); "
+        "the next sweep tries again"
+    ], [e.get("log_format") for e in events]
+    monkeypatch.setattr(mgr, "_take_handover", take)
+    _sweep(grid, mgr)
+    assert grid.migration().phase == "failed"
+
+
+def _sweep(grid, mgr):
+    """One sweep of ``mgr``, run to its end (its steps take leases by consensus on the clock)."""
+    d = mgr.sweep()
+    grid.run_until_quiet()
+    assert grid.result(d) is not None  # the DeferredList's results: it never fails

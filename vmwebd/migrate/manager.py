@@ -762,9 +762,10 @@ class MigrationManager:
             since = self._down_since.setdefault(peer, now) if peer not in live else None
             action = self._decide(m, now, Trigger.SWEEP, peer_down_since=since)
             if isinstance(action, Abort):
-                ds.append(self._fail(m, action.phase, action.reason))
+                ds.append(_swept(self._fail(m, action.phase, action.reason), m.id, "failing it"))
             elif isinstance(action, FinishForSource):
-                ds.append(self._finish_for_source(m, now - since if since is not None else 0))
+                down_ms = now - since if since is not None else 0
+                ds.append(_swept(self._finish_for_source(m, down_ms), m.id, "recording its end"))
         old = expired(migrations, self.host_id, now)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
@@ -1253,6 +1254,24 @@ class MigrationManager:
 
 #: A migration's memory state file is named ``.migrate-ID.state`` (at the source and the destination).
 _STATE_PREFIX, _STATE_SUFFIX = ".migrate-", ".state"
+
+
+def _swept(d: defer.Deferred, mid: str, what: str) -> defer.Deferred:
+    """Says why a sweep's step on migration ``mid`` did not happen (it is tried again at the
+    next sweep): without a majority, or any other error; the sweep itself goes on."""
+
+    def failed(f):
+        if f.check(VmwebError):
+            log.warn(
+                "migration {mid}: {what} at this sweep failed ({err}); the next sweep tries again",
+                mid=mid,
+                what=what,
+                err=f.getErrorMessage(),
+            )
+        else:
+            log.failure("migration {mid}: {what} at this sweep", failure=f, mid=mid, what=what)
+
+    return d.addErrback(failed)
 
 
 def _state_file(directory: Path, mid: str) -> Path:
