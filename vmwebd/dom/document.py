@@ -26,6 +26,15 @@ from vmwebd.dom.records import CONTAINERS, NS, PARTS, RECORD_TYPES, Record
 from vmwebd.dom.validate import document_error, entity_error
 from vmwebd.errors import MalformedRequest
 
+#: Checkpoints per origin in a :meth:`Dom.held_above` summary, parts summarised at most per
+#: origin, and hex digits of each checkpoint's hash (128 bits: a false match would leave a part
+#: missing for good).
+SUMMARY_CHECKPOINTS = 16
+SUMMARY_MAX_PARTS = 20_000
+SUMMARY_HEX = 32
+#: Sorts after every (kind, id, part) of the same stamp (range ends in the stamp index).
+_AFTER_ALL = "\U0010ffff"
+
 R = TypeVar("R", bound=Record)
 _Q = "{%s}" % NS
 _MAX_ENTITY_BYTES = 256 * 1024
@@ -429,13 +438,90 @@ class Dom:
                     break
         return out
 
+    def held_above(
+        self, complete: dict[str, tuple[int, int]], checkpoints: int = SUMMARY_CHECKPOINTS
+    ) -> dict[str, list[tuple[tuple[int, int], str]]]:
+        """What this replica holds above its complete version vector, in a form another replica
+        can check against its own (see :meth:`matched`): for each origin, up to
+        ``checkpoints`` points along the parts stamped above ``complete[origin]``, in stamp
+        order, each ``(stamp, hash of every part from just above complete up to that stamp)``.
+
+        Entities learnt outside anti-entropy (a rumor, a Paxos Commit) do not move the complete
+        vector; without this, the next anti-entropy round would send them all again. Origins
+        with more than ``SUMMARY_MAX_PARTS`` such parts are left out (the plain delta serves
+        them)."""
+        out: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        for origin, sl in self._by_origin.items():
+            low = complete.get(origin, (-1, -1))
+            start = sl.bisect_left(((low[0], low[1] + 1),))
+            n = len(sl) - start
+            if n <= 0 or n > SUMMARY_MAX_PARTS:
+                continue
+            every = -(-n // checkpoints)
+            h = hashlib.sha256()
+            points = []
+            entries = list(sl.islice(start, len(sl)))
+            since = 0
+            for i, entry in enumerate(entries):
+                h.update(_summary_line(entry))
+                since += 1
+                # A checkpoint closes a stamp: every part of that stamp is in its hash.
+                last = i + 1 == n
+                if last or (since >= every and entries[i + 1][0] != entry[0]):
+                    points.append((entry[0], h.hexdigest()[:SUMMARY_HEX]))
+                    since = 0
+            out[origin] = points
+        return out
+
+    def matched(
+        self, theirs: dict[str, tuple[int, int]], held: dict[str, list[tuple[tuple[int, int], str]]]
+    ) -> dict[str, tuple[int, int]]:
+        """How far another replica's :meth:`held_above` summary (taken above its complete
+        vector ``theirs``) matches this replica: for each origin, the highest checkpoint whose
+        hash is that of the same parts here. Matching hashes mean the same parts from that
+        origin on both sides, from above ``theirs`` up to that stamp: nothing there is to be
+        sent. (The other side is complete up to it only as far as this replica is: a part below
+        it may not have reached either yet, or be written later with an earlier stamp, as a
+        Paxos ballot is.)"""
+        out = {}
+        for origin, points in held.items():
+            sl = self._by_origin.get(origin)
+            low = theirs.get(origin, (-1, -1))
+            wanted = {stamp: digest for stamp, digest in points if stamp > low}
+            if sl is None or not wanted:
+                continue
+            h = hashlib.sha256()
+            best = None
+            stamp = None
+            for entry in sl.irange(minimum=((low[0], low[1] + 1),), maximum=(max(wanted), _AFTER_ALL)):
+                if entry[0] != stamp:
+                    # Every part of ``stamp`` is hashed: compare there, if it is a checkpoint.
+                    if stamp in wanted:
+                        if h.hexdigest()[:SUMMARY_HEX] != wanted[stamp]:
+                            break  # differs from here on (each hash is of a prefix)
+                        best = stamp
+                    stamp = entry[0]
+                h.update(_summary_line(entry))
+            else:
+                if stamp in wanted and h.hexdigest()[:SUMMARY_HEX] == wanted[stamp]:
+                    best = stamp
+            if best is not None:
+                out[origin] = best
+        return out
+
     def delta(
-        self, theirs: dict[str, tuple[int, int]], mine_complete: dict[str, tuple[int, int]], budget_bytes: int
+        self,
+        theirs: dict[str, tuple[int, int]],
+        mine_complete: dict[str, tuple[int, int]],
+        budget_bytes: int,
+        skip: dict[str, tuple[int, int]] | None = None,
     ) -> tuple[list[etree._Element], dict[str, tuple[int, int]]]:
         """What another replica lacks, within a size budget, and how far it may then count itself
         complete (Scuttlebutt-style anti-entropy).
 
-        ``theirs`` is the other side's complete version vector, ``mine_complete`` ours. Entities
+        ``theirs`` is the other side's complete version vector, ``mine_complete`` ours; ``skip``
+        (optional) says up to which stamp, per origin, the other side is known to hold what we
+        hold (:meth:`matched`): nothing from there down is sent. Entities
         are chosen by the stamp of their unknown parts, oldest first (parts we can claim before
         parts above our complete vector), until the budget is spent; ``claims[o]`` is the highest
         stamp from origin ``o`` up to which the other side holds everything after merging them
@@ -443,7 +529,7 @@ class Dom:
         """
         cands: list[tuple[tuple[int, int], str, str, str]] = []
         for origin, sl in self._by_origin.items():
-            wall, counter = theirs.get(origin, (-1, -1))
+            wall, counter = max(theirs.get(origin, (-1, -1)), (skip or {}).get(origin, (-1, -1)))
             # Everything from ``origin`` stamped after what they have: (w, c+1) is the least
             # stamp above (w, c), and (stamp,) sorts before every (stamp, kind, id, part).
             for stamp, kind, id_, _part in sl.irange(minimum=((wall, counter + 1),)):
@@ -566,6 +652,11 @@ class Dom:
             if sl is None:
                 sl = self._by_origin[origin] = SortedList()
             sl.add((stamp, kind, id_, part))
+
+
+def _summary_line(entry: tuple[tuple[int, int], str, str, str]) -> bytes:
+    (wall, counter), kind, id_, part = entry
+    return f"{wall}.{counter} {kind} {id_} {part}\n".encode()
 
 
 def before(stamp: tuple[int, int]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import copy
 from lxml import etree
 from twisted.logger import Logger
 
+from vmwebd.dom.document import SUMMARY_HEX
 from vmwebd.dom.hlc import Version
 from vmwebd.errors import MalformedRequest
 from vmwebd.gossip.messages import (
@@ -59,6 +60,13 @@ def _vv(parent, tag: str, vv: dict):
         etree.SubElement(parent, _Q + tag, origin=origin, stamp=_stamp(vv[origin]))
 
 
+def _held(parent, held: dict):
+    for origin in sorted(held):
+        box = etree.SubElement(parent, _Q + "held", origin=origin)
+        for stamp, digest in held[origin]:
+            etree.SubElement(box, _Q + "at", stamp=_stamp(stamp), h=digest)
+
+
 def _members(parent, members):
     for m in members:
         el = etree.SubElement(
@@ -96,11 +104,13 @@ def encode(env: Envelope) -> etree._Element:
     elif isinstance(msg, Sync):
         _vv(el, "cvv", msg.cvv)
         _members(el, msg.members)
+        _held(el, msg.held)
     elif isinstance(msg, SyncReply):
         _vv(el, "cvv", msg.cvv)
         _vv(el, "claim", msg.claims)
         _members(el, msg.members)
         _entities(el, "entities", msg.entities)
+        _held(el, msg.held)
     elif isinstance(msg, SyncDelta):
         _vv(el, "claim", msg.claims)
         _entities(el, "entities", msg.entities)
@@ -350,6 +360,37 @@ def _read_vv(el, tag) -> dict:
     }
 
 
+#: At most this many ``held`` summaries (origins) in an envelope, and checkpoints in each.
+MAX_HELD_ORIGINS, MAX_HELD_POINTS = 4096, 64
+_HEX = frozenset("0123456789abcdef")
+
+
+def _read_held(el) -> dict:
+    """A Sync's or SyncReply's summary of what its sender holds above its complete vector
+    (optional: older peers send none)."""
+    boxes = _children(el, "held")
+    if len(boxes) > MAX_HELD_ORIGINS:
+        raise MalformedRequest(f"peer envelope: more than {MAX_HELD_ORIGINS} held summaries")
+    out = {}
+    for box in boxes:
+        origin = _attr(box, "origin", "held")
+        points = _children(box, "at")
+        if len(points) > MAX_HELD_POINTS:
+            raise MalformedRequest(f"peer envelope: held {origin!r}: more than {MAX_HELD_POINTS} checkpoints")
+        read = []
+        for c in points:
+            digest = _attr(c, "h", "held/at")
+            if len(digest) != SUMMARY_HEX or not set(digest) <= _HEX:
+                raise MalformedRequest(
+                    f"peer envelope: held/at/@h: {digest[:40]!r} is not {SUMMARY_HEX} lower-case hex digits"
+                )
+            read.append((_parse_stamp(_attr(c, "stamp", "held/at"), "held/at/@stamp"), digest))
+        if read != sorted(read):
+            raise MalformedRequest(f"peer envelope: held {origin!r}: checkpoints out of stamp order")
+        out[origin] = read
+    return out
+
+
 def _read_members(el) -> tuple:
     out = []
     for c in _children(el, "member"):
@@ -401,7 +442,7 @@ def decode(root: etree._Element) -> Envelope:
     elif kind is Gossip:
         msg = Gossip()
     elif kind is Sync:
-        msg = Sync(_read_vv(el, "cvv"), _read_members(el))
+        msg = Sync(_read_vv(el, "cvv"), _read_members(el), _read_held(el))
     elif getattr(kind, "__module__", "") == "vmwebd.lease.paxos":
         msg = _decode_paxos(kind, el)
     elif kind is Bundle:
@@ -420,7 +461,11 @@ def decode(root: etree._Element) -> Envelope:
         msg = Bundle(tuple(msgs))
     elif kind is SyncReply:
         msg = SyncReply(
-            _read_entities(el, "entities"), _read_vv(el, "claim"), _read_vv(el, "cvv"), _read_members(el)
+            _read_entities(el, "entities"),
+            _read_vv(el, "claim"),
+            _read_vv(el, "cvv"),
+            _read_members(el),
+            _read_held(el),
         )
     elif kind is SyncDelta:
         msg = SyncDelta(_read_entities(el, "entities"), _read_vv(el, "claim"))

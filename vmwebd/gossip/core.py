@@ -170,6 +170,9 @@ class Suspicion:
 Entity = Any
 #: A complete version vector: origin host -> the greatest (wall ms, counter) held from it.
 Vector = dict[str, tuple[int, int]]
+#: A summary of what a replica holds above its complete vector: origin -> checkpoints
+#: (stamp, hash of the parts from that origin up to the stamp), in stamp order.
+Held = dict[str, list[tuple[tuple[int, int], str]]]
 
 
 class DomPort(Protocol):
@@ -177,8 +180,13 @@ class DomPort(Protocol):
 
     # in memory; returns the changed entities' new state
     def merge(self, entities: Sequence[Entity]) -> list[Entity]: ...
-    # (entities they lack, newest first within budget bytes; our complete vector for them)
-    def delta(self, theirs: Vector, mine_complete: Vector, budget: int) -> tuple[list[Entity], Vector]: ...
+    # (entities they lack, newest first within budget bytes; our complete vector for them);
+    # ``held``: their summary of what they hold above ``theirs`` (see ``held_above``)
+    def delta(
+        self, theirs: Vector, mine_complete: Vector, budget: int, held: Held | None = None
+    ) -> tuple[list[Entity], Vector]: ...
+    # what we hold above our complete vector, for the other side's delta to skip
+    def held_above(self, complete: Vector) -> Held: ...
     def size_of(self, entity: Entity) -> int: ...
     def key_of(self, entity: Entity) -> tuple[str, ...]: ...
     def stamps_of(self, entity: Entity) -> list[tuple[str, tuple[int, int]]]: ...
@@ -379,11 +387,13 @@ class GossipCore:
         elif isinstance(msg, Sync):
             for ms in msg.members:
                 self._apply_member(ms, now)
-            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes)
+            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes, msg.held)
             self._send_to(
                 env.src,
                 env.src_addr,
-                SyncReply(tuple(ents), claims, dict(self.cvv), self.member_states()),
+                SyncReply(
+                    tuple(ents), claims, dict(self.cvv), self.member_states(), self.dom.held_above(self.cvv)
+                ),
                 rumors=False,
             )
         elif isinstance(msg, SyncReply):
@@ -391,7 +401,7 @@ class GossipCore:
                 self._apply_member(ms, now)
             self._merge(msg.entities)
             self._claim(msg.claims)
-            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes)
+            ents, claims = self.dom.delta(msg.cvv, self.cvv, self.cfg.max_sync_bytes, msg.held)
             if ents:
                 self._send_to(env.src, env.src_addr, SyncDelta(tuple(ents), claims), rumors=False)
         elif isinstance(msg, SyncDelta):
@@ -478,7 +488,7 @@ class GossipCore:
     def _start_sync(self) -> None:
         live = [n for n in self.alive() if n != self.me]
         dead = [n for n, m in self.members.items() if m.status == DEAD]
-        sync = Sync(dict(self.cvv), self.member_states())
+        sync = Sync(dict(self.cvv), self.member_states(), self.dom.held_above(self.cvv))
         if not live:
             targets = [(None, a) for a in self.seeds] + [(n, self.members[n].addr) for n in dead]
             if targets:

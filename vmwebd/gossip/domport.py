@@ -52,12 +52,22 @@ class DomPortAdapter:
                 log.warn("refused an entity from a peer: {err}", err=e)
         return changed
 
-    def delta(self, theirs, mine_complete, budget):
+    def delta(self, theirs, mine_complete, budget, held=None):
         theirs = {o: tuple(s) for o, s in theirs.items()}
         low = self.floor() if self.floor is not None else None
         if low is not None and self.me in mine_complete and mine_complete[self.me] >= low.stamp:
             mine_complete = {**mine_complete, self.me: before(low.stamp)}
-        return self.dom.delta(theirs, mine_complete, budget)
+        skip = self.dom.matched(theirs, held) if held else {}
+        for origin, stamp in skip.items():
+            # They hold what we hold from ``origin`` up to ``stamp``; complete up to it as far
+            # as we are ourselves.
+            mine = mine_complete.get(origin)
+            if mine is not None and min(stamp, mine) > theirs.get(origin, (-1, -1)):
+                theirs[origin] = min(stamp, mine)
+        return self.dom.delta(theirs, mine_complete, budget, skip)
+
+    def held_above(self, complete) -> dict:
+        return self.dom.held_above(complete)
 
     def size_of(self, el) -> int:
         return len(entity_bytes(el))

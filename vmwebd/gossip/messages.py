@@ -70,23 +70,26 @@ class Gossip:
 
 @dataclass(frozen=True)
 class Sync:
-    """Anti-entropy, first leg: my complete version vector and my member list."""
+    """Anti-entropy, first leg: my complete version vector, my member list, and a summary of
+    what I hold above that vector (``held``: see ``Dom.held_above``; older peers send none)."""
 
     CODE = 5
     cvv: dict = field(default_factory=dict)
     members: tuple = ()
+    held: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SyncReply:
     """Anti-entropy, second leg: what you lack (bounded), how far you are then complete, my
-    complete version vector and my member list."""
+    complete version vector, my member list, and a summary of what I hold above my vector."""
 
     CODE = 6
     entities: tuple = ()
     claims: dict = field(default_factory=dict)
     cvv: dict = field(default_factory=dict)
     members: tuple = ()
+    held: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
