@@ -491,20 +491,20 @@ class Dom:
             if sl is None or not wanted:
                 continue
             h = hashlib.sha256()
-            best = None
-            stamp = None
+            best: tuple[int, int] | None = None
+            at: tuple[int, int] | None = None  # the stamp whose parts are being hashed
             for entry in sl.irange(minimum=((low[0], low[1] + 1),), maximum=(max(wanted), _AFTER_ALL)):
-                if entry[0] != stamp:
-                    # Every part of ``stamp`` is hashed: compare there, if it is a checkpoint.
-                    if stamp in wanted:
-                        if h.hexdigest()[:SUMMARY_HEX] != wanted[stamp]:
+                if entry[0] != at:
+                    # Every part of ``at`` is hashed: compare there, if it is a checkpoint.
+                    if at is not None and at in wanted:
+                        if h.hexdigest()[:SUMMARY_HEX] != wanted[at]:
                             break  # differs from here on (each hash is of a prefix)
-                        best = stamp
-                    stamp = entry[0]
+                        best = at
+                    at = entry[0]
                 h.update(_summary_line(entry))
             else:
-                if stamp in wanted and h.hexdigest()[:SUMMARY_HEX] == wanted[stamp]:
-                    best = stamp
+                if at is not None and at in wanted and h.hexdigest()[:SUMMARY_HEX] == wanted[at]:
+                    best = at
             if best is not None:
                 out[origin] = best
         return out
