@@ -224,8 +224,8 @@ class LabHost:
         the limit. A link is slowed rather than QEMU's own ``migrateSetMaxSpeed``: with QEMU 7.2
         under TCG, a long live move can leave the guest's memory corrupt at the destination (a
         general protection fault in the slab allocator and a kernel panic within a second of its
-        arrival), in 4 of 5 moves throttled by QEMU and 1 of 7 over a link slowed this way
-        (32 Mbit/s, some tens of seconds; measured on 2026-12-03). Tests that slow a move check
+        arrival), in 5 of 7 moves throttled by QEMU and 2 of 13 over a link slowed this way
+        (16-32 Mbit/s, some tens of seconds; counted on 2026-12-03). Tests that slow a move check
         what vmweb decides, and the guest's own counter only where its kernel did not panic."""
         dev = ("dev", "eth0")
         self.run(["tc", "qdisc", "del", *dev, "root"], check=False)  # none yet: an error, ignored
