@@ -113,15 +113,27 @@ def test_bad_migration_requests_get_specific_faults_and_change_nothing(grid):
     # lease back first, however slow the machine (host1, the grid's proposer, stays up).
     dest = "host3" if vm["host"] == "host2" else "host2"
     other = next(i for i, h in enumerate(("host1", "host2", "host3")) if h not in (dest, "host1"))
+    # On a loaded machine host1 may already suspect the frozen host when the first move is asked,
+    # and rightly refuses it as a destination: thaw, wait until it is seen alive, and ask again.
     frozen = grid.daemons[int(dest[-1]) - 1].proc
-    frozen.send_signal(signal.SIGSTOP)
-    try:
-        first = grid.client(0).call("MigrateVm", "mig2", vm["name"], dest)
-        with pytest.raises(ApiFault) as e:
-            grid.client(other).call("MigrateVm", "mig2", vm["name"], "")
-        assert e.value.code == "Client.MigrationBusy"
-    finally:
-        frozen.send_signal(signal.SIGCONT)
+    first = None
+    for _attempt in range(5):
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            try:
+                first = grid.client(0).call("MigrateVm", "mig2", vm["name"], dest)
+            except ApiFault as refused:
+                assert refused.code == "Server.NoCapacity" and "not alive" in str(refused), refused
+                continue
+            with pytest.raises(ApiFault) as e:
+                grid.client(other).call("MigrateVm", "mig2", vm["name"], "")
+            assert e.value.code == "Client.MigrationBusy"
+            break
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+            if first is None:
+                wait_until(lambda: grid.liveness(0).get(dest) == "alive", 30, f"{dest} alive again")
+    assert first is not None, f"host1 suspected the frozen {dest} at each of 5 attempts"
     done = wait_until(lambda: finished(grid.client(0), first["id"]), 60, "the first migration")
     assert done["phase"] == "done"
 
