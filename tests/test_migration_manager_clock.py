@@ -26,18 +26,21 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 
 from vmwebd.blocking import InlineRunner
+from vmwebd.cluster import HostUsage
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
-from vmwebd.dom.records import HostRec, MigrationRec, VClusterRec, VmRec
+from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec
 from vmwebd.errors import NoQuorum
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 from vmwebd.hv.naming import domain_name, volume_name
 from vmwebd.hv.testhost import write_test_host
+from vmwebd.lease.allocator import parse_holder
 from vmwebd.lease.service import LeaseService, PaxosLeaseTable
 from vmwebd.migrate.manager import MigrationManager
-from vmwebd.migrate.state import handover_key
+from vmwebd.migrate.state import STALE_MS, handover_key, in_flight
 from vmwebd.reconcile import StorageLayout
+from vmwebd.reconcile_plan import lease_orphaned
 
 START_S = 1_700_000_000.0
 POOL = "vmweb"
@@ -118,12 +121,20 @@ class Reconciler:
 class Change:
     def __init__(self):
         self.unreserved = []
+        self.moved = []
 
     def unreserve(self, vm_id, token, hosts, owner):
         self.unreserved.append((vm_id, tuple(hosts)))
 
     def ops(self, *limits):
         return {}
+
+    def usage(self, host):
+        """What the capacity set holds on ``host``: nothing (a grid of two empty hosts)."""
+        return HostUsage(0, 0, 0)
+
+    def move(self, vm_id, token, vcpus, memory_mib, source, dest, **kw):
+        self.moved.append((vm_id, source, dest))
 
 
 class Allocator:
@@ -185,6 +196,7 @@ class Grid:
                 storage=StorageLayout(POOL, str(images_dir)),
                 now_ms=self.now_ms,
                 live_hosts=lambda: set(self.live),
+                liveness=lambda host: "alive" if host in self.live else "dead",
                 peer_address_of=lambda host: None,
                 cert_dir=tmp_path / "pki",
                 clock=self.clock,
@@ -458,6 +470,73 @@ def test_a_source_giving_up_after_its_destination_took_the_hand_over_waits_for_t
     assert [s[:2] for s in grid.seen][-2:] == [("restored", "host1"), ("done", "host2")]
     assert grid.domains("host1") == [] and grid.domains("host2") == [name]
     assert grid.table.holder(handover_key("m1")) == "handover:restore#m1"
+
+
+def test_a_saved_move_whose_destination_took_the_hand_over_and_died_waits_for_an_evacuation(
+    grid_source_only,
+):
+    """host2 took the hand-over of a saved move, then died. The move is never timed out by its
+    source (which could not fail it) nor abandoned after STALE_MS: host2 may be cut off with the
+    VM restored, and restarting it at host1 would run it twice. It stays the reconciler's
+    business of nobody (in flight, its lease kept) until an admin evacuates host2: the hand-over
+    then goes to a failure by consensus, the move fails, and host1 restores the VM."""
+    grid = grid_source_only
+    name = domain_name(VM)
+    m = _saved(grid)
+    took = grid.managers["host2"]._take_handover(m, "restore")
+    grid.run_until_quiet()
+    assert grid.result(took) is True
+    _give_up_on_host2(grid)
+    grid.clock.advance(STALE_MS / 1000)
+    _sweep(grid, grid.managers["host1"])
+    now = grid.now_ms()
+    m = grid.migration()
+    assert m.phase == "saved" and now - m.started_at > STALE_MS
+    assert VM in in_flight(grid.dom, now)  # the reconciler leaves the VM to its move
+    lease = LeaseRec(id=f"migration/{VM}", holder=f"migration:{VM}#m1", granted_at=m.started_at)
+    assert not lease_orphaned(lease, parse_holder(lease.holder), grid.dom, now, 0)  # kept
+    assert grid.domains("host1") == [name] and grid.domains("host2") == []
+    moves = grid.managers["host1"].evacuate("host2", "admin")
+    grid.run_until_quiet()
+    assert grid.result(moves) == []  # no VM of host2's to re-place
+    m = grid.migration()
+    assert m.phase == "failed" and "its destination host2 was evacuated by admin" in m.error, m.error
+    assert grid.table.holder(handover_key("m1")) == "handover:fail#m1"
+    assert grid.dom.get(VmRec, VM).host == "host1" and grid.domains("host1") == [name]
+    # Back after all, host2 acts on the move as it finds it (failed): nothing of it is defined there.
+    grid.live.add("host2")
+    grid.managers["host2"].start()
+    grid.run_until_quiet()
+    assert grid.domains("host2") == [] and grid.migration().phase == "failed"
+
+
+def test_evacuating_the_destination_of_a_restored_move_ends_it_there_and_re_places_the_vm(grid_dest_only):
+    """host2 restored the move (the VM ran there) and died before host1 recorded the end: the
+    evacuation of host2 records the move done at host2, then re-places the VM with host2's
+    others (at host1, the only live host)."""
+    grid = grid_dest_only
+    _saved(grid)
+    grid.run_until_quiet()
+    assert grid.migration().phase == "restored"
+    grid.live.discard("host2")
+    moves = grid.managers["host1"].evacuate("host2", "admin")
+    grid.run_until_quiet()
+    moves = grid.result(moves)
+    assert grid.migration().phase == "done"
+    assert [(m.vm, m.source, m.dest, m.mode) for m in moves] == [(VM, "host2", "host1", "evacuate")]
+    assert grid.dom.get(VmRec, VM).host == "host1"
+
+
+def test_without_the_hand_over_a_stale_move_is_abandoned_as_before(grid_source_only):
+    """The same move saved, its destination silent, but the hand-over not taken: after STALE_MS
+    everyone leaves it (its lease is an orphan for the reconciler to give back)."""
+    grid = grid_source_only
+    _saved(grid)
+    grid.clock.advance(STALE_MS / 1000)
+    now = grid.now_ms()
+    assert VM not in in_flight(grid.dom, now)
+    lease = LeaseRec(id=f"migration/{VM}", holder=f"migration:{VM}#m1", granted_at=now - STALE_MS)
+    assert lease_orphaned(lease, parse_holder(lease.holder), grid.dom, now, 0)
 
 
 def _migrating(grid):

@@ -331,6 +331,26 @@ def test_an_abandoned_migration_is_left_alone_by_everyone(trigger, case, role):
     )
 
 
+def test_a_saved_move_its_destination_holds_is_neither_timed_out_by_its_source_nor_abandoned():
+    """The destination took the hand-over of a saved cold move: its source cannot fail the move
+    (the lease is the destination's), so its sweep neither watches the destination nor aborts,
+    however long that host is down, and the move is never abandoned: the destination restores it
+    whenever it acts again, and the source then finishes it."""
+    m = CASES["saved"]
+    held = Observations(trigger=Trigger.SWEEP, peer_down_since=T0, held_by_dest=True)
+    for now in (T0 + 100_000, T0 + STALE_MS, T0 + 10 * STALE_MS):
+        assert phases.watched_peer(m, SRC, now, held_by_dest=True) is None
+        assert decide(m, vmrec(), SRC, now, held) == Wait("destination (it holds the saved VM)")
+        assert not phases.abandoned(m, now, held_by_dest=True)
+        assert decide(
+            m, vmrec(), DST, now, Observations(held_by_dest=True, volumes_on_disk=True)
+        ) == RestoreDest(fetch_disk=True, fetch_state=True)
+        assert decide(CASES["restored"], vmrec(), SRC, now, Observations(held_by_dest=True)) == Finish()
+    # Not held (the table's rows): watched, aborted after the grace, abandoned after STALE_MS.
+    assert phases.watched_peer(m, SRC, T0 + 100_000) == DST
+    assert decide(m, vmrec(), SRC, T0 + STALE_MS, Observations(trigger=Trigger.SWEEP)) == Nothing()
+
+
 def test_a_failed_migration_is_cleaned_up_however_old():
     """``failed`` is terminal, not abandoned: its cleanup happens whenever the change arrives."""
     assert decide(CASES["failed"], vmrec(), DST, T0 + 10 * STALE_MS) == CleanUp(remove_dest_copy=True)

@@ -25,7 +25,7 @@ from typing import Protocol, TypeVar
 
 from vmwebd.dom.hlc import Version
 from vmwebd.dom.records import LeaseRec, MigrationRec, Record, VClusterRec, VmRec, VmStatus
-from vmwebd.migrate.state import STALE_MS, TERMINAL
+from vmwebd.migrate.state import TERMINAL, stale
 
 #: What a VM's status detail says when it was found stopped and left so (restart_stopped false).
 NOT_RESTARTED = "not restarted (restart_stopped is false)"
@@ -433,7 +433,7 @@ def lease_orphaned(
         return c is None or c.token != token
     if kind == "migration":
         m = dom.get(MigrationRec, token)
-        return m is None or m.phase in TERMINAL or now_ms - m.started_at >= STALE_MS
+        return m is None or m.phase in TERMINAL or stale(m, now_ms, dom)
     if kind == "handover":  # a cold move's hand-over: kept while its migration is recorded
         return dom.get(MigrationRec, token) is None
     return False

@@ -83,6 +83,7 @@ from vmwebd.migrate.state import (
     expired,
     handover_holder,
     handover_key,
+    held_by_dest,
     in_flight,
     lease_holder,
     lease_key,
@@ -397,6 +398,17 @@ class MigrationManager:
                 "the VMs of a live host with vm migrate)"
             )
         now = int(self.now_ms())
+        # Cold moves to the dead host that it holds (never abandoned, see held_by_dest): saved,
+        # the move fails and its source restores the VM; restored, the VM ran there, so the
+        # move ends there and the VM is re-placed with the others below.
+        for m in sorted(in_flight(self.dom, now).values(), key=lambda m: m.id):
+            if m.dest != host or not held_by_dest(self.dom, m):
+                continue
+            if phases.phase_of(m) is phases.Phase.SAVED:
+                yield self._take_back(m, requested_by)
+            elif phases.phase_of(m) is phases.Phase.RESTORED and self._vm_rec(m) is not None:
+                elapsed = now - m.started_at
+                yield self._done(m, self._vm_rec(m), total_ms=elapsed, downtime_ms=elapsed)
         on_host = sorted(self.dom.select(VmRec, "host", host), key=lambda v: v.id)
         flying = in_flight(self.dom, now)
         for vm in on_host:
@@ -426,6 +438,29 @@ class MigrationManager:
             g=len(gone),
         )
         return moves
+
+    @defer.inlineCallbacks
+    def _take_back(self, m: MigrationRec, requested_by: str):
+        """Fails cold move ``m``, saved at its source, whose destination (being evacuated: dead
+        here, an admin's judgement) took the hand-over: the lease goes from the destination's
+        restore to a failure, by consensus, and the source restores the VM from its saved state
+        (nothing else would: such a move is never abandoned). Should the destination come back,
+        it finds the move failed and removes whatever it restored."""
+        try:
+            yield self.table.cas(
+                {handover_key(m.id): (handover_holder(RESTORE, m.id), handover_holder(FAIL, m.id))}
+            )
+        except LeaseConflict as e:
+            if e.current != handover_holder(FAIL, m.id):
+                raise MigrationBusy(
+                    f"migration {m.id} of VM {m.vm!r}: its hand-over changed meanwhile "
+                    f"({e.current}); evacuate again"
+                ) from None
+        yield self._fail(
+            m,
+            m.phase,
+            f"its destination {m.dest} was evacuated by {requested_by or '?'} holding the saved VM",
+        )
 
     @defer.inlineCallbacks
     def _claim(
@@ -755,7 +790,7 @@ class MigrationManager:
         ds = []
         migrations = self.dom.all(MigrationRec)
         for m in migrations:
-            peer = phases.watched_peer(m, self.host_id, now, self.limits)
+            peer = phases.watched_peer(m, self.host_id, now, self.limits, held_by_dest(self.dom, m))
             if peer is None:
                 continue
             # The grace starts when this sweep first finds the peer out of the live set.
@@ -766,7 +801,7 @@ class MigrationManager:
             elif isinstance(action, FinishForSource):
                 down_ms = now - since if since is not None else 0
                 ds.append(_swept(self._finish_for_source(m, down_ms), m.id, "recording its end"))
-        old = expired(migrations, self.host_id, now)
+        old = expired(migrations, self.host_id, now, self.dom)
         if old:
             ds.append(self.domsvc.delete(*(("migration", m.id) for m in old[:256])))
         ds.append(self.release_replaced())
@@ -938,6 +973,7 @@ class MigrationManager:
             dest_migrate_uri=dest.migrate_uri if dest is not None else "",
             volumes_on_disk=bool(self.driver.volumes_on_disk),
             source_domain=source_domain,
+            held_by_dest=held_by_dest(self.dom, m),
         )
         return phases.decide(m, self.dom.get(VmRec, m.vm), self.host_id, int(now), obs, self.limits)
 
@@ -1164,8 +1200,12 @@ class MigrationManager:
         try:
             yield self.table.acquire({handover_key(m.id): handover_holder(side, m.id)})
         except LeaseConflict as e:
+            if side != FAIL:
+                return False
+            # Failed already (by another host, or an evacuation of the destination), or our own
+            # restore that we fail: failing it (again) is harmless.
             own_restore = e.current == handover_holder(RESTORE, m.id) and self.host_id == m.dest
-            return side == FAIL and own_restore
+            return own_restore or e.current == handover_holder(FAIL, m.id)
         return True
 
     @defer.inlineCallbacks

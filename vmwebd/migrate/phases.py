@@ -98,6 +98,9 @@ class Observations:
     #: longer defined here (libvirt finished the move and undefined its source); DOMAIN_MIGRATING:
     #: its outgoing job still runs; DOMAIN_HERE: defined, no job (nothing moved); "": not asked.
     source_domain: str = ""
+    #: The destination of this cold move holds its hand-over (``state.held_by_dest``): the move
+    #: is never abandoned, and its source no longer times it out (it cannot fail it).
+    held_by_dest: bool = False
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -225,10 +228,11 @@ def phase_of(m: MigrationRec) -> Phase | None:
         return None
 
 
-def abandoned(m: MigrationRec, now: int, limits: Limits = DEFAULT_LIMITS) -> bool:
+def abandoned(m: MigrationRec, now: int, limits: Limits = DEFAULT_LIMITS, held_by_dest: bool = False) -> bool:
     """Unfinished after ``stale_ms``: its hosts crashed; everyone leaves it (and the reconciler
-    gives its lease back)."""
-    return phase_of(m) not in TERMINAL and now - m.started_at >= limits.stale_ms
+    gives its lease back). Never a cold move whose destination holds the hand-over
+    (``held_by_dest``): see ``state.held_by_dest``."""
+    return phase_of(m) not in TERMINAL and now - m.started_at >= limits.stale_ms and not held_by_dest
 
 
 def vm_gone(vm: VmRec | None) -> bool:
@@ -236,16 +240,22 @@ def vm_gone(vm: VmRec | None) -> bool:
     return vm is None or vm.desired == "absent"
 
 
-def watched_peer(m: MigrationRec, host: str, now: int, limits: Limits = DEFAULT_LIMITS) -> str | None:
+def watched_peer(
+    m: MigrationRec, host: str, now: int, limits: Limits = DEFAULT_LIMITS, held_by_dest: bool = False
+) -> str | None:
     """The host whose liveness ``host``'s sweep tracks for ``m``: the destination, while the
-    source waits on it; the source, at the destination of a cold move in ``restored`` (the VM
-    runs there; only its end is to be recorded); None otherwise. Only the source fails a move on
-    a timeout: it alone knows whether libvirt moved the VM, and a destination that gave up on a
-    source it wrongly believed dead could destroy a guest that had just arrived."""
-    if abandoned(m, now, limits):
+    source waits on it (but not once the destination took the hand-over of a saved cold move,
+    ``held_by_dest``: failing it would need that lease); the source, at the destination of a
+    cold move in ``restored`` (the VM runs there; only its end is to be recorded); None
+    otherwise. Only the source fails a move on a timeout: it alone knows whether libvirt moved
+    the VM, and a destination that gave up on a source it wrongly believed dead could destroy a
+    guest that had just arrived."""
+    if abandoned(m, now, limits, held_by_dest):
         return None
     phase = phase_of(m)
     if m.source == host and phase in DEST_ACTS:
+        if held_by_dest and phase is Phase.SAVED:
+            return None
         return m.dest
     if m.dest == host and phase is Phase.RESTORED:
         return m.source
@@ -276,7 +286,7 @@ def decide(
             # removes what is not the DOM's: orphan domains and overlays).
             return Nothing()
         return _clean_up(m, vm, host)
-    if abandoned(m, now, limits):
+    if abandoned(m, now, limits, obs.held_by_dest):
         return Nothing()
     if obs.trigger is Trigger.RESTARTED and role is Role.SOURCE and phase in SOURCE_LOST_ON_RESTART:
         if phase is Phase.MIGRATING and not vm_gone(vm):
@@ -317,10 +327,16 @@ def _sweep(
 ) -> Action:
     """The source's periodic look at a migration waiting on its destination, and the
     destination's at a cold move it restored, waiting on its source to record the end."""
-    peer = watched_peer(m, host, now, limits)
+    peer = watched_peer(m, host, now, limits, obs.held_by_dest)
     if peer is None:
-        if role_of(m, host) is Role.BYSTANDER or phase in TERMINAL or abandoned(m, now, limits):
+        if (
+            role_of(m, host) is Role.BYSTANDER
+            or phase in TERMINAL
+            or abandoned(m, now, limits, obs.held_by_dest)
+        ):
             return Nothing()
+        if obs.held_by_dest and phase is Phase.SAVED:
+            return Wait("destination (it holds the saved VM)")
         return Wait()  # nothing times out here but at the source, waiting on the destination
     waits_on = "source" if peer == m.source else "destination"
     if obs.peer_down_since is not None:
