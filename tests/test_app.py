@@ -101,6 +101,9 @@ class Migrations:
     def get(self, mid):
         raise AssertionError("not used here")
 
+    def waiting(self, m):
+        raise AssertionError("not used here")
+
 
 class Images:
     """The image store (ImageCatalog)."""

@@ -373,6 +373,31 @@ def test_vm_migrate_exit_status(final, code, monkeypatch):
     assert cli.run(args, client, out=io.StringIO()) == code
 
 
+def test_vm_migrate_says_what_a_move_waits_on_when_that_changes(monkeypatch):
+    """Each phase is printed once, with what the move waits on; a change of that (its host
+    found dead) is printed too, so a stuck move says why and what can be done."""
+    monkeypatch.setattr(cli, "time", FakeTime())
+    prepare = {**migration("prepare"), "waiting": "host host2 to prepare"}
+    dead = {**prepare, "waiting": "host host2 to prepare; it is dead as host host1 sees it"}
+    follow = cli.follow_migration
+    seen = iter([prepare, prepare, dead, dead, migration("done")])
+
+    class Client:
+        def call(self, op, *args):
+            assert op == "GetMigration"
+            return next(seen)
+
+    err = io.StringIO()
+    m = follow(Client(), prepare, timeout=60, quiet=False, out=err)
+    assert m["phase"] == "done"
+    assert err.getvalue().splitlines() == [
+        "lab1/compute0: host1 -> host2 (live): prepare (waiting on host host2 to prepare)",
+        "lab1/compute0: host1 -> host2 (live): prepare (waiting on host host2 to prepare; it is dead as "
+        "host host1 sees it)",
+        "lab1/compute0: host1 -> host2 (live): done",
+    ]
+
+
 @pytest.mark.parametrize(
     "answers, code",
     [

@@ -496,6 +496,10 @@ def test_a_saved_move_whose_destination_took_the_hand_over_and_died_waits_for_an
     lease = LeaseRec(id=f"migration/{VM}", holder=f"migration:{VM}#m1", granted_at=m.started_at)
     assert not lease_orphaned(lease, parse_holder(lease.holder), grid.dom, now, 0)  # kept
     assert grid.domains("host1") == [name] and grid.domains("host2") == []
+    assert grid.managers["host1"].waiting(m) == (
+        "host host2 to restore the saved VM, which it holds; it is dead as host host1 sees it "
+        "(evacuate host2 if it is gone for good: the VM is then restored at host1)"
+    )
     moves = grid.managers["host1"].evacuate("host2", "admin")
     grid.run_until_quiet()
     assert grid.result(moves) == []  # no VM of host2's to re-place
@@ -503,6 +507,7 @@ def test_a_saved_move_whose_destination_took_the_hand_over_and_died_waits_for_an
     assert m.phase == "failed" and "its destination host2 was evacuated by admin" in m.error, m.error
     assert grid.table.holder(handover_key("m1")) == "handover:fail#m1"
     assert grid.dom.get(VmRec, VM).host == "host1" and grid.domains("host1") == [name]
+    assert grid.managers["host1"].waiting(m) == ""
     # Back after all, host2 acts on the move as it finds it (failed): nothing of it is defined there.
     grid.live.add("host2")
     grid.managers["host2"].start()
@@ -535,6 +540,7 @@ def test_without_the_hand_over_a_stale_move_is_abandoned_as_before(grid_source_o
     grid.clock.advance(STALE_MS / 1000)
     now = grid.now_ms()
     assert VM not in in_flight(grid.dom, now)
+    assert grid.managers["host1"].waiting(grid.migration()) == "nothing: abandoned, unfinished after 15 min"
     lease = LeaseRec(id=f"migration/{VM}", holder=f"migration:{VM}#m1", granted_at=now - STALE_MS)
     assert lease_orphaned(lease, parse_holder(lease.holder), grid.dom, now, 0)
 

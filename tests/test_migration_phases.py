@@ -351,6 +351,27 @@ def test_a_saved_move_its_destination_holds_is_neither_timed_out_by_its_source_n
     assert decide(m, vmrec(), SRC, T0 + STALE_MS, Observations(trigger=Trigger.SWEEP)) == Nothing()
 
 
+def test_what_a_move_waits_on_is_said_by_phase_and_hold():
+    """People are told which host a move waits on and for what; nothing once it ended or was
+    abandoned (a held saved move never is)."""
+    now = T0 + 5_000
+    said = {case: phases.awaited(m, now) for case, m in CASES.items()}
+    assert said == {
+        "prepare": (DST, "to prepare (base image, network, an empty overlay)"),
+        "ready/live": (SRC, "to move the memory"),
+        "ready/cold": (SRC, "to save the VM"),
+        "migrating": (SRC, "(its libvirt) to finish the live move"),
+        "saved": (DST, "to take the saved VM"),
+        "restored": (SRC, "to record the end (the VM runs at the destination)"),
+        "done": None,
+        "failed": None,
+    }
+    saved = CASES["saved"]
+    assert phases.awaited(saved, now, held_by_dest=True) == (DST, "to restore the saved VM, which it holds")
+    assert phases.awaited(saved, T0 + STALE_MS) is None
+    assert phases.awaited(saved, T0 + STALE_MS, held_by_dest=True) is not None
+
+
 def test_a_failed_migration_is_cleaned_up_however_old():
     """``failed`` is terminal, not abandoned: its cleanup happens whenever the change arrives."""
     assert decide(CASES["failed"], vmrec(), DST, T0 + 10 * STALE_MS) == CleanUp(remove_dest_copy=True)
@@ -532,8 +553,9 @@ class World:
                 raise RuntimeError("undefine failed")  # after the end: fails nothing
         elif isinstance(a, CleanUp):
             if a.remove_dest_copy:
-                if DST in self.running and self.moved_by_libvirt:
-                    self.destroyed_arrived = True  # the guest libvirt moved, and its disk
+                if DST in self.running and self.moved_by_libvirt and not phases.vm_gone(self.vm):
+                    # The guest libvirt moved, and its disk (of a VM being deleted, it goes anyway).
+                    self.destroyed_arrived = True
                 self.running.discard(DST)
             if a.source_side:
                 if self.saved_state and a.restore_saved and not error:

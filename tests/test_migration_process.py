@@ -122,6 +122,7 @@ def test_bad_migration_requests_get_specific_faults_and_change_nothing(grid):
         try:
             try:
                 first = grid.client(0).call("MigrateVm", "mig2", vm["name"], dest)
+                assert first["waiting"].startswith(f"host {dest} to prepare"), first
             except ApiFault as refused:
                 assert refused.code == "Server.NoCapacity" and "not alive" in str(refused), refused
                 continue

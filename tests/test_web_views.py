@@ -237,8 +237,8 @@ def test_cli_user_commands_and_credentials(start_node, tmp_path):
 
 @pytest_twisted.inlineCallbacks
 def test_host_view_lists_migrations_escaped_and_only_the_users_own(start_node):
-    """The host view shows migrations (phase, bytes, downtime); a user sees only their clusters'
-    moves, and an error text holding markup is shown as text."""
+    """The host view shows migrations (phase, bytes, downtime, what a move under way waits on);
+    a user sees only their clusters' moves, and an error text holding markup is shown as text."""
     from vmwebd.dom.records import MigrationRec, VClusterRec
 
     h = yield start_node()
@@ -266,6 +266,15 @@ def test_host_view_lists_migrations_escaped_and_only_the_users_own(start_node):
             error="phase prepare: <img src=x onerror=alert(1)>",
             started_at=2,
         ),
+        MigrationRec(
+            id="m3",
+            vm="bobs/pc1",
+            source="host1",
+            dest="host2",
+            phase="prepare",
+            mode="cold",
+            started_at=int(h.node.migrations.now_ms()),
+        ),
     )
 
     def fetch(user):
@@ -275,6 +284,8 @@ def test_host_view_lists_migrations_escaped_and_only_the_users_own(start_node):
 
     bob = yield threads.deferToThread(fetch, "bob")
     assert "bobs/pc0" in bob and "257 ms" in bob and "alices/pc0" not in bob
+    # A move under way says what it waits on (host2 is no host the failure detector knows).
+    assert "waiting on host host2 to prepare (base image, network, an empty overlay); it is unknown" in bob
     admin = yield threads.deferToThread(fetch, "admin")
     assert "alices/pc0" in admin and "bobs/pc0" in admin
     assert "<img src=x" not in admin and "&lt;img src=x onerror=alert(1)&gt;" in admin

@@ -129,6 +129,7 @@ READS = frozenset(
         "clusters",
         "migration",
         "migrations",
+        "migration_waiting",
         "dom_xml",
         "users",
         "user",

@@ -631,6 +631,7 @@ MIGRATION_COLS = [
     ("total_ms", "TIME MS"),
     ("downtime_ms", "DOWNTIME MS"),
     ("error", "ERROR"),
+    ("waiting", "WAITING ON"),
 ]
 AUDIT_COLS = [
     ("time", "TIME"),
@@ -651,14 +652,17 @@ IMAGE_COLS = [
 
 
 def follow_migration(client, m: dict, timeout: float, quiet: bool, out=sys.stderr) -> dict:
-    """Polls a migration until it is done or failed, printing each phase; bounded by ``timeout``."""
+    """Polls a migration until it is done or failed, printing each phase and what it waits on
+    (when that changes); bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        if not quiet and m["phase"] != last:
-            out.write(f"{m['vm']}: {m['source']} -> {m['dest']} ({m['mode']}): {m['phase']}\n")
+        waiting = m.get("waiting") or ""
+        if not quiet and (m["phase"], waiting) != last:
+            note = f" (waiting on {waiting})" if waiting else ""
+            out.write(f"{m['vm']}: {m['source']} -> {m['dest']} ({m['mode']}): {m['phase']}{note}\n")
             out.flush()
-            last = m["phase"]
+            last = (m["phase"], waiting)
         if m["phase"] in ("done", "failed"):
             return m
         if time.monotonic() > deadline:

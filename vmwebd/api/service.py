@@ -167,6 +167,9 @@ class MigrationInfo(ComplexModel):
     total_ms = Integer
     downtime_ms = Integer
     error = Unicode
+    #: For a move under way: the host it waits on and what for, and whether that host is alive
+    #: as the answering host sees it ("" once it ended).
+    waiting = Unicode
 
 
 class ImageInfo(ComplexModel):
@@ -199,8 +202,9 @@ class AuditInfo(ComplexModel):
     ms = Integer
 
 
-def migration_info(m) -> MigrationInfo:
+def migration_info(m, waiting: str = "") -> MigrationInfo:
     return MigrationInfo(
+        waiting=waiting,
         id=m.id,
         vm=m.vm,
         source=m.source,
@@ -464,7 +468,9 @@ def make_user_service(
             """Starts moving a VM to host ``to`` (empty: the least loaded host that fits).
             Answers once the move is reserved (its lease held); follow it with GetMigration."""
             _required(cluster, "cluster"), _required(vm, "vm")
-            return app.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(migration_info)
+            return app.migrate_vm(_caller(ctx), cluster, vm, to or None).addCallback(
+                lambda m: migration_info(m, app.migration_waiting(m))
+            )
 
         @rpc(Unicode, _returns=Array(MigrationInfo))
         def EvacuateHost(ctx, host):
@@ -500,11 +506,12 @@ def make_user_service(
         @rpc(Unicode, _returns=MigrationInfo)
         def GetMigration(ctx, id):
             _required(id, "id")
-            return migration_info(app.migration(_caller(ctx), id))
+            m = app.migration(_caller(ctx), id)
+            return migration_info(m, app.migration_waiting(m))
 
         @rpc(_returns=Array(MigrationInfo))
         def ListMigrations(ctx):
-            return [migration_info(m) for m in app.migrations(_caller(ctx))]
+            return [migration_info(m, app.migration_waiting(m)) for m in app.migrations(_caller(ctx))]
 
         @rpc(Unicode, Unicode, Unicode, Unicode, Unicode, Unicode, _returns=ImageInfo)
         def AddImage(ctx, name, file, format, kernel, initrd, cmdline):

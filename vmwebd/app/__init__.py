@@ -129,6 +129,9 @@ class Application:
     def migrations(self, p: Principal) -> list[MigrationRec]:
         return self._hosts.migrations(p)
 
+    def migration_waiting(self, m: MigrationRec) -> str:
+        return self._hosts.migration_waiting(m)
+
     # -- the grid --------------------------------------------------------------------------
     def add_image(
         self,

@@ -31,6 +31,8 @@ class Migrations(Protocol):
 
     def get(self, mid: str) -> MigrationRec: ...
 
+    def waiting(self, m: MigrationRec) -> str: ...
+
 
 class Membership(Protocol):
     """Who decides leases (:class:`vmwebd.lease.service.LeaseService`): one member added or
@@ -59,6 +61,10 @@ class HostService:
         if not p.is_admin:
             owned_cluster(self.dom, p, m.vm.partition("/")[0])
         return m
+
+    def migration_waiting(self, m: MigrationRec) -> str:
+        """What a move under way waits on, said for people ("" once it ended)."""
+        return self._migrations.waiting(m)
 
     def migrations(self, p: Principal) -> list[MigrationRec]:
         out = []

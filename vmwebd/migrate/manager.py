@@ -439,6 +439,26 @@ class MigrationManager:
         )
         return moves
 
+    def waiting(self, m: MigrationRec) -> str:
+        """What migration ``m`` waits on, for people: the host and what it is to do, whether
+        this host's failure detector sees that host alive, and what an admin can do about a
+        destination that holds a saved VM and is dead ("" once the move ended)."""
+        now = int(self.now_ms())
+        held = held_by_dest(self.dom, m)
+        got = phases.awaited(m, now, self.limits, held)
+        if got is None:
+            if phases.phase_of(m) in (None, *phases.TERMINAL):
+                return ""
+            return f"nothing: abandoned, unfinished after {self.limits.stale_ms // 60_000} min"
+        host, what = got
+        line = f"host {host} {what}"
+        state = self.liveness(host)
+        if state != "alive":
+            line += f"; it is {state} as host {self.host_id} sees it"
+            if held and phases.phase_of(m) is phases.Phase.SAVED and state in ("dead", "left"):
+                line += f" (evacuate {host} if it is gone for good: the VM is then restored at {m.source})"
+        return line
+
     @defer.inlineCallbacks
     def _take_back(self, m: MigrationRec, requested_by: str):
         """Fails cold move ``m``, saved at its source, whose destination (being evacuated: dead

@@ -262,6 +262,25 @@ def watched_peer(
     return None
 
 
+def awaited(
+    m: MigrationRec, now: int, limits: Limits = DEFAULT_LIMITS, held_by_dest: bool = False
+) -> tuple[str, str] | None:
+    """Who a migration under way waits on, and for what, said for people (the CLI and the web
+    page show it): (host, what it is to do); None once the move ended or was abandoned."""
+    phase = phase_of(m)
+    if phase is None or phase in TERMINAL or abandoned(m, now, limits, held_by_dest):
+        return None
+    if phase is Phase.PREPARE:
+        return m.dest, "to prepare (base image, network, an empty overlay)"
+    if phase is Phase.READY:
+        return m.source, "to move the memory" if m.mode == "live" else "to save the VM"
+    if phase is Phase.MIGRATING:
+        return m.source, "(its libvirt) to finish the live move"
+    if phase is Phase.SAVED:
+        return m.dest, "to restore the saved VM, which it holds" if held_by_dest else "to take the saved VM"
+    return m.source, "to record the end (the VM runs at the destination)"
+
+
 def decide(
     m: MigrationRec | None,
     vm: VmRec | None,

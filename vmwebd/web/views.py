@@ -965,7 +965,7 @@ def _migrations_table(ctx, ms: list | None = None, limit: int = 20, empty: str |
             el("td", _mib(m.bytes // (1 << 20)) if m.bytes else "", data_label="Moved"),
             el("td", f"{m.total_ms} ms" if m.total_ms else "", data_label="Time"),
             el("td", f"{m.downtime_ms} ms" if m.downtime_ms else "", data_label="Downtime"),
-            el("td", m.error, class_="detail", data_label="Error"),
+            el("td", m.error or _waiting(ctx, m), class_="detail", data_label="Error"),
             data_migration=m.id,
         )
         for m in ms
@@ -983,6 +983,12 @@ def _migrations_table(ctx, ms: list | None = None, limit: int = 20, empty: str |
         el("div", el("table", el("thead", head), el("tbody", *rows), class_="vms"), class_="scroll"),
         class_="card migrations",
     )
+
+
+def _waiting(ctx, m) -> str:
+    """What a move under way waits on (its error cell is empty until it fails)."""
+    waiting = ctx.access.migration_waiting(m)
+    return f"waiting on {waiting}" if waiting else ""
 
 
 def _vm_state(ctx, vm) -> str:
