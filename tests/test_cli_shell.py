@@ -398,6 +398,24 @@ def test_vm_migrate_says_what_a_move_waits_on_when_that_changes(monkeypatch):
     ]
 
 
+def test_host_evacuate_says_what_became_of_each_vm():
+    """Re-placed VMs boot afresh; a move to the dead host that it held is failed (its source
+    restores the VM) or, restored there already, recorded done before its VM is re-placed."""
+    moves = [
+        {**migration("failed"), "vm": "lab1/a", "mode": "cold", "source": "host1", "dest": "host3"},
+        {**migration("done"), "vm": "lab1/b", "mode": "cold", "source": "host1", "dest": "host3"},
+        {**migration("done"), "vm": "lab1/b", "mode": "evacuate", "source": "host3", "dest": "host2"},
+    ]
+    out = io.StringIO()
+    args = cli.build_parser().parse_args(["host", "evacuate", "host3"])
+    assert cli.run(args, FakeClient({"EvacuateHost": moves}), out=out) == 0
+    assert out.getvalue().splitlines() == [
+        "lab1/a: its move to host3 failed; host1 restores it from its saved state",
+        "lab1/b: its move to host3 recorded done there",
+        "lab1/b: now on host2, booting afresh from its base image",
+    ]
+
+
 @pytest.mark.parametrize(
     "answers, code",
     [

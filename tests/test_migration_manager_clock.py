@@ -502,8 +502,8 @@ def test_a_saved_move_whose_destination_took_the_hand_over_and_died_waits_for_an
     )
     moves = grid.managers["host1"].evacuate("host2", "admin")
     grid.run_until_quiet()
-    assert grid.result(moves) == []  # no VM of host2's to re-place
     m = grid.migration()
+    assert grid.result(moves) == [m]  # the move it ended; no VM of host2's to re-place
     assert m.phase == "failed" and "its destination host2 was evacuated by admin" in m.error, m.error
     assert grid.table.holder(handover_key("m1")) == "handover:fail#m1"
     assert grid.dom.get(VmRec, VM).host == "host1" and grid.domains("host1") == [name]
@@ -528,7 +528,10 @@ def test_evacuating_the_destination_of_a_restored_move_ends_it_there_and_re_plac
     grid.run_until_quiet()
     moves = grid.result(moves)
     assert grid.migration().phase == "done"
-    assert [(m.vm, m.source, m.dest, m.mode) for m in moves] == [(VM, "host2", "host1", "evacuate")]
+    assert [(m.vm, m.source, m.dest, m.mode, m.phase) for m in moves] == [
+        (VM, "host1", "host2", "cold", "done"),  # the move it ended at host2
+        (VM, "host2", "host1", "evacuate", "done"),
+    ]
     assert grid.dom.get(VmRec, VM).host == "host1"
 
 

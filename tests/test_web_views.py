@@ -444,3 +444,25 @@ def test_a_pending_vm_says_on_the_page_which_host_it_waits_for_and_why(start_nod
     span = re.search(r'<span class="detail" data-k="v:pw/pc0:detail">([^<]*)</span>', page)
     assert span and why in span.group(1), page[:3000]
     assert why in live["cells"]["v:pw/pc0:detail"] and live["cells"]["v:pw/pc0:state"] == "pending"
+
+
+def test_the_evacuation_notice_names_the_moves_it_failed():
+    """The notice after Evacuate counts the VMs re-placed and names the moves to the dead host
+    that it failed (their source restores those VMs)."""
+    from vmwebd.dom.records import MigrationRec
+    from vmwebd.web.site import _evacuated
+
+    def move(vm, mode, phase):
+        return MigrationRec(id=vm, vm=vm, source="host1", dest="host3", phase=phase, mode=mode)
+
+    assert _evacuated("host3", []) == "Host host3 had no VMs to re-place."
+    assert _evacuated("host3", [move("c/a", "evacuate", "done")]) == (
+        "Host host3: 1 VMs re-placed on live hosts, booting afresh."
+    )
+    assert _evacuated("host3", [move("c/b", "cold", "failed"), move("c/a", "evacuate", "done")]) == (
+        "Host host3: 1 VMs re-placed on live hosts, booting afresh; the moves of c/b to it failed "
+        "(restored at their source)."
+    )
+    assert _evacuated("host3", [move("c/b", "cold", "failed")]) == (
+        "Host host3: the moves of c/b to it failed (restored at their source)."
+    )

@@ -651,6 +651,15 @@ IMAGE_COLS = [
 ]
 
 
+def evacuated_line(m: dict) -> str:
+    """What an evacuation did to one VM: re-placed it, or ended a move to the dead host."""
+    if m["mode"] == "evacuate":
+        return f"{m['vm']}: now on {m['dest']}, booting afresh from its base image"
+    if m["phase"] == "failed":
+        return f"{m['vm']}: its move to {m['dest']} failed; {m['source']} restores it from its saved state"
+    return f"{m['vm']}: its move to {m['dest']} recorded done there"
+
+
 def follow_migration(client, m: dict, timeout: float, quiet: bool, out=sys.stderr) -> dict:
     """Polls a migration until it is done or failed, printing each phase and what it waits on
     (when that changes); bounded by ``timeout``."""
@@ -1088,7 +1097,7 @@ def run(args, client, out=sys.stdout) -> int:
         emit({"host": args.host_id, "draining": False}, f"host {args.host_id} takes new VMs again")
     elif args.cmd == "host" and args.action == "evacuate":
         ms = client.call("EvacuateHost", args.host_id) or []
-        lines = [f"{m['vm']}: now on {m['dest']}, booting afresh from its base image" for m in ms]
+        lines = [evacuated_line(m) for m in ms]
         emit(ms, "\n".join(lines) if lines else f"host {args.host_id} had no VMs to re-place")
     elif args.cmd == "host":
         op = "AddHost" if args.action == "add" else "RemoveHost"

@@ -475,7 +475,9 @@ def make_user_service(
         @rpc(Unicode, _returns=Array(MigrationInfo))
         def EvacuateHost(ctx, host):
             """Re-places every VM of a dead host on live hosts, booted afresh from its base image
-            with the same addresses (admins only); answers with one ``evacuate`` move per VM."""
+            with the same addresses (admins only); answers with one ``evacuate`` move per VM,
+            after the cold moves to the host that it ended (a saved VM the host held goes back to
+            its source: that move ``failed``; one restored there is ``done``, then re-placed)."""
             _required(host, "host")
             return app.evacuate_host(_caller(ctx), host).addCallback(
                 lambda ms: [migration_info(m) for m in ms]

@@ -386,7 +386,10 @@ class MigrationManager:
         still in flight are failed first (their source cannot finish them); VMs that were being
         removed are deleted and their addresses given back (their host cannot do it any more).
         Each re-placed VM is recorded as a migration of mode ``evacuate``, under its migration
-        lease. Should ``host`` come back, its reconciler removes its old copies (orphans)."""
+        lease. Should ``host`` come back, its reconciler removes its old copies (orphans).
+
+        Fires with the moves it ended (cold moves to ``host`` that ``host`` held: see below),
+        as they ended, followed by the ``evacuate`` moves."""
         rec = self.dom.get(HostRec, host) if isinstance(host, str) else None
         if rec is None:
             raise NoSuchHost(str(host))
@@ -401,6 +404,7 @@ class MigrationManager:
         # Cold moves to the dead host that it holds (never abandoned, see held_by_dest): saved,
         # the move fails and its source restores the VM; restored, the VM ran there, so the
         # move ends there and the VM is re-placed with the others below.
+        ended = []
         for m in sorted(in_flight(self.dom, now).values(), key=lambda m: m.id):
             if m.dest != host or not held_by_dest(self.dom, m):
                 continue
@@ -409,6 +413,9 @@ class MigrationManager:
             elif phases.phase_of(m) is phases.Phase.RESTORED and self._vm_rec(m) is not None:
                 elapsed = now - m.started_at
                 yield self._done(m, self._vm_rec(m), total_ms=elapsed, downtime_ms=elapsed)
+            else:
+                continue
+            ended.append(self.dom.get(MigrationRec, m.id) or m)
         on_host = sorted(self.dom.select(VmRec, "host", host), key=lambda v: v.id)
         flying = in_flight(self.dom, now)
         for vm in on_host:
@@ -437,7 +444,7 @@ class MigrationManager:
             where=", ".join(f"{m.vm}->{m.dest}" for m in moves) or "none",
             g=len(gone),
         )
-        return moves
+        return ended + moves
 
     def waiting(self, m: MigrationRec) -> str:
         """What migration ``m`` waits on, for people: the host and what it is to do, whether

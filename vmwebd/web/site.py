@@ -673,11 +673,7 @@ class _Page(Resource):
         elif action == "evacuate":
             host = f("host")
             call = lambda: a.evacuate_host(p, host)
-            done = lambda ms: (
-                f"Host {host}: {len(ms)} VMs re-placed on live hosts, booting afresh."
-                if ms
-                else f"Host {host} had no VMs to re-place."
-            )
+            done = lambda ms: _evacuated(host, ms)
             slow = f"Evacuating host {host}…"
         elif action == "setting":
             key = f("key")
@@ -829,3 +825,14 @@ def _deliver(request, d: defer.Deferred):
 
     d.addCallback(write).addErrback(crashed)
     return NOT_DONE_YET
+
+
+def _evacuated(host: str, ms: list) -> str:
+    """What an evacuation did, in a sentence: VMs re-placed, moves to the host it failed."""
+    placed = [m for m in ms if m.mode == "evacuate"]
+    failed = [m.vm for m in ms if m.mode != "evacuate" and m.phase == "failed"]
+    said = f"Host {host}: {len(placed)} VMs re-placed on live hosts, booting afresh" if placed else ""
+    if failed:
+        said += "; " if said else f"Host {host}: "
+        said += f"the moves of {', '.join(failed)} to it failed (restored at their source)"
+    return (said + ".") if said else f"Host {host} had no VMs to re-place."
