@@ -30,7 +30,7 @@ from vmwebd.cluster import HostUsage
 from vmwebd.dom.hlc import HybridClock
 from vmwebd.dom.persist import DomService, load_dom
 from vmwebd.dom.records import HostRec, LeaseRec, MigrationRec, VClusterRec, VmRec
-from vmwebd.errors import NoQuorum
+from vmwebd.errors import HypervisorError, NoQuorum
 from vmwebd.hv.driver import DomainSpec
 from vmwebd.hv.libvirt_driver import LibvirtDriver
 from vmwebd.hv.naming import domain_name, volume_name
@@ -591,6 +591,64 @@ def test_a_source_restarted_when_libvirt_moved_nothing_fails_the_move_and_keeps_
     m = g.migration()
     assert m.phase == "failed" and "host host1 restarted during phase 'migrating'" in m.error
     assert g.dom.get(VmRec, VM).host == "host1" and g.domains("host1") == [name]
+
+
+def _arrived_at_host2(g):
+    """The guest as libvirt's move leaves it at the destination: defined and running."""
+    dest = g.drivers["host2"]
+    disk = g.result(dest.create_overlay(POOL, volume_name(VM), g.managers["host2"].images.image.path, 64))
+    vm, cluster = g.dom.get(VmRec, VM), g.dom.get(VClusterRec, "c1")
+    assert g.done(dest.define(g.reconcilers["host2"].spec_for(vm, cluster, None, disk)))
+    assert g.done(dest.start(domain_name(VM)))
+
+
+def test_a_restarted_source_whose_move_ends_between_its_two_libvirt_calls_records_it_done(
+    grid_stopped, monkeypatch
+):
+    """host1 restarted during a live move asks libvirt for its domain (still defined) and then
+    for its job; libvirt finishes the move in between, undefining the domain, and the job lookup
+    fails. The state is read again: gone, so the move is done and host2's guest stays. (Taken
+    for a failure, the move had host2 remove the guest that had arrived, and host1 boot it
+    afresh: seen on real hosts.)"""
+    g = grid_stopped
+    name = domain_name(VM)
+    _migrating(g)
+    _arrived_at_host2(g)
+    src = g.drivers["host1"]
+
+    def job_running(domain):
+        assert g.done(src.undefine(domain))  # the move ends just now
+        return defer.fail(HypervisorError(f"get the job of domain {domain!r}: Domain not found"))
+
+    monkeypatch.setattr(src, "job_running", job_running)
+    resumed = g.managers["host1"].resume()
+    g.run_until_quiet()
+    assert g.result(resumed) is None
+    m = g.migration()
+    assert m.phase == "done" and m.error == "", (m.phase, m.error)
+    assert g.dom.get(VmRec, VM).host == "host2" and g.domains("host2") == [name]
+
+
+def test_a_restarted_source_that_libvirt_does_not_answer_looks_again_and_never_fails_on_that(
+    grid_stopped, monkeypatch
+):
+    """The job lookup fails while the domain is still defined (libvirtd did not answer): the
+    move is not failed but looked at again 2 s later; by then libvirt finished it."""
+    g = grid_stopped
+    name = domain_name(VM)
+    _migrating(g)
+    src = g.drivers["host1"]
+    monkeypatch.setattr(src, "job_running", lambda domain: defer.fail(HypervisorError("libvirtd is busy")))
+    resumed = g.managers["host1"].resume()
+    g.run_until_quiet()
+    assert g.result(resumed) is None
+    assert g.migration().phase == "migrating"
+    _arrived_at_host2(g)
+    assert g.done(src.undefine(name))  # what libvirt did meanwhile
+    g.clock.advance(2.0)
+    g.run_until_quiet()
+    m = g.migration()
+    assert m.phase == "done" and g.dom.get(VmRec, VM).host == "host2" and g.domains("host2") == [name]
 
 
 @pytest.fixture

@@ -735,15 +735,17 @@ class MigrationManager:
             yield self._fail(m, action.phase, action.reason)
         elif isinstance(action, Moved):
             yield self._moved(m)
-        elif isinstance(action, phases.Wait) and domain == phases.DOMAIN_MIGRATING:
-            # libvirt's job goes on without the daemon that started it: look again later (the
-            # machine stops asking once the move is abandoned).
-            (log.debug if again else log.info)(
-                "migration {mid} of {vm}: libvirt is still moving it; looking again in {s:.0f} s",
-                mid=m.id,
-                vm=m.vm,
-                s=JOB_RECHECK_S,
-            )
+        elif isinstance(action, phases.Wait) and domain in (phases.DOMAIN_MIGRATING, phases.DOMAIN_UNKNOWN):
+            # libvirt's job goes on without the daemon that started it (or libvirt did not say:
+            # _source_domain warned): look again later (the machine stops asking once the move
+            # is abandoned).
+            if domain == phases.DOMAIN_MIGRATING:
+                (log.debug if again else log.info)(
+                    "migration {mid} of {vm}: libvirt is still moving it; looking again in {s:.0f} s",
+                    mid=m.id,
+                    vm=m.vm,
+                    s=JOB_RECHECK_S,
+                )
             self.clock.callLater(JOB_RECHECK_S, self._recheck, m.id)
         elif not isinstance(action, phases.Nothing):
             self.kick(m.id)  # acts (or waits) as on any change, one step at a time
@@ -759,16 +761,32 @@ class MigrationManager:
     @defer.inlineCallbacks
     def _source_domain(self, m: MigrationRec):
         """What this host's libvirt says of the domain of live move ``m`` (see
-        ``Observations.source_domain``); "" if it could not be asked."""
+        ``Observations.source_domain``); DOMAIN_UNKNOWN if it did not answer.
+
+        Two calls (the domain's state, then its job): the move may end between them, libvirt
+        undefining the domain, and the job lookup then fails; the state is read again, so a move
+        that just ended is seen as such (it was once taken for a failure, and the destination
+        removed the guest that had arrived)."""
         name = domain_name(m.vm)
         try:
             info = yield self.driver.state(name)
             if info.state == "missing":
                 return phases.DOMAIN_GONE
-            running = yield self.driver.job_running(name)
+            try:
+                running = yield self.driver.job_running(name)
+            except VmwebError:
+                info = yield self.driver.state(name)
+                if info.state == "missing":
+                    return phases.DOMAIN_GONE
+                raise
         except VmwebError as e:
-            log.warn("migration {mid}: libvirt not asked about {name}: {err}", mid=m.id, name=name, err=e)
-            return ""
+            log.warn(
+                "migration {mid}: libvirt did not say what became of {name} ({err}); looking again",
+                mid=m.id,
+                name=name,
+                err=e,
+            )
+            return phases.DOMAIN_UNKNOWN
         return phases.DOMAIN_MIGRATING if running else phases.DOMAIN_HERE
 
     @defer.inlineCallbacks

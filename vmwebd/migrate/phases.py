@@ -47,6 +47,9 @@ SOURCE_LOST_ON_RESTART = frozenset({Phase.MIGRATING, Phase.SAVED})
 #: What a restarted source's libvirt says of the domain it was moving live
 #: (:attr:`Observations.source_domain`).
 DOMAIN_GONE, DOMAIN_MIGRATING, DOMAIN_HERE = "gone", "migrating", "here"
+#: Asked, but libvirt did not answer (or the domain changed between two of its calls: it was
+#: undefined by the move ending just then).
+DOMAIN_UNKNOWN = "unknown"
 
 
 class Role(enum.Enum):
@@ -96,7 +99,9 @@ class Observations:
     #: At a source restarted in ``migrating``, what its libvirt says of the VM's domain: the
     #: daemon died, not libvirtd, whose peer-to-peer job goes on without it. DOMAIN_GONE: no
     #: longer defined here (libvirt finished the move and undefined its source); DOMAIN_MIGRATING:
-    #: its outgoing job still runs; DOMAIN_HERE: defined, no job (nothing moved); "": not asked.
+    #: its outgoing job still runs; DOMAIN_HERE: defined, no job (nothing moved); DOMAIN_UNKNOWN:
+    #: asked, no answer (looked at again: failing the move could remove a guest that arrived);
+    #: "": not asked.
     source_domain: str = ""
     #: The destination of this cold move holds its hand-over (``state.held_by_dest``): the move
     #: is never abandoned, and its source no longer times it out (it cannot fail it).
@@ -315,6 +320,8 @@ def decide(
                 return Moved()
             if obs.source_domain == DOMAIN_MIGRATING:
                 return Wait("libvirt")
+            if obs.source_domain == DOMAIN_UNKNOWN:
+                return Wait("libvirt (no answer yet)")
         return Abort(phase.value, f"host {host} restarted during phase {phase.value!r}")
     if role is Role.DEST:
         if phase not in DEST_ACTS:
