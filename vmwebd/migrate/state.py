@@ -12,7 +12,7 @@ STALE_MS = 15 * 60 * 1000
 HISTORY_MS = 8 * 24 * 3600 * 1000
 
 
-def expired(migrations, host_id: str, now_ms: int, dom=None) -> list[MigrationRec]:
+def expired(migrations, host_id: str, now_ms: int, dom) -> list[MigrationRec]:
     """Of ``migrations``, the ended ones older than HISTORY_MS that ``host_id`` deletes: the
     source's, or, for an evacuation (its source is dead), the destination's; abandoned ones by
     their source too (``dom``: where hand-overs are looked up, see :func:`stale`)."""
@@ -63,13 +63,13 @@ def held_by_dest(dom, m: MigrationRec) -> bool:
     return rec is not None and rec.holder == handover_holder(RESTORE, m.id)
 
 
-def stale(m: MigrationRec, now_ms: int, dom=None, stale_ms: int = STALE_MS) -> bool:
-    """Is ``m`` abandoned: unfinished after ``stale_ms`` (its hosts crashed), and not held by its
-    destination (``held_by_dest``; looked up when ``dom`` is given)? Everyone leaves an abandoned
-    move, and the reconciler gives its lease back."""
-    if m.phase in TERMINAL or now_ms - m.started_at < stale_ms:
+def stale(m: MigrationRec, now_ms: int, dom) -> bool:
+    """Is ``m`` abandoned: unfinished after STALE_MS (its hosts crashed), and not held by its
+    destination (``held_by_dest``, looked up in ``dom``)? Everyone leaves an abandoned move, and
+    the reconciler gives its lease back."""
+    if m.phase in TERMINAL or now_ms - m.started_at < STALE_MS:
         return False
-    return dom is None or not held_by_dest(dom, m)
+    return not held_by_dest(dom, m)
 
 
 def in_flight(dom, now_ms: int) -> dict[str, MigrationRec]:
